@@ -1,0 +1,151 @@
+"""The composition root: the only place that constructs components and wires them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IListeningPort
+
+from agentpost.auth.cred import build_portal
+from agentpost.auth.ratelimit import TokenBuckets
+from agentpost.config import Config
+from agentpost.core.api_keys import APIKeys
+from agentpost.core.audit import AuditTrail
+from agentpost.core.audit_log import AuditLog
+from agentpost.core.environments import Environments
+from agentpost.core.inboxes import Inboxes
+from agentpost.core.members import Members
+from agentpost.core.organizations import Organizations
+from agentpost.http.admin import add_admin_routes
+from agentpost.http.api import add_api_routes
+from agentpost.http.app import build_app
+from agentpost.http.framework import RouteTable
+from agentpost.http.site import make_site
+from agentpost.storage.database import Database
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Core:
+    """Every core component, built once."""
+
+    db: Database
+    audit: AuditTrail
+    organizations: Organizations
+    environments: Environments
+    inboxes: Inboxes
+    api_keys: APIKeys
+    members: Members
+    audit_log: AuditLog
+
+
+def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
+    """Construct the storage wrapper and the tenant-scoped operations."""
+    clock = clock or reactor
+    db = Database(
+        config.database.url, clock=clock, reactor=reactor,
+        pool_size=config.database.pool_size,
+        connect_timeout_s=config.database.connect_timeout,
+        statement_timeout_s=config.database.statement_timeout,
+        retries=config.database.retries,
+    )
+    audit = AuditTrail(db, clock, config.audit.flush_interval, config.audit.max_buffer)
+    return Core(
+        db=db, audit=audit,
+        organizations=Organizations(db, audit),
+        environments=Environments(db, audit),
+        inboxes=Inboxes(db, audit, config.mail.shared_domain),
+        api_keys=APIKeys(db, audit),
+        members=Members(db, audit),
+        audit_log=AuditLog(db),
+    )
+
+
+class AgentPostService(service.Service):
+    """Starts the core, then the listeners; stops them in reverse, flushing the audit trail."""
+
+    name = "agentpost"
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.core = build_core(config, reactor)
+        self.ports: dict[str, IListeningPort] = {}
+        self._started: defer.Deferred[None] | None = None
+
+    def http_resource(self) -> Any:
+        """The Klein resource for /api/v1 and /admin/v1."""
+        core, cfg = self.core, self.config
+        buckets = (TokenBuckets(self.reactor, cfg.rate_limit.rate, cfg.rate_limit.burst)
+                   if cfg.rate_limit.enabled else None)
+        portal = build_portal(core.db)
+        trusted = frozenset(cfg.http.trusted_proxies)
+        api = RouteTable("/api/v1", portal, core.audit, buckets, cfg.http.max_body, trusted)
+        admin = RouteTable("/admin/v1", portal, core.audit, buckets, cfg.http.max_body, trusted)
+        add_api_routes(api, environments=core.environments, inboxes=core.inboxes,
+                       api_keys=core.api_keys, members=core.members, audit_log=core.audit_log)
+        add_admin_routes(admin, core.organizations)
+        return build_app(api, admin, self._ready).resource()
+
+    async def _ready(self) -> bool:
+        try:
+            await self.core.db.run_query("health.ready", "SELECT 1")
+        except Exception:
+            return False
+        return True
+
+    def startService(self) -> None:
+        """Start asynchronously; a failure to listen stops the reactor with a message."""
+        super().startService()
+        self._started = defer.Deferred.fromCoroutine(self._start())
+        self._started.addErrback(self._fatal)
+
+    async def _start(self) -> None:
+        from agentpost.storage.migrations import check_schema
+
+        check_schema(self.config.database.url)
+        await self.core.inboxes.ensure_shared_domain()
+        self.core.audit.start()
+        cfg = self.config.http
+        if cfg.enabled:
+            site = make_site(self.http_resource())
+            if cfg.tls:
+                from agentpost.tls import server_tls_options
+
+                options = server_tls_options(self.config.tls.cert, self.config.tls.key)
+                ep: Any = endpoints.SSL4ServerEndpoint(self.reactor, cfg.port, options,
+                                                       interface=cfg.bind)
+            else:
+                ep = endpoints.TCP4ServerEndpoint(self.reactor, cfg.port, interface=cfg.bind)
+            self.ports["http"] = await ep.listen(site)
+            log.info("HTTP API listening on %s:%d", cfg.bind, self.ports["http"].getHost().port)
+
+    def _fatal(self, failure: Any) -> None:
+        log.error("AgentPost failed to start: %s", failure.getErrorMessage())
+        self.start_error = failure
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Stop listening, flush the audit buffer, close the database."""
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        for port in self.ports.values():
+            await port.stopListening()
+        self.ports.clear()
+        await self.core.audit.stop()
+        await self.core.db.close()
+
+
+def make_service(config: Config, reactor: Any) -> service.MultiService:
+    """The root service `twistd agentpost` and `agentpost serve` both run."""
+    root = service.MultiService()
+    AgentPostService(config, reactor).setServiceParent(root)
+    return root

@@ -1,0 +1,1 @@
+"""The one authentication core shared by HTTP, SMTP, IMAP and WebSocket."""

@@ -1,0 +1,212 @@
+"""Load and validate configuration.
+
+Unknown keys are errors (a typo must not silently fall back to a default), every
+duration and size needs its unit, and secrets may come from the environment so that
+they never have to live in a file under version control.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agentpost.config.sections import (
+    SECTIONS,
+    AuditSection,
+    DatabaseSection,
+    HTTPSection,
+    LoggingSection,
+    MailSection,
+    RateLimitSection,
+    ServerSection,
+    TLSSection,
+)
+from agentpost.config.units import format_duration, format_size, parse_duration, parse_size
+
+ENV_OVERRIDES = {
+    "AGENTPOST_DATABASE_URL": ("database", "url"),
+    "AGENTPOST_TLS_KEY": ("tls", "key"),
+    "AGENTPOST_HOSTNAME": ("server", "hostname"),
+}
+
+
+class ConfigError(Exception):
+    """A configuration problem, always naming the offending key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+@dataclass
+class Config:
+    """The whole validated configuration."""
+
+    server: ServerSection = field(default_factory=ServerSection)
+    database: DatabaseSection = field(default_factory=DatabaseSection)
+    tls: TLSSection = field(default_factory=TLSSection)
+    http: HTTPSection = field(default_factory=HTTPSection)
+    rate_limit: RateLimitSection = field(default_factory=RateLimitSection)
+    mail: MailSection = field(default_factory=MailSection)
+    audit: AuditSection = field(default_factory=AuditSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    source: str = "<defaults>"
+
+
+_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "list": list}
+
+
+def _convert(key: str, spec: dataclasses.Field, value: Any) -> Any:
+    kind = spec.metadata.get("kind", "plain")
+    try:
+        if kind == "duration":
+            return parse_duration(value)
+        if kind == "size":
+            return parse_size(value)
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from None
+    expected = spec.type if isinstance(spec.type, str) else spec.type.__name__
+    wanted = _TYPES.get(expected)
+    if wanted is not None:
+        is_bool = isinstance(value, bool)
+        ok = isinstance(value, wanted) and not (expected in ("int", "float") and is_bool)
+        if not ok:
+            raise ConfigError(key, f"expected {expected}, got {type(value).__name__}")
+    return float(value) if expected == "float" else value
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{name}.{key}", "unknown key")
+        kwargs[key] = _convert(f"{name}.{key}", fields[key], value)
+    section = cls(**kwargs)
+    # Defaults declared with units are strings too; convert the ones not given.
+    for f in fields.values():
+        if f.name not in kwargs and f.metadata.get("kind") in ("duration", "size"):
+            setattr(section, f.name, _convert(f"{name}.{f.name}", f, getattr(section, f.name)))
+    return section
+
+
+def parse_config(data: dict[str, Any], source: str = "<memory>",
+                 environ: dict[str, str] | None = None) -> Config:
+    """Validate a parsed TOML document (plus environment overrides) into a Config."""
+    environ = dict(os.environ if environ is None else environ)
+    merged: dict[str, dict[str, Any]] = {}
+    for name, values in data.items():
+        if name not in SECTIONS:
+            raise ConfigError(name, "unknown section")
+        if not isinstance(values, dict):
+            raise ConfigError(name, "must be a table, such as [" + name + "]")
+        merged[name] = dict(values)
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if environ.get(var):
+            merged.setdefault(section, {})[key] = environ[var]
+    sections = {
+        name: _build_section(name, cls, merged.get(name, {})) for name, cls in SECTIONS.items()
+    }
+    config = Config(**sections, source=source)
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    if config.server.environment not in ("production", "development"):
+        raise ConfigError("server.environment", "must be 'production' or 'development'")
+    if config.database.pool_size < 1:
+        raise ConfigError("database.pool_size", "must be at least 1")
+    if not 0 < config.http.port < 65536:
+        raise ConfigError("http.port", "must be between 1 and 65535")
+    if config.http.tls and not (config.tls.cert and config.tls.key):
+        raise ConfigError("http.tls", "needs tls.cert and tls.key")
+    for key in ("cert", "key"):
+        path = getattr(config.tls, key)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"tls.{key}", f"file {path!r} does not exist")
+    if config.rate_limit.rate <= 0 or config.rate_limit.burst < 1:
+        raise ConfigError("rate_limit.rate", "rate must be positive and burst at least 1")
+    if config.logging.level not in ("debug", "info", "warn", "error"):
+        raise ConfigError("logging.level", "must be debug, info, warn or error")
+    if "@" in config.mail.shared_domain or not config.mail.shared_domain:
+        raise ConfigError("mail.shared_domain", "must be a domain name")
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                environ: dict[str, str] | None = None) -> Config:
+    """Read ``path`` (or ``$AGENTPOST_CONFIG``); with neither, defaults plus environment."""
+    env = dict(os.environ if environ is None else environ)
+    path = path or env.get("AGENTPOST_CONFIG")
+    if not path:
+        return parse_config({}, "<defaults>", env)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    return parse_config(data, str(path), env)
+
+
+def _toml_value(value: Any, kind: str) -> str:
+    if kind == "duration":
+        return f'"{format_duration(value) if not isinstance(value, str) else value}"'
+    if kind == "size":
+        return f'"{format_size(value) if not isinstance(value, str) else value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v, "plain") for v in value) + "]"
+    return str(value)
+
+
+def render_sample() -> str:
+    """The documented sample configuration, generated from the section declarations."""
+    lines = [
+        "# AgentPost configuration (TOML). Generated by `agentpost sample-config`.",
+        "# Unknown keys are errors. Durations need a unit (ms, s, m, h, d, w);",
+        "# sizes need one too (B, KB, MB, GB, KiB, MiB, GiB).",
+        "# Environment overrides: " + ", ".join(sorted(ENV_OVERRIDES)) + ".",
+        "",
+    ]
+    for name, cls in SECTIONS.items():
+        lines.append(f"[{name}]")
+        doc = (cls.__doc__ or "").strip()
+        if doc:
+            lines.append(f"# {doc}")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"# {f.metadata.get('doc', '')}")
+            line = f"{f.name} = {_toml_value(default, f.metadata.get('kind', 'plain'))}"
+            if f.metadata.get("secret") or default in ("", []):
+                line = "# " + line
+            lines.append(line)
+        lines.append("")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "AuditSection",
+    "Config",
+    "ConfigError",
+    "DatabaseSection",
+    "HTTPSection",
+    "LoggingSection",
+    "MailSection",
+    "RateLimitSection",
+    "ServerSection",
+    "TLSSection",
+    "load_config",
+    "parse_config",
+    "render_sample",
+]

@@ -1,0 +1,124 @@
+"""One class per configuration section.
+
+Each field carries its kind (for unit parsing) and a one-line doc, so the loader can
+validate a file and the sample config can be generated from the same declarations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def opt(default: Any, doc: str, kind: str = "plain", secret: bool = False) -> Any:
+    """Declare a config option; ``kind`` is plain, duration (seconds) or size (bytes)."""
+    if isinstance(default, list):
+        return field(
+            default_factory=lambda: list(default),
+            metadata={"doc": doc, "kind": kind, "secret": secret},
+        )
+    return field(default=default, metadata={"doc": doc, "kind": kind, "secret": secret})
+
+
+@dataclass
+class ServerSection:
+    """Identity of this installation."""
+
+    hostname: str = opt("localhost", "Fully qualified host name used in greetings and headers.")
+    environment: str = opt(
+        "production", "'production' or 'development'; development relaxes TLS requirements."
+    )
+
+
+@dataclass
+class DatabaseSection:
+    """PostgreSQL connection; every process of a deployment points at the same database."""
+
+    url: str = opt(
+        "",
+        "libpq URL or keyword DSN. Overridden by AGENTPOST_DATABASE_URL.",
+        secret=True,
+    )
+    pool_size: int = opt(10, "Connections this process keeps to PostgreSQL.")
+    connect_timeout: float = opt(
+        "5s", "Give up on opening a connection after this long.", "duration"
+    )
+    statement_timeout: float = opt(
+        "30s", "PostgreSQL cancels any single statement running longer than this.", "duration"
+    )
+    retries: int = opt(3, "Retries of a transaction after a serialization failure or lost link.")
+
+
+@dataclass
+class TLSSection:
+    """Certificate and key shared by every listener that speaks TLS."""
+
+    cert: str = opt("", "PEM certificate chain file (leaf first).")
+    key: str = opt("", "PEM private key file.", secret=True)
+
+
+@dataclass
+class HTTPSection:
+    """The JSON API, the admin API and (later) the console."""
+
+    enabled: bool = opt(True, "Serve the HTTP API.")
+    bind: str = opt("127.0.0.1", "Address to listen on.")
+    port: int = opt(8080, "TCP port.")
+    tls: bool = opt(
+        False, "Terminate TLS here (HTTPS) with [tls]; leave false behind a TLS reverse proxy."
+    )
+    max_body: int = opt("1MiB", "Largest request body accepted.", "size")
+    trusted_proxies: list = opt(  # noqa: RUF009 - opt() builds a default_factory field
+        [], "Proxy addresses whose X-Forwarded-For is believed for the client address."
+    )
+    public_url: str = opt("", "Base URL clients use, for links in responses.")
+
+
+@dataclass
+class RateLimitSection:
+    """Per-credential token bucket applied to every API request."""
+
+    enabled: bool = opt(True, "Apply rate limiting.")
+    rate: float = opt(50.0, "Sustained requests per second per API key.")
+    burst: int = opt(200, "Requests a key may make at once before being slowed.")
+
+
+@dataclass
+class MailSection:
+    """Hosted mail domains."""
+
+    shared_domain: str = opt(
+        "agentpost.local",
+        "Domain every organization can create inboxes on without verifying its own.",
+    )
+
+
+@dataclass
+class AuditSection:
+    """The audit trail of API access."""
+
+    flush_interval: float = opt(
+        "200ms", "How often buffered audit rows of read-only requests are written.", "duration"
+    )
+    max_buffer: int = opt(
+        1000, "Write buffered audit rows at once when this many are waiting."
+    )
+
+
+@dataclass
+class LoggingSection:
+    """Where the service logs."""
+
+    level: str = opt("info", "debug, info, warn or error.")
+
+
+SECTIONS: dict[str, type] = {
+    "server": ServerSection,
+    "database": DatabaseSection,
+    "tls": TLSSection,
+    "http": HTTPSection,
+    "rate_limit": RateLimitSection,
+    "mail": MailSection,
+    "audit": AuditSection,
+    "logging": LoggingSection,
+}

@@ -1,0 +1,1 @@
+"""Tenant-scoped operations. Every public method takes the acting context first."""

@@ -1,0 +1,132 @@
+"""Members: people in an organization and their organization/environment roles."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agentpost.core.audit import AuditTrail
+from agentpost.core.context import RequestContext
+from agentpost.model.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from agentpost.model.ids import new_id
+from agentpost.model.scopes import ENV_ROLES, ORG_ROLES, role_at_least
+from agentpost.storage import orgs as org_store
+from agentpost.storage.database import Database, Txn
+
+
+class Members:
+    """List members, change roles (owner transfer included), remove members."""
+
+    def __init__(self, db: Database, audit: AuditTrail) -> None:
+        self._db = db
+        self._audit = audit
+
+    async def list(self, ctx: RequestContext, after_id: str | None,
+                   limit: int) -> list[dict[str, Any]]:
+        """Members, newest first."""
+        p = ctx.org_principal
+        p.require("members:read")
+        return await self._db.run_interaction(
+            "members.list", org_store.list_members, p.org_id, after_id, limit + 1
+        )
+
+    async def get(self, ctx: RequestContext, user_id: str) -> dict[str, Any]:
+        """One member."""
+        p = ctx.org_principal
+        p.require("members:read")
+        ctx.target_id = user_id
+        row = await self._db.run_interaction("members.get", org_store.get_member, p.org_id,
+                                             user_id)
+        if row is None:
+            raise NotFound()
+        return row
+
+    async def add(self, ctx: RequestContext, email: str, role: str,
+                  display_name: str = "") -> dict[str, Any]:
+        """Add a person directly (operators provisioning; invitations come with the console)."""
+        p = ctx.org_principal
+        p.require("members:write")
+        if role not in ("admin", "member"):
+            raise InvalidRequest("role must be admin or member.", field="role")
+        if not role_at_least(p.role, "admin"):
+            raise Forbidden("Only owners and admins may add members.")
+        if "@" not in email:
+            raise InvalidRequest("email must be an address.", field="email")
+
+        async def txn_fn(txn: Txn) -> dict[str, Any]:
+            user = await org_store.insert_user(txn, new_id("usr"), email, display_name)
+            await org_store.insert_membership(txn, p.org_id, user["id"], role)
+            ctx.target_id = user["id"]
+            await self._audit.write_in(txn, ctx, 201)
+            return await org_store.get_member(txn, p.org_id, user["id"])
+
+        return await self._db.run_interaction("members.add", txn_fn)
+
+    async def update(self, ctx: RequestContext, user_id: str, role: str | None,
+                     environments: list[dict[str, str]] | None) -> dict[str, Any]:
+        """Change a role; making someone owner transfers ownership (the old owner becomes admin)."""
+        p = ctx.org_principal
+        p.require("members:write")
+        ctx.target_id = user_id
+        if role is not None and role not in ORG_ROLES:
+            raise InvalidRequest("role must be owner, admin or member.", field="role")
+        for item in environments or ():
+            if item.get("role") not in ENV_ROLES:
+                raise InvalidRequest("environment role must be admin or member.",
+                                     field="environments")
+        if not role_at_least(p.role, "admin"):
+            raise Forbidden("Only owners and admins may change members.")
+
+        async def txn_fn(txn: Txn) -> dict[str, Any]:
+            member = await org_store.get_member(txn, p.org_id, user_id, for_update=True)
+            if member is None:
+                raise NotFound()
+            if role is not None and role != member["role"]:
+                if member["role"] == "owner":
+                    raise Conflict("Transfer ownership by making another member the owner.")
+                if role == "owner":
+                    if p.role != "owner":
+                        raise Forbidden("Only the owner may transfer ownership.")
+                    await _demote_current_owner(txn, p.org_id)
+                await org_store.set_member_role(txn, p.org_id, user_id, role)
+            if environments is not None:
+                for item in environments:
+                    p.require_environment(item["environment_id"])
+                    if await org_store.get_environment(txn, p.org_id,
+                                                       item["environment_id"]) is None:
+                        raise NotFound("No such environment.")
+                await org_store.set_member_environments(
+                    txn, p.org_id, user_id,
+                    [(i["environment_id"], i["role"]) for i in environments],
+                )
+            await self._audit.write_in(txn, ctx)
+            return await org_store.get_member(txn, p.org_id, user_id)
+
+        return await self._db.run_interaction("members.update", txn_fn)
+
+    async def remove(self, ctx: RequestContext, user_id: str) -> None:
+        """Remove a member; the owner cannot be removed (transfer first)."""
+        p = ctx.org_principal
+        p.require("members:write")
+        ctx.target_id = user_id
+        if not role_at_least(p.role, "admin"):
+            raise Forbidden("Only owners and admins may remove members.")
+
+        async def txn_fn(txn: Txn) -> None:
+            member = await org_store.get_member(txn, p.org_id, user_id, for_update=True)
+            if member is None:
+                raise NotFound()
+            if member["role"] == "owner":
+                raise Conflict("The owner cannot be removed; transfer ownership first.")
+            if member["role"] == "admin" and p.role != "owner":
+                raise Forbidden("Only the owner may remove an admin.")
+            await org_store.delete_member(txn, p.org_id, user_id)
+            await self._audit.write_in(txn, ctx, 204)
+
+        await self._db.run_interaction("members.remove", txn_fn)
+
+
+async def _demote_current_owner(txn: Txn, org_id: str) -> None:
+    members = await org_store.list_members(txn, org_id, None, 10_000)
+    for member in members:
+        if member["role"] == "owner":
+            await org_store.set_member_role(txn, org_id, member["user_id"], "admin")

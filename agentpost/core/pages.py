@@ -1,0 +1,46 @@
+"""Cursor pagination. Ids are ULIDs, so "older than this id" is a stable cursor."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from agentpost.model.errors import InvalidRequest
+
+DEFAULT_LIMIT = 20
+MAX_LIMIT = 100
+
+
+def parse_limit(raw: str | None) -> int:
+    """Validate ``limit`` (1..100)."""
+    if raw is None or raw == "":
+        return DEFAULT_LIMIT
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise InvalidRequest(f"limit must be an integer from 1 to {MAX_LIMIT}.", field="limit")
+    return int(raw)
+
+
+def decode_token(token: str | None) -> str | None:
+    """The id a page token continues after."""
+    if not token:
+        return None
+    try:
+        value = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("page_token is not valid.", field="page_token") from None
+    if not value.startswith("c1:") or len(value) > 64:
+        raise InvalidRequest("page_token is not valid.", field="page_token")
+    return value[3:]
+
+
+def encode_token(last_id: str) -> str:
+    """An opaque token for the page after ``last_id``."""
+    return base64.urlsafe_b64encode(f"c1:{last_id}".encode("ascii")).decode("ascii").rstrip("=")
+
+
+def page(rows: list[Any], limit: int, key: str = "id") -> tuple[list[Any], str | None]:
+    """Split a ``limit + 1`` fetch into the page and the next token."""
+    if len(rows) > limit:
+        rows = rows[:limit]
+        return rows, encode_token(rows[-1][key])
+    return rows, None

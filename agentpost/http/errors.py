@@ -1,0 +1,41 @@
+"""The HTTP adapter's one translation table from domain errors to responses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agentpost.model import errors
+
+STATUS: dict[type[errors.AgentPostError], int] = {
+    errors.InvalidRequest: 400,
+    errors.Unauthenticated: 401,
+    errors.Forbidden: 403,
+    errors.NotFound: 404,
+    errors.Conflict: 409,
+    errors.PayloadTooLarge: 413,
+    errors.UnsupportedMediaType: 415,
+    errors.Unprocessable: 422,
+    errors.RateLimited: 429,
+    errors.TemporaryFailure: 503,
+}
+
+# Extra error types that only HTTP has (no domain meaning).
+METHOD_NOT_ALLOWED = ("method_not_allowed", 405, "This method is not allowed on this resource.")
+ROUTE_NOT_FOUND = ("not_found", 404, "No such endpoint.")
+
+
+def status_for(exc: errors.AgentPostError) -> int:
+    """HTTP status for a domain error (500 for anything unmapped)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def error_body(type_: str, message: str, request_id: str,
+               details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The one JSON error shape: {"error": {type, message, request_id, ...details}}."""
+    body: dict[str, Any] = {"type": type_, "message": message, "request_id": request_id}
+    for key, value in (details or {}).items():
+        body[key] = value
+    return {"error": body}

@@ -1,0 +1,219 @@
+"""The route wrapper every endpoint goes through.
+
+In order: request id, authentication through the shared Portal, rate limit, body
+checks (type, size, JSON, schema), the handler, JSON rendering, and the audit row.
+Errors of every kind end here as one JSON shape; nothing else reaches the client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from klein import Klein
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet import defer
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from agentpost.auth.cred import (
+    AdminKeyCredentials,
+    APIKeyCredentials,
+    IAdminPrincipal,
+    IPrincipal,
+)
+from agentpost.auth.ratelimit import TokenBuckets
+from agentpost.core.audit import AuditTrail
+from agentpost.core.context import RequestContext
+from agentpost.http import errors as http_errors
+from agentpost.http.validation import validate
+from agentpost.model import errors
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[..., Awaitable[tuple[int, Any]]]
+
+
+@dataclass
+class Route:
+    """One endpoint: everything the wrapper and the OpenAPI document need to know."""
+
+    method: str
+    path: str  # OpenAPI style: /inboxes/{inbox_id}
+    action: str  # audit action, e.g. inboxes.create
+    handler: Handler
+    summary: str
+    auth: str = "org"  # "org" | "admin" | "none"
+    scope: str | None = None
+    body: dict[str, Any] | None = None
+    response: dict[str, Any] | None = None
+    status: int = 200
+    query: list[tuple[str, str]] = field(default_factory=list)
+    tag: str = ""
+
+
+@dataclass
+class Body:
+    """The validated JSON body (or None)."""
+
+    value: Any
+
+
+class RouteTable:
+    """Routes under one prefix, served by a Klein app and described in OpenAPI."""
+
+    def __init__(self, prefix: str, portal: Portal, audit: AuditTrail,
+                 buckets: TokenBuckets | None, max_body_bytes: int,
+                 trusted_proxies: frozenset[str]) -> None:
+        self.prefix = prefix
+        self.routes: list[Route] = []
+        self._portal = portal
+        self._audit = audit
+        self._buckets = buckets
+        self._max_body = max_body_bytes
+        self._trusted = trusted_proxies
+
+    def add(self, route: Route) -> None:
+        """Register an endpoint."""
+        self.routes.append(route)
+
+    def mount(self, app: Klein) -> None:
+        """Attach every route to ``app``, plus JSON answers for unknown paths and methods."""
+        for route in self.routes:
+            klein_path = self.prefix + route.path.replace("{", "<").replace("}", ">")
+            app.route(klein_path, methods=[route.method], endpoint=f"{route.method} {klein_path}",
+                      strict_slashes=False)(self._wrap(route))
+
+    def _wrap(self, route: Route) -> Callable[..., defer.Deferred[bytes]]:
+        def endpoint(request: IRequest, **params: str) -> defer.Deferred[bytes]:
+            return defer.Deferred.fromCoroutine(self._serve(route, request, params))
+
+        return endpoint
+
+    def client_address(self, request: IRequest) -> str | None:
+        """The peer, or the X-Forwarded-For hop a trusted proxy vouches for."""
+        peer = getattr(request.getClientAddress(), "host", None)
+        if peer in self._trusted:
+            forwarded = request.getHeader(b"x-forwarded-for")
+            if forwarded:
+                return forwarded.decode("latin-1").split(",")[-1].strip()[:64]
+        return peer
+
+    async def _serve(self, route: Route, request: IRequest, params: dict[str, str]) -> bytes:
+        ctx = RequestContext(
+            request_id=getattr(request, "request_id", "req_unknown"),
+            remote_addr=self.client_address(request),
+            action=route.action,
+        )
+        try:
+            await self._authenticate(route, request, ctx)
+            body = self._read_body(route, request)
+            status, payload = await route.handler(ctx, request, body, **params)
+        except errors.AgentPostError as exc:
+            return self._error(request, ctx, exc)
+        except Exception:
+            log.exception("request %s failed", ctx.request_id)
+            return self._error(request, ctx, errors.AgentPostError())
+        if not ctx.audited and route.auth != "none":
+            self._audit.enqueue(ctx, "allowed", status)
+        return render(request, status, payload)
+
+    async def _authenticate(self, route: Route, request: IRequest, ctx: RequestContext) -> None:
+        if route.auth == "none":
+            return
+        token = _bearer(request)
+        if token is None:
+            raise errors.Unauthenticated("Send an Authorization: Bearer header.")
+        if route.auth == "admin":
+            creds: Any = AdminKeyCredentials(token)
+            interface: Any = IAdminPrincipal
+        else:
+            creds, interface = APIKeyCredentials(token), IPrincipal
+        try:
+            _, avatar, _ = await self._portal.login(creds, None, interface)
+        except UnauthorizedLogin:
+            raise errors.Unauthenticated("The key is unknown, revoked or expired.") from None
+        ctx.principal = avatar
+        if self._buckets is not None:
+            self._buckets.take(getattr(avatar, "credential_id", None)
+                               or getattr(avatar, "admin_key_id", ""))
+        if route.scope is not None:
+            avatar.require(route.scope)
+
+    def _read_body(self, route: Route, request: IRequest) -> Body:
+        raw = request.content.read(self._max_body + 1) if request.content else b""
+        if route.body is None:
+            if raw.strip():
+                raise errors.InvalidRequest("This endpoint takes no request body.")
+            return Body(None)
+        if len(raw) > self._max_body:
+            raise errors.PayloadTooLarge(f"The body exceeds {self._max_body} bytes.")
+        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        if not raw.strip():
+            value: Any = {}
+        else:
+            if content_type != b"application/json":
+                raise errors.UnsupportedMediaType()
+            try:
+                value = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                raise errors.InvalidRequest("The body is not valid JSON.") from None
+        validate(route.body, value)
+        return Body(value)
+
+    def _error(self, request: IRequest, ctx: RequestContext, exc: errors.AgentPostError) -> bytes:
+        status = http_errors.status_for(exc)
+        if isinstance(exc, errors.Unauthenticated):
+            request.setHeader(b"www-authenticate", b'Bearer realm="agentpost"')
+        if isinstance(exc, errors.RateLimited):
+            request.setHeader(b"retry-after", str(max(1, round(exc.retry_after_s + 0.5))).encode())
+        if isinstance(exc, errors.TemporaryFailure):
+            request.setHeader(b"retry-after", b"5")
+        outcome = "denied" if status in (401, 403, 429) else "failed"
+        self._audit.enqueue(ctx, outcome, status)
+        details = {k: v for k, v in exc.details.items() if isinstance(v, str | int)}
+        message = exc.message if status != 500 else errors.AgentPostError.default_message
+        return render(request, status,
+                      http_errors.error_body(exc.type, message, ctx.request_id, details))
+
+
+def _bearer(request: IRequest) -> str | None:
+    header = request.getHeader(b"authorization")
+    if not header:
+        return None
+    scheme, _, value = header.decode("latin-1").partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+def render(request: IRequest, status: int, payload: Any) -> bytes:
+    """Serialize a JSON response (204 has no body)."""
+    request.setResponseCode(status)
+    if status == 204 or payload is None:
+        return b""
+    request.setHeader(b"content-type", b"application/json; charset=utf-8")
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def install_fallbacks(app: Klein) -> None:
+    """JSON for unknown paths and wrong methods, instead of Klein's HTML."""
+
+    @app.handle_errors(NotFound)
+    def not_found(request: IRequest, failure: Any) -> bytes:
+        type_, status, message = http_errors.ROUTE_NOT_FOUND
+        return render(request, status, http_errors.error_body(
+            type_, message, getattr(request, "request_id", "")))
+
+    @app.handle_errors(MethodNotAllowed)
+    def not_allowed(request: IRequest, failure: Any) -> bytes:
+        type_, status, message = http_errors.METHOD_NOT_ALLOWED
+        allowed = getattr(failure.value, "valid_methods", None) or []
+        if allowed:
+            request.setHeader(b"allow", ", ".join(allowed).encode())
+        return render(request, status, http_errors.error_body(
+            type_, message, getattr(request, "request_id", "")))

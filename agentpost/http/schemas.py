@@ -1,0 +1,233 @@
+"""JSON Schemas for request bodies and responses (published in the OpenAPI document)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agentpost.model.scopes import SCOPES
+
+_TS = {"type": "string", "format": "date-time"}
+_TS_NULL = {"type": ["string", "null"], "format": "date-time"}
+_STR_NULL = {"type": ["string", "null"]}
+
+COMPONENTS: dict[str, dict[str, Any]] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["type", "message", "request_id"],
+                "properties": {
+                    "type": {"type": "string"},
+                    "message": {"type": "string"},
+                    "request_id": {"type": "string"},
+                    "field": {"type": "string"},
+                    "missing_scope": {"type": "string"},
+                },
+            }
+        },
+    },
+    "Environment": {
+        "type": "object",
+        "required": ["id", "name", "slug", "is_default", "created_at", "updated_at"],
+        "additionalProperties": False,
+        "properties": {
+            "id": {"type": "string", "pattern": "^env_"},
+            "name": {"type": "string"},
+            "slug": {"type": "string"},
+            "is_default": {"type": "boolean"},
+            "created_at": _TS,
+            "updated_at": _TS,
+        },
+    },
+    "Inbox": {
+        "type": "object",
+        "required": ["id", "email", "username", "domain", "display_name", "environment_id",
+                     "client_id", "send_paused", "created_at", "updated_at"],
+        "additionalProperties": False,
+        "properties": {
+            "id": {"type": "string", "pattern": "^inb_"},
+            "email": {"type": "string"},
+            "username": {"type": "string"},
+            "domain": {"type": "string"},
+            "display_name": {"type": "string"},
+            "environment_id": {"type": "string"},
+            "client_id": _STR_NULL,
+            "send_paused": {"type": "boolean"},
+            "created_at": _TS,
+            "updated_at": _TS,
+        },
+    },
+    "ApiKey": {
+        "type": "object",
+        "required": ["id", "name", "prefix", "role", "scopes", "environment_ids", "created_at",
+                     "expires_at", "revoked_at", "last_used_at", "created_by"],
+        "additionalProperties": False,
+        "properties": {
+            "id": {"type": "string", "pattern": "^key_"},
+            "name": {"type": "string"},
+            "prefix": {"type": "string"},
+            "role": {"type": "string", "enum": ["owner", "admin", "member"]},
+            "scopes": {"type": "array", "items": {"type": "string"}},
+            "environment_ids": {"type": ["array", "null"], "items": {"type": "string"}},
+            "created_at": _TS,
+            "expires_at": _TS_NULL,
+            "revoked_at": _TS_NULL,
+            "last_used_at": _TS_NULL,
+            "created_by": {"type": "object"},
+            "key": {"type": "string", "description": "The secret; present only in the create "
+                                                     "response."},
+        },
+    },
+    "Member": {
+        "type": "object",
+        "required": ["user_id", "email", "display_name", "role", "environments", "created_at"],
+        "additionalProperties": False,
+        "properties": {
+            "user_id": {"type": "string"},
+            "email": {"type": "string"},
+            "display_name": {"type": "string"},
+            "role": {"type": "string", "enum": ["owner", "admin", "member"]},
+            "environments": {"type": "array", "items": {
+                "type": "object",
+                "properties": {"environment_id": {"type": "string"},
+                               "role": {"type": "string", "enum": ["admin", "member"]}}}},
+            "created_at": _TS,
+        },
+    },
+    "AuditEntry": {
+        "type": "object",
+        "required": ["id", "occurred_at", "actor", "action", "target_id", "outcome", "status",
+                     "environment_id", "remote_addr", "request_id"],
+        "additionalProperties": False,
+        "properties": {
+            "id": {"type": "string"},
+            "occurred_at": _TS,
+            "actor": {"type": "object", "properties": {"type": {"type": "string"},
+                                                        "id": _STR_NULL}},
+            "action": {"type": "string"},
+            "target_id": _STR_NULL,
+            "environment_id": _STR_NULL,
+            "outcome": {"type": "string", "enum": ["allowed", "denied", "failed"]},
+            "status": {"type": ["integer", "null"]},
+            "remote_addr": _STR_NULL,
+            "request_id": _STR_NULL,
+        },
+    },
+    "Domain": {
+        "type": "object",
+        "required": ["id", "name", "shared", "verified", "environment_id"],
+        "properties": {
+            "id": _STR_NULL,
+            "name": {"type": "string"},
+            "shared": {"type": "boolean"},
+            "verified": {"type": "boolean"},
+            "environment_id": _STR_NULL,
+        },
+    },
+    "Organization": {
+        "type": "object",
+        "required": ["id", "name", "tier", "created_at", "updated_at"],
+        "properties": {
+            "id": {"type": "string", "pattern": "^org_"},
+            "name": {"type": "string"},
+            "tier": {"type": "string"},
+            "default_environment_id": {"type": "string"},
+            "created_at": _TS,
+            "updated_at": _TS,
+        },
+    },
+    "Scope": {"type": "string", "enum": sorted(SCOPES)},
+}
+
+
+def list_of(component: str) -> dict[str, Any]:
+    """``{"data": [...], "limit": n, "next_page_token": …}``"""
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {"type": "array", "items": {"$ref": f"#/components/schemas/{component}"}},
+            "limit": {"type": "integer"},
+            "next_page_token": _STR_NULL,
+        },
+    }
+
+
+def ref(component: str) -> dict[str, Any]:
+    """A reference to a component schema."""
+    return {"$ref": f"#/components/schemas/{component}"}
+
+
+ENVIRONMENT_CREATE = {
+    "type": "object", "additionalProperties": False, "required": ["name"],
+    "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 100},
+                   "slug": {"type": "string", "minLength": 1, "maxLength": 64}},
+}
+ENVIRONMENT_UPDATE = {
+    "type": "object", "additionalProperties": False,
+    "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 100},
+                   "slug": {"type": "string", "minLength": 1, "maxLength": 64}},
+}
+INBOX_CREATE = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "username": {"type": "string", "minLength": 1, "maxLength": 64},
+        "domain": {"type": "string", "minLength": 1, "maxLength": 253},
+        "display_name": {"type": "string", "maxLength": 200},
+        "environment_id": {"type": "string", "maxLength": 40},
+        "client_id": {"type": "string", "minLength": 1, "maxLength": 200},
+    },
+}
+INBOX_UPDATE = {
+    "type": "object", "additionalProperties": False,
+    "properties": {"display_name": {"type": "string", "maxLength": 200},
+                   "send_paused": {"type": "boolean"}},
+}
+API_KEY_CREATE = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "maxLength": 200},
+        "scopes": {"type": "array", "maxItems": 64, "items": {"type": "string", "maxLength": 64}},
+        "environment_ids": {"type": ["array", "null"], "maxItems": 100,
+                            "items": {"type": "string", "maxLength": 40}},
+        "expires_at": {"type": ["string", "null"], "format": "date-time"},
+        "role": {"type": "string", "enum": ["owner", "admin", "member"]},
+    },
+}
+MEMBER_CREATE = {
+    "type": "object", "additionalProperties": False, "required": ["email"],
+    "properties": {"email": {"type": "string", "minLength": 3, "maxLength": 320},
+                   "display_name": {"type": "string", "maxLength": 200},
+                   "role": {"type": "string", "enum": ["admin", "member"]}},
+}
+MEMBER_UPDATE = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "role": {"type": "string", "enum": ["owner", "admin", "member"]},
+        "environments": {"type": "array", "maxItems": 100, "items": {
+            "type": "object", "additionalProperties": False,
+            "required": ["environment_id", "role"],
+            "properties": {"environment_id": {"type": "string", "maxLength": 40},
+                           "role": {"type": "string", "enum": ["admin", "member"]}}}},
+    },
+}
+ORG_CREATE = {
+    "type": "object", "additionalProperties": False, "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 200},
+        "tier": {"type": "string",
+                 "enum": ["free", "developer", "startup", "business", "enterprise"]},
+        "owner_email": {"type": "string", "minLength": 3, "maxLength": 320},
+    },
+}
+ORG_UPDATE = {
+    "type": "object", "additionalProperties": False, "required": ["tier"],
+    "properties": {"tier": {"type": "string",
+                            "enum": ["free", "developer", "startup", "business", "enterprise"]}},
+}
+OWNER_KEY_CREATE = {
+    "type": "object", "additionalProperties": False,
+    "properties": {"name": {"type": "string", "maxLength": 200}},
+}

@@ -1,0 +1,76 @@
+"""Rows to JSON: the only place that decides what a client sees of a record."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+
+def ts(value: datetime | None) -> str | None:
+    """RFC 3339 in UTC with a Z."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def environment(row: dict[str, Any]) -> dict[str, Any]:
+    """An environment."""
+    return {"id": row["id"], "name": row["name"], "slug": row["slug"],
+            "is_default": row["is_default"], "created_at": ts(row["created_at"]),
+            "updated_at": ts(row["updated_at"])}
+
+
+def inbox(row: dict[str, Any]) -> dict[str, Any]:
+    """An inbox."""
+    return {"id": row["id"], "email": row["email"], "username": row["username"],
+            "domain": row["domain"], "display_name": row["display_name"],
+            "environment_id": row["environment_id"], "client_id": row["client_id"],
+            "send_paused": row["send_paused"], "created_at": ts(row["created_at"]),
+            "updated_at": ts(row["updated_at"])}
+
+
+def api_key(row: dict[str, Any], plaintext: str | None = None) -> dict[str, Any]:
+    """Key metadata; the secret only when just minted."""
+    body = {
+        "id": row["id"], "name": row["name"], "prefix": row["display_prefix"],
+        "role": row["role"], "scopes": list(row["scopes"]),
+        "environment_ids": list(row["environment_ids"]) if row["env_restricted"] else None,
+        "created_at": ts(row["created_at"]), "expires_at": ts(row["expires_at"]),
+        "revoked_at": ts(row["revoked_at"]), "last_used_at": ts(row["last_used_at"]),
+        "created_by": {"type": row["created_by_type"], "id": row["created_by_id"]},
+    }
+    if plaintext is not None:
+        body["key"] = plaintext
+    return body
+
+
+def member(row: dict[str, Any]) -> dict[str, Any]:
+    """A member with environment roles."""
+    return {"user_id": row["user_id"], "email": row["email"],
+            "display_name": row["display_name"], "role": row["role"],
+            "environments": row["environments"], "created_at": ts(row["created_at"])}
+
+
+def audit_entry(row: dict[str, Any]) -> dict[str, Any]:
+    """An audit row."""
+    return {"id": row["id"], "occurred_at": ts(row["occurred_at"]),
+            "actor": {"type": row["actor_type"], "id": row["actor_id"]},
+            "action": row["action"], "target_id": row["target_id"],
+            "environment_id": row["environment_id"], "outcome": row["outcome"],
+            "status": row["status"], "remote_addr": row["remote_addr"],
+            "request_id": row["request_id"]}
+
+
+def domain(row: dict[str, Any]) -> dict[str, Any]:
+    """A domain inboxes may use."""
+    return {"id": row["id"], "name": row["name"], "shared": row["shared"],
+            "verified": row["verified"], "environment_id": row["environment_id"]}
+
+
+def organization(row: dict[str, Any]) -> dict[str, Any]:
+    """An organization (admin view)."""
+    body = {"id": row["id"], "name": row["name"], "tier": row["tier"],
+            "created_at": ts(row["created_at"]), "updated_at": ts(row["updated_at"])}
+    if row.get("default_environment_id"):
+        body["default_environment_id"] = row["default_environment_id"]
+    return body

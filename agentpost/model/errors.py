@@ -1,0 +1,99 @@
+"""One error hierarchy for every protocol.
+
+Each error has a stable ``type`` that clients may branch on, a temporary flag that
+protocols map to 4xx-SMTP / 503-HTTP / [UNAVAILABLE] replies, and client-safe text.
+Each adapter (HTTP, SMTP, IMAP) has exactly one table translating these.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AgentPostError(Exception):
+    """Base of every error a client may be told about."""
+
+    type = "internal_error"
+    temporary = False
+    default_message = "An internal error occurred."
+
+    def __init__(self, message: str | None = None, **details: Any) -> None:
+        self.message = message or self.default_message
+        self.details = details
+        super().__init__(self.message)
+
+
+class InvalidRequest(AgentPostError):
+    """The request is malformed or fails validation."""
+
+    type = "invalid_request"
+    default_message = "The request is invalid."
+
+
+class Unauthenticated(AgentPostError):
+    """No credential, or a credential that is unknown, revoked or expired."""
+
+    type = "unauthenticated"
+    default_message = "A valid API key is required."
+
+
+class Forbidden(AgentPostError):
+    """The credential is valid but lacks a scope or role."""
+
+    type = "forbidden"
+    default_message = "This credential may not do that."
+
+
+class NotFound(AgentPostError):
+    """Missing, or belongs to another organization or environment (never distinguished)."""
+
+    type = "not_found"
+    default_message = "No such resource."
+
+
+class Conflict(AgentPostError):
+    """The request clashes with existing state."""
+
+    type = "conflict"
+    default_message = "The request conflicts with the current state."
+
+
+class PayloadTooLarge(AgentPostError):
+    """The request body exceeds the configured limit."""
+
+    type = "payload_too_large"
+    default_message = "The request body is too large."
+
+
+class UnsupportedMediaType(AgentPostError):
+    """The request body is not JSON."""
+
+    type = "unsupported_media_type"
+    default_message = "Send the request body as application/json."
+
+
+class Unprocessable(AgentPostError):
+    """Well-formed but semantically impossible."""
+
+    type = "unprocessable"
+    default_message = "The request cannot be carried out."
+
+
+class RateLimited(AgentPostError):
+    """Too many requests for one credential."""
+
+    type = "rate_limited"
+    temporary = True
+    default_message = "Too many requests; slow down."
+
+    def __init__(self, retry_after_s: float, message: str | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TemporaryFailure(AgentPostError):
+    """A dependency (database, blob store) failed; retrying later may succeed."""
+
+    type = "temporarily_unavailable"
+    temporary = True
+    default_message = "The service is temporarily unavailable; try again shortly."

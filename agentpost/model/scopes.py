@@ -1,0 +1,60 @@
+"""The scope catalogue and the role matrix.
+
+Scopes are what an API key may do; roles are what a person (or an owner-level key)
+is. A key's scopes are always a subset of what its role allows, and a key can never
+be minted with more than its creator holds.
+"""
+
+from __future__ import annotations
+
+SCOPES: dict[str, str] = {
+    "inboxes:read": "List and read inboxes.",
+    "inboxes:write": "Create, update and delete inboxes.",
+    "messages:read": "Read messages, threads and attachments (also IMAP read access).",
+    "messages:write": "Change flags and labels, move and delete messages (also IMAP writes).",
+    "messages:send": "Send mail through the API or SMTP submission.",
+    "domains:read": "List hosted domains and their verification state.",
+    "domains:write": "Add, verify and remove domains.",
+    "webhooks:read": "List webhook endpoints and deliveries.",
+    "webhooks:write": "Create, update and delete webhook endpoints.",
+    "api_keys:read": "List API keys (never their secrets).",
+    "api_keys:write": "Create and revoke API keys.",
+    "environments:read": "List environments.",
+    "environments:write": "Create, update and delete environments.",
+    "members:read": "List organization members and invitations.",
+    "members:write": "Invite, change roles of, and remove members.",
+    "audit:read": "Read the audit log.",
+    "filters:read": "List allow/block filter rules.",
+    "filters:write": "Create and delete allow/block filter rules.",
+}
+
+ALL_SCOPES: frozenset[str] = frozenset(SCOPES)
+
+ORG_ROLES = ("owner", "admin", "member")
+ENV_ROLES = ("admin", "member")
+
+_MEMBER_SCOPES = frozenset(
+    {
+        "inboxes:read", "inboxes:write", "messages:read", "messages:write", "messages:send",
+        "domains:read", "webhooks:read", "environments:read", "members:read", "filters:read",
+        "api_keys:read", "api_keys:write",
+    }
+)
+
+ROLE_SCOPES: dict[str, frozenset[str]] = {
+    "owner": ALL_SCOPES,
+    "admin": ALL_SCOPES,
+    "member": _MEMBER_SCOPES,
+}
+
+ROLE_RANK = {"member": 1, "admin": 2, "owner": 3}
+
+
+def role_at_least(role: str, minimum: str) -> bool:
+    """Whether ``role`` is ``minimum`` or stronger."""
+    return ROLE_RANK.get(role, 0) >= ROLE_RANK[minimum]
+
+
+def unknown_scopes(scopes: list[str]) -> list[str]:
+    """Scopes not in the catalogue (typos must be rejected, not ignored)."""
+    return sorted(s for s in scopes if s not in SCOPES)

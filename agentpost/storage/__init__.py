@@ -1,0 +1,1 @@
+"""Persistence. The only package that speaks SQL or knows txpostgres exists."""

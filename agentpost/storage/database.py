@@ -1,0 +1,275 @@
+"""The one wrapper around txpostgres.
+
+Why our own pool rather than txpostgres.ConnectionPool: its pool never replaces a
+connection that died (a PostgreSQL restart leaves it broken forever), and it cannot
+tell a caller whether a COMMIT might have happened. Here every connection is checked
+out for one named transaction, dropped when its link breaks, and reopened lazily on
+the next request, so the service recovers from a database restart on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from txpostgres import txpostgres
+
+from agentpost.model.errors import TemporaryFailure
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_RETRYABLE_TXN = (psycopg2.errors.SerializationFailure, psycopg2.errors.DeadlockDetected)
+_LINK_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError, txpostgres.RollbackFailed)
+
+
+class Txn:
+    """A transaction in progress: run statements, register after-commit work."""
+
+    def __init__(self, cursor: Any, now: datetime) -> None:
+        self._cursor = cursor
+        self.now = now
+        self._after_commit: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+
+    async def execute(self, sql: str, params: Any = None) -> int:
+        """Run a statement; return the affected row count."""
+        await self._cursor.execute(sql, params)
+        return self._cursor.rowcount
+
+    async def fetchall(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
+        """Run a query and return its rows as dicts."""
+        await self._cursor.execute(sql, params)
+        if self._cursor.description is None:
+            return []
+        cols = [c.name for c in self._cursor.description]
+        return [dict(zip(cols, row, strict=True)) for row in self._cursor.fetchall()]
+
+    async def fetchone(self, sql: str, params: Any = None) -> dict[str, Any] | None:
+        """Run a query and return its first row, or None."""
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
+
+    async def fetchval(self, sql: str, params: Any = None) -> Any:
+        """Run a query and return the first column of its first row, or None."""
+        row = await self.fetchone(sql, params)
+        return None if row is None else next(iter(row.values()))
+
+    def after_commit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` once the transaction has committed (never on rollback)."""
+        self._after_commit.append((fn, args))
+
+
+def _is_broken(conn: txpostgres.Connection) -> bool:
+    raw = conn._connection  # txpostgres keeps the psycopg2 connection here
+    return raw is None or bool(raw.closed)
+
+
+class Database:
+    """A bounded pool of txpostgres connections and the run_interaction contract."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        clock: IReactorTime,
+        reactor: Any,
+        pool_size: int = 10,
+        connect_timeout_s: float = 5.0,
+        statement_timeout_s: float = 30.0,
+        retries: int = 3,
+        application_name: str = "agentpost",
+    ) -> None:
+        self._dsn = dsn
+        self._clock = clock
+        self._reactor = reactor
+        self._size = pool_size
+        self._connect_timeout_s = connect_timeout_s
+        self._statement_timeout_ms = int(statement_timeout_s * 1000)
+        self._retries = retries
+        self._application_name = application_name
+        self._idle: list[txpostgres.Connection] = []
+        self._open = 0
+        self._waiters: deque[defer.Deferred[None]] = deque()
+        self._closed = False
+
+    def now(self) -> datetime:
+        """The injected clock's time, as SQL parameters want it."""
+        return datetime.fromtimestamp(self._clock.seconds(), UTC)
+
+    async def _connect(self) -> txpostgres.Connection:
+        conn = txpostgres.Connection(reactor=self._reactor)
+        options = f"-c statement_timeout={self._statement_timeout_ms}"
+        d = conn.connect(
+            self._dsn,
+            application_name=self._application_name,
+            options=options,
+            keepalives=1,
+            keepalives_idle=30,
+            keepalives_interval=10,
+            keepalives_count=3,
+        )
+        d.addTimeout(self._connect_timeout_s, self._clock)
+        try:
+            await d
+        except (psycopg2.Error, defer.TimeoutError, OSError) as exc:
+            try:
+                conn.close()
+            except Exception:  # noqa: S110 - the connection never opened; nothing to close
+                pass
+            log.warning("database connection failed: %s", str(exc).strip())
+            raise TemporaryFailure() from exc
+        return conn
+
+    async def _acquire(self) -> txpostgres.Connection:
+        while True:
+            if self._closed:
+                raise TemporaryFailure("The service is shutting down.")
+            if self._idle:
+                conn = self._idle.pop()
+                if not _is_broken(conn):
+                    return conn
+                self._discard(conn)
+                continue
+            if self._open < self._size:
+                self._open += 1
+                try:
+                    return await self._connect()
+                except BaseException:
+                    self._open -= 1
+                    self._wake_one()
+                    raise
+            waiter: defer.Deferred[None] = defer.Deferred()
+            self._waiters.append(waiter)
+            waiter.addTimeout(self._connect_timeout_s * 2, self._clock)
+            try:
+                await waiter
+            except defer.TimeoutError:
+                raise TemporaryFailure("The database is busy; try again shortly.") from None
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.called:
+                waiter.callback(None)
+                return
+
+    def _release(self, conn: txpostgres.Connection) -> None:
+        if _is_broken(conn) or self._closed:
+            self._discard(conn)
+        else:
+            self._idle.append(conn)
+        self._wake_one()
+
+    def _discard(self, conn: txpostgres.Connection) -> None:
+        self._open -= 1
+        try:
+            conn.close()
+        except Exception:  # noqa: S110 - already dead; closing is best effort
+            pass
+
+    def run_interaction(
+        self,
+        desc: str,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        isolation: str = "read committed",
+        **kwargs: Any,
+    ) -> defer.Deferred[T]:
+        """Run ``await fn(txn, *args, **kwargs)`` inside one transaction.
+
+        Serialization failures and links lost before COMMIT are retried a bounded
+        number of times; a link lost *during* COMMIT is not, because the outcome is
+        unknown and retrying could apply the change twice. Driver failures surface as
+        TemporaryFailure; integrity errors are left for the stores to translate.
+        """
+        return defer.Deferred.fromCoroutine(
+            self._run(desc, fn, args, kwargs, isolation)
+        )
+
+    async def _run(self, desc: str, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
+                   kwargs: dict[str, Any], isolation: str) -> T:
+        attempt = 0
+        while True:
+            attempt += 1
+            conn = await self._acquire()
+            txn = Txn(conn.cursor(), self.now())
+            committing = False
+            try:
+                await txn.execute(f"BEGIN ISOLATION LEVEL {isolation.upper()}")
+                result = await fn(txn, *args, **kwargs)
+                committing = True
+                await txn.execute("COMMIT")
+            except BaseException as exc:
+                await self._rollback_quietly(conn)
+                self._release(conn)
+                if isinstance(exc, _RETRYABLE_TXN) and attempt <= self._retries:
+                    log.info("%s: %s, retrying (attempt %d)", desc, type(exc).__name__, attempt)
+                    continue
+                if isinstance(exc, _LINK_ERRORS + _RETRYABLE_TXN):
+                    if not committing and attempt <= self._retries and _link_error(exc):
+                        log.warning("%s: database link lost, retrying", desc)
+                        continue
+                    log.warning("%s failed: %s", desc, str(exc).strip())
+                    raise TemporaryFailure() from exc
+                raise
+            self._release(conn)
+            for hook, hook_args in txn._after_commit:
+                try:
+                    hook_result = hook(*hook_args)
+                    if isinstance(hook_result, defer.Deferred):
+                        hook_result.addErrback(_log_hook_failure, desc)
+                except Exception:
+                    log.exception("%s: after-commit hook failed", desc)
+            return result
+
+    async def _rollback_quietly(self, conn: txpostgres.Connection) -> None:
+        if _is_broken(conn):
+            return
+        try:
+            await conn.cursor().execute("ROLLBACK")
+        except Exception:
+            try:
+                conn.close()
+            except Exception:  # noqa: S110 - best effort on a dying link
+                pass
+
+    def run_query(self, desc: str, sql: str, params: Any = None) -> defer.Deferred[list[dict]]:
+        """A single read-only statement in its own transaction (the common read path)."""
+
+        async def query(txn: Txn) -> list[dict[str, Any]]:
+            return await txn.fetchall(sql, params)
+
+        return self.run_interaction(desc, query)
+
+    async def close(self) -> None:
+        """Close every idle connection; in-flight ones close as they come back."""
+        self._closed = True
+        while self._idle:
+            self._discard(self._idle.pop())
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.called:
+                waiter.callback(None)
+
+
+def _link_error(exc: BaseException) -> bool:
+    """Lost or refused links, as opposed to a statement timeout or a bad query."""
+    if isinstance(exc, psycopg2.errors.QueryCanceled):
+        return False
+    return isinstance(exc, _LINK_ERRORS) and not isinstance(exc, _RETRYABLE_TXN)
+
+
+def _log_hook_failure(failure: Any, desc: str) -> None:
+    log.error("%s: after-commit hook failed: %s", desc, failure.getErrorMessage())

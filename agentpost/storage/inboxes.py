@@ -1,0 +1,118 @@
+"""Inboxes and the domains they may live on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg2.errors
+
+from agentpost.model.errors import Conflict
+from agentpost.storage.database import Txn
+
+_COLS = ("id, org_id, environment_id, username, domain, email, display_name, client_id, "
+         "send_paused, created_at, updated_at")
+
+
+async def insert_inbox(txn: Txn, *, org_id: str, inbox_id: str, environment_id: str,
+                       username: str, domain: str, display_name: str,
+                       client_id: str | None) -> dict[str, Any]:
+    """Create an inbox; an address already taken anywhere is a Conflict."""
+    try:
+        return await txn.fetchone(
+            "INSERT INTO inboxes (org_id, id, environment_id, username, domain, email, "
+            "display_name, client_id, created_at, updated_at) "
+            f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_COLS}",
+            (org_id, inbox_id, environment_id, username, domain, f"{username}@{domain}",
+             display_name, client_id, txn.now, txn.now),
+        )
+    except psycopg2.errors.UniqueViolation as exc:
+        if "inboxes_client_id" in str(exc):
+            raise Conflict("An inbox with that client_id was created concurrently.") from None
+        raise Conflict(f"The address {username}@{domain} is already taken.") from None
+
+
+async def get_inbox_by_client_id(txn: Txn, org_id: str, environment_id: str,
+                                 client_id: str) -> dict[str, Any] | None:
+    """The inbox a repeated create with the same client_id refers to."""
+    return await txn.fetchone(
+        f"SELECT {_COLS} FROM inboxes WHERE org_id = %s AND environment_id = %s "
+        "AND client_id = %s",
+        (org_id, environment_id, client_id),
+    )
+
+
+async def get_inbox(txn: Txn, org_id: str, env_ids: frozenset[str] | None,
+                    inbox_id: str) -> dict[str, Any] | None:
+    """One inbox, only if it is in the organization and an allowed environment."""
+    return await txn.fetchone(
+        f"SELECT {_COLS} FROM inboxes WHERE org_id = %s AND id = %s "
+        "AND (%s::text[] IS NULL OR environment_id = ANY(%s))",
+        (org_id, inbox_id, _arr(env_ids), _arr(env_ids)),
+    )
+
+
+async def list_inboxes(txn: Txn, org_id: str, env_ids: frozenset[str] | None,
+                       after_id: str | None, limit: int) -> list[dict[str, Any]]:
+    """Inboxes newest first, within the allowed environments."""
+    return await txn.fetchall(
+        f"SELECT {_COLS} FROM inboxes WHERE org_id = %s "
+        "AND (%s::text[] IS NULL OR environment_id = ANY(%s)) "
+        "AND (%s::text IS NULL OR id < %s) ORDER BY id DESC LIMIT %s",
+        (org_id, _arr(env_ids), _arr(env_ids), after_id, after_id, limit),
+    )
+
+
+async def update_inbox(txn: Txn, org_id: str, env_ids: frozenset[str] | None, inbox_id: str,
+                       changes: dict[str, Any]) -> dict[str, Any] | None:
+    """Change display_name or send_paused (columns come from core's allow-list)."""
+    sets = ", ".join(f"{col} = %s" for col in changes)
+    return await txn.fetchone(
+        f"UPDATE inboxes SET {sets}, updated_at = %s WHERE org_id = %s AND id = %s "
+        f"AND (%s::text[] IS NULL OR environment_id = ANY(%s)) RETURNING {_COLS}",
+        (*changes.values(), txn.now, org_id, inbox_id, _arr(env_ids), _arr(env_ids)),
+    )
+
+
+async def delete_inbox(txn: Txn, org_id: str, env_ids: frozenset[str] | None,
+                       inbox_id: str) -> dict[str, Any] | None:
+    """Delete an inbox; returns what was deleted."""
+    return await txn.fetchone(
+        f"DELETE FROM inboxes WHERE org_id = %s AND id = %s "
+        f"AND (%s::text[] IS NULL OR environment_id = ANY(%s)) RETURNING {_COLS}",
+        (org_id, inbox_id, _arr(env_ids), _arr(env_ids)),
+    )
+
+
+async def ensure_shared_domain(txn: Txn, name: str) -> None:
+    """Record the configured shared domain (idempotent)."""
+    await txn.execute(
+        "INSERT INTO shared_domains (name, created_at) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+        (name.lower(), txn.now),
+    )
+
+
+async def domain_usable(txn: Txn, org_id: str, environment_id: str, name: str) -> bool:
+    """Whether inboxes of this org and environment may use ``name``."""
+    return bool(await txn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM shared_domains WHERE name = %s) OR EXISTS ("
+        "SELECT 1 FROM domains WHERE org_id = %s AND environment_id = %s AND name = %s "
+        "AND verified_at IS NOT NULL)",
+        (name, org_id, environment_id, name),
+    ))
+
+
+async def list_domains(txn: Txn, org_id: str,
+                       env_ids: frozenset[str] | None) -> list[dict[str, Any]]:
+    """Shared domains plus the organization's own, as visible to the caller."""
+    return await txn.fetchall(
+        "SELECT NULL::text AS id, name, NULL::text AS environment_id, true AS shared, "
+        "true AS verified, created_at FROM shared_domains "
+        "UNION ALL SELECT id, name, environment_id, false, verified_at IS NOT NULL, created_at "
+        "FROM domains WHERE org_id = %s AND (%s::text[] IS NULL OR environment_id = ANY(%s)) "
+        "ORDER BY shared DESC, name",
+        (org_id, _arr(env_ids), _arr(env_ids)),
+    )
+
+
+def _arr(ids: frozenset[str] | None) -> list[str] | None:
+    return None if ids is None else sorted(ids)
