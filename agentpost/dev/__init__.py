@@ -1,0 +1,1 @@
+"""Developer conveniences: a throw-away PostgreSQL cluster and local TLS files for ``make run``."""
