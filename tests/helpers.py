@@ -95,8 +95,7 @@ class ApiClient:
                        for k, v in resp.headers.getAllRawHeaders()}
         result = Response(resp.code, headers_out, body)
         ctype = headers_out.get("content-type", "")
-        if ctype.startswith("application/json") and path.startswith("/api/v1/") or \
-                path.startswith("/admin/v1/"):
+        if ctype.startswith("application/json") and path.startswith(("/api/v1/", "/admin/v1/")):
             self.checker.check(method, path.split("?")[0], resp.code,
                                result.json if body else None)
         return result

@@ -122,8 +122,8 @@ def _check(config: Config) -> None:
         raise ConfigError("server.environment", "must be 'production' or 'development'")
     if config.database.pool_size < 1:
         raise ConfigError("database.pool_size", "must be at least 1")
-    if not 0 < config.http.port < 65536:
-        raise ConfigError("http.port", "must be between 1 and 65535")
+    if not 0 <= config.http.port < 65536:
+        raise ConfigError("http.port", "must be between 0 (any free port) and 65535")
     if config.http.tls and not (config.tls.cert and config.tls.key):
         raise ConfigError("http.tls", "needs tls.cert and tls.key")
     for key in ("cert", "key"):
