@@ -55,7 +55,7 @@ $(STAMP): $(wildcard requirements-dev.lock pyproject.toml setup.cfg)
 	fi
 	@echo "Installing pinned dependencies into $(VENV) ..."
 	@$(VENV)/bin/pip install -q -r requirements-dev.lock
-	@$(VENV)/bin/pip install -q --no-deps -e .
+	@$(VENV)/bin/pip install -q --no-deps --config-settings editable_mode=compat -e .
 	@touch $@
 
 # Same search as agentpost/dev/embedded_pg.py: `pg_config --bindir`, then the

@@ -76,6 +76,7 @@ class AgentPostService(service.Service):
         self.reactor = reactor
         self.core = build_core(config, reactor)
         self.ports: dict[str, IListeningPort] = {}
+        self.route_tables: dict[str, RouteTable] = {}
         self._started: defer.Deferred[None] | None = None
 
     def http_resource(self) -> Any:
@@ -90,6 +91,7 @@ class AgentPostService(service.Service):
         add_api_routes(api, environments=core.environments, inboxes=core.inboxes,
                        api_keys=core.api_keys, members=core.members, audit_log=core.audit_log)
         add_admin_routes(admin, core.organizations)
+        self.route_tables = {"api": api, "admin": admin}
         return build_app(api, admin, self._ready).resource()
 
     async def _ready(self) -> bool:

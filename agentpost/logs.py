@@ -8,12 +8,14 @@ import sys
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
 
-def configure_logging(level: str) -> None:
-    """One stream, one format; systemd adds timestamps of its own."""
+def configure_logging(level: str, *, twisted_to_stderr: bool = True) -> None:
+    """One stream, one format. Under twistd, Twisted's own logging is already set up."""
     numeric = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
                "error": logging.ERROR}[level]
     logging.basicConfig(
         level=numeric, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    if twisted_to_stderr:
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
+                                         redirectStandardIO=False)

@@ -30,7 +30,7 @@ def makeService(options: Options) -> service.IService:
     except ConfigError as exc:
         sys.stderr.write(f"agentpost: configuration error: {exc}\n")
         raise SystemExit(2) from None
-    configure_logging(config.logging.level)
+    configure_logging(config.logging.level, twisted_to_stderr=False)
     return make_service(config, reactor)
 
 

@@ -40,12 +40,13 @@ class Environments:
         p = ctx.org_principal
         p.require("environments:read")
         p.require_environment(env_id)
-        ctx.target_id = ctx.environment_id = env_id
+        ctx.target_id = env_id
         env = await self._db.run_interaction(
             "environments.get", org_store.get_environment, p.org_id, env_id
         )
         if env is None:
             raise NotFound()
+        ctx.environment_id = env_id
         return env
 
     async def create(self, ctx: RequestContext, name: str, slug: str | None) -> dict[str, Any]:
@@ -72,7 +73,7 @@ class Environments:
         p = ctx.org_principal
         p.require("environments:write")
         p.require_environment(env_id)
-        ctx.target_id = ctx.environment_id = env_id
+        ctx.target_id = env_id
         if "slug" in changes:
             _check_slug(changes["slug"])
 
@@ -80,6 +81,7 @@ class Environments:
             env = await org_store.update_environment(txn, p.org_id, env_id, changes)
             if env is None:
                 raise NotFound()
+            ctx.environment_id = env_id
             await self._audit.write_in(txn, ctx)
             return env
 
@@ -90,12 +92,13 @@ class Environments:
         p = ctx.org_principal
         p.require("environments:write")
         p.require_environment(env_id)
-        ctx.target_id = ctx.environment_id = env_id
+        ctx.target_id = env_id
 
         async def txn_fn(txn: Txn) -> None:
             env = await org_store.get_environment(txn, p.org_id, env_id)
             if env is None:
                 raise NotFound()
+            ctx.environment_id = env_id
             if env["is_default"]:
                 raise Conflict("The default environment cannot be deleted.")
             await org_store.delete_environment(txn, p.org_id, env_id)

@@ -91,7 +91,6 @@ class Inboxes:
         if environment_id is not None:
             p.require_environment(environment_id)
             envs = frozenset({environment_id})
-            ctx.environment_id = environment_id
         return await self._db.run_interaction(
             "inboxes.list", inbox_store.list_inboxes, p.org_id, envs, after_id, limit + 1
         )
