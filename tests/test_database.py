@@ -16,7 +16,7 @@ async def test_database_outage_gives_503_then_recovers_without_restart(server, p
     assert (await server.api.get("/api/v1/inboxes", key=owner)).status == 200
     pg.stop()
     try:
-        for path, body in (("/api/v1/inboxes", None), ("/api/v1/environments", None)):
+        for path in ("/api/v1/inboxes", "/api/v1/environments"):
             resp = await server.api.get(path, key=owner)
             assert resp.status == 503, resp
         write = await server.api.post("/api/v1/inboxes", {"username": "during-outage"},
