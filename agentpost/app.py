@@ -25,6 +25,7 @@ from agentpost.http.api import add_api_routes
 from agentpost.http.app import build_app
 from agentpost.http.framework import RouteTable
 from agentpost.http.site import make_site
+from agentpost.jobs.retention import RetentionSweep
 from agentpost.storage.database import Database
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Core:
     api_keys: APIKeys
     members: Members
     audit_log: AuditLog
+    retention: RetentionSweep
 
 
 def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
@@ -63,6 +65,7 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
         api_keys=APIKeys(db, audit),
         members=Members(db, audit),
         audit_log=AuditLog(db),
+        retention=RetentionSweep(db, clock, config.retention),
     )
 
 
@@ -113,6 +116,7 @@ class AgentPostService(service.Service):
         check_schema(self.config.database.url)
         await self.core.inboxes.ensure_shared_domain()
         self.core.audit.start()
+        self.core.retention.start()
         cfg = self.config.http
         if cfg.enabled:
             site = make_site(self.http_resource())
@@ -142,6 +146,7 @@ class AgentPostService(service.Service):
         for port in self.ports.values():
             await port.stopListening()
         self.ports.clear()
+        await self.core.retention.stop()
         await self.core.audit.stop()
         await self.core.db.close()
 

@@ -167,3 +167,21 @@ async def test_malformed_and_unknown_keys_are_unauthenticated(server):
         resp = await server.api.get("/api/v1/inboxes", headers=headers)
         assert resp.status == 401, headers
         assert resp.json["error"]["type"] == "unauthenticated"
+
+
+@pytest_twisted.ensureDeferred
+async def test_last_used_at_is_recorded(server):
+    """Using a key stamps last_used_at (at minute resolution)."""
+    _, owner = await server.new_org()
+    created = await server.api.post("/api/v1/api-keys", {"name": "used"}, key=owner)
+    assert created.json["last_used_at"] is None
+    await server.api.get("/api/v1/inboxes", key=created.json["key"])
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    for _ in range(50):  # the stamp is written off the request path
+        got = await server.api.get(f"/api/v1/api-keys/{created.json['id']}", key=owner)
+        if got.json["last_used_at"] is not None:
+            break
+        await deferLater(reactor, 0.02, lambda: None)
+    assert got.json["last_used_at"] is not None

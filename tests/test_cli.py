@@ -129,3 +129,9 @@ def test_twistd_plugin_rejects_a_bad_config(tmp_path):
                             timeout=60)
     assert result.returncode == 2, result
     assert "http.prot" in result.stderr + result.stdout
+
+
+def test_shipped_sample_config_is_current():
+    """etc/agentpost.toml.sample is exactly what the declarations generate (no drift)."""
+    shipped = (ROOT / "etc" / "agentpost.toml.sample").read_text()
+    assert shipped == render_sample(), "run: agentpost sample-config > etc/agentpost.toml.sample"

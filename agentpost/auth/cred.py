@@ -8,6 +8,7 @@ rules (revocation, expiry, environments, scopes).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,10 @@ from agentpost.auth import secrets
 from agentpost.model.principal import AdminPrincipal, Principal
 from agentpost.storage import keys as key_store
 from agentpost.storage.database import Database
+
+log = logging.getLogger(__name__)
+
+LAST_USED_RESOLUTION_S = 60
 
 
 class IAPIKeyCredentials(tcred.ICredentials):
@@ -97,9 +102,20 @@ class APIKeyChecker:
         def found(row: dict[str, Any] | None) -> KeyIdentity:
             if row is None:
                 raise UnauthorizedLogin("unknown, revoked or expired key")
+            self._note_use(row)
             return KeyIdentity(row)
 
         return d.addCallback(found)
+
+    def _note_use(self, row: dict[str, Any]) -> None:
+        """Record last use at most once a minute per key, off the request's path."""
+        now = self._db.now()
+        last = row.get("last_used_at")
+        if last is not None and (now - last).total_seconds() < LAST_USED_RESOLUTION_S:
+            return
+        d = self._db.run_interaction("auth.touch_key", key_store.touch_api_key, row["org_id"],
+                                     row["id"])
+        d.addErrback(lambda f: log.info("could not record key use: %s", f.getErrorMessage()))
 
 
 @implementer(ICredentialsChecker)

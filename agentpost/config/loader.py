@@ -22,6 +22,7 @@ from agentpost.config.sections import (
     LoggingSection,
     MailSection,
     RateLimitSection,
+    RetentionSection,
     ServerSection,
     TLSSection,
 )
@@ -54,6 +55,7 @@ class Config:
     rate_limit: RateLimitSection = field(default_factory=RateLimitSection)
     mail: MailSection = field(default_factory=MailSection)
     audit: AuditSection = field(default_factory=AuditSection)
+    retention: RetentionSection = field(default_factory=RetentionSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     source: str = "<defaults>"
 
@@ -204,6 +206,7 @@ __all__ = [
     "LoggingSection",
     "MailSection",
     "RateLimitSection",
+    "RetentionSection",
     "ServerSection",
     "TLSSection",
     "load_config",

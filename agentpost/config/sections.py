@@ -106,6 +106,25 @@ class AuditSection:
 
 
 @dataclass
+class RetentionSection:
+    """How long records are kept; the audit trail by organization tier."""
+
+    interval: float = opt("1h", "How often the retention sweep runs.", "duration")
+    batch_size: int = opt(5000, "Rows deleted per transaction (keeps locks short).")
+    audit_free: float = opt("7d", "Audit rows of free-tier organizations.", "duration")
+    audit_developer: float = opt("30d", "Audit rows of developer-tier organizations.", "duration")
+    audit_startup: float = opt("90d", "Audit rows of startup-tier organizations.", "duration")
+    audit_business: float = opt("365d", "Audit rows of business-tier organizations.", "duration")
+    audit_enterprise: float = opt(
+        "730d", "Audit rows of enterprise-tier organizations.", "duration"
+    )
+    audit_unscoped: float = opt(
+        "30d", "Audit rows tied to no organization (bad keys, admin API).", "duration"
+    )
+    delivery_events: float = opt("90d", "Delivery events (sent, bounced, ...).", "duration")
+
+
+@dataclass
 class LoggingSection:
     """Where the service logs."""
 
@@ -120,5 +139,6 @@ SECTIONS: dict[str, type] = {
     "rate_limit": RateLimitSection,
     "mail": MailSection,
     "audit": AuditSection,
+    "retention": RetentionSection,
     "logging": LoggingSection,
 }

@@ -1,0 +1,1 @@
+"""Periodic work on the injected clock; safe to run in every process at once."""

@@ -1,0 +1,84 @@
+"""The retention sweep.
+
+Every process runs the timer; a transaction-scoped advisory lock makes sure only one
+of them deletes at a time, and deleting in small batches keeps each transaction short
+so the API never waits behind a long purge.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+
+from agentpost.config.sections import RetentionSection
+from agentpost.storage import retention as store
+from agentpost.storage.database import Database, Txn
+
+log = logging.getLogger(__name__)
+
+TIERS = ("free", "developer", "startup", "business", "enterprise")
+
+
+class RetentionSweep:
+    """Deletes expired audit rows (and, once they exist, delivery events)."""
+
+    def __init__(self, db: Database, clock: IReactorTime, config: RetentionSection) -> None:
+        self._db = db
+        self._clock = clock
+        self._config = config
+        self._loop: task.LoopingCall | None = None
+        self._running: defer.Deferred[int] | None = None
+
+    def _audit_policy(self) -> tuple[list[str], list[float]]:
+        return list(TIERS), [getattr(self._config, f"audit_{tier}") for tier in TIERS]
+
+    async def sweep_once(self) -> int:
+        """One full sweep; returns rows deleted (0 when another process holds the lock)."""
+        tiers, keep = self._audit_policy()
+        total = 0
+        while True:
+
+            async def batch(txn: Txn) -> int | None:
+                if not await store.try_lock_sweep(txn):
+                    return None
+                return await store.delete_expired_audit(
+                    txn, tiers, keep, self._config.audit_unscoped, self._config.batch_size)
+
+            deleted = await self._db.run_interaction("retention.audit", batch)
+            if deleted is None:
+                return total
+            total += deleted
+            if deleted < self._config.batch_size:
+                return total
+
+    def _tick(self) -> defer.Deferred[Any] | None:
+        if self._running is not None:
+            return None
+        d = defer.Deferred.fromCoroutine(self.sweep_once())
+
+        def done(result: Any) -> None:
+            self._running = None
+            if isinstance(result, int) and result:
+                log.info("retention: deleted %d expired audit rows", result)
+            elif not isinstance(result, int):
+                log.warning("retention sweep failed: %s", result.getErrorMessage())
+
+        d.addBoth(done)
+        self._running = d if not d.called else None
+        return None
+
+    def start(self) -> None:
+        """Sweep now and then every ``interval``."""
+        self._loop = task.LoopingCall(self._tick)
+        self._loop.clock = self._clock
+        self._loop.start(self._config.interval, now=True)
+
+    async def stop(self) -> None:
+        """Stop the timer and wait for a sweep in progress."""
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self._running is not None:
+            await self._running

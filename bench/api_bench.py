@@ -1,0 +1,1025 @@
+#!/usr/bin/env python3
+"""Throughput and latency of the AgentPost JSON API, with the audit trail on.
+
+What it does, start to finish:
+
+1. creates a throw-away PostgreSQL cluster (``agentpost.dev.embedded_pg``) in a temp
+   folder, fsync on by default, and applies the migrations;
+2. writes a config (rate limiter disabled, everything else at its defaults), runs
+   ``agentpost bootstrap`` for an API key and starts ``agentpost serve`` as a separate
+   process, so the server's CPU is measured apart from the load generator's;
+3. drives ``GET /api/v1/inboxes`` and ``POST /api/v1/inboxes`` at 1 and 32 concurrent
+   keep-alive connections from a small asyncio HTTP/1.1 client (stdlib only), with a
+   warm-up before each measured window;
+4. prints req/s, p50/p90/p99/max latency, errors, CPU used by the server, PostgreSQL
+   and this client, and the audit rows written, as a table or (``--json``) as JSON;
+5. stops the server and deletes the cluster and the temp folder, also on Ctrl-C.
+
+Timing never makes it fail: the exit status is 0 unless setup failed (1) or some
+request got a non-2xx answer or no answer (1), which means something is broken.
+
+Usage: ``.venv/bin/python bench/api_bench.py [--duration 5] [--json] [--no-fsync]``
+(see ``--help``).  Network traffic goes to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a plain script from a checkout
+    sys.path.insert(0, str(REPO))
+
+import psycopg2  # noqa: E402 - after the sys.path fix above
+
+from agentpost.dev.embedded_pg import EmbeddedPostgres  # noqa: E402
+from agentpost.storage.migrations import migrate  # noqa: E402
+
+API = "/api/v1/inboxes"
+DBNAME = "agentpost_bench"
+TARGET_RPS = 1000.0
+TARGET_P99_MS = 25.0
+TARGET_CONCURRENCY = 32
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr so that ``--json`` output on stdout stays clean."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+class SetupError(RuntimeError):
+    """The benchmark could not get a server to measure."""
+
+
+# --------------------------------------------------------------------------- HTTP client
+
+
+class Response:
+    """One parsed HTTP response."""
+
+    __slots__ = ("body", "close", "framing", "status")
+
+    def __init__(self, status: int, body: bytes, close: bool, framing: str) -> None:
+        self.status = status
+        self.body = body
+        self.close = close
+        self.framing = framing  # "content-length", "chunked" or "close"
+
+
+class HTTPConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection carrying one request at a time.
+
+    The parser knows just enough HTTP for this server: a status line, headers,
+    then a body framed by Content-Length or chunked transfer coding (1xx, 204 and
+    304 have none; anything else without framing is read until the server closes).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._waiter: asyncio.Future[Response] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.closed = False
+        self._reset_parser()
+
+    def _reset_parser(self) -> None:
+        self._status = 0
+        self._head_done = False
+        self._length: int | None = None  # Content-Length, when given
+        self._chunked = False
+        self._close = False
+        self._pos = 0  # where parsing continues in _buf
+        self._chunks: list[bytes] = []
+
+    # asyncio.Protocol ---------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        if self._waiter is not None:
+            self._parse()
+
+    def eof_received(self) -> bool:
+        return False  # let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._waiter is not None and self._head_done and self._length is None \
+                and not self._chunked:
+            # Body delimited by connection close.
+            self._finish(bytes(self._buf[self._pos:]))
+            return
+        self._fail(ConnectionError(f"connection lost: {exc or 'closed by server'}"))
+
+    # public -------------------------------------------------------------------
+    def request(self, payload: bytes, timeout_s: float) -> asyncio.Future[Response]:
+        """Send one request; the future resolves with its response."""
+        if self.closed or self._transport is None:
+            raise ConnectionError("connection is closed")
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        self._reset_parser()
+        self._timer = self._loop.call_later(timeout_s, self._on_timeout)
+        self._transport.write(payload)
+        if self._buf:
+            self._parse()
+        return waiter
+
+    def close(self) -> None:
+        """Drop the connection (after an error or when the server asks to)."""
+        self.closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+    # internals ----------------------------------------------------------------
+    def _on_timeout(self) -> None:
+        self._timer = None
+        self._fail(TimeoutError("no response in time"))
+        self.close()
+
+    def _fail(self, exc: Exception) -> None:
+        waiter, self._waiter = self._waiter, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    def _finish(self, body: bytes) -> None:
+        waiter, self._waiter = self._waiter, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if waiter is not None and not waiter.done():
+            framing = ("chunked" if self._chunked else
+                       "content-length" if self._length is not None else "close")
+            waiter.set_result(Response(self._status, body, self._close, framing))
+
+    def _parse(self) -> None:
+        buf = self._buf
+        if not self._head_done:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            lines = bytes(buf[:end]).split(b"\r\n")
+            try:
+                self._status = int(lines[0].split(b" ", 2)[1])
+            except (IndexError, ValueError):
+                self._fail(ConnectionError(f"bad status line {lines[0][:80]!r}"))
+                self.close()
+                return
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    self._length = int(value.strip())
+                elif name == b"transfer-encoding":
+                    self._chunked = b"chunked" in value.lower()
+                elif name == b"connection":
+                    self._close = b"close" in value.lower()
+            self._head_done = True
+            self._pos = end + 4
+            if 100 <= self._status < 200:  # interim response: skip it, wait for the real one
+                del buf[: self._pos]
+                self._reset_parser()
+                self._parse()
+                return
+            if self._status in (204, 304):
+                self._length = 0
+                self._chunked = False
+        if self._chunked:
+            self._parse_chunks()
+        elif self._length is not None:
+            end = self._pos + self._length
+            if len(buf) >= end:
+                body = bytes(buf[self._pos:end])
+                del buf[:end]
+                self._finish(body)
+        # else: delimited by close, handled in connection_lost
+
+    def _parse_chunks(self) -> None:
+        buf = self._buf
+        while True:
+            line_end = buf.find(b"\r\n", self._pos)
+            if line_end < 0:
+                return
+            try:
+                size = int(bytes(buf[self._pos:line_end]).split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                self._fail(ConnectionError("bad chunk size"))
+                self.close()
+                return
+            if size == 0:
+                # Last chunk, then optional trailers, then an empty line.
+                trailer_start = line_end + 2
+                if buf[trailer_start:trailer_start + 2] == b"\r\n":
+                    end = trailer_start + 2
+                else:
+                    found = buf.find(b"\r\n\r\n", trailer_start)
+                    if found < 0:
+                        return
+                    end = found + 4
+                del buf[:end]
+                self._finish(b"".join(self._chunks))
+                return
+            data_start = line_end + 2
+            data_end = data_start + size
+            if len(buf) < data_end + 2:
+                return
+            self._chunks.append(bytes(buf[data_start:data_end]))
+            self._pos = data_end + 2
+
+
+async def open_connection(port: int) -> HTTPConnection:
+    """A new keep-alive connection to the server (asyncio sets TCP_NODELAY itself)."""
+    loop = asyncio.get_running_loop()
+    _, proto = await loop.create_connection(lambda: HTTPConnection(loop), "127.0.0.1", port)
+    return proto
+
+
+def build_get(port: int, key: str, path: str = API) -> bytes:
+    """The bytes of an authenticated GET."""
+    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Authorization: Bearer {key}\r\nAccept: application/json\r\n\r\n").encode()
+
+
+def build_post(port: int, key: str, body: dict[str, Any], path: str = API) -> bytes:
+    """The bytes of an authenticated JSON POST."""
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Authorization: Bearer {key}\r\nAccept: application/json\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n")
+    return head.encode() + raw
+
+
+async def one_request(port: int, payload: bytes, timeout_s: float = 10.0) -> Response:
+    """A single request on its own connection (setup and checks, not load)."""
+    conn = await open_connection(port)
+    try:
+        return await conn.request(payload, timeout_s)
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------- CPU accounting
+
+
+def proc_stat(pid: int) -> tuple[int, float, float]:
+    """(ppid, own CPU seconds, reaped children's CPU seconds) of a process."""
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        raw = handle.read()
+    fields = raw[raw.rindex(b")") + 2:].split()
+    # After "pid (comm) ": state ppid ... utime(11) stime(12) cutime(13) cstime(14)
+    own = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    children = (int(fields[13]) + int(fields[14])) / CLK_TCK
+    return int(fields[1]), own, children
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) a process has used so far."""
+    try:
+        return proc_stat(pid)[1]
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def tree_cpu(root_pid: int | None) -> float:
+    """CPU seconds of a PostgreSQL postmaster, its live backends and its reaped ones."""
+    if root_pid is None:
+        return float("nan")
+    total = 0.0
+    try:
+        _, own, reaped = proc_stat(root_pid)
+        total += own + reaped
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid, own, _ = proc_stat(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == root_pid:
+            total += own
+    return total
+
+
+def self_cpu() -> float:
+    """CPU seconds this benchmark process has used."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# --------------------------------------------------------------------------- load
+
+
+@dataclass
+class Scenario:
+    """One measured run."""
+
+    name: str  # "GET" or "POST"
+    concurrency: int
+    expect: int  # the 2xx status a request should get
+
+
+@dataclass
+class Run:
+    """What one scenario measured (times in seconds unless noted)."""
+
+    scenario: Scenario
+    latencies: list[float] = field(default_factory=list)  # 2xx answers in the window
+    statuses: dict[str, int] = field(default_factory=dict)  # every answer in the window
+    errors: dict[str, int] = field(default_factory=dict)  # non-2xx / no answer, whole run
+    total_answers: int = 0  # including warm-up, for the audit check
+    elapsed: float = 0.0
+    server_cpu: float = 0.0
+    postgres_cpu: float = 0.0
+    client_cpu: float = 0.0
+    audit_rows: int = 0
+    audit_complete: bool = False
+    timed_out: bool = False
+
+
+def percentile(sorted_values: list[float], pct: float) -> float:
+    """Nearest-rank percentile of an already sorted list."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, math.ceil(pct / 100.0 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+class Window:
+    """When the measured window opens and closes (perf_counter); inf until known."""
+
+    def __init__(self) -> None:
+        self.start = math.inf
+        self.end = math.inf
+
+
+def _count(table: dict[str, int], key: str) -> None:
+    table[key] = table.get(key, 0) + 1
+
+
+async def worker(wid: int, port: int, next_payload: Any, run: Run, window: Window,
+                 stop_at: float, timeout_s: float) -> None:
+    """Send requests back to back on one keep-alive connection until the window closes."""
+    clock = time.perf_counter
+    latencies = run.latencies
+    expect = run.scenario.expect
+    conn: HTTPConnection | None = None
+    try:
+        while True:
+            t0 = clock()
+            if t0 >= window.end or t0 >= stop_at:
+                return
+            if conn is None or conn.closed:
+                try:
+                    conn = await open_connection(port)
+                except OSError as exc:
+                    _count(run.errors, f"connect: {type(exc).__name__}")
+                    await asyncio.sleep(0.05)
+                    continue
+                t0 = clock()
+            payload = next_payload(wid)
+            try:
+                response = await conn.request(payload, timeout_s)
+            except (ConnectionError, TimeoutError, OSError) as exc:
+                _count(run.errors, f"no answer: {type(exc).__name__}")
+                conn.close()
+                conn = None
+                continue
+            t1 = clock()
+            run.total_answers += 1
+            status = response.status
+            if status != expect:  # non-2xx, or a 2xx other than the one expected
+                _count(run.errors, f"HTTP {status}")
+            if t0 >= window.start:
+                _count(run.statuses, str(status))
+                if 200 <= status < 300:
+                    latencies.append(t1 - t0)
+            if response.close:
+                conn.close()
+                conn = None
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+async def run_scenario(scenario: Scenario, port: int, next_payload: Any, warmup_s: float,
+                       duration_s: float, timeout_s: float, server_pid: int,
+                       postmaster_pid: int | None) -> Run:
+    """Warm up, then measure for ``duration_s``; never runs much past the planned end."""
+    run = Run(scenario)
+    window = Window()
+    hard_stop = time.perf_counter() + warmup_s + duration_s + timeout_s + 5.0
+    tasks = [
+        asyncio.ensure_future(worker(wid, port, next_payload, run, window, hard_stop, timeout_s))
+        for wid in range(scenario.concurrency)
+    ]
+    all_done = asyncio.gather(*tasks)
+    try:
+        await asyncio.wait_for(asyncio.shield(all_done), warmup_s)
+    except TimeoutError:
+        pass  # the usual case: warm-up is over, workers keep going
+    srv0, pg0, me0 = process_cpu(server_pid), tree_cpu(postmaster_pid), self_cpu()
+    window.start = time.perf_counter()
+    window.end = window.start + duration_s
+    try:
+        await asyncio.wait_for(all_done, duration_s + timeout_s + 5.0)
+    except TimeoutError:
+        run.timed_out = True  # wait_for cancelled the workers
+    finish = time.perf_counter()
+    run.elapsed = finish - window.start
+    run.server_cpu = process_cpu(server_pid) - srv0
+    run.postgres_cpu = tree_cpu(postmaster_pid) - pg0
+    run.client_cpu = self_cpu() - me0
+    for task in tasks:  # surface unexpected worker crashes
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+    return run
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def free_port() -> int:
+    """An unused loopback port (tiny race until the server binds it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def toml_str(value: str) -> str:
+    """A TOML basic string."""
+    return json.dumps(value)
+
+
+def write_config(path: Path, dsn: str, port: int, pool_size: int | None, log_level: str) -> None:
+    """The server's config: defaults, except a private port and no rate limiting."""
+    lines = [
+        "# Written by bench/api_bench.py",
+        "[server]",
+        'hostname = "bench.localhost"',
+        'environment = "development"',
+        "",
+        "[database]",
+        f"url = {toml_str(dsn)}",
+    ]
+    if pool_size is not None:
+        lines.append(f"pool_size = {pool_size}")
+    lines += [
+        "",
+        "[http]",
+        'bind = "127.0.0.1"',
+        f"port = {port}",
+        "",
+        "# Disabled so that the token bucket (50/s per key by default) does not throttle",
+        "# the benchmark's single API key.",
+        "[rate_limit]",
+        "enabled = false",
+        "",
+        "[logging]",
+        f"level = {toml_str(log_level)}",
+        "",
+    ]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def agentpost_exe() -> str:
+    """The console script next to the running interpreter (the project's venv)."""
+    candidate = Path(sys.executable).parent / "agentpost"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("agentpost")
+    if not found:
+        raise SetupError("the `agentpost` console script is not installed in this venv")
+    return found
+
+
+def bootstrap(config_path: Path) -> str:
+    """Create an organization and return its owner API key."""
+    result = subprocess.run(
+        [agentpost_exe(), "--config", str(config_path), "bootstrap", "--org", "bench", "--json"],
+        capture_output=True, text=True, timeout=120, check=False, stdin=subprocess.DEVNULL,
+    )
+    if result.returncode != 0:
+        raise SetupError(f"agentpost bootstrap failed ({result.returncode}):\n{result.stderr}")
+    for line in reversed(result.stdout.strip().splitlines()):
+        with contextlib.suppress(ValueError):
+            data = json.loads(line)
+            if isinstance(data, dict) and "api_key" in data:
+                return str(data["api_key"])
+    raise SetupError(f"no api_key in bootstrap output: {result.stdout!r}")
+
+
+def tail(path: Path, limit: int = 4000) -> str:
+    """The end of a log file, for error messages."""
+    try:
+        return path.read_bytes()[-limit:].decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], port: int, log_path: Path,
+                 timeout_s: float = 60.0) -> None:
+    """Poll GET /healthz until it answers 200; fail early if the server exits."""
+    payload = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    deadline = time.monotonic() + timeout_s
+    last = "no attempt"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SetupError(f"agentpost serve exited with {proc.returncode}:\n{tail(log_path)}")
+        try:
+            response = asyncio.run(one_request(port, payload, 2.0))
+            if response.status == 200:
+                return
+            last = f"HTTP {response.status}"
+        except (OSError, TimeoutError) as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(0.1)
+    raise SetupError(f"/healthz did not answer within {timeout_s:.0f}s ({last}):\n"
+                     f"{tail(log_path)}")
+
+
+def stop_server(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, wait for the clean shutdown (it flushes the audit buffer), then SIGKILL."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        log("server ignored SIGTERM for 20 s; killing it")
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def postmaster_pid(cluster: EmbeddedPostgres) -> int | None:
+    """The postmaster's pid, from its pid file."""
+    try:
+        return int((cluster.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+
+
+def audit_count(conn: Any) -> int:
+    """Rows in the audit trail."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM audit_log")
+        return int(cur.fetchone()[0])
+
+
+def settled_audit_count(conn: Any, before: int, expected: int) -> tuple[int, bool]:
+    """Rows written since ``before``, after the buffered flush had its chance (~0.5 s).
+
+    Waits a little longer (at most 5 s) while rows are still arriving, because under
+    load the flush can lag one interval behind.
+    """
+    time.sleep(0.5)
+    deadline = time.monotonic() + 5.0
+    written = audit_count(conn) - before
+    while written < expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+        written = audit_count(conn) - before
+    return written, written >= expected
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def machine_info() -> dict[str, Any]:
+    """Who ran this, on what."""
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    try:
+        nproc = len(os.sched_getaffinity(0))
+    except AttributeError:
+        nproc = os.cpu_count() or 0
+    import twisted
+
+    return {
+        "nproc": nproc,
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "twisted": twisted.__version__,
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def summarize(run: Run, duration_s: float) -> dict[str, Any]:
+    """The figures of one run, as plain data."""
+    lat = sorted(run.latencies)
+    ok = len(lat)
+    elapsed = run.elapsed or duration_s
+    ms = 1000.0
+
+    def pct(v: float) -> float | None:
+        return round(100.0 * v / elapsed, 1) if elapsed and not math.isnan(v) else None
+
+    def ms_or_none(v: float) -> float | None:
+        return None if math.isnan(v) else round(v * ms, 2)
+
+    return {
+        "method": run.scenario.name,
+        "path": API,
+        "concurrency": run.scenario.concurrency,
+        "requests_ok": ok,
+        "requests_per_s": round(ok / elapsed, 1) if elapsed else 0.0,
+        "latency_ms": {
+            "p50": ms_or_none(percentile(lat, 50)),
+            "p90": ms_or_none(percentile(lat, 90)),
+            "p99": ms_or_none(percentile(lat, 99)),
+            "max": ms_or_none(lat[-1]) if lat else None,
+            "mean": ms_or_none(sum(lat) / ok) if ok else None,
+        },
+        "statuses": run.statuses,
+        "errors": sum(run.errors.values()),
+        "error_kinds": run.errors,
+        "elapsed_s": round(elapsed, 3),
+        "cpu_pct_of_one_core": {
+            "server": pct(run.server_cpu),
+            "postgres": pct(run.postgres_cpu),
+            "client": pct(run.client_cpu),
+        },
+        "audit_rows_written": run.audit_rows,
+        "answers_incl_warmup": run.total_answers,
+        "audit_complete": run.audit_complete,
+        "timed_out": run.timed_out,
+    }
+
+
+def target_verdict(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Compare the GET run at the target concurrency against the target (informational)."""
+    verdict: dict[str, Any] = {
+        "description": f"GET {API} at {TARGET_CONCURRENCY} clients: >= {TARGET_RPS:,.0f} req/s "
+                       f"and p99 < {TARGET_P99_MS:.0f} ms",
+        "requests_per_s": None, "p99_ms": None, "met": None,
+    }
+    for res in results:
+        if res["method"] == "GET" and res["concurrency"] == TARGET_CONCURRENCY:
+            verdict["requests_per_s"] = res["requests_per_s"]
+            verdict["p99_ms"] = res["latency_ms"]["p99"]
+            verdict["met"] = (res["requests_per_s"] >= TARGET_RPS
+                              and res["latency_ms"]["p99"] < TARGET_P99_MS
+                              and res["errors"] == 0)
+    return verdict
+
+
+def fmt(value: float, digits: int = 1) -> str:
+    """A number for the table ('-' when unknown)."""
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{value:,.{digits}f}"
+
+
+def print_table(report: dict[str, Any]) -> None:
+    """The human-readable report."""
+    m, s = report["machine"], report["setup"]
+    out = [
+        "",
+        "AgentPost API benchmark",
+        f"  machine : {m['nproc']} CPUs (nproc) {m['cpu_model']}, Linux {m['kernel']}, "
+        f"Python {m['python']}, Twisted {m['twisted']}, load avg at start "
+        f"{' '.join(str(x) for x in m['loadavg_at_start'])}",
+        f"  server  : `agentpost serve` in its own process, HTTP/1.1 on 127.0.0.1, "
+        f"db pool_size {s['pool_size']}, rate limiter DISABLED, audit trail ON",
+        f"  database: PostgreSQL {s['postgres_version']}, embedded cluster, "
+        f"fsync={'on' if s['fsync'] else 'off'} synchronous_commit="
+        f"{'on' if s['fsync'] else 'off'}",
+        f"  load    : asyncio keep-alive clients, warm-up {s['warmup_s']} s + "
+        f"{s['duration_s']} s measured per scenario; {s['seeded_inboxes']} inboxes seeded, "
+        f"GET returns {s['get_page_items']} per page ({s['get_page_bytes']} bytes, "
+        f"{s['get_response_framing']} framing)",
+        "",
+    ]
+    header = (f"{'scenario':<22}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}"
+              f"{'p99 ms':>9}{'max ms':>9}{'errors':>8}{'srv CPU':>9}{'pg CPU':>8}"
+              f"{'cli CPU':>9}{'audit rows':>17}")
+    out.append(header)
+    out.append("-" * len(header))
+    for r in report["results"]:
+        lat, cpu = r["latency_ms"], r["cpu_pct_of_one_core"]
+        audit = f"{r['audit_rows_written']}/{r['answers_incl_warmup']}"
+        if not r["audit_complete"]:
+            audit += "!"
+        out.append(
+            f"{r['method'] + ' ' + r['path']:<22}{r['concurrency']:>5}"
+            f"{fmt(r['requests_per_s'], 0):>9}{fmt(lat['p50'], 2):>9}{fmt(lat['p90'], 2):>9}"
+            f"{fmt(lat['p99'], 2):>9}{fmt(lat['max'], 1):>9}{r['errors']:>8}"
+            f"{fmt(cpu['server'], 0) + '%':>9}{fmt(cpu['postgres'], 0) + '%':>8}"
+            f"{fmt(cpu['client'], 0) + '%':>9}{audit:>17}"
+        )
+    out.append("")
+    out.append("  CPU = % of one core during the measured window (server: the agentpost process; "
+               "pg: postmaster + backends; cli: this load generator).")
+    out.append("  audit rows = rows added to audit_log during the scenario / answers received "
+               "(incl. warm-up); '!' = fewer rows than answers.")
+    for r in report["results"]:
+        if r["error_kinds"]:
+            kinds = ", ".join(f"{k} x{v}" for k, v in sorted(r["error_kinds"].items()))
+            out.append(f"  errors in {r['method']} c={r['concurrency']}: {kinds}")
+        if r["timed_out"]:
+            out.append(f"  {r['method']} c={r['concurrency']}: stopped by the hard time limit")
+    v = report["target"]
+    if v["met"] is None:
+        out.append(f"  target  : {v['description']} -> not measured in this run")
+    else:
+        out.append(f"  target  : {v['description']} -> measured {fmt(v['requests_per_s'], 0)} "
+                   f"req/s, p99 {fmt(v['p99_ms'], 2)} ms: "
+                   f"{'MET' if v['met'] else 'NOT MET'} (informational, never fails the run)")
+    out.append("")
+    print("\n".join(out), flush=True)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--duration", type=float, default=5.0,
+                        help="measured seconds per scenario (default 5)")
+    parser.add_argument("--warmup", type=float, default=1.0,
+                        help="warm-up seconds before each measured window (default 1)")
+    parser.add_argument("--concurrency", default="1,32",
+                        help="comma-separated client counts (default 1,32)")
+    parser.add_argument("--scenarios", default="get,post",
+                        help="comma-separated subset of get,post (default both)")
+    parser.add_argument("--seed", type=int, default=50,
+                        help="inboxes created before the GET runs (default 50)")
+    parser.add_argument("--timeout", type=float, default=10.0,
+                        help="per-request timeout in seconds (default 10)")
+    parser.add_argument("--no-fsync", action="store_true",
+                        help="run PostgreSQL with fsync/synchronous_commit off (not durable)")
+    parser.add_argument("--pool-size", type=int, default=None,
+                        help="database.pool_size for the server (default: the server default)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warn", "error"],
+                        help="server logging.level (default info, as in production)")
+    parser.add_argument("--py-spy", metavar="FILE", default=None,
+                        help="record the server with py-spy (must be installed) during the "
+                             "measured window of the GET run at the highest concurrency; "
+                             "writes collapsed stacks (flamegraph.pl and speedscope read "
+                             "them). Skews that run's figures.")
+    parser.add_argument("--server-log", metavar="FILE", default=None,
+                        help="keep a copy of the server's log here (it is deleted otherwise)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the results as JSON on stdout instead of the table")
+    args = parser.parse_args(argv)
+    try:
+        args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
+    except ValueError:
+        parser.error("--concurrency takes integers, e.g. 1,32")
+    if not args.concurrency or min(args.concurrency) < 1:
+        parser.error("--concurrency values must be >= 1")
+    args.scenarios = [s.strip().lower() for s in args.scenarios.split(",") if s.strip()]
+    if not args.scenarios or set(args.scenarios) - {"get", "post"}:
+        parser.error("--scenarios takes get, post or get,post")
+    if args.duration <= 0 or args.warmup < 0 or args.timeout <= 0 or args.seed < 0:
+        parser.error("--duration and --timeout must be > 0, --warmup and --seed >= 0")
+    return args
+
+
+class Bench:
+    """Owns every resource the benchmark creates, so that cleanup can release them all."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="agentpost-bench-"))
+        self.cluster: EmbeddedPostgres | None = None
+        self.server: subprocess.Popen[bytes] | None = None
+        self.server_log: Any = None
+        self.db: Any = None
+        self.port = 0
+        self.key = ""
+        self.counter = itertools.count()
+
+    # setup ---------------------------------------------------------------------
+    def setup(self) -> dict[str, Any]:
+        args = self.args
+        fsync = not args.no_fsync
+        log(f"starting PostgreSQL (fsync={'on' if fsync else 'off'}) under {self.tmp}")
+        self.cluster = EmbeddedPostgres(self.tmp / "var", fsync=fsync, name="bench")
+        self.cluster.start()
+        admin = psycopg2.connect(self.cluster.dsn("postgres"), connect_timeout=10)
+        try:
+            admin.autocommit = True
+            with admin.cursor() as cur:
+                cur.execute(f"CREATE DATABASE {DBNAME}")
+                cur.execute("SHOW server_version")
+                pg_version = cur.fetchone()[0]
+        finally:
+            admin.close()
+        dsn = self.cluster.dsn(DBNAME)
+        migrate(dsn)
+        self.db = psycopg2.connect(dsn, connect_timeout=10)
+        self.db.autocommit = True
+
+        self.port = free_port()
+        config = self.tmp / "agentpost.toml"
+        write_config(config, dsn, self.port, args.pool_size, args.log_level)
+        log("bootstrapping an organization")
+        self.key = bootstrap(config)
+
+        log_path = self.tmp / "server.log"
+        self.server_log = open(log_path, "wb")  # closed in cleanup()
+        log(f"starting agentpost serve on 127.0.0.1:{self.port} (log: {log_path})")
+        self.server = subprocess.Popen(
+            [agentpost_exe(), "--config", str(config), "serve"],
+            stdin=subprocess.DEVNULL, stdout=self.server_log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches us only; we stop the server ourselves
+        )
+        wait_healthy(self.server, self.port, log_path)
+        from agentpost.config import load_config
+
+        pool_size = load_config(config).database.pool_size
+        return {"fsync": fsync, "postgres_version": pg_version, "pool_size": pool_size,
+                "duration_s": args.duration, "warmup_s": args.warmup,
+                "seeded_inboxes": 0, "get_page_items": None, "get_page_bytes": None,
+                "get_response_framing": None,
+                "rate_limit_enabled": False, "audit_enabled": True,
+                "log_level": args.log_level}
+
+    # load ----------------------------------------------------------------------
+    def post_payload(self, wid: int) -> bytes:
+        n = next(self.counter)
+        return build_post(self.port, self.key, {"username": f"bench-{wid}-{n}",
+                                                "display_name": "Bench"})
+
+    async def seed(self, count: int) -> None:
+        conn = await open_connection(self.port)
+        try:
+            for i in range(count):
+                payload = build_post(self.port, self.key,
+                                     {"username": f"seed-{i}", "display_name": "Bench seed"})
+                response = await conn.request(payload, self.args.timeout)
+                if response.status != 201:
+                    raise SetupError(f"seeding inbox {i}: HTTP {response.status} "
+                                     f"{response.body[:300]!r}")
+                if response.close:
+                    conn.close()
+                    conn = await open_connection(self.port)
+        finally:
+            conn.close()
+
+    async def check_get(self) -> tuple[int, int, str]:
+        response = await one_request(self.port, build_get(self.port, self.key),
+                                     self.args.timeout)
+        if response.status != 200:
+            raise SetupError(f"GET {API}: HTTP {response.status} {response.body[:300]!r}")
+        data = json.loads(response.body)
+        return len(data["data"]), len(response.body), response.framing
+
+    async def run_all(self, setup: dict[str, Any]) -> list[dict[str, Any]]:
+        args = self.args
+        results = []
+        get_payload = build_get(self.port, self.key)
+        plans: list[tuple[Scenario, Any]] = []
+        if "get" in args.scenarios:
+            plans += [(Scenario("GET", c, 200), lambda wid: get_payload)
+                      for c in args.concurrency]
+        if "post" in args.scenarios:
+            plans += [(Scenario("POST", c, 201), self.post_payload) for c in args.concurrency]
+        if "get" in args.scenarios:
+            log(f"seeding {args.seed} inboxes")
+            await self.seed(args.seed)
+            setup["seeded_inboxes"] = args.seed
+            (setup["get_page_items"], setup["get_page_bytes"],
+             setup["get_response_framing"]) = await self.check_get()
+        await asyncio.sleep(0.5)  # let the buffered audit rows of the checks be written
+        pm_pid = postmaster_pid(self.cluster) if self.cluster else None
+        assert self.server is not None
+        for scenario, payload in plans:
+            log(f"{scenario.name} {API} with {scenario.concurrency} client(s): "
+                f"{args.warmup} s warm-up + {args.duration} s")
+            profiler = None
+            if (args.py_spy and scenario.name == "GET"
+                    and scenario.concurrency == max(args.concurrency)):
+                profiler = self.start_profiler(args.warmup + args.duration)
+            before = audit_count(self.db)
+            run = await run_scenario(scenario, self.port, payload, args.warmup, args.duration,
+                                     args.timeout, self.server.pid, pm_pid)
+            if profiler is not None:
+                self.finish_profiler(profiler)
+            run.audit_rows, run.audit_complete = await asyncio.to_thread(
+                settled_audit_count, self.db, before, run.total_answers)
+            summary = summarize(run, args.duration)
+            results.append(summary)
+            log(f"  -> {summary['requests_per_s']:,.0f} req/s, p50 "
+                f"{summary['latency_ms']['p50']} ms, p99 {summary['latency_ms']['p99']} ms, "
+                f"errors {summary['errors']}")
+            if self.server.poll() is not None:
+                raise SetupError(f"the server exited ({self.server.returncode}) during "
+                                 f"{scenario.name} c={scenario.concurrency}:\n"
+                                 f"{tail(self.tmp / 'server.log')}")
+        return results
+
+    def start_profiler(self, seconds: float) -> subprocess.Popen[bytes]:
+        exe = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        if exe is None:
+            raise SetupError("--py-spy needs py-spy (pip install py-spy)")
+        assert self.server is not None
+        log(f"  recording the server with py-spy into {self.args.py_spy}")
+        return subprocess.Popen(
+            [exe, "record", "--pid", str(self.server.pid), "--duration",
+             str(max(1, math.ceil(seconds))), "--rate", "200", "--format", "raw",
+             "--output", str(Path(self.args.py_spy).resolve()), "--nonblocking"],
+            stdin=subprocess.DEVNULL, stdout=self.server_log, stderr=subprocess.STDOUT,
+        )
+
+    @staticmethod
+    def finish_profiler(proc: subprocess.Popen[bytes]) -> None:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    # teardown ------------------------------------------------------------------
+    def cleanup(self) -> None:
+        """Release everything, each step on its own so one failure does not skip the rest."""
+        with contextlib.suppress(Exception):
+            stop_server(self.server)
+        if self.server is not None and self.server.poll() is None:
+            with contextlib.suppress(Exception):
+                self.server.kill()
+                self.server.wait(timeout=10)
+        if self.server_log is not None:
+            with contextlib.suppress(Exception):
+                self.server_log.close()
+            if self.args.server_log:
+                try:
+                    shutil.copyfile(self.tmp / "server.log", self.args.server_log)
+                except OSError as exc:
+                    log(f"could not copy the server log: {exc}")
+        if self.db is not None:
+            with contextlib.suppress(Exception):
+                self.db.close()
+        if self.cluster is not None:
+            try:
+                self.cluster.destroy()
+            except Exception as exc:
+                log(f"could not delete the PostgreSQL cluster: {exc}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; see the module docstring."""
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    machine = machine_info()
+    bench = Bench(args)
+    try:
+        setup = bench.setup()
+        results = asyncio.run(bench.run_all(setup))
+        # A clean server stop flushes the audit buffer; done here, before the report.
+        stop_server(bench.server)
+    except KeyboardInterrupt:
+        log("interrupted; cleaning up")
+        return 130
+    except SetupError as exc:
+        log(f"failed: {exc}")
+        return 1
+    finally:
+        bench.cleanup()
+    report = {"machine": machine, "setup": setup, "results": results,
+              "target": target_verdict(results)}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+    return 1 if any(r["errors"] or r["timed_out"] for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
