@@ -116,3 +116,40 @@ def test_token_bucket_refills_on_the_injected_clock():
         raise AssertionError("third request within the burst was allowed")
     clock.advance(0.5)
     buckets.take("k")
+
+
+@pytest_twisted.ensureDeferred
+async def test_listener_can_terminate_tls_itself(db_dsn, tmp_path, openapi_checker):
+    """With http.tls = true the API speaks HTTPS (TLS 1.2+) with the configured certificate."""
+    import ssl
+    import urllib.request
+
+    from twisted.internet.threads import deferToThread
+
+    from agentpost.dev.tls import ensure_dev_tls
+
+    tls = ensure_dev_tls(tmp_path / "tls")
+    config = make_config(db_dsn, http={"tls": True},
+                         tls={"cert": str(tls.cert), "key": str(tls.key)})
+    running = await start_server(config, openapi_checker)
+    port = running.service.ports["http"].getHost().port
+    try:
+        def fetch(context):
+            with urllib.request.urlopen(f"https://localhost:{port}/healthz", context=context,
+                                        timeout=5) as resp:
+                return resp.status, resp.headers["Strict-Transport-Security"], \
+                    resp.fp.raw._sock.version()
+
+        trusted = ssl.create_default_context(cafile=str(tls.ca_cert))
+        status, hsts, version = await deferToThread(fetch, trusted)
+        assert status == 200 and hsts.startswith("max-age=31536000")
+        assert version in ("TLSv1.2", "TLSv1.3")
+        untrusted = ssl.create_default_context()
+        try:
+            await deferToThread(fetch, untrusted)
+        except urllib.error.URLError as exc:
+            assert "CERTIFICATE_VERIFY_FAILED" in str(exc)
+        else:
+            raise AssertionError("a certificate from an unknown CA was accepted")
+    finally:
+        await running.service.stopService()
