@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from twisted.application import service
@@ -16,16 +17,23 @@ from agentpost.config import Config
 from agentpost.core.api_keys import APIKeys
 from agentpost.core.audit import AuditTrail
 from agentpost.core.audit_log import AuditLog
+from agentpost.core.blobrefs import BlobCollector
 from agentpost.core.environments import Environments
+from agentpost.core.filters import FilterRules
 from agentpost.core.inboxes import Inboxes
+from agentpost.core.ingest import Ingest
 from agentpost.core.members import Members
+from agentpost.core.messages import Messages
 from agentpost.core.organizations import Organizations
+from agentpost.core.routing import Router
 from agentpost.http.admin import add_admin_routes
 from agentpost.http.api import add_api_routes
 from agentpost.http.app import build_app
 from agentpost.http.framework import RouteTable
+from agentpost.http.mail import add_mail_routes
 from agentpost.http.site import make_site
 from agentpost.jobs.retention import RetentionSweep
+from agentpost.storage.blobs import BlobStore, LocalBlobStore, S3BlobStore
 from agentpost.storage.database import Database
 
 log = logging.getLogger(__name__)
@@ -44,6 +52,23 @@ class Core:
     members: Members
     audit_log: AuditLog
     retention: RetentionSweep
+    blobs: BlobStore
+    ingest: Ingest
+    router: Router
+    messages: Messages
+    filters: FilterRules
+
+
+def build_blob_store(config: Config, reactor: Any) -> BlobStore:
+    """The configured blob store: a local directory, or S3/R2 with server-side encryption."""
+    cfg = config.storage
+    if cfg.backend == "s3":
+        return S3BlobStore(
+            cfg.bucket, region=cfg.region, endpoint_url=cfg.endpoint_url or None,
+            access_key=cfg.access_key_id or None, secret_key=cfg.secret_access_key or None,
+            sse=cfg.sse, kms_key_id=cfg.kms_key_id or None, prefix=cfg.prefix,
+            reactor=reactor)
+    return LocalBlobStore(Path(cfg.path), reactor=reactor)
 
 
 def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
@@ -57,15 +82,22 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
         retries=config.database.retries,
     )
     audit = AuditTrail(db, clock, config.audit.flush_interval, config.audit.max_buffer)
+    blobs = build_blob_store(config, reactor)
+    collector = BlobCollector(db, blobs)
     return Core(
         db=db, audit=audit,
         organizations=Organizations(db, audit),
         environments=Environments(db, audit),
-        inboxes=Inboxes(db, audit, config.mail.shared_domain),
+        inboxes=Inboxes(db, audit, config.mail.shared_domain, collector),
         api_keys=APIKeys(db, audit),
         members=Members(db, audit),
         audit_log=AuditLog(db),
         retention=RetentionSweep(db, clock, config.retention),
+        blobs=blobs,
+        ingest=Ingest(db, blobs, reactor),
+        router=Router(db),
+        messages=Messages(db, audit, blobs, collector, int(config.storage.presign_ttl)),
+        filters=FilterRules(db, audit),
     )
 
 
@@ -93,6 +125,7 @@ class AgentPostService(service.Service):
         admin = RouteTable("/admin/v1", portal, core.audit, buckets, cfg.http.max_body, trusted)
         add_api_routes(api, environments=core.environments, inboxes=core.inboxes,
                        api_keys=core.api_keys, members=core.members, audit_log=core.audit_log)
+        add_mail_routes(api, core.messages, core.filters)
         add_admin_routes(admin, core.organizations)
         self.route_tables = {"api": api, "admin": admin}
         return build_app(api, admin, self._ready).resource()
@@ -119,7 +152,7 @@ class AgentPostService(service.Service):
         self.core.retention.start()
         cfg = self.config.http
         if cfg.enabled:
-            site = make_site(self.http_resource())
+            site = make_site(self.http_resource(), access_log=cfg.access_log)
             if cfg.tls:
                 from agentpost.tls import server_tls_options
 

@@ -50,8 +50,8 @@ if str(REPO) not in sys.path:  # run as a plain script from a checkout
 
 import psycopg2  # noqa: E402 - after the sys.path fix above
 
-from agentpost.dev.embedded_pg import EmbeddedPostgres  # noqa: E402
-from agentpost.storage.migrations import migrate  # noqa: E402
+from agentpost.dev.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError  # noqa: E402
+from agentpost.storage.migrations import MigrationError, migrate  # noqa: E402
 
 API = "/api/v1/inboxes"
 DBNAME = "agentpost_bench"
@@ -118,7 +118,11 @@ class HTTPConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._buf += data
         if self._waiter is not None:
-            self._parse()
+            try:
+                self._parse()
+            except ValueError as exc:  # e.g. a Content-Length that is not a number
+                self._fail(ConnectionError(f"unparsable response: {exc}"))
+                self.close()
 
     def eof_received(self) -> bool:
         return False  # let the transport close
@@ -439,6 +443,9 @@ async def run_scenario(scenario: Scenario, port: int, next_payload: Any, warmup_
         for wid in range(scenario.concurrency)
     ]
     all_done = asyncio.gather(*tasks)
+    # On Ctrl-C asyncio.run cancels the workers; read the outcome so that asyncio does
+    # not complain that the gathering future's CancelledError "was never retrieved".
+    all_done.add_done_callback(lambda f: f.cancelled() or f.exception())
     try:
         await asyncio.wait_for(asyncio.shield(all_done), warmup_s)
     except TimeoutError:
@@ -584,6 +591,47 @@ def postmaster_pid(cluster: EmbeddedPostgres) -> int | None:
         return None
 
 
+def processes_using(path: Path) -> list[int]:
+    """Pids whose command line names *path*: initdb, pg_ctl or a postmaster of our cluster.
+
+    The cluster's folder is named after this run's private temp folder, so anything
+    naming it was started by this run (typically an initdb or a postmaster that a
+    Ctrl-C during setup left running on its own).
+    """
+    needle = str(path).encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def destroy_cluster(cluster: EmbeddedPostgres) -> None:
+    """Stop and delete the cluster, even when setup was interrupted half way."""
+    base = cluster.data_dir.parent
+    problem: Exception | None = None
+    for attempt in range(15):
+        try:
+            cluster.destroy()
+            problem = None
+        except Exception as exc:  # e.g. an orphaned initdb still writing files
+            problem = exc
+        stragglers = processes_using(base)
+        if problem is None and not stragglers and not base.exists():
+            return
+        for pid in stragglers:  # fast shutdown first, then no more patience
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGINT if attempt < 5 else signal.SIGKILL)
+        time.sleep(1.0)
+    log(f"could not delete the PostgreSQL cluster in {base}: {problem or 'still in use'}")
+
+
 def audit_count(conn: Any) -> int:
     """Rows in the audit trail."""
     with conn.cursor() as cur:
@@ -623,7 +671,15 @@ def machine_info() -> dict[str, Any]:
         nproc = os.cpu_count() or 0
     import twisted
 
+    code = "unknown"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        described = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+            capture_output=True, text=True, timeout=10, check=False, stdin=subprocess.DEVNULL)
+        if described.returncode == 0:
+            code = described.stdout.strip()
     return {
+        "code": code,
         "nproc": nproc,
         "cpu_model": model,
         "kernel": platform.release(),
@@ -663,6 +719,7 @@ def summarize(run: Run, duration_s: float) -> dict[str, Any]:
         "errors": sum(run.errors.values()),
         "error_kinds": run.errors,
         "elapsed_s": round(elapsed, 3),
+        "server_cpu_ms_per_request": round(1000.0 * run.server_cpu / ok, 3) if ok else None,
         "cpu_pct_of_one_core": {
             "server": pct(run.server_cpu),
             "postgres": pct(run.postgres_cpu),
@@ -706,7 +763,7 @@ def print_table(report: dict[str, Any]) -> None:
         "AgentPost API benchmark",
         f"  machine : {m['nproc']} CPUs (nproc) {m['cpu_model']}, Linux {m['kernel']}, "
         f"Python {m['python']}, Twisted {m['twisted']}, load avg at start "
-        f"{' '.join(str(x) for x in m['loadavg_at_start'])}",
+        f"{' '.join(str(x) for x in m['loadavg_at_start'])}, code {m['code']}",
         f"  server  : `agentpost serve` in its own process, HTTP/1.1 on 127.0.0.1, "
         f"db pool_size {s['pool_size']}, rate limiter DISABLED, audit trail ON",
         f"  database: PostgreSQL {s['postgres_version']}, embedded cluster, "
@@ -720,7 +777,7 @@ def print_table(report: dict[str, Any]) -> None:
     ]
     header = (f"{'scenario':<22}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}"
               f"{'p99 ms':>9}{'max ms':>9}{'errors':>8}{'srv CPU':>9}{'pg CPU':>8}"
-              f"{'cli CPU':>9}{'audit rows':>17}")
+              f"{'cli CPU':>9}{'srv ms/req':>11}{'audit rows':>14}")
     out.append(header)
     out.append("-" * len(header))
     for r in report["results"]:
@@ -733,11 +790,14 @@ def print_table(report: dict[str, Any]) -> None:
             f"{fmt(r['requests_per_s'], 0):>9}{fmt(lat['p50'], 2):>9}{fmt(lat['p90'], 2):>9}"
             f"{fmt(lat['p99'], 2):>9}{fmt(lat['max'], 1):>9}{r['errors']:>8}"
             f"{fmt(cpu['server'], 0) + '%':>9}{fmt(cpu['postgres'], 0) + '%':>8}"
-            f"{fmt(cpu['client'], 0) + '%':>9}{audit:>17}"
+            f"{fmt(cpu['client'], 0) + '%':>9}{fmt(r['server_cpu_ms_per_request'], 3):>11}"
+            f"{audit:>14}"
         )
     out.append("")
     out.append("  CPU = % of one core during the measured window (server: the agentpost process; "
-               "pg: postmaster + backends; cli: this load generator).")
+               "pg: postmaster + backends; cli: this load generator);")
+    out.append("  srv ms/req = server CPU time per successful request (less noisy than req/s "
+               "on a shared machine).")
     out.append("  audit rows = rows added to audit_log during the scenario / answers received "
                "(incl. warm-up); '!' = fewer rows than answers.")
     for r in report["results"]:
@@ -981,10 +1041,7 @@ class Bench:
             with contextlib.suppress(Exception):
                 self.db.close()
         if self.cluster is not None:
-            try:
-                self.cluster.destroy()
-            except Exception as exc:
-                log(f"could not delete the PostgreSQL cluster: {exc}")
+            destroy_cluster(self.cluster)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -995,6 +1052,8 @@ def _terminate(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; see the module docstring."""
     args = parse_args(argv)
+    # Started in the background by a shell, SIGINT may arrive ignored; Ctrl-C must work.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
     machine = machine_info()
@@ -1007,8 +1066,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("interrupted; cleaning up")
         return 130
-    except SetupError as exc:
-        log(f"failed: {exc}")
+    except (SetupError, EmbeddedPostgresError, MigrationError, psycopg2.Error, OSError) as exc:
+        log(f"failed: {type(exc).__name__}: {str(exc).strip()}")
         return 1
     finally:
         bench.cleanup()

@@ -23,6 +23,8 @@ from agentpost.dev.embedded_pg import EmbeddedPostgres
 from agentpost.storage.migrations import migrate
 from tests.helpers import ApiClient, OpenAPIChecker
 
+pytest_plugins = ["tests.aws"]
+
 TEMPLATE = "agentpost_template"
 _counter = itertools.count(1)
 
@@ -95,6 +97,8 @@ def make_config(dsn: str, **overrides: dict[str, Any]) -> Any:
         "rate_limit": {"rate": 1000.0, "burst": 5000},
         "audit": {"flush_interval": "50ms"},
         "mail": {"shared_domain": "agents.test"},
+        "storage": {"backend": "local", "path": tempfile.mkdtemp(prefix="agentpost-blobs-")},
+        "smtp": {"mx_bind": "127.0.0.1", "mx_port": 0},
     }
     for section, values in overrides.items():
         data.setdefault(section, {}).update(values)
@@ -115,6 +119,13 @@ class RunningServer:
         """An organization and its owner key, made the way `agentpost bootstrap` makes them."""
         org, minted = await self.core.organizations.bootstrap(name)
         return org, minted.plaintext
+
+    async def deliver(self, raw: bytes, to: list[str], mail_from: str = "alice@example.com"):
+        """Route and ingest like the MX does after DATA (the SMTP tests cover the wire)."""
+        import io
+
+        targets = [await self.core.router.resolve(rcpt, mail_from) for rcpt in to]
+        return await self.core.ingest.store(targets, io.BytesIO(raw), envelope_from=mail_from)
 
     async def admin_key(self) -> str:
         """A fresh installation admin key."""

@@ -13,6 +13,11 @@ BODIES = {
     ("PATCH", "/api/v1/environments/{environment_id}"): {"name": "stolen"},
     ("PATCH", "/api/v1/inboxes/{inbox_id}"): {"display_name": "stolen"},
     ("PATCH", "/api/v1/members/{user_id}"): {"role": "member"},
+    ("PATCH", "/api/v1/messages/{message_id}"): {"read": True},
+    ("POST", "/api/v1/messages/{message_id}/labels"): {"labels": ["stolen"]},
+    ("DELETE", "/api/v1/messages/{message_id}/labels"): {"labels": ["stolen"]},
+    ("POST", "/api/v1/threads/{thread_id}/labels"): {"labels": ["stolen"]},
+    ("DELETE", "/api/v1/threads/{thread_id}/labels"): {"labels": ["stolen"]},
 }
 
 
@@ -23,8 +28,22 @@ async def _populate(server, key, tag):
     api_key = await server.api.post("/api/v1/api-keys", {"name": "victim"}, key=key)
     member = await server.api.post("/api/v1/members", {"email": f"m-{tag}@example.com"},
                                    key=key)
-    assert {r.status for r in (env, inbox, api_key, member)} == {201}
+    rule = await server.api.post("/api/v1/filter-rules", {
+        "direction": "receive", "action": "block", "match_type": "domain",
+        "value": f"spam-{tag}.example"}, key=key)
+    assert {r.status for r in (env, inbox, api_key, member, rule)} == {201}
+    from tests.mailfactory import make_message
+
+    [stored] = await server.deliver(make_message(
+        to=inbox.json["email"], subject=f"secret {tag}",
+        attachments=[("s.txt", "text/plain", f"attachment {tag}".encode())]),
+        [inbox.json["email"]])
+    msg = await server.api.get(f"/api/v1/messages/{stored.message_id}", key=key)
     return {
+        "message_id": stored.message_id,
+        "thread_id": stored.thread_id,
+        "attachment_id": msg.json["attachments"][0]["id"],
+        "rule_id": rule.json["id"],
         "environment_id": env.json["id"],
         "inbox_id": inbox.json["id"],
         "api_key_id": api_key.json["id"],
@@ -52,7 +71,8 @@ async def test_cross_tenant_matrix(server):
             body = {}
         resp = await server.api.request(route.method, path, key=key_b, json_body=body)
         text = resp.body.decode()
-        leak_check = [v for k, v in ids_a.items() if k != "secrets"] + ids_a["secrets"]
+        leak_check = [v for k, v in ids_a.items() if k != "secrets"] + ids_a["secrets"] + [
+            "secret a", "attachment a"]
         if route.action == "audit.list":
             # B's own trail names the ids B asked for (its own input), but it must not
             # attribute anything to A's environments or show A's secrets.
@@ -68,6 +88,9 @@ async def test_cross_tenant_matrix(server):
     assert covered == len(api_table.routes) >= 20
 
     # And A's resources are untouched by all of that.
+    message = await server.api.get(f"/api/v1/messages/{ids_a['message_id']}", key=key_a)
+    assert message.status == 200 and message.json["labels"] == []
+    assert message.json["read"] is False and message.json["subject"] == "secret a"
     inbox = await server.api.get(f"/api/v1/inboxes/{ids_a['inbox_id']}", key=key_a)
     assert inbox.status == 200 and inbox.json["display_name"] == ""
     env = await server.api.get(f"/api/v1/environments/{ids_a['environment_id']}", key=key_a)

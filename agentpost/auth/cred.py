@@ -95,7 +95,7 @@ class APIKeyChecker:
         )
         if not secrets.looks_like_api_key(presented):
             return defer.fail(UnauthorizedLogin("malformed key"))
-        d = self._db.run_interaction(
+        d = self._db.run_read(
             "auth.api_key", key_store.authenticate_api_key, secrets.digest(presented)
         )
 
@@ -131,7 +131,7 @@ class AdminKeyChecker:
         """Admin keys have their own prefix and table."""
         if not secrets.looks_like_admin_key(credentials.key):
             return defer.fail(UnauthorizedLogin("malformed admin key"))
-        d = self._db.run_interaction(
+        d = self._db.run_read(
             "auth.admin_key", key_store.authenticate_admin_key, secrets.digest(credentials.key)
         )
 

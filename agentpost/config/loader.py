@@ -24,6 +24,8 @@ from agentpost.config.sections import (
     RateLimitSection,
     RetentionSection,
     ServerSection,
+    SMTPSection,
+    StorageSection,
     TLSSection,
 )
 from agentpost.config.units import format_duration, format_size, parse_duration, parse_size
@@ -32,6 +34,7 @@ ENV_OVERRIDES = {
     "AGENTPOST_DATABASE_URL": ("database", "url"),
     "AGENTPOST_TLS_KEY": ("tls", "key"),
     "AGENTPOST_HOSTNAME": ("server", "hostname"),
+    "AGENTPOST_S3_SECRET_ACCESS_KEY": ("storage", "secret_access_key"),
 }
 
 
@@ -54,6 +57,8 @@ class Config:
     http: HTTPSection = field(default_factory=HTTPSection)
     rate_limit: RateLimitSection = field(default_factory=RateLimitSection)
     mail: MailSection = field(default_factory=MailSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    smtp: SMTPSection = field(default_factory=SMTPSection)
     audit: AuditSection = field(default_factory=AuditSection)
     retention: RetentionSection = field(default_factory=RetentionSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -136,6 +141,16 @@ def _check(config: Config) -> None:
         raise ConfigError("rate_limit.rate", "rate must be positive and burst at least 1")
     if config.logging.level not in ("debug", "info", "warn", "error"):
         raise ConfigError("logging.level", "must be debug, info, warn or error")
+    if config.storage.backend not in ("local", "s3"):
+        raise ConfigError("storage.backend", "must be 'local' or 's3'")
+    if config.storage.backend == "s3" and not config.storage.bucket:
+        raise ConfigError("storage.bucket", "is required when storage.backend = 's3'")
+    if config.storage.sse not in ("AES256", "aws:kms"):
+        raise ConfigError("storage.sse", "must be 'AES256' or 'aws:kms'")
+    if not 0 <= config.smtp.mx_port < 65536:
+        raise ConfigError("smtp.mx_port", "must be between 0 and 65535")
+    if config.smtp.max_message_size < 1024:
+        raise ConfigError("smtp.max_message_size", "must be at least 1KiB")
     if "@" in config.mail.shared_domain or not config.mail.shared_domain:
         raise ConfigError("mail.shared_domain", "must be a domain name")
 
@@ -207,7 +222,9 @@ __all__ = [
     "MailSection",
     "RateLimitSection",
     "RetentionSection",
+    "SMTPSection",
     "ServerSection",
+    "StorageSection",
     "TLSSection",
     "load_config",
     "parse_config",

@@ -72,6 +72,9 @@ class HTTPSection:
         [], "Proxy addresses whose X-Forwarded-For is believed for the client address."
     )
     public_url: str = opt("", "Base URL clients use, for links in responses.")
+    access_log: bool = opt(
+        False, "Log every HTTP request to the service log (the audit trail has them anyway)."
+    )
 
 
 @dataclass
@@ -91,6 +94,39 @@ class MailSection:
         "agentpost.local",
         "Domain every organization can create inboxes on without verifying its own.",
     )
+
+
+@dataclass
+class StorageSection:
+    """Where message bytes and attachments live (records are always in PostgreSQL)."""
+
+    backend: str = opt("local", "'local' (a directory; the embedded default) or 's3'.")
+    path: str = opt("/var/lib/agentpost/blobs", "Directory of the local store.")
+    bucket: str = opt("", "S3/R2 bucket.")
+    endpoint_url: str = opt("", "S3-compatible endpoint (empty: AWS's default for the region).")
+    region: str = opt("us-east-1", "S3 region.")
+    access_key_id: str = opt("", "S3 access key id (empty: the usual AWS credential chain).")
+    secret_access_key: str = opt(
+        "", "S3 secret. Overridden by AGENTPOST_S3_SECRET_ACCESS_KEY.", secret=True
+    )
+    sse: str = opt("AES256", "Server-side encryption requested on every put: AES256 or aws:kms.")
+    kms_key_id: str = opt("", "KMS key for aws:kms.")
+    prefix: str = opt("", "Key prefix inside the bucket.")
+    presign_ttl: float = opt("5m", "Lifetime of attachment download URLs.", "duration")
+
+
+@dataclass
+class SMTPSection:
+    """The SMTP listeners: MX now (submission in a later release)."""
+
+    mx_enabled: bool = opt(True, "Serve the inbound MX listener.")
+    mx_bind: str = opt("0.0.0.0", "Address of the MX listener.")  # noqa: S104 - an MX is public
+    mx_port: int = opt(25, "Port of the MX listener.")
+    max_message_size: int = opt("10MiB", "Largest message accepted.", "size")
+    max_recipients: int = opt(100, "Recipients per message.")
+    max_errors: int = opt(10, "Protocol errors before a session is closed.")
+    max_connections_per_ip: int = opt(20, "Concurrent sessions from one client address.")
+    max_connections: int = opt(1000, "Concurrent sessions in all.")
 
 
 @dataclass
@@ -138,6 +174,8 @@ SECTIONS: dict[str, type] = {
     "http": HTTPSection,
     "rate_limit": RateLimitSection,
     "mail": MailSection,
+    "storage": StorageSection,
+    "smtp": SMTPSection,
     "audit": AuditSection,
     "retention": RetentionSection,
     "logging": LoggingSection,

@@ -91,7 +91,7 @@ class APIKeys:
         """Keys newest first (never their secrets)."""
         p = ctx.org_principal
         p.require("api_keys:read")
-        rows = await self._db.run_interaction(
+        rows = await self._db.run_read(
             "api_keys.list", key_store.list_api_keys, p.org_id, after_id, limit + 1
         )
         return [r for r in rows if _visible(p, r)]
@@ -101,7 +101,7 @@ class APIKeys:
         p = ctx.org_principal
         p.require("api_keys:read")
         ctx.target_id = key_id
-        row = await self._db.run_interaction(
+        row = await self._db.run_read(
             "api_keys.get", key_store.get_api_key, p.org_id, key_id
         )
         if row is None or not _visible(p, row):

@@ -22,7 +22,7 @@ class AuditLog:
         """Rows newest first, filtered by actor, action (``inboxes.*`` allowed) and time."""
         p = ctx.org_principal
         p.require("audit:read")
-        return await self._db.run_interaction(
+        return await self._db.run_read(
             "audit.list", audit_store.list_audit, p.org_id, env_ids=p.environment_ids,
             actor_id=actor_id, action=action, since=since, until=until, after_id=after_id,
             limit=limit + 1,

@@ -31,7 +31,7 @@ class Environments:
         """Environments the caller may see."""
         p = ctx.org_principal
         p.require("environments:read")
-        return await self._db.run_interaction(
+        return await self._db.run_read(
             "environments.list", org_store.list_environments, p.org_id, p.environment_ids
         )
 
@@ -41,7 +41,7 @@ class Environments:
         p.require("environments:read")
         p.require_environment(env_id)
         ctx.target_id = env_id
-        env = await self._db.run_interaction(
+        env = await self._db.run_read(
             "environments.get", org_store.get_environment, p.org_id, env_id
         )
         if env is None:

@@ -12,6 +12,7 @@ from agentpost.model.errors import InvalidRequest, NotFound
 from agentpost.model.ids import new_id
 from agentpost.model.principal import Principal
 from agentpost.storage import inboxes as inbox_store
+from agentpost.storage import mail as mail_store
 from agentpost.storage import orgs as org_store
 from agentpost.storage.database import Database, Txn
 
@@ -38,10 +39,12 @@ async def resolve_environment(txn: Txn, p: Principal, env_id: str | None) -> str
 class Inboxes:
     """Create, list, read, update and delete inboxes."""
 
-    def __init__(self, db: Database, audit: AuditTrail, shared_domain: str) -> None:
+    def __init__(self, db: Database, audit: AuditTrail, shared_domain: str,
+                 collector: Any = None) -> None:
         self._db = db
         self._audit = audit
         self._shared_domain = shared_domain.lower()
+        self._collector = collector
 
     async def create(self, ctx: RequestContext, *, username: str | None, domain: str | None,
                      display_name: str | None, environment_id: str | None,
@@ -76,6 +79,7 @@ class Inboxes:
                 username=username, domain=domain, display_name=display_name or "",
                 client_id=client_id,
             )
+            await mail_store.create_system_folders(txn, p.org_id, env_id, inbox["id"])
             ctx.target_id = inbox["id"]
             await self._audit.write_in(txn, ctx, 201)
             return inbox, True
@@ -91,7 +95,7 @@ class Inboxes:
         if environment_id is not None:
             p.require_environment(environment_id)
             envs = frozenset({environment_id})
-        return await self._db.run_interaction(
+        return await self._db.run_read(
             "inboxes.list", inbox_store.list_inboxes, p.org_id, envs, after_id, limit + 1
         )
 
@@ -100,7 +104,7 @@ class Inboxes:
         p = ctx.org_principal
         p.require("inboxes:read")
         ctx.target_id = inbox_id
-        inbox = await self._db.run_interaction(
+        inbox = await self._db.run_read(
             "inboxes.get", inbox_store.get_inbox, p.org_id, p.environment_ids, inbox_id
         )
         if inbox is None:
@@ -132,20 +136,28 @@ class Inboxes:
         p.require("inboxes:write")
         ctx.target_id = inbox_id
 
+        freed: list[str] = []
+
         async def txn_fn(txn: Txn) -> None:
-            inbox = await inbox_store.delete_inbox(txn, p.org_id, p.environment_ids, inbox_id)
+            inbox = await inbox_store.get_inbox(txn, p.org_id, p.environment_ids, inbox_id)
             if inbox is None:
                 raise NotFound()
+            for key in await mail_store.blob_keys_of_inbox(txn, p.org_id, inbox_id):
+                if await mail_store.release_blob(txn, key):
+                    freed.append(key)
+            await inbox_store.delete_inbox(txn, p.org_id, p.environment_ids, inbox_id)
             ctx.environment_id = inbox["environment_id"]
             await self._audit.write_in(txn, ctx, 204)
 
         await self._db.run_interaction("inboxes.delete", txn_fn)
+        if self._collector is not None:
+            await self._collector.collect(freed)
 
     async def domains(self, ctx: RequestContext) -> list[dict[str, Any]]:
         """Domains inboxes may be created on."""
         p = ctx.org_principal
         p.require("domains:read")
-        return await self._db.run_interaction(
+        return await self._db.run_read(
             "domains.list", inbox_store.list_domains, p.org_id, p.environment_ids
         )
 

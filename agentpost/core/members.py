@@ -25,7 +25,7 @@ class Members:
         """Members, newest first."""
         p = ctx.org_principal
         p.require("members:read")
-        return await self._db.run_interaction(
+        return await self._db.run_read(
             "members.list", org_store.list_members, p.org_id, after_id, limit + 1
         )
 
@@ -34,7 +34,7 @@ class Members:
         p = ctx.org_principal
         p.require("members:read")
         ctx.target_id = user_id
-        row = await self._db.run_interaction("members.get", org_store.get_member, p.org_id,
+        row = await self._db.run_read("members.get", org_store.get_member, p.org_id,
                                              user_id)
         if row is None:
             raise NotFound()

@@ -62,7 +62,7 @@ class Organizations:
 
     async def list(self, after_id: str | None, limit: int) -> list[dict[str, Any]]:
         """Organizations newest first."""
-        return await self._db.run_interaction(
+        return await self._db.run_read(
             "orgs.list", org_store.list_organizations, after_id, limit + 1
         )
 

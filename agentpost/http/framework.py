@@ -57,6 +57,15 @@ class Route:
 
 
 @dataclass
+class RawResponse:
+    """A non-JSON answer (raw messages, attachment bytes, redirects to presigned URLs)."""
+
+    body: bytes
+    content_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class Body:
     """The validated JSON body (or None)."""
 
@@ -194,6 +203,11 @@ def _bearer(request: IRequest) -> str | None:
 def render(request: IRequest, status: int, payload: Any) -> bytes:
     """Serialize a JSON response (204 has no body)."""
     request.setResponseCode(status)
+    if isinstance(payload, RawResponse):
+        request.setHeader(b"content-type", payload.content_type.encode("ascii"))
+        for name, value in payload.headers.items():
+            request.setHeader(name.encode("ascii"), value.encode("utf-8"))
+        return payload.body
     if status == 204 or payload is None:
         return b""
     request.setHeader(b"content-type", b"application/json; charset=utf-8")

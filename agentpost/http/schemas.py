@@ -231,3 +231,98 @@ OWNER_KEY_CREATE = {
     "type": "object", "additionalProperties": False,
     "properties": {"name": {"type": "string", "maxLength": 200}},
 }
+
+
+_ADDR = {"type": "object", "properties": {"email": {"type": "string"},
+                                          "name": {"type": "string"}}}
+_ADDRS = {"type": "array", "items": _ADDR}
+_ATTACHMENT = {
+    "type": "object",
+    "required": ["id", "message_id", "filename", "mime_type", "size"],
+    "properties": {"id": {"type": "string", "pattern": "^att_"},
+                   "message_id": {"type": "string"}, "filename": {"type": "string"},
+                   "mime_type": {"type": "string"}, "size": {"type": "integer"},
+                   "content_id": _STR_NULL, "disposition": _STR_NULL},
+}
+_MESSAGE_PROPS = {
+    "id": {"type": "string", "pattern": "^msg_"},
+    "inbox_id": {"type": "string"}, "thread_id": {"type": "string"},
+    "environment_id": {"type": "string"},
+    "direction": {"type": "string", "enum": ["inbound", "outbound"]},
+    "subject": {"type": "string"},
+    "from_address": {"type": ["object", "null"], "properties": _ADDR["properties"]},
+    "to_addresses": _ADDRS, "cc_addresses": _ADDRS, "bcc_addresses": _ADDRS,
+    "reply_to": _ADDRS,
+    "message_id": _STR_NULL, "in_reply_to": _STR_NULL,
+    "references": {"type": "array", "items": {"type": "string"}},
+    "labels": {"type": "array", "items": {"type": "string"}},
+    "read": {"type": "boolean"}, "flagged": {"type": "boolean"},
+    "has_attachments": {"type": "boolean"}, "size": {"type": "integer"},
+    "preview": {"type": "string"},
+    "sent_at": _TS_NULL, "received_at": _TS,
+    "text_body": _STR_NULL, "html_body": _STR_NULL, "extracted_text": _STR_NULL,
+    "attachments": {"type": "array", "items": _ATTACHMENT},
+}
+COMPONENTS["MessageSummary"] = {
+    "type": "object",
+    "required": ["id", "inbox_id", "thread_id", "direction", "subject", "from_address",
+                 "to_addresses", "labels", "read", "has_attachments", "received_at"],
+    "properties": {k: v for k, v in _MESSAGE_PROPS.items()
+                   if k not in ("text_body", "html_body", "extracted_text", "attachments")},
+}
+COMPONENTS["Message"] = {
+    "type": "object",
+    "required": [*COMPONENTS["MessageSummary"]["required"], "text_body", "html_body",
+                 "extracted_text", "attachments"],
+    "properties": _MESSAGE_PROPS,
+}
+COMPONENTS["Thread"] = {
+    "type": "object",
+    "required": ["id", "inbox_id", "subject", "message_count", "last_message_at", "labels",
+                 "participants"],
+    "properties": {
+        "id": {"type": "string", "pattern": "^thr_"}, "inbox_id": {"type": "string"},
+        "environment_id": {"type": "string"}, "subject": {"type": "string"},
+        "message_count": {"type": "integer"}, "last_message_at": _TS,
+        "labels": {"type": "array", "items": {"type": "string"}},
+        "participants": {"type": "array", "items": {"type": "string"}},
+        "created_at": _TS,
+        "messages": {"type": "array",
+                     "items": {"$ref": "#/components/schemas/MessageSummary"}},
+    },
+}
+COMPONENTS["FilterRule"] = {
+    "type": "object",
+    "required": ["id", "environment_id", "inbox_id", "direction", "action", "match_type",
+                 "value", "created_at"],
+    "properties": {
+        "id": {"type": "string", "pattern": "^rul_"}, "environment_id": {"type": "string"},
+        "inbox_id": _STR_NULL, "direction": {"type": "string", "enum": ["send", "receive"]},
+        "action": {"type": "string", "enum": ["allow", "block"]},
+        "match_type": {"type": "string",
+                       "enum": ["address", "domain", "subdomain_wildcard"]},
+        "value": {"type": "string"}, "created_at": _TS,
+    },
+}
+
+MESSAGE_UPDATE = {
+    "type": "object", "additionalProperties": False,
+    "properties": {"read": {"type": "boolean"}},
+}
+LABELS_BODY = {
+    "type": "object", "additionalProperties": False, "required": ["labels"],
+    "properties": {"labels": {"type": "array", "maxItems": 50,
+                              "items": {"type": "string", "maxLength": 64}}},
+}
+FILTER_RULE_CREATE = {
+    "type": "object", "additionalProperties": False,
+    "required": ["direction", "action", "match_type", "value"],
+    "properties": {
+        "direction": {"type": "string", "enum": ["send", "receive"]},
+        "action": {"type": "string", "enum": ["allow", "block"]},
+        "match_type": {"type": "string", "enum": ["address", "domain", "subdomain_wildcard"]},
+        "value": {"type": "string", "minLength": 1, "maxLength": 320},
+        "environment_id": {"type": "string", "maxLength": 40},
+        "inbox_id": {"type": "string", "maxLength": 40},
+    },
+}

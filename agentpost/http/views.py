@@ -74,3 +74,57 @@ def organization(row: dict[str, Any]) -> dict[str, Any]:
     if row.get("default_environment_id"):
         body["default_environment_id"] = row["default_environment_id"]
     return body
+
+
+def attachment(row: dict[str, Any], message_id: str) -> dict[str, Any]:
+    """Attachment metadata (the content is fetched separately)."""
+    return {"id": row["id"], "message_id": message_id, "filename": row["filename"],
+            "mime_type": row["mime_type"], "size": row["size"],
+            "content_id": row["content_id"], "disposition": row["disposition"]}
+
+
+def message_summary(row: dict[str, Any]) -> dict[str, Any]:
+    """A message in a list: everything but the bodies."""
+    return {
+        "id": row["id"], "inbox_id": row["inbox_id"], "thread_id": row["thread_id"],
+        "environment_id": row["environment_id"], "direction": row["direction"],
+        "subject": row["subject"], "from_address": row["from_address"],
+        "to_addresses": row["to_addresses"], "cc_addresses": row["cc_addresses"],
+        "bcc_addresses": row["bcc_addresses"], "reply_to": row["reply_to"],
+        "message_id": row["message_id_header"], "in_reply_to": row["in_reply_to"],
+        "references": list(row["reference_ids"]), "labels": list(row["labels"]),
+        "read": row["seen"], "flagged": row["flagged"],
+        "has_attachments": row["has_attachments"], "size": row["size"],
+        "preview": row["preview"], "sent_at": ts(row["sent_at"]),
+        "received_at": ts(row["received_at"]),
+    }
+
+
+def message(row: dict[str, Any]) -> dict[str, Any]:
+    """A whole message."""
+    body = message_summary(row)
+    body.update(text_body=row["text_body"], html_body=row["html_body"],
+                extracted_text=row["extracted_text"],
+                attachments=[attachment(a, row["id"]) for a in row.get("attachments", [])])
+    return body
+
+
+def thread(row: dict[str, Any]) -> dict[str, Any]:
+    """A thread (with its messages when loaded)."""
+    body = {"id": row["id"], "inbox_id": row["inbox_id"],
+            "environment_id": row["environment_id"], "subject": row["subject"],
+            "message_count": row["message_count"],
+            "last_message_at": ts(row["last_message_at"]), "labels": list(row["labels"]),
+            "participants": list(row["participants"] or []),
+            "created_at": ts(row["created_at"])}
+    if "messages" in row:
+        body["messages"] = [message_summary(m) for m in row["messages"]]
+    return body
+
+
+def filter_rule(row: dict[str, Any]) -> dict[str, Any]:
+    """A filter rule."""
+    return {"id": row["id"], "environment_id": row["environment_id"],
+            "inbox_id": row["inbox_id"], "direction": row["direction"],
+            "action": row["action"], "match_type": row["match_type"], "value": row["value"],
+            "created_at": ts(row["created_at"])}

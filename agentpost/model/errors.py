@@ -97,3 +97,38 @@ class TemporaryFailure(AgentPostError):
     type = "temporarily_unavailable"
     temporary = True
     default_message = "The service is temporarily unavailable; try again shortly."
+
+
+class UnknownRecipient(NotFound):
+    """No inbox with that address on a hosted domain (SMTP 550 5.1.1)."""
+
+    type = "unknown_recipient"
+    default_message = "No such mailbox here."
+
+
+class RelayDenied(Forbidden):
+    """The recipient's domain is not hosted here; we are not an open relay (SMTP 550 5.7.1)."""
+
+    type = "relay_denied"
+    default_message = "Relaying denied."
+
+
+class SenderBlocked(Forbidden):
+    """A receive-direction filter rule blocks this sender (SMTP 550 5.7.1)."""
+
+    type = "sender_blocked"
+    default_message = "Message refused by the recipient's policy."
+
+
+class MessageTooLarge(PayloadTooLarge):
+    """A message over the size limit (SMTP 552 5.3.4)."""
+
+    type = "message_too_large"
+    default_message = "Message exceeds the size limit."
+
+
+class StorageFailure(TemporaryFailure):
+    """The blob store failed; nothing was acknowledged (SMTP 451 4.3.0, HTTP 503)."""
+
+    type = "temporarily_unavailable"
+    default_message = "Storage is temporarily unavailable; try again shortly."

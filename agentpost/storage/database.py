@@ -246,12 +246,42 @@ class Database:
                 pass
 
     def run_query(self, desc: str, sql: str, params: Any = None) -> defer.Deferred[list[dict]]:
-        """A single read-only statement in its own transaction (the common read path)."""
+        """A single read-only statement (the common read path)."""
 
         async def query(txn: Txn) -> list[dict[str, Any]]:
             return await txn.fetchall(sql, params)
 
-        return self.run_interaction(desc, query)
+        return self.run_read(desc, query)
+
+    def run_read(self, desc: str, fn: Callable[..., Awaitable[T]], *args: Any,
+                 **kwargs: Any) -> defer.Deferred[T]:
+        """Run a read that issues ONE statement, without BEGIN/COMMIT.
+
+        A single statement is atomic and sees one snapshot on its own, so the explicit
+        transaction would only add two round trips; the hot paths (key lookup, lists)
+        use this. ``fn`` must not issue more than one statement.
+        """
+        return defer.Deferred.fromCoroutine(self._run_read(desc, fn, args, kwargs))
+
+    async def _run_read(self, desc: str, fn: Callable[..., Awaitable[T]],
+                        args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+        attempt = 0
+        while True:
+            attempt += 1
+            conn = await self._acquire()
+            try:
+                result = await fn(Txn(conn.cursor(), self.now()), *args, **kwargs)
+            except BaseException as exc:
+                self._release(conn)
+                if isinstance(exc, _LINK_ERRORS):
+                    if attempt <= self._retries and _link_error(exc):
+                        log.warning("%s: database link lost, retrying", desc)
+                        continue
+                    log.warning("%s failed: %s", desc, str(exc).strip())
+                    raise TemporaryFailure() from exc
+                raise
+            self._release(conn)
+            return result
 
     async def close(self) -> None:
         """Close every idle connection; in-flight ones close as they come back."""

@@ -1,0 +1,155 @@
+"""The single ingest path: every stored message, whichever door it came in by.
+
+MX delivery now; submission, IMAP APPEND and API send later. The order is what makes
+"nothing lost" true: blobs are written durably first, then one transaction records
+the message for every recipient inbox (with its thread, UID, attachments and the
+``message.received`` event), and only then does the caller acknowledge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from twisted.internet import threads
+
+from agentpost.mail.parse import ParsedMessage, parse_message
+from agentpost.mail.reply import extract_new_text
+from agentpost.model.errors import StorageFailure
+from agentpost.model.ids import new_id
+from agentpost.storage import mail as mail_store
+from agentpost.storage.blobs import BlobRef, BlobStore
+from agentpost.storage.database import Database, Txn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A recipient inbox, resolved (with its tenant) before ingest."""
+
+    org_id: str
+    environment_id: str
+    inbox_id: str
+    email: str
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One stored copy of a message."""
+
+    message_id: str
+    inbox_id: str
+    org_id: str
+    thread_id: str
+    uid: int
+
+
+def _json_safe_headers(parsed: ParsedMessage) -> list[list[str]]:
+    return [[k, v] for k, v in parsed.headers[:500]]
+
+
+class Ingest:
+    """Parse, store blobs, then commit rows for every target in one transaction."""
+
+    def __init__(self, db: Database, blobs: BlobStore, reactor: Any) -> None:
+        self._db = db
+        self._blobs = blobs
+        self._reactor = reactor
+
+    async def store(self, targets: list[Target], message: IO[bytes], *,
+                    envelope_from: str | None, direction: str = "inbound",
+                    folder: str = "INBOX", seen: bool = False,
+                    received_at: datetime | None = None) -> list[Stored]:
+        """Store ``message`` (a binary file at offset 0) once per target inbox."""
+        raw = message.read()
+        parsed = await threads.deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), parse_message, raw)
+        raw_ref = await self._blobs.put_bytes(raw, content_type="message/rfc822")
+        att_refs: list[BlobRef] = []
+        for att in parsed.attachments:
+            att_refs.append(await self._blobs.put_bytes(att.content,
+                                                        content_type=att.mime_type))
+        blob_bodies = {raw_ref.key: raw}
+        for att, ref in zip(parsed.attachments, att_refs, strict=True):
+            blob_bodies[ref.key] = att.content
+
+        async def txn_fn(txn: Txn) -> list[Stored]:
+            when = received_at or txn.now
+            out = []
+            for target in targets:
+                out.append(await self._store_one(txn, target, parsed, raw_ref, att_refs,
+                                                 blob_bodies, envelope_from, direction, folder,
+                                                 seen, when))
+            return out
+
+        return await self._db.run_interaction("ingest.store", txn_fn)
+
+    async def _ensure_blob(self, txn: Txn, ref: BlobRef, body: bytes) -> None:
+        """Reference a blob; if the row is new, make sure the object survived a collector."""
+        if await mail_store.reference_blob(txn, ref.key, ref.size):
+            if not await self._blobs.exists(ref.key):
+                again = await self._blobs.put_bytes(body)
+                if again.key != ref.key:
+                    raise StorageFailure()
+
+    async def _store_one(self, txn: Txn, target: Target, parsed: ParsedMessage,
+                         raw_ref: BlobRef, att_refs: list[BlobRef],
+                         blob_bodies: dict[str, bytes], envelope_from: str | None,
+                         direction: str, folder_name: str, seen: bool,
+                         when: datetime) -> Stored:
+        org = target.org_id
+        await self._ensure_blob(txn, raw_ref, blob_bodies[raw_ref.key])
+        for ref in att_refs:
+            await self._ensure_blob(txn, ref, blob_bodies[ref.key])
+        folder = await mail_store.folder_by_name(txn, org, target.inbox_id, folder_name)
+        if folder is None:
+            await mail_store.create_system_folders(txn, org, target.environment_id,
+                                                   target.inbox_id)
+            folder = await mail_store.folder_by_name(txn, org, target.inbox_id, folder_name)
+        related = ([parsed.in_reply_to] if parsed.in_reply_to else []) + parsed.references
+        thread_id = await mail_store.find_thread(txn, org, target.inbox_id, parsed.message_id,
+                                                 related)
+        if thread_id is None:
+            thread_id = new_id("thr")
+            await mail_store.insert_thread(txn, org_id=org, thread_id=thread_id,
+                                           environment_id=target.environment_id,
+                                           inbox_id=target.inbox_id, subject=parsed.subject)
+        uid, modseq = await mail_store.allocate_uid(txn, org, folder["id"])
+        message_id = new_id("msg")
+        await mail_store.insert_message(txn, {
+            "org_id": org, "id": message_id, "environment_id": target.environment_id,
+            "inbox_id": target.inbox_id, "thread_id": thread_id, "folder_id": folder["id"],
+            "uid": uid, "modseq": modseq, "direction": direction,
+            "message_id_header": parsed.message_id, "in_reply_to": parsed.in_reply_to,
+            "reference_ids": parsed.references, "subject": parsed.subject,
+            "from_address": parsed.from_address, "to_addresses": parsed.to_addresses,
+            "cc_addresses": parsed.cc_addresses, "bcc_addresses": parsed.bcc_addresses,
+            "reply_to": parsed.reply_to, "sent_at": parsed.sent_at, "received_at": when,
+            "headers": _json_safe_headers(parsed), "text_body": parsed.text_body,
+            "html_body": parsed.html_body,
+            "extracted_text": extract_new_text(parsed.text_body),
+            "preview": parsed.preview, "size": raw_ref.size, "raw_blob_key": raw_ref.key,
+            "has_attachments": bool(att_refs), "seen": seen,
+            "envelope_from": envelope_from, "envelope_to": [target.email],
+            "created_at": txn.now,
+        })
+        for att, ref in zip(parsed.attachments, att_refs, strict=True):
+            await mail_store.insert_attachment(txn, {
+                "org_id": org, "id": new_id("att"), "message_id": message_id,
+                "filename": att.filename, "mime_type": att.mime_type, "size": ref.size,
+                "content_id": att.content_id, "disposition": att.disposition,
+                "sha256": hashlib.sha256(blob_bodies[ref.key]).hexdigest(),
+                "blob_key": ref.key, "part_index": att.part_index,
+            })
+        await mail_store.refresh_thread(txn, org, thread_id)
+        await mail_store.insert_event(
+            txn, org_id=org, event_id=new_id("evt"), environment_id=target.environment_id,
+            inbox_id=target.inbox_id, type_="message.received",
+            data={"message_id": message_id, "inbox_id": target.inbox_id,
+                  "thread_id": thread_id, "subject": parsed.subject,
+                  "from": parsed.from_address, "received_at": when.astimezone(UTC).isoformat()})
+        return Stored(message_id, target.inbox_id, org, thread_id, uid)

@@ -1,0 +1,243 @@
+"""Reading and organizing stored mail through the API (the write side is core.ingest)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from agentpost.core.audit import AuditTrail
+from agentpost.core.blobrefs import BlobCollector
+from agentpost.core.context import RequestContext
+from agentpost.model.errors import InvalidRequest, NotFound
+from agentpost.storage import inboxes as inbox_store
+from agentpost.storage import mail as mail_store
+from agentpost.storage.blobs import BlobStore
+from agentpost.storage.database import Database, Txn
+
+_LABEL_RE = re.compile(r"^[a-z0-9][a-z0-9_\-:./]{0,63}$")
+MAX_LABELS = 50
+
+
+def check_labels(labels: list[str]) -> list[str]:
+    """Labels are lowercase strings of a safe alphabet (they are IMAP keywords too)."""
+    out = []
+    for label in labels:
+        if not isinstance(label, str) or not _LABEL_RE.match(label):
+            raise InvalidRequest(
+                "labels are 1-64 lowercase letters, digits and _-:./, starting with a letter "
+                "or digit.", field="labels")
+        if label not in out:
+            out.append(label)
+    return out
+
+
+class Messages:
+    """Messages and threads of an organization's inboxes."""
+
+    def __init__(self, db: Database, audit: AuditTrail, blobs: BlobStore,
+                 collector: BlobCollector, presign_ttl_s: int) -> None:
+        self._db = db
+        self._audit = audit
+        self._blobs = blobs
+        self._collector = collector
+        self._presign_ttl_s = presign_ttl_s
+
+    async def _inbox(self, txn: Txn, ctx: RequestContext, inbox_id: str) -> dict[str, Any]:
+        p = ctx.org_principal
+        inbox = await inbox_store.get_inbox(txn, p.org_id, p.environment_ids, inbox_id)
+        if inbox is None:
+            raise NotFound()
+        ctx.environment_id = inbox["environment_id"]
+        return inbox
+
+    async def list(self, ctx: RequestContext, inbox_id: str, *, thread_id: str | None,
+                   labels: list[str] | None, before: Any, after: Any, unread: bool | None,
+                   after_id: str | None, limit: int) -> list[dict[str, Any]]:
+        """Messages newest first (limit + 1 rows)."""
+        p = ctx.org_principal
+        p.require("messages:read")
+        ctx.target_id = inbox_id
+
+        async def txn_fn(txn: Txn) -> list[dict[str, Any]]:
+            await self._inbox(txn, ctx, inbox_id)
+            return await mail_store.list_messages(
+                txn, p.org_id, p.environment_ids, inbox_id, thread_id=thread_id,
+                labels=labels, before=before, after=after, unread=unread, after_id=after_id,
+                limit=limit + 1)
+
+        return await self._db.run_interaction("messages.list", txn_fn)
+
+    async def get(self, ctx: RequestContext, message_id: str) -> dict[str, Any]:
+        """One message with bodies and attachment metadata."""
+        p = ctx.org_principal
+        p.require("messages:read")
+        ctx.target_id = message_id
+
+        async def txn_fn(txn: Txn) -> dict[str, Any]:
+            msg = await mail_store.get_message(txn, p.org_id, p.environment_ids, message_id)
+            if msg is None:
+                raise NotFound()
+            msg["attachments"] = await mail_store.list_attachments(txn, p.org_id, message_id)
+            return msg
+
+        msg = await self._db.run_interaction("messages.get", txn_fn)
+        ctx.environment_id = msg["environment_id"]
+        return msg
+
+    async def raw(self, ctx: RequestContext, message_id: str) -> bytes:
+        """The message exactly as received."""
+        msg = await self.get(ctx, message_id)
+        return await self._blobs.get_bytes(msg["raw_blob_key"])
+
+    async def attachment(self, ctx: RequestContext, message_id: str,
+                         attachment_id: str) -> tuple[dict[str, Any], bytes | None, str | None]:
+        """Attachment metadata plus either its bytes (local store) or a presigned URL."""
+        msg = await self.get(ctx, message_id)
+        for att in msg["attachments"]:
+            if att["id"] == attachment_id:
+                ctx.target_id = attachment_id
+                url = await self._blobs.presigned_url(
+                    att["blob_key"], filename=att["filename"] or "attachment",
+                    content_type=att["mime_type"], expires_s=self._presign_ttl_s)
+                if url is not None:
+                    return att, None, url
+                return att, await self._blobs.get_bytes(att["blob_key"]), None
+        raise NotFound()
+
+    async def _change(self, ctx: RequestContext, message_id: str, desc: str,
+                      mutate: Any) -> dict[str, Any]:
+        p = ctx.org_principal
+        p.require("messages:write")
+        ctx.target_id = message_id
+
+        async def txn_fn(txn: Txn) -> dict[str, Any]:
+            msg = await mail_store.get_message(txn, p.org_id, p.environment_ids, message_id,
+                                               for_update=True)
+            if msg is None:
+                raise NotFound()
+            ctx.environment_id = msg["environment_id"]
+            changes = mutate(msg)
+            if changes:
+                modseq = await mail_store.bump_modseq(txn, p.org_id, msg["folder_id"])
+                await mail_store.update_message_state(txn, p.org_id, message_id, changes,
+                                                      modseq)
+                if "labels" in changes:
+                    await mail_store.refresh_thread(txn, p.org_id, msg["thread_id"])
+            await self._audit.write_in(txn, ctx)
+            msg = await mail_store.get_message(txn, p.org_id, p.environment_ids, message_id)
+            msg["attachments"] = await mail_store.list_attachments(txn, p.org_id, message_id)
+            return msg
+
+        return await self._db.run_interaction(desc, txn_fn)
+
+    async def set_read(self, ctx: RequestContext, message_id: str, read: bool) -> dict:
+        """Mark read or unread (the IMAP \\Seen flag)."""
+        return await self._change(ctx, message_id, "messages.update",
+                                  lambda m: {"seen": read} if m["seen"] != read else {})
+
+    async def add_labels(self, ctx: RequestContext, message_id: str, labels: list[str]) -> dict:
+        """Add labels (IMAP keywords)."""
+        labels = check_labels(labels)
+
+        def mutate(m: dict[str, Any]) -> dict[str, Any]:
+            new = sorted(set(m["labels"]) | set(labels))
+            if len(new) > MAX_LABELS:
+                raise InvalidRequest(f"A message holds at most {MAX_LABELS} labels.",
+                                     field="labels")
+            return {"labels": new} if new != sorted(m["labels"]) else {}
+
+        return await self._change(ctx, message_id, "messages.labels.add", mutate)
+
+    async def remove_labels(self, ctx: RequestContext, message_id: str,
+                            labels: list[str]) -> dict:
+        """Remove labels."""
+        labels = check_labels(labels)
+
+        def mutate(m: dict[str, Any]) -> dict[str, Any]:
+            new = sorted(set(m["labels"]) - set(labels))
+            return {"labels": new} if new != sorted(m["labels"]) else {}
+
+        return await self._change(ctx, message_id, "messages.labels.remove", mutate)
+
+    async def delete(self, ctx: RequestContext, message_id: str) -> None:
+        """Delete a message; blobs nobody else references go after the commit."""
+        p = ctx.org_principal
+        p.require("messages:write")
+        ctx.target_id = message_id
+        freed: list[str] = []
+
+        async def txn_fn(txn: Txn) -> None:
+            msg = await mail_store.get_message(txn, p.org_id, p.environment_ids, message_id,
+                                               for_update=True)
+            if msg is None:
+                raise NotFound()
+            ctx.environment_id = msg["environment_id"]
+            keys = await mail_store.delete_message(txn, p.org_id, message_id)
+            for key in keys:
+                if await mail_store.release_blob(txn, key):
+                    freed.append(key)
+            await mail_store.refresh_thread(txn, p.org_id, msg["thread_id"])
+            await mail_store.delete_thread_if_empty(txn, p.org_id, msg["thread_id"])
+            await self._audit.write_in(txn, ctx, 204)
+
+        await self._db.run_interaction("messages.delete", txn_fn)
+        await self._collector.collect(freed)
+
+    async def list_threads(self, ctx: RequestContext, inbox_id: str, *,
+                           labels: list[str] | None, cursor: tuple[Any, str] | None,
+                           limit: int) -> list[dict[str, Any]]:
+        """Threads by latest activity (limit + 1 rows)."""
+        p = ctx.org_principal
+        p.require("messages:read")
+        ctx.target_id = inbox_id
+
+        async def txn_fn(txn: Txn) -> list[dict[str, Any]]:
+            await self._inbox(txn, ctx, inbox_id)
+            return await mail_store.list_threads(txn, p.org_id, p.environment_ids, inbox_id,
+                                                 labels=labels, cursor=cursor, limit=limit + 1)
+
+        return await self._db.run_interaction("threads.list", txn_fn)
+
+    async def get_thread(self, ctx: RequestContext, thread_id: str) -> dict[str, Any]:
+        """A thread with its messages (oldest first, without bodies)."""
+        p = ctx.org_principal
+        p.require("messages:read")
+        ctx.target_id = thread_id
+
+        async def txn_fn(txn: Txn) -> dict[str, Any]:
+            thread = await mail_store.get_thread(txn, p.org_id, p.environment_ids, thread_id)
+            if thread is None:
+                raise NotFound()
+            ctx.environment_id = thread["environment_id"]
+            thread["messages"] = await mail_store.list_thread_messages(txn, p.org_id, thread_id)
+            return thread
+
+        return await self._db.run_interaction("threads.get", txn_fn)
+
+    async def thread_labels(self, ctx: RequestContext, thread_id: str, labels: list[str],
+                            add: bool) -> dict[str, Any]:
+        """Add or remove labels on every message of a thread."""
+        p = ctx.org_principal
+        p.require("messages:write")
+        ctx.target_id = thread_id
+        labels = check_labels(labels)
+
+        async def txn_fn(txn: Txn) -> dict[str, Any]:
+            thread = await mail_store.get_thread(txn, p.org_id, p.environment_ids, thread_id)
+            if thread is None:
+                raise NotFound()
+            ctx.environment_id = thread["environment_id"]
+            for msg in await mail_store.thread_message_ids(txn, p.org_id, thread_id):
+                current = set(msg["labels"])
+                new = sorted(current | set(labels) if add else current - set(labels))
+                if new != sorted(current):
+                    modseq = await mail_store.bump_modseq(txn, p.org_id, msg["folder_id"])
+                    await mail_store.update_message_state(txn, p.org_id, msg["id"],
+                                                          {"labels": new}, modseq)
+            await mail_store.refresh_thread(txn, p.org_id, thread_id)
+            await self._audit.write_in(txn, ctx)
+            thread = await mail_store.get_thread(txn, p.org_id, p.environment_ids, thread_id)
+            thread["messages"] = await mail_store.list_thread_messages(txn, p.org_id, thread_id)
+            return thread
+
+        return await self._db.run_interaction("threads.labels", txn_fn)

@@ -1,0 +1,220 @@
+"""Turn received bytes into the fields we index, without ever failing on bad input.
+
+The raw bytes are always kept separately (byte-exact); this module only extracts
+what the API and search need. Every step is defensive: a malformed header or MIME
+part degrades to "missing" or "as text", never to an exception.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import email.utils
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.message import EmailMessage, Message
+from typing import Any
+
+_MSGID_RE = re.compile(r"<([^<>\s]+)>")
+_WS_RE = re.compile(r"\s+")
+MAX_PREVIEW = 200
+
+
+@dataclass
+class ParsedAttachment:
+    """A decoded non-body part."""
+
+    filename: str
+    mime_type: str
+    content: bytes
+    content_id: str | None
+    disposition: str | None
+    part_index: int
+
+    @property
+    def sha256(self) -> str:
+        """Hex digest of the decoded content."""
+        return hashlib.sha256(self.content).hexdigest()
+
+
+@dataclass
+class ParsedMessage:
+    """What the store indexes about one message."""
+
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    subject: str = ""
+    from_address: dict[str, str] | None = None
+    to_addresses: list[dict[str, str]] = field(default_factory=list)
+    cc_addresses: list[dict[str, str]] = field(default_factory=list)
+    bcc_addresses: list[dict[str, str]] = field(default_factory=list)
+    reply_to: list[dict[str, str]] = field(default_factory=list)
+    message_id: str | None = None
+    in_reply_to: str | None = None
+    references: list[str] = field(default_factory=list)
+    sent_at: datetime | None = None
+    text_body: str | None = None
+    html_body: str | None = None
+    attachments: list[ParsedAttachment] = field(default_factory=list)
+
+    @property
+    def preview(self) -> str:
+        """A short single-line excerpt for lists."""
+        text = self.text_body or _strip_html(self.html_body or "")
+        return _WS_RE.sub(" ", text).strip()[:MAX_PREVIEW]
+
+
+def _header_text(msg: Message, name: str) -> str | None:
+    try:
+        value = msg.get(name)
+    except Exception:  # a header the policy cannot parse: fall back to raw text
+        value = _raw_header(msg, name)
+    if value is None:
+        return None
+    try:
+        return _clean(str(value))
+    except Exception:
+        return _clean(_raw_header(msg, name) or "")
+
+
+def _raw_header(msg: Message, name: str) -> str | None:
+    for key, value in getattr(msg, "_headers", []):
+        if key.lower() == name.lower():
+            return str(value) if not isinstance(value, str) else value
+    return None
+
+
+def _clean(text: str) -> str:
+    """Drop NULs (PostgreSQL text cannot hold them) and lone surrogates."""
+    return text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+
+
+def _addresses(values: list[str]) -> list[dict[str, str]]:
+    out = []
+    try:
+        pairs = email.utils.getaddresses(values)
+    except Exception:
+        return out
+    for name, addr in pairs:
+        addr = _clean(addr.strip())
+        if not addr or "@" not in addr:
+            continue
+        out.append({"email": addr, "name": _clean(name.strip())})
+    return out
+
+
+def _msgids(text: str | None) -> list[str]:
+    if not text:
+        return []
+    return [m for m in _MSGID_RE.findall(text)][:100]
+
+
+def _strip_html(html: str) -> str:
+    return re.sub(r"<[^>]+>", " ", re.sub(r"(?is)<(script|style).*?</\1>", " ", html))
+
+
+def _decode_text(part: Message) -> str:
+    try:
+        content = part.get_content()
+        if isinstance(content, bytes):
+            return _clean(content.decode("utf-8", "replace"))
+        return _clean(content)
+    except Exception:
+        payload = part.get_payload(decode=True) or b""
+        charset = part.get_content_charset() or "utf-8"
+        try:
+            return _clean(payload.decode(charset, "replace"))
+        except LookupError:
+            return _clean(payload.decode("utf-8", "replace"))
+
+
+def _is_attachment(part: Message) -> bool:
+    try:
+        disposition = (part.get_content_disposition() or "").lower()
+    except Exception:
+        disposition = ""
+    if disposition == "attachment":
+        return True
+    try:
+        filename = part.get_filename()
+    except Exception:
+        filename = None
+    if filename:
+        return True
+    return part.get_content_maintype() not in ("text", "multipart", "message")
+
+
+def parse_message(raw: bytes) -> ParsedMessage:
+    """Parse ``raw``; never raises for any input bytes."""
+    try:
+        msg: Any = email.message_from_bytes(raw, policy=email.policy.default)
+    except Exception:
+        return ParsedMessage()
+    parsed = ParsedMessage()
+    try:
+        for key, value in msg.raw_items():
+            parsed.headers.append((_clean(key), _clean(str(value))))
+    except Exception:  # noqa: S110 - headers are also kept byte-exact in the raw blob
+        pass
+    parsed.subject = _header_text(msg, "subject") or ""
+    froms = _addresses([_header_text(msg, "from") or ""])
+    parsed.from_address = froms[0] if froms else None
+    for attr, name in (("to_addresses", "to"), ("cc_addresses", "cc"),
+                       ("bcc_addresses", "bcc"), ("reply_to", "reply-to")):
+        values = []
+        try:
+            values = [str(v) for v in (msg.get_all(name) or [])]
+        except Exception:
+            raw_value = _raw_header(msg, name)
+            values = [raw_value] if raw_value else []
+        setattr(parsed, attr, _addresses(values))
+    ids = _msgids(_header_text(msg, "message-id"))
+    parsed.message_id = ids[0] if ids else None
+    reply_ids = _msgids(_header_text(msg, "in-reply-to"))
+    parsed.in_reply_to = reply_ids[0] if reply_ids else None
+    parsed.references = _msgids(_header_text(msg, "references"))
+    date_text = _header_text(msg, "date")
+    if date_text:
+        try:
+            when = email.utils.parsedate_to_datetime(date_text)
+            parsed.sent_at = when if when.tzinfo else when.replace(tzinfo=UTC)
+        except Exception:
+            parsed.sent_at = None
+    _walk_parts(msg, parsed)
+    return parsed
+
+
+def _walk_parts(msg: EmailMessage, parsed: ParsedMessage) -> None:
+    try:
+        parts = list(msg.walk())
+    except Exception:
+        parts = [msg]
+    for index, part in enumerate(parts):
+        try:
+            if part.is_multipart():
+                continue
+            ctype = part.get_content_type()
+            if part is msg:
+                as_attachment = part.get_content_maintype() != "text"
+            else:
+                as_attachment = _is_attachment(part)
+            if as_attachment:
+                payload = part.get_payload(decode=True)
+                if payload is None:
+                    payload = str(part.get_payload()).encode("utf-8", "replace")
+                try:
+                    filename = part.get_filename() or ""
+                except Exception:
+                    filename = ""
+                cid = part.get("content-id")
+                parsed.attachments.append(ParsedAttachment(
+                    filename=_clean(filename)[:255], mime_type=ctype, content=payload,
+                    content_id=_msgids(str(cid))[0] if cid and _msgids(str(cid)) else None,
+                    disposition=part.get_content_disposition(), part_index=index))
+            elif ctype == "text/html" and parsed.html_body is None:
+                parsed.html_body = _decode_text(part)
+            elif parsed.text_body is None and part.get_content_maintype() == "text":
+                parsed.text_body = _decode_text(part)
+        except Exception:  # noqa: S112 - one broken part must not lose the rest
+            continue

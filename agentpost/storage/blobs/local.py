@@ -1,0 +1,343 @@
+"""Blobs as files in a content-addressed directory tree on local disk.
+
+Layout under ``root``::
+
+    sha256/ab/ab12…ef   one file per blob, mode 0640 (directories 0750)
+    tmp/                in-progress puts (same filesystem, so the final rename is atomic)
+
+A put streams the source into a temp file while hashing it, fsyncs the file, renames it
+to its content address and fsyncs the directory: once ``put_*`` returns, the blob
+survives a power cut, and a crash mid-put leaves at most a temp file (see
+:meth:`LocalBlobStore.sweep_temp`), never a partial blob under a real key.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+
+from agentpost.model.errors import StorageFailure
+from agentpost.storage.blobs.base import (
+    COPY_CHUNK_SIZE,
+    DEFAULT_STREAM_CHUNK_SIZE,
+    BlobNotFound,
+    BlobRef,
+    BlobSource,
+    BlobStream,
+    SourceReadError,
+    check_range,
+    digest_of_key,
+    hash_bytes,
+    key_for_digest,
+    open_source,
+    read_source,
+    storage_failure,
+    validate_key,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+FILE_MODE = 0o640
+DIR_MODE = 0o750
+_TMP_PREFIX = ".put-"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalBlobStore:
+    """A :class:`~agentpost.storage.blobs.base.BlobStore` on a local filesystem.
+
+    Args:
+        root: directory holding the store; created (0750, with missing parents) on first
+            use, not in the constructor, so building the store never blocks the reactor.
+        reactor: the reactor to report results on; defaults to the global reactor.
+        threadpool: where blocking file I/O runs; defaults to the reactor's thread pool.
+
+    ``content_type`` is accepted for interface parity and ignored: the database keeps
+    content types; the file holds only content.
+    """
+
+    def __init__(self, root: Path | str, *, reactor: Any = None, threadpool: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.root = Path(root)
+        self._reactor = reactor
+        self._threadpool = threadpool
+        self._tmp_dir = self.root / "tmp"
+        self._dirs_ready = False
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _run(self, fn: Callable[..., T], *args: Any) -> defer.Deferred[T]:
+        """Run ``fn`` in the pool with the store's error translation applied."""
+        pool = self._threadpool or self._reactor.getThreadPool()
+        return deferToThreadPool(self._reactor, pool, self._guarded, fn, *args)
+
+    @staticmethod
+    def _guarded(fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        except SourceReadError as exc:
+            raise exc.original from None
+        except (BlobNotFound, StorageFailure, ValueError, TypeError):
+            raise
+        except OSError as exc:
+            raise storage_failure(f"local blob store I/O error: {exc}") from exc
+
+    def _path(self, key: str) -> Path:
+        return self.root / validate_key(key)
+
+    def _makedirs(self, path: Path) -> None:
+        """Create ``path`` and missing parents (mode 0750), fsyncing each new entry's parent
+        so the directory entries are as durable as the file renamed into them."""
+        missing: list[Path] = []
+        p = path
+        while not p.is_dir():
+            missing.append(p)
+            if p.parent == p:
+                break
+            p = p.parent
+        for d in reversed(missing):
+            try:
+                os.mkdir(d, DIR_MODE)
+            except FileExistsError:
+                if not d.is_dir():
+                    raise
+                continue  # a concurrent put made it
+            os.chmod(d, DIR_MODE)  # the umask must not widen or narrow it
+            _fsync_dir(d.parent)
+
+    def _ensure_dirs(self) -> None:
+        if not self._dirs_ready:
+            self._makedirs(self._tmp_dir)
+            self._makedirs(self.root / "sha256")
+            self._dirs_ready = True
+
+    def _open_blob(self, key: str) -> IO[bytes]:
+        path = self._path(key)
+        try:
+            return open(path, "rb")  # the caller closes it
+        except FileNotFoundError:
+            raise BlobNotFound(key) from None
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def _commit(self, tmp: Path, digest: str, size: int) -> BlobRef:
+        """Rename a fsynced temp file to its content address (or drop it if present)."""
+        key = key_for_digest(digest)
+        final = self.root / key
+        try:
+            existing = os.stat(final).st_size
+        except FileNotFoundError:
+            existing = None
+        if existing == size:
+            os.unlink(tmp)  # same content already stored: nothing to do
+            _fsync_dir(final.parent)  # in case a concurrent put renamed it a moment ago
+            return BlobRef(key, size, digest)
+        if existing is not None:
+            log.warning("blob %s had size %d, expected %d; replacing it", key, existing, size)
+        try:
+            os.replace(tmp, final)
+        except FileNotFoundError:
+            self._makedirs(final.parent)
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        return BlobRef(key, size, digest)
+
+    def _write_stream(self, chunks: Callable[[], bytes | memoryview]) -> BlobRef:
+        """Copy chunks into a temp file, hashing on the way (content is never held twice)."""
+        self._ensure_dirs()
+        try:
+            fd, name = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".tmp", dir=self._tmp_dir)
+        except FileNotFoundError:  # the tree was removed under us: recreate it once
+            self._dirs_ready = False
+            self._ensure_dirs()
+            fd, name = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".tmp", dir=self._tmp_dir)
+        tmp = Path(name)
+        try:
+            digest = hashlib.sha256()
+            size = 0
+            with os.fdopen(fd, "wb") as out:
+                while chunk := chunks():
+                    digest.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+                out.flush()
+                os.fchmod(out.fileno(), FILE_MODE)
+                os.fsync(out.fileno())
+            return self._commit(tmp, digest.hexdigest(), size)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def _put_file_sync(self, source: BlobSource) -> BlobRef:
+        fileobj, owned = open_source(source)
+        try:
+            return self._write_stream(lambda: read_source(fileobj))
+        finally:
+            if owned:
+                fileobj.close()
+
+    def _put_bytes_sync(self, data: bytes) -> BlobRef:
+        digest, size = hash_bytes(data)
+        final = self.root / key_for_digest(digest)
+        try:
+            if os.stat(final).st_size == size:
+                _fsync_dir(final.parent)  # in case a concurrent put renamed it a moment ago
+                return BlobRef(key_for_digest(digest), size, digest)
+        except FileNotFoundError:
+            pass
+        view = memoryview(data)
+        chunks = (view[o:o + COPY_CHUNK_SIZE] for o in range(0, size, COPY_CHUNK_SIZE))
+        return self._write_stream(lambda: next(chunks, b""))
+
+    async def put_file(
+        self, source: BlobSource, *, content_type: str = "application/octet-stream"
+    ) -> BlobRef:
+        """Store a file's content; durable on return; the same content gives the same key."""
+        return await self._run(self._put_file_sync, source)
+
+    async def put_bytes(
+        self, data: bytes, *, content_type: str = "application/octet-stream"
+    ) -> BlobRef:
+        """Store in-memory content; a no-op (no write) when it is already stored."""
+        return await self._run(self._put_bytes_sync, data)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def _get_bytes_sync(self, key: str) -> bytes:
+        with self._open_blob(key) as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != digest_of_key(key):
+            raise storage_failure(f"blob {key} is corrupt (content does not match its key)")
+        return data
+
+    async def get_bytes(self, key: str) -> bytes:
+        """The whole blob, verified against its SHA-256."""
+        validate_key(key)
+        return await self._run(self._get_bytes_sync, key)
+
+    def _get_range_sync(self, key: str, start: int, length: int) -> bytes:
+        with self._open_blob(key) as f:
+            if length == 0:
+                return b""
+            f.seek(start)
+            return f.read(length)
+
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        """``length`` bytes from ``start``; fewer at the end, ``b""`` past it (as IMAP)."""
+        validate_key(key)
+        check_range(start, length)
+        return await self._run(self._get_range_sync, key, start, length)
+
+    async def open_stream(
+        self, key: str, *, chunk_size: int = DEFAULT_STREAM_CHUNK_SIZE
+    ) -> BlobStream:
+        """Stream a blob in ``chunk_size`` pieces, each read in a worker thread."""
+        validate_key(key)
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        f, size = await self._run(self._open_sized, key)
+        return BlobStream(self._run, lambda: f.read(chunk_size), f.close, size)
+
+    def _open_sized(self, key: str) -> tuple[IO[bytes], int]:
+        f = self._open_blob(key)
+        try:
+            return f, os.fstat(f.fileno()).st_size
+        except BaseException:
+            f.close()
+            raise
+
+    def _exists_sync(self, key: str) -> bool:
+        try:
+            os.stat(self._path(key))
+        except FileNotFoundError:
+            return False
+        return True
+
+    async def exists(self, key: str) -> bool:
+        """Whether the blob is stored (an unreadable store raises StorageFailure)."""
+        validate_key(key)
+        return await self._run(self._exists_sync, key)
+
+    def _delete_sync(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        _fsync_dir(path.parent)
+
+    async def delete(self, key: str) -> None:
+        """Remove the blob; deleting a missing blob succeeds. Directories are kept (a
+        concurrent put may be about to rename into them)."""
+        validate_key(key)
+        await self._run(self._delete_sync, key)
+
+    async def presigned_url(
+        self, key: str, *, filename: str, content_type: str, expires_s: int
+    ) -> str | None:
+        """Always None: local blobs are served through the HTTP API instead."""
+        validate_key(key)
+        return None
+
+    # -- maintenance ----------------------------------------------------------------------
+
+    def _check_sync(self) -> None:
+        self._ensure_dirs()
+        fd, name = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".probe", dir=self._tmp_dir)
+        os.close(fd)
+        os.unlink(name)
+
+    async def check(self) -> None:
+        """Create the directories if needed and prove a file can be written there."""
+        await self._run(self._check_sync)
+
+    def _sweep_sync(self, older_than_s: float) -> int:
+        removed = 0
+        cutoff = time.time() - older_than_s
+        try:
+            entries = list(os.scandir(self._tmp_dir))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if not entry.name.startswith(_TMP_PREFIX):
+                continue
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+        return removed
+
+    async def sweep_temp(self, older_than_s: float = 3600.0) -> int:
+        """Delete temp files left by puts interrupted by a crash; returns how many.
+
+        Only files older than ``older_than_s`` go, so puts in progress are untouched.
+        """
+        return await self._run(self._sweep_sync, older_than_s)

@@ -1,0 +1,375 @@
+"""Folders, threads, messages, attachments, blob references and the event outbox."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from psycopg2.extras import Json
+
+from agentpost.storage.database import Txn
+
+SYSTEM_FOLDERS = (("INBOX", "\\Inbox"), ("Sent", "\\Sent"), ("Drafts", "\\Drafts"),
+                  ("Trash", "\\Trash"), ("Junk", "\\Junk"))
+EVENTS_CHANNEL = "agentpost_events"
+MAIL_CHANNEL = "agentpost_mail"
+
+
+# Routing ------------------------------------------------------------------------------
+
+async def find_inbox_by_address(txn: Txn, address: str) -> dict[str, Any] | None:
+    """The inbox an address belongs to, whichever organization owns it (MX routing)."""
+    return await txn.fetchone(
+        "SELECT org_id, environment_id, id AS inbox_id, email FROM inboxes "
+        "WHERE lower(email) = lower(%s)", (address,))
+
+
+async def domain_is_hosted(txn: Txn, domain: str) -> bool:
+    """Shared domains and verified organization domains are ours; everything else is relay."""
+    return bool(await txn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM shared_domains WHERE name = lower(%s)) OR "
+        "EXISTS (SELECT 1 FROM domains WHERE name = lower(%s) AND verified_at IS NOT NULL)",
+        (domain, domain)))
+
+
+# Folders ------------------------------------------------------------------------------
+
+async def create_system_folders(txn: Txn, org_id: str, environment_id: str,
+                                inbox_id: str) -> None:
+    """INBOX, Sent, Drafts, Trash and Junk for a new inbox."""
+    uidvalidity = int(txn.now.timestamp())
+    rows = ", ".join(["(%s, %s, %s, %s, %s, %s, %s)"] * len(SYSTEM_FOLDERS))
+    params: list[Any] = []
+    for name, special in SYSTEM_FOLDERS:
+        params += [org_id, environment_id, inbox_id, name, special, uidvalidity, txn.now]
+    await txn.execute(
+        "INSERT INTO folders (org_id, environment_id, inbox_id, name, special_use, "
+        f"uidvalidity, created_at) VALUES {rows} ON CONFLICT (inbox_id, name) DO NOTHING",
+        params)
+
+
+async def folder_by_name(txn: Txn, org_id: str, inbox_id: str,
+                         name: str) -> dict[str, Any] | None:
+    """A folder of an inbox."""
+    return await txn.fetchone(
+        "SELECT id, name, special_use, uidvalidity, uidnext, highestmodseq FROM folders "
+        "WHERE org_id = %s AND inbox_id = %s AND name = %s", (org_id, inbox_id, name))
+
+
+async def allocate_uid(txn: Txn, org_id: str, folder_id: int) -> tuple[int, int]:
+    """Next UID and MODSEQ of a folder, in the inserting transaction (row-locked)."""
+    row = await txn.fetchone(
+        "UPDATE folders SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1 "
+        "WHERE org_id = %s AND id = %s RETURNING uidnext - 1 AS uid, highestmodseq AS modseq",
+        (org_id, folder_id))
+    return row["uid"], row["modseq"]
+
+
+async def bump_modseq(txn: Txn, org_id: str, folder_id: int) -> int:
+    """A new MODSEQ for a flag change in a folder."""
+    return await txn.fetchval(
+        "UPDATE folders SET highestmodseq = highestmodseq + 1 WHERE org_id = %s AND id = %s "
+        "RETURNING highestmodseq", (org_id, folder_id))
+
+
+# Blob references ------------------------------------------------------------------------
+
+def _blob_lock_sql() -> str:
+    return "SELECT pg_advisory_xact_lock(hashtextextended(%s, 7))"
+
+
+async def reference_blob(txn: Txn, key: str, size: int) -> bool:
+    """Count one more user of a blob; True when the row is new (caller re-checks the store).
+
+    The advisory lock pairs with ``lock_blob`` in the deleter, so a blob cannot be
+    removed from the store between our put and our commit.
+    """
+    await txn.execute(_blob_lock_sql(), (key,))
+    row = await txn.fetchone(
+        "INSERT INTO blobs (key, size, refcount, created_at) VALUES (%s, %s, 1, %s) "
+        "ON CONFLICT (key) DO UPDATE SET refcount = blobs.refcount + 1 "
+        "RETURNING refcount", (key, size, txn.now))
+    return row["refcount"] == 1
+
+
+async def release_blob(txn: Txn, key: str) -> bool:
+    """Count one user fewer; True when nobody uses the blob any more (row removed)."""
+    await txn.execute(_blob_lock_sql(), (key,))
+    row = await txn.fetchone(
+        "UPDATE blobs SET refcount = refcount - 1 WHERE key = %s RETURNING refcount", (key,))
+    if row is not None and row["refcount"] <= 0:
+        await txn.execute("DELETE FROM blobs WHERE key = %s AND refcount <= 0", (key,))
+        return True
+    return False
+
+
+async def blob_unreferenced(txn: Txn, key: str) -> bool:
+    """Under the blob's lock: no row means the store object may be deleted now."""
+    await txn.execute(_blob_lock_sql(), (key,))
+    return not await txn.fetchval("SELECT EXISTS (SELECT 1 FROM blobs WHERE key = %s)", (key,))
+
+
+# Threads ------------------------------------------------------------------------------
+
+async def find_thread(txn: Txn, org_id: str, inbox_id: str, message_id: str | None,
+                      related_ids: list[str]) -> str | None:
+    """The thread a message joins: its parents' thread, else a thread whose members
+    already referenced this message (children that arrived first)."""
+    if related_ids:
+        found = await txn.fetchval(
+            "SELECT thread_id FROM messages WHERE org_id = %s AND inbox_id = %s "
+            "AND message_id_header = ANY(%s) ORDER BY id LIMIT 1",
+            (org_id, inbox_id, related_ids))
+        if found:
+            return found
+    if message_id:
+        return await txn.fetchval(
+            "SELECT thread_id FROM messages WHERE org_id = %s AND inbox_id = %s "
+            "AND reference_ids @> ARRAY[%s]::text[] ORDER BY id LIMIT 1",
+            (org_id, inbox_id, message_id))
+    return None
+
+
+async def insert_thread(txn: Txn, *, org_id: str, thread_id: str, environment_id: str,
+                        inbox_id: str, subject: str) -> None:
+    """A new, empty thread (counters are updated by ``touch_thread``)."""
+    await txn.execute(
+        "INSERT INTO threads (org_id, id, environment_id, inbox_id, subject, last_message_at, "
+        "created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        (org_id, thread_id, environment_id, inbox_id, subject, txn.now, txn.now, txn.now))
+
+
+async def refresh_thread(txn: Txn, org_id: str, thread_id: str) -> None:
+    """Recompute count, last activity, participants and labels from the thread's messages."""
+    await txn.execute(
+        """
+        UPDATE threads t SET
+            message_count = s.n,
+            last_message_at = COALESCE(s.last_at, t.last_message_at),
+            participants = COALESCE(s.participants, '[]'::jsonb),
+            labels = COALESCE(s.labels, '{}'),
+            updated_at = %s
+        FROM (
+            SELECT count(*) AS n, max(received_at) AS last_at,
+                   (SELECT jsonb_agg(DISTINCT a) FROM messages m2,
+                        LATERAL (SELECT lower(m2.from_address->>'email') AS a
+                                 UNION SELECT lower(x->>'email')
+                                 FROM jsonb_array_elements(m2.to_addresses || m2.cc_addresses) x
+                                ) p
+                    WHERE m2.org_id = %s AND m2.thread_id = %s AND a IS NOT NULL
+                   ) AS participants,
+                   (SELECT array_agg(DISTINCT l ORDER BY l) FROM messages m3, unnest(m3.labels) l
+                    WHERE m3.org_id = %s AND m3.thread_id = %s) AS labels
+            FROM messages m WHERE m.org_id = %s AND m.thread_id = %s
+        ) s
+        WHERE t.org_id = %s AND t.id = %s
+        """,
+        (txn.now, org_id, thread_id, org_id, thread_id, org_id, thread_id, org_id, thread_id))
+
+
+async def delete_thread_if_empty(txn: Txn, org_id: str, thread_id: str) -> None:
+    """Threads exist only while they have messages."""
+    await txn.execute(
+        "DELETE FROM threads WHERE org_id = %s AND id = %s AND NOT EXISTS ("
+        "SELECT 1 FROM messages WHERE org_id = %s AND thread_id = %s)",
+        (org_id, thread_id, org_id, thread_id))
+
+
+# Messages -----------------------------------------------------------------------------
+
+_MSG_COLS = ("id, org_id, environment_id, inbox_id, thread_id, folder_id, uid, modseq, "
+             "direction, message_id_header, in_reply_to, reference_ids, subject, from_address, "
+             "to_addresses, cc_addresses, bcc_addresses, reply_to, sent_at, received_at, "
+             "text_body, html_body, extracted_text, preview, size, raw_blob_key, "
+             "has_attachments, labels, seen, flagged, answered, draft, deleted")
+_MSG_LIST_COLS = _MSG_COLS.replace("text_body, html_body, extracted_text, ", "")
+
+
+async def insert_message(txn: Txn, row: dict[str, Any]) -> None:
+    """Insert one message row (values prepared by core.ingest)."""
+    cols = list(row)
+    values = [Json(v) if isinstance(v, dict | list) and c not in ("reference_ids", "labels",
+                                                                   "envelope_to") else v
+              for c, v in row.items()]
+    await txn.execute(
+        f"INSERT INTO messages ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))})",
+        values)
+
+
+async def insert_attachment(txn: Txn, row: dict[str, Any]) -> None:
+    """Insert one attachment row."""
+    cols = list(row)
+    await txn.execute(
+        f"INSERT INTO attachments ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))})",
+        list(row.values()))
+
+
+async def insert_event(txn: Txn, *, org_id: str, event_id: str, environment_id: str | None,
+                       inbox_id: str | None, type_: str, data: dict[str, Any]) -> None:
+    """Write an event to the outbox and wake listeners in every process after commit."""
+    await txn.execute(
+        "INSERT INTO events (org_id, id, environment_id, inbox_id, type, data, created_at) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        (org_id, event_id, environment_id, inbox_id, type_, Json(data), txn.now))
+    await txn.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, json.dumps(
+        {"org_id": org_id, "id": event_id, "type": type_, "inbox_id": inbox_id})))
+
+
+def _env_clause(env_ids: frozenset[str] | None) -> tuple[str, list[Any]]:
+    if env_ids is None:
+        return "", []
+    return " AND environment_id = ANY(%s)", [sorted(env_ids)]
+
+
+async def list_messages(txn: Txn, org_id: str, env_ids: frozenset[str] | None, inbox_id: str,
+                        *, thread_id: str | None, labels: list[str] | None, before: Any,
+                        after: Any, unread: bool | None, after_id: str | None,
+                        limit: int) -> list[dict[str, Any]]:
+    """Messages of an inbox, newest first, filtered; bodies are not read."""
+    env_sql, env_params = _env_clause(env_ids)
+    return await txn.fetchall(
+        f"SELECT {_MSG_LIST_COLS} FROM messages WHERE org_id = %s AND inbox_id = %s{env_sql} "
+        "AND (%s::text IS NULL OR thread_id = %s) "
+        "AND (%s::text[] IS NULL OR labels @> %s) "
+        "AND (%s::timestamptz IS NULL OR received_at < %s) "
+        "AND (%s::timestamptz IS NULL OR received_at > %s) "
+        "AND (%s::boolean IS NULL OR seen = NOT %s) "
+        "AND (%s::text IS NULL OR id < %s) ORDER BY id DESC LIMIT %s",
+        (org_id, inbox_id, *env_params, thread_id, thread_id, labels, labels, before, before,
+         after, after, unread, unread, after_id, after_id, limit))
+
+
+async def get_message(txn: Txn, org_id: str, env_ids: frozenset[str] | None,
+                      message_id: str, *, for_update: bool = False) -> dict[str, Any] | None:
+    """One message with bodies."""
+    env_sql, env_params = _env_clause(env_ids)
+    lock = " FOR UPDATE" if for_update else ""
+    return await txn.fetchone(
+        f"SELECT {_MSG_COLS} FROM messages WHERE org_id = %s AND id = %s{env_sql}{lock}",
+        (org_id, message_id, *env_params))
+
+
+async def list_attachments(txn: Txn, org_id: str, message_id: str) -> list[dict[str, Any]]:
+    """Attachments of one message, in MIME order."""
+    return await txn.fetchall(
+        "SELECT id, message_id, filename, mime_type, size, content_id, disposition, sha256, "
+        "blob_key FROM attachments WHERE org_id = %s AND message_id = %s ORDER BY part_index",
+        (org_id, message_id))
+
+
+async def update_message_state(txn: Txn, org_id: str, message_id: str,
+                               changes: dict[str, Any], modseq: int) -> None:
+    """Set flags/labels (columns from core's allow-list) with a new MODSEQ."""
+    sets = ", ".join(f"{col} = %s" for col in changes)
+    await txn.execute(
+        f"UPDATE messages SET {sets}, modseq = %s WHERE org_id = %s AND id = %s",
+        (*changes.values(), modseq, org_id, message_id))
+
+
+async def delete_message(txn: Txn, org_id: str, message_id: str) -> list[str]:
+    """Delete a message and its attachments; return the blob keys they used."""
+    keys = [r["blob_key"] for r in await txn.fetchall(
+        "SELECT blob_key FROM attachments WHERE org_id = %s AND message_id = %s",
+        (org_id, message_id))]
+    raw = await txn.fetchval(
+        "DELETE FROM messages WHERE org_id = %s AND id = %s RETURNING raw_blob_key",
+        (org_id, message_id))
+    return ([raw] if raw else []) + keys
+
+
+async def list_threads(txn: Txn, org_id: str, env_ids: frozenset[str] | None, inbox_id: str,
+                       *, labels: list[str] | None, cursor: tuple[Any, str] | None,
+                       limit: int) -> list[dict[str, Any]]:
+    """Threads by latest activity."""
+    env_sql, env_params = _env_clause(env_ids)
+    at, tid = cursor if cursor else (None, None)
+    return await txn.fetchall(
+        "SELECT id, org_id, environment_id, inbox_id, subject, message_count, last_message_at, "
+        f"participants, labels, created_at FROM threads WHERE org_id = %s AND inbox_id = %s"
+        f"{env_sql} AND (%s::text[] IS NULL OR labels @> %s) "
+        "AND (%s::timestamptz IS NULL OR (last_message_at, id) < (%s, %s)) "
+        "ORDER BY last_message_at DESC, id DESC LIMIT %s",
+        (org_id, inbox_id, *env_params, labels, labels, at, at, tid, limit))
+
+
+async def get_thread(txn: Txn, org_id: str, env_ids: frozenset[str] | None,
+                     thread_id: str) -> dict[str, Any] | None:
+    """One thread."""
+    env_sql, env_params = _env_clause(env_ids)
+    return await txn.fetchone(
+        "SELECT id, org_id, environment_id, inbox_id, subject, message_count, last_message_at, "
+        f"participants, labels, created_at FROM threads WHERE org_id = %s AND id = %s{env_sql}",
+        (org_id, thread_id, *env_params))
+
+
+async def thread_message_ids(txn: Txn, org_id: str, thread_id: str) -> list[dict[str, Any]]:
+    """Ids, folders and labels of a thread's messages (for label changes)."""
+    return await txn.fetchall(
+        "SELECT id, folder_id, labels FROM messages WHERE org_id = %s AND thread_id = %s "
+        "ORDER BY id FOR UPDATE", (org_id, thread_id))
+
+
+async def list_thread_messages(txn: Txn, org_id: str, thread_id: str) -> list[dict[str, Any]]:
+    """The messages of a thread, oldest first, without bodies."""
+    return await txn.fetchall(
+        f"SELECT {_MSG_LIST_COLS} FROM messages WHERE org_id = %s AND thread_id = %s "
+        "ORDER BY id", (org_id, thread_id))
+
+
+# Filter rules -------------------------------------------------------------------------
+
+_RULE_COLS = ("id, org_id, environment_id, inbox_id, direction, action, match_type, value, "
+              "created_at")
+
+
+async def matching_rules(txn: Txn, org_id: str, environment_id: str, inbox_id: str,
+                         direction: str) -> list[dict[str, Any]]:
+    """Rules that apply to an inbox (its own and its environment's)."""
+    return await txn.fetchall(
+        f"SELECT {_RULE_COLS} FROM filter_rules WHERE org_id = %s AND environment_id = %s "
+        "AND direction = %s AND (inbox_id IS NULL OR inbox_id = %s)",
+        (org_id, environment_id, direction, inbox_id))
+
+
+async def insert_rule(txn: Txn, row: dict[str, Any]) -> dict[str, Any]:
+    """Store a filter rule."""
+    cols = list(row)
+    return await txn.fetchone(
+        f"INSERT INTO filter_rules ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))})"
+        f" RETURNING {_RULE_COLS}", list(row.values()))
+
+
+async def list_rules(txn: Txn, org_id: str, env_ids: frozenset[str] | None,
+                     after_id: str | None, limit: int) -> list[dict[str, Any]]:
+    """Rules newest first."""
+    env_sql, env_params = _env_clause(env_ids)
+    return await txn.fetchall(
+        f"SELECT {_RULE_COLS} FROM filter_rules WHERE org_id = %s{env_sql} "
+        "AND (%s::text IS NULL OR id < %s) ORDER BY id DESC LIMIT %s",
+        (org_id, *env_params, after_id, after_id, limit))
+
+
+async def get_rule(txn: Txn, org_id: str, env_ids: frozenset[str] | None,
+                   rule_id: str) -> dict[str, Any] | None:
+    """One rule."""
+    env_sql, env_params = _env_clause(env_ids)
+    return await txn.fetchone(
+        f"SELECT {_RULE_COLS} FROM filter_rules WHERE org_id = %s AND id = %s{env_sql}",
+        (org_id, rule_id, *env_params))
+
+
+async def delete_rule(txn: Txn, org_id: str, rule_id: str) -> bool:
+    """Remove a rule."""
+    return await txn.execute("DELETE FROM filter_rules WHERE org_id = %s AND id = %s",
+                             (org_id, rule_id)) == 1
+
+
+async def blob_keys_of_inbox(txn: Txn, org_id: str, inbox_id: str) -> list[str]:
+    """Every blob reference held by an inbox's messages and attachments (one per row)."""
+    rows = await txn.fetchall(
+        "SELECT raw_blob_key AS k FROM messages WHERE org_id = %s AND inbox_id = %s "
+        "UNION ALL SELECT a.blob_key FROM attachments a JOIN messages m "
+        "ON m.org_id = a.org_id AND m.id = a.message_id "
+        "WHERE m.org_id = %s AND m.inbox_id = %s",
+        (org_id, inbox_id, org_id, inbox_id))
+    return [r["k"] for r in rows]
