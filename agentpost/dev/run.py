@@ -23,6 +23,7 @@ from agentpost.dev.tls import ensure_dev_tls
 VAR = Path(os.environ.get("AGENTPOST_VAR_DIR", "var"))
 DB_NAME = "agentpost"
 HTTP_PORT = int(os.environ.get("AGENTPOST_HTTP_PORT", "8080"))
+SMTP_MX_PORT = int(os.environ.get("AGENTPOST_SMTP_PORT", "2525"))
 SHARED_DOMAIN = "agentpost.local"
 
 
@@ -62,6 +63,14 @@ port = {HTTP_PORT}
 
 [mail]
 shared_domain = "{SHARED_DOMAIN}"
+
+[storage]
+backend = "local"
+path = "{(VAR / 'blobs').resolve()}"
+
+[smtp]
+mx_bind = "127.0.0.1"
+mx_port = {SMTP_MX_PORT}
 """
     path.write_text(text)
     path.chmod(0o600)
@@ -119,6 +128,15 @@ def _banner(demo: dict[str, str], config_path: Path, tls: Any) -> None:
     _say(f'   curl -s -X POST {base}/api/v1/inboxes -H "Authorization: Bearer $AGENTPOST_KEY" \\')
     _say("        -H 'Content-Type: application/json' -d '{\"username\": \"my-agent\"}'")
     _say(f"   curl -s {base}/api/v1/openapi.json | python3 -m json.tool | less")
+    if demo.get("inbox_email"):
+        _say("")
+        _say(f" Deliver a test message to {demo['inbox_email']} over SMTP (MX, port "
+             f"{SMTP_MX_PORT}, STARTTLS offered):")
+        _say("   python3 -c \"import smtplib; s = smtplib.SMTP('127.0.0.1', "
+             f"{SMTP_MX_PORT}); s.sendmail('you@example.com', ['{demo['inbox_email']}'], "
+             "b'Subject: Hello\\\\r\\\\n\\\\r\\\\nHi from smtplib.\\\\r\\\\n'); s.quit()\"")
+        _say(f'   curl -s {base}/api/v1/inboxes/{demo["inbox_id"]}/messages '
+             '-H "Authorization: Bearer $AGENTPOST_KEY"')
     _say("")
     _say(" Ctrl-C stops AgentPost and the database it started.")
     _say("=" * 72)
