@@ -112,6 +112,7 @@ class AgentPostService(service.Service):
         self.core = build_core(config, reactor)
         self.ports: dict[str, IListeningPort] = {}
         self.route_tables: dict[str, RouteTable] = {}
+        self.smtp_factories: dict[str, Any] = {}
         self._started: defer.Deferred[None] | None = None
 
     def http_resource(self) -> Any:
@@ -150,6 +151,8 @@ class AgentPostService(service.Service):
         await self.core.inboxes.ensure_shared_domain()
         self.core.audit.start()
         self.core.retention.start()
+        if self.config.smtp.mx_enabled:
+            self.ports["smtp_mx"] = await self._listen_mx()
         cfg = self.config.http
         if cfg.enabled:
             site = make_site(self.http_resource(), access_log=cfg.access_log)
@@ -163,6 +166,33 @@ class AgentPostService(service.Service):
                 ep = endpoints.TCP4ServerEndpoint(self.reactor, cfg.port, interface=cfg.bind)
             self.ports["http"] = await ep.listen(site)
             log.info("HTTP API listening on %s:%d", cfg.bind, self.ports["http"].getHost().port)
+
+    def tls_options(self) -> Any:
+        """Server TLS settings shared by every listener, or None when not configured."""
+        if not (self.config.tls.cert and self.config.tls.key):
+            return None
+        from agentpost.tls import server_tls_options
+
+        return server_tls_options(self.config.tls.cert, self.config.tls.key)
+
+    async def _listen_mx(self) -> IListeningPort:
+        from agentpost.smtp import SMTPFactory, SMTPLimits, listen_smtp
+        from agentpost.smtp.delivery import InboundDelivery
+
+        cfg = self.config.smtp
+        factory = SMTPFactory(
+            InboundDelivery(self.core.router, self.core.ingest),
+            hostname=self.config.server.hostname, clock=self.reactor,
+            limits=SMTPLimits(max_message_size_bytes=cfg.max_message_size,
+                              max_recipients=cfg.max_recipients, max_errors=cfg.max_errors),
+            tls_options=self.tls_options(), listener="mx",
+            max_connections_per_ip=cfg.max_connections_per_ip,
+            max_connections=cfg.max_connections,
+        )
+        self.smtp_factories["mx"] = factory
+        port = await listen_smtp(self.reactor, factory, cfg.mx_bind, cfg.mx_port)
+        log.info("SMTP MX listening on %s:%d", cfg.mx_bind, port.getHost().port)
+        return port
 
     def _fatal(self, failure: Any) -> None:
         log.error("AgentPost failed to start: %s", failure.getErrorMessage())

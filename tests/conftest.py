@@ -88,9 +88,25 @@ def empty_dsn(pg: Any) -> Any:
     conn.close()
 
 
+_DEV_TLS: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dev_tls() -> Any:
+    """One development CA and server certificate for the whole run (TLS on every listener)."""
+    from agentpost.dev.tls import ensure_dev_tls
+
+    folder = Path(tempfile.mkdtemp(prefix="agentpost-tls-"))
+    tls = ensure_dev_tls(folder / "tls", hostnames=("localhost",))
+    _DEV_TLS.update(cert=str(tls.cert), key=str(tls.key), ca=str(tls.ca_cert))
+    yield tls
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def make_config(dsn: str, **overrides: dict[str, Any]) -> Any:
     """A test configuration: ephemeral port, the given database, sections overridable."""
     data: dict[str, dict[str, Any]] = {
+        "tls": {"cert": _DEV_TLS["cert"], "key": _DEV_TLS["key"]} if _DEV_TLS else {},
         "server": {"hostname": "mx.test", "environment": "development"},
         "database": {"url": dsn, "pool_size": 5, "connect_timeout": "2s", "retries": 2},
         "http": {"port": 0},
@@ -113,6 +129,8 @@ class RunningServer:
         self.core = service.core
         port = service.ports["http"].getHost().port
         self.base_url = f"http://127.0.0.1:{port}"
+        mx = service.ports.get("smtp_mx")
+        self.mx_port = mx.getHost().port if mx is not None else None
         self.api = ApiClient(self.base_url, checker)
 
     async def new_org(self, name: str = "Org") -> tuple[dict[str, Any], str]:

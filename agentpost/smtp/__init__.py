@@ -1,0 +1,32 @@
+"""SMTP: our own RFC 5321 server on Twisted's transport (see DESIGN.md §7 for why).
+
+- :mod:`agentpost.smtp.interfaces` — what the protocol needs from the rest of the system.
+- :mod:`agentpost.smtp.parser` — the wire syntax, as pure functions.
+- :mod:`agentpost.smtp.replies` — reply rendering and the one domain-error table.
+- :mod:`agentpost.smtp.server` — the per-connection state machine.
+- :mod:`agentpost.smtp.listener` — the factory (connection caps) and ``listen_smtp``.
+
+Wiring (in the composition root)::
+
+    factory = SMTPFactory(agent, hostname="mx.example.com", clock=reactor,
+                          tls_options=server_tls_options(cert, key))
+    port = await listen_smtp(reactor, factory, "0.0.0.0", 25)
+"""
+
+from agentpost.smtp.interfaces import DeliveryAgent, Envelope, SessionInfo
+from agentpost.smtp.listener import SMTPFactory, listen_smtp
+from agentpost.smtp.replies import Reply, reply_for_error
+from agentpost.smtp.server import SMTPLimits, SMTPServerProtocol, State
+
+__all__ = [
+    "DeliveryAgent",
+    "Envelope",
+    "Reply",
+    "SMTPFactory",
+    "SMTPLimits",
+    "SMTPServerProtocol",
+    "SessionInfo",
+    "State",
+    "listen_smtp",
+    "reply_for_error",
+]

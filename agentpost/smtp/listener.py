@@ -1,0 +1,138 @@
+"""The SMTP listener: a factory holding the shared configuration, and connection caps.
+
+The factory is where per-client and total connection limits live, because only it
+sees every connection: over either cap a client gets ``421 4.7.0`` at connect time
+(a retryable refusal, RFC 5321 §3.8) instead of a session.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+from twisted.internet import endpoints
+from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from agentpost.smtp import replies
+from agentpost.smtp.interfaces import DeliveryAgent
+from agentpost.smtp.server import SMTPLimits, SMTPServerProtocol
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SMTPFactory", "listen_smtp"]
+
+
+class _RefusingProtocol(Protocol):
+    """Says 421 and hangs up: for clients over a connection cap."""
+
+    def __init__(self, reply: replies.Reply) -> None:
+        self.reply = reply
+
+    def connectionMade(self) -> None:
+        """Refuse at once; nothing the client sends is read."""
+        self.transport.write(self.reply.render())
+        self.transport.loseConnection()
+
+
+class SMTPFactory(Factory):
+    """Builds :class:`SMTPServerProtocol` sessions sharing one configuration.
+
+    Arguments are those of :class:`SMTPServerProtocol` plus:
+        max_connections_per_ip: concurrent sessions from one client address.
+        max_connections: concurrent sessions in total.
+        implicit_tls: TLS settings for a listener that is TLS from the first byte
+            (submission on port 465, later); :func:`listen_smtp` then wraps the
+            socket in TLS and sessions do not offer STARTTLS.
+    """
+
+    def __init__(
+        self,
+        agent: DeliveryAgent,
+        *,
+        hostname: str,
+        clock: IReactorTime,
+        limits: SMTPLimits | None = None,
+        tls_options: Any = None,
+        listener: str = "mx",
+        require_tls: bool = False,
+        implicit_tls: Any = None,
+        spool_dir: str | None = None,
+        max_connections_per_ip: int = 20,
+        max_connections: int = 1000,
+        protocol_class: type[SMTPServerProtocol] = SMTPServerProtocol,
+    ) -> None:
+        self.agent = agent
+        self.hostname = hostname
+        self.clock = clock
+        self.limits = limits or SMTPLimits()
+        self.tls_options = tls_options
+        self.listener = listener
+        self.require_tls = require_tls
+        self.implicit_tls = implicit_tls
+        self.spool_dir = spool_dir
+        self.max_connections_per_ip = max_connections_per_ip
+        self.max_connections = max_connections
+        self.protocol_class = protocol_class
+        self.connections_by_ip: Counter[str] = Counter()
+        self.connections = 0
+
+    def buildProtocol(self, addr: IAddress) -> Protocol:
+        """A session, or a 421 refusal when a connection cap is reached."""
+        host = str(getattr(addr, "host", "") or "")
+        if self.connections >= self.max_connections:
+            log.warning("smtp %s: refusing %s: %d connections in total",
+                        self.listener, host, self.connections)
+            return self._refusal("Too many connections; try again later")
+        if self.connections_by_ip[host] >= self.max_connections_per_ip:
+            log.warning("smtp %s: refusing %s: %d connections from this address",
+                        self.listener, host, self.connections_by_ip[host])
+            return self._refusal("Too many connections from your address; try again later")
+        self.connections += 1
+        self.connections_by_ip[host] += 1
+        protocol = self.protocol_class(
+            self.agent,
+            hostname=self.hostname,
+            clock=self.clock,
+            limits=self.limits,
+            tls_options=self.tls_options,
+            listener=self.listener,
+            require_tls=self.require_tls,
+            implicit_tls=self.implicit_tls is not None,
+            spool_dir=self.spool_dir,
+            on_close=lambda: self._released(host),
+        )
+        protocol.factory = self
+        return protocol
+
+    def _refusal(self, text: str) -> Protocol:
+        protocol = _RefusingProtocol(replies.closing(self.hostname, "4.7.0", text))
+        protocol.factory = self
+        return protocol
+
+    def _released(self, host: str) -> None:
+        self.connections -= 1
+        self.connections_by_ip[host] -= 1
+        if self.connections_by_ip[host] <= 0:
+            del self.connections_by_ip[host]
+
+
+async def listen_smtp(reactor: Any, factory: SMTPFactory, bind: str = "0.0.0.0",  # noqa: S104
+                      port: int = 25) -> IListeningPort:
+    """Listen on ``bind:port`` (IPv6 if ``bind`` contains a colon).
+
+    With ``factory.implicit_tls`` set, the socket is TLS from the first byte: the
+    factory is wrapped in :class:`TLSMemoryBIOFactory`, which also calls each
+    session's ``handshakeCompleted`` so the ``Received:`` header names the TLS
+    version and cipher.
+    """
+    if ":" in bind:
+        endpoint: Any = endpoints.TCP6ServerEndpoint(reactor, port, interface=bind)
+    else:
+        endpoint = endpoints.TCP4ServerEndpoint(reactor, port, interface=bind)
+    serving: Factory = factory
+    if factory.implicit_tls is not None:
+        serving = TLSMemoryBIOFactory(factory.implicit_tls, False, factory)
+    return await endpoint.listen(serving)

@@ -1,0 +1,187 @@
+"""The MX listener end to end: real smtplib over real sockets into the real store."""
+
+import smtplib
+import socket
+import ssl
+
+import psycopg2
+import pytest_twisted
+from twisted.internet.threads import deferToThread
+
+from tests.conftest import _DEV_TLS, make_config, start_server
+from tests.mailfactory import make_message
+
+
+def _send(port, mail_from, rcpts, raw, *, starttls=True, options=()):
+    """Send with smtplib (in a thread); return (code, message) of the final reply."""
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=30) as smtp:
+        smtp.ehlo()
+        assert "auth" not in smtp.esmtp_features  # never AUTH on the MX
+        if starttls:
+            context = ssl.create_default_context(cafile=_DEV_TLS["ca"])
+            smtp.starttls(context=context)  # verifies the 127.0.0.1 SAN against the dev CA
+            smtp.ehlo()
+        try:
+            refused = smtp.sendmail(mail_from, rcpts, raw, mail_options=list(options))
+        except smtplib.SMTPRecipientsRefused as exc:
+            return "refused", exc.recipients
+        except smtplib.SMTPDataError as exc:
+            return "data", (exc.smtp_code, exc.smtp_error)
+        return "ok", refused
+
+
+async def _inbox(server, key, name):
+    resp = await server.api.post("/api/v1/inboxes", {"username": name}, key=key)
+    assert resp.status == 201, resp
+    return resp.json
+
+
+@pytest_twisted.ensureDeferred
+async def test_smtplib_over_starttls_then_api_shows_byte_exact_message(server):
+    """Deliver over STARTTLS (certificate verified against the dev CA); read it back."""
+    _, key = await server.new_org()
+    inbox = await _inbox(server, key, "mx-e2e")
+    raw = make_message(to=inbox["email"], subject="Über TLS", msgid="<tls1@example.com>",
+                       body="Grüße über STARTTLS.\n")
+    outcome = await deferToThread(_send, server.mx_port, "alice@example.com",
+                                  [inbox["email"]], raw)
+    assert outcome == ("ok", {})
+    listed = await server.api.get(f"/api/v1/inboxes/{inbox['id']}/messages", key=key)
+    [summary] = listed.json["data"]
+    assert summary["subject"] == "Über TLS"
+    stored = (await server.api.get(f"/api/v1/messages/{summary['id']}/raw", key=key)).body
+    assert stored.endswith(raw), "the message must be stored exactly as sent"
+    trace = stored[: len(stored) - len(raw)]
+    assert trace.startswith(b"Return-Path: <alice@example.com>\r\nReceived: from client.test")
+    assert b"TLSv1.3" in trace or b"TLSv1.2" in trace
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_recipient_and_relay_are_refused(server):
+    """550 5.1.1 for an unknown local part, 550 5.7.1 for a domain we do not host."""
+    _, key = await server.new_org()
+    inbox = await _inbox(server, key, "known")
+    raw = make_message(to="nobody@agents.test")
+    kind, refused = await deferToThread(_send, server.mx_port, "a@example.com",
+                                        ["nobody@agents.test"], raw, starttls=False)
+    assert kind == "refused"
+    code, text = refused["nobody@agents.test"]
+    assert code == 550 and text.startswith(b"5.1.1")
+    kind, refused = await deferToThread(_send, server.mx_port, "a@example.com",
+                                        ["victim@gmail.com"], raw, starttls=False)
+    code, text = refused["victim@gmail.com"]
+    assert code == 550 and text.startswith(b"5.7.1")
+    kind, refused = await deferToThread(
+        _send, server.mx_port, "a@example.com", [inbox["email"], "nobody@agents.test"], raw,
+        starttls=False)
+    assert kind == "ok" and list(refused) == ["nobody@agents.test"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_blocked_sender_gets_550_at_rcpt(server):
+    """A receive block rule refuses the sender at RCPT time with 550 5.7.1."""
+    _, key = await server.new_org()
+    inbox = await _inbox(server, key, "ruled")
+    await server.api.post("/api/v1/filter-rules", {
+        "direction": "receive", "action": "block", "match_type": "subdomain_wildcard",
+        "value": "*.spam.example"}, key=key)
+    kind, refused = await deferToThread(_send, server.mx_port, "x@mail.spam.example",
+                                        [inbox["email"]], make_message(), starttls=False)
+    assert kind == "refused"
+    code, text = refused[inbox["email"]]
+    assert code == 550 and text.startswith(b"5.7.1")
+
+
+def _raw_session(port, lines):
+    """Speak SMTP by hand; return every reply line received."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        f = sock.makefile("rb")
+        replies = [f.readline()]
+        for line in lines:
+            sock.sendall(line)
+            while True:
+                reply = f.readline()
+                replies.append(reply)
+                if reply[3:4] != b"-":
+                    break
+        return replies
+
+
+@pytest_twisted.ensureDeferred
+async def test_database_down_during_data_gives_451_then_accepts_after_recovery(server, pg):
+    """PostgreSQL stops after RCPT: the end of DATA answers 451 4.3.0; a retry succeeds."""
+    _, key = await server.new_org()
+    inbox = await _inbox(server, key, "outage")
+    raw = make_message(to=inbox["email"], subject="survives outages")
+
+    def session():
+        with socket.create_connection(("127.0.0.1", server.mx_port), timeout=30) as sock:
+            f = sock.makefile("rb")
+            f.readline()
+
+            def cmd(line):
+                sock.sendall(line)
+                while True:
+                    reply = f.readline()
+                    if reply[3:4] != b"-":
+                        return reply
+
+            cmd(b"EHLO client.test\r\n")
+            cmd(b"MAIL FROM:<a@example.com>\r\n")
+            assert cmd(f"RCPT TO:<{inbox['email']}>\r\n".encode()).startswith(b"250")
+            assert cmd(b"DATA\r\n").startswith(b"354")
+            pg.stop()
+            try:
+                return cmd(raw + b".\r\n")
+            finally:
+                pg.start()
+
+    reply = await deferToThread(session)
+    assert reply.startswith(b"451 4.3.0"), reply
+    listed = await server.api.get(f"/api/v1/inboxes/{inbox['id']}/messages", key=key)
+    assert listed.json["data"] == []
+    outcome = await deferToThread(_send, server.mx_port, "a@example.com", [inbox["email"]],
+                                  raw, starttls=False)
+    assert outcome == ("ok", {})
+    listed = await server.api.get(f"/api/v1/inboxes/{inbox['id']}/messages", key=key)
+    assert [m["subject"] for m in listed.json["data"]] == ["survives outages"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_blob_store_failure_gives_451(db_dsn, tmp_path, openapi_checker):
+    """A blob store that cannot write makes the end of DATA answer 451, and stores nothing."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    running = await start_server(
+        make_config(db_dsn, storage={"backend": "local", "path": str(blocker / "blobs")}),
+        openapi_checker)
+    try:
+        _, key = await running.new_org()
+        inbox = await _inbox(running, key, "nostore")
+        kind, (code, text) = await deferToThread(_send, running.mx_port, "a@example.com",
+                                                 [inbox["email"]], make_message(),
+                                                 starttls=False)
+        assert kind == "data" and code == 451 and text.startswith(b"4.3.0")
+        conn = psycopg2.connect(db_dsn)
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM messages")
+            assert cur.fetchone()[0] == 0
+        conn.close()
+    finally:
+        await running.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_utf8_addresses_with_smtputf8(server):
+    """An internationalized recipient with SMTPUTF8 reaches its inbox."""
+    _, key = await server.new_org()
+    inbox = await _inbox(server, key, "plain")
+    raw = ("From: Jörg <jörg@exämple.de>\r\nTo: " + inbox["email"] +
+           "\r\nSubject: Ünïcode\r\n\r\nHallo.\r\n").encode("utf-8")
+    outcome = await deferToThread(_send, server.mx_port, "jörg@exämple.de", [inbox["email"]],
+                                  raw, starttls=False, options=("SMTPUTF8",))
+    assert outcome == ("ok", {})
+    [msg] = (await server.api.get(f"/api/v1/inboxes/{inbox['id']}/messages",
+                                  key=key)).json["data"]
+    assert msg["subject"] == "Ünïcode"
+    assert msg["from_address"]["email"] == "jörg@exämple.de"
