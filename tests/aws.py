@@ -66,8 +66,8 @@ class MotoServer:
     def reset(self) -> None:
         """Forget all state of all services (about 20 ms)."""
         url = f"{self.endpoint_url}/moto-api/reset"
-        req = urllib.request.Request(url, method="POST", data=b"")  # noqa: S310 - loopback http
-        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310
+        req = urllib.request.Request(url, method="POST", data=b"")
+        with urllib.request.urlopen(req, timeout=5) as resp:
             resp.read()
 
     def client(self, service: str, **config: Any) -> Any:
@@ -96,7 +96,7 @@ def _wait_ready(url: str, deadline: float) -> None:
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{url}/moto-api/", timeout=1) as resp:  # noqa: S310
+            with urllib.request.urlopen(f"{url}/moto-api/", timeout=1) as resp:
                 if resp.status == 200:
                     return
         except (urllib.error.URLError, OSError) as exc:

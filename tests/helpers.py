@@ -89,7 +89,7 @@ class ApiClient:
             data = json.dumps(json_body).encode()
             hdrs.setdefault("Content-Type", ["application/json"])
         resp = await treq.request(method, self.base_url + path, headers=hdrs, data=data,
-                                  persistent=False)
+                                  persistent=False, allow_redirects=False)
         body = await treq.content(resp)
         headers_out = {k.decode().lower(): v[-1].decode()
                        for k, v in resp.headers.getAllRawHeaders()}
@@ -116,3 +116,16 @@ class ApiClient:
     async def delete(self, path: str, **kw: Any) -> Response:
         """DELETE."""
         return await self.request("DELETE", path, **kw)
+
+
+def query(dsn: str, sql: str, params: tuple = ()) -> list[tuple]:
+    """Read the database directly (blocking; only for reads the server cannot block)."""
+    import psycopg2
+
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall()
+    finally:
+        conn.close()

@@ -7,15 +7,7 @@ import psycopg2
 import pytest_twisted
 from twisted.internet import task
 
-
-def _db_rows(dsn, sql, params=()):
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall()
-    finally:
-        conn.close()
+from tests.helpers import query
 
 
 @pytest_twisted.ensureDeferred
@@ -34,11 +26,11 @@ async def test_key_is_shown_once_and_only_its_digest_is_stored(server, db_dsn):
     listed = await server.api.get("/api/v1/api-keys", key=owner)
     assert all("key" not in k for k in listed.json["data"])
 
-    digest = _db_rows(db_dsn, "SELECT secret_sha256 FROM api_keys WHERE id = %s",
+    digest = query(db_dsn, "SELECT secret_sha256 FROM api_keys WHERE id = %s",
                       (created.json["id"],))[0][0]
     assert bytes(digest) == hashlib.sha256(secret.encode()).digest()
     # No column of any table holds the plaintext.
-    dump = _db_rows(db_dsn, "SELECT row_to_json(k)::text FROM api_keys k")
+    dump = query(db_dsn, "SELECT row_to_json(k)::text FROM api_keys k")
     assert all(secret not in row[0] and secret[6:] not in row[0] for row in dump)
 
     works = await server.api.get("/api/v1/inboxes", key=secret)

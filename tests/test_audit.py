@@ -1,21 +1,11 @@
 """The audit trail: every API request, allowed or denied, leaves a row."""
 
-import psycopg2
 import pytest_twisted
 from twisted.internet import task
 
 from agentpost.core.audit import AuditTrail
 from agentpost.core.context import RequestContext
-
-
-def _rows(dsn, sql, params=()):
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall()
-    finally:
-        conn.close()
+from tests.helpers import query
 
 
 @pytest_twisted.ensureDeferred
@@ -30,7 +20,7 @@ async def test_allowed_and_denied_requests_are_audited(server, db_dsn):
     await server.api.get("/api/v1/inboxes", key="ap_sk_" + "Z" * 43)
     await server.core.audit.flush()
 
-    rows = _rows(db_dsn, "SELECT action, outcome, status, actor_type, actor_id, target_id, "
+    rows = query(db_dsn, "SELECT action, outcome, status, actor_type, actor_id, target_id, "
                  "org_id, environment_id, remote_addr, request_id FROM audit_log ORDER BY id")
     by_action = {}
     for row in rows:
@@ -65,10 +55,10 @@ async def test_a_change_and_its_audit_row_commit_together(server, db_dsn):
     clash = await server.api.post("/api/v1/inboxes", {"username": "once"}, key=owner)
     assert clash.status == 409
     await server.core.audit.flush()
-    rows = _rows(db_dsn, "SELECT outcome, status FROM audit_log WHERE action = 'inboxes.create' "
+    rows = query(db_dsn, "SELECT outcome, status FROM audit_log WHERE action = 'inboxes.create' "
                  "ORDER BY id")
     assert rows == [("allowed", 201), ("failed", 409)]
-    inboxes = _rows(db_dsn, "SELECT count(*) FROM inboxes")
+    inboxes = query(db_dsn, "SELECT count(*) FROM inboxes")
     assert inboxes == [(1,)]
 
 
@@ -96,4 +86,4 @@ async def test_buffered_rows_survive_a_failed_flush_and_a_clean_shutdown(db_dsn)
     await good.close()
     await bad.close()
     assert trail2.pending == 0
-    assert _rows(db_dsn, "SELECT action, outcome FROM audit_log") == [("inboxes.get", "denied")]
+    assert query(db_dsn, "SELECT action, outcome FROM audit_log") == [("inboxes.get", "denied")]

@@ -2,20 +2,10 @@
 
 import hashlib
 
-import psycopg2
 import pytest_twisted
 
+from tests.helpers import query
 from tests.mailfactory import make_message
-
-
-def _q(dsn, sql, params=()):
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall()
-    finally:
-        conn.close()
 
 
 async def _inbox(server, key, username):
@@ -60,9 +50,9 @@ async def test_stored_message_fields_raw_and_attachments(server, db_dsn):
     assert att_resp.status == 200 and att_resp.body == pdf
     assert 'filename="report.pdf"' in att_resp.headers["content-disposition"]
 
-    events = _q(db_dsn, "SELECT type, data->>'message_id' FROM events")
+    events = query(db_dsn, "SELECT type, data->>'message_id' FROM events")
     assert events == [("message.received", msg["id"])]
-    sha = _q(db_dsn, "SELECT sha256 FROM attachments")[0][0]
+    sha = query(db_dsn, "SELECT sha256 FROM attachments")[0][0]
     assert sha == hashlib.sha256(pdf).hexdigest()
 
 
@@ -102,16 +92,16 @@ async def test_one_message_to_two_inboxes_is_stored_once_per_inbox(server, db_ds
     raw = make_message(to="first@agents.test, second@agents.test")
     stored = await server.deliver(raw, [a["email"], b["email"]])
     assert len({s.message_id for s in stored}) == 2
-    [(blob_key, refcount)] = _q(db_dsn, "SELECT key, refcount FROM blobs")
+    [(blob_key, refcount)] = query(db_dsn, "SELECT key, refcount FROM blobs")
     assert refcount == 2
     assert await server.core.blobs.exists(blob_key)
     await server.api.delete(f"/api/v1/messages/{stored[0].message_id}", key=key)
-    assert _q(db_dsn, "SELECT refcount FROM blobs") == [(1,)]
+    assert query(db_dsn, "SELECT refcount FROM blobs") == [(1,)]
     assert await server.core.blobs.exists(blob_key)
     await server.api.delete(f"/api/v1/messages/{stored[1].message_id}", key=key)
-    assert _q(db_dsn, "SELECT count(*) FROM blobs") == [(0,)]
+    assert query(db_dsn, "SELECT count(*) FROM blobs") == [(0,)]
     assert not await server.core.blobs.exists(blob_key)
-    assert _q(db_dsn, "SELECT count(*) FROM threads") == [(0,)]
+    assert query(db_dsn, "SELECT count(*) FROM threads") == [(0,)]
 
 
 @pytest_twisted.ensureDeferred

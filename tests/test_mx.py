@@ -185,3 +185,51 @@ async def test_utf8_addresses_with_smtputf8(server):
                                   key=key)).json["data"]
     assert msg["subject"] == "Ünïcode"
     assert msg["from_address"]["email"] == "jörg@exämple.de"
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_backend_end_to_end_with_presigned_attachment(db_dsn, s3_bucket,
+                                                               openapi_checker):
+    """With the S3 store: mail over SMTP lands in S3 encrypted; attachments are served by a
+    short-lived presigned URL that a plain HTTP client can fetch."""
+    import urllib.request
+
+    running = await start_server(make_config(db_dsn, storage={
+        "backend": "s3", "bucket": s3_bucket.name, "endpoint_url": s3_bucket.endpoint_url,
+        "region": s3_bucket.region, "access_key_id": s3_bucket.access_key,
+        "secret_access_key": s3_bucket.secret_key, "presign_ttl": "2m"}), openapi_checker)
+    try:
+        _, key = await running.new_org()
+        inbox = await _inbox(running, key, "s3")
+        blob = b"%PDF-1.7\r\n" + bytes(range(256)) * 10
+        raw = make_message(to=inbox["email"], attachments=[("scan.pdf", "application/pdf",
+                                                            blob)])
+        assert (await deferToThread(_send, running.mx_port, "a@example.com", [inbox["email"]],
+                                    raw, starttls=False)) == ("ok", {})
+        [summary] = (await running.api.get(f"/api/v1/inboxes/{inbox['id']}/messages",
+                                           key=key)).json["data"]
+        msg = (await running.api.get(f"/api/v1/messages/{summary['id']}", key=key)).json
+        [att] = msg["attachments"]
+        redirect = await running.api.get(
+            f"/api/v1/messages/{msg['id']}/attachments/{att['id']}", key=key)
+        assert redirect.status == 302
+        url = redirect.headers["location"]
+        assert "X-Amz-Expires=120" in url
+
+        def fetch():
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                return resp.read(), resp.headers["Content-Disposition"]
+
+        body, disposition = await deferToThread(fetch)
+        assert body == blob and "scan.pdf" in disposition
+
+        def encryption():
+            objects = s3_bucket.client.list_objects_v2(Bucket=s3_bucket.name)["Contents"]
+            return [s3_bucket.client.head_object(Bucket=s3_bucket.name, Key=o["Key"]).get(
+                "ServerSideEncryption") for o in objects]
+
+        assert await deferToThread(encryption) == ["AES256", "AES256"]  # raw + attachment
+        raw_back = await running.api.get(f"/api/v1/messages/{msg['id']}/raw", key=key)
+        assert raw_back.body.endswith(raw)
+    finally:
+        await running.service.stopService()
