@@ -20,6 +20,7 @@ from agentpost.core.audit_log import AuditLog
 from agentpost.core.blobrefs import BlobCollector
 from agentpost.core.environments import Environments
 from agentpost.core.filters import FilterRules
+from agentpost.core.imap_accounts import IMAPLogins
 from agentpost.core.inboxes import Inboxes
 from agentpost.core.ingest import Ingest
 from agentpost.core.members import Members
@@ -35,6 +36,8 @@ from agentpost.http.site import make_site
 from agentpost.jobs.retention import RetentionSweep
 from agentpost.storage.blobs import BlobStore, LocalBlobStore, S3BlobStore
 from agentpost.storage.database import Database
+from agentpost.storage.mail import MAIL_CHANNEL
+from agentpost.storage.notify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,8 @@ class Core:
     router: Router
     messages: Messages
     filters: FilterRules
+    notifier: Notifier
+    imap_logins: IMAPLogins
 
 
 def build_blob_store(config: Config, reactor: Any) -> BlobStore:
@@ -84,6 +89,9 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
     audit = AuditTrail(db, clock, config.audit.flush_interval, config.audit.max_buffer)
     blobs = build_blob_store(config, reactor)
     collector = BlobCollector(db, blobs)
+    ingest = Ingest(db, blobs, reactor)
+    notifier = Notifier(config.database.url, MAIL_CHANNEL, reactor=reactor, clock=clock)
+    portal = build_portal(db)
     return Core(
         db=db, audit=audit,
         organizations=Organizations(db, audit),
@@ -94,10 +102,12 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
         audit_log=AuditLog(db),
         retention=RetentionSweep(db, clock, config.retention),
         blobs=blobs,
-        ingest=Ingest(db, blobs, reactor),
+        ingest=ingest,
         router=Router(db),
         messages=Messages(db, audit, blobs, collector, int(config.storage.presign_ttl)),
         filters=FilterRules(db, audit),
+        notifier=notifier,
+        imap_logins=IMAPLogins(portal, db, blobs, ingest, collector, audit, clock, notifier),
     )
 
 
@@ -151,6 +161,7 @@ class AgentPostService(service.Service):
         await self.core.inboxes.ensure_shared_domain()
         self.core.audit.start()
         self.core.retention.start()
+        await self.core.notifier.start()
         if self.config.smtp.mx_enabled:
             self.ports["smtp_mx"] = await self._listen_mx()
         cfg = self.config.http
@@ -209,6 +220,7 @@ class AgentPostService(service.Service):
         for port in self.ports.values():
             await port.stopListening()
         self.ports.clear()
+        self.core.notifier.stop()
         await self.core.retention.stop()
         await self.core.audit.stop()
         await self.core.db.close()

@@ -18,7 +18,7 @@ from twisted.internet import threads
 
 from agentpost.mail.parse import ParsedMessage, parse_message
 from agentpost.mail.reply import extract_new_text
-from agentpost.model.errors import StorageFailure
+from agentpost.model.errors import NotFound, StorageFailure
 from agentpost.model.ids import new_id
 from agentpost.storage import mail as mail_store
 from agentpost.storage.blobs import BlobRef, BlobStore
@@ -48,6 +48,32 @@ class Stored:
     uid: int
 
 
+@dataclass(frozen=True)
+class _State:
+    """Per-delivery options carried into the transaction."""
+
+    flags: frozenset[str]
+    labels: tuple[str, ...]
+    imap: tuple[str | None, str | None, str | None]
+    require_folder: bool
+
+
+def _analyse(raw: bytes) -> tuple[ParsedMessage, tuple[str | None, str | None, str | None]]:
+    """Parse for the API and pre-render IMAP ENVELOPE/BODYSTRUCTURE/BODY, in a thread."""
+    parsed = parse_message(raw)
+    try:
+        from agentpost.mail import imapformat
+    except ImportError:  # IMAP rendering not installed: FETCH renders lazily instead
+        return parsed, (None, None, None)
+    try:
+        imap = (imapformat.envelope(raw), imapformat.bodystructure(raw, True),
+                imapformat.bodystructure(raw, False))
+    except Exception:  # rendered lazily at FETCH time instead
+        log.exception("could not pre-render IMAP structures")
+        imap = (None, None, None)
+    return parsed, imap
+
+
 def _json_safe_headers(parsed: ParsedMessage) -> list[list[str]]:
     return [[k, v] for k, v in parsed.headers[:500]]
 
@@ -62,12 +88,18 @@ class Ingest:
 
     async def store(self, targets: list[Target], message: IO[bytes], *,
                     envelope_from: str | None, direction: str = "inbound",
-                    folder: str = "INBOX", seen: bool = False,
-                    received_at: datetime | None = None) -> list[Stored]:
-        """Store ``message`` (a binary file at offset 0) once per target inbox."""
+                    folder: str = "INBOX", flags: frozenset[str] = frozenset(),
+                    labels: tuple[str, ...] = (), received_at: datetime | None = None,
+                    require_folder: bool = False) -> list[Stored]:
+        """Store ``message`` (a binary file at offset 0) once per target inbox.
+
+        ``flags`` are IMAP system flags (\\Seen, \\Flagged, ...); ``require_folder`` makes a
+        missing folder a NotFound (IMAP APPEND answers [TRYCREATE]) instead of creating
+        the system folders.
+        """
         raw = message.read()
-        parsed = await threads.deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), parse_message, raw)
+        parsed, imap = await threads.deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), _analyse, raw)
         raw_ref = await self._blobs.put_bytes(raw, content_type="message/rfc822")
         att_refs: list[BlobRef] = []
         for att in parsed.attachments:
@@ -77,13 +109,16 @@ class Ingest:
         for att, ref in zip(parsed.attachments, att_refs, strict=True):
             blob_bodies[ref.key] = att.content
 
+        state = _State(flags=frozenset(flags), labels=tuple(sorted(set(labels))), imap=imap,
+                       require_folder=require_folder)
+
         async def txn_fn(txn: Txn) -> list[Stored]:
             when = received_at or txn.now
             out = []
             for target in targets:
                 out.append(await self._store_one(txn, target, parsed, raw_ref, att_refs,
                                                  blob_bodies, envelope_from, direction, folder,
-                                                 seen, when))
+                                                 state, when))
             return out
 
         return await self._db.run_interaction("ingest.store", txn_fn)
@@ -99,13 +134,15 @@ class Ingest:
     async def _store_one(self, txn: Txn, target: Target, parsed: ParsedMessage,
                          raw_ref: BlobRef, att_refs: list[BlobRef],
                          blob_bodies: dict[str, bytes], envelope_from: str | None,
-                         direction: str, folder_name: str, seen: bool,
+                         direction: str, folder_name: str, state: _State,
                          when: datetime) -> Stored:
         org = target.org_id
         await self._ensure_blob(txn, raw_ref, blob_bodies[raw_ref.key])
         for ref in att_refs:
             await self._ensure_blob(txn, ref, blob_bodies[ref.key])
         folder = await mail_store.folder_by_name(txn, org, target.inbox_id, folder_name)
+        if folder is None and state.require_folder:
+            raise NotFound("No such folder.")
         if folder is None:
             await mail_store.create_system_folders(txn, org, target.environment_id,
                                                    target.inbox_id)
@@ -133,7 +170,11 @@ class Ingest:
             "html_body": parsed.html_body,
             "extracted_text": extract_new_text(parsed.text_body),
             "preview": parsed.preview, "size": raw_ref.size, "raw_blob_key": raw_ref.key,
-            "has_attachments": bool(att_refs), "seen": seen,
+            "has_attachments": bool(att_refs), "seen": "\\Seen" in state.flags,
+            "flagged": "\\Flagged" in state.flags, "answered": "\\Answered" in state.flags,
+            "draft": "\\Draft" in state.flags, "deleted": "\\Deleted" in state.flags,
+            "labels": list(state.labels), "imap_envelope": state.imap[0],
+            "imap_bodystructure": state.imap[1], "imap_body": state.imap[2],
             "envelope_from": envelope_from, "envelope_to": [target.email],
             "created_at": txn.now,
         })

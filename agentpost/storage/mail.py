@@ -185,6 +185,12 @@ _MSG_COLS = ("id, org_id, environment_id, inbox_id, thread_id, folder_id, uid, m
 _MSG_LIST_COLS = _MSG_COLS.replace("text_body, html_body, extracted_text, ", "")
 
 
+async def notify_folder(txn: Txn, folder_id: int) -> None:
+    """Wake IMAP sessions watching a folder, in every process, once this commits.
+    (PostgreSQL folds identical notifications within one transaction.)"""
+    await txn.execute("SELECT pg_notify(%s, %s)", (MAIL_CHANNEL, str(folder_id)))
+
+
 async def insert_message(txn: Txn, row: dict[str, Any]) -> None:
     """Insert one message row (values prepared by core.ingest)."""
     cols = list(row)
@@ -194,6 +200,7 @@ async def insert_message(txn: Txn, row: dict[str, Any]) -> None:
     await txn.execute(
         f"INSERT INTO messages ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))})",
         values)
+    await notify_folder(txn, row["folder_id"])
 
 
 async def insert_attachment(txn: Txn, row: dict[str, Any]) -> None:
@@ -261,9 +268,11 @@ async def update_message_state(txn: Txn, org_id: str, message_id: str,
                                changes: dict[str, Any], modseq: int) -> None:
     """Set flags/labels (columns from core's allow-list) with a new MODSEQ."""
     sets = ", ".join(f"{col} = %s" for col in changes)
-    await txn.execute(
-        f"UPDATE messages SET {sets}, modseq = %s WHERE org_id = %s AND id = %s",
-        (*changes.values(), modseq, org_id, message_id))
+    folder_id = await txn.fetchval(
+        f"UPDATE messages SET {sets}, modseq = %s WHERE org_id = %s AND id = %s "
+        "RETURNING folder_id", (*changes.values(), modseq, org_id, message_id))
+    if folder_id is not None:
+        await notify_folder(txn, folder_id)
 
 
 async def delete_message(txn: Txn, org_id: str, message_id: str) -> list[str]:
@@ -271,10 +280,13 @@ async def delete_message(txn: Txn, org_id: str, message_id: str) -> list[str]:
     keys = [r["blob_key"] for r in await txn.fetchall(
         "SELECT blob_key FROM attachments WHERE org_id = %s AND message_id = %s",
         (org_id, message_id))]
-    raw = await txn.fetchval(
-        "DELETE FROM messages WHERE org_id = %s AND id = %s RETURNING raw_blob_key",
+    row = await txn.fetchone(
+        "DELETE FROM messages WHERE org_id = %s AND id = %s RETURNING raw_blob_key, folder_id",
         (org_id, message_id))
-    return ([raw] if raw else []) + keys
+    if row is None:
+        return keys
+    await notify_folder(txn, row["folder_id"])
+    return [row["raw_blob_key"], *keys]
 
 
 async def list_threads(txn: Txn, org_id: str, env_ids: frozenset[str] | None, inbox_id: str,

@@ -1,0 +1,183 @@
+"""What the IMAP protocol layer needs from the rest of the system.
+
+The protocol code (parser, state machine, sequence numbers, response rendering)
+knows nothing of SQL or tenants. After LOGIN/AUTHENTICATE it holds an
+``IMAPAccount`` (one inbox, checked through the shared twisted.cred portal) and asks
+it for folders, message metadata and bytes. Every method is a coroutine (``async
+def``) awaited inside Deferred-driven code. Failures are domain errors from
+``agentpost.model.errors`` (NotFound -> NO [NONEXISTENT] or [TRYCREATE] as the
+command requires, Conflict -> [ALREADYEXISTS], Forbidden -> [NOPERM],
+TemporaryFailure -> [UNAVAILABLE], Unauthenticated -> [AUTHENTICATIONFAILED],
+InvalidRequest -> [CANNOT] or BAD as appropriate).
+
+Flags are IMAP strings: the system flags ``\\Seen \\Answered \\Flagged \\Deleted
+\\Draft`` and keywords (API labels, lowercase atoms). ``\\Recent`` is computed by
+the protocol layer per session (messages that arrived after SELECT), not stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class FolderInfo:
+    """One folder for LIST/LSUB."""
+
+    name: str  # full name, "/" as hierarchy delimiter, e.g. "Projects/2026"
+    special_use: str | None  # "\\Sent", "\\Drafts", "\\Trash", "\\Junk", or None (INBOX too)
+    subscribed: bool
+    has_children: bool
+
+
+@dataclass(frozen=True)
+class MessageMeta:
+    """The cheap per-message state a session keeps for its sequence-number view."""
+
+    uid: int
+    modseq: int
+    flags: frozenset[str]
+
+
+@dataclass
+class FolderSnapshot:
+    """What SELECT/EXAMINE returns: the folder and every message's UID, MODSEQ, flags."""
+
+    folder_id: int
+    name: str
+    uidvalidity: int
+    uidnext: int
+    highestmodseq: int
+    messages: list[MessageMeta]  # ascending UID
+    first_unseen_uid: int | None = None
+
+
+@dataclass(frozen=True)
+class FolderStatus:
+    """STATUS data."""
+
+    messages: int
+    uidnext: int
+    uidvalidity: int
+    unseen: int
+    highestmodseq: int
+
+
+@dataclass
+class FetchRow:
+    """Per-message FETCH data; only what was asked for is filled in."""
+
+    uid: int
+    modseq: int
+    flags: frozenset[str]
+    internaldate: datetime | None = None
+    size: int | None = None  # RFC822.SIZE: exact byte length of the stored message
+    envelope: str | None = None  # pre-rendered ENVELOPE (see agentpost.mail.imapformat)
+    bodystructure: str | None = None  # pre-rendered BODYSTRUCTURE (extensible form)
+    body: str | None = None  # pre-rendered BODY (non-extensible form)
+
+
+@dataclass(frozen=True)
+class FetchWants:
+    """Which columns a FETCH needs, so a ``FETCH 1:* (FLAGS)`` never reads bodies."""
+
+    internaldate: bool = False
+    size: bool = False
+    envelope: bool = False
+    bodystructure: bool = False
+
+
+@dataclass
+class Changes:
+    """What happened in a folder since the session last looked (for unsolicited
+    EXISTS/FETCH/EXPUNGE responses)."""
+
+    new: list[MessageMeta] = field(default_factory=list)  # UIDs above the session's max
+    changed: list[MessageMeta] = field(default_factory=list)  # known UIDs, MODSEQ > since
+    expunged: list[int] = field(default_factory=list)  # known UIDs that are gone
+    highestmodseq: int = 0
+
+
+# Search keys, parsed by the protocol layer into nested tuples; sequence numbers are
+# converted to UIDs by the protocol before the backend sees them:
+#   ("all",) ("uid", [uids]) ("and", [k, ...]) ("or", k1, k2) ("not", k)
+#   ("flag", "\\Seen", True|False)   -- SEEN/UNSEEN, ANSWERED/UNANSWERED, FLAGGED, DELETED, DRAFT
+#   ("keyword", "label", True|False)
+#   ("header", "from"|"to"|"cc"|"bcc"|"subject"|any-name, "substring")
+#   ("body", "substring") ("text", "substring")
+#   ("before"|"on"|"since", date)           -- INTERNALDATE, date is datetime.date
+#   ("sentbefore"|"senton"|"sentsince", date)  -- Date: header
+#   ("larger"|"smaller", n) ("modseq", n)
+SearchKey = tuple[Any, ...]
+
+
+class IMAPAccount(Protocol):
+    """One logged-in inbox."""
+
+    address: str
+    can_write: bool  # the key holds messages:write (flags, APPEND, COPY/MOVE, EXPUNGE)
+
+    async def list_folders(self) -> list[FolderInfo]: ...
+
+    async def create_folder(self, name: str) -> None: ...
+
+    async def delete_folder(self, name: str) -> None: ...
+
+    async def rename_folder(self, old: str, new: str) -> None: ...
+
+    async def set_subscribed(self, name: str, subscribed: bool) -> None: ...
+
+    async def select(self, name: str) -> FolderSnapshot: ...
+
+    async def status(self, name: str) -> FolderStatus: ...
+
+    async def fetch(self, folder_id: int, uids: list[int], wants: FetchWants) -> list[FetchRow]:
+        """Rows for the UIDs that still exist, ascending UID."""
+
+    async def fetch_raw(self, folder_id: int, uid: int) -> bytes:
+        """The whole stored message, byte-exact (NotFound if expunged meanwhile)."""
+
+    async def set_seen(self, folder_id: int, uids: list[int]) -> list[MessageMeta]:
+        """Add \\Seen (a non-PEEK body fetch); returns the messages whose flags changed."""
+
+    async def store(self, folder_id: int, uids: list[int], mode: str, flags: frozenset[str],
+                    unchangedsince: int | None) -> tuple[list[MessageMeta], list[int]]:
+        """mode is "+", "-" or "" (replace). Returns (messages after the change, UIDs that
+        failed the UNCHANGEDSINCE test)."""
+
+    async def append(self, folder: str, message: bytes, flags: frozenset[str],
+                     internaldate: datetime | None) -> tuple[int, int]:
+        """Store through the single ingest path; returns (uidvalidity, uid). NotFound when
+        the folder does not exist (the protocol answers NO [TRYCREATE])."""
+
+    async def copy(self, folder_id: int, uids: list[int],
+                   dest: str) -> tuple[int, list[tuple[int, int]]]:
+        """Returns (dest uidvalidity, [(source uid, dest uid)])."""
+
+    async def move(self, folder_id: int, uids: list[int],
+                   dest: str) -> tuple[int, list[tuple[int, int]]]: ...
+
+    async def expunge(self, folder_id: int, uids: list[int] | None) -> list[int]:
+        """Remove \\Deleted messages (only among ``uids`` when given); returns their UIDs."""
+
+    async def search(self, folder_id: int, key: SearchKey) -> list[int]:
+        """Matching UIDs, ascending."""
+
+    async def changes(self, folder_id: int, known_uids: list[int],
+                      since_modseq: int) -> Changes: ...
+
+    def watch(self, folder_id: int, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (soon, maybe spuriously) whenever the folder may have changed,
+        in this process or another (PostgreSQL LISTEN/NOTIFY). Returns an unsubscribe."""
+
+
+class IMAPBackend(Protocol):
+    """Turns LOGIN/AUTHENTICATE credentials into an account."""
+
+    async def authenticate(self, username: str, password: str, peer: str) -> IMAPAccount:
+        """Username = the inbox address, password = an API key of its organization.
+        Raises Unauthenticated (same timing whether or not the inbox exists) or
+        RateLimited when the peer or account is throttled."""

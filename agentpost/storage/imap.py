@@ -1,0 +1,282 @@
+"""IMAP views of the mail tables: folders by name, UID-addressed messages, flags, search."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, time, timedelta
+from typing import Any
+
+import psycopg2.errors
+
+from agentpost.model.errors import Conflict
+from agentpost.storage.database import Txn
+from agentpost.storage.mail import notify_folder
+
+SYSTEM_FLAGS = {"\\Seen": "seen", "\\Flagged": "flagged", "\\Answered": "answered",
+                "\\Draft": "draft", "\\Deleted": "deleted"}
+_META = "uid, modseq, seen, flagged, answered, draft, deleted, labels"
+
+
+def flags_of(row: dict[str, Any]) -> frozenset[str]:
+    """IMAP flags of a message row: system flags from columns, keywords from labels."""
+    out = {flag for flag, col in SYSTEM_FLAGS.items() if row[col]}
+    out.update(row["labels"])
+    return frozenset(out)
+
+
+async def list_folders(txn: Txn, org_id: str, inbox_id: str) -> list[dict[str, Any]]:
+    """Every folder of an inbox, with whether it has children."""
+    return await txn.fetchall(
+        "SELECT f.id, f.name, f.special_use, f.subscribed, EXISTS (SELECT 1 FROM folders c "
+        "WHERE c.inbox_id = f.inbox_id AND c.name LIKE f.name || '/%%') AS has_children "
+        "FROM folders f WHERE f.org_id = %s AND f.inbox_id = %s ORDER BY f.name",
+        (org_id, inbox_id))
+
+
+async def get_folder(txn: Txn, org_id: str, inbox_id: str, name: str, *,
+                     for_update: bool = False) -> dict[str, Any] | None:
+    """A folder by name (INBOX matched case-insensitively, as RFC 3501 requires)."""
+    lock = " FOR UPDATE" if for_update else ""
+    return await txn.fetchone(
+        "SELECT id, name, special_use, uidvalidity, uidnext, highestmodseq, subscribed "
+        "FROM folders WHERE org_id = %s AND inbox_id = %s AND (name = %s OR "
+        "(upper(%s) = 'INBOX' AND name = 'INBOX'))" + lock, (org_id, inbox_id, name, name))
+
+
+async def get_folder_by_id(txn: Txn, org_id: str, inbox_id: str,
+                           folder_id: int) -> dict[str, Any] | None:
+    """A folder by id, within the inbox."""
+    return await txn.fetchone(
+        "SELECT id, name, special_use, uidvalidity, uidnext, highestmodseq FROM folders "
+        "WHERE org_id = %s AND inbox_id = %s AND id = %s", (org_id, inbox_id, folder_id))
+
+
+async def create_folder(txn: Txn, org_id: str, environment_id: str, inbox_id: str,
+                        name: str) -> None:
+    """A user folder; an existing name is a Conflict ([ALREADYEXISTS])."""
+    try:
+        await txn.execute(
+            "INSERT INTO folders (org_id, environment_id, inbox_id, name, uidvalidity, "
+            "created_at) VALUES (%s, %s, %s, %s, %s, %s)",
+            (org_id, environment_id, inbox_id, name, int(txn.now.timestamp()), txn.now))
+    except psycopg2.errors.UniqueViolation:
+        raise Conflict("Folder already exists.") from None
+
+
+async def delete_folder(txn: Txn, org_id: str, folder_id: int) -> None:
+    """Remove a folder row (its messages must already be gone)."""
+    await txn.execute("DELETE FROM folders WHERE org_id = %s AND id = %s", (org_id, folder_id))
+
+
+async def rename_folder(txn: Txn, org_id: str, inbox_id: str, old: str, new: str) -> None:
+    """Rename a folder and its children; a fresh UIDVALIDITY is not needed (UIDs stay)."""
+    try:
+        await txn.execute(
+            "UPDATE folders SET name = %s || substr(name, length(%s) + 1) "
+            "WHERE org_id = %s AND inbox_id = %s AND (name = %s OR name LIKE %s)",
+            (new, old, org_id, inbox_id, old, old.replace("%", r"\%") + "/%"))
+    except psycopg2.errors.UniqueViolation:
+        raise Conflict("Folder already exists.") from None
+
+
+async def set_subscribed(txn: Txn, org_id: str, folder_id: int, subscribed: bool) -> None:
+    """SUBSCRIBE / UNSUBSCRIBE."""
+    await txn.execute("UPDATE folders SET subscribed = %s WHERE org_id = %s AND id = %s",
+                      (subscribed, org_id, folder_id))
+
+
+async def folder_meta(txn: Txn, org_id: str, folder_id: int) -> list[dict[str, Any]]:
+    """UID, MODSEQ and flags of every message in a folder, ascending UID."""
+    return await txn.fetchall(
+        f"SELECT {_META} FROM messages WHERE org_id = %s AND folder_id = %s ORDER BY uid",
+        (org_id, folder_id))
+
+
+async def folder_counts(txn: Txn, org_id: str, folder_id: int) -> dict[str, Any]:
+    """MESSAGES and UNSEEN for STATUS."""
+    return await txn.fetchone(
+        "SELECT count(*) AS messages, count(*) FILTER (WHERE NOT seen) AS unseen, "
+        "min(uid) FILTER (WHERE NOT seen) AS first_unseen "
+        "FROM messages WHERE org_id = %s AND folder_id = %s", (org_id, folder_id))
+
+
+async def fetch_rows(txn: Txn, org_id: str, folder_id: int, uids: list[int],
+                     columns: list[str]) -> list[dict[str, Any]]:
+    """The requested columns (from core's allow-list) for existing UIDs."""
+    cols = ", ".join([_META, *columns])
+    return await txn.fetchall(
+        f"SELECT {cols} FROM messages WHERE org_id = %s AND folder_id = %s AND uid = ANY(%s) "
+        "ORDER BY uid", (org_id, folder_id, uids))
+
+
+async def message_ids_for_uids(txn: Txn, org_id: str, folder_id: int, uids: list[int], *,
+                               for_update: bool = False) -> list[dict[str, Any]]:
+    """Full rows (ids, blob keys, flags) for UIDs, locked when changing them."""
+    lock = " FOR UPDATE" if for_update else ""
+    return await txn.fetchall(
+        f"SELECT id, thread_id, raw_blob_key, inbox_id, {_META} FROM messages "
+        "WHERE org_id = %s AND folder_id = %s AND uid = ANY(%s) ORDER BY uid" + lock,
+        (org_id, folder_id, uids))
+
+
+async def set_flags(txn: Txn, org_id: str, folder_id: int, message_id: str,
+                    columns: dict[str, Any], modseq: int) -> None:
+    """Write flag columns/labels of one message with its new MODSEQ."""
+    sets = ", ".join(f"{col} = %s" for col in columns)
+    await txn.execute(
+        f"UPDATE messages SET {sets}, modseq = %s WHERE org_id = %s AND id = %s",
+        (*columns.values(), modseq, org_id, message_id))
+    await notify_folder(txn, folder_id)
+
+
+async def copy_message(txn: Txn, org_id: str, message_id: str, new_id: str, folder_id: int,
+                       uid: int, modseq: int) -> None:
+    """Duplicate a message row (and its attachment rows) into another folder."""
+    await txn.execute(
+        "INSERT INTO messages (org_id, id, environment_id, inbox_id, thread_id, folder_id, uid, "
+        "modseq, direction, message_id_header, in_reply_to, reference_ids, subject, "
+        "from_address, to_addresses, cc_addresses, bcc_addresses, reply_to, sent_at, "
+        "received_at, headers, text_body, html_body, extracted_text, preview, size, "
+        "raw_blob_key, has_attachments, labels, seen, flagged, answered, draft, deleted, "
+        "envelope_from, envelope_to, created_at, imap_envelope, imap_bodystructure, imap_body) "
+        "SELECT org_id, %s, environment_id, inbox_id, thread_id, %s, %s, %s, direction, "
+        "message_id_header, in_reply_to, reference_ids, subject, from_address, to_addresses, "
+        "cc_addresses, bcc_addresses, reply_to, sent_at, received_at, headers, text_body, "
+        "html_body, extracted_text, preview, size, raw_blob_key, has_attachments, labels, seen,"
+        " flagged, answered, draft, deleted, envelope_from, envelope_to, %s, imap_envelope, "
+        "imap_bodystructure, imap_body FROM messages WHERE org_id = %s AND id = %s",
+        (new_id, folder_id, uid, modseq, txn.now, org_id, message_id))
+    await txn.execute(
+        "INSERT INTO attachments (org_id, id, message_id, filename, mime_type, size, "
+        "content_id, disposition, sha256, blob_key, part_index) "
+        "SELECT org_id, 'att_' || substr(md5(id || %s), 1, 26), %s, filename, mime_type, size, "
+        "content_id, disposition, sha256, blob_key, part_index FROM attachments "
+        "WHERE org_id = %s AND message_id = %s", (new_id, new_id, org_id, message_id))
+    await notify_folder(txn, folder_id)
+
+
+async def attachment_keys(txn: Txn, org_id: str, message_id: str) -> list[tuple[str, int]]:
+    """(blob key, size) of a message's attachments."""
+    rows = await txn.fetchall(
+        "SELECT blob_key, size FROM attachments WHERE org_id = %s AND message_id = %s",
+        (org_id, message_id))
+    return [(r["blob_key"], r["size"]) for r in rows]
+
+
+async def move_message(txn: Txn, org_id: str, message_id: str, src_folder: int,
+                       folder_id: int, uid: int, modseq: int) -> None:
+    """Re-home a message in another folder with a new UID (RFC 6851 semantics)."""
+    await txn.execute(
+        "UPDATE messages SET folder_id = %s, uid = %s, modseq = %s WHERE org_id = %s "
+        "AND id = %s", (folder_id, uid, modseq, org_id, message_id))
+    await notify_folder(txn, src_folder)
+    await notify_folder(txn, folder_id)
+
+
+async def changes(txn: Txn, org_id: str, folder_id: int, max_known_uid: int,
+                  known_uids: list[int], since_modseq: int) -> dict[str, Any]:
+    """New messages, flag changes among known ones, and which known ones still exist."""
+    new = await txn.fetchall(
+        f"SELECT {_META} FROM messages WHERE org_id = %s AND folder_id = %s AND uid > %s "
+        "ORDER BY uid", (org_id, folder_id, max_known_uid))
+    changed = await txn.fetchall(
+        f"SELECT {_META} FROM messages WHERE org_id = %s AND folder_id = %s AND uid <= %s "
+        "AND modseq > %s ORDER BY uid", (org_id, folder_id, max_known_uid, since_modseq))
+    present = await txn.fetchall(
+        "SELECT uid FROM messages WHERE org_id = %s AND folder_id = %s AND uid = ANY(%s)",
+        (org_id, folder_id, known_uids))
+    highest = await txn.fetchval(
+        "SELECT highestmodseq FROM folders WHERE org_id = %s AND id = %s", (org_id, folder_id))
+    return {"new": new, "changed": changed, "present": {r["uid"] for r in present},
+            "highestmodseq": highest}
+
+
+# SEARCH -------------------------------------------------------------------------------
+
+_HEADER_COLUMNS = {"subject": "subject"}
+_ADDRESS_COLUMNS = {"from": "from_address", "to": "to_addresses", "cc": "cc_addresses",
+                    "bcc": "bcc_addresses"}
+
+
+def _like(text: str) -> str:
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _day(value: date) -> datetime:
+    from datetime import UTC
+
+    return datetime.combine(value, time(0), tzinfo=UTC)
+
+
+def search_sql(key: tuple[Any, ...], params: list[Any]) -> str:
+    """Translate a parsed SEARCH key into a SQL condition (values go into ``params``)."""
+    op = key[0]
+    if op == "all":
+        return "TRUE"
+    if op == "and":
+        parts = [search_sql(k, params) for k in key[1]]
+        return "(" + " AND ".join(parts or ["TRUE"]) + ")"
+    if op == "or":
+        return f"({search_sql(key[1], params)} OR {search_sql(key[2], params)})"
+    if op == "not":
+        return f"(NOT {search_sql(key[1], params)})"
+    if op == "uid":
+        params.append(list(key[1]))
+        return "uid = ANY(%s)"
+    if op == "flag":
+        col = SYSTEM_FLAGS.get(key[1])
+        if col is None:  # \Recent and unknown system flags: nothing is stored for them
+            return "FALSE" if key[2] else "TRUE"
+        return col if key[2] else f"NOT {col}"
+    if op == "keyword":
+        params.append(key[1].lower())
+        return "(%s = ANY(labels))" if key[2] else "(NOT %s = ANY(labels))"
+    if op == "header":
+        name, text = key[1].lower(), key[2]
+        if name in _ADDRESS_COLUMNS:
+            params.append(_like(text))
+            return f"({_ADDRESS_COLUMNS[name]}::text ILIKE %s)"
+        if name in _HEADER_COLUMNS:
+            params.append(_like(text))
+            return f"({_HEADER_COLUMNS[name]} ILIKE %s)"
+        params.extend([name, _like(text)])
+        return ("EXISTS (SELECT 1 FROM jsonb_array_elements(headers) h "
+                "WHERE lower(h->>0) = %s AND h->>1 ILIKE %s)")
+    if op == "body":
+        params.extend([_like(key[1]), _like(key[1])])
+        return "(coalesce(text_body, '') ILIKE %s OR coalesce(html_body, '') ILIKE %s)"
+    if op == "text":
+        params.extend([_like(key[1])] * 3)
+        return ("(coalesce(text_body, '') ILIKE %s OR coalesce(html_body, '') ILIKE %s "
+                "OR headers::text ILIKE %s)")
+    if op in ("before", "on", "since", "sentbefore", "senton", "sentsince"):
+        col = "sent_at" if op.startswith("sent") else "received_at"
+        start = _day(key[1])
+        kind = op.removeprefix("sent")
+        if kind == "before":
+            params.append(start)
+            return f"({col} < %s)"
+        if kind == "since":
+            params.append(start)
+            return f"({col} >= %s)"
+        params.extend([start, start + timedelta(days=1)])
+        return f"({col} >= %s AND {col} < %s)"
+    if op == "larger":
+        params.append(int(key[1]))
+        return "(size > %s)"
+    if op == "smaller":
+        params.append(int(key[1]))
+        return "(size < %s)"
+    if op == "modseq":
+        params.append(int(key[1]))
+        return "(modseq >= %s)"
+    raise ValueError(f"unsupported search key {op!r}")
+
+
+async def search(txn: Txn, org_id: str, folder_id: int, key: tuple[Any, ...]) -> list[int]:
+    """UIDs matching a search key, ascending."""
+    params: list[Any] = []
+    condition = search_sql(key, params)
+    rows = await txn.fetchall(
+        f"SELECT uid FROM messages WHERE org_id = %s AND folder_id = %s AND {condition} "
+        "ORDER BY uid", (org_id, folder_id, *params))
+    return [r["uid"] for r in rows]

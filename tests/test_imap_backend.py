@@ -1,0 +1,197 @@
+"""The IMAP backend over the real store: folders, UIDs, flags, copy/move/expunge, search,
+change detection, and wake-ups across processes (LISTEN/NOTIFY)."""
+
+from datetime import date
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+
+from agentpost.imap.interfaces import FetchWants
+from agentpost.model.errors import Conflict, NotFound, Unauthenticated
+from agentpost.storage.mail import MAIL_CHANNEL
+from agentpost.storage.notify import Notifier
+from tests.mailfactory import make_message
+
+
+async def _account(server, username="imapper", scopes=None):
+    _, owner = await server.new_org()
+    inbox = (await server.api.post("/api/v1/inboxes", {"username": username},
+                                   key=owner)).json
+    key = owner
+    if scopes is not None:
+        key = (await server.api.post("/api/v1/api-keys", {"scopes": scopes},
+                                     key=owner)).json["key"]
+    account = await server.core.imap_logins.authenticate(inbox["email"], key, "127.0.0.1")
+    return account, inbox, owner
+
+
+@pytest_twisted.ensureDeferred
+async def test_login_rules(server):
+    """Right key logs in; other orgs' keys, unknown inboxes and keys without
+    messages:read are refused alike; repeated failures are throttled."""
+    account, inbox, owner = await _account(server)
+    assert account.address == inbox["email"] and account.can_write
+    _, other_key = await server.new_org("Other")
+    for user, password in ((inbox["email"], other_key), ("ghost@agents.test", owner),
+                           (inbox["email"], "ap_sk_" + "x" * 43)):
+        with pytest.raises(Unauthenticated):
+            await server.core.imap_logins.authenticate(user, password, "10.9.9.9")
+    no_read = (await server.api.post("/api/v1/api-keys", {"scopes": ["inboxes:read"]},
+                                     key=owner)).json["key"]
+    with pytest.raises(Unauthenticated):
+        await server.core.imap_logins.authenticate(inbox["email"], no_read, "127.0.0.2")
+    read_only = (await server.api.post("/api/v1/api-keys", {"scopes": ["messages:read"]},
+                                       key=owner)).json["key"]
+    ro = await server.core.imap_logins.authenticate(inbox["email"], read_only, "127.0.0.3")
+    assert ro.can_write is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_folders_uids_flags_copy_move_expunge(server):
+    """The mail model end to end on the real store."""
+    account, inbox, key = await _account(server)
+    names = {f.name: f.special_use for f in await account.list_folders()}
+    assert names == {"INBOX": None, "Sent": "\\Sent", "Drafts": "\\Drafts",
+                     "Trash": "\\Trash", "Junk": "\\Junk"}
+    for i in range(3):
+        await server.deliver(make_message(subject=f"m{i}", msgid=f"<m{i}@x>"),
+                             [inbox["email"]])
+    snap = await account.select("inbox")
+    assert [m.uid for m in snap.messages] == [1, 2, 3] and snap.uidnext == 4
+    assert all("\\Seen" not in m.flags for m in snap.messages)
+
+    rows = await account.fetch(snap.folder_id, [1, 2, 3], FetchWants())
+    assert [r.size for r in rows] == [None, None, None]  # FLAGS-only fetch reads no more
+    rows = await account.fetch(snap.folder_id, [2], FetchWants(size=True, internaldate=True))
+    raw = await account.fetch_raw(snap.folder_id, 2)
+    assert rows[0].size == len(raw) and b"Subject: m1" in raw
+
+    changed, failed = await account.store(snap.folder_id, [1, 2], "+",
+                                          frozenset({"\\Flagged", "urgent"}), None)
+    assert failed == [] and all({"\\Flagged", "urgent"} <= m.flags for m in changed)
+    api_msg = (await server.api.get(f"/api/v1/inboxes/{inbox['id']}/messages?labels=urgent",
+                                    key=key)).json["data"]
+    assert len(api_msg) == 2 and all(m["flagged"] for m in api_msg)  # keywords are labels
+    stale, failed = await account.store(snap.folder_id, [1], "-", frozenset({"\\Flagged"}),
+                                        unchangedsince=1)
+    assert failed == [1] and stale == []
+
+    await account.create_folder("Projects/2026")
+    assert {"Projects", "Projects/2026"} <= {f.name for f in await account.list_folders()}
+    with pytest.raises(Conflict):
+        await account.create_folder("Projects")
+    validity, pairs = await account.copy(snap.folder_id, [1], "Projects/2026")
+    assert pairs == [(1, 1)]
+    validity, pairs = await account.move(snap.folder_id, [3], "Projects")
+    assert pairs == [(3, 1)]
+    moved = await account.select("Projects")
+    assert moved.uidvalidity == validity and [m.uid for m in moved.messages] == [1]
+
+    await account.store(snap.folder_id, [2], "+", frozenset({"\\Deleted"}), None)
+    assert await account.expunge(snap.folder_id, None) == [2]
+    after = await account.select("INBOX")
+    assert [m.uid for m in after.messages] == [1]
+    with pytest.raises(NotFound):
+        await account.append("Nowhere", b"Subject: x\r\n\r\nx\r\n", frozenset(), None)
+    uidvalidity, uid = await account.append("Drafts", b"Subject: draft\r\n\r\nbody\r\n",
+                                            frozenset({"\\Draft", "\\Seen"}), None)
+    drafts = await account.select("Drafts")
+    assert drafts.uidvalidity == uidvalidity and drafts.messages[0].uid == uid
+    assert {"\\Draft", "\\Seen"} <= drafts.messages[0].flags
+    await account.rename_folder("Projects", "Archive")
+    assert "Archive/2026" in {f.name for f in await account.list_folders()}
+    await account.delete_folder("Archive/2026")
+    assert "Archive/2026" not in {f.name for f in await account.list_folders()}
+
+
+@pytest_twisted.ensureDeferred
+async def test_search_translates_to_sql(server):
+    """SEARCH keys become SQL conditions over the stored fields."""
+    account, inbox, _ = await _account(server)
+    await server.deliver(make_message(subject="Invoice 42", body="pay now\n",
+                                      frm="Billing <billing@shop.example>"), [inbox["email"]])
+    await server.deliver(make_message(subject="Hello", body="just saying hi\n",
+                                      extra_headers=[("X-Priority", "1")]), [inbox["email"]])
+    folder = (await account.select("INBOX")).folder_id
+    await account.store(folder, [2], "+", frozenset({"\\Seen"}), None)
+    cases = [
+        (("all",), [1, 2]),
+        (("header", "subject", "invoice"), [1]),
+        (("header", "from", "shop.example"), [1]),
+        (("header", "x-priority", "1"), [2]),
+        (("body", "SAYING"), [2]),
+        (("text", "billing"), [1]),
+        (("flag", "\\Seen", True), [2]),
+        (("flag", "\\Seen", False), [1]),
+        (("not", ("flag", "\\Seen", True)), [1]),
+        (("or", ("uid", [1]), ("header", "subject", "hello")), [1, 2]),
+        (("since", date(2000, 1, 1)), [1, 2]),
+        (("before", date(2000, 1, 1)), []),
+        (("senton", date(2026, 11, 29)), [1, 2]),
+        (("larger", 1), [1, 2]),
+        (("smaller", 10), []),
+        (("and", [("keyword", "x", False), ("modseq", 1)]), [1, 2]),
+    ]
+    for key, expected in cases:
+        assert await account.search(folder, key) == expected, key
+
+
+@pytest_twisted.ensureDeferred
+async def test_changes_reach_other_sessions_across_processes(server, db_dsn):
+    """A second notifier (standing in for another process) is woken by a delivery and a
+    flag change; changes() then reports EXISTS and FETCH material."""
+    account, inbox, key = await _account(server)
+    await server.deliver(make_message(msgid="<c1@x>"), [inbox["email"]])
+    snap = await account.select("INBOX")
+    other = Notifier(db_dsn, MAIL_CHANNEL, reactor=reactor, clock=reactor)
+    await other.start()
+    woken = []
+    cancel = other.watch(str(snap.folder_id), lambda: woken.append(1))
+    try:
+        await server.deliver(make_message(msgid="<c2@x>"), [inbox["email"]])
+        for _ in range(100):
+            if woken:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        assert woken, "no notification arrived"
+        msg_id = (await server.api.get(f"/api/v1/inboxes/{inbox['id']}/messages",
+                                       key=key)).json["data"][-1]["id"]
+        await server.api.patch(f"/api/v1/messages/{msg_id}", {"read": True}, key=key)
+        got = await account.changes(snap.folder_id, [m.uid for m in snap.messages],
+                                    snap.highestmodseq)
+        assert [m.uid for m in got.new] == [2]
+        assert [m.uid for m in got.changed] == [1] and "\\Seen" in got.changed[0].flags
+        await server.api.delete(f"/api/v1/messages/{msg_id}", key=key)
+        gone = await account.changes(snap.folder_id, [1, 2], got.highestmodseq)
+        assert gone.expunged == [1]
+    finally:
+        cancel()
+        other.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_notifier_reconnects_after_database_restart(server, pg, db_dsn):
+    """After PostgreSQL restarts, the listener comes back and wakes everyone once."""
+    clock = task.Clock()
+    notifier = Notifier(db_dsn, MAIL_CHANNEL, reactor=reactor, clock=clock)
+    await notifier.start()
+    woken = []
+    notifier.watch("7", lambda: woken.append(1))
+    try:
+        pg.stop()
+        for _ in range(100):
+            if not notifier.connected:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        assert not notifier.connected
+        pg.start()
+        for _ in range(20):
+            clock.advance(10)
+            await task.deferLater(reactor, 0.05, lambda: None)
+            if notifier.connected:
+                break
+        assert notifier.connected and woken
+    finally:
+        notifier.stop()
+    await defer.succeed(None)
