@@ -84,14 +84,14 @@ class Messages:
         ctx.environment_id = msg["environment_id"]
         return msg
 
-    async def raw(self, ctx: RequestContext, message_id: str) -> bytes:
-        """The message exactly as received."""
+    async def raw(self, ctx: RequestContext, message_id: str) -> Any:
+        """The message exactly as received, as a chunk stream (never loaded whole)."""
         msg = await self.get(ctx, message_id)
-        return await self._blobs.get_bytes(msg["raw_blob_key"])
+        return await self._blobs.open_stream(msg["raw_blob_key"])
 
     async def attachment(self, ctx: RequestContext, message_id: str,
-                         attachment_id: str) -> tuple[dict[str, Any], bytes | None, str | None]:
-        """Attachment metadata plus either its bytes (local store) or a presigned URL."""
+                         attachment_id: str) -> tuple[dict[str, Any], Any, str | None]:
+        """Attachment metadata plus either a chunk stream (local store) or a presigned URL."""
         msg = await self.get(ctx, message_id)
         for att in msg["attachments"]:
             if att["id"] == attachment_id:
@@ -101,7 +101,7 @@ class Messages:
                     content_type=att["mime_type"], expires_s=self._presign_ttl_s)
                 if url is not None:
                     return att, None, url
-                return att, await self._blobs.get_bytes(att["blob_key"]), None
+                return att, await self._blobs.open_stream(att["blob_key"]), None
         raise NotFound()
 
     async def _change(self, ctx: RequestContext, message_id: str, desc: str,

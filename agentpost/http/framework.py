@@ -17,8 +17,10 @@ from klein import Klein
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from zope.interface import implementer
 
 from agentpost.auth.cred import (
     AdminKeyCredentials,
@@ -58,11 +60,60 @@ class Route:
 
 @dataclass
 class RawResponse:
-    """A non-JSON answer (raw messages, attachment bytes, redirects to presigned URLs)."""
+    """A non-JSON answer (raw messages, attachment bytes, redirects to presigned URLs).
+
+    With ``stream`` (an async chunk iterator with ``size``, such as a BlobStream) the
+    body is written chunk by chunk with back-pressure instead of being held in memory.
+    """
 
     body: bytes
     content_type: str
     headers: dict[str, str] = field(default_factory=dict)
+    stream: Any = None
+
+
+@implementer(IPushProducer)
+class _StreamProducer:
+    """Pauses our chunk loop while the client is not reading."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self._paused = False
+        self._waiter: defer.Deferred[None] | None = None
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.callback(None)
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+        self.resumeProducing()
+
+    async def wait(self) -> None:
+        if self._paused and not self.stopped:
+            self._waiter = defer.Deferred()
+            await self._waiter
+
+
+async def write_stream(request: IRequest, stream: Any) -> None:
+    """Copy ``stream`` to the response, waiting whenever the transport pushes back."""
+    producer = _StreamProducer()
+    request.setHeader(b"content-length", str(stream.size).encode("ascii"))
+    request.registerProducer(producer, True)
+    try:
+        async for chunk in stream:
+            if producer.stopped:
+                break
+            request.write(chunk)
+            await producer.wait()
+    finally:
+        await stream.aclose()
+        request.unregisterProducer()
 
 
 @dataclass
@@ -129,6 +180,10 @@ class RouteTable:
             return self._error(request, ctx, errors.AgentPostError())
         if not ctx.audited and route.auth != "none":
             self._audit.enqueue(ctx, "allowed", status)
+        if isinstance(payload, RawResponse) and payload.stream is not None:
+            render(request, status, payload)
+            await write_stream(request, payload.stream)
+            return b""
         return render(request, status, payload)
 
     async def _authenticate(self, route: Route, request: IRequest, ctx: RequestContext) -> None:

@@ -80,17 +80,18 @@ def add_mail_routes(table: RouteTable, messages: Messages, filters: FilterRules)
 
     async def raw_message(ctx: RequestContext, request: IRequest, body: Body,
                           message_id: str) -> tuple[int, Any]:
-        data = await messages.raw(ctx, message_id)
-        return 200, RawResponse(data, "message/rfc822", {
-            "content-disposition": f'attachment; filename="{message_id}.eml"'})
+        stream = await messages.raw(ctx, message_id)
+        return 200, RawResponse(b"", "message/rfc822", {
+            "content-disposition": f'attachment; filename="{message_id}.eml"'}, stream=stream)
 
     async def get_attachment(ctx: RequestContext, request: IRequest, body: Body,
                              message_id: str, attachment_id: str) -> tuple[int, Any]:
-        att, data, url = await messages.attachment(ctx, message_id, attachment_id)
+        att, stream, url = await messages.attachment(ctx, message_id, attachment_id)
         if url is not None:
             return 302, RawResponse(b"", "text/plain", {"location": url})
-        return 200, RawResponse(data or b"", att["mime_type"], {
-            "content-disposition": content_disposition(att["filename"] or "attachment")})
+        return 200, RawResponse(b"", att["mime_type"], {
+            "content-disposition": content_disposition(att["filename"] or "attachment")},
+            stream=stream)
 
     async def update_message(ctx: RequestContext, request: IRequest, body: Body,
                              message_id: str) -> tuple[int, Any]:
