@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, endpoints
+from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 
 from agentpost.auth.cred import build_portal
@@ -34,6 +35,7 @@ from agentpost.http.framework import RouteTable
 from agentpost.http.mail import add_mail_routes
 from agentpost.http.site import make_site
 from agentpost.jobs.retention import RetentionSweep
+from agentpost.listening import listen_tcp
 from agentpost.storage.blobs import BlobStore, LocalBlobStore, S3BlobStore
 from agentpost.storage.database import Database
 from agentpost.storage.mail import MAIL_CHANNEL
@@ -116,9 +118,10 @@ class AgentPostService(service.Service):
 
     name = "agentpost"
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, *, reuse_port: bool = False) -> None:
         self.config = config
         self.reactor = reactor
+        self.reuse_port = reuse_port
         self.core = build_core(config, reactor)
         self.ports: dict[str, IListeningPort] = {}
         self.route_tables: dict[str, RouteTable] = {}
@@ -167,15 +170,10 @@ class AgentPostService(service.Service):
         cfg = self.config.http
         if cfg.enabled:
             site = make_site(self.http_resource(), access_log=cfg.access_log)
-            if cfg.tls:
-                from agentpost.tls import server_tls_options
-
-                options = server_tls_options(self.config.tls.cert, self.config.tls.key)
-                ep: Any = endpoints.SSL4ServerEndpoint(self.reactor, cfg.port, options,
-                                                       interface=cfg.bind)
-            else:
-                ep = endpoints.TCP4ServerEndpoint(self.reactor, cfg.port, interface=cfg.bind)
-            self.ports["http"] = await ep.listen(site)
+            self.ports["http"] = await listen_tcp(
+                self.reactor, site, cfg.bind, cfg.port,
+                tls_options=self.tls_options() if cfg.tls else None,
+                reuse_port=self.reuse_port)
             log.info("HTTP API listening on %s:%d", cfg.bind, self.ports["http"].getHost().port)
 
     def tls_options(self) -> Any:
@@ -187,7 +185,7 @@ class AgentPostService(service.Service):
         return server_tls_options(self.config.tls.cert, self.config.tls.key)
 
     async def _listen_mx(self) -> IListeningPort:
-        from agentpost.smtp import SMTPFactory, SMTPLimits, listen_smtp
+        from agentpost.smtp import SMTPFactory, SMTPLimits
         from agentpost.smtp.delivery import InboundDelivery
 
         cfg = self.config.smtp
@@ -201,7 +199,8 @@ class AgentPostService(service.Service):
             max_connections=cfg.max_connections,
         )
         self.smtp_factories["mx"] = factory
-        port = await listen_smtp(self.reactor, factory, cfg.mx_bind, cfg.mx_port)
+        port = await listen_tcp(self.reactor, factory, cfg.mx_bind, cfg.mx_port,
+                                reuse_port=self.reuse_port)
         log.info("SMTP MX listening on %s:%d", cfg.mx_bind, port.getHost().port)
         return port
 
@@ -210,6 +209,8 @@ class AgentPostService(service.Service):
         self.start_error = failure
         if self.reactor.running:
             self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
 
     def stopService(self) -> defer.Deferred[None]:
         """Stop listening, flush the audit buffer, close the database."""
@@ -226,8 +227,25 @@ class AgentPostService(service.Service):
         await self.core.db.close()
 
 
-def make_service(config: Config, reactor: Any) -> service.MultiService:
-    """The root service `twistd agentpost` and `agentpost serve` both run."""
+def worker_count(config: Config) -> int:
+    """Processes this node runs in all (server.workers; 0 means one per CPU)."""
+    return config.server.workers or os.cpu_count() or 1
+
+
+def make_service(config: Config, reactor: Any,
+                 argv: list[str] | None = None) -> service.MultiService:
+    """The root service `twistd agentpost` and `agentpost serve` both run.
+
+    With more than one worker, every process (this one and the copies it keeps
+    running) binds its ports with SO_REUSEPORT; ``argv`` is how to start a copy.
+    """
+    from agentpost.workers import WorkerPool, die_with_parent, is_worker
+
+    if is_worker():
+        die_with_parent()
     root = service.MultiService()
-    AgentPostService(config, reactor).setServiceParent(root)
+    workers = worker_count(config)
+    AgentPostService(config, reactor, reuse_port=workers > 1).setServiceParent(root)
+    if workers > 1 and not is_worker() and argv:
+        WorkerPool(reactor, workers - 1, argv).setServiceParent(root)
     return root

@@ -31,7 +31,14 @@ def makeService(options: Options) -> service.IService:
         sys.stderr.write(f"agentpost: configuration error: {exc}\n")
         raise SystemExit(2) from None
     configure_logging(config.logging.level, twisted_to_stderr=False)
-    return make_service(config, reactor)
+    return make_service(config, reactor, argv=serve_argv(config))
+
+
+def serve_argv(config: Any) -> list[str]:
+    """How a worker copy of this process is started (the environment is inherited)."""
+    from_file = not config.source.startswith("<")
+    return ["-m", "agentpost.cli", *(["--config", config.source] if from_file else []),
+            "serve"]
 
 
 def run_service(config: Any) -> int:
@@ -40,8 +47,8 @@ def run_service(config: Any) -> int:
 
     from agentpost.app import make_service
 
-    root = make_service(config, reactor)
-    root.startService()
+    root = make_service(config, reactor, argv=serve_argv(config))
+    reactor.callWhenRunning(root.startService)
     reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
     reactor.run()
     svc = root.getServiceNamed("agentpost")

@@ -135,3 +135,13 @@ def test_shipped_sample_config_is_current():
     """etc/agentpost.toml.sample is exactly what the declarations generate (no drift)."""
     shipped = (ROOT / "etc" / "agentpost.toml.sample").read_text()
     assert shipped == render_sample(), "run: agentpost sample-config > etc/agentpost.toml.sample"
+
+
+def test_serve_refuses_an_unmigrated_database_and_exits(empty_dsn, tmp_path):
+    """Start-up failures end the process with status 1 and a reason (never a hang)."""
+    config = tmp_path / "agentpost.toml"
+    config.write_text(f'[database]\nurl = "{empty_dsn}"\n[http]\nport = {_free_port()}\n'
+                      f'[smtp]\nmx_enabled = false\n[storage]\npath = "{tmp_path}"\n')
+    result = run("--config", str(config), "serve", timeout=60)
+    assert result.returncode == 1
+    assert "run `agentpost migrate` first" in result.stderr

@@ -127,6 +127,8 @@ def parse_config(data: dict[str, Any], source: str = "<memory>",
 def _check(config: Config) -> None:
     if config.server.environment not in ("production", "development"):
         raise ConfigError("server.environment", "must be 'production' or 'development'")
+    if config.server.workers < 0 or config.server.workers > 64:
+        raise ConfigError("server.workers", "must be between 0 (one per CPU) and 64")
     if config.database.pool_size < 1:
         raise ConfigError("database.pool_size", "must be at least 1")
     if not 0 <= config.http.port < 65536:

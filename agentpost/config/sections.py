@@ -28,6 +28,10 @@ class ServerSection:
     environment: str = opt(
         "production", "'production' or 'development'; development relaxes TLS requirements."
     )
+    workers: int = opt(
+        1, "Processes serving this node (0: one per CPU). They share ports with SO_REUSEPORT "
+        "and coordinate only through PostgreSQL."
+    )
 
 
 @dataclass

@@ -1,0 +1,41 @@
+"""Opening listening sockets, optionally shared between processes with SO_REUSEPORT.
+
+With ``reuse_port`` every AgentPost process on the machine binds the same address and
+the kernel spreads new connections across them: the way to use more than one core
+without a home-made balancer (see agentpost.workers).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet import endpoints
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+
+async def listen_tcp(reactor: Any, factory: Factory, bind: str, port: int, *,
+                     tls_options: Any = None, reuse_port: bool = False,
+                     backlog: int = 511) -> IListeningPort:
+    """Listen on ``bind:port``; TLS from the first byte when ``tls_options`` is given."""
+    serving: Factory = factory
+    if tls_options is not None:
+        serving = TLSMemoryBIOFactory(tls_options, False, factory)
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    if not reuse_port:
+        endpoint_class = (endpoints.TCP6ServerEndpoint if family == socket.AF_INET6
+                          else endpoints.TCP4ServerEndpoint)
+        return await endpoint_class(reactor, port, backlog=backlog, interface=bind).listen(
+            serving)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((bind, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+        return reactor.adoptStreamPort(sock.fileno(), family, serving)
+    finally:
+        sock.close()  # the reactor holds its own duplicate of the descriptor

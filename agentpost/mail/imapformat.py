@@ -1,0 +1,533 @@
+"""IMAP renderings of a raw message: ENVELOPE, BODYSTRUCTURE/BODY and BODY[section].
+
+Pure functions of the message bytes (RFC 3501 §7.4.2). The MIME tree is located on
+the raw bytes by this module (header/body split, multipart delimiters, encapsulated
+``message/rfc822``), so every section is a byte-exact slice of the stored message;
+the stdlib ``email`` package is used only to parse parameter lists of individual
+header values. Nothing here raises on malformed input: a message that cannot be
+understood is rendered as a single ``text/plain`` part.
+
+Strings are rendered as IMAP quoted strings when they are 7-bit printable text
+(``"`` and ``\\`` escaped) and as literals ``{n}\\r\\n...`` otherwise (8-bit/UTF-8,
+CR, LF, NUL and other controls). Literal lengths count UTF-8 octets, so the ``str``
+results must be sent UTF-8 encoded.
+"""
+
+from __future__ import annotations
+
+import email.message
+import email.utils
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["SectionSpec", "bodystructure", "envelope", "parse_section", "quote",
+           "section"]
+
+#: Deeper MIME nesting than this is rendered as an opaque leaf.
+MAX_DEPTH = 40
+#: More parts than this in one multipart: the rest is left in the last part.
+MAX_PARTS = 1000
+
+
+# --------------------------------------------------------------------------- strings
+
+
+_SAFE_QUOTED = re.compile(r"^[\x20-\x7e]*$")
+
+
+def quote(value: str | None) -> str:
+    """An IMAP nstring: NIL, a quoted string, or a literal for anything not 7-bit text."""
+    if value is None:
+        return "NIL"
+    if _SAFE_QUOTED.match(value):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    data = value.encode("utf-8", "replace")
+    return f"{{{len(data)}}}\r\n{value}"
+
+
+def _decode(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
+
+
+# --------------------------------------------------------------------------- MIME tree
+
+
+@dataclass
+class _Entity:
+    """One MIME entity located on the raw bytes: header [hstart, bstart), body [bstart, end)."""
+
+    hstart: int
+    bstart: int
+    end: int
+    fields: list[tuple[str, int, int]]  # (lowercased name, field start, field end) raw
+    maintype: str = "text"
+    subtype: str = "plain"
+    params: list[tuple[str, str]] = field(default_factory=list)
+    children: list[_Entity] = field(default_factory=list)  # multipart
+    message: _Entity | None = None  # encapsulated message/rfc822
+
+    @property
+    def is_multipart(self) -> bool:
+        return self.maintype == "multipart"
+
+
+def _split_header(raw: bytes, start: int, end: int) -> tuple[list[tuple[str, int, int]], int]:
+    """Header fields of the entity at [start, end) and where its body starts."""
+    fields: list[tuple[str, int, int]] = []
+    pos = start
+    current: list[Any] | None = None  # [name, start, end]
+    while pos < end:
+        nl = raw.find(b"\n", pos, end)
+        line_end = end if nl < 0 else nl + 1
+        line = raw[pos:line_end]
+        if line in (b"\r\n", b"\n", b"\r"):
+            if current is not None:
+                fields.append((current[0], current[1], current[2]))
+            return fields, line_end
+        if line[:1] in (b" ", b"\t") and current is not None:
+            current[2] = line_end
+        else:
+            if current is not None:
+                fields.append((current[0], current[1], current[2]))
+            colon = line.find(b":")
+            name = _decode(line[:colon]).strip().lower() if colon > 0 else ""
+            current = [name, pos, line_end]
+        pos = line_end
+    if current is not None:
+        fields.append((current[0], current[1], current[2]))
+    return fields, end  # no blank line: all header, empty body
+
+
+def _field_value(raw: bytes, ent: _Entity, name: str) -> str | None:
+    """The first field ``name`` of ``ent``, unfolded, leading/trailing space stripped."""
+    for fname, fstart, fend in ent.fields:
+        if fname == name:
+            text = raw[fstart:fend]
+            value = text[text.find(b":") + 1:]
+            value = re.sub(rb"\r?\n(?=[ \t])", b"", value).rstrip(b"\r\n")
+            return _decode(value).strip()
+    return None
+
+
+def _content_params(value: str) -> tuple[str, list[tuple[str, str]]]:
+    """(lowercased main value, [(name, value)]) of a Content-Type/-Disposition value."""
+    msg = email.message.Message()
+    try:
+        msg["X"] = value
+        params = msg.get_params(header="X") or []
+    except Exception:
+        return value.split(";")[0].strip().lower(), []
+    out: list[tuple[str, str]] = []
+    main = ""
+    for i, (k, v) in enumerate(params):
+        if i == 0:
+            main = k.strip().lower()
+            continue
+        try:
+            text = email.utils.collapse_rfc2231_value(v)
+        except Exception:
+            text = v if isinstance(v, str) else str(v)
+        out.append((k.strip().lower(), str(text)))
+    return main, out
+
+
+def _parse_entity(raw: bytes, start: int, end: int, depth: int,
+                  default_type: tuple[str, str] = ("text", "plain")) -> _Entity:
+    fields, bstart = _split_header(raw, start, end)
+    ent = _Entity(start, bstart, end, fields, default_type[0], default_type[1])
+    ctype = _field_value(raw, ent, "content-type")
+    if ctype is not None:
+        main, params = _content_params(ctype)
+        if main.count("/") == 1 and all(main.split("/")):
+            ent.maintype, ent.subtype = (p.strip() for p in main.split("/"))
+            ent.params = params
+        else:
+            ent.maintype, ent.subtype, ent.params = "text", "plain", []
+    if depth >= MAX_DEPTH:
+        if ent.is_multipart or (ent.maintype, ent.subtype) == ("message", "rfc822"):
+            ent.maintype, ent.subtype = "application", "octet-stream"
+        return ent
+    if ent.is_multipart:
+        boundary = dict(ent.params).get("boundary")
+        if not boundary:
+            ent.maintype, ent.subtype, ent.params = "text", "plain", []
+            return ent
+        child_default = ("message", "rfc822") if ent.subtype == "digest" else ("text", "plain")
+        for cstart, cend in _split_multipart(raw, bstart, end, boundary.encode("utf-8",
+                                                                                "replace")):
+            ent.children.append(_parse_entity(raw, cstart, cend, depth + 1, child_default))
+        if not ent.children:  # no delimiter at all: one empty text part, as Dovecot does
+            ent.children.append(_Entity(bstart, bstart, bstart, []))
+    elif (ent.maintype, ent.subtype) == ("message", "rfc822"):
+        cte = (_field_value(raw, ent, "content-transfer-encoding") or "7bit").lower()
+        if cte in ("7bit", "8bit", "binary"):
+            ent.message = _parse_entity(raw, bstart, end, depth + 1)
+    return ent
+
+
+def _split_multipart(raw: bytes, start: int, end: int, boundary: bytes) -> list[tuple[int, int]]:
+    """[start, end) of each body part between the ``--boundary`` delimiter lines."""
+    delim = b"--" + boundary
+    parts: list[tuple[int, int]] = []
+    part_start: int | None = None
+    pos = start
+    while True:
+        hit = raw.find(delim, pos, end)
+        if hit < 0:
+            break
+        pos = hit + len(delim)
+        if hit != start and raw[hit - 1:hit] != b"\n":
+            continue
+        nl = raw.find(b"\n", pos, end)
+        line_end = end if nl < 0 else nl + 1
+        rest = raw[pos:line_end].rstrip(b" \t\r\n")
+        if rest not in (b"", b"--"):
+            continue
+        if part_start is not None:
+            content_end = hit
+            if raw[hit - 2:hit] == b"\r\n" and hit - 2 >= part_start:
+                content_end = hit - 2
+            elif raw[hit - 1:hit] == b"\n" and hit - 1 >= part_start:
+                content_end = hit - 1
+            parts.append((part_start, content_end))
+            if len(parts) >= MAX_PARTS:
+                return parts
+        if rest == b"--":
+            return parts
+        part_start = line_end
+        pos = line_end
+    if part_start is not None:
+        parts.append((part_start, end))  # no closing delimiter: the last part runs to the end
+    return parts
+
+
+def _parse(raw: bytes) -> _Entity:
+    try:
+        return _parse_entity(raw, 0, len(raw), 0)
+    except Exception:  # pragma: no cover - belt and braces: never fail a FETCH
+        return _Entity(0, 0, len(raw), [])
+
+
+# --------------------------------------------------------------------------- ENVELOPE
+
+
+def _split_addresses(value: str) -> list[tuple[str | None, list[str]]]:
+    """Top-level items of an address list: (group name or None, [address texts])."""
+    items: list[tuple[str | None, list[str]]] = []
+    depth_paren = 0
+    in_quote = in_angle = False
+    buf: list[str] = []
+    group: tuple[str, list[str]] | None = None
+    i = 0
+
+    def flush() -> None:
+        text = "".join(buf).strip()
+        buf.clear()
+        if text:
+            if group is not None:
+                group[1].append(text)
+            else:
+                items.append((None, [text]))
+
+    while i < len(value):
+        ch = value[i]
+        if in_quote:
+            buf.append(ch)
+            if ch == "\\" and i + 1 < len(value):
+                buf.append(value[i + 1])
+                i += 1
+            elif ch == '"':
+                in_quote = False
+        elif depth_paren:
+            buf.append(ch)
+            if ch == "\\" and i + 1 < len(value):
+                buf.append(value[i + 1])
+                i += 1
+            elif ch == "(":
+                depth_paren += 1
+            elif ch == ")":
+                depth_paren -= 1
+        elif ch == '"':
+            in_quote = True
+            buf.append(ch)
+        elif ch == "(":
+            depth_paren = 1
+            buf.append(ch)
+        elif ch == "<":
+            in_angle = True
+            buf.append(ch)
+        elif ch == ">":
+            in_angle = False
+            buf.append(ch)
+        elif ch == "," and not in_angle:
+            flush()
+        elif ch == ":" and not in_angle and group is None:
+            name = "".join(buf).strip()
+            buf.clear()
+            group = (name, [])
+        elif ch == ";" and group is not None and not in_angle:
+            flush()
+            items.append(group)
+            group = None
+        else:
+            buf.append(ch)
+        i += 1
+    flush()
+    if group is not None:
+        items.append(group)
+    return items
+
+
+def _address(text: str) -> str | None:
+    try:
+        name, addr = email.utils.parseaddr(text)
+    except Exception:
+        name, addr = "", text
+    if not addr and not name:
+        return None
+    if "@" in addr:
+        mailbox, host = addr.rsplit("@", 1)
+        host_s = quote(host)
+    else:
+        mailbox, host_s = addr, "NIL"
+    return f"({quote(name or None)} NIL {quote(mailbox)} {host_s})"
+
+
+def _address_list(value: str | None) -> str:
+    if value is None:
+        return "NIL"
+    out: list[str] = []
+    for group, addresses in _split_addresses(value):
+        if group is not None:
+            out.append(f"(NIL NIL {quote(group)} NIL)")
+        for text in addresses:
+            rendered = _address(text)
+            if rendered is not None:
+                out.append(rendered)
+        if group is not None:
+            out.append("(NIL NIL NIL NIL)")
+    return "(" + "".join(out) + ")" if out else "NIL"
+
+
+def _envelope(raw: bytes, ent: _Entity) -> str:
+    def get(name: str) -> str | None:
+        return _field_value(raw, ent, name)
+
+    sender_from = get("from")
+    sender = get("sender") or sender_from
+    reply_to = get("reply-to") or sender_from
+    return "({} {} {} {} {} {} {} {} {} {})".format(
+        quote(get("date")), quote(get("subject")),
+        _address_list(sender_from), _address_list(sender), _address_list(reply_to),
+        _address_list(get("to")), _address_list(get("cc")), _address_list(get("bcc")),
+        quote(get("in-reply-to")), quote(get("message-id")),
+    )
+
+
+def envelope(raw: bytes) -> str:
+    """The ENVELOPE of a raw message (header values as sent, unfolded)."""
+    try:
+        return _envelope(raw, _parse(raw))
+    except Exception:  # pragma: no cover
+        return "(NIL NIL NIL NIL NIL NIL NIL NIL NIL NIL)"
+
+
+# --------------------------------------------------------------------------- BODYSTRUCTURE
+
+
+def _param_list(params: list[tuple[str, str]]) -> str:
+    if not params:
+        return "NIL"
+    return "(" + " ".join(f"{quote(k)} {quote(v)}" for k, v in params) + ")"
+
+
+def _lines(raw: bytes, start: int, end: int) -> int:
+    count = raw.count(b"\n", start, end)
+    if end > start and raw[end - 1:end] != b"\n":
+        count += 1
+    return count
+
+
+def _disposition(raw: bytes, ent: _Entity) -> str:
+    value = _field_value(raw, ent, "content-disposition")
+    if not value:
+        return "NIL"
+    main, params = _content_params(value)
+    if not main:
+        return "NIL"
+    return f"({quote(main)} {_param_list(params)})"
+
+
+def _language(raw: bytes, ent: _Entity) -> str:
+    value = _field_value(raw, ent, "content-language")
+    if not value:
+        return "NIL"
+    tags = [t.strip() for t in value.split(",") if t.strip()]
+    if len(tags) == 1:
+        return quote(tags[0])
+    return "(" + " ".join(quote(t) for t in tags) + ")" if tags else "NIL"
+
+
+def _structure(raw: bytes, ent: _Entity, extensible: bool) -> str:
+    tail = ""
+    if ent.is_multipart:
+        inner = "".join(_structure(raw, child, extensible) for child in ent.children)
+        if extensible:
+            tail = " {} {} {} {}".format(
+                _param_list([(k, v) for k, v in ent.params]), _disposition(raw, ent),
+                _language(raw, ent), quote(_field_value(raw, ent, "content-location")))
+        return f"({inner} {quote(ent.subtype)}{tail})"
+    params = ent.params
+    if ent.maintype == "text" and not any(k == "charset" for k, _ in params):
+        params = [("charset", "us-ascii"), *params]
+    cte = (_field_value(raw, ent, "content-transfer-encoding") or "7bit").lower()
+    parts = [quote(ent.maintype), quote(ent.subtype), _param_list(params),
+             quote(_field_value(raw, ent, "content-id")),
+             quote(_field_value(raw, ent, "content-description")),
+             quote(cte), str(ent.end - ent.bstart)]
+    if ent.message is not None:
+        parts += [_envelope(raw, ent.message), _structure(raw, ent.message, extensible),
+                  str(_lines(raw, ent.bstart, ent.end))]
+    elif ent.maintype == "text":
+        parts.append(str(_lines(raw, ent.bstart, ent.end)))
+    if extensible:
+        parts += [quote(_field_value(raw, ent, "content-md5")), _disposition(raw, ent),
+                  _language(raw, ent), quote(_field_value(raw, ent, "content-location"))]
+    return "(" + " ".join(parts) + ")"
+
+
+def bodystructure(raw: bytes, extensible: bool = True) -> str:
+    """BODYSTRUCTURE (``extensible=True``) or BODY (``False``) of a raw message."""
+    try:
+        return _structure(raw, _parse(raw), extensible)
+    except Exception:  # pragma: no cover
+        return ('("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" '
+                f"{len(raw)} {_lines(raw, 0, len(raw))})")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class SectionSpec:
+    """A parsed ``BODY[...]<o.n>`` section: part path, text spec, field names, partial."""
+
+    part: tuple[int, ...] = ()
+    text: str = ""  # "", "HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT", "TEXT", "MIME"
+    fields: tuple[str, ...] = ()
+    partial: tuple[int, int] | None = None  # (origin, count)
+
+    def render(self) -> str:
+        """The section as echoed in a FETCH response, e.g. ``1.HEADER.FIELDS (SUBJECT)``."""
+        bits = [str(n) for n in self.part]
+        if self.text:
+            bits.append(self.text)
+        out = ".".join(bits)
+        if self.text.startswith("HEADER.FIELDS"):
+            out += " (" + " ".join(self.fields) + ")"
+        return out
+
+
+_SECTION_RE = re.compile(
+    r"^(?P<part>\d+(?:\.\d+)*)?\.?(?P<text>HEADER\.FIELDS\.NOT|HEADER\.FIELDS|HEADER|TEXT|MIME)?"
+    r"(?:\s*\((?P<fields>[^)]*)\))?$", re.IGNORECASE)
+
+
+def parse_section(text: str) -> SectionSpec:
+    """Parse the inside of ``BODY[...]`` (without partial). ValueError when malformed."""
+    text = text.strip()
+    m = _SECTION_RE.match(text)
+    if m is None:
+        raise ValueError(f"bad section {text!r}")
+    part = tuple(int(p) for p in m.group("part").split(".")) if m.group("part") else ()
+    spec = (m.group("text") or "").upper()
+    if m.group("part") and not spec and text != m.group("part"):
+        raise ValueError(f"bad section {text!r}")
+    if any(n == 0 for n in part):
+        raise ValueError("section part numbers start at 1")
+    if spec == "MIME" and not part:
+        raise ValueError("MIME needs a part number")
+    fields: tuple[str, ...] = ()
+    if spec.startswith("HEADER.FIELDS"):
+        if m.group("fields") is None:
+            raise ValueError("HEADER.FIELDS needs a field list")
+        fields = tuple(f.strip('"').upper() for f in m.group("fields").split() if f)
+        if not fields:
+            raise ValueError("empty header field list")
+    elif m.group("fields") is not None:
+        raise ValueError(f"bad section {text!r}")
+    return SectionSpec(part, spec, fields)
+
+
+def _subparts(ent: _Entity) -> list[_Entity]:
+    return ent.children if ent.is_multipart else [ent]
+
+
+def _locate(root: _Entity, path: tuple[int, ...]) -> _Entity | None:
+    current = root
+    for depth, number in enumerate(path):
+        if depth > 0 and current.message is not None:
+            container = _subparts(current.message)
+        elif depth > 0 and not current.is_multipart:
+            return None
+        else:
+            container = _subparts(current)
+        if number < 1 or number > len(container):
+            return None
+        current = container[number - 1]
+    return current
+
+
+def _header_fields(raw: bytes, ent: _Entity, names: tuple[str, ...], keep: bool) -> bytes:
+    wanted = {n.lower() for n in names}
+    out = [raw[fstart:fend] for fname, fstart, fend in ent.fields
+           if (fname in wanted) == keep and fname]
+    return b"".join(out) + b"\r\n"
+
+
+def section(raw: bytes, spec: SectionSpec | str) -> bytes:
+    """The exact bytes of ``BODY[spec]`` (with its partial range, if any).
+
+    A part that does not exist gives ``b""`` (the server answers an empty string).
+    """
+    if isinstance(spec, str):
+        spec = parse_section(spec)
+    try:
+        data = _section(raw, spec)
+    except Exception:  # pragma: no cover
+        data = b""
+    if spec.partial is not None:
+        origin, count = spec.partial
+        data = data[origin:origin + count]
+    return data
+
+
+def _section(raw: bytes, spec: SectionSpec) -> bytes:
+    if not spec.part and not spec.text:
+        return raw
+    root = _parse(raw)
+    ent: _Entity | None = root
+    if spec.part:
+        ent = _locate(root, spec.part)
+        if ent is None:
+            return b""
+        if not spec.text:
+            return raw[ent.bstart:ent.end]
+        if spec.text == "MIME":
+            return raw[ent.hstart:ent.bstart]
+        # HEADER/TEXT of a part address its encapsulated message.
+        if ent.message is not None:
+            ent = ent.message
+        elif ent is not root:
+            return b""
+    assert ent is not None
+    if spec.text == "HEADER":
+        return raw[ent.hstart:ent.bstart]
+    if spec.text == "TEXT":
+        return raw[ent.bstart:ent.end]
+    if spec.text == "HEADER.FIELDS":
+        return _header_fields(raw, ent, spec.fields, True)
+    if spec.text == "HEADER.FIELDS.NOT":
+        return _header_fields(raw, ent, spec.fields, False)
+    return b""
