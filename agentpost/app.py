@@ -167,6 +167,8 @@ class AgentPostService(service.Service):
         await self.core.notifier.start()
         if self.config.smtp.mx_enabled:
             self.ports["smtp_mx"] = await self._listen_mx()
+        if self.config.imap.enabled:
+            await self._listen_imap()
         cfg = self.config.http
         if cfg.enabled:
             site = make_site(self.http_resource(), access_log=cfg.access_log)
@@ -203,6 +205,35 @@ class AgentPostService(service.Service):
                                 reuse_port=self.reuse_port)
         log.info("SMTP MX listening on %s:%d", cfg.mx_bind, port.getHost().port)
         return port
+
+    async def _listen_imap(self) -> None:
+        from agentpost.imap.listener import IMAPFactory
+
+        cfg = self.config.imap
+        tls = self.tls_options()
+
+        def factory(implicit: bool) -> IMAPFactory:
+            return IMAPFactory(
+                self.core.imap_logins, hostname=self.config.server.hostname,
+                clock=self.reactor, tls_options=tls,
+                implicit_tls=tls if implicit else None,
+                allow_plaintext_login=cfg.allow_plaintext_login,
+                max_append_bytes=cfg.max_append_size,
+                max_connections_per_ip=cfg.max_connections_per_ip,
+                max_connections=cfg.max_connections)
+
+        # listen_tcp wraps the 993 factory in TLS; the factory's implicit_tls only tells
+        # its sessions they are already encrypted.
+        self.ports["imap"] = await listen_tcp(self.reactor, factory(False), cfg.bind, cfg.port,
+                                              reuse_port=self.reuse_port)
+        if tls is not None:
+            self.ports["imaps"] = await listen_tcp(self.reactor, factory(True), cfg.bind,
+                                                   cfg.tls_port, tls_options=tls,
+                                                   reuse_port=self.reuse_port)
+        log.info("IMAP listening on %s:%d (STARTTLS) and %s", cfg.bind,
+                 self.ports["imap"].getHost().port,
+                 f"{self.ports['imaps'].getHost().port} (TLS)" if "imaps" in self.ports
+                 else "no implicit-TLS port (no [tls] configured)")
 
     def _fatal(self, failure: Any) -> None:
         log.error("AgentPost failed to start: %s", failure.getErrorMessage())

@@ -115,6 +115,7 @@ def make_config(dsn: str, **overrides: dict[str, Any]) -> Any:
         "mail": {"shared_domain": "agents.test"},
         "storage": {"backend": "local", "path": tempfile.mkdtemp(prefix="agentpost-blobs-")},
         "smtp": {"mx_bind": "127.0.0.1", "mx_port": 0},
+        "imap": {"bind": "127.0.0.1", "port": 0, "tls_port": 0},
     }
     for section, values in overrides.items():
         data.setdefault(section, {}).update(values)
@@ -131,6 +132,10 @@ class RunningServer:
         self.base_url = f"http://127.0.0.1:{port}"
         mx = service.ports.get("smtp_mx")
         self.mx_port = mx.getHost().port if mx is not None else None
+        self.imap_port = service.ports["imap"].getHost().port if "imap" in service.ports \
+            else None
+        self.imaps_port = service.ports["imaps"].getHost().port if "imaps" in service.ports \
+            else None
         self.api = ApiClient(self.base_url, checker)
 
     async def new_org(self, name: str = "Org") -> tuple[dict[str, Any], str]:

@@ -19,6 +19,7 @@ from agentpost.config.sections import (
     AuditSection,
     DatabaseSection,
     HTTPSection,
+    IMAPSection,
     LoggingSection,
     MailSection,
     RateLimitSection,
@@ -59,6 +60,7 @@ class Config:
     mail: MailSection = field(default_factory=MailSection)
     storage: StorageSection = field(default_factory=StorageSection)
     smtp: SMTPSection = field(default_factory=SMTPSection)
+    imap: IMAPSection = field(default_factory=IMAPSection)
     audit: AuditSection = field(default_factory=AuditSection)
     retention: RetentionSection = field(default_factory=RetentionSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -220,6 +222,7 @@ __all__ = [
     "ConfigError",
     "DatabaseSection",
     "HTTPSection",
+    "IMAPSection",
     "LoggingSection",
     "MailSection",
     "RateLimitSection",

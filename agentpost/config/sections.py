@@ -134,6 +134,22 @@ class SMTPSection:
 
 
 @dataclass
+class IMAPSection:
+    """The IMAP listeners: STARTTLS (143) and implicit TLS (993)."""
+
+    enabled: bool = opt(True, "Serve IMAP.")
+    bind: str = opt("0.0.0.0", "Address of both IMAP listeners.")  # noqa: S104 - public
+    port: int = opt(143, "Port of the STARTTLS listener (LOGINDISABLED until STARTTLS).")
+    tls_port: int = opt(993, "Port of the implicit-TLS listener (needs [tls]).")
+    allow_plaintext_login: bool = opt(
+        False, "Allow LOGIN without TLS. Development only, on loopback."
+    )
+    max_append_size: int = opt("64MiB", "Largest message accepted by APPEND.", "size")
+    max_connections_per_ip: int = opt(50, "Concurrent IMAP sessions from one address.")
+    max_connections: int = opt(5000, "Concurrent IMAP sessions in all.")
+
+
+@dataclass
 class AuditSection:
     """The audit trail of API access."""
 
@@ -180,6 +196,7 @@ SECTIONS: dict[str, type] = {
     "mail": MailSection,
     "storage": StorageSection,
     "smtp": SMTPSection,
+    "imap": IMAPSection,
     "audit": AuditSection,
     "retention": RetentionSection,
     "logging": LoggingSection,

@@ -24,6 +24,8 @@ VAR = Path(os.environ.get("AGENTPOST_VAR_DIR", "var"))
 DB_NAME = "agentpost"
 HTTP_PORT = int(os.environ.get("AGENTPOST_HTTP_PORT", "8080"))
 SMTP_MX_PORT = int(os.environ.get("AGENTPOST_SMTP_PORT", "2525"))
+IMAP_PORT = int(os.environ.get("AGENTPOST_IMAP_PORT", "2143"))
+IMAPS_PORT = int(os.environ.get("AGENTPOST_IMAPS_PORT", "2993"))
 SHARED_DOMAIN = "agentpost.local"
 
 
@@ -71,6 +73,11 @@ path = "{(VAR / 'blobs').resolve()}"
 [smtp]
 mx_bind = "127.0.0.1"
 mx_port = {SMTP_MX_PORT}
+
+[imap]
+bind = "127.0.0.1"
+port = {IMAP_PORT}
+tls_port = {IMAPS_PORT}
 """
     path.write_text(text)
     path.chmod(0o600)
@@ -137,6 +144,15 @@ def _banner(demo: dict[str, str], config_path: Path, tls: Any) -> None:
              "b'Subject: Hello\\\\r\\\\n\\\\r\\\\nHi from smtplib.\\\\r\\\\n'); s.quit()\"")
         _say(f'   curl -s {base}/api/v1/inboxes/{demo["inbox_id"]}/messages '
              '-H "Authorization: Bearer $AGENTPOST_KEY"')
+        _say("")
+        _say(" IMAP client settings (Thunderbird, imaplib, any agent):")
+        _say(f"   server 127.0.0.1, port {IMAP_PORT} with STARTTLS or {IMAPS_PORT} with TLS,")
+        _say(f"   username {demo['inbox_email']}, password = the demo API key;")
+        _say(f"   trust the dev CA {tls.ca_cert}.")
+        _say(f"   python3 -c \"import imaplib, ssl; c = ssl.create_default_context("
+             f"cafile='{tls.ca_cert}'); m = imaplib.IMAP4_SSL('127.0.0.1', {IMAPS_PORT}, "
+             f"ssl_context=c); m.login('{demo['inbox_email']}', '$AGENTPOST_KEY'); "
+             "print(m.select('INBOX')); m.logout()\"")
     _say("")
     _say(" Ctrl-C stops AgentPost and the database it started.")
     _say("=" * 72)

@@ -1,0 +1,1253 @@
+"""The IMAP4rev1 server protocol (RFC 3501) on a Twisted transport: an explicit state machine.
+
+Why not ``twisted.mail.imap4.IMAP4Server``: see DESIGN.md §7. This module is built
+so that its defects cannot happen here:
+
+- **One command at a time.** Input is buffered; the next command is parsed only
+  after the previous one's tagged response has been written, however long the
+  account's coroutines take. Pipelined commands are answered in order.
+- **Literals are framed by the reader**, not the parser: ``{n}`` gets ``+`` only
+  when the command may go on (APPEND checks the mailbox first and answers
+  ``NO [TRYCREATE]`` without reading the literal), ``{n+}`` (LITERAL+) is always
+  consumed, and over-size literals are consumed and refused.
+- **STARTTLS discards everything buffered after it.**
+- **Byte-exact bodies**: sections are slices of the stored message
+  (:mod:`agentpost.mail.imapformat`), partial ranges included.
+- **Every session keeps its own sequence-number view** and reports other
+  sessions' changes (EXISTS, FETCH, EXPUNGE) where RFC 3501 §7.4.1 allows, and at
+  once while IDLE.
+- **Errors are answered, never raised**: syntax errors are ``BAD``, domain errors
+  ``NO`` with a response code from one table, anything unexpected is logged with a
+  reference and answered ``NO [UNAVAILABLE]``.
+
+Known limits (future work): message bodies are loaded whole (up to the APPEND
+literal limit) rather than streamed; QRESYNC, ESEARCH, LIST-EXTENDED are not offered.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import bisect
+import enum
+import logging
+import re
+import secrets
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from agentpost.imap.interfaces import (
+    Changes,
+    FetchRow,
+    FetchWants,
+    FolderSnapshot,
+    IMAPAccount,
+    IMAPBackend,
+    MessageMeta,
+)
+from agentpost.imap.parser import (
+    LITERAL_RE,
+    Atom,
+    Command,
+    FetchItem,
+    ParseError,
+    SeqSet,
+    astring,
+    decode_mailbox,
+    encode_mailbox,
+    mailbox,
+    number,
+    parse_command,
+    parse_datetime,
+    parse_fetch_items,
+    parse_flags,
+    parse_search,
+    parse_seqset,
+    resolve_seqset,
+)
+from agentpost.mail import imapformat
+from agentpost.model import errors
+
+log = logging.getLogger(__name__)
+
+__all__ = ["IMAP4ServerProtocol", "IMAPError", "State"]
+
+#: Command lines (each line between literals) may be this long.
+MAX_LINE_BYTES = 256 * 1024
+#: Literals outside APPEND (passwords, search strings, mailbox names).
+MAX_SMALL_LITERAL_BYTES = 64 * 1024
+#: The default APPEND literal limit.
+MAX_APPEND_BYTES = 64 * 1024 * 1024
+#: While a command is running, pause reading once this much input is queued.
+MAX_BUFFERED_INPUT = 1024 * 1024
+
+SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+class State(enum.Enum):
+    NOT_AUTHENTICATED = "not authenticated"
+    AUTHENTICATED = "authenticated"
+    SELECTED = "selected"
+    LOGOUT = "logout"
+
+
+class IMAPError(Exception):
+    """Answer the current command with ``status [code] text``."""
+
+    def __init__(self, status: str, text: str, code: str | None = None) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+        self.code = code
+
+    def render(self) -> str:
+        return f"{self.status} [{self.code}] {self.text}" if self.code else \
+            f"{self.status} {self.text}"
+
+
+def _no(text: str, code: str | None = None) -> IMAPError:
+    return IMAPError("NO", text, code)
+
+
+def _bad(text: str) -> IMAPError:
+    return IMAPError("BAD", text)
+
+
+def error_for(exc: BaseException, *, missing: str = "NONEXISTENT") -> IMAPError:
+    """The one table from domain errors to IMAP responses (RFC 5530 codes)."""
+    if isinstance(exc, IMAPError):
+        return exc
+    if isinstance(exc, errors.NotFound):
+        text = "Mailbox does not exist" if missing == "TRYCREATE" else exc.message
+        return _no(text, missing)
+    if isinstance(exc, errors.Conflict):
+        return _no(exc.message, "ALREADYEXISTS")
+    if isinstance(exc, errors.Forbidden):
+        return _no(exc.message, "NOPERM")
+    if isinstance(exc, errors.Unauthenticated):
+        return _no("Authentication failed", "AUTHENTICATIONFAILED")
+    if isinstance(exc, errors.PayloadTooLarge):
+        return _no(exc.message, "TOOBIG")
+    if isinstance(exc, errors.AgentPostError):
+        if exc.temporary:
+            return _no(exc.message, "UNAVAILABLE")
+        return _no(exc.message, "CANNOT")
+    ref = secrets.token_hex(4)
+    log.error("imap: internal error ref %s", ref, exc_info=(type(exc), exc, exc.__traceback__))
+    return _no(f"Internal error (ref {ref}); try again", "UNAVAILABLE")
+
+
+def _imap_quote(text: str) -> str:
+    return imapformat.quote(text)
+
+
+def _compact(numbers: list[int]) -> str:
+    """[1,2,3,5] -> "1:3,5"."""
+    out: list[str] = []
+    nums = sorted(set(numbers))
+    i = 0
+    while i < len(nums):
+        j = i
+        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
+            j += 1
+        out.append(str(nums[i]) if i == j else f"{nums[i]}:{nums[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def _internaldate(value: datetime | None) -> str:
+    value = (value or datetime(1970, 1, 1, tzinfo=UTC)).astimezone(UTC)
+    return (f'"{value.day:02d}-{_MONTHS[value.month - 1]}-{value.year:04d} '
+            f'{value.hour:02d}:{value.minute:02d}:{value.second:02d} +0000"')
+
+
+def _literal(data: bytes) -> bytes:
+    return b"{%d}\r\n" % len(data) + data
+
+
+@implementer(IPushProducer)
+class IMAP4ServerProtocol(Protocol):
+    """One IMAP session. Build it through :class:`agentpost.imap.listener.IMAPFactory`.
+
+    Arguments:
+        backend: turns credentials into an :class:`IMAPAccount`.
+        hostname: our name, in the greeting.
+        clock: every timer uses it (``task.Clock`` in tests).
+        tls_options: server TLS settings; STARTTLS is offered only if given.
+        implicit_tls: the transport is TLS from the first byte (port 993).
+        allow_plaintext_login: offer LOGIN/AUTHENTICATE without TLS (loopback dev only).
+        max_append_bytes: largest APPEND literal; other literals are limited to 64 KiB.
+        autologout_s: idle time after login before ``BYE`` (RFC 3501 §5.4: ≥ 30 min).
+        login_timeout_s: idle time before login.
+        on_close: called once when the connection is gone.
+    """
+
+    def __init__(
+        self,
+        backend: IMAPBackend,
+        *,
+        hostname: str = "localhost",
+        clock: IReactorTime,
+        tls_options: Any = None,
+        implicit_tls: bool = False,
+        allow_plaintext_login: bool = False,
+        max_append_bytes: int = MAX_APPEND_BYTES,
+        autologout_s: float = 30 * 60,
+        login_timeout_s: float = 120.0,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.hostname = hostname
+        self.clock = clock
+        self.tls_options = tls_options
+        self.tls_active = implicit_tls
+        self.allow_plaintext_login = allow_plaintext_login
+        self.max_append_bytes = max_append_bytes
+        self.autologout_s = autologout_s
+        self.login_timeout_s = login_timeout_s
+        self._on_close = on_close
+        self.session_id = secrets.token_hex(4)
+        self.state = State.NOT_AUTHENTICATED
+        self.account: IMAPAccount | None = None
+        self.peer = ""
+        # input framing
+        self._buffer = bytearray()
+        self._pending = bytearray()  # the command assembled so far (lines + literals)
+        self._literal_left = 0  # literal octets still to read into _pending
+        self._discard_left = 0  # octets of a refused literal still to drop
+        self._discarding_line = False  # skipping the rest of a refused command
+        self._append_checked = False
+        self._busy = False
+        self._processing = False
+        self._paused = False
+        self._output_blocked = False
+        self._writable: list[defer.Deferred] = []
+        self._line_handler: Callable[[bytes], None] | None = None
+        self._timer: Any = None
+        # selected-state view
+        self.snapshot: FolderSnapshot | None = None
+        self.readonly = False
+        self._uids: list[int] = []
+        self._meta: dict[int, MessageMeta] = {}
+        self._recent: set[int] = set()
+        self._highestmodseq = 0
+        self._dirty = False
+        self._unwatch: Callable[[], None] | None = None
+        self._idle_wake: defer.Deferred | None = None
+        self._idle_line: bytes | None = None
+        self.condstore = False
+        self._closed = False
+
+    # ------------------------------------------------------------------ capabilities
+
+    def capabilities(self) -> list[str]:
+        caps = ["IMAP4rev1", "LITERAL+", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT",
+                "CHILDREN", "SPECIAL-USE", "UIDPLUS", "MOVE", "CONDSTORE"]
+        if self.state is State.NOT_AUTHENTICATED:
+            if self.tls_options is not None and not self.tls_active:
+                caps.append("STARTTLS")
+            if self._login_allowed():
+                caps += ["AUTH=PLAIN", "SASL-IR"]
+            else:
+                caps.append("LOGINDISABLED")
+        return caps
+
+    def _login_allowed(self) -> bool:
+        return self.tls_active or self.allow_plaintext_login
+
+    # ------------------------------------------------------------------ Twisted hooks
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.peer = str(getattr(peer, "host", "") or "")
+        self.transport.registerProducer(self, True)
+        self._send(f"* OK [CAPABILITY {' '.join(self.capabilities())}] "
+                   f"{self.hostname} AgentPost IMAP4rev1 ready")
+        self._arm_timer()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state is State.LOGOUT:
+            return
+        self._buffer += data
+        self._process()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._closed = True
+        self.state = State.LOGOUT
+        self._cancel_timer()
+        self._buffer.clear()
+        self._pending.clear()
+        self._stop_watching()
+        for d in self._writable:
+            d.cancel()
+        self._writable.clear()
+        if self._idle_wake is not None and not self._idle_wake.called:
+            self._idle_wake.cancel()
+        if self._on_close is not None:
+            on_close, self._on_close = self._on_close, None
+            on_close()
+
+    def pauseProducing(self) -> None:
+        self._output_blocked = True
+
+    def resumeProducing(self) -> None:
+        self._output_blocked = False
+        waiters, self._writable = self._writable, []
+        for d in waiters:
+            d.callback(None)
+        if self.state is not State.LOGOUT:
+            self._process()
+
+    def stopProducing(self) -> None:
+        """connectionLost does the cleanup."""
+
+    # ------------------------------------------------------------------ output
+
+    def _write(self, data: bytes) -> None:
+        if not self._closed:
+            self.transport.write(data)
+
+    def _send(self, line: str) -> None:
+        self._write(line.encode("utf-8") + b"\r\n")
+
+    async def _drain(self) -> None:
+        """Wait while the transport's write buffer is full (large FETCH responses)."""
+        while self._output_blocked and self.state is not State.LOGOUT:
+            d: defer.Deferred = defer.Deferred()
+            self._writable.append(d)
+            await d
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.state = State.LOGOUT
+        self._cancel_timer()
+        self._buffer.clear()
+        self._stop_watching()
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+    # ------------------------------------------------------------------ timers
+
+    def _arm_timer(self) -> None:
+        self._cancel_timer()
+        if self.state is State.LOGOUT:
+            return
+        timeout = (self.login_timeout_s if self.state is State.NOT_AUTHENTICATED
+                   else self.autologout_s)
+        self._timer = self.clock.callLater(timeout, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self.state is State.LOGOUT:
+            return
+        log.info("imap %s: autologout in state %s", self.session_id, self.state.value)
+        self._send("* BYE Autologout; idle for too long")
+        self._close()
+
+    # ------------------------------------------------------------------ input loop
+
+    def _take_line(self) -> bytes | None:
+        newline = self._buffer.find(b"\n", 0, MAX_LINE_BYTES)
+        if newline < 0:
+            if len(self._buffer) >= MAX_LINE_BYTES:
+                self._buffer.clear()
+                self._pending.clear()
+                self._discarding_line = True
+                self._send("* BAD Command line too long")
+            return None
+        line = bytes(self._buffer[:newline])
+        del self._buffer[: newline + 1]
+        return line[:-1] if line.endswith(b"\r") else line
+
+    def _process(self) -> None:
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while self.state is not State.LOGOUT and not self._output_blocked:
+                if self._discard_left:
+                    if not self._buffer:
+                        break
+                    take = min(self._discard_left, len(self._buffer))
+                    del self._buffer[:take]
+                    self._discard_left -= take
+                    continue
+                if self._literal_left:
+                    if not self._buffer:
+                        break
+                    take = min(self._literal_left, len(self._buffer))
+                    self._pending += self._buffer[:take]
+                    del self._buffer[:take]
+                    self._literal_left -= take
+                    continue
+                if self._line_handler is not None:
+                    line = self._take_line()
+                    if line is None:
+                        break
+                    handler, self._line_handler = self._line_handler, None
+                    self._arm_timer()
+                    handler(line)
+                    continue
+                if self._busy:
+                    break
+                if self._discarding_line:
+                    newline = self._buffer.find(b"\n")
+                    if newline < 0:
+                        self._buffer.clear()
+                        break
+                    line = bytes(self._buffer[:newline]).rstrip(b"\r")
+                    del self._buffer[: newline + 1]
+                    m = LITERAL_RE.search(line)
+                    if m is not None:  # a refused command's further literal
+                        self._discard_left = int(m.group(1))
+                    else:
+                        self._discarding_line = False
+                    continue
+                line = self._take_line()
+                if line is None:
+                    break
+                self._arm_timer()
+                self._line(line)
+        except Exception:
+            ref = secrets.token_hex(4)
+            log.exception("imap %s: input handling failed (ref %s)", self.session_id, ref)
+            self._send(f"* BYE Internal error (ref {ref})")
+            self._close()
+        finally:
+            self._processing = False
+        self._flow_control()
+
+    def _flow_control(self) -> None:
+        if self.state is State.LOGOUT:
+            return
+        stalled = self._busy or self._output_blocked
+        if not self._paused and stalled and len(self._buffer) > MAX_BUFFERED_INPUT:
+            self._paused = True
+            self.transport.pauseProducing()
+        elif self._paused and (not stalled or len(self._buffer) <= MAX_BUFFERED_INPUT // 2):
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def _line(self, line: bytes) -> None:
+        """One line of a command: either a literal marker follows or the command is whole."""
+        if not self._pending and not line.strip():
+            return  # tolerate empty lines between commands
+        self._pending += line
+        m = LITERAL_RE.search(line)
+        if m is None:
+            data = bytes(self._pending)
+            self._pending.clear()
+            self._append_checked = False
+            self._run(data)
+            return
+        size = int(m.group(1))
+        sync = not m.group(2)
+        tag, name, args = self._peek_command(bytes(self._pending[: len(self._pending)
+                                                                 - len(m.group(0))]))
+        limit = self.max_append_bytes if name == "APPEND" else MAX_SMALL_LITERAL_BYTES
+        if size > limit or len(self._pending) > 4 * MAX_LINE_BYTES:
+            self._pending.clear()
+            self._append_checked = False
+            if not sync:
+                self._discard_left = size
+                self._discarding_line = True
+            self._send(f"{tag or '*'} NO [TOOBIG] Literal too large")
+            return
+        if sync and name == "LOGIN" and not self._login_allowed():
+            # Do not invite a password in cleartext.
+            self._pending.clear()
+            self._send(f"{tag} NO [PRIVACYREQUIRED] Use STARTTLS before logging in")
+            return
+        self._pending += b"\r\n"
+        if sync and name == "APPEND" and not self._append_checked and args:
+            # Check the mailbox before inviting the message (RFC 3501 §6.3.11).
+            self._append_checked = True
+            self._busy = True
+            d = defer.ensureDeferred(self._check_append(tag, args))
+            d.addBoth(self._append_checked_cb, size)
+            return
+        self._literal_left = size
+        if sync:
+            self._send("+ Ready for literal data")
+
+    def _peek_command(self, prefix: bytes) -> tuple[str | None, str | None, list[Any]]:
+        try:
+            command = parse_command(prefix)
+        except ParseError as exc:
+            return getattr(exc, "tag", None), None, []
+        except Exception:
+            return None, None, []
+        return command.tag, command.name, command.args
+
+    async def _check_append(self, tag: str | None, args: list[Any]) -> str | None:
+        """None if the APPEND may go on, else the tagged refusal."""
+        try:
+            self._require(State.AUTHENTICATED, State.SELECTED)
+            self._require_write()
+            name = mailbox(args[0])
+            await self.account.status(name)  # type: ignore[union-attr]
+        except ParseError as exc:
+            return f"{tag} BAD {exc}"
+        except Exception as exc:
+            return f"{tag} {error_for(exc, missing='TRYCREATE').render()}"
+        return None
+
+    def _append_checked_cb(self, refusal: Any, size: int) -> None:
+        self._busy = False
+        if self.state is State.LOGOUT:
+            return
+        if isinstance(refusal, Failure):
+            refusal = f"* NO [UNAVAILABLE] {refusal.getErrorMessage()}"
+        if refusal is not None:
+            self._pending.clear()
+            self._append_checked = False
+            self._send(refusal)
+        else:
+            self._literal_left = size
+            self._send("+ Ready for literal data")
+        self._process()
+
+    def _run(self, data: bytes) -> None:
+        try:
+            command = parse_command(data)
+        except ParseError as exc:
+            self._send(f"{getattr(exc, 'tag', None) or '*'} BAD {exc}")
+            return
+        self._busy = True
+        d = defer.ensureDeferred(self._dispatch(command))
+        d.addErrback(self._dispatch_failed, command)
+        d.addCallback(self._finished)
+
+    def _dispatch_failed(self, failure: Failure, command: Command) -> None:
+        log.error("imap %s: response failed: %s", self.session_id, failure.getTraceback())
+        if self.state is not State.LOGOUT:
+            self._send(f"{command.tag} NO [UNAVAILABLE] Internal error")
+
+    def _finished(self, _: Any) -> None:
+        self._busy = False
+        if self.state is State.LOGOUT:
+            return
+        self._arm_timer()
+        if not self._processing:
+            self._process()
+
+    # ------------------------------------------------------------------ dispatch
+
+    ANY = ("CAPABILITY", "NOOP", "LOGOUT", "ID")
+    NOT_AUTH = ("STARTTLS", "AUTHENTICATE", "LOGIN")
+    AUTH = ("ENABLE", "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE",
+            "UNSUBSCRIBE", "LIST", "LSUB", "STATUS", "APPEND", "NAMESPACE", "IDLE")
+    SELECTED = ("CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY",
+                "MOVE")
+    UID_COMMANDS = ("FETCH", "STORE", "COPY", "MOVE", "SEARCH", "EXPUNGE")
+    #: Commands during which EXPUNGE may not be reported (RFC 3501 §7.4.1).
+    NO_EXPUNGE = ("FETCH", "STORE", "SEARCH")
+
+    async def _dispatch(self, command: Command) -> None:
+        name = command.name
+        try:
+            if command.uid and name not in self.UID_COMMANDS:
+                raise _bad(f"UID {name} is not a command")
+            handler = getattr(self, f"_cmd_{name.lower()}", None)
+            if handler is None or name not in self.ANY + self.NOT_AUTH + self.AUTH + \
+                    self.SELECTED:
+                raise _bad(f"Unknown command {name}")
+            if name in self.NOT_AUTH:
+                self._require(State.NOT_AUTHENTICATED)
+            elif name in self.AUTH:
+                self._require(State.AUTHENTICATED, State.SELECTED)
+            elif name in self.SELECTED:
+                self._require(State.SELECTED)
+            result = await handler(command)
+            if self.state is State.SELECTED and name not in ("SELECT", "EXAMINE") and \
+                    (self._dirty or name in ("NOOP", "CHECK")):
+                await self._report_changes(
+                    expunge=command.uid or name not in self.NO_EXPUNGE)
+            response = f"OK {result}" if result else f"OK {name} completed"
+        except _Answered:
+            return
+        except ParseError as exc:
+            response = f"BAD {exc}"
+        except Exception as exc:  # domain errors and bugs: NO, never a traceback
+            if self.state is State.LOGOUT:
+                return
+            response = error_for(exc).render()
+        if self.state is not State.LOGOUT or name == "LOGOUT":
+            self._send(f"{command.tag} {response}")
+        if name == "LOGOUT":
+            self._close()
+
+    def _require(self, *states: State) -> None:
+        if self.state not in states:
+            if self.state is State.NOT_AUTHENTICATED:
+                raise _bad("Log in first")
+            if states == (State.SELECTED,):
+                raise _bad("No mailbox selected")
+            raise _bad("Command not valid in this state")
+
+    def _require_write(self) -> None:
+        if self.account is None or not self.account.can_write:
+            raise _no("This key may not change messages (messages:write needed)", "NOPERM")
+
+    def _args(self, command: Command, count: int, at_most: int | None = None) -> list[Any]:
+        args = command.args
+        if len(args) < count or len(args) > (count if at_most is None else at_most):
+            raise ParseError(f"Wrong number of arguments for {command.name}")
+        return args
+
+    # ------------------------------------------------------------------ any state
+
+    async def _cmd_capability(self, command: Command) -> None:
+        self._args(command, 0)
+        self._send("* CAPABILITY " + " ".join(self.capabilities()))
+
+    async def _cmd_noop(self, command: Command) -> None:
+        return None
+
+    async def _cmd_check(self, command: Command) -> None:
+        return None
+
+    async def _cmd_logout(self, command: Command) -> None:
+        self._send("* BYE Logging out")
+
+    async def _cmd_id(self, command: Command) -> None:
+        self._send('* ID ("name" "AgentPost")')
+
+    # ------------------------------------------------------------------ not authenticated
+
+    async def _cmd_starttls(self, command: Command) -> str | None:
+        self._args(command, 0)
+        if self.tls_active:
+            raise _bad("TLS is already active")
+        if self.tls_options is None:
+            raise _no("STARTTLS is not available here")
+        self._send(f"{command.tag} OK Begin TLS negotiation now")
+        # RFC 3501 §6.2.1 / RFC 2595 §3.1: nothing the client pipelined in cleartext
+        # may run inside the TLS session.
+        self._buffer.clear()
+        self._pending.clear()
+        self._literal_left = self._discard_left = 0
+        self._discarding_line = False
+        self.tls_active = True
+        self.transport.startTLS(self.tls_options)
+        raise _Answered()
+
+    async def _cmd_login(self, command: Command) -> str:
+        args = self._args(command, 2)
+        if not self._login_allowed():
+            raise _no("Use STARTTLS before logging in", "PRIVACYREQUIRED")
+        return await self._authenticate(astring(args[0]), astring(args[1]), "LOGIN")
+
+    async def _cmd_authenticate(self, command: Command) -> str:
+        args = self._args(command, 1, 2)
+        if not isinstance(args[0], Atom) or args[0].upper() != "PLAIN":
+            raise _no("Unsupported authentication mechanism", "CANNOT")
+        if not self._login_allowed():
+            raise _no("Use STARTTLS before logging in", "PRIVACYREQUIRED")
+        if len(args) == 2:
+            response = astring(args[1])
+        else:
+            self._send("+ ")
+            d: defer.Deferred = defer.Deferred()
+            self._line_handler = d.callback
+            response = (await d).decode("ascii", "replace")
+        response = response.strip()
+        if response == "*":
+            raise _bad("Authentication cancelled")
+        try:
+            decoded = base64.b64decode("" if response == "=" else response, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise _bad("Invalid base64 in SASL response") from exc
+        parts = decoded.split(b"\0")
+        if len(parts) != 3:
+            raise _bad("Malformed PLAIN response")
+        authz, user, password = (p.decode("utf-8", "replace") for p in parts)
+        if authz and authz != user:
+            raise _no("Authorization identity must match", "AUTHORIZATIONFAILED")
+        return await self._authenticate(user, password, "AUTHENTICATE")
+
+    async def _authenticate(self, user: str, password: str, how: str) -> str:
+        try:
+            account = await self.backend.authenticate(user, password, self.peer)
+        except errors.Unauthenticated as exc:
+            raise _no("Authentication failed", "AUTHENTICATIONFAILED") from exc
+        self.account = account
+        self.state = State.AUTHENTICATED
+        log.info("imap %s: %s logged in from %s", self.session_id, account.address, self.peer)
+        return f"[CAPABILITY {' '.join(self.capabilities())}] {how} completed"
+
+    # ------------------------------------------------------------------ authenticated
+
+    async def _cmd_enable(self, command: Command) -> None:
+        if not command.args:
+            raise ParseError("ENABLE needs capabilities")
+        enabled = []
+        for cap in command.args:
+            if isinstance(cap, Atom) and cap.upper() == "CONDSTORE":
+                self.condstore = True
+                enabled.append("CONDSTORE")
+        self._send("* ENABLED" + "".join(" " + c for c in enabled))
+
+    async def _cmd_namespace(self, command: Command) -> None:
+        self._send('* NAMESPACE (("" "/")) NIL NIL')
+
+    async def _cmd_select(self, command: Command) -> str:
+        return await self._select(command, readonly=False)
+
+    async def _cmd_examine(self, command: Command) -> str:
+        return await self._select(command, readonly=True)
+
+    async def _select(self, command: Command, readonly: bool) -> str:
+        args = self._args(command, 1, 2)
+        name = mailbox(args[0])
+        if len(args) == 2:
+            params = args[1]
+            if not isinstance(params, list) or [str(p).upper() for p in params] != ["CONDSTORE"]:
+                raise ParseError("Unsupported SELECT parameters")
+            self.condstore = True
+        if self.state is State.SELECTED:
+            self._unselect()
+            if self.condstore:
+                self._send("* OK [CLOSED] Previous mailbox closed")
+        assert self.account is not None
+        snap = await self.account.select(name)
+        self.snapshot = snap
+        self.readonly = readonly or not self.account.can_write
+        self._uids = [m.uid for m in snap.messages]
+        self._meta = {m.uid: m for m in snap.messages}
+        self._recent = set()
+        self._highestmodseq = snap.highestmodseq
+        self._dirty = False
+        self.state = State.SELECTED
+        self._unwatch = self.account.watch(snap.folder_id, self._folder_changed)
+        keywords = sorted({f for m in snap.messages for f in m.flags if not f.startswith("\\")})
+        flags = " ".join([*SYSTEM_FLAGS, *keywords])
+        self._send(f"* FLAGS ({flags})")
+        if self.readonly:
+            self._send("* OK [PERMANENTFLAGS ()] Read-only mailbox")
+        else:
+            self._send(f"* OK [PERMANENTFLAGS ({flags} \\*)] Flags permitted")
+        self._send(f"* {len(self._uids)} EXISTS")
+        self._send("* 0 RECENT")
+        if snap.first_unseen_uid is not None and snap.first_unseen_uid in self._meta:
+            seq = bisect.bisect_left(self._uids, snap.first_unseen_uid) + 1
+            self._send(f"* OK [UNSEEN {seq}] First unseen")
+        self._send(f"* OK [UIDVALIDITY {snap.uidvalidity}] UIDs valid")
+        self._send(f"* OK [UIDNEXT {snap.uidnext}] Predicted next UID")
+        self._send(f"* OK [HIGHESTMODSEQ {snap.highestmodseq}] Highest")
+        mode = "READ-ONLY" if self.readonly else "READ-WRITE"
+        return f"[{mode}] {command.name} completed"
+
+    def _unselect(self) -> None:
+        self._stop_watching()
+        self.snapshot = None
+        self._uids = []
+        self._meta = {}
+        self._recent = set()
+        self.state = State.AUTHENTICATED
+
+    def _stop_watching(self) -> None:
+        if self._unwatch is not None:
+            unwatch, self._unwatch = self._unwatch, None
+            try:
+                unwatch()
+            except Exception:
+                log.exception("imap %s: unwatch failed", self.session_id)
+
+    def _folder_changed(self) -> None:
+        self._dirty = True
+        if self._idle_wake is not None and not self._idle_wake.called:
+            self._idle_wake.callback(None)
+
+    async def _cmd_create(self, command: Command) -> None:
+        name = mailbox(self._args(command, 1)[0]).rstrip("/")
+        self._require_write()
+        if not name or name == "INBOX":
+            raise _no("INBOX already exists", "ALREADYEXISTS") if name else _bad("Empty name")
+        await self.account.create_folder(name)  # type: ignore[union-attr]
+
+    async def _cmd_delete(self, command: Command) -> None:
+        name = mailbox(self._args(command, 1)[0])
+        self._require_write()
+        if name == "INBOX":
+            raise _no("INBOX cannot be deleted", "CANNOT")
+        await self.account.delete_folder(name)  # type: ignore[union-attr]
+
+    async def _cmd_rename(self, command: Command) -> None:
+        args = self._args(command, 2)
+        old, new = mailbox(args[0]), mailbox(args[1]).rstrip("/")
+        self._require_write()
+        await self.account.rename_folder(old, new)  # type: ignore[union-attr]
+
+    async def _cmd_subscribe(self, command: Command) -> None:
+        name = mailbox(self._args(command, 1)[0])
+        await self.account.set_subscribed(name, True)  # type: ignore[union-attr]
+
+    async def _cmd_unsubscribe(self, command: Command) -> None:
+        name = mailbox(self._args(command, 1)[0])
+        await self.account.set_subscribed(name, False)  # type: ignore[union-attr]
+
+    async def _cmd_list(self, command: Command) -> None:
+        await self._list(command, subscribed_only=False)
+
+    async def _cmd_lsub(self, command: Command) -> None:
+        await self._list(command, subscribed_only=True)
+
+    async def _list(self, command: Command, subscribed_only: bool) -> None:
+        args = self._args(command, 2)
+        ref, pattern = mailbox(args[0]), decode_mailbox(astring(args[1], "pattern"))
+        verb = "LSUB" if subscribed_only else "LIST"
+        if not pattern:
+            self._send(f'* {verb} (\\Noselect) "/" ""')
+            return
+        full = ref + pattern
+        regex = "".join(".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c)
+                        for c in full)
+        matcher = re.compile(f"^{regex}$", re.DOTALL)
+        inbox_matcher = re.compile(f"^{regex}$", re.DOTALL | re.IGNORECASE)
+        folders = await self.account.list_folders()  # type: ignore[union-attr]
+        for folder in folders:
+            if subscribed_only and not folder.subscribed:
+                continue
+            wire = encode_mailbox(folder.name)
+            if not (inbox_matcher if folder.name == "INBOX" else matcher).match(folder.name):
+                continue
+            attrs = ["\\HasChildren" if folder.has_children else "\\HasNoChildren"]
+            if folder.special_use:
+                attrs.append(folder.special_use)
+            self._send(f'* {verb} ({" ".join(attrs)}) "/" {_imap_quote(wire)}')
+
+    async def _cmd_status(self, command: Command) -> None:
+        args = self._args(command, 2)
+        name = mailbox(args[0])
+        items = args[1]
+        if not isinstance(items, list) or not items:
+            raise ParseError("STATUS needs a list of items")
+        st = await self.account.status(name)  # type: ignore[union-attr]
+        values = {"MESSAGES": st.messages, "UIDNEXT": st.uidnext,
+                  "UIDVALIDITY": st.uidvalidity, "UNSEEN": st.unseen, "RECENT": 0,
+                  "HIGHESTMODSEQ": st.highestmodseq}
+        out = []
+        for item in items:
+            key = str(item).upper()
+            if key not in values:
+                raise ParseError(f"Unknown STATUS item {item}")
+            out.append(f"{key} {values[key]}")
+        self._send(f"* STATUS {_imap_quote(encode_mailbox(name))} ({' '.join(out)})")
+
+    async def _cmd_append(self, command: Command) -> str:
+        args = list(command.args)
+        if len(args) < 2:
+            raise ParseError("APPEND needs a mailbox and a message")
+        name = mailbox(args.pop(0))
+        message = args.pop()
+        if not isinstance(message, bytes):
+            raise ParseError("APPEND message must be a literal")
+        flags: frozenset[str] = frozenset()
+        when = None
+        if args and isinstance(args[0], list):
+            flags = parse_flags(args.pop(0)) - {"\\Recent"}
+        if args and isinstance(args[0], str):
+            when = parse_datetime(str(args.pop(0)))
+        if args:
+            raise ParseError("Unexpected APPEND arguments")
+        self._require_write()
+        if len(message) > self.max_append_bytes:
+            raise _no("Message too large", "TOOBIG")
+        try:
+            uidvalidity, uid = await self.account.append(  # type: ignore[union-attr]
+                name, bytes(message), flags, when)
+        except errors.NotFound as exc:
+            raise error_for(exc, missing="TRYCREATE") from exc
+        if self.state is State.SELECTED and self.snapshot is not None and \
+                name == self.snapshot.name:
+            self._dirty = True
+        return f"[APPENDUID {uidvalidity} {uid}] APPEND completed"
+
+    async def _cmd_idle(self, command: Command) -> str | None:
+        self._args(command, 0)
+        self._send("+ idling")
+        self._idle_line = None
+        self._dirty = self.state is State.SELECTED  # RFC 2177: report what is pending now
+
+        def on_line(line: bytes) -> None:
+            self._idle_line = line
+            if self._idle_wake is not None and not self._idle_wake.called:
+                self._idle_wake.callback(None)
+
+        self._line_handler = on_line
+        try:
+            while self._idle_line is None and self.state is not State.LOGOUT:
+                if self.state is State.SELECTED and self._dirty:
+                    await self._report_changes(expunge=True)
+                    continue
+                self._idle_wake = defer.Deferred()
+                try:
+                    await self._idle_wake
+                finally:
+                    self._idle_wake = None
+        finally:
+            if self._line_handler is on_line:
+                self._line_handler = None
+        if self._idle_line is not None and self._idle_line.strip().upper() != b"DONE":
+            raise _bad("Expected DONE")
+        return "IDLE terminated"
+
+    # ------------------------------------------------------------------ selected
+
+    def _seq_uids(self, seqset: SeqSet, uid: bool) -> list[int]:
+        """UIDs of the view addressed by a sequence set (UID set when ``uid``)."""
+        out: set[int] = set()
+        if uid:
+            largest = self._uids[-1] if self._uids else 0
+            for lo, hi in resolve_seqset(seqset, largest):
+                i = bisect.bisect_left(self._uids, lo)
+                j = bisect.bisect_right(self._uids, hi)
+                out.update(self._uids[i:j])
+        else:
+            count = len(self._uids)
+            for pair, (lo, hi) in zip(seqset, resolve_seqset(seqset, count), strict=True):
+                if None in pair:  # "n:*" with n beyond the end means just the last one
+                    lo, hi = max(1, min(lo, count)), min(hi, count)
+                    if count == 0:
+                        continue
+                elif hi > count:
+                    raise _bad("Invalid message sequence number")
+                out.update(self._uids[lo - 1:hi])
+        return sorted(out)
+
+    def _seq(self, uid: int) -> int:
+        return bisect.bisect_left(self._uids, uid) + 1
+
+    def _flags_text(self, uid: int, flags: frozenset[str]) -> str:
+        shown = sorted(flags - {"\\Recent"})
+        if uid in self._recent:
+            shown.append("\\Recent")
+        return "(" + " ".join(shown) + ")"
+
+    async def _report_changes(self, expunge: bool) -> None:
+        """Poll the account and send EXPUNGE/EXISTS/RECENT/FETCH for what changed."""
+        if self.snapshot is None or self.account is None:
+            return
+        self._dirty = False
+        changes: Changes = await self.account.changes(self.snapshot.folder_id, list(self._uids),
+                                                      self._highestmodseq)
+        if self.state is not State.SELECTED or self.snapshot is None:
+            return
+        if expunge and changes.expunged:
+            self._expunged(changes.expunged)
+        elif changes.expunged:
+            self._dirty = True  # report them at the next command that allows it
+        for meta in changes.changed:
+            old = self._meta.get(meta.uid)
+            if old is None or (old.flags == meta.flags and old.modseq >= meta.modseq):
+                continue
+            self._meta[meta.uid] = meta
+            modseq = f" MODSEQ ({meta.modseq})" if self.condstore else ""
+            self._send(f"* {self._seq(meta.uid)} FETCH (UID {meta.uid} "
+                       f"FLAGS {self._flags_text(meta.uid, meta.flags)}{modseq})")
+        new = [m for m in changes.new if m.uid not in self._meta and
+               (not self._uids or m.uid > self._uids[-1])]
+        if new:
+            for meta in sorted(new, key=lambda m: m.uid):
+                self._uids.append(meta.uid)
+                self._meta[meta.uid] = meta
+                self._recent.add(meta.uid)
+            self._send(f"* {len(self._uids)} EXISTS")
+            self._send(f"* {len(self._recent)} RECENT")
+        self._highestmodseq = max(self._highestmodseq, changes.highestmodseq)
+
+    def _expunged(self, uids: list[int]) -> None:
+        """Drop UIDs from the view, announcing each (descending: no renumbering)."""
+        present = {u for u in uids if u in self._meta}
+        if not present:
+            return
+        seqs = sorted((self._seq(u) for u in present), reverse=True)
+        self._write(b"".join(b"* %d EXPUNGE\r\n" % seq for seq in seqs))
+        self._uids = [u for u in self._uids if u not in present]
+        for uid in present:
+            del self._meta[uid]
+            self._recent.discard(uid)
+
+    async def _cmd_unselect(self, command: Command) -> None:
+        self._args(command, 0)
+        self._unselect()
+
+    async def _cmd_close(self, command: Command) -> None:
+        self._args(command, 0)
+        assert self.snapshot is not None and self.account is not None
+        if not self.readonly and self.account.can_write:
+            await self.account.expunge(self.snapshot.folder_id, None)
+        self._unselect()
+
+    async def _cmd_expunge(self, command: Command) -> None:
+        if command.uid:
+            uids = self._seq_uids(parse_seqset(self._args(command, 1)[0]), True)
+        else:
+            self._args(command, 0)
+            uids = None
+        self._require_write()
+        if self.readonly:
+            raise _no("Mailbox is read-only", "READ-ONLY")
+        assert self.snapshot is not None
+        if uids is not None and not uids:
+            return
+        gone = await self.account.expunge(self.snapshot.folder_id, uids)  # type: ignore
+        self._expunged(gone)
+
+    async def _cmd_search(self, command: Command) -> None:
+        charset, key = parse_search(command.args)
+        if charset not in (None, "UTF-8", "US-ASCII"):
+            raise _no("Unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
+        wants_modseq = [False]
+        resolved = self._resolve_search(key, wants_modseq)
+        assert self.snapshot is not None and self.account is not None
+        found = await self.account.search(self.snapshot.folder_id, resolved)
+        found = [u for u in found if u in self._meta]
+        numbers = found if command.uid else [self._seq(u) for u in found]
+        text = "* SEARCH" + "".join(f" {n}" for n in numbers)
+        if wants_modseq[0] and found:
+            text += f" (MODSEQ {max(self._meta[u].modseq for u in found)})"
+        self._send(text)
+
+    def _resolve_search(self, key: tuple[Any, ...], modseq: list[bool]) -> tuple[Any, ...]:
+        kind = key[0]
+        if kind == "seq":
+            return ("uid", self._seq_uids(key[1], False))
+        if kind == "uidset":
+            return ("uid", self._seq_uids(key[1], True))
+        if kind == "recent":
+            return ("uid", sorted(self._recent))
+        if kind == "and":
+            return ("and", [self._resolve_search(k, modseq) for k in key[1]])
+        if kind == "or":
+            return ("or", self._resolve_search(key[1], modseq),
+                    self._resolve_search(key[2], modseq))
+        if kind == "not":
+            return ("not", self._resolve_search(key[1], modseq))
+        if kind == "modseq":
+            modseq[0] = True
+        return key
+
+    async def _cmd_store(self, command: Command) -> str | None:
+        args = list(command.args)
+        if len(args) < 3:
+            raise ParseError("STORE needs a set, an item and flags")
+        uids = self._seq_uids(parse_seqset(args.pop(0)), command.uid)
+        unchangedsince = None
+        if isinstance(args[0], list):
+            mod = args.pop(0)
+            if len(mod) != 2 or str(mod[0]).upper() != "UNCHANGEDSINCE":
+                raise ParseError("Unknown STORE modifier")
+            unchangedsince = number(mod[1], "UNCHANGEDSINCE")
+            self.condstore = True
+        if len(args) < 2 or not isinstance(args[0], Atom):
+            raise ParseError("STORE needs an item and flags")
+        item = args.pop(0).upper()
+        if item not in ("FLAGS", "+FLAGS", "-FLAGS", "FLAGS.SILENT", "+FLAGS.SILENT",
+                        "-FLAGS.SILENT"):
+            raise ParseError(f"Unknown STORE item {item}")
+        flag_tokens = args[0] if len(args) == 1 and isinstance(args[0], list) else args
+        flags = parse_flags(flag_tokens) - {"\\Recent"}
+        self._require_write()
+        if self.readonly:
+            raise _no("Mailbox is read-only", "READ-ONLY")
+        mode = item[0] if item[0] in "+-" else ""
+        silent = item.endswith(".SILENT")
+        assert self.snapshot is not None and self.account is not None
+        if not uids:
+            return None
+        metas, failed = await self.account.store(self.snapshot.folder_id, uids, mode, flags,
+                                                 unchangedsince)
+        for meta in metas:
+            if meta.uid not in self._meta:
+                continue
+            self._meta[meta.uid] = meta
+            if silent and unchangedsince is None:
+                continue
+            parts = [f"FLAGS {self._flags_text(meta.uid, meta.flags)}"]
+            if command.uid:
+                parts.insert(0, f"UID {meta.uid}")
+            if self.condstore:
+                parts.append(f"MODSEQ ({meta.modseq})")
+            self._send(f"* {self._seq(meta.uid)} FETCH ({' '.join(parts)})")
+        failed = [u for u in failed if u in self._meta]
+        if failed:
+            numbers = failed if command.uid else [self._seq(u) for u in failed]
+            return f"[MODIFIED {_compact(numbers)}] Conditional STORE failed"
+        return None
+
+    async def _cmd_copy(self, command: Command) -> str:
+        return await self._copy_move(command, move=False)
+
+    async def _cmd_move(self, command: Command) -> str:
+        return await self._copy_move(command, move=True)
+
+    async def _copy_move(self, command: Command, move: bool) -> str:
+        args = self._args(command, 2)
+        uids = self._seq_uids(parse_seqset(args[0]), command.uid)
+        dest = mailbox(args[1])
+        self._require_write()
+        if move and self.readonly:
+            raise _no("Mailbox is read-only", "READ-ONLY")
+        assert self.snapshot is not None and self.account is not None
+        if not uids:
+            return f"{command.name} completed (no messages)"
+        op = self.account.move if move else self.account.copy
+        try:
+            uidvalidity, pairs = await op(self.snapshot.folder_id, uids, dest)
+        except errors.NotFound as exc:
+            raise error_for(exc, missing="TRYCREATE") from exc
+        code = ""
+        if pairs:
+            code = (f"[COPYUID {uidvalidity} {_compact_pairs([s for s, _ in pairs])} "
+                    f"{_compact_pairs([d for _, d in pairs])}] ")
+        if move:
+            if code:
+                self._send(f"* OK {code}Moved")
+            self._expunged([s for s, _ in pairs])
+            return f"{command.name} completed"
+        return f"{code}{command.name} completed"
+
+    async def _cmd_fetch(self, command: Command) -> None:
+        args = self._args(command, 2, 3)
+        uids = self._seq_uids(parse_seqset(args[0]), command.uid)
+        items = parse_fetch_items(args[1])
+        changedsince = None
+        if len(args) == 3:
+            mod = args[2]
+            if not isinstance(mod, list) or len(mod) != 2 or \
+                    str(mod[0]).upper() != "CHANGEDSINCE":
+                raise ParseError("Unknown FETCH modifier")
+            changedsince = number(mod[1], "CHANGEDSINCE")
+            self.condstore = True
+            uids = [u for u in uids if self._meta[u].modseq > changedsince]
+            if not any(i.name == "MODSEQ" for i in items):
+                items.append(FetchItem("MODSEQ"))
+        if command.uid and not any(i.name == "UID" for i in items):
+            items.insert(0, FetchItem("UID"))
+        if not uids:
+            return
+        await self._fetch(uids, items)
+
+    async def _fetch(self, uids: list[int], items: list[FetchItem]) -> None:
+        assert self.snapshot is not None and self.account is not None
+        folder_id = self.snapshot.folder_id
+        names = {i.name for i in items}
+        marks_seen = any((i.name == "BODY[]" and not i.peek) or i.name in ("RFC822",
+                                                                           "RFC822.TEXT")
+                         for i in items)
+        needs_raw = any(i.name in ("BODY[]", "RFC822", "RFC822.HEADER", "RFC822.TEXT")
+                        for i in items)
+        wants = FetchWants(internaldate="INTERNALDATE" in names, size="RFC822.SIZE" in names,
+                           envelope="ENVELOPE" in names,
+                           bodystructure=bool(names & {"BODY", "BODYSTRUCTURE"}))
+        seen_now: set[int] = set()
+        if marks_seen and not self.readonly and self.account.can_write:
+            unseen = [u for u in uids if "\\Seen" not in self._meta[u].flags]
+            if unseen:
+                for meta in await self.account.set_seen(folder_id, unseen):
+                    if meta.uid in self._meta:
+                        self._meta[meta.uid] = meta
+                        seen_now.add(meta.uid)
+        rows = await self.account.fetch(folder_id, uids, wants)
+        for row in rows:
+            if row.uid not in self._meta:
+                continue
+            raw = None
+            if needs_raw or (wants.envelope and row.envelope is None) or \
+                    (wants.bodystructure and (row.bodystructure is None or row.body is None)):
+                try:
+                    raw = await self.account.fetch_raw(folder_id, row.uid)
+                except errors.NotFound:
+                    continue  # expunged meanwhile
+            if self.state is not State.SELECTED:
+                return
+            self._write(self._fetch_response(row, raw, items, row.uid in seen_now))
+            await self._drain()
+
+    def _fetch_response(self, row: FetchRow, raw: bytes | None, items: list[FetchItem],
+                        add_flags: bool) -> bytes:
+        parts: list[bytes] = []
+        done: set[str] = set()
+        flags = row.flags
+        for item in items:
+            name = item.name
+            key = name if item.section is None else "BODY[" + item.section.render() + "]"
+            if key in done and item.section is None:
+                continue
+            done.add(key)
+            if name == "UID":
+                parts.append(b"UID %d" % row.uid)
+            elif name == "FLAGS":
+                parts.append(b"FLAGS " + self._flags_text(row.uid, flags).encode())
+            elif name == "MODSEQ":
+                parts.append(b"MODSEQ (%d)" % row.modseq)
+            elif name == "INTERNALDATE":
+                parts.append(b"INTERNALDATE " + _internaldate(row.internaldate).encode())
+            elif name == "RFC822.SIZE":
+                size = row.size if row.size is not None else len(raw or b"")
+                parts.append(b"RFC822.SIZE %d" % size)
+            elif name == "ENVELOPE":
+                env = row.envelope if row.envelope is not None else \
+                    imapformat.envelope(raw or b"")
+                parts.append(b"ENVELOPE " + env.encode("utf-8"))
+            elif name == "BODYSTRUCTURE":
+                bs = row.bodystructure if row.bodystructure is not None else \
+                    imapformat.bodystructure(raw or b"", True)
+                parts.append(b"BODYSTRUCTURE " + bs.encode("utf-8"))
+            elif name == "BODY":
+                body = row.body if row.body is not None else \
+                    imapformat.bodystructure(raw or b"", False)
+                parts.append(b"BODY " + body.encode("utf-8"))
+            elif name == "RFC822":
+                parts.append(b"RFC822 " + _literal(raw or b""))
+            elif name == "RFC822.HEADER":
+                parts.append(b"RFC822.HEADER " + _literal(
+                    imapformat.section(raw or b"", imapformat.SectionSpec(text="HEADER"))))
+            elif name == "RFC822.TEXT":
+                parts.append(b"RFC822.TEXT " + _literal(
+                    imapformat.section(raw or b"", imapformat.SectionSpec(text="TEXT"))))
+            elif item.section is not None:
+                data = imapformat.section(raw or b"", item.section)
+                label = "BODY[" + item.section.render() + "]"
+                if item.section.partial is not None:
+                    label += f"<{item.section.partial[0]}>"
+                parts.append(label.encode("utf-8") + b" " + _literal(data))
+        if add_flags and "FLAGS" not in done:
+            parts.append(b"FLAGS " + self._flags_text(row.uid, flags).encode())
+        return b"* %d FETCH (" % self._seq(row.uid) + b" ".join(parts) + b")\r\n"
+
+
+class _Answered(Exception):
+    """The handler already wrote the tagged response (STARTTLS)."""
+
+
+def _compact_pairs(numbers: list[int]) -> str:
+    """A UID set in the given order (COPYUID pairs the two sets position by position)."""
+    out: list[str] = []
+    i = 0
+    while i < len(numbers):
+        j = i
+        while j + 1 < len(numbers) and numbers[j + 1] == numbers[j] + 1:
+            j += 1
+        out.append(str(numbers[i]) if i == j else f"{numbers[i]}:{numbers[j]}")
+        i = j + 1
+    return ",".join(out)
+

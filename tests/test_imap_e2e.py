@@ -1,0 +1,148 @@
+"""IMAP end to end on the real store: imaplib over STARTTLS and 993, mail delivered over
+SMTP appearing in IDLE, and two sessions (also in two server processes) seeing each other."""
+
+import imaplib
+import socket
+import ssl
+import time
+
+import pytest_twisted
+from twisted.internet.threads import deferToThread
+
+from tests.conftest import _DEV_TLS, make_config, start_server
+from tests.mailfactory import make_message
+from tests.test_mx import _send
+
+
+def _ctx():
+    return ssl.create_default_context(cafile=_DEV_TLS["ca"])
+
+
+async def _inbox(server, name):
+    _, key = await server.new_org()
+    inbox = (await server.api.post("/api/v1/inboxes", {"username": name}, key=key)).json
+    return inbox, key
+
+
+def _starttls(port, user, key):
+    imap = imaplib.IMAP4("127.0.0.1", port, timeout=20)
+    assert "LOGINDISABLED" in imap.capabilities
+    imap.starttls(ssl_context=_ctx())
+    imap.login(user, key)
+    return imap
+
+
+@pytest_twisted.ensureDeferred
+async def test_imaplib_over_starttls_and_993_reads_smtp_mail_byte_exact(server):
+    """SMTP in, IMAP out: BODY[] is the stored bytes; flags reach the API as read state."""
+    inbox, key = await _inbox(server, "imap-e2e")
+    raw = make_message(to=inbox["email"], subject="Über IMAP", msgid="<i1@x>",
+                       extra_headers=[("X-Dup", "a"), ("X-Dup", "b")])
+    assert (await deferToThread(_send, server.mx_port, "a@example.com", [inbox["email"]],
+                                raw, starttls=False)) == ("ok", {})
+
+    def session():
+        imap = _starttls(server.imap_port, inbox["email"], key)
+        typ, data = imap.select("INBOX")
+        assert typ == "OK" and data == [b"1"]
+        typ, data = imap.uid("FETCH", "1", "(BODY.PEEK[] RFC822.SIZE)")
+        body = data[0][1]
+        typ, header = imap.fetch("1", "(BODY.PEEK[HEADER.FIELDS (X-DUP)])")
+        imap.store("1", "+FLAGS", "(\\Seen urgent)")
+        imap.logout()
+        tls = imaplib.IMAP4_SSL("127.0.0.1", server.imaps_port, ssl_context=_ctx(), timeout=20)
+        tls.login(inbox["email"], key)
+        typ, data = tls.select("INBOX", readonly=True)
+        typ, flags = tls.fetch("1", "(FLAGS)")
+        tls.logout()
+        return body, header[0][1], flags[0]
+
+    body, header, flags = await deferToThread(session)
+    assert body.endswith(raw) and body.startswith(b"Return-Path:")
+    assert header == b"X-Dup: a\r\nX-Dup: b\r\n\r\n"
+    assert b"\\Seen" in flags and b"urgent" in flags
+    [msg] = (await server.api.get(f"/api/v1/inboxes/{inbox['id']}/messages",
+                                  key=key)).json["data"]
+    assert msg["read"] is True and msg["labels"] == ["urgent"]
+
+
+def _idle_until(port, user, key, trigger):
+    """Open an IDLE session, run ``trigger`` from it, return the untagged lines seen."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+    f = raw.makefile("rb")
+    f.readline()
+    raw.sendall(b"a STARTTLS\r\n")
+    f.readline()
+    sock = _ctx().wrap_socket(raw, server_hostname="127.0.0.1")
+    f = sock.makefile("rb")
+
+    def cmd(line):
+        sock.sendall(line)
+        lines = []
+        while True:
+            reply = f.readline()
+            lines.append(reply)
+            if reply.startswith(line.split(b" ")[0] + b" "):
+                return lines
+
+    cmd(f'b LOGIN "{user}" "{key}"\r\n'.encode())
+    cmd(b"c SELECT INBOX\r\n")
+    sock.sendall(b"d IDLE\r\n")
+    assert f.readline().startswith(b"+")
+    start = time.monotonic()
+    trigger()
+    seen = []
+    while time.monotonic() - start < 10:
+        line = f.readline()
+        seen.append(line)
+        if b"EXISTS" in line:
+            break
+    sock.sendall(b"DONE\r\n")
+    sock.close()
+    return seen
+
+
+@pytest_twisted.ensureDeferred
+async def test_smtp_delivery_appears_in_idle_of_another_process(server, db_dsn,
+                                                                openapi_checker):
+    """A second server process on the same database: mail arriving over SMTP at one shows up
+    as EXISTS in an IDLE session on the other (LISTEN/NOTIFY)."""
+    other = await start_server(make_config(db_dsn), openapi_checker)
+    try:
+        inbox, key = await _inbox(server, "idler")
+        raw = make_message(to=inbox["email"], subject="wake up")
+
+        def trigger():
+            assert _send(server.mx_port, "a@example.com", [inbox["email"]], raw,
+                         starttls=False) == ("ok", {})
+
+        seen = await deferToThread(_idle_until, other.imap_port, inbox["email"], key,
+                                            trigger)
+        assert any(line.startswith(b"* 1 EXISTS") for line in seen), seen
+    finally:
+        await other.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cross_tenant_and_cross_environment_logins_are_refused(server):
+    """Another organization's key, or a key restricted to another environment: NO."""
+    inbox, key = await _inbox(server, "guarded-imap")
+    _, foreign = await server.new_org("Other")
+    env = (await server.api.post("/api/v1/environments", {"name": "Elsewhere"}, key=key)).json
+    restricted = (await server.api.post("/api/v1/api-keys", {
+        "scopes": ["messages:read"], "environment_ids": [env["id"]]}, key=key)).json["key"]
+
+    def attempt(password):
+        imap = imaplib.IMAP4("127.0.0.1", server.imap_port, timeout=20)
+        imap.starttls(ssl_context=_ctx())
+        try:
+            imap.login(inbox["email"], password)
+        except imaplib.IMAP4.error as exc:
+            return str(exc)
+        finally:
+            imap.shutdown()
+        return "logged in"
+
+    for password in (foreign, restricted):
+        outcome = await deferToThread(attempt, password)
+        assert "AUTHENTICATIONFAILED" in outcome, outcome

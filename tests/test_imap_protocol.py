@@ -1,0 +1,905 @@
+"""Unit tests of the IMAP server protocol and parser: StringTransport + task.Clock, no sockets.
+
+The account/backend here is an in-memory fake: it is the boundary the protocol talks
+to (``agentpost.imap.interfaces``), so scripting it (slow answers, domain errors,
+other sessions' changes) reaches every response path of the state machine.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.interfaces import ITLSTransport
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from zope.interface import implementer
+
+from agentpost.imap import parser
+from agentpost.imap.interfaces import (
+    Changes,
+    FetchRow,
+    FetchWants,
+    FolderInfo,
+    FolderSnapshot,
+    FolderStatus,
+    MessageMeta,
+)
+from agentpost.imap.listener import IMAPFactory
+from agentpost.imap.parser import ParseError
+from agentpost.imap.server import IMAP4ServerProtocol, State
+from agentpost.mail import imapformat
+from agentpost.model import errors
+
+# --------------------------------------------------------------------------- fakes
+
+MSG_UTF8 = (
+    b"Received: from a\r\n"
+    b"Subject: =?utf-8?q?first?=\r\n"
+    b"From: Ann <ann@example.org>\r\n"
+    b"Subject: Gr\xc3\xbc\xc3\x9fe aus K\xc3\xb6ln\r\n"
+    b"To: bob@example.com\r\n"
+    b"Received: from b\r\n\tfolded\r\n"
+    b"\r\n"
+    b"Hello \xc3\xa9 world\r\nsecond line\r\n"
+)
+
+
+def _plain(n: int) -> bytes:
+    return (f"From: s{n}@example.org\r\nTo: t@example.com\r\nSubject: msg {n}\r\n"
+            f"Message-ID: <{n}@example.org>\r\n\r\nbody {n}\r\n").encode()
+
+
+@dataclass
+class Msg:
+    raw: bytes
+    flags: frozenset[str]
+    modseq: int
+    internaldate: datetime
+
+
+@dataclass
+class Folder:
+    id: int
+    name: str
+    special_use: str | None = None
+    subscribed: bool = True
+    uidvalidity: int = 1000
+    uidnext: int = 1
+    messages: dict[int, Msg] = field(default_factory=dict)
+
+
+class FakeStore:
+    """Folders shared by every session of the fake backend."""
+
+    def __init__(self) -> None:
+        self.folders: dict[str, Folder] = {}
+        self.modseq = 10
+        self.watchers: dict[int, list[Callable[[], None]]] = {}
+        self.calls: list[tuple[str, Any]] = []
+        for name, su in (("INBOX", None), ("Sent", "\\Sent"), ("Trash", "\\Trash")):
+            self.add_folder(name, su)
+
+    def add_folder(self, name: str, special_use: str | None = None) -> Folder:
+        folder = Folder(len(self.folders) + 1, name, special_use)
+        self.folders[name] = folder
+        return folder
+
+    def by_id(self, folder_id: int) -> Folder:
+        return next(f for f in self.folders.values() if f.id == folder_id)
+
+    def deliver(self, name: str, raw: bytes, flags: frozenset[str] = frozenset()) -> int:
+        folder = self.folders[name]
+        self.modseq += 1
+        uid = folder.uidnext
+        folder.uidnext += 1
+        folder.messages[uid] = Msg(raw, frozenset(flags), self.modseq,
+                                   datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC))
+        self.notify(folder.id)
+        return uid
+
+    def notify(self, folder_id: int) -> None:
+        for callback in list(self.watchers.get(folder_id, [])):
+            callback()
+
+
+class FakeAccount:
+    def __init__(self, store: FakeStore, address: str, can_write: bool = True) -> None:
+        self.shared = store
+        self.address = address
+        self.can_write = can_write
+        self.gate: defer.Deferred | None = None  # when set, select/fetch wait for it
+        self.fail_with: BaseException | None = None
+
+    async def _maybe_wait(self, what: str, arg: Any = None) -> None:
+        self.shared.calls.append((what, arg))
+        if self.fail_with is not None:
+            raise self.fail_with
+        if self.gate is not None:
+            await self.gate
+
+    def _folder(self, name: str) -> Folder:
+        if name not in self.shared.folders:
+            raise errors.NotFound("No such mailbox")
+        return self.shared.folders[name]
+
+    async def list_folders(self) -> list[FolderInfo]:
+        names = sorted(self.shared.folders)
+        return [FolderInfo(n, self.shared.folders[n].special_use, self.shared.folders[n].subscribed,
+                           any(o.startswith(n + "/") for o in names)) for n in names]
+
+    async def create_folder(self, name: str) -> None:
+        if name in self.shared.folders:
+            raise errors.Conflict("Mailbox exists")
+        self.shared.add_folder(name)
+
+    async def delete_folder(self, name: str) -> None:
+        self._folder(name)
+        del self.shared.folders[name]
+
+    async def rename_folder(self, old: str, new: str) -> None:
+        folder = self._folder(old)
+        if new in self.shared.folders:
+            raise errors.Conflict("Mailbox exists")
+        folder.name = new
+        self.shared.folders[new] = self.shared.folders.pop(old)
+
+    async def set_subscribed(self, name: str, subscribed: bool) -> None:
+        self._folder(name).subscribed = subscribed
+
+    async def select(self, name: str) -> FolderSnapshot:
+        await self._maybe_wait("select", name)
+        f = self._folder(name)
+        metas = [MessageMeta(u, m.modseq, m.flags) for u, m in sorted(f.messages.items())]
+        unseen = [m.uid for m in metas if "\\Seen" not in m.flags]
+        return FolderSnapshot(f.id, f.name, f.uidvalidity, f.uidnext, self.shared.modseq, metas,
+                              unseen[0] if unseen else None)
+
+    async def status(self, name: str) -> FolderStatus:
+        await self._maybe_wait("status", name)
+        f = self._folder(name)
+        unseen = sum(1 for m in f.messages.values() if "\\Seen" not in m.flags)
+        return FolderStatus(len(f.messages), f.uidnext, f.uidvalidity, unseen, self.shared.modseq)
+
+    async def fetch(self, folder_id: int, uids: list[int], wants: FetchWants) -> list[FetchRow]:
+        await self._maybe_wait("fetch", wants)
+        f = self.shared.by_id(folder_id)
+        rows = []
+        for uid in uids:
+            m = f.messages.get(uid)
+            if m is None:
+                continue
+            row = FetchRow(uid, m.modseq, m.flags)
+            if wants.internaldate:
+                row.internaldate = m.internaldate
+            if wants.size:
+                row.size = len(m.raw)
+            if wants.envelope:
+                row.envelope = imapformat.envelope(m.raw)
+            rows.append(row)  # bodystructure left None: the server computes it
+        return rows
+
+    async def fetch_raw(self, folder_id: int, uid: int) -> bytes:
+        self.shared.calls.append(("fetch_raw", uid))
+        m = self.shared.by_id(folder_id).messages.get(uid)
+        if m is None:
+            raise errors.NotFound()
+        return m.raw
+
+    def _set(self, folder: Folder, uid: int, flags: frozenset[str]) -> MessageMeta:
+        m = folder.messages[uid]
+        if flags != m.flags:
+            self.shared.modseq += 1
+            m.flags = flags
+            m.modseq = self.shared.modseq
+        return MessageMeta(uid, m.modseq, m.flags)
+
+    async def set_seen(self, folder_id: int, uids: list[int]) -> list[MessageMeta]:
+        self.shared.calls.append(("set_seen", uids))
+        f = self.shared.by_id(folder_id)
+        out = [self._set(f, u, f.messages[u].flags | {"\\Seen"}) for u in uids
+               if u in f.messages]
+        self.shared.notify(folder_id)
+        return out
+
+    async def store(self, folder_id: int, uids: list[int], mode: str, flags: frozenset[str],
+                    unchangedsince: int | None) -> tuple[list[MessageMeta], list[int]]:
+        f = self.shared.by_id(folder_id)
+        out, failed = [], []
+        for uid in uids:
+            m = f.messages.get(uid)
+            if m is None:
+                continue
+            if unchangedsince is not None and m.modseq > unchangedsince:
+                failed.append(uid)
+                continue
+            new = m.flags | flags if mode == "+" else m.flags - flags if mode == "-" else flags
+            out.append(self._set(f, uid, frozenset(new)))
+        self.shared.notify(folder_id)
+        return out, failed
+
+    async def append(self, folder: str, message: bytes, flags: frozenset[str],
+                     internaldate: datetime | None) -> tuple[int, int]:
+        f = self._folder(folder)
+        return f.uidvalidity, self.shared.deliver(folder, message, flags)
+
+    async def copy(self, folder_id: int, uids: list[int], dest: str,
+                   move: bool = False) -> tuple[int, list[tuple[int, int]]]:
+        d = self._folder(dest)
+        src = self.shared.by_id(folder_id)
+        pairs = []
+        for uid in uids:
+            m = src.messages[uid]
+            pairs.append((uid, self.shared.deliver(dest, m.raw, m.flags)))
+            if move:
+                del src.messages[uid]
+        self.shared.notify(folder_id)
+        return d.uidvalidity, pairs
+
+    async def move(self, folder_id: int, uids: list[int],
+                   dest: str) -> tuple[int, list[tuple[int, int]]]:
+        return await self.copy(folder_id, uids, dest, move=True)
+
+    async def expunge(self, folder_id: int, uids: list[int] | None) -> list[int]:
+        f = self.shared.by_id(folder_id)
+        gone = [u for u, m in f.messages.items()
+                if "\\Deleted" in m.flags and (uids is None or u in uids)]
+        for u in gone:
+            del f.messages[u]
+        self.shared.notify(folder_id)
+        return gone
+
+    async def search(self, folder_id: int, key: tuple[Any, ...]) -> list[int]:
+        self.shared.calls.append(("search", key))
+        f = self.shared.by_id(folder_id)
+        return [u for u, m in sorted(f.messages.items()) if _matches(key, u, m)]
+
+    async def changes(self, folder_id: int, known_uids: list[int],
+                      since_modseq: int) -> Changes:
+        f = self.shared.by_id(folder_id)
+        top = max(known_uids, default=0)
+        return Changes(
+            new=[MessageMeta(u, m.modseq, m.flags) for u, m in sorted(f.messages.items())
+                 if u > top],
+            changed=[MessageMeta(u, f.messages[u].modseq, f.messages[u].flags)
+                     for u in known_uids if u in f.messages
+                     and f.messages[u].modseq > since_modseq],
+            expunged=[u for u in known_uids if u not in f.messages],
+            highestmodseq=self.shared.modseq)
+
+    def watch(self, folder_id: int, callback: Callable[[], None]) -> Callable[[], None]:
+        self.shared.watchers.setdefault(folder_id, []).append(callback)
+        return lambda: self.shared.watchers[folder_id].remove(callback)
+
+
+def _matches(key: tuple[Any, ...], uid: int, m: Msg) -> bool:
+    kind = key[0]
+    if kind == "all":
+        return True
+    if kind == "uid":
+        return uid in key[1]
+    if kind == "and":
+        return all(_matches(k, uid, m) for k in key[1])
+    if kind == "or":
+        return _matches(key[1], uid, m) or _matches(key[2], uid, m)
+    if kind == "not":
+        return not _matches(key[1], uid, m)
+    if kind == "flag":
+        return (key[1] in m.flags) == key[2]
+    if kind == "header":
+        return key[2].lower().encode() in imapformat.section(
+            m.raw, f"HEADER.FIELDS ({key[1]})").lower()
+    if kind == "modseq":
+        return m.modseq >= key[1]
+    raise AssertionError(f"unexpected key {key}")
+
+
+class FakeBackend:
+    def __init__(self, store: FakeStore | None = None) -> None:
+        self.shared = store or FakeStore()
+        self.accounts: dict[str, FakeAccount] = {}
+        self.attempts: list[tuple[str, str, str]] = []
+
+    async def authenticate(self, username: str, password: str, peer: str) -> FakeAccount:
+        self.attempts.append((username, password, peer))
+        if username == "throttled@example.com":
+            raise errors.RateLimited(5)
+        if password not in ("secret", "readonly"):
+            raise errors.Unauthenticated()
+        account = FakeAccount(self.shared, username, can_write=password == "secret")
+        self.accounts[username] = account
+        return account
+
+
+@implementer(ITLSTransport)
+class TLSCapableTransport(StringTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tls_started_with: Any = None
+
+    def startTLS(self, contextFactory: Any, normal: bool = True) -> None:
+        self.tls_started_with = contextFactory
+
+
+class Session:
+    """One protocol instance on a string transport."""
+
+    def __init__(self, backend: FakeBackend | None = None, *, clock: Clock | None = None,
+                 tls: bool = False, **kwargs: Any) -> None:
+        self.backend = backend or FakeBackend()
+        self.clock = clock or Clock()
+        self.transport = TLSCapableTransport()
+        if tls:
+            kwargs.setdefault("tls_options", object())
+        kwargs.setdefault("allow_plaintext_login", not tls)
+        self.protocol = IMAP4ServerProtocol(self.backend, hostname="imap.test", clock=self.clock,
+                                            **kwargs)
+        self.protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes | str) -> None:
+        self.protocol.dataReceived(data.encode() if isinstance(data, str) else data)
+
+    def raw(self) -> bytes:
+        out = self.transport.value()
+        self.transport.clear()
+        return out
+
+    def lines(self) -> list[str]:
+        return [line for line in self.raw().decode("utf-8").split("\r\n") if line]
+
+    def cmd(self, text: str | bytes) -> list[str]:
+        self.send((text if isinstance(text, bytes) else text.encode()) + b"\r\n")
+        return self.lines()
+
+    def login(self, password: str = "secret") -> Session:  # noqa: S107
+        self.lines()
+        assert self.cmd(f"l LOGIN agent@example.com {password}")[-1].startswith("l OK")
+        return self
+
+    def selected(self, name: str = "INBOX") -> Session:
+        self.login()
+        assert self.cmd(f"s SELECT {name}")[-1].startswith("s OK")
+        return self
+
+    @property
+    def account(self) -> FakeAccount:
+        return self.backend.accounts["agent@example.com"]
+
+
+@pytest.fixture
+def store() -> FakeStore:
+    s = FakeStore()
+    s.deliver("INBOX", _plain(1), frozenset({"\\Seen"}))
+    s.deliver("INBOX", MSG_UTF8)
+    s.deliver("INBOX", _plain(3), frozenset({"\\Flagged", "project"}))
+    return s
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def test_parser_literals_lists_and_strings():
+    cmd = parser.parse_command(b'a1 LOGIN {4}\r\nuser "pa\\"ss"')
+    assert (cmd.tag, cmd.name, cmd.args) == ("a1", "LOGIN", [b"user", 'pa"ss'])
+    cmd = parser.parse_command(b"t UID STORE 1:*,7 (UNCHANGEDSINCE 5) +FLAGS.SILENT (\\Seen x)")
+    assert cmd.uid and cmd.name == "STORE"
+    assert parser.parse_seqset(cmd.args[0]) == [(1, None), (7, 7)]
+    assert parser.parse_flags(cmd.args[3]) == {"\\Seen", "x"}
+    for bad in (b"", b"a", b"a FETCH (1", b'a LOGIN "x', b"a LOGIN {3}\r\nab", b"(x NOOP"):
+        with pytest.raises(ParseError):
+            parser.parse_command(bad)
+
+
+def test_parser_fetch_items_and_macros():
+    items = parser.parse_fetch_items(parser.tokenize(b"ALL")[0])
+    assert [i.name for i in items] == ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"]
+    items = parser.parse_fetch_items(parser.tokenize(
+        b"(UID BODY.PEEK[1.2.HEADER.FIELDS.NOT (X-A Y)]<10.20> BODY[] rfc822.size)")[0])
+    spec = items[1].section
+    assert items[1].peek and spec.part == (1, 2) and spec.text == "HEADER.FIELDS.NOT"
+    assert spec.fields == ("X-A", "Y") and spec.partial == (10, 20)
+    assert not items[2].peek and items[3].name == "RFC822.SIZE"
+    for bad in (b"BODY[0]", b"BODY[HEADER.FIELDS]", b"BODY[]<1.0>", b"NOPE", b"BODY[1.BOGUS]"):
+        with pytest.raises(ParseError):
+            parser.parse_fetch_items(parser.tokenize(bad)[0])
+
+
+def test_parser_search_tree():
+    cmd = parser.parse_command(
+        b"s SEARCH CHARSET UTF-8 OR FROM {3}\r\nbob SUBJECT \"h i\" NOT SEEN 2:4 UID 9:* "
+        b"SINCE 1-Feb-2026 LARGER 10 (KEYWORD x DELETED) NEW")
+    charset, key = parser.parse_search(cmd.args)
+    assert charset == "UTF-8"
+    assert key[0] == "and"
+    parts = key[1]
+    assert parts[0] == ("or", ("header", "from", "bob"), ("header", "subject", "h i"))
+    assert parts[1] == ("not", ("flag", "\\Seen", True))
+    assert parts[2] == ("seq", [(2, 4)])
+    assert parts[3] == ("uidset", [(9, None)])
+    assert parts[4][0] == "since" and parts[4][1].isoformat() == "2026-02-01"
+    assert parts[5] == ("larger", 10)
+    assert parts[6] == ("and", [("keyword", "x", True), ("flag", "\\Deleted", True)])
+    assert parts[7] == ("and", [("recent",), ("flag", "\\Seen", False)])
+    for bad in (b"s SEARCH", b"s SEARCH FROM", b"s SEARCH OR SEEN", b"s SEARCH BOGUS",
+                b"s SEARCH SINCE 31-Foo-2026"):
+        with pytest.raises(ParseError):
+            parser.parse_search(parser.parse_command(bad).args)
+
+
+def test_mailbox_names_modified_utf7():
+    assert parser.encode_mailbox("Entwürfe & Co") == "Entw&APw-rfe &- Co"
+    assert parser.decode_mailbox("Entw&APw-rfe &- Co") == "Entwürfe & Co"
+    assert parser.decode_mailbox("inbox") == "INBOX"
+
+
+# --------------------------------------------------------------------------- greeting, TLS
+
+
+def test_greeting_and_capability_before_and_after_starttls():
+    s = Session(tls=True)
+    greeting = s.lines()[0]
+    assert greeting.startswith("* OK [CAPABILITY IMAP4rev1")
+    assert "LOGINDISABLED" in greeting and "AUTH=PLAIN" not in greeting
+    caps = s.cmd("c CAPABILITY")
+    assert "STARTTLS" in caps[0] and "LOGINDISABLED" in caps[0]
+    assert caps[1] == "c OK CAPABILITY completed"
+    assert s.cmd("l LOGIN a b")[-1].startswith("l NO [PRIVACYREQUIRED]")
+    assert s.cmd("a AUTHENTICATE PLAIN")[-1].startswith("a NO [PRIVACYREQUIRED]")
+    assert s.cmd("l LOGIN agent {6}") == [
+        "l NO [PRIVACYREQUIRED] Use STARTTLS before logging in"]
+    assert s.cmd("t STARTTLS") == ["t OK Begin TLS negotiation now"]
+    assert s.transport.tls_started_with is not None
+    caps = s.cmd("c CAPABILITY")[0].split()
+    assert "STARTTLS" not in caps and "LOGINDISABLED" not in caps
+    assert "AUTH=PLAIN" in caps and "SASL-IR" in caps and "IDLE" in caps and "MOVE" in caps
+    assert s.cmd("t STARTTLS")[-1].startswith("t BAD")
+
+
+def test_starttls_discards_pipelined_commands():
+    s = Session(tls=True)
+    s.lines()
+    s.send("t STARTTLS\r\nx LOGIN agent@example.com secret\r\ny SELECT INBOX\r\n")
+    assert s.lines() == ["t OK Begin TLS negotiation now"]
+    assert s.backend.attempts == []
+    assert s.protocol.state is State.NOT_AUTHENTICATED
+    assert s.cmd("n NOOP") == ["n OK NOOP completed"]
+
+
+def test_no_starttls_without_tls_options():
+    s = Session()
+    assert "STARTTLS" not in s.lines()[0]
+    assert s.cmd("t STARTTLS")[-1].startswith("t NO")
+
+
+# --------------------------------------------------------------------------- login
+
+
+def test_login_failures_and_success():
+    s = Session()
+    s.lines()
+    assert s.cmd("a LOGIN agent@example.com wrong") == [
+        "a NO [AUTHENTICATIONFAILED] Authentication failed"]
+    assert s.cmd("b LOGIN throttled@example.com secret")[-1].startswith("b NO [UNAVAILABLE]")
+    assert s.cmd("c LOGIN onlyone")[-1].startswith("c BAD")
+    assert s.cmd("d SELECT INBOX")[-1].startswith("d BAD")
+    ok = s.cmd('e LOGIN "agent@example.com" {6+}\r\nsecret')
+    assert ok[-1].startswith("e OK [CAPABILITY IMAP4rev1") and "LOGIN completed" in ok[-1]
+    assert s.backend.attempts[-1] == ("agent@example.com", "secret", "192.168.1.1")
+    assert s.cmd("f LOGIN x y")[-1].startswith("f BAD")
+
+
+def test_authenticate_plain_with_and_without_initial_response():
+    token = base64.b64encode(b"\0agent@example.com\0secret").decode()
+    s = Session()
+    s.lines()
+    assert s.cmd(f"a AUTHENTICATE PLAIN {token}")[-1].startswith("a OK")
+    s = Session()
+    s.lines()
+    assert s.cmd("a AUTHENTICATE PLAIN") == ["+ "]
+    assert s.cmd(token)[-1].startswith("a OK")
+    s = Session()
+    s.lines()
+    s.cmd("a AUTHENTICATE PLAIN")
+    assert s.cmd("*") == ["a BAD Authentication cancelled"]
+    bad = base64.b64encode(b"\0agent@example.com\0nope").decode()
+    assert s.cmd(f"b AUTHENTICATE PLAIN {bad}") == [
+        "b NO [AUTHENTICATIONFAILED] Authentication failed"]
+    assert s.cmd("c AUTHENTICATE CRAM-MD5")[-1].startswith("c NO")
+
+
+def test_garbage_is_bad_and_the_connection_survives():
+    s = Session()
+    s.lines()
+    assert s.cmd("")[:1] == []
+    assert s.cmd("(((")[0].startswith("* BAD")
+    assert s.cmd("a FROBNICATE")[0] == "a BAD Unknown command FROBNICATE"
+    assert s.cmd('a LOGIN "unterminated')[0].startswith("a BAD")
+    assert s.cmd("a UID NOOP")[0].startswith("a BAD")
+    s.send(b"a \xff\xfe\x00\r\n")
+    assert s.lines()[0].startswith(("a BAD", "* BAD"))
+    assert s.cmd("z NOOP") == ["z OK NOOP completed"]
+
+
+def test_long_command_line_accepted_and_overlong_rejected(store):
+    s = Session(FakeBackend(store)).selected()
+    long_set = ",".join(["1"] * 30000)  # ~60 KiB
+    out = s.cmd(f"f FETCH {long_set} (UID)")
+    assert out[-1] == "f OK FETCH completed" and len(out) == 2
+    s.send(b"x NOOP " + b"A" * 300_000)
+    assert s.lines() == ["* BAD Command line too long"]
+    s.send(b"AAAA\r\nn NOOP\r\n")
+    assert s.lines() == ["n OK NOOP completed"]
+
+
+def test_autologout_and_login_timeout():
+    s = Session()
+    s.lines()
+    s.clock.advance(119)
+    assert s.lines() == []
+    s.clock.advance(2)
+    assert s.lines() == ["* BYE Autologout; idle for too long"]
+    assert s.transport.disconnecting
+    s = Session().login()
+    s.clock.advance(29 * 60)
+    assert s.cmd("n NOOP") == ["n OK NOOP completed"]
+    s.clock.advance(29 * 60)
+    assert s.lines() == []
+    s.clock.advance(61)
+    assert s.lines() == ["* BYE Autologout; idle for too long"]
+
+
+# --------------------------------------------------------------------------- ordering
+
+
+def test_pipelined_commands_answered_in_order_with_slow_backend(store):
+    s = Session(FakeBackend(store)).login()
+    gate: defer.Deferred = defer.Deferred()
+    s.account.gate = gate
+    s.send("a SELECT INBOX\r\nb FETCH 1 (UID)\r\nc NOOP\r\n")
+    assert s.lines() == []  # SELECT waits; nothing after it has run
+    s.account.gate = None
+    gate.callback(None)
+    lines = s.lines()
+    tagged = [line.split()[0] for line in lines if not line.startswith("*")]
+    assert tagged == ["a", "b", "c"]
+    assert "* 1 FETCH (UID 1)" in lines
+
+
+# --------------------------------------------------------------------------- SELECT, LIST
+
+
+def test_select_response(store):
+    s = Session(FakeBackend(store)).login()
+    lines = s.cmd("s SELECT INBOX")
+    assert lines == [
+        "* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft project)",
+        "* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft project \\*)] "
+        "Flags permitted",
+        "* 3 EXISTS",
+        "* 0 RECENT",
+        "* OK [UNSEEN 2] First unseen",
+        "* OK [UIDVALIDITY 1000] UIDs valid",
+        "* OK [UIDNEXT 4] Predicted next UID",
+        f"* OK [HIGHESTMODSEQ {store.modseq}] Highest",
+        "s OK [READ-WRITE] SELECT completed",
+    ]
+    assert s.cmd("e EXAMINE Sent")[-1] == "e OK [READ-ONLY] EXAMINE completed"
+    assert s.cmd("x SELECT Nope")[-1] == "x NO [NONEXISTENT] No such mailbox"
+    assert s.protocol.state is State.AUTHENTICATED
+
+
+def test_list_lsub_status_create_delete_rename(store):
+    s = Session(FakeBackend(store)).login()
+    assert s.cmd('l LIST "" *') == [
+        '* LIST (\\HasNoChildren) "/" "INBOX"',
+        '* LIST (\\HasNoChildren \\Sent) "/" "Sent"',
+        '* LIST (\\HasNoChildren \\Trash) "/" "Trash"',
+        "l OK LIST completed"]
+    assert s.cmd('l LIST "" ""')[0] == '* LIST (\\Noselect) "/" ""'
+    assert s.cmd("c CREATE Projects/2026")[-1] == "c OK CREATE completed"
+    assert s.cmd("c CREATE Projects/2026")[-1].startswith("c NO [ALREADYEXISTS]")
+    assert s.cmd("c CREATE Entw&APw-rfe")[-1] == "c OK CREATE completed"
+    assert "Entwürfe" in store.folders
+    assert '"Entw&APw-rfe"' in s.cmd('l LIST "" Entw*')[0]
+    assert s.cmd('l LIST "" %')[-1] == "l OK LIST completed"
+    assert s.cmd("d DELETE Nope")[-1].startswith("d NO [NONEXISTENT]")
+    assert s.cmd("d DELETE INBOX")[-1].startswith("d NO [CANNOT]")
+    assert s.cmd("r RENAME Projects/2026 Sent")[-1].startswith("r NO [ALREADYEXISTS]")
+    assert s.cmd("r RENAME Projects/2026 Old")[-1] == "r OK RENAME completed"
+    assert s.cmd("u UNSUBSCRIBE Old")[-1] == "u OK UNSUBSCRIBE completed"
+    assert all("Old" not in line for line in s.cmd('l LSUB "" *'))
+    assert s.cmd("st STATUS INBOX (MESSAGES UNSEEN UIDNEXT UIDVALIDITY)") == [
+        '* STATUS "INBOX" (MESSAGES 3 UNSEEN 2 UIDNEXT 4 UIDVALIDITY 1000)',
+        "st OK STATUS completed"]
+    assert s.cmd("st STATUS INBOX (BOGUS)")[-1].startswith("st BAD")
+    assert s.cmd("n NAMESPACE")[0] == '* NAMESPACE (("" "/")) NIL NIL'
+    assert s.cmd("i ID NIL")[0] == '* ID ("name" "AgentPost")'
+    assert s.cmd("e ENABLE CONDSTORE")[0] == "* ENABLED CONDSTORE"
+
+
+def test_readonly_key_gets_noperm(store):
+    s = Session(FakeBackend(store)).login("readonly")
+    assert s.cmd("s SELECT INBOX")[-1] == "s OK [READ-ONLY] SELECT completed"
+    assert s.cmd("c CREATE X")[-1].startswith("c NO [NOPERM]")
+    assert s.cmd("t STORE 1 +FLAGS (\\Deleted)")[-1].startswith("t NO [NOPERM]")
+    assert s.cmd("a APPEND INBOX {3}")[-1].startswith("a NO [NOPERM]")
+    # A body fetch on a read-only key acts like PEEK.
+    out = s.cmd("f FETCH 2 BODY[]")
+    assert "FLAGS" not in out[0]
+    assert not any(c[0] == "set_seen" for c in store.calls)
+
+
+# --------------------------------------------------------------------------- FETCH
+
+
+def test_fetch_items(store):
+    s = Session(FakeBackend(store)).selected()
+    store.calls.clear()
+    out = s.cmd("f FETCH 1:3 (FLAGS UID)")
+    assert out == ["* 1 FETCH (FLAGS (\\Seen) UID 1)", "* 2 FETCH (FLAGS () UID 2)",
+                   "* 3 FETCH (FLAGS (\\Flagged project) UID 3)", "f OK FETCH completed"]
+    assert store.calls == [("fetch", FetchWants())]  # no bodies read for FLAGS
+    out = s.cmd("f FETCH 1 (INTERNALDATE RFC822.SIZE ENVELOPE)")
+    assert out[0] == (
+        f'* 1 FETCH (INTERNALDATE "02-Jan-2026 03:04:05 +0000" RFC822.SIZE {len(_plain(1))} '
+        'ENVELOPE (NIL "msg 1" ((NIL NIL "s1" "example.org")) ((NIL NIL "s1" "example.org")) '
+        '((NIL NIL "s1" "example.org")) ((NIL NIL "t" "example.com")) NIL NIL NIL '
+        '"<1@example.org>"))')
+    out = s.cmd("u UID FETCH 3 (BODYSTRUCTURE BODY)")
+    assert out[0] == ('* 3 FETCH (UID 3 BODYSTRUCTURE ("text" "plain" ("charset" "us-ascii") '
+                      'NIL NIL "7bit" 8 1 NIL NIL NIL NIL) BODY ("text" "plain" '
+                      '("charset" "us-ascii") NIL NIL "7bit" 8 1))')
+    assert s.cmd("f FETCH 4 UID")[-1].startswith("f BAD")
+    assert s.cmd("f FETCH 1 (BOGUS)")[-1].startswith("f BAD")
+    assert s.cmd("u UID FETCH 99:* UID")[0] == "* 3 FETCH (UID 3)"
+
+
+def test_fetch_partial_and_byte_exact_headers(store):
+    s = Session(FakeBackend(store)).selected()
+    s.send(b"p FETCH 2 (BODY.PEEK[]<0.10>)\r\n")
+    assert s.raw() == b"* 2 FETCH (BODY[]<0> {10}\r\nReceived: )\r\np OK FETCH completed\r\n"
+    s.send(b"p FETCH 2 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n")
+    expected = (b"Subject: =?utf-8?q?first?=\r\n"
+                b"Subject: Gr\xc3\xbc\xc3\x9fe aus K\xc3\xb6ln\r\n\r\n")
+    assert s.raw() == (b"* 2 FETCH (BODY[HEADER.FIELDS (SUBJECT)] {%d}\r\n" % len(expected)
+                       + expected + b")\r\np OK FETCH completed\r\n")
+    header = MSG_UTF8[:MSG_UTF8.index(b"\r\n\r\n") + 4]
+    s.send(b"p FETCH 2 (BODY.PEEK[HEADER])\r\n")
+    assert s.raw() == (b"* 2 FETCH (BODY[HEADER] {%d}\r\n" % len(header) + header
+                       + b")\r\np OK FETCH completed\r\n")
+    s.send(b"p FETCH 2 (BODY.PEEK[])\r\n")
+    assert s.raw() == (b"* 2 FETCH (BODY[] {%d}\r\n" % len(MSG_UTF8) + MSG_UTF8
+                       + b")\r\np OK FETCH completed\r\n")
+    s.send(b"p FETCH 2 (BODY.PEEK[TEXT]<6.100>)\r\n")
+    rest = MSG_UTF8[len(header) + 6:]
+    assert s.raw() == (b"* 2 FETCH (BODY[TEXT]<6> {%d}\r\n" % len(rest) + rest
+                       + b")\r\np OK FETCH completed\r\n")
+    s.send(b"p FETCH 2 (BODY.PEEK[]<9999.10>)\r\n")
+    assert s.raw() == b"* 2 FETCH (BODY[]<9999> {0}\r\n)\r\np OK FETCH completed\r\n"
+    assert store.folders["INBOX"].messages[2].flags == frozenset()
+
+
+def test_non_peek_fetch_sets_seen(store):
+    s = Session(FakeBackend(store)).selected()
+    s.send(b"f FETCH 2 (BODY[TEXT])\r\n")
+    out = s.raw()
+    body = MSG_UTF8[MSG_UTF8.index(b"\r\n\r\n") + 4:]
+    assert out == (b"* 2 FETCH (BODY[TEXT] {%d}\r\n" % len(body) + body
+                   + b" FLAGS (\\Seen))\r\nf OK FETCH completed\r\n")
+    assert "\\Seen" in store.folders["INBOX"].messages[2].flags
+    s.send(b"f FETCH 2 RFC822.HEADER\r\n")
+    assert b"FLAGS" not in s.raw()  # already seen, RFC822.HEADER does not set it
+    e = Session(FakeBackend(store)).login()
+    e.cmd("e EXAMINE INBOX")
+    store.calls.clear()
+    e.cmd("f FETCH 3 BODY[]")
+    assert not any(c[0] == "set_seen" for c in store.calls)
+
+
+# --------------------------------------------------------------------------- STORE, SEARCH
+
+
+def test_store_and_unchangedsince(store):
+    s = Session(FakeBackend(store)).selected()
+    assert s.cmd("t STORE 2 +FLAGS (\\Answered x)") == [
+        "* 2 FETCH (FLAGS (\\Answered x))", "t OK STORE completed"]
+    assert s.cmd("t STORE 2 -FLAGS.SILENT \\Answered") == ["t OK STORE completed"]
+    assert store.folders["INBOX"].messages[2].flags == {"x"}
+    modseq1 = store.folders["INBOX"].messages[1].modseq
+    out = s.cmd(f"t UID STORE 1,3 (UNCHANGEDSINCE {modseq1}) FLAGS (\\Deleted)")
+    assert out[0] == f"* 1 FETCH (UID 1 FLAGS (\\Deleted) MODSEQ ({store.modseq}))"
+    assert out[-1] == "t OK [MODIFIED 3] Conditional STORE failed"
+    assert s.cmd("t STORE 1 FLAGS (\\Bogus)")[-1].startswith("t BAD")
+    out = s.cmd("f FETCH 1 (MODSEQ)")
+    assert out[0] == f"* 1 FETCH (MODSEQ ({store.modseq}))"
+
+
+def test_search(store):
+    s = Session(FakeBackend(store)).selected()
+    assert s.cmd("s SEARCH UNSEEN") == ["* SEARCH 2 3", "s OK SEARCH completed"]
+    assert s.cmd("s UID SEARCH 2:* FROM s3") == ["* SEARCH 3", "s OK SEARCH completed"]
+    assert store.calls[-1] == ("search", ("and", [("uid", [2, 3]), ("header", "from", "s3")]))
+    assert s.cmd("s SEARCH CHARSET KOI8-R ALL")[-1].startswith("s NO [BADCHARSET")
+    assert s.cmd("s SEARCH FLAGGED OR")[-1].startswith("s BAD")
+    out = s.cmd("s SEARCH MODSEQ 1")
+    assert out[0] == f"* SEARCH 1 2 3 (MODSEQ {store.folders['INBOX'].messages[3].modseq})"
+
+
+# --------------------------------------------------------------------------- APPEND
+
+
+def test_append_trycreate_before_literal(store):
+    s = Session(FakeBackend(store)).login()
+    assert s.cmd("a APPEND Nope (\\Seen) {12}") == [
+        "a NO [TRYCREATE] Mailbox does not exist"]
+    assert s.cmd("n NOOP") == ["n OK NOOP completed"]  # the literal was never expected
+    # LITERAL+: the octets come anyway and must be consumed before answering.
+    s.send(b"b APPEND Nope {12+}\r\nn NOOP\r\nxyz\r\n")
+    assert s.lines() == ["b NO [TRYCREATE] Mailbox does not exist"]
+    assert s.cmd("n NOOP") == ["n OK NOOP completed"]
+
+
+def test_append_with_flags_and_date(store):
+    s = Session(FakeBackend(store)).login()
+    msg = b"Subject: hi\r\n\r\nbody\r\n"
+    assert s.cmd(b'a APPEND Sent (\\Seen \\Draft) "05-Mar-2026 10:00:00 +0100" {%d}'
+                 % len(msg)) == ["+ Ready for literal data"]
+    assert s.cmd(msg) == ["a OK [APPENDUID 1000 1] APPEND completed"]
+    assert store.folders["Sent"].messages[1].raw == msg
+    assert store.folders["Sent"].messages[1].flags == {"\\Seen", "\\Draft"}
+    s.send(b"b APPEND Sent {%d+}\r\n" % len(msg) + msg + b"\r\n")
+    assert s.lines() == ["b OK [APPENDUID 1000 2] APPEND completed"]
+
+
+def test_oversize_literal_is_consumed_and_refused(store):
+    s = Session(FakeBackend(store), max_append_bytes=100).login()
+    assert s.cmd("a APPEND INBOX {101}") == ["a NO [TOOBIG] Literal too large"]
+    s.send(b"b APPEND INBOX {200+}\r\n" + b"x" * 150)
+    assert s.lines() == ["b NO [TOOBIG] Literal too large"]
+    s.send(b"y" * 50 + b" trailing\r\nn NOOP\r\n")
+    assert s.lines() == ["n OK NOOP completed"]
+    assert s.cmd("l LOGIN {70000}")[-1].startswith("l NO [TOOBIG]")
+
+
+# --------------------------------------------------------------------------- COPY, MOVE, EXPUNGE
+
+
+def test_copy_move_expunge(store):
+    s = Session(FakeBackend(store)).selected()
+    assert s.cmd("c COPY 1:2 Trash") == ["c OK [COPYUID 1000 1:2 1:2] COPY completed"]
+    assert s.cmd("c COPY 1 Nope")[-1] == "c NO [TRYCREATE] Mailbox does not exist"
+    assert s.cmd("m UID MOVE 2 Sent") == ["* OK [COPYUID 1000 2 1] Moved", "* 2 EXPUNGE",
+                                         "m OK MOVE completed"]
+    assert s.cmd("t STORE 1:2 +FLAGS.SILENT (\\Deleted)") == ["t OK STORE completed"]
+    assert s.cmd("e EXPUNGE") == ["* 2 EXPUNGE", "* 1 EXPUNGE", "e OK EXPUNGE completed"]
+    assert s.cmd("f FETCH 1:* UID") == ["f OK FETCH completed"]
+    assert s.cmd("f FETCH 1 UID")[-1] == "f BAD Invalid message sequence number"
+
+
+def test_uid_expunge_only_given_uids(store):
+    s = Session(FakeBackend(store)).selected()
+    s.cmd("t STORE 1:3 +FLAGS.SILENT (\\Deleted)")
+    assert s.cmd("e UID EXPUNGE 3") == ["* 3 EXPUNGE", "e OK EXPUNGE completed"]
+    assert sorted(store.folders["INBOX"].messages) == [1, 2]
+    assert s.cmd("c CLOSE") == ["c OK CLOSE completed"]
+    assert store.folders["INBOX"].messages == {}
+
+
+# --------------------------------------------------------------------------- other sessions
+
+
+def test_changes_pushed_to_another_session(store):
+    backend = FakeBackend(store)
+    a = Session(backend).selected()
+    b = Session(backend, clock=a.clock).selected()
+    a.cmd("t STORE 3 +FLAGS.SILENT (\\Deleted)")
+    a.cmd("e EXPUNGE")
+    store.deliver("INBOX", _plain(9))
+    a.cmd("t STORE 1 +FLAGS.SILENT (\\Answered)")
+    # FETCH (no UID) must not report the expunge; the flag change and EXISTS may come.
+    out = b.cmd("f FETCH 1 (FLAGS)")
+    assert not any("EXPUNGE" in line for line in out)
+    assert out[-1] == "f OK FETCH completed"
+    out = b.cmd("n NOOP")
+    assert "* 3 EXPUNGE" in out and out[-1] == "n OK NOOP completed"
+    full = b.cmd("f FETCH 1:* UID")
+    assert full[:-1] == ["* 1 FETCH (UID 1)", "* 2 FETCH (UID 2)", "* 3 FETCH (UID 4)"]
+
+
+def test_idle_wakes_on_change(store):
+    backend = FakeBackend(store)
+    s = Session(backend).selected()
+    assert s.cmd("i IDLE") == ["+ idling"]
+    store.deliver("INBOX", _plain(7))
+    assert s.lines() == ["* 4 EXISTS", "* 1 RECENT"]
+    other = Session(backend, clock=s.clock).selected()
+    other.cmd("t STORE 2 +FLAGS.SILENT (\\Flagged)")
+    assert s.lines() == ["* 2 FETCH (UID 2 FLAGS (\\Flagged))"]
+    assert s.cmd("DONE") == ["i OK IDLE terminated"]
+    assert s.cmd("n NOOP") == ["n OK NOOP completed"]
+    assert s.cmd("f FETCH 4 FLAGS") == ["* 4 FETCH (FLAGS (\\Recent))", "f OK FETCH completed"]
+
+
+def test_unexpected_backend_errors_are_no_unavailable(store, caplog):
+    s = Session(FakeBackend(store)).selected()
+    s.account.fail_with = errors.TemporaryFailure()
+    assert s.cmd("f FETCH 1 FLAGS")[-1].startswith("f NO [UNAVAILABLE]")
+    s.account.fail_with = RuntimeError("boom")
+    out = s.cmd("f FETCH 1 FLAGS")
+    assert out[-1].startswith("f NO [UNAVAILABLE] Internal error (ref ")
+    assert "boom" in caplog.text
+    s.account.fail_with = None
+    assert s.cmd("n NOOP") == ["n OK NOOP completed"]
+
+
+def test_logout_and_unselect(store):
+    s = Session(FakeBackend(store)).selected()
+    assert s.cmd("u UNSELECT") == ["u OK UNSELECT completed"]
+    assert s.cmd("f FETCH 1 FLAGS")[-1] == "f BAD No mailbox selected"
+    assert s.cmd("o LOGOUT") == ["* BYE Logging out", "o OK LOGOUT completed"]
+    assert s.transport.disconnecting
+
+
+def test_factory_connection_caps():
+    from twisted.internet.address import IPv4Address
+    factory = IMAPFactory(FakeBackend(), hostname="imap.test", clock=Clock(),
+                          max_connections_per_ip=1)
+    first = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 1))
+    assert isinstance(first, IMAP4ServerProtocol)
+    second = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 2))
+    t = StringTransport()
+    second.makeConnection(t)
+    assert t.value().startswith(b"* BYE [UNAVAILABLE]")
+    first.makeConnection(StringTransport())
+    first.connectionLost(None)
+    assert factory.connections == 0
+
+
+def test_append_mailbox_check_waits_for_slow_backend(store):
+    s = Session(FakeBackend(store)).login()
+    gate: defer.Deferred = defer.Deferred()
+    s.account.gate = gate
+    s.send(b"a APPEND INBOX {3}\r\n")
+    assert s.lines() == []  # no "+" until the mailbox is known to exist
+    s.account.gate = None
+    gate.callback(None)
+    assert s.lines() == ["+ Ready for literal data"]
+    assert s.cmd("abc") == ["a OK [APPENDUID 1000 4] APPEND completed"]
+
+
+def test_idle_done_pipelined_with_next_command(store):
+    s = Session(FakeBackend(store)).selected()
+    s.send("i IDLE\r\nDONE\r\nn NOOP\r\n")
+    assert s.lines() == ["+ idling", "i OK IDLE terminated", "n OK NOOP completed"]
+    s.send("i IDLE\r\nnope\r\n")
+    assert s.lines() == ["+ idling", "i BAD Expected DONE"]
+
+
+def test_condstore_select_and_changedsince(store):
+    s = Session(FakeBackend(store)).login()
+    assert s.cmd("s SELECT INBOX (CONDSTORE)")[-1] == "s OK [READ-WRITE] SELECT completed"
+    before = store.modseq
+    s.cmd("t STORE 3 +FLAGS.SILENT (\\Seen)")
+    out = s.cmd(f"f FETCH 1:* (FLAGS) (CHANGEDSINCE {before})")
+    assert out == [f"* 3 FETCH (FLAGS (\\Flagged \\Seen project) MODSEQ ({store.modseq}))",
+                   "f OK FETCH completed"]
+    assert s.cmd("e EXAMINE Sent")[0] == "* OK [CLOSED] Previous mailbox closed"
+
+
+def test_fetch_rfc822_and_body_parts(store):
+    s = Session(FakeBackend(store)).selected()
+    s.send(b"f FETCH 1 (RFC822.HEADER BODY.PEEK[1] BODY.PEEK[1.MIME] RFC822.SIZE)\r\n")
+    raw = _plain(1)
+    header, body = raw[:raw.index(b"\r\n\r\n") + 4], raw[raw.index(b"\r\n\r\n") + 4:]
+    assert s.raw() == (b"* 1 FETCH (RFC822.HEADER {%d}\r\n" % len(header) + header
+                       + b" BODY[1] {%d}\r\n" % len(body) + body
+                       + b" BODY[1.MIME] {%d}\r\n" % len(header) + header
+                       + b" RFC822.SIZE %d)\r\nf OK FETCH completed\r\n" % len(raw))
+    s.send(b"f FETCH 2 RFC822\r\n")
+    assert s.raw() == (b"* 2 FETCH (RFC822 {%d}\r\n" % len(MSG_UTF8) + MSG_UTF8
+                       + b" FLAGS (\\Seen))\r\nf OK FETCH completed\r\n")
