@@ -1,0 +1,185 @@
+"""ENVELOPE, BODYSTRUCTURE and BODY[section] rendered from raw message bytes."""
+
+from __future__ import annotations
+
+import pytest
+
+from agentpost.mail.imapformat import (
+    SectionSpec,
+    bodystructure,
+    envelope,
+    parse_section,
+    quote,
+    section,
+)
+
+SIMPLE = (
+    b"Date: Mon, 2 Feb 2026 10:00:00 +0000\r\n"
+    b"From: \"Doe, Jane\" <jane@example.org>\r\n"
+    b"To: bob@example.com, Carol <carol@example.net>\r\n"
+    b"Cc: team: a@x.org, b@y.org;\r\n"
+    b"Subject: Hello\r\n \"world\"\r\n"
+    b"Message-ID: <m1@example.org>\r\n"
+    b"In-Reply-To: <m0@example.org>\r\n"
+    b"\r\n"
+    b"Line one\r\nLine two\r\n"
+)
+
+ALTERNATIVE = (
+    b"From: a@example.org\r\n"
+    b"Subject: alt\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: multipart/alternative; boundary=\"XX\"\r\n"
+    b"\r\n"
+    b"preamble\r\n"
+    b"--XX\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Transfer-Encoding: 8bit\r\n"
+    b"\r\n"
+    b"Gr\xc3\xbc\xc3\x9fe\r\n"
+    b"--XX\r\n"
+    b"Content-Type: text/html; charset=utf-8\r\n"
+    b"Content-Disposition: inline\r\n"
+    b"\r\n"
+    b"<p>Hi</p>\r\n"
+    b"--XX--\r\n"
+    b"epilogue\r\n"
+)
+
+NESTED = (
+    b"From: outer@example.org\r\n"
+    b"Subject: fwd\r\n"
+    b"Content-Type: multipart/mixed; boundary=outer\r\n"
+    b"\r\n"
+    b"--outer\r\n"
+    b"Content-Type: text/plain\r\n"
+    b"\r\n"
+    b"see attached\r\n"
+    b"--outer\r\n"
+    b"Content-Type: message/rfc822\r\n"
+    b"Content-Disposition: attachment; filename=\"fwd.eml\"\r\n"
+    b"\r\n"
+    b"From: inner@example.org\r\n"
+    b"Subject: inner\r\n"
+    b"Content-Type: multipart/mixed; boundary=inner\r\n"
+    b"\r\n"
+    b"--inner\r\n"
+    b"\r\n"
+    b"inner text\r\n"
+    b"--inner\r\n"
+    b"Content-Type: application/pdf; name=x.pdf\r\n"
+    b"Content-Transfer-Encoding: base64\r\n"
+    b"\r\n"
+    b"JVBERi0=\r\n"
+    b"--inner--\r\n"
+    b"--outer--\r\n"
+)
+
+
+def test_quote():
+    assert quote(None) == "NIL"
+    assert quote("") == '""'
+    assert quote('a "b" \\c') == '"a \\"b\\" \\\\c"'
+    assert quote("Grüße") == "{7}\r\nGrüße"
+    assert quote("a\r\nb") == "{4}\r\na\r\nb"
+
+
+def test_envelope_simple_with_groups_and_folding():
+    assert envelope(SIMPLE) == (
+        '("Mon, 2 Feb 2026 10:00:00 +0000" "Hello \\"world\\"" '
+        '(("Doe, Jane" NIL "jane" "example.org")) '
+        '(("Doe, Jane" NIL "jane" "example.org")) '
+        '(("Doe, Jane" NIL "jane" "example.org")) '
+        '((NIL NIL "bob" "example.com")("Carol" NIL "carol" "example.net")) '
+        '((NIL NIL "team" NIL)(NIL NIL "a" "x.org")(NIL NIL "b" "y.org")(NIL NIL NIL NIL)) '
+        'NIL "<m0@example.org>" "<m1@example.org>")')
+
+
+def test_envelope_utf8_subject_is_a_literal():
+    raw = b"Subject: Gr\xc3\xbc\xc3\x9fe\r\nFrom: x@y\r\n\r\nbody"
+    env = envelope(raw)
+    assert env.startswith("(NIL {7}\r\nGrüße ((NIL NIL \"x\" \"y\"))")
+    assert len("Grüße".encode()) == 7
+
+
+def test_bodystructure_simple():
+    assert bodystructure(SIMPLE) == (
+        '("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 20 2 NIL NIL NIL NIL)')
+    assert bodystructure(SIMPLE, extensible=False) == (
+        '("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 20 2)')
+
+
+def test_bodystructure_alternative():
+    assert bodystructure(ALTERNATIVE) == (
+        '(("text" "plain" ("charset" "utf-8") NIL NIL "8bit" 7 1 NIL NIL NIL NIL)'
+        '("text" "html" ("charset" "utf-8") NIL NIL "7bit" 9 1 NIL ("inline" NIL) NIL NIL) '
+        '"alternative" ("boundary" "XX") NIL NIL NIL)')
+    assert bodystructure(ALTERNATIVE, False) == (
+        '(("text" "plain" ("charset" "utf-8") NIL NIL "8bit" 7 1)'
+        '("text" "html" ("charset" "utf-8") NIL NIL "7bit" 9 1) "alternative")')
+
+
+def test_bodystructure_nested_rfc822():
+    inner_size = len(NESTED[NESTED.index(b"From: inner"):NESTED.index(b"\r\n--outer--")])
+    bs = bodystructure(NESTED, False)
+    assert bs == (
+        '(("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 12 1)'
+        f'("message" "rfc822" NIL NIL NIL "7bit" {inner_size} '
+        '(NIL "inner" ((NIL NIL "inner" "example.org")) ((NIL NIL "inner" "example.org")) '
+        '((NIL NIL "inner" "example.org")) NIL NIL NIL NIL NIL) '
+        '(("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 10 1)'
+        '("application" "pdf" ("name" "x.pdf") NIL NIL "base64" 8) "mixed") 13) "mixed")')
+    assert '("attachment" ("filename" "fwd.eml"))' in bodystructure(NESTED)
+
+
+def test_sections_byte_exact():
+    assert section(NESTED, "") == NESTED
+    assert section(NESTED, "1") == b"see attached"
+    assert section(NESTED, "1.MIME") == b"Content-Type: text/plain\r\n\r\n"
+    inner = NESTED[NESTED.index(b"From: inner"):NESTED.index(b"\r\n--outer--")]
+    assert section(NESTED, "2") == inner
+    assert section(NESTED, "2.HEADER") == inner[:inner.index(b"\r\n\r\n") + 4]
+    assert section(NESTED, "2.TEXT") == inner[inner.index(b"\r\n\r\n") + 4:]
+    assert section(NESTED, "2.1") == b"inner text"
+    assert section(NESTED, "2.2") == b"JVBERi0="
+    assert section(NESTED, "2.2.MIME").startswith(b"Content-Type: application/pdf")
+    assert section(NESTED, "3") == b""
+    assert section(NESTED, "2.1.5") == b""
+    assert section(SIMPLE, "1") == b"Line one\r\nLine two\r\n"
+    assert section(SIMPLE, "TEXT") == b"Line one\r\nLine two\r\n"
+    assert section(SIMPLE, "HEADER.FIELDS (subject to)") == (
+        b"To: bob@example.com, Carol <carol@example.net>\r\n"
+        b"Subject: Hello\r\n \"world\"\r\n\r\n")
+    not_fields = section(SIMPLE, "HEADER.FIELDS.NOT (SUBJECT TO CC DATE FROM)")
+    assert not_fields == (b"Message-ID: <m1@example.org>\r\nIn-Reply-To: <m0@example.org>\r\n"
+                          b"\r\n")
+    assert section(SIMPLE, SectionSpec(partial=(6, 3))) == b"Mon"
+    assert section(SIMPLE, SectionSpec(text="TEXT", partial=(100, 3))) == b""
+
+
+def test_parse_section_rejects_garbage():
+    assert parse_section("1.2.HEADER.FIELDS (A B)").render() == "1.2.HEADER.FIELDS (A B)"
+    for bad in ("0", "HEADER.FIELDS", "MIME", "1.FOO", "TEXT (A)", "x"):
+        with pytest.raises(ValueError):
+            parse_section(bad)
+
+
+@pytest.mark.parametrize("raw", [
+    b"", b"garbage without header", b"\r\n\r\n", b"Content-Type: multipart/mixed\r\n\r\nx",
+    b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nno end",
+    b"Content-Type: ;;;\r\nFrom: <<<@@@>>>, \"unterminated\r\n\r\nx",
+    b"Content-Type: message/rfc822\r\n\r\n", b"\xff\xfe\x00: \x80\r\n\r\n\xff",
+    b"Content-Type: multipart/mixed; boundary=a\r\n\r\n" + b"--a\r\nContent-Type: "
+    b"multipart/mixed; boundary=a\r\n\r\n" * 100,
+])
+def test_malformed_never_raises(raw):
+    assert envelope(raw).startswith("(")
+    assert bodystructure(raw).startswith("(")
+    for spec in ("", "HEADER", "TEXT", "1", "1.MIME", "1.1.1", "2.HEADER"):
+        assert isinstance(section(raw, spec), bytes)
+
+
+def test_missing_boundary_is_text_plain():
+    raw = b"Content-Type: multipart/mixed\r\n\r\nhello\r\n"
+    assert bodystructure(raw, False) == (
+        '("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 7 1)')
