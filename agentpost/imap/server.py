@@ -72,6 +72,7 @@ from agentpost.imap.parser import (
     parse_seqset,
     resolve_seqset,
 )
+from agentpost.listening import no_delay
 from agentpost.mail import imapformat
 from agentpost.model import errors
 
@@ -266,6 +267,7 @@ class IMAP4ServerProtocol(Protocol):
     # ------------------------------------------------------------------ Twisted hooks
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         peer = self.transport.getPeer()
         self.peer = str(getattr(peer, "host", "") or "")
         self.transport.registerProducer(self, True)

@@ -56,6 +56,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from agentpost.listening import no_delay
 from agentpost.model import errors
 from agentpost.smtp import replies
 from agentpost.smtp.interfaces import DeliveryAgent, Envelope, SessionInfo
@@ -221,6 +222,7 @@ class SMTPServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         """Greet, and start the idle timer."""
+        no_delay(self.transport)
         peer = self.transport.getPeer()
         self.session.peer_host = str(getattr(peer, "host", "") or "")
         self.session.peer_port = int(getattr(peer, "port", 0) or 0)
