@@ -56,3 +56,33 @@ def no_delay(transport: Any) -> None:
             except OSError:
                 pass
             return
+
+
+class ConnectionCaps:
+    """Per-address and total session caps shared by the SMTP and IMAP factories.
+
+    Subclasses set ``max_connections``, ``max_connections_per_ip``, ``connections``
+    (0) and ``connections_by_ip`` (a Counter) and call ``admit``/``release``.
+    """
+
+    max_connections: int
+    max_connections_per_ip: int
+    connections: int
+    connections_by_ip: Any
+
+    def admit(self, host: str) -> str | None:
+        """Count a new session, or return why it is refused."""
+        if self.connections >= self.max_connections:
+            return "Too many connections; try again later"
+        if self.connections_by_ip[host] >= self.max_connections_per_ip:
+            return "Too many connections from your address; try again later"
+        self.connections += 1
+        self.connections_by_ip[host] += 1
+        return None
+
+    def release(self, host: str) -> None:
+        """A session ended."""
+        self.connections -= 1
+        self.connections_by_ip[host] -= 1
+        if self.connections_by_ip[host] <= 0:
+            del self.connections_by_ip[host]

@@ -12,13 +12,12 @@ import logging
 from collections import Counter
 from typing import Any
 
-from twisted.internet import endpoints
 from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from agentpost.imap.interfaces import IMAPBackend
 from agentpost.imap.server import MAX_APPEND_BYTES, IMAP4ServerProtocol
+from agentpost.listening import ConnectionCaps, listen_tcp
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ class _RefusingProtocol(Protocol):
         self.transport.loseConnection()
 
 
-class IMAPFactory(Factory):
+class IMAPFactory(ConnectionCaps, Factory):
     """Builds :class:`IMAP4ServerProtocol` sessions sharing one configuration.
 
     Arguments are those of :class:`IMAP4ServerProtocol` plus:
@@ -77,14 +76,10 @@ class IMAPFactory(Factory):
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
         host = str(getattr(addr, "host", "") or "")
-        if self.connections >= self.max_connections:
-            log.warning("imap: refusing %s: %d connections in total", host, self.connections)
-            return self._refusal("Too many connections; try again later")
-        if self.connections_by_ip[host] >= self.max_connections_per_ip:
-            log.warning("imap: refusing %s: too many connections from this address", host)
-            return self._refusal("Too many connections from your address; try again later")
-        self.connections += 1
-        self.connections_by_ip[host] += 1
+        refusal = self.admit(host)
+        if refusal is not None:
+            log.warning("%s: refusing %s: %s", self.__class__.__name__, host, refusal)
+            return self._refusal(refusal)
         protocol = self.protocol_class(
             self.backend,
             hostname=self.hostname,
@@ -106,21 +101,11 @@ class IMAPFactory(Factory):
         return protocol
 
     def _released(self, host: str) -> None:
-        self.connections -= 1
-        self.connections_by_ip[host] -= 1
-        if self.connections_by_ip[host] <= 0:
-            del self.connections_by_ip[host]
+        self.release(host)
 
 
 async def listen_imap(reactor: Any, factory: IMAPFactory, bind: str = "0.0.0.0",  # noqa: S104
                       port: int = 143) -> IListeningPort:
     """Listen on ``bind:port`` (IPv6 if ``bind`` contains a colon); implicit TLS when
     ``factory.implicit_tls`` is set."""
-    if ":" in bind:
-        endpoint: Any = endpoints.TCP6ServerEndpoint(reactor, port, interface=bind)
-    else:
-        endpoint = endpoints.TCP4ServerEndpoint(reactor, port, interface=bind)
-    serving: Factory = factory
-    if factory.implicit_tls is not None:
-        serving = TLSMemoryBIOFactory(factory.implicit_tls, False, factory)
-    return await endpoint.listen(serving)
+    return await listen_tcp(reactor, factory, bind, port, tls_options=factory.implicit_tls)

@@ -11,11 +11,10 @@ import logging
 from collections import Counter
 from typing import Any
 
-from twisted.internet import endpoints
 from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from agentpost.listening import ConnectionCaps, listen_tcp
 from agentpost.smtp import replies
 from agentpost.smtp.interfaces import DeliveryAgent
 from agentpost.smtp.server import SMTPLimits, SMTPServerProtocol
@@ -37,7 +36,7 @@ class _RefusingProtocol(Protocol):
         self.transport.loseConnection()
 
 
-class SMTPFactory(Factory):
+class SMTPFactory(ConnectionCaps, Factory):
     """Builds :class:`SMTPServerProtocol` sessions sharing one configuration.
 
     Arguments are those of :class:`SMTPServerProtocol` plus:
@@ -82,16 +81,10 @@ class SMTPFactory(Factory):
     def buildProtocol(self, addr: IAddress) -> Protocol:
         """A session, or a 421 refusal when a connection cap is reached."""
         host = str(getattr(addr, "host", "") or "")
-        if self.connections >= self.max_connections:
-            log.warning("smtp %s: refusing %s: %d connections in total",
-                        self.listener, host, self.connections)
-            return self._refusal("Too many connections; try again later")
-        if self.connections_by_ip[host] >= self.max_connections_per_ip:
-            log.warning("smtp %s: refusing %s: %d connections from this address",
-                        self.listener, host, self.connections_by_ip[host])
-            return self._refusal("Too many connections from your address; try again later")
-        self.connections += 1
-        self.connections_by_ip[host] += 1
+        refusal = self.admit(host)
+        if refusal is not None:
+            log.warning("%s: refusing %s: %s", self.__class__.__name__, host, refusal)
+            return self._refusal(refusal)
         protocol = self.protocol_class(
             self.agent,
             hostname=self.hostname,
@@ -113,10 +106,7 @@ class SMTPFactory(Factory):
         return protocol
 
     def _released(self, host: str) -> None:
-        self.connections -= 1
-        self.connections_by_ip[host] -= 1
-        if self.connections_by_ip[host] <= 0:
-            del self.connections_by_ip[host]
+        self.release(host)
 
 
 async def listen_smtp(reactor: Any, factory: SMTPFactory, bind: str = "0.0.0.0",  # noqa: S104
@@ -128,11 +118,4 @@ async def listen_smtp(reactor: Any, factory: SMTPFactory, bind: str = "0.0.0.0",
     session's ``handshakeCompleted`` so the ``Received:`` header names the TLS
     version and cipher.
     """
-    if ":" in bind:
-        endpoint: Any = endpoints.TCP6ServerEndpoint(reactor, port, interface=bind)
-    else:
-        endpoint = endpoints.TCP4ServerEndpoint(reactor, port, interface=bind)
-    serving: Factory = factory
-    if factory.implicit_tls is not None:
-        serving = TLSMemoryBIOFactory(factory.implicit_tls, False, factory)
-    return await endpoint.listen(serving)
+    return await listen_tcp(reactor, factory, bind, port, tls_options=factory.implicit_tls)
