@@ -15,7 +15,7 @@ VAR_DIR := var
 PYTEST_ARGS ?=
 APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -y -q
 
-.PHONY: help venv postgres-bin run test lint bench clean distclean
+.PHONY: help venv postgres-bin run test lint bench clean distclean deb deb-test man
 
 help:
 	@echo "AgentPost make targets:"
@@ -27,6 +27,9 @@ help:
 	@echo "  make bench         API benchmark (bench/api_bench.py)"
 	@echo "  make clean         remove .venv and build/cache artefacts (keeps ./$(VAR_DIR))"
 	@echo "  make distclean     clean, delete the dev PostgreSQL cluster(s) and ./$(VAR_DIR)"
+	@echo "  make deb           build $(DEB_OUT)/agentpost_<version>_<arch>.deb (dh-virtualenv; Build-Depends via apt when root)"
+	@echo "  make deb-test      build, lintian, then install/run/upgrade/purge in a throw-away Debian 12 root (root only)"
+	@echo "  make man           write agentpost(8) to build/man/agentpost.8 from the CLI's help"
 
 venv: $(STAMP)
 
@@ -111,3 +114,18 @@ distclean:
 	done
 	@$(MAKE) --no-print-directory clean
 	rm -rf $(VAR_DIR)
+
+# Debian package (see debian/, packaging/ and docs/operations.md).
+DEB_OUT ?= dist
+
+deb:
+	packaging/build-deb $(DEB_OUT)
+
+# Builds first; needs root (debootstrap, chroot). Leaves nothing behind on this machine.
+deb-test: deb
+	packaging/deb-test $(DEB_OUT)
+
+man: venv
+	@mkdir -p build/man
+	$(VPY) packaging/manpage.py > build/man/agentpost.8
+	@echo "read it with: man -l build/man/agentpost.8"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 
+from agentpost import systemd
 from agentpost.auth.cred import build_portal
 from agentpost.auth.ratelimit import TokenBuckets
 from agentpost.config import Config
@@ -127,6 +129,7 @@ class AgentPostService(service.Service):
         self.route_tables: dict[str, RouteTable] = {}
         self.smtp_factories: dict[str, Any] = {}
         self._started: defer.Deferred[None] | None = None
+        self._tls: Any = None
 
     def http_resource(self) -> Any:
         """The Klein resource for /api/v1 and /admin/v1."""
@@ -154,6 +157,7 @@ class AgentPostService(service.Service):
     def startService(self) -> None:
         """Start asynchronously; a failure to listen stops the reactor with a message."""
         super().startService()
+        self._handle_sighup()
         self._started = defer.Deferred.fromCoroutine(self._start())
         self._started.addErrback(self._fatal)
 
@@ -177,14 +181,45 @@ class AgentPostService(service.Service):
                 tls_options=self.tls_options() if cfg.tls else None,
                 reuse_port=self.reuse_port)
             log.info("HTTP API listening on %s:%d", cfg.bind, self.ports["http"].getHost().port)
+        systemd.ready("serving: " + ", ".join(
+            f"{name} on port {port.getHost().port}" for name, port in self.ports.items()))
 
     def tls_options(self) -> Any:
-        """Server TLS settings shared by every listener, or None when not configured."""
+        """Server TLS settings shared by every listener (reloaded on SIGHUP), or None."""
         if not (self.config.tls.cert and self.config.tls.key):
             return None
-        from agentpost.tls import server_tls_options
+        if self._tls is None:
+            from agentpost.tls import ReloadableServerTLS
 
-        return server_tls_options(self.config.tls.cert, self.config.tls.key)
+            self._tls = ReloadableServerTLS(self.config.tls.cert, self.config.tls.key)
+        return self._tls
+
+    def _handle_sighup(self) -> None:
+        """`systemctl reload` (ExecReload sends SIGHUP): reload TLS in the reactor thread."""
+
+        def on_sighup(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.reload)
+
+        signal.signal(signal.SIGHUP, on_sighup)
+
+    def reload(self) -> None:
+        """Re-read the TLS certificate and key; open connections keep the old ones."""
+        systemd.reloading("reloading the TLS certificate and key")
+        if self.parent is not None:
+            try:
+                self.parent.getServiceNamed("workers").signal_all(signal.SIGHUP)
+            except KeyError:
+                pass
+        try:
+            if self._tls is not None:
+                self._tls.reload()
+                log.info("reloaded TLS certificate %s and key %s",
+                         self.config.tls.cert, self.config.tls.key)
+        except Exception as exc:
+            log.error("TLS reload failed, still using the previous certificate: %s", exc)
+            systemd.ready(f"serving; TLS reload failed, previous certificate kept: {exc}")
+        else:
+            systemd.ready("serving; TLS certificate reloaded")
 
     async def _listen_mx(self) -> IListeningPort:
         from agentpost.smtp import SMTPFactory, SMTPLimits
@@ -237,6 +272,7 @@ class AgentPostService(service.Service):
 
     def _fatal(self, failure: Any) -> None:
         log.error("AgentPost failed to start: %s", failure.getErrorMessage())
+        systemd.status(f"failed to start: {failure.getErrorMessage()}")
         self.start_error = failure
         if self.reactor.running:
             self.reactor.stop()
@@ -245,6 +281,7 @@ class AgentPostService(service.Service):
 
     def stopService(self) -> defer.Deferred[None]:
         """Stop listening, flush the audit buffer, close the database."""
+        systemd.stopping("stopping")
         super().stopService()
         return defer.Deferred.fromCoroutine(self._stop())
 

@@ -68,6 +68,7 @@ class WorkerPool(service.Service):
 
     def _spawn(self, index: int) -> None:
         env = dict(os.environ, **{WORKER_ENV: "1", PARENT_ENV: str(os.getpid())})
+        env.pop("NOTIFY_SOCKET", None)  # only the main process talks to systemd
         proto = _Worker(self, index)
         self.processes[index] = self.reactor.spawnProcess(
             proto, sys.executable, [sys.executable, *self.argv], env=env,
@@ -90,6 +91,14 @@ class WorkerPool(service.Service):
         super().startService()
         for index in range(1, self.count + 1):
             self._spawn(index)
+
+    def signal_all(self, signum: int) -> None:
+        """Pass a signal (SIGHUP: reload TLS) on to every worker."""
+        for transport in list(self.processes.values()):
+            try:
+                transport.signalProcess(signum)
+            except Exception:  # noqa: S110 - already gone
+                pass
 
     def stopService(self) -> Any:
         """Ask every worker to stop (SIGTERM); they flush and close like the parent."""

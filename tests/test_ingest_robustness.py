@@ -111,3 +111,15 @@ async def test_database_down_during_ingest_is_temporary(server, pg):
                                               envelope_from="a@example.com")
     listed = await server.api.get(f"/api/v1/inboxes/{inbox['id']}/messages", key=key)
     assert [m["id"] for m in listed.json["data"]] == [stored.message_id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_nul_bytes_in_headers_are_stored(server):
+    """NUL bytes (which PostgreSQL text cannot hold) never stop a delivery."""
+    _, key = await server.new_org()
+    inbox = (await server.api.post("/api/v1/inboxes", {"username": "nul"}, key=key)).json
+    raw = (b"From: a\x00b <a@example.com>\r\nSubject: nul\x00here\r\nTo: " +
+           inbox["email"].encode() + b"\r\n\r\nbody\x00\r\n")
+    [stored] = await server.deliver(raw, [inbox["email"]])
+    got = await server.api.get(f"/api/v1/messages/{stored.message_id}/raw", key=key)
+    assert got.body == raw

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agentpost.config.dropins import DropinError, merge_tomls
 from agentpost.config.sections import (
     SECTIONS,
     AuditSection,
@@ -161,7 +162,8 @@ def _check(config: Config) -> None:
 
 def load_config(path: str | os.PathLike[str] | None = None,
                 environ: dict[str, str] | None = None) -> Config:
-    """Read ``path`` (or ``$AGENTPOST_CONFIG``); with neither, defaults plus environment."""
+    """Read ``path`` (or ``$AGENTPOST_CONFIG``) and the ``conf.d/*.toml`` drop-ins beside it
+    (see agentpost.config.dropins); with neither, defaults plus environment."""
     env = dict(os.environ if environ is None else environ)
     path = path or env.get("AGENTPOST_CONFIG")
     if not path:
@@ -174,7 +176,17 @@ def load_config(path: str | os.PathLike[str] | None = None,
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
-    return parse_config(data, str(path), env)
+    origins: dict[str, str] = {}
+    try:
+        data = merge_tomls(data, Path(path).parent / "conf.d", origins)
+    except DropinError as exc:
+        raise ConfigError(exc.key, exc.problem) from None
+    try:
+        return parse_config(data, str(path), env)
+    except ConfigError as exc:
+        if exc.key in origins:
+            raise ConfigError(exc.key, f"{exc.problem} (in {origins[exc.key]})") from None
+        raise
 
 
 def _toml_value(value: Any, kind: str) -> str:

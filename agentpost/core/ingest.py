@@ -66,8 +66,10 @@ def _analyse(raw: bytes) -> tuple[ParsedMessage, tuple[str | None, str | None, s
     except ImportError:  # IMAP rendering not installed: FETCH renders lazily instead
         return parsed, (None, None, None)
     try:
-        imap = (imapformat.envelope(raw), imapformat.bodystructure(raw, True),
-                imapformat.bodystructure(raw, False))
+        rendered = (imapformat.envelope(raw), imapformat.bodystructure(raw, True),
+                    imapformat.bodystructure(raw, False))
+        # PostgreSQL text cannot hold NUL; such (rare, broken) messages render at FETCH.
+        imap = tuple(None if "\x00" in r else r for r in rendered)  # type: ignore[assignment]
     except Exception:  # rendered lazily at FETCH time instead
         log.exception("could not pre-render IMAP structures")
         imap = (None, None, None)
