@@ -179,7 +179,7 @@ class AgentPostService(service.Service):
             self.ports["http"] = await listen_tcp(
                 self.reactor, site, cfg.bind, cfg.port,
                 tls_options=self.tls_options() if cfg.tls else None,
-                reuse_port=self.reuse_port)
+                reuse_port=self.reuse_port, endpoint=cfg.endpoint)
             log.info("HTTP API listening on %s:%d", cfg.bind, self.ports["http"].getHost().port)
         systemd.ready("serving: " + ", ".join(
             f"{name} on port {port.getHost().port}" for name, port in self.ports.items()))
@@ -237,7 +237,7 @@ class AgentPostService(service.Service):
         )
         self.smtp_factories["mx"] = factory
         port = await listen_tcp(self.reactor, factory, cfg.mx_bind, cfg.mx_port,
-                                reuse_port=self.reuse_port)
+                                reuse_port=self.reuse_port, endpoint=cfg.mx_endpoint)
         log.info("SMTP MX listening on %s:%d", cfg.mx_bind, port.getHost().port)
         return port
 

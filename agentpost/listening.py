@@ -18,11 +18,15 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 async def listen_tcp(reactor: Any, factory: Factory, bind: str, port: int, *,
                      tls_options: Any = None, reuse_port: bool = False,
-                     backlog: int = 511) -> IListeningPort:
-    """Listen on ``bind:port``; TLS from the first byte when ``tls_options`` is given."""
+                     backlog: int = 511, endpoint: str = "") -> IListeningPort:
+    """Listen on ``bind:port`` (or a Twisted endpoint description such as systemd's
+    ``systemd:domain=INET:name=…``); TLS from the first byte when ``tls_options`` is
+    given."""
     serving: Factory = factory
     if tls_options is not None:
         serving = TLSMemoryBIOFactory(tls_options, False, factory)
+    if endpoint:
+        return await endpoints.serverFromString(reactor, endpoint).listen(serving)
     family = socket.AF_INET6 if ":" in bind else socket.AF_INET
     if not reuse_port:
         endpoint_class = (endpoints.TCP6ServerEndpoint if family == socket.AF_INET6

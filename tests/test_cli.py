@@ -145,3 +145,41 @@ def test_serve_refuses_an_unmigrated_database_and_exits(empty_dsn, tmp_path):
     result = run("--config", str(config), "serve", timeout=60)
     assert result.returncode == 1
     assert "run `agentpost migrate` first" in result.stderr
+
+
+def test_socket_activation_serves_on_inherited_descriptors(db_dsn, tmp_path):
+    """With http.endpoint = systemd:…, the server listens on a socket passed in by its
+    parent the way systemd passes it (LISTEN_FDS/LISTEN_FDNAMES, fd 3)."""
+    import socket as socketlib
+
+    listener = socketlib.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    config = tmp_path / "agentpost.toml"
+    config.write_text(
+        f'[database]\nurl = "{db_dsn}"\n[http]\nendpoint = "systemd:domain=INET:name=http"\n'
+        f'[smtp]\nmx_enabled = false\n[imap]\nenabled = false\n'
+        f'[storage]\npath = "{tmp_path / "blobs"}"\n')
+    launcher = (
+        "import os, sys\n"
+        f"os.dup2({listener.fileno()}, 3)\n"
+        "os.environ.update(LISTEN_FDS='1', LISTEN_FDNAMES='http', LISTEN_PID=str(os.getpid()))\n"
+        f"os.execv(sys.executable, [sys.executable, '-m', 'agentpost.cli', '--config', "
+        f"'{config}', 'serve'])\n")
+    proc = subprocess.Popen([sys.executable, "-c", launcher], cwd=ROOT, pass_fds=[
+        listener.fileno()], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    listener.close()
+    try:
+        deadline, body = time.monotonic() + 30, None
+        while time.monotonic() < deadline and body is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    body = json.loads(r.read())
+            except OSError:
+                time.sleep(0.2)
+        assert body == {"status": "ok"}
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert "Traceback" not in out, out

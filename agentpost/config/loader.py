@@ -132,6 +132,9 @@ def _check(config: Config) -> None:
         raise ConfigError("server.environment", "must be 'production' or 'development'")
     if config.server.workers < 0 or config.server.workers > 64:
         raise ConfigError("server.workers", "must be between 0 (one per CPU) and 64")
+    if (config.http.endpoint or config.smtp.mx_endpoint) and config.server.workers != 1:
+        raise ConfigError("server.workers", "must be 1 with listener endpoints (socket "
+                          "activation): worker copies bind their own ports")
     if config.database.pool_size < 1:
         raise ConfigError("database.pool_size", "must be at least 1")
     if not 0 <= config.http.port < 65536:

@@ -76,6 +76,10 @@ class HTTPSection:
         [], "Proxy addresses whose X-Forwarded-For is believed for the client address."
     )
     public_url: str = opt("", "Base URL clients use, for links in responses.")
+    endpoint: str = opt(
+        "", "Twisted endpoint to listen on instead of bind/port, e.g. "
+        "systemd:domain=INET:name=http for socket activation."
+    )
     access_log: bool = opt(
         False, "Log every HTTP request to the service log (the audit trail has them anyway)."
     )
@@ -126,6 +130,10 @@ class SMTPSection:
     mx_enabled: bool = opt(True, "Serve the inbound MX listener.")
     mx_bind: str = opt("0.0.0.0", "Address of the MX listener.")  # noqa: S104 - an MX is public
     mx_port: int = opt(25, "Port of the MX listener.")
+    mx_endpoint: str = opt(
+        "", "Twisted endpoint instead of mx_bind/mx_port, e.g. "
+        "systemd:domain=INET:name=smtp-mx for socket activation."
+    )
     max_message_size: int = opt("10MiB", "Largest message accepted.", "size")
     max_recipients: int = opt(100, "Recipients per message.")
     max_errors: int = opt(10, "Protocol errors before a session is closed.")
