@@ -251,7 +251,7 @@ def test_config(unit: dict[str, list[str]], env: dict[str, str]) -> dict[str, st
 
 
 def round_trip(http_base: str, mx_port: int, hostname: str, env: dict[str, str],
-               unit: dict[str, list[str]]) -> None:
+               unit: dict[str, list[str]], imap_port: int = 143) -> None:
     boot = run(*as_service_user(unit, ["/usr/bin/agentpost", "bootstrap", "--org", "DebTest",
                                        "--json"], env), cwd="/var/lib/agentpost")
     if boot.returncode != 0:
@@ -304,7 +304,20 @@ def round_trip(http_base: str, mx_port: int, hostname: str, env: dict[str, str],
         fail(f"GET raw: {status}")
     say(f"API: message {summary['id']} listed with its subject; raw bytes stored "
         f"({len(stored)} bytes)")
-    say("IMAP: no IMAP listener in this version; that leg of the round trip is skipped")
+    import imaplib
+
+    imap = imaplib.IMAP4("127.0.0.1", imap_port, timeout=30)
+    if "LOGINDISABLED" not in imap.capabilities:
+        fail("IMAP offers LOGIN before STARTTLS")
+    imap.starttls(ssl_context=context)
+    imap.login(inbox["email"], key)
+    _, count = imap.select("INBOX")
+    _, data = imap.uid("FETCH", "1", "(BODY.PEEK[])")
+    imap.logout()
+    if count != [b"1"] or data[0][1] != stored:
+        fail(f"IMAP: INBOX has {count}, BODY[] differs from the API's raw bytes")
+    say(f"IMAP: STARTTLS on port {imap_port}, logged in with the API key, BODY[] is "
+        "byte-identical to the API's raw message")
 
 
 def check_caches(unit: dict[str, list[str]], env: dict[str, str]) -> None:
@@ -371,8 +384,9 @@ def main() -> None:
                 say("WARNING: this build sends no sd_notify READY=1, but the unit is "
                     f"Type={unit.get('Type', ['simple'])[0]}: under systemd its start would "
                     "time out (apply the READY/RELOADING/STOPPING calls to agentpost/app.py)")
-            say(f"serving: MX on port {mx_port} (bound without root), HTTP on {http_port}")
-            round_trip(http_base, mx_port, hostname, env, unit)
+            say(f"serving: MX on port {mx_port} and IMAP on {config.imap.port} (bound "
+                f"without root), HTTP on {http_port}")
+            round_trip(http_base, mx_port, hostname, env, unit, config.imap.port)
 
             if reloads:
                 before = len(notes.seen)
