@@ -148,11 +148,7 @@ class AgentPostService(service.Service):
         return build_app(api, admin, self._ready).resource()
 
     async def _ready(self) -> bool:
-        try:
-            await self.core.db.run_query("health.ready", "SELECT 1")
-        except Exception:
-            return False
-        return True
+        return await self.core.db.ping()
 
     def startService(self) -> None:
         """Start asynchronously; a failure to listen stops the reactor with a message."""

@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import psycopg2
-
 from agentpost.dev.embedded_pg import EmbeddedPostgres, PostgresNotInstalled
 from agentpost.dev.tls import ensure_dev_tls
+from agentpost.storage.migrations import ensure_database
 
 VAR = Path(os.environ.get("AGENTPOST_VAR_DIR", "var"))
 DB_NAME = "agentpost"
@@ -32,18 +31,6 @@ SHARED_DOMAIN = "agentpost.local"
 def _say(text: str = "") -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
-
-
-def _ensure_database(admin_dsn: str, name: str) -> None:
-    conn = psycopg2.connect(admin_dsn)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-            if cur.fetchone() is None:
-                cur.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        conn.close()
 
 
 def _write_config(path: Path, db_url: str, tls: Any) -> None:
@@ -168,7 +155,7 @@ def main() -> int:
             cluster = EmbeddedPostgres(VAR, fsync=True, name="pg")
             _say("Starting the embedded PostgreSQL under ./var ...")
             cluster.start()
-            _ensure_database(cluster.dsn(), DB_NAME)
+            ensure_database(cluster.dsn(), DB_NAME)
             db_url = cluster.dsn(DB_NAME)
         tls = ensure_dev_tls(VAR / "tls", hostnames=("localhost",))
         config_path = VAR / "agentpost.toml"

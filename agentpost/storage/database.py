@@ -283,6 +283,14 @@ class Database:
             self._release(conn)
             return result
 
+    async def ping(self) -> bool:
+        """Whether the database answers (readiness probes)."""
+        try:
+            await self.run_query("health.ping", "SELECT 1")
+        except Exception:
+            return False
+        return True
+
     async def close(self) -> None:
         """Close every idle connection; in-flight ones close as they come back."""
         self._closed = True

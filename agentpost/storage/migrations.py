@@ -141,3 +141,16 @@ def check_schema(dsn: str) -> None:
         raise MigrationError(
             f"the database lacks migrations {missing}; run `agentpost migrate` first"
         )
+
+
+def ensure_database(admin_dsn: str, name: str) -> None:
+    """Create database ``name`` if it does not exist (used by `make run`)."""
+    conn = psycopg2.connect(admin_dsn, connect_timeout=10)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if cur.fetchone() is None:
+                cur.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        conn.close()
