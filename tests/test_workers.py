@@ -48,6 +48,25 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _kill_leftovers(config: Path) -> list[int]:
+    """Kill any process still serving ``config``; return their pids (tests must not leak)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(config).encode() in cmdline:
+            found.append(int(entry))
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+            except OSError:
+                pass
+    return found
+
+
 def _wait(predicate, timeout=30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -90,6 +109,7 @@ def test_two_workers_share_ports_and_are_kept_alive(db_dsn, tmp_path):
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert _wait(lambda: not _children(proc.pid), timeout=10)
+    assert _kill_leftovers(config) == []
     assert "Traceback" not in out
 
 
@@ -103,9 +123,14 @@ def test_workers_exit_when_the_first_process_is_killed(db_dsn, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "agentpost.cli", "--config", str(config),
                              "serve"], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    children = _wait(lambda: _children(proc.pid))
-    assert len(children) == 1
-    proc.kill()
-    proc.wait(timeout=10)
-    assert _wait(lambda: not Path(f"/proc/{children[0]}").exists()
-                 or "Z" in Path(f"/proc/{children[0]}/stat").read_text().split()[2], 15)
+    try:
+        children = _wait(lambda: _children(proc.pid))
+        assert len(children) == 1
+        proc.kill()
+        proc.wait(timeout=10)
+        assert _wait(lambda: not Path(f"/proc/{children[0]}").exists()
+                     or "Z" in Path(f"/proc/{children[0]}/stat").read_text().split()[2], 15)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        _wait(lambda: not _kill_leftovers(config), timeout=5)
