@@ -86,7 +86,7 @@ class Members:
                 if role == "owner":
                     if p.role != "owner":
                         raise Forbidden("Only the owner may transfer ownership.")
-                    await _demote_current_owner(txn, p.org_id)
+                    await org_store.demote_owner(txn, p.org_id)
                 await org_store.set_member_role(txn, p.org_id, user_id, role)
             if environments is not None:
                 for item in environments:
@@ -124,9 +124,3 @@ class Members:
 
         await self._db.run_interaction("members.remove", txn_fn)
 
-
-async def _demote_current_owner(txn: Txn, org_id: str) -> None:
-    members = await org_store.list_members(txn, org_id, None, 10_000)
-    for member in members:
-        if member["role"] == "owner":
-            await org_store.set_member_role(txn, org_id, member["user_id"], "admin")

@@ -171,6 +171,13 @@ async def set_member_role(txn: Txn, org_id: str, user_id: str, role: str) -> Non
     )
 
 
+async def demote_owner(txn: Txn, org_id: str) -> None:
+    """The current owner becomes an admin (the first half of an ownership transfer)."""
+    await txn.execute(
+        "UPDATE org_memberships SET role = 'admin' WHERE org_id = %s AND role = 'owner'",
+        (org_id,))
+
+
 async def set_member_environments(txn: Txn, org_id: str, user_id: str,
                                   assignments: list[tuple[str, str]]) -> None:
     """Replace a member's environment roles; unknown environments are a Conflict-free no."""
