@@ -146,3 +146,53 @@ async def test_cross_tenant_and_cross_environment_logins_are_refused(server):
     for password in (foreign, restricted):
         outcome = await deferToThread(attempt, password)
         assert "AUTHENTICATIONFAILED" in outcome, outcome
+
+
+def _big_message(to: str, size: int) -> bytes:
+    import base64 as b64
+    blob = b64.encodebytes(bytes(range(256)) * (size // 256 + 1))[:size]
+    blob = blob.replace(b"\n", b"\r\n")  # imaplib's APPEND sends CRLF line ends
+    return (f"From: big@example.org\r\nTo: {to}\r\nSubject: large\r\n"
+            "X-Dup: one\r\nX-Dup: two\r\nMIME-Version: 1.0\r\n"
+            'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n'
+            "--b1\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+            "Gr\u00fc\u00dfe\r\n".encode()
+            + b"--b1\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + blob + b"\r\n--b1--\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_large_message_sections_stream_byte_exact(server):
+    """A 3 MB message (APPEND through ingest) is served from its section map: the
+    whole body, partial ranges, parts and header fields equal slices of the original."""
+    inbox, key = await _inbox(server, "imap-big")
+    raw = _big_message(inbox["email"], 3_000_000)
+
+    def session():
+        imap = _starttls(server.imap_port, inbox["email"], key)
+        typ, data = imap.append("INBOX", "(\\Flagged)", None, raw)
+        assert typ == "OK", data
+        imap.select("INBOX")
+        out = {}
+        for item in ("BODY.PEEK[]", "BODY.PEEK[]<1000000.70000>", "BODY.PEEK[2]",
+                     "BODY.PEEK[1]", "BODY.PEEK[HEADER.FIELDS (X-DUP)]", "BODY.PEEK[TEXT]",
+                     "BODY.PEEK[2.MIME]"):
+            typ, data = imap.fetch("1", f"({item})")
+            assert typ == "OK", data
+            out[item] = data[0][1]
+        imap.logout()
+        return out
+
+    out = await deferToThread(session)
+    head_end = raw.index(b"\r\n\r\n") + 4
+    assert out["BODY.PEEK[]"] == raw
+    assert out["BODY.PEEK[]<1000000.70000>"] == raw[1000000:1070000]
+    part2 = raw[raw.index(b"base64\r\n\r\n") + 10:raw.rindex(b"\r\n--b1--")]
+    assert out["BODY.PEEK[2]"] == part2
+    assert out["BODY.PEEK[1]"] == "Gr\u00fc\u00dfe".encode()
+    assert out["BODY.PEEK[HEADER.FIELDS (X-DUP)]"] == b"X-Dup: one\r\nX-Dup: two\r\n\r\n"
+    assert out["BODY.PEEK[TEXT]"] == raw[head_end:]
+    assert out["BODY.PEEK[2.MIME]"].startswith(b"Content-Type: application/octet-stream")
+    rows = await server.core.db.run_query(
+        "t", "SELECT imap_sections FROM messages WHERE inbox_id = %s", (inbox["id"],))
+    assert len(rows) == 1 and rows[0]["imap_sections"].startswith("[0,")

@@ -115,6 +115,7 @@ class FakeAccount:
         self.can_write = can_write
         self.gate: defer.Deferred | None = None  # when set, select/fetch wait for it
         self.fail_with: BaseException | None = None
+        self.range_gate: defer.Deferred | None = None  # when set, read_range waits for it
 
     async def _maybe_wait(self, what: str, arg: Any = None) -> None:
         self.shared.calls.append((what, arg))
@@ -181,8 +182,22 @@ class FakeAccount:
                 row.size = len(m.raw)
             if wants.envelope:
                 row.envelope = imapformat.envelope(m.raw)
+            if wants.content:
+                row.size = len(m.raw)
+                row.raw_key = f"{folder_id}/{uid}"
+                row.sections = imapformat.section_map(m.raw)
             rows.append(row)  # bodystructure left None: the server computes it
         return rows
+
+    async def read_range(self, raw_key: str, start: int, length: int) -> bytes:
+        self.shared.calls.append(("read_range", (raw_key, start, length)))
+        if self.range_gate is not None:
+            await self.range_gate
+        folder_id, uid = (int(x) for x in raw_key.split("/"))
+        m = self.shared.by_id(folder_id).messages.get(uid)
+        if m is None:
+            raise errors.StorageFailure()
+        return m.raw[start:start + length]
 
     async def fetch_raw(self, folder_id: int, uid: int) -> bytes:
         self.shared.calls.append(("fetch_raw", uid))
@@ -903,3 +918,95 @@ def test_fetch_rfc822_and_body_parts(store):
     s.send(b"f FETCH 2 RFC822\r\n")
     assert s.raw() == (b"* 2 FETCH (RFC822 {%d}\r\n" % len(MSG_UTF8) + MSG_UTF8
                        + b" FLAGS (\\Seen))\r\nf OK FETCH completed\r\n")
+
+
+def _big_multipart(size: int) -> bytes:
+    blob = base64.encodebytes(bytes(range(256)) * (size // 256 + 1))[:size]
+    return (b"From: Big <big@example.org>\r\nTo: agent@example.com\r\nSubject: big\r\n"
+            b"X-Dup: one\r\nX-Dup: two\r\nMIME-Version: 1.0\r\n"
+            b'Content-Type: multipart/mixed; boundary="b1"\r\n\r\npreamble\r\n'
+            b"--b1\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n"
+            b"--b1\r\nContent-Type: message/rfc822\r\n\r\n"
+            b"Subject: inner\r\nFrom: in@example.org\r\n\r\ninner body\r\n"
+            b"--b1\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + blob + b"\r\n--b1--\r\n")
+
+
+STREAM_FETCHES = [
+    "BODY.PEEK[]", "BODY.PEEK[]<0.10>", "BODY.PEEK[]<300000.700000>", "BODY.PEEK[]<99999999.5>",
+    "BODY.PEEK[HEADER]", "BODY.PEEK[HEADER.FIELDS (X-DUP SUBJECT)]",
+    "BODY.PEEK[HEADER.FIELDS.NOT (X-DUP)]<3.20>", "BODY.PEEK[TEXT]<5.100>", "BODY.PEEK[1]",
+    "BODY.PEEK[1.MIME]", "BODY.PEEK[2.HEADER]", "BODY.PEEK[2.TEXT]", "BODY.PEEK[2.1]",
+    "BODY.PEEK[3]", "BODY.PEEK[3]<1.262144>", "BODY.PEEK[4]", "BODY.PEEK[9.9.TEXT]",
+    "RFC822.HEADER", "BODY.PEEK[3.MIME]",
+]
+
+
+@pytest.mark.parametrize("items", STREAM_FETCHES)
+def test_streamed_sections_equal_sliced_sections(store, items):
+    """Above the threshold a section is a range of the blob (from the section map); the
+    bytes on the wire are the same as slicing the loaded message."""
+    raw = _big_multipart(900_000)
+    uid = store.deliver("INBOX", raw)
+    sliced = Session(FakeBackend(store), stream_threshold=10**9).selected()
+    sliced.raw()
+    sliced.send(f"f UID FETCH {uid} ({items})\r\n".encode())
+    expected = sliced.raw()
+    assert expected.endswith(b"f OK FETCH completed\r\n")
+    store.calls.clear()
+    streamed = Session(FakeBackend(store), stream_threshold=1000).selected()
+    streamed.raw()
+    streamed.send(f"f UID FETCH {uid} ({items})\r\n".encode())
+    assert streamed.raw() == expected
+    assert ("fetch_raw", uid) not in store.calls
+    reads = [arg for what, arg in store.calls if what == "read_range"]
+    assert all(length <= 256 * 1024 for _, _, length in reads)
+
+
+class SmallBufferTransport(TLSCapableTransport):
+    """Pauses its producer once 64 KiB are unread, as a full socket buffer does."""
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if len(self.value()) > 64 * 1024 and self.producer is not None:
+            self.producer.pauseProducing()
+
+
+def test_streamed_body_waits_for_the_client(store):
+    """Back-pressure: while the client does not read, no further chunk is read."""
+    raw = _big_multipart(2_000_000)
+    uid = store.deliver("INBOX", raw)
+    s = Session(FakeBackend(store), stream_threshold=1000).selected()
+    s.raw()
+    s.transport = SmallBufferTransport()
+    s.protocol.transport = s.transport
+    s.transport.registerProducer(s.protocol, True)
+    store.calls.clear()
+    s.send(f"f UID FETCH {uid} BODY.PEEK[]\r\n".encode())
+    received = b""
+    rounds = 0
+    while not received.endswith(b"f OK FETCH completed\r\n"):
+        reads = sum(1 for c in store.calls if c[0] == "read_range")
+        assert reads == min(rounds + 1, 8)  # one chunk each time the client drained
+        received += s.raw()
+        rounds += 1
+        s.protocol.resumeProducing()
+    assert sum(1 for c in store.calls if c[0] == "read_range") == 8  # ceil(2 MB / 256 KiB)
+    literal = received[received.index(b"}\r\n") + 3:]
+    assert literal[:len(raw)] == raw
+
+
+def test_streaming_failure_mid_literal_hangs_up(store):
+    """A blob that vanishes mid-literal cannot be answered with NO: the session ends."""
+    raw = _big_multipart(1_000_000)
+    uid = store.deliver("INBOX", raw)
+    s = Session(FakeBackend(store), stream_threshold=1000).selected()
+    s.raw()
+    s.account.range_gate = defer.Deferred()
+    s.send(f"f UID FETCH {uid} BODY.PEEK[]\r\n".encode())
+    del store.folders["INBOX"].messages[uid]  # expunged and collected meanwhile
+    gate, s.account.range_gate = s.account.range_gate, None
+    gate.callback(None)
+    out = s.raw()
+    assert b"f OK" not in out and b"f NO" not in out
+    assert s.transport.disconnecting

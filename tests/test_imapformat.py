@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agentpost.mail.imapformat import (
     SectionSpec,
     bodystructure,
     envelope,
+    filter_header_fields,
     parse_section,
+    plan_section,
     quote,
     section,
+    section_map,
 )
+from tests.test_ingest_robustness import mime_messages
 
 SIMPLE = (
     b"Date: Mon, 2 Feb 2026 10:00:00 +0000\r\n"
@@ -183,3 +189,36 @@ def test_missing_boundary_is_text_plain():
     raw = b"Content-Type: multipart/mixed\r\n\r\nhello\r\n"
     assert bodystructure(raw, False) == (
         '("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 7 1)')
+
+
+_SPECS = ["", "HEADER", "TEXT", "1", "1.MIME", "1.1", "1.2.TEXT", "2", "2.HEADER", "2.TEXT",
+          "2.1", "2.MIME", "3", "HEADER.FIELDS (FROM X-DUP)", "1.HEADER.FIELDS.NOT (SUBJECT)",
+          "2.HEADER.FIELDS (SUBJECT)", "9.9"]
+
+
+def _via_map(raw: bytes, spec: SectionSpec) -> bytes:
+    plan = plan_section(section_map(raw), spec)
+    data = raw[plan.start:plan.end]
+    if plan.fields is not None:
+        data = filter_header_fields(data, *plan.fields)
+    if spec.partial is not None:
+        data = data[spec.partial[0]:spec.partial[0] + spec.partial[1]]
+    return data
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(mime_messages(), st.sampled_from([SIMPLE, ALTERNATIVE, NESTED])),
+       st.sampled_from(_SPECS), st.one_of(st.none(), st.tuples(
+           st.integers(0, 300), st.integers(0, 300))))
+def test_section_map_plans_equal_slicing(raw, text, partial):
+    """The stored section map (what FETCH streams from) locates exactly the bytes that
+    parsing the whole message finds, for well- and ill-formed messages alike."""
+    spec = parse_section(text)
+    spec = SectionSpec(spec.part, spec.text, spec.fields, partial)
+    assert _via_map(raw, spec) == section(raw, spec)
+
+
+def test_section_map_is_small_and_rejects_garbage():
+    assert len(section_map(ALTERNATIVE)) < 100
+    with pytest.raises(ValueError):
+        plan_section("not json", SectionSpec())

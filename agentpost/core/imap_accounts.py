@@ -214,13 +214,22 @@ class InboxAccount:
             columns.append("imap_envelope")
         if wants.bodystructure:
             columns += ["imap_bodystructure", "imap_body"]
+        if wants.content:
+            columns += ["raw_blob_key", "imap_sections"]
+            if not wants.size:
+                columns.append("size")
         rows = await self._db.run_read("imap.fetch", imap_store.fetch_rows, self._org,
                                        folder_id, uids, columns)
         return [FetchRow(uid=r["uid"], modseq=r["modseq"], flags=imap_store.flags_of(r),
                          internaldate=r.get("received_at"), size=r.get("size"),
                          envelope=r.get("imap_envelope"),
-                         bodystructure=r.get("imap_bodystructure"), body=r.get("imap_body"))
+                         bodystructure=r.get("imap_bodystructure"), body=r.get("imap_body"),
+                         raw_key=r.get("raw_blob_key"), sections=r.get("imap_sections"))
                 for r in rows]
+
+    async def read_range(self, raw_key: str, start: int, length: int) -> bytes:
+        """Part of a message whose key came from this account's own (org-scoped) FETCH."""
+        return await self._blobs.get_range(raw_key, start, length)
 
     async def fetch_raw(self, folder_id: int, uid: int) -> bytes:
         """The stored bytes, exactly."""

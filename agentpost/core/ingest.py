@@ -54,25 +54,29 @@ class _State:
 
     flags: frozenset[str]
     labels: tuple[str, ...]
-    imap: tuple[str | None, str | None, str | None]
+    imap: IMAPRendered
     require_folder: bool
 
 
-def _analyse(raw: bytes) -> tuple[ParsedMessage, tuple[str | None, str | None, str | None]]:
-    """Parse for the API and pre-render IMAP ENVELOPE/BODYSTRUCTURE/BODY, in a thread."""
+IMAPRendered = tuple[str | None, str | None, str | None, str | None]
+
+
+def _analyse(raw: bytes) -> tuple[ParsedMessage, IMAPRendered]:
+    """Parse for the API and pre-render IMAP ENVELOPE/BODYSTRUCTURE/BODY and the section
+    map, in a thread."""
     parsed = parse_message(raw)
     try:
         from agentpost.mail import imapformat
     except ImportError:  # IMAP rendering not installed: FETCH renders lazily instead
-        return parsed, (None, None, None)
+        return parsed, (None, None, None, None)
     try:
         rendered = (imapformat.envelope(raw), imapformat.bodystructure(raw, True),
-                    imapformat.bodystructure(raw, False))
+                    imapformat.bodystructure(raw, False), imapformat.section_map(raw))
         # PostgreSQL text cannot hold NUL; such (rare, broken) messages render at FETCH.
         imap = tuple(None if "\x00" in r else r for r in rendered)  # type: ignore[assignment]
     except Exception:  # rendered lazily at FETCH time instead
         log.exception("could not pre-render IMAP structures")
-        imap = (None, None, None)
+        imap = (None, None, None, None)
     return parsed, imap
 
 
@@ -177,6 +181,7 @@ class Ingest:
             "draft": "\\Draft" in state.flags, "deleted": "\\Deleted" in state.flags,
             "labels": list(state.labels), "imap_envelope": state.imap[0],
             "imap_bodystructure": state.imap[1], "imap_body": state.imap[2],
+            "imap_sections": state.imap[3],
             "envelope_from": envelope_from, "envelope_to": [target.email],
             "created_at": txn.now,
         })

@@ -78,6 +78,8 @@ class FetchRow:
     envelope: str | None = None  # pre-rendered ENVELOPE (see agentpost.mail.imapformat)
     bodystructure: str | None = None  # pre-rendered BODYSTRUCTURE (extensible form)
     body: str | None = None  # pre-rendered BODY (non-extensible form)
+    raw_key: str | None = None  # the stored message, for :meth:`IMAPAccount.read_range`
+    sections: str | None = None  # MIME offsets (agentpost.mail.imapformat.section_map)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class FetchWants:
     size: bool = False
     envelope: bool = False
     bodystructure: bool = False
+    content: bool = False  # body sections: raw_key, sections and size
 
 
 @dataclass
@@ -136,6 +139,9 @@ class IMAPAccount(Protocol):
 
     async def fetch(self, folder_id: int, uids: list[int], wants: FetchWants) -> list[FetchRow]:
         """Rows for the UIDs that still exist, ascending UID."""
+
+    async def read_range(self, raw_key: str, start: int, length: int) -> bytes:
+        """``length`` bytes of a stored message from ``start`` (a FetchRow's raw_key)."""
 
     async def fetch_raw(self, folder_id: int, uid: int) -> bytes:
         """The whole stored message, byte-exact (NotFound if expunged meanwhile)."""

@@ -20,8 +20,9 @@ so that its defects cannot happen here:
   ``NO`` with a response code from one table, anything unexpected is logged with a
   reference and answered ``NO [UNAVAILABLE]``.
 
-Known limits (future work): message bodies are loaded whole (up to the APPEND
-literal limit) rather than streamed; QRESYNC, ESEARCH, LIST-EXTENDED are not offered.
+- **Large bodies are streamed**: above ``stream_threshold`` a body section is a byte
+  range of the stored blob (the section map written at ingest), sent in chunks that wait
+  for the transport to drain, so memory per FETCH stays at a chunk.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import logging
 import re
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -88,6 +90,10 @@ MAX_SMALL_LITERAL_BYTES = 64 * 1024
 MAX_APPEND_BYTES = 64 * 1024 * 1024
 #: While a command is running, pause reading once this much input is queued.
 MAX_BUFFERED_INPUT = 1024 * 1024
+#: Messages larger than this are streamed from the blob store section by section.
+STREAM_THRESHOLD_BYTES = 256 * 1024
+#: One read from the blob store while streaming a literal.
+STREAM_CHUNK_BYTES = 256 * 1024
 
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -186,6 +192,7 @@ class IMAP4ServerProtocol(Protocol):
         implicit_tls: the transport is TLS from the first byte (port 993).
         allow_plaintext_login: offer LOGIN/AUTHENTICATE without TLS (loopback dev only).
         max_append_bytes: largest APPEND literal; other literals are limited to 64 KiB.
+        stream_threshold: messages above this size are streamed from the blob store.
         autologout_s: idle time after login before ``BYE`` (RFC 3501 §5.4: ≥ 30 min).
         login_timeout_s: idle time before login.
         on_close: called once when the connection is gone.
@@ -201,6 +208,7 @@ class IMAP4ServerProtocol(Protocol):
         implicit_tls: bool = False,
         allow_plaintext_login: bool = False,
         max_append_bytes: int = MAX_APPEND_BYTES,
+        stream_threshold: int = STREAM_THRESHOLD_BYTES,
         autologout_s: float = 30 * 60,
         login_timeout_s: float = 120.0,
         on_close: Callable[[], None] | None = None,
@@ -212,6 +220,7 @@ class IMAP4ServerProtocol(Protocol):
         self.tls_active = implicit_tls
         self.allow_plaintext_login = allow_plaintext_login
         self.max_append_bytes = max_append_bytes
+        self.stream_threshold = stream_threshold
         self.autologout_s = autologout_s
         self.login_timeout_s = login_timeout_s
         self._on_close = on_close
@@ -1155,11 +1164,11 @@ class IMAP4ServerProtocol(Protocol):
         marks_seen = any((i.name == "BODY[]" and not i.peek) or i.name in ("RFC822",
                                                                            "RFC822.TEXT")
                          for i in items)
-        needs_raw = any(i.name in ("BODY[]", "RFC822", "RFC822.HEADER", "RFC822.TEXT")
-                        for i in items)
+        needs_content = any(_content_spec(i) is not None for i in items)
         wants = FetchWants(internaldate="INTERNALDATE" in names, size="RFC822.SIZE" in names,
                            envelope="ENVELOPE" in names,
-                           bodystructure=bool(names & {"BODY", "BODYSTRUCTURE"}))
+                           bodystructure=bool(names & {"BODY", "BODYSTRUCTURE"}),
+                           content=needs_content)
         seen_now: set[int] = set()
         if marks_seen and not self.readonly and self.account.can_write:
             unseen = [u for u in uids if "\\Seen" not in self._meta[u].flags]
@@ -1172,8 +1181,11 @@ class IMAP4ServerProtocol(Protocol):
         for row in rows:
             if row.uid not in self._meta:
                 continue
+            streaming = (needs_content and row.raw_key is not None and row.sections is not None
+                         and row.size is not None and row.size > self.stream_threshold)
             raw = None
-            if needs_raw or (wants.envelope and row.envelope is None) or \
+            if (needs_content and not streaming) or \
+                    (wants.envelope and row.envelope is None) or \
                     (wants.bodystructure and (row.bodystructure is None or row.body is None)):
                 try:
                     raw = await self.account.fetch_raw(folder_id, row.uid)
@@ -1181,60 +1193,151 @@ class IMAP4ServerProtocol(Protocol):
                     continue  # expunged meanwhile
             if self.state is not State.SELECTED:
                 return
-            self._write(self._fetch_response(row, raw, items, row.uid in seen_now))
+            segments = await self._fetch_response(row, raw, items, row.uid in seen_now)
+            for segment in segments:
+                if isinstance(segment, _Range):
+                    try:
+                        await self._stream_range(segment)
+                    except Exception:
+                        # The literal's length is on the wire: no answer can follow a
+                        # short literal, so the only honest move is to hang up.
+                        log.exception("imap %s: streaming a body failed; disconnecting",
+                                      self.session_id)
+                        self._close()
+                        raise _Answered() from None
+                else:
+                    self._write(segment)
+                await self._drain()
+                if self.state is State.LOGOUT:
+                    return
+
+    async def _stream_range(self, rng: _Range) -> None:
+        """Send a literal's bytes from the blob store a chunk at a time, waiting whenever
+        the transport's buffer is full: a 50 MB message never sits in memory, and a slow
+        client slows the reads instead of growing the buffer."""
+        assert self.account is not None
+        pos, left = rng.start, rng.length
+        while left > 0:
+            chunk = await self.account.read_range(rng.key, pos, min(left, STREAM_CHUNK_BYTES))
+            if not chunk:  # the blob is shorter than recorded: never send a short literal
+                raise errors.StorageFailure()
+            if self.state is State.LOGOUT:
+                return
+            self._write(chunk)
+            pos += len(chunk)
+            left -= len(chunk)
             await self._drain()
 
-    def _fetch_response(self, row: FetchRow, raw: bytes | None, items: list[FetchItem],
-                        add_flags: bool) -> bytes:
-        parts: list[bytes] = []
+    async def _content(self, row: FetchRow, raw: bytes | None,
+                       spec: imapformat.SectionSpec) -> list[bytes | _Range]:
+        """The literal of one body section: sliced from ``raw``, or planned from the
+        section map and streamed (HEADER.FIELDS reads just that header)."""
+        if raw is not None:
+            return [_literal(imapformat.section(raw, spec))]
+        assert row.sections is not None and row.raw_key is not None and self.account
+        plan = imapformat.plan_section(row.sections, spec)
+        if plan.fields is not None:
+            header = await self.account.read_range(row.raw_key, plan.start, plan.length)
+            data = imapformat.filter_header_fields(header, *plan.fields)
+            if spec.partial is not None:
+                data = data[spec.partial[0]:spec.partial[0] + spec.partial[1]]
+            return [_literal(data)]
+        start, end = plan.start, plan.end
+        if spec.partial is not None:
+            start = min(end, start + spec.partial[0])
+            end = min(end, start + spec.partial[1])
+        length = end - start
+        if length <= STREAM_CHUNK_BYTES:
+            data = await self.account.read_range(row.raw_key, start, length) if length else b""
+            if len(data) != length:
+                raise errors.StorageFailure()
+            return [_literal(data)]
+        return [b"{%d}\r\n" % length, _Range(row.raw_key, start, length)]
+
+    async def _fetch_response(self, row: FetchRow, raw: bytes | None, items: list[FetchItem],
+                              add_flags: bool) -> list[bytes | _Range]:
+        out: list[bytes | _Range] = [b"* %d FETCH (" % self._seq(row.uid)]
         done: set[str] = set()
         flags = row.flags
+        first = True
         for item in items:
             name = item.name
             key = name if item.section is None else "BODY[" + item.section.render() + "]"
             if key in done and item.section is None:
                 continue
             done.add(key)
+            parts: list[bytes | _Range]
+            spec = _content_spec(item)
             if name == "UID":
-                parts.append(b"UID %d" % row.uid)
+                parts = [b"UID %d" % row.uid]
             elif name == "FLAGS":
-                parts.append(b"FLAGS " + self._flags_text(row.uid, flags).encode())
+                parts = [b"FLAGS " + self._flags_text(row.uid, flags).encode()]
             elif name == "MODSEQ":
-                parts.append(b"MODSEQ (%d)" % row.modseq)
+                parts = [b"MODSEQ (%d)" % row.modseq]
             elif name == "INTERNALDATE":
-                parts.append(b"INTERNALDATE " + _internaldate(row.internaldate).encode())
+                parts = [b"INTERNALDATE " + _internaldate(row.internaldate).encode()]
             elif name == "RFC822.SIZE":
                 size = row.size if row.size is not None else len(raw or b"")
-                parts.append(b"RFC822.SIZE %d" % size)
+                parts = [b"RFC822.SIZE %d" % size]
             elif name == "ENVELOPE":
                 env = row.envelope if row.envelope is not None else \
                     imapformat.envelope(raw or b"")
-                parts.append(b"ENVELOPE " + env.encode("utf-8"))
+                parts = [b"ENVELOPE " + env.encode("utf-8")]
             elif name == "BODYSTRUCTURE":
                 bs = row.bodystructure if row.bodystructure is not None else \
                     imapformat.bodystructure(raw or b"", True)
-                parts.append(b"BODYSTRUCTURE " + bs.encode("utf-8"))
+                parts = [b"BODYSTRUCTURE " + bs.encode("utf-8")]
             elif name == "BODY":
                 body = row.body if row.body is not None else \
                     imapformat.bodystructure(raw or b"", False)
-                parts.append(b"BODY " + body.encode("utf-8"))
-            elif name == "RFC822":
-                parts.append(b"RFC822 " + _literal(raw or b""))
-            elif name == "RFC822.HEADER":
-                parts.append(b"RFC822.HEADER " + _literal(
-                    imapformat.section(raw or b"", imapformat.SectionSpec(text="HEADER"))))
-            elif name == "RFC822.TEXT":
-                parts.append(b"RFC822.TEXT " + _literal(
-                    imapformat.section(raw or b"", imapformat.SectionSpec(text="TEXT"))))
-            elif item.section is not None:
-                data = imapformat.section(raw or b"", item.section)
-                label = "BODY[" + item.section.render() + "]"
-                if item.section.partial is not None:
-                    label += f"<{item.section.partial[0]}>"
-                parts.append(label.encode("utf-8") + b" " + _literal(data))
+                parts = [b"BODY " + body.encode("utf-8")]
+            elif spec is not None:
+                if item.section is not None:
+                    label = "BODY[" + item.section.render() + "]"
+                    if item.section.partial is not None:
+                        label += f"<{item.section.partial[0]}>"
+                else:
+                    label = name
+                parts = [label.encode("utf-8") + b" ", *await self._content(row, raw, spec)]
+            else:
+                continue
+            if not first:
+                out.append(b" ")
+            first = False
+            out += parts
         if add_flags and "FLAGS" not in done:
-            parts.append(b"FLAGS " + self._flags_text(row.uid, flags).encode())
-        return b"* %d FETCH (" % self._seq(row.uid) + b" ".join(parts) + b")\r\n"
+            out.append((b" " if not first else b"") + b"FLAGS " +
+                       self._flags_text(row.uid, flags).encode())
+        out.append(b")\r\n")
+        # Coalesce neighbouring byte strings: one write per small response.
+        merged: list[bytes | _Range] = []
+        for segment in out:
+            if isinstance(segment, bytes) and merged and isinstance(merged[-1], bytes):
+                merged[-1] += segment
+            else:
+                merged.append(segment)
+        return merged
+
+
+@dataclass(frozen=True)
+class _Range:
+    """Literal bytes to stream from the blob store: ``length`` octets from ``start``."""
+
+    key: str
+    start: int
+    length: int
+
+
+_WHOLE = imapformat.SectionSpec()
+_RFC822_SPECS = {"RFC822": _WHOLE, "RFC822.HEADER": imapformat.SectionSpec(text="HEADER"),
+                 "RFC822.TEXT": imapformat.SectionSpec(text="TEXT")}
+
+
+def _content_spec(item: FetchItem) -> imapformat.SectionSpec | None:
+    """The body section a FETCH item returns, if it returns one."""
+    if item.section is not None:
+        return item.section
+    return _RFC822_SPECS.get(item.name)
 
 
 class _Answered(Exception):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import email.message
 import email.utils
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -479,13 +480,6 @@ def _locate(root: _Entity, path: tuple[int, ...]) -> _Entity | None:
     return current
 
 
-def _header_fields(raw: bytes, ent: _Entity, names: tuple[str, ...], keep: bool) -> bytes:
-    wanted = {n.lower() for n in names}
-    out = [raw[fstart:fend] for fname, fstart, fend in ent.fields
-           if (fname in wanted) == keep and fname]
-    return b"".join(out) + b"\r\n"
-
-
 def section(raw: bytes, spec: SectionSpec | str) -> bytes:
     """The exact bytes of ``BODY[spec]`` (with its partial range, if any).
 
@@ -494,40 +488,111 @@ def section(raw: bytes, spec: SectionSpec | str) -> bytes:
     if isinstance(spec, str):
         spec = parse_section(spec)
     try:
-        data = _section(raw, spec)
+        plan = _plan(_parse(raw), spec)
     except Exception:  # pragma: no cover
-        data = b""
+        return b""
+    data = raw[plan.start:plan.end]
+    if plan.fields is not None:
+        data = filter_header_fields(data, *plan.fields)
     if spec.partial is not None:
         origin, count = spec.partial
         data = data[origin:origin + count]
     return data
 
 
-def _section(raw: bytes, spec: SectionSpec) -> bytes:
+# --------------------------------------------------------------------------- section maps
+#
+# Why: a FETCH of BODY[1.2] or BODY[]<0.1000> on a 40 MB message must not load the
+# message. At ingest we record where every MIME entity's header and body start and end
+# (a few dozen bytes per part); at FETCH time any section is then a byte range of the
+# stored blob (HEADER.FIELDS: a filtered header range), read and sent in chunks.
+
+
+def section_map(raw: bytes) -> str:
+    """The MIME entity offsets of ``raw`` as compact JSON (stored next to the message)."""
+    def encode(ent: _Entity) -> list[Any]:
+        if ent.is_multipart:
+            return [ent.hstart, ent.bstart, ent.end, "m", [encode(c) for c in ent.children]]
+        if ent.message is not None:
+            return [ent.hstart, ent.bstart, ent.end, "r", [encode(ent.message)]]
+        return [ent.hstart, ent.bstart, ent.end]
+
+    return json.dumps(encode(_parse(raw)), separators=(",", ":"))
+
+
+def _decode_map(data: str) -> _Entity:
+    def decode(node: list[Any]) -> _Entity:
+        ent = _Entity(int(node[0]), int(node[1]), int(node[2]), [])
+        kind = node[3] if len(node) > 3 else ""
+        if kind == "m":
+            ent.maintype, ent.subtype = "multipart", "mixed"
+            ent.children = [decode(c) for c in node[4]]
+        elif kind == "r":
+            ent.maintype, ent.subtype = "message", "rfc822"
+            ent.message = decode(node[4][0])
+        return ent
+
+    return decode(json.loads(data))
+
+
+@dataclass(frozen=True)
+class SectionPlan:
+    """Where ``BODY[section]`` lives in the raw message: ``raw[start:end]``, filtered by
+    ``fields`` = (names, keep) for HEADER.FIELDS[.NOT]; the partial range is not applied."""
+
+    start: int
+    end: int
+    fields: tuple[tuple[str, ...], bool] | None = None
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+def plan_section(sections: str, spec: SectionSpec) -> SectionPlan:
+    """The :class:`SectionPlan` of ``spec`` from a :func:`section_map` (ValueError if the
+    map is unreadable: the caller then falls back to the raw bytes)."""
+    try:
+        root = _decode_map(sections)
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        raise ValueError("unreadable section map") from exc
+    return _plan(root, spec)
+
+
+def filter_header_fields(header: bytes, names: tuple[str, ...], keep: bool) -> bytes:
+    """HEADER.FIELDS (``keep``) or HEADER.FIELDS.NOT of one entity's header bytes."""
+    fields, _ = _split_header(header, 0, len(header))
+    wanted = {n.lower() for n in names}
+    out = [header[fstart:fend] for fname, fstart, fend in fields
+           if (fname in wanted) == keep and fname]
+    return b"".join(out) + b"\r\n"
+
+
+def _plan(root: _Entity, spec: SectionSpec) -> SectionPlan:
+    empty = SectionPlan(0, 0)
     if not spec.part and not spec.text:
-        return raw
-    root = _parse(raw)
+        return SectionPlan(root.hstart, root.end)
     ent: _Entity | None = root
     if spec.part:
         ent = _locate(root, spec.part)
         if ent is None:
-            return b""
+            return empty
         if not spec.text:
-            return raw[ent.bstart:ent.end]
+            return SectionPlan(ent.bstart, ent.end)
         if spec.text == "MIME":
-            return raw[ent.hstart:ent.bstart]
+            return SectionPlan(ent.hstart, ent.bstart)
         # HEADER/TEXT of a part address its encapsulated message.
         if ent.message is not None:
             ent = ent.message
         elif ent is not root:
-            return b""
+            return empty
     assert ent is not None
     if spec.text == "HEADER":
-        return raw[ent.hstart:ent.bstart]
+        return SectionPlan(ent.hstart, ent.bstart)
     if spec.text == "TEXT":
-        return raw[ent.bstart:ent.end]
+        return SectionPlan(ent.bstart, ent.end)
     if spec.text == "HEADER.FIELDS":
-        return _header_fields(raw, ent, spec.fields, True)
+        return SectionPlan(ent.hstart, ent.bstart, (spec.fields, True))
     if spec.text == "HEADER.FIELDS.NOT":
-        return _header_fields(raw, ent, spec.fields, False)
-    return b""
+        return SectionPlan(ent.hstart, ent.bstart, (spec.fields, False))
+    return empty

@@ -137,13 +137,14 @@ async def copy_message(txn: Txn, org_id: str, message_id: str, new_id: str, fold
         "from_address, to_addresses, cc_addresses, bcc_addresses, reply_to, sent_at, "
         "received_at, headers, text_body, html_body, extracted_text, preview, size, "
         "raw_blob_key, has_attachments, labels, seen, flagged, answered, draft, deleted, "
-        "envelope_from, envelope_to, created_at, imap_envelope, imap_bodystructure, imap_body) "
+        "envelope_from, envelope_to, created_at, imap_envelope, imap_bodystructure, imap_body, "
+        "imap_sections) "
         "SELECT org_id, %s, environment_id, inbox_id, thread_id, %s, %s, %s, direction, "
         "message_id_header, in_reply_to, reference_ids, subject, from_address, to_addresses, "
         "cc_addresses, bcc_addresses, reply_to, sent_at, received_at, headers, text_body, "
         "html_body, extracted_text, preview, size, raw_blob_key, has_attachments, labels, seen,"
         " flagged, answered, draft, deleted, envelope_from, envelope_to, %s, imap_envelope, "
-        "imap_bodystructure, imap_body FROM messages WHERE org_id = %s AND id = %s",
+        "imap_bodystructure, imap_body, imap_sections FROM messages WHERE org_id = %s AND id = %s",
         (new_id, folder_id, uid, modseq, txn.now, org_id, message_id))
     await txn.execute(
         "INSERT INTO attachments (org_id, id, message_id, filename, mime_type, size, "
