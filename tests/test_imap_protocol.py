@@ -137,6 +137,10 @@ class FakeAccount:
     async def create_folder(self, name: str) -> None:
         if name in self.shared.folders:
             raise errors.Conflict("Mailbox exists")
+        parts = name.split("/")
+        for i in range(1, len(parts)):  # parents too, as the real account does
+            if "/".join(parts[:i]) not in self.shared.folders:
+                self.shared.add_folder("/".join(parts[:i]))
         self.shared.add_folder(name)
 
     async def delete_folder(self, name: str) -> None:
@@ -1010,3 +1014,44 @@ def test_streaming_failure_mid_literal_hangs_up(store):
     out = s.raw()
     assert b"f OK" not in out and b"f NO" not in out
     assert s.transport.disconnecting
+
+
+def test_list_extended_status_and_special_use(store):
+    s = Session(FakeBackend(store)).login()
+    caps = s.cmd("c CAPABILITY")[0]
+    assert all(c in caps.split() for c in ("LIST-EXTENDED", "LIST-STATUS", "ESEARCH"))
+    assert s.cmd('l LIST "" (INBOX Sent) RETURN (STATUS (MESSAGES UNSEEN))') == [
+        '* LIST (\\HasNoChildren) "/" "INBOX"',
+        '* STATUS "INBOX" (MESSAGES 3 UNSEEN 2)',
+        '* LIST (\\HasNoChildren \\Sent) "/" "Sent"',
+        '* STATUS "Sent" (MESSAGES 0 UNSEEN 0)',
+        "l OK LIST completed"]
+    assert s.cmd('l LIST (SPECIAL-USE) "" *') == [
+        '* LIST (\\HasNoChildren \\Sent) "/" "Sent"',
+        '* LIST (\\HasNoChildren \\Trash) "/" "Trash"',
+        "l OK LIST completed"]
+    assert s.cmd("c CREATE Projects/2026")[-1] == "c OK CREATE completed"
+    assert s.cmd("u UNSUBSCRIBE Projects")[-1] == "u OK UNSUBSCRIBE completed"
+    assert s.cmd("u UNSUBSCRIBE Trash")[-1] == "u OK UNSUBSCRIBE completed"
+    subscribed = s.cmd('l LIST (SUBSCRIBED) "" *')
+    assert '* LIST (\\HasNoChildren \\Subscribed) "/" "Projects/2026"' in subscribed
+    assert not any('"Trash"' in line or '"Projects"' in line for line in subscribed)
+    recursive = s.cmd('l LIST (SUBSCRIBED RECURSIVEMATCH) "" %')
+    assert '* LIST (\\HasChildren) "/" "Projects" ("CHILDINFO" ("SUBSCRIBED"))' in recursive
+    assert s.cmd('l LIST "" Sent RETURN (SUBSCRIBED)')[0] == \
+        '* LIST (\\HasNoChildren \\Sent \\Subscribed) "/" "Sent"'
+    assert s.cmd('l LIST (RECURSIVEMATCH) "" *')[-1].startswith("l BAD")
+    assert s.cmd('l LIST (BOGUS) "" *')[-1].startswith("l BAD")
+    assert s.cmd('l LIST "" * RETURN (STATUS (NOPE))')[-1].startswith("l BAD")
+
+
+def test_esearch_return_options(store):
+    s = Session(FakeBackend(store)).selected()
+    assert s.cmd("a SEARCH RETURN (MIN MAX COUNT) UNSEEN") == [
+        '* ESEARCH (TAG "a") MIN 2 MAX 3 COUNT 2', "a OK SEARCH completed"]
+    assert s.cmd("b UID SEARCH RETURN () ALL") == [
+        '* ESEARCH (TAG "b") UID ALL 1:3', "b OK SEARCH completed"]
+    assert s.cmd("c SEARCH RETURN (COUNT ALL) UID 99") == [
+        '* ESEARCH (TAG "c") COUNT 0', "c OK SEARCH completed"]
+    assert s.cmd("d SEARCH RETURN (BOGUS) ALL")[-1].startswith("d BAD")
+    assert s.cmd("e SEARCH UNSEEN") == ["* SEARCH 2 3", "e OK SEARCH completed"]

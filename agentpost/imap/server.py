@@ -260,7 +260,8 @@ class IMAP4ServerProtocol(Protocol):
 
     def capabilities(self) -> list[str]:
         caps = ["IMAP4rev1", "LITERAL+", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT",
-                "CHILDREN", "SPECIAL-USE", "UIDPLUS", "MOVE", "CONDSTORE"]
+                "CHILDREN", "SPECIAL-USE", "UIDPLUS", "MOVE", "CONDSTORE", "LIST-EXTENDED",
+                "LIST-STATUS", "ESEARCH"]
         if self.state is State.NOT_AUTHENTICATED:
             if self.tls_options is not None and not self.tls_active:
                 caps.append("STARTTLS")
@@ -821,28 +822,93 @@ class IMAP4ServerProtocol(Protocol):
         await self._list(command, subscribed_only=True)
 
     async def _list(self, command: Command, subscribed_only: bool) -> None:
-        args = self._args(command, 2)
-        ref, pattern = mailbox(args[0]), decode_mailbox(astring(args[1], "pattern"))
+        """LIST and LSUB, with LIST-EXTENDED (RFC 5258) selection and return options,
+        several patterns, SPECIAL-USE (RFC 6154) and LIST-STATUS (RFC 5819)."""
+        args = list(command.args)
+        select: set[str] = set()
+        returns: set[str] = set()
+        status_items: list[str] = []
+        if not subscribed_only and args and isinstance(args[0], list):
+            select = {str(o).upper() for o in args.pop(0)}
+            unknown = select - {"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"}
+            if unknown:
+                raise ParseError(f"Unknown LIST selection option {sorted(unknown)[0]}")
+            if select == {"RECURSIVEMATCH"}:
+                raise ParseError("RECURSIVEMATCH needs another selection option")
+        if not subscribed_only and len(args) == 4 and isinstance(args[2], Atom) and \
+                args[2].upper() == "RETURN":
+            options = args.pop()
+            args.pop()
+            if not isinstance(options, list):
+                raise ParseError("RETURN needs a list")
+            i = 0
+            while i < len(options):
+                option = str(options[i]).upper()
+                if option == "STATUS":
+                    if i + 1 >= len(options) or not isinstance(options[i + 1], list):
+                        raise ParseError("RETURN STATUS needs a list of items")
+                    status_items = [str(x).upper() for x in options[i + 1]]
+                    for item in status_items:
+                        if item not in _STATUS_ITEMS:
+                            raise ParseError(f"Unknown STATUS item {item}")
+                    i += 2
+                    continue
+                if option not in ("SUBSCRIBED", "CHILDREN", "SPECIAL-USE"):
+                    raise ParseError(f"Unknown LIST return option {option}")
+                returns.add(option)
+                i += 1
+        if len(args) != 2:
+            raise ParseError(f"Wrong number of arguments for {command.name}")
+        ref = mailbox(args[0])
+        patterns = args[1] if isinstance(args[1], list) and not subscribed_only else [args[1]]
+        if not patterns:
+            raise ParseError("LIST needs a pattern")
         verb = "LSUB" if subscribed_only else "LIST"
-        if not pattern:
+        wanted = [decode_mailbox(astring(p, "pattern")) for p in patterns]
+        if wanted == [""]:
             self._send(f'* {verb} (\\Noselect) "/" ""')
             return
-        full = ref + pattern
-        regex = "".join(".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c)
-                        for c in full)
-        matcher = re.compile(f"^{regex}$", re.DOTALL)
-        inbox_matcher = re.compile(f"^{regex}$", re.DOTALL | re.IGNORECASE)
+        matchers = []
+        for pattern in wanted:
+            regex = "".join(".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c)
+                            for c in ref + pattern)
+            matchers.append((re.compile(f"^{regex}$", re.DOTALL),
+                             re.compile(f"^{regex}$", re.DOTALL | re.IGNORECASE)))
+
+        def matches(name: str) -> bool:
+            return any((ci if name == "INBOX" else cs).match(name) for cs, ci in matchers)
+
         folders = await self.account.list_folders()  # type: ignore[union-attr]
+        only_subscribed = subscribed_only or "SUBSCRIBED" in select
+        subscribed_names = {f.name for f in folders if f.subscribed}
         for folder in folders:
-            if subscribed_only and not folder.subscribed:
+            if not matches(folder.name):
                 continue
-            wire = encode_mailbox(folder.name)
-            if not (inbox_matcher if folder.name == "INBOX" else matcher).match(folder.name):
+            if "SPECIAL-USE" in select and not folder.special_use:
                 continue
+            child_info = False
+            if only_subscribed and not folder.subscribed:
+                # RECURSIVEMATCH: a parent is listed when a subscribed child matched.
+                if "RECURSIVEMATCH" in select and any(
+                        n.startswith(folder.name + "/") for n in subscribed_names):
+                    child_info = True
+                else:
+                    continue
             attrs = ["\\HasChildren" if folder.has_children else "\\HasNoChildren"]
             if folder.special_use:
                 attrs.append(folder.special_use)
-            self._send(f'* {verb} ({" ".join(attrs)}) "/" {_imap_quote(wire)}')
+            if not subscribed_only and folder.subscribed and \
+                    ("SUBSCRIBED" in returns or "SUBSCRIBED" in select):
+                attrs.append("\\Subscribed")
+            wire = _imap_quote(encode_mailbox(folder.name))
+            extra = ' ("CHILDINFO" ("SUBSCRIBED"))' if child_info else ""
+            self._send(f'* {verb} ({" ".join(attrs)}) "/" {wire}{extra}')
+            if status_items:
+                try:
+                    st = await self.account.status(folder.name)  # type: ignore[union-attr]
+                except errors.NotFound:
+                    continue  # deleted meanwhile
+                self._send(f"* STATUS {wire} ({_status_text(st, status_items)})")
 
     async def _cmd_status(self, command: Command) -> None:
         args = self._args(command, 2)
@@ -850,17 +916,12 @@ class IMAP4ServerProtocol(Protocol):
         items = args[1]
         if not isinstance(items, list) or not items:
             raise ParseError("STATUS needs a list of items")
+        keys = [str(item).upper() for item in items]
+        for key in keys:
+            if key not in _STATUS_ITEMS:
+                raise ParseError(f"Unknown STATUS item {key}")
         st = await self.account.status(name)  # type: ignore[union-attr]
-        values = {"MESSAGES": st.messages, "UIDNEXT": st.uidnext,
-                  "UIDVALIDITY": st.uidvalidity, "UNSEEN": st.unseen, "RECENT": 0,
-                  "HIGHESTMODSEQ": st.highestmodseq}
-        out = []
-        for item in items:
-            key = str(item).upper()
-            if key not in values:
-                raise ParseError(f"Unknown STATUS item {item}")
-            out.append(f"{key} {values[key]}")
-        self._send(f"* STATUS {_imap_quote(encode_mailbox(name))} ({' '.join(out)})")
+        self._send(f"* STATUS {_imap_quote(encode_mailbox(name))} ({_status_text(st, keys)})")
 
     async def _cmd_append(self, command: Command) -> str:
         args = list(command.args)
@@ -1023,7 +1084,19 @@ class IMAP4ServerProtocol(Protocol):
         self._expunged(gone)
 
     async def _cmd_search(self, command: Command) -> None:
-        charset, key = parse_search(command.args)
+        args = list(command.args)
+        returns: list[str] | None = None
+        if len(args) >= 2 and isinstance(args[0], Atom) and args[0].upper() == "RETURN":
+            # ESEARCH (RFC 4731): RETURN (MIN MAX COUNT ALL); "()" means ALL.
+            options = args[1]
+            if not isinstance(options, list):
+                raise ParseError("RETURN needs a list")
+            returns = [str(o).upper() for o in options] or ["ALL"]
+            for option in returns:
+                if option not in ("MIN", "MAX", "COUNT", "ALL"):
+                    raise ParseError(f"Unknown SEARCH return option {option}")
+            args = args[2:]
+        charset, key = parse_search(args)
         if charset not in (None, "UTF-8", "US-ASCII"):
             raise _no("Unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
         wants_modseq = [False]
@@ -1032,6 +1105,23 @@ class IMAP4ServerProtocol(Protocol):
         found = await self.account.search(self.snapshot.folder_id, resolved)
         found = [u for u in found if u in self._meta]
         numbers = found if command.uid else [self._seq(u) for u in found]
+        if returns is not None:
+            text = f"* ESEARCH (TAG {_imap_quote(command.tag)})"
+            if command.uid:
+                text += " UID"
+            if numbers:
+                if "MIN" in returns:
+                    text += f" MIN {min(numbers)}"
+                if "MAX" in returns:
+                    text += f" MAX {max(numbers)}"
+                if "ALL" in returns:
+                    text += f" ALL {_compact(numbers)}"
+            if "COUNT" in returns:
+                text += f" COUNT {len(numbers)}"
+            if wants_modseq[0] and found:
+                text += f" MODSEQ {max(self._meta[u].modseq for u in found)}"
+            self._send(text)
+            return
         text = "* SEARCH" + "".join(f" {n}" for n in numbers)
         if wants_modseq[0] and found:
             text += f" (MODSEQ {max(self._meta[u].modseq for u in found)})"
@@ -1338,6 +1428,15 @@ def _content_spec(item: FetchItem) -> imapformat.SectionSpec | None:
     if item.section is not None:
         return item.section
     return _RFC822_SPECS.get(item.name)
+
+
+_STATUS_ITEMS = ("MESSAGES", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "RECENT", "HIGHESTMODSEQ")
+
+
+def _status_text(st: Any, items: list[str]) -> str:
+    values = {"MESSAGES": st.messages, "UIDNEXT": st.uidnext, "UIDVALIDITY": st.uidvalidity,
+              "UNSEEN": st.unseen, "RECENT": 0, "HIGHESTMODSEQ": st.highestmodseq}
+    return " ".join(f"{key} {values[key]}" for key in items)
 
 
 class _Answered(Exception):
