@@ -196,3 +196,44 @@ async def test_large_message_sections_stream_byte_exact(server):
     rows = await server.core.db.run_query(
         "t", "SELECT imap_sections FROM messages WHERE inbox_id = %s", (inbox["id"],))
     assert len(rows) == 1 and rows[0]["imap_sections"].startswith("[0,")
+
+
+@pytest_twisted.ensureDeferred
+async def test_qresync_esearch_and_list_status_on_the_real_store(server):
+    """The extensions on PostgreSQL: a reconnecting client learns what vanished and
+    what changed since its MODSEQ; ESEARCH counts; LIST returns STATUS."""
+    inbox, key = await _inbox(server, "imap-ext")
+    for n in range(4):
+        raw = make_message(to=inbox["email"], subject=f"m{n}", msgid=f"<ext{n}@x>")
+        await server.deliver(raw, [inbox["email"]])
+
+    def session():
+        imap = _starttls(server.imap_port, inbox["email"], key)
+        imap.select("INBOX")
+        typ, data = imap.status("INBOX", "(HIGHESTMODSEQ UIDVALIDITY)")
+        text = data[0].decode()
+        modseq = int(text.split("HIGHESTMODSEQ ")[1].split()[0].rstrip(")"))
+        uidvalidity = int(text.split("UIDVALIDITY ")[1].split()[0].rstrip(")"))
+        imap.uid("STORE", "2", "+FLAGS", "(\\Deleted)")
+        imap.expunge()
+        imap.uid("STORE", "3", "+FLAGS", "(\\Flagged)")
+        imap.uid("SEARCH", "RETURN", "(MIN MAX COUNT)", "ALL")
+        esearch = imap.untagged_responses.pop("ESEARCH", [])
+        imap._simple_command("LIST", '""', '"*"', "RETURN",
+                                            "(STATUS (MESSAGES UNSEEN))")
+        statuses = imap.untagged_responses.pop("STATUS", [])
+        imap.logout()
+        again = _starttls(server.imap_port, inbox["email"], key)
+        again._simple_command("ENABLE", "QRESYNC")
+        typ, _ = again._simple_command(
+            "SELECT", "INBOX", f"(QRESYNC ({uidvalidity} {modseq} 1:4))")
+        vanished = again.untagged_responses.pop("VANISHED", [])
+        fetches = again.untagged_responses.pop("FETCH", [])
+        again.logout()
+        return esearch, statuses, typ, vanished, fetches
+
+    esearch, statuses, typ, vanished, fetches = await deferToThread(session)
+    assert esearch[0].endswith(b"UID MIN 1 MAX 4 COUNT 3")
+    assert b'"INBOX" (MESSAGES 3 UNSEEN 3)' in statuses
+    assert typ == "OK" and vanished == [b"(EARLIER) 2"]
+    assert len(fetches) == 1 and b"UID 3 " in fetches[0] and b"\\Flagged" in fetches[0]

@@ -1055,3 +1055,50 @@ def test_esearch_return_options(store):
         '* ESEARCH (TAG "c") COUNT 0', "c OK SEARCH completed"]
     assert s.cmd("d SEARCH RETURN (BOGUS) ALL")[-1].startswith("d BAD")
     assert s.cmd("e SEARCH UNSEEN") == ["* SEARCH 2 3", "e OK SEARCH completed"]
+
+
+def test_qresync_select_vanished_and_fetch(store):
+    store.deliver("INBOX", _plain(4))
+    store.deliver("INBOX", _plain(5))  # UIDs 1..5, MODSEQ 11..15
+    del store.folders["INBOX"].messages[2]
+    s = Session(FakeBackend(store)).login()
+    assert s.cmd("s SELECT INBOX (QRESYNC (1000 12))")[-1].startswith("s BAD")
+    assert s.cmd("e ENABLE QRESYNC") == ["* ENABLED QRESYNC", "e OK ENABLE completed"]
+    lines = s.cmd("s SELECT INBOX (QRESYNC (1000 12 1:5))")
+    assert "* VANISHED (EARLIER) 2" in lines
+    fetched = [line for line in lines if " FETCH " in line]
+    assert fetched == ["* 2 FETCH (UID 3 FLAGS (\\Flagged project) MODSEQ (13))",
+                       "* 3 FETCH (UID 4 FLAGS () MODSEQ (14))",
+                       "* 4 FETCH (UID 5 FLAGS () MODSEQ (15))"]
+    assert lines[-1] == "s OK [READ-WRITE] SELECT completed"
+    lines = s.cmd("s SELECT INBOX (QRESYNC (1000 14 4:5))")
+    assert lines[0] == "* OK [CLOSED] Previous mailbox closed"
+    assert not any("VANISHED" in line for line in lines)
+    assert [line for line in lines if " FETCH " in line] == [
+        "* 4 FETCH (UID 5 FLAGS () MODSEQ (15))"]
+    lines = s.cmd("s SELECT INBOX (QRESYNC (999 1))")  # UIDVALIDITY changed: full resync
+    assert not any("VANISHED" in line or " FETCH " in line for line in lines)
+    assert s.cmd("f UID FETCH 1:* (FLAGS) (CHANGEDSINCE 13 VANISHED)") == [
+        "* VANISHED (EARLIER) 2",
+        "* 3 FETCH (UID 4 FLAGS () MODSEQ (14))",
+        "* 4 FETCH (UID 5 FLAGS () MODSEQ (15))",
+        "f OK FETCH completed"]
+    assert s.cmd("f FETCH 1:* (FLAGS) (CHANGEDSINCE 13 VANISHED)")[-1].startswith("f BAD")
+    assert s.cmd("f UID FETCH 1:* (FLAGS) (VANISHED)")[-1].startswith("f BAD")
+    s.cmd("st STORE 2 +FLAGS.SILENT (\\Deleted)")
+    assert s.cmd("x EXPUNGE") == ["* VANISHED 3", "x OK EXPUNGE completed"]
+    store.deliver("INBOX", _plain(6))
+    del store.folders["INBOX"].messages[4]  # another session expunges
+    store.notify(store.folders["INBOX"].id)
+    assert "* VANISHED 4" in s.cmd("n NOOP")
+
+
+def test_qresync_known_uids_never_expand(store):
+    """A client may claim 1:4000000000; the answer is gaps, computed without a list."""
+    s = Session(FakeBackend(store)).login()
+    s.cmd("e ENABLE QRESYNC")
+    lines = s.cmd("s SELECT INBOX (QRESYNC (1000 1 1:4000000000))")
+    assert not any("VANISHED" in line for line in lines)  # UIDs 1..3 all exist
+    del store.folders["INBOX"].messages[1]
+    lines = s.cmd("s SELECT INBOX (QRESYNC (1000 100 1:4000000000))")
+    assert "* VANISHED (EARLIER) 1" in lines

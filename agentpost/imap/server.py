@@ -254,6 +254,7 @@ class IMAP4ServerProtocol(Protocol):
         self._idle_wake: defer.Deferred | None = None
         self._idle_line: bytes | None = None
         self.condstore = False
+        self.qresync = False  # RFC 7162: VANISHED instead of EXPUNGE, SELECT (QRESYNC ...)
         self._closed = False
 
     # ------------------------------------------------------------------ capabilities
@@ -261,7 +262,7 @@ class IMAP4ServerProtocol(Protocol):
     def capabilities(self) -> list[str]:
         caps = ["IMAP4rev1", "LITERAL+", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT",
                 "CHILDREN", "SPECIAL-USE", "UIDPLUS", "MOVE", "CONDSTORE", "LIST-EXTENDED",
-                "LIST-STATUS", "ESEARCH"]
+                "LIST-STATUS", "ESEARCH", "QRESYNC"]
         if self.state is State.NOT_AUTHENTICATED:
             if self.tls_options is not None and not self.tls_active:
                 caps.append("STARTTLS")
@@ -711,9 +712,13 @@ class IMAP4ServerProtocol(Protocol):
             raise ParseError("ENABLE needs capabilities")
         enabled = []
         for cap in command.args:
-            if isinstance(cap, Atom) and cap.upper() == "CONDSTORE":
+            name = str(cap).upper()
+            if name == "CONDSTORE":
                 self.condstore = True
                 enabled.append("CONDSTORE")
+            elif name == "QRESYNC":
+                self.condstore = self.qresync = True  # QRESYNC implies CONDSTORE
+                enabled.append("QRESYNC")
         self._send("* ENABLED" + "".join(" " + c for c in enabled))
 
     async def _cmd_namespace(self, command: Command) -> None:
@@ -728,11 +733,24 @@ class IMAP4ServerProtocol(Protocol):
     async def _select(self, command: Command, readonly: bool) -> str:
         args = self._args(command, 1, 2)
         name = mailbox(args[0])
+        resync: tuple[int, int, list[tuple[int, int]] | None] | None = None
         if len(args) == 2:
             params = args[1]
-            if not isinstance(params, list) or [str(p).upper() for p in params] != ["CONDSTORE"]:
+            if not isinstance(params, list) or not params:
                 raise ParseError("Unsupported SELECT parameters")
-            self.condstore = True
+            i = 0
+            while i < len(params):
+                param = str(params[i]).upper()
+                if param == "CONDSTORE":
+                    self.condstore = True
+                    i += 1
+                elif param == "QRESYNC" and i + 1 < len(params):
+                    if not self.qresync:
+                        raise ParseError("ENABLE QRESYNC first")
+                    resync = _qresync_params(params[i + 1])
+                    i += 2
+                else:
+                    raise ParseError("Unsupported SELECT parameters")
         if self.state is State.SELECTED:
             self._unselect()
             if self.condstore:
@@ -763,8 +781,46 @@ class IMAP4ServerProtocol(Protocol):
         self._send(f"* OK [UIDVALIDITY {snap.uidvalidity}] UIDs valid")
         self._send(f"* OK [UIDNEXT {snap.uidnext}] Predicted next UID")
         self._send(f"* OK [HIGHESTMODSEQ {snap.highestmodseq}] Highest")
+        if resync is not None and resync[0] == snap.uidvalidity:
+            self._resync(resync[1], resync[2])
         mode = "READ-ONLY" if self.readonly else "READ-WRITE"
         return f"[{mode}] {command.name} completed"
+
+    def _resync(self, modseq: int, known: list[tuple[int, int]] | None) -> None:
+        """QRESYNC (RFC 7162 §3.2.5): what the client's cache lost since ``modseq``.
+
+        Vanished UIDs are the client's known UIDs (or every UID below the highest) that
+        are no longer here -- a superset of those expunged after ``modseq``, which the
+        RFC allows and which needs no tombstones; changed messages come from MODSEQ."""
+        top = self._uids[-1] if self._uids else 0
+        ranges = known if known is not None else ([(1, top)] if top else [])
+        gone = self._missing(ranges)
+        if gone:
+            self._send(f"* VANISHED (EARLIER) {gone}")
+        for uid in self._uids:
+            meta = self._meta[uid]
+            if meta.modseq > modseq and (known is None or
+                                         any(a <= uid <= b for a, b in known)):
+                self._send(f"* {self._seq(uid)} FETCH (UID {uid} FLAGS "
+                           f"{self._flags_text(uid, meta.flags)} MODSEQ ({meta.modseq}))")
+
+    def _missing(self, ranges: list[tuple[int, int]]) -> str:
+        """The UIDs of ``ranges`` not in the view, as a compact set (gaps, not a list:
+        a client may claim ``1:4000000000``)."""
+        top = self._uids[-1] if self._uids else 0
+        out: list[str] = []
+        for a, b in ranges:
+            b = min(b, top)
+            pos = bisect.bisect_left(self._uids, a)
+            nxt = a
+            while nxt <= b:
+                present = self._uids[pos] if pos < len(self._uids) else b + 1
+                if present > nxt:  # a gap before the next UID that exists
+                    end = min(present - 1, b)
+                    out.append(str(nxt) if end == nxt else f"{nxt}:{end}")
+                nxt = present + 1
+                pos += 1
+        return ",".join(out)
 
     def _unselect(self) -> None:
         self._stop_watching()
@@ -1050,8 +1106,11 @@ class IMAP4ServerProtocol(Protocol):
         present = {u for u in uids if u in self._meta}
         if not present:
             return
-        seqs = sorted((self._seq(u) for u in present), reverse=True)
-        self._write(b"".join(b"* %d EXPUNGE\r\n" % seq for seq in seqs))
+        if self.qresync:
+            self._send(f"* VANISHED {_compact(list(present))}")
+        else:
+            seqs = sorted((self._seq(u) for u in present), reverse=True)
+            self._write(b"".join(b"* %d EXPUNGE\r\n" % seq for seq in seqs))
         self._uids = [u for u in self._uids if u not in present]
         for uid in present:
             del self._meta[uid]
@@ -1228,16 +1287,36 @@ class IMAP4ServerProtocol(Protocol):
 
     async def _cmd_fetch(self, command: Command) -> None:
         args = self._args(command, 2, 3)
-        uids = self._seq_uids(parse_seqset(args[0]), command.uid)
+        requested = parse_seqset(args[0])
+        uids = self._seq_uids(requested, command.uid)
         items = parse_fetch_items(args[1])
         changedsince = None
+        vanished = False
         if len(args) == 3:
             mod = args[2]
-            if not isinstance(mod, list) or len(mod) != 2 or \
-                    str(mod[0]).upper() != "CHANGEDSINCE":
+            if not isinstance(mod, list) or not mod:
                 raise ParseError("Unknown FETCH modifier")
-            changedsince = number(mod[1], "CHANGEDSINCE")
+            i = 0
+            while i < len(mod):
+                name = str(mod[i]).upper()
+                if name == "CHANGEDSINCE" and i + 1 < len(mod):
+                    changedsince = number(mod[i + 1], "CHANGEDSINCE")
+                    i += 2
+                elif name == "VANISHED" and command.uid and self.qresync:
+                    vanished = True
+                    i += 1
+                else:
+                    raise ParseError("Unknown FETCH modifier")
+            if vanished and changedsince is None:
+                raise ParseError("VANISHED needs CHANGEDSINCE")
+        if changedsince is not None:
             self.condstore = True
+            if vanished:
+                # RFC 7162 §3.2.6: UIDs of the set that are gone, before the FETCHes.
+                top = self._uids[-1] if self._uids else 0
+                gone = self._missing(resolve_seqset(requested, top))
+                if gone:
+                    self._send(f"* VANISHED (EARLIER) {gone}")
             uids = [u for u in uids if self._meta[u].modseq > changedsince]
             if not any(i.name == "MODSEQ" for i in items):
                 items.append(FetchItem("MODSEQ"))
@@ -1431,6 +1510,22 @@ def _content_spec(item: FetchItem) -> imapformat.SectionSpec | None:
 
 
 _STATUS_ITEMS = ("MESSAGES", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "RECENT", "HIGHESTMODSEQ")
+
+
+def _qresync_params(value: Any) -> tuple[int, int, list[tuple[int, int]] | None]:
+    """``(uidvalidity modseq [known-uids [(seqs uids)]])`` of SELECT (QRESYNC ...)."""
+    if not isinstance(value, list) or len(value) < 2:
+        raise ParseError("QRESYNC needs (uidvalidity modseq [known-uids])")
+    uidvalidity = number(value[0], "UIDVALIDITY")
+    modseq = number(value[1], "MODSEQ")
+    known = None
+    if len(value) >= 3 and not isinstance(value[2], list):
+        known = []
+        for lo, hi in parse_seqset(value[2]):
+            if lo is None or hi is None:
+                raise ParseError("known-uids may not contain *")
+            known.append((min(lo, hi), max(lo, hi)))
+    return uidvalidity, modseq, known
 
 
 def _status_text(st: Any, items: list[str]) -> str:
