@@ -242,9 +242,12 @@ class FakeAccount:
         self.shared.notify(folder_id)
         return out, failed
 
-    async def append(self, folder: str, message: bytes, flags: frozenset[str],
+    async def append(self, folder: str, message: Any, flags: frozenset[str],
                      internaldate: datetime | None) -> tuple[int, int]:
         f = self._folder(folder)
+        if not isinstance(message, bytes):  # a spool file
+            self.shared.calls.append(("append_spooled", type(message).__name__))
+            message = message.read()
         return f.uidvalidity, self.shared.deliver(folder, message, flags)
 
     async def copy(self, folder_id: int, uids: list[int], dest: str,
@@ -1102,3 +1105,30 @@ def test_qresync_known_uids_never_expand(store):
     del store.folders["INBOX"].messages[1]
     lines = s.cmd("s SELECT INBOX (QRESYNC (1000 100 1:4000000000))")
     assert "* VANISHED (EARLIER) 1" in lines
+
+
+def test_append_literals_are_spooled_not_buffered(store):
+    """The message literal goes to a spool file (the command keeps an empty literal);
+    a literal mailbox name stays a name; LITERAL+ works the same; bytes are exact."""
+    s = Session(FakeBackend(store)).login()
+    big = _big_multipart(3_000_000)
+    s.send(b"a APPEND {5}\r\n")
+    assert s.lines() == ["+ Ready for literal data"]
+    s.send(b"INBOX (\\Seen) {%d}\r\n" % len(big))
+    assert s.lines() == ["+ Ready for literal data"]
+    for i in range(0, len(big), 65536):
+        s.send(big[i:i + 65536])
+        assert len(s.protocol._pending) < 100  # never accumulates the message
+    s.send(b"\r\n")
+    assert s.lines()[-1].startswith("a OK [APPENDUID 1000 4]")
+    assert store.folders["INBOX"].messages[4].raw == big
+    assert ("append_spooled", "SpooledTemporaryFile") in store.calls
+    assert s.protocol._spools == []
+    small = _plain(9)
+    s.send(b"b APPEND Sent {%d+}\r\n%s\r\nc NOOP\r\n" % (len(small), small))
+    assert s.lines() == ["b OK [APPENDUID 1000 1] APPEND completed", "c OK NOOP completed"]
+    assert store.folders["Sent"].messages[1].raw == small
+    assert s.cmd(b"d APPEND INBOX {0+}\r\n")[-1].startswith("d NO [CANNOT]")
+    s.send(b"e APPEND INBOX (\\Bogus {3+}\r\nabc\r\n")  # syntax error after the literal
+    assert s.lines()[-1].startswith("e BAD")
+    assert s.protocol._spools == []

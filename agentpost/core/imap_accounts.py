@@ -11,7 +11,7 @@ import logging
 import re
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import IO, Any
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -304,7 +304,7 @@ class InboxAccount:
             columns["labels"] = sorted(labels)
         return columns
 
-    async def append(self, folder: str, message: bytes, flags: frozenset[str],
+    async def append(self, folder: str, message: bytes | IO[bytes], flags: frozenset[str],
                      internaldate: datetime | None) -> tuple[int, int]:
         """APPEND through the single ingest path."""
         self._writable()
@@ -316,7 +316,8 @@ class InboxAccount:
 
         name = await self._db.run_read("imap.append.folder", resolve)
         [stored] = await self._ingest.store(
-            [target], io.BytesIO(message), envelope_from=None, folder=name,
+            [target], io.BytesIO(message) if isinstance(message, bytes) else message,
+            envelope_from=None, folder=name,
             flags=frozenset(system), labels=tuple(keywords), received_at=internaldate,
             require_folder=True, direction="inbound")
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -154,10 +154,11 @@ class IMAPAccount(Protocol):
         """mode is "+", "-" or "" (replace). Returns (messages after the change, UIDs that
         failed the UNCHANGEDSINCE test)."""
 
-    async def append(self, folder: str, message: bytes, flags: frozenset[str],
+    async def append(self, folder: str, message: bytes | IO[bytes], flags: frozenset[str],
                      internaldate: datetime | None) -> tuple[int, int]:
-        """Store through the single ingest path; returns (uidvalidity, uid). NotFound when
-        the folder does not exist (the protocol answers NO [TRYCREATE])."""
+        """Store through the single ingest path; returns (uidvalidity, uid). ``message`` is
+        the bytes or a binary file at offset 0 (a spool). NotFound when the folder does
+        not exist (the protocol answers NO [TRYCREATE])."""
 
     async def copy(self, folder_id: int, uids: list[int],
                    dest: str) -> tuple[int, list[tuple[int, int]]]:

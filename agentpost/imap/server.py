@@ -34,6 +34,7 @@ import enum
 import logging
 import re
 import secrets
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -94,6 +95,10 @@ MAX_BUFFERED_INPUT = 1024 * 1024
 STREAM_THRESHOLD_BYTES = 256 * 1024
 #: One read from the blob store while streaming a literal.
 STREAM_CHUNK_BYTES = 256 * 1024
+
+#: APPEND messages are spooled in memory up to this size, then on disk.
+SPOOL_MEMORY_BYTES = 1024 * 1024
+_MARKER_AT_END = re.compile(rb"\{\d+\+?\}\r\n$")
 
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -193,6 +198,7 @@ class IMAP4ServerProtocol(Protocol):
         allow_plaintext_login: offer LOGIN/AUTHENTICATE without TLS (loopback dev only).
         max_append_bytes: largest APPEND literal; other literals are limited to 64 KiB.
         stream_threshold: messages above this size are streamed from the blob store.
+        spool_dir: where APPEND messages over 1 MiB are spooled (system temp by default).
         autologout_s: idle time after login before ``BYE`` (RFC 3501 §5.4: ≥ 30 min).
         login_timeout_s: idle time before login.
         on_close: called once when the connection is gone.
@@ -209,6 +215,7 @@ class IMAP4ServerProtocol(Protocol):
         allow_plaintext_login: bool = False,
         max_append_bytes: int = MAX_APPEND_BYTES,
         stream_threshold: int = STREAM_THRESHOLD_BYTES,
+        spool_dir: str | None = None,
         autologout_s: float = 30 * 60,
         login_timeout_s: float = 120.0,
         on_close: Callable[[], None] | None = None,
@@ -221,6 +228,7 @@ class IMAP4ServerProtocol(Protocol):
         self.allow_plaintext_login = allow_plaintext_login
         self.max_append_bytes = max_append_bytes
         self.stream_threshold = stream_threshold
+        self.spool_dir = spool_dir
         self.autologout_s = autologout_s
         self.login_timeout_s = login_timeout_s
         self._on_close = on_close
@@ -235,6 +243,8 @@ class IMAP4ServerProtocol(Protocol):
         self._discard_left = 0  # octets of a refused literal still to drop
         self._discarding_line = False  # skipping the rest of a refused command
         self._append_checked = False
+        self._spools: list[Any] = []  # APPEND messages of the command being read
+        self._spooling = False
         self._busy = False
         self._processing = False
         self._paused = False
@@ -298,6 +308,7 @@ class IMAP4ServerProtocol(Protocol):
         self._cancel_timer()
         self._buffer.clear()
         self._pending.clear()
+        self._close_spools()
         self._stop_watching()
         for d in self._writable:
             d.cancel()
@@ -405,7 +416,10 @@ class IMAP4ServerProtocol(Protocol):
                     if not self._buffer:
                         break
                     take = min(self._literal_left, len(self._buffer))
-                    self._pending += self._buffer[:take]
+                    if self._spools and self._spooling:
+                        self._spools[-1].write(self._buffer[:take])
+                    else:
+                        self._pending += self._buffer[:take]
                     del self._buffer[:take]
                     self._literal_left -= take
                     continue
@@ -476,6 +490,7 @@ class IMAP4ServerProtocol(Protocol):
         limit = self.max_append_bytes if name == "APPEND" else MAX_SMALL_LITERAL_BYTES
         if size > limit or len(self._pending) > 4 * MAX_LINE_BYTES:
             self._pending.clear()
+            self._close_spools()
             self._append_checked = False
             if not sync:
                 self._discard_left = size
@@ -495,9 +510,30 @@ class IMAP4ServerProtocol(Protocol):
             d = defer.ensureDeferred(self._check_append(tag, args))
             d.addBoth(self._append_checked_cb, size)
             return
-        self._literal_left = size
+        self._begin_literal(size, name == "APPEND" and bool(args))  # not the mailbox name
         if sync:
             self._send("+ Ready for literal data")
+
+    def _begin_literal(self, size: int, spool: bool) -> None:
+        """Read the next ``size`` octets as a literal. An APPEND message goes to a spool
+        file (memory up to 1 MiB, then disk) and the command keeps an empty literal in its
+        place, so a 50 MB APPEND is never held in the command buffer."""
+        self._literal_left = size
+        self._spooling = spool and size > 0
+        if self._spooling:
+            tail = bytes(self._pending[-40:])
+            m = _MARKER_AT_END.search(tail)
+            if m is not None:
+                del self._pending[len(self._pending) - len(tail) + m.start():]
+                self._pending += b"{0}\r\n"
+            self._spools.append(tempfile.SpooledTemporaryFile(  # closed after the command
+                max_size=SPOOL_MEMORY_BYTES, dir=self.spool_dir))
+
+    def _close_spools(self) -> None:
+        spools, self._spools = self._spools, []
+        self._spooling = False
+        for spool in spools:
+            spool.close()
 
     def _peek_command(self, prefix: bytes) -> tuple[str | None, str | None, list[Any]]:
         try:
@@ -529,17 +565,20 @@ class IMAP4ServerProtocol(Protocol):
             refusal = f"* NO [UNAVAILABLE] {refusal.getErrorMessage()}"
         if refusal is not None:
             self._pending.clear()
+            self._close_spools()
             self._append_checked = False
             self._send(refusal)
         else:
-            self._literal_left = size
+            self._begin_literal(size, True)
             self._send("+ Ready for literal data")
         self._process()
 
     def _run(self, data: bytes) -> None:
+        self._spooling = False
         try:
             command = parse_command(data)
         except ParseError as exc:
+            self._close_spools()
             self._send(f"{getattr(exc, 'tag', None) or '*'} BAD {exc}")
             return
         self._busy = True
@@ -554,6 +593,7 @@ class IMAP4ServerProtocol(Protocol):
 
     def _finished(self, _: Any) -> None:
         self._busy = False
+        self._close_spools()
         if self.state is State.LOGOUT:
             return
         self._arm_timer()
@@ -655,6 +695,7 @@ class IMAP4ServerProtocol(Protocol):
         # may run inside the TLS session.
         self._buffer.clear()
         self._pending.clear()
+        self._close_spools()
         self._literal_left = self._discard_left = 0
         self._discarding_line = False
         self.tls_active = True
@@ -984,9 +1025,16 @@ class IMAP4ServerProtocol(Protocol):
         if len(args) < 2:
             raise ParseError("APPEND needs a mailbox and a message")
         name = mailbox(args.pop(0))
-        message = args.pop()
+        message: Any = args.pop()
         if not isinstance(message, bytes):
             raise ParseError("APPEND message must be a literal")
+        if not message and self._spools:
+            message = self._spools.pop(0)  # the literal went to a spool file
+            message.seek(0, 2)
+            size = message.tell()
+            message.seek(0)
+        else:
+            size = len(message)
         flags: frozenset[str] = frozenset()
         when = None
         if args and isinstance(args[0], list):
@@ -996,11 +1044,13 @@ class IMAP4ServerProtocol(Protocol):
         if args:
             raise ParseError("Unexpected APPEND arguments")
         self._require_write()
-        if len(message) > self.max_append_bytes:
+        if size > self.max_append_bytes:
             raise _no("Message too large", "TOOBIG")
+        if not size:
+            raise _no("An empty message cannot be appended", "CANNOT")
         try:
             uidvalidity, uid = await self.account.append(  # type: ignore[union-attr]
-                name, bytes(message), flags, when)
+                name, message, flags, when)
         except errors.NotFound as exc:
             raise error_for(exc, missing="TRYCREATE") from exc
         if self.state is State.SELECTED and self.snapshot is not None and \
