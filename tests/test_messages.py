@@ -157,3 +157,25 @@ async def test_message_scopes(server):
     assert denied.status == 403 and denied.json["error"]["missing_scope"] == "messages:write"
     assert (await server.api.get(f"/api/v1/messages/{stored.message_id}",
                                  key=none)).status == 403
+
+
+@pytest_twisted.ensureDeferred
+async def test_large_text_body_derives_extracted_text_on_read(server):
+    """Bodies over 64 KiB keep no stored copy of the extracted text; the API still
+    answers it, computed from the body."""
+    from agentpost.core.ingest import STORE_EXTRACTED_MAX_CHARS
+    from agentpost.mail.reply import extract_new_text
+    _, key = await server.new_org()
+    inbox = (await server.api.post("/api/v1/inboxes", {"username": "big-text"},
+                                   key=key)).json
+    body = "new words here\n" * (STORE_EXTRACTED_MAX_CHARS // 10) + \
+        "On Mon, Ann <a@b> wrote:\n> old\n"
+    await server.deliver(make_message(to=inbox["email"], body=body), [inbox["email"]])
+    [summary] = (await server.api.get(f"/api/v1/inboxes/{inbox['id']}/messages",
+                                      key=key)).json["data"]
+    msg = (await server.api.get(f"/api/v1/messages/{summary['id']}", key=key)).json
+    assert msg["extracted_text"] == extract_new_text(msg["text_body"])
+    assert "wrote:" not in msg["extracted_text"] and len(msg["extracted_text"]) > 90_000
+    rows = await server.core.db.run_query(
+        "t", "SELECT extracted_text FROM messages WHERE id = %s", (summary["id"],))
+    assert rows[0]["extracted_text"] is None

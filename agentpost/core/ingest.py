@@ -8,7 +8,6 @@ the message for every recipient inbox (with its thread, UID, attachments and the
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -61,10 +60,17 @@ class _State:
 IMAPRendered = tuple[str | None, str | None, str | None, str | None]
 
 
+#: Bodies longer than this store no extracted_text: it is derived again when read (see
+#: core.messages), which keeps a third copy of a huge body out of the INSERT.
+STORE_EXTRACTED_MAX_CHARS = 64 * 1024
+
+
 def _analyse(raw: bytes) -> tuple[ParsedMessage, IMAPRendered]:
     """Parse for the API and pre-render IMAP ENVELOPE/BODYSTRUCTURE/BODY and the section
     map, in a thread."""
     parsed = parse_message(raw)
+    if parsed.text_body is not None and len(parsed.text_body) <= STORE_EXTRACTED_MAX_CHARS:
+        parsed.extracted_text = extract_new_text(parsed.text_body)
     try:
         from agentpost.mail import imapformat
     except ImportError:  # IMAP rendering not installed: FETCH renders lazily instead
@@ -104,16 +110,34 @@ class Ingest:
         the system folders.
         """
         raw = message.read()
-        parsed, imap = await threads.deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), _analyse, raw)
+        try:
+            parsed, imap = await threads.deferToThreadPool(
+                self._reactor, self._reactor.getThreadPool(), _analyse, raw)
+        except OSError as exc:  # spooling a large attachment failed (disk full, ...)
+            log.error("ingest: could not spool a message part: %s", exc)
+            raise StorageFailure() from exc
+        try:
+            return await self._store(targets, raw, parsed, imap, envelope_from, direction,
+                                     folder, flags, labels, received_at, require_folder)
+        finally:
+            parsed.discard()
+
+    async def _store(self, targets: list[Target], raw: bytes, parsed: ParsedMessage,
+                     imap: IMAPRendered, envelope_from: str | None, direction: str,
+                     folder: str, flags: frozenset[str], labels: tuple[str, ...],
+                     received_at: datetime | None, require_folder: bool) -> list[Stored]:
         raw_ref = await self._blobs.put_bytes(raw, content_type="message/rfc822")
         att_refs: list[BlobRef] = []
+        blob_bodies: dict[str, bytes | str] = {raw_ref.key: raw}
         for att in parsed.attachments:
-            att_refs.append(await self._blobs.put_bytes(att.content,
-                                                        content_type=att.mime_type))
-        blob_bodies = {raw_ref.key: raw}
-        for att, ref in zip(parsed.attachments, att_refs, strict=True):
-            blob_bodies[ref.key] = att.content
+            if att.content is not None:
+                ref = await self._blobs.put_bytes(att.content, content_type=att.mime_type)
+                blob_bodies[ref.key] = att.content
+            else:  # a large part, decoded to a spool file
+                assert att.path is not None
+                ref = await self._blobs.put_file(att.path, content_type=att.mime_type)
+                blob_bodies[ref.key] = att.path
+            att_refs.append(ref)
 
         state = _State(flags=frozenset(flags), labels=tuple(sorted(set(labels))), imap=imap,
                        require_folder=require_folder)
@@ -129,17 +153,18 @@ class Ingest:
 
         return await self._db.run_interaction("ingest.store", txn_fn)
 
-    async def _ensure_blob(self, txn: Txn, ref: BlobRef, body: bytes) -> None:
+    async def _ensure_blob(self, txn: Txn, ref: BlobRef, body: bytes | str) -> None:
         """Reference a blob; if the row is new, make sure the object survived a collector."""
         if await mail_store.reference_blob(txn, ref.key, ref.size):
             if not await self._blobs.exists(ref.key):
-                again = await self._blobs.put_bytes(body)
+                again = await (self._blobs.put_bytes(body) if isinstance(body, bytes)
+                               else self._blobs.put_file(body))
                 if again.key != ref.key:
                     raise StorageFailure()
 
     async def _store_one(self, txn: Txn, target: Target, parsed: ParsedMessage,
                          raw_ref: BlobRef, att_refs: list[BlobRef],
-                         blob_bodies: dict[str, bytes], envelope_from: str | None,
+                         blob_bodies: dict[str, bytes | str], envelope_from: str | None,
                          direction: str, folder_name: str, state: _State,
                          when: datetime) -> Stored:
         org = target.org_id
@@ -174,7 +199,7 @@ class Ingest:
             "reply_to": parsed.reply_to, "sent_at": parsed.sent_at, "received_at": when,
             "headers": _json_safe_headers(parsed), "text_body": parsed.text_body,
             "html_body": parsed.html_body,
-            "extracted_text": extract_new_text(parsed.text_body),
+            "extracted_text": parsed.extracted_text,
             "preview": parsed.preview, "size": raw_ref.size, "raw_blob_key": raw_ref.key,
             "has_attachments": bool(att_refs), "seen": "\\Seen" in state.flags,
             "flagged": "\\Flagged" in state.flags, "answered": "\\Answered" in state.flags,
@@ -190,7 +215,7 @@ class Ingest:
                 "org_id": org, "id": new_id("att"), "message_id": message_id,
                 "filename": att.filename, "mime_type": att.mime_type, "size": ref.size,
                 "content_id": att.content_id, "disposition": att.disposition,
-                "sha256": hashlib.sha256(blob_bodies[ref.key]).hexdigest(),
+                "sha256": ref.sha256,
                 "blob_key": ref.key, "part_index": att.part_index,
             })
         await mail_store.refresh_thread(txn, org, thread_id)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from twisted.internet import threads
+
 from agentpost.core.audit import AuditTrail
 from agentpost.core.blobrefs import BlobCollector
 from agentpost.core.context import RequestContext
+from agentpost.mail.reply import extract_new_text
 from agentpost.model.errors import InvalidRequest, NotFound
 from agentpost.storage import inboxes as inbox_store
 from agentpost.storage import mail as mail_store
@@ -67,8 +70,10 @@ class Messages:
 
         return await self._db.run_interaction("messages.list", txn_fn)
 
-    async def get(self, ctx: RequestContext, message_id: str) -> dict[str, Any]:
-        """One message with bodies and attachment metadata."""
+    async def get(self, ctx: RequestContext, message_id: str, *,
+                  derive: bool = True) -> dict[str, Any]:
+        """One message with bodies and attachment metadata (``derive``: fill in the
+        extracted text of a large body)."""
         p = ctx.org_principal
         p.require("messages:read")
         ctx.target_id = message_id
@@ -82,17 +87,21 @@ class Messages:
 
         msg = await self._db.run_interaction("messages.get", txn_fn)
         ctx.environment_id = msg["environment_id"]
+        if derive and msg.get("extracted_text") is None and msg.get("text_body") is not None:
+            # Large bodies keep no copy (see core.ingest); derive it off the reactor.
+            msg["extracted_text"] = await threads.deferToThread(extract_new_text,
+                                                                msg["text_body"])
         return msg
 
     async def raw(self, ctx: RequestContext, message_id: str) -> Any:
         """The message exactly as received, as a chunk stream (never loaded whole)."""
-        msg = await self.get(ctx, message_id)
+        msg = await self.get(ctx, message_id, derive=False)
         return await self._blobs.open_stream(msg["raw_blob_key"])
 
     async def attachment(self, ctx: RequestContext, message_id: str,
                          attachment_id: str) -> tuple[dict[str, Any], Any, str | None]:
         """Attachment metadata plus either a chunk stream (local store) or a presigned URL."""
-        msg = await self.get(ctx, message_id)
+        msg = await self.get(ctx, message_id, derive=False)
         for att in msg["attachments"]:
             if att["id"] == attachment_id:
                 ctx.target_id = attachment_id

@@ -7,15 +7,22 @@ part degrades to "missing" or "as text", never to an exception.
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import email.utils
 import hashlib
+import logging
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage, Message
 from typing import Any
+
+from agentpost.mail import largeparts
+
+log = logging.getLogger(__name__)
 
 _MSGID_RE = re.compile(r"<([^<>\s]+)>")
 _WS_RE = re.compile(r"\s+")
@@ -24,19 +31,35 @@ MAX_PREVIEW = 200
 
 @dataclass
 class ParsedAttachment:
-    """A decoded non-body part."""
+    """A decoded non-body part: in ``content``, or (large parts) spooled to ``path``."""
 
     filename: str
     mime_type: str
-    content: bytes
+    content: bytes | None
     content_id: str | None
     disposition: str | None
     part_index: int
+    path: str | None = None  # a temporary file the caller must delete
+    spooled_size: int = 0
+    spooled_sha256: str = ""
 
     @property
     def sha256(self) -> str:
         """Hex digest of the decoded content."""
+        if self.content is None:
+            return self.spooled_sha256
         return hashlib.sha256(self.content).hexdigest()
+
+    @property
+    def size(self) -> int:
+        return len(self.content) if self.content is not None else self.spooled_size
+
+    def discard(self) -> None:
+        """Remove the spool file, if any."""
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            self.path = None
 
 
 @dataclass
@@ -57,12 +80,29 @@ class ParsedMessage:
     text_body: str | None = None
     html_body: str | None = None
     attachments: list[ParsedAttachment] = field(default_factory=list)
+    claimed: int = 0  # large parts the walk found (see parse_message)
+    extracted_text: str | None = None  # filled in by ingest (agentpost.mail.reply)
+
+    def discard(self) -> None:
+        """Remove the attachments' spool files."""
+        for att in self.attachments:
+            att.discard()
 
     @property
     def preview(self) -> str:
-        """A short single-line excerpt for lists."""
-        text = self.text_body or _strip_html(self.html_body or "")
-        return _WS_RE.sub(" ", text).strip()[:MAX_PREVIEW]
+        """A short single-line excerpt for lists.
+
+        Works on a growing prefix of the body, never on all of it: collapsing the
+        whitespace of a 10 MB body just to keep 200 characters cost 13x its size."""
+        body = self.text_body or self.html_body or ""
+        window = MAX_PREVIEW * 16
+        while True:
+            head = body[:window]
+            text = head if self.text_body else _strip_html(head)
+            out = _WS_RE.sub(" ", text).strip()
+            if len(out) >= MAX_PREVIEW or window >= len(body):
+                return out[:MAX_PREVIEW]
+            window *= 4
 
 
 def _header_text(msg: Message, name: str) -> str | None:
@@ -145,15 +185,40 @@ def _is_attachment(part: Message) -> bool:
     return part.get_content_maintype() not in ("text", "multipart", "message")
 
 
-def parse_message(raw: bytes) -> ParsedMessage:
-    """Parse ``raw``; never raises for any input bytes."""
+def parse_message(raw: bytes, *, large_part_bytes: int = largeparts.LARGE_PART_BYTES,
+                  spool_dir: str | None = None) -> ParsedMessage:
+    """Parse ``raw``; never raises for any input bytes.
+
+    Leaf bodies above ``large_part_bytes`` bypass the stdlib parser (see
+    :mod:`agentpost.mail.largeparts`); such attachments come back spooled to a file in
+    ``spool_dir`` -- call :meth:`ParsedMessage.discard` when done with them.
+    """
+    large: list[largeparts.LargePart] = []
     try:
-        msg: Any = email.message_from_bytes(raw, policy=email.policy.default)
+        source, large = largeparts.skeleton(raw, large_part_bytes)
+    except Exception:
+        log.exception("could not locate MIME parts; parsing the whole message")
+        source = raw
+    parsed = _parse(source, raw, large, spool_dir)
+    if large and parsed.claimed != len(large):
+        # The stdlib parser saw a different MIME tree than ours (malformed boundaries):
+        # do it the plain way rather than guess which cut belongs where.
+        parsed.discard()
+        parsed = _parse(raw, raw, [], None)
+    return parsed
+
+
+def _parse(source: bytes, raw: bytes, large: list[largeparts.LargePart],
+           spool_dir: str | None) -> ParsedMessage:
+    try:
+        msg: Any = email.message_from_bytes(source, policy=email.policy.default)
     except Exception:
         return ParsedMessage()
     parsed = ParsedMessage()
     try:
         for key, value in msg.raw_items():
+            if key == largeparts.MARKER:
+                continue
             parsed.headers.append((_clean(key), _clean(str(value))))
     except Exception:  # noqa: S110 - headers are also kept byte-exact in the raw blob
         pass
@@ -181,11 +246,50 @@ def parse_message(raw: bytes) -> ParsedMessage:
             parsed.sent_at = when if when.tzinfo else when.replace(tzinfo=UTC)
         except Exception:
             parsed.sent_at = None
-    _walk_parts(msg, parsed)
+    _walk_parts(msg, parsed, _Cuts(raw, large, spool_dir))
     return parsed
 
 
-def _walk_parts(msg: EmailMessage, parsed: ParsedMessage) -> None:
+@dataclass
+class _Cuts:
+    """The bodies cut out of the parser's copy, decoded on demand."""
+
+    raw: bytes
+    parts: list[largeparts.LargePart]
+    spool_dir: str | None
+
+    def find(self, part: Message) -> largeparts.LargePart | None:
+        if not self.parts:
+            return None
+        marker = part.get(largeparts.MARKER)
+        if marker is None:
+            return None
+        try:
+            return self.parts[int(str(marker).strip())]
+        except (ValueError, IndexError):
+            return None
+
+
+def _cte(part: Message) -> str:
+    try:
+        return str(part.get("content-transfer-encoding") or "7bit")
+    except Exception:
+        return "7bit"
+
+
+def _large_text(cuts: _Cuts, cut: largeparts.LargePart, part: Message) -> str:
+    data = largeparts.decode_to_bytes(cuts.raw, cut, _cte(part))
+    charset = part.get_content_charset() or "utf-8"
+    try:
+        text = data.decode(charset, "replace")
+    except LookupError:
+        text = data.decode("utf-8", "replace")
+    del data
+    # Decoding with "replace" leaves no lone surrogates; only NULs need to go.
+    return text.replace("\x00", "") if "\x00" in text else text
+
+
+def _walk_parts(msg: EmailMessage, parsed: ParsedMessage, cuts: _Cuts) -> None:
     try:
         parts = list(msg.walk())
     except Exception:
@@ -199,22 +303,38 @@ def _walk_parts(msg: EmailMessage, parsed: ParsedMessage) -> None:
                 as_attachment = part.get_content_maintype() != "text"
             else:
                 as_attachment = _is_attachment(part)
+            cut = cuts.find(part)
+            if cut is not None:
+                parsed.claimed += 1
             if as_attachment:
-                payload = part.get_payload(decode=True)
-                if payload is None:
-                    payload = str(part.get_payload()).encode("utf-8", "replace")
+                spooled = None
+                if cut is not None:
+                    spooled = largeparts.decode_to_file(cuts.raw, cut, _cte(part),
+                                                        cuts.spool_dir)
+                    payload = None
+                else:
+                    payload = part.get_payload(decode=True)
+                    if payload is None:
+                        payload = str(part.get_payload()).encode("utf-8", "replace")
                 try:
                     filename = part.get_filename() or ""
                 except Exception:
                     filename = ""
                 cid = part.get("content-id")
-                parsed.attachments.append(ParsedAttachment(
+                att = ParsedAttachment(
                     filename=_clean(filename)[:255], mime_type=ctype, content=payload,
                     content_id=_msgids(str(cid))[0] if cid and _msgids(str(cid)) else None,
-                    disposition=part.get_content_disposition(), part_index=index))
+                    disposition=part.get_content_disposition(), part_index=index)
+                if spooled is not None:
+                    att.path, att.spooled_size = spooled.path, spooled.size
+                    att.spooled_sha256 = spooled.sha256
+                parsed.attachments.append(att)
             elif ctype == "text/html" and parsed.html_body is None:
-                parsed.html_body = _decode_text(part)
+                parsed.html_body = _large_text(cuts, cut, part) if cut else _decode_text(part)
             elif parsed.text_body is None and part.get_content_maintype() == "text":
-                parsed.text_body = _decode_text(part)
+                parsed.text_body = _large_text(cuts, cut, part) if cut else _decode_text(part)
+        except OSError:  # the spool failed: a temporary failure, never a lost attachment
+            parsed.discard()
+            raise
         except Exception:  # noqa: S112 - one broken part must not lose the rest
             continue

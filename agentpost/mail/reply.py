@@ -19,21 +19,41 @@ _SEPARATOR = re.compile(r"^\s*(-{2,}\s*Original Message\s*-{2,}|_{10,}|From:\s.+
 
 
 def extract_new_text(text: str | None) -> str | None:
-    """The author's new text; the whole text when nothing looks quoted."""
+    """The author's new text; the whole text when nothing looks quoted.
+
+    Walks the text line by line by offset (no list of every line), so a 10 MB body
+    costs one copy of what is kept, not several.
+    """
     if text is None:
         return None
-    lines = text.replace("\r\n", "\n").split("\n")
-    cut = len(lines)
-    for i, line in enumerate(lines):
+    n = len(text)
+    cut = n
+    pos = 0
+    prev_start, prev_line = -1, None
+    while True:
+        nl = text.find("\n", pos)
+        end = n if nl < 0 else nl
+        line = text[pos:end].removesuffix("\r")
+        # A two-line attribution ("On Mon, ... <a@b>\nwrote:") is common too.
+        if prev_line is not None and prev_line.strip().startswith("On ") and \
+                line.strip().endswith("wrote:"):
+            cut = prev_start
+            break
         if _ATTRIBUTION.match(line) or _SEPARATOR.match(line):
-            cut = i
+            cut = pos
             break
-        # A two-line attribution ("On Mon, … <a@b>\nwrote:") is common too.
-        if i + 1 < len(lines) and line.strip().startswith("On ") and \
-                lines[i + 1].strip().endswith("wrote:"):
-            cut = i
+        if nl < 0:
             break
-    kept = lines[:cut]
-    while kept and (kept[-1].strip() == "" or kept[-1].lstrip().startswith(">")):
-        kept.pop()
-    return "\n".join(kept).strip()
+        prev_start, prev_line = pos, line
+        pos = nl + 1
+    if cut == 0:
+        return ""
+    end = n if cut == n else cut - 1  # without the newline before the cut line
+    # Drop trailing blank and ">"-quoted lines.
+    while end > 0:
+        start = text.rfind("\n", 0, end) + 1
+        last = text[start:end]
+        if last.strip() != "" and not last.lstrip().startswith(">"):
+            break
+        end = start - 1 if start > 0 else 0
+    return text[:end].replace("\r\n", "\n").strip()
