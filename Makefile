@@ -20,7 +20,7 @@ APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -y -q
 help:
 	@echo "AgentPost make targets:"
 	@echo "  make venv          create .venv from requirements-dev.lock (redone when inputs change)"
-	@echo "  make postgres-bin  check for PostgreSQL server binaries (installs them when root)"
+	@echo "  make postgres-bin  check for PostgreSQL server binaries and mbsync (installs them when root)"
 	@echo "  make run           run AgentPost locally against a dev PostgreSQL in ./$(VAR_DIR)"
 	@echo "  make test          run the test suite (extra pytest options: PYTEST_ARGS='-k smtp -x')"
 	@echo "  make lint          ruff check"
@@ -63,6 +63,8 @@ $(STAMP): $(wildcard requirements-dev.lock pyproject.toml setup.cfg)
 
 # Same search as agentpost/dev/embedded_pg.py: `pg_config --bindir`, then the
 # distribution's versioned folders, which Debian/Ubuntu keep off PATH.
+# Also mbsync (isync), the IMAP client of tests/test_imap_mbsync.py: installed when root
+# (so CI always runs those tests); otherwise a notice, and the tests skip themselves.
 postgres-bin:
 	@have_pg() { \
 	  d=$$(pg_config --bindir 2>/dev/null) && [ -x "$$d/initdb" ] && [ -x "$$d/pg_ctl" ] && return 0; \
@@ -71,17 +73,20 @@ postgres-bin:
 	}; \
 	if [ "$$(id -u)" != 0 ]; then \
 	  have_pg || { echo "PostgreSQL server binaries not found. Install them with: sudo apt-get install postgresql" >&2; exit 1; }; \
+	  command -v mbsync >/dev/null 2>&1 || echo "mbsync not found: tests/test_imap_mbsync.py will be skipped. Install it with: sudo apt-get install isync" >&2; \
 	  exit 0; \
 	fi; \
 	pkgs=""; \
 	have_pg || pkgs="postgresql"; \
 	[ -x /usr/sbin/runuser ] || command -v runuser >/dev/null 2>&1 || pkgs="$$pkgs util-linux"; \
+	command -v mbsync >/dev/null 2>&1 || pkgs="$$pkgs isync"; \
 	if [ -n "$$pkgs" ]; then \
 	  echo "Installing$$(printf ' %s' $$pkgs) (apt-get; running as root) ..."; \
 	  log=$$(mktemp); \
 	  { apt-get update -q && $(APT_GET) install $$pkgs; } >"$$log" 2>&1 || { cat "$$log" >&2; rm -f "$$log"; exit 1; }; \
 	  rm -f "$$log"; \
 	  have_pg || { echo "PostgreSQL server binaries still not found after installing postgresql" >&2; exit 1; }; \
+	  command -v mbsync >/dev/null 2>&1 || { echo "mbsync still not found after installing isync" >&2; exit 1; }; \
 	fi
 
 run: venv postgres-bin

@@ -113,7 +113,9 @@ async def write_stream(request: IRequest, stream: Any) -> None:
             await producer.wait()
     finally:
         await stream.aclose()
-        request.unregisterProducer()
+        # A client that hangs up once it has every byte leaves no channel behind.
+        if getattr(request, "channel", None) is not None:
+            request.unregisterProducer()
 
 
 @dataclass
