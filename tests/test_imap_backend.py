@@ -195,3 +195,33 @@ async def test_notifier_reconnects_after_database_restart(server, pg, db_dsn):
     finally:
         notifier.stop()
     await defer.succeed(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_logins_are_throttled_per_address_and_per_account(server):
+    """After the allowance of failures, even the right key waits: per client address and
+    per account; the buckets refill with (injected) time."""
+    from agentpost.auth.cred import build_portal
+    from agentpost.core.blobrefs import BlobCollector
+    from agentpost.core.imap_accounts import IMAPLogins
+    from agentpost.model.errors import RateLimited
+
+    core = server.core
+    clock = task.Clock()
+    logins = IMAPLogins(build_portal(core.db), core.db, core.blobs, core.ingest,
+                        BlobCollector(core.db, core.blobs), core.audit, clock, None,
+                        failures_per_minute=3)
+    _, inbox, key = await _account(server, "throttled")
+    _, other_inbox, other_key = await _account(server, "bystander")
+    for password in ("wrong-1", "wrong-2", "ap_sk_" + "y" * 43):
+        with pytest.raises(Unauthenticated):
+            await logins.authenticate(inbox["email"], password, "10.0.0.1")
+    with pytest.raises(RateLimited):  # same address, right key
+        await logins.authenticate(inbox["email"], key, "10.0.0.1")
+    with pytest.raises(RateLimited):  # same account, another address
+        await logins.authenticate(inbox["email"], key, "10.0.0.2")
+    ok = await logins.authenticate(other_inbox["email"], other_key, "10.0.0.3")
+    assert ok.address == other_inbox["email"]  # other accounts and addresses are unaffected
+    clock.advance(60)
+    assert (await logins.authenticate(inbox["email"], key, "10.0.0.1")).address == \
+        inbox["email"]

@@ -237,3 +237,70 @@ async def test_qresync_esearch_and_list_status_on_the_real_store(server):
     assert b'"INBOX" (MESSAGES 3 UNSEEN 3)' in statuses
     assert typ == "OK" and vanished == [b"(EARLIER) 2"]
     assert len(fetches) == 1 and b"UID 3 " in fetches[0] and b"\\Flagged" in fetches[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_logins_are_audited(server, db_dsn):
+    """Each IMAP login and failure leaves an audit row (action imap.login)."""
+    from tests.helpers import query
+    inbox, key = await _inbox(server, "imap-audit")
+
+    def logins():
+        _starttls(server.imap_port, inbox["email"], key).logout()
+        bad = imaplib.IMAP4("127.0.0.1", server.imap_port, timeout=20)
+        bad.starttls(ssl_context=_ctx())
+        try:
+            bad.login(inbox["email"], "ap_sk_" + "q" * 43)
+        except imaplib.IMAP4.error as exc:
+            return str(exc)
+        finally:
+            bad.logout()
+
+    refusal = await deferToThread(logins)
+    assert "AUTHENTICATIONFAILED" in refusal
+    await server.core.audit.flush()
+    rows = query(db_dsn, "SELECT outcome, actor_type, target_id, remote_addr FROM audit_log "
+                 "WHERE action = 'imap.login' ORDER BY id")
+    assert ("allowed", "api_key", inbox["id"], "127.0.0.1") in rows
+    assert ("denied", "anonymous", inbox["email"], "127.0.0.1") in rows
+
+
+@pytest_twisted.ensureDeferred
+async def test_database_outage_is_no_unavailable_and_the_session_survives(server, pg):
+    """With PostgreSQL down, commands answer NO [UNAVAILABLE] (a login too, never
+    AUTHENTICATIONFAILED); the connection stays usable and works once it is back."""
+    inbox, key = await _inbox(server, "imap-outage")
+    await server.deliver(make_message(to=inbox["email"], subject="kept"), [inbox["email"]])
+    imap = await deferToThread(_starttls, server.imap_port, inbox["email"], key)
+    await deferToThread(imap.select, "INBOX")
+    pg.stop()
+    try:
+        def during():
+            typ, data = imap.uid("FETCH", "1", "(BODY.PEEK[])")
+            fresh = imaplib.IMAP4("127.0.0.1", server.imap_port, timeout=20)
+            fresh.starttls(ssl_context=_ctx())
+            try:
+                fresh.login(inbox["email"], key)
+                login = "OK"
+            except imaplib.IMAP4.error as exc:
+                login = str(exc)
+            fresh.logout()
+            return typ, data, login
+
+        typ, data, login = await deferToThread(during)
+    finally:
+        pg.start()
+    assert typ == "NO" and data[0].startswith(b"[UNAVAILABLE]")
+    assert "[UNAVAILABLE]" in login and "AUTHENTICATIONFAILED" not in login
+
+    def after():
+        for _ in range(50):
+            typ, data = imap.uid("FETCH", "1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+            if typ == "OK":
+                return data
+            time.sleep(0.2)
+        return data
+
+    data = await deferToThread(after)
+    assert data[0][1] == b"Subject: kept\r\n\r\n"
+    await deferToThread(imap.logout)
