@@ -10,7 +10,7 @@ from agentpost.core.ingest import Target
 from agentpost.mail import filters
 from agentpost.model.errors import RelayDenied, SenderBlocked, UnknownRecipient
 from agentpost.storage import mail as mail_store
-from agentpost.storage.database import Database, Txn
+from agentpost.storage.database import Database
 
 
 def split_address(address: str) -> tuple[str, str]:
@@ -31,17 +31,12 @@ class Router:
         if not local or not domain:
             raise UnknownRecipient()
 
-        async def txn_fn(txn: Txn) -> Target:
-            if not await mail_store.domain_is_hosted(txn, domain):
-                raise RelayDenied()
-            row = await mail_store.find_inbox_by_address(txn, f"{local}@{domain}")
-            if row is None:
-                raise UnknownRecipient()
-            if sender:
-                rules = await mail_store.matching_rules(
-                    txn, row["org_id"], row["environment_id"], row["inbox_id"], "receive")
-                if filters.decide(rules, sender) == "block":
-                    raise SenderBlocked()
-            return Target(row["org_id"], row["environment_id"], row["inbox_id"], row["email"])
-
-        return await self._db.run_interaction("routing.resolve", txn_fn)
+        row = await self._db.run_read("routing.resolve", mail_store.route,
+                                      f"{local}@{domain}", domain)
+        if not row["hosted"]:
+            raise RelayDenied()
+        if row["inbox_id"] is None:
+            raise UnknownRecipient()
+        if sender and row["rules"] and filters.decide(row["rules"], sender) == "block":
+            raise SenderBlocked()
+        return Target(row["org_id"], row["environment_id"], row["inbox_id"], row["email"])

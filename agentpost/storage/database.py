@@ -35,19 +35,33 @@ _LINK_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError, txpostgres.R
 class Txn:
     """A transaction in progress: run statements, register after-commit work."""
 
-    def __init__(self, cursor: Any, now: datetime) -> None:
+    def __init__(self, cursor: Any, now: datetime, begin: str | None = None) -> None:
         self._cursor = cursor
         self.now = now
         self._after_commit: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        # BEGIN travels with the first statement: one round trip less per transaction.
+        self._begin = begin
+
+    @property
+    def started(self) -> bool:
+        """Whether a statement (and so the BEGIN) has been sent."""
+        return self._begin is None
+
+    async def _send(self, sql: str, params: Any) -> None:
+        if self._begin is not None:
+            # Simple-query protocol: both statements run in order in one message; an
+            # error in either aborts the transaction exactly as two messages would.
+            sql, self._begin = f"{self._begin}; {sql}", None
+        await self._cursor.execute(sql, params)
 
     async def execute(self, sql: str, params: Any = None) -> int:
         """Run a statement; return the affected row count."""
-        await self._cursor.execute(sql, params)
+        await self._send(sql, params)
         return self._cursor.rowcount
 
     async def fetchall(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
         """Run a query and return its rows as dicts."""
-        await self._cursor.execute(sql, params)
+        await self._send(sql, params)
         if self._cursor.description is None:
             return []
         cols = [c.name for c in self._cursor.description]
@@ -204,13 +218,13 @@ class Database:
         while True:
             attempt += 1
             conn = await self._acquire()
-            txn = Txn(conn.cursor(), self.now())
+            txn = Txn(conn.cursor(), self.now(), f"BEGIN ISOLATION LEVEL {isolation.upper()}")
             committing = False
             try:
-                await txn.execute(f"BEGIN ISOLATION LEVEL {isolation.upper()}")
                 result = await fn(txn, *args, **kwargs)
                 committing = True
-                await txn.execute("COMMIT")
+                if txn.started:  # nothing was sent, nothing to commit
+                    await txn.execute("COMMIT")
             except BaseException as exc:
                 await self._rollback_quietly(conn)
                 self._release(conn)

@@ -24,12 +24,22 @@ async def find_inbox_by_address(txn: Txn, address: str) -> dict[str, Any] | None
         "WHERE lower(email) = lower(%s)", (address,))
 
 
-async def domain_is_hosted(txn: Txn, domain: str) -> bool:
-    """Shared domains and verified organization domains are ours; everything else is relay."""
-    return bool(await txn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM shared_domains WHERE name = lower(%s)) OR "
-        "EXISTS (SELECT 1 FROM domains WHERE name = lower(%s) AND verified_at IS NOT NULL)",
-        (domain, domain)))
+async def route(txn: Txn, address: str, domain: str) -> dict[str, Any]:
+    """Everything the MX needs at RCPT, in ONE statement (routing runs per recipient):
+    ``hosted`` (the domain is ours), the inbox (``org_id``... None when unknown) and its
+    receive filter ``rules`` (a list of {match_type, value, action})."""
+    return await txn.fetchone(
+        "SELECT (EXISTS (SELECT 1 FROM shared_domains WHERE name = lower(%s)) OR "
+        "        EXISTS (SELECT 1 FROM domains WHERE name = lower(%s) "
+        "                AND verified_at IS NOT NULL)) AS hosted, "
+        "       i.org_id, i.environment_id, i.id AS inbox_id, i.email, "
+        "       (SELECT coalesce(json_agg(json_build_object('match_type', r.match_type, "
+        "               'value', r.value, 'action', r.action)), '[]'::json) "
+        "          FROM filter_rules r WHERE r.org_id = i.org_id "
+        "           AND r.environment_id = i.environment_id AND r.direction = 'receive' "
+        "           AND (r.inbox_id IS NULL OR r.inbox_id = i.id)) AS rules "
+        "FROM (SELECT 1) AS one LEFT JOIN inboxes i ON lower(i.email) = lower(%s)",
+        (domain, domain, address))  # type: ignore[return-value]
 
 
 # Folders ------------------------------------------------------------------------------
@@ -84,11 +94,12 @@ async def reference_blob(txn: Txn, key: str, size: int) -> bool:
     The advisory lock pairs with ``lock_blob`` in the deleter, so a blob cannot be
     removed from the store between our put and our commit.
     """
-    await txn.execute(_blob_lock_sql(), (key,))
+    # One round trip: the lock, then the upsert, in one simple-query message.
     row = await txn.fetchone(
+        _blob_lock_sql() + "; "
         "INSERT INTO blobs (key, size, refcount, created_at) VALUES (%s, %s, 1, %s) "
         "ON CONFLICT (key) DO UPDATE SET refcount = blobs.refcount + 1 "
-        "RETURNING refcount", (key, size, txn.now))
+        "RETURNING refcount", (key, key, size, txn.now))
     return row["refcount"] == 1
 
 
@@ -185,10 +196,13 @@ _MSG_COLS = ("id, org_id, environment_id, inbox_id, thread_id, folder_id, uid, m
 _MSG_LIST_COLS = _MSG_COLS.replace("text_body, html_body, extracted_text, ", "")
 
 
+_NOTIFY_FOLDER_SQL = "SELECT pg_notify(%s, %s)"
+
+
 async def notify_folder(txn: Txn, folder_id: int) -> None:
     """Wake IMAP sessions watching a folder, in every process, once this commits.
     (PostgreSQL folds identical notifications within one transaction.)"""
-    await txn.execute("SELECT pg_notify(%s, %s)", (MAIL_CHANNEL, str(folder_id)))
+    await txn.execute(_NOTIFY_FOLDER_SQL, (MAIL_CHANNEL, str(folder_id)))
 
 
 async def insert_message(txn: Txn, row: dict[str, Any]) -> None:
@@ -198,9 +212,8 @@ async def insert_message(txn: Txn, row: dict[str, Any]) -> None:
                                                                    "envelope_to") else v
               for c, v in row.items()]
     await txn.execute(
-        f"INSERT INTO messages ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))})",
-        values)
-    await notify_folder(txn, row["folder_id"])
+        f"INSERT INTO messages ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))}); "
+        + _NOTIFY_FOLDER_SQL, [*values, MAIL_CHANNEL, str(row["folder_id"])])
 
 
 async def insert_attachment(txn: Txn, row: dict[str, Any]) -> None:
@@ -216,10 +229,10 @@ async def insert_event(txn: Txn, *, org_id: str, event_id: str, environment_id: 
     """Write an event to the outbox and wake listeners in every process after commit."""
     await txn.execute(
         "INSERT INTO events (org_id, id, environment_id, inbox_id, type, data, created_at) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s)",
-        (org_id, event_id, environment_id, inbox_id, type_, Json(data), txn.now))
-    await txn.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, json.dumps(
-        {"org_id": org_id, "id": event_id, "type": type_, "inbox_id": inbox_id})))
+        "VALUES (%s, %s, %s, %s, %s, %s, %s); SELECT pg_notify(%s, %s)",
+        (org_id, event_id, environment_id, inbox_id, type_, Json(data), txn.now,
+         EVENTS_CHANNEL, json.dumps({"org_id": org_id, "id": event_id, "type": type_,
+                                     "inbox_id": inbox_id})))
 
 
 def _env_clause(env_ids: frozenset[str] | None) -> tuple[str, list[Any]]:
@@ -332,15 +345,6 @@ async def list_thread_messages(txn: Txn, org_id: str, thread_id: str) -> list[di
 
 _RULE_COLS = ("id, org_id, environment_id, inbox_id, direction, action, match_type, value, "
               "created_at")
-
-
-async def matching_rules(txn: Txn, org_id: str, environment_id: str, inbox_id: str,
-                         direction: str) -> list[dict[str, Any]]:
-    """Rules that apply to an inbox (its own and its environment's)."""
-    return await txn.fetchall(
-        f"SELECT {_RULE_COLS} FROM filter_rules WHERE org_id = %s AND environment_id = %s "
-        "AND direction = %s AND (inbox_id IS NULL OR inbox_id = %s)",
-        (org_id, environment_id, direction, inbox_id))
 
 
 async def insert_rule(txn: Txn, row: dict[str, Any]) -> dict[str, Any]:
