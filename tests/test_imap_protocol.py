@@ -193,6 +193,16 @@ class FakeAccount:
             rows.append(row)  # bodystructure left None: the server computes it
         return rows
 
+    async def read_blob(self, raw_key: str) -> bytes:
+        self.shared.calls.append(("read_blob", raw_key))
+        if self.range_gate is not None:
+            await self.range_gate
+        folder_id, uid = (int(x) for x in raw_key.split("/"))
+        m = self.shared.by_id(folder_id).messages.get(uid)
+        if m is None:
+            raise KeyError(raw_key)
+        return m.raw
+
     async def read_range(self, raw_key: str, start: int, length: int) -> bytes:
         self.shared.calls.append(("read_range", (raw_key, start, length)))
         if self.range_gate is not None:
@@ -965,7 +975,7 @@ def test_streamed_sections_equal_sliced_sections(store, items):
     streamed.raw()
     streamed.send(f"f UID FETCH {uid} ({items})\r\n".encode())
     assert streamed.raw() == expected
-    assert ("fetch_raw", uid) not in store.calls
+    assert ("fetch_raw", uid) not in store.calls and ("read_blob", f"1/{uid}") not in store.calls
     reads = [arg for what, arg in store.calls if what == "read_range"]
     assert all(length <= 256 * 1024 for _, _, length in reads)
 
@@ -1132,3 +1142,19 @@ def test_append_literals_are_spooled_not_buffered(store):
     s.send(b"e APPEND INBOX (\\Bogus {3+}\r\nabc\r\n")  # syntax error after the literal
     assert s.lines()[-1].startswith("e BAD")
     assert s.protocol._spools == []
+
+
+def test_small_bodies_are_read_ahead_and_answered_in_order(store):
+    """FETCH reads the next bodies while one is pending; responses stay in order."""
+    s = Session(FakeBackend(store)).selected()
+    s.raw()
+    s.account.range_gate = gate = defer.Deferred()
+    s.send(b"f FETCH 1:3 BODY.PEEK[]\r\n")
+    assert [c[1] for c in store.calls if c[0] == "read_blob"] == ["1/1", "1/2", "1/3"]
+    assert s.raw() == b""  # nothing sent before the first body is there
+    s.account.range_gate = None
+    gate.callback(None)
+    out = s.raw()
+    assert [out.index(b"* %d FETCH" % n) for n in (1, 2, 3)] == sorted(
+        out.index(b"* %d FETCH" % n) for n in (1, 2, 3))
+    assert out.endswith(b"f OK FETCH completed\r\n") and MSG_UTF8 in out

@@ -227,6 +227,10 @@ class InboxAccount:
                          raw_key=r.get("raw_blob_key"), sections=r.get("imap_sections"))
                 for r in rows]
 
+    async def read_blob(self, raw_key: str) -> bytes:
+        """A message whose key came from this account's own (org-scoped) FETCH."""
+        return await self._blobs.get_bytes(raw_key)
+
     async def read_range(self, raw_key: str, start: int, length: int) -> bytes:
         """Part of a message whose key came from this account's own (org-scoped) FETCH."""
         return await self._blobs.get_range(raw_key, start, length)
@@ -311,20 +315,15 @@ class InboxAccount:
         system, keywords = _split_flags(flags)
         target = Target(self._org, self.inbox["environment_id"], self._inbox_id, self.address)
 
-        async def resolve(txn: Txn) -> str:
-            return (await self._folder(txn, folder))["name"]
-
-        name = await self._db.run_read("imap.append.folder", resolve)
+        # RFC 3501: INBOX is case-insensitive; every other name is exact (ingest matches
+        # names exactly and answers NotFound -> [TRYCREATE] for a missing one).
+        name = "INBOX" if folder.upper() == "INBOX" else folder
         [stored] = await self._ingest.store(
             [target], io.BytesIO(message) if isinstance(message, bytes) else message,
             envelope_from=None, folder=name,
             flags=frozenset(system), labels=tuple(keywords), received_at=internaldate,
             require_folder=True, direction="inbound")
-
-        async def uidvalidity(txn: Txn) -> int:
-            return (await self._folder(txn, name))["uidvalidity"]
-
-        return await self._db.run_read("imap.append.uidvalidity", uidvalidity), stored.uid
+        return stored.uidvalidity, stored.uid
 
     async def _transfer(self, folder_id: int, uids: list[int], dest: str,
                         move: bool) -> tuple[int, list[tuple[int, int]]]:
@@ -461,8 +460,9 @@ class IMAPLogins:
             ctx.principal = principal
             if "messages:read" not in principal.scopes:
                 raise UnauthorizedLogin("missing messages:read")
-            inbox = await self._db.run_interaction("imap.login.inbox", _inbox_by_address,
-                                                   principal, account_key)
+            inbox = await self._db.run_read("imap.login.inbox", inbox_store.get_inbox_by_address,
+                                            principal.org_id, principal.environment_ids,
+                                            account_key)
             if inbox is None:
                 raise UnauthorizedLogin("no such inbox for this key")
         except UnauthorizedLogin:
@@ -475,15 +475,3 @@ class IMAPLogins:
         self._audit.enqueue(ctx, "allowed", None)
         return InboxAccount(principal, inbox, self._db, self._blobs, self._ingest,
                             self._collector, self._notifier)
-
-
-async def _inbox_by_address(txn: Txn, principal: Principal,
-                            address: str) -> dict[str, Any] | None:
-    """The inbox with this address in the principal's organization and environments."""
-    row = await mail_store.find_inbox_by_address(txn, address)
-    if row is None or row["org_id"] != principal.org_id:
-        return None
-    if not principal.may_use_environment(row["environment_id"]):
-        return None
-    return await inbox_store.get_inbox(txn, principal.org_id, principal.environment_ids,
-                                       row["inbox_id"])

@@ -45,6 +45,7 @@ class Stored:
     org_id: str
     thread_id: str
     uid: int
+    uidvalidity: int = 0  # of the folder it was stored in (IMAP APPENDUID)
 
 
 @dataclass(frozen=True)
@@ -225,4 +226,5 @@ class Ingest:
             data={"message_id": message_id, "inbox_id": target.inbox_id,
                   "thread_id": thread_id, "subject": parsed.subject,
                   "from": parsed.from_address, "received_at": when.astimezone(UTC).isoformat()})
-        return Stored(message_id, target.inbox_id, org, thread_id, uid)
+        return Stored(message_id, target.inbox_id, org, thread_id, uid,
+                      folder["uidvalidity"])

@@ -33,9 +33,10 @@ class FolderInfo:
     has_children: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MessageMeta:
-    """The cheap per-message state a session keeps for its sequence-number view."""
+    """The cheap per-message state a session keeps for its sequence-number view (one per
+    message of the selected folder, per session: slots, and shared flag sets)."""
 
     uid: int
     modseq: int
@@ -66,7 +67,7 @@ class FolderStatus:
     highestmodseq: int
 
 
-@dataclass
+@dataclass(slots=True)
 class FetchRow:
     """Per-message FETCH data; only what was asked for is filled in."""
 
@@ -139,6 +140,9 @@ class IMAPAccount(Protocol):
 
     async def fetch(self, folder_id: int, uids: list[int], wants: FetchWants) -> list[FetchRow]:
         """Rows for the UIDs that still exist, ascending UID."""
+
+    async def read_blob(self, raw_key: str) -> bytes:
+        """A whole stored message by a FetchRow's raw_key (small messages)."""
 
     async def read_range(self, raw_key: str, start: int, length: int) -> bytes:
         """``length`` bytes of a stored message from ``start`` (a FetchRow's raw_key)."""

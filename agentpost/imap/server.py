@@ -95,6 +95,8 @@ MAX_BUFFERED_INPUT = 1024 * 1024
 STREAM_THRESHOLD_BYTES = 256 * 1024
 #: One read from the blob store while streaming a literal.
 STREAM_CHUNK_BYTES = 256 * 1024
+#: Bodies (each under the stream threshold) read ahead of the FETCH response being sent.
+READ_AHEAD = 8
 
 #: APPEND messages are spooled in memory up to this size, then on disk.
 SPOOL_MEMORY_BYTES = 1024 * 1024
@@ -1396,39 +1398,68 @@ class IMAP4ServerProtocol(Protocol):
                     if meta.uid in self._meta:
                         self._meta[meta.uid] = meta
                         seen_now.add(meta.uid)
-        rows = await self.account.fetch(folder_id, uids, wants)
-        for row in rows:
-            if row.uid not in self._meta:
-                continue
+        rows = [r for r in await self.account.fetch(folder_id, uids, wants)
+                if r.uid in self._meta]
+
+        def needs_raw(row: FetchRow) -> bool:
             streaming = (needs_content and row.raw_key is not None and row.sections is not None
                          and row.size is not None and row.size > self.stream_threshold)
-            raw = None
-            if (needs_content and not streaming) or \
-                    (wants.envelope and row.envelope is None) or \
-                    (wants.bodystructure and (row.bodystructure is None or row.body is None)):
-                try:
-                    raw = await self.account.fetch_raw(folder_id, row.uid)
-                except errors.NotFound:
-                    continue  # expunged meanwhile
-            if self.state is not State.SELECTED:
-                return
-            segments = await self._fetch_response(row, raw, items, row.uid in seen_now)
-            for segment in segments:
-                if isinstance(segment, _Range):
-                    try:
-                        await self._stream_range(segment)
-                    except Exception:
-                        # The literal's length is on the wire: no answer can follow a
-                        # short literal, so the only honest move is to hang up.
-                        log.exception("imap %s: streaming a body failed; disconnecting",
-                                      self.session_id)
-                        self._close()
-                        raise _Answered() from None
-                else:
-                    self._write(segment)
-                await self._drain()
-                if self.state is State.LOGOUT:
+            return (needs_content and not streaming) or \
+                (wants.envelope and row.envelope is None) or \
+                (wants.bodystructure and (row.bodystructure is None or row.body is None))
+
+        # Small bodies are read a few messages ahead of the one being sent (each read is a
+        # thread hop or an S3 GET): at most READ_AHEAD bodies under the stream threshold
+        # are in memory at once.
+        reads: dict[int, defer.Deferred] = {}
+
+        def start(index: int) -> None:
+            if index < len(rows) and index not in reads and needs_raw(rows[index]):
+                reads[index] = defer.ensureDeferred(self._load_raw(folder_id, rows[index]))
+
+        try:
+            for index, row in enumerate(rows):
+                for ahead in range(index, index + READ_AHEAD):
+                    start(ahead)
+                raw = None
+                if index in reads:
+                    raw = await reads.pop(index)
+                    if raw is None:
+                        continue  # expunged meanwhile
+                if self.state is not State.SELECTED:
                     return
+                segments = await self._fetch_response(row, raw, items, row.uid in seen_now)
+                for segment in segments:
+                    if isinstance(segment, _Range):
+                        try:
+                            await self._stream_range(segment)
+                        except Exception:
+                            # The literal's length is on the wire: no answer can follow a
+                            # short literal, so the only honest move is to hang up.
+                            log.exception("imap %s: streaming a body failed; disconnecting",
+                                          self.session_id)
+                            self._close()
+                            raise _Answered() from None
+                    else:
+                        self._write(segment)
+                    await self._drain()
+                    if self.state is State.LOGOUT:
+                        return
+        finally:
+            for d in reads.values():  # the session ended or failed mid-FETCH
+                d.addErrback(lambda _: None)
+                d.cancel()
+
+    async def _load_raw(self, folder_id: int, row: FetchRow) -> bytes | None:
+        """The stored message (None if expunged meanwhile): by the key the FETCH query
+        already returned, else looked up by UID."""
+        assert self.account is not None
+        try:
+            if row.raw_key is not None:
+                return await self.account.read_blob(row.raw_key)
+            return await self.account.fetch_raw(folder_id, row.uid)
+        except (errors.NotFound, KeyError):  # KeyError: BlobNotFound, collected meanwhile
+            return None
 
     async def _stream_range(self, rng: _Range) -> None:
         """Send a literal's bytes from the blob store a chunk at a time, waiting whenever

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import date, datetime, time, timedelta
 from typing import Any
 
@@ -17,9 +18,22 @@ _META = "uid, modseq, seen, flagged, answered, draft, deleted, labels"
 
 
 def flags_of(row: dict[str, Any]) -> frozenset[str]:
-    """IMAP flags of a message row: system flags from columns, keywords from labels."""
-    out = {flag for flag, col in SYSTEM_FLAGS.items() if row[col]}
-    out.update(row["labels"])
+    """IMAP flags of a message row: system flags from columns, keywords from labels.
+
+    A folder has few distinct flag combinations, so equal sets are one shared object
+    (a session selecting 10,000 messages kept 10,000 frozensets of ~200 bytes each)."""
+    return _flag_set(row["seen"], row["flagged"], row["answered"], row["draft"],
+                     row["deleted"], tuple(row["labels"]))
+
+
+@functools.lru_cache(maxsize=4096)
+def _flag_set(seen: bool, flagged: bool, answered: bool, draft: bool, deleted: bool,
+              labels: tuple[str, ...]) -> frozenset[str]:
+    out = set(labels)
+    for flag, on in (("\\Seen", seen), ("\\Flagged", flagged), ("\\Answered", answered),
+                     ("\\Draft", draft), ("\\Deleted", deleted)):
+        if on:
+            out.add(flag)
     return frozenset(out)
 
 

@@ -51,6 +51,17 @@ async def get_inbox(txn: Txn, org_id: str, env_ids: frozenset[str] | None,
     )
 
 
+async def get_inbox_by_address(txn: Txn, org_id: str, env_ids: frozenset[str] | None,
+                               address: str) -> dict[str, Any] | None:
+    """The inbox with this address, only if it is in the organization and an allowed
+    environment (IMAP login: one statement, no transaction)."""
+    return await txn.fetchone(
+        f"SELECT {_COLS} FROM inboxes WHERE lower(email) = lower(%s) AND org_id = %s "
+        "AND (%s::text[] IS NULL OR environment_id = ANY(%s))",
+        (address, org_id, _arr(env_ids), _arr(env_ids)),
+    )
+
+
 async def list_inboxes(txn: Txn, org_id: str, env_ids: frozenset[str] | None,
                        after_id: str | None, limit: int) -> list[dict[str, Any]]:
     """Inboxes newest first, within the allowed environments."""

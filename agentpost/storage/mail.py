@@ -17,13 +17,6 @@ MAIL_CHANNEL = "agentpost_mail"
 
 # Routing ------------------------------------------------------------------------------
 
-async def find_inbox_by_address(txn: Txn, address: str) -> dict[str, Any] | None:
-    """The inbox an address belongs to, whichever organization owns it (MX routing)."""
-    return await txn.fetchone(
-        "SELECT org_id, environment_id, id AS inbox_id, email FROM inboxes "
-        "WHERE lower(email) = lower(%s)", (address,))
-
-
 async def route(txn: Txn, address: str, domain: str) -> dict[str, Any]:
     """Everything the MX needs at RCPT, in ONE statement (routing runs per recipient):
     ``hosted`` (the domain is ours), the inbox (``org_id``... None when unknown) and its
@@ -125,20 +118,25 @@ async def blob_unreferenced(txn: Txn, key: str) -> bool:
 async def find_thread(txn: Txn, org_id: str, inbox_id: str, message_id: str | None,
                       related_ids: list[str]) -> str | None:
     """The thread a message joins: its parents' thread, else a thread whose members
-    already referenced this message (children that arrived first)."""
-    if related_ids:
-        found = await txn.fetchval(
-            "SELECT thread_id FROM messages WHERE org_id = %s AND inbox_id = %s "
-            "AND message_id_header = ANY(%s) ORDER BY id LIMIT 1",
-            (org_id, inbox_id, related_ids))
-        if found:
-            return found
-    if message_id:
-        return await txn.fetchval(
-            "SELECT thread_id FROM messages WHERE org_id = %s AND inbox_id = %s "
-            "AND reference_ids @> ARRAY[%s]::text[] ORDER BY id LIMIT 1",
-            (org_id, inbox_id, message_id))
-    return None
+    already referenced this message (children that arrived first).
+
+    One statement. The MATERIALIZED CTEs make each lookup use its own index
+    (Message-ID; the GIN index on References) before ordering: with a plain
+    ``ORDER BY id LIMIT 1`` the planner walked the inbox backwards, reading every
+    message of a large inbox for each delivery that matched nothing.
+    """
+    if not related_ids and not message_id:
+        return None
+    return await txn.fetchval(
+        "WITH parents AS MATERIALIZED ("
+        "  SELECT id, thread_id FROM messages WHERE inbox_id = %s "
+        "   AND message_id_header = ANY(%s) AND org_id = %s), "
+        "children AS MATERIALIZED ("
+        "  SELECT id, thread_id FROM messages WHERE %s::text IS NOT NULL "
+        "   AND reference_ids @> ARRAY[%s::text] AND inbox_id = %s AND org_id = %s) "
+        "SELECT coalesce((SELECT thread_id FROM parents ORDER BY id LIMIT 1), "
+        "                (SELECT thread_id FROM children ORDER BY id LIMIT 1))",
+        (inbox_id, related_ids, org_id, message_id, message_id, inbox_id, org_id))
 
 
 async def insert_thread(txn: Txn, *, org_id: str, thread_id: str, environment_id: str,
