@@ -225,3 +225,36 @@ async def test_failed_logins_are_throttled_per_address_and_per_account(server):
     clock.advance(60)
     assert (await logins.authenticate(inbox["email"], key, "10.0.0.1")).address == \
         inbox["email"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_changes_read_one_row_when_nothing_left_the_folder(server):
+    """The folder's expunge mark: flag changes and arrivals report no expunges without
+    checking every known UID; an API delete, an IMAP expunge and a MOVE out all do."""
+    account, inbox, key = await _account(server, "marks")
+    for i in range(4):
+        await server.deliver(make_message(subject=f"x{i}", msgid=f"<x{i}@x>"),
+                             [inbox["email"]])
+    snap = await account.select("INBOX")
+    known, since = [1, 2, 3, 4], snap.highestmodseq
+    quiet = await account.changes(snap.folder_id, known, since)
+    assert (quiet.new, quiet.changed, quiet.expunged) == ([], [], [])
+    await account.store(snap.folder_id, [1], "+", frozenset({"\\Flagged"}), None)
+    flagged = await account.changes(snap.folder_id, known, since)
+    assert [m.uid for m in flagged.changed] == [1] and flagged.expunged == []
+    since = flagged.highestmodseq
+    listed = (await server.api.get(f"/api/v1/inboxes/{inbox['id']}/messages",
+                                   key=key)).json["data"]
+    victim = next(m for m in listed if m["subject"] == "x1")
+    assert (await server.api.delete(f"/api/v1/messages/{victim['id']}", key=key)).status \
+        == 204
+    deleted = await account.changes(snap.folder_id, known, since)
+    assert deleted.expunged == [2]
+    since, known = deleted.highestmodseq, [1, 3, 4]
+    await account.move(snap.folder_id, [3], "Trash")
+    moved = await account.changes(snap.folder_id, known, since)
+    assert moved.expunged == [3]
+    since, known = moved.highestmodseq, [1, 4]
+    await account.store(snap.folder_id, [4], "+", frozenset({"\\Deleted"}), None)
+    assert await account.expunge(snap.folder_id, None) == [4]
+    assert (await account.changes(snap.folder_id, known, since)).expunged == [4]

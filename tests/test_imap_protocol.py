@@ -1158,3 +1158,26 @@ def test_small_bodies_are_read_ahead_and_answered_in_order(store):
     assert [out.index(b"* %d FETCH" % n) for n in (1, 2, 3)] == sorted(
         out.index(b"* %d FETCH" % n) for n in (1, 2, 3))
     assert out.endswith(b"f OK FETCH completed\r\n") and MSG_UTF8 in out
+
+
+def test_expunge_reported_once_by_the_account_is_not_lost_during_fetch(store):
+    """The real account reports an expunge once (its folder mark); when it arrives during
+    FETCH it must wait in the session and come out at the next NOOP."""
+    s = Session(FakeBackend(store)).selected()
+    account = s.account
+    reported: set[int] = set()
+    plain_changes = account.changes
+
+    async def once(folder_id, known, since):
+        found = await plain_changes(folder_id, known, since)
+        found.expunged = [u for u in found.expunged if u not in reported]
+        reported.update(found.expunged)
+        return found
+
+    account.changes = once
+    del store.folders["INBOX"].messages[2]
+    store.notify(store.folders["INBOX"].id)
+    lines = s.cmd("f FETCH 1 (FLAGS)")
+    assert not any("EXPUNGE" in line for line in lines) and reported == {2}
+    assert s.cmd("n NOOP") == ["* 2 EXPUNGE", "n OK NOOP completed"]
+    assert s.cmd("n NOOP") == ["n OK NOOP completed"]

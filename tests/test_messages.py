@@ -179,3 +179,32 @@ async def test_large_text_body_derives_extracted_text_on_read(server):
     rows = await server.core.db.run_query(
         "t", "SELECT extracted_text FROM messages WHERE id = %s", (summary["id"],))
     assert rows[0]["extracted_text"] is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_incremental_thread_summary_equals_a_full_recompute(server, db_dsn):
+    """Ingest folds each message into its thread; the result is what recomputing the
+    thread from all its messages gives."""
+    from agentpost.storage import mail as mail_store
+    _, key = await server.new_org()
+    inbox = (await server.api.post("/api/v1/inboxes", {"username": "fold"}, key=key)).json
+    to = inbox["email"]
+    await server.deliver(make_message(to=to, frm="Ann <ANN@x.org>", msgid="<r@x>"), [to])
+    await server.deliver(make_message(to=f"{to}, bob@y.org", frm="carol@z.org",
+                                      msgid="<c1@x>", in_reply_to="<r@x>"), [to])
+    await server.deliver(make_message(to=to, frm="ann@x.org", msgid="<c2@x>",
+                                      references="<r@x> <c1@x>",
+                                      extra_headers=[("Cc", "Dave <dave@w.org>")]), [to])
+    cols = "message_count, last_message_at, participants, labels"
+    before = query(db_dsn, f"SELECT id, {cols} FROM threads WHERE inbox_id = %s",
+                   (inbox["id"],))
+    assert len(before) == 1 and before[0][1] == 3
+    thread_id = before[0][0]
+    [(org_id,)] = query(db_dsn, "SELECT org_id FROM threads WHERE id = %s", (thread_id,))
+    await server.core.db.run_interaction("recompute", mail_store.refresh_thread, org_id,
+                                         thread_id)
+    after = query(db_dsn, f"SELECT id, {cols} FROM threads WHERE inbox_id = %s",
+                  (inbox["id"],))
+    assert after == before
+    assert sorted(before[0][3]) == ["ann@x.org", "bob@y.org", "carol@z.org", "dave@w.org",
+                                    to.lower()]

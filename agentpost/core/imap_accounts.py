@@ -385,9 +385,7 @@ class InboxAccount:
 
         async def txn_fn(txn: Txn) -> list[int]:
             await self._folder_id(txn, folder_id)
-            meta = await imap_store.folder_meta(txn, self._org, folder_id)
-            doomed = [r["uid"] for r in meta
-                      if r["deleted"] and (uids is None or r["uid"] in set(uids))]
+            doomed = await imap_store.deleted_uids(txn, self._org, folder_id, uids)
             if doomed:
                 freed.extend(await self._delete_uids(txn, folder_id, doomed))
                 await mail_store.bump_modseq(txn, self._org, folder_id)
@@ -416,9 +414,11 @@ class InboxAccount:
 
         found = await self._db.run_interaction("imap.changes", txn_fn,
                                                isolation="repeatable read")
+        present = found["present"]
         return Changes(new=[_meta(r) for r in found["new"]],
                        changed=[_meta(r) for r in found["changed"]],
-                       expunged=[u for u in known_uids if u not in found["present"]],
+                       expunged=[] if present is None else
+                       [u for u in known_uids if u not in present],
                        highestmodseq=found["highestmodseq"] or since_modseq)
 
     def watch(self, folder_id: int, callback: Callable[[], None]) -> Callable[[], None]:

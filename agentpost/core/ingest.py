@@ -219,7 +219,7 @@ class Ingest:
                 "sha256": ref.sha256,
                 "blob_key": ref.key, "part_index": att.part_index,
             })
-        await mail_store.refresh_thread(txn, org, thread_id)
+        await mail_store.add_to_thread(txn, org, message_id)
         await mail_store.insert_event(
             txn, org_id=org, event_id=new_id("evt"), environment_id=target.environment_id,
             inbox_id=target.inbox_id, type_="message.received",

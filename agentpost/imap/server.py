@@ -260,6 +260,7 @@ class IMAP4ServerProtocol(Protocol):
         self._uids: list[int] = []
         self._meta: dict[int, MessageMeta] = {}
         self._recent: set[int] = set()
+        self._pending_expunged: set[int] = set()
         self._highestmodseq = 0
         self._dirty = False
         self._unwatch: Callable[[], None] | None = None
@@ -805,6 +806,7 @@ class IMAP4ServerProtocol(Protocol):
         self._uids = [m.uid for m in snap.messages]
         self._meta = {m.uid: m for m in snap.messages}
         self._recent = set()
+        self._pending_expunged = set()
         self._highestmodseq = snap.highestmodseq
         self._dirty = False
         self.state = State.SELECTED
@@ -871,6 +873,7 @@ class IMAP4ServerProtocol(Protocol):
         self._uids = []
         self._meta = {}
         self._recent = set()
+        self._pending_expunged = set()
         self.state = State.AUTHENTICATED
 
     def _stop_watching(self) -> None:
@@ -1130,9 +1133,13 @@ class IMAP4ServerProtocol(Protocol):
                                                       self._highestmodseq)
         if self.state is not State.SELECTED or self.snapshot is None:
             return
-        if expunge and changes.expunged:
-            self._expunged(changes.expunged)
-        elif changes.expunged:
+        # Expunges seen during FETCH/STORE/SEARCH wait (RFC 3501 §7.4.1) in a set of their
+        # own: the account reports each expunge once, not again at the next poll.
+        self._pending_expunged.update(changes.expunged)
+        if expunge and self._pending_expunged:
+            gone, self._pending_expunged = sorted(self._pending_expunged), set()
+            self._expunged(gone)
+        elif self._pending_expunged:
             self._dirty = True  # report them at the next command that allows it
         for meta in changes.changed:
             old = self._meta.get(meta.uid)

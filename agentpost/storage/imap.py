@@ -10,7 +10,7 @@ import psycopg2.errors
 
 from agentpost.model.errors import Conflict
 from agentpost.storage.database import Txn
-from agentpost.storage.mail import notify_folder
+from agentpost.storage.mail import mark_expunged, notify_folder
 
 SYSTEM_FLAGS = {"\\Seen": "seen", "\\Flagged": "flagged", "\\Answered": "answered",
                 "\\Draft": "draft", "\\Deleted": "deleted"}
@@ -105,6 +105,16 @@ async def folder_meta(txn: Txn, org_id: str, folder_id: int) -> list[dict[str, A
         (org_id, folder_id))
 
 
+async def deleted_uids(txn: Txn, org_id: str, folder_id: int,
+                       uids: list[int] | None) -> list[int]:
+    """UIDs flagged \\Deleted (among ``uids`` when given), ascending: what EXPUNGE removes."""
+    rows = await txn.fetchall(
+        "SELECT uid FROM messages WHERE org_id = %s AND folder_id = %s AND deleted "
+        "AND (%s::bigint[] IS NULL OR uid = ANY(%s)) ORDER BY uid",
+        (org_id, folder_id, uids, uids))
+    return [r["uid"] for r in rows]
+
+
 async def folder_counts(txn: Txn, org_id: str, folder_id: int) -> dict[str, Any]:
     """MESSAGES and UNSEEN for STATUS."""
     return await txn.fetchone(
@@ -183,26 +193,35 @@ async def move_message(txn: Txn, org_id: str, message_id: str, src_folder: int,
     await txn.execute(
         "UPDATE messages SET folder_id = %s, uid = %s, modseq = %s WHERE org_id = %s "
         "AND id = %s", (folder_id, uid, modseq, org_id, message_id))
-    await notify_folder(txn, src_folder)
+    await mark_expunged(txn, org_id, src_folder)
     await notify_folder(txn, folder_id)
 
 
 async def changes(txn: Txn, org_id: str, folder_id: int, max_known_uid: int,
                   known_uids: list[int], since_modseq: int) -> dict[str, Any]:
-    """New messages, flag changes among known ones, and which known ones still exist."""
-    new = await txn.fetchall(
+    """New messages, flag changes among known ones, and which known ones still exist
+    (``present`` is None when nothing left the folder since ``since_modseq``; the folder
+    row missing means it was deleted: nothing is present)."""
+    folder = await txn.fetchone(
+        "SELECT highestmodseq, expunged_modseq FROM folders WHERE org_id = %s AND id = %s",
+        (org_id, folder_id))
+    if folder is None:
+        return {"new": [], "changed": [], "present": set(), "highestmodseq": since_modseq}
+    out: dict[str, Any] = {"new": [], "changed": [], "present": None,
+                           "highestmodseq": folder["highestmodseq"]}
+    if folder["highestmodseq"] <= since_modseq:
+        return out  # nothing at all happened: one row read
+    out["new"] = await txn.fetchall(
         f"SELECT {_META} FROM messages WHERE org_id = %s AND folder_id = %s AND uid > %s "
         "ORDER BY uid", (org_id, folder_id, max_known_uid))
-    changed = await txn.fetchall(
+    out["changed"] = await txn.fetchall(
         f"SELECT {_META} FROM messages WHERE org_id = %s AND folder_id = %s AND uid <= %s "
         "AND modseq > %s ORDER BY uid", (org_id, folder_id, max_known_uid, since_modseq))
-    present = await txn.fetchall(
-        "SELECT uid FROM messages WHERE org_id = %s AND folder_id = %s AND uid = ANY(%s)",
-        (org_id, folder_id, known_uids))
-    highest = await txn.fetchval(
-        "SELECT highestmodseq FROM folders WHERE org_id = %s AND id = %s", (org_id, folder_id))
-    return {"new": new, "changed": changed, "present": {r["uid"] for r in present},
-            "highestmodseq": highest}
+    if folder["expunged_modseq"] > since_modseq:
+        out["present"] = {r["uid"] for r in await txn.fetchall(
+            "SELECT uid FROM messages WHERE org_id = %s AND folder_id = %s AND uid = ANY(%s)",
+            (org_id, folder_id, known_uids))}
+    return out
 
 
 # SEARCH -------------------------------------------------------------------------------

@@ -176,6 +176,31 @@ async def refresh_thread(txn: Txn, org_id: str, thread_id: str) -> None:
         (txn.now, org_id, thread_id, org_id, thread_id, org_id, thread_id, org_id, thread_id))
 
 
+async def add_to_thread(txn: Txn, org_id: str, message_id: str) -> None:
+    """Fold one new message into its thread's count, last activity, participants and
+    labels -- what :func:`refresh_thread` computes, without reading the whole thread
+    (a 10,000-message thread made every delivery to it re-aggregate 10,000 rows)."""
+    await txn.execute(
+        """
+        UPDATE threads t SET
+            message_count = t.message_count + 1,
+            last_message_at = GREATEST(t.last_message_at, m.received_at),
+            participants = (
+                SELECT COALESCE(jsonb_agg(DISTINCT a), '[]'::jsonb) FROM (
+                    SELECT jsonb_array_elements_text(t.participants) AS a
+                    UNION SELECT lower(m.from_address->>'email')
+                    UNION SELECT lower(x->>'email')
+                          FROM jsonb_array_elements(m.to_addresses || m.cc_addresses) x
+                ) p WHERE a IS NOT NULL),
+            labels = (SELECT COALESCE(array_agg(DISTINCT l ORDER BY l), '{}')
+                      FROM unnest(t.labels || m.labels) l),
+            updated_at = %s
+        FROM messages m
+        WHERE m.org_id = %s AND m.id = %s AND t.org_id = m.org_id AND t.id = m.thread_id
+        """,
+        (txn.now, org_id, message_id))
+
+
 async def delete_thread_if_empty(txn: Txn, org_id: str, thread_id: str) -> None:
     """Threads exist only while they have messages."""
     await txn.execute(
@@ -296,8 +321,17 @@ async def delete_message(txn: Txn, org_id: str, message_id: str) -> list[str]:
         (org_id, message_id))
     if row is None:
         return keys
-    await notify_folder(txn, row["folder_id"])
+    await mark_expunged(txn, org_id, row["folder_id"])
     return [row["raw_blob_key"], *keys]
+
+
+async def mark_expunged(txn: Txn, org_id: str, folder_id: int) -> None:
+    """A message left the folder: a new MODSEQ, remembered as the folder's last expunge
+    (sessions re-check which UIDs still exist only when it moved), and a wake-up."""
+    await txn.execute(
+        "UPDATE folders SET highestmodseq = highestmodseq + 1, "
+        "expunged_modseq = highestmodseq + 1 WHERE org_id = %s AND id = %s; "
+        + _NOTIFY_FOLDER_SQL, (org_id, folder_id, MAIL_CHANNEL, str(folder_id)))
 
 
 async def list_threads(txn: Txn, org_id: str, env_ids: frozenset[str] | None, inbox_id: str,
