@@ -171,6 +171,10 @@ async def copy_message(txn: Txn, org_id: str, message_id: str, new_id: str, fold
         "imap_bodystructure, imap_body, imap_sections FROM messages WHERE org_id = %s AND id = %s",
         (new_id, folder_id, uid, modseq, txn.now, org_id, message_id))
     await txn.execute(
+        "INSERT INTO message_refs (org_id, inbox_id, ref, message_id) "
+        "SELECT org_id, inbox_id, ref, %s FROM message_refs "
+        "WHERE org_id = %s AND message_id = %s", (new_id, org_id, message_id))
+    await txn.execute(
         "INSERT INTO attachments (org_id, id, message_id, filename, mime_type, size, "
         "content_id, disposition, sha256, blob_key, part_index) "
         "SELECT org_id, 'att_' || substr(md5(id || %s), 1, 26), %s, filename, mime_type, size, "

@@ -120,23 +120,27 @@ async def find_thread(txn: Txn, org_id: str, inbox_id: str, message_id: str | No
     """The thread a message joins: its parents' thread, else a thread whose members
     already referenced this message (children that arrived first).
 
-    One statement. The MATERIALIZED CTEs make each lookup use its own index
-    (Message-ID; the GIN index on References) before ordering: with a plain
-    ``ORDER BY id LIMIT 1`` the planner walked the inbox backwards, reading every
-    message of a large inbox for each delivery that matched nothing.
+    One statement of index probes only, built so that no plan can walk the inbox: no
+    ORDER BY over messages (with stale statistics a young inbox looks like one row, and
+    the planner read it all backwards in id order to skip a sort); the earliest parent
+    is picked here from the few rows found. See migration 0006.
     """
     if not related_ids and not message_id:
         return None
-    return await txn.fetchval(
-        "WITH parents AS MATERIALIZED ("
-        "  SELECT id, thread_id FROM messages WHERE inbox_id = %s "
-        "   AND message_id_header = ANY(%s) AND org_id = %s), "
-        "children AS MATERIALIZED ("
-        "  SELECT id, thread_id FROM messages WHERE %s::text IS NOT NULL "
-        "   AND reference_ids @> ARRAY[%s::text] AND inbox_id = %s AND org_id = %s) "
-        "SELECT coalesce((SELECT thread_id FROM parents ORDER BY id LIMIT 1), "
-        "                (SELECT thread_id FROM children ORDER BY id LIMIT 1))",
-        (inbox_id, related_ids, org_id, message_id, message_id, inbox_id, org_id))
+    rows = await txn.fetchall(
+        "SELECT 0 AS kind, x.id, x.thread_id FROM unnest(%s::text[]) AS p(ref) "
+        "CROSS JOIN LATERAL (SELECT m.id, m.thread_id FROM messages m "
+        "  WHERE m.org_id = %s AND m.inbox_id = %s AND m.message_id_header = p.ref "
+        "  LIMIT 1) AS x "
+        "UNION ALL "
+        "(SELECT 1, r.message_id, m.thread_id FROM message_refs r JOIN messages m "
+        "   ON m.org_id = r.org_id AND m.id = r.message_id "
+        "  WHERE r.org_id = %s AND r.inbox_id = %s AND r.ref = %s "
+        "  ORDER BY r.message_id LIMIT 1)",
+        (related_ids, org_id, inbox_id, org_id, inbox_id, message_id))
+    if not rows:
+        return None
+    return min(rows, key=lambda r: (r["kind"], r["id"]))["thread_id"]
 
 
 async def insert_thread(txn: Txn, *, org_id: str, thread_id: str, environment_id: str,
@@ -236,7 +240,11 @@ async def insert_message(txn: Txn, row: dict[str, Any]) -> None:
               for c, v in row.items()]
     await txn.execute(
         f"INSERT INTO messages ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))}); "
-        + _NOTIFY_FOLDER_SQL, [*values, MAIL_CHANNEL, str(row["folder_id"])])
+        "INSERT INTO message_refs (org_id, inbox_id, ref, message_id) "
+        "SELECT DISTINCT %s, %s, r, %s FROM unnest(%s::text[]) AS r; "
+        + _NOTIFY_FOLDER_SQL,
+        [*values, row["org_id"], row["inbox_id"], row["id"], list(row["reference_ids"]),
+         MAIL_CHANNEL, str(row["folder_id"])])
 
 
 async def insert_attachment(txn: Txn, row: dict[str, Any]) -> None:
