@@ -195,16 +195,27 @@ async def test_incremental_thread_summary_equals_a_full_recompute(server, db_dsn
     await server.deliver(make_message(to=to, frm="ann@x.org", msgid="<c2@x>",
                                       references="<r@x> <c1@x>",
                                       extra_headers=[("Cc", "Dave <dave@w.org>")]), [to])
+    # An APPEND-like store with an old date and keywords starts a thread of its own.
+    import io
+    from datetime import UTC, datetime
+    target = await server.core.router.resolve(to, "")
+    await server.core.ingest.store(
+        [target], io.BytesIO(make_message(to=to, msgid="<old@x>", subject="Old")),
+        envelope_from=None, labels=("project", "b-label"),
+        received_at=datetime(2020, 1, 2, 3, 4, 5, tzinfo=UTC))
     cols = "message_count, last_message_at, participants, labels"
-    before = query(db_dsn, f"SELECT id, {cols} FROM threads WHERE inbox_id = %s",
+    before = query(db_dsn, f"SELECT id, {cols} FROM threads WHERE inbox_id = %s ORDER BY id",
                    (inbox["id"],))
-    assert len(before) == 1 and before[0][1] == 3
-    thread_id = before[0][0]
-    [(org_id,)] = query(db_dsn, "SELECT org_id FROM threads WHERE id = %s", (thread_id,))
-    await server.core.db.run_interaction("recompute", mail_store.refresh_thread, org_id,
-                                         thread_id)
-    after = query(db_dsn, f"SELECT id, {cols} FROM threads WHERE inbox_id = %s",
+    assert sorted(r[1] for r in before) == [1, 3]
+    for thread_id, *_ in before:
+        [(org_id,)] = query(db_dsn, "SELECT org_id FROM threads WHERE id = %s", (thread_id,))
+        await server.core.db.run_interaction("recompute", mail_store.refresh_thread, org_id,
+                                             thread_id)
+    after = query(db_dsn, f"SELECT id, {cols} FROM threads WHERE inbox_id = %s ORDER BY id",
                   (inbox["id"],))
     assert after == before
-    assert sorted(before[0][3]) == ["ann@x.org", "bob@y.org", "carol@z.org", "dave@w.org",
-                                    to.lower()]
+    big = next(r for r in before if r[1] == 3)
+    assert sorted(big[3]) == ["ann@x.org", "bob@y.org", "carol@z.org", "dave@w.org",
+                              to.lower()]
+    old = next(r for r in before if r[1] == 1)
+    assert old[2].year == 2020 and old[4] == ["b-label", "project"]

@@ -187,12 +187,22 @@ class Ingest:
             await mail_store.insert_thread(txn, org_id=org, thread_id=thread_id,
                                            environment_id=target.environment_id,
                                            inbox_id=target.inbox_id, subject=parsed.subject)
-        uid, modseq = await mail_store.allocate_uid(txn, org, folder["id"])
         message_id = new_id("msg")
-        await mail_store.insert_message(txn, {
+        # Everything that does not need the UID first: the folder's row lock, taken by
+        # insert_message, is then held only for the attachments and the COMMIT.
+        await mail_store.add_to_thread(
+            txn, org, thread_id, received_at=when, from_address=parsed.from_address,
+            recipients=parsed.to_addresses + parsed.cc_addresses, labels=list(state.labels))
+        await mail_store.insert_event(
+            txn, org_id=org, event_id=new_id("evt"), environment_id=target.environment_id,
+            inbox_id=target.inbox_id, type_="message.received",
+            data={"message_id": message_id, "inbox_id": target.inbox_id,
+                  "thread_id": thread_id, "subject": parsed.subject,
+                  "from": parsed.from_address, "received_at": when.astimezone(UTC).isoformat()})
+        uid, _ = await mail_store.insert_message(txn, {
             "org_id": org, "id": message_id, "environment_id": target.environment_id,
             "inbox_id": target.inbox_id, "thread_id": thread_id, "folder_id": folder["id"],
-            "uid": uid, "modseq": modseq, "direction": direction,
+            "direction": direction,
             "message_id_header": parsed.message_id, "in_reply_to": parsed.in_reply_to,
             "reference_ids": parsed.references, "subject": parsed.subject,
             "from_address": parsed.from_address, "to_addresses": parsed.to_addresses,
@@ -219,12 +229,5 @@ class Ingest:
                 "sha256": ref.sha256,
                 "blob_key": ref.key, "part_index": att.part_index,
             })
-        await mail_store.add_to_thread(txn, org, message_id)
-        await mail_store.insert_event(
-            txn, org_id=org, event_id=new_id("evt"), environment_id=target.environment_id,
-            inbox_id=target.inbox_id, type_="message.received",
-            data={"message_id": message_id, "inbox_id": target.inbox_id,
-                  "thread_id": thread_id, "subject": parsed.subject,
-                  "from": parsed.from_address, "received_at": when.astimezone(UTC).isoformat()})
         return Stored(message_id, target.inbox_id, org, thread_id, uid,
                       folder["uidvalidity"])

@@ -180,29 +180,32 @@ async def refresh_thread(txn: Txn, org_id: str, thread_id: str) -> None:
         (txn.now, org_id, thread_id, org_id, thread_id, org_id, thread_id, org_id, thread_id))
 
 
-async def add_to_thread(txn: Txn, org_id: str, message_id: str) -> None:
+async def add_to_thread(txn: Txn, org_id: str, thread_id: str, *, received_at: Any,
+                        from_address: dict[str, str] | None,
+                        recipients: list[dict[str, str]], labels: list[str]) -> None:
     """Fold one new message into its thread's count, last activity, participants and
-    labels -- what :func:`refresh_thread` computes, without reading the whole thread
-    (a 10,000-message thread made every delivery to it re-aggregate 10,000 rows)."""
+    labels -- what :func:`refresh_thread` computes, without reading the thread's
+    messages (a 10,000-message thread made every delivery re-aggregate 10,000 rows).
+    Runs before the message row exists, so the folder's UID lock is held briefly."""
     await txn.execute(
         """
         UPDATE threads t SET
             message_count = t.message_count + 1,
-            last_message_at = GREATEST(t.last_message_at, m.received_at),
+            last_message_at = CASE WHEN t.message_count = 0 THEN %s
+                                   ELSE GREATEST(t.last_message_at, %s) END,
             participants = (
                 SELECT COALESCE(jsonb_agg(DISTINCT a), '[]'::jsonb) FROM (
                     SELECT jsonb_array_elements_text(t.participants) AS a
-                    UNION SELECT lower(m.from_address->>'email')
-                    UNION SELECT lower(x->>'email')
-                          FROM jsonb_array_elements(m.to_addresses || m.cc_addresses) x
+                    UNION SELECT lower(%s::jsonb->>'email')
+                    UNION SELECT lower(x->>'email') FROM jsonb_array_elements(%s::jsonb) x
                 ) p WHERE a IS NOT NULL),
             labels = (SELECT COALESCE(array_agg(DISTINCT l ORDER BY l), '{}')
-                      FROM unnest(t.labels || m.labels) l),
+                      FROM unnest(t.labels || %s::text[]) l),
             updated_at = %s
-        FROM messages m
-        WHERE m.org_id = %s AND m.id = %s AND t.org_id = m.org_id AND t.id = m.thread_id
+        WHERE t.org_id = %s AND t.id = %s
         """,
-        (txn.now, org_id, message_id))
+        (received_at, received_at, Json(from_address), Json(recipients), labels, txn.now,
+         org_id, thread_id))
 
 
 async def delete_thread_if_empty(txn: Txn, org_id: str, thread_id: str) -> None:
@@ -232,19 +235,30 @@ async def notify_folder(txn: Txn, folder_id: int) -> None:
     await txn.execute(_NOTIFY_FOLDER_SQL, (MAIL_CHANNEL, str(folder_id)))
 
 
-async def insert_message(txn: Txn, row: dict[str, Any]) -> None:
-    """Insert one message row (values prepared by core.ingest)."""
+async def insert_message(txn: Txn, row: dict[str, Any]) -> tuple[int, int]:
+    """Insert one message row (values prepared by core.ingest) with the folder's next UID
+    and MODSEQ, its Message-ID references and the folder wake-up, in ONE statement: the
+    folder row stays locked from here to COMMIT, so nothing else may come after it but
+    the attachments."""
     cols = list(row)
     values = [Json(v) if isinstance(v, dict | list) and c not in ("reference_ids", "labels",
                                                                    "envelope_to") else v
               for c, v in row.items()]
-    await txn.execute(
-        f"INSERT INTO messages ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))}); "
-        "INSERT INTO message_refs (org_id, inbox_id, ref, message_id) "
-        "SELECT DISTINCT %s, %s, r, %s FROM unnest(%s::text[]) AS r; "
-        + _NOTIFY_FOLDER_SQL,
-        [*values, row["org_id"], row["inbox_id"], row["id"], list(row["reference_ids"]),
-         MAIL_CHANNEL, str(row["folder_id"])])
+    found = await txn.fetchone(
+        "WITH u AS (UPDATE folders SET uidnext = uidnext + 1, "
+        "           highestmodseq = highestmodseq + 1 WHERE org_id = %s AND id = %s "
+        "           RETURNING uidnext - 1 AS uid, highestmodseq AS modseq), "
+        f"m AS (INSERT INTO messages ({', '.join(cols)}, uid, modseq) "
+        f"      SELECT {', '.join(['%s'] * len(cols))}, u.uid, u.modseq FROM u "
+        "      RETURNING id, uid, modseq), "
+        "r AS (INSERT INTO message_refs (org_id, inbox_id, ref, message_id) "
+        "      SELECT DISTINCT %s, %s, ref, m.id FROM m, unnest(%s::text[]) AS ref) "
+        "SELECT m.uid, m.modseq, pg_notify(%s, %s) FROM m",
+        [row["org_id"], row["folder_id"], *values, row["org_id"], row["inbox_id"],
+         list(row["reference_ids"]), MAIL_CHANNEL, str(row["folder_id"])])
+    if found is None:
+        raise LookupError("the folder of a new message vanished")
+    return found["uid"], found["modseq"]
 
 
 async def insert_attachment(txn: Txn, row: dict[str, Any]) -> None:
