@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -350,8 +351,8 @@ class FakeBackend:
 
 @implementer(ITLSTransport)
 class TLSCapableTransport(StringTransport):
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, peer: str = "127.0.0.1") -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", peer, 40000))
         self.tls_started_with: Any = None
 
     def startTLS(self, contextFactory: Any, normal: bool = True) -> None:
@@ -365,7 +366,7 @@ class Session:
                  tls: bool = False, **kwargs: Any) -> None:
         self.backend = backend or FakeBackend()
         self.clock = clock or Clock()
-        self.transport = TLSCapableTransport()
+        self.transport = TLSCapableTransport(kwargs.pop("peer", "127.0.0.1"))
         if tls:
             kwargs.setdefault("tls_options", object())
         kwargs.setdefault("allow_plaintext_login", not tls)
@@ -521,7 +522,7 @@ def test_login_failures_and_success():
     assert s.cmd("d SELECT INBOX")[-1].startswith("d BAD")
     ok = s.cmd('e LOGIN "agent@example.com" {6+}\r\nsecret')
     assert ok[-1].startswith("e OK [CAPABILITY IMAP4rev1") and "LOGIN completed" in ok[-1]
-    assert s.backend.attempts[-1] == ("agent@example.com", "secret", "192.168.1.1")
+    assert s.backend.attempts[-1] == ("agent@example.com", "secret", "127.0.0.1")
     assert s.cmd("f LOGIN x y")[-1].startswith("f BAD")
 
 
@@ -1181,3 +1182,17 @@ def test_expunge_reported_once_by_the_account_is_not_lost_during_fetch(store):
     assert not any("EXPUNGE" in line for line in lines) and reported == {2}
     assert s.cmd("n NOOP") == ["* 2 EXPUNGE", "n OK NOOP completed"]
     assert s.cmd("n NOOP") == ["n OK NOOP completed"]
+
+
+def test_plaintext_login_switch_is_for_loopback_clients_only():
+    """allow_plaintext_login never offers LOGIN in cleartext to another machine."""
+    local = Session(allow_plaintext_login=True)
+    assert "LOGINDISABLED" not in local.lines()[0]
+    assert local.cmd("l LOGIN agent@example.com secret")[-1].startswith("l OK")
+    remote = Session(allow_plaintext_login=True, peer="192.0.2.7")
+    greeting = remote.lines()[0]
+    assert "LOGINDISABLED" in greeting and "AUTH=PLAIN" not in greeting
+    assert remote.cmd("l LOGIN agent@example.com secret")[-1].startswith(
+        "l NO [PRIVACYREQUIRED]")
+    mapped = Session(allow_plaintext_login=True, peer="::ffff:127.0.0.1")
+    assert "LOGINDISABLED" not in mapped.lines()[0]

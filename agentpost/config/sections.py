@@ -150,7 +150,7 @@ class IMAPSection:
     port: int = opt(143, "Port of the STARTTLS listener (LOGINDISABLED until STARTTLS).")
     tls_port: int = opt(993, "Port of the implicit-TLS listener (needs [tls]).")
     allow_plaintext_login: bool = opt(
-        False, "Allow LOGIN without TLS. Development only, on loopback."
+        False, "Allow LOGIN without TLS, to clients on loopback only (development)."
     )
     max_append_size: int = opt("64MiB", "Largest message accepted by APPEND.", "size")
     max_connections_per_ip: int = opt(50, "Concurrent IMAP sessions from one address.")

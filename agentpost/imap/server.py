@@ -31,6 +31,7 @@ import base64
 import binascii
 import bisect
 import enum
+import ipaddress
 import logging
 import re
 import secrets
@@ -177,6 +178,15 @@ def _compact(numbers: list[int]) -> str:
     return ",".join(out)
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
 def _internaldate(value: datetime | None) -> str:
     value = (value or datetime(1970, 1, 1, tzinfo=UTC)).astimezone(UTC)
     return (f'"{value.day:02d}-{_MONTHS[value.month - 1]}-{value.year:04d} '
@@ -238,6 +248,7 @@ class IMAP4ServerProtocol(Protocol):
         self.state = State.NOT_AUTHENTICATED
         self.account: IMAPAccount | None = None
         self.peer = ""
+        self._peer_is_loopback = False
         # input framing
         self._buffer = bytearray()
         self._pending = bytearray()  # the command assembled so far (lines + literals)
@@ -286,7 +297,9 @@ class IMAP4ServerProtocol(Protocol):
         return caps
 
     def _login_allowed(self) -> bool:
-        return self.tls_active or self.allow_plaintext_login
+        # The development switch never exposes passwords beyond this machine: a client on
+        # another address still sees LOGINDISABLED, whatever the listener is bound to.
+        return self.tls_active or (self.allow_plaintext_login and self._peer_is_loopback)
 
     # ------------------------------------------------------------------ Twisted hooks
 
@@ -294,6 +307,7 @@ class IMAP4ServerProtocol(Protocol):
         no_delay(self.transport)
         peer = self.transport.getPeer()
         self.peer = str(getattr(peer, "host", "") or "")
+        self._peer_is_loopback = _is_loopback(self.peer)
         self.transport.registerProducer(self, True)
         self._send(f"* OK [CAPABILITY {' '.join(self.capabilities())}] "
                    f"{self.hostname} AgentPost IMAP4rev1 ready")
