@@ -372,13 +372,14 @@ def reset_peak_rss(pid: int) -> bool:
 
 def write_config(path: Path, *, dsn: str, http_port: int, mx_port: int, blob_dir: Path,
                  pool_size: int | None, log_level: str, max_message_size: int,
-                 tls: tuple[Path, Path] | None) -> None:
+                 tls: tuple[Path, Path] | None, workers: int = 1) -> None:
     """The server's config: defaults except private ports, blob folder and no rate limits."""
     lines = [
         "# Written by bench/smtp_bench.py",
         "[server]",
         'hostname = "bench.localhost"',
         'environment = "development"',
+        f"workers = {workers}",
         "",
         "[database]",
         f"url = {toml_str(dsn)}",
@@ -477,7 +478,7 @@ class Harness:
         config = self.tmp / "agentpost.toml"
         write_config(config, dsn=self.dsn, http_port=self.http_port, mx_port=self.mx_port,
                      blob_dir=self.tmp / "blobs", pool_size=pool_size, log_level=log_level,
-                     max_message_size=max_message_size, tls=tls)
+                     max_message_size=max_message_size, tls=tls, workers=self.workers)
         log("bootstrapping an organization")
         self.key = bootstrap(config)
         log_path = self.tmp / "server.log"
@@ -489,6 +490,9 @@ class Harness:
     #: Diagnostic (``--switch-interval``): start the server through ``python -c`` with
     #: ``sys.setswitchinterval(value)`` called first; the server code is unchanged.
     switch_interval: float | None = None
+    #: ``--workers``: server.workers (processes sharing the MX port); CPU is then summed
+    #: over the server's process tree.
+    workers: int = 1
 
     def _spawn(self) -> None:
         command = [agentpost_exe()]
@@ -775,7 +779,8 @@ async def run_scenario(h: Harness, scenario: Scenario, factory: MessageFactory,
         await asyncio.wait_for(asyncio.shield(all_done), warmup_s)
     except TimeoutError:
         pass  # the usual case: warm-up is over, the sessions keep going
-    srv0, pg0, me0 = process_cpu(h.server_pid), tree_cpu(pg_pid), self_cpu()
+    server_cpu = tree_cpu if h.workers > 1 else process_cpu
+    srv0, pg0, me0 = server_cpu(h.server_pid), tree_cpu(pg_pid), self_cpu()
     window.start = time.perf_counter()
     window.end = window.start + duration_s
     try:
@@ -783,7 +788,7 @@ async def run_scenario(h: Harness, scenario: Scenario, factory: MessageFactory,
     except TimeoutError:
         run.timed_out = True
     run.elapsed = time.perf_counter() - window.start
-    run.server_cpu = process_cpu(h.server_pid) - srv0
+    run.server_cpu = server_cpu(h.server_pid) - srv0
     run.postgres_cpu = tree_cpu(pg_pid) - pg0
     run.client_cpu = self_cpu() - me0
     for task in tasks:  # surface unexpected worker crashes
@@ -839,6 +844,7 @@ class SMTPBench:
         self.h = Harness("agentpost-smtpbench-", "smtpbench")
         self.h.keep_log = args.server_log
         self.h.switch_interval = args.switch_interval
+        self.h.workers = args.workers
         self.recipients: list[str] = []
         self.hotspots: dict[str, Any] | None = None
 
@@ -856,7 +862,7 @@ class SMTPBench:
                 "duration_s": args.duration, "warmup_s": args.warmup,
                 "max_message_size": CONFIGURED_LIMIT, "log_level": args.log_level,
                 "blob_store": "local (temp folder, fsync per blob)",
-                "switch_interval": args.switch_interval}
+                "switch_interval": args.switch_interval, "workers": args.workers}
 
     async def prepare(self) -> None:
         log(f"creating {self.args.inboxes} recipient inbox(es)")
@@ -1024,7 +1030,9 @@ def print_table(report: dict[str, Any]) -> None:
         f"  machine : {m['nproc']} CPUs (nproc) {m['cpu_model']}, Linux {m['kernel']}, "
         f"Python {m['python']}, Twisted {m['twisted']}, load avg at start "
         f"{' '.join(str(x) for x in m['loadavg_at_start'])}, code {m['code']}",
-        f"  server  : `agentpost serve` in its own process, MX on 127.0.0.1, "
+        "  server  : `agentpost serve` in its own process"
+        + (f" ({s['workers']} workers)" if s.get("workers", 1) > 1 else "")
+        + ", MX on 127.0.0.1, "
         f"{'STARTTLS' if s['starttls'] else 'plain (no TLS)'}, db pool_size {s['pool_size']}, "
         f"blob store {s['blob_store']}, log level {s['log_level']}"
         + (f", sys.setswitchinterval({s['switch_interval']})" if s["switch_interval"] else ""),
@@ -1164,6 +1172,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pg-waits", action="store_true",
                         help="sample pg_stat_activity every 10 ms during each scenario and "
                              "report what the server's database connections were doing")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="server.workers: N processes share the MX port (default 1; "
+                             "server CPU is then the whole process tree's)")
     parser.add_argument("--switch-interval", type=float, default=None, metavar="S",
                         help="diagnostic: start the server with sys.setswitchinterval(S) "
                              "(Python's default is 0.005) to see how much GIL hand-over "
