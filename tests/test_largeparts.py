@@ -78,3 +78,38 @@ def test_malformed_messages_never_raise_with_cuts(raw):
         assert parsed.claimed in (0, len(largeparts.skeleton(raw, 0)[1]))
     finally:
         parsed.discard()
+
+
+@settings(max_examples=150, deadline=None)
+@given(mime_messages())
+def test_caching_header_policy_parses_like_the_default(raw):
+    """The header cache is invisible: same fields as email.policy.default."""
+    import email.policy
+
+    from agentpost.mail import parse
+
+    cached = parse.parse_message(raw)
+    original = parse._POLICY
+    parse._POLICY = email.policy.default
+    try:
+        plain = parse.parse_message(raw)
+    finally:
+        parse._POLICY = original
+    assert _fields(cached) == _fields(plain)
+    assert cached.to_addresses == plain.to_addresses and cached.sent_at == plain.sent_at
+    assert cached.references == plain.references
+
+
+@pytest.mark.parametrize("raw", _corpus()[:3])
+def test_caching_header_policy_on_the_corpus(raw):
+    import email.policy
+
+    from agentpost.mail import parse
+
+    cached = _fields(parse.parse_message(raw))
+    original = parse._POLICY
+    parse._POLICY = email.policy.default
+    try:
+        assert _fields(parse.parse_message(raw)) == cached
+    finally:
+        parse._POLICY = original

@@ -11,6 +11,7 @@ import contextlib
 import email
 import email.policy
 import email.utils
+import functools
 import hashlib
 import logging
 import os
@@ -23,6 +24,29 @@ from typing import Any
 from agentpost.mail import largeparts
 
 log = logging.getLogger(__name__)
+
+class _CachingPolicy(email.policy.EmailPolicy):
+    """``email.policy.default`` that parses each distinct header once.
+
+    The stdlib builds a new header object on *every* access: ``get_content_type`` alone
+    re-parsed Content-Type nine times per message, 70% of parse time. Header objects
+    are immutable, and values repeat across messages (``text/plain; charset=utf-8``),
+    so a bounded cache keyed by the raw (name, value) is safe and shared.
+    """
+
+    def header_fetch_parse(self, name: str, value: str) -> Any:
+        if hasattr(value, "name") or len(value) > 256:
+            return super().header_fetch_parse(name, value)
+        return _fetch_parse(name, value)
+
+
+_POLICY = _CachingPolicy()
+
+
+@functools.lru_cache(maxsize=1024)
+def _fetch_parse(name: str, value: str) -> Any:
+    return email.policy.EmailPolicy.header_fetch_parse(_POLICY, name, value)
+
 
 _MSGID_RE = re.compile(r"<([^<>\s]+)>")
 _WS_RE = re.compile(r"\s+")
@@ -211,7 +235,7 @@ def parse_message(raw: bytes, *, large_part_bytes: int = largeparts.LARGE_PART_B
 def _parse(source: bytes, raw: bytes, large: list[largeparts.LargePart],
            spool_dir: str | None) -> ParsedMessage:
     try:
-        msg: Any = email.message_from_bytes(source, policy=email.policy.default)
+        msg: Any = email.message_from_bytes(source, policy=_POLICY)
     except Exception:
         return ParsedMessage()
     parsed = ParsedMessage()
