@@ -258,3 +258,20 @@ async def test_changes_read_one_row_when_nothing_left_the_folder(server):
     await account.store(snap.folder_id, [4], "+", frozenset({"\\Deleted"}), None)
     assert await account.expunge(snap.folder_id, None) == [4]
     assert (await account.changes(snap.folder_id, known, since)).expunged == [4]
+
+
+@pytest_twisted.ensureDeferred
+async def test_recent_marks_are_claimed_once_in_the_database(server):
+    """\\Recent lives in the folder row: whichever session (or process) claims first."""
+    account, inbox, _ = await _account(server, "recent")
+    for i in range(2):
+        await server.deliver(make_message(subject=f"r{i}", msgid=f"<r{i}@x>"),
+                             [inbox["email"]])
+    snap = await account.select("INBOX")
+    assert (await account.status("INBOX")).recent == 2
+    assert await account.claim_recent(snap.folder_id, 2, False) == 0  # EXAMINE: look only
+    assert await account.claim_recent(snap.folder_id, 2, True) == 0  # first SELECT
+    assert await account.claim_recent(snap.folder_id, 2, True) == 2  # anyone later
+    assert (await account.status("INBOX")).recent == 0
+    await server.deliver(make_message(subject="r2", msgid="<r2@x>"), [inbox["email"]])
+    assert (await account.status("INBOX")).recent == 1

@@ -72,6 +72,7 @@ class Folder:
     subscribed: bool = True
     uidvalidity: int = 1000
     uidnext: int = 1
+    recent_uid: int = 0
     messages: dict[int, Msg] = field(default_factory=dict)
 
 
@@ -193,6 +194,13 @@ class FakeAccount:
                 row.sections = imapformat.section_map(m.raw)
             rows.append(row)  # bodystructure left None: the server computes it
         return rows
+
+    async def claim_recent(self, folder_id: int, up_to_uid: int, claim: bool) -> int:
+        folder = self.shared.by_id(folder_id)
+        old = folder.recent_uid
+        if claim:
+            folder.recent_uid = max(old, up_to_uid)
+        return old
 
     async def read_blob(self, raw_key: str) -> bytes:
         self.shared.calls.append(("read_blob", raw_key))
@@ -410,6 +418,7 @@ def store() -> FakeStore:
     s.deliver("INBOX", _plain(1), frozenset({"\\Seen"}))
     s.deliver("INBOX", MSG_UTF8)
     s.deliver("INBOX", _plain(3), frozenset({"\\Flagged", "project"}))
+    s.folders["INBOX"].recent_uid = 3  # an earlier session saw these (no \\Recent)
     return s
 
 
@@ -1082,8 +1091,8 @@ def test_qresync_select_vanished_and_fetch(store):
     assert "* VANISHED (EARLIER) 2" in lines
     fetched = [line for line in lines if " FETCH " in line]
     assert fetched == ["* 2 FETCH (UID 3 FLAGS (\\Flagged project) MODSEQ (13))",
-                       "* 3 FETCH (UID 4 FLAGS () MODSEQ (14))",
-                       "* 4 FETCH (UID 5 FLAGS () MODSEQ (15))"]
+                       "* 3 FETCH (UID 4 FLAGS (\\Recent) MODSEQ (14))",
+                       "* 4 FETCH (UID 5 FLAGS (\\Recent) MODSEQ (15))"]
     assert lines[-1] == "s OK [READ-WRITE] SELECT completed"
     lines = s.cmd("s SELECT INBOX (QRESYNC (1000 14 4:5))")
     assert lines[0] == "* OK [CLOSED] Previous mailbox closed"
@@ -1196,3 +1205,22 @@ def test_plaintext_login_switch_is_for_loopback_clients_only():
         "l NO [PRIVACYREQUIRED]")
     mapped = Session(allow_plaintext_login=True, peer="::ffff:127.0.0.1")
     assert "LOGINDISABLED" not in mapped.lines()[0]
+
+
+def test_recent_belongs_to_the_first_session_that_selects(store):
+    """RFC 3501 \\Recent: EXAMINE looks without claiming; the first SELECT claims;
+    a later SELECT sees none; a new arrival is recent in exactly one session."""
+    store.folders["INBOX"].recent_uid = 0  # nobody has looked yet
+    looker = Session(FakeBackend(store)).login()
+    assert "* 3 RECENT" in looker.cmd("e EXAMINE INBOX")
+    first = Session(FakeBackend(store)).login()
+    assert "* 3 RECENT" in first.cmd("s SELECT INBOX")
+    assert first.cmd("r SEARCH RECENT") == ["* SEARCH 1 2 3", "r OK SEARCH completed"]
+    second = Session(FakeBackend(store)).login()
+    assert "* 0 RECENT" in second.cmd("s SELECT INBOX")
+    assert second.cmd("st STATUS Sent (RECENT)")[0] == '* STATUS "Sent" (RECENT 0)'
+    store.deliver("INBOX", _plain(4))
+    got = [first.cmd("n NOOP"), second.cmd("n NOOP")]
+    assert sorted(next(line for line in lines if line.endswith("RECENT"))
+                  for lines in got) == ["* 0 RECENT", "* 4 RECENT"]
+    assert all("* 4 EXISTS" in lines for lines in got)

@@ -194,9 +194,10 @@ class InboxAccount:
 
         async def txn_fn(txn: Txn) -> FolderStatus:
             folder = await self._folder(txn, name)
-            counts = await imap_store.folder_counts(txn, self._org, folder["id"])
+            counts = await imap_store.folder_counts(txn, self._org, folder["id"],
+                                                    folder["recent_uid"])
             return FolderStatus(counts["messages"], folder["uidnext"], folder["uidvalidity"],
-                                counts["unseen"], folder["highestmodseq"])
+                                counts["unseen"], folder["highestmodseq"], counts["recent"])
 
         return await self._db.run_interaction("imap.status", txn_fn,
                                               isolation="repeatable read")
@@ -226,6 +227,11 @@ class InboxAccount:
                          bodystructure=r.get("imap_bodystructure"), body=r.get("imap_body"),
                          raw_key=r.get("raw_blob_key"), sections=r.get("imap_sections"))
                 for r in rows]
+
+    async def claim_recent(self, folder_id: int, up_to_uid: int, claim: bool) -> int:
+        """\\Recent bookkeeping in the folder row, shared by every process."""
+        return await self._db.run_interaction("imap.recent", imap_store.claim_recent,
+                                              self._org, folder_id, up_to_uid, claim)
 
     async def read_blob(self, raw_key: str) -> bytes:
         """A message whose key came from this account's own (org-scoped) FETCH."""

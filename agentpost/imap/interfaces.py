@@ -65,6 +65,7 @@ class FolderStatus:
     uidvalidity: int
     unseen: int
     highestmodseq: int
+    recent: int = 0
 
 
 @dataclass(slots=True)
@@ -140,6 +141,11 @@ class IMAPAccount(Protocol):
 
     async def fetch(self, folder_id: int, uids: list[int], wants: FetchWants) -> list[FetchRow]:
         """Rows for the UIDs that still exist, ascending UID."""
+
+    async def claim_recent(self, folder_id: int, up_to_uid: int, claim: bool) -> int:
+        """The highest UID another session was already told about (RFC 3501 \\Recent);
+        with ``claim`` (SELECT, not EXAMINE), UIDs up to ``up_to_uid`` become this
+        session's: no other session will see them as recent."""
 
     async def read_blob(self, raw_key: str) -> bytes:
         """A whole stored message by a FetchRow's raw_key (small messages)."""

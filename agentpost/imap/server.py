@@ -819,7 +819,11 @@ class IMAP4ServerProtocol(Protocol):
         self.readonly = readonly or not self.account.can_write
         self._uids = [m.uid for m in snap.messages]
         self._meta = {m.uid: m for m in snap.messages}
-        self._recent = set()
+        # \Recent: UIDs no earlier session was told about; SELECT claims them, EXAMINE
+        # only looks (RFC 3501 §6.3.2).
+        seen_up_to = await self.account.claim_recent(
+            snap.folder_id, self._uids[-1] if self._uids else 0, not self.readonly)
+        self._recent = set(self._uids[bisect.bisect_right(self._uids, seen_up_to):])
         self._pending_expunged = set()
         self._highestmodseq = snap.highestmodseq
         self._dirty = False
@@ -833,7 +837,7 @@ class IMAP4ServerProtocol(Protocol):
         else:
             self._send(f"* OK [PERMANENTFLAGS ({flags} \\*)] Flags permitted")
         self._send(f"* {len(self._uids)} EXISTS")
-        self._send("* 0 RECENT")
+        self._send(f"* {len(self._recent)} RECENT")
         if snap.first_unseen_uid is not None and snap.first_unseen_uid in self._meta:
             seq = bisect.bisect_left(self._uids, snap.first_unseen_uid) + 1
             self._send(f"* OK [UNSEEN {seq}] First unseen")
@@ -1166,10 +1170,18 @@ class IMAP4ServerProtocol(Protocol):
         new = [m for m in changes.new if m.uid not in self._meta and
                (not self._uids or m.uid > self._uids[-1])]
         if new:
-            for meta in sorted(new, key=lambda m: m.uid):
+            new.sort(key=lambda m: m.uid)
+            seen_up_to = await self.account.claim_recent(self.snapshot.folder_id,
+                                                         new[-1].uid, not self.readonly)
+            if self.state is not State.SELECTED or self.snapshot is None:
+                return
+            for meta in new:
+                if meta.uid in self._meta:
+                    continue
                 self._uids.append(meta.uid)
                 self._meta[meta.uid] = meta
-                self._recent.add(meta.uid)
+                if meta.uid > seen_up_to:
+                    self._recent.add(meta.uid)
             self._send(f"* {len(self._uids)} EXISTS")
             self._send(f"* {len(self._recent)} RECENT")
         self._highestmodseq = max(self._highestmodseq, changes.highestmodseq)
@@ -1632,7 +1644,8 @@ def _qresync_params(value: Any) -> tuple[int, int, list[tuple[int, int]] | None]
 
 def _status_text(st: Any, items: list[str]) -> str:
     values = {"MESSAGES": st.messages, "UIDNEXT": st.uidnext, "UIDVALIDITY": st.uidvalidity,
-              "UNSEEN": st.unseen, "RECENT": 0, "HIGHESTMODSEQ": st.highestmodseq}
+              "UNSEEN": st.unseen, "RECENT": st.recent,
+              "HIGHESTMODSEQ": st.highestmodseq}
     return " ".join(f"{key} {values[key]}" for key in items)
 
 

@@ -51,8 +51,8 @@ async def get_folder(txn: Txn, org_id: str, inbox_id: str, name: str, *,
     """A folder by name (INBOX matched case-insensitively, as RFC 3501 requires)."""
     lock = " FOR UPDATE" if for_update else ""
     return await txn.fetchone(
-        "SELECT id, name, special_use, uidvalidity, uidnext, highestmodseq, subscribed "
-        "FROM folders WHERE org_id = %s AND inbox_id = %s AND (name = %s OR "
+        "SELECT id, name, special_use, uidvalidity, uidnext, highestmodseq, subscribed, "
+        "recent_uid FROM folders WHERE org_id = %s AND inbox_id = %s AND (name = %s OR "
         "(upper(%s) = 'INBOX' AND name = 'INBOX'))" + lock, (org_id, inbox_id, name, name))
 
 
@@ -115,12 +115,31 @@ async def deleted_uids(txn: Txn, org_id: str, folder_id: int,
     return [r["uid"] for r in rows]
 
 
-async def folder_counts(txn: Txn, org_id: str, folder_id: int) -> dict[str, Any]:
-    """MESSAGES and UNSEEN for STATUS."""
+async def folder_counts(txn: Txn, org_id: str, folder_id: int,
+                        recent_uid: int = 0) -> dict[str, Any]:
+    """MESSAGES, UNSEEN and RECENT (UIDs above ``recent_uid``) for STATUS."""
     return await txn.fetchone(
         "SELECT count(*) AS messages, count(*) FILTER (WHERE NOT seen) AS unseen, "
-        "min(uid) FILTER (WHERE NOT seen) AS first_unseen "
-        "FROM messages WHERE org_id = %s AND folder_id = %s", (org_id, folder_id))
+        "min(uid) FILTER (WHERE NOT seen) AS first_unseen, "
+        "count(*) FILTER (WHERE uid > %s) AS recent "
+        "FROM messages WHERE org_id = %s AND folder_id = %s", (recent_uid, org_id, folder_id))
+
+
+async def claim_recent(txn: Txn, org_id: str, folder_id: int, up_to_uid: int,
+                       claim: bool) -> int:
+    """The folder's recent mark before this call; with ``claim``, raise it to
+    ``up_to_uid`` (row-locked, so two sessions never both get the same UIDs)."""
+    if not claim:
+        return await txn.fetchval(
+            "SELECT recent_uid FROM folders WHERE org_id = %s AND id = %s",
+            (org_id, folder_id)) or 0
+    old = await txn.fetchval(
+        "WITH old AS (SELECT recent_uid FROM folders WHERE org_id = %s AND id = %s "
+        "             FOR UPDATE) "
+        "UPDATE folders f SET recent_uid = GREATEST(f.recent_uid, %s) FROM old "
+        "WHERE f.org_id = %s AND f.id = %s RETURNING old.recent_uid",
+        (org_id, folder_id, up_to_uid, org_id, folder_id))
+    return old or 0
 
 
 async def fetch_rows(txn: Txn, org_id: str, folder_id: int, uids: list[int],
