@@ -433,8 +433,9 @@ async def worker(wid: int, port: int, next_payload: Any, run: Run, window: Windo
 
 async def run_scenario(scenario: Scenario, port: int, next_payload: Any, warmup_s: float,
                        duration_s: float, timeout_s: float, server_pid: int,
-                       postmaster_pid: int | None) -> Run:
+                       postmaster_pid: int | None, workers: int = 1) -> Run:
     """Warm up, then measure for ``duration_s``; never runs much past the planned end."""
+    server_cpu = tree_cpu if workers > 1 else process_cpu
     run = Run(scenario)
     window = Window()
     hard_stop = time.perf_counter() + warmup_s + duration_s + timeout_s + 5.0
@@ -450,7 +451,7 @@ async def run_scenario(scenario: Scenario, port: int, next_payload: Any, warmup_
         await asyncio.wait_for(asyncio.shield(all_done), warmup_s)
     except TimeoutError:
         pass  # the usual case: warm-up is over, workers keep going
-    srv0, pg0, me0 = process_cpu(server_pid), tree_cpu(postmaster_pid), self_cpu()
+    srv0, pg0, me0 = server_cpu(server_pid), tree_cpu(postmaster_pid), self_cpu()
     window.start = time.perf_counter()
     window.end = window.start + duration_s
     try:
@@ -459,7 +460,7 @@ async def run_scenario(scenario: Scenario, port: int, next_payload: Any, warmup_
         run.timed_out = True  # wait_for cancelled the workers
     finish = time.perf_counter()
     run.elapsed = finish - window.start
-    run.server_cpu = process_cpu(server_pid) - srv0
+    run.server_cpu = server_cpu(server_pid) - srv0
     run.postgres_cpu = tree_cpu(postmaster_pid) - pg0
     run.client_cpu = self_cpu() - me0
     for task in tasks:  # surface unexpected worker crashes
@@ -483,13 +484,15 @@ def toml_str(value: str) -> str:
     return json.dumps(value)
 
 
-def write_config(path: Path, dsn: str, port: int, pool_size: int | None, log_level: str) -> None:
+def write_config(path: Path, dsn: str, port: int, pool_size: int | None, log_level: str,
+                 workers: int = 1) -> None:
     """The server's config: defaults, except a private port and no rate limiting."""
     lines = [
         "# Written by bench/api_bench.py",
         "[server]",
         'hostname = "bench.localhost"',
         'environment = "development"',
+        f"workers = {workers}",
         "",
         "[database]",
         f"url = {toml_str(dsn)}",
@@ -764,7 +767,9 @@ def print_table(report: dict[str, Any]) -> None:
         f"  machine : {m['nproc']} CPUs (nproc) {m['cpu_model']}, Linux {m['kernel']}, "
         f"Python {m['python']}, Twisted {m['twisted']}, load avg at start "
         f"{' '.join(str(x) for x in m['loadavg_at_start'])}, code {m['code']}",
-        f"  server  : `agentpost serve` in its own process, HTTP/1.1 on 127.0.0.1, "
+        "  server  : `agentpost serve` in its own process"
+        + (f" ({s['workers']} workers)" if s.get("workers", 1) > 1 else "")
+        + ", HTTP/1.1 on 127.0.0.1, "
         f"db pool_size {s['pool_size']}, rate limiter DISABLED, audit trail ON",
         f"  database: PostgreSQL {s['postgres_version']}, embedded cluster, "
         f"fsync={'on' if s['fsync'] else 'off'} synchronous_commit="
@@ -839,6 +844,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run PostgreSQL with fsync/synchronous_commit off (not durable)")
     parser.add_argument("--pool-size", type=int, default=None,
                         help="database.pool_size for the server (default: the server default)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="server.workers: N processes share the port (default 1; server "
+                             "CPU is then the whole process tree's)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warn", "error"],
                         help="server logging.level (default info, as in production)")
     parser.add_argument("--py-spy", metavar="FILE", default=None,
@@ -902,7 +910,7 @@ class Bench:
 
         self.port = free_port()
         config = self.tmp / "agentpost.toml"
-        write_config(config, dsn, self.port, args.pool_size, args.log_level)
+        write_config(config, dsn, self.port, args.pool_size, args.log_level, args.workers)
         log("bootstrapping an organization")
         self.key = bootstrap(config)
 
@@ -923,7 +931,7 @@ class Bench:
                 "seeded_inboxes": 0, "get_page_items": None, "get_page_bytes": None,
                 "get_response_framing": None,
                 "rate_limit_enabled": False, "audit_enabled": True,
-                "log_level": args.log_level}
+                "log_level": args.log_level, "workers": args.workers}
 
     # load ----------------------------------------------------------------------
     def post_payload(self, wid: int) -> bytes:
@@ -983,7 +991,7 @@ class Bench:
                 profiler = self.start_profiler(args.warmup + args.duration)
             before = audit_count(self.db)
             run = await run_scenario(scenario, self.port, payload, args.warmup, args.duration,
-                                     args.timeout, self.server.pid, pm_pid)
+                                     args.timeout, self.server.pid, pm_pid, args.workers)
             if profiler is not None:
                 self.finish_profiler(profiler)
             run.audit_rows, run.audit_complete = await asyncio.to_thread(
