@@ -222,6 +222,12 @@ async def test_failed_logins_are_throttled_per_address_and_per_account(server):
         await logins.authenticate(inbox["email"], key, "10.0.0.2")
     ok = await logins.authenticate(other_inbox["email"], other_key, "10.0.0.3")
     assert ok.address == other_inbox["email"]  # other accounts and addresses are unaffected
+    # Another process (its own IMAPLogins) draws from the same allowance: PostgreSQL.
+    elsewhere = IMAPLogins(build_portal(core.db), core.db, core.blobs, core.ingest,
+                           BlobCollector(core.db, core.blobs), core.audit, clock, None,
+                           failures_per_minute=3)
+    with pytest.raises(RateLimited):
+        await elsewhere.authenticate(inbox["email"], key, "10.0.0.9")
     clock.advance(60)
     assert (await logins.authenticate(inbox["email"], key, "10.0.0.1")).address == \
         inbox["email"]

@@ -108,3 +108,30 @@ async def test_sweep_runs_on_the_clock(db_dsn):
     finally:
         await sweep.stop()
         await db.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_login_allowances_are_forgotten(db_dsn):
+    """Failed-login buckets untouched for a day are removed by the sweep; fresh ones stay."""
+    from agentpost.storage import logins
+
+    clock = task.Clock()
+    now = datetime.now(UTC)
+    clock.advance(now.timestamp())
+    db = Database(db_dsn, clock=clock, reactor=reactor, pool_size=2)
+    try:
+        await db.run_interaction("t", logins.record_failure, ["old"],
+                                 now - timedelta(days=2), 0.1, 10)
+        await db.run_interaction("t", logins.record_failure, ["new", "old2"],
+                                 now - timedelta(hours=1), 0.1, 10)
+        await db.run_interaction("t", logins.record_failure, ["new"], now, 0.1, 10)
+        # an hour refilled the bucket (0.1/s, 10 at most), then one more failure
+        assert await db.run_read("t", logins.emptiest, ["new"], now, 0.1, 10) == 9.0
+        await RetentionSweep(db, clock, _config()).sweep_once()
+        conn = psycopg2.connect(db_dsn)
+        with conn.cursor() as cur:
+            cur.execute("SELECT key FROM login_failures ORDER BY key")
+            assert [r[0] for r in cur.fetchall()] == ["new", "old2"]
+        conn.close()
+    finally:
+        await db.close()

@@ -6,11 +6,12 @@ Login goes through the shared twisted.cred portal (username = inbox address, pas
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import re
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import IO, Any
 
 from twisted.cred.credentials import UsernamePassword
@@ -18,7 +19,6 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 
 from agentpost.auth.cred import IPrincipal
-from agentpost.auth.ratelimit import TokenBuckets
 from agentpost.core.audit import AuditTrail
 from agentpost.core.blobrefs import BlobCollector
 from agentpost.core.context import RequestContext
@@ -38,12 +38,14 @@ from agentpost.model.errors import (
     Forbidden,
     InvalidRequest,
     NotFound,
+    RateLimited,
     Unauthenticated,
 )
 from agentpost.model.ids import new_id
 from agentpost.model.principal import Principal
 from agentpost.storage import imap as imap_store
 from agentpost.storage import inboxes as inbox_store
+from agentpost.storage import logins as login_store
 from agentpost.storage import mail as mail_store
 from agentpost.storage.blobs import BlobStore
 from agentpost.storage.database import Database, Txn
@@ -434,6 +436,10 @@ class InboxAccount:
         return self._notifier.watch(str(folder_id), callback)
 
 
+def _bucket(kind: str, value: str) -> str:
+    return hashlib.sha256(f"{kind}:{value}".encode()).hexdigest()
+
+
 class IMAPLogins:
     """IMAP LOGIN/AUTHENTICATE through the shared portal, throttled and audited."""
 
@@ -447,16 +453,22 @@ class IMAPLogins:
         self._collector = collector
         self._audit = audit
         self._notifier = notifier
-        rate = failures_per_minute / 60.0
-        self._by_peer = TokenBuckets(clock, rate, failures_per_minute)
-        self._by_account = TokenBuckets(clock, rate, failures_per_minute)
+        self._clock = clock
+        self._rate = failures_per_minute / 60.0
+        self._burst = float(failures_per_minute)
 
     async def authenticate(self, username: str, password: str, peer: str) -> InboxAccount:
         """Username = inbox address, password = an API key of its organization."""
         ctx = RequestContext(new_id("req"), peer, "imap.login", target_id=username[:320])
         account_key = username.strip().lower()
-        self._by_peer.check(peer)
-        self._by_account.check(account_key)
+        # Failure allowances per client address and per account, kept in PostgreSQL so
+        # that every process and node draws from the same ones.
+        buckets = [_bucket("imap-peer", peer), _bucket("imap-account", account_key)]
+        now = datetime.fromtimestamp(self._clock.seconds(), UTC)
+        tokens = await self._db.run_read("imap.login.allowance", login_store.emptiest,
+                                         buckets, now, self._rate, self._burst)
+        if tokens is not None and tokens < 1.0:
+            raise RateLimited(retry_after_s=(1.0 - tokens) / self._rate)
         try:
             # The key is checked before the inbox is looked up, so a missing inbox and a
             # wrong key take the same path and the same time.
@@ -472,8 +484,8 @@ class IMAPLogins:
             if inbox is None:
                 raise UnauthorizedLogin("no such inbox for this key")
         except UnauthorizedLogin:
-            self._by_peer.spend(peer)
-            self._by_account.spend(account_key)
+            await self._db.run_interaction("imap.login.failed", login_store.record_failure,
+                                           buckets, now, self._rate, self._burst)
             self._audit.enqueue(ctx, "denied", None)
             raise Unauthenticated("Authentication failed.") from None
         ctx.target_id = inbox["id"]

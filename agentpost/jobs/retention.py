@@ -8,16 +8,20 @@ so the API never waits behind a long purge.
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 
 from agentpost.config.sections import RetentionSection
+from agentpost.storage import logins as login_store
 from agentpost.storage import retention as store
 from agentpost.storage.database import Database, Txn
 
 log = logging.getLogger(__name__)
+
+LOGIN_BUCKET_IDLE_S = 24 * 3600
 
 TIERS = ("free", "developer", "startup", "business", "enterprise")
 
@@ -52,7 +56,17 @@ class RetentionSweep:
                 return total
             total += deleted
             if deleted < self._config.batch_size:
-                return total
+                break
+        # Failed-login allowances idle for a day are full again: forget them.
+        idle_since = datetime.fromtimestamp(self._clock.seconds() - LOGIN_BUCKET_IDLE_S, UTC)
+
+        async def purge(txn: Txn) -> int:
+            if not await store.try_lock_sweep(txn):
+                return 0
+            return await login_store.purge_idle(txn, idle_since)
+
+        await self._db.run_interaction("retention.login_failures", purge)
+        return total
 
     def _tick(self) -> defer.Deferred[Any] | None:
         if self._running is not None:
