@@ -815,15 +815,19 @@ class IMAP4ServerProtocol(Protocol):
                 self._send("* OK [CLOSED] Previous mailbox closed")
         assert self.account is not None
         snap = await self.account.select(name)
-        self.snapshot = snap
-        self.readonly = readonly or not self.account.can_write
-        self._uids = [m.uid for m in snap.messages]
-        self._meta = {m.uid: m for m in snap.messages}
+        readonly = readonly or not self.account.can_write
+        uids = [m.uid for m in snap.messages]
         # \Recent: UIDs no earlier session was told about; SELECT claims them, EXAMINE
         # only looks (RFC 3501 §6.3.2).
-        seen_up_to = await self.account.claim_recent(
-            snap.folder_id, self._uids[-1] if self._uids else 0, not self.readonly)
-        self._recent = set(self._uids[bisect.bisect_right(self._uids, seen_up_to):])
+        seen_up_to = await self.account.claim_recent(snap.folder_id, uids[-1] if uids else 0,
+                                                     not readonly)
+        if self.state is State.LOGOUT:
+            return "closed"
+        self.snapshot = snap
+        self.readonly = readonly
+        self._uids = uids
+        self._meta = {m.uid: m for m in snap.messages}
+        self._recent = set(uids[bisect.bisect_right(uids, seen_up_to):])
         self._pending_expunged = set()
         self._highestmodseq = snap.highestmodseq
         self._dirty = False
