@@ -303,11 +303,12 @@ def make_service(config: Config, reactor: Any,
     With more than one worker, every process (this one and the copies it keeps
     running) binds its ports with SO_REUSEPORT; ``argv`` is how to start a copy.
     """
-    from agentpost.workers import WorkerPool, die_with_parent, is_worker
+    from agentpost.workers import PARENT_ENV, ParentWatch, WorkerPool, die_with_parent, is_worker
 
+    root = service.MultiService()
     if is_worker():
         die_with_parent()
-    root = service.MultiService()
+        ParentWatch(reactor, int(os.environ[PARENT_ENV])).setServiceParent(root)
     workers = worker_count(config)
     AgentPostService(config, reactor, reuse_port=workers > 1).setServiceParent(root)
     if workers > 1 and not is_worker() and argv:

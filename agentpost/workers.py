@@ -12,10 +12,11 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import protocol
+from twisted.internet import protocol, task
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,53 @@ def die_with_parent() -> None:
     # The parent may have died before the request above was made.
     if os.environ.get(PARENT_ENV) and str(os.getppid()) != os.environ[PARENT_ENV]:
         raise SystemExit(0)
+
+
+class ParentWatch(service.Service):
+    """In a worker: stop once the first process is gone, and never outlive it by more
+    than ``grace_s``, even if a graceful stop hangs.
+
+    PDEATHSIG covers the usual case; this covers the rest (the signal lost in the
+    window before ``prctl``, a SIGTERM handler stuck behind a dead database): a worker
+    must never keep serving a node that was stopped.
+    """
+
+    name = "parent-watch"
+
+    def __init__(self, reactor: Any, parent_pid: int, *, interval_s: float = 1.0,
+                 grace_s: float = 10.0, getppid: Callable[[], int] = os.getppid,
+                 hard_exit: Callable[[int], Any] = os._exit) -> None:
+        self.reactor = reactor
+        self.parent_pid = parent_pid
+        self.interval_s = interval_s
+        self.grace_s = grace_s
+        self._getppid = getppid
+        self._hard_exit = hard_exit
+        self._loop: task.LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = task.LoopingCall(self._check)
+        self._loop.clock = self.reactor
+        self._loop.start(self.interval_s, now=False)
+        # However this worker is asked to stop, it is gone within the grace period.
+        self.reactor.addSystemEventTrigger("before", "shutdown", self._deadline)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def _deadline(self) -> None:
+        self.reactor.callLater(self.grace_s, self._hard_exit, 0)
+
+    def _check(self) -> None:
+        if self._getppid() == self.parent_pid:
+            return
+        log.warning("worker: the first process (pid %d) is gone; stopping", self.parent_pid)
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self.reactor.stop()
 
 
 class _Worker(protocol.ProcessProtocol):

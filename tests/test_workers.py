@@ -9,6 +9,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from twisted.internet import task
+
 from tests.test_cli import _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,3 +136,44 @@ def test_workers_exit_when_the_first_process_is_killed(db_dsn, tmp_path):
         proc.kill()
         proc.wait(timeout=10)
         _wait(lambda: not _kill_leftovers(config), timeout=5)
+
+
+class _FakeReactor(task.Clock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped = 0
+        self.triggers: list = []
+
+    def stop(self) -> None:
+        self.stopped += 1
+
+    def addSystemEventTrigger(self, phase, event, fn, *args):
+        self.triggers.append((phase, event, fn))
+
+
+def test_parent_watch_stops_an_orphan_and_bounds_any_stop():
+    """A worker whose first process vanished stops itself (on the injected clock), and
+    any stop is followed by a hard exit after the grace period."""
+    from agentpost.workers import ParentWatch
+
+    reactor = _FakeReactor()
+    parent = [4242]
+    exits: list[int] = []
+    watch = ParentWatch(reactor, 4242, interval_s=1.0, grace_s=10.0,
+                        getppid=lambda: parent[0], hard_exit=exits.append)
+    watch.startService()
+    reactor.advance(5)
+    assert reactor.stopped == 0
+    parent[0] = 1  # re-parented: the first process is gone
+    reactor.advance(1)
+    assert reactor.stopped == 1
+    reactor.advance(5)
+    assert reactor.stopped == 1  # checked once, not every second
+    [(phase, event, deadline)] = reactor.triggers
+    assert (phase, event) == ("before", "shutdown")
+    deadline()  # the reactor began shutting down
+    reactor.advance(9.9)
+    assert exits == []
+    reactor.advance(0.2)
+    assert exits == [0]
+    watch.stopService()
