@@ -93,7 +93,7 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
     audit = AuditTrail(db, clock, config.audit.flush_interval, config.audit.max_buffer)
     blobs = build_blob_store(config, reactor)
     collector = BlobCollector(db, blobs)
-    ingest = Ingest(db, blobs, reactor)
+    ingest = Ingest(db, blobs, reactor, config.mail.inbox_quota)
     notifier = Notifier(config.database.url, MAIL_CHANNEL, reactor=reactor, clock=clock)
     portal = build_portal(db)
     return Core(
@@ -107,7 +107,7 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
         retention=RetentionSweep(db, clock, config.retention),
         blobs=blobs,
         ingest=ingest,
-        router=Router(db),
+        router=Router(db, config.mail.inbox_quota),
         messages=Messages(db, audit, blobs, collector, int(config.storage.presign_ttl)),
         filters=FilterRules(db, audit),
         notifier=notifier,

@@ -304,3 +304,61 @@ async def test_database_outage_is_no_unavailable_and_the_session_survives(server
     data = await deferToThread(after)
     assert data[0][1] == b"Subject: kept\r\n\r\n"
     await deferToThread(imap.logout)
+
+
+@pytest_twisted.ensureDeferred
+async def test_inbox_quota_over_smtp_imap_and_after_deletion(db_dsn, openapi_checker):
+    """[mail] inbox_quota: the MX refuses a full inbox at RCPT (552 5.2.2) while other
+    recipients still get the message; APPEND and COPY that would pass it are
+    NO [OVERQUOTA]; GETQUOTAROOT reports the use; deleting frees the space."""
+    from tests.conftest import start_server
+    from tests.test_mx import _send
+
+    running = await start_server(make_config(db_dsn, mail={"shared_domain": "agents.test",
+                                                           "inbox_quota": "12KiB"}),
+                                 openapi_checker)
+    try:
+        inbox, key = await _inbox(running, "quota")
+        _, other_key = await running.new_org("Other")
+        other = (await running.api.post("/api/v1/inboxes", {"username": "roomy"},
+                                        key=other_key)).json
+        big = make_message(to=inbox["email"], subject="big", body="x" * 9000 + "\n")
+        assert (await deferToThread(_send, running.mx_port, "a@example.com",
+                                    [inbox["email"]], big, starttls=False)) == ("ok", {})
+        # Below the quota at RCPT: accepted, and the inbox may pass it by this message.
+        assert (await deferToThread(_send, running.mx_port, "a@example.com",
+                                    [inbox["email"]], big, starttls=False)) == ("ok", {})
+        outcome = await deferToThread(_send, running.mx_port, "a@example.com",
+                                      [inbox["email"], other["email"]], big, starttls=False)
+        assert outcome[0] == "ok" and outcome[1][inbox["email"]][0] == 552
+        assert b"5.2.2" in outcome[1][inbox["email"]][1]
+        listed = (await running.api.get(f"/api/v1/inboxes/{other['id']}/messages",
+                                        key=other_key)).json["data"]
+        assert len(listed) == 1  # the other recipient still got it
+
+        def imap_session():
+            imap = _starttls(running.imap_port, inbox["email"], key)
+            root = imap._simple_command("GETQUOTAROOT", "INBOX")
+            quota = imap.untagged_responses.pop("QUOTA", [])
+            appended = imap.append("INBOX", None, None, make_message(subject="more"))
+            imap.select("INBOX")
+            copied = imap.uid("COPY", "1", "Trash")
+            imap.uid("STORE", "1:*", "+FLAGS", "(\\Deleted)")
+            imap.expunge()
+            after = imap._simple_command("GETQUOTA", '""')
+            after_quota = imap.untagged_responses.pop("QUOTA", [])
+            again = imap.append("INBOX", None, None, make_message(subject="fits now"))
+            imap.logout()
+            return root, quota, appended, copied, after, after_quota, again
+
+        root, quota, appended, copied, after, after_quota, again = \
+            await deferToThread(imap_session)
+        assert root[0] == "OK" and quota and quota[0].endswith(b" 12)")
+        used_kib = int(quota[0].split(b"STORAGE ")[1].split()[0])
+        assert used_kib > 12  # two 9 KB messages: past the limit by the second one
+        assert appended[0] == "NO" and b"OVERQUOTA" in appended[1][0]
+        assert copied[0] == "NO" and b"OVERQUOTA" in copied[1][0]
+        assert after[0] == "OK" and after_quota == [b'"" (STORAGE 0 12)']
+        assert again[0] == "OK"
+    finally:
+        await running.service.stopService()

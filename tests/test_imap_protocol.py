@@ -84,6 +84,7 @@ class FakeStore:
         self.modseq = 10
         self.watchers: dict[int, list[Callable[[], None]]] = {}
         self.calls: list[tuple[str, Any]] = []
+        self.quota_limit = 0
         for name, su in (("INBOX", None), ("Sent", "\\Sent"), ("Trash", "\\Trash")):
             self.add_folder(name, su)
 
@@ -194,6 +195,11 @@ class FakeAccount:
                 row.sections = imapformat.section_map(m.raw)
             rows.append(row)  # bodystructure left None: the server computes it
         return rows
+
+    async def quota(self) -> tuple[int, int]:
+        used = sum(len(m.raw) for f in self.shared.folders.values()
+                   for m in f.messages.values())
+        return used, self.shared.quota_limit
 
     async def claim_recent(self, folder_id: int, up_to_uid: int, claim: bool) -> int:
         folder = self.shared.by_id(folder_id)
@@ -1224,3 +1230,23 @@ def test_recent_belongs_to_the_first_session_that_selects(store):
     assert sorted(next(line for line in lines if line.endswith("RECENT"))
                   for lines in got) == ["* 0 RECENT", "* 4 RECENT"]
     assert all("* 4 EXISTS" in lines for lines in got)
+
+
+def test_quota_roots_usage_and_overquota_before_the_literal(store):
+    """RFC 9208: no limit, no quota root; with one, root "" in KiB; an APPEND that cannot
+    fit is refused before the client sends it; SETQUOTA belongs to the administrator."""
+    s = Session(FakeBackend(store)).login()
+    assert {"QUOTA", "QUOTA=RES-STORAGE"} <= set(s.cmd("c CAPABILITY")[0].split())
+    assert s.cmd("q GETQUOTAROOT INBOX") == ['* QUOTAROOT "INBOX"', "q OK GETQUOTAROOT completed"]
+    assert s.cmd('q GETQUOTA ""')[-1].startswith("q NO [NONEXISTENT]")
+    store.quota_limit = 10 * 1024
+    used = sum(len(m.raw) for m in store.folders["INBOX"].messages.values())
+    assert s.cmd("q GETQUOTAROOT INBOX") == [
+        '* QUOTAROOT "INBOX" ""', f'* QUOTA "" (STORAGE {-(-used // 1024)} 10)',
+        "q OK GETQUOTAROOT completed"]
+    assert s.cmd('q GETQUOTA ""')[0] == f'* QUOTA "" (STORAGE {-(-used // 1024)} 10)'
+    assert s.cmd("q GETQUOTA other")[-1].startswith("q NO [NONEXISTENT]")
+    assert s.cmd("q GETQUOTAROOT Nope")[-1].startswith("q NO [NONEXISTENT]")
+    assert s.cmd('q SETQUOTA "" (STORAGE 1)')[-1].startswith("q NO [NOPERM]")
+    assert s.cmd(b"a APPEND INBOX {20000}") == ["a NO [OVERQUOTA] The mailbox is full."]
+    assert s.cmd(b"n NOOP") == ["n OK NOOP completed"]  # no literal was awaited

@@ -102,6 +102,9 @@ class MailSection:
         "agentpost.local",
         "Domain every organization can create inboxes on without verifying its own.",
     )
+    inbox_quota: int = opt(
+        "0B", "Storage per inbox (e.g. \"2GiB\"); 0B: unlimited. A full inbox refuses mail "
+        "at RCPT (552 5.2.2) and APPEND/COPY (NO [OVERQUOTA]).", "size")
 
 
 @dataclass

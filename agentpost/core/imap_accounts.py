@@ -37,6 +37,7 @@ from agentpost.model.errors import (
     Conflict,
     Forbidden,
     InvalidRequest,
+    MailboxFull,
     NotFound,
     RateLimited,
     Unauthenticated,
@@ -78,7 +79,7 @@ class InboxAccount:
 
     def __init__(self, principal: Principal, inbox: dict[str, Any], db: Database,
                  blobs: BlobStore, ingest: Ingest, collector: BlobCollector,
-                 notifier: Notifier | None) -> None:
+                 notifier: Notifier | None, quota: int = 0) -> None:
         self.principal = principal
         self.inbox = inbox
         self.address = inbox["email"]
@@ -90,6 +91,7 @@ class InboxAccount:
         self._ingest = ingest
         self._collector = collector
         self._notifier = notifier
+        self.quota_limit = quota
 
     def _writable(self) -> None:
         if not self.can_write:
@@ -330,8 +332,14 @@ class InboxAccount:
             [target], io.BytesIO(message) if isinstance(message, bytes) else message,
             envelope_from=None, folder=name,
             flags=frozenset(system), labels=tuple(keywords), received_at=internaldate,
-            require_folder=True, direction="inbound")
+            require_folder=True, direction="inbound", enforce_quota=True)
         return stored.uidvalidity, stored.uid
+
+    async def quota(self) -> tuple[int, int]:
+        """(bytes used, limit in bytes; 0: none) for IMAP QUOTA."""
+        used = await self._db.run_read("imap.quota", mail_store.inbox_usage, self._org,
+                                       self._inbox_id)
+        return used, self.quota_limit
 
     async def _transfer(self, folder_id: int, uids: list[int], dest: str,
                         move: bool) -> tuple[int, list[tuple[int, int]]]:
@@ -349,6 +357,9 @@ class InboxAccount:
                     await imap_store.move_message(txn, self._org, row["id"], folder_id,
                                                   target["id"], uid, modseq)
                 else:
+                    if not await mail_store.charge_storage(txn, self._org, self._inbox_id,
+                                                           row["size"], self.quota_limit):
+                        raise MailboxFull()
                     copy_id = new_id("msg")
                     await mail_store.reference_blob(txn, row["raw_blob_key"], 0)
                     for key, size in await imap_store.attachment_keys(txn, self._org,
@@ -492,4 +503,4 @@ class IMAPLogins:
         ctx.environment_id = inbox["environment_id"]
         self._audit.enqueue(ctx, "allowed", None)
         return InboxAccount(principal, inbox, self._db, self._blobs, self._ingest,
-                            self._collector, self._notifier)
+                            self._collector, self._notifier, self._ingest.inbox_quota)

@@ -56,6 +56,7 @@ class _State:
     labels: tuple[str, ...]
     imap: IMAPRendered
     require_folder: bool
+    quota: int = 0  # enforced per inbox (bytes); 0: only counted
 
 
 IMAPRendered = tuple[str | None, str | None, str | None, str | None]
@@ -94,21 +95,27 @@ def _json_safe_headers(parsed: ParsedMessage) -> list[list[str]]:
 class Ingest:
     """Parse, store blobs, then commit rows for every target in one transaction."""
 
-    def __init__(self, db: Database, blobs: BlobStore, reactor: Any) -> None:
+    def __init__(self, db: Database, blobs: BlobStore, reactor: Any,
+                 inbox_quota: int = 0) -> None:
         self._db = db
         self._blobs = blobs
         self._reactor = reactor
+        self.inbox_quota = inbox_quota
 
     async def store(self, targets: list[Target], message: IO[bytes], *,
                     envelope_from: str | None, direction: str = "inbound",
                     folder: str = "INBOX", flags: frozenset[str] = frozenset(),
                     labels: tuple[str, ...] = (), received_at: datetime | None = None,
-                    require_folder: bool = False) -> list[Stored]:
+                    require_folder: bool = False, enforce_quota: bool = False
+                    ) -> list[Stored]:
         """Store ``message`` (a binary file at offset 0) once per target inbox.
 
         ``flags`` are IMAP system flags (\\Seen, \\Flagged, ...); ``require_folder`` makes a
         missing folder a NotFound (IMAP APPEND answers [TRYCREATE]) instead of creating
-        the system folders.
+        the system folders. ``enforce_quota`` refuses (MailboxFull, nothing stored) a
+        message that would take an inbox past ``inbox_quota``; without it the use is
+        only counted (the MX checks fullness at RCPT: one recipient's quota must not
+        fail a message for the others).
         """
         raw = message.read()
         try:
@@ -119,14 +126,16 @@ class Ingest:
             raise StorageFailure() from exc
         try:
             return await self._store(targets, raw, parsed, imap, envelope_from, direction,
-                                     folder, flags, labels, received_at, require_folder)
+                                     folder, flags, labels, received_at, require_folder,
+                                     self.inbox_quota if enforce_quota else 0)
         finally:
             parsed.discard()
 
     async def _store(self, targets: list[Target], raw: bytes, parsed: ParsedMessage,
                      imap: IMAPRendered, envelope_from: str | None, direction: str,
                      folder: str, flags: frozenset[str], labels: tuple[str, ...],
-                     received_at: datetime | None, require_folder: bool) -> list[Stored]:
+                     received_at: datetime | None, require_folder: bool,
+                     quota: int) -> list[Stored]:
         raw_ref = await self._blobs.put_bytes(raw, content_type="message/rfc822")
         att_refs: list[BlobRef] = []
         blob_bodies: dict[str, bytes | str] = {raw_ref.key: raw}
@@ -141,16 +150,20 @@ class Ingest:
             att_refs.append(ref)
 
         state = _State(flags=frozenset(flags), labels=tuple(sorted(set(labels))), imap=imap,
-                       require_folder=require_folder)
+                       require_folder=require_folder, quota=quota)
+        # Rows are locked in inbox order, so two deliveries to the same recipients in a
+        # different RCPT order cannot deadlock; results come back in the caller's order.
+        order = sorted(range(len(targets)), key=lambda i: (targets[i].org_id,
+                                                           targets[i].inbox_id))
 
         async def txn_fn(txn: Txn) -> list[Stored]:
             when = received_at or txn.now
-            out = []
-            for target in targets:
-                out.append(await self._store_one(txn, target, parsed, raw_ref, att_refs,
-                                                 blob_bodies, envelope_from, direction, folder,
-                                                 state, when))
-            return out
+            out: list[Stored | None] = [None] * len(targets)
+            for i in order:
+                out[i] = await self._store_one(txn, targets[i], parsed, raw_ref, att_refs,
+                                               blob_bodies, envelope_from, direction, folder,
+                                               state, when)
+            return out  # type: ignore[return-value]
 
         return await self._db.run_interaction("ingest.store", txn_fn)
 
@@ -199,7 +212,7 @@ class Ingest:
             data={"message_id": message_id, "inbox_id": target.inbox_id,
                   "thread_id": thread_id, "subject": parsed.subject,
                   "from": parsed.from_address, "received_at": when.astimezone(UTC).isoformat()})
-        uid, _ = await mail_store.insert_message(txn, {
+        uid, _ = await mail_store.insert_message(txn, quota=state.quota, row={
             "org_id": org, "id": message_id, "environment_id": target.environment_id,
             "inbox_id": target.inbox_id, "thread_id": thread_id, "folder_id": folder["id"],
             "direction": direction,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from agentpost.core.ingest import Target
 from agentpost.mail import filters
-from agentpost.model.errors import RelayDenied, SenderBlocked, UnknownRecipient
+from agentpost.model.errors import MailboxFull, RelayDenied, SenderBlocked, UnknownRecipient
 from agentpost.storage import mail as mail_store
 from agentpost.storage.database import Database
 
@@ -22,11 +22,13 @@ def split_address(address: str) -> tuple[str, str]:
 class Router:
     """Resolves RCPT TO addresses to inbox targets."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, inbox_quota: int = 0) -> None:
         self._db = db
+        self._quota = inbox_quota
 
     async def resolve(self, recipient: str, sender: str) -> Target:
-        """An inbox target, or UnknownRecipient / RelayDenied / SenderBlocked."""
+        """An inbox target, or UnknownRecipient / RelayDenied / SenderBlocked /
+        MailboxFull (the inbox has reached its quota: refused per recipient, at RCPT)."""
         local, domain = split_address(recipient)
         if not local or not domain:
             raise UnknownRecipient()
@@ -39,4 +41,6 @@ class Router:
             raise UnknownRecipient()
         if sender and row["rules"] and filters.decide(row["rules"], sender) == "block":
             raise SenderBlocked()
+        if self._quota and row["used_bytes"] >= self._quota:
+            raise MailboxFull()
         return Target(row["org_id"], row["environment_id"], row["inbox_id"], row["email"])

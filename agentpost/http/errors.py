@@ -16,6 +16,7 @@ STATUS: dict[type[errors.AgentPostError], int] = {
     errors.UnsupportedMediaType: 415,
     errors.Unprocessable: 422,
     errors.RateLimited: 429,
+    errors.MailboxFull: 507,
     errors.TemporaryFailure: 503,
 }
 

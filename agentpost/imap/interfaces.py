@@ -142,6 +142,9 @@ class IMAPAccount(Protocol):
     async def fetch(self, folder_id: int, uids: list[int], wants: FetchWants) -> list[FetchRow]:
         """Rows for the UIDs that still exist, ascending UID."""
 
+    async def quota(self) -> tuple[int, int]:
+        """(bytes the inbox uses, its limit in bytes; 0 when unlimited)."""
+
     async def claim_recent(self, folder_id: int, up_to_uid: int, claim: bool) -> int:
         """The highest UID another session was already told about (RFC 3501 \\Recent);
         with ``claim`` (SELECT, not EXAMINE), UIDs up to ``up_to_uid`` become this

@@ -151,6 +151,8 @@ def error_for(exc: BaseException, *, missing: str = "NONEXISTENT") -> IMAPError:
         return _no("Authentication failed", "AUTHENTICATIONFAILED")
     if isinstance(exc, errors.PayloadTooLarge):
         return _no(exc.message, "TOOBIG")
+    if isinstance(exc, errors.MailboxFull):
+        return _no(exc.message, "OVERQUOTA")
     if isinstance(exc, errors.AgentPostError):
         if exc.temporary:
             return _no(exc.message, "UNAVAILABLE")
@@ -286,7 +288,7 @@ class IMAP4ServerProtocol(Protocol):
     def capabilities(self) -> list[str]:
         caps = ["IMAP4rev1", "LITERAL+", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT",
                 "CHILDREN", "SPECIAL-USE", "UIDPLUS", "MOVE", "CONDSTORE", "LIST-EXTENDED",
-                "LIST-STATUS", "ESEARCH", "QRESYNC"]
+                "LIST-STATUS", "ESEARCH", "QRESYNC", "QUOTA", "QUOTA=RES-STORAGE"]
         if self.state is State.NOT_AUTHENTICATED:
             if self.tls_options is not None and not self.tls_active:
                 caps.append("STARTTLS")
@@ -524,7 +526,7 @@ class IMAP4ServerProtocol(Protocol):
             # Check the mailbox before inviting the message (RFC 3501 §6.3.11).
             self._append_checked = True
             self._busy = True
-            d = defer.ensureDeferred(self._check_append(tag, args))
+            d = defer.ensureDeferred(self._check_append(tag, args, size))
             d.addBoth(self._append_checked_cb, size)
             return
         self._begin_literal(size, name == "APPEND" and bool(args))  # not the mailbox name
@@ -561,13 +563,17 @@ class IMAP4ServerProtocol(Protocol):
             return None, None, []
         return command.tag, command.name, command.args
 
-    async def _check_append(self, tag: str | None, args: list[Any]) -> str | None:
-        """None if the APPEND may go on, else the tagged refusal."""
+    async def _check_append(self, tag: str | None, args: list[Any], size: int) -> str | None:
+        """None if the APPEND may go on, else the tagged refusal (a missing folder or a
+        message that cannot fit the quota is refused before the client sends it)."""
         try:
             self._require(State.AUTHENTICATED, State.SELECTED)
             self._require_write()
             name = mailbox(args[0])
             await self.account.status(name)  # type: ignore[union-attr]
+            used, limit = await self.account.quota()  # type: ignore[union-attr]
+            if limit and used + size > limit:
+                raise errors.MailboxFull()
         except ParseError as exc:
             return f"{tag} BAD {exc}"
         except Exception as exc:
@@ -622,7 +628,8 @@ class IMAP4ServerProtocol(Protocol):
     ANY = ("CAPABILITY", "NOOP", "LOGOUT", "ID")
     NOT_AUTH = ("STARTTLS", "AUTHENTICATE", "LOGIN")
     AUTH = ("ENABLE", "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE",
-            "UNSUBSCRIBE", "LIST", "LSUB", "STATUS", "APPEND", "NAMESPACE", "IDLE")
+            "UNSUBSCRIBE", "LIST", "LSUB", "STATUS", "APPEND", "NAMESPACE", "IDLE",
+            "GETQUOTA", "GETQUOTAROOT", "SETQUOTA")
     SELECTED = ("CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY",
                 "MOVE")
     UID_COMMANDS = ("FETCH", "STORE", "COPY", "MOVE", "SEARCH", "EXPUNGE")
@@ -1046,6 +1053,37 @@ class IMAP4ServerProtocol(Protocol):
                 raise ParseError(f"Unknown STATUS item {key}")
         st = await self.account.status(name)  # type: ignore[union-attr]
         self._send(f"* STATUS {_imap_quote(encode_mailbox(name))} ({_status_text(st, keys)})")
+
+    # ------------------------------------------------------------------ QUOTA (RFC 9208)
+    # One quota root, "", covers every folder of the inbox when [mail] inbox_quota is set;
+    # without a limit folders have no quota root at all.
+
+    async def _quota_line(self) -> str | None:
+        assert self.account is not None
+        used, limit = await self.account.quota()
+        if not limit:
+            return None
+        return f'* QUOTA "" (STORAGE {-(-used // 1024)} {limit // 1024})'
+
+    async def _cmd_getquotaroot(self, command: Command) -> None:
+        name = mailbox(self._args(command, 1)[0])
+        await self.account.status(name)  # type: ignore[union-attr]  # NONEXISTENT if absent
+        line = await self._quota_line()
+        wire = _imap_quote(encode_mailbox(name))
+        self._send(f'* QUOTAROOT {wire} ""' if line else f"* QUOTAROOT {wire}")
+        if line:
+            self._send(line)
+
+    async def _cmd_getquota(self, command: Command) -> None:
+        root = astring(self._args(command, 1)[0], "quota root")
+        line = await self._quota_line()
+        if root != "" or line is None:
+            raise _no("No such quota root", "NONEXISTENT")
+        self._send(line)
+
+    async def _cmd_setquota(self, command: Command) -> None:
+        self._args(command, 2)
+        raise _no("Quotas are set by the administrator ([mail] inbox_quota)", "NOPERM")
 
     async def _cmd_append(self, command: Command) -> str:
         args = list(command.args)

@@ -127,6 +127,13 @@ class MessageTooLarge(PayloadTooLarge):
     default_message = "Message exceeds the size limit."
 
 
+class MailboxFull(AgentPostError):
+    """The inbox has reached its storage quota (SMTP 552 5.2.2, IMAP NO [OVERQUOTA])."""
+
+    type = "mailbox_full"
+    default_message = "The mailbox is full."
+
+
 class StorageFailure(TemporaryFailure):
     """The blob store failed; nothing was acknowledged (SMTP 451 4.3.0, HTTP 503)."""
 

@@ -156,7 +156,7 @@ async def message_ids_for_uids(txn: Txn, org_id: str, folder_id: int, uids: list
     """Full rows (ids, blob keys, flags) for UIDs, locked when changing them."""
     lock = " FOR UPDATE" if for_update else ""
     return await txn.fetchall(
-        f"SELECT id, thread_id, raw_blob_key, inbox_id, {_META} FROM messages "
+        f"SELECT id, thread_id, raw_blob_key, inbox_id, size, {_META} FROM messages "
         "WHERE org_id = %s AND folder_id = %s AND uid = ANY(%s) ORDER BY uid" + lock,
         (org_id, folder_id, uids))
 

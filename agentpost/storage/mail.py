@@ -7,6 +7,7 @@ from typing import Any
 
 from psycopg2.extras import Json
 
+from agentpost.model.errors import MailboxFull
 from agentpost.storage.database import Txn
 
 SYSTEM_FOLDERS = (("INBOX", "\\Inbox"), ("Sent", "\\Sent"), ("Drafts", "\\Drafts"),
@@ -25,7 +26,7 @@ async def route(txn: Txn, address: str, domain: str) -> dict[str, Any]:
         "SELECT (EXISTS (SELECT 1 FROM shared_domains WHERE name = lower(%s)) OR "
         "        EXISTS (SELECT 1 FROM domains WHERE name = lower(%s) "
         "                AND verified_at IS NOT NULL)) AS hosted, "
-        "       i.org_id, i.environment_id, i.id AS inbox_id, i.email, "
+        "       i.org_id, i.environment_id, i.id AS inbox_id, i.email, i.used_bytes, "
         "       (SELECT coalesce(json_agg(json_build_object('match_type', r.match_type, "
         "               'value', r.value, 'action', r.action)), '[]'::json) "
         "          FROM filter_rules r WHERE r.org_id = i.org_id "
@@ -235,30 +236,60 @@ async def notify_folder(txn: Txn, folder_id: int) -> None:
     await txn.execute(_NOTIFY_FOLDER_SQL, (MAIL_CHANNEL, str(folder_id)))
 
 
-async def insert_message(txn: Txn, row: dict[str, Any]) -> tuple[int, int]:
+async def insert_message(txn: Txn, row: dict[str, Any], *, quota: int = 0) -> tuple[int, int]:
     """Insert one message row (values prepared by core.ingest) with the folder's next UID
-    and MODSEQ, its Message-ID references and the folder wake-up, in ONE statement: the
-    folder row stays locked from here to COMMIT, so nothing else may come after it but
-    the attachments."""
+    and MODSEQ, its Message-ID references, the inbox's storage use and the folder
+    wake-up, in ONE statement: the inbox and folder rows stay locked from here to
+    COMMIT, so nothing else may come after it but the attachments.
+
+    With ``quota`` (bytes, 0: none) the message is stored only if the inbox's use stays
+    within it; otherwise nothing is written and :class:`MailboxFull` is raised.
+    """
     cols = list(row)
     values = [Json(v) if isinstance(v, dict | list) and c not in ("reference_ids", "labels",
                                                                    "envelope_to") else v
               for c, v in row.items()]
     found = await txn.fetchone(
-        "WITH u AS (UPDATE folders SET uidnext = uidnext + 1, "
-        "           highestmodseq = highestmodseq + 1 WHERE org_id = %s AND id = %s "
-        "           RETURNING uidnext - 1 AS uid, highestmodseq AS modseq), "
+        "WITH q AS (UPDATE inboxes SET used_bytes = used_bytes + %s "
+        "           WHERE org_id = %s AND id = %s AND (%s = 0 OR used_bytes + %s <= %s) "
+        "           RETURNING 1), "
+        "u AS (UPDATE folders SET uidnext = uidnext + 1, "
+        "      highestmodseq = highestmodseq + 1 WHERE org_id = %s AND id = %s "
+        "      AND EXISTS (SELECT 1 FROM q) "
+        "      RETURNING uidnext - 1 AS uid, highestmodseq AS modseq), "
         f"m AS (INSERT INTO messages ({', '.join(cols)}, uid, modseq) "
         f"      SELECT {', '.join(['%s'] * len(cols))}, u.uid, u.modseq FROM u "
         "      RETURNING id, uid, modseq), "
         "r AS (INSERT INTO message_refs (org_id, inbox_id, ref, message_id) "
         "      SELECT DISTINCT %s, %s, ref, m.id FROM m, unnest(%s::text[]) AS ref) "
-        "SELECT m.uid, m.modseq, pg_notify(%s, %s) FROM m",
-        [row["org_id"], row["folder_id"], *values, row["org_id"], row["inbox_id"],
+        "SELECT (SELECT count(*) FROM q) AS charged, m.uid, m.modseq, "
+        "       pg_notify(%s, %s) AS notified "
+        "FROM (SELECT 1) AS one LEFT JOIN m ON true",
+        [row["size"], row["org_id"], row["inbox_id"], quota, row["size"], quota,
+         row["org_id"], row["folder_id"], *values, row["org_id"], row["inbox_id"],
          list(row["reference_ids"]), MAIL_CHANNEL, str(row["folder_id"])])
-    if found is None:
+    if found is None or not found["charged"]:
+        raise MailboxFull()
+    if found["uid"] is None:
         raise LookupError("the folder of a new message vanished")
     return found["uid"], found["modseq"]
+
+
+async def charge_storage(txn: Txn, org_id: str, inbox_id: str, size: int,
+                         quota: int = 0) -> bool:
+    """Add ``size`` bytes to an inbox's use; False (and nothing changed) if that would
+    pass ``quota`` (0: no limit)."""
+    return bool(await txn.fetchval(
+        "UPDATE inboxes SET used_bytes = used_bytes + %s WHERE org_id = %s AND id = %s "
+        "AND (%s = 0 OR used_bytes + %s <= %s) RETURNING 1",
+        (size, org_id, inbox_id, quota, size, quota)))
+
+
+async def inbox_usage(txn: Txn, org_id: str, inbox_id: str) -> int:
+    """Bytes an inbox's messages take (IMAP QUOTA)."""
+    return await txn.fetchval(
+        "SELECT used_bytes FROM inboxes WHERE org_id = %s AND id = %s",
+        (org_id, inbox_id)) or 0
 
 
 async def insert_attachment(txn: Txn, row: dict[str, Any]) -> None:
@@ -339,8 +370,11 @@ async def delete_message(txn: Txn, org_id: str, message_id: str) -> list[str]:
         "SELECT blob_key FROM attachments WHERE org_id = %s AND message_id = %s",
         (org_id, message_id))]
     row = await txn.fetchone(
-        "DELETE FROM messages WHERE org_id = %s AND id = %s RETURNING raw_blob_key, folder_id",
-        (org_id, message_id))
+        "WITH d AS (DELETE FROM messages WHERE org_id = %s AND id = %s "
+        "           RETURNING raw_blob_key, folder_id, inbox_id, size), "
+        "i AS (UPDATE inboxes SET used_bytes = GREATEST(used_bytes - d.size, 0) FROM d "
+        "      WHERE inboxes.org_id = %s AND inboxes.id = d.inbox_id) "
+        "SELECT raw_blob_key, folder_id FROM d", (org_id, message_id, org_id))
     if row is None:
         return keys
     await mark_expunged(txn, org_id, row["folder_id"])
