@@ -31,6 +31,7 @@ import base64
 import binascii
 import bisect
 import enum
+import functools
 import ipaddress
 import logging
 import re
@@ -178,6 +179,16 @@ def _compact(numbers: list[int]) -> str:
         out.append(str(nums[i]) if i == j else f"{nums[i]}:{nums[j]}")
         i = j + 1
     return ",".join(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def _flag_list(flags: frozenset[str], recent: bool) -> str:
+    """``(\\Seen \\Recent label)``: flag sets are shared objects (storage.imap.flags_of),
+    so a 10,000-message FETCH renders each distinct one once."""
+    shown = sorted(flags - {"\\Recent"})
+    if recent:
+        shown.append("\\Recent")
+    return "(" + " ".join(shown) + ")"
 
 
 def _is_loopback(host: str) -> bool:
@@ -1179,10 +1190,7 @@ class IMAP4ServerProtocol(Protocol):
         return bisect.bisect_left(self._uids, uid) + 1
 
     def _flags_text(self, uid: int, flags: frozenset[str]) -> str:
-        shown = sorted(flags - {"\\Recent"})
-        if uid in self._recent:
-            shown.append("\\Recent")
-        return "(" + " ".join(shown) + ")"
+        return _flag_list(flags, uid in self._recent)
 
     async def _report_changes(self, expunge: bool) -> None:
         """Poll the account and send EXPUNGE/EXISTS/RECENT/FETCH for what changed."""
