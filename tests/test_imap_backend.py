@@ -274,7 +274,10 @@ async def test_recent_marks_are_claimed_once_in_the_database(server):
         await server.deliver(make_message(subject=f"r{i}", msgid=f"<r{i}@x>"),
                              [inbox["email"]])
     snap = await account.select("INBOX")
-    assert (await account.status("INBOX")).recent == 2
+    status = await account.status("INBOX")
+    assert status.recent == 2
+    sizes = [len(await account.fetch_raw(snap.folder_id, uid)) for uid in (1, 2)]
+    assert status.size == sum(sizes)  # STATUS=SIZE: the stored bytes
     assert await account.claim_recent(snap.folder_id, 2, False) == 0  # EXAMINE: look only
     assert await account.claim_recent(snap.folder_id, 2, True) == 0  # first SELECT
     assert await account.claim_recent(snap.folder_id, 2, True) == 2  # anyone later

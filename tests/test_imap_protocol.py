@@ -172,7 +172,9 @@ class FakeAccount:
         await self._maybe_wait("status", name)
         f = self._folder(name)
         unseen = sum(1 for m in f.messages.values() if "\\Seen" not in m.flags)
-        return FolderStatus(len(f.messages), f.uidnext, f.uidvalidity, unseen, self.shared.modseq)
+        return FolderStatus(len(f.messages), f.uidnext, f.uidvalidity, unseen, self.shared.modseq,
+                            sum(1 for u in f.messages if u > f.recent_uid),
+                            sum(len(m.raw) for m in f.messages.values()))
 
     async def fetch(self, folder_id: int, uids: list[int], wants: FetchWants) -> list[FetchRow]:
         await self._maybe_wait("fetch", wants)
@@ -665,6 +667,11 @@ def test_list_lsub_status_create_delete_rename(store):
         '* STATUS "INBOX" (MESSAGES 3 UNSEEN 2 UIDNEXT 4 UIDVALIDITY 1000)',
         "st OK STATUS completed"]
     assert s.cmd("st STATUS INBOX (BOGUS)")[-1].startswith("st BAD")
+    size = sum(len(m.raw) for m in store.folders["INBOX"].messages.values())
+    assert s.cmd("st STATUS INBOX (SIZE RECENT)")[0] == \
+        f'* STATUS "INBOX" (SIZE {size} RECENT 0)'
+    caps = s.cmd("c CAPABILITY")[0].split()
+    assert "STATUS=SIZE" in caps and f"APPENDLIMIT={64 * 1024 * 1024}" in caps
     assert s.cmd("n NAMESPACE")[0] == '* NAMESPACE (("" "/")) NIL NIL'
     assert s.cmd("i ID NIL")[0] == '* ID ("name" "AgentPost")'
     assert s.cmd("e ENABLE CONDSTORE")[0] == "* ENABLED CONDSTORE"

@@ -201,7 +201,8 @@ class InboxAccount:
             counts = await imap_store.folder_counts(txn, self._org, folder["id"],
                                                     folder["recent_uid"])
             return FolderStatus(counts["messages"], folder["uidnext"], folder["uidvalidity"],
-                                counts["unseen"], folder["highestmodseq"], counts["recent"])
+                                counts["unseen"], folder["highestmodseq"], counts["recent"],
+                                int(counts["size"]))
 
         return await self._db.run_interaction("imap.status", txn_fn,
                                               isolation="repeatable read")

@@ -66,6 +66,7 @@ class FolderStatus:
     unseen: int
     highestmodseq: int
     recent: int = 0
+    size: int = 0  # bytes of the folder's messages (STATUS=SIZE, RFC 8438)
 
 
 @dataclass(slots=True)

@@ -299,7 +299,8 @@ class IMAP4ServerProtocol(Protocol):
     def capabilities(self) -> list[str]:
         caps = ["IMAP4rev1", "LITERAL+", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT",
                 "CHILDREN", "SPECIAL-USE", "UIDPLUS", "MOVE", "CONDSTORE", "LIST-EXTENDED",
-                "LIST-STATUS", "ESEARCH", "QRESYNC", "QUOTA", "QUOTA=RES-STORAGE"]
+                "LIST-STATUS", "ESEARCH", "QRESYNC", "QUOTA", "QUOTA=RES-STORAGE",
+                f"APPENDLIMIT={self.max_append_bytes}", "STATUS=SIZE"]
         if self.state is State.NOT_AUTHENTICATED:
             if self.tls_options is not None and not self.tls_active:
                 caps.append("STARTTLS")
@@ -1673,7 +1674,8 @@ def _content_spec(item: FetchItem) -> imapformat.SectionSpec | None:
     return _RFC822_SPECS.get(item.name)
 
 
-_STATUS_ITEMS = ("MESSAGES", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "RECENT", "HIGHESTMODSEQ")
+_STATUS_ITEMS = ("MESSAGES", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "RECENT", "HIGHESTMODSEQ",
+                 "SIZE")
 
 
 def _qresync_params(value: Any) -> tuple[int, int, list[tuple[int, int]] | None]:
@@ -1695,7 +1697,7 @@ def _qresync_params(value: Any) -> tuple[int, int, list[tuple[int, int]] | None]
 def _status_text(st: Any, items: list[str]) -> str:
     values = {"MESSAGES": st.messages, "UIDNEXT": st.uidnext, "UIDVALIDITY": st.uidvalidity,
               "UNSEEN": st.unseen, "RECENT": st.recent,
-              "HIGHESTMODSEQ": st.highestmodseq}
+              "HIGHESTMODSEQ": st.highestmodseq, "SIZE": st.size}
     return " ".join(f"{key} {values[key]}" for key in items)
 
 

@@ -117,11 +117,11 @@ async def deleted_uids(txn: Txn, org_id: str, folder_id: int,
 
 async def folder_counts(txn: Txn, org_id: str, folder_id: int,
                         recent_uid: int = 0) -> dict[str, Any]:
-    """MESSAGES, UNSEEN and RECENT (UIDs above ``recent_uid``) for STATUS."""
+    """MESSAGES, UNSEEN, RECENT (UIDs above ``recent_uid``) and SIZE for STATUS."""
     return await txn.fetchone(
         "SELECT count(*) AS messages, count(*) FILTER (WHERE NOT seen) AS unseen, "
         "min(uid) FILTER (WHERE NOT seen) AS first_unseen, "
-        "count(*) FILTER (WHERE uid > %s) AS recent "
+        "count(*) FILTER (WHERE uid > %s) AS recent, COALESCE(sum(size), 0) AS size "
         "FROM messages WHERE org_id = %s AND folder_id = %s", (recent_uid, org_id, folder_id))
 
 
