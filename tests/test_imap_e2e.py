@@ -362,3 +362,42 @@ async def test_inbox_quota_over_smtp_imap_and_after_deletion(db_dsn, openapi_che
         assert again[0] == "OK"
     finally:
         await running.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_compress_deflate_over_993_streams_a_large_body(server):
+    """COMPRESS=DEFLATE on a real TLS socket: a 1 MB message (the streamed path) comes
+    back byte-exact through the compressor."""
+    import zlib
+
+    inbox, key = await _inbox(server, "imap-zip")
+    raw = _big_message(inbox["email"], 1_000_000)
+    await server.deliver(raw, [inbox["email"]])
+
+    def session():
+        sock = _ctx().wrap_socket(socket.create_connection(("127.0.0.1", server.imaps_port),
+                                                           timeout=20),
+                                  server_hostname="127.0.0.1")
+        f = sock.makefile("rb")
+        f.readline()
+        sock.sendall(b'a LOGIN "%s" "%s"\r\n' % (inbox["email"].encode(), key.encode()))
+        while not f.readline().startswith(b"a "):
+            pass
+        sock.sendall(b"z COMPRESS DEFLATE\r\n")
+        assert f.readline() == b"z OK DEFLATE active\r\n"
+        out, inflate = zlib.compressobj(6, zlib.DEFLATED, -15), zlib.decompressobj(-15)
+        sock.sendall(out.compress(b"s SELECT INBOX\r\nf FETCH 1 BODY.PEEK[]\r\n")
+                     + out.flush(zlib.Z_SYNC_FLUSH))
+        received = b""
+        while b"\r\nf OK" not in received and b"\r\nf NO" not in received:
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed"
+            received += inflate.decompress(chunk)
+        sock.close()
+        return received
+
+    received = await deferToThread(session)
+    assert b"s OK [READ-WRITE]" in received
+    start = received.index(b"BODY[] {%d}\r\n" % len(raw))
+    body = received[start + len(b"BODY[] {%d}\r\n" % len(raw)):][:len(raw)]
+    assert body == raw

@@ -1257,3 +1257,76 @@ def test_quota_roots_usage_and_overquota_before_the_literal(store):
     assert s.cmd('q SETQUOTA "" (STORAGE 1)')[-1].startswith("q NO [NOPERM]")
     assert s.cmd(b"a APPEND INBOX {20000}") == ["a NO [OVERQUOTA] The mailbox is full."]
     assert s.cmd(b"n NOOP") == ["n OK NOOP completed"]  # no literal was awaited
+
+
+class Deflated:
+    """The client's side of COMPRESS=DEFLATE over a Session."""
+
+    def __init__(self, session: Session) -> None:
+        import zlib
+
+        self.s = session
+        self.out = zlib.compressobj(6, zlib.DEFLATED, -15)
+        self.inflate = zlib.decompressobj(-15)
+        self.zlib = zlib
+
+    def send(self, data: bytes) -> None:
+        self.s.send(self.out.compress(data) + self.out.flush(self.zlib.Z_SYNC_FLUSH))
+
+    def raw(self) -> bytes:
+        return self.inflate.decompress(self.s.raw())
+
+    def cmd(self, text: bytes) -> list[str]:
+        self.send(text + b"\r\n")
+        return [line for line in self.raw().decode().split("\r\n") if line]
+
+
+def test_compress_deflate_both_ways_with_pipelining_and_a_literal(store):
+    """RFC 4978: after the (uncompressed) tagged OK everything is raw DEFLATE; commands
+    pipelined behind COMPRESS are read compressed; a second COMPRESS is refused."""
+    s = Session(FakeBackend(store)).selected()
+    assert "COMPRESS=DEFLATE" in s.cmd("c CAPABILITY")[0]
+    assert s.cmd("z COMPRESS LZW")[-1].startswith("z BAD")
+    assert s.cmd("z COMPRESS DEFLATE") == ["z OK DEFLATE active"]
+    z = Deflated(s)
+    assert z.cmd(b"n NOOP") == ["n OK NOOP completed"]
+    out = z.cmd(b"f FETCH 2 BODY.PEEK[]")
+    assert out[-1] == "f OK FETCH completed"
+    z.send(b"a APPEND INBOX {5+}\r\nhello\r\nb NOOP\r\n")
+    lines = [line for line in z.raw().decode().split("\r\n") if line and line[0] != "*"]
+    assert lines[0].startswith("a OK [APPENDUID") and lines[1] == "b OK NOOP completed"
+    assert store.folders["INBOX"].messages[4].raw == b"hello"
+    assert z.cmd(b"z COMPRESS DEFLATE")[-1].startswith("z NO [COMPRESSIONACTIVE]")
+
+
+def test_compressed_bomb_is_inflated_a_step_at_a_time(store):
+    """50 MB of one long line in ~50 KB compressed: refused as too long, the buffer
+    never holds more than a command line plus one step, the session lives on."""
+    from agentpost.imap.server import INFLATE_STEP, MAX_LINE_BYTES
+
+    s = Session(FakeBackend(store)).selected()
+    s.cmd("z COMPRESS DEFLATE")
+    z = Deflated(s)
+    peak = [0]
+    original = s.protocol._inflate_more
+
+    def watched() -> bool:
+        result = original()
+        peak[0] = max(peak[0], len(s.protocol._buffer))
+        return result
+
+    s.protocol._inflate_more = watched
+    chunk = b"x" * (1 << 20)
+    for _ in range(50):
+        z.s.send(z.out.compress(chunk))
+    z.send(b"\r\nn NOOP\r\n")
+    lines = [line for line in z.raw().decode().split("\r\n") if line]
+    assert "* BAD Command line too long" in lines and lines[-1] == "n OK NOOP completed"
+    assert peak[0] <= MAX_LINE_BYTES + INFLATE_STEP
+
+
+def test_corrupt_compressed_input_ends_the_session(store):
+    s = Session(FakeBackend(store)).selected()
+    s.cmd("z COMPRESS DEFLATE")
+    s.send(b"\xff\xff\xff\xff garbage")
+    assert s.transport.disconnecting

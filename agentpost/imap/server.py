@@ -37,6 +37,7 @@ import logging
 import re
 import secrets
 import tempfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -97,6 +98,8 @@ MAX_BUFFERED_INPUT = 1024 * 1024
 STREAM_THRESHOLD_BYTES = 256 * 1024
 #: One read from the blob store while streaming a literal.
 STREAM_CHUNK_BYTES = 256 * 1024
+#: Compressed input is inflated this much at a time (COMPRESS=DEFLATE).
+INFLATE_STEP = 64 * 1024
 #: Bodies (each under the stream threshold) read ahead of the FETCH response being sent.
 READ_AHEAD = 8
 
@@ -269,6 +272,9 @@ class IMAP4ServerProtocol(Protocol):
         self._discard_left = 0  # octets of a refused literal still to drop
         self._discarding_line = False  # skipping the rest of a refused command
         self._append_checked = False
+        self._deflate: Any = None  # COMPRESS=DEFLATE (RFC 4978), once active
+        self._inflate: Any = None
+        self._inflate_tail = b""  # compressed input not inflated yet (bounded expansion)
         self._spools: list[Any] = []  # APPEND messages of the command being read
         self._spooling = False
         self._busy = False
@@ -300,7 +306,7 @@ class IMAP4ServerProtocol(Protocol):
         caps = ["IMAP4rev1", "LITERAL+", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT",
                 "CHILDREN", "SPECIAL-USE", "UIDPLUS", "MOVE", "CONDSTORE", "LIST-EXTENDED",
                 "LIST-STATUS", "ESEARCH", "QRESYNC", "QUOTA", "QUOTA=RES-STORAGE",
-                f"APPENDLIMIT={self.max_append_bytes}", "STATUS=SIZE"]
+                f"APPENDLIMIT={self.max_append_bytes}", "STATUS=SIZE", "COMPRESS=DEFLATE"]
         if self.state is State.NOT_AUTHENTICATED:
             if self.tls_options is not None and not self.tls_active:
                 caps.append("STARTTLS")
@@ -330,8 +336,28 @@ class IMAP4ServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.state is State.LOGOUT:
             return
-        self._buffer += data
+        if self._inflate is not None:
+            self._inflate_tail += data  # inflated bit by bit in _process
+        else:
+            self._buffer += data
         self._process()
+
+    def _inflate_more(self) -> bool:
+        """Inflate compressed input into the buffer, at most INFLATE_STEP bytes at a
+        time and only while the buffer is short: a small compressed message that
+        expands to gigabytes (a "zip bomb") never sits in memory."""
+        try:
+            out = self._inflate.decompress(self._inflate_tail, INFLATE_STEP)
+        except zlib.error:
+            self._send("* BYE Corrupt compressed data")
+            self._close()
+            return False
+        if not out and self._inflate.unconsumed_tail == self._inflate_tail:
+            self._inflate_tail = b""  # nothing more can come out of it
+            return False
+        self._inflate_tail = self._inflate.unconsumed_tail
+        self._buffer += out
+        return True
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._closed = True
@@ -367,8 +393,12 @@ class IMAP4ServerProtocol(Protocol):
     # ------------------------------------------------------------------ output
 
     def _write(self, data: bytes) -> None:
-        if not self._closed:
-            self.transport.write(data)
+        if self._closed:
+            return
+        if self._deflate is not None:
+            # A sync flush per write: every response reaches the client whole, at once.
+            data = self._deflate.compress(data) + self._deflate.flush(zlib.Z_SYNC_FLUSH)
+        self.transport.write(data)
 
     def _send(self, line: str) -> None:
         self._write(line.encode("utf-8") + b"\r\n")
@@ -436,6 +466,11 @@ class IMAP4ServerProtocol(Protocol):
         self._processing = True
         try:
             while self.state is not State.LOGOUT and not self._output_blocked:
+                # Compressed input is inflated only while the buffer holds less than a
+                # command line, so the buffer stays bounded whatever the ratio.
+                if self._inflate_tail and len(self._buffer) <= MAX_LINE_BYTES and \
+                        self._inflate_more():
+                    continue
                 if self._discard_left:
                     if not self._buffer:
                         break
@@ -457,6 +492,8 @@ class IMAP4ServerProtocol(Protocol):
                 if self._line_handler is not None:
                     line = self._take_line()
                     if line is None:
+                        if self._inflate_tail:
+                            continue
                         break
                     handler, self._line_handler = self._line_handler, None
                     self._arm_timer()
@@ -468,6 +505,8 @@ class IMAP4ServerProtocol(Protocol):
                     newline = self._buffer.find(b"\n")
                     if newline < 0:
                         self._buffer.clear()
+                        if self._inflate_tail:
+                            continue
                         break
                     line = bytes(self._buffer[:newline]).rstrip(b"\r")
                     del self._buffer[: newline + 1]
@@ -479,6 +518,8 @@ class IMAP4ServerProtocol(Protocol):
                     continue
                 line = self._take_line()
                 if line is None:
+                    if self._inflate_tail:
+                        continue
                     break
                 self._arm_timer()
                 self._line(line)
@@ -495,10 +536,11 @@ class IMAP4ServerProtocol(Protocol):
         if self.state is State.LOGOUT:
             return
         stalled = self._busy or self._output_blocked
-        if not self._paused and stalled and len(self._buffer) > MAX_BUFFERED_INPUT:
+        queued = len(self._buffer) + len(self._inflate_tail)
+        if not self._paused and stalled and queued > MAX_BUFFERED_INPUT:
             self._paused = True
             self.transport.pauseProducing()
-        elif self._paused and (not stalled or len(self._buffer) <= MAX_BUFFERED_INPUT // 2):
+        elif self._paused and (not stalled or queued <= MAX_BUFFERED_INPUT // 2):
             self._paused = False
             self.transport.resumeProducing()
 
@@ -641,7 +683,7 @@ class IMAP4ServerProtocol(Protocol):
     NOT_AUTH = ("STARTTLS", "AUTHENTICATE", "LOGIN")
     AUTH = ("ENABLE", "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE",
             "UNSUBSCRIBE", "LIST", "LSUB", "STATUS", "APPEND", "NAMESPACE", "IDLE",
-            "GETQUOTA", "GETQUOTAROOT", "SETQUOTA")
+            "GETQUOTA", "GETQUOTAROOT", "SETQUOTA", "COMPRESS")
     SELECTED = ("CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY",
                 "MOVE")
     UID_COMMANDS = ("FETCH", "STORE", "COPY", "MOVE", "SEARCH", "EXPUNGE")
@@ -1065,6 +1107,21 @@ class IMAP4ServerProtocol(Protocol):
                 raise ParseError(f"Unknown STATUS item {key}")
         st = await self.account.status(name)  # type: ignore[union-attr]
         self._send(f"* STATUS {_imap_quote(encode_mailbox(name))} ({_status_text(st, keys)})")
+
+    async def _cmd_compress(self, command: Command) -> None:
+        """COMPRESS DEFLATE (RFC 4978): raw DEFLATE both ways after the tagged OK."""
+        mechanism = str(self._args(command, 1)[0]).upper()
+        if mechanism != "DEFLATE":
+            raise _bad(f"Unknown compression mechanism {mechanism}")
+        if self._deflate is not None:
+            raise _no("DEFLATE is already active", "COMPRESSIONACTIVE")
+        self._send(f"{command.tag} OK DEFLATE active")
+        self._deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+        self._inflate = zlib.decompressobj(-15)
+        # Whatever the client sent after the command is already compressed.
+        self._inflate_tail = bytes(self._buffer)
+        self._buffer.clear()
+        raise _Answered()
 
     # ------------------------------------------------------------------ QUOTA (RFC 9208)
     # One quota root, "", covers every folder of the inbox when [mail] inbox_quota is set;
