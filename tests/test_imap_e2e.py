@@ -360,6 +360,10 @@ async def test_inbox_quota_over_smtp_imap_and_after_deletion(db_dsn, openapi_che
         assert copied[0] == "NO" and b"OVERQUOTA" in copied[1][0]
         assert after[0] == "OK" and after_quota == [b'"" (STORAGE 0 12)']
         assert again[0] == "OK"
+        shown = (await running.api.get(f"/api/v1/inboxes/{inbox['id']}", key=key)).json
+        kept = (await running.api.get(f"/api/v1/inboxes/{inbox['id']}/messages",
+                                      key=key)).json["data"]
+        assert shown["used_bytes"] == sum(m["size"] for m in kept) > 0
     finally:
         await running.service.stopService()
 

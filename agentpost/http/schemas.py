@@ -44,7 +44,7 @@ COMPONENTS: dict[str, dict[str, Any]] = {
     "Inbox": {
         "type": "object",
         "required": ["id", "email", "username", "domain", "display_name", "environment_id",
-                     "client_id", "send_paused", "created_at", "updated_at"],
+                     "client_id", "send_paused", "used_bytes", "created_at", "updated_at"],
         "additionalProperties": False,
         "properties": {
             "id": {"type": "string", "pattern": "^inb_"},
@@ -55,6 +55,9 @@ COMPONENTS: dict[str, dict[str, Any]] = {
             "environment_id": {"type": "string"},
             "client_id": _STR_NULL,
             "send_paused": {"type": "boolean"},
+            "used_bytes": {"type": "integer", "minimum": 0,
+                           "description": "Bytes the inbox's messages take (copies "
+                                          "included); compared with [mail] inbox_quota."},
             "created_at": _TS,
             "updated_at": _TS,
         },

@@ -25,8 +25,8 @@ def inbox(row: dict[str, Any]) -> dict[str, Any]:
     return {"id": row["id"], "email": row["email"], "username": row["username"],
             "domain": row["domain"], "display_name": row["display_name"],
             "environment_id": row["environment_id"], "client_id": row["client_id"],
-            "send_paused": row["send_paused"], "created_at": ts(row["created_at"]),
-            "updated_at": ts(row["updated_at"])}
+            "send_paused": row["send_paused"], "used_bytes": row["used_bytes"],
+            "created_at": ts(row["created_at"]), "updated_at": ts(row["updated_at"])}
 
 
 def api_key(row: dict[str, Any], plaintext: str | None = None) -> dict[str, Any]:

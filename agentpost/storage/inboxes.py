@@ -10,7 +10,7 @@ from agentpost.model.errors import Conflict
 from agentpost.storage.database import Txn
 
 _COLS = ("id, org_id, environment_id, username, domain, email, display_name, client_id, "
-         "send_paused, created_at, updated_at")
+         "send_paused, used_bytes, created_at, updated_at")
 
 
 async def insert_inbox(txn: Txn, *, org_id: str, inbox_id: str, environment_id: str,
