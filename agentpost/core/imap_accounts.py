@@ -337,7 +337,10 @@ class InboxAccount:
         return stored.uidvalidity, stored.uid
 
     async def quota(self) -> tuple[int, int]:
-        """(bytes used, limit in bytes; 0: none) for IMAP QUOTA."""
+        """(bytes used, limit in bytes; 0: none) for IMAP QUOTA. Without a limit there
+        is nothing to report or check, and no query (APPEND asks before every literal)."""
+        if not self.quota_limit:
+            return 0, 0
         used = await self._db.run_read("imap.quota", mail_store.inbox_usage, self._org,
                                        self._inbox_id)
         return used, self.quota_limit
