@@ -198,6 +198,10 @@ class FakeAccount:
             rows.append(row)  # bodystructure left None: the server computes it
         return rows
 
+    async def check_folder(self, name: str) -> None:
+        await self._maybe_wait("check_folder", name)
+        self._folder(name)
+
     async def quota(self) -> tuple[int, int]:
         used = sum(len(m.raw) for f in self.shared.folders.values()
                    for m in f.messages.values())

@@ -193,6 +193,14 @@ class InboxAccount:
         return await self._db.run_interaction("imap.select", txn_fn,
                                               isolation="repeatable read")
 
+    async def check_folder(self, name: str) -> None:
+        """NotFound unless the folder exists."""
+
+        async def txn_fn(txn: Txn) -> None:
+            await self._folder(txn, name)
+
+        await self._db.run_read("imap.folder", txn_fn)
+
     async def status(self, name: str) -> FolderStatus:
         """STATUS counters."""
 

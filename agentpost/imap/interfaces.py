@@ -140,6 +140,9 @@ class IMAPAccount(Protocol):
 
     async def status(self, name: str) -> FolderStatus: ...
 
+    async def check_folder(self, name: str) -> None:
+        """NotFound unless the folder exists (one row: APPEND asks before each literal)."""
+
     async def fetch(self, folder_id: int, uids: list[int], wants: FetchWants) -> list[FetchRow]:
         """Rows for the UIDs that still exist, ascending UID."""
 

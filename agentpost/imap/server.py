@@ -624,7 +624,7 @@ class IMAP4ServerProtocol(Protocol):
             self._require(State.AUTHENTICATED, State.SELECTED)
             self._require_write()
             name = mailbox(args[0])
-            await self.account.status(name)  # type: ignore[union-attr]
+            await self.account.check_folder(name)  # type: ignore[union-attr]
             used, limit = await self.account.quota()  # type: ignore[union-attr]
             if limit and used + size > limit:
                 raise errors.MailboxFull()
@@ -1136,7 +1136,7 @@ class IMAP4ServerProtocol(Protocol):
 
     async def _cmd_getquotaroot(self, command: Command) -> None:
         name = mailbox(self._args(command, 1)[0])
-        await self.account.status(name)  # type: ignore[union-attr]  # NONEXISTENT if absent
+        await self.account.check_folder(name)  # type: ignore[union-attr]  # NONEXISTENT
         line = await self._quota_line()
         wire = _imap_quote(encode_mailbox(name))
         self._send(f'* QUOTAROOT {wire} ""' if line else f"* QUOTAROOT {wire}")
