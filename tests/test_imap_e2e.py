@@ -488,3 +488,45 @@ async def test_idle_sees_flags_expunge_and_append_made_in_another_os_process(ser
     assert b"* 2 EXPUNGE\r\n" in seen, seen
     assert b"* 2 EXISTS\r\n" in seen, seen
     assert "Traceback" not in out
+
+
+@pytest_twisted.ensureDeferred
+async def test_sort_on_the_real_store(server):
+    """SORT (RFC 5256) and SORT=DISPLAY in SQL: base subjects, address mailboxes,
+    REVERSE per key, sizes, with a search key and UID SORT."""
+    inbox, key = await _inbox(server, "sorter")
+    specs = [  # (from, subject, date, body)
+        ("Zed <zed@x.org>", "Re: [list] banana", "Mon, 02 Mar 2026 10:00:00 +0000", "a"),
+        ("amy@y.org", "apple", "Sun, 01 Mar 2026 10:00:00 +0000", "bb" * 500),
+        ("Bob <bob@z.org>", "Fwd: cherry", "Tue, 03 Mar 2026 10:00:00 +0000", "ccc" * 50),
+    ]
+    for n, (frm, subject, date, body) in enumerate(specs):
+        raw = make_message(to=inbox["email"], frm=frm, subject=subject, body=body + "\n",
+                           msgid=f"<s{n}@x>").replace(
+            b"Date: Sun, 29 Nov 2026 07:00:00 +0000", f"Date: {date}".encode())
+        await server.deliver(raw, [inbox["email"]])
+
+    def session():
+        imap = _starttls(server.imap_port, inbox["email"], key)
+        imap.select("INBOX")
+        out = {crit: imap.sort(crit, "UTF-8", "ALL")[1][0]
+               for crit in ("(SUBJECT)", "(REVERSE DATE)", "(FROM)", "(SIZE)",
+                            "(DISPLAYFROM)", "(REVERSE SIZE SUBJECT)")}
+        out["uid"] = imap.uid("SORT", "(DATE)", "UTF-8", "NOT", "SUBJECT", "apple")[1][0]
+        try:
+            imap._simple_command("SORT", "(NOPE)", "UTF-8", "ALL")
+            out["bad"] = "accepted"
+        except imaplib.IMAP4.error as exc:
+            out["bad"] = str(exc)
+        imap.logout()
+        return out
+
+    out = await deferToThread(session)
+    assert out["(SUBJECT)"] == b"2 1 3"  # apple, banana, cherry
+    assert out["(REVERSE DATE)"] == b"3 1 2"
+    assert out["(FROM)"] == b"2 3 1"  # amy, bob, zed
+    assert out["(SIZE)"] == b"1 3 2"
+    assert out["(DISPLAYFROM)"] == b"2 3 1"  # amy@y.org, Bob, Zed
+    assert out["(REVERSE SIZE SUBJECT)"] == b"2 3 1"
+    assert out["uid"] == b"1 3"
+    assert "BAD" in out["bad"] and "Unknown sort key NOPE" in out["bad"]

@@ -307,10 +307,15 @@ class FakeAccount:
         self.shared.notify(folder_id)
         return gone
 
-    async def search(self, folder_id: int, key: tuple[Any, ...]) -> list[int]:
-        self.shared.calls.append(("search", key))
+    async def search(self, folder_id: int, key: tuple[Any, ...],
+                     sort: list[tuple[str, bool]] | None = None) -> list[int]:
+        self.shared.calls.append(("search", key) if sort is None else ("sort", (key, sort)))
         f = self.shared.by_id(folder_id)
-        return [u for u, m in sorted(f.messages.items()) if _matches(key, u, m)]
+        found = [u for u, m in sorted(f.messages.items()) if _matches(key, u, m)]
+        for name, reverse in reversed(sort or []):  # SIZE only: the SQL is tested end to end
+            assert name == "SIZE"
+            found.sort(key=lambda u: len(f.messages[u].raw), reverse=reverse)
+        return found
 
     async def changes(self, folder_id: int, known_uids: list[int],
                       since_modseq: int) -> Changes:
@@ -1334,3 +1339,19 @@ def test_corrupt_compressed_input_ends_the_session(store):
     s.cmd("z COMPRESS DEFLATE")
     s.send(b"\xff\xff\xff\xff garbage")
     assert s.transport.disconnecting
+
+
+def test_sort_syntax_and_sequence_numbers(store):
+    s = Session(FakeBackend(store)).selected()
+    sizes = {u: len(m.raw) for u, m in store.folders["INBOX"].messages.items()}
+    by_size = sorted(sizes, key=lambda u: sizes[u], reverse=True)
+    assert s.cmd("s SORT (REVERSE SIZE) UTF-8 ALL") == [
+        "* SORT " + " ".join(str(u) for u in by_size), "s OK SORT completed"]
+    assert ("sort", (("all",), [("SIZE", True)])) in store.calls
+    assert s.cmd("s UID SORT (SIZE) US-ASCII UID 1:2")[0].startswith("* SORT")
+    for bad in ("s SORT (REVERSE) UTF-8 ALL", "s SORT () UTF-8 ALL", "s SORT SIZE UTF-8 ALL",
+                "s SORT (SIZE) UTF-8", "s SORT (BOGUS) UTF-8 ALL",
+                "s SORT (REVERSE REVERSE SIZE) UTF-8 ALL"):
+        assert s.cmd(bad)[-1].startswith("s BAD"), bad
+    assert s.cmd("s SORT (SIZE) KOI8-R ALL")[-1].startswith("s NO [BADCHARSET")
+    assert "SORT" in s.cmd("c CAPABILITY")[0].split()

@@ -426,11 +426,12 @@ class InboxAccount:
         await self._collector.collect(freed)
         return expunged
 
-    async def search(self, folder_id: int, key: tuple[Any, ...]) -> list[int]:
-        """SEARCH translated to SQL."""
+    async def search(self, folder_id: int, key: tuple[Any, ...],
+                     sort: list[tuple[str, bool]] | None = None) -> list[int]:
+        """SEARCH (and SORT) translated to SQL."""
         try:
             return await self._db.run_read("imap.search", imap_store.search, self._org,
-                                           folder_id, key)
+                                           folder_id, key, sort)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
 

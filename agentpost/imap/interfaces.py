@@ -187,8 +187,10 @@ class IMAPAccount(Protocol):
     async def expunge(self, folder_id: int, uids: list[int] | None) -> list[int]:
         """Remove \\Deleted messages (only among ``uids`` when given); returns their UIDs."""
 
-    async def search(self, folder_id: int, key: SearchKey) -> list[int]:
-        """Matching UIDs, ascending."""
+    async def search(self, folder_id: int, key: SearchKey,
+                     sort: list[tuple[str, bool]] | None = None) -> list[int]:
+        """Matching UIDs, ascending; with ``sort`` ([(RFC 5256 key, reverse)]) in that
+        order, ties by UID."""
 
     async def changes(self, folder_id: int, known_uids: list[int],
                       since_modseq: int) -> Changes: ...

@@ -306,7 +306,8 @@ class IMAP4ServerProtocol(Protocol):
         caps = ["IMAP4rev1", "LITERAL+", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT",
                 "CHILDREN", "SPECIAL-USE", "UIDPLUS", "MOVE", "CONDSTORE", "LIST-EXTENDED",
                 "LIST-STATUS", "ESEARCH", "QRESYNC", "QUOTA", "QUOTA=RES-STORAGE",
-                f"APPENDLIMIT={self.max_append_bytes}", "STATUS=SIZE", "COMPRESS=DEFLATE"]
+                f"APPENDLIMIT={self.max_append_bytes}", "STATUS=SIZE", "COMPRESS=DEFLATE",
+                "SORT", "SORT=DISPLAY"]
         if self.state is State.NOT_AUTHENTICATED:
             if self.tls_options is not None and not self.tls_active:
                 caps.append("STARTTLS")
@@ -685,10 +686,10 @@ class IMAP4ServerProtocol(Protocol):
             "UNSUBSCRIBE", "LIST", "LSUB", "STATUS", "APPEND", "NAMESPACE", "IDLE",
             "GETQUOTA", "GETQUOTAROOT", "SETQUOTA", "COMPRESS")
     SELECTED = ("CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY",
-                "MOVE")
-    UID_COMMANDS = ("FETCH", "STORE", "COPY", "MOVE", "SEARCH", "EXPUNGE")
-    #: Commands during which EXPUNGE may not be reported (RFC 3501 §7.4.1).
-    NO_EXPUNGE = ("FETCH", "STORE", "SEARCH")
+                "MOVE", "SORT")
+    UID_COMMANDS = ("FETCH", "STORE", "COPY", "MOVE", "SEARCH", "EXPUNGE", "SORT")
+    #: Commands during which EXPUNGE may not be reported (RFC 3501 §7.4.1, RFC 5256).
+    NO_EXPUNGE = ("FETCH", "STORE", "SEARCH", "SORT")
 
     async def _dispatch(self, command: Command) -> None:
         name = command.name
@@ -1379,6 +1380,41 @@ class IMAP4ServerProtocol(Protocol):
             text += f" (MODSEQ {max(self._meta[u].modseq for u in found)})"
         self._send(text)
 
+    async def _cmd_sort(self, command: Command) -> None:
+        """SORT (RFC 5256, with SORT=DISPLAY from RFC 5957): SEARCH, ordered in SQL."""
+        args = list(command.args)
+        if len(args) < 3 or not isinstance(args[0], list) or not args[0]:
+            raise ParseError("SORT needs (criteria), a charset and search keys")
+        criteria: list[tuple[str, bool]] = []
+        reverse = False
+        for token in args[0]:
+            name = str(token).upper()
+            if name == "REVERSE":
+                if reverse:
+                    raise ParseError("REVERSE REVERSE")
+                reverse = True
+                continue
+            if name not in _SORT_KEYS:
+                raise ParseError(f"Unknown sort key {name}")
+            criteria.append((name, reverse))
+            reverse = False
+        if reverse or not criteria:
+            raise ParseError("REVERSE must precede a sort key")
+        charset = astring(args[1], "charset").upper()
+        if charset not in ("UTF-8", "US-ASCII"):
+            raise _no("Unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
+        _, key = parse_search(args[2:])
+        wants_modseq = [False]
+        resolved = self._resolve_search(key, wants_modseq)
+        assert self.snapshot is not None and self.account is not None
+        found = [u for u in await self.account.search(self.snapshot.folder_id, resolved,
+                                                      criteria) if u in self._meta]
+        numbers = found if command.uid else [self._seq(u) for u in found]
+        text = "* SORT" + "".join(f" {n}" for n in numbers)
+        if wants_modseq[0] and found:
+            text += f" (MODSEQ {max(self._meta[u].modseq for u in found)})"
+        self._send(text)
+
     def _resolve_search(self, key: tuple[Any, ...], modseq: list[bool]) -> tuple[Any, ...]:
         kind = key[0]
         if kind == "seq":
@@ -1731,6 +1767,8 @@ def _content_spec(item: FetchItem) -> imapformat.SectionSpec | None:
     return _RFC822_SPECS.get(item.name)
 
 
+_SORT_KEYS = ("ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO", "DISPLAYFROM",
+              "DISPLAYTO")
 _STATUS_ITEMS = ("MESSAGES", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "RECENT", "HIGHESTMODSEQ",
                  "SIZE")
 

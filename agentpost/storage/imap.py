@@ -329,11 +329,33 @@ def search_sql(key: tuple[Any, ...], params: list[Any]) -> str:
     raise ValueError(f"unsupported search key {op!r}")
 
 
-async def search(txn: Txn, org_id: str, folder_id: int, key: tuple[Any, ...]) -> list[int]:
-    """UIDs matching a search key, ascending."""
+#: SORT keys (RFC 5256) as SQL over the message row. Addresses sort by the mailbox
+#: (local part) of the first one; SUBJECT by the base subject (reply/forward prefixes
+#: and "[list]" tags stripped, case folded).
+SORT_KEYS = {
+    "ARRIVAL": "received_at",
+    "DATE": "COALESCE(sent_at, received_at)",
+    "SIZE": "size",
+    "FROM": "lower(split_part(from_address->>'email', '@', 1))",
+    "TO": "lower(split_part(to_addresses->0->>'email', '@', 1))",
+    "CC": "lower(split_part(cc_addresses->0->>'email', '@', 1))",
+    "SUBJECT": ("lower(regexp_replace(subject, "
+                "'^(\\s*((re|fwd?|fw)(\\[[0-9]+\\])?:|\\[[^]]*\\]))+\\s*', '', 'i'))"),
+    "DISPLAYFROM": "lower(COALESCE(NULLIF(from_address->>'name', ''), from_address->>'email'))",
+    "DISPLAYTO": ("lower(COALESCE(NULLIF(to_addresses->0->>'name', ''), "
+                  "to_addresses->0->>'email'))"),
+}
+
+
+async def search(txn: Txn, org_id: str, folder_id: int, key: tuple[Any, ...],
+                 sort: list[tuple[str, bool]] | None = None) -> list[int]:
+    """UIDs matching a search key: ascending, or in ``sort`` order ([(key, reverse)],
+    ties by UID as RFC 5256 wants)."""
     params: list[Any] = []
     condition = search_sql(key, params)
+    order = ", ".join(f"{SORT_KEYS[name]} {'DESC' if reverse else 'ASC'} NULLS FIRST"
+                      for name, reverse in sort or ())
     rows = await txn.fetchall(
         f"SELECT uid FROM messages WHERE org_id = %s AND folder_id = %s AND {condition} "
-        "ORDER BY uid", (org_id, folder_id, *params))
+        f"ORDER BY {order + ', ' if order else ''}uid", (org_id, folder_id, *params))
     return [r["uid"] for r in rows]
