@@ -353,7 +353,8 @@ async def search(txn: Txn, org_id: str, folder_id: int, key: tuple[Any, ...],
     ties by UID as RFC 5256 wants)."""
     params: list[Any] = []
     condition = search_sql(key, params)
-    order = ", ".join(f"{SORT_KEYS[name]} {'DESC' if reverse else 'ASC'} NULLS FIRST"
+    # A missing field sorts as an empty one: first, or last when REVERSE turns it round.
+    order = ", ".join(f"{SORT_KEYS[name]} {'DESC NULLS LAST' if reverse else 'ASC NULLS FIRST'}"
                       for name, reverse in sort or ())
     rows = await txn.fetchall(
         f"SELECT uid FROM messages WHERE org_id = %s AND folder_id = %s AND {condition} "
