@@ -364,14 +364,15 @@ class InboxAccount:
                                                          for_update=True)
             pairs = []
             for row in rows:
+                # Inbox row before folder row, the order ingest locks them in.
+                if not move and not await mail_store.charge_storage(
+                        txn, self._org, self._inbox_id, row["size"], self.quota_limit):
+                    raise MailboxFull()
                 uid, modseq = await mail_store.allocate_uid(txn, self._org, target["id"])
                 if move:
                     await imap_store.move_message(txn, self._org, row["id"], folder_id,
                                                   target["id"], uid, modseq)
                 else:
-                    if not await mail_store.charge_storage(txn, self._org, self._inbox_id,
-                                                           row["size"], self.quota_limit):
-                        raise MailboxFull()
                     copy_id = new_id("msg")
                     await mail_store.reference_blob(txn, row["raw_blob_key"], 0)
                     for key, size in await imap_store.attachment_keys(txn, self._org,
