@@ -7,13 +7,18 @@ without a home-made balancer (see agentpost.workers).
 
 from __future__ import annotations
 
+import logging
 import socket
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
+
+log = logging.getLogger(__name__)
 
 
 async def listen_tcp(reactor: Any, factory: Factory, bind: str, port: int, *,
@@ -65,14 +70,38 @@ def no_delay(transport: Any) -> None:
 class ConnectionCaps:
     """Per-address and total session caps shared by the SMTP and IMAP factories.
 
-    Subclasses set ``max_connections``, ``max_connections_per_ip``, ``connections``
-    (0) and ``connections_by_ip`` (a Counter) and call ``admit``/``release``.
+    A factory calls :meth:`init_caps` from its constructor, builds every protocol
+    through :meth:`admitted`, and implements ``refusal(text)`` (the protocol that
+    tells a refused client why, in its own protocol's words).
     """
 
     max_connections: int
     max_connections_per_ip: int
     connections: int
-    connections_by_ip: Any
+    connections_by_ip: Counter[str]
+
+    def init_caps(self, max_connections_per_ip: int, max_connections: int) -> None:
+        self.max_connections_per_ip = max_connections_per_ip
+        self.max_connections = max_connections
+        self.connections_by_ip = Counter()
+        self.connections = 0
+
+    def refusal(self, text: str) -> Protocol:
+        raise NotImplementedError
+
+    def admitted(self, addr: Any, make_session: Callable[[Callable[[], None]], Protocol]
+                 ) -> Protocol:
+        """``make_session(on_close)`` if a cap allows one more session from ``addr``,
+        else the refusal; the count drops again when the session calls ``on_close``."""
+        host = str(getattr(addr, "host", "") or "")
+        refused = self.admit(host)
+        if refused is not None:
+            log.warning("%s: refusing %s: %s", self.__class__.__name__, host, refused)
+            protocol = self.refusal(refused)
+        else:
+            protocol = make_session(lambda: self.release(host))
+        protocol.factory = self  # type: ignore[attr-defined]
+        return protocol
 
     def admit(self, host: str) -> str | None:
         """Count a new session, or return why it is refused."""

@@ -8,8 +8,7 @@ never offer STARTTLS. Over a connection cap a client gets ``* BYE`` at once.
 
 from __future__ import annotations
 
-import logging
-from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTime
@@ -18,8 +17,6 @@ from twisted.internet.protocol import Factory, Protocol
 from agentpost.imap.interfaces import IMAPBackend
 from agentpost.imap.server import MAX_APPEND_BYTES, IMAP4ServerProtocol
 from agentpost.listening import ConnectionCaps, listen_tcp
-
-log = logging.getLogger(__name__)
 
 __all__ = ["IMAPFactory", "listen_imap"]
 
@@ -68,40 +65,30 @@ class IMAPFactory(ConnectionCaps, Factory):
         self.max_append_bytes = max_append_bytes
         self.autologout_s = autologout_s
         self.login_timeout_s = login_timeout_s
-        self.max_connections_per_ip = max_connections_per_ip
-        self.max_connections = max_connections
         self.protocol_class = protocol_class
-        self.connections_by_ip: Counter[str] = Counter()
-        self.connections = 0
+        self.init_caps(max_connections_per_ip, max_connections)
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
-        host = str(getattr(addr, "host", "") or "")
-        refusal = self.admit(host)
-        if refusal is not None:
-            log.warning("%s: refusing %s: %s", self.__class__.__name__, host, refusal)
-            return self._refusal(refusal)
-        protocol = self.protocol_class(
-            self.backend,
-            hostname=self.hostname,
-            clock=self.clock,
-            tls_options=None if self.implicit_tls is not None else self.tls_options,
-            implicit_tls=self.implicit_tls is not None,
-            allow_plaintext_login=self.allow_plaintext_login,
-            max_append_bytes=self.max_append_bytes,
-            autologout_s=self.autologout_s,
-            login_timeout_s=self.login_timeout_s,
-            on_close=lambda: self._released(host),
-        )
-        protocol.factory = self
-        return protocol
+        """A session, or a BYE refusal when a connection cap is reached."""
 
-    def _refusal(self, text: str) -> Protocol:
-        protocol = _RefusingProtocol(text)
-        protocol.factory = self
-        return protocol
+        def session(on_close: Callable[[], None]) -> Protocol:
+            return self.protocol_class(
+                self.backend,
+                hostname=self.hostname,
+                clock=self.clock,
+                tls_options=None if self.implicit_tls is not None else self.tls_options,
+                implicit_tls=self.implicit_tls is not None,
+                allow_plaintext_login=self.allow_plaintext_login,
+                max_append_bytes=self.max_append_bytes,
+                autologout_s=self.autologout_s,
+                login_timeout_s=self.login_timeout_s,
+                on_close=on_close,
+            )
 
-    def _released(self, host: str) -> None:
-        self.release(host)
+        return self.admitted(addr, session)
+
+    def refusal(self, text: str) -> Protocol:
+        return _RefusingProtocol(text)
 
 
 async def listen_imap(reactor: Any, factory: IMAPFactory, bind: str = "0.0.0.0",  # noqa: S104

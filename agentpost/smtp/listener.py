@@ -7,8 +7,7 @@ sees every connection: over either cap a client gets ``421 4.7.0`` at connect ti
 
 from __future__ import annotations
 
-import logging
-from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IAddress, IListeningPort, IReactorTime
@@ -18,8 +17,6 @@ from agentpost.listening import ConnectionCaps, listen_tcp
 from agentpost.smtp import replies
 from agentpost.smtp.interfaces import DeliveryAgent
 from agentpost.smtp.server import SMTPLimits, SMTPServerProtocol
-
-log = logging.getLogger(__name__)
 
 __all__ = ["SMTPFactory", "listen_smtp"]
 
@@ -72,41 +69,30 @@ class SMTPFactory(ConnectionCaps, Factory):
         self.require_tls = require_tls
         self.implicit_tls = implicit_tls
         self.spool_dir = spool_dir
-        self.max_connections_per_ip = max_connections_per_ip
-        self.max_connections = max_connections
         self.protocol_class = protocol_class
-        self.connections_by_ip: Counter[str] = Counter()
-        self.connections = 0
+        self.init_caps(max_connections_per_ip, max_connections)
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
         """A session, or a 421 refusal when a connection cap is reached."""
-        host = str(getattr(addr, "host", "") or "")
-        refusal = self.admit(host)
-        if refusal is not None:
-            log.warning("%s: refusing %s: %s", self.__class__.__name__, host, refusal)
-            return self._refusal(refusal)
-        protocol = self.protocol_class(
-            self.agent,
-            hostname=self.hostname,
-            clock=self.clock,
-            limits=self.limits,
-            tls_options=self.tls_options,
-            listener=self.listener,
-            require_tls=self.require_tls,
-            implicit_tls=self.implicit_tls is not None,
-            spool_dir=self.spool_dir,
-            on_close=lambda: self._released(host),
-        )
-        protocol.factory = self
-        return protocol
 
-    def _refusal(self, text: str) -> Protocol:
-        protocol = _RefusingProtocol(replies.closing(self.hostname, "4.7.0", text))
-        protocol.factory = self
-        return protocol
+        def session(on_close: Callable[[], None]) -> Protocol:
+            return self.protocol_class(
+                self.agent,
+                hostname=self.hostname,
+                clock=self.clock,
+                limits=self.limits,
+                tls_options=self.tls_options,
+                listener=self.listener,
+                require_tls=self.require_tls,
+                implicit_tls=self.implicit_tls is not None,
+                spool_dir=self.spool_dir,
+                on_close=on_close,
+            )
 
-    def _released(self, host: str) -> None:
-        self.release(host)
+        return self.admitted(addr, session)
+
+    def refusal(self, text: str) -> Protocol:
+        return _RefusingProtocol(replies.closing(self.hostname, "4.7.0", text))
 
 
 async def listen_smtp(reactor: Any, factory: SMTPFactory, bind: str = "0.0.0.0",  # noqa: S104
