@@ -15,6 +15,7 @@ from typing import IO, Any
 
 from twisted.internet import threads
 
+from agentpost.mail import imapformat
 from agentpost.mail.parse import ParsedMessage, parse_message
 from agentpost.mail.reply import extract_new_text
 from agentpost.model.errors import NotFound, StorageFailure
@@ -69,17 +70,18 @@ STORE_EXTRACTED_MAX_CHARS = 64 * 1024
 
 def _analyse(raw: bytes) -> tuple[ParsedMessage, IMAPRendered]:
     """Parse for the API and pre-render IMAP ENVELOPE/BODYSTRUCTURE/BODY and the section
-    map, in a thread."""
-    parsed = parse_message(raw)
+    map, in a thread, from one walk of the MIME structure."""
+    try:
+        tree = imapformat.parse_tree(raw)
+    except Exception:  # the renderers and the parser each fall back on their own
+        tree = None
+    parsed = parse_message(raw, tree=tree)
     if parsed.text_body is not None and len(parsed.text_body) <= STORE_EXTRACTED_MAX_CHARS:
         parsed.extracted_text = extract_new_text(parsed.text_body)
     try:
-        from agentpost.mail import imapformat
-    except ImportError:  # IMAP rendering not installed: FETCH renders lazily instead
-        return parsed, (None, None, None, None)
-    try:
-        rendered = (imapformat.envelope(raw), imapformat.bodystructure(raw, True),
-                    imapformat.bodystructure(raw, False), imapformat.section_map(raw))
+        rendered = (imapformat.envelope(raw, tree), imapformat.bodystructure(raw, True, tree),
+                    imapformat.bodystructure(raw, False, tree),
+                    imapformat.section_map(raw, tree))
         # PostgreSQL text cannot hold NUL; such (rare, broken) messages render at FETCH.
         imap = tuple(None if "\x00" in r else r for r in rendered)  # type: ignore[assignment]
     except Exception:  # rendered lazily at FETCH time instead

@@ -210,6 +210,17 @@ def _parse(raw: bytes) -> _Entity:
         return _Entity(0, 0, len(raw), [])
 
 
+#: A message's MIME tree located on its raw bytes (see :func:`parse_tree`).
+MimeEntity = _Entity
+
+
+def parse_tree(raw: bytes) -> MimeEntity:
+    """Locate every MIME entity of ``raw`` once; pass the result as ``tree=`` to the
+    renderers below (ingest renders ENVELOPE, BODYSTRUCTURE, BODY and the section map
+    of each message from one walk)."""
+    return _parse(raw)
+
+
 # --------------------------------------------------------------------------- ENVELOPE
 
 
@@ -326,10 +337,10 @@ def _envelope(raw: bytes, ent: _Entity) -> str:
     )
 
 
-def envelope(raw: bytes) -> str:
+def envelope(raw: bytes, tree: MimeEntity | None = None) -> str:
     """The ENVELOPE of a raw message (header values as sent, unfolded)."""
     try:
-        return _envelope(raw, _parse(raw))
+        return _envelope(raw, tree or _parse(raw))
     except Exception:  # pragma: no cover
         return "(NIL NIL NIL NIL NIL NIL NIL NIL NIL NIL)"
 
@@ -398,10 +409,10 @@ def _structure(raw: bytes, ent: _Entity, extensible: bool) -> str:
     return "(" + " ".join(parts) + ")"
 
 
-def bodystructure(raw: bytes, extensible: bool = True) -> str:
+def bodystructure(raw: bytes, extensible: bool = True, tree: MimeEntity | None = None) -> str:
     """BODYSTRUCTURE (``extensible=True``) or BODY (``False``) of a raw message."""
     try:
-        return _structure(raw, _parse(raw), extensible)
+        return _structure(raw, tree or _parse(raw), extensible)
     except Exception:  # pragma: no cover
         return ('("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" '
                 f"{len(raw)} {_lines(raw, 0, len(raw))})")
@@ -508,7 +519,7 @@ def section(raw: bytes, spec: SectionSpec | str) -> bytes:
 # stored blob (HEADER.FIELDS: a filtered header range), read and sent in chunks.
 
 
-def section_map(raw: bytes) -> str:
+def section_map(raw: bytes, tree: MimeEntity | None = None) -> str:
     """The MIME entity offsets of ``raw`` as compact JSON (stored next to the message)."""
     def encode(ent: _Entity) -> list[Any]:
         if ent.is_multipart:
@@ -517,7 +528,7 @@ def section_map(raw: bytes) -> str:
             return [ent.hstart, ent.bstart, ent.end, "r", [encode(ent.message)]]
         return [ent.hstart, ent.bstart, ent.end]
 
-    return json.dumps(encode(_parse(raw)), separators=(",", ":"))
+    return json.dumps(encode(tree or _parse(raw)), separators=(",", ":"))
 
 
 def _decode_map(data: str) -> _Entity:

@@ -50,13 +50,14 @@ class DecodedFile:
     sha256: str
 
 
-def skeleton(raw: bytes, threshold: int = LARGE_PART_BYTES) -> tuple[bytes, list[LargePart]]:
+def skeleton(raw: bytes, threshold: int = LARGE_PART_BYTES,
+             tree: imapformat.MimeEntity | None = None) -> tuple[bytes, list[LargePart]]:
     """``raw`` with every leaf body above ``threshold`` removed and its header marked
     ``X-AgentPost-Large-Part: <n>``; the cut parts in order. ``(raw, [])`` if none."""
-    root = imapformat._parse(raw)
-    leaves: list[imapformat._Entity] = []
+    root = tree or imapformat.parse_tree(raw)
+    leaves: list[imapformat.MimeEntity] = []
 
-    def walk(ent: imapformat._Entity) -> None:
+    def walk(ent: imapformat.MimeEntity) -> None:
         if ent.is_multipart:
             for child in ent.children:
                 walk(child)

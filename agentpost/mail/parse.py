@@ -210,16 +210,17 @@ def _is_attachment(part: Message) -> bool:
 
 
 def parse_message(raw: bytes, *, large_part_bytes: int = largeparts.LARGE_PART_BYTES,
-                  spool_dir: str | None = None) -> ParsedMessage:
+                  spool_dir: str | None = None, tree: Any = None) -> ParsedMessage:
     """Parse ``raw``; never raises for any input bytes.
 
     Leaf bodies above ``large_part_bytes`` bypass the stdlib parser (see
     :mod:`agentpost.mail.largeparts`); such attachments come back spooled to a file in
-    ``spool_dir`` -- call :meth:`ParsedMessage.discard` when done with them.
+    ``spool_dir`` -- call :meth:`ParsedMessage.discard` when done with them. ``tree``:
+    the message's :func:`agentpost.mail.imapformat.parse_tree`, if already made.
     """
     large: list[largeparts.LargePart] = []
     try:
-        source, large = largeparts.skeleton(raw, large_part_bytes)
+        source, large = largeparts.skeleton(raw, large_part_bytes, tree)
     except Exception:
         log.exception("could not locate MIME parts; parsing the whole message")
         source = raw
