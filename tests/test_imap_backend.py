@@ -9,6 +9,7 @@ from twisted.internet import defer, reactor, task
 
 from agentpost.imap.interfaces import FetchWants
 from agentpost.model.errors import Conflict, NotFound, Unauthenticated
+from agentpost.storage import imap as imap_store
 from agentpost.storage.mail import MAIL_CHANNEL
 from agentpost.storage.notify import Notifier
 from tests.mailfactory import make_message
@@ -234,7 +235,7 @@ async def test_failed_logins_are_throttled_per_address_and_per_account(server):
 
 
 @pytest_twisted.ensureDeferred
-async def test_changes_read_one_row_when_nothing_left_the_folder(server):
+async def test_changes_check_known_uids_only_after_something_left(server):
     """The folder's expunge mark: flag changes and arrivals report no expunges without
     checking every known UID; an API delete, an IMAP expunge and a MOVE out all do."""
     account, inbox, key = await _account(server, "marks")
@@ -245,15 +246,24 @@ async def test_changes_read_one_row_when_nothing_left_the_folder(server):
     known, since = [1, 2, 3, 4], snap.highestmodseq
     quiet = await account.changes(snap.folder_id, known, since)
     assert (quiet.new, quiet.changed, quiet.expunged) == ([], [], [])
+
+    async def raw_changes(since_modseq):  # the storage answer behind account.changes
+        return await server.core.db.run_interaction(
+            "t", imap_store.changes, account.principal.org_id, snap.folder_id, 4, known,
+            since_modseq)
+
+    assert (await raw_changes(since))["present"] is None  # no UID check was made
     await account.store(snap.folder_id, [1], "+", frozenset({"\\Flagged"}), None)
     flagged = await account.changes(snap.folder_id, known, since)
     assert [m.uid for m in flagged.changed] == [1] and flagged.expunged == []
+    assert (await raw_changes(since))["present"] is None  # a flag change is no expunge
     since = flagged.highestmodseq
     listed = (await server.api.get(f"/api/v1/inboxes/{inbox['id']}/messages",
                                    key=key)).json["data"]
     victim = next(m for m in listed if m["subject"] == "x1")
     assert (await server.api.delete(f"/api/v1/messages/{victim['id']}", key=key)).status \
         == 204
+    assert (await raw_changes(since))["present"] == {1, 3, 4}  # now the UIDs are checked
     deleted = await account.changes(snap.folder_id, known, since)
     assert deleted.expunged == [2]
     since, known = deleted.highestmodseq, [1, 3, 4]

@@ -22,26 +22,6 @@ class TokenBuckets:
         self._max_keys = max_keys
         self._buckets: dict[str, tuple[float, float]] = {}
 
-    def check(self, key: str) -> None:
-        """Raise RateLimited if ``key`` has no token left, without spending one (for
-        allowances that only failures spend, such as failed logins)."""
-        state = self._buckets.get(key)
-        if state is None:
-            return
-        tokens, last = state
-        tokens = min(self._burst, tokens + (self._clock.seconds() - last) * self._rate)
-        if tokens < 1.0:
-            raise RateLimited(retry_after_s=(1.0 - tokens) / self._rate)
-
-    def spend(self, key: str) -> None:
-        """Spend a token even if none is left (the bucket goes further into debt)."""
-        now = self._clock.seconds()
-        tokens, last = self._buckets.get(key, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - last) * self._rate)
-        if len(self._buckets) >= self._max_keys and key not in self._buckets:
-            self._buckets.clear()
-        self._buckets[key] = (max(tokens - 1.0, -self._burst), now)
-
     def take(self, key: str) -> None:
         """Spend one token or raise RateLimited with the wait until the next one."""
         now = self._clock.seconds()

@@ -1,9 +1,8 @@
 """Failed-login token buckets in PostgreSQL (see migration 0008).
 
-The arithmetic is the in-memory :class:`agentpost.auth.ratelimit.TokenBuckets`'s:
-``burst`` tokens, ``rate`` tokens per second back, a failure spends one (down to
-``-burst`` of debt), and a login is refused while any of its buckets holds less than
-one token. ``now`` comes from the caller's injected clock.
+Token buckets: ``burst`` tokens, ``rate`` tokens per second back, a failure spends one
+(down to ``-burst`` of debt), and a login is refused while any of its buckets holds
+less than one token. ``now`` comes from the caller's injected clock.
 """
 
 from __future__ import annotations
