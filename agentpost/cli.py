@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write("agentpost: configuration error: database.url: not set "
                              "(or set AGENTPOST_DATABASE_URL)\n")
             return 2
+        if config.smtp.mx_enabled and not config.mail.operator_inbox:
+            sys.stderr.write("agentpost: warning: mail.operator_inbox is not set, so mail to "
+                             "<postmaster> is refused (RFC 5321 section 4.5.1 requires "
+                             "accepting it)\n")
         sys.stdout.write(f"configuration OK ({config.source})\n")
         return 0
     if not config.database.url:

@@ -850,6 +850,7 @@ def test_idle_command_timeout_is_421_4_4_2():
     s.clock.advance(1)
     assert starts(s.codes(), "250", "421 4.4.2")
     assert s.closed
+    s.protocol.connectionLost(None)
     assert s.clock.getDelayedCalls() == []
 
 

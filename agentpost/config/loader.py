@@ -68,10 +68,12 @@ class Config:
     source: str = "<defaults>"
 
 
-_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "list": list}
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "str": str, "int": int, "float": (int, float), "bool": bool, "list": list,
+}
 
 
-def _convert(key: str, spec: dataclasses.Field, value: Any) -> Any:
+def _convert(key: str, spec: dataclasses.Field[Any], value: Any) -> Any:
     kind = spec.metadata.get("kind", "plain")
     try:
         if kind == "duration":
@@ -145,6 +147,8 @@ def _check(config: Config) -> None:
         path = getattr(config.tls, key)
         if path and not Path(path).is_file():
             raise ConfigError(f"tls.{key}", f"file {path!r} does not exist")
+    _check_tls_policy(config)
+    _check_operator_names(config)
     if config.rate_limit.rate <= 0 or config.rate_limit.burst < 1:
         raise ConfigError("rate_limit.rate", "rate must be positive and burst at least 1")
     if config.logging.level not in ("debug", "info", "warn", "error"):
@@ -161,6 +165,28 @@ def _check(config: Config) -> None:
         raise ConfigError("smtp.max_message_size", "must be at least 1KiB")
     if "@" in config.mail.shared_domain or not config.mail.shared_domain:
         raise ConfigError("mail.shared_domain", "must be a domain name")
+
+
+def _check_tls_policy(config: Config) -> None:
+    """A cipher list OpenSSL cannot use must stop start-up, not fail every handshake."""
+    from agentpost.tls import MIN_VERSIONS, TLSPolicy
+
+    if config.tls.min_version not in MIN_VERSIONS:
+        raise ConfigError("tls.min_version", f"must be one of {', '.join(MIN_VERSIONS)}")
+    try:
+        TLSPolicy(config.tls.ciphers, config.tls.min_version).check()
+    except ValueError as exc:
+        raise ConfigError("tls.ciphers", str(exc)) from None
+
+
+def _check_operator_names(config: Config) -> None:
+    """Reserved names are strings; the operator inbox is an address."""
+    if not all(isinstance(n, str) and n.strip() for n in config.mail.reserved_local_parts):
+        raise ConfigError("mail.reserved_local_parts", "must be a list of non-empty strings")
+    operator = config.mail.operator_inbox
+    if operator and (operator.count("@") != 1 or operator.startswith("@")
+                     or operator.endswith("@")):
+        raise ConfigError("mail.operator_inbox", "must be an address such as ops@example.com")
 
 
 def load_config(path: str | os.PathLike[str] | None = None,
@@ -221,7 +247,10 @@ def render_sample() -> str:
         if doc:
             lines.append(f"# {doc}")
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            else:
+                default = f.default_factory()  # type: ignore[operator]
             lines.append(f"# {f.metadata.get('doc', '')}")
             line = f"{f.name} = {_toml_value(default, f.metadata.get('kind', 'plain'))}"
             if f.metadata.get("secret") or default in ("", []):

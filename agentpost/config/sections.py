@@ -59,6 +59,14 @@ class TLSSection:
 
     cert: str = opt("", "PEM certificate chain file (leaf first).")
     key: str = opt("", "PEM private key file.", secret=True)
+    min_version: str = opt(
+        "TLSv1.2", "Oldest protocol any listener accepts: TLSv1.2 or TLSv1.3.")
+    ciphers: str = opt(
+        "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+        "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+        "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305",
+        "OpenSSL cipher list for TLS 1.2 on every listener (TLS 1.3 suites are all AEAD "
+        "and fixed). Default: Mozilla's 'intermediate' AEAD+ECDHE suites, no CBC.")
 
 
 @dataclass
@@ -105,6 +113,17 @@ class MailSection:
     inbox_quota: int = opt(
         "0B", "Storage per inbox (e.g. \"2GiB\"); 0B: unlimited. A full inbox refuses mail "
         "at RCPT (552 5.2.2) and APPEND/COPY (NO [OVERQUOTA]).", "size")
+    reserved_local_parts: list = opt(  # noqa: RUF009 - opt() builds a default_factory field
+        ["postmaster", "hostmaster", "webmaster", "www", "abuse", "noc", "security", "admin",
+         "administrator", "root", "mailer-daemon", "nobody", "ssladmin", "ssl-admin",
+         "sysadmin"],
+        "Usernames no organization may create on a shared domain (case-insensitive, also "
+        "with a +tag): RFC 2142 and CA domain-validation names. Mail to them on a shared "
+        "domain goes to operator_inbox.")
+    operator_inbox: str = opt(
+        "", "Address of an existing inbox that receives mail for <postmaster> (RFC 5321 "
+        "requires it), postmaster@ hosted domains without their own, and the reserved "
+        "names on shared domains. Empty: those addresses are refused (550 5.1.1).")
 
 
 @dataclass
@@ -142,6 +161,20 @@ class SMTPSection:
     max_errors: int = opt(10, "Protocol errors before a session is closed.")
     max_connections_per_ip: int = opt(20, "Concurrent sessions from one client address.")
     max_connections: int = opt(1000, "Concurrent sessions in all.")
+    command_timeout: float = opt(
+        "5m", "Time for each whole command line from our previous reply (RFC 5321: at least "
+        "5m); bytes trickling in do not extend it.", "duration")
+    session_deadline: float = opt(
+        "10m", "Longest an SMTP session may last, however active (0s: no limit). A delivery "
+        "in progress is finished and answered first.", "duration")
+    data_deadline: float = opt(
+        "5m", "Longest the body of one message (DATA, or all its BDAT chunks) may take to "
+        "arrive (0s: no limit).", "duration")
+    min_data_rate: int = opt(
+        "500B", "Bytes per second a message body must average after min_data_rate_grace, "
+        "as Postfix's smtpd_min_data_rate (0B: no minimum).", "size")
+    min_data_rate_grace: float = opt(
+        "1m", "Time a message body may take before min_data_rate applies.", "duration")
 
 
 @dataclass

@@ -8,7 +8,8 @@ from typing import Any
 
 from agentpost.core.audit import AuditTrail
 from agentpost.core.context import RequestContext
-from agentpost.model.errors import InvalidRequest, NotFound
+from agentpost.core.reserved import ReservedNames
+from agentpost.model.errors import InvalidRequest, NotFound, ReservedAddress
 from agentpost.model.ids import new_id
 from agentpost.model.principal import Principal
 from agentpost.storage import inboxes as inbox_store
@@ -40,11 +41,12 @@ class Inboxes:
     """Create, list, read, update and delete inboxes."""
 
     def __init__(self, db: Database, audit: AuditTrail, shared_domain: str,
-                 collector: Any = None) -> None:
+                 collector: Any = None, reserved: ReservedNames | None = None) -> None:
         self._db = db
         self._audit = audit
         self._shared_domain = shared_domain.lower()
         self._collector = collector
+        self._reserved = reserved if reserved is not None else ReservedNames()
 
     async def create(self, ctx: RequestContext, *, username: str | None, domain: str | None,
                      display_name: str | None, environment_id: str | None,
@@ -74,6 +76,7 @@ class Inboxes:
                 raise InvalidRequest(
                     f"The domain {domain} is not hosted here for this environment.",
                     field="domain")
+            await self._refuse_reserved(txn, username, domain)
             inbox = await inbox_store.insert_inbox(
                 txn, org_id=p.org_id, inbox_id=new_id("inb"), environment_id=env_id,
                 username=username, domain=domain, display_name=display_name or "",
@@ -85,6 +88,15 @@ class Inboxes:
             return inbox, True
 
         return await self._db.run_interaction("inboxes.create", txn_fn)
+
+    async def _refuse_reserved(self, txn: Txn, username: str, domain: str) -> None:
+        """On a shared domain the operator's names (postmaster, abuse, admin, ...) are
+        nobody else's: whoever holds them can get certificates for the whole domain."""
+        if username in self._reserved and \
+                await inbox_store.domain_kind(txn, domain) == "shared":
+            raise ReservedAddress(
+                f"The username {username!r} is reserved on the shared domain {domain}; "
+                "choose another one.", field="username")
 
     async def list(self, ctx: RequestContext, *, environment_id: str | None,
                    after_id: str | None, limit: int) -> list[dict[str, Any]]:

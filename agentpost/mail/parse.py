@@ -22,6 +22,7 @@ from email.message import EmailMessage, Message
 from typing import Any
 
 from agentpost.mail import largeparts
+from agentpost.mail.sanitize import header_text, safe_filename, safe_mime_type
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +138,9 @@ def _header_text(msg: Message, name: str) -> str | None:
     if value is None:
         return None
     try:
-        return _clean(str(value))
+        return header_text(str(value))
     except Exception:
-        return _clean(_raw_header(msg, name) or "")
+        return header_text(_raw_header(msg, name) or "")
 
 
 def _raw_header(msg: Message, name: str) -> str | None:
@@ -161,17 +162,17 @@ def _addresses(values: list[str]) -> list[dict[str, str]]:
     except Exception:
         return out
     for name, addr in pairs:
-        addr = _clean(addr.strip())
+        addr = header_text(addr)
         if not addr or "@" not in addr:
             continue
-        out.append({"email": addr, "name": _clean(name.strip())})
+        out.append({"email": addr, "name": header_text(name)})
     return out
 
 
 def _msgids(text: str | None) -> list[str]:
     if not text:
         return []
-    return [m for m in _MSGID_RE.findall(text)][:100]
+    return [m for m in _MSGID_RE.findall(header_text(text))][:100]
 
 
 def _strip_html(html: str) -> str:
@@ -346,10 +347,13 @@ def _walk_parts(msg: EmailMessage, parsed: ParsedMessage, cuts: _Cuts) -> None:
                 except Exception:
                     filename = ""
                 cid = part.get("content-id")
+                disposition = part.get_content_disposition()
                 att = ParsedAttachment(
-                    filename=_clean(filename)[:255], mime_type=ctype, content=payload,
+                    filename=safe_filename(filename), mime_type=safe_mime_type(ctype),
+                    content=payload,
                     content_id=_msgids(str(cid))[0] if cid and _msgids(str(cid)) else None,
-                    disposition=part.get_content_disposition(), part_index=index)
+                    disposition=header_text(disposition) if disposition else None,
+                    part_index=index)
                 if spooled is not None:
                     att.path, att.spooled_size = spooled.path, spooled.size
                     att.spooled_sha256 = spooled.sha256

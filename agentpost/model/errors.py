@@ -30,6 +30,13 @@ class InvalidRequest(AgentPostError):
     default_message = "The request is invalid."
 
 
+class ReservedAddress(InvalidRequest):
+    """A local part reserved for the operator of a shared domain (postmaster, abuse, ...)."""
+
+    type = "reserved_address"
+    default_message = "This address is reserved for the operator of the domain."
+
+
 class Unauthenticated(AgentPostError):
     """No credential, or a credential that is unknown, revoked or expired."""
 

@@ -3,7 +3,10 @@
 - :mod:`agentpost.smtp.interfaces` — what the protocol needs from the rest of the system.
 - :mod:`agentpost.smtp.parser` — the wire syntax, as pure functions.
 - :mod:`agentpost.smtp.replies` — reply rendering and the one domain-error table.
-- :mod:`agentpost.smtp.server` — the per-connection state machine.
+- :mod:`agentpost.smtp.session` — limits, states and the transaction a session carries.
+- :mod:`agentpost.smtp.deadlines` — when a (slow) client must have done what.
+- :mod:`agentpost.smtp.server` — the per-connection state machine (I/O, flow, timers).
+- :mod:`agentpost.smtp.commands` — what each verb does (mixed into the server).
 - :mod:`agentpost.smtp.listener` — the factory (connection caps) and ``listen_smtp``.
 
 Wiring (in the composition root)::

@@ -17,6 +17,10 @@ happen:
   lines are answered only after that end, never by falling back to command mode.
 - **STARTTLS discards everything buffered after it** and resets all state
   including HELO (RFC 3207 §4.2), so nothing injected in cleartext survives.
+- **Deadlines, not only idle timers** (:mod:`agentpost.smtp.deadlines`): a command
+  line must be complete within its timeout however its bytes trickle in, a body must
+  keep a minimum rate and end within its deadline, and a session ends after its total
+  deadline; a close that does not complete (TLS close_notify unanswered) is aborted.
 - **No permanent reply for a failure that is not permanent.**  Replies for domain
   errors come from the one table in :mod:`agentpost.smtp.replies`; anything
   unexpected is logged with an id and answered ``451 4.3.0``.
@@ -24,6 +28,9 @@ happen:
 Message bodies are spooled to a :class:`tempfile.SpooledTemporaryFile` (memory up
 to 1 MiB, then disk), prefixed with ``Return-Path:`` and ``Received:``, and handed
 to :meth:`DeliveryAgent.deliver`; ``250`` is sent only after it returns.
+
+What each verb does lives in :mod:`agentpost.smtp.commands` (mixed in here); this
+module owns the connection: input loop, flow control, deadlines, output and spooling.
 
 **What is counted against the size limit**: the message octets after
 dot-unstuffing (DATA) or the chunk octets (BDAT), including every line's CRLF but
@@ -33,25 +40,14 @@ of exactly ``max_message_size_bytes`` is accepted; one octet more is ``552 5.3.4
 
 from __future__ import annotations
 
-import email.utils
-import enum
-import ipaddress
 import logging
-import re
 import secrets
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import IO, Any
+from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import (
-    IHandshakeListener,
-    IPushProducer,
-    IReactorTime,
-    ITLSTransport,
-)
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -59,106 +55,27 @@ from zope.interface import implementer
 from agentpost.listening import no_delay
 from agentpost.model import errors
 from agentpost.smtp import replies
-from agentpost.smtp.interfaces import DeliveryAgent, Envelope, SessionInfo
-from agentpost.smtp.parser import (
-    MAX_COMMAND_LINE_BYTES,
-    MAX_DATA_LINE_BYTES,
-    CommandError,
-    DataDecoder,
-    MailParams,
-    parse_bdat,
-    parse_command,
-    parse_mail_from,
-    parse_rcpt_to,
-    validate_mail_params,
-    validate_rcpt_params,
-)
+from agentpost.smtp.commands import SMTPCommands
+from agentpost.smtp.deadlines import Expiry, SessionDeadlines
+from agentpost.smtp.interfaces import DeliveryAgent, SessionInfo
+from agentpost.smtp.parser import CommandError, DataDecoder, parse_command
 from agentpost.smtp.replies import Reply
+from agentpost.smtp.session import (
+    BODY_STATES,
+    Chunk,
+    Result,
+    SMTPLimits,
+    State,
+    Transaction,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SMTPLimits", "SMTPServerProtocol", "State"]
 
 
-@dataclass(frozen=True)
-class SMTPLimits:
-    """Per-session limits.  Timeouts follow RFC 5321 §4.5.3.2.
-
-    The server waits ``command_timeout_s`` (§4.5.3.2.7: at least 5 minutes) for the
-    next command and ``data_block_timeout_s`` (§4.5.3.2.5: 3 minutes) for each
-    block of a message body; on expiry it answers ``421 4.4.2`` and closes.  The
-    delivery agent gets less time than the client waits for our reply (5 minutes
-    for MAIL/RCPT, 10 for the end of data, §4.5.3.2.2-6) so a hung dependency
-    becomes a ``451`` the client sees, not a client-side timeout.
-    """
-
-    max_message_size_bytes: int = 10_485_760
-    max_recipients: int = 100
-    max_errors: int = 10
-    command_timeout_s: float = 300.0
-    data_block_timeout_s: float = 180.0
-    check_timeout_s: float = 240.0
-    deliver_timeout_s: float = 540.0
-    #: While a command is in flight, pause reading once this much input is queued.
-    max_buffered_input_bytes: int = 256 * 1024
-    max_command_line_bytes: int = MAX_COMMAND_LINE_BYTES
-    max_data_line_bytes: int = MAX_DATA_LINE_BYTES
-    #: Bodies up to this size stay in memory while spooled; larger ones go to disk.
-    spool_memory_bytes: int = 1024 * 1024
-
-
-class State(enum.Enum):
-    """Where the session is.  Transitions are made only by the command handlers."""
-
-    GREETING = "greeting"  # connected (or just after STARTTLS): EHLO/HELO needed
-    READY = "ready"  # greeted, no mail transaction
-    MAIL = "mail"  # MAIL FROM accepted, no recipient yet
-    RCPT = "rcpt"  # at least one recipient accepted (also between BDAT chunks)
-    DATA = "data"  # reading a DATA body
-    BDAT = "bdat"  # reading the octets of one BDAT chunk
-    CLOSED = "closed"  # QUIT or 421 sent, or the connection is gone
-
-
-@dataclass
-class _Transaction:
-    """One MAIL transaction in progress."""
-
-    envelope: Envelope
-    params: MailParams
-    spool: IO[bytes] | None = None
-    queue_id: str = ""
-    header_bytes: int = 0
-    body_bytes: int = 0
-    too_large: bool = False
-    chunked: bool = False  # BDAT has been used: DATA is no longer allowed
-
-    def discard(self) -> None:
-        if self.spool is not None:
-            self.spool.close()
-            self.spool = None
-
-
-@dataclass
-class _Chunk:
-    """The BDAT chunk being read."""
-
-    remaining: int
-    size: int
-    last: bool
-    verdict: Reply | None  # an error to answer once the octets are consumed
-    resume_state: State
-
-
-_HELP = Reply(214, "2.0.0", [
-    "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS",
-    "See RFC 5321",
-])
-_HELO_TOKEN_RE = re.compile(r"^[A-Za-z0-9.\-_:\[\]]{1,255}$")
-_Result = Reply | defer.Deferred | None
-
-
 @implementer(IHandshakeListener, IPushProducer)
-class SMTPServerProtocol(Protocol):
+class SMTPServerProtocol(SMTPCommands, Protocol):
     """One SMTP session.  Build it through :class:`agentpost.smtp.listener.SMTPFactory`.
 
     Arguments:
@@ -208,20 +125,17 @@ class SMTPServerProtocol(Protocol):
         self._output_blocked = False  # the transport's write buffer is full
         self._discarding_line = False  # skipping the rest of an over-long command line
         self._errors = 0
-        self._timer: Any = None
-        self._txn: _Transaction | None = None
+        self._timer: Any = None  # the one timer: the earliest deadline of the phase
+        self._abort_timer: Any = None  # hangs up if a close does not complete
+        self._deadlines = SessionDeadlines(self.limits, clock.seconds())
+        self._txn: Transaction | None = None
         self._decoder: DataDecoder | None = None
-        self._chunk: _Chunk | None = None
-
-    #: The commands we know; ``VERB`` is handled by method ``_cmd_verb``.  A
-    #: subclass (submission) adds verbs by extending this set.
-    VERBS = frozenset({"EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP",
-                       "QUIT", "VRFY", "EXPN", "HELP", "AUTH", "STARTTLS"})
+        self._chunk: Chunk | None = None
 
     # ------------------------------------------------------------------ Twisted hooks
 
     def connectionMade(self) -> None:
-        """Greet, and start the idle timer."""
+        """Greet, and start the clock (the session deadline runs from here)."""
         no_delay(self.transport)
         peer = self.transport.getPeer()
         self.session.peer_host = str(getattr(peer, "host", "") or "")
@@ -243,6 +157,9 @@ class SMTPServerProtocol(Protocol):
         """Drop timers and spooled data; tell the factory the slot is free."""
         self.state = State.CLOSED
         self._cancel_timer()
+        if self._abort_timer is not None and self._abort_timer.active():
+            self._abort_timer.cancel()
+        self._abort_timer = None
         self._buffer.clear()
         if self._txn is not None:
             self._txn.discard()
@@ -345,6 +262,7 @@ class SMTPServerProtocol(Protocol):
         data = bytes(self._buffer)
         self._buffer.clear()
         body, rest = self._decoder.feed(data)
+        self._deadlines.body_received(len(data) - len(rest or b""), self.clock.seconds())
         if body:
             self._write_body(body)
         if rest is not None:
@@ -361,6 +279,7 @@ class SMTPServerProtocol(Protocol):
             data = bytes(self._buffer[:take])
             del self._buffer[:take]
             chunk.remaining -= take
+            self._deadlines.body_received(take, self.clock.seconds())
             if chunk.verdict is None:
                 self._write_body(data)
         if chunk.remaining == 0:
@@ -385,7 +304,7 @@ class SMTPServerProtocol(Protocol):
             result = replies.reply_for_error(exc, context=self.session_id)
         self._handle_result(result)
 
-    def _handle_result(self, result: _Result) -> None:
+    def _handle_result(self, result: Result) -> None:
         """Send a reply now, or wait for a Deferred one while holding further input."""
         if result is None:
             return
@@ -409,6 +328,9 @@ class SMTPServerProtocol(Protocol):
         if self.state is State.CLOSED:
             return
         self._send(reply)
+        # A deadline that passed while the agent worked ends the session now, before
+        # any pipelined command runs (each of which could keep us busy again).
+        self._arm_timer()
         self._process()
 
     def _reply_failed(self, failure: Failure) -> None:
@@ -419,7 +341,9 @@ class SMTPServerProtocol(Protocol):
     # ------------------------------------------------------------------ output
 
     def _write(self, reply: Reply) -> None:
+        """Put a reply on the wire; the client's time for its next command starts now."""
         self.transport.write(reply.render())
+        self._deadlines.replied(self.clock.seconds())
 
     def _send(self, reply: Reply) -> None:
         """Write a reply; enforce the error limit; close after any 421."""
@@ -449,16 +373,40 @@ class SMTPServerProtocol(Protocol):
         # completing loseConnection once the write buffer drains.
         self.transport.unregisterProducer()
         self.transport.loseConnection()
+        # Over TLS, loseConnection waits for the peer's close_notify, and any close
+        # waits for the peer to read what we wrote: neither may hold the slot forever.
+        if self.limits.close_grace_s:
+            self._abort_timer = self.clock.callLater(self.limits.close_grace_s, self._abort)
+
+    def _abort(self) -> None:
+        """The close did not complete within the grace period: drop the connection."""
+        self._abort_timer = None
+        log.info("smtp %s: close not completed; aborting the connection", self.session_id)
+        self.transport.abortConnection()
 
     # ------------------------------------------------------------------ timers, flow
 
     def _arm_timer(self) -> None:
+        """Keep one timer, at the earliest deadline of the current phase.
+
+        It is off while the delivery agent works (the agent has its own deadline, and
+        a reply must never be lost to a 421); a deadline that passed meanwhile
+        fires as soon as that reply is out.
+        """
         self._cancel_timer()
         if self.state is State.CLOSED or self._busy:
             return
-        in_body = self.state in (State.DATA, State.BDAT)
-        timeout = self.limits.data_block_timeout_s if in_body else self.limits.command_timeout_s
-        self._timer = self.clock.callLater(timeout, self._timed_out)
+        now = self.clock.seconds()
+        in_body = self.state in BODY_STATES
+        if in_body:
+            self._deadlines.body_begins(now)
+        expiry = self._deadlines.next(in_body)
+        if expiry is None:
+            return
+        if expiry.at <= now:
+            self._timed_out(expiry)
+            return
+        self._timer = self.clock.callLater(expiry.at - now, self._timed_out, expiry)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -466,10 +414,10 @@ class SMTPServerProtocol(Protocol):
                 self._timer.cancel()
             self._timer = None
 
-    def _timed_out(self) -> None:
+    def _timed_out(self, expiry: Expiry) -> None:
         self._timer = None
-        log.info("smtp %s: timeout in state %s", self.session_id, self.state.value)
-        self._send(replies.closing(self.hostname, "4.4.2", "Timeout; closing connection"))
+        log.info("smtp %s: %s in state %s", self.session_id, expiry.reason, self.state.value)
+        self._send(replies.closing(self.hostname, "4.4.2", expiry.text))
 
     def _update_flow_control(self) -> None:
         """Pause reading while input piles up unprocessed: behind a command in flight,
@@ -494,6 +442,7 @@ class SMTPServerProtocol(Protocol):
         return deferred
 
     def _reset_transaction(self) -> None:
+        self._deadlines.body_ends()
         if self._txn is not None:
             self._txn.discard()
             self._txn = None
@@ -502,14 +451,7 @@ class SMTPServerProtocol(Protocol):
         if self.state in (State.MAIL, State.RCPT, State.DATA, State.BDAT):
             self.state = State.READY
 
-    def _needs_greeting_or_tls(self) -> Reply | None:
-        if self.state is State.GREETING:
-            return replies.SEND_EHLO_FIRST
-        if self.require_tls and not self.tls_active:
-            return replies.TLS_REQUIRED
-        return None
-
-    def _open_spool(self, txn: _Transaction) -> None:
+    def _open_spool(self, txn: Transaction) -> None:
         """Start the spooled message with our Return-Path: and Received: headers."""
         txn.queue_id = secrets.token_hex(8).upper()
         spool = tempfile.SpooledTemporaryFile(  # closed by the transaction
@@ -535,46 +477,7 @@ class SMTPServerProtocol(Protocol):
         assert txn.spool is not None
         txn.spool.write(data)
 
-    def _with_protocol(self, txn: _Transaction) -> str:
-        """RFC 3848 / RFC 6531 "with" keyword for the Received: header."""
-        if txn.envelope.smtputf8:
-            base = "UTF8SMTP"
-        elif self.session.esmtp:
-            base = "ESMTP"
-        else:
-            base = "SMTP"
-        if base == "SMTP" and (self.tls_active or self.session.principal is not None):
-            base = "ESMTP"  # RFC 3848 only defines the S/A suffixes on ESMTP
-        suffix = ("S" if self.tls_active else "") + (
-            "A" if self.session.principal is not None else "")
-        return base + suffix
-
-    def _trace_headers(self, txn: _Transaction) -> bytes:
-        """``Return-Path:`` and ``Received:`` (RFC 5321 §4.4), CRLF-terminated."""
-        helo = self.session.helo or ""
-        helo_token = helo if _HELO_TOKEN_RE.match(helo) else "unknown"
-        peer = self.session.peer_host
-        try:
-            literal = (f"[IPv6:{peer}]" if ipaddress.ip_address(peer).version == 6
-                       else f"[{peer}]")
-        except ValueError:
-            literal = "[unknown]"
-        lines = [f"Received: from {helo_token} ({literal})",
-                 f"\tby {self.hostname} (AgentPost) with {self._with_protocol(txn)}"]
-        if self.tls_active:
-            version = self.session.tls_version or "TLS"
-            cipher = self.session.tls_cipher or "unknown"
-            lines.append(f"\t(version={version} cipher={cipher})")
-        stamp = email.utils.format_datetime(datetime.fromtimestamp(self.clock.seconds(), UTC))
-        if len(txn.envelope.recipient_addresses) == 1:
-            lines.append(f"\tid {txn.queue_id}")
-            lines.append(f"\tfor <{txn.envelope.recipient_addresses[0]}>; {stamp}")
-        else:
-            lines.append(f"\tid {txn.queue_id}; {stamp}")
-        return_path = f"Return-Path: <{txn.envelope.mail_from}>"
-        return ("\r\n".join([return_path, *lines]) + "\r\n").encode("utf-8")
-
-    async def _deliver(self, txn: _Transaction) -> Reply:
+    async def _deliver(self, txn: Transaction) -> Reply:
         """Hand the spooled message to the agent; 250 only once it has committed."""
         spool = txn.spool
         assert spool is not None
@@ -592,8 +495,9 @@ class SMTPServerProtocol(Protocol):
                  txn.body_bytes)
         return Reply(250, "2.0.0", f"OK {txn.queue_id}")
 
-    def _finish_message(self, txn: _Transaction, line_too_long: bool) -> _Result:
+    def _finish_message(self, txn: Transaction, line_too_long: bool) -> Result:
         """The body is complete: refuse it, or deliver it."""
+        self._deadlines.body_ends()
         self._txn = None
         self._decoder = None
         self.state = State.READY
@@ -605,16 +509,18 @@ class SMTPServerProtocol(Protocol):
             return replies.LINE_TOO_LONG
         return defer.Deferred.fromCoroutine(self._deliver(txn))
 
-    def _end_of_data(self) -> _Result:
+    def _end_of_data(self) -> Result:
         assert self._txn is not None and self._decoder is not None
         return self._finish_message(self._txn, self._decoder.line_too_long)
 
-    def _end_of_chunk(self) -> _Result:
+    def _end_of_chunk(self) -> Result:
         chunk = self._chunk
         assert chunk is not None
         self._chunk = None
         if chunk.verdict is not None:
             self.state = chunk.resume_state
+            if self._txn is None or not self._txn.chunked:
+                self._deadlines.body_ends()  # octets of no transaction's body
             return chunk.verdict
         txn = self._txn
         assert txn is not None
@@ -626,195 +532,3 @@ class SMTPServerProtocol(Protocol):
         if not chunk.last:
             return Reply(250, "2.0.0", f"{chunk.size} octets received")
         return self._finish_message(txn, line_too_long=False)
-
-    # ------------------------------------------------------------------ commands
-
-    def _cmd_ehlo(self, args: str) -> _Result:
-        return self._greet(args, esmtp=True)
-
-    def _cmd_helo(self, args: str) -> _Result:
-        return self._greet(args, esmtp=False)
-
-    def _greet(self, args: str, *, esmtp: bool) -> _Result:
-        if not args:
-            return Reply(501, "5.5.4", "EHLO/HELO requires a domain or address literal")
-        self._reset_transaction()  # EHLO mid-transaction is an implicit RSET
-        self.session.helo = args.split()[0]
-        self.session.esmtp = esmtp
-        self.state = State.READY
-        if not esmtp:
-            return Reply(250, None, self.hostname)
-        return Reply(250, None, [self.hostname, *self.capabilities()])
-
-    def capabilities(self) -> list[str]:
-        """The EHLO keywords, in the order we advertise them."""
-        caps = [
-            "PIPELINING",
-            f"SIZE {self.limits.max_message_size_bytes}",
-            "8BITMIME",
-            "ENHANCEDSTATUSCODES",
-            "SMTPUTF8",
-            "CHUNKING",
-            "BINARYMIME",
-        ]
-        if self._can_starttls():
-            caps.append("STARTTLS")
-        caps.extend(self.auth_capabilities())
-        return caps
-
-    def auth_capabilities(self) -> list[str]:
-        """Hook for submission: the ``AUTH ...`` keywords to advertise (none on MX)."""
-        return []
-
-    def _can_starttls(self) -> bool:
-        return (self.tls_options is not None and not self.tls_active
-                and ITLSTransport.providedBy(self.transport))
-
-    def _cmd_mail(self, args: str) -> _Result:
-        refusal = self._needs_greeting_or_tls()
-        if refusal is not None:
-            return refusal
-        if self.state is not State.READY:
-            return Reply(503, "5.5.1", "Nested MAIL command")
-        address, raw_params = parse_mail_from(args)
-        if raw_params and not self.session.esmtp:
-            return replies.UNSUPPORTED_PARAM  # parameters need EHLO (RFC 5321 §4.1.1.2)
-        params = validate_mail_params(
-            raw_params, max_size_bytes=self.limits.max_message_size_bytes, chunking=True)
-        if not address.isascii() and not params.smtputf8:
-            return replies.NON_ASCII_NEEDS_SMTPUTF8
-        return defer.Deferred.fromCoroutine(self._mail(address, raw_params, params))
-
-    async def _mail(self, address: str, raw_params: dict[str, str | None],
-                    params: MailParams) -> Reply:
-        await self._agent_call(self.agent.check_sender, self.session, address,
-                               timeout_s=self.limits.check_timeout_s)
-        if self.state is not State.READY:  # the connection went away meanwhile
-            return Reply(451, "4.3.0", "Session ended")
-        envelope = Envelope(
-            mail_from=address,
-            mail_params=raw_params,
-            smtputf8=params.smtputf8,
-            body_8bitmime=params.body in ("8BITMIME", "BINARYMIME"),
-        )
-        self._txn = _Transaction(envelope=envelope, params=params)
-        self.state = State.MAIL
-        return Reply(250, "2.1.0", "Sender OK")
-
-    def _cmd_rcpt(self, args: str) -> _Result:
-        refusal = self._needs_greeting_or_tls()
-        if refusal is not None:
-            return refusal
-        if self.state not in (State.MAIL, State.RCPT) or self._txn is None:
-            return Reply(503, "5.5.1", "Need MAIL before RCPT")
-        txn = self._txn
-        if txn.chunked:
-            return Reply(503, "5.5.1", "RCPT not allowed after BDAT")
-        address, raw_params = parse_rcpt_to(args)
-        validate_rcpt_params(raw_params)
-        if not address.isascii() and not txn.params.smtputf8:
-            return replies.NON_ASCII_NEEDS_SMTPUTF8
-        if address in txn.envelope.recipient_addresses:
-            return Reply(250, "2.1.5", "Recipient OK (duplicate)")
-        if len(txn.envelope.recipients) >= self.limits.max_recipients:
-            return replies.TOO_MANY_RECIPIENTS
-        return defer.Deferred.fromCoroutine(self._rcpt(txn, address))
-
-    async def _rcpt(self, txn: _Transaction, address: str) -> Reply:
-        token = await self._agent_call(self.agent.check_recipient, self.session,
-                                       txn.envelope.mail_from, address,
-                                       timeout_s=self.limits.check_timeout_s)
-        if self._txn is txn:
-            txn.envelope.recipients.append(token)
-            txn.envelope.recipient_addresses.append(address)
-            self.state = State.RCPT
-        return Reply(250, "2.1.5", "Recipient OK")
-
-    def _cmd_data(self, args: str) -> _Result:
-        refusal = self._needs_greeting_or_tls()
-        if refusal is not None:
-            return refusal
-        if args:
-            return replies.SYNTAX_ERROR
-        if self.state is State.READY or self._txn is None:
-            return Reply(503, "5.5.1", "Need MAIL command")
-        txn = self._txn
-        if self.state is State.MAIL:
-            return replies.NO_VALID_RECIPIENTS
-        if txn.chunked:
-            return Reply(503, "5.5.1", "DATA not allowed after BDAT")
-        if txn.params.body == "BINARYMIME":
-            return Reply(503, "5.5.1", "BODY=BINARYMIME requires BDAT")
-        self._open_spool(txn)
-        self._decoder = DataDecoder(self.limits.max_data_line_bytes)
-        self.state = State.DATA
-        return Reply(354, None, "End data with <CR><LF>.<CR><LF>")
-
-    def _cmd_bdat(self, args: str) -> _Result:
-        size, last = parse_bdat(args)  # on a syntax error no octets can be consumed
-        verdict = self._needs_greeting_or_tls()
-        if verdict is None:
-            if self.state is State.READY or self._txn is None:
-                verdict = Reply(503, "5.5.1", "Need MAIL command")
-            elif self.state is State.MAIL:
-                verdict = replies.NO_VALID_RECIPIENTS
-        if verdict is None:
-            assert self._txn is not None
-            if not self._txn.chunked:
-                self._txn.chunked = True
-                self._open_spool(self._txn)
-        self._chunk = _Chunk(remaining=size, size=size, last=last, verdict=verdict,
-                             resume_state=self.state)
-        self.state = State.BDAT
-        return None  # the reply comes once the chunk's octets are consumed
-
-    def _cmd_rset(self, args: str) -> _Result:
-        if args:
-            return replies.SYNTAX_ERROR
-        self._reset_transaction()
-        return replies.OK
-
-    def _cmd_noop(self, args: str) -> _Result:
-        return replies.OK
-
-    def _cmd_quit(self, args: str) -> _Result:
-        self._write(Reply(221, "2.0.0", f"{self.hostname} closing connection"))
-        self._close()
-        return None
-
-    def _cmd_vrfy(self, args: str) -> _Result:
-        if not args:
-            return replies.SYNTAX_ERROR
-        return replies.VRFY_CANNOT
-
-    def _cmd_expn(self, args: str) -> _Result:
-        return replies.NOT_IMPLEMENTED
-
-    def _cmd_help(self, args: str) -> _Result:
-        return _HELP
-
-    def _cmd_auth(self, args: str) -> _Result:
-        """Not offered on MX; the submission listener will override this."""
-        return replies.AUTH_NOT_OFFERED
-
-    def _cmd_starttls(self, args: str) -> _Result:
-        if args:
-            return replies.SYNTAX_ERROR
-        if self.tls_active:
-            return Reply(503, "5.5.1", "TLS already active")
-        if not self._can_starttls():
-            return replies.TLS_UNAVAILABLE
-        self._send(Reply(220, "2.0.0", "Ready to start TLS"))
-        # RFC 3207 §4.2: forget everything learnt in cleartext, and anything the
-        # client pipelined after STARTTLS: it must not run inside the TLS session.
-        self._buffer.clear()
-        self._discarding_line = False
-        self._reset_transaction()
-        self.session.helo = None
-        self.session.esmtp = False
-        self.state = State.GREETING
-        self.tls_active = True
-        self.transport.startTLS(self.tls_options)
-        return None  # _process resumes reading if it was paused: the buffer is empty
-
-

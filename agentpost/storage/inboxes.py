@@ -102,6 +102,17 @@ async def ensure_shared_domain(txn: Txn, name: str) -> None:
     )
 
 
+async def domain_kind(txn: Txn, name: str) -> str | None:
+    """``"shared"`` for a shared domain, ``"own"`` for an organization's verified domain,
+    None for a domain not hosted here (routing of reserved local parts)."""
+    return await txn.fetchval(
+        "SELECT CASE WHEN EXISTS (SELECT 1 FROM shared_domains WHERE name = lower(%s)) "
+        "THEN 'shared' WHEN EXISTS (SELECT 1 FROM domains WHERE name = lower(%s) "
+        "AND verified_at IS NOT NULL) THEN 'own' END",
+        (name, name),
+    )
+
+
 async def domain_usable(txn: Txn, org_id: str, environment_id: str, name: str) -> bool:
     """Whether inboxes of this org and environment may use ``name``."""
     return bool(await txn.fetchval(
