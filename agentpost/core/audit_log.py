@@ -25,5 +25,5 @@ class AuditLog:
         return await self._db.run_read(
             "audit.list", audit_store.list_audit, p.org_id, env_ids=p.environment_ids,
             actor_id=actor_id, action=action, since=since, until=until, after_id=after_id,
-            limit=limit + 1,
+            limit=limit + 1, own_actor_id=p.credential_id,
         )

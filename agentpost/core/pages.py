@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import re
 from typing import Any
 
 from agentpost.model.errors import InvalidRequest
+
+_CURSOR_ID = re.compile(r"[A-Za-z0-9_]+")
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
@@ -15,7 +18,9 @@ def parse_limit(raw: str | None) -> int:
     """Validate ``limit`` (1..100)."""
     if raw is None or raw == "":
         return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    # ASCII digits only, and few of them: str.isdigit() also accepts '²' (int() refuses
+    # it) and int() refuses strings of over 4,300 digits; both used to answer 500.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 3) or not 1 <= int(raw) <= MAX_LIMIT:
         raise InvalidRequest(f"limit must be an integer from 1 to {MAX_LIMIT}.", field="limit")
     return int(raw)
 
@@ -28,7 +33,8 @@ def decode_token(token: str | None) -> str | None:
         value = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("page_token is not valid.", field="page_token") from None
-    if not value.startswith("c1:") or len(value) > 64:
+    # The id goes back to PostgreSQL as a bound: an id's characters only (no NUL).
+    if not value.startswith("c1:") or len(value) > 64 or not _CURSOR_ID.fullmatch(value[3:]):
         raise InvalidRequest("page_token is not valid.", field="page_token")
     return value[3:]
 

@@ -17,6 +17,7 @@ from agentpost.core.pages import decode_token, page, parse_limit
 from agentpost.http import schemas as s
 from agentpost.http import views
 from agentpost.http.framework import Body, Route, RouteTable
+from agentpost.http.validation import parse_timestamp
 from agentpost.model.errors import InvalidRequest
 
 
@@ -32,17 +33,9 @@ def arg(request: IRequest, name: str) -> str | None:
 
 
 def time_arg(request: IRequest, name: str) -> datetime | None:
-    """An RFC 3339 query parameter."""
+    """An RFC 3339 query parameter PostgreSQL can store, in UTC."""
     raw = arg(request, name)
-    if raw is None:
-        return None
-    try:
-        value = datetime.fromisoformat(raw)
-    except ValueError:
-        raise InvalidRequest(f"{name} must be an RFC 3339 date-time.", field=name) from None
-    if value.tzinfo is None:
-        raise InvalidRequest(f"{name} must include a time zone.", field=name)
-    return value
+    return None if raw is None else parse_timestamp(raw, name)
 
 
 def listing(rows: list[dict[str, Any]], limit: int, view: Any, key: str = "id") -> dict[str, Any]:
@@ -165,7 +158,7 @@ def add_api_routes(table: RouteTable, *, environments: Environments, inboxes: In
         minted = await api_keys.create(
             ctx, name=v.get("name", ""), scopes=v.get("scopes"),
             environment_ids=v.get("environment_ids"),
-            expires_at=datetime.fromisoformat(expires) if expires else None,
+            expires_at=parse_timestamp(expires, "expires_at") if expires else None,
             role=v.get("role"))
         return 201, views.api_key(minted.row, minted.plaintext)
 

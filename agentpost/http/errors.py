@@ -23,6 +23,13 @@ STATUS: dict[type[errors.AgentPostError], int] = {
 # Extra error types that only HTTP has (no domain meaning).
 METHOD_NOT_ALLOWED = ("method_not_allowed", 405, "This method is not allowed on this resource.")
 ROUTE_NOT_FOUND = ("not_found", 404, "No such endpoint.")
+# Refusals of the HTTP channel itself, before any route (http.site).
+BAD_FRAMING = ("invalid_request", 400, "The request is not valid HTTP/1.1 (its framing, a "
+               "header or its length).")
+URI_TOO_LONG = ("uri_too_long", 414, "The request line is too long.")
+HEADERS_TOO_LARGE = ("header_fields_too_large", 431,
+                     "The request's header fields are too large or too many.")
+PAYLOAD_TOO_LARGE = ("payload_too_large", 413, "The request body is too large.")
 
 
 def status_for(exc: errors.AgentPostError) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,12 +28,13 @@ from agentpost.auth.cred import (
     APIKeyCredentials,
     IAdminPrincipal,
     IPrincipal,
+    RefusedKey,
 )
 from agentpost.auth.ratelimit import TokenBuckets
 from agentpost.core.audit import AuditTrail
 from agentpost.core.context import RequestContext
 from agentpost.http import errors as http_errors
-from agentpost.http.validation import validate
+from agentpost.http.validation import parse_json_body, validate
 from agentpost.model import errors
 
 log = logging.getLogger(__name__)
@@ -173,6 +175,7 @@ class RouteTable:
         )
         try:
             await self._authenticate(route, request, ctx)
+            check_url_text(request, params)
             body = self._read_body(route, request)
             status, payload = await route.handler(ctx, request, body, **params)
         except errors.AgentPostError as exc:
@@ -201,7 +204,10 @@ class RouteTable:
             creds, interface = APIKeyCredentials(token), IPrincipal
         try:
             _, avatar, _ = await self._portal.login(creds, None, interface)
-        except UnauthorizedLogin:
+        except UnauthorizedLogin as exc:
+            if isinstance(exc, RefusedKey) and exc.org_id:  # file it with the key's tenant
+                ctx.details.update(org_id=exc.org_id, key_state=exc.state)
+                ctx.target_id = exc.key_id
             raise errors.Unauthenticated("The key is unknown, revoked or expired.") from None
         ctx.principal = avatar
         if self._buckets is not None:
@@ -224,10 +230,7 @@ class RouteTable:
         else:
             if content_type != b"application/json":
                 raise errors.UnsupportedMediaType()
-            try:
-                value = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
-                raise errors.InvalidRequest("The body is not valid JSON.") from None
+            value = parse_json_body(raw)
         validate(route.body, value)
         return Body(value)
 
@@ -245,6 +248,32 @@ class RouteTable:
         message = exc.message if status != 500 else errors.AgentPostError.default_message
         return render(request, status,
                       http_errors.error_body(exc.type, message, ctx.request_id, details))
+
+
+_CONTROLS = re.compile("[\x00-\x1f\x7f]")
+
+
+def check_url_text(request: IRequest, params: dict[str, str]) -> None:
+    """Path ids and query parameters must be UTF-8 text without control characters.
+
+    Checked once here, after authentication (so the refusal is audited under its key) and
+    before any handler: a NUL in an id used to reach PostgreSQL, fail there with a 500,
+    and then block the audit buffer holding the request's row.
+    """
+    for name, value in params.items():
+        if _CONTROLS.search(value):
+            raise errors.InvalidRequest(f"{name} must not contain control characters.",
+                                        field=name)
+    for raw_name, values in request.args.items():
+        try:
+            name = raw_name.decode("utf-8")
+            texts = [name, *(v.decode("utf-8") for v in values)]
+        except UnicodeDecodeError:
+            raise errors.InvalidRequest("A query parameter is not valid UTF-8.") from None
+        if any(_CONTROLS.search(t) for t in texts):
+            field = {"field": name} if not _CONTROLS.search(name) else {}
+            raise errors.InvalidRequest("Query parameters must not contain control "
+                                        "characters.", **field)
 
 
 def _bearer(request: IRequest) -> str | None:
@@ -268,7 +297,11 @@ def render(request: IRequest, status: int, payload: Any) -> bytes:
     if status == 204 or payload is None:
         return b""
     request.setHeader(b"content-type", b"application/json; charset=utf-8")
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from somewhere: escape, never fail
+        return json.dumps(payload, separators=(",", ":")).encode("ascii")
 
 
 def install_fallbacks(app: Klein) -> None:

@@ -17,7 +17,10 @@ from agentpost.http import schemas as s
 from agentpost.http import views
 from agentpost.http.api import PAGING, arg, listing, time_arg
 from agentpost.http.framework import Body, RawResponse, Route, RouteTable
+from agentpost.http.validation import parse_timestamp
+from agentpost.mail.sanitize import ascii_fallback, safe_filename
 from agentpost.model.errors import InvalidRequest
+from agentpost.model.ids import is_id
 
 
 def _bool_arg(request: IRequest, name: str) -> bool | None:
@@ -48,17 +51,25 @@ def _thread_cursor(token: str | None) -> tuple[datetime, str] | None:
         return None
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        assert raw.startswith("t1:")
         when, _, tid = raw[3:].partition("|")
-        return datetime.fromisoformat(when), tid
-    except Exception:
-        raise InvalidRequest("page_token is not valid.", field="page_token") from None
+        if raw.startswith("t1:") and is_id(tid, "thr"):
+            # The time goes back to PostgreSQL: only one it can store, in UTC.
+            return parse_timestamp(when, "page_token"), tid
+    except (ValueError, InvalidRequest):
+        pass
+    raise InvalidRequest("page_token is not valid.", field="page_token")
 
 
 def content_disposition(filename: str) -> str:
-    """RFC 6266: an ASCII fallback plus the exact UTF-8 name."""
-    ascii_name = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in filename)
-    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}"
+    """RFC 6266 ``attachment`` with an ASCII fallback and the UTF-8 name (RFC 8187).
+
+    The name is reduced to a safe basename first (rows stored before ingest did that
+    may still hold ``../`` or control characters): a browser or ``curl -J`` saving the
+    file must not be steered into another directory, and no CR/LF can reach the header.
+    """
+    name = safe_filename(filename) or "attachment"
+    return (f"attachment; filename=\"{ascii_fallback(name)}\"; "
+            f"filename*=UTF-8''{quote(name, safe='')}")
 
 
 def add_mail_routes(table: RouteTable, messages: Messages, filters: FilterRules) -> None:
@@ -82,7 +93,7 @@ def add_mail_routes(table: RouteTable, messages: Messages, filters: FilterRules)
                           message_id: str) -> tuple[int, Any]:
         stream = await messages.raw(ctx, message_id)
         return 200, RawResponse(b"", "message/rfc822", {
-            "content-disposition": f'attachment; filename="{message_id}.eml"'}, stream=stream)
+            "content-disposition": content_disposition(f"{message_id}.eml")}, stream=stream)
 
     async def get_attachment(ctx: RequestContext, request: IRequest, body: Body,
                              message_id: str, attachment_id: str) -> tuple[int, Any]:

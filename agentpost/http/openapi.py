@@ -12,7 +12,8 @@ from agentpost.http.framework import RouteTable
 _ERRORS = {
     "400": "invalid_request", "401": "unauthenticated", "403": "forbidden",
     "404": "not_found", "409": "conflict", "413": "payload_too_large",
-    "415": "unsupported_media_type", "429": "rate_limited", "503": "temporarily_unavailable",
+    "414": "uri_too_long", "415": "unsupported_media_type", "429": "rate_limited",
+    "431": "header_fields_too_large", "503": "temporarily_unavailable",
 }
 
 

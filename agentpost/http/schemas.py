@@ -163,66 +163,86 @@ def ref(component: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{component}"}
 
 
+# Request text (names, addresses, ids, values): bounded, and free of control characters
+# (C0 and DEL). No such field needs one; NUL is what PostgreSQL text refuses outright, and
+# the others end up in headers, logs and terminals. ECMA-262 syntax, as OpenAPI publishes it.
+NO_CONTROLS = "^[^\\u0000-\\u001f\\u007f]*$"
+
+
+def text(max_length: int, min_length: int = 0) -> dict[str, Any]:
+    """A request string of at most ``max_length`` characters, no control characters."""
+    schema: dict[str, Any] = {"type": "string", "maxLength": max_length,
+                              "pattern": NO_CONTROLS,
+                              "x-pattern-message": "{name} must not contain control characters."}
+    if min_length:
+        schema["minLength"] = min_length
+    return schema
+
+
 ENVIRONMENT_CREATE = {
     "type": "object", "additionalProperties": False, "required": ["name"],
-    "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 100},
-                   "slug": {"type": "string", "minLength": 1, "maxLength": 64}},
+    "properties": {"name": text(100, 1),
+                   "slug": text(64, 1)},
 }
 ENVIRONMENT_UPDATE = {
     "type": "object", "additionalProperties": False,
-    "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 100},
-                   "slug": {"type": "string", "minLength": 1, "maxLength": 64}},
+    "properties": {"name": text(100, 1),
+                   "slug": text(64, 1)},
 }
 INBOX_CREATE = {
     "type": "object", "additionalProperties": False,
     "properties": {
-        "username": {"type": "string", "minLength": 1, "maxLength": 64},
-        "domain": {"type": "string", "minLength": 1, "maxLength": 253},
-        "display_name": {"type": "string", "maxLength": 200},
-        "environment_id": {"type": "string", "maxLength": 40},
-        "client_id": {"type": "string", "minLength": 1, "maxLength": 200},
+        "username": text(64, 1),
+        "domain": text(253, 1),
+        "display_name": text(200),
+        "environment_id": text(40),
+        "client_id": text(200, 1),
     },
 }
 INBOX_UPDATE = {
     "type": "object", "additionalProperties": False,
-    "properties": {"display_name": {"type": "string", "maxLength": 200},
+    "properties": {"display_name": text(200),
                    "send_paused": {"type": "boolean"}},
 }
 API_KEY_CREATE = {
     "type": "object", "additionalProperties": False,
     "properties": {
-        "name": {"type": "string", "maxLength": 200},
-        "scopes": {"type": "array", "maxItems": 64, "items": {"type": "string", "maxLength": 64}},
+        "name": text(200),
+        "scopes": {"type": "array", "maxItems": 64, "items": text(64)},
         "environment_ids": {"type": ["array", "null"], "maxItems": 100,
-                            "items": {"type": "string", "maxLength": 40}},
+                            "items": text(40)},
         "expires_at": {"type": ["string", "null"], "format": "date-time"},
         "role": {"type": "string", "enum": ["owner", "admin", "member"]},
     },
 }
 MEMBER_CREATE = {
     "type": "object", "additionalProperties": False, "required": ["email"],
-    "properties": {"email": {"type": "string", "minLength": 3, "maxLength": 320},
-                   "display_name": {"type": "string", "maxLength": 200},
+    "properties": {"email": text(320, 3),
+                   "display_name": text(200),
+                   "role": {"type": "string", "enum": ["admin", "member"]}},
+}
+_MEMBER_ENVIRONMENT = {
+    "type": "object", "additionalProperties": False,
+    "required": ["environment_id", "role"],
+    "properties": {"environment_id": text(40),
                    "role": {"type": "string", "enum": ["admin", "member"]}},
 }
 MEMBER_UPDATE = {
     "type": "object", "additionalProperties": False,
     "properties": {
         "role": {"type": "string", "enum": ["owner", "admin", "member"]},
-        "environments": {"type": "array", "maxItems": 100, "items": {
-            "type": "object", "additionalProperties": False,
-            "required": ["environment_id", "role"],
-            "properties": {"environment_id": {"type": "string", "maxLength": 40},
-                           "role": {"type": "string", "enum": ["admin", "member"]}}}},
+        # One role per environment: a repeated environment_id is a 400, not a key clash.
+        "environments": {"type": "array", "maxItems": 100, "x-unique-by": "environment_id",
+                         "items": _MEMBER_ENVIRONMENT},
     },
 }
 ORG_CREATE = {
     "type": "object", "additionalProperties": False, "required": ["name"],
     "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": 200},
+        "name": text(200, 1),
         "tier": {"type": "string",
                  "enum": ["free", "developer", "startup", "business", "enterprise"]},
-        "owner_email": {"type": "string", "minLength": 3, "maxLength": 320},
+        "owner_email": text(320, 3),
     },
 }
 ORG_UPDATE = {
@@ -232,7 +252,7 @@ ORG_UPDATE = {
 }
 OWNER_KEY_CREATE = {
     "type": "object", "additionalProperties": False,
-    "properties": {"name": {"type": "string", "maxLength": 200}},
+    "properties": {"name": text(200)},
 }
 
 
@@ -315,7 +335,7 @@ MESSAGE_UPDATE = {
 LABELS_BODY = {
     "type": "object", "additionalProperties": False, "required": ["labels"],
     "properties": {"labels": {"type": "array", "maxItems": 50,
-                              "items": {"type": "string", "maxLength": 64}}},
+                              "items": text(64)}},
 }
 FILTER_RULE_CREATE = {
     "type": "object", "additionalProperties": False,
@@ -324,8 +344,8 @@ FILTER_RULE_CREATE = {
         "direction": {"type": "string", "enum": ["send", "receive"]},
         "action": {"type": "string", "enum": ["allow", "block"]},
         "match_type": {"type": "string", "enum": ["address", "domain", "subdomain_wildcard"]},
-        "value": {"type": "string", "minLength": 1, "maxLength": 320},
-        "environment_id": {"type": "string", "maxLength": 40},
-        "inbox_id": {"type": "string", "maxLength": 40},
+        "value": text(320, 1),
+        "environment_id": text(40),
+        "inbox_id": text(40),
     },
 }

@@ -2,16 +2,32 @@
 
 Headers are set before any resource renders, so they are present on every answer —
 2xx, 4xx, 5xx and Klein's own fallbacks — and Twisted's version banner is removed.
+
+Twisted's HTTP parser refuses some requests before any resource exists (a URL or header
+line over 16 KiB, too many headers, a negative or doubled length) with a bare
+``400 Bad Request`` or a silently closed connection. Our channel answers those with the
+same JSON error and headers as everything else (414, 431, 400, and 413 for a body over
+the limit, which is refused before it is read), then closes: it stops writing, drops
+what the client still sends for a moment, and closes once the client has read the
+answer — closing at once would reset the connection and lose the answer in transit.
+Such requests never reach a route, so they have no credential and no audit row.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
-from twisted.web import server
+from twisted.internet import abstract
+from twisted.web import http, server
 from twisted.web.resource import IResource
 
+from agentpost.http import errors as http_errors
 from agentpost.model.ids import new_id
+
+log = logging.getLogger(__name__)
 
 SECURITY_HEADERS = {
     b"x-content-type-options": b"nosniff",
@@ -25,9 +41,27 @@ SECURITY_HEADERS = {
     b"cross-origin-resource-policy": b"same-origin",
 }
 
+LINE_MAX_BYTES = 16 * 1024  # the request line, and each header line
+HEADERS_MAX_BYTES = 32 * 1024  # request line and all header lines together
+HEADERS_MAX_COUNT = 100
+LINGER_S = 5.0  # how long a refused client may take to read the answer
+LINGER_MAX_BYTES = 16 * 1024 * 1024  # what we drop meanwhile before closing regardless
+
+
+_REASONS = {431: b"Request Header Fields Too Large", 413: b"Content Too Large",
+            414: b"URI Too Long"}  # RFC 9110 / 6585 wording
+
+
+def error_bytes(status: int, type_: str, message: str, request_id: str) -> bytes:
+    """The JSON error body every refusal carries."""
+    body = http_errors.error_body(type_, message, request_id)
+    return json.dumps(body, separators=(",", ":")).encode("ascii")
+
 
 class AgentPostRequest(server.Request):
     """A request that carries its id and dresses its response before rendering."""
+
+    _body_bytes = 0
 
     def render(self, resrc: IResource) -> None:
         """Set headers every response must carry, then render as usual."""
@@ -36,28 +70,202 @@ class AgentPostRequest(server.Request):
         for name, value in SECURITY_HEADERS.items():
             self.setHeader(name, value)
         self.setHeader(b"x-request-id", self.request_id.encode("ascii"))
+        if not _utf8_path(self.path):
+            # Klein would answer this in text/plain; everything we say is JSON.
+            self._answer(400, "invalid_request", "The URL path is not valid UTF-8.")
+            return
         super().render(resrc)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        """Count the body as it arrives: a chunked one has no length to check upfront."""
+        self._body_bytes += len(data)
+        limit = getattr(self.channel, "max_body_bytes", None)
+        if limit is not None and self._body_bytes > limit:
+            self.channel.refuse_payload_too_large()
+            return
+        super().handleContentChunk(data)
+
+    def _answer(self, status: int, type_: str, message: str) -> None:
+        request_id = getattr(self, "request_id", None) or new_id("req")
+        body = error_bytes(status, type_, message, request_id)
+        self.setResponseCode(status)
+        self.setHeader(b"content-type", b"application/json; charset=utf-8")
+        self.setHeader(b"content-length", str(len(body)).encode())
+        self.write(body)
+        self.finish()
 
     def processingFailed(self, reason: Any) -> None:
         """Never show a traceback: answer a generic JSON 500."""
         from twisted.logger import Logger
 
         Logger().failure("unhandled error in request", reason)
-        body = (b'{"error":{"type":"internal_error","message":"An internal error occurred.",'
-                b'"request_id":"' + getattr(self, "request_id", "").encode() + b'"}}')
         if not self.startedWriting:
-            self.setResponseCode(500)
-            self.setHeader(b"content-type", b"application/json; charset=utf-8")
-            self.setHeader(b"content-length", str(len(body)).encode())
-            self.write(body)
-        self.finish()
+            self._answer(500, "internal_error", "An internal error occurred.")
+        else:
+            self.finish()
         return reason
 
 
-def make_site(resource: IResource, *, access_log: bool = False) -> server.Site:
-    """A Site with our request class; the access log is off unless asked for, since
-    every API request is already in the audit trail."""
-    site = server.Site(resource)
+def _utf8_path(path: bytes) -> bool:
+    try:
+        unquote_to_bytes(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class AgentPostChannel(http.HTTPChannel):
+    """HTTP/1.1 with our limits, whose every refusal is a JSON answer with our headers.
+
+    Overrides the points where Twisted would write a bare ``400`` (or drop the line):
+    the line length limit (414 for the request line, 431 for a header), the header size
+    and count limits (431), the body size (413, decided from Content-Length before the
+    body is read, or as chunks arrive) and every other framing error (400).
+    """
+
+    MAX_LENGTH = LINE_MAX_BYTES
+    totalHeadersSize = HEADERS_MAX_BYTES
+    maxHeaders = HEADERS_MAX_COUNT
+    max_body_bytes: int | None = None
+
+    _refused = False
+    _awaiting_request_line = True
+    _linger_call: Any = None
+    _dropped_bytes = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        """Parse as usual, or drop everything once the request was refused."""
+        if self._refused:
+            self._drop(data)
+            return
+        super().dataReceived(data)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        """Body bytes; none are kept once the request was refused."""
+        if self._refused:
+            self._drop(data)
+            return
+        super().rawDataReceived(data)
+
+    def lineReceived(self, line: bytes) -> bool | None:
+        """Enforce the header size limit with a 431 (or 414 on the request line)."""
+        if self._refused:
+            return True
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._refuse_oversized()
+            return True
+        if line:
+            self._awaiting_request_line = False
+        result = super().lineReceived(line)
+        return True if self._refused else result
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A line over MAX_LENGTH: the URL (414) or a header field (431)."""
+        self._refuse_oversized()
+
+    def headerReceived(self, line: bytes) -> bool:
+        """Enforce the header count limit with a 431."""
+        if self._refused:
+            return False
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self.refuse(*http_errors.HEADERS_TOO_LARGE)
+            return False
+        return bool(super().headerReceived(line))
+
+    def allHeadersReceived(self) -> None:
+        """Refuse a declared body over the limit before reading (or 100-continuing) it."""
+        if self._refused:
+            return
+        if self.max_body_bytes is not None and (self.length or 0) > self.max_body_bytes:
+            self.refuse_payload_too_large()
+            return
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        """Hand the request to the site, unless it was refused meanwhile."""
+        if self._refused:
+            return
+        self._awaiting_request_line = True
+        super().allContentReceived()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """Every other framing error Twisted detects (bad length, bad header, ...)."""
+        self.refuse(*http_errors.BAD_FRAMING)
+
+    def _refuse_oversized(self) -> None:
+        if self._awaiting_request_line:
+            self.refuse(*http_errors.URI_TOO_LONG)
+        else:
+            self.refuse(*http_errors.HEADERS_TOO_LARGE)
+
+    def refuse_payload_too_large(self) -> None:
+        """413, with the limit in the message."""
+        type_, status, _ = http_errors.PAYLOAD_TOO_LARGE
+        self.refuse(type_, status, f"The body exceeds {self.max_body_bytes} bytes.")
+
+    def refuse(self, type_: str, status: int, message: str) -> None:
+        """Answer with our JSON error and headers, then close (see the module doc)."""
+        if self._refused or self.transport is None:
+            return
+        self._refused = True
+        self.clearLineBuffer()
+        self.setTimeout(None)
+        request_id = new_id("req")
+        body = error_bytes(status, type_, message, request_id)
+        reason = _REASONS.get(status) or http.RESPONSES.get(status, b"Error")
+        head = [b"HTTP/1.1 %d %s" % (status, reason),
+                b"content-type: application/json; charset=utf-8",
+                b"content-length: %d" % len(body), b"connection: close",
+                b"x-request-id: " + request_id.encode("ascii")]
+        head += [name + b": " + value for name, value in SECURITY_HEADERS.items()]
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        log.info("refused an HTTP request (%d %s) from %s", status, type_,
+                 getattr(self.transport.getPeer(), "host", "?"))
+        if isinstance(self.transport, abstract.FileDescriptor):
+            self.transport.loseWriteConnection()  # FIN after the answer; keep reading
+        self._linger_call = self.callLater(LINGER_S, self._close)
+
+    def _drop(self, data: bytes) -> None:
+        self._dropped_bytes += len(data)
+        if self._dropped_bytes > LINGER_MAX_BYTES:
+            self._close()
+
+    def _close(self) -> None:
+        if self._linger_call is not None and self._linger_call.active():
+            self._linger_call.cancel()
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        """The client has gone (normally after reading a refusal): stop lingering."""
+        if self._linger_call is not None and self._linger_call.active():
+            self._linger_call.cancel()
+        super().connectionLost(reason)
+
+
+class AgentPostSite(server.Site):
+    """A Site speaking HTTP/1.1 through :class:`AgentPostChannel`.
+
+    The channel is built directly rather than through Twisted's ALPN switch, so no
+    request can reach the application over HTTP/2 around these limits.
+    """
+
+    def __init__(self, resource: IResource, *, max_body_bytes: int | None) -> None:
+        super().__init__(resource)
+        self.max_body_bytes = max_body_bytes
+
+    def protocol(self) -> AgentPostChannel:  # type: ignore[override]
+        """One channel per connection (HTTPFactory.buildProtocol calls this)."""
+        channel = AgentPostChannel()
+        channel.max_body_bytes = self.max_body_bytes
+        return channel
+
+
+def make_site(resource: IResource, *, access_log: bool = False,
+              max_body_bytes: int | None = None) -> server.Site:
+    """A Site with our channel and request class; the access log is off unless asked for,
+    since every API request is already in the audit trail."""
+    site = AgentPostSite(resource, max_body_bytes=max_body_bytes)
     site.requestFactory = AgentPostRequest
     site.displayTracebacks = False
     if not access_log:

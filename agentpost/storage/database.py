@@ -22,7 +22,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from txpostgres import txpostgres
 
-from agentpost.model.errors import TemporaryFailure
+from agentpost.model.errors import AgentPostError, Conflict, InvalidRequest, TemporaryFailure
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,17 @@ class Txn:
             # Simple-query protocol: both statements run in order in one message; an
             # error in either aborts the transaction exactly as two messages would.
             sql, self._begin = f"{self._begin}; {sql}", None
-        await self._cursor.execute(sql, params)
+        try:
+            await self._cursor.execute(sql, params)
+        except (ValueError, UnicodeEncodeError) as exc:
+            # psycopg2 refused to adapt a parameter before sending anything: a NUL in a
+            # string ("A string literal cannot contain NUL"), a lone surrogate. The
+            # client's data, not a fault of ours; the connection is untouched. (Other
+            # ValueErrors, such as a bad placeholder, are our bugs and stay 500s.)
+            if not isinstance(exc, UnicodeEncodeError) and "NUL" not in str(exc):
+                raise
+            log.warning("refused parameters: %s", str(exc).strip())
+            raise InvalidRequest(_UNSTORABLE) from exc
 
     async def execute(self, sql: str, params: Any = None) -> int:
         """Run a statement; return the affected row count."""
@@ -206,7 +216,8 @@ class Database:
         Serialization failures and links lost before COMMIT are retried a bounded
         number of times; a link lost *during* COMMIT is not, because the outcome is
         unknown and retrying could apply the change twice. Driver failures surface as
-        TemporaryFailure; integrity errors are left for the stores to translate.
+        TemporaryFailure; integrity errors are left for the stores to translate, and those
+        no store translated become Conflict or InvalidRequest (``_client_error``).
         """
         return defer.Deferred.fromCoroutine(
             self._run(desc, fn, args, kwargs, isolation)
@@ -237,6 +248,9 @@ class Database:
                         continue
                     log.warning("%s failed: %s", desc, str(exc).strip())
                     raise TemporaryFailure() from exc
+                translated = _client_error(desc, exc)
+                if translated is not None:
+                    raise translated from exc
                 raise
             self._release(conn)
             for hook, hook_args in txn._after_commit:
@@ -293,6 +307,9 @@ class Database:
                         continue
                     log.warning("%s failed: %s", desc, str(exc).strip())
                     raise TemporaryFailure() from exc
+                translated = _client_error(desc, exc)
+                if translated is not None:
+                    raise translated from exc
                 raise
             self._release(conn)
             return result
@@ -314,6 +331,28 @@ class Database:
             waiter = self._waiters.popleft()
             if not waiter.called:
                 waiter.callback(None)
+
+
+_UNSTORABLE = "The request holds a value the database cannot store."
+
+
+def _client_error(desc: str, exc: BaseException) -> AgentPostError | None:
+    """The one translation of constraint and data errors no store caught itself.
+
+    A unique (or exclusion, or foreign key) violation is a clash with existing state:
+    Conflict (409). Any other integrity or data error (a check, a NOT NULL, an invalid
+    byte sequence, a character not in the encoding, a date or number out of range) comes
+    from a value the client sent: InvalidRequest (400). Stores still translate the cases
+    they can word better; this is what keeps the rest from becoming a 500.
+    """
+    if isinstance(exc, psycopg2.errors.UniqueViolation | psycopg2.errors.ExclusionViolation
+                  | psycopg2.errors.ForeignKeyViolation):
+        log.info("%s: %s", desc, str(exc).strip())
+        return Conflict()
+    if isinstance(exc, psycopg2.IntegrityError | psycopg2.DataError):
+        log.warning("%s: %s", desc, str(exc).strip())
+        return InvalidRequest(_UNSTORABLE)
+    return None
 
 
 def _link_error(exc: BaseException) -> bool:
