@@ -35,7 +35,12 @@ class APIKeys:
     async def create(self, ctx: RequestContext, *, name: str, scopes: list[str] | None,
                      environment_ids: list[str] | None, expires_at: datetime | None,
                      role: str | None) -> MintedKey:
-        """Mint a key; never more scopes, environments or role than the creator holds."""
+        """Mint a key; never more scopes, environments or role than the creator holds.
+
+        ``p`` carries the creator's *effective* power (already capped by its holder's
+        current roles), and the new key is held by the same person, so it is capped
+        by that person's roles on every later use too.
+        """
         p = ctx.org_principal
         p.require("api_keys:write")
         role = role or ("member" if p.role == "member" else "admin")
@@ -78,7 +83,7 @@ class APIKeys:
                 display_prefix=secret.display_prefix, digest=secret.digest, role=role,
                 scopes=scopes, environment_ids=sorted(set(environment_ids))
                 if environment_ids is not None else None,
-                created_by=p.actor, expires_at=expires_at,
+                created_by=p.actor, user_id=p.user_id, expires_at=expires_at,
             )
             ctx.target_id = row["id"]
             await self._audit.write_in(txn, ctx, 201)

@@ -7,7 +7,7 @@ from typing import Any
 
 from agentpost.core.audit import AuditTrail
 from agentpost.core.context import RequestContext
-from agentpost.model.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from agentpost.model.errors import Conflict, InvalidRequest, NotFound
 from agentpost.model.ids import new_id
 from agentpost.storage import orgs as org_store
 from agentpost.storage.database import Database, Txn
@@ -53,8 +53,7 @@ class Environments:
         """A new environment; only unrestricted keys may create them."""
         p = ctx.org_principal
         p.require("environments:write")
-        if p.environment_ids is not None:
-            raise Forbidden("A key restricted to some environments cannot create new ones.")
+        p.require_organization_wide("create environments")
         slug = slug if slug is not None else _slugify(name)
         _check_slug(slug)
 
@@ -88,10 +87,12 @@ class Environments:
         return await self._db.run_interaction("environments.update", txn_fn)
 
     async def delete(self, ctx: RequestContext, env_id: str) -> None:
-        """Delete an empty, non-default environment."""
+        """Delete an empty, non-default environment (an organization-wide power: a credential
+        confined to environments may rename its own but never delete one)."""
         p = ctx.org_principal
         p.require("environments:write")
         p.require_environment(env_id)
+        p.require_organization_wide("delete environments")
         ctx.target_id = env_id
 
         async def txn_fn(txn: Txn) -> None:

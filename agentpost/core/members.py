@@ -8,7 +8,9 @@ from agentpost.core.audit import AuditTrail
 from agentpost.core.context import RequestContext
 from agentpost.model.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from agentpost.model.ids import new_id
+from agentpost.model.principal import Principal
 from agentpost.model.scopes import ENV_ROLES, ORG_ROLES, role_at_least
+from agentpost.storage import keys as key_store
 from agentpost.storage import orgs as org_store
 from agentpost.storage.database import Database, Txn
 
@@ -49,6 +51,7 @@ class Members:
             raise InvalidRequest("role must be admin or member.", field="role")
         if not role_at_least(p.role, "admin"):
             raise Forbidden("Only owners and admins may add members.")
+        p.require_organization_wide("add people to the organization")
         if "@" not in email:
             raise InvalidRequest("email must be an address.", field="email")
 
@@ -75,29 +78,17 @@ class Members:
                                      field="environments")
         if not role_at_least(p.role, "admin"):
             raise Forbidden("Only owners and admins may change members.")
+        if role is not None:
+            p.require_organization_wide("change organization roles")
 
         async def txn_fn(txn: Txn) -> dict[str, Any]:
             member = await org_store.get_member(txn, p.org_id, user_id, for_update=True)
             if member is None:
                 raise NotFound()
             if role is not None and role != member["role"]:
-                if member["role"] == "owner":
-                    raise Conflict("Transfer ownership by making another member the owner.")
-                if role == "owner":
-                    if p.role != "owner":
-                        raise Forbidden("Only the owner may transfer ownership.")
-                    await org_store.demote_owner(txn, p.org_id)
-                await org_store.set_member_role(txn, p.org_id, user_id, role)
+                await _change_role(txn, p, member, role)
             if environments is not None:
-                for item in environments:
-                    p.require_environment(item["environment_id"])
-                    if await org_store.get_environment(txn, p.org_id,
-                                                       item["environment_id"]) is None:
-                        raise NotFound("No such environment.")
-                await org_store.set_member_environments(
-                    txn, p.org_id, user_id,
-                    [(i["environment_id"], i["role"]) for i in environments],
-                )
+                await _set_environments(txn, p, user_id, environments)
             await self._audit.write_in(txn, ctx)
             return await org_store.get_member(txn, p.org_id, user_id)
 
@@ -110,6 +101,7 @@ class Members:
         ctx.target_id = user_id
         if not role_at_least(p.role, "admin"):
             raise Forbidden("Only owners and admins may remove members.")
+        p.require_organization_wide("remove people from the organization")
 
         async def txn_fn(txn: Txn) -> None:
             member = await org_store.get_member(txn, p.org_id, user_id, for_update=True)
@@ -120,7 +112,54 @@ class Members:
             if member["role"] == "admin" and p.role != "owner":
                 raise Forbidden("Only the owner may remove an admin.")
             await org_store.delete_member(txn, p.org_id, user_id)
+            # Their keys are refused from now on anyway (no membership, no power);
+            # revoking them too means re-adding the person later revives nothing.
+            for key_id in await key_store.live_keys_held_by(txn, p.org_id, user_id):
+                await key_store.revoke_api_key(txn, p.org_id, key_id)
             await self._audit.write_in(txn, ctx, 204)
 
         await self._db.run_interaction("members.remove", txn_fn)
 
+
+async def _change_role(txn: Txn, p: Principal, member: dict[str, Any], role: str) -> None:
+    """Change an organization role (the caller checked it is organization-wide).
+
+    The owner changes only by transfer; only the owner transfers ownership and only
+    the owner changes an admin's role (as only the owner may remove one), so an admin
+    can neither demote a peer nor promote anyone above admin. The people involved
+    keep their keys, whose power follows the new roles on their next use.
+    """
+    if member["role"] == "owner":
+        raise Conflict("Transfer ownership by making another member the owner.")
+    if role == "owner" or member["role"] == "admin":
+        if p.role != "owner":
+            raise Forbidden("Only the owner may transfer ownership or change an admin's role.")
+    if role == "owner":
+        # The caller's role was read when its key was checked; re-check, under the owner
+        # row's lock, that it still holds the seat it gives away (two racing transfers
+        # by the same key must not both succeed).
+        if await org_store.get_owner_id(txn, p.org_id, for_update=True) != p.user_id:
+            raise Forbidden("Only the owner may transfer ownership.")
+        await org_store.demote_owner(txn, p.org_id)
+    await org_store.set_member_role(txn, p.org_id, member["user_id"], role)
+
+
+async def _set_environments(txn: Txn, p: Principal, user_id: str,
+                            environments: list[dict[str, str]]) -> None:
+    """Replace a member's environment roles.
+
+    An environment-confined caller names only its own environments (others are "not
+    found") and replaces only the assignments within them; the member's assignments
+    elsewhere are not its business and stay as they are.
+    """
+    named = [item["environment_id"] for item in environments]
+    if len(set(named)) != len(named):
+        raise InvalidRequest("Each environment may appear only once.", field="environments")
+    for item in environments:
+        p.require_environment(item["environment_id"])
+        if await org_store.get_environment(txn, p.org_id, item["environment_id"]) is None:
+            raise NotFound("No such environment.")
+    await org_store.set_member_environments(
+        txn, p.org_id, user_id, [(i["environment_id"], i["role"]) for i in environments],
+        within=p.environment_ids,
+    )

@@ -84,12 +84,19 @@ class Organizations:
 
     async def mint_owner_key(self, ctx: RequestContext, org_id: str,
                              name: str = "owner key") -> MintedKey:
-        """An owner-level, all-scopes key: how an operator hands an organization over."""
+        """An owner-level, all-scopes key: how an operator hands an organization over.
+
+        The key is held by the organization's owner person when there is one, so it
+        stops being an owner key the moment that person transfers ownership; without
+        an owner person it is an "owner seat" key (see auth.cred.principal_from_key).
+        """
 
         async def txn_fn(txn: Txn) -> MintedKey:
             if await org_store.get_organization(txn, org_id) is None:
                 raise NotFound()
-            minted = await insert_owner_key(txn, org_id, name, ("admin_key", _actor(ctx)))
+            holder = await org_store.get_owner_id(txn, org_id)
+            minted = await insert_owner_key(txn, org_id, name, ("admin_key", _actor(ctx)),
+                                            holder)
             ctx.target_id = minted.row["id"]
             ctx.details["org_id"] = org_id
             await self._audit.write_in(txn, ctx, 201)
@@ -102,7 +109,8 @@ class Organizations:
 
         async def txn_fn(txn: Txn) -> tuple[dict[str, Any], MintedKey]:
             org = await _create(txn, name, tier, None)
-            minted = await insert_owner_key(txn, org["id"], "bootstrap", ("cli", "bootstrap"))
+            minted = await insert_owner_key(txn, org["id"], "bootstrap", ("cli", "bootstrap"),
+                                            None)
             return org, minted
 
         return await self._db.run_interaction("orgs.bootstrap", txn_fn)
@@ -127,14 +135,16 @@ async def _create(txn: Txn, name: str, tier: str, owner_email: str | None) -> di
     return {**org, "default_environment_id": env["id"]}
 
 
-async def insert_owner_key(txn: Txn, org_id: str, name: str,
-                           created_by: tuple[str, str]) -> MintedKey:
-    """Store an all-scopes owner key and return it with its one-time plaintext."""
+async def insert_owner_key(txn: Txn, org_id: str, name: str, created_by: tuple[str, str],
+                           user_id: str | None) -> MintedKey:
+    """Store an all-scopes owner key held by ``user_id`` (None: the owner seat) and
+    return it with its one-time plaintext."""
     secret = secrets.new_api_key()
     row = await key_store.insert_api_key(
         txn, org_id=org_id, key_id=new_id("key"), name=name,
         display_prefix=secret.display_prefix, digest=secret.digest, role="owner",
-        scopes=sorted(ALL_SCOPES), environment_ids=None, created_by=created_by, expires_at=None,
+        scopes=sorted(ALL_SCOPES), environment_ids=None, created_by=created_by,
+        user_id=user_id, expires_at=None,
     )
     return MintedKey(row, secret.plaintext)
 

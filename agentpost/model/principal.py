@@ -23,6 +23,10 @@ class Principal:
     credential_id: str
     environment_ids: frozenset[str] | None = None  # None: every environment
     tier: str = "free"
+    # The person whose power the credential carries (None: an operator-issued "owner
+    # seat" key of an organization without an owner person). Keys minted by this
+    # principal are held by the same person, so they can never outlive that person's role.
+    user_id: str | None = None
 
     @property
     def actor(self) -> tuple[str, str]:
@@ -33,6 +37,17 @@ class Principal:
         """Raise Forbidden naming the scope when it is missing."""
         if scope not in self.scopes:
             raise Forbidden(f"This API key lacks the '{scope}' scope.", missing_scope=scope)
+
+    def require_organization_wide(self, what: str) -> None:
+        """Refuse organization-level powers to environment-confined principals.
+
+        A credential confined to some environments (by its own restriction, or because
+        its holder is an organization Member) manages at most those environments; it
+        must never change who belongs to the organization, anyone's organization role,
+        ownership, or the set of environments.
+        """
+        if self.environment_ids is not None:
+            raise Forbidden(f"A credential confined to some environments cannot {what}.")
 
     def may_use_environment(self, env_id: str) -> bool:
         """Whether resources of ``env_id`` are visible to this principal."""

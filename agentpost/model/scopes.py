@@ -55,6 +55,15 @@ def role_at_least(role: str, minimum: str) -> bool:
     return ROLE_RANK.get(role, 0) >= ROLE_RANK[minimum]
 
 
+def weakest_role(*roles: str) -> str:
+    """The weakest of ``roles`` (an unknown role counts as the weakest of all).
+
+    A key's effective role is the weakest of what it was minted with and what its
+    holder is *now*, so a demotion can only ever take power away.
+    """
+    return min(roles, key=lambda r: ROLE_RANK.get(r, 0)) if roles else "member"
+
+
 def unknown_scopes(scopes: list[str]) -> list[str]:
     """Scopes not in the catalogue (typos must be rejected, not ignored)."""
     return sorted(s for s in scopes if s not in SCOPES)

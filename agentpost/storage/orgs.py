@@ -164,11 +164,24 @@ async def get_member(txn: Txn, org_id: str, user_id: str, *,
 
 
 async def set_member_role(txn: Txn, org_id: str, user_id: str, role: str) -> None:
-    """Change an organization role."""
-    await txn.execute(
-        "UPDATE org_memberships SET role = %s WHERE org_id = %s AND user_id = %s",
-        (role, org_id, user_id),
-    )
+    """Change an organization role; a second owner (a concurrent transfer) is a Conflict."""
+    try:
+        await txn.execute(
+            "UPDATE org_memberships SET role = %s WHERE org_id = %s AND user_id = %s",
+            (role, org_id, user_id),
+        )
+    except psycopg2.errors.UniqueViolation:
+        raise Conflict("The organization already has an owner.") from None
+
+
+async def get_owner_id(txn: Txn, org_id: str, *, for_update: bool = False) -> str | None:
+    """The user id of the organization's owner person, if it has one (locked, for an
+    ownership transfer that must see the owner it replaces)."""
+    lock = " FOR UPDATE" if for_update else ""
+    row = await txn.fetchone(
+        "SELECT user_id FROM org_memberships WHERE org_id = %s AND role = 'owner'" + lock,
+        (org_id,))
+    return row["user_id"] if row else None
 
 
 async def demote_owner(txn: Txn, org_id: str) -> None:
@@ -179,10 +192,14 @@ async def demote_owner(txn: Txn, org_id: str) -> None:
 
 
 async def set_member_environments(txn: Txn, org_id: str, user_id: str,
-                                  assignments: list[tuple[str, str]]) -> None:
-    """Replace a member's environment roles; unknown environments are a Conflict-free no."""
+                                  assignments: list[tuple[str, str]],
+                                  within: frozenset[str] | None = None) -> None:
+    """Replace a member's environment roles, all of them or only those ``within`` some
+    environments (an environment-confined caller must leave the others untouched)."""
     await txn.execute(
-        "DELETE FROM env_memberships WHERE org_id = %s AND user_id = %s", (org_id, user_id)
+        "DELETE FROM env_memberships WHERE org_id = %s AND user_id = %s "
+        "AND (%s::text[] IS NULL OR environment_id = ANY(%s))",
+        (org_id, user_id, _arr(within), _arr(within)),
     )
     for env_id, role in assignments:
         await txn.execute(
