@@ -2,24 +2,21 @@
 
 Login goes through the shared twisted.cred portal (username = inbox address, password
 = an API key of the inbox's organization); the resulting Principal scopes every query.
+Changes go through core.mail_changes (the implementation the API uses) and core.ingest
+(APPEND), which write one audit row per command in the command's transaction.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import IO, Any
 
-from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import UnauthorizedLogin
-from twisted.cred.portal import Portal
-
-from agentpost.auth.cred import IPrincipal
-from agentpost.core.audit import AuditTrail
+from agentpost.core import mail_changes
+from agentpost.core.audit import write_change
 from agentpost.core.blobrefs import BlobCollector
 from agentpost.core.context import RequestContext
 from agentpost.core.ingest import Ingest, Target
@@ -37,16 +34,11 @@ from agentpost.model.errors import (
     Conflict,
     Forbidden,
     InvalidRequest,
-    MailboxFull,
     NotFound,
-    RateLimited,
-    Unauthenticated,
 )
 from agentpost.model.ids import new_id
 from agentpost.model.principal import Principal
 from agentpost.storage import imap as imap_store
-from agentpost.storage import inboxes as inbox_store
-from agentpost.storage import logins as login_store
 from agentpost.storage import mail as mail_store
 from agentpost.storage.blobs import BlobStore
 from agentpost.storage.database import Database, Txn
@@ -56,6 +48,9 @@ log = logging.getLogger(__name__)
 
 _FOLDER_RE = re.compile(r"^[^/\x00-\x1f\x7f*%]+(/[^/\x00-\x1f\x7f*%]+)*$")
 _MAX_FOLDER_LEN = 200
+#: An audit row of a command over many messages names this many of them by id (the
+#: UID set and the count name them all).
+_AUDIT_MAX_IDS = 100
 
 
 def _meta(row: dict[str, Any]) -> MessageMeta:
@@ -74,13 +69,24 @@ def _split_flags(flags: frozenset[str]) -> tuple[set[str], list[str]]:
     return system, keywords
 
 
+def _describe(ctx: RequestContext, rows: list[dict[str, Any]], **extra: Any) -> None:
+    """Point a command's audit row at what it changed: the message when it is one, else
+    the inbox, with the count, the UID set and (up to a limit) the message ids."""
+    ids = [r["id"] for r in rows]
+    ctx.target_id = ids[0] if len(ids) == 1 else ctx.details["inbox_id"]
+    ctx.details.update(count=len(ids), uids=mail_changes.uid_set([r["uid"] for r in rows]),
+                       message_ids=ids[:_AUDIT_MAX_IDS], **extra)
+
+
 class InboxAccount:
     """One inbox seen through IMAP (implements agentpost.imap.interfaces.IMAPAccount)."""
 
     def __init__(self, principal: Principal, inbox: dict[str, Any], db: Database,
                  blobs: BlobStore, ingest: Ingest, collector: BlobCollector,
-                 notifier: Notifier | None, quota: int = 0) -> None:
+                 notifier: Notifier | None, quota: int = 0, *,
+                 remote_addr: str | None = None) -> None:
         self.principal = principal
+        self.remote_addr = remote_addr  # the client, for the audit rows of its commands
         self.inbox = inbox
         self.address = inbox["email"]
         self.can_write = "messages:write" in principal.scopes
@@ -96,6 +102,15 @@ class InboxAccount:
     def _writable(self) -> None:
         if not self.can_write:
             raise Forbidden("This key lacks messages:write.", missing_scope="messages:write")
+
+    def _ctx(self, action: str, **details: Any) -> RequestContext:
+        """A fresh audit context for one command, with the session's principal as it is
+        now; the target is the inbox until the command narrows it to one message."""
+        return RequestContext(new_id("req"), self.remote_addr, action,
+                              principal=self.principal,
+                              environment_id=self.inbox["environment_id"],
+                              target_id=self._inbox_id,
+                              details={"inbox_id": self._inbox_id, **details})
 
     async def _folder(self, txn: Txn, name: str, *, for_update: bool = False) -> dict[str, Any]:
         folder = await imap_store.get_folder(txn, self._org, self._inbox_id, name,
@@ -125,6 +140,7 @@ class InboxAccount:
         name = _check_folder_name(name.rstrip("/"))
         if name.upper() == "INBOX":
             raise Conflict("INBOX always exists.")
+        ctx = self._ctx("imap.create", folder=name)
 
         async def txn_fn(txn: Txn) -> None:
             parts = name.split("/")
@@ -135,6 +151,7 @@ class InboxAccount:
                                                    self._inbox_id, parent)
             await imap_store.create_folder(txn, self._org, self.inbox["environment_id"],
                                            self._inbox_id, name)
+            await write_change(txn, ctx)
 
         await self._db.run_interaction("imap.create", txn_fn)
 
@@ -142,6 +159,7 @@ class InboxAccount:
         """DELETE a user folder and the messages in it."""
         self._writable()
         freed: list[str] = []
+        ctx = self._ctx("imap.delete", folder=name)
 
         async def txn_fn(txn: Txn) -> None:
             folder = await self._folder(txn, name, for_update=True)
@@ -149,7 +167,8 @@ class InboxAccount:
                 raise InvalidRequest("System folders cannot be deleted.")
             uids = [r["uid"] for r in await imap_store.folder_meta(txn, self._org,
                                                                      folder["id"])]
-            freed.extend(await self._delete_uids(txn, folder["id"], uids))
+            ctx.details["folder_id"] = folder["id"]
+            freed[:] = await self._delete_uids(txn, ctx, folder["id"], uids)
             await imap_store.delete_folder(txn, self._org, folder["id"])
 
         await self._db.run_interaction("imap.delete", txn_fn)
@@ -159,6 +178,7 @@ class InboxAccount:
         """RENAME a user folder (and its children)."""
         self._writable()
         new = _check_folder_name(new.rstrip("/"))
+        ctx = self._ctx("imap.rename", folder=old, to_folder=new)
 
         async def txn_fn(txn: Txn) -> None:
             folder = await self._folder(txn, old, for_update=True)
@@ -167,15 +187,20 @@ class InboxAccount:
             if await imap_store.get_folder(txn, self._org, self._inbox_id, new) is not None:
                 raise Conflict("Folder already exists.")
             await imap_store.rename_folder(txn, self._org, self._inbox_id, folder["name"], new)
+            ctx.details["folder_id"] = folder["id"]
+            await write_change(txn, ctx)
 
         await self._db.run_interaction("imap.rename", txn_fn)
 
     async def set_subscribed(self, name: str, subscribed: bool) -> None:
         """SUBSCRIBE / UNSUBSCRIBE."""
+        ctx = self._ctx("imap.subscribe" if subscribed else "imap.unsubscribe", folder=name)
 
         async def txn_fn(txn: Txn) -> None:
             folder = await self._folder(txn, name)
             await imap_store.set_subscribed(txn, self._org, folder["id"], subscribed)
+            ctx.details["folder_id"] = folder["id"]
+            await write_change(txn, ctx)
 
         await self._db.run_interaction("imap.subscribe", txn_fn)
 
@@ -266,16 +291,25 @@ class InboxAccount:
         """A non-PEEK body fetch marks messages read."""
         if not self.can_write:
             return []
-        changed, _ = await self.store(folder_id, uids, "+", frozenset({"\\Seen"}), None)
+        changed, _ = await self._store("imap.fetch", folder_id, uids, "+",
+                                       frozenset({"\\Seen"}), None)
         return changed
 
     async def store(self, folder_id: int, uids: list[int], mode: str, flags: frozenset[str],
                     unchangedsince: int | None) -> tuple[list[MessageMeta], list[int]]:
         """STORE: one new MODSEQ for every message the command changes."""
+        return await self._store("imap.store", folder_id, uids, mode, flags, unchangedsince)
+
+    async def _store(self, action: str, folder_id: int, uids: list[int], mode: str,
+                     flags: frozenset[str], unchangedsince: int | None
+                     ) -> tuple[list[MessageMeta], list[int]]:
+        """The flag change the API's read-state and label changes make too
+        (mail_changes.change_flags), audited as ``action`` when it changes anything."""
         self._writable()
         system, keywords = _split_flags(flags)
-        unknown = system - set(imap_store.SYSTEM_FLAGS)
-        system -= unknown  # \Recent and others cannot be stored; ignore them
+        system &= set(imap_store.SYSTEM_FLAGS)  # \Recent and others cannot be stored
+        ctx = self._ctx(action, folder_id=folder_id, mode=mode,
+                        flags=sorted(system) + keywords)
 
         async def txn_fn(txn: Txn) -> tuple[list[MessageMeta], list[int]]:
             await self._folder_id(txn, folder_id)
@@ -283,22 +317,15 @@ class InboxAccount:
                                                          for_update=True)
             failed = [r["uid"] for r in rows
                       if unchangedsince is not None and r["modseq"] > unchangedsince]
-            modseq = None
-            out: list[MessageMeta] = []
-            for row in rows:
-                if row["uid"] in failed:
-                    continue
-                columns = self._new_flag_columns(row, mode, system, keywords)
-                if columns:
-                    if modseq is None:
-                        modseq = await mail_store.bump_modseq(txn, self._org, folder_id)
-                    await imap_store.set_flags(txn, self._org, folder_id, row["id"], columns,
-                                               modseq)
-                    row = {**row, **columns, "modseq": modseq}
-                out.append(_meta(row))
-            if modseq is not None:
-                for thread_id in {r["thread_id"] for r in rows}:
-                    await mail_store.refresh_thread(txn, self._org, thread_id)
+            kept = [(row, self._new_flag_columns(row, mode, system, keywords))
+                    for row in rows if row["uid"] not in failed]
+            changes = [(row, columns) for row, columns in kept if columns]
+            modseqs: dict[str, int] = {}
+            if changes:
+                _describe(ctx, [row for row, _ in changes])
+                modseqs = await mail_changes.change_flags(txn, ctx, changes)
+            out = [_meta({**row, **columns, "modseq": modseqs[row["id"]]} if columns
+                         else row) for row, columns in kept]
             return out, failed
 
         return await self._db.run_interaction("imap.store", txn_fn)
@@ -332,6 +359,8 @@ class InboxAccount:
         """APPEND through the single ingest path."""
         self._writable()
         system, keywords = _split_flags(flags)
+        if len(keywords) > mail_changes.MAX_LABELS:  # the cap STORE and the API keep too
+            raise InvalidRequest(f"A message holds at most {mail_changes.MAX_LABELS} labels.")
         target = Target(self._org, self.inbox["environment_id"], self._inbox_id, self.address)
 
         # RFC 3501: INBOX is case-insensitive; every other name is exact (ingest matches
@@ -341,7 +370,8 @@ class InboxAccount:
             [target], io.BytesIO(message) if isinstance(message, bytes) else message,
             envelope_from=None, folder=name,
             flags=frozenset(system), labels=tuple(keywords), received_at=internaldate,
-            require_folder=True, direction="inbound", enforce_quota=True)
+            require_folder=True, direction="inbound", enforce_quota=True,
+            origin=self._ctx("imap.append", folder=name))
         return stored.uidvalidity, stored.uid
 
     async def quota(self) -> tuple[int, int]:
@@ -356,34 +386,23 @@ class InboxAccount:
     async def _transfer(self, folder_id: int, uids: list[int], dest: str,
                         move: bool) -> tuple[int, list[tuple[int, int]]]:
         self._writable()
+        ctx = self._ctx("imap.move" if move else "imap.copy", folder_id=folder_id,
+                        to_folder=dest)
 
         async def txn_fn(txn: Txn) -> tuple[int, list[tuple[int, int]]]:
             await self._folder_id(txn, folder_id)
             target = await self._folder(txn, dest)
             rows = await imap_store.message_ids_for_uids(txn, self._org, folder_id, uids,
                                                          for_update=True)
-            pairs = []
-            for row in rows:
-                # Inbox row before folder row, the order ingest locks them in.
-                if not move and not await mail_store.charge_storage(
-                        txn, self._org, self._inbox_id, row["size"], self.quota_limit):
-                    raise MailboxFull()
-                uid, modseq = await mail_store.allocate_uid(txn, self._org, target["id"])
-                if move:
-                    await imap_store.move_message(txn, self._org, row["id"], folder_id,
-                                                  target["id"], uid, modseq)
-                else:
-                    copy_id = new_id("msg")
-                    await mail_store.reference_blob(txn, row["raw_blob_key"], 0)
-                    for key, size in await imap_store.attachment_keys(txn, self._org,
-                                                                      row["id"]):
-                        await mail_store.reference_blob(txn, key, size)
-                    await imap_store.copy_message(txn, self._org, row["id"], copy_id,
-                                                  target["id"], uid, modseq)
-                    await mail_store.refresh_thread(txn, self._org, row["thread_id"])
-                pairs.append((row["uid"], uid))
-            if move and rows:
-                await mail_store.bump_modseq(txn, self._org, folder_id)
+            if not rows:  # nothing changes, nothing to audit
+                return target["uidvalidity"], []
+            _describe(ctx, rows, to_folder_id=target["id"])
+            if move:
+                pairs = await mail_changes.move_messages(txn, ctx, rows, folder_id,
+                                                         target["id"])
+            else:
+                pairs = await mail_changes.copy_messages(txn, ctx, rows, target["id"],
+                                                         self.quota_limit)
             return target["uidvalidity"], pairs
 
         return await self._db.run_interaction("imap.move" if move else "imap.copy", txn_fn)
@@ -398,28 +417,25 @@ class InboxAccount:
         """MOVE: the same message re-homed with a new UID."""
         return await self._transfer(folder_id, uids, dest, move=True)
 
-    async def _delete_uids(self, txn: Txn, folder_id: int, uids: list[int]) -> list[str]:
-        freed = []
+    async def _delete_uids(self, txn: Txn, ctx: RequestContext, folder_id: int,
+                           uids: list[int]) -> list[str]:
+        """The API's deletion (mail_changes.delete_messages), audited as ``ctx``."""
         rows = await imap_store.message_ids_for_uids(txn, self._org, folder_id, uids,
                                                      for_update=True)
-        for row in rows:
-            for key in await mail_store.delete_message(txn, self._org, row["id"]):
-                if await mail_store.release_blob(txn, key):
-                    freed.append(key)
-            await mail_store.refresh_thread(txn, self._org, row["thread_id"])
-            await mail_store.delete_thread_if_empty(txn, self._org, row["thread_id"])
-        return freed
+        _describe(ctx, rows)
+        return await mail_changes.delete_messages(txn, ctx, rows)
 
     async def expunge(self, folder_id: int, uids: list[int] | None) -> list[int]:
         """Remove \\Deleted messages; the stored bytes go when nothing else uses them."""
         self._writable()
         freed: list[str] = []
+        ctx = self._ctx("imap.expunge", folder_id=folder_id)
 
         async def txn_fn(txn: Txn) -> list[int]:
             await self._folder_id(txn, folder_id)
             doomed = await imap_store.deleted_uids(txn, self._org, folder_id, uids)
-            if doomed:
-                freed.extend(await self._delete_uids(txn, folder_id, doomed))
+            if doomed:  # an EXPUNGE that removes nothing changes nothing: no audit row
+                freed[:] = await self._delete_uids(txn, ctx, folder_id, doomed)
                 await mail_store.bump_modseq(txn, self._org, folder_id)
             return doomed
 
@@ -459,62 +475,3 @@ class InboxAccount:
         if self._notifier is None:
             return lambda: None
         return self._notifier.watch(str(folder_id), callback)
-
-
-def _bucket(kind: str, value: str) -> str:
-    return hashlib.sha256(f"{kind}:{value}".encode()).hexdigest()
-
-
-class IMAPLogins:
-    """IMAP LOGIN/AUTHENTICATE through the shared portal, throttled and audited."""
-
-    def __init__(self, portal: Portal, db: Database, blobs: BlobStore, ingest: Ingest,
-                 collector: BlobCollector, audit: AuditTrail, clock: Any,
-                 notifier: Notifier | None, failures_per_minute: int = 10) -> None:
-        self._portal = portal
-        self._db = db
-        self._blobs = blobs
-        self._ingest = ingest
-        self._collector = collector
-        self._audit = audit
-        self._notifier = notifier
-        self._clock = clock
-        self._rate = failures_per_minute / 60.0
-        self._burst = float(failures_per_minute)
-
-    async def authenticate(self, username: str, password: str, peer: str) -> InboxAccount:
-        """Username = inbox address, password = an API key of its organization."""
-        ctx = RequestContext(new_id("req"), peer, "imap.login", target_id=username[:320])
-        account_key = username.strip().lower()
-        # Failure allowances per client address and per account, kept in PostgreSQL so
-        # that every process and node draws from the same ones.
-        buckets = [_bucket("imap-peer", peer), _bucket("imap-account", account_key)]
-        now = datetime.fromtimestamp(self._clock.seconds(), UTC)
-        tokens = await self._db.run_read("imap.login.allowance", login_store.emptiest,
-                                         buckets, now, self._rate, self._burst)
-        if tokens is not None and tokens < 1.0:
-            raise RateLimited(retry_after_s=(1.0 - tokens) / self._rate)
-        try:
-            # The key is checked before the inbox is looked up, so a missing inbox and a
-            # wrong key take the same path and the same time.
-            _, principal, _ = await self._portal.login(
-                UsernamePassword(username.encode("utf-8"), password.encode("utf-8")), None,
-                IPrincipal)
-            ctx.principal = principal
-            if "messages:read" not in principal.scopes:
-                raise UnauthorizedLogin("missing messages:read")
-            inbox = await self._db.run_read("imap.login.inbox", inbox_store.get_inbox_by_address,
-                                            principal.org_id, principal.environment_ids,
-                                            account_key)
-            if inbox is None:
-                raise UnauthorizedLogin("no such inbox for this key")
-        except UnauthorizedLogin:
-            await self._db.run_interaction("imap.login.failed", login_store.record_failure,
-                                           buckets, now, self._rate, self._burst)
-            self._audit.enqueue(ctx, "denied", None)
-            raise Unauthenticated("Authentication failed.") from None
-        ctx.target_id = inbox["id"]
-        ctx.environment_id = inbox["environment_id"]
-        self._audit.enqueue(ctx, "allowed", None)
-        return InboxAccount(principal, inbox, self._db, self._blobs, self._ingest,
-                            self._collector, self._notifier, self._ingest.inbox_quota)

@@ -1,9 +1,9 @@
 """The single ingest path: every stored message, whichever door it came in by.
 
-MX delivery now; submission, IMAP APPEND and API send later. The order is what makes
+MX delivery and IMAP APPEND now; submission and API send later. The order is what makes
 "nothing lost" true: blobs are written durably first, then one transaction records
-the message for every recipient inbox (with its thread, UID, attachments and the
-``message.received`` event), and only then does the caller acknowledge.
+the message for every recipient inbox (with its thread, UID, attachments, the
+``message.received`` event and an audit row), and only then does the caller acknowledge.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import IO, Any
 
 from twisted.internet import threads
 
+from agentpost.core.audit import audit_row, scrub_row
+from agentpost.core.context import RequestContext
 from agentpost.mail import imapformat
 from agentpost.mail.parse import ParsedMessage, parse_message
 from agentpost.mail.reply import extract_new_text
@@ -58,6 +60,7 @@ class _State:
     imap: IMAPRendered
     require_folder: bool
     quota: int = 0  # enforced per inbox (bytes); 0: only counted
+    origin: RequestContext | None = None  # who brought the message in (the audit row)
 
 
 IMAPRendered = tuple[str | None, str | None, str | None, str | None]
@@ -94,6 +97,25 @@ def _json_safe_headers(parsed: ParsedMessage) -> list[list[str]]:
     return [[k, v] for k, v in parsed.headers[:500]]
 
 
+def _audit_row(origin: RequestContext | None, target: Target, message_id: str,
+               envelope_from: str | None, folder: str, size: int,
+               when: datetime) -> dict[str, Any]:
+    """The audit row of one stored copy, in the receiving inbox's organization and
+    environment. A credential (IMAP APPEND) is the actor; without one (the MX) the
+    actor is the remote sender, named by its envelope address."""
+    ctx = origin or RequestContext(new_id("req"), None, "ingest.store")
+    row = audit_row(ctx, "allowed", 200, when)  # 200: what every accepted change says
+    if ctx.principal is None:
+        row["actor_type"] = "smtp_sender" if origin is not None else "system"
+        row["actor_id"] = (envelope_from or "<>")[:320] if origin is not None else None
+    row.update(org_id=target.org_id, environment_id=target.environment_id,
+               target_id=message_id)
+    row["details"] = {**row["details"], "inbox_id": target.inbox_id, "folder": folder,
+                      "size": size}
+    scrub_row(row)  # a row PostgreSQL would refuse must not refuse the delivery
+    return row
+
+
 class Ingest:
     """Parse, store blobs, then commit rows for every target in one transaction."""
 
@@ -108,9 +130,13 @@ class Ingest:
                     envelope_from: str | None, direction: str = "inbound",
                     folder: str = "INBOX", flags: frozenset[str] = frozenset(),
                     labels: tuple[str, ...] = (), received_at: datetime | None = None,
-                    require_folder: bool = False, enforce_quota: bool = False
-                    ) -> list[Stored]:
+                    require_folder: bool = False, enforce_quota: bool = False,
+                    origin: RequestContext | None = None) -> list[Stored]:
         """Store ``message`` (a binary file at offset 0) once per target inbox.
+
+        Each stored copy gets an audit row in the same transaction, described by
+        ``origin`` (action, principal or none, client address, request id); without it
+        the row says ``ingest.store`` by the system: no copy is ever stored unaudited.
 
         ``flags`` are IMAP system flags (\\Seen, \\Flagged, ...); ``require_folder`` makes a
         missing folder a NotFound (IMAP APPEND answers [TRYCREATE]) instead of creating
@@ -127,17 +153,17 @@ class Ingest:
             log.error("ingest: could not spool a message part: %s", exc)
             raise StorageFailure() from exc
         try:
-            return await self._store(targets, raw, parsed, imap, envelope_from, direction,
-                                     folder, flags, labels, received_at, require_folder,
-                                     self.inbox_quota if enforce_quota else 0)
+            state = _State(flags=frozenset(flags), labels=tuple(sorted(set(labels))),
+                           imap=imap, require_folder=require_folder,
+                           quota=self.inbox_quota if enforce_quota else 0, origin=origin)
+            return await self._store(targets, raw, parsed, envelope_from, direction, folder,
+                                     received_at, state)
         finally:
             parsed.discard()
 
     async def _store(self, targets: list[Target], raw: bytes, parsed: ParsedMessage,
-                     imap: IMAPRendered, envelope_from: str | None, direction: str,
-                     folder: str, flags: frozenset[str], labels: tuple[str, ...],
-                     received_at: datetime | None, require_folder: bool,
-                     quota: int) -> list[Stored]:
+                     envelope_from: str | None, direction: str, folder: str,
+                     received_at: datetime | None, state: _State) -> list[Stored]:
         raw_ref = await self._blobs.put_bytes(raw, content_type="message/rfc822")
         att_refs: list[BlobRef] = []
         blob_bodies: dict[str, bytes | str] = {raw_ref.key: raw}
@@ -151,8 +177,6 @@ class Ingest:
                 blob_bodies[ref.key] = att.path
             att_refs.append(ref)
 
-        state = _State(flags=frozenset(flags), labels=tuple(sorted(set(labels))), imap=imap,
-                       require_folder=require_folder, quota=quota)
         # Rows are locked in inbox order, so two deliveries to the same recipients in a
         # different RCPT order cannot deadlock; results come back in the caller's order.
         order = sorted(range(len(targets)), key=lambda i: (targets[i].org_id,
@@ -204,7 +228,8 @@ class Ingest:
                                            inbox_id=target.inbox_id, subject=parsed.subject)
         message_id = new_id("msg")
         # Everything that does not need the UID first: the folder's row lock, taken by
-        # insert_message, is then held only for the attachments and the COMMIT.
+        # insert_message, is then held only for the attachments and the COMMIT. The
+        # audit row rides in the event's round trip.
         await mail_store.add_to_thread(
             txn, org, thread_id, received_at=when, from_address=parsed.from_address,
             recipients=parsed.to_addresses + parsed.cc_addresses, labels=list(state.labels))
@@ -213,7 +238,9 @@ class Ingest:
             inbox_id=target.inbox_id, type_="message.received",
             data={"message_id": message_id, "inbox_id": target.inbox_id,
                   "thread_id": thread_id, "subject": parsed.subject,
-                  "from": parsed.from_address, "received_at": when.astimezone(UTC).isoformat()})
+                  "from": parsed.from_address, "received_at": when.astimezone(UTC).isoformat()},
+            audit=[_audit_row(state.origin, target, message_id, envelope_from, folder["name"],
+                              raw_ref.size, txn.now)])
         uid, _ = await mail_store.insert_message(txn, quota=state.quota, row={
             "org_id": org, "id": message_id, "environment_id": target.environment_id,
             "inbox_id": target.inbox_id, "thread_id": thread_id, "folder_id": folder["id"],

@@ -1,4 +1,6 @@
-"""Reading and organizing stored mail through the API (the write side is core.ingest)."""
+"""Reading and organizing stored mail through the API (new mail arrives by core.ingest).
+
+Every change here goes through core.mail_changes, the implementation IMAP uses too."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from typing import Any
 
 from twisted.internet import threads
 
+from agentpost.core import mail_changes
 from agentpost.core.audit import AuditTrail
 from agentpost.core.blobrefs import BlobCollector
 from agentpost.core.context import RequestContext
@@ -18,7 +21,7 @@ from agentpost.storage.blobs import BlobStore
 from agentpost.storage.database import Database, Txn
 
 _LABEL_RE = re.compile(r"^[a-z0-9][a-z0-9_\-:./]{0,63}$")
-MAX_LABELS = 50
+MAX_LABELS = mail_changes.MAX_LABELS
 
 
 def check_labels(labels: list[str]) -> list[str]:
@@ -126,13 +129,7 @@ class Messages:
                 raise NotFound()
             ctx.environment_id = msg["environment_id"]
             changes = mutate(msg)
-            if changes:
-                modseq = await mail_store.bump_modseq(txn, p.org_id, msg["folder_id"])
-                await mail_store.update_message_state(txn, p.org_id, message_id, changes,
-                                                      modseq)
-                if "labels" in changes:
-                    await mail_store.refresh_thread(txn, p.org_id, msg["thread_id"])
-            await self._audit.write_in(txn, ctx)
+            await mail_changes.change_flags(txn, ctx, [(msg, changes)] if changes else [])
             msg = await mail_store.get_message(txn, p.org_id, p.environment_ids, message_id)
             msg["attachments"] = await mail_store.list_attachments(txn, p.org_id, message_id)
             return msg
@@ -149,10 +146,7 @@ class Messages:
         labels = check_labels(labels)
 
         def mutate(m: dict[str, Any]) -> dict[str, Any]:
-            new = sorted(set(m["labels"]) | set(labels))
-            if len(new) > MAX_LABELS:
-                raise InvalidRequest(f"A message holds at most {MAX_LABELS} labels.",
-                                     field="labels")
+            new = sorted(set(m["labels"]) | set(labels))  # the cap: mail_changes
             return {"labels": new} if new != sorted(m["labels"]) else {}
 
         return await self._change(ctx, message_id, "messages.labels.add", mutate)
@@ -181,13 +175,8 @@ class Messages:
             if msg is None:
                 raise NotFound()
             ctx.environment_id = msg["environment_id"]
-            keys = await mail_store.delete_message(txn, p.org_id, message_id)
-            for key in keys:
-                if await mail_store.release_blob(txn, key):
-                    freed.append(key)
-            await mail_store.refresh_thread(txn, p.org_id, msg["thread_id"])
-            await mail_store.delete_thread_if_empty(txn, p.org_id, msg["thread_id"])
-            await self._audit.write_in(txn, ctx, 204)
+            # Assigned, not extended: a retried transaction must not free keys twice.
+            freed[:] = await mail_changes.delete_messages(txn, ctx, [msg], status=204)
 
         await self._db.run_interaction("messages.delete", txn_fn)
         await self._collector.collect(freed)
@@ -236,15 +225,13 @@ class Messages:
             if thread is None:
                 raise NotFound()
             ctx.environment_id = thread["environment_id"]
+            changes = []
             for msg in await mail_store.thread_message_ids(txn, p.org_id, thread_id):
                 current = set(msg["labels"])
                 new = sorted(current | set(labels) if add else current - set(labels))
                 if new != sorted(current):
-                    modseq = await mail_store.bump_modseq(txn, p.org_id, msg["folder_id"])
-                    await mail_store.update_message_state(txn, p.org_id, msg["id"],
-                                                          {"labels": new}, modseq)
-            await mail_store.refresh_thread(txn, p.org_id, thread_id)
-            await self._audit.write_in(txn, ctx)
+                    changes.append((msg, {"labels": new}))
+            await mail_changes.change_flags(txn, ctx, changes)
             thread = await mail_store.get_thread(txn, p.org_id, p.environment_ids, thread_id)
             thread["messages"] = await mail_store.list_thread_messages(txn, p.org_id, thread_id)
             return thread

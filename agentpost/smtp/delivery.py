@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import IO
 
+from agentpost.core.context import RequestContext
 from agentpost.core.ingest import Ingest, Target
 from agentpost.core.routing import Router
+from agentpost.model.ids import new_id
 from agentpost.smtp.interfaces import Envelope, SessionInfo
 
 
@@ -25,9 +27,16 @@ class InboundDelivery:
 
     async def deliver(self, session: SessionInfo, envelope: Envelope, message: IO[bytes],
                       size: int) -> None:
-        """Store once per distinct recipient inbox; return only after commit."""
+        """Store once per distinct recipient inbox; return only after commit. Each copy
+        is audited as ``smtp.deliver`` (actor: the envelope sender; address: the peer)
+        in the receiving organization, in the delivery's transaction."""
         targets: list[Target] = []
         for target in envelope.recipients:
             if target not in targets:
                 targets.append(target)
-        await self._ingest.store(targets, message, envelope_from=envelope.mail_from or None)
+        origin = RequestContext(new_id("req"), session.peer_host or None, "smtp.deliver",
+                                details={"listener": session.listener,
+                                         "helo": (session.helo or "")[:255],
+                                         "tls": session.tls_version})
+        await self._ingest.store(targets, message, envelope_from=envelope.mail_from or None,
+                                 origin=origin)

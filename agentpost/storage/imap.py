@@ -156,19 +156,9 @@ async def message_ids_for_uids(txn: Txn, org_id: str, folder_id: int, uids: list
     """Full rows (ids, blob keys, flags) for UIDs, locked when changing them."""
     lock = " FOR UPDATE" if for_update else ""
     return await txn.fetchall(
-        f"SELECT id, thread_id, raw_blob_key, inbox_id, size, {_META} FROM messages "
+        f"SELECT id, thread_id, folder_id, raw_blob_key, inbox_id, size, {_META} FROM messages "
         "WHERE org_id = %s AND folder_id = %s AND uid = ANY(%s) ORDER BY uid" + lock,
         (org_id, folder_id, uids))
-
-
-async def set_flags(txn: Txn, org_id: str, folder_id: int, message_id: str,
-                    columns: dict[str, Any], modseq: int) -> None:
-    """Write flag columns/labels of one message with its new MODSEQ."""
-    sets = ", ".join(f"{col} = %s" for col in columns)
-    await txn.execute(
-        f"UPDATE messages SET {sets}, modseq = %s WHERE org_id = %s AND id = %s",
-        (*columns.values(), modseq, org_id, message_id))
-    await notify_folder(txn, folder_id)
 
 
 async def copy_message(txn: Txn, org_id: str, message_id: str, new_id: str, folder_id: int,

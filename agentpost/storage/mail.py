@@ -8,6 +8,7 @@ from typing import Any
 from psycopg2.extras import Json
 
 from agentpost.model.errors import MailboxFull
+from agentpost.storage.audit import audit_insert_sql
 from agentpost.storage.database import Txn
 
 SYSTEM_FOLDERS = (("INBOX", "\\Inbox"), ("Sent", "\\Sent"), ("Drafts", "\\Drafts"),
@@ -301,14 +302,23 @@ async def insert_attachment(txn: Txn, row: dict[str, Any]) -> None:
 
 
 async def insert_event(txn: Txn, *, org_id: str, event_id: str, environment_id: str | None,
-                       inbox_id: str | None, type_: str, data: dict[str, Any]) -> None:
-    """Write an event to the outbox and wake listeners in every process after commit."""
-    await txn.execute(
-        "INSERT INTO events (org_id, id, environment_id, inbox_id, type, data, created_at) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s); SELECT pg_notify(%s, %s)",
-        (org_id, event_id, environment_id, inbox_id, type_, Json(data), txn.now,
-         EVENTS_CHANNEL, json.dumps({"org_id": org_id, "id": event_id, "type": type_,
-                                     "inbox_id": inbox_id})))
+                       inbox_id: str | None, type_: str, data: dict[str, Any],
+                       audit: list[dict[str, Any]] | None = None) -> None:
+    """Write an event to the outbox and wake listeners in every process after commit.
+
+    ``audit`` rows (core.audit's shape) travel in the same round trip: deliveries are
+    hot, and their audit row must not cost one more exchange with the server."""
+    sql = ("INSERT INTO events (org_id, id, environment_id, inbox_id, type, data, created_at) "
+           "VALUES (%s, %s, %s, %s, %s, %s, %s); SELECT pg_notify(%s, %s)")
+    params: list[Any] = [
+        org_id, event_id, environment_id, inbox_id, type_, Json(data), txn.now,
+        EVENTS_CHANNEL, json.dumps({"org_id": org_id, "id": event_id, "type": type_,
+                                    "inbox_id": inbox_id})]
+    if audit:
+        audit_sql, audit_params = audit_insert_sql(audit)
+        sql += "; " + audit_sql
+        params += audit_params
+    await txn.execute(sql, params)
 
 
 def _env_clause(env_ids: frozenset[str] | None) -> tuple[str, list[Any]]:
@@ -353,15 +363,28 @@ async def list_attachments(txn: Txn, org_id: str, message_id: str) -> list[dict[
         (org_id, message_id))
 
 
-async def update_message_state(txn: Txn, org_id: str, message_id: str,
-                               changes: dict[str, Any], modseq: int) -> None:
-    """Set flags/labels (columns from core's allow-list) with a new MODSEQ."""
-    sets = ", ".join(f"{col} = %s" for col in changes)
-    folder_id = await txn.fetchval(
-        f"UPDATE messages SET {sets}, modseq = %s WHERE org_id = %s AND id = %s "
-        "RETURNING folder_id", (*changes.values(), modseq, org_id, message_id))
-    if folder_id is not None:
-        await notify_folder(txn, folder_id)
+FLAG_COLUMNS = ("seen", "flagged", "answered", "draft", "deleted", "labels")
+
+
+async def update_flags(txn: Txn, org_id: str, updates: list[dict[str, Any]]) -> None:
+    """The one write of read state, IMAP flags and labels, whichever door asked (API,
+    IMAP STORE, a FETCH that marks read): every row of ``updates`` carries ``id``,
+    ``folder_id``, its new ``modseq`` and the full new value of every FLAG_COLUMNS
+    column (the caller holds the rows locked, so full values are exact). One statement
+    for any number of messages, plus one wake-up per folder."""
+    if not updates:
+        return
+    records = [{"id": u["id"], "modseq": u["modseq"],
+                **{col: u[col] for col in FLAG_COLUMNS}} for u in updates]
+    folders = sorted({str(u["folder_id"]) for u in updates})
+    await txn.execute(
+        "UPDATE messages m SET seen = c.seen, flagged = c.flagged, answered = c.answered, "
+        "draft = c.draft, deleted = c.deleted, labels = c.labels, modseq = c.modseq "
+        "FROM jsonb_to_recordset(%s::jsonb) AS c(id text, modseq bigint, seen boolean, "
+        "flagged boolean, answered boolean, draft boolean, deleted boolean, labels text[]) "
+        "WHERE m.org_id = %s AND m.id = c.id; "
+        "SELECT pg_notify(%s, f) FROM unnest(%s::text[]) AS f",
+        (Json(records), org_id, MAIL_CHANNEL, folders))
 
 
 async def delete_message(txn: Txn, org_id: str, message_id: str) -> list[str]:
@@ -416,10 +439,11 @@ async def get_thread(txn: Txn, org_id: str, env_ids: frozenset[str] | None,
 
 
 async def thread_message_ids(txn: Txn, org_id: str, thread_id: str) -> list[dict[str, Any]]:
-    """Ids, folders and labels of a thread's messages (for label changes)."""
+    """Ids, folders, threads and flags of a thread's messages, locked (for label changes)."""
     return await txn.fetchall(
-        "SELECT id, folder_id, labels FROM messages WHERE org_id = %s AND thread_id = %s "
-        "ORDER BY id FOR UPDATE", (org_id, thread_id))
+        "SELECT id, folder_id, thread_id, seen, flagged, answered, draft, deleted, labels "
+        "FROM messages WHERE org_id = %s AND thread_id = %s ORDER BY id FOR UPDATE",
+        (org_id, thread_id))
 
 
 async def list_thread_messages(txn: Txn, org_id: str, thread_id: str) -> list[dict[str, Any]]:

@@ -1,0 +1,149 @@
+"""Changes to stored messages, implemented once for every door (DESIGN rule 11).
+
+The HTTP API (core.messages) and IMAP (core.imap_accounts) find and lock the rows in
+their own way -- by message or thread id, by folder and UID -- and then call these
+inside their transaction. Each change goes through the one storage function for it,
+and its audit row is written in the same transaction, so an IMAP STORE and an API
+label change cannot drift apart and neither can commit unaudited. New messages (SMTP
+delivery, IMAP APPEND) take the other shared path, core.ingest, audited the same way.
+
+Lock order (docs/architecture.md): the caller has locked the message rows; then the
+inbox row (storage use) before folder rows (UID/MODSEQ), folders in id order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agentpost.core.audit import write_change
+from agentpost.core.context import RequestContext
+from agentpost.model.errors import InvalidRequest, MailboxFull
+from agentpost.model.ids import new_id
+from agentpost.storage import imap as imap_store
+from agentpost.storage import mail as mail_store
+from agentpost.storage.database import Txn
+
+#: Columns a flag change may set: the IMAP system flags, read state and labels.
+FLAG_COLUMNS = mail_store.FLAG_COLUMNS
+MAX_LABELS = 50
+
+FlagChange = tuple[dict[str, Any], dict[str, Any]]
+
+
+def uid_set(uids: list[int]) -> str:
+    """[1, 2, 3, 7] -> "1:3,7": many messages of a folder in a few bytes of audit detail."""
+    out: list[str] = []
+    nums = sorted(set(uids))
+    i = 0
+    while i < len(nums):
+        j = i
+        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
+            j += 1
+        out.append(str(nums[i]) if i == j else f"{nums[i]}:{nums[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def _org(ctx: RequestContext) -> str:
+    principal = ctx.org_principal
+    principal.require("messages:write")
+    return principal.org_id
+
+
+def _check_label_count(changes: list[FlagChange]) -> None:
+    """The label cap holds whichever door adds labels (IMAP keywords are labels); a
+    message already over it may still lose some."""
+    for row, columns in changes:
+        new = columns.get("labels")
+        if new is not None and len(new) > MAX_LABELS and len(new) > len(row["labels"]):
+            raise InvalidRequest(f"A message holds at most {MAX_LABELS} labels.",
+                                 field="labels")
+
+
+async def change_flags(txn: Txn, ctx: RequestContext, changes: list[FlagChange], *,
+                       status: int = 200) -> dict[str, int]:
+    """Give locked message rows new read state, flags or labels, and audit it.
+
+    ``changes`` pairs a row (``id``, ``folder_id``, ``thread_id`` and every
+    FLAG_COLUMNS value) with the columns that change; pairs that change nothing should
+    be left out. Each folder touched gets ONE new MODSEQ for all of its messages (what
+    RFC 7162 wants of one STORE), folders in id order; threads whose labels changed are
+    summarized again. The audit row is written even when nothing changed (the API
+    audits every accepted request). Returns the new MODSEQ by message id.
+    """
+    org = _org(ctx)
+    _check_label_count(changes)
+    modseqs: dict[int, int] = {}
+    for folder_id in sorted({row["folder_id"] for row, _ in changes}):
+        modseqs[folder_id] = await mail_store.bump_modseq(txn, org, folder_id)
+    updates = [{**{col: row[col] for col in FLAG_COLUMNS}, **columns, "id": row["id"],
+                "folder_id": row["folder_id"], "modseq": modseqs[row["folder_id"]]}
+               for row, columns in changes]
+    await mail_store.update_flags(txn, org, updates)
+    relabelled = {row["thread_id"]: None for row, columns in changes if "labels" in columns}
+    for thread_id in relabelled:
+        await mail_store.refresh_thread(txn, org, thread_id)
+    await write_change(txn, ctx, status)
+    return {u["id"]: u["modseq"] for u in updates}
+
+
+async def delete_messages(txn: Txn, ctx: RequestContext, rows: list[dict[str, Any]], *,
+                          status: int = 200) -> list[str]:
+    """Delete locked message rows (``id``, ``thread_id``) with their attachments, storage
+    use and blob references; each thread touched is summarized again (or removed when
+    empty) once, after the deletions. Returns the blob keys nobody references any more,
+    which the caller removes from the store after COMMIT."""
+    org = _org(ctx)
+    freed: list[str] = []
+    for row in rows:
+        for key in await mail_store.delete_message(txn, org, row["id"]):
+            if await mail_store.release_blob(txn, key):
+                freed.append(key)
+    for thread_id in {row["thread_id"]: None for row in rows}:
+        await mail_store.refresh_thread(txn, org, thread_id)
+        await mail_store.delete_thread_if_empty(txn, org, thread_id)
+    await write_change(txn, ctx, status)
+    return freed
+
+
+async def copy_messages(txn: Txn, ctx: RequestContext, rows: list[dict[str, Any]],
+                        target_folder_id: int, quota: int = 0) -> list[tuple[int, int]]:
+    """Copy locked message rows into another folder of their inbox, sharing the stored
+    bytes. Each copy is charged to the inbox (MailboxFull past ``quota`` bytes; 0: none)
+    before its UID is allocated, the order ingest locks them in. Returns (old UID, new
+    UID) pairs."""
+    org = _org(ctx)
+    pairs = []
+    for row in rows:
+        if not await mail_store.charge_storage(txn, org, row["inbox_id"], row["size"], quota):
+            raise MailboxFull()
+        uid, modseq = await mail_store.allocate_uid(txn, org, target_folder_id)
+        copy_id = new_id("msg")
+        await mail_store.reference_blob(txn, row["raw_blob_key"], 0)
+        for key, size in await imap_store.attachment_keys(txn, org, row["id"]):
+            await mail_store.reference_blob(txn, key, size)
+        await imap_store.copy_message(txn, org, row["id"], copy_id, target_folder_id, uid,
+                                      modseq)
+        await mail_store.refresh_thread(txn, org, row["thread_id"])
+        pairs.append((row["uid"], uid))
+    ctx.details["to_uids"] = uid_set([new for _, new in pairs])
+    await write_change(txn, ctx)
+    return pairs
+
+
+async def move_messages(txn: Txn, ctx: RequestContext, rows: list[dict[str, Any]],
+                        source_folder_id: int, target_folder_id: int) -> list[tuple[int, int]]:
+    """Re-home locked message rows in another folder with new UIDs (RFC 6851); the
+    source folder records the expunge. Returns (old UID, new UID) pairs."""
+    org = _org(ctx)
+    pairs = []
+    for row in rows:
+        uid, modseq = await mail_store.allocate_uid(txn, org, target_folder_id)
+        await imap_store.move_message(txn, org, row["id"], source_folder_id, target_folder_id,
+                                      uid, modseq)
+        pairs.append((row["uid"], uid))
+    if rows:
+        await mail_store.bump_modseq(txn, org, source_folder_id)
+    ctx.details["to_uids"] = uid_set([new for _, new in pairs])
+    await write_change(txn, ctx)
+    return pairs
