@@ -120,13 +120,15 @@ async def test_idle_login_allowances_are_forgotten(db_dsn):
     clock.advance(now.timestamp())
     db = Database(db_dsn, clock=clock, reactor=reactor, pool_size=2)
     try:
-        await db.run_interaction("t", logins.record_failure, ["old"],
-                                 now - timedelta(days=2), 0.1, 10)
-        await db.run_interaction("t", logins.record_failure, ["new", "old2"],
-                                 now - timedelta(hours=1), 0.1, 10)
-        await db.run_interaction("t", logins.record_failure, ["new"], now, 0.1, 10)
+        def buckets(*keys):
+            return [logins.Allowance(k, 0.1, 10) for k in keys]
+
+        await db.run_interaction("t", logins.spend, buckets("old"), now - timedelta(days=2))
+        await db.run_interaction("t", logins.spend, buckets("new", "old2"),
+                                 now - timedelta(hours=1))
+        await db.run_interaction("t", logins.spend, buckets("new"), now)
         # an hour refilled the bucket (0.1/s, 10 at most), then one more failure
-        assert await db.run_read("t", logins.emptiest, ["new"], now, 0.1, 10) == 9.0
+        assert await db.run_read("t", logins.tokens_left, buckets("new"), now) == {"new": 9.0}
         await RetentionSweep(db, clock, _config()).sweep_once()
         conn = psycopg2.connect(db_dsn)
         with conn.cursor() as cur:

@@ -21,6 +21,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from agentpost.auth import secrets
 from agentpost.model.principal import AdminPrincipal, Principal
+from agentpost.model.scopes import ROLE_SCOPES, weakest_role
 from agentpost.storage import keys as key_store
 from agentpost.storage.database import Database
 
@@ -79,6 +80,19 @@ class AdminIdentity:
     admin_key_id: str
 
 
+class RefusedKey(UnauthorizedLogin):
+    """A well-formed API key that does not log in; when it exists (revoked, expired,
+    holder gone), which organization and key it is, for that tenant's audit trail
+    only — the client is answered exactly as for an unknown key."""
+
+    def __init__(self, message: str, *, org_id: str | None = None, key_id: str | None = None,
+                 state: str | None = None) -> None:
+        super().__init__(message)
+        self.org_id = org_id
+        self.key_id = key_id
+        self.state = state
+
+
 @implementer(ICredentialsChecker)
 class APIKeyChecker:
     """Checks organization API keys against their stored SHA-256 digests."""
@@ -99,13 +113,34 @@ class APIKeyChecker:
             "auth.api_key", key_store.authenticate_api_key, secrets.digest(presented)
         )
 
-        def found(row: dict[str, Any] | None) -> KeyIdentity:
+        def found(row: dict[str, Any] | None) -> KeyIdentity | defer.Deferred[KeyIdentity]:
             if row is None:
-                raise UnauthorizedLogin("unknown, revoked or expired key")
+                return self._refuse(secrets.digest(presented))
             self._note_use(row)
             return KeyIdentity(row)
 
         return d.addCallback(found)
+
+    def _refuse(self, digest: bytes) -> defer.Deferred[Any]:
+        """Fail with the refused key's organization attached, so the refusal lands in
+        that tenant's audit trail. Every refused well-formed key pays this lookup,
+        found or not, so its timing tells the caller nothing."""
+        d = self._db.run_read("auth.refused_key", key_store.org_of_key_digest, digest)
+
+        def attribute(row: dict[str, Any] | None) -> None:
+            if row is None:
+                raise RefusedKey("unknown key")
+            expired = row["expires_at"] is not None and row["expires_at"] <= self._db.now()
+            state = "revoked" if row["revoked_at"] else "expired" if expired else "holder-gone"
+            raise RefusedKey(f"{state} key", org_id=row["org_id"], key_id=row["id"],
+                             state=state)
+
+        def lookup_failed(failure: Any) -> Any:
+            if failure.check(RefusedKey):
+                return failure
+            raise RefusedKey("unknown, revoked or expired key")
+
+        return d.addCallback(attribute).addErrback(lookup_failed)
 
     def _note_use(self, row: dict[str, Any]) -> None:
         """Record last use at most once a minute per key, off the request's path."""
@@ -143,17 +178,60 @@ class AdminKeyChecker:
         return d.addCallback(found)
 
 
+def _effective_power(row: dict[str, Any]) -> tuple[str, frozenset[str] | None]:
+    """The role and environments a key may use *now*: never more than it was minted
+    with, and never more than its holder currently is.
+
+    * Held by an organization owner or admin: the weaker of the minted role and the
+      holder's current organization role; environments as the key was restricted.
+    * Held by an organization Member: confined to the environments the person is
+      currently assigned to (none assigned: none at all), acting with the weakest
+      environment role the person has across the key's reach.
+    * Held by nobody (operator-issued "owner seat" keys, from bootstrap or the admin
+      API of an organization without an owner person, and keys those minted): owner
+      power only while the organization has no owner person; once ownership has been
+      given to a person they act at most as admin, like any former owner.
+    * Confined to some environments: at most admin (environment admin), never owner.
+
+    Rows lacking the holder columns (a freshly minted row, not one read by
+    ``authenticate_api_key``) are judged as strictly as possible.
+    """
+    minted = row["role"]
+    key_envs = frozenset(row["environment_ids"]) if row["env_restricted"] else None
+    holder = row.get("user_id")
+    if holder is None:
+        ceiling = "admin" if row.get("org_has_owner", True) else "owner"
+        envs = key_envs
+    elif row.get("holder_role") in ("owner", "admin"):
+        ceiling, envs = row["holder_role"], key_envs
+    elif row.get("holder_role") == "member":
+        env_roles: dict[str, str] = row.get("holder_environments") or {}
+        envs = frozenset(env_roles) if key_envs is None else key_envs & frozenset(env_roles)
+        ceiling = weakest_role(*(env_roles[e] for e in envs)) if envs else "member"
+    else:
+        raise UnauthorizedLogin("the key's holder is no longer a member")
+    if envs is not None:
+        ceiling = weakest_role(ceiling, "admin")
+    return weakest_role(minted, ceiling), envs
+
+
 def principal_from_key(row: dict[str, Any]) -> Principal:
-    """Turn a stored key row into the Principal every core operation takes."""
-    envs = frozenset(row["environment_ids"]) if row["env_restricted"] else None
+    """Turn a stored key row into the Principal every core operation takes.
+
+    The power is computed from the holder's roles read in the same query as the key
+    (see ``authenticate_api_key``), so a demotion, an ownership transfer or a removal
+    from an environment changes what the key may do on its very next use.
+    """
+    role, envs = _effective_power(row)
     return Principal(
         org_id=row["org_id"],
-        role=row["role"],
-        scopes=frozenset(row["scopes"]),
+        role=role,
+        scopes=frozenset(row["scopes"]) & ROLE_SCOPES.get(role, frozenset()),
         credential_type="api_key",
         credential_id=row["id"],
         environment_ids=envs,
         tier=row.get("tier", "free"),
+        user_id=row.get("user_id"),
     )
 
 

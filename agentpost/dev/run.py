@@ -52,6 +52,7 @@ port = {HTTP_PORT}
 
 [mail]
 shared_domain = "{SHARED_DOMAIN}"
+operator_inbox = "demo@{SHARED_DOMAIN}"
 
 [storage]
 backend = "local"
@@ -101,7 +102,15 @@ async def _demo(core: Any) -> dict[str, str]:
     return result
 
 
-def _banner(demo: dict[str, str], config_path: Path, tls: Any) -> None:
+def database_location(cluster: EmbeddedPostgres | None) -> str:
+    """Where the data is, for the banner: as root the cluster cannot live under ./var
+    (the postgres user must reach it), so say exactly where it is instead."""
+    if cluster is None:
+        return "AGENTPOST_DATABASE_URL (an external PostgreSQL)"
+    return f"{cluster.data_dir}  (server log {cluster.log_file})"
+
+
+def _banner(demo: dict[str, str], config_path: Path, tls: Any, database: str) -> None:
     key = demo["api_key"]
     base = f"http://127.0.0.1:{HTTP_PORT}"
     _say("")
@@ -109,6 +118,7 @@ def _banner(demo: dict[str, str], config_path: Path, tls: Any) -> None:
     _say(" AgentPost is running (development mode)")
     _say("=" * 72)
     _say(f" Config:        {config_path}   (agentpost --config {config_path} ...)")
+    _say(f" Database:      {database}")
     _say(f" Dev CA:        {tls.ca_cert}")
     _say(f" Demo org:      {demo['org_id']}  (environment {demo['environment_id']})")
     if demo.get("inbox_email"):
@@ -153,7 +163,7 @@ def main() -> int:
     try:
         if not db_url:
             cluster = EmbeddedPostgres(VAR, fsync=True, name="pg")
-            _say("Starting the embedded PostgreSQL under ./var ...")
+            _say(f"Starting the embedded PostgreSQL (data in {cluster.data_dir}) ...")
             cluster.start()
             ensure_database(cluster.dsn(), DB_NAME)
             db_url = cluster.dsn(DB_NAME)
@@ -167,7 +177,7 @@ def main() -> int:
         config = load_config(config_path, environ={})
         applied = migrate(db_url)
         _say(f"Migrations applied: {applied}" if applied else "Database schema is up to date.")
-        return _serve(config, config_path, tls)
+        return _serve(config, config_path, tls, database_location(cluster))
     except PostgresNotInstalled as exc:
         sys.stderr.write(f"{exc}\n")
         return 1
@@ -177,7 +187,7 @@ def main() -> int:
             cluster.stop()
 
 
-def _serve(config: Any, config_path: Path, tls: Any) -> int:
+def _serve(config: Any, config_path: Path, tls: Any, database: str) -> int:
     from twisted.internet import defer, reactor
 
     from agentpost.app import make_service
@@ -188,7 +198,7 @@ def _serve(config: Any, config_path: Path, tls: Any) -> int:
     svc = root.getServiceNamed("agentpost")
 
     async def startup() -> None:
-        _banner(await _demo(svc.core), config_path, tls)
+        _banner(await _demo(svc.core), config_path, tls, database)
         root.startService()
 
     def failed(failure: Any) -> None:
