@@ -531,3 +531,87 @@ async def test_sort_on_the_real_store(server):
     assert out["(REVERSE SIZE SUBJECT)"] == b"2 3 1"
     assert out["uid"] == b"1 3"
     assert "BAD" in out["bad"] and "Unknown sort key NOPE" in out["bad"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_uidvalidity_never_repeats_for_a_folder_name(server, db_dsn):
+    """DELETE and CREATE of one name within a second gave the new folder the old
+    UIDVALIDITY (the clock) with UIDs restarting at 1. Values now come from a sequence:
+    every folder row gets its own, above the old clock-based ones."""
+    from tests.helpers import query
+    inbox, key = await _inbox(server, "revalid")
+    other, _ = await _inbox(server, "revalid2")
+
+    def uidvalidity(imap, name):
+        typ, data = imap.status(name, "(UIDVALIDITY UIDNEXT)")
+        assert typ == "OK", data
+        text = data[0].decode()
+        return (int(text.split("UIDVALIDITY ")[1].split()[0].rstrip(")")),
+                int(text.split("UIDNEXT ")[1].split()[0].rstrip(")")))
+
+    def session():
+        imap = _starttls(server.imap_port, inbox["email"], key)
+        assert imap.create("foo")[0] == "OK"
+        imap.append("foo", None, None, b"Subject: one\r\n\r\nbody\r\n")
+        first = uidvalidity(imap, "foo")
+        assert imap.delete("foo")[0] == "OK"
+        assert imap.create("foo")[0] == "OK"
+        second = uidvalidity(imap, "foo")
+        imap.select("foo")
+        selected = int(imap.untagged_responses["UIDVALIDITY"][-1])
+        imap.logout()
+        return first, second, selected
+
+    first, second, selected = await deferToThread(session)
+    assert first[1] == 2 and second[1] == 1
+    assert second[0] != first[0] and selected == second[0]
+    rows = query(db_dsn, "SELECT uidvalidity FROM folders WHERE inbox_id IN (%s, %s)",
+                 (inbox["id"], other["id"]))
+    values = [v for (v,) in rows]
+    assert len(values) == 11 and len(set(values)) == 11  # 2 x 5 system folders + foo
+    [(migrated,)] = query(db_dsn, "SELECT extract(epoch FROM applied_at)::bigint "
+                                  "FROM schema_migrations WHERE version = 11")
+    assert all(migrated < v < 2**32 for v in values)  # above the clock-based ones
+
+
+@pytest_twisted.ensureDeferred
+async def test_envelope_routes_and_bodystructure_parameters_as_in_the_header(server):
+    """Over imaplib: a source route is the adl of its address, and an RFC 2231 filename
+    and an RFC 2047 name stay encoded in BODYSTRUCTURE (7-bit, no literal)."""
+    inbox, key = await _inbox(server, "params")
+    raw = (f"From: Routed <@relay.example,@hop.example:alice@example.com>\r\n"
+           f"To: {inbox['email']}\r\n"
+           "Subject: report\r\n"
+           "Message-ID: <params1@x>\r\n"
+           "MIME-Version: 1.0\r\n"
+           "Content-Type: multipart/mixed; boundary=b\r\n"
+           "\r\n"
+           "--b\r\n"
+           "Content-Type: text/plain; charset=utf-8\r\n"
+           "\r\n"
+           "see attached\r\n"
+           "--b\r\n"
+           "Content-Type: application/pdf; name=\"=?utf-8?B?0J7RgtGH0ZHRgi5wZGY=?=\"\r\n"
+           "Content-Disposition: attachment;\r\n"
+           " filename*=utf-8''%D0%9E%D1%82%D1%87%D1%91%D1%82.pdf\r\n"
+           "Content-Transfer-Encoding: base64\r\n"
+           "\r\n"
+           "JVBERi0=\r\n"
+           "--b--\r\n").encode()
+    await server.deliver(raw, [inbox["email"]])
+
+    def session():
+        imap = _starttls(server.imap_port, inbox["email"], key)
+        imap.select("INBOX", readonly=True)
+        typ, data = imap.fetch("1", "(ENVELOPE BODYSTRUCTURE)")
+        imap.logout()
+        return typ, data
+
+    typ, data = await deferToThread(session)
+    assert typ == "OK" and len(data) == 1 and isinstance(data[0], bytes)  # no literal
+    line = data[0]
+    assert line.isascii()
+    assert b'(("Routed" "@relay.example,@hop.example" "alice" "example.com"))' in line
+    assert b'("name" "=?utf-8?B?0J7RgtGH0ZHRgi5wZGY=?=")' in line
+    assert (b'("attachment" ("filename*" "utf-8\'\'%D0%9E%D1%82%D1%87%D1%91%D1%82.pdf"))'
+            in line)

@@ -222,3 +222,70 @@ def test_section_map_is_small_and_rejects_garbage():
     assert len(section_map(ALTERNATIVE)) < 100
     with pytest.raises(ValueError):
         plan_section("not json", SectionSpec())
+
+
+def test_envelope_keeps_source_routes_in_the_adl_field():
+    """RFC 3501 address (name adl mailbox host): a route-addr's route is the adl, written
+    as Dovecot does (no white space); it used to be NIL and mailbox/host came out empty."""
+    raw = (b"From: Name <@r1.example, @r2.example:user@host.example>\r\n"
+           b"To: <@a.example:x@y.example>, plain@z.example\r\n"
+           b"Cc: \"Quoted <@not:a route>\" <q@r.example>\r\n"
+           b"Bcc: team: <@hop.example:a@b.example>;\r\n"
+           b"\r\nbody")
+    assert envelope(raw) == (
+        '(NIL NIL (("Name" "@r1.example,@r2.example" "user" "host.example")) '
+        '(("Name" "@r1.example,@r2.example" "user" "host.example")) '
+        '(("Name" "@r1.example,@r2.example" "user" "host.example")) '
+        '((NIL "@a.example" "x" "y.example")(NIL NIL "plain" "z.example")) '
+        '(("Quoted <@not:a route>" NIL "q" "r.example")) '
+        '((NIL NIL "team" NIL)(NIL "@hop.example" "a" "b.example")(NIL NIL NIL NIL)) '
+        'NIL NIL)')
+
+
+RFC2231 = (
+    b"From: a@example.org\r\n"
+    b"Content-Type: multipart/mixed; boundary=b\r\n"
+    b"\r\n"
+    b"--b\r\n"
+    b"Content-Type: application/pdf;\r\n"
+    b" name=\"=?utf-8?B?0J7RgtGH0ZHRgi5wZGY=?=\"\r\n"
+    b"Content-Disposition: attachment;\r\n"
+    b" filename*=utf-8''%D0%9E%D1%82%D1%87%D1%91%D1%82.pdf; size=3\r\n"
+    b"\r\n"
+    b"JVBE\r\n"
+    b"--b\r\n"
+    b"Content-Type: text/plain; charset=utf-8; format=flowed;\r\n"
+    b"Content-Disposition: inline; filename*1*=%D1%82.txt; filename*0*=utf-8'ru'%D0%9E\r\n"
+    b"\r\n"
+    b"text\r\n"
+    b"--b--\r\n"
+)
+
+
+def test_bodystructure_parameters_are_sent_as_in_the_header():
+    """RFC 2231 and RFC 2047 parameters stay encoded (7-bit, no literal): the server does
+    not offer UTF8=ACCEPT, and Dovecot sends them the same way. Continuations are joined
+    into one ``name*`` parameter; a trailing ``;`` adds no empty parameter."""
+    bs = bodystructure(RFC2231)
+    assert bs.isascii() and "{" not in bs
+    assert bs == (
+        '(("application" "pdf" ("name" "=?utf-8?B?0J7RgtGH0ZHRgi5wZGY=?=") NIL NIL "7bit" 4 '
+        'NIL ("attachment" ("size" "3" "filename*" '
+        '"utf-8\'\'%D0%9E%D1%82%D1%87%D1%91%D1%82.pdf")) NIL NIL)'
+        '("text" "plain" ("charset" "utf-8" "format" "flowed") NIL NIL "7bit" 4 1 '
+        'NIL ("inline" ("filename*" "utf-8\'ru\'%D0%9E%D1%82.txt")) NIL NIL) '
+        '"mixed" ("boundary" "b") NIL NIL NIL)')
+
+
+@pytest.mark.parametrize("params, expected", [
+    # Dovecot's own rfc2231_parse test vectors (src/lib-mail/test-rfc2231-parser.c).
+    ("; key4*=us-ascii''foo; key*2=ba%; key2*0=a; key3*0*=us-ascii'en'xyz; key*0=\"foo\"; "
+     "key2*1*=b%25; key3*1=plop%; key*1=baz",
+     [("key", "foobazba%"), ("key2*", "''ab%25"), ("key3*", "us-ascii'en'xyzplop%25"),
+      ("key4*", "us-ascii''foo")]),
+    ("; a=1; f*0*=x; f*2*=y", [("a", "1"), ("f*0*", "x"), ("f*2*", "y")]),  # index gap
+    ('; name="a;b\\"c"; x*y=z', [("name", 'a;b"c'), ("x*y", "z")]),
+])
+def test_rfc2231_parameters_are_joined_like_dovecot(params, expected):
+    from agentpost.mail.imapformat import _content_params
+    assert _content_params("application/x" + params) == ("application/x", expected)

@@ -66,12 +66,14 @@ async def get_folder_by_id(txn: Txn, org_id: str, inbox_id: str,
 
 async def create_folder(txn: Txn, org_id: str, environment_id: str, inbox_id: str,
                         name: str) -> None:
-    """A user folder; an existing name is a Conflict ([ALREADYEXISTS])."""
+    """A user folder; an existing name is a Conflict ([ALREADYEXISTS]). Its UIDVALIDITY
+    is the column default (a fresh sequence value, migration 0011): a folder deleted and
+    created again, even within one second, never gets the old value back."""
     try:
         await txn.execute(
-            "INSERT INTO folders (org_id, environment_id, inbox_id, name, uidvalidity, "
-            "created_at) VALUES (%s, %s, %s, %s, %s, %s)",
-            (org_id, environment_id, inbox_id, name, int(txn.now.timestamp()), txn.now))
+            "INSERT INTO folders (org_id, environment_id, inbox_id, name, created_at) "
+            "VALUES (%s, %s, %s, %s, %s)",
+            (org_id, environment_id, inbox_id, name, txn.now))
     except psycopg2.errors.UniqueViolation:
         raise Conflict("Folder already exists.") from None
 
@@ -118,7 +120,7 @@ async def deleted_uids(txn: Txn, org_id: str, folder_id: int,
 async def folder_counts(txn: Txn, org_id: str, folder_id: int,
                         recent_uid: int = 0) -> dict[str, Any]:
     """MESSAGES, UNSEEN, RECENT (UIDs above ``recent_uid``) and SIZE for STATUS."""
-    return await txn.fetchone(
+    return await txn.fetchone_required(
         "SELECT count(*) AS messages, count(*) FILTER (WHERE NOT seen) AS unseen, "
         "min(uid) FILTER (WHERE NOT seen) AS first_unseen, "
         "count(*) FILTER (WHERE uid > %s) AS recent, COALESCE(sum(size), 0) AS size "

@@ -41,15 +41,18 @@ async def route(txn: Txn, address: str, domain: str) -> dict[str, Any]:
 
 async def create_system_folders(txn: Txn, org_id: str, environment_id: str,
                                 inbox_id: str) -> None:
-    """INBOX, Sent, Drafts, Trash and Junk for a new inbox."""
-    uidvalidity = int(txn.now.timestamp())
-    rows = ", ".join(["(%s, %s, %s, %s, %s, %s, %s)"] * len(SYSTEM_FOLDERS))
+    """INBOX, Sent, Drafts, Trash and Junk for a new inbox.
+
+    UIDVALIDITY is the column default: a fresh value of a sequence for every folder row
+    (migration 0011), never the clock, so it cannot repeat for a name.
+    """
+    rows = ", ".join(["(%s, %s, %s, %s, %s, %s)"] * len(SYSTEM_FOLDERS))
     params: list[Any] = []
     for name, special in SYSTEM_FOLDERS:
-        params += [org_id, environment_id, inbox_id, name, special, uidvalidity, txn.now]
+        params += [org_id, environment_id, inbox_id, name, special, txn.now]
     await txn.execute(
         "INSERT INTO folders (org_id, environment_id, inbox_id, name, special_use, "
-        f"uidvalidity, created_at) VALUES {rows} ON CONFLICT (inbox_id, name) DO NOTHING",
+        f"created_at) VALUES {rows} ON CONFLICT (inbox_id, name) DO NOTHING",
         params)
 
 
@@ -63,7 +66,7 @@ async def folder_by_name(txn: Txn, org_id: str, inbox_id: str,
 
 async def allocate_uid(txn: Txn, org_id: str, folder_id: int) -> tuple[int, int]:
     """Next UID and MODSEQ of a folder, in the inserting transaction (row-locked)."""
-    row = await txn.fetchone(
+    row = await txn.fetchone_required(
         "UPDATE folders SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1 "
         "WHERE org_id = %s AND id = %s RETURNING uidnext - 1 AS uid, highestmodseq AS modseq",
         (org_id, folder_id))
@@ -72,9 +75,10 @@ async def allocate_uid(txn: Txn, org_id: str, folder_id: int) -> tuple[int, int]
 
 async def bump_modseq(txn: Txn, org_id: str, folder_id: int) -> int:
     """A new MODSEQ for a flag change in a folder."""
-    return await txn.fetchval(
+    modseq: int = await txn.fetchval(
         "UPDATE folders SET highestmodseq = highestmodseq + 1 WHERE org_id = %s AND id = %s "
         "RETURNING highestmodseq", (org_id, folder_id))
+    return modseq
 
 
 # Blob references ------------------------------------------------------------------------
@@ -90,12 +94,13 @@ async def reference_blob(txn: Txn, key: str, size: int) -> bool:
     removed from the store between our put and our commit.
     """
     # One round trip: the lock, then the upsert, in one simple-query message.
-    row = await txn.fetchone(
+    row = await txn.fetchone_required(
         _blob_lock_sql() + "; "
         "INSERT INTO blobs (key, size, refcount, created_at) VALUES (%s, %s, 1, %s) "
         "ON CONFLICT (key) DO UPDATE SET refcount = blobs.refcount + 1 "
         "RETURNING refcount", (key, key, size, txn.now))
-    return row["refcount"] == 1
+    refcount: int = row["refcount"]
+    return refcount == 1
 
 
 async def release_blob(txn: Txn, key: str) -> bool:
@@ -142,7 +147,8 @@ async def find_thread(txn: Txn, org_id: str, inbox_id: str, message_id: str | No
         (related_ids, org_id, inbox_id, org_id, inbox_id, message_id))
     if not rows:
         return None
-    return min(rows, key=lambda r: (r["kind"], r["id"]))["thread_id"]
+    thread_id: str = min(rows, key=lambda r: (r["kind"], r["id"]))["thread_id"]
+    return thread_id
 
 
 async def insert_thread(txn: Txn, *, org_id: str, thread_id: str, environment_id: str,
@@ -462,7 +468,7 @@ _RULE_COLS = ("id, org_id, environment_id, inbox_id, direction, action, match_ty
 async def insert_rule(txn: Txn, row: dict[str, Any]) -> dict[str, Any]:
     """Store a filter rule."""
     cols = list(row)
-    return await txn.fetchone(
+    return await txn.fetchone_required(
         f"INSERT INTO filter_rules ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))})"
         f" RETURNING {_RULE_COLS}", list(row.values()))
 
