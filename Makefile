@@ -23,7 +23,7 @@ help:
 	@echo "  make postgres-bin  check for PostgreSQL server binaries and mbsync (installs them when root)"
 	@echo "  make run           run AgentPost locally against a dev PostgreSQL in ./$(VAR_DIR)"
 	@echo "  make test          run the test suite (extra pytest options: PYTEST_ARGS='-k smtp -x')"
-	@echo "  make lint          ruff check"
+	@echo "  make lint          ruff check, then mypy (strict for model/ auth/ core/ storage/)"
 	@echo "  make bench         API benchmark (bench/api_bench.py)"
 	@echo "  make clean         remove .venv and build/cache artefacts (keeps ./$(VAR_DIR))"
 	@echo "  make distclean     clean, delete the dev PostgreSQL cluster(s) and ./$(VAR_DIR)"
@@ -98,6 +98,7 @@ test: venv postgres-bin
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: venv postgres-bin
 	$(VPY) bench/api_bench.py

@@ -14,20 +14,20 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import endpoints
-from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.protocol import Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 log = logging.getLogger(__name__)
 
 
-async def listen_tcp(reactor: Any, factory: Factory, bind: str, port: int, *,
+async def listen_tcp(reactor: Any, factory: IProtocolFactory, bind: str, port: int, *,
                      tls_options: Any = None, reuse_port: bool = False,
                      backlog: int = 511, endpoint: str = "") -> IListeningPort:
     """Listen on ``bind:port`` (or a Twisted endpoint description such as systemd's
     ``systemd:domain=INET:name=…``); TLS from the first byte when ``tls_options`` is
     given."""
-    serving: Factory = factory
+    serving: IProtocolFactory = factory
     if tls_options is not None:
         serving = TLSMemoryBIOFactory(tls_options, False, factory)
     if endpoint:
@@ -100,7 +100,7 @@ class ConnectionCaps:
             protocol = self.refusal(refused)
         else:
             protocol = make_session(lambda: self.release(host))
-        protocol.factory = self  # type: ignore[attr-defined]
+        protocol.factory = self
         return protocol
 
     def admit(self, host: str) -> str | None:

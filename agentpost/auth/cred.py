@@ -9,6 +9,7 @@ rules (revocation, expiry, environments, scopes).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,7 +103,10 @@ class APIKeyChecker:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def requestAvatarId(self, credentials: Any) -> defer.Deferred[KeyIdentity]:
+    # Twisted annotates avatar ids as bytes, but Portal hands whatever the checker
+    # produces to the realm untouched; ours are identities (see AgentPostRealm).
+    def requestAvatarId(  # type: ignore[override]
+            self, credentials: Any) -> defer.Deferred[KeyIdentity]:
         """Look the key up on every call: no cache may outlive a revocation."""
         presented = credentials.key if IAPIKeyCredentials.providedBy(credentials) else (
             _text(credentials.password)
@@ -162,7 +166,9 @@ class AdminKeyChecker:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def requestAvatarId(self, credentials: Any) -> defer.Deferred[AdminIdentity]:
+    # An identity, not bytes, as for APIKeyChecker.
+    def requestAvatarId(  # type: ignore[override]
+            self, credentials: Any) -> defer.Deferred[AdminIdentity]:
         """Admin keys have their own prefix and table."""
         if not secrets.looks_like_admin_key(credentials.key):
             return defer.fail(UnauthorizedLogin("malformed admin key"))
@@ -239,7 +245,8 @@ def principal_from_key(row: dict[str, Any]) -> Principal:
 class AgentPostRealm:
     """The one realm: key identities become Principals, admin identities AdminPrincipals."""
 
-    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple:
+    def requestAvatar(self, avatarId: object, mind: object, *interfaces: type[Interface]
+                      ) -> tuple[type[Interface], object, Callable[[], None]]:
         """Build the avatar for whichever interface the protocol asked for."""
         if IPrincipal in interfaces and isinstance(avatarId, KeyIdentity):
             return IPrincipal, principal_from_key(avatarId.row), _logout

@@ -127,6 +127,8 @@ class APIKeys:
                 raise Forbidden(f"A {p.role} key cannot revoke a {row['role']} key.")
             await key_store.revoke_api_key(txn, p.org_id, key_id)
             await self._audit.write_in(txn, ctx)
-            return await key_store.get_api_key(txn, p.org_id, key_id)
+            revoked = await key_store.get_api_key(txn, p.org_id, key_id)
+            assert revoked is not None  # read above; keys are revoked, never deleted
+            return revoked
 
         return await self._db.run_interaction("api_keys.revoke", txn_fn)

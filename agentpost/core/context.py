@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from agentpost.model.principal import AdminPrincipal, Principal
 
@@ -22,7 +23,7 @@ class RequestContext:
     environment_id: str | None = None
     target_id: str | None = None
     audited: bool = False
-    details: dict = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def org_principal(self) -> Principal:

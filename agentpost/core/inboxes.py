@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import re
 import secrets
 from typing import Any
@@ -31,7 +32,8 @@ async def resolve_environment(txn: Txn, p: Principal, env_id: str | None) -> str
         return env_id
     default = await org_store.get_default_environment(txn, p.org_id)
     if default is not None and p.may_use_environment(default["id"]):
-        return default["id"]
+        default_id: str = default["id"]
+        return default_id
     if p.environment_ids is not None and len(p.environment_ids) == 1:
         return next(iter(p.environment_ids))
     raise InvalidRequest("environment_id is required for this key.", field="environment_id")
@@ -165,7 +167,7 @@ class Inboxes:
         if self._collector is not None:
             await self._collector.collect(freed)
 
-    async def domains(self, ctx: RequestContext) -> list[dict[str, Any]]:
+    async def domains(self, ctx: RequestContext) -> builtins.list[dict[str, Any]]:
         """Domains inboxes may be created on."""
         p = ctx.org_principal
         p.require("domains:read")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 from agentpost.core.audit import AuditTrail
@@ -60,12 +61,14 @@ class Members:
             await org_store.insert_membership(txn, p.org_id, user["id"], role)
             ctx.target_id = user["id"]
             await self._audit.write_in(txn, ctx, 201)
-            return await org_store.get_member(txn, p.org_id, user["id"])
+            member = await org_store.get_member(txn, p.org_id, user["id"])
+            assert member is not None  # the membership was inserted just above
+            return member
 
         return await self._db.run_interaction("members.add", txn_fn)
 
     async def update(self, ctx: RequestContext, user_id: str, role: str | None,
-                     environments: list[dict[str, str]] | None) -> dict[str, Any]:
+                     environments: builtins.list[dict[str, str]] | None) -> dict[str, Any]:
         """Change a role; making someone owner transfers ownership (the old owner becomes admin)."""
         p = ctx.org_principal
         p.require("members:write")
@@ -90,7 +93,9 @@ class Members:
             if environments is not None:
                 await _set_environments(txn, p, user_id, environments)
             await self._audit.write_in(txn, ctx)
-            return await org_store.get_member(txn, p.org_id, user_id)
+            updated = await org_store.get_member(txn, p.org_id, user_id)
+            assert updated is not None  # locked FOR UPDATE above: still a member
+            return updated
 
         return await self._db.run_interaction("members.update", txn_fn)
 

@@ -4,7 +4,9 @@ Every change here goes through core.mail_changes, the implementation IMAP uses t
 
 from __future__ import annotations
 
+import builtins
 import re
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import threads
@@ -117,7 +119,7 @@ class Messages:
         raise NotFound()
 
     async def _change(self, ctx: RequestContext, message_id: str, desc: str,
-                      mutate: Any) -> dict[str, Any]:
+                      mutate: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
         p = ctx.org_principal
         p.require("messages:write")
         ctx.target_id = message_id
@@ -131,17 +133,20 @@ class Messages:
             changes = mutate(msg)
             await mail_changes.change_flags(txn, ctx, [(msg, changes)] if changes else [])
             msg = await mail_store.get_message(txn, p.org_id, p.environment_ids, message_id)
+            assert msg is not None  # locked FOR UPDATE above: still there
             msg["attachments"] = await mail_store.list_attachments(txn, p.org_id, message_id)
             return msg
 
         return await self._db.run_interaction(desc, txn_fn)
 
-    async def set_read(self, ctx: RequestContext, message_id: str, read: bool) -> dict:
+    async def set_read(self, ctx: RequestContext, message_id: str,
+                       read: bool) -> dict[str, Any]:
         """Mark read or unread (the IMAP \\Seen flag)."""
         return await self._change(ctx, message_id, "messages.update",
                                   lambda m: {"seen": read} if m["seen"] != read else {})
 
-    async def add_labels(self, ctx: RequestContext, message_id: str, labels: list[str]) -> dict:
+    async def add_labels(self, ctx: RequestContext, message_id: str,
+                         labels: builtins.list[str]) -> dict[str, Any]:
         """Add labels (IMAP keywords)."""
         labels = check_labels(labels)
 
@@ -152,7 +157,7 @@ class Messages:
         return await self._change(ctx, message_id, "messages.labels.add", mutate)
 
     async def remove_labels(self, ctx: RequestContext, message_id: str,
-                            labels: list[str]) -> dict:
+                            labels: builtins.list[str]) -> dict[str, Any]:
         """Remove labels."""
         labels = check_labels(labels)
 
@@ -182,8 +187,8 @@ class Messages:
         await self._collector.collect(freed)
 
     async def list_threads(self, ctx: RequestContext, inbox_id: str, *,
-                           labels: list[str] | None, cursor: tuple[Any, str] | None,
-                           limit: int) -> list[dict[str, Any]]:
+                           labels: builtins.list[str] | None, cursor: tuple[Any, str] | None,
+                           limit: int) -> builtins.list[dict[str, Any]]:
         """Threads by latest activity (limit + 1 rows)."""
         p = ctx.org_principal
         p.require("messages:read")
@@ -212,8 +217,8 @@ class Messages:
 
         return await self._db.run_interaction("threads.get", txn_fn)
 
-    async def thread_labels(self, ctx: RequestContext, thread_id: str, labels: list[str],
-                            add: bool) -> dict[str, Any]:
+    async def thread_labels(self, ctx: RequestContext, thread_id: str,
+                            labels: builtins.list[str], add: bool) -> dict[str, Any]:
         """Add or remove labels on every message of a thread."""
         p = ctx.org_principal
         p.require("messages:write")
@@ -233,6 +238,8 @@ class Messages:
                     changes.append((msg, {"labels": new}))
             await mail_changes.change_flags(txn, ctx, changes)
             thread = await mail_store.get_thread(txn, p.org_id, p.environment_ids, thread_id)
+            if thread is None:  # emptied and removed by a concurrent delete meanwhile
+                raise NotFound()
             thread["messages"] = await mail_store.list_thread_messages(txn, p.org_id, thread_id)
             return thread
 

@@ -189,6 +189,7 @@ def main() -> int:
 
 def _serve(config: Any, config_path: Path, tls: Any, database: str) -> int:
     from twisted.internet import defer, reactor
+    from twisted.internet.interfaces import IReactorFromThreads
 
     from agentpost.app import make_service
     from agentpost.logs import configure_logging
@@ -209,9 +210,11 @@ def _serve(config: Any, config_path: Path, tls: Any, database: str) -> int:
     reactor.callWhenRunning(
         lambda: defer.Deferred.fromCoroutine(startup()).addErrback(failed))
     reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
-    signal.signal(signal.SIGINT, lambda *_: reactor.callFromThread(reactor.stop))
-    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(reactor.stop))
-    reactor.run(installSignalHandlers=False)
+    from_threads = IReactorFromThreads(reactor)
+    signal.signal(signal.SIGINT, lambda *_: from_threads.callFromThread(reactor.stop))
+    signal.signal(signal.SIGTERM, lambda *_: from_threads.callFromThread(reactor.stop))
+    # IReactorCore.run() leaves out the installSignalHandlers every reactor's run() takes.
+    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
     return 1 if getattr(svc, "start_error", None) is not None else 0
 
 

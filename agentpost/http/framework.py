@@ -18,7 +18,7 @@ from klein import Klein
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from zope.interface import implementer
@@ -36,6 +36,7 @@ from agentpost.core.context import RequestContext
 from agentpost.http import errors as http_errors
 from agentpost.http.validation import parse_json_body, validate
 from agentpost.model import errors
+from agentpost.model.principal import AdminPrincipal, Principal
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,9 @@ class _StreamProducer:
 async def write_stream(request: IRequest, stream: Any) -> None:
     """Copy ``stream`` to the response, waiting whenever the transport pushes back."""
     producer = _StreamProducer()
+    consumer = IConsumer(request)  # twisted.web's Request consumes its response body
     request.setHeader(b"content-length", str(stream.size).encode("ascii"))
-    request.registerProducer(producer, True)
+    consumer.registerProducer(producer, True)
     try:
         async for chunk in stream:
             if producer.stopped:
@@ -117,7 +119,7 @@ async def write_stream(request: IRequest, stream: Any) -> None:
         await stream.aclose()
         # A client that hangs up once it has every byte leaves no channel behind.
         if getattr(request, "channel", None) is not None:
-            request.unregisterProducer()
+            consumer.unregisterProducer()
 
 
 @dataclass
@@ -209,12 +211,14 @@ class RouteTable:
                 ctx.details.update(org_id=exc.org_id, key_state=exc.state)
                 ctx.target_id = exc.key_id
             raise errors.Unauthenticated("The key is unknown, revoked or expired.") from None
+        if not isinstance(avatar, Principal | AdminPrincipal):  # AgentPostRealm's avatars
+            raise TypeError(f"unexpected avatar {avatar!r}")
         ctx.principal = avatar
         if self._buckets is not None:
-            self._buckets.take(getattr(avatar, "credential_id", None)
-                               or getattr(avatar, "admin_key_id", ""))
+            self._buckets.take(avatar.credential_id if isinstance(avatar, Principal)
+                               else avatar.admin_key_id)
         if route.scope is not None:
-            avatar.require(route.scope)
+            ctx.org_principal.require(route.scope)  # scopes are for organization keys
 
     def _read_body(self, route: Route, request: IRequest) -> Body:
         raw = request.content.read(self._max_body + 1) if request.content else b""

@@ -21,6 +21,8 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet import abstract
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import IResource
 
@@ -79,9 +81,10 @@ class AgentPostRequest(server.Request):
     def handleContentChunk(self, data: bytes) -> None:
         """Count the body as it arrives: a chunked one has no length to check upfront."""
         self._body_bytes += len(data)
-        limit = getattr(self.channel, "max_body_bytes", None)
-        if limit is not None and self._body_bytes > limit:
-            self.channel.refuse_payload_too_large()
+        channel = self.channel
+        if (isinstance(channel, AgentPostChannel) and channel.max_body_bytes is not None
+                and self._body_bytes > channel.max_body_bytes):
+            channel.refuse_payload_too_large()
             return
         super().handleContentChunk(data)
 
@@ -236,7 +239,7 @@ class AgentPostChannel(http.HTTPChannel):
         if self.transport is not None:
             self.transport.loseConnection()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """The client has gone (normally after reading a refusal): stop lingering."""
         if self._linger_call is not None and self._linger_call.active():
             self._linger_call.cancel()

@@ -32,4 +32,4 @@ def is_id(value: object, prefix: str) -> bool:
     if not isinstance(value, str):
         return False
     match = _ID_RE.match(value)
-    return bool(match) and match.group(1) == prefix
+    return match is not None and match.group(1) == prefix

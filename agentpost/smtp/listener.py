@@ -29,6 +29,7 @@ class _RefusingProtocol(Protocol):
 
     def connectionMade(self) -> None:
         """Refuse at once; nothing the client sends is read."""
+        assert self.transport is not None  # set by makeConnection, before this call
         self.transport.write(self.reply.render())
         self.transport.loseConnection()
 
@@ -72,7 +73,7 @@ class SMTPFactory(ConnectionCaps, Factory):
         self.protocol_class = protocol_class
         self.init_caps(max_connections_per_ip, max_connections)
 
-    def buildProtocol(self, addr: IAddress) -> Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
         """A session, or a 421 refusal when a connection cap is reached."""
 
         def session(on_close: Callable[[], None]) -> Protocol:

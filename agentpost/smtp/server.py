@@ -318,9 +318,11 @@ class SMTPServerProtocol(SMTPCommands, Protocol):
         result.addErrback(self._reply_failed)
 
     def _reply_for_failure(self, failure: Failure) -> Reply:
-        expected = isinstance(failure.value, errors.AgentPostError)
+        exc = failure.value
+        assert exc is not None  # an errback's Failure always carries its exception
+        expected = isinstance(exc, errors.AgentPostError)
         return replies.reply_for_error(
-            failure.value, context=self.session_id,
+            exc, context=self.session_id,
             traceback_text=None if expected else failure.getTraceback())
 
     def _command_finished(self, reply: Reply) -> None:

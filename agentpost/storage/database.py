@@ -67,7 +67,8 @@ class Txn:
     async def execute(self, sql: str, params: Any = None) -> int:
         """Run a statement; return the affected row count."""
         await self._send(sql, params)
-        return self._cursor.rowcount
+        rowcount: int = self._cursor.rowcount
+        return rowcount
 
     async def fetchall(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
         """Run a query and return its rows as dicts."""
@@ -81,6 +82,14 @@ class Txn:
         """Run a query and return its first row, or None."""
         rows = await self.fetchall(sql, params)
         return rows[0] if rows else None
+
+    async def fetchone_required(self, sql: str, params: Any = None) -> dict[str, Any]:
+        """Run a query that always yields a row (``INSERT ... RETURNING``, an aggregate
+        without ``GROUP BY``) and return that row; no row at all is a bug here."""
+        row = await self.fetchone(sql, params)
+        if row is None:
+            raise RuntimeError(f"expected a row from: {sql[:80]}")
+        return row
 
     async def fetchval(self, sql: str, params: Any = None) -> Any:
         """Run a query and return the first column of its first row, or None."""
@@ -273,7 +282,8 @@ class Database:
             except Exception:  # noqa: S110 - best effort on a dying link
                 pass
 
-    def run_query(self, desc: str, sql: str, params: Any = None) -> defer.Deferred[list[dict]]:
+    def run_query(self, desc: str, sql: str,
+                  params: Any = None) -> defer.Deferred[list[dict[str, Any]]]:
         """A single read-only statement (the common read path)."""
 
         async def query(txn: Txn) -> list[dict[str, Any]]:

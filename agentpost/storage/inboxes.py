@@ -18,7 +18,7 @@ async def insert_inbox(txn: Txn, *, org_id: str, inbox_id: str, environment_id: 
                        client_id: str | None) -> dict[str, Any]:
     """Create an inbox; an address already taken anywhere is a Conflict."""
     try:
-        return await txn.fetchone(
+        return await txn.fetchone_required(
             "INSERT INTO inboxes (org_id, id, environment_id, username, domain, email, "
             "display_name, client_id, created_at, updated_at) "
             f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_COLS}",
@@ -105,12 +105,13 @@ async def ensure_shared_domain(txn: Txn, name: str) -> None:
 async def domain_kind(txn: Txn, name: str) -> str | None:
     """``"shared"`` for a shared domain, ``"own"`` for an organization's verified domain,
     None for a domain not hosted here (routing of reserved local parts)."""
-    return await txn.fetchval(
+    kind: str | None = await txn.fetchval(
         "SELECT CASE WHEN EXISTS (SELECT 1 FROM shared_domains WHERE name = lower(%s)) "
         "THEN 'shared' WHEN EXISTS (SELECT 1 FROM domains WHERE name = lower(%s) "
         "AND verified_at IS NOT NULL) THEN 'own' END",
         (name, name),
     )
+    return kind
 
 
 async def domain_usable(txn: Txn, org_id: str, environment_id: str, name: str) -> bool:

@@ -66,7 +66,9 @@ async def insert_api_key(txn: Txn, *, org_id: str, key_id: str, name: str, displ
             "VALUES (%s, %s, %s)",
             (org_id, key_id, env_id),
         )
-    return await get_api_key(txn, org_id, key_id)
+    row = await get_api_key(txn, org_id, key_id)
+    assert row is not None  # inserted just above, in this transaction
+    return row
 
 
 async def get_api_key(txn: Txn, org_id: str, key_id: str) -> dict[str, Any] | None:
@@ -121,7 +123,7 @@ async def touch_api_key(txn: Txn, org_id: str, key_id: str) -> None:
 async def insert_admin_key(txn: Txn, key_id: str, name: str, display_prefix: str,
                            digest: bytes) -> dict[str, Any]:
     """Store a new admin key digest."""
-    return await txn.fetchone(
+    return await txn.fetchone_required(
         "INSERT INTO admin_keys (id, name, display_prefix, secret_sha256, created_at) "
         "VALUES (%s, %s, %s, %s, %s) RETURNING id, name, display_prefix, created_at",
         (key_id, name, display_prefix, digest, txn.now),

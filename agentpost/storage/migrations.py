@@ -68,7 +68,8 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 
 def _applied(cur: psycopg2.extensions.cursor) -> dict[int, str]:
     cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
-    if not cur.fetchone()[0]:
+    row = cur.fetchone()
+    if row is None or not row[0]:
         return {}
     cur.execute("SELECT version, checksum FROM schema_migrations")
     return dict(cur.fetchall())

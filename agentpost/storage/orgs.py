@@ -15,7 +15,7 @@ _ORG_COLS = "id, name, tier, created_at, updated_at"
 
 async def insert_organization(txn: Txn, org_id: str, name: str, tier: str) -> dict[str, Any]:
     """Create an organization row."""
-    return await txn.fetchone(
+    return await txn.fetchone_required(
         f"INSERT INTO organizations (id, name, tier, created_at, updated_at) "
         f"VALUES (%s, %s, %s, %s, %s) RETURNING {_ORG_COLS}",
         (org_id, name, tier, txn.now, txn.now),
@@ -48,7 +48,7 @@ async def insert_environment(txn: Txn, org_id: str, env_id: str, name: str, slug
                              is_default: bool) -> dict[str, Any]:
     """Create an environment; a taken slug is a Conflict."""
     try:
-        return await txn.fetchone(
+        return await txn.fetchone_required(
             "INSERT INTO environments (org_id, id, name, slug, is_default, created_at, updated_at)"
             f" VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING {_ENV_COLS}",
             (org_id, env_id, name, slug, is_default, txn.now, txn.now),
@@ -114,7 +114,7 @@ async def insert_user(txn: Txn, user_id: str, email: str, display_name: str) -> 
     )
     if row:
         return row
-    return await txn.fetchone(
+    return await txn.fetchone_required(
         "INSERT INTO users (id, email, display_name, created_at) VALUES (%s, %s, %s, %s) "
         "RETURNING id, email, display_name",
         (user_id, email, display_name, txn.now),

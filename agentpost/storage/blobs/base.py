@@ -221,7 +221,7 @@ class BlobStream:
             raise RuntimeError("BlobStream read while a previous read is in flight")
         self._busy = True
         try:
-            chunk = await self._run(self._read)
+            chunk: bytes = await self._run(self._read)
         except BaseException:
             self._busy = False
             await self.aclose()

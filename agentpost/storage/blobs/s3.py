@@ -244,7 +244,9 @@ class S3BlobStore:
 
     def _head(self, key: str) -> dict[str, Any] | None:
         try:
-            return self._client().head_object(Bucket=self.bucket, Key=self._object(key))
+            head: dict[str, Any] = self._client().head_object(
+                Bucket=self.bucket, Key=self._object(key))
+            return head
         except ClientError as exc:
             if _is_not_found(exc):
                 return None
@@ -341,7 +343,9 @@ class S3BlobStore:
 
     def _get_object(self, key: str, **kwargs: Any) -> dict[str, Any]:
         try:
-            return self._client().get_object(Bucket=self.bucket, Key=self._object(key), **kwargs)
+            resp: dict[str, Any] = self._client().get_object(
+                Bucket=self.bucket, Key=self._object(key), **kwargs)
+            return resp
         except ClientError as exc:
             if _is_not_found(exc):
                 raise BlobNotFound(key) from None
@@ -351,7 +355,7 @@ class S3BlobStore:
         resp = self._get_object(key)
         body = resp["Body"]
         try:
-            data = body.read()
+            data: bytes = body.read()
         finally:
             body.close()
         if hashlib.sha256(data).hexdigest() != digest_of_key(key):
@@ -376,7 +380,7 @@ class S3BlobStore:
             raise
         body = resp["Body"]
         try:
-            data = body.read()
+            data: bytes = body.read()
         finally:
             body.close()
         if not resp.get("ContentRange"):  # a server that ignored Range sent it all
@@ -427,8 +431,9 @@ class S3BlobStore:
             "ResponseContentDisposition": content_disposition(filename),
             "ResponseContentType": content_type,
         }
-        return self._client().generate_presigned_url(
+        url: str = self._client().generate_presigned_url(
             "get_object", Params=params, ExpiresIn=expires_s, HttpMethod="GET")
+        return url
 
     async def presigned_url(
         self, key: str, *, filename: str, content_type: str, expires_s: int
