@@ -139,6 +139,59 @@ async def test_search_translates_to_sql(server):
 
 
 @pytest_twisted.ensureDeferred
+async def test_search_dates_in_their_own_zone_whole_address_fields_and_present_headers(server):
+    """SENT* compare the Date field's own calendar date; FROM/TO/CC match display names,
+    comments, every address and group names (decoded); HEADER x "" needs the field.
+    Copies keep what SEARCH compares."""
+    account, inbox, _ = await _account(server)
+    messages = [
+        ("From: =?utf-8?q?J=C3=B6rg?= <joerg@z.de> (the boss)\r\n"
+         "To: Team: a@x.org, Second <second@y.org>;, third@w.org\r\n"
+         "Date: Mon, 1 Jan 2024 23:30:00 -0500\r\n"
+         "Subject: late evening\r\n"),
+        ("From: plain@z.de\r\n"
+         "To: other@x.org\r\n"
+         "Cc: \"Carbon, Copy\" <cc@x.org>\r\n"
+         "Date: Tue, 2 Jan 2024 00:30:00 +0200\r\n"
+         "Subject:\r\n"),
+        ("From: nodate@z.de\r\n"
+         "To: other@x.org\r\n"),
+    ]
+    for head in messages:
+        await server.deliver(f"{head}\r\nbody\r\n".encode(), [inbox["email"]])
+    folder = (await account.select("INBOX")).folder_id
+    cases = [
+        (("senton", date(2024, 1, 1)), [1]),  # 2024-01-02 04:30 UTC
+        (("senton", date(2024, 1, 2)), [2]),  # 2024-01-01 22:30 UTC
+        (("sentbefore", date(2024, 1, 2)), [1]),
+        (("sentsince", date(2024, 1, 2)), [2]),
+        (("not", ("senton", date(2024, 1, 1))), [2, 3]),
+        (("header", "from", "j\u00f6rg"), [1]),  # a decoded display name
+        (("header", "from", "THE BOSS"), [1]),  # a comment
+        (("header", "to", "second"), [1]),  # a later address of the list
+        (("header", "to", "third@w.org"), [1]),
+        (("header", "to", "team"), [1]),  # a group name
+        (("header", "cc", "carbon, copy"), [2]),
+        (("header", "from", "email"), []),  # not the JSON the addresses are kept in
+        (("header", "from", "%"), []),  # wildcards are text
+        (("not", ("header", "cc", "x.org")), [1, 3]),  # no Cc field: NOT matches it
+        (("header", "subject", ""), [1, 2]),  # an empty Subject field is a field
+        (("header", "date", ""), [1, 2]),
+        (("header", "cc", ""), [2]),
+        (("header", "bcc", ""), []),
+        (("header", "x-none", ""), []),
+        (("not", ("header", "subject", "")), [3]),
+    ]
+    for key, expected in cases:
+        assert await account.search(folder, key) == expected, key
+    await account.create_folder("Copies")
+    await account.copy(folder, [1, 2, 3], "Copies")
+    copies = (await account.select("Copies")).folder_id
+    for key, expected in cases:
+        assert await account.search(copies, key) == expected, key
+
+
+@pytest_twisted.ensureDeferred
 async def test_changes_reach_other_sessions_across_processes(server, db_dsn):
     """A second notifier (standing in for another process) is woken by a delivery and a
     flag change; changes() then reports EXISTS and FETCH material."""

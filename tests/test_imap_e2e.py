@@ -534,6 +534,54 @@ async def test_sort_on_the_real_store(server):
 
 
 @pytest_twisted.ensureDeferred
+async def test_sort_by_rfc5256_base_subject_first_address_and_display(server):
+    """SORT SUBJECT compares RFC 5256 base subjects (encoded words decoded, [fwd: ...]
+    unwrapped, (fwd) trailers and blobs dropped) with i;ascii-casemap; FROM/CC the first
+    address's mailbox, inside a group too, a missing field as ""; DISPLAYFROM the decoded
+    display name, else the addr-spec. SEARCH over the same session: SENTON and FROM."""
+    inbox, key = await _inbox(server, "sorter2")
+    heads = [  # uid: (From, Cc, Subject, Date)
+        ("Team: Yolanda <yolanda@x.org>, abe@x.org;", "zz@x.org",
+         "=?utf-8?q?Re:_[list]_Delta?=", "Mon, 01 Jan 2024 23:30:00 -0500"),
+        ("=?utf-8?q?=C3=81ngel?= <zack@x.org>", None,
+         "[Fwd: Re: charlie (fwd)]", "Tue, 02 Jan 2024 00:30:00 +0200"),
+        ("Xavier <bob@x.org>", "Team: Mel <mel@x.org>;", "Re: [fwd: bravo] (FWD)",
+         "Wed, 03 Jan 2024 10:00:00 +0000"),
+        ("carl@x.org", "amy@x.org", "[alpha]", "Thu, 04 Jan 2024 10:00:00 +0000"),
+        (None, None, "_under", "Fri, 05 Jan 2024 10:00:00 +0000"),
+    ]
+    for n, (frm, cc, subject, date) in enumerate(heads):
+        head = (f"From: {frm}\r\n" if frm else "") + (f"Cc: {cc}\r\n" if cc else "")
+        raw = (f"{head}To: {inbox['email']}\r\nSubject: {subject}\r\nDate: {date}\r\n"
+               f"Message-ID: <b{n}@x>\r\n\r\nbody\r\n").encode()
+        await server.deliver(raw, [inbox["email"]])
+
+    def session():
+        imap = _starttls(server.imap_port, inbox["email"], key)
+        imap.select("INBOX")
+        out = {crit: imap.sort(crit, "UTF-8", "ALL")[1][0]
+               for crit in ("(SUBJECT)", "(REVERSE SUBJECT)", "(FROM)", "(CC)",
+                            "(DISPLAYFROM)")}
+        out["senton"] = imap.search(None, "SENTON", "1-Jan-2024")[1][0]
+        out["from"] = imap.search(None, "FROM", "abe")[1][0]
+        imap.logout()
+        return out
+
+    out = await deferToThread(session)
+    # bravo, charlie, Delta, [alpha] (a lone blob is the base), _under: i;ascii-casemap
+    # compares upper-cased octets, and "[" and "_" come after "Z"
+    assert out["(SUBJECT)"] == b"3 2 1 4 5"
+    assert out["(REVERSE SUBJECT)"] == b"5 4 1 2 3"
+    # "", bob, carl, yolanda (first in the group; not abe), zack
+    assert out["(FROM)"] == b"5 3 4 1 2"
+    # "" (uid 2, 5 by UID), amy, mel (inside the group), zz
+    assert out["(CC)"] == b"2 5 4 3 1"
+    # "", carl@x.org, Xavier, Yolanda, Ángel (non-ASCII after ASCII)
+    assert out["(DISPLAYFROM)"] == b"5 4 3 1 2"
+    assert out["senton"] == b"1" and out["from"] == b"1"
+
+
+@pytest_twisted.ensureDeferred
 async def test_uidvalidity_never_repeats_for_a_folder_name(server, db_dsn):
     """DELETE and CREATE of one name within a second gave the new folder the old
     UIDVALIDITY (the clock) with UIDs restarting at 1. Values now come from a sequence:

@@ -9,7 +9,7 @@ the message for every recipient inbox (with its thread, UID, attachments, the
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -20,6 +20,7 @@ from agentpost.core.context import RequestContext
 from agentpost.mail import imapformat
 from agentpost.mail.parse import ParsedMessage, parse_message
 from agentpost.mail.reply import extract_new_text
+from agentpost.mail.searchkeys import index_fields
 from agentpost.model.errors import NotFound, StorageFailure
 from agentpost.model.ids import new_id
 from agentpost.storage import mail as mail_store
@@ -61,6 +62,8 @@ class _State:
     require_folder: bool
     quota: int = 0  # enforced per inbox (bytes); 0: only counted
     origin: RequestContext | None = None  # who brought the message in (the audit row)
+    #: SEARCH/SORT columns (agentpost.mail.searchkeys), derived in the parsing thread.
+    index: dict[str, Any] = field(default_factory=dict)
 
 
 IMAPRendered = tuple[str | None, str | None, str | None, str | None]
@@ -82,15 +85,32 @@ def _analyse(raw: bytes) -> tuple[ParsedMessage, IMAPRendered]:
     if parsed.text_body is not None and len(parsed.text_body) <= STORE_EXTRACTED_MAX_CHARS:
         parsed.extracted_text = extract_new_text(parsed.text_body)
     try:
-        rendered = (imapformat.envelope(raw, tree), imapformat.bodystructure(raw, True, tree),
-                    imapformat.bodystructure(raw, False, tree),
-                    imapformat.section_map(raw, tree))
-        # PostgreSQL text cannot hold NUL; such (rare, broken) messages render at FETCH.
-        imap = tuple(None if "\x00" in r else r for r in rendered)  # type: ignore[assignment]
+        imap: IMAPRendered = (
+            _storable(imapformat.envelope(raw, tree)),
+            _storable(imapformat.bodystructure(raw, True, tree)),
+            _storable(imapformat.bodystructure(raw, False, tree)),
+            _storable(imapformat.section_map(raw, tree)),
+        )
     except Exception:  # rendered lazily at FETCH time instead
         log.exception("could not pre-render IMAP structures")
         imap = (None, None, None, None)
     return parsed, imap
+
+
+def _analyse_indexed(raw: bytes) -> tuple[ParsedMessage, IMAPRendered, dict[str, Any]]:
+    """:func:`_analyse`, plus the SEARCH/SORT columns (in the same thread)."""
+    parsed, imap = _analyse(raw)
+    try:
+        index = index_fields(parsed.headers, parsed.subject, parsed.sent_at)
+    except Exception:  # the columns keep their defaults; never a lost message
+        log.exception("could not derive the search and sort keys")
+        index = {}
+    return parsed, imap, index
+
+
+def _storable(rendered: str) -> str | None:
+    """PostgreSQL text cannot hold NUL; such (rare, broken) messages render at FETCH."""
+    return None if "\x00" in rendered else rendered
 
 
 def _json_safe_headers(parsed: ParsedMessage) -> list[list[str]]:
@@ -147,15 +167,16 @@ class Ingest:
         """
         raw = message.read()
         try:
-            parsed, imap = await threads.deferToThreadPool(
-                self._reactor, self._reactor.getThreadPool(), _analyse, raw)
+            parsed, imap, index = await threads.deferToThreadPool(
+                self._reactor, self._reactor.getThreadPool(), _analyse_indexed, raw)
         except OSError as exc:  # spooling a large attachment failed (disk full, ...)
             log.error("ingest: could not spool a message part: %s", exc)
             raise StorageFailure() from exc
         try:
             state = _State(flags=frozenset(flags), labels=tuple(sorted(set(labels))),
                            imap=imap, require_folder=require_folder,
-                           quota=self.inbox_quota if enforce_quota else 0, origin=origin)
+                           quota=self.inbox_quota if enforce_quota else 0, origin=origin,
+                           index=index)
             return await self._store(targets, raw, parsed, envelope_from, direction, folder,
                                      received_at, state)
         finally:
@@ -212,12 +233,12 @@ class Ingest:
         for ref in att_refs:
             await self._ensure_blob(txn, ref, blob_bodies[ref.key])
         folder = await mail_store.folder_by_name(txn, org, target.inbox_id, folder_name)
-        if folder is None and state.require_folder:
-            raise NotFound("No such folder.")
-        if folder is None:
+        if folder is None and not state.require_folder:
             await mail_store.create_system_folders(txn, org, target.environment_id,
                                                    target.inbox_id)
             folder = await mail_store.folder_by_name(txn, org, target.inbox_id, folder_name)
+        if folder is None:  # required and missing, or not a system folder
+            raise NotFound("No such folder.")
         related = ([parsed.in_reply_to] if parsed.in_reply_to else []) + parsed.references
         thread_id = await mail_store.find_thread(txn, org, target.inbox_id, parsed.message_id,
                                                  related)
@@ -261,7 +282,7 @@ class Ingest:
             "imap_bodystructure": state.imap[1], "imap_body": state.imap[2],
             "imap_sections": state.imap[3],
             "envelope_from": envelope_from, "envelope_to": [target.email],
-            "created_at": txn.now,
+            "created_at": txn.now, **state.index,
         })
         for att, ref in zip(parsed.attachments, att_refs, strict=True):
             await mail_store.insert_attachment(txn, {

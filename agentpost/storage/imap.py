@@ -163,6 +163,11 @@ async def message_ids_for_uids(txn: Txn, org_id: str, folder_id: int, uids: list
         (org_id, folder_id, uids))
 
 
+#: Columns ingest derives for SEARCH and SORT (migration 0012), copied with the message.
+_INDEX_COLUMNS = ("sent_date, from_text, to_text, cc_text, bcc_text, sort_subject, sort_from, "
+                  "sort_to, sort_cc, sort_display_from, sort_display_to")
+
+
 async def copy_message(txn: Txn, org_id: str, message_id: str, new_id: str, folder_id: int,
                        uid: int, modseq: int) -> None:
     """Duplicate a message row (and its attachment rows) into another folder."""
@@ -173,13 +178,14 @@ async def copy_message(txn: Txn, org_id: str, message_id: str, new_id: str, fold
         "received_at, headers, text_body, html_body, extracted_text, preview, size, "
         "raw_blob_key, has_attachments, labels, seen, flagged, answered, draft, deleted, "
         "envelope_from, envelope_to, created_at, imap_envelope, imap_bodystructure, imap_body, "
-        "imap_sections) "
+        "imap_sections, " + _INDEX_COLUMNS + ") "
         "SELECT org_id, %s, environment_id, inbox_id, thread_id, %s, %s, %s, direction, "
         "message_id_header, in_reply_to, reference_ids, subject, from_address, to_addresses, "
         "cc_addresses, bcc_addresses, reply_to, sent_at, received_at, headers, text_body, "
         "html_body, extracted_text, preview, size, raw_blob_key, has_attachments, labels, seen,"
         " flagged, answered, draft, deleted, envelope_from, envelope_to, %s, imap_envelope, "
-        "imap_bodystructure, imap_body, imap_sections FROM messages WHERE org_id = %s AND id = %s",
+        "imap_bodystructure, imap_body, imap_sections, " + _INDEX_COLUMNS + " "
+        "FROM messages WHERE org_id = %s AND id = %s",
         (new_id, folder_id, uid, modseq, txn.now, org_id, message_id))
     await txn.execute(
         "INSERT INTO message_refs (org_id, inbox_id, ref, message_id) "
@@ -242,8 +248,11 @@ async def changes(txn: Txn, org_id: str, folder_id: int, max_known_uid: int,
 # SEARCH -------------------------------------------------------------------------------
 
 _HEADER_COLUMNS = {"subject": "subject"}
-_ADDRESS_COLUMNS = {"from": "from_address", "to": "to_addresses", "cc": "cc_addresses",
-                    "bcc": "bcc_addresses"}
+#: The whole decoded address fields, as ingest stores them (agentpost.mail.searchkeys);
+#: NULL when the message has no such field.
+_ADDRESS_COLUMNS = {"from": "from_text", "to": "to_text", "cc": "cc_text", "bcc": "bcc_text"}
+_HAS_HEADER_SQL = ("EXISTS (SELECT 1 FROM jsonb_array_elements(headers) h "
+                   "WHERE lower(h->>0) = %s)")
 
 
 def _like(text: str) -> str:
@@ -281,9 +290,12 @@ def search_sql(key: tuple[Any, ...], params: list[Any]) -> str:
         return "(%s = ANY(labels))" if key[2] else "(NOT %s = ANY(labels))"
     if op == "header":
         name, text = key[1].lower(), key[2]
+        if text == "":  # every message that has the field matches (RFC 3501 6.4.4)
+            params.append(name)
+            return _HAS_HEADER_SQL
         if name in _ADDRESS_COLUMNS:
             params.append(_like(text))
-            return f"({_ADDRESS_COLUMNS[name]}::text ILIKE %s)"
+            return f"(coalesce({_ADDRESS_COLUMNS[name]}, '') ILIKE %s)"
         if name in _HEADER_COLUMNS:
             params.append(_like(text))
             return f"({_HEADER_COLUMNS[name]} ILIKE %s)"
@@ -297,18 +309,22 @@ def search_sql(key: tuple[Any, ...], params: list[Any]) -> str:
         params.extend([_like(key[1])] * 3)
         return ("(coalesce(text_body, '') ILIKE %s OR coalesce(html_body, '') ILIKE %s "
                 "OR headers::text ILIKE %s)")
-    if op in ("before", "on", "since", "sentbefore", "senton", "sentsince"):
-        col = "sent_at" if op.startswith("sent") else "received_at"
+    if op in ("sentbefore", "senton", "sentsince"):
+        # The Date field's own calendar date, its time and zone disregarded; a message
+        # without a (readable) Date matches none of them, and NOT of each.
+        params.append(key[1])
+        cmp = {"sentbefore": "<", "senton": "=", "sentsince": ">="}[op]
+        return f"coalesce(sent_date {cmp} %s, FALSE)"
+    if op in ("before", "on", "since"):
         start = _day(key[1])
-        kind = op.removeprefix("sent")
-        if kind == "before":
+        if op == "before":
             params.append(start)
-            return f"({col} < %s)"
-        if kind == "since":
+            return "(received_at < %s)"
+        if op == "since":
             params.append(start)
-            return f"({col} >= %s)"
+            return "(received_at >= %s)"
         params.extend([start, start + timedelta(days=1)])
-        return f"({col} >= %s AND {col} < %s)"
+        return "(received_at >= %s AND received_at < %s)"
     if op == "larger":
         params.append(int(key[1]))
         return "(size > %s)"
@@ -321,21 +337,25 @@ def search_sql(key: tuple[Any, ...], params: list[Any]) -> str:
     raise ValueError(f"unsupported search key {op!r}")
 
 
-#: SORT keys (RFC 5256) as SQL over the message row. Addresses sort by the mailbox
-#: (local part) of the first one; SUBJECT by the base subject (reply/forward prefixes
-#: and "[list]" tags stripped, case folded).
+def _casemap(column: str) -> str:
+    """i;ascii-casemap (RFC 4790): ASCII letters folded, then octet order."""
+    return (f"translate({column}, 'abcdefghijklmnopqrstuvwxyz', "
+            f"'ABCDEFGHIJKLMNOPQRSTUVWXYZ') COLLATE \"C\"")
+
+
+#: SORT keys (RFC 5256, RFC 5957) as SQL over the message row. Text keys are stored at
+#: ingest (agentpost.mail.searchkeys): the base subject, the first address's mailbox,
+#: its display name or addr-spec; all compared with i;ascii-casemap.
 SORT_KEYS = {
     "ARRIVAL": "received_at",
     "DATE": "COALESCE(sent_at, received_at)",
     "SIZE": "size",
-    "FROM": "lower(split_part(from_address->>'email', '@', 1))",
-    "TO": "lower(split_part(to_addresses->0->>'email', '@', 1))",
-    "CC": "lower(split_part(cc_addresses->0->>'email', '@', 1))",
-    "SUBJECT": ("lower(regexp_replace(subject, "
-                "'^(\\s*((re|fwd?|fw)(\\[[0-9]+\\])?:|\\[[^]]*\\]))+\\s*', '', 'i'))"),
-    "DISPLAYFROM": "lower(COALESCE(NULLIF(from_address->>'name', ''), from_address->>'email'))",
-    "DISPLAYTO": ("lower(COALESCE(NULLIF(to_addresses->0->>'name', ''), "
-                  "to_addresses->0->>'email'))"),
+    "FROM": _casemap("sort_from"),
+    "TO": _casemap("sort_to"),
+    "CC": _casemap("sort_cc"),
+    "SUBJECT": _casemap("sort_subject"),
+    "DISPLAYFROM": _casemap("sort_display_from"),
+    "DISPLAYTO": _casemap("sort_display_to"),
 }
 
 
