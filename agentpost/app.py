@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IListeningPort
 from agentpost import systemd
 from agentpost.auth.cred import build_portal
 from agentpost.auth.ratelimit import TokenBuckets
+from agentpost.auth.sessions import LiveCredentials
 from agentpost.config import Config
 from agentpost.core.api_keys import APIKeys
 from agentpost.core.audit import AuditTrail
@@ -23,12 +24,14 @@ from agentpost.core.audit_log import AuditLog
 from agentpost.core.blobrefs import BlobCollector
 from agentpost.core.environments import Environments
 from agentpost.core.filters import FilterRules
-from agentpost.core.imap_accounts import IMAPLogins
+from agentpost.core.imap_logins import IMAPLogins
 from agentpost.core.inboxes import Inboxes
 from agentpost.core.ingest import Ingest
+from agentpost.core.login_guard import LoginGuard
 from agentpost.core.members import Members
 from agentpost.core.messages import Messages
 from agentpost.core.organizations import Organizations
+from agentpost.core.reserved import ReservedNames
 from agentpost.core.routing import Router
 from agentpost.http.admin import add_admin_routes
 from agentpost.http.api import add_api_routes
@@ -40,6 +43,7 @@ from agentpost.jobs.retention import RetentionSweep
 from agentpost.listening import listen_tcp
 from agentpost.storage.blobs import BlobStore, LocalBlobStore, S3BlobStore
 from agentpost.storage.database import Database
+from agentpost.storage.keys import KEY_CHANNEL
 from agentpost.storage.mail import MAIL_CHANNEL
 from agentpost.storage.notify import Notifier
 
@@ -65,7 +69,9 @@ class Core:
     messages: Messages
     filters: FilterRules
     notifier: Notifier
+    live_credentials: LiveCredentials  # ends long-lived sessions whose key died
     imap_logins: IMAPLogins
+    login_guard: LoginGuard  # failed-login allowances of every password door
 
 
 def build_blob_store(config: Config, reactor: Any) -> BlobStore:
@@ -95,23 +101,31 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
     collector = BlobCollector(db, blobs)
     ingest = Ingest(db, blobs, reactor, config.mail.inbox_quota)
     notifier = Notifier(config.database.url, MAIL_CHANNEL, reactor=reactor, clock=clock)
+    live_credentials = LiveCredentials(
+        db, clock, Notifier(config.database.url, KEY_CHANNEL, reactor=reactor, clock=clock))
+    reserved = ReservedNames(config.mail.reserved_local_parts)
     portal = build_portal(db)
+    login_guard = LoginGuard(db, clock, audit)
     return Core(
         db=db, audit=audit,
         organizations=Organizations(db, audit),
         environments=Environments(db, audit),
-        inboxes=Inboxes(db, audit, config.mail.shared_domain, collector),
+        inboxes=Inboxes(db, audit, config.mail.shared_domain, collector, reserved),
         api_keys=APIKeys(db, audit),
         members=Members(db, audit),
         audit_log=AuditLog(db),
         retention=RetentionSweep(db, clock, config.retention),
         blobs=blobs,
         ingest=ingest,
-        router=Router(db, config.mail.inbox_quota),
+        router=Router(db, config.mail.inbox_quota, reserved=reserved,
+                      operator_inbox=config.mail.operator_inbox),
         messages=Messages(db, audit, blobs, collector, int(config.storage.presign_ttl)),
         filters=FilterRules(db, audit),
         notifier=notifier,
-        imap_logins=IMAPLogins(portal, db, blobs, ingest, collector, audit, clock, notifier),
+        live_credentials=live_credentials,
+        imap_logins=IMAPLogins(portal, db, blobs, ingest, collector, audit, clock, notifier,
+                               guard=login_guard),
+        login_guard=login_guard,
     )
 
 
@@ -165,13 +179,15 @@ class AgentPostService(service.Service):
         self.core.audit.start()
         self.core.retention.start()
         await self.core.notifier.start()
+        await self.core.live_credentials.start()
         if self.config.smtp.mx_enabled:
             self.ports["smtp_mx"] = await self._listen_mx()
         if self.config.imap.enabled:
             await self._listen_imap()
         cfg = self.config.http
         if cfg.enabled:
-            site = make_site(self.http_resource(), access_log=cfg.access_log)
+            site = make_site(self.http_resource(), access_log=cfg.access_log,
+                             max_body_bytes=cfg.max_body)
             self.ports["http"] = await listen_tcp(
                 self.reactor, site, cfg.bind, cfg.port,
                 tls_options=self.tls_options() if cfg.tls else None,
@@ -185,9 +201,11 @@ class AgentPostService(service.Service):
         if not (self.config.tls.cert and self.config.tls.key):
             return None
         if self._tls is None:
-            from agentpost.tls import ReloadableServerTLS
+            from agentpost.tls import ReloadableServerTLS, TLSPolicy
 
-            self._tls = ReloadableServerTLS(self.config.tls.cert, self.config.tls.key)
+            cfg = self.config.tls
+            self._tls = ReloadableServerTLS(cfg.cert, cfg.key,
+                                            TLSPolicy(cfg.ciphers, cfg.min_version))
         return self._tls
 
     def _handle_sighup(self) -> None:
@@ -226,7 +244,12 @@ class AgentPostService(service.Service):
             InboundDelivery(self.core.router, self.core.ingest),
             hostname=self.config.server.hostname, clock=self.reactor,
             limits=SMTPLimits(max_message_size_bytes=cfg.max_message_size,
-                              max_recipients=cfg.max_recipients, max_errors=cfg.max_errors),
+                              max_recipients=cfg.max_recipients, max_errors=cfg.max_errors,
+                              command_timeout_s=cfg.command_timeout,
+                              session_deadline_s=cfg.session_deadline,
+                              data_deadline_s=cfg.data_deadline,
+                              min_data_rate_bytes_per_s=cfg.min_data_rate,
+                              min_data_rate_grace_s=cfg.min_data_rate_grace),
             tls_options=self.tls_options(), listener="mx",
             max_connections_per_ip=cfg.max_connections_per_ip,
             max_connections=cfg.max_connections,
@@ -235,6 +258,9 @@ class AgentPostService(service.Service):
         port = await listen_tcp(self.reactor, factory, cfg.mx_bind, cfg.mx_port,
                                 reuse_port=self.reuse_port, endpoint=cfg.mx_endpoint)
         log.info("SMTP MX listening on %s:%d", cfg.mx_bind, port.getHost().port)
+        if not self.config.mail.operator_inbox:
+            log.warning("[mail] operator_inbox is not set: mail to <postmaster> is refused, "
+                        "although RFC 5321 section 4.5.1 requires accepting it")
         return port
 
     async def _listen_imap(self) -> None:
@@ -251,7 +277,8 @@ class AgentPostService(service.Service):
                 allow_plaintext_login=cfg.allow_plaintext_login,
                 max_append_bytes=cfg.max_append_size,
                 max_connections_per_ip=cfg.max_connections_per_ip,
-                max_connections=cfg.max_connections)
+                max_connections=cfg.max_connections,
+                credentials=self.core.live_credentials)
 
         # listen_tcp wraps the 993 factory in TLS; the factory's implicit_tls only tells
         # its sessions they are already encrypted.
@@ -286,6 +313,7 @@ class AgentPostService(service.Service):
             await port.stopListening()
         self.ports.clear()
         self.core.notifier.stop()
+        self.core.live_credentials.stop()
         await self.core.retention.stop()
         await self.core.audit.stop()
         await self.core.db.close()

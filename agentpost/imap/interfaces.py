@@ -125,6 +125,9 @@ class IMAPAccount(Protocol):
 
     address: str
     can_write: bool  # the key holds messages:write (flags, APPEND, COPY/MOVE, EXPUNGE)
+    # The Principal the session acts as: its key is re-checked before every command and
+    # the session ends when the key dies (agentpost.auth.sessions.LiveCredentials).
+    principal: Any
 
     async def list_folders(self) -> list[FolderInfo]: ...
 

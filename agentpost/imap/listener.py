@@ -38,6 +38,8 @@ class IMAPFactory(ConnectionCaps, Factory):
     Arguments are those of :class:`IMAP4ServerProtocol` plus:
         implicit_tls: TLS settings for a 993-style listener (None for 143-style).
         max_connections_per_ip / max_connections: concurrent session caps.
+        credentials: :class:`agentpost.auth.sessions.LiveCredentials`, shared by every
+            session: it ends sessions whose key is revoked, expires or loses power.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class IMAPFactory(ConnectionCaps, Factory):
         max_connections_per_ip: int = 50,
         max_connections: int = 5000,
         protocol_class: type[IMAP4ServerProtocol] = IMAP4ServerProtocol,
+        credentials: Any = None,
     ) -> None:
         self.backend = backend
         self.hostname = hostname
@@ -66,6 +69,7 @@ class IMAPFactory(ConnectionCaps, Factory):
         self.autologout_s = autologout_s
         self.login_timeout_s = login_timeout_s
         self.protocol_class = protocol_class
+        self.credentials = credentials
         self.init_caps(max_connections_per_ip, max_connections)
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
@@ -83,6 +87,7 @@ class IMAPFactory(ConnectionCaps, Factory):
                 autologout_s=self.autologout_s,
                 login_timeout_s=self.login_timeout_s,
                 on_close=on_close,
+                credentials=self.credentials,
             )
 
         return self.admitted(addr, session)

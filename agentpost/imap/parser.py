@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = [
     "SeqSet",
     "decode_mailbox",
     "encode_mailbox",
+    "merge_ranges",
     "parse_command",
     "parse_fetch_items",
     "parse_flags",
@@ -59,7 +61,21 @@ class Literal(bytes):
 
 Token = Any  # Atom | QuotedString | Literal | list[Token]
 
-_ATOM_STOP = b" ()\r\n\"{"
+#: Parentheses may nest this deep in any command (SEARCH, FETCH, APPEND flags, LIST
+#: options...): deeper input is refused here, before anything walks the token tree.
+MAX_NESTING_DEPTH = 64
+#: Tokens (atoms, strings, literals, lists) in one command: no command needs more, and
+#: each costs the reactor some microseconds.
+MAX_TOKENS = 10_000
+
+# Why regex runs: a command may be a megabyte, and a per-byte Python loop held the
+# reactor for seconds. Each pattern is one possessive character class: linear, no
+# backtracking whatever the input.
+_SPACES = re.compile(rb" *+")
+_ATOM_RUN = re.compile(rb'[^ ()\r\n"{\[]*+')  # "]" outside brackets is an atom character
+_BRACKETED_RUN = re.compile(rb"[^\[\]\r\n]*+")
+_QUOTED_RUN = re.compile(rb'[^"\\\r\n]*+')
+_LITERAL_AT = re.compile(rb"\{(\d{1,19})\+?\}\r\n")
 
 
 def tokenize(data: bytes) -> list[Token]:
@@ -67,44 +83,34 @@ def tokenize(data: bytes) -> list[Token]:
     stack: list[list[Token]] = [[]]
     pos = 0
     n = len(data)
+    tokens = 0
     while pos < n:
-        ch = data[pos:pos + 1]
-        if ch == b" ":
-            pos += 1
-        elif ch in (b"\r", b"\n"):
+        c = data[pos]
+        if c != 0x20:
+            tokens += 1
+            if tokens > MAX_TOKENS:
+                raise ParseError(f"Too many arguments (at most {MAX_TOKENS})")
+        if c == 0x20:  # space
+            pos = _SPACES.match(data, pos).end()  # type: ignore[union-attr]
+        elif c in (0x0D, 0x0A):
             raise ParseError("Unexpected line break")
-        elif ch == b"(":
+        elif c == 0x28:  # (
+            if len(stack) > MAX_NESTING_DEPTH:
+                raise ParseError(
+                    f"Parentheses nested too deeply (at most {MAX_NESTING_DEPTH} levels)")
             stack.append([])
             pos += 1
-        elif ch == b")":
+        elif c == 0x29:  # )
             if len(stack) == 1:
                 raise ParseError("Unbalanced parenthesis")
             inner = stack.pop()
             stack[-1].append(inner)
             pos += 1
-        elif ch == b'"':
-            pos += 1
-            out = bytearray()
-            while True:
-                if pos >= n:
-                    raise ParseError("Unterminated quoted string")
-                c = data[pos]
-                if c == 0x5C:  # backslash
-                    if pos + 1 >= n or data[pos + 1] not in (0x5C, 0x22):
-                        raise ParseError("Bad escape in quoted string")
-                    out.append(data[pos + 1])
-                    pos += 2
-                elif c == 0x22:
-                    pos += 1
-                    break
-                elif c in (0x0D, 0x0A):
-                    raise ParseError("Line break in quoted string")
-                else:
-                    out.append(c)
-                    pos += 1
-            stack[-1].append(QuotedString(out.decode("utf-8", "replace")))
-        elif ch == b"{":
-            m = re.compile(rb"\{(\d{1,19})\+?\}\r\n").match(data, pos)
+        elif c == 0x22:  # "
+            quoted, pos = _quoted(data, pos)
+            stack[-1].append(quoted)
+        elif c == 0x7B:  # {
+            m = _LITERAL_AT.match(data, pos)
             if m is None:
                 raise ParseError("Bad literal")
             size = int(m.group(1))
@@ -114,25 +120,51 @@ def tokenize(data: bytes) -> list[Token]:
             stack[-1].append(Literal(data[start:start + size]))
             pos = start + size
         else:
-            start = pos
-            depth = 0
-            while pos < n:
-                c = data[pos:pos + 1]
-                if c == b"[":
-                    depth += 1
-                elif c == b"]":
-                    depth = max(0, depth - 1)
-                elif depth == 0 and c in _ATOM_STOP:
-                    break
-                elif c in (b"\r", b"\n"):
-                    break
-                pos += 1
-            if depth:
-                raise ParseError("Unterminated [")
-            stack[-1].append(Atom(data[start:pos].decode("utf-8", "replace")))
+            atom, pos = _atom(data, pos)
+            stack[-1].append(atom)
     if len(stack) != 1:
         raise ParseError("Unbalanced parenthesis")
     return stack[0]
+
+
+def _quoted(data: bytes, pos: int) -> tuple[QuotedString, int]:
+    """The quoted string opening at ``pos``, and the position after its closing quote."""
+    out = bytearray()
+    pos += 1
+    while True:
+        end = _QUOTED_RUN.match(data, pos).end()  # type: ignore[union-attr]
+        out += data[pos:end]
+        pos = end
+        if pos >= len(data):
+            raise ParseError("Unterminated quoted string")
+        c = data[pos]
+        if c == 0x22:
+            return QuotedString(out.decode("utf-8", "replace")), pos + 1
+        if c in (0x0D, 0x0A):
+            raise ParseError("Line break in quoted string")
+        if pos + 1 >= len(data) or data[pos + 1] not in (0x5C, 0x22):  # a backslash
+            raise ParseError("Bad escape in quoted string")
+        out.append(data[pos + 1])
+        pos += 2
+
+
+def _atom(data: bytes, pos: int) -> tuple[Atom, int]:
+    """The atom starting at ``pos``, and the position after it. Inside brackets spaces
+    and parentheses belong to the atom: ``BODY[HEADER.FIELDS (A B)]<0.10>``."""
+    start = pos
+    while True:
+        pos = _ATOM_RUN.match(data, pos).end()  # type: ignore[union-attr]
+        if pos >= len(data) or data[pos] != 0x5B:  # [
+            return Atom(data[start:pos].decode("utf-8", "replace")), pos
+        depth = 0
+        while True:
+            if pos >= len(data) or data[pos] not in (0x5B, 0x5D):
+                raise ParseError("Unterminated [")  # a line break or the end inside [...]
+            depth += 1 if data[pos] == 0x5B else -1
+            pos += 1
+            if depth == 0:
+                break
+            pos = _BRACKETED_RUN.match(data, pos).end()  # type: ignore[union-attr]
 
 
 @dataclass
@@ -258,7 +290,8 @@ def mailbox(token: Token) -> str:
 
 SeqSet = list[tuple[int | None, int | None]]  # (low, high), None meaning "*"
 
-_SEQ_RE = re.compile(r"^(\d+|\*)(?::(\d+|\*))?$")
+# At most 20 digits: int() of a longer run is slow, or refused beyond 4300 digits.
+_SEQ_RE = re.compile(r"^(\d{1,20}|\*)(?::(\d{1,20}|\*))?$")
 
 
 def parse_seqset(token: Token) -> SeqSet:
@@ -288,6 +321,20 @@ def resolve_seqset(seqset: SeqSet, largest: int) -> list[tuple[int, int]]:
         if a > b:
             a, b = b, a
         out.append((a, b))
+    return out
+
+
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint, non-adjacent ranges covering the same numbers. Why: a client's
+    ``1:*,1:*,...`` (tens of thousands of times on one line) must cost one pass over
+    the mailbox, not one pass per repetition."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            if hi > out[-1][1]:
+                out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
     return out
 
 
@@ -364,7 +411,8 @@ _MACROS = {
     "FAST": ["FLAGS", "INTERNALDATE", "RFC822.SIZE"],
     "FULL": ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY"],
 }
-_BODY_RE = re.compile(r"^(BODY|BODY\.PEEK)\[(.*)\](?:<(\d+)\.(\d+)>)?$", re.IGNORECASE | re.DOTALL)
+_BODY_RE = re.compile(r"^(BODY|BODY\.PEEK)\[(.*)\](?:<(\d{1,20})\.(\d{1,20})>)?$",
+                      re.IGNORECASE | re.DOTALL)
 
 
 def _fetch_item(token: Token) -> FetchItem:
@@ -388,6 +436,11 @@ def _fetch_item(token: Token) -> FetchItem:
     return FetchItem("BODY[]", spec, peek=m.group(1).upper() == "BODY.PEEK")
 
 
+#: Attributes of one FETCH. Each body section costs a pass over the message on the
+#: reactor; clients ask for a handful.
+MAX_FETCH_ITEMS = 100
+
+
 def parse_fetch_items(token: Token) -> list[FetchItem]:
     """A FETCH attribute, a parenthesised list of them, or a macro."""
     if isinstance(token, Atom) and token.upper() in _MACROS:
@@ -395,6 +448,8 @@ def parse_fetch_items(token: Token) -> list[FetchItem]:
     tokens = token if isinstance(token, list) else [token]
     if not tokens:
         raise ParseError("Empty FETCH attribute list")
+    if len(tokens) > MAX_FETCH_ITEMS:
+        raise ParseError(f"Too many FETCH attributes (at most {MAX_FETCH_ITEMS})")
     return [_fetch_item(t) for t in tokens]
 
 
@@ -413,6 +468,29 @@ _DATE_KEYS = {"BEFORE": "before", "ON": "on", "SINCE": "since", "SENTBEFORE": "s
               "SENTON": "senton", "SENTSINCE": "sentsince"}
 
 
+#: Search keys in one SEARCH or SORT (OR and NOT count as keys).
+MAX_SEARCH_KEYS = 1000
+#: Levels of parentheses, NOT and OR inside each other in one SEARCH or SORT. The key
+#: tree is walked recursively here, by the server and by the SQL translation.
+MAX_SEARCH_DEPTH = 64
+
+
+class _SearchBudget:
+    """Counts the keys of one SEARCH as they are parsed, refusing too many or too deep
+    before the recursion can get anywhere near Python's limit."""
+
+    def __init__(self) -> None:
+        self.keys = 0
+
+    def take(self, depth: int) -> None:
+        self.keys += 1
+        if self.keys > MAX_SEARCH_KEYS:
+            raise ParseError(f"Too many search keys (at most {MAX_SEARCH_KEYS})")
+        if depth > MAX_SEARCH_DEPTH:
+            raise ParseError(
+                f"Search keys nested too deeply (at most {MAX_SEARCH_DEPTH} levels)")
+
+
 def parse_search(args: list[Token]) -> tuple[str | None, tuple[Any, ...]]:
     """(charset, key tree). Sequence sets become ``("seq", SeqSet)``, UID sets
     ``("uidset", SeqSet)``, RECENT ``("recent",)``: the server resolves those."""
@@ -426,14 +504,17 @@ def parse_search(args: list[Token]) -> tuple[str | None, tuple[Any, ...]]:
     if not args:
         raise ParseError("Missing search criteria")
     keys: list[tuple[Any, ...]] = []
+    budget = _SearchBudget()
     pos = 0
     while pos < len(args):
-        key, pos = _search_key(args, pos)
+        key, pos = _search_key(args, pos, budget, 1)
         keys.append(key)
     return charset, keys[0] if len(keys) == 1 else ("and", keys)
 
 
-def _search_key(args: list[Token], pos: int) -> tuple[tuple[Any, ...], int]:
+def _search_key(args: list[Token], pos: int, budget: _SearchBudget,
+                depth: int) -> tuple[tuple[Any, ...], int]:
+    budget.take(depth)
     tok = args[pos]
 
     def arg(i: int = 1) -> Token:
@@ -447,7 +528,7 @@ def _search_key(args: list[Token], pos: int) -> tuple[tuple[Any, ...], int]:
         inner: list[tuple[Any, ...]] = []
         i = 0
         while i < len(tok):
-            key, i = _search_key(tok, i)
+            key, i = _search_key(tok, i, budget, depth + 1)
             inner.append(key)
         return (inner[0] if len(inner) == 1 else ("and", inner)), pos + 1
     if not isinstance(tok, Atom):
@@ -473,17 +554,17 @@ def _search_key(args: list[Token], pos: int) -> tuple[tuple[Any, ...], int]:
     if name in ("LARGER", "SMALLER"):
         return (name.lower(), number(arg(), name)), pos + 2
     if name == "NOT":
-        key, nxt = _search_key(args, pos + 1) if pos + 1 < len(args) else (None, 0)
-        if key is None:
+        if pos + 1 >= len(args):
             raise ParseError("NOT needs a search key")
+        key, nxt = _search_key(args, pos + 1, budget, depth + 1)
         return ("not", key), nxt
     if name == "OR":
         if pos + 1 >= len(args):
             raise ParseError("OR needs two search keys")
-        k1, nxt = _search_key(args, pos + 1)
+        k1, nxt = _search_key(args, pos + 1, budget, depth + 1)
         if nxt >= len(args):
             raise ParseError("OR needs two search keys")
-        k2, nxt = _search_key(args, nxt)
+        k2, nxt = _search_key(args, nxt, budget, depth + 1)
         return ("or", k1, k2), nxt
     if name == "UID":
         return ("uidset", parse_seqset(arg())), pos + 2

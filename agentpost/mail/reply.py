@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import re
 
+# "schrieb"/"schreef" are found by a lookahead, which never backtracks into itself:
+# as ``.+schrieb.*:`` the engine tried every occurrence against every colon after it,
+# and a one-line body of "Am schriebschrieb..." from a stranger took minutes.
 _ATTRIBUTION = re.compile(
-    r"^\s*(On\s.+wrote:|Le\s.+a écrit\s?:|Am\s.+schrieb.*:|El\s.+escribió:|"
-    r"Il giorno\s.+ha scritto:|Op\s.+schreef.*:)\s*$",
+    r"^\s*(On\s.+wrote:|Le\s.+a écrit\s?:|Am\s(?=.+schrieb).*:|El\s.+escribió:|"
+    r"Il giorno\s.+ha scritto:|Op\s(?=.+schreef).*:)\s*$",
     re.IGNORECASE,
 )
 _SEPARATOR = re.compile(r"^\s*(-{2,}\s*Original Message\s*-{2,}|_{10,}|From:\s.+)\s*$",
