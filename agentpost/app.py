@@ -40,7 +40,7 @@ from agentpost.http.framework import RouteTable
 from agentpost.http.mail import add_mail_routes
 from agentpost.http.site import make_site
 from agentpost.jobs.retention import RetentionSweep
-from agentpost.listening import listen_tcp
+from agentpost.listening import listen_tcp, port_number
 from agentpost.storage.blobs import BlobStore, LocalBlobStore, S3BlobStore
 from agentpost.storage.database import Database
 from agentpost.storage.keys import KEY_CHANNEL
@@ -192,9 +192,9 @@ class AgentPostService(service.Service):
                 self.reactor, site, cfg.bind, cfg.port,
                 tls_options=self.tls_options() if cfg.tls else None,
                 reuse_port=self.reuse_port, endpoint=cfg.endpoint)
-            log.info("HTTP API listening on %s:%d", cfg.bind, self.ports["http"].getHost().port)
+            log.info("HTTP API listening on %s:%d", cfg.bind, port_number(self.ports["http"]))
         systemd.ready("serving: " + ", ".join(
-            f"{name} on port {port.getHost().port}" for name, port in self.ports.items()))
+            f"{name} on port {port_number(port)}" for name, port in self.ports.items()))
 
     def tls_options(self) -> Any:
         """Server TLS settings shared by every listener (reloaded on SIGHUP), or None."""
@@ -257,7 +257,7 @@ class AgentPostService(service.Service):
         self.smtp_factories["mx"] = factory
         port = await listen_tcp(self.reactor, factory, cfg.mx_bind, cfg.mx_port,
                                 reuse_port=self.reuse_port, endpoint=cfg.mx_endpoint)
-        log.info("SMTP MX listening on %s:%d", cfg.mx_bind, port.getHost().port)
+        log.info("SMTP MX listening on %s:%d", cfg.mx_bind, port_number(port))
         if not self.config.mail.operator_inbox:
             log.warning("[mail] operator_inbox is not set: mail to <postmaster> is refused, "
                         "although RFC 5321 section 4.5.1 requires accepting it")
@@ -289,8 +289,8 @@ class AgentPostService(service.Service):
                                                    cfg.tls_port, tls_options=tls,
                                                    reuse_port=self.reuse_port)
         log.info("IMAP listening on %s:%d (STARTTLS) and %s", cfg.bind,
-                 self.ports["imap"].getHost().port,
-                 f"{self.ports['imaps'].getHost().port} (TLS)" if "imaps" in self.ports
+                 port_number(self.ports["imap"]),
+                 f"{port_number(self.ports['imaps'])} (TLS)" if "imaps" in self.ports
                  else "no implicit-TLS port (no [tls] configured)")
 
     def _fatal(self, failure: Any) -> None:
@@ -310,7 +310,9 @@ class AgentPostService(service.Service):
 
     async def _stop(self) -> None:
         for port in self.ports.values():
-            await port.stopListening()
+            stopped = port.stopListening()
+            if stopped is not None:
+                await stopped
         self.ports.clear()
         self.core.notifier.stop()
         self.core.live_credentials.stop()

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import endpoints
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.protocol import Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -48,6 +49,14 @@ async def listen_tcp(reactor: Any, factory: IProtocolFactory, bind: str, port: i
         return reactor.adoptStreamPort(sock.fileno(), family, serving)
     finally:
         sock.close()  # the reactor holds its own duplicate of the descriptor
+
+
+def port_number(port: IListeningPort) -> int:
+    """The TCP port a listener is bound to (0 for a socket that has none)."""
+    host = port.getHost()
+    if isinstance(host, IPv4Address | IPv6Address):
+        return host.port
+    return 0
 
 
 def no_delay(transport: Any) -> None:

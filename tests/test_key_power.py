@@ -387,3 +387,45 @@ async def test_imap_login_follows_the_holders_current_roles(server):
     assert await login() == "OK"
     await server.api.delete(path, key=bob_key)
     assert await login() == "NO"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_holders_role_change_notifies_every_process_about_their_keys(server, db_dsn):
+    """Demotions reach open sessions at once: an ownership transfer NOTIFYs the key
+    channel for each live key of the old owner (at COMMIT), so every process's
+    LiveCredentials re-reads them instead of waiting for its periodic check."""
+    import select
+
+    import psycopg2
+
+    from agentpost.storage.keys import KEY_CHANNEL
+
+    org = await _org_with_owner(server)
+    spare = await server.api.post("/api/v1/api-keys", {"role": "owner"}, key=org.owner_key)
+    assert spare.status == 201
+    bob = await _add(server, org.owner_key, "bob@power.test", role="admin")
+    listener = psycopg2.connect(db_dsn)
+    listener.autocommit = True
+    try:
+        with listener.cursor() as cur:
+            cur.execute(f"LISTEN {KEY_CHANNEL}")
+            cur.execute("SELECT id FROM api_keys WHERE org_id = %s AND user_id = %s "
+                        "AND revoked_at IS NULL", (org.id, org.owner_id))
+            alices_keys = {row[0] for row in cur.fetchall()}
+        assert len(alices_keys) == 2
+        await _hand_over(server, org, bob)
+
+        def heard() -> set[str]:
+            ids: set[str] = set()
+            for _ in range(50):  # a bounded wait: the notices are sent at COMMIT
+                if select.select([listener], [], [], 0.2)[0]:
+                    listener.poll()
+                    ids.update(n.payload for n in listener.notifies)
+                    listener.notifies.clear()
+                if alices_keys <= ids:
+                    break
+            return ids
+
+        assert alices_keys <= await deferToThread(heard)
+    finally:
+        listener.close()

@@ -28,6 +28,7 @@ class _RefusingProtocol(Protocol):
         self.text = text
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.transport.write(b"* BYE [UNAVAILABLE] " + self.text.encode() + b"\r\n")
         self.transport.loseConnection()
 
@@ -72,7 +73,7 @@ class IMAPFactory(ConnectionCaps, Factory):
         self.credentials = credentials
         self.init_caps(max_connections_per_ip, max_connections)
 
-    def buildProtocol(self, addr: IAddress) -> Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
         """A session, or a BYE refusal when a connection cap is reached."""
 
         def session(on_close: Callable[[], None]) -> Protocol:

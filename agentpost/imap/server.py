@@ -41,7 +41,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer, IReactorTime
@@ -83,6 +83,7 @@ from agentpost.imap.patterns import PatternSet, PatternTooLong
 from agentpost.listening import no_delay
 from agentpost.mail import imapformat
 from agentpost.model import errors
+from agentpost.transport import SessionTransport
 
 log = logging.getLogger(__name__)
 
@@ -337,14 +338,20 @@ class IMAP4ServerProtocol(Protocol):
         # another address still sees LOGINDISABLED, whatever the listener is bound to.
         return self.tls_active or (self.allow_plaintext_login and self._peer_is_loopback)
 
+    @property
+    def _link(self) -> SessionTransport:
+        """The connection; only used between connectionMade and connectionLost."""
+        assert self.transport is not None
+        return cast(SessionTransport, self.transport)
+
     # ------------------------------------------------------------------ Twisted hooks
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
-        peer = self.transport.getPeer()
+        peer = self._link.getPeer()
         self.peer = str(getattr(peer, "host", "") or "")
         self._peer_is_loopback = _is_loopback(self.peer)
-        self.transport.registerProducer(self, True)
+        self._link.registerProducer(self, True)
         self._send(f"* OK [CAPABILITY {' '.join(self.capabilities())}] "
                    f"{self.hostname} AgentPost IMAP4rev1 ready")
         self._arm_timer()
@@ -418,7 +425,7 @@ class IMAP4ServerProtocol(Protocol):
         if self._deflate is not None:
             # A sync flush per write: every response reaches the client whole, at once.
             data = self._deflate.compress(data) + self._deflate.flush(zlib.Z_SYNC_FLUSH)
-        self.transport.write(data)
+        self._link.write(data)
 
     def _send(self, line: str) -> None:
         self._write(line.encode("utf-8") + b"\r\n")
@@ -439,8 +446,8 @@ class IMAP4ServerProtocol(Protocol):
         self._buffer.clear()
         self._stop_watching()
         self._release_credential()
-        self.transport.unregisterProducer()
-        self.transport.loseConnection()
+        self._link.unregisterProducer()
+        self._link.loseConnection()
         # loseConnection waits for the peer: for its TLS close_notify, or for it to read
         # what is buffered. A peer that never does would keep the connection forever.
         self._abort_timer = self.clock.callLater(CLOSE_GRACE_S, self._abort)
@@ -448,7 +455,7 @@ class IMAP4ServerProtocol(Protocol):
     def _abort(self) -> None:
         self._abort_timer = None
         log.info("imap %s: close not completed; aborting the connection", self.session_id)
-        self.transport.abortConnection()  # type: ignore[union-attr]
+        self._link.abortConnection()
 
     def _release_credential(self) -> None:
         if self._credential is not None:
@@ -582,10 +589,10 @@ class IMAP4ServerProtocol(Protocol):
         queued = len(self._buffer) + len(self._inflate_tail)
         if not self._paused and stalled and queued > MAX_BUFFERED_INPUT:
             self._paused = True
-            self.transport.pauseProducing()
+            self._link.pauseProducing()
         elif self._paused and (not stalled or queued <= MAX_BUFFERED_INPUT // 2):
             self._paused = False
-            self.transport.resumeProducing()
+            self._link.resumeProducing()
 
     def _line(self, line: bytes) -> None:
         """One line of a command: either a literal marker follows or the command is whole."""
@@ -859,7 +866,7 @@ class IMAP4ServerProtocol(Protocol):
         self._literal_left = self._discard_left = 0
         self._discarding_line = False
         self.tls_active = True
-        self.transport.startTLS(self.tls_options)
+        self._link.startTLS(self.tls_options)
         raise _Answered()
 
     async def _cmd_login(self, command: Command) -> str:

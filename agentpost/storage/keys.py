@@ -102,6 +102,20 @@ async def revoke_api_key(txn: Txn, org_id: str, key_id: str) -> bool:
     ) == 1
 
 
+async def notify_keys_held_by(txn: Txn, org_id: str, user_ids: list[str]) -> None:
+    """NOTIFY :data:`KEY_CHANNEL` for every live key these people hold, at COMMIT.
+
+    A key's power follows its holder's role, so a demotion or a narrower environment
+    assignment changes what open sessions on those keys may do; the notice makes every
+    process re-read the keys now instead of at its next periodic check.
+    """
+    await txn.execute(
+        "SELECT pg_notify(%s, id) FROM api_keys "
+        "WHERE org_id = %s AND user_id = ANY(%s) AND revoked_at IS NULL",
+        (KEY_CHANNEL, org_id, user_ids),
+    )
+
+
 async def live_keys_held_by(txn: Txn, org_id: str, user_id: str) -> list[str]:
     """Ids of the unrevoked keys a person holds (to revoke when they leave)."""
     rows = await txn.fetchall(

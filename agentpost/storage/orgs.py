@@ -8,6 +8,7 @@ import psycopg2.errors
 
 from agentpost.model.errors import Conflict
 from agentpost.storage.database import Txn
+from agentpost.storage.keys import notify_keys_held_by
 
 _ENV_COLS = "id, org_id, name, slug, is_default, created_at, updated_at"
 _ORG_COLS = "id, name, tier, created_at, updated_at"
@@ -172,6 +173,7 @@ async def set_member_role(txn: Txn, org_id: str, user_id: str, role: str) -> Non
         )
     except psycopg2.errors.UniqueViolation:
         raise Conflict("The organization already has an owner.") from None
+    await notify_keys_held_by(txn, org_id, [user_id])
 
 
 async def get_owner_id(txn: Txn, org_id: str, *, for_update: bool = False) -> str | None:
@@ -186,9 +188,10 @@ async def get_owner_id(txn: Txn, org_id: str, *, for_update: bool = False) -> st
 
 async def demote_owner(txn: Txn, org_id: str) -> None:
     """The current owner becomes an admin (the first half of an ownership transfer)."""
-    await txn.execute(
-        "UPDATE org_memberships SET role = 'admin' WHERE org_id = %s AND role = 'owner'",
-        (org_id,))
+    rows = await txn.fetchall(
+        "UPDATE org_memberships SET role = 'admin' WHERE org_id = %s AND role = 'owner' "
+        "RETURNING user_id", (org_id,))
+    await notify_keys_held_by(txn, org_id, [row["user_id"] for row in rows])
 
 
 async def set_member_environments(txn: Txn, org_id: str, user_id: str,
@@ -207,6 +210,7 @@ async def set_member_environments(txn: Txn, org_id: str, user_id: str,
             "VALUES (%s, %s, %s, %s, %s)",
             (org_id, env_id, user_id, role, txn.now),
         )
+    await notify_keys_held_by(txn, org_id, [user_id])
 
 
 async def delete_member(txn: Txn, org_id: str, user_id: str) -> bool:
