@@ -909,6 +909,21 @@ def test_logout_and_unselect(store):
     assert s.transport.disconnecting
 
 
+def test_nothing_but_the_tagged_ok_follows_bye(store):
+    """Changes pending for a selected session (another session's EXPUNGE, a new message,
+    a flag change) are not reported after LOGOUT's BYE: RFC 3501 §7.1.5 allows only the
+    tagged completion there (issue 10, item 2)."""
+    backend = FakeBackend(store)
+    a = Session(backend).selected()
+    b = Session(backend, clock=a.clock).selected()
+    a.cmd("t STORE 3 +FLAGS.SILENT (\\Deleted)")
+    a.cmd("e EXPUNGE")
+    store.deliver("INBOX", _plain(9))
+    a.cmd("t STORE 1 +FLAGS.SILENT (\\Answered)")
+    assert b.cmd("o LOGOUT") == ["* BYE Logging out", "o OK LOGOUT completed"]
+    assert b.transport.disconnecting
+
+
 def test_factory_connection_caps():
     from twisted.internet.address import IPv4Address
     factory = IMAPFactory(FakeBackend(), hostname="imap.test", clock=Clock(),

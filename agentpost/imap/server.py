@@ -315,6 +315,7 @@ class IMAP4ServerProtocol(Protocol):
         self.condstore = False
         self.qresync = False  # RFC 7162: VANISHED instead of EXPUNGE, SELECT (QRESYNC ...)
         self._closed = False
+        self._bye_sent = False  # LOGOUT's BYE is out: no more untagged responses
 
     # ------------------------------------------------------------------ capabilities
 
@@ -775,8 +776,8 @@ class IMAP4ServerProtocol(Protocol):
             elif name in self.SELECTED:
                 self._require(State.SELECTED)
             result = await handler(command)
-            if self.state is State.SELECTED and name not in ("SELECT", "EXAMINE") and \
-                    (self._dirty or name in ("NOOP", "CHECK")):
+            if self.state is State.SELECTED and name not in ("SELECT", "EXAMINE", "LOGOUT") \
+                    and (self._dirty or name in ("NOOP", "CHECK")):
                 await self._report_changes(
                     expunge=command.uid or name not in self.NO_EXPUNGE)
             response = f"OK {result}" if result else f"OK {name} completed"
@@ -844,6 +845,7 @@ class IMAP4ServerProtocol(Protocol):
         return None
 
     async def _cmd_logout(self, command: Command) -> None:
+        self._bye_sent = True
         self._send("* BYE Logging out")
 
     async def _cmd_id(self, command: Command) -> None:
@@ -1352,8 +1354,8 @@ class IMAP4ServerProtocol(Protocol):
 
     async def _report_changes(self, expunge: bool) -> None:
         """Poll the account and send EXPUNGE/EXISTS/RECENT/FETCH for what changed."""
-        if self.snapshot is None or self.account is None:
-            return
+        if self.snapshot is None or self.account is None or self._bye_sent:
+            return  # after BYE only the tagged completion may follow (RFC 3501 §7.1.5)
         self._dirty = False
         changes: Changes = await self.account.changes(self.snapshot.folder_id, list(self._uids),
                                                       self._highestmodseq)
