@@ -244,8 +244,8 @@ def _reference_tokenize(data: bytes) -> list:
             start, depth = pos, 0
             while pos < n:
                 c = data[pos:pos + 1]
-                if c == b"[":
-                    depth += 1
+                if c == b"[" and (depth or data[start:pos].upper() in parser._SECTION_ATOMS):
+                    depth += 1  # only a fetch attribute opens a section (issue 10 item 8)
                 elif c == b"]":
                     depth = max(0, depth - 1)
                 elif depth == 0 and c in b" ()\r\n\"{":
@@ -273,6 +273,7 @@ def _outcome(tokenizer, data: bytes):
 
 
 _pieces = st.sampled_from([b" ", b"(", b")", b"[", b"]", b'"', b"\\", b"{", b"}", b"1",
+                           b"BODY", b"body.peek", b"BINARY.SIZE",
                            b"+", b"\r\n", b"\r", b"a", b"B", b"\xc3\xa9", b"<", b".", b"*"])
 
 
@@ -283,9 +284,55 @@ def test_tokenizer_agrees_with_the_byte_by_byte_original(data):
 
 
 def test_tokenizer_examples():
-    assert tokenize(b'A B[HEADER.FIELDS (X Y)]<0.5> "q\\"s" {2}\r\nab (c (d))') == [
-        "A", "B[HEADER.FIELDS (X Y)]<0.5>", 'q"s', b"ab", ["c", ["d"]]]
+    assert tokenize(b'A BODY[HEADER.FIELDS (X Y)]<0.5> "q\\"s" {2}\r\nab (c (d))') == [
+        "A", "BODY[HEADER.FIELDS (X Y)]<0.5>", 'q"s', b"ab", ["c", ["d"]]]
     assert tokenize(b"(" * MAX_NESTING_DEPTH + b")" * MAX_NESTING_DEPTH)
     with pytest.raises(ParseError, match="nested too deeply"):
         tokenize(b"(" * (MAX_NESTING_DEPTH + 1) + b")" * (MAX_NESTING_DEPTH + 1))
     assert parser.MAX_TOKENS == MAX_TOKENS
+
+
+# --------------------------------------------------------- issue 10 item 8: astrings, ranges
+
+ATOM_CHARS = "!#$&'+,-.0123456789:;<=>?@^_`|[}"
+
+
+def test_mailbox_astring_with_every_atom_special_is_no_not_bad(store):  # noqa: F811
+    """ASTRING-CHAR is ATOM-CHAR or "]"; "[" is an ATOM-CHAR too: outside a fetch
+    attribute's section it opens nothing, so the name parses and simply does not exist
+    (its "&'+,-" is not valid modified UTF-7 either: NO, as Dovecot answers)."""
+    assert tokenize(f"SELECT {ATOM_CHARS}".encode()) == [Atom("SELECT"), Atom(ATOM_CHARS)]
+    assert tokenize(b"a[b c]d") == [Atom("a[b"), Atom("c]d")]
+    assert tokenize(b"x BODY[HEADER.FIELDS (A B)]<0.10> y") == [
+        Atom("x"), Atom("BODY[HEADER.FIELDS (A B)]<0.10>"), Atom("y")]
+    with pytest.raises(ParseError, match="Unterminated"):
+        tokenize(b"FETCH 1 BODY.PEEK[HEADER")
+    s = Session(FakeBackend(store)).login()
+    assert s.cmd(f"s SELECT {ATOM_CHARS}")[-1].startswith("s NO ")
+    assert s.cmd("s SELECT a[b]c]")[-1].startswith("s NO [NONEXISTENT]")
+    assert s.cmd("s SELECT a[b")[-1].startswith("s NO [NONEXISTENT]")
+    assert s.cmd("s SELECT INBOX")[-1].startswith("s OK")
+
+
+def test_plain_brackets_in_atoms_stay_linear():
+    """A "[" no longer scans to the end of the line (which, once per atom, was
+    quadratic): 10,000 atoms of "[[[[" tokenize at once."""
+    atoms = tokenize(b" ".join([b"a[[[["] * 10_000))
+    assert len(atoms) == 10_000 and atoms[0] == "a[[[["
+    assert tokenize(b"[" * 1_000_000)[0] == "[" * 1_000_000
+
+
+def test_search_sequence_number_beyond_the_mailbox_matches_nothing(store):  # noqa: F811
+    """SEARCH 1000 on a 3-message mailbox is OK and empty (RFC 9051: a search key, not a
+    message reference); FETCH 1000 stays BAD, as Dovecot answers."""
+    s = _selected(store)
+    assert s.cmd("x SEARCH RETURN () 1000") == ['* ESEARCH (TAG "x")', "x OK SEARCH completed"]
+    assert s.cmd("x SEARCH 1000") == ["* SEARCH", "x OK SEARCH completed"]
+    assert s.cmd("x SEARCH 2:1000") == ["* SEARCH 2 3", "x OK SEARCH completed"]
+    assert s.cmd("x SEARCH 1000:2") == ["* SEARCH 2 3", "x OK SEARCH completed"]
+    assert s.cmd("x SEARCH OR 1000 1 NOT 1000") == ["* SEARCH 1", "x OK SEARCH completed"]
+    assert s.cmd("x SEARCH RETURN (COUNT) 999,1000") == [
+        '* ESEARCH (TAG "x") COUNT 0', "x OK SEARCH completed"]
+    assert s.cmd("f FETCH 1000 FLAGS")[-1].startswith("f BAD")
+    assert s.cmd("f FETCH 2:1000 FLAGS")[-1].startswith("f BAD")
+    assert s.cmd("t STORE 1000 +FLAGS (x)")[-1].startswith("t BAD")

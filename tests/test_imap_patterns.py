@@ -138,3 +138,82 @@ def test_recursivematch_lists_parents_of_subscribed_children(store):  # noqa: F8
     assert '* LIST (\\HasChildren) "/" "A/B" ("CHILDINFO" ("SUBSCRIBED"))' in got
     assert '* LIST (\\HasNoChildren \\Subscribed) "/" "A/B/C"' in got
     assert not any('"AB"' in line for line in got)
+
+
+# Issue 10 item 7: LIST-EXTENDED (RFC 5258) and LSUB (RFC 3501 §6.3.9) conformance.
+
+
+def test_recursivematch_with_only_remote_is_bad(store):  # noqa: F811
+    """RFC 5258 §3: RECURSIVEMATCH alone, or with only REMOTE, is BAD."""
+    s = Session(FakeBackend(store)).login()
+    assert s.cmd('l LIST (RECURSIVEMATCH) "" "*"')[-1].startswith("l BAD")
+    assert s.cmd('l LIST (RECURSIVEMATCH REMOTE) "" "*"')[-1].startswith("l BAD")
+    assert s.cmd('l LIST (REMOTE SUBSCRIBED RECURSIVEMATCH) "" "*"')[-1] == \
+        "l OK LIST completed"
+
+
+def test_recursivematch_childinfo_on_subscribed_parent_too(store):  # noqa: F811
+    """CHILDINFO says "a descendant matches the selection": a subscribed parent with a
+    subscribed child carries it as well as an unsubscribed one (RFC 5258 §3.5)."""
+    for name, subscribed in (("Sub", True), ("Sub/Child", True), ("Plain", False),
+                             ("Plain/Child", True), ("Alone", True), ("Other", False)):
+        store.add_folder(name).subscribed = subscribed
+    s = Session(FakeBackend(store)).login()
+    got = s.cmd('l LIST (SUBSCRIBED RECURSIVEMATCH) "" "%"')
+    assert '* LIST (\\HasChildren \\Subscribed) "/" "Sub" ("CHILDINFO" ("SUBSCRIBED"))' in got
+    assert '* LIST (\\HasChildren) "/" "Plain" ("CHILDINFO" ("SUBSCRIBED"))' in got
+    assert '* LIST (\\HasNoChildren \\Subscribed) "/" "Alone"' in got
+    assert not any('"Other"' in line or '/Child"' in line for line in got)
+    # Without RECURSIVEMATCH: no CHILDINFO and no unsubscribed parent.
+    plain = s.cmd('l LIST (SUBSCRIBED) "" "%"')
+    assert '* LIST (\\HasChildren \\Subscribed) "/" "Sub"' in plain
+    assert not any("CHILDINFO" in line or '"Plain"' in line for line in plain)
+
+
+def test_lsub_percent_lists_unsubscribed_parent_noselect(store):  # noqa: F811
+    """RFC 3501 §6.3.9: "foo/bar" subscribed, "foo" not: LSUB "%" returns foo \\Noselect;
+    "*" reaches foo/bar itself, so foo is not listed."""
+    store.add_folder("Projects").subscribed = False
+    store.add_folder("Projects/2026")
+    store.add_folder("Archive")
+    s = Session(FakeBackend(store)).login()
+    assert s.cmd('l LSUB "" "%"')[:3] == [
+        '* LSUB (\\HasNoChildren) "/" "Archive"',
+        '* LSUB (\\HasNoChildren) "/" "INBOX"',
+        '* LSUB (\\HasChildren \\Noselect) "/" "Projects"']
+    star = s.cmd('l LSUB "" "*"')
+    assert '* LSUB (\\HasNoChildren) "/" "Projects/2026"' in star
+    assert not any('"Projects"' in line for line in star)
+    assert s.cmd('l LSUB "" "Projects/%"') == [
+        '* LSUB (\\HasNoChildren) "/" "Projects/2026"', "l OK LSUB completed"]
+
+
+def test_deleted_parent_of_subscribed_child_is_nonexistent(store):  # noqa: F811
+    """DELETE of a parent leaves its subscribed child: LIST (SUBSCRIBED RECURSIVEMATCH)
+    gives the parent \\NonExistent with CHILDINFO, LSUB "%" gives it \\Noselect.
+    (Subscriptions are a property of existing folders, so a subscribed name itself
+    can never be \\NonExistent.)"""
+    s = Session(FakeBackend(store)).login()
+    assert s.cmd("c CREATE Gone/Kept")[-1] == "c OK CREATE completed"
+    assert s.cmd("d DELETE Gone")[-1] == "d OK DELETE completed"
+    got = s.cmd('l LIST (SUBSCRIBED RECURSIVEMATCH) "" "%" RETURN (STATUS (MESSAGES))')
+    assert '* LIST (\\HasChildren \\NonExistent) "/" "Gone" ("CHILDINFO" ("SUBSCRIBED"))' \
+        in got
+    assert not any(line.startswith('* STATUS "Gone"') for line in got)
+    assert '* LSUB (\\HasChildren \\Noselect) "/" "Gone"' in s.cmd('l LSUB "" "%"')
+    assert s.cmd('l LIST (SUBSCRIBED) "" "G*"') == [
+        '* LIST (\\HasNoChildren \\Subscribed) "/" "Gone/Kept"', "l OK LIST completed"]
+    assert s.cmd('l LIST "" "G*"') == [
+        '* LIST (\\HasNoChildren) "/" "Gone/Kept"', "l OK LIST completed"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", "/", "%", "*"]), max_size=6).map("".join),
+       st.lists(st.sampled_from(["a", "b", "/"]), max_size=8).map("".join))
+def test_match_prefixes_agrees_with_matches(pattern, name):
+    """One pass gives the name's answer and each parent's, as matching them apart does."""
+    m = PatternSet([pattern])
+    hit, parents = m.match_prefixes(name)
+    assert hit == m.matches(name)
+    assert parents == [name[:i] for i, ch in enumerate(name)
+                       if ch == "/" and m.matches(name[:i])]

@@ -775,8 +775,10 @@ def test_store_and_unchangedsince(store):
     assert s.cmd("t STORE 2 -FLAGS.SILENT \\Answered") == ["t OK STORE completed"]
     assert store.folders["INBOX"].messages[2].flags == {"x"}
     modseq1 = store.folders["INBOX"].messages[1].modseq
+    highest = store.modseq
     out = s.cmd(f"t UID STORE 1,3 (UNCHANGEDSINCE {modseq1}) FLAGS (\\Deleted)")
-    assert out[0] == f"* 1 FETCH (UID 1 FLAGS (\\Deleted) MODSEQ ({store.modseq}))"
+    assert out[0] == f"* OK [HIGHESTMODSEQ {highest}] Highest"  # first enabling command
+    assert out[1] == f"* 1 FETCH (UID 1 FLAGS (\\Deleted) MODSEQ ({store.modseq}))"
     assert out[-1] == "t OK [MODIFIED 3] Conditional STORE failed"
     assert s.cmd("t STORE 1 FLAGS (\\Bogus)")[-1].startswith("t BAD")
     out = s.cmd("f FETCH 1 (MODSEQ)")
@@ -791,7 +793,8 @@ def test_search(store):
     assert s.cmd("s SEARCH CHARSET KOI8-R ALL")[-1].startswith("s NO [BADCHARSET")
     assert s.cmd("s SEARCH FLAGGED OR")[-1].startswith("s BAD")
     out = s.cmd("s SEARCH MODSEQ 1")
-    assert out[0] == f"* SEARCH 1 2 3 (MODSEQ {store.folders['INBOX'].messages[3].modseq})"
+    assert out[0] == f"* OK [HIGHESTMODSEQ {store.modseq}] Highest"  # CONDSTORE enabled
+    assert out[1] == f"* SEARCH 1 2 3 (MODSEQ {store.folders['INBOX'].messages[3].modseq})"
 
 
 # --------------------------------------------------------------------------- APPEND
@@ -968,6 +971,61 @@ def test_condstore_select_and_changedsince(store):
     assert out == [f"* 3 FETCH (FLAGS (\\Flagged \\Seen project) MODSEQ ({store.modseq}))",
                    "f OK FETCH completed"]
     assert s.cmd("e EXAMINE Sent")[0] == "* OK [CLOSED] Previous mailbox closed"
+
+
+def test_condstore_enabled_modseq_rides_with_every_flags_response(store):
+    s = Session(FakeBackend(store)).login()
+    # ENABLE before SELECT: nothing is selected, so no HIGHESTMODSEQ yet.
+    assert s.cmd("e ENABLE CONDSTORE") == ["* ENABLED CONDSTORE", "e OK ENABLE completed"]
+    assert f"* OK [HIGHESTMODSEQ {store.modseq}] Highest" in s.cmd("s SELECT INBOX")
+    inbox = store.folders["INBOX"]
+    # STORE (not UID STORE): UID and MODSEQ come along (RFC 7162 §3.1).
+    assert s.cmd("t STORE 2 +FLAGS (\\Flagged)") == [
+        f"* 2 FETCH (UID 2 FLAGS (\\Flagged) MODSEQ ({store.modseq}))", "t OK STORE completed"]
+    # .SILENT still reports the new mod-sequence, without FLAGS (as Dovecot does).
+    assert s.cmd("t STORE 2 -FLAGS.SILENT (\\Flagged)") == [
+        f"* 2 FETCH (UID 2 MODSEQ ({store.modseq}))", "t OK STORE completed"]
+    assert inbox.messages[2].modseq == store.modseq
+    # A FETCH of FLAGS carries MODSEQ; one without FLAGS does not.
+    assert s.cmd("f FETCH 2 (FLAGS)") == [
+        f"* 2 FETCH (FLAGS () MODSEQ ({store.modseq}))", "f OK FETCH completed"]
+    assert s.cmd("f FETCH 2 (UID RFC822.SIZE)")[0] == \
+        f"* 2 FETCH (UID 2 RFC822.SIZE {len(MSG_UTF8)})"
+    assert s.cmd("f FETCH 2 (FLAGS MODSEQ)") == [
+        f"* 2 FETCH (FLAGS () MODSEQ ({store.modseq}))", "f OK FETCH completed"]
+    # The implicit \Seen of a non-PEEK body fetch: UID, FLAGS and the new MODSEQ.
+    s.send(b"f FETCH 2 (BODY[TEXT])\r\n")
+    body = MSG_UTF8[MSG_UTF8.index(b"\r\n\r\n") + 4:]
+    assert s.raw() == (b"* 2 FETCH (UID 2 BODY[TEXT] {%d}\r\n" % len(body) + body
+                       + b" FLAGS (\\Seen) MODSEQ (%d))\r\nf OK FETCH completed\r\n"
+                       % store.modseq)
+    assert inbox.messages[2].modseq == store.modseq
+    # EXAMINE/SELECT keep reporting HIGHESTMODSEQ, never NOMODSEQ.
+    out = s.cmd("x EXAMINE INBOX")
+    assert f"* OK [HIGHESTMODSEQ {store.modseq}] Highest" in out
+    assert not any("NOMODSEQ" in line for line in out)
+
+
+@pytest.mark.parametrize("command", [
+    "e ENABLE CONDSTORE", "e ENABLE QRESYNC", "f FETCH 1 (MODSEQ)", "f UID FETCH 1 (FLAGS) "
+    "(CHANGEDSINCE 1)", "t STORE 1 (UNCHANGEDSINCE 99) +FLAGS.SILENT (x)",
+    "s SEARCH MODSEQ 1", "s UID SORT (SIZE) UTF-8 MODSEQ 1", "t STATUS Sent (HIGHESTMODSEQ)"])
+def test_first_condstore_enabling_command_while_selected_sends_highestmodseq(store, command):
+    s = Session(FakeBackend(store)).selected()
+    highest = f"* OK [HIGHESTMODSEQ {store.modseq}] Highest"
+    out = s.cmd(command)
+    assert out.count(highest) == 1, out
+    assert out[-1].split()[1] == "OK", out
+    assert highest not in s.cmd(command)  # only the first one
+    # ... and from then on FLAGS travel with MODSEQ.
+    assert s.cmd("f FETCH 3 (FLAGS)")[0] == \
+        f"* 3 FETCH (FLAGS (\\Flagged project) MODSEQ ({_inbox_modseq(store, 3)}))"
+    assert s.cmd("t STORE 3 +FLAGS (y)")[0] == \
+        f"* 3 FETCH (UID 3 FLAGS (\\Flagged project y) MODSEQ ({store.modseq}))"
+
+
+def _inbox_modseq(store: FakeStore, uid: int) -> int:
+    return store.folders["INBOX"].messages[uid].modseq
 
 
 def test_fetch_rfc822_and_body_parts(store):

@@ -18,6 +18,7 @@ from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
 from agentpost.mail.imapformat import SectionSpec, parse_section
+from agentpost.model import errors
 
 __all__ = [
     "LITERAL_RE",
@@ -73,6 +74,9 @@ MAX_TOKENS = 10_000
 # backtracking whatever the input.
 _SPACES = re.compile(rb" *+")
 _ATOM_RUN = re.compile(rb'[^ ()\r\n"{\[]*+')  # "]" outside brackets is an atom character
+#: Only these fetch attributes open a section in which spaces and parentheses belong to
+#: the atom; anywhere else "[" is an ordinary ATOM-CHAR (a mailbox may be ``a[b``).
+_SECTION_ATOMS = frozenset({b"BODY", b"BODY.PEEK", b"BINARY", b"BINARY.PEEK", b"BINARY.SIZE"})
 _BRACKETED_RUN = re.compile(rb"[^\[\]\r\n]*+")
 _QUOTED_RUN = re.compile(rb'[^"\\\r\n]*+')
 _LITERAL_AT = re.compile(rb"\{(\d{1,19})\+?\}\r\n")
@@ -156,6 +160,9 @@ def _atom(data: bytes, pos: int) -> tuple[Atom, int]:
         pos = _ATOM_RUN.match(data, pos).end()  # type: ignore[union-attr]
         if pos >= len(data) or data[pos] != 0x5B:  # [
             return Atom(data[start:pos].decode("utf-8", "replace")), pos
+        if pos - start > 11 or data[start:pos].upper() not in _SECTION_ATOMS:
+            pos += 1  # a plain "[" (ATOM-CHAR); the slice above is at most 11 bytes
+            continue
         depth = 0
         while True:
             if pos >= len(data) or data[pos] not in (0x5B, 0x5D):
@@ -242,8 +249,8 @@ def decode_mailbox(name: str) -> str:
                 i += 1
                 continue
             end = name.find("-", i)
-            if end < 0:
-                raise ParseError("Bad modified UTF-7 in mailbox name")
+            if end < 0:  # NO, not BAD: the name is a valid astring (as Dovecot answers)
+                raise errors.InvalidRequest("Mailbox name is not valid modified UTF-7")
             chunk = name[i + 1:end]
             if not chunk:
                 out.append("&")
@@ -253,7 +260,8 @@ def decode_mailbox(name: str) -> str:
                 try:
                     out.append(base64.b64decode(b64, validate=True).decode("utf-16-be"))
                 except Exception as exc:
-                    raise ParseError("Bad modified UTF-7 in mailbox name") from exc
+                    raise errors.InvalidRequest(
+                        "Mailbox name is not valid modified UTF-7") from exc
             i = end + 1
         name = "".join(out)
     if name.upper() == "INBOX":

@@ -53,6 +53,7 @@ from agentpost.imap.interfaces import (
     Changes,
     FetchRow,
     FetchWants,
+    FolderInfo,
     FolderSnapshot,
     IMAPAccount,
     IMAPBackend,
@@ -931,15 +932,18 @@ class IMAP4ServerProtocol(Protocol):
         if not command.args:
             raise ParseError("ENABLE needs capabilities")
         enabled = []
+        condstore = False
         for cap in command.args:
             name = str(cap).upper()
             if name == "CONDSTORE":
-                self.condstore = True
+                condstore = True
                 enabled.append("CONDSTORE")
             elif name == "QRESYNC":
-                self.condstore = self.qresync = True  # QRESYNC implies CONDSTORE
+                condstore = self.qresync = True  # QRESYNC implies CONDSTORE
                 enabled.append("QRESYNC")
         self._send("* ENABLED" + "".join(" " + c for c in enabled))
+        if condstore:
+            self._enable_condstore()
 
     async def _cmd_namespace(self, command: Command) -> None:
         self._send('* NAMESPACE (("" "/")) NIL NIL')
@@ -1120,7 +1124,7 @@ class IMAP4ServerProtocol(Protocol):
             unknown = select - {"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"}
             if unknown:
                 raise ParseError(f"Unknown LIST selection option {sorted(unknown)[0]}")
-            if select == {"RECURSIVEMATCH"}:
+            if select - {"REMOTE"} == {"RECURSIVEMATCH"}:  # RFC 5258 §3: BAD
                 raise ParseError("RECURSIVEMATCH needs another selection option")
         if not subscribed_only and len(args) == 4 and isinstance(args[2], Atom) and \
                 args[2].upper() == "RETURN":
@@ -1165,28 +1169,60 @@ class IMAP4ServerProtocol(Protocol):
         # scan of all subscribed names per folder.
         subscribed_parents = {f.name.rsplit("/", i)[0] for f in folders if f.subscribed
                               for i in range(1, f.name.count("/") + 1)}
+        # LSUB (RFC 3501 §6.3.9): an unsubscribed parent whose subscribed descendant the
+        # pattern does not reach ("%") is listed \Noselect in its place.
+        # One pass over each name, which also tells which of its parents match: a
+        # parent that no longer exists is not matched again (linear in the names).
+        matched: set[str] = set()
+        matched_parents: set[str] = set()
+        for f in folders:
+            hit, parents = matcher.match_prefixes(f.name, fold_case=f.name == "INBOX")
+            if hit:
+                matched.add(f.name)
+            if f.subscribed:
+                matched_parents.update(parents)
+        unreached_parents: set[str] = set()
+        missing: set[str] = set()
+        if only_subscribed and subscribed_parents:
+            unreached_parents = {f.name.rsplit("/", i)[0] for f in folders
+                                 if f.subscribed and f.name not in matched
+                                 for i in range(1, f.name.count("/") + 1)}
+            # Subscriptions live on folder rows, so a subscribed name always exists; but
+            # DELETE of a parent leaves its children: such a parent is \NonExistent.
+            missing = subscribed_parents - {f.name for f in folders}
+            if missing:
+                matched |= missing & matched_parents
+                folders = sorted([*folders, *(FolderInfo(n, None, False, True)
+                                              for n in missing)], key=lambda f: f.name)
+        recursive = only_subscribed and "RECURSIVEMATCH" in select
         for folder in folders:
-            if not matcher.matches(folder.name, fold_case=folder.name == "INBOX"):
+            if folder.name not in matched:
                 continue
             if "SPECIAL-USE" in select and not folder.special_use:
                 continue
-            child_info = False
-            if only_subscribed and not folder.subscribed:
-                # RECURSIVEMATCH: a parent is listed when a subscribed child matched.
-                if "RECURSIVEMATCH" in select and folder.name in subscribed_parents:
-                    child_info = True
+            # RECURSIVEMATCH (RFC 5258 §3.5): CHILDINFO on every listed parent of a
+            # subscribed mailbox, and unsubscribed parents are listed for it.
+            child_info = recursive and folder.name in subscribed_parents
+            noselect = False
+            if only_subscribed and not folder.subscribed and not child_info:
+                if subscribed_only and folder.name in unreached_parents:
+                    noselect = True
                 else:
                     continue
             attrs = ["\\HasChildren" if folder.has_children else "\\HasNoChildren"]
             if folder.special_use:
                 attrs.append(folder.special_use)
+            if folder.name in missing:
+                attrs.append("\\Noselect" if subscribed_only else "\\NonExistent")
+            elif noselect:
+                attrs.append("\\Noselect")
             if not subscribed_only and folder.subscribed and \
                     ("SUBSCRIBED" in returns or "SUBSCRIBED" in select):
                 attrs.append("\\Subscribed")
             wire = _imap_quote(encode_mailbox(folder.name))
             extra = ' ("CHILDINFO" ("SUBSCRIBED"))' if child_info else ""
             self._send(f'* {verb} ({" ".join(attrs)}) "/" {wire}{extra}')
-            if status_items:
+            if status_items and folder.name not in missing:
                 try:
                     st = await self.account.status(folder.name)  # type: ignore[union-attr]
                 except errors.NotFound:
@@ -1205,6 +1241,8 @@ class IMAP4ServerProtocol(Protocol):
                 raise ParseError(f"Unknown STATUS item {key}")
         st = await self.account.status(name)  # type: ignore[union-attr]
         self._send(f"* STATUS {_imap_quote(encode_mailbox(name))} ({_status_text(st, keys)})")
+        if "HIGHESTMODSEQ" in keys:
+            self._enable_condstore()
 
     async def _cmd_compress(self, command: Command) -> None:
         """COMPRESS DEFLATE (RFC 4978): raw DEFLATE both ways after the tagged OK."""
@@ -1321,9 +1359,11 @@ class IMAP4ServerProtocol(Protocol):
 
     # ------------------------------------------------------------------ selected
 
-    def _seq_uids(self, seqset: SeqSet, uid: bool) -> list[int]:
+    def _seq_uids(self, seqset: SeqSet, uid: bool, strict: bool = True) -> list[int]:
         """UIDs of the view addressed by a sequence set (UID set when ``uid``), ascending.
-        The ranges are merged first: ``1:*`` repeated 50,000 times is one pass."""
+        The ranges are merged first: ``1:*`` repeated 50,000 times is one pass. A number
+        beyond the mailbox is BAD when ``strict`` (FETCH, STORE...), else matches nothing
+        (a SEARCH key, as Dovecot answers)."""
         out: list[int] = []
         if uid:
             largest = self._uids[-1] if self._uids else 0
@@ -1340,7 +1380,11 @@ class IMAP4ServerProtocol(Protocol):
                 if count == 0:
                     continue
             elif hi > count:
-                raise _bad("Invalid message sequence number")
+                if strict:
+                    raise _bad("Invalid message sequence number")
+                if lo > count:
+                    continue
+                hi = count
             ranges.append((lo, hi))
         for lo, hi in merge_ranges(ranges):
             out += self._uids[lo - 1:hi]
@@ -1351,6 +1395,16 @@ class IMAP4ServerProtocol(Protocol):
 
     def _flags_text(self, uid: int, flags: frozenset[str]) -> str:
         return _flag_list(flags, uid in self._recent)
+
+    def _enable_condstore(self) -> None:
+        """A CONDSTORE enabling command (RFC 7162 §3.1) ran: from now on every FETCH
+        response that carries FLAGS carries MODSEQ too. The first one issued while a
+        mailbox is selected reports its HIGHESTMODSEQ (SELECT and EXAMINE always do)."""
+        if self.condstore:
+            return
+        self.condstore = True
+        if self.state is State.SELECTED and self.snapshot is not None:
+            self._send(f"* OK [HIGHESTMODSEQ {self._highestmodseq}] Highest")
 
     async def _report_changes(self, expunge: bool) -> None:
         """Poll the account and send EXPUNGE/EXISTS/RECENT/FETCH for what changed."""
@@ -1455,6 +1509,8 @@ class IMAP4ServerProtocol(Protocol):
             raise _no("Unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
         wants_modseq = [False]
         resolved = self._resolve_search(key, wants_modseq)
+        if wants_modseq[0]:
+            self._enable_condstore()
         assert self.snapshot is not None and self.account is not None
         found = await self.account.search(self.snapshot.folder_id, resolved)
         found = [u for u in found if u in self._meta]
@@ -1507,6 +1563,8 @@ class IMAP4ServerProtocol(Protocol):
         _, key = parse_search(args[2:])
         wants_modseq = [False]
         resolved = self._resolve_search(key, wants_modseq)
+        if wants_modseq[0]:
+            self._enable_condstore()
         assert self.snapshot is not None and self.account is not None
         found = [u for u in await self.account.search(self.snapshot.folder_id, resolved,
                                                       criteria) if u in self._meta]
@@ -1519,7 +1577,7 @@ class IMAP4ServerProtocol(Protocol):
     def _resolve_search(self, key: tuple[Any, ...], modseq: list[bool]) -> tuple[Any, ...]:
         kind = key[0]
         if kind == "seq":
-            return ("uid", self._seq_uids(key[1], False))
+            return ("uid", self._seq_uids(key[1], False, strict=False))
         if kind == "uidset":
             return ("uid", self._seq_uids(key[1], True))
         if kind == "recent":
@@ -1546,7 +1604,6 @@ class IMAP4ServerProtocol(Protocol):
             if len(mod) != 2 or str(mod[0]).upper() != "UNCHANGEDSINCE":
                 raise ParseError("Unknown STORE modifier")
             unchangedsince = number(mod[1], "UNCHANGEDSINCE")
-            self.condstore = True
         if len(args) < 2 or not isinstance(args[0], Atom):
             raise ParseError("STORE needs an item and flags")
         item = args.pop(0).upper()
@@ -1558,6 +1615,8 @@ class IMAP4ServerProtocol(Protocol):
         self._require_write()
         if self.readonly:
             raise _no("Mailbox is read-only", "READ-ONLY")
+        if unchangedsince is not None:
+            self._enable_condstore()
         mode = item[0] if item[0] in "+-" else ""
         silent = item.endswith(".SILENT")
         assert self.snapshot is not None and self.account is not None
@@ -1569,11 +1628,16 @@ class IMAP4ServerProtocol(Protocol):
             if meta.uid not in self._meta:
                 continue
             self._meta[meta.uid] = meta
-            if silent and unchangedsince is None:
+            # Once CONDSTORE is on, every FETCH a STORE causes carries UID and MODSEQ,
+            # .SILENT ones too (just without FLAGS): the client's cache needs the new
+            # mod-sequence (RFC 7162 §3.1, §3.1.3).
+            if silent and not self.condstore:
                 continue
-            parts = [f"FLAGS {self._flags_text(meta.uid, meta.flags)}"]
-            if command.uid:
-                parts.insert(0, f"UID {meta.uid}")
+            parts = []
+            if command.uid or self.condstore:
+                parts.append(f"UID {meta.uid}")
+            if not silent:
+                parts.append(f"FLAGS {self._flags_text(meta.uid, meta.flags)}")
             if self.condstore:
                 parts.append(f"MODSEQ ({meta.modseq})")
             self._send(f"* {self._seq(meta.uid)} FETCH ({' '.join(parts)})")
@@ -1639,8 +1703,9 @@ class IMAP4ServerProtocol(Protocol):
                     raise ParseError("Unknown FETCH modifier")
             if vanished and changedsince is None:
                 raise ParseError("VANISHED needs CHANGEDSINCE")
+        if changedsince is not None or any(i.name == "MODSEQ" for i in items):
+            self._enable_condstore()
         if changedsince is not None:
-            self.condstore = True
             if vanished:
                 # RFC 7162 §3.2.6: UIDs of the set that are gone, before the FETCHes.
                 top = self._uids[-1] if self._uids else 0
@@ -1788,6 +1853,12 @@ class IMAP4ServerProtocol(Protocol):
         done: set[str] = set()
         flags = row.flags
         first = True
+        if add_flags and self.condstore and not any(i.name == "UID" for i in items):
+            # The implicit \Seen change is reported like a STORE's: with UID and MODSEQ
+            # once CONDSTORE is on (RFC 7162 §3.1).
+            out.append(b"UID %d" % row.uid)
+            done.add("UID")
+            first = False
         for item in items:
             name = item.name
             key = name if item.section is None else "BODY[" + item.section.render() + "]"
@@ -1836,6 +1907,11 @@ class IMAP4ServerProtocol(Protocol):
         if add_flags and "FLAGS" not in done:
             out.append((b" " if not first else b"") + b"FLAGS " +
                        self._flags_text(row.uid, flags).encode())
+            done.add("FLAGS")
+            first = False
+        if self.condstore and "FLAGS" in done and "MODSEQ" not in done:
+            # With CONDSTORE on, FLAGS always travel with their MODSEQ (RFC 7162 §3.1).
+            out.append((b" " if not first else b"") + b"MODSEQ (%d)" % row.modseq)
         out.append(b")\r\n")
         # Coalesce neighbouring byte strings: one write per small response.
         merged: list[bytes | _Range] = []
