@@ -17,6 +17,7 @@ from typing import Any
 
 from agentpost.core.audit import write_change
 from agentpost.core.context import RequestContext
+from agentpost.mail.imapformat import compact_numbers
 from agentpost.model.errors import InvalidRequest, MailboxFull
 from agentpost.model.ids import new_id
 from agentpost.storage import imap as imap_store
@@ -32,16 +33,7 @@ FlagChange = tuple[dict[str, Any], dict[str, Any]]
 
 def uid_set(uids: list[int]) -> str:
     """[1, 2, 3, 7] -> "1:3,7": many messages of a folder in a few bytes of audit detail."""
-    out: list[str] = []
-    nums = sorted(set(uids))
-    i = 0
-    while i < len(nums):
-        j = i
-        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
-            j += 1
-        out.append(str(nums[i]) if i == j else f"{nums[i]}:{nums[j]}")
-        i = j + 1
-    return ",".join(out)
+    return compact_numbers(uids)
 
 
 def _org(ctx: RequestContext) -> str:

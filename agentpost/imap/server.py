@@ -177,20 +177,6 @@ def _imap_quote(text: str) -> str:
     return imapformat.quote(text)
 
 
-def _compact(numbers: list[int]) -> str:
-    """[1,2,3,5] -> "1:3,5"."""
-    out: list[str] = []
-    nums = sorted(set(numbers))
-    i = 0
-    while i < len(nums):
-        j = i
-        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
-            j += 1
-        out.append(str(nums[i]) if i == j else f"{nums[i]}:{nums[j]}")
-        i = j + 1
-    return ",".join(out)
-
-
 @functools.lru_cache(maxsize=4096)
 def _flag_list(flags: frozenset[str], recent: bool) -> str:
     """``(\\Seen \\Recent label)``: flag sets are shared objects (storage.imap.flags_of),
@@ -1456,7 +1442,7 @@ class IMAP4ServerProtocol(Protocol):
         if not present:
             return
         if self.qresync:
-            self._send(f"* VANISHED {_compact(list(present))}")
+            self._send(f"* VANISHED {imapformat.compact_numbers(list(present))}")
         else:
             seqs = sorted((self._seq(u) for u in present), reverse=True)
             self._write(b"".join(b"* %d EXPUNGE\r\n" % seq for seq in seqs))
@@ -1525,7 +1511,7 @@ class IMAP4ServerProtocol(Protocol):
                 if "MAX" in returns:
                     text += f" MAX {max(numbers)}"
                 if "ALL" in returns:
-                    text += f" ALL {_compact(numbers)}"
+                    text += f" ALL {imapformat.compact_numbers(numbers)}"
             if "COUNT" in returns:
                 text += f" COUNT {len(numbers)}"
             if wants_modseq[0] and found:
@@ -1644,7 +1630,7 @@ class IMAP4ServerProtocol(Protocol):
         failed = [u for u in failed if u in self._meta]
         if failed:
             numbers = failed if command.uid else [self._seq(u) for u in failed]
-            return f"[MODIFIED {_compact(numbers)}] Conditional STORE failed"
+            return f"[MODIFIED {imapformat.compact_numbers(numbers)}] Conditional STORE failed"
         return None
 
     async def _cmd_copy(self, command: Command) -> str:
@@ -1670,8 +1656,8 @@ class IMAP4ServerProtocol(Protocol):
             raise error_for(exc, missing="TRYCREATE") from exc
         code = ""
         if pairs:
-            code = (f"[COPYUID {uidvalidity} {_compact_pairs([s for s, _ in pairs])} "
-                    f"{_compact_pairs([d for _, d in pairs])}] ")
+            code = (f"[COPYUID {uidvalidity} {imapformat.compact_in_order([s for s, _ in pairs])} "
+                    f"{imapformat.compact_in_order([d for _, d in pairs])}] ")
         if move:
             if code:
                 self._send(f"* OK {code}Moved")
@@ -1975,17 +1961,3 @@ def _status_text(st: Any, items: list[str]) -> str:
 
 class _Answered(Exception):
     """The handler already wrote the tagged response (STARTTLS)."""
-
-
-def _compact_pairs(numbers: list[int]) -> str:
-    """A UID set in the given order (COPYUID pairs the two sets position by position)."""
-    out: list[str] = []
-    i = 0
-    while i < len(numbers):
-        j = i
-        while j + 1 < len(numbers) and numbers[j + 1] == numbers[j] + 1:
-            j += 1
-        out.append(str(numbers[i]) if i == j else f"{numbers[i]}:{numbers[j]}")
-        i = j + 1
-    return ",".join(out)
-

@@ -37,6 +37,25 @@ MAX_PARTS = 1000
 _SAFE_QUOTED = re.compile(r"^[\x20-\x7e]*$")
 
 
+def compact_numbers(numbers: list[int]) -> str:
+    """[1, 2, 3, 5] -> "1:3,5": an IMAP sequence set (RFC 3501 §9), ascending, merged."""
+    return compact_in_order(sorted(set(numbers)))
+
+
+def compact_in_order(numbers: list[int]) -> str:
+    """Runs of consecutive numbers as ranges, in the given order (COPYUID pairs its two
+    sets position by position, so they must not be sorted)."""
+    out: list[str] = []
+    i = 0
+    while i < len(numbers):
+        j = i
+        while j + 1 < len(numbers) and numbers[j + 1] == numbers[j] + 1:
+            j += 1
+        out.append(str(numbers[i]) if i == j else f"{numbers[i]}:{numbers[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
 def quote(value: str | None) -> str:
     """An IMAP nstring: NIL, a quoted string, or a literal for anything not 7-bit text."""
     if value is None:
