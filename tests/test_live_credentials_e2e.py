@@ -26,30 +26,36 @@ BOUND_S = 20.0
 
 
 class Wire:
-    """One IMAP connection driven from a test thread: plaintext, or STARTTLS through
-    ``ssl.MemoryBIO`` so the test controls every byte -- it never sends close_notify,
-    and sees the server's TCP close (``recv() == b""``) for what it is."""
+    """One IMAP connection driven from a test thread: plaintext, or TLS (STARTTLS or
+    implicit, port 993-style) through ``ssl.MemoryBIO`` so the test controls every
+    byte -- it never sends close_notify, and sees the server's TCP close
+    (``recv() == b""``) for what it is."""
 
-    def __init__(self, port: int, *, tls: bool) -> None:
+    def __init__(self, port: int, *, tls: bool, implicit: bool = False) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=BOUND_S)
         self.pending = b""
         self.tls: ssl.SSLObject | None = None
+        if implicit:
+            self._handshake()
         assert self.line().startswith(b"* OK")
-        if tls:
+        if tls and not implicit:
             assert self.command(b"t STARTTLS\r\n")[-1].startswith(b"t OK")
-            self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-            self.tls = _ctx().wrap_bio(self.incoming, self.outgoing,
-                                       server_hostname="127.0.0.1")
-            while True:
-                try:
-                    self.tls.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    self._flush()
-                    data = self.sock.recv(65536)
-                    assert data, "closed during the TLS handshake"
-                    self.incoming.write(data)
-            self._flush()
+            self._handshake()
+
+    def _handshake(self) -> None:
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = _ctx().wrap_bio(self.incoming, self.outgoing,
+                                   server_hostname="127.0.0.1")
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                data = self.sock.recv(65536)
+                assert data, "closed during the TLS handshake"
+                self.incoming.write(data)
+        self._flush()
 
     def _flush(self) -> None:
         data = self.outgoing.read()
@@ -215,3 +221,24 @@ async def test_revocation_ends_idle_and_active_sessions_in_another_process(serve
     assert any(line.startswith(b"* BYE The API key was revoked") for line in active_lines), \
         active_lines
     assert "Traceback" not in out, out
+
+
+@pytest_twisted.ensureDeferred
+async def test_logout_over_implicit_tls_closes_without_waiting_for_close_notify(
+        server, monkeypatch):
+    """Issue 10, item 1: on port 993 the server sends BYE, the tagged OK and its
+    close_notify, then closes TCP at once, although this client never answers
+    close_notify. (The abort fallback is pushed far out, so it cannot be what closes.)"""
+    from agentpost.imap import server as imap_server
+
+    monkeypatch.setattr(imap_server, "CLOSE_GRACE_S", 600.0)
+    inbox, _, _, key = await _imap_key(server)
+
+    def session() -> list[bytes]:
+        wire = Wire(server.imaps_port, tls=True, implicit=True)
+        _login(wire, inbox["email"], key)
+        wire.send(b"z LOGOUT\r\n")
+        return wire.until_closed()
+
+    lines = await deferToThread(session)
+    assert lines == [b"* BYE Logging out\r\n", b"z OK LOGOUT completed\r\n"]

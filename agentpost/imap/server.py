@@ -436,6 +436,13 @@ class IMAP4ServerProtocol(Protocol):
         self._release_credential()
         self._link.unregisterProducer()
         self._link.loseConnection()
+        # Over implicit TLS the transport is Twisted's TLS layer, whose loseConnection
+        # sends close_notify and then waits for the client's; a client that has logged
+        # out owes us nothing (RFC 8446 §6.1 lets either side close without waiting), so
+        # the TCP connection beneath it is closed as soon as close_notify is flushed.
+        beneath = getattr(self.transport, "transport", None)
+        if self.tls_active and beneath is not None:
+            beneath.loseConnection()
         # loseConnection waits for the peer: for its TLS close_notify, or for it to read
         # what is buffered. A peer that never does would keep the connection forever.
         self._abort_timer = self.clock.callLater(CLOSE_GRACE_S, self._abort)
