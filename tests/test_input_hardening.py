@@ -192,3 +192,15 @@ def test_json_depth_check_is_not_recursive():
     assert not json_too_deep(b'{"a": "\\"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}', 32)
     assert json_too_deep(json.dumps([[[[[]]]]]).encode(), 4)
     assert not json_too_deep(json.dumps([[[[]]]]).encode(), 4)
+
+
+def test_json_depth_check_is_linear_on_unterminated_strings():
+    """An unterminated string of escaped quotes made the string-stripping regex restart
+    at every quote (quadratic: 80 KB took 43 s on the reactor; this 1 MB body would
+    take hours). Brackets after an unterminated quote are string content, not depth."""
+    from agentpost.http.validation import json_too_deep
+
+    assert not json_too_deep(b'"' + b'\\"' * 500_000, 32)
+    assert not json_too_deep(b'"' + b'\\"' * 500_000 + b"\\", 32)
+    assert not json_too_deep(b'{"a": "' + b"[" * 100, 32)
+    assert json_too_deep(b'["\\"", ' * 10 + b"[" * 40, 32)
