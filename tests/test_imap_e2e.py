@@ -415,38 +415,17 @@ async def test_idle_sees_flags_expunge_and_append_made_in_another_os_process(ser
     """A real second `agentpost serve` process on the same database and blob store:
     what an IMAP session there changes (STORE, EXPUNGE, APPEND) reaches an IDLE session
     here as FETCH, EXPUNGE and EXISTS, through PostgreSQL LISTEN/NOTIFY."""
-    import subprocess
-    import sys
-
-    from tests.test_cli import _free_port
-    from tests.test_workers import ROOT, _kill_leftovers, _wait
+    from tests.second_process import SecondProcess
 
     inbox, key = await _inbox(server, "two-procs")
     for n in range(2):
         await server.deliver(make_message(to=inbox["email"], subject=f"p{n}",
                                           msgid=f"<p{n}@x>"), [inbox["email"]])
-    imap_port, http_port = _free_port(), _free_port()
-    config = tmp_path / "second.toml"
-    config.write_text(
-        f'[database]\nurl = "{db_dsn}"\n[http]\nport = {http_port}\n'
-        '[smtp]\nmx_enabled = false\n'
-        f'[storage]\npath = "{server.service.config.storage.path}"\n'
-        '[mail]\nshared_domain = "agents.test"\n'
-        f'[imap]\nbind = "127.0.0.1"\nport = {imap_port}\nallow_plaintext_login = true\n')
-    proc = subprocess.Popen([sys.executable, "-m", "agentpost.cli", "--config", str(config),
-                             "serve"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-    def ready() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", imap_port), timeout=1).close()
-            return True
-        except OSError:
-            return False
+    second = SecondProcess(tmp_path, db_dsn, server)
 
     def elsewhere():
-        assert _wait(ready, timeout=30), "second process did not start"
-        other = imaplib.IMAP4("127.0.0.1", imap_port, timeout=20)
+        assert second.ready(), "second process did not start"
+        other = imaplib.IMAP4("127.0.0.1", second.imap_port, timeout=20)
         other.login(inbox["email"], key)
         other.select("INBOX")
         other.uid("STORE", "1", "+FLAGS", "(\\Flagged)")
@@ -482,9 +461,7 @@ async def test_idle_sees_flags_expunge_and_append_made_in_another_os_process(ser
     try:
         seen = await deferToThread(watcher)
     finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=30)
-        _kill_leftovers(config)
+        out = second.stop()
     assert any(line.startswith(b"* 1 FETCH") and b"\\Flagged" in line for line in seen), seen
     assert b"* 2 EXPUNGE\r\n" in seen, seen
     assert b"* 2 EXISTS\r\n" in seen, seen

@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import socket
 import ssl
-import subprocess
-import sys
 
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from tests.conftest import _DEV_TLS
-from tests.test_cli import _free_port
+from tests.second_process import SecondProcess
 from tests.test_imap_e2e import _ctx
-from tests.test_workers import ROOT, _kill_leftovers, _wait
 
 BOUND_S = 20.0
 
@@ -173,34 +169,15 @@ async def test_revocation_ends_idle_and_active_sessions_in_another_process(serve
     one selected between commands over STARTTLS. Revoking the key through the first
     process's HTTP API ends both within seconds: BYE, then the connection closes."""
     inbox, owner, key_id, key = await _imap_key(server)
-    imap_port, tls_port, http_port = _free_port(), _free_port(), _free_port()
-    config = tmp_path / "second.toml"
-    config.write_text(
-        f'[database]\nurl = "{db_dsn}"\n[http]\nport = {http_port}\n'
-        '[smtp]\nmx_enabled = false\n'
-        f'[storage]\npath = "{server.service.config.storage.path}"\n'
-        '[mail]\nshared_domain = "agents.test"\n'
-        f'[tls]\ncert = "{_DEV_TLS["cert"]}"\nkey = "{_DEV_TLS["key"]}"\n'
-        f'[imap]\nbind = "127.0.0.1"\nport = {imap_port}\ntls_port = {tls_port}\n'
-        'allow_plaintext_login = true\n')
-    proc = subprocess.Popen([sys.executable, "-m", "agentpost.cli", "--config", str(config),
-                             "serve"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-    def ready() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", imap_port), timeout=1).close()
-            return True
-        except OSError:
-            return False
+    second = SecondProcess(tmp_path, db_dsn, server, tls=True)
 
     def connect() -> tuple[Wire, Wire]:
-        assert _wait(ready, timeout=30), "second process did not start"
-        idle = Wire(imap_port, tls=False)
+        assert second.ready(), "second process did not start"
+        idle = Wire(second.imap_port, tls=False)
         _login(idle, inbox["email"], key)
         idle.send(b"d IDLE\r\n")
         assert idle.line().startswith(b"+")
-        active = Wire(imap_port, tls=True)
+        active = Wire(second.imap_port, tls=True)
         _login(active, inbox["email"], key)
         return idle, active
 
@@ -213,9 +190,7 @@ async def test_revocation_ends_idle_and_active_sessions_in_another_process(serve
         assert revoked.status == 200
         idle_lines, active_lines = await deferToThread(both_closed, idle, active)
     finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=30)
-        _kill_leftovers(config)
+        out = second.stop()
     assert any(line.startswith(b"* BYE The API key was revoked") for line in idle_lines), \
         idle_lines
     assert any(line.startswith(b"* BYE The API key was revoked") for line in active_lines), \
