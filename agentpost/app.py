@@ -39,6 +39,7 @@ from agentpost.http.app import build_app
 from agentpost.http.framework import RouteTable
 from agentpost.http.mail import add_mail_routes
 from agentpost.http.site import make_site
+from agentpost.jobs.rerender import RenderRefresh
 from agentpost.jobs.retention import RetentionSweep
 from agentpost.listening import listen_tcp, port_number
 from agentpost.storage.blobs import BlobStore, LocalBlobStore, S3BlobStore
@@ -63,6 +64,7 @@ class Core:
     members: Members
     audit_log: AuditLog
     retention: RetentionSweep
+    rerender: RenderRefresh
     blobs: BlobStore
     ingest: Ingest
     router: Router
@@ -115,6 +117,7 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
         members=Members(db, audit),
         audit_log=AuditLog(db),
         retention=RetentionSweep(db, clock, config.retention),
+        rerender=RenderRefresh(db, blobs, clock, reactor),
         blobs=blobs,
         ingest=ingest,
         router=Router(db, config.mail.inbox_quota, reserved=reserved,
@@ -178,6 +181,7 @@ class AgentPostService(service.Service):
         await self.core.inboxes.ensure_shared_domain()
         self.core.audit.start()
         self.core.retention.start()
+        self.core.rerender.start()
         await self.core.notifier.start()
         await self.core.live_credentials.start()
         if self.config.smtp.mx_enabled:
@@ -316,6 +320,7 @@ class AgentPostService(service.Service):
         self.ports.clear()
         self.core.notifier.stop()
         self.core.live_credentials.stop()
+        await self.core.rerender.stop()
         await self.core.retention.stop()
         await self.core.audit.stop()
         await self.core.db.close()

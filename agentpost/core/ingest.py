@@ -108,6 +108,22 @@ def _analyse_indexed(raw: bytes) -> tuple[ParsedMessage, IMAPRendered, dict[str,
     return parsed, imap, index
 
 
+#: The version of the renderers above (IMAP structures and SEARCH/SORT keys) stored with
+#: each row. Raise it whenever their output changes for a message already stored, and add
+#: a migration re-pointing the ``messages_render_stale`` index: agentpost.jobs.rerender
+#: then brings older rows up to date from their raw bytes.
+RENDER_VERSION = 1
+
+
+def rendered_columns(raw: bytes) -> dict[str, Any]:
+    """What a row stores of :func:`_analyse_indexed` that depends only on the raw bytes:
+    the IMAP renderings (None where rendering failed: FETCH renders them then) and the
+    search/sort keys."""
+    _, imap, index = _analyse_indexed(raw)
+    return {"imap_envelope": imap[0], "imap_bodystructure": imap[1], "imap_body": imap[2],
+            "imap_sections": imap[3], **index}
+
+
 def _storable(rendered: str) -> str | None:
     """PostgreSQL text cannot hold NUL; such (rare, broken) messages render at FETCH."""
     return None if "\x00" in rendered else rendered
@@ -280,7 +296,7 @@ class Ingest:
             "draft": "\\Draft" in state.flags, "deleted": "\\Deleted" in state.flags,
             "labels": list(state.labels), "imap_envelope": state.imap[0],
             "imap_bodystructure": state.imap[1], "imap_body": state.imap[2],
-            "imap_sections": state.imap[3],
+            "imap_sections": state.imap[3], "render_version": RENDER_VERSION,
             "envelope_from": envelope_from, "envelope_to": [target.email],
             "created_at": txn.now, **state.index,
         })

@@ -163,9 +163,10 @@ async def message_ids_for_uids(txn: Txn, org_id: str, folder_id: int, uids: list
         (org_id, folder_id, uids))
 
 
-#: Columns ingest derives for SEARCH and SORT (migration 0012), copied with the message.
+#: Columns ingest derives for SEARCH and SORT (migration 0012) and the version of the
+#: renderers that made them (0013), copied with the message.
 _INDEX_COLUMNS = ("sent_date, from_text, to_text, cc_text, bcc_text, sort_subject, sort_from, "
-                  "sort_to, sort_cc, sort_display_from, sort_display_to")
+                  "sort_to, sort_cc, sort_display_from, sort_display_to, render_version")
 
 
 async def copy_message(txn: Txn, org_id: str, message_id: str, new_id: str, folder_id: int,
