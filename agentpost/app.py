@@ -27,7 +27,7 @@ from agentpost.core.filters import FilterRules
 from agentpost.core.imap_logins import IMAPLogins
 from agentpost.core.inboxes import Inboxes
 from agentpost.core.ingest import Ingest
-from agentpost.core.login_guard import LoginGuard
+from agentpost.core.login_guard import LoginGuard, LoginLimits
 from agentpost.core.members import Members
 from agentpost.core.messages import Messages
 from agentpost.core.organizations import Organizations
@@ -37,6 +37,7 @@ from agentpost.http.admin import add_admin_routes
 from agentpost.http.api import add_api_routes
 from agentpost.http.app import build_app
 from agentpost.http.framework import RouteTable
+from agentpost.http.key_failures import FailedKeyThrottle
 from agentpost.http.mail import add_mail_routes
 from agentpost.http.site import make_site
 from agentpost.jobs.rerender import RenderRefresh
@@ -107,7 +108,12 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
         db, clock, Notifier(config.database.url, KEY_CHANNEL, reactor=reactor, clock=clock))
     reserved = ReservedNames(config.mail.reserved_local_parts)
     portal = build_portal(db)
-    login_guard = LoginGuard(db, clock, audit)
+    login_cfg = config.login
+    login_guard = LoginGuard(db, clock, audit, LoginLimits(
+        source_failures_per_minute=login_cfg.source_failures_per_minute,
+        pair_failures_per_minute=login_cfg.pair_failures_per_minute,
+        account_failures_per_minute=login_cfg.account_failures_per_minute,
+        account_delay_s=login_cfg.account_delay))
     return Core(
         db=db, audit=audit,
         organizations=Organizations(db, audit),
@@ -155,8 +161,11 @@ class AgentPostService(service.Service):
                    if cfg.rate_limit.enabled else None)
         portal = build_portal(core.db)
         trusted = frozenset(cfg.http.trusted_proxies)
-        api = RouteTable("/api/v1", portal, core.audit, buckets, cfg.http.max_body, trusted)
-        admin = RouteTable("/admin/v1", portal, core.audit, buckets, cfg.http.max_body, trusted)
+        key_failures = FailedKeyThrottle(core.login_guard, self.reactor)
+        api = RouteTable("/api/v1", portal, core.audit, buckets, cfg.http.max_body, trusted,
+                         key_failures)
+        admin = RouteTable("/admin/v1", portal, core.audit, buckets, cfg.http.max_body, trusted,
+                           key_failures)
         add_api_routes(api, environments=core.environments, inboxes=core.inboxes,
                        api_keys=core.api_keys, members=core.members, audit_log=core.audit_log)
         add_mail_routes(api, core.messages, core.filters)

@@ -22,6 +22,7 @@ from agentpost.config.sections import (
     HTTPSection,
     IMAPSection,
     LoggingSection,
+    LoginSection,
     MailSection,
     RateLimitSection,
     RetentionSection,
@@ -64,6 +65,7 @@ class Config:
     imap: IMAPSection = field(default_factory=IMAPSection)
     audit: AuditSection = field(default_factory=AuditSection)
     retention: RetentionSection = field(default_factory=RetentionSection)
+    login: LoginSection = field(default_factory=LoginSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     source: str = "<defaults>"
 
@@ -268,6 +270,7 @@ __all__ = [
     "HTTPSection",
     "IMAPSection",
     "LoggingSection",
+    "LoginSection",
     "MailSection",
     "RateLimitSection",
     "RetentionSection",

@@ -225,6 +225,21 @@ class RetentionSection:
 
 
 @dataclass
+class LoginSection:
+    """Failed-login allowances of every credential door, shared by all processes."""
+
+    source_failures_per_minute: int = opt(
+        30, "Failures one client address (IPv6: its /64) may make before it is refused.")
+    pair_failures_per_minute: int = opt(
+        10, "Failures one address may make against one account before it is refused.")
+    account_failures_per_minute: int = opt(
+        60, "Failures against one account from anywhere before its logins are slowed.")
+    account_delay: float = opt(
+        "1s", "How long a login to an account under attack waits before its check.",
+        "duration")
+
+
+@dataclass
 class LoggingSection:
     """Where the service logs."""
 
@@ -243,5 +258,6 @@ SECTIONS: dict[str, type] = {
     "imap": IMAPSection,
     "audit": AuditSection,
     "retention": RetentionSection,
+    "login": LoginSection,
     "logging": LoggingSection,
 }

@@ -132,21 +132,27 @@ class LoginGuard:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.seconds(), UTC)
 
-    async def admit(self, protocol: str, peer: str, username: str) -> LoginAttempt:
-        """Refuse (RateLimited) when this source or this (source, account) pair has
-        used up its failures — before the credential is checked, so that a throttled
-        attacker learns nothing more. An account that many sources fail against is
-        only slowed down: a correct credential from a clean source still logs in."""
+    def attempt(self, protocol: str, peer: str, username: str) -> LoginAttempt:
+        """The buckets one attempt draws on, without reading them: for doors that only
+        consult the allowances of sources that failed before (HTTP, see ``admit``)."""
         limits = self.limits
         source = client_source(peer)
         account = username.strip().lower()[:320]
-        attempt = LoginAttempt(
+        return LoginAttempt(
             protocol, peer, username, account,
             source=self._allowance("login-source", source, limits.source_failures_per_minute),
             pair=self._allowance("login-pair", f"{source}|{account}",
                                  limits.pair_failures_per_minute),
             account_wide=self._allowance("login-account", account,
                                          limits.account_failures_per_minute))
+
+    async def admit(self, protocol: str, peer: str, username: str) -> LoginAttempt:
+        """Refuse (RateLimited) when this source or this (source, account) pair has
+        used up its failures — before the credential is checked, so that a throttled
+        attacker learns nothing more. An account that many sources fail against is
+        only slowed down: a correct credential from a clean source still logs in."""
+        limits = self.limits
+        attempt = self.attempt(protocol, peer, username)
         buckets = [attempt.source, attempt.pair, attempt.account_wide]
         tokens = await self._db.run_read("login.allowance", login_store.tokens_left, buckets,
                                          self._now())
@@ -161,17 +167,19 @@ class LoginGuard:
             await task.deferLater(self._clock, limits.account_delay_s, lambda: None)
         return attempt
 
-    async def failed(self, attempt: LoginAttempt, ctx: RequestContext,
+    async def failed(self, attempt: LoginAttempt, ctx: RequestContext | None,
                      reason: str = "bad-credentials") -> None:
         """Spend from the source, pair and account buckets, log the fail2ban line and
-        file the audit row with the organization whose inbox was aimed at."""
+        file the audit row with the organization whose inbox was aimed at (``ctx``
+        None: the caller's own audit row already tells the story, as HTTP's does)."""
         # Logged first: fail2ban still sees the failure if the database is down.
         failure_log.warning(FAILURE_FORMAT, attempt.protocol, log_host(attempt.peer),
                             log_user(attempt.username), reason)
         owner = await self._db.run_interaction(
             "login.failed", login_store.spend_and_find_owner,
             [attempt.source, attempt.pair, attempt.account_wide], self._now(), attempt.account)
-        self._audit_failure(ctx, owner)
+        if ctx is not None:
+            self._audit_failure(ctx, owner)
 
     def _audit_failure(self, ctx: RequestContext, owner: dict[str, Any] | None) -> None:
         """One row for the inbox's organization (anonymous: it must not learn which

@@ -34,6 +34,7 @@ from agentpost.auth.ratelimit import TokenBuckets
 from agentpost.core.audit import AuditTrail
 from agentpost.core.context import RequestContext
 from agentpost.http import errors as http_errors
+from agentpost.http.key_failures import FailedKeyThrottle
 from agentpost.http.validation import parse_json_body, validate
 from agentpost.model import errors
 from agentpost.model.principal import AdminPrincipal, Principal
@@ -134,8 +135,10 @@ class RouteTable:
 
     def __init__(self, prefix: str, portal: Portal, audit: AuditTrail,
                  buckets: TokenBuckets | None, max_body_bytes: int,
-                 trusted_proxies: frozenset[str]) -> None:
+                 trusted_proxies: frozenset[str],
+                 key_failures: FailedKeyThrottle | None = None) -> None:
         self.prefix = prefix
+        self._key_failures = key_failures
         self.routes: list[Route] = []
         self._portal = portal
         self._audit = audit
@@ -204,12 +207,16 @@ class RouteTable:
             interface: Any = IAdminPrincipal
         else:
             creds, interface = APIKeyCredentials(token), IPrincipal
+        attempt = (await self._key_failures.admit(ctx.remote_addr, token)
+                   if self._key_failures is not None else None)
         try:
             _, avatar, _ = await self._portal.login(creds, None, interface)
         except UnauthorizedLogin as exc:
             if isinstance(exc, RefusedKey) and exc.org_id:  # file it with the key's tenant
                 ctx.details.update(org_id=exc.org_id, key_state=exc.state)
                 ctx.target_id = exc.key_id
+            elif self._key_failures is not None:  # a key nobody ever held: a guess
+                await self._key_failures.unknown_key(attempt)
             raise errors.Unauthenticated("The key is unknown, revoked or expired.") from None
         if not isinstance(avatar, Principal | AdminPrincipal):  # AgentPostRealm's avatars
             raise TypeError(f"unexpected avatar {avatar!r}")
