@@ -179,3 +179,19 @@ def test_migration_0010_cleans_rows_stored_before(db_dsn):
                                   ("plain", "hidden")]
     conn.close()
     assert query(db_dsn, "SELECT count(*) FROM attachments") == [(0,)]
+
+
+def test_a_long_references_list_keeps_its_root_and_its_newest_ids():
+    """Threading needs the root (first) and the direct parent (last) of a long
+    References field; the middle is what RFC 5322 3.6.4 lets a client drop."""
+    from agentpost.mail.parse import MAX_MSGIDS, parse_message
+
+    ids = [f"m{n}@example.com" for n in range(150)]  # stored without the brackets
+    raw = ("From: a@example.com\r\nTo: b@example.com\r\nSubject: deep\r\n"
+           "Message-ID: <m150@example.com>\r\nIn-Reply-To: <m149@example.com>\r\n"
+           f"References: {' '.join(f'<{i}>' for i in ids)}\r\n\r\nbody\r\n").encode()
+    parsed = parse_message(raw)
+    assert len(parsed.references) == MAX_MSGIDS
+    assert parsed.references[0] == "m0@example.com"
+    assert parsed.references[-1] == "m149@example.com"
+    assert parsed.references[1:] == ids[-(MAX_MSGIDS - 1):]

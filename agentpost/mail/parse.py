@@ -195,10 +195,19 @@ def _addresses(values: list[str]) -> list[dict[str, str]]:
     return out
 
 
+#: Message-IDs kept of one field. A long References list keeps its first id (the
+#: thread's root) and its last ones (the direct parent and its ancestors), as RFC 5322
+#: 3.6.4 suggests trimming it: threading needs both ends, never the middle.
+MAX_MSGIDS = 100
+
+
 def _msgids(text: str | None) -> list[str]:
     if not text:
         return []
-    return [m for m in _MSGID_RE.findall(header_text(text))][:100]
+    ids: list[str] = _MSGID_RE.findall(header_text(text))
+    if len(ids) > MAX_MSGIDS:
+        ids = ids[:1] + ids[-(MAX_MSGIDS - 1):]
+    return ids
 
 
 _HIDDEN_OPEN = re.compile(r"<(script|style)", re.IGNORECASE)
