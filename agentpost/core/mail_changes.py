@@ -13,10 +13,12 @@ inbox row (storage use) before folder rows (UID/MODSEQ), folders in id order.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from agentpost.core.audit import write_change
 from agentpost.core.context import RequestContext
+from agentpost.mail import keywords
 from agentpost.mail.imapformat import compact_numbers
 from agentpost.model.errors import InvalidRequest, MailboxFull
 from agentpost.model.ids import new_id
@@ -26,7 +28,9 @@ from agentpost.storage.database import Txn
 
 #: Columns a flag change may set: the IMAP system flags, read state and labels.
 FLAG_COLUMNS = mail_store.FLAG_COLUMNS
-MAX_LABELS = 50
+#: Labels per message (what the API shows); IMAP-only keywords have a cap of their own,
+#: keywords.MAX_IMAP_KEYWORDS (agentpost.mail.keywords says which is which).
+MAX_LABELS = keywords.MAX_LABELS
 
 FlagChange = tuple[dict[str, Any], dict[str, Any]]
 
@@ -42,14 +46,44 @@ def _org(ctx: RequestContext) -> str:
     return principal.org_id
 
 
+def imap_keywords(flags: Iterable[str]) -> dict[str, str]:
+    """The keywords among IMAP flags (STORE, APPEND), folded -> as the client spelled
+    them. Any flag-keyword atom of RFC 3501/9051 is one; others (8-bit, too long) are
+    refused here, before anything is locked."""
+    try:
+        return keywords.parse(flags)
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"{str(exc)[:40]!r} cannot be a keyword: keywords are 1-"
+            f"{keywords.MAX_KEYWORD_CHARS} ASCII atom characters.", field="flags") from None
+
+
+def check_keyword_caps(stored: Iterable[str]) -> None:
+    """The caps on a new message's folded keywords (IMAP APPEND): MAX_LABELS labels and
+    keywords.MAX_IMAP_KEYWORDS IMAP-only keywords, counted apart."""
+    problem = keywords.cap_problem(stored)
+    if problem is not None:
+        raise InvalidRequest(problem, field="labels")
+
+
 def _check_label_count(changes: list[FlagChange]) -> None:
-    """The label cap holds whichever door adds labels (IMAP keywords are labels); a
-    message already over it may still lose some."""
+    """The caps hold whichever door adds keywords: at most MAX_LABELS labels (what the
+    API shows) and, apart, keywords.MAX_IMAP_KEYWORDS IMAP-only keywords, so a client's
+    own bookkeeping never eats into the agent's labels. A message already over a cap
+    may still lose some."""
     for row, columns in changes:
         new = columns.get("labels")
-        if new is not None and len(new) > MAX_LABELS and len(new) > len(row["labels"]):
+        if new is None:
+            continue
+        new_labels, new_others = keywords.split(new)
+        old_labels, old_others = keywords.split(row["labels"])
+        if len(new_labels) > MAX_LABELS and len(new_labels) > len(old_labels):
             raise InvalidRequest(f"A message holds at most {MAX_LABELS} labels.",
                                  field="labels")
+        if (len(new_others) > keywords.MAX_IMAP_KEYWORDS
+                and len(new_others) > len(old_others)):
+            raise InvalidRequest(f"A message holds at most {keywords.MAX_IMAP_KEYWORDS} "
+                                 "IMAP-only keywords.", field="labels")
 
 
 async def change_flags(txn: Txn, ctx: RequestContext, changes: list[FlagChange], *,

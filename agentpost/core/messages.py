@@ -5,8 +5,7 @@ Every change here goes through core.mail_changes, the implementation IMAP uses t
 from __future__ import annotations
 
 import builtins
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import threads
@@ -15,28 +14,59 @@ from agentpost.core import mail_changes
 from agentpost.core.audit import AuditTrail
 from agentpost.core.blobrefs import BlobCollector
 from agentpost.core.context import RequestContext
+from agentpost.mail import keywords
 from agentpost.mail.reply import extract_new_text
 from agentpost.model.errors import InvalidRequest, NotFound
 from agentpost.storage import inboxes as inbox_store
+from agentpost.storage import keywords as keyword_store
 from agentpost.storage import mail as mail_store
 from agentpost.storage.blobs import BlobStore
 from agentpost.storage.database import Database, Txn
 
-_LABEL_RE = re.compile(r"^[a-z0-9][a-z0-9_\-:./]{0,63}$")
 MAX_LABELS = mail_changes.MAX_LABELS
+#: Longest folder name the ``folder=`` filter takes (IMAP's own limit).
+_MAX_FOLDER_CHARS = 200
+_MAX_MESSAGE_ID_CHARS = 998
 
 
 def check_labels(labels: list[str]) -> list[str]:
-    """Labels are lowercase strings of a safe alphabet (they are IMAP keywords too)."""
+    """Labels made through the API keep the API's rules: lowercase strings of a safe
+    alphabet, and not a name IMAP clients use for their own bookkeeping (each name has
+    one meaning, whichever door sets it: agentpost.mail.keywords). Every label is an
+    IMAP keyword as it is."""
     out = []
     for label in labels:
-        if not isinstance(label, str) or not _LABEL_RE.match(label):
-            raise InvalidRequest(
-                "labels are 1-64 lowercase letters, digits and _-:./, starting with a letter "
-                "or digit.", field="labels")
+        problem = keywords.label_problem(label)
+        if problem is not None:
+            raise InvalidRequest(problem, field="labels")
         if label not in out:
             out.append(label)
     return out
+
+
+def check_folder_filter(name: str | None) -> str | None:
+    """The ``folder=`` filter: an IMAP folder name (INBOX in any case)."""
+    if name is None:
+        return None
+    if not name or len(name) > _MAX_FOLDER_CHARS or any(ord(c) < 0x20 for c in name):
+        raise InvalidRequest(f"folder is a folder name of 1-{_MAX_FOLDER_CHARS} characters.",
+                             field="folder")
+    return "INBOX" if name.upper() == "INBOX" else name
+
+
+def check_message_id_filter(value: str | None) -> str | None:
+    """The ``message_id=`` filter: a Message-ID with or without its angle brackets, as
+    messages' ``message_id`` shows it (without)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.startswith("<") and value.endswith(">"):
+        value = value[1:-1]
+    if not value or len(value) > _MAX_MESSAGE_ID_CHARS or any(
+            c.isspace() or c in "<>" for c in value):
+        raise InvalidRequest("message_id is a Message-ID (id-left@id-right).",
+                             field="message_id")
+    return value
 
 
 class Messages:
@@ -60,18 +90,24 @@ class Messages:
 
     async def list(self, ctx: RequestContext, inbox_id: str, *, thread_id: str | None,
                    labels: list[str] | None, before: Any, after: Any, unread: bool | None,
-                   after_id: str | None, limit: int) -> list[dict[str, Any]]:
-        """Messages newest first (limit + 1 rows)."""
+                   after_id: str | None, limit: int, folder: str | None = None,
+                   message_id: str | None = None) -> list[dict[str, Any]]:
+        """Messages newest first (limit + 1 rows). ``folder`` (an IMAP folder name) tells
+        archived, trashed and draft messages apart; ``message_id`` (the RFC 5322 header)
+        finds every copy of one message, which a client's COPY+EXPUNGE move gives a new
+        API id."""
         p = ctx.org_principal
         p.require("messages:read")
         ctx.target_id = inbox_id
+        folder = check_folder_filter(folder)
+        message_id = check_message_id_filter(message_id)
 
         async def txn_fn(txn: Txn) -> list[dict[str, Any]]:
             await self._inbox(txn, ctx, inbox_id)
             return await mail_store.list_messages(
                 txn, p.org_id, p.environment_ids, inbox_id, thread_id=thread_id,
                 labels=labels, before=before, after=after, unread=unread, after_id=after_id,
-                limit=limit + 1)
+                limit=limit + 1, folder=folder, message_id=message_id)
 
         return await self._db.run_interaction("messages.list", txn_fn)
 
@@ -119,7 +155,8 @@ class Messages:
         raise NotFound()
 
     async def _change(self, ctx: RequestContext, message_id: str, desc: str,
-                      mutate: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+                      mutate: Callable[[dict[str, Any]], dict[str, Any]],
+                      added: Sequence[str] = ()) -> dict[str, Any]:
         p = ctx.org_principal
         p.require("messages:write")
         ctx.target_id = message_id
@@ -131,6 +168,8 @@ class Messages:
                 raise NotFound()
             ctx.environment_id = msg["environment_id"]
             changes = mutate(msg)
+            if changes and added:  # first seen here: IMAP shows them as the API spells them
+                await keyword_store.remember(txn, p.org_id, msg["inbox_id"], added)
             await mail_changes.change_flags(txn, ctx, [(msg, changes)] if changes else [])
             msg = await mail_store.get_message(txn, p.org_id, p.environment_ids, message_id)
             assert msg is not None  # locked FOR UPDATE above: still there
@@ -154,7 +193,8 @@ class Messages:
             new = sorted(set(m["labels"]) | set(labels))  # the cap: mail_changes
             return {"labels": new} if new != sorted(m["labels"]) else {}
 
-        return await self._change(ctx, message_id, "messages.labels.add", mutate)
+        return await self._change(ctx, message_id, "messages.labels.add", mutate,
+                                  added=labels)
 
     async def remove_labels(self, ctx: RequestContext, message_id: str,
                             labels: builtins.list[str]) -> dict[str, Any]:
@@ -230,6 +270,8 @@ class Messages:
             if thread is None:
                 raise NotFound()
             ctx.environment_id = thread["environment_id"]
+            if add:  # first seen here: IMAP shows them as the API spells them
+                await keyword_store.remember(txn, p.org_id, thread["inbox_id"], labels)
             changes = []
             for msg in await mail_store.thread_message_ids(txn, p.org_id, thread_id):
                 current = set(msg["labels"])

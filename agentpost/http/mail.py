@@ -82,7 +82,8 @@ def add_mail_routes(table: RouteTable, messages: Messages, filters: FilterRules)
             ctx, inbox_id, thread_id=arg(request, "thread_id"), labels=_labels_arg(request),
             before=time_arg(request, "before"), after=time_arg(request, "after"),
             unread=_bool_arg(request, "unread"),
-            after_id=decode_token(arg(request, "page_token")), limit=limit)
+            after_id=decode_token(arg(request, "page_token")), limit=limit,
+            folder=arg(request, "folder"), message_id=arg(request, "message_id"))
         return 200, listing(rows, limit, views.message_summary)
 
     async def get_message(ctx: RequestContext, request: IRequest, body: Body,
@@ -180,7 +181,11 @@ def add_mail_routes(table: RouteTable, messages: Messages, filters: FilterRules)
                                      ("labels", "comma-separated; all must be present"),
                                      ("before", "received before (RFC 3339)"),
                                      ("after", "received after (RFC 3339)"),
-                                     ("unread", "true or false")]),
+                                     ("unread", "true or false"),
+                                     ("folder", "only this IMAP folder (INBOX, Sent, Drafts, "
+                                                "Trash, Junk, or one's own, e.g. Archive)"),
+                                     ("message_id", "only copies of this RFC 5322 "
+                                                    "Message-ID (with or without <>)")]),
         Route("GET", msg, "messages.get", get_message, "A message with bodies",
               response=s.ref("Message"), tag="Messages"),
         Route("GET", msg + "/raw", "messages.raw", raw_message,

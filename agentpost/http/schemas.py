@@ -279,6 +279,14 @@ _MESSAGE_PROPS = {
     "message_id": _STR_NULL, "in_reply_to": _STR_NULL,
     "references": {"type": "array", "items": {"type": "string"}},
     "labels": {"type": "array", "items": {"type": "string"}},
+    # Keywords IMAP clients set for themselves ($Forwarded, Old, NonJunk...), folded;
+    # read-only here (agentpost.mail.keywords).
+    "imap_keywords": {"type": "array", "items": {"type": "string"}},
+    # The IMAP folder the message is in (one message, one folder) and its special use.
+    "folder": {"type": "string"},
+    "folder_role": {"type": ["string", "null"],
+                    "enum": ["inbox", "sent", "drafts", "trash", "junk", "archive", "all",
+                             "flagged", "important", None]},
     "read": {"type": "boolean"}, "flagged": {"type": "boolean"},
     "has_attachments": {"type": "boolean"}, "size": {"type": "integer"},
     "preview": {"type": "string"},
@@ -289,7 +297,8 @@ _MESSAGE_PROPS = {
 COMPONENTS["MessageSummary"] = {
     "type": "object",
     "required": ["id", "inbox_id", "thread_id", "direction", "subject", "from_address",
-                 "to_addresses", "labels", "read", "has_attachments", "received_at"],
+                 "to_addresses", "labels", "imap_keywords", "folder", "folder_role", "read",
+                 "has_attachments", "received_at"],
     "properties": {k: v for k, v in _MESSAGE_PROPS.items()
                    if k not in ("text_body", "html_body", "extracted_text", "attachments")},
 }

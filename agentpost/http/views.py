@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from agentpost.mail import keywords
+
 
 def ts(value: datetime | None) -> str | None:
     """RFC 3339 in UTC with a Z."""
@@ -83,8 +85,15 @@ def attachment(row: dict[str, Any], message_id: str) -> dict[str, Any]:
             "content_id": row["content_id"], "disposition": row["disposition"]}
 
 
+def _folder_role(special_use: str | None) -> str | None:
+    return special_use.lstrip("\\").lower() if special_use else None
+
+
 def message_summary(row: dict[str, Any]) -> dict[str, Any]:
-    """A message in a list: everything but the bodies."""
+    """A message in a list: everything but the bodies. ``labels`` are the message's
+    keywords that are labels; the rest (IMAP clients' own, agentpost.mail.keywords) are
+    ``imap_keywords``, folded: shown, never mistaken for an agent's labels."""
+    labels, imap_only = keywords.split(row["labels"])
     return {
         "id": row["id"], "inbox_id": row["inbox_id"], "thread_id": row["thread_id"],
         "environment_id": row["environment_id"], "direction": row["direction"],
@@ -92,7 +101,9 @@ def message_summary(row: dict[str, Any]) -> dict[str, Any]:
         "to_addresses": row["to_addresses"], "cc_addresses": row["cc_addresses"],
         "bcc_addresses": row["bcc_addresses"], "reply_to": row["reply_to"],
         "message_id": row["message_id_header"], "in_reply_to": row["in_reply_to"],
-        "references": list(row["reference_ids"]), "labels": list(row["labels"]),
+        "references": list(row["reference_ids"]), "labels": labels,
+        "imap_keywords": imap_only,
+        "folder": row["folder_name"], "folder_role": _folder_role(row["folder_special_use"]),
         "read": row["seen"], "flagged": row["flagged"],
         "has_attachments": row["has_attachments"], "size": row["size"],
         "preview": row["preview"], "sent_at": ts(row["sent_at"]),
@@ -114,7 +125,8 @@ def thread(row: dict[str, Any]) -> dict[str, Any]:
     body = {"id": row["id"], "inbox_id": row["inbox_id"],
             "environment_id": row["environment_id"], "subject": row["subject"],
             "message_count": row["message_count"],
-            "last_message_at": ts(row["last_message_at"]), "labels": list(row["labels"]),
+            "last_message_at": ts(row["last_message_at"]),
+            "labels": keywords.split(row["labels"])[0],
             "participants": list(row["participants"] or []),
             "created_at": ts(row["created_at"])}
     if "messages" in row:

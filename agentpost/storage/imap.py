@@ -3,27 +3,44 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from datetime import date, datetime, time, timedelta
 from typing import Any
 
 import psycopg2.errors
 
+from agentpost.mail import keywords as kw
 from agentpost.model.errors import Conflict
 from agentpost.storage.database import Txn
+from agentpost.storage.keywords import SPELLINGS_COLUMN
 from agentpost.storage.mail import mark_expunged, notify_folder
 
 SYSTEM_FLAGS = {"\\Seen": "seen", "\\Flagged": "flagged", "\\Answered": "answered",
                 "\\Draft": "draft", "\\Deleted": "deleted"}
-_META = "uid, modseq, seen, flagged, answered, draft, deleted, labels"
+#: What a session needs of a message: UID, MODSEQ and flags (keywords folded in
+#: ``labels``, their first-seen spellings in ``keyword_spellings``).
+_META = ("uid, modseq, seen, flagged, answered, draft, deleted, labels, "
+         + SPELLINGS_COLUMN)
 
 
-def flags_of(row: dict[str, Any]) -> frozenset[str]:
-    """IMAP flags of a message row: system flags from columns, keywords from labels.
+def flags_of(row: dict[str, Any],
+             spellings: Mapping[str, str] | None = None) -> frozenset[str]:
+    """IMAP flags of a message row: system flags from columns, keywords from the folded
+    ``labels`` shown in the inbox's first-seen spelling (the row's
+    ``keyword_spellings``, and ``spellings`` -- folded -> spelling, from
+    storage.keywords.remember -- for keywords a change has just added to the row).
 
     A folder has few distinct flag combinations, so equal sets are one shared object
     (a session selecting 10,000 messages kept 10,000 frozensets of ~200 bytes each)."""
+    labels = tuple(row["labels"])
+    if labels:
+        known = {kw.fold(s): s for s in row.get("keyword_spellings") or ()}
+        if spellings:
+            known.update(spellings)
+        if known:
+            labels = tuple(kw.spell(labels, known))
     return _flag_set(row["seen"], row["flagged"], row["answered"], row["draft"],
-                     row["deleted"], tuple(row["labels"]))
+                     row["deleted"], labels)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -286,8 +303,8 @@ def search_sql(key: tuple[Any, ...], params: list[Any]) -> str:
         if col is None:  # \Recent and unknown system flags: nothing is stored for them
             return "FALSE" if key[2] else "TRUE"
         return col if key[2] else f"NOT {col}"
-    if op == "keyword":
-        params.append(key[1].lower())
+    if op == "keyword":  # stored folded (agentpost.mail.keywords): equality after folding
+        params.append(kw.fold(key[1]))
         return "(%s = ANY(labels))" if key[2] else "(NOT %s = ANY(labels))"
     if op == "header":
         name, text = key[1].lower(), key[2]

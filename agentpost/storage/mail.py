@@ -230,7 +230,13 @@ _MSG_COLS = ("id, org_id, environment_id, inbox_id, thread_id, folder_id, uid, m
              "direction, message_id_header, in_reply_to, reference_ids, subject, from_address, "
              "to_addresses, cc_addresses, bcc_addresses, reply_to, sent_at, received_at, "
              "text_body, html_body, extracted_text, preview, size, raw_blob_key, "
-             "has_attachments, labels, seen, flagged, answered, draft, deleted")
+             "has_attachments, labels, seen, flagged, answered, draft, deleted, "
+             # The folder it is in (one message, one folder), for the API's ``folder``:
+             # primary-key probes, no join to rewrite in every query FROM messages.
+             "(SELECT f.name FROM folders f WHERE f.org_id = messages.org_id "
+             " AND f.id = messages.folder_id) AS folder_name, "
+             "(SELECT f.special_use FROM folders f WHERE f.org_id = messages.org_id "
+             " AND f.id = messages.folder_id) AS folder_special_use")
 _MSG_LIST_COLS = _MSG_COLS.replace("text_body, html_body, extracted_text, ", "")
 
 
@@ -336,8 +342,11 @@ def _env_clause(env_ids: frozenset[str] | None) -> tuple[str, list[Any]]:
 async def list_messages(txn: Txn, org_id: str, env_ids: frozenset[str] | None, inbox_id: str,
                         *, thread_id: str | None, labels: list[str] | None, before: Any,
                         after: Any, unread: bool | None, after_id: str | None,
-                        limit: int) -> list[dict[str, Any]]:
-    """Messages of an inbox, newest first, filtered; bodies are not read."""
+                        limit: int, folder: str | None = None,
+                        message_id: str | None = None) -> list[dict[str, Any]]:
+    """Messages of an inbox, newest first, filtered; bodies are not read. ``folder`` is
+    a folder name of the inbox (none such: no messages); ``message_id`` the RFC 5322
+    Message-ID without brackets (indexed: every copy of one message)."""
     env_sql, env_params = _env_clause(env_ids)
     return await txn.fetchall(
         f"SELECT {_MSG_LIST_COLS} FROM messages WHERE org_id = %s AND inbox_id = %s{env_sql} "
@@ -346,9 +355,13 @@ async def list_messages(txn: Txn, org_id: str, env_ids: frozenset[str] | None, i
         "AND (%s::timestamptz IS NULL OR received_at < %s) "
         "AND (%s::timestamptz IS NULL OR received_at > %s) "
         "AND (%s::boolean IS NULL OR seen = NOT %s) "
+        "AND (%s::text IS NULL OR folder_id = (SELECT f.id FROM folders f "
+        "     WHERE f.org_id = %s AND f.inbox_id = %s AND f.name = %s)) "
+        "AND (%s::text IS NULL OR message_id_header = %s) "
         "AND (%s::text IS NULL OR id < %s) ORDER BY id DESC LIMIT %s",
         (org_id, inbox_id, *env_params, thread_id, thread_id, labels, labels, before, before,
-         after, after, unread, unread, after_id, after_id, limit))
+         after, after, unread, unread, folder, org_id, inbox_id, folder, message_id,
+         message_id, after_id, after_id, limit))
 
 
 async def get_message(txn: Txn, org_id: str, env_ids: frozenset[str] | None,

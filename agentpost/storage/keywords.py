@@ -1,0 +1,64 @@
+"""First-seen spellings of IMAP keywords, per inbox (migration 0014).
+
+Messages store keywords case-folded (agentpost.mail.keywords); IMAP shows each in the
+case an inbox first saw it in. The spelling is recorded once, by whichever door stores
+the keyword first, and never changes, so any process may show it without coordination.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from agentpost.mail import keywords
+from agentpost.storage.database import Txn
+
+#: Distinct keywords an inbox remembers a spelling for; a keyword first seen after that
+#: still works, shown folded. Bounds what a client inventing keywords can make us keep.
+MAX_SPELLINGS_PER_INBOX = 1000
+
+#: A select-list item for queries ``FROM messages`` (unaliased): the recorded spellings
+#: of the row's keywords that differ from the folded form (NULL when it has none), for
+#: :func:`agentpost.storage.imap.flags_of`. Most rows have no keyword and cost nothing.
+SPELLINGS_COLUMN = (
+    "CASE WHEN cardinality(messages.labels) = 0 THEN NULL ELSE ARRAY("
+    "SELECT s.spelling FROM keyword_spellings s WHERE s.org_id = messages.org_id "
+    "AND s.inbox_id = messages.inbox_id AND s.keyword = ANY(messages.labels) "
+    "AND s.spelling <> s.keyword) END AS keyword_spellings")
+
+
+async def remember(txn: Txn, org_id: str, inbox_id: str,
+                   spelled: Iterable[str]) -> dict[str, str]:
+    """Record the spelling of keywords this inbox has not seen yet (IMAP flags as the
+    client sent them, or API labels; system flags and non-keywords are skipped) and
+    return folded -> first-seen spelling for all of them that have one. One statement,
+    and none at all without keywords (STORE \\Seen pays nothing)."""
+    given: dict[str, str] = {}
+    for flag in spelled:
+        if not flag.startswith("\\") and keywords.is_keyword(flag):
+            given.setdefault(keywords.fold(flag), flag)
+    if not given:
+        return {}
+    folded = sorted(given)
+    rows = await txn.fetchall(
+        "WITH g(keyword, spelling) AS (SELECT * FROM unnest(%s::text[], %s::text[])), "
+        "known AS (SELECT s.keyword, s.spelling FROM keyword_spellings s "
+        "          WHERE s.org_id = %s AND s.inbox_id = %s AND s.keyword = ANY(%s)), "
+        "ins AS (INSERT INTO keyword_spellings (org_id, inbox_id, keyword, spelling, "
+        "        created_at) "
+        "        SELECT %s, %s, g.keyword, g.spelling, %s FROM g "
+        "        WHERE NOT EXISTS (SELECT 1 FROM known k WHERE k.keyword = g.keyword) "
+        "          AND (SELECT count(*) FROM keyword_spellings s "
+        "               WHERE s.org_id = %s AND s.inbox_id = %s) < %s "
+        "        ON CONFLICT DO NOTHING RETURNING keyword, spelling) "
+        "SELECT keyword, spelling FROM known UNION ALL SELECT keyword, spelling FROM ins",
+        (folded, [given[k] for k in folded], org_id, inbox_id, folded, org_id, inbox_id,
+         txn.now, org_id, inbox_id, MAX_SPELLINGS_PER_INBOX))
+    return {r["keyword"]: r["spelling"] for r in rows}
+
+
+async def spellings(txn: Txn, org_id: str, inbox_id: str) -> dict[str, str]:
+    """Every recorded spelling of an inbox, folded -> first seen."""
+    rows = await txn.fetchall(
+        "SELECT keyword, spelling FROM keyword_spellings WHERE org_id = %s AND inbox_id = %s",
+        (org_id, inbox_id))
+    return {r["keyword"]: r["spelling"] for r in rows}
