@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cafile", default=None)
     p.add_argument("--user", default="bench")
     p.add_argument("--password", default="bench")
-    p.add_argument("--clients", type=int, default=10, help="comma list runs several loads")
+    p.add_argument("--clients", type=int, default=10, help="concurrent clients")
     p.add_argument("--client-list", default=None, help="e.g. 10,50: one run per count")
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--warmup", type=float, default=3.0)
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(attach py-spy)")
     p.add_argument("--py-spy", default=None, metavar="PREFIX",
                    help="(--start-agentpost) py-spy record the server during each run to "
-                        "PREFIX-<run>.svg/.txt")
+                        "PREFIX-<run>.txt")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     return p
 
