@@ -58,46 +58,49 @@ async def test_folders_uids_flags_copy_move_expunge(server):
     for i in range(3):
         await server.deliver(make_message(subject=f"m{i}", msgid=f"<m{i}@x>"),
                              [inbox["email"]])
-    snap = await account.select("inbox")
+    folder, snap = await account.select("inbox")
     assert [m.uid for m in snap.messages] == [1, 2, 3] and snap.uidnext == 4
     assert all("\\Seen" not in m.flags for m in snap.messages)
 
-    rows = await account.fetch(snap.folder_id, [1, 2, 3], FetchWants())
+    rows = await folder.fetch([1, 2, 3], FetchWants())
     assert [r.size for r in rows] == [None, None, None]  # FLAGS-only fetch reads no more
-    rows = await account.fetch(snap.folder_id, [2], FetchWants(size=True, internaldate=True))
-    raw = await account.fetch_raw(snap.folder_id, 2)
+    assert [r.blob_ref for r in rows] == [None, None, None]
+    rows = await folder.fetch([2], FetchWants(size=True, internaldate=True))
+    raw = await folder.read_message(rows[0])  # no content fetched: looked up by UID
     assert rows[0].size == len(raw) and b"Subject: m1" in raw
+    [with_content] = await folder.fetch([2], FetchWants(content=True))
+    assert await folder.read_message(with_content) == raw  # by the row's own blob
+    assert await folder.read_range(with_content, 0, 8) == raw[:8]
 
-    changed, failed = await account.store(snap.folder_id, [1, 2], "+",
-                                          frozenset({"\\Flagged", "urgent"}), None)
+    changed, failed = await folder.store([1, 2], "+", frozenset({"\\Flagged", "urgent"}),
+                                         None)
     assert failed == [] and all({"\\Flagged", "urgent"} <= m.flags for m in changed)
     api_msg = (await server.api.get(f"/api/v1/inboxes/{inbox['id']}/messages?labels=urgent",
                                     key=key)).json["data"]
     assert len(api_msg) == 2 and all(m["flagged"] for m in api_msg)  # keywords are labels
-    stale, failed = await account.store(snap.folder_id, [1], "-", frozenset({"\\Flagged"}),
-                                        unchangedsince=1)
+    stale, failed = await folder.store([1], "-", frozenset({"\\Flagged"}), unchangedsince=1)
     assert failed == [1] and stale == []
 
     await account.create_folder("Projects/2026")
     assert {"Projects", "Projects/2026"} <= {f.name for f in await account.list_folders()}
     with pytest.raises(Conflict):
         await account.create_folder("Projects")
-    validity, pairs = await account.copy(snap.folder_id, [1], "Projects/2026")
+    validity, pairs = await folder.copy([1], "Projects/2026")
     assert pairs == [(1, 1)]
-    validity, pairs = await account.move(snap.folder_id, [3], "Projects")
+    validity, pairs = await folder.move([3], "Projects")
     assert pairs == [(3, 1)]
-    moved = await account.select("Projects")
+    _, moved = await account.select("Projects")
     assert moved.uidvalidity == validity and [m.uid for m in moved.messages] == [1]
 
-    await account.store(snap.folder_id, [2], "+", frozenset({"\\Deleted"}), None)
-    assert await account.expunge(snap.folder_id, None) == [2]
-    after = await account.select("INBOX")
+    await folder.store([2], "+", frozenset({"\\Deleted"}), None)
+    assert await folder.expunge(None) == [2]
+    _, after = await account.select("INBOX")
     assert [m.uid for m in after.messages] == [1]
     with pytest.raises(NotFound):
         await account.append("Nowhere", b"Subject: x\r\n\r\nx\r\n", frozenset(), None)
     uidvalidity, uid = await account.append("Drafts", b"Subject: draft\r\n\r\nbody\r\n",
                                             frozenset({"\\Draft", "\\Seen"}), None)
-    drafts = await account.select("Drafts")
+    _, drafts = await account.select("Drafts")
     assert drafts.uidvalidity == uidvalidity and drafts.messages[0].uid == uid
     assert {"\\Draft", "\\Seen"} <= drafts.messages[0].flags
     await account.rename_folder("Projects", "Archive")
@@ -114,8 +117,8 @@ async def test_search_translates_to_sql(server):
                                       frm="Billing <billing@shop.example>"), [inbox["email"]])
     await server.deliver(make_message(subject="Hello", body="just saying hi\n",
                                       extra_headers=[("X-Priority", "1")]), [inbox["email"]])
-    folder = (await account.select("INBOX")).folder_id
-    await account.store(folder, [2], "+", frozenset({"\\Seen"}), None)
+    folder, _ = await account.select("INBOX")
+    await folder.store([2], "+", frozenset({"\\Seen"}), None)
     cases = [
         (("all",), [1, 2]),
         (("header", "subject", "invoice"), [1]),
@@ -135,7 +138,7 @@ async def test_search_translates_to_sql(server):
         (("and", [("keyword", "x", False), ("modseq", 1)]), [1, 2]),
     ]
     for key, expected in cases:
-        assert await account.search(folder, key) == expected, key
+        assert await folder.search(key) == expected, key
 
 
 @pytest_twisted.ensureDeferred
@@ -159,7 +162,7 @@ async def test_search_dates_in_their_own_zone_whole_address_fields_and_present_h
     ]
     for head in messages:
         await server.deliver(f"{head}\r\nbody\r\n".encode(), [inbox["email"]])
-    folder = (await account.select("INBOX")).folder_id
+    folder, _ = await account.select("INBOX")
     cases = [
         (("senton", date(2024, 1, 1)), [1]),  # 2024-01-02 04:30 UTC
         (("senton", date(2024, 1, 2)), [2]),  # 2024-01-01 22:30 UTC
@@ -183,12 +186,12 @@ async def test_search_dates_in_their_own_zone_whole_address_fields_and_present_h
         (("not", ("header", "subject", "")), [3]),
     ]
     for key, expected in cases:
-        assert await account.search(folder, key) == expected, key
+        assert await folder.search(key) == expected, key
     await account.create_folder("Copies")
-    await account.copy(folder, [1, 2, 3], "Copies")
-    copies = (await account.select("Copies")).folder_id
+    await folder.copy([1, 2, 3], "Copies")
+    copies, _ = await account.select("Copies")
     for key, expected in cases:
-        assert await account.search(copies, key) == expected, key
+        assert await copies.search(key) == expected, key
 
 
 @pytest_twisted.ensureDeferred
@@ -197,11 +200,11 @@ async def test_changes_reach_other_sessions_across_processes(server, db_dsn):
     flag change; changes() then reports EXISTS and FETCH material."""
     account, inbox, key = await _account(server)
     await server.deliver(make_message(msgid="<c1@x>"), [inbox["email"]])
-    snap = await account.select("INBOX")
+    folder, snap = await account.select("INBOX")
     other = Notifier(db_dsn, MAIL_CHANNEL, reactor=reactor, clock=reactor)
     await other.start()
     woken = []
-    cancel = other.watch(str(snap.folder_id), lambda: woken.append(1))
+    cancel = other.watch(str(folder.folder_id), lambda: woken.append(1))
     try:
         await server.deliver(make_message(msgid="<c2@x>"), [inbox["email"]])
         for _ in range(100):
@@ -212,12 +215,11 @@ async def test_changes_reach_other_sessions_across_processes(server, db_dsn):
         msg_id = (await server.api.get(f"/api/v1/inboxes/{inbox['id']}/messages",
                                        key=key)).json["data"][-1]["id"]
         await server.api.patch(f"/api/v1/messages/{msg_id}", {"read": True}, key=key)
-        got = await account.changes(snap.folder_id, [m.uid for m in snap.messages],
-                                    snap.highestmodseq)
+        got = await folder.changes([m.uid for m in snap.messages], snap.highestmodseq)
         assert [m.uid for m in got.new] == [2]
         assert [m.uid for m in got.changed] == [1] and "\\Seen" in got.changed[0].flags
         await server.api.delete(f"/api/v1/messages/{msg_id}", key=key)
-        gone = await account.changes(snap.folder_id, [1, 2], got.highestmodseq)
+        gone = await folder.changes([1, 2], got.highestmodseq)
         assert gone.expunged == [1]
     finally:
         cancel()
@@ -297,19 +299,19 @@ async def test_changes_check_known_uids_only_after_something_left(server):
     for i in range(4):
         await server.deliver(make_message(subject=f"x{i}", msgid=f"<x{i}@x>"),
                              [inbox["email"]])
-    snap = await account.select("INBOX")
+    folder, snap = await account.select("INBOX")
     known, since = [1, 2, 3, 4], snap.highestmodseq
-    quiet = await account.changes(snap.folder_id, known, since)
+    quiet = await folder.changes(known, since)
     assert (quiet.new, quiet.changed, quiet.expunged) == ([], [], [])
 
-    async def raw_changes(since_modseq):  # the storage answer behind account.changes
+    async def raw_changes(since_modseq):  # the storage answer behind folder.changes
         return await server.core.db.run_interaction(
-            "t", imap_store.changes, account.principal.org_id, snap.folder_id, 4, known,
+            "t", imap_store.changes, account.principal.org_id, folder.folder_id, 4, known,
             since_modseq)
 
     assert (await raw_changes(since))["present"] is None  # no UID check was made
-    await account.store(snap.folder_id, [1], "+", frozenset({"\\Flagged"}), None)
-    flagged = await account.changes(snap.folder_id, known, since)
+    await folder.store([1], "+", frozenset({"\\Flagged"}), None)
+    flagged = await folder.changes(known, since)
     assert [m.uid for m in flagged.changed] == [1] and flagged.expunged == []
     assert (await raw_changes(since))["present"] is None  # a flag change is no expunge
     since = flagged.highestmodseq
@@ -319,16 +321,16 @@ async def test_changes_check_known_uids_only_after_something_left(server):
     assert (await server.api.delete(f"/api/v1/messages/{victim['id']}", key=key)).status \
         == 204
     assert (await raw_changes(since))["present"] == {1, 3, 4}  # now the UIDs are checked
-    deleted = await account.changes(snap.folder_id, known, since)
+    deleted = await folder.changes(known, since)
     assert deleted.expunged == [2]
     since, known = deleted.highestmodseq, [1, 3, 4]
-    await account.move(snap.folder_id, [3], "Trash")
-    moved = await account.changes(snap.folder_id, known, since)
+    await folder.move([3], "Trash")
+    moved = await folder.changes(known, since)
     assert moved.expunged == [3]
     since, known = moved.highestmodseq, [1, 4]
-    await account.store(snap.folder_id, [4], "+", frozenset({"\\Deleted"}), None)
-    assert await account.expunge(snap.folder_id, None) == [4]
-    assert (await account.changes(snap.folder_id, known, since)).expunged == [4]
+    await folder.store([4], "+", frozenset({"\\Deleted"}), None)
+    assert await folder.expunge(None) == [4]
+    assert (await folder.changes(known, since)).expunged == [4]
 
 
 @pytest_twisted.ensureDeferred
@@ -338,14 +340,15 @@ async def test_recent_marks_are_claimed_once_in_the_database(server):
     for i in range(2):
         await server.deliver(make_message(subject=f"r{i}", msgid=f"<r{i}@x>"),
                              [inbox["email"]])
-    snap = await account.select("INBOX")
+    folder, _ = await account.select("INBOX")
     status = await account.status("INBOX")
     assert status.recent == 2
-    sizes = [len(await account.fetch_raw(snap.folder_id, uid)) for uid in (1, 2)]
+    rows = await folder.fetch([1, 2], FetchWants(content=True))
+    sizes = [len(await folder.read_message(row)) for row in rows]
     assert status.size == sum(sizes)  # STATUS=SIZE: the stored bytes
-    assert await account.claim_recent(snap.folder_id, 2, False) == 0  # EXAMINE: look only
-    assert await account.claim_recent(snap.folder_id, 2, True) == 0  # first SELECT
-    assert await account.claim_recent(snap.folder_id, 2, True) == 2  # anyone later
+    assert await folder.claim_recent(2, False) == 0  # EXAMINE: look only
+    assert await folder.claim_recent(2, True) == 0  # first SELECT
+    assert await folder.claim_recent(2, True) == 2  # anyone later
     assert (await account.status("INBOX")).recent == 0
     await server.deliver(make_message(subject="r2", msgid="<r2@x>"), [inbox["email"]])
     assert (await account.status("INBOX")).recent == 1

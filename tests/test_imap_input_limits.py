@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentpost.imap import parser, server
+from agentpost.imap import parser, reader, selected
 from agentpost.imap.parser import (
     MAX_NESTING_DEPTH,
     MAX_SEARCH_DEPTH,
@@ -138,7 +138,7 @@ def test_repeated_ranges_cost_one_pass(store, monkeypatch):  # noqa: F811
                 return getattr(bisect, name)(*args)
             return counted
 
-    monkeypatch.setattr(server, "bisect", CountingBisect())
+    monkeypatch.setattr(selected, "bisect", CountingBisect())
     reply = s.cmd("a UID FETCH " + ",".join(["1:*"] * 20_000) + " (FLAGS)")
     assert [line.split(" FETCH")[0] for line in reply[:-1]] == ["* 1", "* 2", "* 3"]
     assert reply[-1] == "a OK FETCH completed"
@@ -161,13 +161,13 @@ def test_many_literals_are_parsed_a_bounded_number_of_times(store, monkeypatch):
     and once whole (APPEND: at most twice more, for the mailbox check)."""
     s = _selected(store)
     parses = []
-    original = server.parse_command
+    original = reader.parse_command
 
     def counting(data):
         parses.append(len(data))
         return original(data)
 
-    monkeypatch.setattr(server, "parse_command", counting)
+    monkeypatch.setattr(reader, "parse_command", counting)
     reply = s.cmd(b"a SEARCH" + b" SUBJECT {1+}\r\nx" * 900)
     assert reply[-1] == "a OK SEARCH completed"
     assert len(parses) == 2

@@ -160,13 +160,14 @@ class FakeAccount:
     async def set_subscribed(self, name: str, subscribed: bool) -> None:
         self._folder(name).subscribed = subscribed
 
-    async def select(self, name: str) -> FolderSnapshot:
+    async def select(self, name: str) -> tuple[FakeFolder, FolderSnapshot]:
         await self._maybe_wait("select", name)
         f = self._folder(name)
         metas = [MessageMeta(u, m.modseq, m.flags) for u, m in sorted(f.messages.items())]
         unseen = [m.uid for m in metas if "\\Seen" not in m.flags]
-        return FolderSnapshot(f.id, f.name, f.uidvalidity, f.uidnext, self.shared.modseq, metas,
-                              unseen[0] if unseen else None)
+        return FakeFolder(self, f.id, f.name), FolderSnapshot(
+            f.name, f.uidvalidity, f.uidnext, self.shared.modseq, metas,
+            unseen[0] if unseen else None)
 
     async def status(self, name: str) -> FolderStatus:
         await self._maybe_wait("status", name)
@@ -193,7 +194,7 @@ class FakeAccount:
                 row.envelope = imapformat.envelope(m.raw)
             if wants.content:
                 row.size = len(m.raw)
-                row.raw_key = f"{folder_id}/{uid}"
+                row.blob_ref = f"{folder_id}/{uid}"
                 row.sections = imapformat.section_map(m.raw)
             rows.append(row)  # bodystructure left None: the server computes it
         return rows
@@ -333,6 +334,57 @@ class FakeAccount:
     def watch(self, folder_id: int, callback: Callable[[], None]) -> Callable[[], None]:
         self.shared.watchers.setdefault(folder_id, []).append(callback)
         return lambda: self.shared.watchers[folder_id].remove(callback)
+
+
+class FakeFolder:
+    """The selected folder's handle (agentpost.imap.interfaces.IMAPFolder): like the
+    real one, the account's folder operations with the folder id filled in (so a test
+    may script the account's methods)."""
+
+    def __init__(self, account: FakeAccount, folder_id: int, name: str) -> None:
+        self.account = account
+        self.folder_id = folder_id
+        self.name = name
+
+    async def fetch(self, uids: list[int], wants: FetchWants) -> list[FetchRow]:
+        return await self.account.fetch(self.folder_id, uids, wants)
+
+    async def read_message(self, row: FetchRow) -> bytes:
+        if row.blob_ref is not None:
+            return await self.account.read_blob(row.blob_ref)
+        return await self.account.fetch_raw(self.folder_id, row.uid)
+
+    async def read_range(self, row: FetchRow, start: int, length: int) -> bytes:
+        return await self.account.read_range(row.blob_ref, start, length)
+
+    async def claim_recent(self, up_to_uid: int, claim: bool) -> int:
+        return await self.account.claim_recent(self.folder_id, up_to_uid, claim)
+
+    async def set_seen(self, uids: list[int]) -> list[MessageMeta]:
+        return await self.account.set_seen(self.folder_id, uids)
+
+    async def store(self, uids: list[int], mode: str, flags: frozenset[str],
+                    unchangedsince: int | None) -> tuple[list[MessageMeta], list[int]]:
+        return await self.account.store(self.folder_id, uids, mode, flags, unchangedsince)
+
+    async def copy(self, uids: list[int], dest: str) -> tuple[int, list[tuple[int, int]]]:
+        return await self.account.copy(self.folder_id, uids, dest)
+
+    async def move(self, uids: list[int], dest: str) -> tuple[int, list[tuple[int, int]]]:
+        return await self.account.move(self.folder_id, uids, dest)
+
+    async def expunge(self, uids: list[int] | None) -> list[int]:
+        return await self.account.expunge(self.folder_id, uids)
+
+    async def search(self, key: tuple[Any, ...],
+                     sort: list[tuple[str, bool]] | None = None) -> list[int]:
+        return await self.account.search(self.folder_id, key, sort)
+
+    async def changes(self, known_uids: list[int], since_modseq: int) -> Changes:
+        return await self.account.changes(self.folder_id, known_uids, since_modseq)
+
+    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        return self.account.watch(self.folder_id, callback)
 
 
 def _matches(key: tuple[Any, ...], uid: int, m: Msg) -> bool:
@@ -1428,3 +1480,19 @@ def test_sort_syntax_and_sequence_numbers(store):
         assert s.cmd(bad)[-1].startswith("s BAD"), bad
     assert s.cmd("s SORT (SIZE) KOI8-R ALL")[-1].startswith("s NO [BADCHARSET")
     assert "SORT" in s.cmd("c CAPABILITY")[0].split()
+
+
+def test_command_table_declares_uid_and_sequence_number_rules():
+    """The dispatcher's rules come from the table: UID may prefix exactly the commands
+    RFC 3501/4315/6851/5256 allow, and EXPUNGE waits during the commands that use
+    sequence numbers (RFC 3501 §7.4.1)."""
+    from agentpost.imap.commands.table import COMMANDS
+
+    assert {n for n, spec in COMMANDS.items() if spec.uid_ok} == {
+        "FETCH", "STORE", "COPY", "MOVE", "SEARCH", "EXPUNGE", "SORT"}
+    assert {n for n, spec in COMMANDS.items() if spec.uses_sequence_numbers} == {
+        "FETCH", "STORE", "SEARCH", "SORT"}
+    assert all(name == spec.name for name, spec in COMMANDS.items())
+    s = Session().login()
+    assert s.cmd("u UID LIST \"\" *") == ["u BAD UID LIST is not a command"]
+    assert s.cmd("u FROB") == ["u BAD Unknown command FROB"]

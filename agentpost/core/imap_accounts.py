@@ -4,6 +4,9 @@ Login goes through the shared twisted.cred portal (username = inbox address, pas
 = an API key of the inbox's organization); the resulting Principal scopes every query.
 Changes go through core.mail_changes (the implementation the API uses) and core.ingest
 (APPEND), which write one audit row per command in the command's transaction.
+
+:class:`InboxAccount` is the inbox (folders, APPEND, quota); SELECT hands the protocol
+an :class:`InboxFolder` bound to one folder, so folder ids and blob keys stay here.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from agentpost.imap.interfaces import (
     FolderSnapshot,
     FolderStatus,
     MessageMeta,
+    SearchKey,
 )
 from agentpost.model.errors import (
     Conflict,
@@ -204,19 +208,21 @@ class InboxAccount:
 
         await self._db.run_interaction("imap.subscribe", txn_fn)
 
-    async def select(self, name: str) -> FolderSnapshot:
-        """SELECT/EXAMINE: the folder and the UID, MODSEQ and flags of every message."""
+    async def select(self, name: str) -> tuple[InboxFolder, FolderSnapshot]:
+        """SELECT/EXAMINE: the folder, bound, and the UID, MODSEQ and flags of every
+        message."""
 
-        async def txn_fn(txn: Txn) -> FolderSnapshot:
+        async def txn_fn(txn: Txn) -> tuple[int, FolderSnapshot]:
             folder = await self._folder(txn, name)
             rows = await imap_store.folder_meta(txn, self._org, folder["id"])
             unseen = next((r["uid"] for r in rows if not r["seen"]), None)
-            return FolderSnapshot(folder["id"], folder["name"], folder["uidvalidity"],
-                                  folder["uidnext"], folder["highestmodseq"],
-                                  [_meta(r) for r in rows], unseen)
+            return folder["id"], FolderSnapshot(folder["name"], folder["uidvalidity"],
+                                                folder["uidnext"], folder["highestmodseq"],
+                                                [_meta(r) for r in rows], unseen)
 
-        return await self._db.run_interaction("imap.select", txn_fn,
-                                              isolation="repeatable read")
+        folder_id, snapshot = await self._db.run_interaction("imap.select", txn_fn,
+                                                             isolation="repeatable read")
+        return InboxFolder(self, folder_id, snapshot.name), snapshot
 
     async def check_folder(self, name: str) -> None:
         """NotFound unless the folder exists."""
@@ -242,7 +248,7 @@ class InboxAccount:
 
     # Messages -------------------------------------------------------------------------
 
-    async def fetch(self, folder_id: int, uids: list[int], wants: FetchWants) -> list[FetchRow]:
+    async def _fetch(self, folder_id: int, uids: list[int], wants: FetchWants) -> list[FetchRow]:
         """Only the columns the FETCH needs (FLAGS alone never reads bodies)."""
         columns = []
         if wants.internaldate:
@@ -263,42 +269,34 @@ class InboxAccount:
                          internaldate=r.get("received_at"), size=r.get("size"),
                          envelope=r.get("imap_envelope"),
                          bodystructure=r.get("imap_bodystructure"), body=r.get("imap_body"),
-                         raw_key=r.get("raw_blob_key"), sections=r.get("imap_sections"))
+                         sections=r.get("imap_sections"), blob_ref=r.get("raw_blob_key"))
                 for r in rows]
 
-    async def claim_recent(self, folder_id: int, up_to_uid: int, claim: bool) -> int:
+    async def _claim_recent(self, folder_id: int, up_to_uid: int, claim: bool) -> int:
         """\\Recent bookkeeping in the folder row, shared by every process."""
         return await self._db.run_interaction("imap.recent", imap_store.claim_recent,
                                               self._org, folder_id, up_to_uid, claim)
 
-    async def read_blob(self, raw_key: str) -> bytes:
-        """A message whose key came from this account's own (org-scoped) FETCH."""
-        return await self._blobs.get_bytes(raw_key)
+    async def _read_message(self, folder_id: int, row: FetchRow) -> bytes:
+        """A fetched message: by the key this account's own (org-scoped) FETCH returned,
+        else looked up by UID."""
+        if row.blob_ref is not None:
+            return await self._blobs.get_bytes(row.blob_ref)
+        return await self._fetch_raw(folder_id, row.uid)
 
-    async def read_range(self, raw_key: str, start: int, length: int) -> bytes:
+    async def _read_range(self, row: FetchRow, start: int, length: int) -> bytes:
         """Part of a message whose key came from this account's own (org-scoped) FETCH."""
-        return await self._blobs.get_range(raw_key, start, length)
+        if row.blob_ref is None:
+            raise InvalidRequest("The message was fetched without its content.")
+        return await self._blobs.get_range(row.blob_ref, start, length)
 
-    async def fetch_raw(self, folder_id: int, uid: int) -> bytes:
+    async def _fetch_raw(self, folder_id: int, uid: int) -> bytes:
         """The stored bytes, exactly."""
         rows = await self._db.run_read("imap.fetch_raw", imap_store.message_ids_for_uids,
                                        self._org, folder_id, [uid])
         if not rows:
             raise NotFound("The message was expunged.")
         return await self._blobs.get_bytes(rows[0]["raw_blob_key"])
-
-    async def set_seen(self, folder_id: int, uids: list[int]) -> list[MessageMeta]:
-        """A non-PEEK body fetch marks messages read."""
-        if not self.can_write:
-            return []
-        changed, _ = await self._store("imap.fetch", folder_id, uids, "+",
-                                       frozenset({"\\Seen"}), None)
-        return changed
-
-    async def store(self, folder_id: int, uids: list[int], mode: str, flags: frozenset[str],
-                    unchangedsince: int | None) -> tuple[list[MessageMeta], list[int]]:
-        """STORE: one new MODSEQ for every message the command changes."""
-        return await self._store("imap.store", folder_id, uids, mode, flags, unchangedsince)
 
     async def _store(self, action: str, folder_id: int, uids: list[int], mode: str,
                      flags: frozenset[str], unchangedsince: int | None
@@ -407,16 +405,6 @@ class InboxAccount:
 
         return await self._db.run_interaction("imap.move" if move else "imap.copy", txn_fn)
 
-    async def copy(self, folder_id: int, uids: list[int],
-                   dest: str) -> tuple[int, list[tuple[int, int]]]:
-        """COPY: new rows in the destination, sharing the stored bytes."""
-        return await self._transfer(folder_id, uids, dest, move=False)
-
-    async def move(self, folder_id: int, uids: list[int],
-                   dest: str) -> tuple[int, list[tuple[int, int]]]:
-        """MOVE: the same message re-homed with a new UID."""
-        return await self._transfer(folder_id, uids, dest, move=True)
-
     async def _delete_uids(self, txn: Txn, ctx: RequestContext, folder_id: int,
                            uids: list[int]) -> list[str]:
         """The API's deletion (mail_changes.delete_messages), audited as ``ctx``."""
@@ -425,7 +413,7 @@ class InboxAccount:
         _describe(ctx, rows)
         return await mail_changes.delete_messages(txn, ctx, rows)
 
-    async def expunge(self, folder_id: int, uids: list[int] | None) -> list[int]:
+    async def _expunge(self, folder_id: int, uids: list[int] | None) -> list[int]:
         """Remove \\Deleted messages; the stored bytes go when nothing else uses them."""
         self._writable()
         freed: list[str] = []
@@ -443,7 +431,7 @@ class InboxAccount:
         await self._collector.collect(freed)
         return expunged
 
-    async def search(self, folder_id: int, key: tuple[Any, ...],
+    async def _search(self, folder_id: int, key: SearchKey,
                      sort: list[tuple[str, bool]] | None = None) -> list[int]:
         """SEARCH (and SORT) translated to SQL."""
         try:
@@ -452,7 +440,7 @@ class InboxAccount:
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
 
-    async def changes(self, folder_id: int, known_uids: list[int],
+    async def _changes(self, folder_id: int, known_uids: list[int],
                       since_modseq: int) -> Changes:
         """What other sessions, the API or delivery changed since the session looked."""
 
@@ -470,8 +458,66 @@ class InboxAccount:
                        [u for u in known_uids if u not in present],
                        highestmodseq=found["highestmodseq"] or since_modseq)
 
-    def watch(self, folder_id: int, callback: Callable[[], None]) -> Callable[[], None]:
+    def _watch(self, folder_id: int, callback: Callable[[], None]) -> Callable[[], None]:
         """Wake-ups for this folder from every process (LISTEN/NOTIFY)."""
         if self._notifier is None:
             return lambda: None
         return self._notifier.watch(str(folder_id), callback)
+
+
+class InboxFolder:
+    """One folder of an inbox, bound at SELECT/EXAMINE (implements
+    agentpost.imap.interfaces.IMAPFolder): the account's folder operations with the
+    folder id filled in, so the protocol never holds it."""
+
+    def __init__(self, account: InboxAccount, folder_id: int, name: str) -> None:
+        self.account = account
+        self.folder_id = folder_id
+        self.name = name
+
+    async def fetch(self, uids: list[int], wants: FetchWants) -> list[FetchRow]:
+        return await self.account._fetch(self.folder_id, uids, wants)
+
+    async def read_message(self, row: FetchRow) -> bytes:
+        return await self.account._read_message(self.folder_id, row)
+
+    async def read_range(self, row: FetchRow, start: int, length: int) -> bytes:
+        return await self.account._read_range(row, start, length)
+
+    async def claim_recent(self, up_to_uid: int, claim: bool) -> int:
+        return await self.account._claim_recent(self.folder_id, up_to_uid, claim)
+
+    async def set_seen(self, uids: list[int]) -> list[MessageMeta]:
+        """A non-PEEK body fetch marks messages read."""
+        if not self.account.can_write:
+            return []
+        changed, _ = await self.account._store("imap.fetch", self.folder_id, uids, "+",
+                                               frozenset({"\\Seen"}), None)
+        return changed
+
+    async def store(self, uids: list[int], mode: str, flags: frozenset[str],
+                    unchangedsince: int | None) -> tuple[list[MessageMeta], list[int]]:
+        """STORE: one new MODSEQ for every message the command changes."""
+        return await self.account._store("imap.store", self.folder_id, uids, mode, flags,
+                                         unchangedsince)
+
+    async def copy(self, uids: list[int], dest: str) -> tuple[int, list[tuple[int, int]]]:
+        """COPY: new rows in the destination, sharing the stored bytes."""
+        return await self.account._transfer(self.folder_id, uids, dest, move=False)
+
+    async def move(self, uids: list[int], dest: str) -> tuple[int, list[tuple[int, int]]]:
+        """MOVE: the same message re-homed with a new UID."""
+        return await self.account._transfer(self.folder_id, uids, dest, move=True)
+
+    async def expunge(self, uids: list[int] | None) -> list[int]:
+        return await self.account._expunge(self.folder_id, uids)
+
+    async def search(self, key: SearchKey,
+                     sort: list[tuple[str, bool]] | None = None) -> list[int]:
+        return await self.account._search(self.folder_id, key, sort)
+
+    async def changes(self, known_uids: list[int], since_modseq: int) -> Changes:
+        return await self.account._changes(self.folder_id, known_uids, since_modseq)
+
+    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        return self.account._watch(self.folder_id, callback)

@@ -3,7 +3,10 @@
 The protocol code (parser, state machine, sequence numbers, response rendering)
 knows nothing of SQL or tenants. After LOGIN/AUTHENTICATE it holds an
 ``IMAPAccount`` (one inbox, checked through the shared twisted.cred portal) and asks
-it for folders, message metadata and bytes. Every method is a coroutine (``async
+it for folders; SELECT/EXAMINE hands it an ``IMAPFolder`` bound to the selected
+folder, which it asks for message metadata and bytes. Folder ids and blob keys stay
+behind these two interfaces: the protocol names folders by name and messages by UID
+(and by the FetchRow a fetch returned). Every method is a coroutine (``async
 def``) awaited inside Deferred-driven code. Failures are domain errors from
 ``agentpost.model.errors`` (NotFound -> NO [NONEXISTENT] or [TRYCREATE] as the
 command requires, Conflict -> [ALREADYEXISTS], Forbidden -> [NOPERM],
@@ -45,9 +48,8 @@ class MessageMeta:
 
 @dataclass
 class FolderSnapshot:
-    """What SELECT/EXAMINE returns: the folder and every message's UID, MODSEQ, flags."""
+    """What SELECT/EXAMINE returns with the folder: every message's UID, MODSEQ, flags."""
 
-    folder_id: int
     name: str
     uidvalidity: int
     uidnext: int
@@ -81,8 +83,10 @@ class FetchRow:
     envelope: str | None = None  # pre-rendered ENVELOPE (see agentpost.mail.imapformat)
     bodystructure: str | None = None  # pre-rendered BODYSTRUCTURE (extensible form)
     body: str | None = None  # pre-rendered BODY (non-extensible form)
-    raw_key: str | None = None  # the stored message, for :meth:`IMAPAccount.read_range`
     sections: str | None = None  # MIME offsets (agentpost.mail.imapformat.section_map)
+    # The backend's own reference to the stored message (set with ``content``); opaque to
+    # the protocol, which hands the row back to IMAPFolder.read_message/read_range.
+    blob_ref: Any = None
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ class FetchWants:
     size: bool = False
     envelope: bool = False
     bodystructure: bool = False
-    content: bool = False  # body sections: raw_key, sections and size
+    content: bool = False  # body sections: blob_ref, sections and size
 
 
 @dataclass
@@ -120,6 +124,60 @@ class Changes:
 SearchKey = tuple[Any, ...]
 
 
+class IMAPFolder(Protocol):
+    """One folder, bound at SELECT/EXAMINE: what a session does with its selected mailbox.
+
+    Every operation names messages by UID; NotFound when the folder itself is gone."""
+
+    name: str  # as selected; APPEND compares it to tell whether to look for news
+
+    async def fetch(self, uids: list[int], wants: FetchWants) -> list[FetchRow]:
+        """Rows for the UIDs that still exist, ascending UID."""
+
+    async def read_message(self, row: FetchRow) -> bytes:
+        """The whole stored message of a fetched row, byte-exact: by its ``blob_ref`` when
+        the fetch asked for content, else looked up by UID (NotFound if expunged
+        meanwhile; KeyError if its bytes were collected meanwhile)."""
+
+    async def read_range(self, row: FetchRow, start: int, length: int) -> bytes:
+        """``length`` bytes from ``start`` of a row fetched with ``content``."""
+
+    async def claim_recent(self, up_to_uid: int, claim: bool) -> int:
+        """The highest UID another session was already told about (RFC 3501 \\Recent);
+        with ``claim`` (SELECT, not EXAMINE), UIDs up to ``up_to_uid`` become this
+        session's: no other session will see them as recent."""
+
+    async def set_seen(self, uids: list[int]) -> list[MessageMeta]:
+        """Add \\Seen (a non-PEEK body fetch); returns the messages whose flags changed."""
+
+    async def store(self, uids: list[int], mode: str, flags: frozenset[str],
+                    unchangedsince: int | None) -> tuple[list[MessageMeta], list[int]]:
+        """mode is "+", "-" or "" (replace). Returns (messages after the change, UIDs that
+        failed the UNCHANGEDSINCE test)."""
+
+    async def copy(self, uids: list[int], dest: str) -> tuple[int, list[tuple[int, int]]]:
+        """Returns (dest uidvalidity, [(source uid, dest uid)]); NotFound for a missing
+        destination (the protocol answers NO [TRYCREATE])."""
+
+    async def move(self, uids: list[int], dest: str) -> tuple[int, list[tuple[int, int]]]:
+        """As :meth:`copy`, and the messages leave this folder."""
+
+    async def expunge(self, uids: list[int] | None) -> list[int]:
+        """Remove \\Deleted messages (only among ``uids`` when given); returns their UIDs."""
+
+    async def search(self, key: SearchKey,
+                     sort: list[tuple[str, bool]] | None = None) -> list[int]:
+        """Matching UIDs, ascending; with ``sort`` ([(RFC 5256 key, reverse)]) in that
+        order, ties by UID."""
+
+    async def changes(self, known_uids: list[int], since_modseq: int) -> Changes:
+        """What changed since the session last looked (see :class:`Changes`)."""
+
+    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (soon, maybe spuriously) whenever the folder may have changed,
+        in this process or another (PostgreSQL LISTEN/NOTIFY). Returns an unsubscribe."""
+
+
 class IMAPAccount(Protocol):
     """One logged-in inbox."""
 
@@ -139,68 +197,22 @@ class IMAPAccount(Protocol):
 
     async def set_subscribed(self, name: str, subscribed: bool) -> None: ...
 
-    async def select(self, name: str) -> FolderSnapshot: ...
+    async def select(self, name: str) -> tuple[IMAPFolder, FolderSnapshot]:
+        """SELECT/EXAMINE: the folder, bound, and what is in it now."""
 
     async def status(self, name: str) -> FolderStatus: ...
 
     async def check_folder(self, name: str) -> None:
         """NotFound unless the folder exists (one row: APPEND asks before each literal)."""
 
-    async def fetch(self, folder_id: int, uids: list[int], wants: FetchWants) -> list[FetchRow]:
-        """Rows for the UIDs that still exist, ascending UID."""
-
     async def quota(self) -> tuple[int, int]:
         """(bytes the inbox uses, its limit in bytes; 0 when unlimited)."""
-
-    async def claim_recent(self, folder_id: int, up_to_uid: int, claim: bool) -> int:
-        """The highest UID another session was already told about (RFC 3501 \\Recent);
-        with ``claim`` (SELECT, not EXAMINE), UIDs up to ``up_to_uid`` become this
-        session's: no other session will see them as recent."""
-
-    async def read_blob(self, raw_key: str) -> bytes:
-        """A whole stored message by a FetchRow's raw_key (small messages)."""
-
-    async def read_range(self, raw_key: str, start: int, length: int) -> bytes:
-        """``length`` bytes of a stored message from ``start`` (a FetchRow's raw_key)."""
-
-    async def fetch_raw(self, folder_id: int, uid: int) -> bytes:
-        """The whole stored message, byte-exact (NotFound if expunged meanwhile)."""
-
-    async def set_seen(self, folder_id: int, uids: list[int]) -> list[MessageMeta]:
-        """Add \\Seen (a non-PEEK body fetch); returns the messages whose flags changed."""
-
-    async def store(self, folder_id: int, uids: list[int], mode: str, flags: frozenset[str],
-                    unchangedsince: int | None) -> tuple[list[MessageMeta], list[int]]:
-        """mode is "+", "-" or "" (replace). Returns (messages after the change, UIDs that
-        failed the UNCHANGEDSINCE test)."""
 
     async def append(self, folder: str, message: bytes | IO[bytes], flags: frozenset[str],
                      internaldate: datetime | None) -> tuple[int, int]:
         """Store through the single ingest path; returns (uidvalidity, uid). ``message`` is
         the bytes or a binary file at offset 0 (a spool). NotFound when the folder does
         not exist (the protocol answers NO [TRYCREATE])."""
-
-    async def copy(self, folder_id: int, uids: list[int],
-                   dest: str) -> tuple[int, list[tuple[int, int]]]:
-        """Returns (dest uidvalidity, [(source uid, dest uid)])."""
-
-    async def move(self, folder_id: int, uids: list[int],
-                   dest: str) -> tuple[int, list[tuple[int, int]]]: ...
-
-    async def expunge(self, folder_id: int, uids: list[int] | None) -> list[int]:
-        """Remove \\Deleted messages (only among ``uids`` when given); returns their UIDs."""
-
-    async def search(self, folder_id: int, key: SearchKey,
-                     sort: list[tuple[str, bool]] | None = None) -> list[int]:
-        """Matching UIDs, ascending; with ``sort`` ([(RFC 5256 key, reverse)]) in that
-        order, ties by UID."""
-
-    async def changes(self, folder_id: int, known_uids: list[int],
-                      since_modseq: int) -> Changes: ...
-
-    def watch(self, folder_id: int, callback: Callable[[], None]) -> Callable[[], None]:
-        """Call ``callback`` (soon, maybe spuriously) whenever the folder may have changed,
-        in this process or another (PostgreSQL LISTEN/NOTIFY). Returns an unsubscribe."""
 
 
 class IMAPBackend(Protocol):

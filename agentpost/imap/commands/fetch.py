@@ -1,0 +1,381 @@
+"""FETCH and UID FETCH, with CONDSTORE/QRESYNC modifiers (RFC 7162 CHANGEDSINCE, VANISHED).
+
+- **Only what was asked for is read**: :class:`FetchWants` tells the backend which
+  columns the items need, so ``FETCH 1:* (FLAGS)`` never reads bodies.
+- **Byte-exact bodies**: sections are slices of the stored message
+  (:mod:`agentpost.mail.imapformat`), partial ranges included.
+- **Large bodies are streamed**: above the session's ``stream_threshold`` a body
+  section is a byte range of the stored message (the section map written at ingest),
+  sent in chunks that wait for the transport to drain, so memory per FETCH stays at a
+  chunk. Smaller bodies are read a few messages ahead of the one being sent.
+- Each FETCH item has its own small renderer (:data:`_SIMPLE_ITEMS`, :func:`_content`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+
+from agentpost.imap.commands.common import arguments, selected
+from agentpost.imap.errors import Answered
+from agentpost.imap.interfaces import FetchRow, FetchWants, IMAPFolder
+from agentpost.imap.parser import (
+    Command,
+    FetchItem,
+    ParseError,
+    number,
+    parse_fetch_items,
+    parse_seqset,
+    resolve_seqset,
+)
+from agentpost.imap.selected import SelectedMailbox
+from agentpost.imap.states import State
+from agentpost.imap.updates import enable_condstore
+from agentpost.imap.wire import internaldate, literal
+from agentpost.mail import imapformat
+from agentpost.model import errors
+
+if TYPE_CHECKING:
+    from agentpost.imap.server import IMAP4ServerProtocol
+
+log = logging.getLogger(__name__)
+
+#: One read from the blob store while streaming a literal.
+STREAM_CHUNK_BYTES = 256 * 1024
+#: Bodies (each under the stream threshold) read ahead of the FETCH response being sent.
+READ_AHEAD = 8
+
+
+@dataclass(frozen=True)
+class _Range:
+    """Literal bytes to stream from the stored message: ``length`` octets from ``start``."""
+
+    row: FetchRow
+    start: int
+    length: int
+
+
+Segment = bytes | _Range
+
+_WHOLE = imapformat.SectionSpec()
+_RFC822_SPECS = {"RFC822": _WHOLE, "RFC822.HEADER": imapformat.SectionSpec(text="HEADER"),
+                 "RFC822.TEXT": imapformat.SectionSpec(text="TEXT")}
+
+
+def _content_spec(item: FetchItem) -> imapformat.SectionSpec | None:
+    """The body section a FETCH item returns, if it returns one."""
+    if item.section is not None:
+        return item.section
+    return _RFC822_SPECS.get(item.name)
+
+
+# ---------------------------------------------------------------------- the command
+
+async def fetch(session: IMAP4ServerProtocol, command: Command) -> None:
+    view = selected(session)
+    args = arguments(command, 2, 3)
+    requested = parse_seqset(args[0])
+    uids = view.seq_uids(requested, command.uid)
+    items = parse_fetch_items(args[1])
+    changedsince, vanished = (_modifiers(session, command, args[2]) if len(args) == 3
+                              else (None, False))
+    if changedsince is not None or any(i.name == "MODSEQ" for i in items):
+        enable_condstore(session)
+    if changedsince is not None:
+        if vanished:
+            # RFC 7162 §3.2.6: UIDs of the set that are gone, before the FETCHes.
+            gone = view.missing(resolve_seqset(requested, view.top_uid))
+            if gone:
+                session.send(f"* VANISHED (EARLIER) {gone}")
+        uids = [u for u in uids if view.meta[u].modseq > changedsince]
+        if not any(i.name == "MODSEQ" for i in items):
+            items.append(FetchItem("MODSEQ"))
+    if command.uid and not any(i.name == "UID" for i in items):
+        items.insert(0, FetchItem("UID"))
+    if not uids:
+        return
+    await _fetch(session, view, uids, items)
+
+
+def _modifiers(session: IMAP4ServerProtocol, command: Command,
+               mod: Any) -> tuple[int | None, bool]:
+    """(CHANGEDSINCE modseq, VANISHED) of ``FETCH set items (modifiers)``."""
+    if not isinstance(mod, list) or not mod:
+        raise ParseError("Unknown FETCH modifier")
+    changedsince = None
+    vanished = False
+    i = 0
+    while i < len(mod):
+        name = str(mod[i]).upper()
+        if name == "CHANGEDSINCE" and i + 1 < len(mod):
+            changedsince = number(mod[i + 1], "CHANGEDSINCE")
+            i += 2
+        elif name == "VANISHED" and command.uid and session.qresync:
+            vanished = True
+            i += 1
+        else:
+            raise ParseError("Unknown FETCH modifier")
+    if vanished and changedsince is None:
+        raise ParseError("VANISHED needs CHANGEDSINCE")
+    return changedsince, vanished
+
+
+def _wants(items: list[FetchItem]) -> FetchWants:
+    names = {i.name for i in items}
+    return FetchWants(internaldate="INTERNALDATE" in names, size="RFC822.SIZE" in names,
+                      envelope="ENVELOPE" in names,
+                      bodystructure=bool(names & {"BODY", "BODYSTRUCTURE"}),
+                      content=any(_content_spec(i) is not None for i in items))
+
+
+async def _mark_seen(session: IMAP4ServerProtocol, view: SelectedMailbox, uids: list[int],
+                     items: list[FetchItem]) -> set[int]:
+    """A non-PEEK body fetch sets \\Seen (RFC 3501 §6.4.5); the UIDs it changed."""
+    marks_seen = any((i.name == "BODY[]" and not i.peek) or i.name in ("RFC822",
+                                                                       "RFC822.TEXT")
+                     for i in items)
+    seen_now: set[int] = set()
+    if not marks_seen or view.readonly or session.account is None or \
+            not session.account.can_write:
+        return seen_now
+    unseen = [u for u in uids if "\\Seen" not in view.meta[u].flags]
+    if unseen:
+        for meta in await view.folder.set_seen(unseen):
+            if meta.uid in view.meta:
+                view.meta[meta.uid] = meta
+                seen_now.add(meta.uid)
+    return seen_now
+
+
+async def _fetch(session: IMAP4ServerProtocol, view: SelectedMailbox, uids: list[int],
+                 items: list[FetchItem]) -> None:
+    wants = _wants(items)
+    seen_now = await _mark_seen(session, view, uids, items)
+    rows = [r for r in await view.folder.fetch(uids, wants) if r.uid in view.meta]
+    needs_raw = _raw_needed(wants, session.stream_threshold)
+    # Small bodies are read a few messages ahead of the one being sent (each read is a
+    # thread hop or an S3 GET): at most READ_AHEAD bodies under the stream threshold
+    # are in memory at once.
+    reads: dict[int, defer.Deferred[bytes | None]] = {}
+
+    def start(index: int) -> None:
+        if index < len(rows) and index not in reads and needs_raw(rows[index]):
+            reads[index] = defer.ensureDeferred(_load_raw(view.folder, rows[index]))
+
+    try:
+        for index, row in enumerate(rows):
+            for ahead in range(index, index + READ_AHEAD):
+                start(ahead)
+            raw = None
+            if index in reads:
+                raw = await reads.pop(index)
+                if raw is None:
+                    continue  # expunged meanwhile
+            if session.state is not State.SELECTED:
+                return
+            segments = await _render(session, view, row, raw, items, row.uid in seen_now)
+            if not await _send_segments(session, view.folder, segments):
+                return
+    finally:
+        for d in reads.values():  # the session ended or failed mid-FETCH
+            d.addErrback(lambda _: None)
+            d.cancel()
+
+
+def _raw_needed(wants: FetchWants, threshold: int) -> Callable[[FetchRow], bool]:
+    """Whether a row's whole message must be read: for small bodies, and for what the
+    backend did not pre-render."""
+
+    def needs_raw(row: FetchRow) -> bool:
+        streaming = (wants.content and row.sections is not None
+                     and row.size is not None and row.size > threshold)
+        return (wants.content and not streaming) or \
+            (wants.envelope and row.envelope is None) or \
+            (wants.bodystructure and (row.bodystructure is None or row.body is None))
+
+    return needs_raw
+
+
+async def _send_segments(session: IMAP4ServerProtocol, folder: IMAPFolder,
+                         segments: list[Segment]) -> bool:
+    """Write one message's response; False once the session has ended."""
+    for segment in segments:
+        if isinstance(segment, _Range):
+            try:
+                await _stream_range(session, folder, segment)
+            except Exception:
+                # The literal's length is on the wire: no answer can follow a short
+                # literal, so the only honest move is to hang up.
+                log.exception("imap %s: streaming a body failed; disconnecting",
+                              session.session_id)
+                session.close()
+                raise Answered() from None
+        else:
+            session.write(segment)
+        await session.drain()
+        if session.state is State.LOGOUT:
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------- reading bodies
+
+async def _load_raw(folder: IMAPFolder, row: FetchRow) -> bytes | None:
+    """The stored message (None if expunged meanwhile)."""
+    try:
+        return await folder.read_message(row)
+    except (errors.NotFound, KeyError):  # KeyError: BlobNotFound, collected meanwhile
+        return None
+
+
+async def _stream_range(session: IMAP4ServerProtocol, folder: IMAPFolder,
+                        rng: _Range) -> None:
+    """Send a literal's bytes from the blob store a chunk at a time, waiting whenever
+    the transport's buffer is full: a 50 MB message never sits in memory, and a slow
+    client slows the reads instead of growing the buffer."""
+    pos, left = rng.start, rng.length
+    while left > 0:
+        chunk = await folder.read_range(rng.row, pos, min(left, STREAM_CHUNK_BYTES))
+        if not chunk:  # the blob is shorter than recorded: never send a short literal
+            raise errors.StorageFailure()
+        if session.state is State.LOGOUT:
+            return
+        session.write(chunk)
+        pos += len(chunk)
+        left -= len(chunk)
+        await session.drain()
+
+
+async def _content(folder: IMAPFolder, row: FetchRow, raw: bytes | None,
+                   spec: imapformat.SectionSpec) -> list[Segment]:
+    """The literal of one body section: sliced from ``raw``, or planned from the
+    section map and streamed (HEADER.FIELDS reads just that header)."""
+    if raw is not None:
+        return [literal(imapformat.section(raw, spec))]
+    assert row.sections is not None
+    plan = imapformat.plan_section(row.sections, spec)
+    if plan.fields is not None:
+        header = await folder.read_range(row, plan.start, plan.length)
+        data = imapformat.filter_header_fields(header, *plan.fields)
+        if spec.partial is not None:
+            data = data[spec.partial[0]:spec.partial[0] + spec.partial[1]]
+        return [literal(data)]
+    start, end = plan.start, plan.end
+    if spec.partial is not None:
+        start = min(end, start + spec.partial[0])
+        end = min(end, start + spec.partial[1])
+    length = end - start
+    if length <= STREAM_CHUNK_BYTES:
+        data = await folder.read_range(row, start, length) if length else b""
+        if len(data) != length:
+            raise errors.StorageFailure()
+        return [literal(data)]
+    return [b"{%d}\r\n" % length, _Range(row, start, length)]
+
+
+# ---------------------------------------------------------------------- rendering
+
+def _size(view: SelectedMailbox, row: FetchRow, raw: bytes | None) -> bytes:
+    return b"RFC822.SIZE %d" % (row.size if row.size is not None else len(raw or b""))
+
+
+def _envelope(view: SelectedMailbox, row: FetchRow, raw: bytes | None) -> bytes:
+    env = row.envelope if row.envelope is not None else imapformat.envelope(raw or b"")
+    return b"ENVELOPE " + env.encode("utf-8")
+
+
+def _bodystructure(view: SelectedMailbox, row: FetchRow, raw: bytes | None) -> bytes:
+    bs = row.bodystructure if row.bodystructure is not None else \
+        imapformat.bodystructure(raw or b"", True)
+    return b"BODYSTRUCTURE " + bs.encode("utf-8")
+
+
+def _body(view: SelectedMailbox, row: FetchRow, raw: bytes | None) -> bytes:
+    body = row.body if row.body is not None else imapformat.bodystructure(raw or b"", False)
+    return b"BODY " + body.encode("utf-8")
+
+
+def _flags(view: SelectedMailbox, row: FetchRow, raw: bytes | None) -> bytes:
+    return b"FLAGS " + view.flags_text(row.uid, row.flags).encode()
+
+
+#: The items that are not body sections, each rendered from the row (and the message
+#: when the backend did not pre-render it).
+_SIMPLE_ITEMS: dict[str, Callable[[SelectedMailbox, FetchRow, bytes | None], bytes]] = {
+    "UID": lambda view, row, raw: b"UID %d" % row.uid,
+    "FLAGS": _flags,
+    "MODSEQ": lambda view, row, raw: b"MODSEQ (%d)" % row.modseq,
+    "INTERNALDATE": lambda view, row, raw: b"INTERNALDATE " +
+    internaldate(row.internaldate).encode(),
+    "RFC822.SIZE": _size,
+    "ENVELOPE": _envelope,
+    "BODYSTRUCTURE": _bodystructure,
+    "BODY": _body,
+}
+
+
+async def _item(view: SelectedMailbox, row: FetchRow, raw: bytes | None,
+                item: FetchItem) -> list[Segment] | None:
+    """One item's part of the response (None for an item that renders nothing)."""
+    simple = _SIMPLE_ITEMS.get(item.name)
+    if simple is not None:
+        return [simple(view, row, raw)]
+    spec = _content_spec(item)
+    if spec is None:
+        return None
+    if item.section is not None:
+        label = "BODY[" + item.section.render() + "]"
+        if item.section.partial is not None:
+            label += f"<{item.section.partial[0]}>"
+    else:
+        label = item.name
+    return [label.encode("utf-8") + b" ", *await _content(view.folder, row, raw, spec)]
+
+
+async def _render(session: IMAP4ServerProtocol, view: SelectedMailbox, row: FetchRow,
+                  raw: bytes | None, items: list[FetchItem],
+                  add_flags: bool) -> list[Segment]:
+    """``* n FETCH (...)`` for one message; ``add_flags`` when this FETCH set \\Seen."""
+    parts: list[list[Segment]] = []
+    done: set[str] = set()
+    if add_flags and session.condstore and not any(i.name == "UID" for i in items):
+        # The implicit \Seen change is reported like a STORE's: with UID and MODSEQ
+        # once CONDSTORE is on (RFC 7162 §3.1).
+        parts.append([b"UID %d" % row.uid])
+        done.add("UID")
+    for item in items:
+        key = item.name if item.section is None else "BODY[" + item.section.render() + "]"
+        if key in done and item.section is None:
+            continue
+        done.add(key)
+        part = await _item(view, row, raw, item)
+        if part is not None:
+            parts.append(part)
+    if add_flags and "FLAGS" not in done:
+        parts.append([_flags(view, row, raw)])
+        done.add("FLAGS")
+    if session.condstore and "FLAGS" in done and "MODSEQ" not in done:
+        # With CONDSTORE on, FLAGS always travel with their MODSEQ (RFC 7162 §3.1).
+        parts.append([b"MODSEQ (%d)" % row.modseq])
+    out: list[Segment] = [b"* %d FETCH (" % view.seq(row.uid)]
+    for i, part in enumerate(parts):
+        if i:
+            out.append(b" ")
+        out += part
+    out.append(b")\r\n")
+    return _coalesce(out)
+
+
+def _coalesce(segments: list[Segment]) -> list[Segment]:
+    """Neighbouring byte strings joined: one write per small response."""
+    merged: list[Segment] = []
+    for segment in segments:
+        if isinstance(segment, bytes) and merged and isinstance(merged[-1], bytes):
+            merged[-1] += segment
+        else:
+            merged.append(segment)
+    return merged

@@ -1,0 +1,220 @@
+"""LIST and LSUB, with LIST-EXTENDED (RFC 5258) selection and return options, several
+patterns, SPECIAL-USE (RFC 6154) and LIST-STATUS (RFC 5819).
+
+The steps, each a function: read the options (:func:`_list_options`), match the
+folder names once (:func:`_match`), add the parents LSUB and RECURSIVEMATCH owe
+(:func:`_add_parents`), then decide and render each folder's line
+(:func:`_attributes`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from agentpost.imap.commands.common import account
+from agentpost.imap.commands.mailboxes import status_items
+from agentpost.imap.interfaces import FolderInfo
+from agentpost.imap.parser import (
+    Atom,
+    Command,
+    ParseError,
+    astring,
+    decode_mailbox,
+    encode_mailbox,
+    mailbox,
+)
+from agentpost.imap.patterns import PatternSet, PatternTooLong
+from agentpost.imap.wire import quote, status_text
+from agentpost.model import errors
+
+if TYPE_CHECKING:
+    from agentpost.imap.server import IMAP4ServerProtocol
+
+_SELECTION_OPTIONS = {"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"}
+_RETURN_OPTIONS = ("SUBSCRIBED", "CHILDREN", "SPECIAL-USE")
+
+
+@dataclass
+class _Options:
+    """One LIST/LSUB command, read."""
+
+    lsub: bool
+    reference: str = ""
+    patterns: list[Any] = field(default_factory=list)
+    select: set[str] = field(default_factory=set)  # LIST-EXTENDED selection options
+    returns: set[str] = field(default_factory=set)  # RETURN options (but STATUS)
+    status_items: list[str] = field(default_factory=list)  # RETURN (STATUS (...))
+
+    @property
+    def verb(self) -> str:
+        return "LSUB" if self.lsub else "LIST"
+
+    @property
+    def only_subscribed(self) -> bool:
+        return self.lsub or "SUBSCRIBED" in self.select
+
+    @property
+    def recursive(self) -> bool:
+        return self.only_subscribed and "RECURSIVEMATCH" in self.select
+
+
+@dataclass
+class _Matched:
+    """The folders to consider and what the subscriptions say about their parents."""
+
+    folders: list[FolderInfo]
+    matched: set[str]  # names the patterns match
+    subscribed_parents: set[str]  # every ancestor of a subscribed folder
+    matched_parents: set[str]  # parents of subscribed folders the patterns match
+    unreached_parents: set[str] = field(default_factory=set)  # LSUB's \Noselect parents
+    missing: set[str] = field(default_factory=set)  # deleted parents of subscriptions
+
+
+async def list_(session: IMAP4ServerProtocol, command: Command) -> None:
+    await _list(session, command, lsub=False)
+
+
+async def lsub(session: IMAP4ServerProtocol, command: Command) -> None:
+    await _list(session, command, lsub=True)
+
+
+async def _list(session: IMAP4ServerProtocol, command: Command, lsub: bool) -> None:
+    options = _list_options(command, lsub)
+    wanted = [decode_mailbox(astring(p, "pattern")) for p in options.patterns]
+    if wanted == [""]:
+        session.send(f'* {options.verb} (\\Noselect) "/" ""')
+        return
+    try:  # linear-time matching, never a regex built from the client's pattern
+        matcher = PatternSet(options.reference + pattern for pattern in wanted)
+    except PatternTooLong as exc:
+        raise ParseError(str(exc)) from exc
+    acct = account(session)
+    found = _match(await acct.list_folders(), matcher)
+    if options.only_subscribed and found.subscribed_parents:
+        _add_parents(found)
+    for folder in found.folders:
+        attrs = _attributes(folder, found, options)
+        if attrs is None:
+            continue
+        wire = quote(encode_mailbox(folder.name))
+        child_info = options.recursive and folder.name in found.subscribed_parents
+        extra = ' ("CHILDINFO" ("SUBSCRIBED"))' if child_info else ""
+        session.send(f'* {options.verb} ({" ".join(attrs)}) "/" {wire}{extra}')
+        if options.status_items and folder.name not in found.missing:
+            try:
+                st = await acct.status(folder.name)
+            except errors.NotFound:
+                continue  # deleted meanwhile
+            session.send(f"* STATUS {wire} ({status_text(st, options.status_items)})")
+
+
+def _list_options(command: Command, lsub: bool) -> _Options:
+    """The reference, the patterns and (LIST only) the LIST-EXTENDED options."""
+    args = list(command.args)
+    options = _Options(lsub)
+    if not lsub and args and isinstance(args[0], list):
+        options.select = {str(o).upper() for o in args.pop(0)}
+        unknown = options.select - _SELECTION_OPTIONS
+        if unknown:
+            raise ParseError(f"Unknown LIST selection option {sorted(unknown)[0]}")
+        if options.select - {"REMOTE"} == {"RECURSIVEMATCH"}:  # RFC 5258 §3: BAD
+            raise ParseError("RECURSIVEMATCH needs another selection option")
+    if not lsub and len(args) == 4 and isinstance(args[2], Atom) and \
+            args[2].upper() == "RETURN":
+        returns = args.pop()
+        args.pop()
+        _return_options(returns, options)
+    if len(args) != 2:
+        raise ParseError(f"Wrong number of arguments for {command.name}")
+    options.reference = mailbox(args[0])
+    options.patterns = args[1] if isinstance(args[1], list) and not lsub else [args[1]]
+    if not options.patterns:
+        raise ParseError("LIST needs a pattern")
+    return options
+
+
+def _return_options(returns: Any, options: _Options) -> None:
+    """LIST ... RETURN (SUBSCRIBED CHILDREN SPECIAL-USE STATUS (items))."""
+    if not isinstance(returns, list):
+        raise ParseError("RETURN needs a list")
+    i = 0
+    while i < len(returns):
+        option = str(returns[i]).upper()
+        if option == "STATUS":
+            if i + 1 >= len(returns) or not isinstance(returns[i + 1], list):
+                raise ParseError("RETURN STATUS needs a list of items")
+            options.status_items = status_items(returns[i + 1])
+            i += 2
+            continue
+        if option not in _RETURN_OPTIONS:
+            raise ParseError(f"Unknown LIST return option {option}")
+        options.returns.add(option)
+        i += 1
+
+
+def _ancestors(name: str) -> list[str]:
+    return [name.rsplit("/", i)[0] for i in range(1, name.count("/") + 1)]
+
+
+def _match(folders: list[FolderInfo], matcher: PatternSet) -> _Matched:
+    """Which names the patterns match, in one pass over each name, which also tells
+    which of its parents match: a parent that no longer exists is not matched again
+    (linear in the names)."""
+    # Every ancestor of a subscribed folder, for RECURSIVEMATCH: one pass, not a
+    # scan of all subscribed names per folder.
+    subscribed_parents = {p for f in folders if f.subscribed for p in _ancestors(f.name)}
+    matched: set[str] = set()
+    matched_parents: set[str] = set()
+    for f in folders:
+        hit, parents = matcher.match_prefixes(f.name, fold_case=f.name == "INBOX")
+        if hit:
+            matched.add(f.name)
+        if f.subscribed:
+            matched_parents.update(parents)
+    return _Matched(folders, matched, subscribed_parents, matched_parents)
+
+
+def _add_parents(found: _Matched) -> None:
+    """LSUB (RFC 3501 §6.3.9): an unsubscribed parent whose subscribed descendant the
+    pattern does not reach ("%") is listed \\Noselect in its place. Subscriptions live
+    on folder rows, so a subscribed name always exists; but DELETE of a parent leaves
+    its children: such a parent is \\NonExistent."""
+    found.unreached_parents = {p for f in found.folders
+                               if f.subscribed and f.name not in found.matched
+                               for p in _ancestors(f.name)}
+    missing = found.subscribed_parents - {f.name for f in found.folders}
+    if missing:
+        found.missing = missing
+        found.matched |= missing & found.matched_parents
+        found.folders = sorted([*found.folders, *(FolderInfo(n, None, False, True)
+                                                  for n in missing)], key=lambda f: f.name)
+
+
+def _attributes(folder: FolderInfo, found: _Matched, options: _Options) -> list[str] | None:
+    """The folder's LIST/LSUB attributes, or None when it is not listed."""
+    if folder.name not in found.matched:
+        return None
+    if "SPECIAL-USE" in options.select and not folder.special_use:
+        return None
+    # RECURSIVEMATCH (RFC 5258 §3.5): CHILDINFO on every listed parent of a
+    # subscribed mailbox, and unsubscribed parents are listed for it.
+    child_info = options.recursive and folder.name in found.subscribed_parents
+    noselect = False
+    if options.only_subscribed and not folder.subscribed and not child_info:
+        if options.lsub and folder.name in found.unreached_parents:
+            noselect = True
+        else:
+            return None
+    attrs = ["\\HasChildren" if folder.has_children else "\\HasNoChildren"]
+    if folder.special_use:
+        attrs.append(folder.special_use)
+    if folder.name in found.missing:
+        attrs.append("\\Noselect" if options.lsub else "\\NonExistent")
+    elif noselect:
+        attrs.append("\\Noselect")
+    if not options.lsub and folder.subscribed and \
+            ("SUBSCRIBED" in options.returns or "SUBSCRIBED" in options.select):
+        attrs.append("\\Subscribed")
+    return attrs
+

@@ -1,0 +1,132 @@
+"""SEARCH (with ESEARCH's RETURN, RFC 4731) and SORT (RFC 5256, SORT=DISPLAY RFC 5957).
+
+Both resolve the parsed key against the session's view (sequence numbers, RECENT)
+with :meth:`SelectedMailbox.resolve_search`, ask the folder, and answer in the
+numbering the command used; SORT is ordered by the backend (in SQL).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from agentpost.imap.commands.common import selected
+from agentpost.imap.errors import no
+from agentpost.imap.parser import Atom, Command, ParseError, astring, parse_search
+from agentpost.imap.selected import SelectedMailbox
+from agentpost.imap.updates import enable_condstore
+from agentpost.imap.wire import quote
+from agentpost.mail import imapformat
+
+if TYPE_CHECKING:
+    from agentpost.imap.server import IMAP4ServerProtocol
+
+_SORT_KEYS = ("ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO", "DISPLAYFROM",
+              "DISPLAYTO")
+_ESEARCH_RETURNS = ("MIN", "MAX", "COUNT", "ALL")
+_CHARSETS = ("UTF-8", "US-ASCII")
+
+
+async def search(session: IMAP4ServerProtocol, command: Command) -> None:
+    view = selected(session)
+    args, returns = _return_options(list(command.args))
+    charset, key = parse_search(args)
+    if charset not in (None, *_CHARSETS):
+        raise no("Unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
+    found, wants_modseq = await _run(session, view, key)
+    numbers = found if command.uid else [view.seq(u) for u in found]
+    if returns is not None:
+        session.send(_esearch(view, command, returns, found, numbers, wants_modseq))
+        return
+    session.send(_numbers_line("SEARCH", view, found, numbers, wants_modseq))
+
+
+def _return_options(args: list[Any]) -> tuple[list[Any], list[str] | None]:
+    """ESEARCH (RFC 4731): RETURN (MIN MAX COUNT ALL); "()" means ALL."""
+    if len(args) >= 2 and isinstance(args[0], Atom) and args[0].upper() == "RETURN":
+        options = args[1]
+        if not isinstance(options, list):
+            raise ParseError("RETURN needs a list")
+        returns = [str(o).upper() for o in options] or ["ALL"]
+        for option in returns:
+            if option not in _ESEARCH_RETURNS:
+                raise ParseError(f"Unknown SEARCH return option {option}")
+        return args[2:], returns
+    return args, None
+
+
+async def _run(session: IMAP4ServerProtocol, view: SelectedMailbox, key: tuple[Any, ...],
+               sort: list[tuple[str, bool]] | None = None) -> tuple[list[int], bool]:
+    """(matching UIDs still in the view, whether the key used MODSEQ)."""
+    wants_modseq = [False]
+    resolved = view.resolve_search(key, wants_modseq)
+    if wants_modseq[0]:
+        enable_condstore(session)
+    if sort is None:
+        found = await view.folder.search(resolved)
+    else:
+        found = await view.folder.search(resolved, sort)
+    return [u for u in found if u in view.meta], wants_modseq[0]
+
+
+def _esearch(view: SelectedMailbox, command: Command, returns: list[str], found: list[int],
+             numbers: list[int], wants_modseq: bool) -> str:
+    text = f"* ESEARCH (TAG {quote(command.tag)})"
+    if command.uid:
+        text += " UID"
+    if numbers:
+        if "MIN" in returns:
+            text += f" MIN {min(numbers)}"
+        if "MAX" in returns:
+            text += f" MAX {max(numbers)}"
+        if "ALL" in returns:
+            text += f" ALL {imapformat.compact_numbers(numbers)}"
+    if "COUNT" in returns:
+        text += f" COUNT {len(numbers)}"
+    if wants_modseq and found:
+        text += f" MODSEQ {view.max_modseq(found)}"
+    return text
+
+
+def _numbers_line(verb: str, view: SelectedMailbox, found: list[int], numbers: list[int],
+                  wants_modseq: bool) -> str:
+    """``* SEARCH 1 2 3 (MODSEQ n)`` or ``* SORT ...``."""
+    text = f"* {verb}" + "".join(f" {n}" for n in numbers)
+    if wants_modseq and found:
+        text += f" (MODSEQ {view.max_modseq(found)})"
+    return text
+
+
+async def sort(session: IMAP4ServerProtocol, command: Command) -> None:
+    """SORT: SEARCH, ordered in SQL."""
+    view = selected(session)
+    args = list(command.args)
+    if len(args) < 3 or not isinstance(args[0], list) or not args[0]:
+        raise ParseError("SORT needs (criteria), a charset and search keys")
+    criteria = _sort_criteria(args[0])
+    charset = astring(args[1], "charset").upper()
+    if charset not in _CHARSETS:
+        raise no("Unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
+    _, key = parse_search(args[2:])
+    found, wants_modseq = await _run(session, view, key, criteria)
+    numbers = found if command.uid else [view.seq(u) for u in found]
+    session.send(_numbers_line("SORT", view, found, numbers, wants_modseq))
+
+
+def _sort_criteria(tokens: list[Any]) -> list[tuple[str, bool]]:
+    """[(sort key, reverse)] of ``(REVERSE DATE SUBJECT)``."""
+    criteria: list[tuple[str, bool]] = []
+    reverse = False
+    for token in tokens:
+        name = str(token).upper()
+        if name == "REVERSE":
+            if reverse:
+                raise ParseError("REVERSE REVERSE")
+            reverse = True
+            continue
+        if name not in _SORT_KEYS:
+            raise ParseError(f"Unknown sort key {name}")
+        criteria.append((name, reverse))
+        reverse = False
+    if reverse or not criteria:
+        raise ParseError("REVERSE must precede a sort key")
+    return criteria

@@ -1,0 +1,55 @@
+"""Small renderers for IMAP response text: quoting, flag lists, INTERNALDATE, literals.
+
+Pure functions, shared by every command module, so that one response element is
+spelled one way whatever command sends it.
+"""
+
+from __future__ import annotations
+
+import functools
+from datetime import UTC, datetime
+from typing import Any
+
+from agentpost.mail import imapformat
+
+#: The system flags every mailbox offers (FLAGS and PERMANENTFLAGS at SELECT).
+SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+#: STATUS data items (RFC 3501, RFC 7162 HIGHESTMODSEQ, RFC 8438 SIZE), also LIST-STATUS's.
+STATUS_ITEMS = ("MESSAGES", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "RECENT", "HIGHESTMODSEQ",
+                "SIZE")
+
+
+def quote(text: str) -> str:
+    """A quoted string (or a literal when the text needs one)."""
+    return imapformat.quote(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def flag_list(flags: frozenset[str], recent: bool) -> str:
+    """``(\\Seen \\Recent label)``: flag sets are shared objects (storage.imap.flags_of),
+    so a 10,000-message FETCH renders each distinct one once."""
+    shown = sorted(flags - {"\\Recent"})
+    if recent:
+        shown.append("\\Recent")
+    return "(" + " ".join(shown) + ")"
+
+
+def internaldate(value: datetime | None) -> str:
+    """INTERNALDATE in UTC, quoted (RFC 3501 date-time)."""
+    value = (value or datetime(1970, 1, 1, tzinfo=UTC)).astimezone(UTC)
+    return (f'"{value.day:02d}-{_MONTHS[value.month - 1]}-{value.year:04d} '
+            f'{value.hour:02d}:{value.minute:02d}:{value.second:02d} +0000"')
+
+
+def literal(data: bytes) -> bytes:
+    """A synchronizing literal: ``{n}`` CRLF and the bytes."""
+    return b"{%d}\r\n" % len(data) + data
+
+
+def status_text(st: Any, items: list[str]) -> str:
+    """The parenthesized STATUS data for ``items`` (already checked against STATUS_ITEMS)."""
+    values = {"MESSAGES": st.messages, "UIDNEXT": st.uidnext, "UIDVALIDITY": st.uidvalidity,
+              "UNSEEN": st.unseen, "RECENT": st.recent,
+              "HIGHESTMODSEQ": st.highestmodseq, "SIZE": st.size}
+    return " ".join(f"{key} {values[key]}" for key in items)
