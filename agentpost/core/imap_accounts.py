@@ -23,7 +23,6 @@ from agentpost.core.audit import write_change
 from agentpost.core.blobrefs import BlobCollector
 from agentpost.core.context import RequestContext
 from agentpost.core.ingest import Ingest, Target
-from agentpost.core.messages import check_labels
 from agentpost.imap.interfaces import (
     Changes,
     FetchRow,
@@ -43,6 +42,7 @@ from agentpost.model.errors import (
 from agentpost.model.ids import new_id
 from agentpost.model.principal import Principal
 from agentpost.storage import imap as imap_store
+from agentpost.storage import keywords as keyword_store
 from agentpost.storage import mail as mail_store
 from agentpost.storage.blobs import BlobStore
 from agentpost.storage.database import Database, Txn
@@ -57,8 +57,8 @@ _MAX_FOLDER_LEN = 200
 _AUDIT_MAX_IDS = 100
 
 
-def _meta(row: dict[str, Any]) -> MessageMeta:
-    return MessageMeta(row["uid"], row["modseq"], imap_store.flags_of(row))
+def _meta(row: dict[str, Any], spellings: dict[str, str] | None = None) -> MessageMeta:
+    return MessageMeta(row["uid"], row["modseq"], imap_store.flags_of(row, spellings))
 
 
 def _check_folder_name(name: str) -> str:
@@ -68,9 +68,10 @@ def _check_folder_name(name: str) -> str:
 
 
 def _split_flags(flags: frozenset[str]) -> tuple[set[str], list[str]]:
+    """System flags, and the keywords folded (agentpost.mail.keywords: any RFC 3501
+    keyword atom; NO on anything else)."""
     system = {f for f in flags if f.startswith("\\")}
-    keywords = check_labels(sorted({f.lower() for f in flags if not f.startswith("\\")}))
-    return system, keywords
+    return system, sorted(mail_changes.imap_keywords(flags))
 
 
 def _describe(ctx: RequestContext, rows: list[dict[str, Any]], **extra: Any) -> None:
@@ -311,6 +312,7 @@ class InboxAccount:
 
         async def txn_fn(txn: Txn) -> tuple[list[MessageMeta], list[int]]:
             await self._folder_id(txn, folder_id)
+            spellings = await keyword_store.remember(txn, self._org, self._inbox_id, flags)
             rows = await imap_store.message_ids_for_uids(txn, self._org, folder_id, uids,
                                                          for_update=True)
             failed = [r["uid"] for r in rows
@@ -322,8 +324,8 @@ class InboxAccount:
             if changes:
                 _describe(ctx, [row for row, _ in changes])
                 modseqs = await mail_changes.change_flags(txn, ctx, changes)
-            out = [_meta({**row, **columns, "modseq": modseqs[row["id"]]} if columns
-                         else row) for row, columns in kept]
+            out = [_meta({**row, **columns, "modseq": modseqs[row["id"]]}, spellings)
+                   if columns else _meta(row) for row, columns in kept]
             return out, failed
 
         return await self._db.run_interaction("imap.store", txn_fn)
@@ -357,8 +359,10 @@ class InboxAccount:
         """APPEND through the single ingest path."""
         self._writable()
         system, keywords = _split_flags(flags)
-        if len(keywords) > mail_changes.MAX_LABELS:  # the cap STORE and the API keep too
-            raise InvalidRequest(f"A message holds at most {mail_changes.MAX_LABELS} labels.")
+        mail_changes.check_keyword_caps(keywords)  # the caps STORE and the API keep too
+        if keywords:  # first seen: its own small transaction, before ingest's
+            await self._db.run_interaction("imap.keywords", keyword_store.remember,
+                                           self._org, self._inbox_id, flags)
         target = Target(self._org, self.inbox["environment_id"], self._inbox_id, self.address)
 
         # RFC 3501: INBOX is case-insensitive; every other name is exact (ingest matches

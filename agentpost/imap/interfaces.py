@@ -14,8 +14,9 @@ TemporaryFailure -> [UNAVAILABLE], Unauthenticated -> [AUTHENTICATIONFAILED],
 InvalidRequest -> [CANNOT] or BAD as appropriate).
 
 Flags are IMAP strings: the system flags ``\\Seen \\Answered \\Flagged \\Deleted
-\\Draft`` and keywords (API labels, lowercase atoms). ``\\Recent`` is computed by
-the protocol layer per session (messages that arrived after SELECT), not stored.
+\\Draft`` and keywords (any atom; agentpost.mail.keywords maps them to API labels).
+``\\Recent`` is computed by the protocol layer per session (messages that arrived
+after SELECT), not stored.
 """
 
 from __future__ import annotations

@@ -348,7 +348,9 @@ def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
 
 SYSTEM_FLAGS = {f.lower(): f for f in
                 ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft", "\\Recent")}
-_KEYWORD_RE = re.compile(r"^[^\x00-\x20(){%*\"\\\]\x7f]+$")
+#: flag-keyword = atom: 7-bit characters, no specials (RFC 3501/9051; 8-bit is BAD here,
+#: not a NO from the store).
+_KEYWORD_RE = re.compile(r"^[^\x00-\x20(){%*\"\\\]\x7f-\U0010ffff]+$")
 
 
 def parse_flags(tokens: list[Token]) -> frozenset[str]:
