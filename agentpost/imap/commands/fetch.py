@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import defer
 
 from agentpost.imap.commands.common import arguments, selected
-from agentpost.imap.errors import Answered
+from agentpost.imap.errors import Answered, no
 from agentpost.imap.interfaces import FetchRow, FetchWants, IMAPFolder
 from agentpost.imap.parser import (
     Command,
@@ -156,6 +156,7 @@ async def _fetch(session: IMAP4ServerProtocol, view: SelectedMailbox, uids: list
     wants = _wants(items)
     seen_now = await _mark_seen(session, view, uids, items)
     rows = [r for r in await view.folder.fetch(uids, wants) if r.uid in view.meta]
+    gone = len(rows) < len(uids)  # expunged by another session, not yet reportable
     needs_raw = _raw_needed(wants, session.stream_threshold)
     # Small bodies are read a few messages ahead of the one being sent (each read is a
     # thread hop or an S3 GET): at most READ_AHEAD bodies under the stream threshold
@@ -174,7 +175,8 @@ async def _fetch(session: IMAP4ServerProtocol, view: SelectedMailbox, uids: list
             if index in reads:
                 raw = await reads.pop(index)
                 if raw is None:
-                    continue  # expunged meanwhile
+                    gone = True  # expunged meanwhile
+                    continue
             if session.state is not State.SELECTED:
                 return
             segments = await _render(session, view, row, raw, items, row.uid in seen_now)
@@ -184,6 +186,10 @@ async def _fetch(session: IMAP4ServerProtocol, view: SelectedMailbox, uids: list
         for d in reads.values():  # the session ended or failed mid-FETCH
             d.addErrback(lambda _: None)
             d.cancel()
+    if gone:
+        # The client still holds these sequence numbers and may not be told of the
+        # expunge during FETCH (RFC 3501 §7.4.1): say so instead of a silent OK.
+        raise no("Some of the requested messages no longer exist", "EXPUNGEISSUED")
 
 
 def _raw_needed(wants: FetchWants, threshold: int) -> Callable[[FetchRow], bool]:
