@@ -43,6 +43,7 @@ from agentpost.http.site import make_site
 from agentpost.jobs.rerender import RenderRefresh
 from agentpost.jobs.retention import RetentionSweep
 from agentpost.listening import listen_tcp, port_number
+from agentpost.outbound.setup import OutboundService
 from agentpost.storage.blobs import BlobStore, LocalBlobStore, S3BlobStore
 from agentpost.storage.database import Database
 from agentpost.storage.keys import KEY_CHANNEL
@@ -66,6 +67,7 @@ class Core:
     audit_log: AuditLog
     retention: RetentionSweep
     rerender: RenderRefresh
+    outbound: OutboundService  # the queue worker (mail out)
     blobs: BlobStore
     ingest: Ingest
     router: Router
@@ -124,6 +126,7 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
         audit_log=AuditLog(db),
         retention=RetentionSweep(db, clock, config.retention),
         rerender=RenderRefresh(db, blobs, clock, reactor),
+        outbound=OutboundService(config, db, blobs, collector, ingest, clock, reactor),
         blobs=blobs,
         ingest=ingest,
         router=Router(db, config.mail.inbox_quota, reserved=reserved,
@@ -193,6 +196,7 @@ class AgentPostService(service.Service):
         self.core.rerender.start()
         await self.core.notifier.start()
         await self.core.live_credentials.start()
+        await self.core.outbound.start()
         if self.config.smtp.mx_enabled:
             self.ports["smtp_mx"] = await self._listen_mx()
         if self.config.imap.enabled:
@@ -329,6 +333,7 @@ class AgentPostService(service.Service):
         self.ports.clear()
         self.core.notifier.stop()
         self.core.live_credentials.stop()
+        await self.core.outbound.stop()
         await self.core.rerender.stop()
         await self.core.retention.stop()
         await self.core.audit.stop()

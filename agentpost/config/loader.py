@@ -24,6 +24,7 @@ from agentpost.config.sections import (
     LoggingSection,
     LoginSection,
     MailSection,
+    OutboundSection,
     RateLimitSection,
     RetentionSection,
     ServerSection,
@@ -65,6 +66,7 @@ class Config:
     imap: IMAPSection = field(default_factory=IMAPSection)
     audit: AuditSection = field(default_factory=AuditSection)
     retention: RetentionSection = field(default_factory=RetentionSection)
+    outbound: OutboundSection = field(default_factory=OutboundSection)
     login: LoginSection = field(default_factory=LoginSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     source: str = "<defaults>"
@@ -167,6 +169,18 @@ def _check(config: Config) -> None:
         raise ConfigError("smtp.max_message_size", "must be at least 1KiB")
     if "@" in config.mail.shared_domain or not config.mail.shared_domain:
         raise ConfigError("mail.shared_domain", "must be a domain name")
+    _check_outbound(config)
+
+
+def _check_outbound(config: Config) -> None:
+    out = config.outbound
+    if out.transport not in ("log",):
+        raise ConfigError("outbound.transport", "must be 'log'")
+    if out.max_lifetime < 60 or out.lease < 10 or out.poll_interval <= 0:
+        raise ConfigError("outbound.max_lifetime", "lifetime >= 1m, lease >= 10s and a "
+                          "positive poll_interval are needed")
+    if not 1 <= out.concurrency <= 256:
+        raise ConfigError("outbound.concurrency", "must be between 1 and 256")
 
 
 def _check_tls_policy(config: Config) -> None:
@@ -272,6 +286,7 @@ __all__ = [
     "LoggingSection",
     "LoginSection",
     "MailSection",
+    "OutboundSection",
     "RateLimitSection",
     "RetentionSection",
     "SMTPSection",

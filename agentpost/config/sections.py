@@ -225,6 +225,25 @@ class RetentionSection:
 
 
 @dataclass
+class OutboundSection:
+    """The outbound queue: how mail leaves, and how long it may keep trying."""
+
+    transport: str = opt(
+        "log", "How mail leaves: 'log' (development: logs it, and writes .eml files to "
+        "log_dir when set).")
+    log_dir: str = opt("", "Directory for the log transport's .eml files (empty: none).")
+    max_lifetime: float = opt(
+        "4d", "How long a message keeps being retried before it bounces.", "duration")
+    lease: float = opt(
+        "5m", "How long a worker holds a message it is handing off; a process that dies "
+        "mid-hand-off delays it this long.", "duration")
+    poll_interval: float = opt(
+        "5s", "How often each process looks for due retries (new mail wakes it at once).",
+        "duration")
+    concurrency: int = opt(8, "Hand-offs one process runs at once.")
+
+
+@dataclass
 class LoginSection:
     """Failed-login allowances of every credential door, shared by all processes."""
 
@@ -258,6 +277,7 @@ SECTIONS: dict[str, type] = {
     "imap": IMAPSection,
     "audit": AuditSection,
     "retention": RetentionSection,
+    "outbound": OutboundSection,
     "login": LoginSection,
     "logging": LoggingSection,
 }

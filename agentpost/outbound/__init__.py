@@ -1,0 +1,1 @@
+"""Mail out: the one outbound queue in PostgreSQL, its workers and the transports."""

@@ -1,0 +1,56 @@
+"""Building the outbound side from configuration (kept out of the composition root)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+from agentpost.config import Config
+from agentpost.core.blobrefs import BlobCollector
+from agentpost.core.ingest import Ingest
+from agentpost.outbound.bounces import InboxBounceSink
+from agentpost.outbound.queue import RetryPolicy
+from agentpost.outbound.transports import LogTransport, Transport
+from agentpost.outbound.worker import OutboundWorker
+from agentpost.storage.blobs import BlobStore
+from agentpost.storage.database import Database
+from agentpost.storage.notify import Notifier
+from agentpost.storage.outbound import OUTBOUND_CHANNEL
+
+
+def build_transport(config: Config) -> Transport:
+    """The configured transport (check_config has vetted the name)."""
+    return LogTransport(config.outbound.log_dir or None)
+
+
+class OutboundService:
+    """The queue worker of this process and the LISTEN that wakes it."""
+
+    def __init__(self, config: Config, db: Database, blobs: BlobStore,
+                 collector: BlobCollector, ingest: Ingest, clock: IReactorTime,
+                 reactor: Any) -> None:
+        out = config.outbound
+        self.policy = RetryPolicy(lifetime_s=out.max_lifetime)
+        self.worker = OutboundWorker(
+            db, blobs, collector, build_transport(config), clock,
+            worker_id=f"{socket.gethostname()}:{os.getpid()}",
+            hostname=config.server.hostname, bounce_sink=InboxBounceSink(db, ingest),
+            policy=self.policy, concurrency=out.concurrency, lease_s=out.lease,
+            poll_s=out.poll_interval)
+        self._wakeups = Notifier(config.database.url, OUTBOUND_CHANNEL, reactor=reactor,
+                                 clock=clock)
+        self._unwatch = self._wakeups.watch("", self.worker.wake)
+
+    async def start(self) -> None:
+        """Listen for enqueues in any process, then drain what is due."""
+        await self._wakeups.start()
+        self.worker.start()
+
+    async def stop(self) -> None:
+        """Stop listening and let a hand-off in progress record its outcome."""
+        self._unwatch()
+        self._wakeups.stop()
+        await self.worker.stop()

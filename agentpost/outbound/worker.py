@@ -1,0 +1,250 @@
+"""The outbound queue's worker: every process runs one, and they share the queue.
+
+A round claims due rows with a lease (``FOR UPDATE SKIP LOCKED``, so two workers never
+claim the same row), hands each to the transport, and records every recipient's
+outcome only if it still holds the lease. Deferred recipients wait by the retry
+policy; past the message's lifetime they bounce. Bounces owe a DSN, delivered to the
+sending inbox in a later step of the round, so a crash between the two loses nothing.
+
+Duplicate hand-off window: a process that dies (or stalls past ``lease_s``) after the
+transport accepted a message but before its outcome committed leaves the row leased;
+once the lease runs out another worker hands it off again. Nothing else can repeat a
+hand-off: a worker that lost its lease may not record, and the claim skips leased rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+from agentpost.core.blobrefs import BlobCollector
+from agentpost.model.ids import new_id
+from agentpost.outbound.dsn import FailedRecipient, build_dsn
+from agentpost.outbound.queue import RetryPolicy
+from agentpost.outbound.transports import (
+    DEFERRED,
+    FAILED,
+    SENT,
+    Envelope,
+    HandOff,
+    Outcome,
+    Transport,
+    everyone,
+)
+from agentpost.storage import mail as mail_store
+from agentpost.storage import outbound as store
+from agentpost.storage.blobs import BlobStore
+from agentpost.storage.database import Database, Txn
+
+log = logging.getLogger(__name__)
+
+#: Stores a DSN in the sending inbox: (org_id, environment_id, inbox_id, raw) -> None.
+BounceSink = Callable[[str, str, str, bytes], Awaitable[None]]
+
+
+class OutboundWorker:
+    """Drains the queue through one transport."""
+
+    def __init__(self, db: Database, blobs: BlobStore, collector: BlobCollector,
+                 transport: Transport, clock: IReactorTime, *, worker_id: str,
+                 hostname: str, bounce_sink: BounceSink,
+                 policy: RetryPolicy | None = None, batch: int = 20, concurrency: int = 8,
+                 lease_s: float = 300.0, poll_s: float = 5.0) -> None:
+        self._db = db
+        self._blobs = blobs
+        self._collector = collector
+        self._transport = transport
+        self._clock = clock
+        self._worker_id = worker_id
+        self._hostname = hostname
+        self._bounce_sink = bounce_sink
+        self._policy = policy or RetryPolicy()
+        self._batch = batch
+        self._lease = timedelta(seconds=lease_s)
+        self._poll_s = poll_s
+        self._limit = defer.DeferredSemaphore(concurrency)
+        self._loop: task.LoopingCall | None = None
+        self._running: defer.Deferred[Any] | None = None
+        self._again = False
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock.seconds(), UTC)
+
+    # ------------------------------------------------------------------ one round
+
+    async def drain_once(self) -> int:
+        """Claim and attempt one batch, then deliver owed DSNs; returns rows attempted."""
+        now = self._now()
+        rows = await self._db.run_interaction(
+            "outbound.claim", store.claim_due, now, now + self._lease, self._worker_id,
+            self._batch)
+        if rows:
+            await defer.gatherResults([self._limit.run(self._attempt, row) for row in rows],
+                                      consumeErrors=True)
+        await self._deliver_bounces()
+        return len(rows)
+
+    async def drain(self) -> int:
+        """Rounds until nothing due is left (what a wake-up runs)."""
+        total = 0
+        while True:
+            done = await self.drain_once()
+            total += done
+            if done < self._batch:
+                return total
+
+    async def _attempt(self, row: dict[str, Any]) -> None:
+        envelope = Envelope(row["id"], row["org_id"], row["mail_from"],
+                            tuple(row["recipients"]), row["message_id"])
+        handoff = await self._hand_off(envelope, row["raw_blob_key"])
+        try:
+            await self._record(row, envelope, handoff)
+        except Exception:  # the lease runs out and the row is tried again
+            log.exception("outbound %s: recording the outcome failed", row["id"])
+
+    async def _hand_off(self, envelope: Envelope, raw_key: str) -> HandOff:
+        if not envelope.recipients:
+            return HandOff([])
+        try:
+            raw = await self._blobs.get_bytes(raw_key)
+        except Exception as exc:
+            log.warning("outbound %s: message unreadable: %s", envelope.queue_id, exc)
+            return everyone(envelope, DEFERRED, status_code="4.3.0",
+                            diagnostic="the message could not be read from storage")
+        try:
+            return await self._transport.send(envelope, raw)
+        except Exception as exc:  # a transport bug or an unclassified failure: later
+            log.exception("outbound %s: transport %s failed", envelope.queue_id,
+                          self._transport.name)
+            return everyone(envelope, DEFERRED, status_code="4.4.0",
+                            diagnostic=f"transport error ({type(exc).__name__})")
+
+    def _settle(self, row: dict[str, Any], envelope: Envelope,
+                handoff: HandOff) -> list[Outcome]:
+        """Every recipient's outcome: missing answers are deferrals, transport refusals
+        bounces, and deferrals past the message's lifetime bounces too (4.4.7)."""
+        answered = {o.address: o for o in handoff.outcomes if o.address in envelope.recipients}
+        expired = self._now() >= row["expires_at"]
+        out = []
+        for address in envelope.recipients:
+            outcome = answered.get(address) or Outcome(
+                address, DEFERRED, status_code="4.4.0", diagnostic="no answer for recipient")
+            if outcome.status == FAILED:
+                outcome.status = "bounced"
+            elif outcome.status == DEFERRED and expired:
+                outcome = Outcome(address, "bounced", outcome.smtp_code, "4.4.7",
+                                  f"gave up after {row['attempts']} attempts: "
+                                  f"{outcome.diagnostic or 'no delivery'}")
+            elif outcome.status not in (SENT, DEFERRED):
+                outcome.status = DEFERRED
+            out.append(outcome)
+        return out
+
+    async def _record(self, row: dict[str, Any], envelope: Envelope,
+                      handoff: HandOff) -> None:
+        outcomes = self._settle(row, envelope, handoff)
+        deferred = [o for o in outcomes if o.status == DEFERRED]
+        bounced = [o for o in outcomes if o.status == "bounced"]
+        next_at = (self._now() + timedelta(seconds=self._policy.delay(
+            row["attempts"], handoff.retry_after_s)) if deferred else None)
+        last_error = "; ".join(f"{o.address}: {o.diagnostic}" for o in deferred + bounced
+                               if o.diagnostic)[:2000] or None
+
+        async def txn_fn(txn: Txn) -> tuple[bool, str | None]:
+            if not await store.record_results(txn, row["org_id"], row["id"],
+                                              self._worker_id, [o.row() for o in outcomes]):
+                return False, None
+            released = await store.finish_attempt(
+                txn, row["org_id"], row["id"], next_attempt_at=next_at, bounce=bool(bounced),
+                last_error=last_error)
+            if bounced:
+                await _bounced_event(txn, row, bounced)
+            return True, released
+
+        held, released = await self._db.run_interaction("outbound.record", txn_fn)
+        if not held:
+            log.warning("outbound %s: lease lost before the outcome was recorded", row["id"])
+        if released:
+            await self._collector.collect([released])
+
+    # ------------------------------------------------------------------ bounces
+
+    async def _deliver_bounces(self) -> None:
+        """DSNs for rows that bounced: one transaction holds each row while its DSN is
+        stored (by ingest, in its own transaction), so two workers never both send it."""
+
+        async def txn_fn(txn: Txn) -> None:
+            for row in await store.claim_bounces(txn, 5):
+                if row["mail_from"]:  # a bounce never bounces (RFC 3464 §2.1)
+                    await self._bounce_one(txn, row)
+                await store.bounce_delivered(txn, row["org_id"], row["id"])
+
+        await self._db.run_interaction("outbound.bounces", txn_fn)
+
+    async def _bounce_one(self, txn: Txn, row: dict[str, Any]) -> None:
+        recipients = [FailedRecipient(r["address"], r["status_code"] or "5.0.0",
+                                      r["smtp_code"], r["diagnostic"])
+                      for r in await store.bounced_recipients(txn, row["org_id"], row["id"])]
+        if not recipients:
+            return
+        try:
+            original = await self._blobs.get_bytes(row["raw_blob_key"])
+        except Exception:  # the DSN still says who failed; the header is a courtesy
+            original = b""
+        raw = build_dsn(hostname=self._hostname, sender=row["mail_from"], original=original,
+                        recipients=recipients, arrival=row["created_at"], now=self._now())
+        try:
+            await self._bounce_sink(row["org_id"], row["environment_id"], row["inbox_id"], raw)
+        except LookupError:  # the inbox is gone: nobody to tell
+            log.info("outbound %s: DSN dropped, the sending inbox no longer exists", row["id"])
+
+    # ------------------------------------------------------------------ timer
+
+    def wake(self) -> None:
+        """Drain now (an enqueue committed somewhere); coalesces while a drain runs."""
+        if self._running is not None:
+            self._again = True
+            return
+        self._again = False
+        d = defer.ensureDeferred(self.drain())
+
+        def done(result: Any) -> None:
+            self._running = None
+            if isinstance(result, Failure):
+                log.warning("outbound drain failed: %s", result.getErrorMessage())
+            if self._again:
+                self.wake()
+
+        d.addBoth(done)
+        self._running = d if not d.called else None
+
+    def start(self) -> None:
+        """Drain now and every ``poll_s`` (deferred rows come due without a wake-up)."""
+        self._loop = task.LoopingCall(self.wake)
+        self._loop.clock = self._clock
+        self._loop.start(self._poll_s, now=True)
+
+    async def stop(self) -> None:
+        """Stop the timer and let a round in progress finish recording."""
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._again = False
+        if self._running is not None:
+            await self._running
+
+
+async def _bounced_event(txn: Txn, row: dict[str, Any], bounced: list[Outcome]) -> None:
+    await mail_store.insert_event(
+        txn, org_id=row["org_id"], event_id=new_id("evt"),
+        environment_id=row["environment_id"], inbox_id=row["inbox_id"],
+        type_="message.bounced",
+        data={"message_id": row["message_id"], "inbox_id": row["inbox_id"],
+              "recipients": [{"address": o.address, "status_code": o.status_code,
+                              "smtp_code": o.smtp_code, "diagnostic": o.diagnostic}
+                             for o in bounced]})
