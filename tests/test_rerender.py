@@ -104,13 +104,13 @@ async def test_the_timer_runs_on_the_injected_clock(server, db_dsn):
     job = RenderRefresh(server.core.db, server.core.blobs, clock, reactor, interval_s=60)
     job.start()
     try:
-        while job._running is not None:
-            await job._running
+        while job._periodic.running is not None:
+            await job._periodic.running
         assert _rows(db_dsn)[0][-1] == RENDER_VERSION
         _age(db_dsn)
         clock.advance(60)
-        while job._running is not None:
-            await job._running
+        while job._periodic.running is not None:
+            await job._periodic.running
         assert _rows(db_dsn)[0][-1] == RENDER_VERSION
     finally:
         await job.stop()

@@ -98,12 +98,12 @@ async def test_sweep_runs_on_the_clock(db_dsn):
     sweep = RetentionSweep(db, clock, _config(interval="86460s"))
     try:
         sweep.start()
-        if sweep._running is not None:
-            await sweep._running
+        if sweep._periodic.running is not None:
+            await sweep._periodic.running
         assert _ids(db_dsn) == ["aud_2", "aud_3", "aud_6"]
         clock.advance(86400 + 60)  # a day later aud_2 is past 7 days; the timer sweeps again
-        if sweep._running is not None:
-            await sweep._running
+        if sweep._periodic.running is not None:
+            await sweep._periodic.running
         assert _ids(db_dsn) == ["aud_3", "aud_6"]
     finally:
         await sweep.stop()

@@ -17,10 +17,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from twisted.internet import defer, task, threads
+from twisted.internet import threads
 from twisted.internet.interfaces import IReactorTime
 
 from agentpost.core.ingest import RENDER_VERSION, rendered_columns
+from agentpost.jobs.periodic import Periodic
 from agentpost.storage import rerender as store
 from agentpost.storage.blobs.base import BlobStore
 from agentpost.storage.database import Database, Txn
@@ -44,8 +45,8 @@ class RenderRefresh:
         self._reactor = reactor
         self._batch = batch
         self._interval_s = interval_s
-        self._loop: task.LoopingCall | None = None
-        self._running: defer.Deferred[int] | None = None
+        self._periodic = Periodic("re-rendering", clock, interval_s, self.run_once,
+                                  self._report)
         self._stopping = False
 
     async def run_once(self) -> int:
@@ -78,32 +79,16 @@ class RenderRefresh:
             refreshed += 1
         return [row["id"] for row in rows], refreshed
 
-    def _tick(self) -> None:
-        if self._running is not None:
-            return
-        d = defer.Deferred.fromCoroutine(self.run_once())
-
-        def done(result: Any) -> None:
-            self._running = None
-            if isinstance(result, int) and result:
-                log.info("re-rendered %d stored messages (renderer version %d)", result,
-                         RENDER_VERSION)
-            elif not isinstance(result, int):
-                log.warning("re-rendering failed: %s", result.getErrorMessage())
-
-        d.addBoth(done)
-        self._running = d if not d.called else None
+    def _report(self, refreshed: int) -> None:
+        if refreshed:
+            log.info("re-rendered %d stored messages (renderer version %d)", refreshed,
+                     RENDER_VERSION)
 
     def start(self) -> None:
         """Run now and then every interval."""
-        self._loop = task.LoopingCall(self._tick)
-        self._loop.clock = self._clock
-        self._loop.start(self._interval_s, now=True)
+        self._periodic.start()
 
     async def stop(self) -> None:
         """Stop the timer and let a batch in progress commit."""
         self._stopping = True
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        if self._running is not None:
-            await self._running
+        await self._periodic.stop()

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
-from typing import Any
 
-from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 
 from agentpost.config.sections import RetentionSection
+from agentpost.jobs.periodic import Periodic
 from agentpost.storage import logins as login_store
 from agentpost.storage import retention as store
 from agentpost.storage.database import Database, Txn
@@ -33,8 +32,8 @@ class RetentionSweep:
         self._db = db
         self._clock = clock
         self._config = config
-        self._loop: task.LoopingCall | None = None
-        self._running: defer.Deferred[int] | None = None
+        self._periodic = Periodic("retention sweep", clock, config.interval, self.sweep_once,
+                                  self._report)
 
     def _audit_policy(self) -> tuple[list[str], list[float]]:
         return list(TIERS), [getattr(self._config, f"audit_{tier}") for tier in TIERS]
@@ -68,31 +67,14 @@ class RetentionSweep:
         await self._db.run_interaction("retention.login_failures", purge)
         return total
 
-    def _tick(self) -> defer.Deferred[Any] | None:
-        if self._running is not None:
-            return None
-        d = defer.Deferred.fromCoroutine(self.sweep_once())
-
-        def done(result: Any) -> None:
-            self._running = None
-            if isinstance(result, int) and result:
-                log.info("retention: deleted %d expired audit rows", result)
-            elif not isinstance(result, int):
-                log.warning("retention sweep failed: %s", result.getErrorMessage())
-
-        d.addBoth(done)
-        self._running = d if not d.called else None
-        return None
+    def _report(self, deleted: int) -> None:
+        if deleted:
+            log.info("retention: deleted %d expired audit rows", deleted)
 
     def start(self) -> None:
         """Sweep now and then every ``interval``."""
-        self._loop = task.LoopingCall(self._tick)
-        self._loop.clock = self._clock
-        self._loop.start(self._config.interval, now=True)
+        self._periodic.start()
 
     async def stop(self) -> None:
         """Stop the timer and wait for a sweep in progress."""
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        if self._running is not None:
-            await self._running
+        await self._periodic.stop()

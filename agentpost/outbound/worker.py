@@ -19,11 +19,11 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.python.failure import Failure
 
 from agentpost.core.blobrefs import BlobCollector
+from agentpost.jobs.periodic import Periodic
 from agentpost.model.ids import new_id
 from agentpost.outbound.dsn import FailedRecipient, build_dsn
 from agentpost.outbound.queue import RetryPolicy
@@ -67,11 +67,8 @@ class OutboundWorker:
         self._policy = policy or RetryPolicy()
         self._batch = batch
         self._lease = timedelta(seconds=lease_s)
-        self._poll_s = poll_s
         self._limit = defer.DeferredSemaphore(concurrency)
-        self._loop: task.LoopingCall | None = None
-        self._running: defer.Deferred[Any] | None = None
-        self._again = False
+        self._periodic = Periodic("outbound queue", clock, poll_s, self.drain)
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.seconds(), UTC)
@@ -208,35 +205,15 @@ class OutboundWorker:
 
     def wake(self) -> None:
         """Drain now (an enqueue committed somewhere); coalesces while a drain runs."""
-        if self._running is not None:
-            self._again = True
-            return
-        self._again = False
-        d = defer.ensureDeferred(self.drain())
-
-        def done(result: Any) -> None:
-            self._running = None
-            if isinstance(result, Failure):
-                log.warning("outbound drain failed: %s", result.getErrorMessage())
-            if self._again:
-                self.wake()
-
-        d.addBoth(done)
-        self._running = d if not d.called else None
+        self._periodic.wake()
 
     def start(self) -> None:
         """Drain now and every ``poll_s`` (deferred rows come due without a wake-up)."""
-        self._loop = task.LoopingCall(self.wake)
-        self._loop.clock = self._clock
-        self._loop.start(self._poll_s, now=True)
+        self._periodic.start()
 
     async def stop(self) -> None:
         """Stop the timer and let a round in progress finish recording."""
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._again = False
-        if self._running is not None:
-            await self._running
+        await self._periodic.stop()
 
 
 async def _bounced_event(txn: Txn, row: dict[str, Any], bounced: list[Outcome]) -> None:
