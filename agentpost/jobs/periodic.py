@@ -12,7 +12,7 @@ and the outbound queue worker all need the same four promises, so they share thi
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from twisted.internet import defer, task
@@ -26,7 +26,7 @@ class Periodic:
     """Runs ``work`` now (if asked), every ``interval_s``, and whenever woken."""
 
     def __init__(self, name: str, clock: IReactorTime, interval_s: float,
-                 work: Callable[[], Awaitable[Any]],
+                 work: Callable[[], Coroutine[Any, Any, Any]],
                  report: Callable[[Any], None] | None = None) -> None:
         self.name = name
         self._clock = clock
@@ -46,7 +46,7 @@ class Periodic:
             self._again = True
             return
         self._again = False
-        d = defer.ensureDeferred(self._work())
+        d: defer.Deferred[Any] = defer.Deferred.fromCoroutine(self._work())
         d.addBoth(self._done)
         self.running = d if not d.called else None
 
