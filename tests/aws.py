@@ -50,7 +50,7 @@ def boto3_client(service: str, endpoint_url: str, **config: Any) -> Any:
         aws_access_key_id=AWS_ACCESS_KEY_ID, aws_secret_access_key=AWS_SECRET_ACCESS_KEY,
         region_name=AWS_REGION)
     cfg = Config(signature_version="s3v4", s3={"addressing_style": "path"},
-                 retries={"mode": "standard", "max_attempts": 1}, **config)
+                 retries={"mode": "standard", "total_max_attempts": 1}, **config)
     return session.client(service, endpoint_url=endpoint_url, config=cfg)
 
 
@@ -182,6 +182,84 @@ def s3_bucket(moto_server: MotoServer, _moto_s3_client: Any) -> S3Bucket:
     _moto_s3_client.create_bucket(Bucket=TEST_BUCKET)
     return S3Bucket(TEST_BUCKET, moto_server.endpoint_url, AWS_REGION, AWS_ACCESS_KEY_ID,
                     AWS_SECRET_ACCESS_KEY, _moto_s3_client)
+
+
+def sesv2_client(endpoint_url: str) -> Any:
+    """A blocking boto3 SESv2 client for test set-up and assertions (no retries)."""
+    import boto3
+    from botocore.config import Config
+
+    session = boto3.session.Session(
+        aws_access_key_id=AWS_ACCESS_KEY_ID, aws_secret_access_key=AWS_SECRET_ACCESS_KEY,
+        region_name=AWS_REGION)
+    return session.client("sesv2", endpoint_url=endpoint_url,
+                          config=Config(retries={"mode": "standard",
+                                                 "total_max_attempts": 1}))
+
+
+def sent_mail(server: MotoServer) -> dict[str, dict[str, Any]]:
+    """What moto's SES "sent" as raw messages, by SES MessageId: ``source``,
+    ``destinations`` (deduplicated: moto appends the To/Cc header addresses to the
+    explicit list) and ``raw`` (bytes; moto keeps the message as a UTF-8 str)."""
+    import json
+
+    with urllib.request.urlopen(f"{server.endpoint_url}/moto-api/data.json",
+                                timeout=10) as resp:
+        data = json.loads(resp.read())
+    out: dict[str, dict[str, Any]] = {}
+    for entry in data.get("ses", {}).get("RawMessage", []):
+        out[entry["id"]] = {"source": entry["source"],
+                            "destinations": list(dict.fromkeys(entry["destinations"])),
+                            "raw": entry["raw_data"].encode("utf-8")}
+    return out
+
+
+@dataclass
+class SESAccount:
+    """A freshly reset moto SES with verified sending domains."""
+
+    endpoint_url: str
+    region: str
+    domains: tuple[str, ...]
+    client: Any  # blocking boto3 SESv2 client, for set-up and assertions
+    server: MotoServer
+
+    def sent(self) -> dict[str, dict[str, Any]]:
+        """See :func:`sent_mail`."""
+        return sent_mail(self.server)
+
+
+SES_DOMAINS = ("agents.test",)
+
+
+@pytest.fixture(scope="session")
+def _moto_ses_client(moto_server: MotoServer) -> Any:
+    return sesv2_client(moto_server.endpoint_url)
+
+
+@pytest.fixture
+def ses_account(moto_server: MotoServer, _moto_ses_client: Any) -> SESAccount:
+    """Reset moto (all services) and create the domain identities of SES_DOMAINS (moto
+    verifies them at once), so any address at those domains may send."""
+    moto_server.reset()
+    for domain in SES_DOMAINS:
+        _moto_ses_client.create_email_identity(EmailIdentity=domain)
+    return SESAccount(moto_server.endpoint_url, AWS_REGION, SES_DOMAINS, _moto_ses_client,
+                      moto_server)
+
+
+@pytest.fixture
+def ses_faults(ses_account: SESAccount) -> Iterator[Any]:
+    """A fault proxy (tests/aws_faults.py) in front of the reset, identity-seeded moto
+    SES; point the app at its ``endpoint_url``."""
+    from tests.aws_faults import FaultProxy
+
+    proxy = FaultProxy(ses_account.endpoint_url)
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
 
 
 @contextlib.contextmanager

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from agentpost.config.dropins import DropinError, merge_tomls
 from agentpost.config.sections import (
@@ -39,6 +41,7 @@ ENV_OVERRIDES = {
     "AGENTPOST_TLS_KEY": ("tls", "key"),
     "AGENTPOST_HOSTNAME": ("server", "hostname"),
     "AGENTPOST_S3_SECRET_ACCESS_KEY": ("storage", "secret_access_key"),
+    "AGENTPOST_SES_SECRET_ACCESS_KEY": ("outbound", "ses_secret_access_key"),
 }
 
 
@@ -174,13 +177,39 @@ def _check(config: Config) -> None:
 
 def _check_outbound(config: Config) -> None:
     out = config.outbound
-    if out.transport not in ("log",):
-        raise ConfigError("outbound.transport", "must be 'log'")
+    if out.transport not in ("log", "ses"):
+        raise ConfigError("outbound.transport", "must be 'log' or 'ses'")
     if out.max_lifetime < 60 or out.lease < 10 or out.poll_interval <= 0:
         raise ConfigError("outbound.max_lifetime", "lifetime >= 1m, lease >= 10s and a "
                           "positive poll_interval are needed")
     if not 1 <= out.concurrency <= 256:
         raise ConfigError("outbound.concurrency", "must be between 1 and 256")
+    _check_ses(config)
+
+
+def _check_ses(config: Config) -> None:
+    """The SES endpoint is https unless a non-production configuration says otherwise."""
+    out = config.outbound
+    if out.ses_allow_insecure_endpoint and config.server.environment == "production":
+        raise ConfigError("outbound.ses_allow_insecure_endpoint",
+                          "must be false when server.environment = 'production'")
+    if out.ses_endpoint:
+        parts = urlsplit(out.ses_endpoint)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ConfigError("outbound.ses_endpoint", "must be an https:// URL")
+        if parts.scheme == "http" and not out.ses_allow_insecure_endpoint:
+            raise ConfigError("outbound.ses_endpoint", "must be https (a plain-http test "
+                              "endpoint needs ses_allow_insecure_endpoint = true)")
+    region = re.fullmatch(r"[a-z]{2}(-[a-z0-9]+)+-\d+", out.ses_region)
+    if out.transport == "ses" and region is None:
+        raise ConfigError("outbound.ses_region", "must be an AWS region such as us-east-1")
+    if out.ses_max_send_rate <= 0:
+        raise ConfigError("outbound.ses_max_send_rate", "must be positive")
+    if out.ses_connect_timeout <= 0 or out.ses_read_timeout <= 0:
+        raise ConfigError("outbound.ses_read_timeout", "timeouts must be positive")
+    if bool(out.ses_access_key_id) != bool(out.ses_secret_access_key):
+        raise ConfigError("outbound.ses_secret_access_key", "give both ses_access_key_id "
+                          "and ses_secret_access_key, or neither (boto3's credential chain)")
 
 
 def _check_tls_policy(config: Config) -> None:

@@ -230,7 +230,7 @@ class OutboundSection:
 
     transport: str = opt(
         "log", "How mail leaves: 'log' (development: logs it, and writes .eml files to "
-        "log_dir when set).")
+        "log_dir when set) or 'ses' (Amazon SES v2 SendEmail, raw; the ses_* keys).")
     log_dir: str = opt("", "Directory for the log transport's .eml files (empty: none).")
     max_lifetime: float = opt(
         "4d", "How long a message keeps being retried before it bounces.", "duration")
@@ -241,6 +241,33 @@ class OutboundSection:
         "5s", "How often each process looks for due retries (new mail wakes it at once).",
         "duration")
     concurrency: int = opt(8, "Hand-offs one process runs at once.")
+    ses_region: str = opt("us-east-1", "AWS region of the SES account (ses transport).")
+    ses_endpoint: str = opt(
+        "", "SES API endpoint URL (empty: AWS's standard endpoint for ses_region). Must be "
+        "https (certificates are always verified); AWS_ENDPOINT_URL* variables are ignored.")
+    ses_allow_insecure_endpoint: bool = opt(
+        False, "Allow a plain-http ses_endpoint (a local test stand-in such as moto). "
+        "Refused when server.environment = 'production'.")
+    ses_configuration_set: str = opt(
+        "", "SES configuration set named on every send (event publishing, IP pool); "
+        "empty: none.")
+    ses_max_send_rate: float = opt(
+        14.0, "Recipients per second this process sends through SES (a token bucket; sends "
+        "wait, never fail, when it is empty). Set it to the account's maximum send rate "
+        "divided by the number of processes: SES's sandbox allows 1/s, a new production "
+        "account usually 14/s.")
+    ses_access_key_id: str = opt(
+        "", "IAM access key id for SES (empty: boto3's standard credential chain: "
+        "environment, shared files, instance or task role).")
+    ses_secret_access_key: str = opt(
+        "", "IAM secret for SES. Overridden by AGENTPOST_SES_SECRET_ACCESS_KEY.",
+        secret=True)
+    ses_connect_timeout: float = opt(
+        "5s", "Give up connecting to SES after this long (the message is retried later).",
+        "duration")
+    ses_read_timeout: float = opt(
+        "30s", "Give up waiting for SES's answer after this long (retried later; if SES "
+        "had accepted it, the message goes out twice).", "duration")
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -21,8 +21,21 @@ from agentpost.storage.notify import Notifier
 from agentpost.storage.outbound import OUTBOUND_CHANNEL
 
 
-def build_transport(config: Config) -> Transport:
+@runtime_checkable
+class _Lifecycle(Protocol):
+    """A transport with resources of its own (the ses transport's thread pool)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def build_transport(config: Config, clock: IReactorTime, reactor: Any) -> Transport:
     """The configured transport (check_config has vetted the name)."""
+    if config.outbound.transport == "ses":
+        from agentpost.outbound.ses import SESTransport  # boto3 only when configured
+
+        return SESTransport.from_config(config.outbound, clock=clock, reactor=reactor)
     return LogTransport(config.outbound.log_dir or None)
 
 
@@ -34,8 +47,9 @@ class OutboundService:
                  reactor: Any) -> None:
         out = config.outbound
         self.policy = RetryPolicy(lifetime_s=out.max_lifetime)
+        self.transport = build_transport(config, clock, reactor)
         self.worker = OutboundWorker(
-            db, blobs, collector, build_transport(config), clock,
+            db, blobs, collector, self.transport, clock,
             worker_id=f"{socket.gethostname()}:{os.getpid()}",
             hostname=config.server.hostname, bounce_sink=InboxBounceSink(db, ingest),
             policy=self.policy, concurrency=out.concurrency, lease_s=out.lease,
@@ -46,6 +60,8 @@ class OutboundService:
 
     async def start(self) -> None:
         """Listen for enqueues in any process, then drain what is due."""
+        if isinstance(self.transport, _Lifecycle):
+            self.transport.start()
         await self._wakeups.start()
         self.worker.start()
 
@@ -54,3 +70,5 @@ class OutboundService:
         self._unwatch()
         self._wakeups.stop()
         await self.worker.stop()
+        if isinstance(self.transport, _Lifecycle):
+            self.transport.stop()

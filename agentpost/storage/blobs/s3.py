@@ -179,7 +179,8 @@ class S3BlobStore:
             region_name=region,
             signature_version="s3v4",
             s3={"addressing_style": addressing_style},
-            retries={"mode": "standard", "max_attempts": max_attempts},
+            # total_max_attempts: a client config's max_attempts counts *retries*.
+            retries={"mode": "standard", "total_max_attempts": max_attempts},
             connect_timeout=connect_timeout_s,
             read_timeout=read_timeout_s,
             max_pool_connections=max(10, max_threads * multipart_concurrency),
