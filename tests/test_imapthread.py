@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime, timedelta, timezone
 
 from hypothesis import given, settings
@@ -19,6 +18,7 @@ from agentpost.mail.imapthread import (
     thread_orderedsubject,
     thread_references,
 )
+from tests.test_search_sort_keys import _LINEAR_RATIO, _python_lines
 
 T0 = datetime(2024, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -298,24 +298,38 @@ def test_a_100000_message_reply_chain_threads_without_recursion():
     n = 100_000
     chain = [msg(1, "<m1@x>", subject="deep")] + [
         msg(i, f"<m{i}@x>", subject="Re: deep", irt=[f"<m{i - 1}@x>"]) for i in range(2, n + 1)]
-    started = time.monotonic()
     text = render_threads(thread_references(chain))
     assert text == "(" + " ".join(str(i) for i in range(1, n + 1)) + ")"
     # Children numbered before their parents (the chain arrived backwards).
     backwards = [msg(n + 1 - i, f"<m{i}@x>", subject="deep", irt=[f"<m{i - 1}@x>"] if i > 1
                      else []) for i in range(1, n + 1)]
     assert render_threads(thread_references(backwards)).startswith(f"({n} {n - 1} ")
-    assert time.monotonic() - started < 60
+
+    def threading_of_a_chain(k):
+        c = [msg(1, "<m1@x>", subject="deep")] + [
+            msg(i, f"<m{i}@x>", subject="Re: deep", irt=[f"<m{i - 1}@x>"])
+            for i in range(2, k + 1)]
+        return _python_lines(lambda: render_threads(thread_references(c)))
+
+    # linear: four times the chain, about four times the lines executed (not sixteen)
+    assert threading_of_a_chain(10_000) / threading_of_a_chain(2_500) <= _LINEAR_RATIO
 
 
 def test_long_references_chains_with_a_loop_back_stay_fast():
     n = 20_000
     messages = [msg(i, f"<m{i}@x>", [f"<m{j}@x>" for j in range(max(1, i - 50), i)] +
                     [f"<m{n}@x>"], "s") for i in range(1, n + 1)]
-    started = time.monotonic()
     numbers = parse_thread_lists(render_threads(thread_references(messages)))
     assert sorted(numbers) == list(range(1, n + 1))
-    assert time.monotonic() - started < 60
+
+    def threading_of_looped_chains(k):
+        m = [msg(i, f"<m{i}@x>", [f"<m{j}@x>" for j in range(max(1, i - 50), i)] +
+                 [f"<m{k}@x>"], "s") for i in range(1, k + 1)]
+        return _python_lines(lambda: render_threads(thread_references(m)))
+
+    # linear in the messages (50 references each): lines executed, not seconds
+    assert threading_of_looped_chains(4_000) / threading_of_looped_chains(1_000) \
+        <= _LINEAR_RATIO
 
 
 # --------------------------------------------------------------------------- ORDEREDSUBJECT

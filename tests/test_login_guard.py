@@ -15,14 +15,13 @@ import shutil
 import socket
 import ssl
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import psycopg2
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 
 from agentpost.auth.cred import build_portal
@@ -76,16 +75,41 @@ async def test_strangers_failing_from_many_addresses_do_not_lock_the_owner_out(s
 @pytest_twisted.ensureDeferred
 async def test_account_wide_failures_only_slow_a_clean_source_down(server):
     """Past the account-wide allowance a login waits a moment before verification —
-    and then a correct credential from a clean source is let in all the same."""
+    and then a correct credential from a clean source is let in all the same. The
+    guard's clock is a task.Clock: the login is not answered until it is advanced."""
     _, inbox, key = await _inbox(server, "slowed")
+    clock = task.Clock()
+    clock.advance(reactor.seconds())  # now, as stored allowances know it; then frozen
     logins = _logins(server, LoginLimits(source_failures_per_minute=30,
                                          pair_failures_per_minute=10,
-                                         account_failures_per_minute=5, account_delay_s=0.3))
-    for i in range(1, 9):
-        await _fail(logins, inbox["email"], f"198.51.100.{i}")
-    started = time.monotonic()
-    account = await logins.authenticate(inbox["email"], key, "203.0.113.9")
-    assert account.address == inbox["email"] and time.monotonic() - started >= 0.3
+                                         account_failures_per_minute=5, account_delay_s=0.3),
+                     clock)
+
+    async def answered_after(attempt: Any, delay_s: float) -> Any:
+        """Not answered until the guard's clock has moved ``delay_s`` on, then answered."""
+        d = defer.Deferred.fromCoroutine(attempt)
+        for _ in range(1000):  # the allowance is read from PostgreSQL (real reactor)
+            if d.called or clock.getDelayedCalls():
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        if delay_s == 0:
+            assert not clock.getDelayedCalls()
+            return await d
+        assert not d.called, "answered without waiting"
+        [delay] = clock.getDelayedCalls()
+        assert delay.getTime() - clock.seconds() == pytest.approx(delay_s)
+        clock.advance(delay_s * 0.95)
+        assert not d.called and delay.active()
+        clock.advance(delay.getTime() - clock.seconds())  # exactly the delay's end
+        return await d
+
+    for i in range(1, 9):  # past the 5th failure, failures wait too
+        await answered_after(_fail(logins, inbox["email"], f"198.51.100.{i}"),
+                             0 if i <= 5 else 0.3)
+    account = await answered_after(logins.authenticate(inbox["email"], key, "203.0.113.9"),
+                                   0.3)
+    assert account.address == inbox["email"]
+    assert not clock.getDelayedCalls()
 
 
 @pytest_twisted.ensureDeferred

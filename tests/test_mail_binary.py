@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import quopri
-import time
 import tracemalloc
 
 import pytest
@@ -172,10 +171,9 @@ def test_quoted_printable_padding_split_from_its_line_break_is_still_dropped():
 # --------------------------------------------------------------------------- scale
 
 
-def test_a_50_mb_base64_part_decodes_in_linear_time_and_bounded_memory():
+def test_a_50_mb_base64_part_decodes_in_bounded_memory():
     payload = bytes(range(256)) * (50 * 1024 * 1024 // 256)
     encoded = _wrapped_b64(payload)
-    started = time.monotonic()
     tracemalloc.start()
     try:
         size = decoded_size(encoded, "base64")
@@ -185,17 +183,16 @@ def test_a_50_mb_base64_part_decodes_in_linear_time_and_bounded_memory():
     assert size == len(payload)
     assert peak < 16 * 1024 * 1024  # a few 1 MiB slices, never the 50 MB
     assert decode_body(encoded, "base64") == payload
-    assert time.monotonic() - started < 60
 
 
-def test_hostile_quoted_printable_shapes_stay_linear():
-    started = time.monotonic()
+def test_hostile_quoted_printable_shapes_decode():
+    """Shapes that make naive decoders rescan (the work itself is in C; the bench,
+    not this test, measures speed)."""
     for body in (b" " * (8 * 1024 * 1024),                 # blanks, no line break
                  b"=" * (8 * 1024 * 1024),                 # escapes that never complete
                  b"a \n" * (3 * 1024 * 1024),              # many padded lines
                  b"x" * (8 * 1024 * 1024)):                # one endless line
         assert decoded_size(body, "quoted-printable") <= len(body)
-    assert time.monotonic() - started < 60
 
 
 def test_pieces_are_bounded_by_the_slice_size():

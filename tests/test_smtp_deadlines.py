@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import socket
 import ssl
-import time
 from typing import Any
 
+import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.internet.threads import deferToThread
 
 from agentpost.smtp.deadlines import SessionDeadlines
@@ -184,9 +184,9 @@ def test_body_octets_earn_time_at_the_minimum_rate():
 # --------------------------------------------------------------------------- real sockets
 
 
-def _quit_over_tls_and_stay_silent(port: int) -> float | None:
-    """STARTTLS, QUIT, then never send close_notify: seconds until the server's TCP
-    close (EOF), or None if it never came within 8 s."""
+def _quit_over_tls_and_stay_silent(port: int) -> bool:
+    """STARTTLS, QUIT, then never send close_notify: whether the server closed TCP (EOF
+    or a reset) while the client waited (at most 8 s: a bound on the wait only)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
         f = sock.makefile("rb")
@@ -209,16 +209,15 @@ def _quit_over_tls_and_stay_silent(port: int) -> float | None:
                 plain += tls.read(65536)
             except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
                 pass
-        quit_at = time.monotonic()
         sock.settimeout(8)
         try:
             while sock.recv(65536):  # the server's close_notify, then EOF or a reset
                 pass
         except TimeoutError:
-            return None
+            return False
         except ConnectionResetError:
             pass
-        return time.monotonic() - quit_at
+        return True
     finally:
         sock.close()
 
@@ -237,14 +236,30 @@ def _pump_handshake(sock: socket.socket, tls: ssl.SSLObject, incoming: ssl.Memor
 
 @pytest_twisted.ensureDeferred
 async def test_quit_over_tls_closes_tcp_even_without_the_peers_close_notify():
-    """A TLS client that never answers close_notify does not keep the connection."""
+    """A TLS client that never answers close_notify does not keep the connection: it
+    is held until the close grace passes on the session clock (a task.Clock), then TCP
+    is closed."""
     options = server_tls_options(_DEV_TLS["cert"], _DEV_TLS["key"])
-    factory = SMTPFactory(RecordingAgent(), hostname="localhost", clock=reactor,
+    clock = task.Clock()
+    clock.advance(reactor.seconds())
+    factory = SMTPFactory(RecordingAgent(), hostname="localhost", clock=clock,
                           tls_options=options, limits=SMTPLimits(close_grace_s=1))
     port = await listen_smtp(reactor, factory, "127.0.0.1", 0)
     try:
-        elapsed = await deferToThread(_quit_over_tls_and_stay_silent, port.getHost().port)
-        assert elapsed is not None and elapsed < 5
+        client = deferToThread(_quit_over_tls_and_stay_silent, port.getHost().port)
+        for _ in range(1000):  # until QUIT is answered and the close is under way
+            if client.called or any(
+                    c.getTime() - clock.seconds() == pytest.approx(1)
+                    for c in clock.getDelayedCalls()):
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        assert not client.called, "closed before the grace passed (or the client failed)"
+        [abort] = clock.getDelayedCalls()  # the close grace, and no other timer
+        assert factory.connections == 1  # the silent peer still holds its slot
+        clock.advance(0.5)
+        assert abort.active() and factory.connections == 1
+        clock.advance(abort.getTime() - clock.seconds())
+        assert await client, "the server never closed TCP after the grace"
         assert factory.connections == 0
     finally:
         await port.stopListening()
