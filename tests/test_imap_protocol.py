@@ -175,7 +175,8 @@ class FakeAccount:
         unseen = sum(1 for m in f.messages.values() if "\\Seen" not in m.flags)
         return FolderStatus(len(f.messages), f.uidnext, f.uidvalidity, unseen, self.shared.modseq,
                             sum(1 for u in f.messages if u > f.recent_uid),
-                            sum(len(m.raw) for m in f.messages.values()))
+                            sum(len(m.raw) for m in f.messages.values()),
+                            deleted=sum(1 for m in f.messages.values() if "\\Deleted" in m.flags))
 
     async def fetch(self, folder_id: int, uids: list[int], wants: FetchWants) -> list[FetchRow]:
         await self._maybe_wait("fetch", wants)
@@ -282,6 +283,18 @@ class FakeAccount:
             message = message.read()
         return f.uidvalidity, self.shared.deliver(folder, message, flags)
 
+    async def append_many(self, folder: str, messages: list[Any]) -> tuple[int, list[int]]:
+        """MULTIAPPEND: all or nothing, like the real store's one transaction."""
+        f = self._folder(folder)
+        raws = [m.message if isinstance(m.message, bytes) else m.message.read()
+                for m in messages]
+        return f.uidvalidity, [self.shared.deliver(folder, raw, m.flags)
+                               for raw, m in zip(raws, messages, strict=True)]
+
+    async def open_folder(self, name: str) -> tuple[FakeFolder, int]:
+        f = self._folder(name)
+        return FakeFolder(self, f.id, f.name), f.uidvalidity
+
     async def copy(self, folder_id: int, uids: list[int], dest: str,
                    move: bool = False) -> tuple[int, list[tuple[int, int]]]:
         d = self._folder(dest)
@@ -318,6 +331,28 @@ class FakeAccount:
             found.sort(key=lambda u: len(f.messages[u].raw), reverse=reverse)
         return found
 
+    async def thread_fields(self, folder_id: int, key: tuple[Any, ...]) -> list[Any]:
+        """THREAD's inputs, from the raw headers (the real store reads its columns)."""
+        from email.parser import BytesHeaderParser
+        from email.utils import parsedate_to_datetime
+
+        from agentpost.imap.interfaces import ThreadFields
+
+        self.shared.calls.append(("thread", key))
+        f = self.shared.by_id(folder_id)
+        out = []
+        for u in await self.search(folder_id, key):
+            headers = BytesHeaderParser().parsebytes(f.messages[u].raw)
+            try:
+                sent = parsedate_to_datetime(headers["Date"]) if headers["Date"] else None
+            except (TypeError, ValueError):
+                sent = None
+            out.append(ThreadFields(u, headers["Message-ID"],
+                                    tuple(str(headers["References"] or "").split()),
+                                    headers["In-Reply-To"], str(headers["Subject"] or ""),
+                                    sent, f.messages[u].internaldate))
+        return out
+
     async def changes(self, folder_id: int, known_uids: list[int],
                       since_modseq: int) -> Changes:
         f = self.shared.by_id(folder_id)
@@ -334,6 +369,14 @@ class FakeAccount:
     def watch(self, folder_id: int, callback: Callable[[], None]) -> Callable[[], None]:
         self.shared.watchers.setdefault(folder_id, []).append(callback)
         return lambda: self.shared.watchers[folder_id].remove(callback)
+
+    def watch_folder(self, key: str, callback: Callable[[], None]) -> Callable[[], None]:
+        """NOTIFY: keys are folder names here (list_folders gives none)."""
+        folder = self.shared.folders.get(key)
+        return self.watch(folder.id, callback) if folder is not None else (lambda: None)
+
+    def watch_folder_list(self, callback: Callable[[], None]) -> Callable[[], None]:
+        return self.watch(0, callback)  # id 0: the folder list (no folder has it)
 
 
 class FakeFolder:
@@ -379,6 +422,9 @@ class FakeFolder:
     async def search(self, key: tuple[Any, ...],
                      sort: list[tuple[str, bool]] | None = None) -> list[int]:
         return await self.account.search(self.folder_id, key, sort)
+
+    async def thread_fields(self, key: tuple[Any, ...]) -> list[Any]:
+        return await self.account.thread_fields(self.folder_id, key)
 
     async def changes(self, known_uids: list[int], since_modseq: int) -> Changes:
         return await self.account.changes(self.folder_id, known_uids, since_modseq)
@@ -1489,9 +1535,9 @@ def test_command_table_declares_uid_and_sequence_number_rules():
     from agentpost.imap.commands.table import COMMANDS
 
     assert {n for n, spec in COMMANDS.items() if spec.uid_ok} == {
-        "FETCH", "STORE", "COPY", "MOVE", "SEARCH", "EXPUNGE", "SORT"}
+        "FETCH", "STORE", "COPY", "MOVE", "SEARCH", "EXPUNGE", "SORT", "THREAD"}
     assert {n for n, spec in COMMANDS.items() if spec.uses_sequence_numbers} == {
-        "FETCH", "STORE", "SEARCH", "SORT"}
+        "FETCH", "STORE", "SEARCH", "SORT", "THREAD"}
     assert all(name == spec.name for name, spec in COMMANDS.items())
     s = Session().login()
     assert s.cmd("u UID LIST \"\" *") == ["u BAD UID LIST is not a command"]

@@ -22,8 +22,9 @@ from agentpost.core import mail_changes
 from agentpost.core.audit import write_change
 from agentpost.core.blobrefs import BlobCollector
 from agentpost.core.context import RequestContext
-from agentpost.core.ingest import Ingest, Target
+from agentpost.core.ingest import BatchItem, Ingest, Target
 from agentpost.imap.interfaces import (
+    AppendMessage,
     Changes,
     FetchRow,
     FetchWants,
@@ -32,6 +33,7 @@ from agentpost.imap.interfaces import (
     FolderStatus,
     MessageMeta,
     SearchKey,
+    ThreadFields,
 )
 from agentpost.model.errors import (
     Conflict,
@@ -137,7 +139,8 @@ class InboxAccount:
         rows = await self._db.run_read("imap.list", imap_store.list_folders, self._org,
                                        self._inbox_id)
         return [FolderInfo(r["name"], None if r["special_use"] == "\\Inbox" else
-                           r["special_use"], r["subscribed"], r["has_children"]) for r in rows]
+                           r["special_use"], r["subscribed"], r["has_children"], str(r["id"]))
+                for r in rows]
 
     async def create_folder(self, name: str) -> None:
         """CREATE (parents are created too, as RFC 3501 suggests)."""
@@ -242,7 +245,7 @@ class InboxAccount:
                                                     folder["recent_uid"])
             return FolderStatus(counts["messages"], folder["uidnext"], folder["uidvalidity"],
                                 counts["unseen"], folder["highestmodseq"], counts["recent"],
-                                int(counts["size"]))
+                                int(counts["size"]), deleted=counts["deleted"])
 
         return await self._db.run_interaction("imap.status", txn_fn,
                                               isolation="repeatable read")
@@ -274,9 +277,17 @@ class InboxAccount:
                 for r in rows]
 
     async def _claim_recent(self, folder_id: int, up_to_uid: int, claim: bool) -> int:
-        """\\Recent bookkeeping in the folder row, shared by every process."""
+        """\\Recent bookkeeping in the folder row, shared by every process.
+
+        Most calls have nothing to claim (every session polling after one APPEND sees
+        the same new UIDs; one of them claims them): they read the mark without a lock,
+        so a poll never queues behind a writer holding the folder row."""
+        mark = await self._db.run_read("imap.recent", imap_store.recent_mark, self._org,
+                                       folder_id)
+        if not claim or mark >= up_to_uid:
+            return mark
         return await self._db.run_interaction("imap.recent", imap_store.claim_recent,
-                                              self._org, folder_id, up_to_uid, claim)
+                                              self._org, folder_id, up_to_uid)
 
     async def _read_message(self, folder_id: int, row: FetchRow) -> bytes:
         """A fetched message: by the key this account's own (org-scoped) FETCH returned,
@@ -376,6 +387,42 @@ class InboxAccount:
             origin=self._ctx("imap.append", folder=name))
         return stored.uidvalidity, stored.uid
 
+    async def append_many(self, folder: str, messages: list[AppendMessage]
+                          ) -> tuple[int, list[int]]:
+        """MULTIAPPEND (RFC 3502) through the single ingest path, in one transaction:
+        every message or none (a bad one, or the quota, refuses them all)."""
+        self._writable()
+        items: list[BatchItem] = []
+        all_flags: set[str] = set()
+        for msg in messages:
+            system, keywords = _split_flags(msg.flags)
+            mail_changes.check_keyword_caps(keywords)
+            all_flags |= msg.flags
+            body = msg.message
+            items.append(BatchItem(io.BytesIO(body) if isinstance(body, bytes) else body,
+                                   frozenset(system), tuple(keywords), msg.internaldate))
+        if any(not f.startswith("\\") for f in all_flags):  # first seen: own transaction
+            await self._db.run_interaction("imap.keywords", keyword_store.remember,
+                                           self._org, self._inbox_id, frozenset(all_flags))
+        target = Target(self._org, self.inbox["environment_id"], self._inbox_id, self.address)
+        name = "INBOX" if folder.upper() == "INBOX" else folder
+        stored = await self._ingest.store_batch(
+            target, items, folder=name, require_folder=True, direction="inbound",
+            enforce_quota=True, origin=self._ctx("imap.append", folder=name,
+                                                 count=len(items)))
+        return (stored[0].uidvalidity if stored else 0), [s.uid for s in stored]
+
+    async def open_folder(self, name: str) -> tuple[InboxFolder, int]:
+        """A folder handle and its UIDVALIDITY, without SELECT's snapshot (CATENATE)."""
+
+        async def txn_fn(txn: Txn) -> tuple[int, str, int]:
+            folder = await self._folder(txn, name)
+            return folder["id"], folder["name"], folder["uidvalidity"]
+
+        folder_id, real_name, uidvalidity = await self._db.run_read("imap.open_folder",
+                                                                    txn_fn)
+        return InboxFolder(self, folder_id, real_name), uidvalidity
+
     async def quota(self) -> tuple[int, int]:
         """(bytes used, limit in bytes; 0: none) for IMAP QUOTA. Without a limit there
         is nothing to report or check, and no query (APPEND asks before every literal)."""
@@ -427,8 +474,8 @@ class InboxAccount:
             await self._folder_id(txn, folder_id)
             doomed = await imap_store.deleted_uids(txn, self._org, folder_id, uids)
             if doomed:  # an EXPUNGE that removes nothing changes nothing: no audit row
+                # (the deletion's last statement gives the folder its new MODSEQ)
                 freed[:] = await self._delete_uids(txn, ctx, folder_id, doomed)
-                await mail_store.bump_modseq(txn, self._org, folder_id)
             return doomed
 
         expunged = await self._db.run_interaction("imap.expunge", txn_fn)
@@ -443,6 +490,19 @@ class InboxAccount:
                                            folder_id, key, sort)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
+
+    async def _thread_fields(self, folder_id: int, key: SearchKey) -> list[ThreadFields]:
+        """THREAD's inputs for the messages matching ``key`` (org- and folder-scoped)."""
+        try:
+            rows = await self._db.run_read("imap.thread", imap_store.thread_fields,
+                                           self._org, folder_id, key)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        return [ThreadFields(uid=r["uid"], message_id=r["message_id_header"],
+                             references=tuple(r["reference_ids"] or ()),
+                             in_reply_to=r["in_reply_to"], subject=r["subject"] or "",
+                             sent_at=r["sent_at"], internaldate=r["received_at"])
+                for r in rows]
 
     async def _changes(self, folder_id: int, known_uids: list[int],
                       since_modseq: int) -> Changes:
@@ -467,6 +527,17 @@ class InboxAccount:
         if self._notifier is None:
             return lambda: None
         return self._notifier.watch(str(folder_id), callback)
+
+    def watch_folder(self, key: str, callback: Callable[[], None]) -> Callable[[], None]:
+        """NOTIFY: wake-ups for a folder of this inbox, by the key list_folders gave."""
+        return self._watch(int(key), callback)
+
+    def watch_folder_list(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """NOTIFY: wake-ups when this inbox's folders are created, deleted, renamed or
+        (un)subscribed (storage.mail.notify_folder_list): this inbox's key only."""
+        if self._notifier is None:
+            return lambda: None
+        return self._notifier.watch(mail_store.folder_list_key(self._inbox_id), callback)
 
 
 class InboxFolder:
@@ -519,6 +590,9 @@ class InboxFolder:
     async def search(self, key: SearchKey,
                      sort: list[tuple[str, bool]] | None = None) -> list[int]:
         return await self.account._search(self.folder_id, key, sort)
+
+    async def thread_fields(self, key: SearchKey) -> list[ThreadFields]:
+        return await self.account._thread_fields(self.folder_id, key)
 
     async def changes(self, known_uids: list[int], since_modseq: int) -> Changes:
         return await self.account._changes(self.folder_id, known_uids, since_modseq)

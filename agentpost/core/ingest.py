@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from twisted.internet import threads
+from twisted.internet import defer, threads
 
 from agentpost.core.audit import audit_row, scrub_row
 from agentpost.core.context import RequestContext
@@ -67,6 +67,17 @@ class _State:
 
 
 IMAPRendered = tuple[str | None, str | None, str | None, str | None]
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One message of :meth:`Ingest.store_batch` (a binary file at offset 0), with the
+    IMAP flags, labels and INTERNALDATE it is stored with."""
+
+    message: IO[bytes]
+    flags: frozenset[str] = frozenset()
+    labels: tuple[str, ...] = ()
+    received_at: datetime | None = None
 
 
 #: Bodies longer than this store no extracted_text: it is derived again when read (see
@@ -182,26 +193,84 @@ class Ingest:
         fail a message for the others).
         """
         raw = message.read()
+        # The message's own blob is written (and fsynced) in another thread while this
+        # one parses: it needs only the bytes, and is durable before the transaction.
+        raw_put = defer.ensureDeferred(self._blobs.put_bytes(raw, content_type="message/rfc822"))
         try:
             parsed, imap, index = await threads.deferToThreadPool(
                 self._reactor, self._reactor.getThreadPool(), _analyse_indexed, raw)
-        except OSError as exc:  # spooling a large attachment failed (disk full, ...)
-            log.error("ingest: could not spool a message part: %s", exc)
-            raise StorageFailure() from exc
+        except BaseException as exc:
+            raw_put.addErrback(lambda _failure: None)  # the parse error is the one to report
+            if isinstance(exc, OSError):  # spooling a large attachment failed (disk full)
+                log.error("ingest: could not spool a message part: %s", exc)
+                raise StorageFailure() from exc
+            raise
         try:
             state = _State(flags=frozenset(flags), labels=tuple(sorted(set(labels))),
                            imap=imap, require_folder=require_folder,
                            quota=self.inbox_quota if enforce_quota else 0, origin=origin,
                            index=index)
             return await self._store(targets, raw, parsed, envelope_from, direction, folder,
-                                     received_at, state)
+                                     received_at, state, raw_put)
         finally:
             parsed.discard()
 
-    async def _store(self, targets: list[Target], raw: bytes, parsed: ParsedMessage,
-                     envelope_from: str | None, direction: str, folder: str,
-                     received_at: datetime | None, state: _State) -> list[Stored]:
-        raw_ref = await self._blobs.put_bytes(raw, content_type="message/rfc822")
+    async def store_batch(self, target: Target, items: list[BatchItem], *, folder: str,
+                          direction: str = "inbound", require_folder: bool = False,
+                          enforce_quota: bool = False,
+                          origin: RequestContext | None = None) -> list[Stored]:
+        """Store every item in one folder of one inbox in ONE transaction: all of them or
+        none (IMAP MULTIAPPEND, RFC 3502 §6.3.11), with UIDs allocated in item order.
+
+        The same path as :meth:`store`, message by message: each is parsed in a thread
+        and its blobs are written durably before the transaction ("nothing lost"); each
+        row gets its audit row and event. With ``enforce_quota`` the quota is checked
+        message by message against the inbox's use including the earlier items, so the
+        batch is refused whole (MailboxFull) if it would not fit. One transaction for N
+        messages is also what makes bulk loading fast; its cost is that the folder's row
+        lock, taken by the first insert, is held while the rest are inserted.
+        """
+        prepared: list[tuple[ParsedMessage, _State, datetime | None,
+                             tuple[BlobRef, list[BlobRef], dict[str, bytes | str]]]] = []
+        analysed: list[ParsedMessage] = []  # discarded at the end, whatever happens
+        try:
+            for item in items:
+                raw = item.message.read()
+                try:
+                    parsed, imap, index = await threads.deferToThreadPool(
+                        self._reactor, self._reactor.getThreadPool(), _analyse_indexed, raw)
+                except OSError as exc:
+                    log.error("ingest: could not spool a message part: %s", exc)
+                    raise StorageFailure() from exc
+                state = _State(flags=frozenset(item.flags),
+                               labels=tuple(sorted(set(item.labels))), imap=imap,
+                               require_folder=require_folder,
+                               quota=self.inbox_quota if enforce_quota else 0,
+                               origin=origin, index=index)
+                analysed.append(parsed)
+                prepared.append((parsed, state, item.received_at,
+                                 await self._put_blobs(raw, parsed)))
+
+            async def txn_fn(txn: Txn) -> list[Stored]:
+                out: list[Stored] = []
+                for parsed, state, received_at, (raw_ref, att_refs, bodies) in prepared:
+                    out.append(await self._store_one(
+                        txn, target, parsed, raw_ref, att_refs, bodies, None, direction,
+                        folder, state, received_at or txn.now))
+                return out
+
+            return await self._db.run_interaction("ingest.store_batch", txn_fn)
+        finally:
+            for parsed in analysed:
+                parsed.discard()
+
+    async def _put_blobs(self, raw: bytes, parsed: ParsedMessage,
+                         raw_put: defer.Deferred[BlobRef] | None = None
+                         ) -> tuple[BlobRef, list[BlobRef], dict[str, bytes | str]]:
+        """Write the message and its attachments durably, before any row names them
+        (``raw_put``: the message's own put, already started)."""
+        raw_ref = await (raw_put if raw_put is not None
+                         else self._blobs.put_bytes(raw, content_type="message/rfc822"))
         att_refs: list[BlobRef] = []
         blob_bodies: dict[str, bytes | str] = {raw_ref.key: raw}
         for att in parsed.attachments:
@@ -213,6 +282,13 @@ class Ingest:
                 ref = await self._blobs.put_file(att.path, content_type=att.mime_type)
                 blob_bodies[ref.key] = att.path
             att_refs.append(ref)
+        return raw_ref, att_refs, blob_bodies
+
+    async def _store(self, targets: list[Target], raw: bytes, parsed: ParsedMessage,
+                     envelope_from: str | None, direction: str, folder: str,
+                     received_at: datetime | None, state: _State,
+                     raw_put: defer.Deferred[BlobRef] | None = None) -> list[Stored]:
+        raw_ref, att_refs, blob_bodies = await self._put_blobs(raw, parsed, raw_put)
 
         # Rows are locked in inbox order, so two deliveries to the same recipients in a
         # different RCPT order cannot deadlock; results come back in the caller's order.

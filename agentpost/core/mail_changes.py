@@ -7,8 +7,19 @@ and its audit row is written in the same transaction, so an IMAP STORE and an AP
 label change cannot drift apart and neither can commit unaudited. New messages (SMTP
 delivery, IMAP APPEND) take the other shared path, core.ingest, audited the same way.
 
-Lock order (docs/architecture.md): the caller has locked the message rows; then the
-inbox row (storage use) before folder rows (UID/MODSEQ), folders in id order.
+Lock order (docs/architecture.md), the same on every path so that none can deadlock
+with another: the caller has locked the message rows; then blob references (advisory
+locks, key order), thread rows (id order), the inbox row (storage use), and last the
+folder rows (UID/MODSEQ, id order). Ingest follows it too (blobs, thread, then inbox and
+folder in insert_message), and so do API read/label changes, IMAP STORE, EXPUNGE, COPY,
+MOVE and folder deletion (which locks its folder row first: nothing else may lock it
+after its messages, so a STORE racing it at worst meets a retried deadlock).
+
+The inbox and folder rows are the hot ones -- every change to a mailbox locks them, and
+holds the lock until COMMIT (an fsync) -- so each change takes them in its LAST
+statement(s): the slow work (threads, blobs, audit) is done before. That is also what
+keeps MODSEQs right (RFC 7162): the per-folder counter is bumped under the folder row
+lock held until COMMIT, so MODSEQs rise in commit order, just for less time.
 """
 
 from __future__ import annotations
@@ -99,18 +110,21 @@ async def change_flags(txn: Txn, ctx: RequestContext, changes: list[FlagChange],
     """
     org = _org(ctx)
     _check_label_count(changes)
-    modseqs: dict[int, int] = {}
-    for folder_id in sorted({row["folder_id"] for row, _ in changes}):
-        modseqs[folder_id] = await mail_store.bump_modseq(txn, org, folder_id)
-    updates = [{**{col: row[col] for col in FLAG_COLUMNS}, **columns, "id": row["id"],
-                "folder_id": row["folder_id"], "modseq": modseqs[row["folder_id"]]}
-               for row, columns in changes]
-    await mail_store.update_flags(txn, org, updates)
-    relabelled = {row["thread_id"]: None for row, columns in changes if "labels" in columns}
-    for thread_id in relabelled:
-        await mail_store.refresh_thread(txn, org, thread_id)
+    relabelled = sorted({row["thread_id"] for row, columns in changes if "labels" in columns})
+    await mail_store.lock_threads(txn, org, relabelled)  # before the folder rows
     await write_change(txn, ctx, status)
-    return {u["id"]: u["modseq"] for u in updates}
+    by_folder: dict[int, list[dict[str, Any]]] = {}
+    for row, columns in changes:
+        by_folder.setdefault(row["folder_id"], []).append(
+            {**{col: row[col] for col in FLAG_COLUMNS}, **columns, "id": row["id"]})
+    modseqs: dict[str, int] = {}
+    folders = sorted(by_folder)
+    for folder_id in folders:  # last: the folder rows stay locked until COMMIT
+        updates = by_folder[folder_id]
+        modseq = await mail_store.apply_flags(
+            txn, org, folder_id, updates, relabelled if folder_id == folders[-1] else ())
+        modseqs.update((u["id"], modseq) for u in updates)
+    return modseqs
 
 
 async def delete_messages(txn: Txn, ctx: RequestContext, rows: list[dict[str, Any]], *,
@@ -121,37 +135,49 @@ async def delete_messages(txn: Txn, ctx: RequestContext, rows: list[dict[str, An
     which the caller removes from the store after COMMIT."""
     org = _org(ctx)
     freed: list[str] = []
-    for row in rows:
-        for key in await mail_store.delete_message(txn, org, row["id"]):
-            if await mail_store.release_blob(txn, key):
-                freed.append(key)
-    for thread_id in {row["thread_id"]: None for row in rows}:
-        await mail_store.refresh_thread(txn, org, thread_id)
-        await mail_store.delete_thread_if_empty(txn, org, thread_id)
+    if rows:
+        deleted = await mail_store.delete_messages(txn, org, [row["id"] for row in rows])
+        freed = await mail_store.release_blobs(
+            txn, [key for d in deleted for key in d["blob_keys"]])
+        await mail_store.refresh_threads(txn, org, [row["thread_id"] for row in rows],
+                                         drop_empty=True)
     await write_change(txn, ctx, status)
+    if rows:
+        freed_bytes: dict[str, int] = {}
+        for d in deleted:
+            freed_bytes[d["inbox_id"]] = freed_bytes.get(d["inbox_id"], 0) + d["size"]
+        # Last: the inbox and folder rows stay locked until COMMIT.
+        await mail_store.record_expunge(txn, org, freed_bytes,
+                                        sorted({d["folder_id"] for d in deleted}))
     return freed
 
 
 async def copy_messages(txn: Txn, ctx: RequestContext, rows: list[dict[str, Any]],
                         target_folder_id: int, quota: int = 0) -> list[tuple[int, int]]:
     """Copy locked message rows into another folder of their inbox, sharing the stored
-    bytes. Each copy is charged to the inbox (MailboxFull past ``quota`` bytes; 0: none)
-    before its UID is allocated, the order ingest locks them in. Returns (old UID, new
-    UID) pairs."""
+    bytes. The copies are charged to the inbox at once (MailboxFull past ``quota``
+    bytes; 0: none) before their UIDs are allocated, in the lock order above: blob
+    references, threads, inbox, target folder. Returns (old UID, new UID) pairs."""
     org = _org(ctx)
+    refs = [(row["raw_blob_key"], 0) for row in rows]
+    for row in rows:
+        refs += await imap_store.attachment_keys(txn, org, row["id"])
+    for key, size in sorted(refs):
+        await mail_store.reference_blob(txn, key, size)
+    await mail_store.lock_threads(txn, org, [row["thread_id"] for row in rows])
+    sizes: dict[str, int] = {}
+    for row in rows:
+        sizes[row["inbox_id"]] = sizes.get(row["inbox_id"], 0) + row["size"]
+    for inbox_id in sorted(sizes):
+        if not await mail_store.charge_storage(txn, org, inbox_id, sizes[inbox_id], quota):
+            raise MailboxFull()
     pairs = []
     for row in rows:
-        if not await mail_store.charge_storage(txn, org, row["inbox_id"], row["size"], quota):
-            raise MailboxFull()
         uid, modseq = await mail_store.allocate_uid(txn, org, target_folder_id)
-        copy_id = new_id("msg")
-        await mail_store.reference_blob(txn, row["raw_blob_key"], 0)
-        for key, size in await imap_store.attachment_keys(txn, org, row["id"]):
-            await mail_store.reference_blob(txn, key, size)
-        await imap_store.copy_message(txn, org, row["id"], copy_id, target_folder_id, uid,
-                                      modseq)
-        await mail_store.refresh_thread(txn, org, row["thread_id"])
+        await imap_store.copy_message(txn, org, row["id"], new_id("msg"), target_folder_id,
+                                      uid, modseq)
         pairs.append((row["uid"], uid))
+    await mail_store.refresh_threads(txn, org, [row["thread_id"] for row in rows])
     ctx.details["to_uids"] = uid_set([new for _, new in pairs])
     await write_change(txn, ctx)
     return pairs
@@ -163,6 +189,8 @@ async def move_messages(txn: Txn, ctx: RequestContext, rows: list[dict[str, Any]
     source folder records the expunge. Returns (old UID, new UID) pairs."""
     org = _org(ctx)
     pairs = []
+    if rows:  # both folder rows, in id order, before either is changed
+        await mail_store.lock_folders(txn, org, [source_folder_id, target_folder_id])
     for row in rows:
         uid, modseq = await mail_store.allocate_uid(txn, org, target_folder_id)
         await imap_store.move_message(txn, org, row["id"], source_folder_id, target_folder_id,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import secrets
 
+from agentpost.mail.binary import InvalidTransferEncoding, UnknownTransferEncoding
+from agentpost.mail.catenate import BadUrl, badurl_code
 from agentpost.model import errors
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,12 @@ def error_for(exc: BaseException, *, missing: str = "NONEXISTENT") -> IMAPError:
         return no(exc.message, "TOOBIG")
     if isinstance(exc, errors.MailboxFull):
         return no(exc.message, "OVERQUOTA")
+    if isinstance(exc, UnknownTransferEncoding):  # FETCH BINARY (RFC 3516 §4.2)
+        return no(f"Unknown Content-Transfer-Encoding {exc.cte}", "UNKNOWN-CTE")
+    if isinstance(exc, InvalidTransferEncoding):  # as Dovecot answers a corrupt body
+        return no(exc.message, "PARSE")
+    if isinstance(exc, BadUrl):  # CATENATE (RFC 4469 §4.1)
+        return no(exc.message, badurl_code(exc.url))
     if isinstance(exc, errors.AgentPostError):
         if exc.temporary:
             return no(exc.message, "UNAVAILABLE")

@@ -35,6 +35,10 @@ class FolderInfo:
     special_use: str | None  # "\\Sent", "\\Drafts", "\\Trash", "\\Junk", or None (INBOX too)
     subscribed: bool
     has_children: bool
+    # Opaque, and the same through a RENAME: NOTIFY (RFC 5465 §5.4) tells a rename from
+    # a delete and a create by it, and watches the folder by it. "" when the backend has
+    # none (the name is used instead).
+    key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +74,7 @@ class FolderStatus:
     highestmodseq: int
     recent: int = 0
     size: int = 0  # bytes of the folder's messages (STATUS=SIZE, RFC 8438)
+    deleted: int = 0  # messages flagged \\Deleted (STATUS DELETED, RFC 9051 §6.3.11)
 
 
 @dataclass(slots=True)
@@ -88,6 +93,32 @@ class FetchRow:
     # The backend's own reference to the stored message (set with ``content``); opaque to
     # the protocol, which hands the row back to IMAPFolder.read_message/read_range.
     blob_ref: Any = None
+
+
+@dataclass(frozen=True)
+class ThreadFields:
+    """What THREAD (RFC 5256) needs of one searched message: the stored Message-ID,
+    References and In-Reply-To (msg-ids as parsed), the decoded subject (base subject
+    and reply flag come from it), the Date (None when missing or unreadable) and the
+    internal date."""
+
+    uid: int
+    message_id: str | None
+    references: tuple[str, ...]
+    in_reply_to: str | None
+    subject: str
+    sent_at: datetime | None
+    internaldate: datetime
+
+
+@dataclass(frozen=True)
+class AppendMessage:
+    """One message of a MULTIAPPEND (RFC 3502): the bytes (or a binary file at offset 0,
+    a spool), its flags and INTERNALDATE (None: now)."""
+
+    message: bytes | IO[bytes]
+    flags: frozenset[str] = frozenset()
+    internaldate: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -171,6 +202,10 @@ class IMAPFolder(Protocol):
         """Matching UIDs, ascending; with ``sort`` ([(RFC 5256 key, reverse)]) in that
         order, ties by UID."""
 
+    async def thread_fields(self, key: SearchKey) -> list[ThreadFields]:
+        """THREAD: the threading fields of the messages matching ``key``, ascending UID
+        (one query: THREAD REFERENCES needs them all at once)."""
+
     async def changes(self, known_uids: list[int], since_modseq: int) -> Changes:
         """What changed since the session last looked (see :class:`Changes`)."""
 
@@ -203,6 +238,15 @@ class IMAPAccount(Protocol):
 
     async def status(self, name: str) -> FolderStatus: ...
 
+    def watch_folder(self, key: str, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (soon, maybe spuriously) whenever the folder with this
+        :attr:`FolderInfo.key` may have changed, in any process (NOTIFY, RFC 5465).
+        Returns an unsubscribe."""
+
+    def watch_folder_list(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` whenever this inbox's folders may have been created,
+        deleted, renamed or (un)subscribed, in any process. Returns an unsubscribe."""
+
     async def check_folder(self, name: str) -> None:
         """NotFound unless the folder exists (one row: APPEND asks before each literal)."""
 
@@ -214,6 +258,15 @@ class IMAPAccount(Protocol):
         """Store through the single ingest path; returns (uidvalidity, uid). ``message`` is
         the bytes or a binary file at offset 0 (a spool). NotFound when the folder does
         not exist (the protocol answers NO [TRYCREATE])."""
+
+    async def append_many(self, folder: str, messages: list[AppendMessage]
+                          ) -> tuple[int, list[int]]:
+        """MULTIAPPEND: every message stored in one transaction, or none; returns
+        (uidvalidity, the UIDs in message order). Errors as :meth:`append`."""
+
+    async def open_folder(self, name: str) -> tuple[IMAPFolder, int]:
+        """A folder handle and its UIDVALIDITY without a snapshot of its messages
+        (CATENATE reads one message of it by URL). NotFound if it does not exist."""
 
 
 class IMAPBackend(Protocol):

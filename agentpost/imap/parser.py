@@ -26,8 +26,10 @@ __all__ = [
     "Command",
     "FetchItem",
     "Literal",
+    "Literal8",
     "ParseError",
     "QuotedString",
+    "SavedResult",
     "SeqSet",
     "decode_mailbox",
     "encode_mailbox",
@@ -58,6 +60,11 @@ class QuotedString(str):
 
 class Literal(bytes):
     """A literal's octets."""
+
+
+class Literal8(Literal):
+    """A ``~{n}`` literal's octets (RFC 3516 §4.4): only an APPEND message may be one
+    (any octet, NUL included); :func:`astring` refuses it elsewhere."""
 
 
 Token = Any  # Atom | QuotedString | Literal | list[Token]
@@ -113,15 +120,16 @@ def tokenize(data: bytes) -> list[Token]:
         elif c == 0x22:  # "
             quoted, pos = _quoted(data, pos)
             stack[-1].append(quoted)
-        elif c == 0x7B:  # {
-            m = _LITERAL_AT.match(data, pos)
+        elif c == 0x7B or (c == 0x7E and data[pos + 1:pos + 2] == b"{"):  # { or ~{
+            m = _LITERAL_AT.match(data, pos + (c == 0x7E))
             if m is None:
                 raise ParseError("Bad literal")
             size = int(m.group(1))
             start = m.end()
             if start + size > n:
                 raise ParseError("Truncated literal")
-            stack[-1].append(Literal(data[start:start + size]))
+            kind = Literal8 if c == 0x7E else Literal
+            stack[-1].append(kind(data[start:start + size]))
             pos = start + size
         else:
             atom, pos = _atom(data, pos)
@@ -222,6 +230,8 @@ def parse_command(data: bytes) -> Command:
 
 def astring(token: Token, what: str = "argument") -> str:
     """An atom, quoted string or literal as text."""
+    if isinstance(token, Literal8):
+        raise ParseError(f"A literal8 cannot be the {what}")
     if isinstance(token, Literal):
         return bytes(token).decode("utf-8", "replace")
     if isinstance(token, str):
@@ -298,12 +308,22 @@ def mailbox(token: Token) -> str:
 
 SeqSet = list[tuple[int | None, int | None]]  # (low, high), None meaning "*"
 
+
+class SavedResult(list[tuple[int | None, int | None]]):
+    """``$`` (RFC 5182 SEARCHRES): the session's saved search result. Only the selected
+    mailbox can resolve it (to UIDs, whatever the command's numbering); it holds no
+    ranges, and :func:`resolve_seqset` refuses it."""
+
 # At most 20 digits: int() of a longer run is slow, or refused beyond 4300 digits.
 _SEQ_RE = re.compile(r"^(\d{1,20}|\*)(?::(\d{1,20}|\*))?$")
 
 
-def parse_seqset(token: Token) -> SeqSet:
-    """``1:3,5,7:*`` -> [(1, 3), (5, 5), (7, None)]."""
+def parse_seqset(token: Token, saved: bool = False) -> SeqSet:
+    """``1:3,5,7:*`` -> [(1, 3), (5, 5), (7, None)]. With ``saved`` (the commands RFC
+    5182 extends: FETCH STORE COPY MOVE UID EXPUNGE and SEARCH keys) ``$`` alone -- it
+    combines with nothing -- is a :class:`SavedResult`."""
+    if saved and isinstance(token, Atom) and token == "$":  # noqa: S105 (not a password)
+        return SavedResult()
     if not isinstance(token, Atom) or not token:
         raise ParseError("Expected a sequence set")
     out: SeqSet = []
@@ -322,6 +342,8 @@ def parse_seqset(token: Token) -> SeqSet:
 
 def resolve_seqset(seqset: SeqSet, largest: int) -> list[tuple[int, int]]:
     """Concrete inclusive ranges, ``*`` being ``largest`` (0 for an empty mailbox)."""
+    if isinstance(seqset, SavedResult):
+        raise ParseError("$ cannot be used here")
     out = []
     for lo, hi in seqset:
         a = largest if lo is None else lo
@@ -406,7 +428,8 @@ def parse_datetime(text: str) -> datetime:
 
 @dataclass(frozen=True)
 class FetchItem:
-    """One FETCH attribute. ``section`` is set for BODY[...]/BODY.PEEK[...]."""
+    """One FETCH attribute. ``section`` is set for BODY[...]/BODY.PEEK[...], and for
+    BINARY[...]/BINARY.SIZE[...] (RFC 3516: a part path and a partial range only)."""
 
     name: str  # FLAGS UID INTERNALDATE RFC822.SIZE ENVELOPE BODYSTRUCTURE BODY RFC822
     #          RFC822.HEADER RFC822.TEXT MODSEQ BODY[] (sections)
@@ -423,6 +446,10 @@ _MACROS = {
 }
 _BODY_RE = re.compile(r"^(BODY|BODY\.PEEK)\[(.*)\](?:<(\d{1,20})\.(\d{1,20})>)?$",
                       re.IGNORECASE | re.DOTALL)
+#: RFC 3516 §4.2: ``BINARY[.PEEK][section-part]<partial>``, ``BINARY.SIZE[section-part]``
+#: (possessive: linear whatever the input).
+_BINARY_RE = re.compile(r"^(BINARY|BINARY\.PEEK|BINARY\.SIZE)\[(\d{1,10}+(?:\.\d{1,10}+)*+)?\]"
+                        r"(?:<(\d{1,20})\.(\d{1,20})>)?$", re.IGNORECASE)
 
 
 def _fetch_item(token: Token) -> FetchItem:
@@ -431,6 +458,8 @@ def _fetch_item(token: Token) -> FetchItem:
     upper = token.upper()
     if upper in _SIMPLE_ITEMS:
         return FetchItem(upper)
+    if upper.startswith("BINARY"):
+        return _binary_item(token)
     m = _BODY_RE.match(token)
     if m is None:
         raise ParseError(f"Unknown FETCH attribute {token!s}")
@@ -444,6 +473,27 @@ def _fetch_item(token: Token) -> FetchItem:
             raise ParseError("Partial count must be positive")
         spec = SectionSpec(spec.part, spec.text, spec.fields, (int(m.group(3)), count))
     return FetchItem("BODY[]", spec, peek=m.group(1).upper() == "BODY.PEEK")
+
+
+def _binary_item(token: Atom) -> FetchItem:
+    """``BINARY[1.2]<0.100>`` -> FetchItem("BINARY", SectionSpec((1, 2), partial=...));
+    ``BINARY.SIZE[...]`` takes no partial (RFC 3516 §4.2)."""
+    m = _BINARY_RE.match(token)
+    if m is None:
+        raise ParseError(f"Unknown FETCH attribute {token!s}")
+    kind = m.group(1).upper()
+    part = tuple(int(p) for p in m.group(2).split(".")) if m.group(2) else ()
+    if 0 in part:
+        raise ParseError("Section part numbers start at 1")
+    partial = None
+    if m.group(3) is not None:
+        if kind == "BINARY.SIZE":
+            raise ParseError("BINARY.SIZE takes no partial range")
+        partial = (int(m.group(3)), int(m.group(4)))
+        if partial[1] == 0:
+            raise ParseError("Partial count must be positive")
+    name = "BINARY.SIZE" if kind == "BINARY.SIZE" else "BINARY"
+    return FetchItem(name, SectionSpec(part, partial=partial), peek=kind == "BINARY.PEEK")
 
 
 #: Attributes of one FETCH. Each body section costs a pass over the message on the
@@ -577,7 +627,9 @@ def _search_key(args: list[Token], pos: int, budget: _SearchBudget,
         k2, nxt = _search_key(args, nxt, budget, depth + 1)
         return ("or", k1, k2), nxt
     if name == "UID":
-        return ("uidset", parse_seqset(arg())), pos + 2
+        return ("uidset", parse_seqset(arg(), saved=True)), pos + 2
+    if name == "$":  # the saved result (RFC 5182 §2.1)
+        return ("seq", SavedResult()), pos + 1
     if name == "RECENT":
         return ("recent",), pos + 1
     if name == "OLD":

@@ -53,6 +53,12 @@ INFLATE_STEP = 64 * 1024
 
 #: APPEND messages are spooled in memory up to this size, then on disk.
 SPOOL_MEMORY_BYTES = 1024 * 1024
+#: One APPEND may carry this many message literals (MULTIAPPEND messages, CATENATE
+#: TEXT parts): each is a spool file and a parse.
+MAX_APPEND_LITERALS = 1000
+#: ... and this many bytes in all (each message is also held to the APPENDLIMIT). The
+#: session's ``max_append_total_bytes`` is this, or its APPENDLIMIT if that is larger.
+MAX_APPEND_TOTAL_BYTES = 256 * 1024 * 1024
 _MARKER_AT_END = re.compile(rb"\{\d+\+?\}\r\n$")
 
 
@@ -64,6 +70,8 @@ class CommandReader:
     state: State
     session_id: str
     max_append_bytes: int
+    #: Bytes of message literals one APPEND may carry in all (MULTIAPPEND, CATENATE).
+    max_append_total_bytes: int = MAX_APPEND_TOTAL_BYTES
     spool_dir: str | None
     tls_active: bool
     tls_options: Any
@@ -106,6 +114,7 @@ class CommandReader:
         self._inflate: Any = None
         self._inflate_tail = b""  # compressed input not inflated yet (bounded expansion)
         self._spools: list[Any] = []  # APPEND messages of the command being read
+        self._spooled_bytes = 0  # their sizes added up (the per-command total)
         self._spooling = False
         self._processing = False
         self._paused = False
@@ -241,6 +250,7 @@ class CommandReader:
                 return  # tolerate empty lines between commands
             self._head = None  # a new command
             self._check_peeks = 0
+            self._spooled_bytes = 0
         self._pending += line
         m = LITERAL_RE.search(line)
         if m is None:
@@ -254,14 +264,19 @@ class CommandReader:
         tag, name, args = self._peek(len(m.group(0)))
         check = _literal_check(name)  # APPEND: its literals past the mailbox are messages
         limit = self.max_append_bytes if check is not None else MAX_SMALL_LITERAL_BYTES
+        refusal = None
         if size > limit or len(self._pending) > 4 * MAX_LINE_BYTES:
+            refusal = "NO [TOOBIG] Literal too large"
+        elif check is not None and args:
+            refusal = self._over_append_limits(size)
+        if refusal is not None:
             self._pending.clear()
             self._close_spools()
             self._literal_checked = False
             if not sync:
                 self._discard_left = size
                 self._discarding_line = True
-            self.send(f"{tag or '*'} NO [TOOBIG] Literal too large")
+            self.send(f"{tag or '*'} {refusal}")
             return
         if sync and name == "LOGIN" and not self.login_allowed():
             # Do not invite a password in cleartext.
@@ -281,13 +296,26 @@ class CommandReader:
         if sync:
             self.send("+ Ready for literal data")
 
+    def _over_append_limits(self, size: int) -> str | None:
+        """The refusal of one more message literal of an APPEND, if it is one too many
+        or takes the command past its total size (RFC 5530 [LIMIT])."""
+        if len(self._spools) >= MAX_APPEND_LITERALS:
+            return f"NO [LIMIT] At most {MAX_APPEND_LITERALS} literals in one APPEND"
+        total = max(self.max_append_total_bytes, self.max_append_bytes)
+        if self._spooled_bytes + size > total:
+            return f"NO [LIMIT] At most {total} bytes in one APPEND"
+        return None
+
     def _begin_literal(self, size: int, spool: bool) -> None:
         """Read the next ``size`` octets as a literal. An APPEND message goes to a spool
         file (memory up to 1 MiB, then disk) and the command keeps an empty literal in its
         place, so a 50 MB APPEND is never held in the command buffer."""
         self._literal_left = size
-        self._spooling = spool and size > 0
+        # Every message literal has its spool, even an empty one: the handler takes
+        # them in the order of the command's literals (MULTIAPPEND, CATENATE).
+        self._spooling = spool
         if self._spooling:
+            self._spooled_bytes += size
             tail = bytes(self._pending[-40:])
             m = _MARKER_AT_END.search(tail)
             if m is not None:
@@ -321,7 +349,10 @@ class CommandReader:
         try:
             command = parse_command(prefix)
         except ParseError as exc:
-            return getattr(exc, "tag", None), None, []
+            try:  # a literal inside a list: APPEND ... CATENATE (TEXT {n}
+                command = parse_command(prefix + b")")
+            except Exception:
+                return getattr(exc, "tag", None), None, []
         except Exception:
             return None, None, []
         return command.tag, command.name, command.args

@@ -14,12 +14,15 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentpost.imap.errors import bad
 from agentpost.imap.interfaces import Changes, FolderSnapshot, IMAPFolder, MessageMeta
-from agentpost.imap.parser import SeqSet, merge_ranges, resolve_seqset
+from agentpost.imap.parser import SavedResult, SeqSet, merge_ranges, resolve_seqset
 from agentpost.imap.wire import flag_list
+
+if TYPE_CHECKING:
+    from agentpost.imap.commands.contexts import SearchContext
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +37,10 @@ class SelectedMailbox:
         uids: the view's UIDs, ascending: sequence number n is ``uids[n - 1]``.
         meta: the last flags and MODSEQ the session reported, per UID.
         recent: the UIDs this session reports as \\Recent.
+        show_recent: whether FLAGS carry \\Recent (not for an IMAP4rev2 client).
         pending_expunged: expunges seen while they could not be reported.
+        saved: the UIDs ``SEARCH RETURN (SAVE)`` kept for ``$`` (RFC 5182), ascending;
+            empty at SELECT/EXAMINE, gone with the view at CLOSE/UNSELECT.
         highestmodseq: the highest MODSEQ the session knows about.
         dirty: the folder may have changed since the session last looked.
     """
@@ -47,9 +53,14 @@ class SelectedMailbox:
         self.uids = [m.uid for m in snapshot.messages]
         self.meta: dict[int, MessageMeta] = {m.uid: m for m in snapshot.messages}
         self.recent: set[int] = set(self.uids[bisect.bisect_right(self.uids, seen_up_to):])
+        self.show_recent = True  # False after ENABLE IMAP4rev2: RFC 9051 has no \\Recent
         self.pending_expunged: set[int] = set()
+        self.saved: list[int] = []
         self.highestmodseq = snapshot.highestmodseq
         self.dirty = False
+        # RFC 5267 UPDATE contexts by tag (agentpost.imap.commands.contexts): they end
+        # with the selection.
+        self.search_contexts: dict[str, SearchContext] = {}
         self._unwatch: Callable[[], None] | None = None
 
     @property
@@ -87,13 +98,15 @@ class SelectedMailbox:
         return bisect.bisect_left(self.uids, uid) + 1
 
     def flags_text(self, uid: int, flags: frozenset[str]) -> str:
-        return flag_list(flags, uid in self.recent)
+        return flag_list(flags, self.show_recent and uid in self.recent)
 
     def seq_uids(self, seqset: SeqSet, uid: bool, strict: bool = True) -> list[int]:
         """UIDs of the view addressed by a sequence set (UID set when ``uid``), ascending.
         The ranges are merged first: ``1:*`` repeated 50,000 times is one pass. A number
         beyond the mailbox is BAD when ``strict`` (FETCH, STORE...), else matches nothing
         (a SEARCH key, as Dovecot answers)."""
+        if isinstance(seqset, SavedResult):  # "$": UIDs, expunged ones dropped (RFC 5182)
+            return [u for u in self.saved if u in self.meta]
         out: list[int] = []
         if uid:
             for lo, hi in merge_ranges(resolve_seqset(seqset, self.top_uid)):

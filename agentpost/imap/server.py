@@ -45,8 +45,8 @@ import ipaddress
 import logging
 import secrets
 import zlib
-from collections.abc import Callable
-from typing import Any, cast
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer, IReactorTime
@@ -54,6 +54,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from agentpost.imap import rev2
 from agentpost.imap.commands.table import COMMANDS, CommandSpec
 from agentpost.imap.errors import Answered, IMAPError, bad, error_for, no
 from agentpost.imap.interfaces import IMAPAccount, IMAPBackend
@@ -65,6 +66,9 @@ from agentpost.imap.updates import report_changes
 from agentpost.listening import no_delay
 from agentpost.model import errors
 from agentpost.transport import SessionTransport
+
+if TYPE_CHECKING:
+    from agentpost.imap.notifier_state import MailboxNotifier
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +162,10 @@ class IMAP4ServerProtocol(CommandReader, Protocol):
         self._idle_wake: defer.Deferred[None] | None = None
         self.condstore = False
         self.qresync = False  # RFC 7162: VANISHED instead of EXPUNGE, SELECT (QRESYNC ...)
+        self.imap4rev2 = False  # ENABLE IMAP4rev2 (RFC 9051): see agentpost.imap.rev2
         self._closed = False
         self.bye_sent = False  # LOGOUT's BYE is out: no more untagged responses
+        self.notify: MailboxNotifier | None = None  # NOTIFY SET (RFC 5465) in effect
 
     def login_allowed(self) -> bool:
         # The development switch never exposes passwords beyond this machine: a client on
@@ -205,6 +211,9 @@ class IMAP4ServerProtocol(CommandReader, Protocol):
         self._pending.clear()
         self._close_spools()
         self._stop_watching()
+        if self.notify is not None:
+            notify, self.notify = self.notify, None
+            notify.stop()
         for d in self._writable:
             d.cancel()
         self._writable.clear()
@@ -401,8 +410,11 @@ class IMAP4ServerProtocol(CommandReader, Protocol):
         caps = ["IMAP4rev1", "LITERAL+", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT",
                 "CHILDREN", "SPECIAL-USE", "UIDPLUS", "MOVE", "CONDSTORE", "LIST-EXTENDED",
                 "LIST-STATUS", "ESEARCH", "QRESYNC", "QUOTA", "QUOTA=RES-STORAGE",
-                f"APPENDLIMIT={self.max_append_bytes}", "STATUS=SIZE", "COMPRESS=DEFLATE",
-                "SORT", "SORT=DISPLAY"]
+                f"APPENDLIMIT={self.max_append_bytes}", "MULTIAPPEND", "CATENATE",
+                "STATUS=SIZE", "COMPRESS=DEFLATE", "BINARY", "SEARCHRES",
+                "SORT", "SORT=DISPLAY", "NOTIFY",
+                "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "ESORT", "CONTEXT=SEARCH",
+                "CONTEXT=SORT"]
         if self.state is State.NOT_AUTHENTICATED:
             if self.tls_options is not None and not self.tls_active:
                 caps.append("STARTTLS")
@@ -410,6 +422,8 @@ class IMAP4ServerProtocol(CommandReader, Protocol):
                 caps += ["AUTH=PLAIN", "SASL-IR"]
             else:
                 caps.append("LOGINDISABLED")
+        if rev2.offered(caps):  # last: it needs the extensions RFC 9051 folds in
+            caps.insert(1, rev2.IMAP4REV2)
         return caps
 
     async def logged_in(self, account: IMAPAccount) -> None:
@@ -432,7 +446,14 @@ class IMAP4ServerProtocol(CommandReader, Protocol):
         """Enter the selected state with ``view``, woken by its folder's changes."""
         self.selected = view
         self.state = State.SELECTED
-        view.watch(self.wake)
+        view.watch(self._selected_changed)
+
+    def _selected_changed(self) -> None:
+        """The selected folder may have changed: NOTIFY reports it at once (RFC 5465
+        SELECTED), IDLE wakes; otherwise the next command reports it."""
+        if self.notify is not None:
+            self.notify.selected_changed()
+        self.wake()
 
     def unselect(self) -> None:
         """Back to the authenticated state (CLOSE, UNSELECT, a new SELECT)."""
@@ -444,6 +465,31 @@ class IMAP4ServerProtocol(CommandReader, Protocol):
         """Wake :meth:`wait_for_wake` (the selected folder changed, or a line came)."""
         if self._idle_wake is not None and not self._idle_wake.called:
             self._idle_wake.callback(None)
+
+    def run_unsolicited(self, work: Callable[[], Coroutine[Any, Any, None]]) -> str:
+        """Run ``work`` (NOTIFY's unsolicited responses, RFC 5465) between commands, as
+        if it were one: no command starts while it runs, so its responses never land
+        inside another command's (RFC 3501 §7.4.1) nor inside a literal. Returns
+        "busy" while a command is in progress, "blocked" while the client is not
+        reading, "closed" after LOGOUT/BYE, else "started"."""
+        if self.state is State.LOGOUT or self.bye_sent:
+            return "closed"
+        if self._busy or self._pending:  # a command is running, or half read
+            return "busy"
+        if self._output_blocked:
+            return "blocked"
+        self._busy = True
+
+        def done(result: Any) -> None:
+            if isinstance(result, Failure):
+                log.error("imap %s: notification failed: %s", self.session_id,
+                          result.getTraceback())
+            self._busy = False
+            if self.state is not State.LOGOUT:
+                self._process()
+
+        defer.ensureDeferred(work()).addBoth(done)
+        return "started"
 
     async def wait_for_wake(self) -> None:
         self._idle_wake = defer.Deferred()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from agentpost.imap.commands import contexts
 from agentpost.imap.states import State
 from agentpost.mail import imapformat
 
@@ -22,6 +23,7 @@ def announce_expunged(session: IMAP4ServerProtocol, uids: list[int]) -> None:
     view = session.selected
     if view is None:
         return
+    contexts.announce_removals(session, uids)  # RFC 5267 §4.3.4: before the EXPUNGE
     present, seqs = view.remove(uids)
     if not present:
         return
@@ -68,5 +70,7 @@ async def report_changes(session: IMAP4ServerProtocol, expunge: bool) -> None:
             return
         view.add(new, seen_up_to)
         session.send(f"* {len(view.uids)} EXISTS")
-        session.send(f"* {len(view.recent)} RECENT")
+        if not session.imap4rev2:  # RFC 9051 removed RECENT
+            session.send(f"* {len(view.recent)} RECENT")
     view.highestmodseq = max(view.highestmodseq, changes.highestmodseq)
+    await contexts.refresh(session)  # RFC 5267 UPDATE: after EXISTS (§4.3.3)

@@ -15,9 +15,10 @@ from agentpost.mail import imapformat
 #: The system flags every mailbox offers (FLAGS and PERMANENTFLAGS at SELECT).
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-#: STATUS data items (RFC 3501, RFC 7162 HIGHESTMODSEQ, RFC 8438 SIZE), also LIST-STATUS's.
+#: STATUS data items (RFC 3501, RFC 7162 HIGHESTMODSEQ, RFC 8438 SIZE, RFC 9051 DELETED),
+#: also LIST-STATUS's.
 STATUS_ITEMS = ("MESSAGES", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "RECENT", "HIGHESTMODSEQ",
-                "SIZE")
+                "SIZE", "DELETED")
 
 
 def quote(text: str) -> str:
@@ -51,5 +52,5 @@ def status_text(st: Any, items: list[str]) -> str:
     """The parenthesized STATUS data for ``items`` (already checked against STATUS_ITEMS)."""
     values = {"MESSAGES": st.messages, "UIDNEXT": st.uidnext, "UIDVALIDITY": st.uidvalidity,
               "UNSEEN": st.unseen, "RECENT": st.recent,
-              "HIGHESTMODSEQ": st.highestmodseq, "SIZE": st.size}
+              "HIGHESTMODSEQ": st.highestmodseq, "SIZE": st.size, "DELETED": st.deleted}
     return " ".join(f"{key} {values[key]}" for key in items)

@@ -31,9 +31,9 @@ from collections.abc import Iterable, Iterator
 
 from agentpost.model import errors
 
-__all__ = ["IDENTITY_ENCODINGS", "InvalidTransferEncoding", "UnknownTransferEncoding",
-           "decode_body", "decoded_size", "iter_decoded", "needs_literal8",
-           "transfer_encoding"]
+__all__ = ["IDENTITY_ENCODINGS", "Decoder", "InvalidTransferEncoding",
+           "UnknownTransferEncoding", "decode_body", "decoded_size", "decoder", "iter_decoded",
+           "needs_literal8", "transfer_encoding"]
 
 #: CTEs whose decoding is the identity (RFC 2045 §6.2).
 IDENTITY_ENCODINGS = frozenset({"7bit", "8bit", "binary"})
@@ -94,41 +94,55 @@ def _slices(data: bytes | bytearray | memoryview) -> Iterator[memoryview]:
         yield view[pos:pos + _CHUNK]
 
 
-def _identity(chunks: Iterable[bytes | memoryview]) -> Iterator[bytes]:
-    for chunk in chunks:
-        if chunk:
-            yield bytes(chunk)
+class Decoder:
+    """A push-style decoder: :meth:`feed` successive slices of the encoded body, then
+    :meth:`finish`. Why push and not only :func:`iter_decoded`: a FETCH reads a large
+    part from the blob store a chunk at a time (each read awaited), so it hands each
+    chunk in as it arrives; the state carried between chunks is a few octets."""
+
+    def feed(self, chunk: bytes | memoryview) -> bytes:
+        """Decoded octets of one more slice (possibly none yet)."""
+        return bytes(chunk)
+
+    def finish(self) -> bytes:
+        """The octets still held back; InvalidTransferEncoding if the body ends badly."""
+        return b""
 
 
-def _base64(chunks: Iterable[bytes | memoryview]) -> Iterator[bytes]:
-    carry = b""  # < 4 significant characters of an unfinished quantum
-    pads = 0  # "=" seen: from then on only "=" and whitespace may follow
-    for chunk in chunks:
+class _Base64Decoder(Decoder):
+    def __init__(self) -> None:
+        self.carry = b""  # < 4 significant characters of an unfinished quantum
+        self.pads = 0  # "=" seen: from then on only "=" and whitespace may follow
+
+    def feed(self, chunk: bytes | memoryview) -> bytes:
         data = bytes(chunk).translate(None, _B64_WS)
         if not data:
-            continue
+            return b""
         if data.translate(None, _B64_CHARS):
             raise InvalidTransferEncoding("Invalid character in base64 data.")
-        if pads:
+        if self.pads:
             if data.strip(b"="):
                 raise InvalidTransferEncoding("Data after base64 padding.")
-            pads += len(data)
-            continue
+            self.pads += len(data)
+            return b""
         eq = data.find(b"=")
         if eq >= 0:
             if data[eq:].strip(b"="):
                 raise InvalidTransferEncoding("Data after base64 padding.")
-            pads = len(data) - eq
+            self.pads = len(data) - eq
             data = data[:eq]
-        data = carry + data
+        data = self.carry + data
         cut = len(data) - len(data) % 4
-        if cut:
-            yield binascii.a2b_base64(data[:cut])
-        carry = data[cut:]
-    if carry or pads:
+        self.carry = data[cut:]
+        return binascii.a2b_base64(data[:cut]) if cut else b""
+
+    def finish(self) -> bytes:
+        carry, pads = self.carry, self.pads
+        if not carry and not pads:
+            return b""
         if len(carry) < 2 or pads > 4 - len(carry):
             raise InvalidTransferEncoding("Truncated or over-padded base64 data.")
-        yield binascii.a2b_base64(carry + b"=" * (4 - len(carry)))
+        return binascii.a2b_base64(carry + b"=" * (4 - len(carry)))
 
 
 def _strip_padding(data: bytes, at_end: bool) -> bytes:
@@ -162,9 +176,12 @@ def _qp_cut(pending: bytearray) -> int:
     return blanks if blanks > low else cut
 
 
-def _quoted_printable(chunks: Iterable[bytes | memoryview]) -> Iterator[bytes]:
-    pending = bytearray()
-    for chunk in chunks:
+class _QuotedPrintableDecoder(Decoder):
+    def __init__(self) -> None:
+        self.pending = bytearray()  # the start of a line not decoded yet
+
+    def feed(self, chunk: bytes | memoryview) -> bytes:
+        pending = self.pending
         start = len(pending)  # what is pending already holds no line break
         pending += chunk
         newline = pending.rfind(b"\n", start)
@@ -173,13 +190,36 @@ def _quoted_printable(chunks: Iterable[bytes | memoryview]) -> Iterator[bytes]:
         elif len(pending) > _QP_MAX_PENDING:
             cut = _qp_cut(pending)
         else:
-            continue
+            return b""
         data = _strip_padding(bytes(pending[:cut]), at_end=False)
         del pending[:cut]
-        if data:
-            yield binascii.a2b_qp(data)
-    if pending:
-        yield binascii.a2b_qp(_strip_padding(bytes(pending), at_end=True))
+        return binascii.a2b_qp(data) if data else b""
+
+    def finish(self) -> bytes:
+        pending, self.pending = self.pending, bytearray()
+        return binascii.a2b_qp(_strip_padding(bytes(pending), at_end=True)) if pending \
+            else b""
+
+
+def decoder(cte: str | None) -> Decoder:
+    """A push decoder for the raw CTE header value ``cte`` (UnknownTransferEncoding
+    for one we cannot undo)."""
+    mechanism = transfer_encoding(cte)
+    if mechanism == "base64":
+        return _Base64Decoder()
+    if mechanism == "quoted-printable":
+        return _QuotedPrintableDecoder()
+    return Decoder()
+
+
+def _drive(dec: Decoder, chunks: Iterable[bytes | memoryview]) -> Iterator[bytes]:
+    for chunk in chunks:
+        out = dec.feed(chunk)
+        if out:
+            yield out
+    tail = dec.finish()
+    if tail:
+        yield tail
 
 
 def iter_decoded(chunks: Iterable[bytes | memoryview], cte: str | None) -> Iterator[bytes]:
@@ -189,12 +229,7 @@ def iter_decoded(chunks: Iterable[bytes | memoryview], cte: str | None) -> Itera
     :class:`InvalidTransferEncoding` while iterating (after some output may already
     have been produced: callers that stream must not commit to the response first).
     """
-    mechanism = transfer_encoding(cte)
-    if mechanism == "base64":
-        return _base64(chunks)
-    if mechanism == "quoted-printable":
-        return _quoted_printable(chunks)
-    return _identity(chunks)
+    return _drive(decoder(cte), chunks)
 
 
 def decode_body(body: bytes | bytearray | memoryview, cte: str | None) -> bytes:

@@ -688,6 +688,40 @@ def plan_section(sections: str, spec: SectionSpec) -> SectionPlan:
     return _plan(root, spec)
 
 
+@dataclass(frozen=True)
+class PartLocation:
+    """The entity ``BINARY[part]`` addresses: header ``[hstart, bstart)``, body
+    ``[bstart, end)`` (RFC 3516 decodes the body with the header's CTE)."""
+
+    hstart: int
+    bstart: int
+    end: int
+    multipart: bool
+
+
+def locate_part(source: bytes | str, part: tuple[int, ...]) -> PartLocation | None:
+    """The entity ``part`` addresses, as BODY[part] finds it, from the raw message
+    (bytes) or its :func:`section_map` (str); None when there is no such part.
+    ValueError for an unreadable map (the caller then falls back to the raw bytes)."""
+    if isinstance(source, str):
+        try:
+            root = _decode_map(source)
+        except (ValueError, TypeError, IndexError, KeyError) as exc:
+            raise ValueError("unreadable section map") from exc
+    else:
+        root = _parse(source)
+    ent = _locate(root, part)
+    if ent is None:
+        return None
+    return PartLocation(ent.hstart, ent.bstart, ent.end, ent.is_multipart)
+
+
+def header_value(header: bytes, name: str) -> str | None:
+    """The first field ``name`` (lower case) of one entity's header bytes, unfolded."""
+    fields, _ = _split_header(header, 0, len(header))
+    return _field_value(header, _Entity(0, 0, len(header), fields), name)
+
+
 def filter_header_fields(header: bytes, names: tuple[str, ...], keep: bool) -> bytes:
     """HEADER.FIELDS (``keep``) or HEADER.FIELDS.NOT of one entity's header bytes."""
     fields, _ = _split_header(header, 0, len(header))

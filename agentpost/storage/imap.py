@@ -13,7 +13,13 @@ from agentpost.mail import keywords as kw
 from agentpost.model.errors import Conflict
 from agentpost.storage.database import Txn
 from agentpost.storage.keywords import SPELLINGS_COLUMN
-from agentpost.storage.mail import mark_expunged, notify_folder
+from agentpost.storage.mail import (
+    MAIL_CHANNEL,
+    folder_list_key,
+    mark_expunged,
+    notify_folder,
+    notify_folder_list,
+)
 
 SYSTEM_FLAGS = {"\\Seen": "seen", "\\Flagged": "flagged", "\\Answered": "answered",
                 "\\Draft": "draft", "\\Deleted": "deleted"}
@@ -93,11 +99,16 @@ async def create_folder(txn: Txn, org_id: str, environment_id: str, inbox_id: st
             (org_id, environment_id, inbox_id, name, txn.now))
     except psycopg2.errors.UniqueViolation:
         raise Conflict("Folder already exists.") from None
+    await notify_folder_list(txn, inbox_id)
 
 
 async def delete_folder(txn: Txn, org_id: str, folder_id: int) -> None:
-    """Remove a folder row (its messages must already be gone)."""
-    await txn.execute("DELETE FROM folders WHERE org_id = %s AND id = %s", (org_id, folder_id))
+    """Remove a folder row (its messages must already be gone); wakes the inbox's
+    folder-list watchers (IMAP NOTIFY)."""
+    await txn.execute(
+        "WITH d AS (DELETE FROM folders WHERE org_id = %s AND id = %s RETURNING inbox_id) "
+        "SELECT pg_notify(%s, %s || d.inbox_id) FROM d",
+        (org_id, folder_id, MAIL_CHANNEL, folder_list_key("")))
 
 
 async def rename_folder(txn: Txn, org_id: str, inbox_id: str, old: str, new: str) -> None:
@@ -109,12 +120,16 @@ async def rename_folder(txn: Txn, org_id: str, inbox_id: str, old: str, new: str
             (new, old, org_id, inbox_id, old, old.replace("%", r"\%") + "/%"))
     except psycopg2.errors.UniqueViolation:
         raise Conflict("Folder already exists.") from None
+    await notify_folder_list(txn, inbox_id)
 
 
 async def set_subscribed(txn: Txn, org_id: str, folder_id: int, subscribed: bool) -> None:
-    """SUBSCRIBE / UNSUBSCRIBE."""
-    await txn.execute("UPDATE folders SET subscribed = %s WHERE org_id = %s AND id = %s",
-                      (subscribed, org_id, folder_id))
+    """SUBSCRIBE / UNSUBSCRIBE; wakes the inbox's folder-list watchers (IMAP NOTIFY)."""
+    await txn.execute(
+        "WITH u AS (UPDATE folders SET subscribed = %s WHERE org_id = %s AND id = %s "
+        "           RETURNING inbox_id) "
+        "SELECT pg_notify(%s, %s || u.inbox_id) FROM u",
+        (subscribed, org_id, folder_id, MAIL_CHANNEL, folder_list_key("")))
 
 
 async def folder_meta(txn: Txn, org_id: str, folder_id: int) -> list[dict[str, Any]]:
@@ -136,25 +151,38 @@ async def deleted_uids(txn: Txn, org_id: str, folder_id: int,
 
 async def folder_counts(txn: Txn, org_id: str, folder_id: int,
                         recent_uid: int = 0) -> dict[str, Any]:
-    """MESSAGES, UNSEEN, RECENT (UIDs above ``recent_uid``) and SIZE for STATUS."""
+    """MESSAGES, UNSEEN, RECENT (UIDs above ``recent_uid``), SIZE and DELETED for STATUS."""
     return await txn.fetchone_required(
         "SELECT count(*) AS messages, count(*) FILTER (WHERE NOT seen) AS unseen, "
         "min(uid) FILTER (WHERE NOT seen) AS first_unseen, "
-        "count(*) FILTER (WHERE uid > %s) AS recent, COALESCE(sum(size), 0) AS size "
+        "count(*) FILTER (WHERE uid > %s) AS recent, COALESCE(sum(size), 0) AS size, "
+        "count(*) FILTER (WHERE deleted) AS deleted "
         "FROM messages WHERE org_id = %s AND folder_id = %s", (recent_uid, org_id, folder_id))
 
 
-async def claim_recent(txn: Txn, org_id: str, folder_id: int, up_to_uid: int,
-                       claim: bool) -> int:
-    """The folder's recent mark before this call; with ``claim``, raise it to
-    ``up_to_uid`` (row-locked, so two sessions never both get the same UIDs)."""
-    if not claim:
-        return await txn.fetchval(
-            "SELECT recent_uid FROM folders WHERE org_id = %s AND id = %s",
-            (org_id, folder_id)) or 0
+async def recent_mark(txn: Txn, org_id: str, folder_id: int) -> int:
+    """The folder's recent mark as last committed, without a lock (one statement): the
+    mark only rises, so a mark at or above a UID means another session has claimed it."""
+    return await txn.fetchval(
+        "SELECT recent_uid FROM folders WHERE org_id = %s AND id = %s",
+        (org_id, folder_id)) or 0
+
+
+async def claim_recent(txn: Txn, org_id: str, folder_id: int, up_to_uid: int) -> int:
+    """Raise the folder's recent mark to ``up_to_uid``; returns the mark before this
+    call (row-locked, so two sessions never both get the same UIDs).
+
+    The folder row is the one every writer locks for UIDNEXT and HIGHESTMODSEQ, so this
+    transaction must hold it for as short a time as possible: it commits
+    asynchronously (no WAL flush while the lock is held). That is safe for \\Recent
+    alone -- a crash can at worst forget a claim, and a message may then be \\Recent in
+    one more session, which RFC 3501 §2.3.2 tolerates; nothing else is written here.
+    FOR NO KEY UPDATE, the lock the UPDATE takes anyway: FOR UPDATE would also block
+    the foreign-key checks (FOR KEY SHARE) of every message inserted into the folder."""
     old = await txn.fetchval(
+        "SET LOCAL synchronous_commit TO OFF; "
         "WITH old AS (SELECT recent_uid FROM folders WHERE org_id = %s AND id = %s "
-        "             FOR UPDATE) "
+        "             FOR NO KEY UPDATE) "
         "UPDATE folders f SET recent_uid = GREATEST(f.recent_uid, %s) FROM old "
         "WHERE f.org_id = %s AND f.id = %s RETURNING old.recent_uid",
         (org_id, folder_id, up_to_uid, org_id, folder_id))
@@ -390,3 +418,16 @@ async def search(txn: Txn, org_id: str, folder_id: int, key: tuple[Any, ...],
         f"SELECT uid FROM messages WHERE org_id = %s AND folder_id = %s AND {condition} "
         f"ORDER BY {order + ', ' if order else ''}uid", (org_id, folder_id, *params))
     return [r["uid"] for r in rows]
+
+
+async def thread_fields(txn: Txn, org_id: str, folder_id: int,
+                        key: tuple[Any, ...]) -> list[dict[str, Any]]:
+    """IMAP THREAD (RFC 5256): the threading columns of the messages matching a search
+    key, ascending UID, in one statement (the threading itself runs in Python)."""
+    params: list[Any] = []
+    condition = search_sql(key, params)
+    return await txn.fetchall(
+        "SELECT uid, message_id_header, reference_ids, in_reply_to, subject, sent_at, "
+        "received_at FROM messages "
+        f"WHERE org_id = %s AND folder_id = %s AND {condition} ORDER BY uid",
+        (org_id, folder_id, *params))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from psycopg2.extras import Json
@@ -73,6 +74,13 @@ async def allocate_uid(txn: Txn, org_id: str, folder_id: int) -> tuple[int, int]
     return row["uid"], row["modseq"]
 
 
+async def lock_folders(txn: Txn, org_id: str, folder_ids: list[int]) -> None:
+    """Lock folder rows in id order (a change that will update several of them)."""
+    await txn.execute(
+        "SELECT 1 FROM folders WHERE org_id = %s AND id = ANY(%s) ORDER BY id "
+        "FOR NO KEY UPDATE", (org_id, sorted(set(folder_ids))))
+
+
 async def bump_modseq(txn: Txn, org_id: str, folder_id: int) -> int:
     """A new MODSEQ for a flag change in a folder."""
     modseq: int = await txn.fetchval(
@@ -112,6 +120,24 @@ async def release_blob(txn: Txn, key: str) -> bool:
         await txn.execute("DELETE FROM blobs WHERE key = %s AND refcount <= 0", (key,))
         return True
     return False
+
+
+async def release_blobs(txn: Txn, keys: list[str]) -> list[str]:
+    """:func:`release_blob` for many references (a key may repeat) in ONE round trip:
+    the blobs' locks in key order (two releasers cannot deadlock), the counts, and the
+    rows nobody uses any more removed; returns their keys."""
+    if not keys:
+        return []
+    distinct = sorted(set(keys))
+    rows = await txn.fetchall(
+        "SELECT pg_advisory_xact_lock(hashtextextended(k, 7)) "
+        "FROM (SELECT k FROM unnest(%s::text[]) AS k ORDER BY k) AS s; "
+        "UPDATE blobs b SET refcount = b.refcount - c.n "
+        "FROM (SELECT k, count(*) AS n FROM unnest(%s::text[]) AS k GROUP BY k) AS c "
+        "WHERE b.key = c.k; "
+        "DELETE FROM blobs WHERE key = ANY(%s) AND refcount <= 0 RETURNING key",
+        (distinct, keys, distinct))
+    return sorted(r["key"] for r in rows)
 
 
 async def blob_unreferenced(txn: Txn, key: str) -> bool:
@@ -188,6 +214,63 @@ async def refresh_thread(txn: Txn, org_id: str, thread_id: str) -> None:
         (txn.now, org_id, thread_id, org_id, thread_id, org_id, thread_id, org_id, thread_id))
 
 
+async def lock_threads(txn: Txn, org_id: str, thread_ids: list[str]) -> None:
+    """Lock thread rows in id order, for a change that refreshes them only after it
+    has locked the inbox or folder rows (STORE, COPY): threads come before those
+    (core.mail_changes' lock order). FOR NO KEY UPDATE, the lock an UPDATE takes: a
+    new message's foreign-key check (FOR KEY SHARE) is not blocked by it."""
+    if thread_ids:
+        await txn.execute(
+            "SELECT 1 FROM threads WHERE org_id = %s AND id = ANY(%s) ORDER BY id "
+            "FOR NO KEY UPDATE", (org_id, sorted(set(thread_ids))))
+
+
+def _refresh_threads_sql(org_id: str, ids: list[str], now: Any) -> tuple[str, list[Any]]:
+    """:func:`refresh_thread` for many threads as ONE statement (threads not yet
+    locked are locked in plan order: lock them first, :func:`lock_threads`)."""
+    return ("""
+        UPDATE threads t SET
+            message_count = c.n,
+            last_message_at = COALESCE(c.last_at, t.last_message_at),
+            participants = COALESCE(
+                (SELECT jsonb_agg(DISTINCT a) FROM messages m2,
+                     LATERAL (SELECT lower(m2.from_address->>'email') AS a
+                              UNION SELECT lower(x->>'email')
+                              FROM jsonb_array_elements(m2.to_addresses || m2.cc_addresses) x
+                             ) p
+                 WHERE m2.org_id = t.org_id AND m2.thread_id = t.id AND a IS NOT NULL),
+                '[]'::jsonb),
+            labels = COALESCE(
+                (SELECT array_agg(DISTINCT l ORDER BY l) FROM messages m3, unnest(m3.labels) l
+                 WHERE m3.org_id = t.org_id AND m3.thread_id = t.id), '{}'),
+            updated_at = %s
+        FROM unnest(%s::text[]) AS x(id)
+        CROSS JOIN LATERAL (SELECT count(*) AS n, max(received_at) AS last_at
+                            FROM messages m WHERE m.org_id = %s AND m.thread_id = x.id) c
+        WHERE t.org_id = %s AND t.id = x.id
+        """, [now, ids, org_id, org_id])
+
+
+async def refresh_threads(txn: Txn, org_id: str, thread_ids: list[str], *,
+                          drop_empty: bool = False) -> None:
+    """:func:`refresh_thread` for many threads in ONE round trip, locking them in id
+    order first (two changes over the same threads cannot deadlock); with
+    ``drop_empty``, threads left without messages are removed (threads exist only
+    while they have messages)."""
+    ids = sorted(set(thread_ids))
+    if not ids:
+        return
+    refresh, params = _refresh_threads_sql(org_id, ids, txn.now)
+    sql = ("SELECT 1 FROM threads WHERE org_id = %s AND id = ANY(%s) ORDER BY id "
+           "FOR NO KEY UPDATE; " + refresh)
+    params = [org_id, ids, *params]
+    if drop_empty:
+        sql += ("; DELETE FROM threads WHERE org_id = %s AND id = ANY(%s) AND NOT EXISTS ("
+                "SELECT 1 FROM messages WHERE org_id = %s AND thread_id = threads.id)")
+        params += [org_id, ids, org_id]
+    await txn.execute(sql, params)
+
+
 async def add_to_thread(txn: Txn, org_id: str, thread_id: str, *, received_at: Any,
                         from_address: dict[str, str] | None,
                         recipients: list[dict[str, str]], labels: list[str]) -> None:
@@ -247,6 +330,18 @@ async def notify_folder(txn: Txn, folder_id: int) -> None:
     """Wake IMAP sessions watching a folder, in every process, once this commits.
     (PostgreSQL folds identical notifications within one transaction.)"""
     await txn.execute(_NOTIFY_FOLDER_SQL, (MAIL_CHANNEL, str(folder_id)))
+
+
+def folder_list_key(inbox_id: str) -> str:
+    """The wake-up key for "an inbox's folder list changed" (a folder created, deleted,
+    renamed, (un)subscribed): IMAP NOTIFY sessions (RFC 5465 MailboxName,
+    SubscriptionChange) listen for their own inbox's key only."""
+    return "inbox:" + inbox_id
+
+
+async def notify_folder_list(txn: Txn, inbox_id: str) -> None:
+    """Wake IMAP sessions watching an inbox's folder list, once this commits."""
+    await txn.execute(_NOTIFY_FOLDER_SQL, (MAIL_CHANNEL, folder_list_key(inbox_id)))
 
 
 async def insert_message(txn: Txn, row: dict[str, Any], *, quota: int = 0) -> tuple[int, int]:
@@ -385,51 +480,89 @@ async def list_attachments(txn: Txn, org_id: str, message_id: str) -> list[dict[
 FLAG_COLUMNS = ("seen", "flagged", "answered", "draft", "deleted", "labels")
 
 
-async def update_flags(txn: Txn, org_id: str, updates: list[dict[str, Any]]) -> None:
+async def apply_flags(txn: Txn, org_id: str, folder_id: int, updates: list[dict[str, Any]],
+                      refresh_thread_ids: Iterable[str] = ()) -> int:
     """The one write of read state, IMAP flags and labels, whichever door asked (API,
-    IMAP STORE, a FETCH that marks read): every row of ``updates`` carries ``id``,
-    ``folder_id``, its new ``modseq`` and the full new value of every FLAG_COLUMNS
-    column (the caller holds the rows locked, so full values are exact). One statement
-    for any number of messages, plus one wake-up per folder."""
-    if not updates:
-        return
-    records = [{"id": u["id"], "modseq": u["modseq"],
-                **{col: u[col] for col in FLAG_COLUMNS}} for u in updates]
-    folders = sorted({str(u["folder_id"]) for u in updates})
-    await txn.execute(
-        "UPDATE messages m SET seen = c.seen, flagged = c.flagged, answered = c.answered, "
-        "draft = c.draft, deleted = c.deleted, labels = c.labels, modseq = c.modseq "
-        "FROM jsonb_to_recordset(%s::jsonb) AS c(id text, modseq bigint, seen boolean, "
-        "flagged boolean, answered boolean, draft boolean, deleted boolean, labels text[]) "
-        "WHERE m.org_id = %s AND m.id = c.id; "
-        "SELECT pg_notify(%s, f) FROM unnest(%s::text[]) AS f",
-        (Json(records), org_id, MAIL_CHANNEL, folders))
+    IMAP STORE, a FETCH that marks read), for messages of one folder: every row of
+    ``updates`` carries ``id`` and the full new value of every FLAG_COLUMNS column (the
+    caller holds the rows locked, so full values are exact). Returns their new MODSEQ.
+
+    ONE round trip: the folder's next MODSEQ, the rows, then the summaries of
+    ``refresh_thread_ids`` (which the caller has locked, :func:`lock_threads`) and the
+    wake-up. The folder row stays locked from here to COMMIT, so callers make this the
+    last statement of the transaction (several folders in id order): MODSEQs are then
+    allocated in commit order (RFC 7162 §3.1.2: per mailbox, a later-committed change
+    never has a lower MODSEQ than one a client has already seen), and the lock is held
+    only through the COMMIT. Each row is written once: a second UPDATE of a row in one
+    transaction would re-check its foreign keys, locking thread and folder rows
+    (FOR KEY SHARE) out of order."""
+    records = [{"id": u["id"], **{col: u[col] for col in FLAG_COLUMNS}} for u in updates]
+    sql = ("WITH f AS (UPDATE folders SET highestmodseq = highestmodseq + 1 "
+           "           WHERE org_id = %s AND id = %s RETURNING highestmodseq) "
+           "UPDATE messages m SET seen = c.seen, flagged = c.flagged, answered = c.answered, "
+           "draft = c.draft, deleted = c.deleted, labels = c.labels, modseq = f.highestmodseq "
+           "FROM f, jsonb_to_recordset(%s::jsonb) AS c(id text, seen boolean, "
+           "flagged boolean, answered boolean, draft boolean, deleted boolean, labels text[]) "
+           "WHERE m.org_id = %s AND m.id = c.id; ")
+    params: list[Any] = [org_id, folder_id, Json(records), org_id]
+    ids = sorted(set(refresh_thread_ids))
+    if ids:
+        refresh, refresh_params = _refresh_threads_sql(org_id, ids, txn.now)
+        sql += refresh + "; "
+        params += refresh_params
+    sql += ("SELECT highestmodseq, pg_notify(%s, %s) FROM folders "
+            "WHERE org_id = %s AND id = %s")
+    params += [MAIL_CHANNEL, str(folder_id), org_id, folder_id]
+    modseq: int = await txn.fetchval(sql, params)
+    return modseq
 
 
-async def delete_message(txn: Txn, org_id: str, message_id: str) -> list[str]:
-    """Delete a message and its attachments; return the blob keys they used."""
-    keys = [r["blob_key"] for r in await txn.fetchall(
-        "SELECT blob_key FROM attachments WHERE org_id = %s AND message_id = %s",
-        (org_id, message_id))]
-    row = await txn.fetchone(
-        "WITH d AS (DELETE FROM messages WHERE org_id = %s AND id = %s "
-        "           RETURNING raw_blob_key, folder_id, inbox_id, size), "
-        "i AS (UPDATE inboxes SET used_bytes = GREATEST(used_bytes - d.size, 0) FROM d "
-        "      WHERE inboxes.org_id = %s AND inboxes.id = d.inbox_id) "
-        "SELECT raw_blob_key, folder_id FROM d", (org_id, message_id, org_id))
-    if row is None:
-        return keys
-    await mark_expunged(txn, org_id, row["folder_id"])
-    return [row["raw_blob_key"], *keys]
+async def delete_messages(txn: Txn, org_id: str,
+                          message_ids: list[str]) -> list[dict[str, Any]]:
+    """Delete messages and (by cascade) their attachments and references, in ONE
+    statement that takes no inbox or folder lock: per deleted message its ``id``,
+    ``folder_id``, ``inbox_id``, ``size`` and ``blob_keys`` (raw and attachments).
+    The caller then releases the blobs and records the storage use and the expunge
+    (:func:`record_expunge`) last."""
+    return await txn.fetchall(
+        "WITH a AS (SELECT message_id, blob_key FROM attachments "
+        "           WHERE org_id = %s AND message_id = ANY(%s)), "
+        "d AS (DELETE FROM messages WHERE org_id = %s AND id = ANY(%s) "
+        "      RETURNING id, raw_blob_key, folder_id, inbox_id, size) "
+        "SELECT d.id, d.folder_id, d.inbox_id, d.size, "
+        "       ARRAY[d.raw_blob_key] || ARRAY(SELECT a.blob_key FROM a WHERE a.message_id = d.id) "
+        "       AS blob_keys FROM d ORDER BY d.id",
+        (org_id, message_ids, org_id, message_ids))
+
+
+async def record_expunge(txn: Txn, org_id: str, freed_bytes: dict[str, int],
+                         folder_ids: list[int]) -> None:
+    """After deletions: give inboxes their bytes back and mark each folder expunged (a
+    new MODSEQ, the folder's last expunge, a wake-up), in ONE round trip, inboxes
+    before folders and each in id order (core.mail_changes' lock order). Callers make
+    this the last statement before COMMIT: the hot rows are then locked only through it."""
+    sql: list[str] = []
+    params: list[Any] = []
+    for inbox_id in sorted(freed_bytes):
+        sql.append("UPDATE inboxes SET used_bytes = GREATEST(used_bytes - %s, 0) "
+                   "WHERE org_id = %s AND id = %s")
+        params += [freed_bytes[inbox_id], org_id, inbox_id]
+    for folder_id in sorted(folder_ids):
+        sql += [_MARK_EXPUNGED_SQL, _NOTIFY_FOLDER_SQL]
+        params += [org_id, folder_id, MAIL_CHANNEL, str(folder_id)]
+    if sql:
+        await txn.execute("; ".join(sql), params)
+
+
+_MARK_EXPUNGED_SQL = ("UPDATE folders SET highestmodseq = highestmodseq + 1, "
+                      "expunged_modseq = highestmodseq + 1 WHERE org_id = %s AND id = %s")
 
 
 async def mark_expunged(txn: Txn, org_id: str, folder_id: int) -> None:
     """A message left the folder: a new MODSEQ, remembered as the folder's last expunge
     (sessions re-check which UIDs still exist only when it moved), and a wake-up."""
-    await txn.execute(
-        "UPDATE folders SET highestmodseq = highestmodseq + 1, "
-        "expunged_modseq = highestmodseq + 1 WHERE org_id = %s AND id = %s; "
-        + _NOTIFY_FOLDER_SQL, (org_id, folder_id, MAIL_CHANNEL, str(folder_id)))
+    await txn.execute(_MARK_EXPUNGED_SQL + "; " + _NOTIFY_FOLDER_SQL,
+                      (org_id, folder_id, MAIL_CHANNEL, str(folder_id)))
 
 
 async def list_threads(txn: Txn, org_id: str, env_ids: frozenset[str] | None, inbox_id: str,

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 
+from agentpost.imap.commands.binaryfetch import DecodedRange, render_binary
 from agentpost.imap.commands.common import arguments, selected
 from agentpost.imap.errors import Answered, no
 from agentpost.imap.interfaces import FetchRow, FetchWants, IMAPFolder
@@ -27,6 +28,7 @@ from agentpost.imap.parser import (
     Command,
     FetchItem,
     ParseError,
+    SavedResult,
     number,
     parse_fetch_items,
     parse_seqset,
@@ -59,7 +61,7 @@ class _Range:
     length: int
 
 
-Segment = bytes | _Range
+Segment = bytes | _Range | DecodedRange
 
 _WHOLE = imapformat.SectionSpec()
 _RFC822_SPECS = {"RFC822": _WHOLE, "RFC822.HEADER": imapformat.SectionSpec(text="HEADER"),
@@ -78,7 +80,7 @@ def _content_spec(item: FetchItem) -> imapformat.SectionSpec | None:
 async def fetch(session: IMAP4ServerProtocol, command: Command) -> None:
     view = selected(session)
     args = arguments(command, 2, 3)
-    requested = parse_seqset(args[0])
+    requested = parse_seqset(args[0], saved=True)
     uids = view.seq_uids(requested, command.uid)
     items = parse_fetch_items(args[1])
     changedsince, vanished = (_modifiers(session, command, args[2]) if len(args) == 3
@@ -88,7 +90,9 @@ async def fetch(session: IMAP4ServerProtocol, command: Command) -> None:
     if changedsince is not None:
         if vanished:
             # RFC 7162 §3.2.6: UIDs of the set that are gone, before the FETCHes.
-            gone = view.missing(resolve_seqset(requested, view.top_uid))
+            # ("$" names only UIDs still in the view: nothing of it is gone.)
+            gone = "" if isinstance(requested, SavedResult) else \
+                view.missing(resolve_seqset(requested, view.top_uid))
             if gone:
                 session.send(f"* VANISHED (EARLIER) {gone}")
         uids = [u for u in uids if view.meta[u].modseq > changedsince]
@@ -98,6 +102,16 @@ async def fetch(session: IMAP4ServerProtocol, command: Command) -> None:
         items.insert(0, FetchItem("UID"))
     if not uids:
         return
+    await _fetch(session, view, uids, items)
+
+
+async def fetch_for_notify(session: IMAP4ServerProtocol, view: SelectedMailbox,
+                           uids: list[int], items: list[FetchItem]) -> None:
+    """NOTIFY's MessageNew fetch attributes (RFC 5465 §5.2) for messages just announced
+    by EXISTS: the responses a UID FETCH of them would send (UID first), through the
+    same renderers and streaming. NO [EXPUNGEISSUED] when some are gone meanwhile."""
+    if not any(i.name == "UID" for i in items):
+        items = [FetchItem("UID"), *items]
     await _fetch(session, view, uids, items)
 
 
@@ -135,9 +149,8 @@ def _wants(items: list[FetchItem]) -> FetchWants:
 async def _mark_seen(session: IMAP4ServerProtocol, view: SelectedMailbox, uids: list[int],
                      items: list[FetchItem]) -> set[int]:
     """A non-PEEK body fetch sets \\Seen (RFC 3501 §6.4.5); the UIDs it changed."""
-    marks_seen = any((i.name == "BODY[]" and not i.peek) or i.name in ("RFC822",
-                                                                       "RFC822.TEXT")
-                     for i in items)
+    marks_seen = any((i.name in ("BODY[]", "BINARY") and not i.peek)
+                     or i.name in ("RFC822", "RFC822.TEXT") for i in items)
     seen_now: set[int] = set()
     if not marks_seen or view.readonly or session.account is None or \
             not session.account.can_write:
@@ -210,9 +223,12 @@ async def _send_segments(session: IMAP4ServerProtocol, folder: IMAPFolder,
                          segments: list[Segment]) -> bool:
     """Write one message's response; False once the session has ended."""
     for segment in segments:
-        if isinstance(segment, _Range):
+        if not isinstance(segment, bytes):
             try:
-                await _stream_range(session, folder, segment)
+                if isinstance(segment, _Range):
+                    await _stream_range(session, folder, segment)
+                else:  # BINARY: decoded while sent (RFC 3516)
+                    await segment.stream(session, folder)
             except Exception:
                 # The literal's length is on the wire: no answer can follow a short
                 # literal, so the only honest move is to hang up.
@@ -330,6 +346,8 @@ async def _item(view: SelectedMailbox, row: FetchRow, raw: bytes | None,
     simple = _SIMPLE_ITEMS.get(item.name)
     if simple is not None:
         return [simple(view, row, raw)]
+    if item.name in ("BINARY", "BINARY.SIZE"):
+        return [*await render_binary(view.folder, row, raw, item)]
     spec = _content_spec(item)
     if spec is None:
         return None

@@ -27,8 +27,14 @@ async def idle(session: IMAP4ServerProtocol, command: Command) -> str:
         session.wake()
 
     session.set_line_handler(on_line)
+    if session.notify is not None:
+        session.notify.idling = True  # its events come through this loop (RFC 5465)
     try:
         while not done and session.state is not State.LOGOUT:
+            notify = session.notify
+            if notify is not None and notify.due:
+                await notify.run(in_idle=True)
+                continue
             view = session.selected
             if session.state is State.SELECTED and view is not None and view.dirty:
                 await report_changes(session, expunge=True)
@@ -36,6 +42,8 @@ async def idle(session: IMAP4ServerProtocol, command: Command) -> str:
             await session.wait_for_wake()
     finally:
         session.clear_line_handler(on_line)
+        if session.notify is not None:
+            session.notify.idling = False
     if done and done[0].strip().upper() != b"DONE":
         raise bad("Expected DONE")
     return "IDLE terminated"

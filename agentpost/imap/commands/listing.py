@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from agentpost.imap import rev2
 from agentpost.imap.commands.common import account
 from agentpost.imap.commands.mailboxes import status_items
 from agentpost.imap.interfaces import FolderInfo
@@ -20,12 +21,9 @@ from agentpost.imap.parser import (
     Command,
     ParseError,
     astring,
-    decode_mailbox,
-    encode_mailbox,
-    mailbox,
 )
 from agentpost.imap.patterns import PatternSet, PatternTooLong
-from agentpost.imap.wire import quote, status_text
+from agentpost.imap.wire import status_text
 from agentpost.model import errors
 
 if TYPE_CHECKING:
@@ -40,7 +38,7 @@ class _Options:
     """One LIST/LSUB command, read."""
 
     lsub: bool
-    reference: str = ""
+    reference: str = ""  # as the client wrote it (modified UTF-7 or UTF-8)
     patterns: list[Any] = field(default_factory=list)
     select: set[str] = field(default_factory=set)  # LIST-EXTENDED selection options
     returns: set[str] = field(default_factory=set)  # RETURN options (but STATUS)
@@ -81,12 +79,14 @@ async def lsub(session: IMAP4ServerProtocol, command: Command) -> None:
 
 async def _list(session: IMAP4ServerProtocol, command: Command, lsub: bool) -> None:
     options = _list_options(command, lsub)
-    wanted = [decode_mailbox(astring(p, "pattern")) for p in options.patterns]
+    rev2.refuse_removed_status_items(session, options.status_items)
+    reference = rev2.mailbox_text(session, options.reference)
+    wanted = [rev2.mailbox_text(session, astring(p, "pattern")) for p in options.patterns]
     if wanted == [""]:
         session.send(f'* {options.verb} (\\Noselect) "/" ""')
         return
     try:  # linear-time matching, never a regex built from the client's pattern
-        matcher = PatternSet(options.reference + pattern for pattern in wanted)
+        matcher = PatternSet(reference + pattern for pattern in wanted)
     except PatternTooLong as exc:
         raise ParseError(str(exc)) from exc
     acct = account(session)
@@ -97,7 +97,7 @@ async def _list(session: IMAP4ServerProtocol, command: Command, lsub: bool) -> N
         attrs = _attributes(folder, found, options)
         if attrs is None:
             continue
-        wire = quote(encode_mailbox(folder.name))
+        wire = rev2.mailbox_wire(session, folder.name)
         child_info = options.recursive and folder.name in found.subscribed_parents
         extra = ' ("CHILDINFO" ("SUBSCRIBED"))' if child_info else ""
         session.send(f'* {options.verb} ({" ".join(attrs)}) "/" {wire}{extra}')
@@ -127,7 +127,7 @@ def _list_options(command: Command, lsub: bool) -> _Options:
         _return_options(returns, options)
     if len(args) != 2:
         raise ParseError(f"Wrong number of arguments for {command.name}")
-    options.reference = mailbox(args[0])
+    options.reference = astring(args[0], "reference")
     options.patterns = args[1] if isinstance(args[1], list) and not lsub else [args[1]]
     if not options.patterns:
         raise ParseError("LIST needs a pattern")

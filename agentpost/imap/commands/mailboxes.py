@@ -6,14 +6,13 @@ from __future__ import annotations
 import bisect
 from typing import TYPE_CHECKING, Any
 
+from agentpost.imap import rev2
 from agentpost.imap.commands.common import account, arguments, require_write
 from agentpost.imap.errors import bad, no
 from agentpost.imap.parser import (
     Command,
     ParseError,
     astring,
-    encode_mailbox,
-    mailbox,
     merge_ranges,
     number,
     parse_seqset,
@@ -21,7 +20,7 @@ from agentpost.imap.parser import (
 from agentpost.imap.selected import SelectedMailbox
 from agentpost.imap.states import State
 from agentpost.imap.updates import enable_condstore
-from agentpost.imap.wire import STATUS_ITEMS, SYSTEM_FLAGS, quote, status_text
+from agentpost.imap.wire import STATUS_ITEMS, SYSTEM_FLAGS, status_text
 
 if TYPE_CHECKING:
     from agentpost.imap.server import IMAP4ServerProtocol
@@ -40,11 +39,11 @@ async def examine(session: IMAP4ServerProtocol, command: Command) -> str:
 
 async def _select(session: IMAP4ServerProtocol, command: Command, readonly: bool) -> str:
     args = arguments(command, 1, 2)
-    name = mailbox(args[0])
+    name = rev2.mailbox_arg(session, args[0])
     resync = _select_params(session, args[1]) if len(args) == 2 else None
     if session.state is State.SELECTED:
         session.unselect()
-        if session.condstore:
+        if session.condstore or session.imap4rev2:  # RFC 7162 §3.2.11, RFC 9051 §7.1
             session.send("* OK [CLOSED] Previous mailbox closed")
     acct = account(session)
     folder, snap = await acct.select(name)
@@ -56,8 +55,11 @@ async def _select(session: IMAP4ServerProtocol, command: Command, readonly: bool
     if session.state is State.LOGOUT:
         return "closed"
     view = SelectedMailbox(folder, snap, readonly=readonly, seen_up_to=seen_up_to)
+    view.show_recent = not session.imap4rev2
     session.selected_mailbox(view)
     _send_selected(session, view)
+    if session.imap4rev2:  # RFC 9051 §6.3.2: LIST for the mailbox, OLDNAME if normalized
+        await rev2.send_mailbox_list(session, view.name, rev2.normalized(session, args[0]))
     if resync is not None and resync[0] == snap.uidvalidity:
         _resync(session, view, resync[1], resync[2])
     mode = "READ-ONLY" if view.readonly else "READ-WRITE"
@@ -112,9 +114,10 @@ def _send_selected(session: IMAP4ServerProtocol, view: SelectedMailbox) -> None:
     else:
         session.send(f"* OK [PERMANENTFLAGS ({flags} \\*)] Flags permitted")
     session.send(f"* {len(view.uids)} EXISTS")
-    session.send(f"* {len(view.recent)} RECENT")
-    if snap.first_unseen_uid is not None and snap.first_unseen_uid in view.meta:
-        session.send(f"* OK [UNSEEN {view.seq(snap.first_unseen_uid)}] First unseen")
+    if not session.imap4rev2:  # RFC 9051 removed RECENT and the UNSEEN response code
+        session.send(f"* {len(view.recent)} RECENT")
+        if snap.first_unseen_uid is not None and snap.first_unseen_uid in view.meta:
+            session.send(f"* OK [UNSEEN {view.seq(snap.first_unseen_uid)}] First unseen")
     session.send(f"* OK [UIDVALIDITY {snap.uidvalidity}] UIDs valid")
     session.send(f"* OK [UIDNEXT {snap.uidnext}] Predicted next UID")
     session.send(f"* OK [HIGHESTMODSEQ {snap.highestmodseq}] Highest")
@@ -142,35 +145,46 @@ def _resync(session: IMAP4ServerProtocol, view: SelectedMailbox, modseq: int,
 
 
 async def create(session: IMAP4ServerProtocol, command: Command) -> None:
-    name = mailbox(arguments(command, 1)[0]).rstrip("/")
+    token = arguments(command, 1)[0]
+    name = rev2.mailbox_arg(session, token).rstrip("/")
     require_write(session)
     if not name or name == "INBOX":
         raise no("INBOX already exists", "ALREADYEXISTS") if name else bad("Empty name")
     await account(session).create_folder(name)
+    oldname = rev2.normalized(session, token)
+    if oldname is not None:  # RFC 9051 §6.3.4: tell the client the name it got
+        await rev2.send_mailbox_list(session, name, oldname)
 
 
 async def delete(session: IMAP4ServerProtocol, command: Command) -> None:
-    name = mailbox(arguments(command, 1)[0])
+    token = arguments(command, 1)[0]
+    name = rev2.mailbox_arg(session, token)
     require_write(session)
     if name == "INBOX":
         raise no("INBOX cannot be deleted", "CANNOT")
     await account(session).delete_folder(name)
+    oldname = rev2.normalized(session, token)
+    if oldname is not None:  # RFC 9051 §6.3.5
+        await rev2.send_mailbox_list(session, name, oldname, exists=False)
 
 
 async def rename(session: IMAP4ServerProtocol, command: Command) -> None:
     args = arguments(command, 2)
-    old, new = mailbox(args[0]), mailbox(args[1]).rstrip("/")
+    old, new = rev2.mailbox_arg(session, args[0]), rev2.mailbox_arg(session, args[1]).rstrip("/")
     require_write(session)
     await account(session).rename_folder(old, new)
+    oldname = rev2.normalized(session, args[1])
+    if oldname is not None:  # RFC 9051 §6.3.6: the new name was normalized
+        await rev2.send_mailbox_list(session, new, oldname)
 
 
 async def subscribe(session: IMAP4ServerProtocol, command: Command) -> None:
-    name = mailbox(arguments(command, 1)[0])
+    name = rev2.mailbox_arg(session, arguments(command, 1)[0])
     await account(session).set_subscribed(name, True)
 
 
 async def unsubscribe(session: IMAP4ServerProtocol, command: Command) -> None:
-    name = mailbox(arguments(command, 1)[0])
+    name = rev2.mailbox_arg(session, arguments(command, 1)[0])
     await account(session).set_subscribed(name, False)
 
 
@@ -185,13 +199,14 @@ def status_items(items: Any) -> list[str]:
 
 async def status(session: IMAP4ServerProtocol, command: Command) -> None:
     args = arguments(command, 2)
-    name = mailbox(args[0])
+    name = rev2.mailbox_arg(session, args[0])
     items = args[1]
     if not isinstance(items, list) or not items:
         raise ParseError("STATUS needs a list of items")
     keys = status_items(items)
+    rev2.refuse_removed_status_items(session, keys)
     st = await account(session).status(name)
-    session.send(f"* STATUS {quote(encode_mailbox(name))} ({status_text(st, keys)})")
+    session.send(f"* STATUS {rev2.mailbox_wire(session, name)} ({status_text(st, keys)})")
     if "HIGHESTMODSEQ" in keys:
         enable_condstore(session)
 
@@ -207,10 +222,10 @@ async def _quota_line(session: IMAP4ServerProtocol) -> str | None:
 
 
 async def getquotaroot(session: IMAP4ServerProtocol, command: Command) -> None:
-    name = mailbox(arguments(command, 1)[0])
+    name = rev2.mailbox_arg(session, arguments(command, 1)[0])
     await account(session).check_folder(name)  # NONEXISTENT
     line = await _quota_line(session)
-    wire = quote(encode_mailbox(name))
+    wire = rev2.mailbox_wire(session, name)
     session.send(f'* QUOTAROOT {wire} ""' if line else f"* QUOTAROOT {wire}")
     if line:
         session.send(line)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from agentpost.imap import rev2
 from agentpost.imap.commands.common import (
     arguments,
     require_writable,
@@ -17,7 +18,6 @@ from agentpost.imap.parser import (
     Atom,
     Command,
     ParseError,
-    mailbox,
     number,
     parse_flags,
     parse_seqset,
@@ -57,7 +57,8 @@ async def expunge(session: IMAP4ServerProtocol, command: Command) -> None:
     """EXPUNGE, and UID EXPUNGE (UIDPLUS) for the \\Deleted among a UID set."""
     view = selected(session)
     if command.uid:
-        uids: list[int] | None = view.seq_uids(parse_seqset(arguments(command, 1)[0]), True)
+        requested = parse_seqset(arguments(command, 1)[0], saved=True)
+        uids: list[int] | None = view.seq_uids(requested, True)
     else:
         arguments(command, 0)
         uids = None
@@ -73,7 +74,7 @@ async def store(session: IMAP4ServerProtocol, command: Command) -> str | None:
     args = list(command.args)
     if len(args) < 3:
         raise ParseError("STORE needs a set, an item and flags")
-    uids = view.seq_uids(parse_seqset(args.pop(0)), command.uid)
+    uids = view.seq_uids(parse_seqset(args.pop(0), saved=True), command.uid)
     unchangedsince = _unchangedsince(args)
     if len(args) < 2 or not isinstance(args[0], Atom):
         raise ParseError("STORE needs an item and flags")
@@ -140,8 +141,8 @@ async def move(session: IMAP4ServerProtocol, command: Command) -> str:
 async def _copy_move(session: IMAP4ServerProtocol, command: Command, move: bool) -> str:
     view = selected(session)
     args = arguments(command, 2)
-    uids = view.seq_uids(parse_seqset(args[0]), command.uid)
-    dest = mailbox(args[1])
+    uids = view.seq_uids(parse_seqset(args[0], saved=True), command.uid)
+    dest = rev2.mailbox_arg(session, args[1])
     require_write(session)
     if move and view.readonly:
         raise no("Mailbox is read-only", "READ-ONLY")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from agentpost.imap import rev2, searchres
+from agentpost.imap.commands import contexts
 from agentpost.imap.commands.common import selected
 from agentpost.imap.errors import no
 from agentpost.imap.parser import Atom, Command, ParseError, astring, parse_search
@@ -22,20 +24,44 @@ if TYPE_CHECKING:
 
 _SORT_KEYS = ("ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO", "DISPLAYFROM",
               "DISPLAYTO")
-_ESEARCH_RETURNS = ("MIN", "MAX", "COUNT", "ALL")
+_ESEARCH_RETURNS = ("MIN", "MAX", "COUNT", "ALL", "SAVE")  # SAVE: RFC 5182
 _CHARSETS = ("UTF-8", "US-ASCII")
 
 
 async def search(session: IMAP4ServerProtocol, command: Command) -> None:
     view = selected(session)
-    args, returns = _return_options(list(command.args))
+    try:
+        await _search(session, view, command)
+    except Exception:
+        if searchres.asks_to_save(command.args):  # RFC 5182 §2.1: "$" is now empty
+            view.saved = []
+        raise
+
+
+async def _search(session: IMAP4ServerProtocol, view: SelectedMailbox,
+                  command: Command) -> None:
+    args, context = contexts.take_options(session, command, list(command.args))
+    args, returns = _return_options(args)
+    if context is not None:  # RFC 5267: PARTIAL, UPDATE, CONTEXT
+        returns = context.search_returns(returns)
     charset, key = parse_search(args)
     if charset not in (None, *_CHARSETS):
         raise no("Unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
+    rev2.refuse_removed_search_keys(session, key)
+    if returns is None and session.imap4rev2:
+        returns = ["ALL"]  # RFC 9051 §6.4.4: ESEARCH, never SEARCH
     found, wants_modseq = await _run(session, view, key)
+    if returns is not None and "SAVE" in returns:
+        view.saved = searchres.saved_uids(found, returns)  # after "$" in the key was read
+        if set(returns) == {"SAVE"}:
+            return  # SAVE alone: no ESEARCH response (RFC 5182 §2.1)
     numbers = found if command.uid else [view.seq(u) for u in found]
     if returns is not None:
-        session.send(_esearch(view, command, returns, found, numbers, wants_modseq))
+        text = _esearch(view, command, returns, found, numbers, wants_modseq)
+        if context is not None:
+            contexts.reply(session, command, context, text, key, found, numbers)
+            return
+        session.send(text)
         return
     session.send(_numbers_line("SEARCH", view, found, numbers, wants_modseq))
 
@@ -99,7 +125,7 @@ def _numbers_line(verb: str, view: SelectedMailbox, found: list[int], numbers: l
 async def sort(session: IMAP4ServerProtocol, command: Command) -> None:
     """SORT: SEARCH, ordered in SQL."""
     view = selected(session)
-    args = list(command.args)
+    args, esort = contexts.take_options(session, command, list(command.args), sort=True)
     if len(args) < 3 or not isinstance(args[0], list) or not args[0]:
         raise ParseError("SORT needs (criteria), a charset and search keys")
     criteria = _sort_criteria(args[0])
@@ -108,6 +134,10 @@ async def sort(session: IMAP4ServerProtocol, command: Command) -> None:
         raise no("Unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
     _, key = parse_search(args[2:])
     found, wants_modseq = await _run(session, view, key, criteria)
+    if esort is not None:  # SORT RETURN (...): ESORT, CONTEXT=SORT (RFC 5267)
+        modseq = view.max_modseq(found) if wants_modseq and found else None
+        contexts.reply_sort(session, command, esort, key, criteria, found, modseq)
+        return
     numbers = found if command.uid else [view.seq(u) for u in found]
     session.send(_numbers_line("SORT", view, found, numbers, wants_modseq))
 

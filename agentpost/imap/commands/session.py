@@ -11,6 +11,7 @@ import base64
 import binascii
 from typing import TYPE_CHECKING
 
+from agentpost.imap import rev2
 from agentpost.imap.commands.common import arguments
 from agentpost.imap.errors import Answered, bad, no
 from agentpost.imap.parser import Atom, Command, ParseError, astring
@@ -119,7 +120,8 @@ async def _authenticate(session: IMAP4ServerProtocol, user: str, password: str,
 
 
 async def enable(session: IMAP4ServerProtocol, command: Command) -> None:
-    """ENABLE (RFC 5161): CONDSTORE and QRESYNC (which implies CONDSTORE)."""
+    """ENABLE (RFC 5161): CONDSTORE, QRESYNC (which implies CONDSTORE) and IMAP4rev2
+    (RFC 9051 Appendix A, when offered: :mod:`agentpost.imap.rev2`)."""
     if not command.args:
         raise ParseError("ENABLE needs capabilities")
     enabled = []
@@ -132,6 +134,8 @@ async def enable(session: IMAP4ServerProtocol, command: Command) -> None:
         elif name == "QRESYNC":
             condstore = session.qresync = True
             enabled.append("QRESYNC")
+        elif name == "IMAP4REV2" and rev2.enable(session):
+            enabled.append(rev2.IMAP4REV2)
     session.send("* ENABLED" + "".join(" " + c for c in enabled))
     if condstore:
         enable_condstore(session)

@@ -14,13 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 from agentpost.imap.commands import (
     append,
+    contexts,
     fetch,
     idle,
     listing,
     mailboxes,
     messages,
+    notify,
     search,
     session,
+    threading,
 )
 from agentpost.imap.parser import Command
 from agentpost.imap.states import State
@@ -105,6 +108,7 @@ COMMANDS: dict[str, CommandSpec] = _table(
     CommandSpec("LSUB", listing.lsub, AUTHENTICATED),
     CommandSpec("APPEND", append.append, AUTHENTICATED, literal_check=append.check_literal),
     CommandSpec("IDLE", idle.idle, AUTHENTICATED),
+    CommandSpec("NOTIFY", notify.notify, AUTHENTICATED, polls=True),
     # selected
     CommandSpec("CHECK", messages.check, SELECTED, polls=True),
     CommandSpec("CLOSE", messages.close, SELECTED),
@@ -112,6 +116,9 @@ COMMANDS: dict[str, CommandSpec] = _table(
     CommandSpec("EXPUNGE", messages.expunge, SELECTED, uid_ok=True),
     CommandSpec("SEARCH", search.search, SELECTED, uid_ok=True, uses_sequence_numbers=True),
     CommandSpec("SORT", search.sort, SELECTED, uid_ok=True, uses_sequence_numbers=True),
+    CommandSpec("THREAD", threading.thread, SELECTED, uid_ok=True,
+                uses_sequence_numbers=True),
+    CommandSpec("CANCELUPDATE", contexts.cancelupdate, SELECTED),
     CommandSpec("FETCH", fetch.fetch, SELECTED, uid_ok=True, uses_sequence_numbers=True),
     CommandSpec("STORE", messages.store, SELECTED, uid_ok=True, uses_sequence_numbers=True),
     CommandSpec("COPY", messages.copy, SELECTED, uid_ok=True),

@@ -1,0 +1,212 @@
+"""FETCH ``BINARY[part]<o.n>``, ``BINARY.PEEK[...]`` and ``BINARY.SIZE[part]`` (RFC 3516).
+
+A part's body is returned with its Content-Transfer-Encoding undone
+(:mod:`agentpost.mail.binary`). Why it is shaped this way:
+
+- **The literal is known before a byte is written.** Decoding can fail part-way
+  (bad base64), and once ``{n}`` is on the wire no ``NO`` can follow it. So the part
+  is decoded once to learn its size, whether the returned octets hold a NUL (then
+  ``~{n}``, a literal8, RFC 3516 §4.3) and whether it decodes at all; a failure is the
+  command's ``NO [UNKNOWN-CTE]`` / ``NO [PARSE]`` (:mod:`agentpost.imap.errors`), before
+  this message's response starts.
+- **Memory stays bounded.** The encoded body is read a chunk at a time (from the
+  message in memory, or from the blob store by the section map for large messages)
+  through a push decoder. A result up to :data:`INLINE_BYTES` is kept from that first
+  pass; a larger one is decoded a second time while it is sent, chunk by chunk, waiting
+  for the transport to drain: a 20 MB base64 attachment never sits in memory, decoded
+  or not. The cost is reading the part twice.
+- **Sections address leaves.** ``BINARY[]`` is the whole message as stored; a part
+  number must name a non-multipart part (decoding a multipart is meaningless, RFC 3516
+  §4.2) -- ``NO [CANNOT]``; a part that does not exist is an empty string, as for
+  ``BODY[part]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from agentpost.imap.errors import no
+from agentpost.imap.interfaces import FetchRow, IMAPFolder
+from agentpost.imap.parser import FetchItem
+from agentpost.imap.states import State
+from agentpost.mail import binary, imapformat
+from agentpost.model import errors
+
+if TYPE_CHECKING:
+    from agentpost.imap.server import IMAP4ServerProtocol
+
+__all__ = ["INLINE_BYTES", "DecodedRange", "render_binary"]
+
+#: Encoded octets read (or sliced) at a time.
+CHUNK_BYTES = 256 * 1024
+#: Decoded results up to this size are kept from the measuring pass and sent as they
+#: are; larger ones are decoded again while they are streamed.
+INLINE_BYTES = 256 * 1024
+#: Most of a part's header read to find its Content-Transfer-Encoding.
+MAX_HEADER_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class _Body:
+    """The encoded body: ``[start, end)`` of the stored message, and its CTE header
+    value (None: the octets as they are)."""
+
+    start: int
+    end: int
+    cte: str | None
+
+
+@dataclass(frozen=True)
+class DecodedRange:
+    """A literal's octets to stream: decoded octets ``[skip, skip + length)`` of a body
+    (a fetch segment, sent by :meth:`stream`)."""
+
+    row: FetchRow
+    raw: bytes | None
+    body: _Body
+    skip: int
+    length: int
+
+    async def stream(self, session: IMAP4ServerProtocol, folder: IMAPFolder) -> None:
+        """Decode the body again and write the window; a short literal is never sent
+        (StorageFailure: the caller hangs up)."""
+        sent = 0
+        async for pos, chunk in _decoded(folder, self.row, self.raw, self.body):
+            lo = max(self.skip - pos, 0)
+            hi = min(self.skip + self.length - pos, len(chunk))
+            if hi > lo:
+                if session.state is State.LOGOUT:
+                    return
+                session.write(chunk[lo:hi])
+                sent += hi - lo
+                await session.drain()
+            if pos + len(chunk) >= self.skip + self.length:
+                break
+        if sent != self.length:
+            raise errors.StorageFailure()
+
+
+async def _encoded(folder: IMAPFolder, row: FetchRow, raw: bytes | None,
+                   body: _Body) -> AsyncIterator[bytes | memoryview]:
+    """The encoded body a chunk at a time."""
+    view = memoryview(raw) if raw is not None else None
+    pos = body.start
+    while pos < body.end:
+        length = min(body.end - pos, CHUNK_BYTES)
+        if view is not None:
+            chunk: bytes | memoryview = view[pos:pos + length]
+        else:
+            chunk = await folder.read_range(row, pos, length)
+            if len(chunk) != length:  # the blob is shorter than its section map says
+                raise errors.StorageFailure()
+        yield chunk
+        pos += length
+
+
+async def _decoded(folder: IMAPFolder, row: FetchRow, raw: bytes | None,
+                   body: _Body) -> AsyncIterator[tuple[int, bytes]]:
+    """(decoded offset, decoded chunk) pairs; the CTE errors of
+    :mod:`agentpost.mail.binary` on the way."""
+    decoder = binary.decoder(body.cte)
+    pos = 0
+    async for chunk in _encoded(folder, row, raw, body):
+        out = decoder.feed(chunk)
+        if out:
+            yield pos, out
+            pos += len(out)
+    tail = decoder.finish()
+    if tail:
+        yield pos, tail
+
+
+async def _locate(folder: IMAPFolder, row: FetchRow, raw: bytes | None,
+                  part: tuple[int, ...]) -> _Body | None:
+    """The body ``BINARY[part]`` decodes (None: no such part)."""
+    if not part:
+        size = len(raw) if raw is not None else row.size or 0
+        return _Body(0, size, None)
+    loc = None
+    if raw is None and row.sections is not None:
+        try:
+            loc = imapformat.locate_part(row.sections, part)
+        except ValueError:  # an unreadable section map: work on the message itself
+            raw = await folder.read_message(row)
+    if raw is not None:
+        loc = imapformat.locate_part(raw, part)
+    if loc is None:
+        return None
+    if loc.multipart:
+        raise no("BINARY applies to single parts, not to a multipart", "CANNOT")
+    length = min(loc.bstart - loc.hstart, MAX_HEADER_BYTES)
+    if raw is not None:
+        header = raw[loc.hstart:loc.hstart + length]
+    else:
+        header = await folder.read_range(row, loc.hstart, length) if length else b""
+    cte = imapformat.header_value(header, "content-transfer-encoding")
+    binary.transfer_encoding(cte)  # UNKNOWN-CTE now, before any reading
+    return _Body(loc.bstart, loc.end, cte)
+
+
+@dataclass
+class _Scan:
+    """What the measuring pass learnt: the decoded size, and for the requested window
+    whether it holds a NUL and (when small) its octets."""
+
+    size: int = 0
+    nul: bool = False
+    kept: bytearray | None = None
+
+
+async def _scan(folder: IMAPFolder, row: FetchRow, raw: bytes | None, body: _Body,
+                window: tuple[int, int] | None, size_only: bool) -> _Scan:
+    """Decode the whole body once (a decoding error surfaces here)."""
+    scan = _Scan(kept=None if size_only else bytearray())
+    skip, count = window if window is not None else (0, None)
+    async for pos, chunk in _decoded(folder, row, raw, body):
+        scan.size = pos + len(chunk)
+        if size_only:
+            continue
+        lo = max(skip - pos, 0)
+        hi = len(chunk) if count is None else min(skip + count - pos, len(chunk))
+        if hi <= lo:
+            continue
+        # (bytes.find, not needs_literal8 on a memoryview: "in" on a view is per item)
+        scan.nul = scan.nul or chunk.find(b"\x00", lo, hi) >= 0
+        if scan.kept is not None:
+            scan.kept += memoryview(chunk)[lo:hi]
+            if len(scan.kept) > INLINE_BYTES:
+                scan.kept = None  # too large to keep: decoded again while sent
+    return scan
+
+
+async def render_binary(folder: IMAPFolder, row: FetchRow, raw: bytes | None,
+                        item: FetchItem) -> list[bytes | DecodedRange]:
+    """The ``BINARY[...]`` or ``BINARY.SIZE[...]`` part of one message's FETCH response."""
+    assert item.section is not None
+    part, partial = item.section.part, item.section.partial
+    path = ".".join(str(n) for n in part)
+    body = await _locate(folder, row, raw, part)
+    if item.name == "BINARY.SIZE":
+        size = 0
+        if body is not None:
+            identity = binary.transfer_encoding(body.cte) in binary.IDENTITY_ENCODINGS
+            size = (body.end - body.start if identity
+                    else (await _scan(folder, row, raw, body, None, True)).size)
+        return [b"BINARY.SIZE[%s] %d" % (path.encode(), size)]
+    label = b"BINARY[%s]" % path.encode()
+    if partial is not None:
+        label += b"<%d>" % partial[0]
+    if body is None:
+        return [label + b" {0}\r\n"]
+    scan = await _scan(folder, row, raw, body, partial, False)
+    skip, length = 0, scan.size
+    if partial is not None:
+        skip = min(partial[0], scan.size)
+        length = min(partial[1], scan.size - skip)
+    marker = b"~{%d}\r\n" if scan.nul else b"{%d}\r\n"
+    head = label + b" " + marker % length
+    if scan.kept is not None:
+        return [head + bytes(scan.kept)]
+    return [head, DecodedRange(row, raw, body, skip, length)]

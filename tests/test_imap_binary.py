@@ -1,0 +1,298 @@
+"""IMAP BINARY (RFC 3516) on the real store over real sockets: FETCH BINARY[...],
+BINARY.PEEK, BINARY.SIZE with each Content-Transfer-Encoding, literal8 for NUL,
+UNKNOWN-CTE and PARSE refusals, streaming of large parts in bounded memory, and APPEND
+of a literal8 stored byte-exact."""
+
+from __future__ import annotations
+
+import base64
+import re
+import tracemalloc
+
+import pytest
+import pytest_twisted
+from twisted.internet.threads import deferToThread
+
+from agentpost.imap.commands.binaryfetch import render_binary
+from agentpost.imap.interfaces import FetchRow
+from agentpost.imap.parser import parse_fetch_items
+from agentpost.imap.parser import tokenize as imap_tokenize
+from agentpost.mail import imapformat
+from tests.imapwire import Wire
+from tests.test_imap_e2e import _inbox
+
+BYTES = bytes(range(256))
+B64 = base64.encodebytes(BYTES).replace(b"\n", b"\r\n")
+
+
+def _message(to: str) -> bytes:
+    """Parts: 1 QP text, 2 base64 octets (with NUL), 3 8bit text, 4 binary with NUL,
+    5 an unknown CTE, 6 corrupt base64, 7 a multipart holding 7.1 base64 text."""
+    return (f"From: a@example.org\r\nTo: {to}\r\nSubject: binary\r\nMIME-Version: 1.0\r\n"
+            'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'.encode()
+            + b"--b\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Transfer-Encoding: Quoted-Printable\r\n\r\ncaf=C3=A9 =\r\nsoft\r\n"
+            b"--b\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Transfer-Encoding: base64 (by hand)\r\n\r\n" + B64
+            + b"\r\n--b\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Transfer-Encoding: 8bit\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n"
+            b"--b\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Transfer-Encoding: binary\r\n\r\nab\x00cd\r\n"
+            b"--b\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: x-uuencode\r\n\r\n"
+            b"begin 644 x\r\n"
+            b"--b\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\nAAAA!!!!\r\n"
+            b'--b\r\nContent-Type: multipart/alternative; boundary="c"\r\n\r\n'
+            b"--c\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            b"aGVsbG8=\r\n--c--\r\n"
+            b"--b--\r\n")
+
+
+async def _setup(server, name: str, raw: bytes) -> tuple[dict, str]:
+    inbox, key = await _inbox(server, name)
+    await server.deliver(raw, [inbox["email"]])
+    return inbox, key
+
+
+def _item(response: bytes, label: bytes) -> tuple[bytes, bytes]:
+    """(literal marker, octets) of ``label`` in a FETCH response."""
+    at = response.index(label + b" ") + len(label) + 1
+    m = re.compile(rb"(~?)\{(\d+)\}\r\n").match(response, at)
+    assert m is not None, response[at:at + 40]
+    return m.group(1), response[m.end():m.end() + int(m.group(2))]
+
+
+def _size(response: bytes, label: bytes) -> int:
+    m = re.search(re.escape(label) + rb" (\d+)", response)
+    assert m is not None, response
+    return int(m.group(1))
+
+
+@pytest_twisted.ensureDeferred
+async def test_binary_undoes_each_transfer_encoding_and_sizes_match(server):
+    """QP, base64, 8bit and binary parts come back decoded; a NUL in the decoded octets
+    makes a literal8 (``~{n}``), text a plain literal; BINARY.SIZE equals the length
+    returned; PEEK leaves \\Seen alone."""
+    inbox, key = await _setup(server, "bin-ctes", _message("x"))
+
+    def session():
+        wire = Wire(server.imap_port, inbox["email"], key)
+        wire.run(b"SELECT INBOX")
+        out = wire.run(b"FETCH 1 (BINARY.PEEK[1] BINARY.PEEK[2] BINARY.PEEK[3] "
+                       b"BINARY.PEEK[4] BINARY.SIZE[1] BINARY.SIZE[2] BINARY.SIZE[3] "
+                       b"BINARY.SIZE[4] BINARY.PEEK[7.1] BINARY.SIZE[7.1] FLAGS)")
+        wire.close()
+        return out
+
+    out = await deferToThread(session)
+    assert out.rstrip().endswith(b"OK FETCH completed"), out
+    assert _item(out, b"BINARY[1]") == (b"", b"caf\xc3\xa9 soft")
+    assert _item(out, b"BINARY[2]") == (b"~", BYTES)
+    assert _item(out, b"BINARY[3]") == (b"", b"Gr\xc3\xbc\xc3\x9fe")
+    assert _item(out, b"BINARY[4]") == (b"~", b"ab\x00cd")
+    assert _item(out, b"BINARY[7.1]") == (b"", b"hello")
+    for part, data in ((b"1", b"caf\xc3\xa9 soft"), (b"2", BYTES), (b"3", "Grüße".encode()),
+                       (b"4", b"ab\x00cd"), (b"7.1", b"hello")):
+        assert _size(out, b"BINARY.SIZE[" + part + b"]") == len(data)
+    assert b"\\Seen" not in out
+
+
+@pytest_twisted.ensureDeferred
+async def test_partial_binary_counts_decoded_octets_and_whole_message_is_as_stored(server):
+    """<origin.count> addresses the decoded octets; the literal kind follows what is
+    returned; BINARY[] is the stored message; a missing part is empty."""
+    raw = _message("x")
+    inbox, key = await _setup(server, "bin-partial", raw)
+
+    def session():
+        wire = Wire(server.imap_port, inbox["email"], key)
+        wire.run(b"SELECT INBOX")
+        out = [wire.run(b"FETCH 1 (BINARY.PEEK[2]<250.10>)"),
+               wire.run(b"FETCH 1 (BINARY.PEEK[2]<0.3>)"),
+               wire.run(b"FETCH 1 (BINARY.PEEK[2]<900.5>)"),
+               wire.run(b"FETCH 1 (BINARY.PEEK[] BINARY.SIZE[] RFC822.SIZE)"),
+               wire.run(b"FETCH 1 (BINARY.PEEK[9] BINARY.SIZE[9])")]
+        wire.close()
+        return out
+
+    tail, head, beyond, whole, missing = await deferToThread(session)
+    assert _item(tail, b"BINARY[2]<250>") == (b"", BYTES[250:])
+    assert _item(head, b"BINARY[2]<0>") == (b"~", b"\x00\x01\x02")
+    assert _item(beyond, b"BINARY[2]<900>") == (b"", b"")
+    assert _item(whole, b"BINARY[]") == (b"~", raw)  # part 4 holds a NUL
+    assert _size(whole, b"BINARY.SIZE[]") == len(raw) == _size(whole, b"RFC822.SIZE")
+    assert _item(missing, b"BINARY[9]") == (b"", b"")
+    assert _size(missing, b"BINARY.SIZE[9]") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_binary_refusals_speak_imap(server):
+    """Unknown CTE: NO [UNKNOWN-CTE]; corrupt base64: NO [PARSE]; a multipart: NO
+    [CANNOT]; bad syntax: BAD. The session goes on, and a failed BINARY marks nothing
+    after it."""
+    inbox, key = await _setup(server, "bin-errors", _message("x"))
+
+    def session():
+        wire = Wire(server.imap_port, inbox["email"], key)
+        wire.run(b"SELECT INBOX")
+        out = {name: wire.run(command) for name, command in (
+            ("unknown", b"FETCH 1 (BINARY.PEEK[5])"),
+            ("unknown-size", b"FETCH 1 (BINARY.SIZE[5])"),
+            ("corrupt", b"FETCH 1 BINARY.PEEK[6]"),
+            ("multipart", b"FETCH 1 (BINARY.PEEK[7])"),
+            ("size-partial", b"FETCH 1 (BINARY.SIZE[1]<0.5>)"),
+            ("text-section", b"FETCH 1 (BINARY[1.TEXT])"),
+            ("zero", b"FETCH 1 (BINARY[0])"),
+            ("still", b"FETCH 1 (BINARY.PEEK[7.1])"))}
+        wire.close()
+        return out
+
+    out = await deferToThread(session)
+    assert re.search(rb"t\d+ NO \[UNKNOWN-CTE\] .*x-uuencode", out["unknown"]), out["unknown"]
+    assert b"NO [UNKNOWN-CTE]" in out["unknown-size"]
+    assert b"NO [PARSE]" in out["corrupt"]
+    assert b"NO [CANNOT]" in out["multipart"]
+    for name in ("size-partial", "text-section", "zero"):
+        assert re.search(rb"t\d+ BAD ", out[name]), out[name]
+    assert _item(out["still"], b"BINARY[7.1]") == (b"", b"hello")
+    assert b"Traceback" not in b"".join(out.values())
+
+
+@pytest_twisted.ensureDeferred
+async def test_binary_without_peek_sets_seen(server):
+    """BINARY[...] is a body fetch: \\Seen is set and reported, as for BODY[...]."""
+    inbox, key = await _setup(server, "bin-seen", _message("x"))
+
+    def session():
+        wire = Wire(server.imap_port, inbox["email"], key)
+        wire.run(b"SELECT INBOX")
+        first = wire.run(b"FETCH 1 (BINARY[1])")
+        flags = wire.run(b"FETCH 1 (FLAGS)")
+        wire.close()
+        return first, flags
+
+    first, flags = await deferToThread(session)
+    assert _item(first, b"BINARY[1]") == (b"", b"caf\xc3\xa9 soft")
+    assert b"\\Seen" in first and b"\\Seen" in flags
+
+
+def _big(to: str, size: int) -> tuple[bytes, bytes]:
+    payload = (BYTES * (size // 256 + 1))[:size]
+    encoded = base64.encodebytes(payload).replace(b"\n", b"\r\n")
+    raw = (f"From: big@example.org\r\nTo: {to}\r\nSubject: large\r\nMIME-Version: 1.0\r\n"
+           'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n'
+           "--b1\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+           "--b1\r\nContent-Type: application/octet-stream\r\n"
+           "Content-Transfer-Encoding: base64\r\n\r\n").encode() + encoded + b"\r\n--b1--\r\n"
+    return raw, payload
+
+
+@pytest_twisted.ensureDeferred
+async def test_large_base64_part_streams_decoded_from_the_section_map(server):
+    """A 3 MB attachment (over the stream threshold) is decoded from the blob store a
+    chunk at a time: whole, partial and size agree with the original octets."""
+    inbox, key = await _inbox(server, "bin-large")
+    raw, payload = _big(inbox["email"], 3_000_000)
+    await server.deliver(raw, [inbox["email"]])
+
+    def session():
+        wire = Wire(server.imap_port, inbox["email"], key)
+        wire.run(b"SELECT INBOX")
+        out = [wire.run(b"FETCH 1 (BINARY.SIZE[2] BINARY.PEEK[2])"),
+               wire.run(b"FETCH 1 (BINARY.PEEK[2]<1000001.300000>)")]
+        wire.close()
+        return out
+
+    whole, part = await deferToThread(session)
+    assert _size(whole, b"BINARY.SIZE[2]") == len(payload)
+    assert _item(whole, b"BINARY[2]") == (b"~", payload)
+    assert _item(part, b"BINARY[2]<1000001>") == (b"~", payload[1000001:1300001])
+
+
+class _BlobFolder:
+    """A folder whose one message lives in memory, read only by ranges (the streaming
+    path: no whole-message read)."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    async def read_range(self, row: FetchRow, start: int, length: int) -> bytes:
+        return self.raw[start:start + length]
+
+    async def read_message(self, row: FetchRow) -> bytes:  # pragma: no cover
+        raise AssertionError("the whole message must not be read")
+
+
+class _Sink:
+    """Stands for the session: counts what is written, never blocks."""
+
+    def __init__(self) -> None:
+        from agentpost.imap.states import State
+
+        self.state = State.SELECTED
+        self.written = 0
+        self.tail = b""
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+        self.tail = bytes(data[-16:])
+
+    async def drain(self) -> None:
+        return None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_20_mb_base64_attachment_is_decoded_in_bounded_memory():
+    """BINARY[2] of a 20 MB attachment: the decoded 15 MB never sit in memory (two
+    passes over the stored bytes, a chunk at a time)."""
+    raw, payload = _big("x@example.org", 15_000_000)
+    folder = _BlobFolder(raw)
+    row = FetchRow(uid=1, modseq=1, flags=frozenset(), size=len(raw),
+                   sections=imapformat.section_map(raw), blob_ref="k")
+    [item] = parse_fetch_items(imap_tokenize(b"BINARY.PEEK[2]")[0])
+    sink = _Sink()
+    tracemalloc.start()
+    try:
+        segments = await render_binary(folder, row, None, item)  # type: ignore[arg-type]
+        for segment in segments:
+            if isinstance(segment, bytes):
+                sink.write(segment)
+            else:
+                await segment.stream(sink, folder)  # type: ignore[arg-type]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    header = b"BINARY[2] ~{%d}\r\n" % len(payload)
+    assert sink.written == len(header) + len(payload)
+    assert sink.tail == payload[-16:]
+    assert peak < 8 * 1024 * 1024, peak
+
+
+@pytest.mark.parametrize("sync", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_append_literal8_stores_the_octets_byte_exact(server, sync):
+    """APPEND with ``~{n}`` (and ``~{n+}``) takes any octet, NUL included, and BODY[]
+    returns exactly those bytes; a literal8 anywhere else is BAD."""
+    inbox, key = await _inbox(server, f"bin-append-{sync}")
+    message = (b"From: a@example.org\r\nTo: b@example.org\r\nSubject: nul\r\n"
+               b"Content-Type: application/octet-stream\r\n"
+               b"Content-Transfer-Encoding: binary\r\n\r\n" + BYTES + b"\r\nend\r\n")
+
+    def session():
+        wire = Wire(server.imap_port, inbox["email"], key)
+        marker = b"~{%d}" % len(message) if sync else b"~{%d+}" % len(message)
+        appended = wire.run_literal(b"APPEND INBOX (\\Flagged) " + marker, message, sync=sync)
+        wire.run(b"SELECT INBOX")
+        body = wire.run(b"FETCH 1 (BODY.PEEK[] BINARY.PEEK[1] FLAGS)")
+        refused = wire.run_literal(b"SELECT ~{5}", b"INBOX")
+        search = wire.run_literal(b"SEARCH TEXT ~{1}", b"x")
+        wire.close()
+        return appended, body, refused, search
+
+    appended, body, refused, search = await deferToThread(session)
+    assert re.search(rb"t\d+ OK \[APPENDUID \d+ 1\]", appended), appended
+    assert _item(body, b"BODY[]")[1] == message
+    assert _item(body, b"BINARY[1]") == (b"~", BYTES + b"\r\nend\r\n")
+    assert b"\\Flagged" in body
+    assert re.search(rb"t\d+ BAD ", refused), refused
+    assert re.search(rb"t\d+ BAD ", search), search

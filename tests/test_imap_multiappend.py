@@ -1,0 +1,418 @@
+"""MULTIAPPEND (RFC 3502) and CATENATE (RFC 4469) on the real store, over real sockets.
+
+Raw IMAP transcripts over STARTTLS against a running server on a fresh database: the
+literal framing (synchronizing and LITERAL+ literals, a refusal in the middle of a
+command), the all-or-none store, APPENDUID with a UID set, and CATENATE messages built
+from TEXT parts and byte-exact sections of stored messages.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass
+
+import pytest
+import pytest_twisted
+from twisted.internet.threads import deferToThread
+
+from agentpost.imap import reader
+from tests.conftest import _DEV_TLS, make_config, start_server
+
+
+@dataclass(frozen=True)
+class Lit:
+    """A literal in a command: ``{n}`` (waits for ``+``) or ``{n+}`` (LITERAL+)."""
+
+    data: bytes
+    sync: bool = True
+
+
+class Client:
+    """A raw IMAP client over STARTTLS: whole commands, literals framed by hand."""
+
+    def __init__(self, port: int, user: str, key: str) -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+        f = raw.makefile("rb")
+        f.readline()
+        raw.sendall(b"s STARTTLS\r\n")
+        f.readline()
+        ctx = ssl.create_default_context(cafile=_DEV_TLS["ca"])
+        self.sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+        self.f = self.sock.makefile("rb")
+        assert self.cmd("l", f'LOGIN "{user}" "{key}"')[-1].startswith(b"l OK")
+
+    def _response(self, tag: bytes) -> list[bytes]:
+        """Lines up to the tagged one; a literal in a response is joined to its line."""
+        lines: list[bytes] = []
+        while True:
+            line = self.f.readline()
+            if not line:
+                raise ConnectionError("closed")
+            tail = line
+            while tail.rstrip().endswith(b"}") and b"{" in tail:  # literals in the line
+                size = int(tail.rstrip()[tail.rstrip().rindex(b"{") + 1:-1])
+                tail = self.f.read(size) + self.f.readline()
+                line += tail
+            lines.append(line.rstrip(b"\r\n"))
+            if line.startswith(tag + b" "):
+                return lines
+
+    def cmd(self, tag: str, *pieces: str | bytes | Lit) -> list[bytes]:
+        """Send ``tag piece piece ...`` (pieces joined as given) and return the response;
+        at a refused synchronizing literal the refusal ends the command."""
+        btag = tag.encode()
+        out = btag + b" "
+        for piece in pieces:
+            if isinstance(piece, Lit):
+                out += b"{%d%s}\r\n" % (len(piece.data), b"" if piece.sync else b"+")
+                if piece.sync:
+                    self.sock.sendall(out)
+                    out = b""
+                    line = self.f.readline()
+                    if not line.startswith(b"+"):
+                        return [line.rstrip(b"\r\n")]
+                out += piece.data
+            else:
+                out += piece.encode() if isinstance(piece, str) else piece
+        self.sock.sendall(out + b"\r\n")
+        return self._response(btag)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _msg(n: int, size: int = 0) -> bytes:
+    body = b"body %d\r\n" % n + b"x" * size
+    return (b"From: a@example.com\r\nTo: b@example.com\r\nSubject: m%d\r\n"
+            b"Message-ID: <m%d@example.com>\r\n\r\n" % (n, n)) + body
+
+
+MULTIPART = (b"From: a@example.com\r\nSubject: source\r\nMIME-Version: 1.0\r\n"
+             b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n"
+             b"--XX\r\nContent-Type: text/plain\r\n\r\nfirst part\r\n"
+             b"--XX\r\nContent-Type: application/octet-stream\r\n"
+             b"Content-Transfer-Encoding: base64\r\n\r\nAAECAwQF\r\n--XX--\r\n")
+
+
+async def _login(server, name: str) -> tuple[str, str]:
+    _, key = await server.new_org()
+    inbox = (await server.api.post("/api/v1/inboxes", {"username": name}, key=key)).json
+    return inbox["email"], key
+
+
+def _status(c: Client, mailbox: str = "INBOX") -> bytes:
+    return c.cmd("st", f"STATUS {mailbox} (MESSAGES UIDNEXT)")[0]
+
+
+def _uidvalidity(c: Client, mailbox: str = "INBOX") -> int:
+    line = c.cmd("uv", f"STATUS {mailbox} (UIDVALIDITY)")[0]
+    return int(line.rsplit(b" ", 1)[1].rstrip(b")"))
+
+
+@pytest.fixture
+def small_limits(monkeypatch):
+    """A whole-command total that tests can reach without sending 256 MiB."""
+    monkeypatch.setattr(reader.CommandReader, "max_append_total_bytes", 200_000)
+
+
+@pytest_twisted.async_yield_fixture
+async def small_server(db_dsn, openapi_checker):
+    """A server with a 64 KiB APPENDLIMIT and a 1 MiB inbox quota."""
+    running = await start_server(make_config(db_dsn, imap={"max_append_size": "64KiB"},
+                                             mail={"inbox_quota": "1MiB"}), openapi_checker)
+    yield running
+    await running.service.stopService()
+
+
+# --------------------------------------------------------------------------- MULTIAPPEND
+
+@pytest_twisted.ensureDeferred
+async def test_capabilities_advertise_multiappend_and_catenate(server):
+    user, key = await _login(server, "caps")
+
+    def run():
+        c = Client(server.imap_port, user, key)
+        try:
+            return c.cmd("c", "CAPABILITY")[0]
+        finally:
+            c.close()
+
+    caps = (await deferToThread(run)).split()
+    assert b"MULTIAPPEND" in caps and b"CATENATE" in caps
+
+
+@pytest_twisted.ensureDeferred
+async def test_multiappend_stores_every_message_with_one_appenduid_set(server):
+    user, key = await _login(server, "multi")
+    msgs = [_msg(1), _msg(2), _msg(3)]
+
+    def run():
+        c = Client(server.imap_port, user, key)
+        try:
+            before = _status(c)
+            uv = _uidvalidity(c)
+            ok = c.cmd("a", "APPEND INBOX (\\Seen) ", Lit(msgs[0]),
+                       ' "14-Jul-2020 02:44:25 +0200" ', Lit(msgs[1], sync=False),
+                       " (\\Flagged $Work) ", Lit(msgs[2]))
+            c.cmd("s", "SELECT INBOX")
+            fetched = c.cmd("f", "UID FETCH 1:* (FLAGS INTERNALDATE BODY.PEEK[])")
+            return before, uv, ok, fetched, _status(c)
+        finally:
+            c.close()
+
+    before, uv, ok, fetched, after = await deferToThread(run)
+    assert before.endswith(b"(MESSAGES 0 UIDNEXT 1)")
+    assert ok == [b"a OK [APPENDUID %d 1:3] APPEND completed" % uv]
+    assert after.endswith(b"(MESSAGES 3 UIDNEXT 4)")
+    for line, raw in zip(fetched[:3], msgs, strict=True):
+        assert line.endswith(raw + b")")
+    assert b"\\Seen" in fetched[0] and b'"14-Jul-2020 00:44:25 +0000"' in fetched[1]
+    assert b"\\Flagged" in fetched[2] and b"$Work" in fetched[2]
+
+
+@pytest_twisted.ensureDeferred
+async def test_multiappend_with_one_bad_message_stores_none(server):
+    user, key = await _login(server, "atomic")
+
+    def run():
+        c = Client(server.imap_port, user, key)
+        try:
+            out = {"empty": c.cmd("a", "APPEND INBOX ", Lit(_msg(1)), " ", Lit(_msg(2)),
+                                  " ", Lit(b"", sync=False)),
+                   "date": c.cmd("b", "APPEND INBOX ", Lit(_msg(1), sync=False),
+                                 ' "31-Feb-2020 99:00:00 +0000" ', Lit(_msg(2), sync=False)),
+                   "flag": c.cmd("c", "APPEND INBOX ", Lit(_msg(1), sync=False),
+                                 " (\\Seen \\Bogus) ", Lit(_msg(2), sync=False)),
+                   "trycreate": c.cmd("d", "APPEND Nope ", Lit(_msg(1), sync=False), " ",
+                                      Lit(_msg(2), sync=False)),
+                   "status": _status(c)}
+            out["good"] = c.cmd("e", "APPEND INBOX ", Lit(_msg(3)), " ", Lit(_msg(4)))
+            return out
+        finally:
+            c.close()
+
+    out = await deferToThread(run)
+    assert out["empty"] == [b"a NO [CANNOT] An empty message cannot be appended"]
+    assert out["date"][0].startswith(b"b BAD")
+    assert out["flag"][0].startswith(b"c BAD")
+    assert out["trycreate"] == [b"d NO [TRYCREATE] Mailbox does not exist"]
+    # Nothing stored, and UIDNEXT untouched: the refused batch allocated no UID.
+    assert out["status"].endswith(b"(MESSAGES 0 UIDNEXT 1)")
+    assert out["good"][0].startswith(b"e OK [APPENDUID ") and b" 1:2]" in out["good"][0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_multiappend_over_quota_or_appendlimit_stores_none(small_server):
+    server = small_server
+    user, key = await _login(server, "quota")
+    big = _msg(0, 60_000)
+
+    def run():
+        c = Client(server.imap_port, user, key)
+        try:
+            out = {}
+            # 20 messages of 60 KB: each fits the APPENDLIMIT, together not the quota.
+            pieces: list[str | Lit] = []
+            for _ in range(20):
+                pieces += [" ", Lit(big, sync=False)]
+            out["quota"] = c.cmd("a", "APPEND INBOX", *pieces)
+            # The second message is over the APPENDLIMIT: refused at its literal.
+            out["toobig"] = c.cmd("b", "APPEND INBOX ", Lit(_msg(1)), " ",
+                                  Lit(_msg(2, 70_000), sync=False), " ", Lit(_msg(3),
+                                                                             sync=False))
+            out["toobig_sync"] = c.cmd("c", "APPEND INBOX ", Lit(_msg(1)), " ",
+                                       Lit(_msg(2, 70_000)))
+            out["status"] = _status(c)
+            out["noop"] = c.cmd("n", "NOOP")
+            return out
+        finally:
+            c.close()
+
+    out = await deferToThread(run)
+    assert out["quota"] == [b"a NO [OVERQUOTA] The mailbox is full."]
+    assert out["toobig"] == [b"b NO [TOOBIG] Literal too large"]
+    assert out["toobig_sync"] == [b"c NO [TOOBIG] Literal too large"]
+    assert out["status"].endswith(b"(MESSAGES 0 UIDNEXT 1)")
+    assert out["noop"] == [b"n OK NOOP completed"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_multiappend_hostile_counts_and_totals_are_refused_and_read_past(
+        small_server, small_limits):
+    server = small_server
+    user, key = await _login(server, "hostile")
+
+    def run():
+        c = Client(server.imap_port, user, key)
+        try:
+            out = {}
+            many: list[str | Lit] = []
+            for _ in range(reader.MAX_APPEND_LITERALS + 5):
+                many += [" ", Lit(b"x", sync=False)]
+            out["count"] = c.cmd("a", "APPEND INBOX", *many)
+            out["after_count"] = c.cmd("b", "NOOP")
+            total = [" ", Lit(_msg(1, 60_000), sync=False)] * 4
+            out["total"] = c.cmd("c", "APPEND INBOX", *total)
+            out["after_total"] = c.cmd("d", "NOOP")
+            out["total_sync"] = c.cmd("e", "APPEND INBOX", *[" ", Lit(_msg(1, 60_000))] * 4)
+            out["status"] = _status(c)
+            return out
+        finally:
+            c.close()
+
+    out = await deferToThread(run)
+    limit = f"At most {reader.MAX_APPEND_LITERALS} literals in one APPEND".encode()
+    assert out["count"] == [b"a NO [LIMIT] " + limit]
+    assert out["after_count"] == [b"b OK NOOP completed"]
+    assert out["total"] == [b"c NO [LIMIT] At most 200000 bytes in one APPEND"]
+    assert out["after_total"] == [b"d OK NOOP completed"]
+    assert out["total_sync"] == [b"e NO [LIMIT] At most 200000 bytes in one APPEND"]
+    assert out["status"].endswith(b"(MESSAGES 0 UIDNEXT 1)")
+
+
+# --------------------------------------------------------------------------- CATENATE
+
+@pytest_twisted.ensureDeferred
+async def test_catenate_builds_a_message_from_text_and_sections(server):
+    user, key = await _login(server, "cat")
+    text = b"From: me@example.com\r\nSubject: forward\r\nMIME-Version: 1.0\r\n" \
+           b"Content-Type: multipart/mixed; boundary=YY\r\n\r\n--YY\r\n"
+
+    def run():
+        c = Client(server.imap_port, user, key)
+        try:
+            c.cmd("a", "APPEND INBOX ", Lit(MULTIPART))
+            uv = _uidvalidity(c)
+            out = {"uv": uv, "duv": _uidvalidity(c, "Drafts")}
+            # Authenticated state: an absolute-path URL with UIDVALIDITY.
+            out["cat"] = c.cmd(
+                "b", "APPEND Drafts (\\Draft) CATENATE (TEXT ", Lit(text),
+                f' URL "/INBOX;UIDVALIDITY={uv}/;UID=1/;SECTION=2.MIME"'
+                f" URL /INBOX;UIDVALIDITY={uv}/;UID=1/;SECTION=2 TEXT ",
+                Lit(b"\r\n--YY--\r\n", sync=False), ")")
+            c.cmd("s", "SELECT INBOX")
+            out["mime"] = c.cmd("f", "UID FETCH 1 (BODY.PEEK[2.MIME] BODY.PEEK[2])")
+            # Selected state: a mailbox-relative URL, with PARTIAL, and a whole message.
+            out["rel"] = c.cmd("g", "APPEND Drafts CATENATE (URL ", Lit(b";UID=1/;PARTIAL=0.4"),
+                               " TEXT ", Lit(b"\r\n\r\n", sync=False),
+                               ' URL "Drafts/;UID=1/;SECTION=HEADER.FIELDS%20(SUBJECT)")')
+            out["whole"] = c.cmd("h", 'APPEND Drafts CATENATE (URL "/INBOX/;UID=1")')
+            c.cmd("s2", "EXAMINE Drafts")
+            out["drafts"] = c.cmd("i", "UID FETCH 1:* (FLAGS BODY.PEEK[])")
+            return out
+        finally:
+            c.close()
+
+    out = await deferToThread(run)
+    start = MULTIPART.index(b"--XX\r\nContent-Type: application") + len(b"--XX\r\n")
+    mime_end = MULTIPART.index(b"\r\n\r\n", start) + 4
+    body_end = MULTIPART.index(b"\r\n--XX--")
+    expected = text + MULTIPART[start:mime_end] + MULTIPART[mime_end:body_end] + \
+        b"\r\n--YY--\r\n"
+    assert out["cat"] == [b"b OK [APPENDUID %d 1] APPEND completed" % out["duv"]]
+    assert MULTIPART[start:mime_end] in out["mime"][0]
+    assert out["drafts"][0].endswith(b"{%d}\r\n" % len(expected) + expected + b")")
+    assert b"\\Draft" in out["drafts"][0]
+    assert out["rel"][0].startswith(b"g OK [APPENDUID ") and b" 2]" in out["rel"][0]
+    second = b"From" + b"\r\n\r\n" + b"Subject: forward\r\n\r\n"
+    assert out["drafts"][1].endswith(b"{%d}\r\n" % len(second) + second + b")")
+    assert out["drafts"][2].endswith(b"{%d}\r\n" % len(MULTIPART) + MULTIPART + b")")
+
+
+@pytest_twisted.ensureDeferred
+async def test_catenate_bad_urls_are_badurl_and_store_nothing(server):
+    user, key = await _login(server, "badurl")
+    other_user, other_key = await _login(server, "victim")
+
+    def run():
+        v = Client(server.imap_port, other_user, other_key)
+        v.cmd("a", "APPEND INBOX ", Lit(_msg(9)))  # the other tenant's UID 1
+        v.close()
+        c = Client(server.imap_port, user, key)
+        try:
+            c.cmd("a", "APPEND INBOX ", Lit(MULTIPART))
+            uv = _uidvalidity(c)
+            out = {}
+            for name, url in [("uidvalidity", f"/INBOX;UIDVALIDITY={uv + 1}/;UID=1"),
+                              ("uid", "/INBOX/;UID=7"),
+                              ("section", "/INBOX/;UID=1/;SECTION=5"),
+                              ("leaf_text", "/INBOX/;UID=1/;SECTION=1.TEXT"),
+                              ("mailbox", "/Nope/;UID=1"),
+                              ("absolute", f"imap://{other_user}@localhost/INBOX/;UID=1"),
+                              ("relative", ";UID=1"),  # nothing selected
+                              ("urlauth", "/INBOX/;UID=1;URLAUTH=anonymous")]:
+                # A TEXT literal after the bad URL, sent LITERAL+: it must be read past.
+                out[name] = c.cmd("b", f'APPEND INBOX CATENATE (URL "{url}" TEXT ',
+                                  Lit(b"tail\r\n", sync=False), ") ", Lit(_msg(2), sync=False))
+            out["noop"] = c.cmd("n", "NOOP")
+            out["status"] = _status(c)
+            return out
+        finally:
+            c.close()
+
+    out = await deferToThread(run)
+    for name in ("uidvalidity", "uid", "section", "leaf_text", "mailbox", "absolute",
+                 "relative", "urlauth"):
+        [line] = out[name]
+        assert line.startswith(b"b NO [BADURL /") or line.startswith(b"b NO [BADURL imap://") \
+            or line.startswith(b"b NO [BADURL ;UID=1]"), (name, line)
+    assert out["noop"] == [b"n OK NOOP completed"]
+    assert out["status"].endswith(b"(MESSAGES 1 UIDNEXT 2)")
+
+
+@pytest_twisted.ensureDeferred
+async def test_catenate_over_the_appendlimit_is_toobig(small_server):
+    server = small_server
+    user, key = await _login(server, "cattoobig")
+
+    def run():
+        c = Client(server.imap_port, user, key)
+        try:
+            c.cmd("a", "APPEND INBOX ", Lit(_msg(1, 40_000)))
+            url = ' URL "/INBOX/;UID=1"'
+            out = {"toobig": c.cmd("b", f"APPEND INBOX CATENATE ({url}{url})"),
+                   "text": c.cmd("c", "APPEND INBOX CATENATE (TEXT ", Lit(b"x" * 40_000),
+                                 " TEXT ", Lit(b"y" * 40_000, sync=False), ")"),
+                   "empty": c.cmd("d", "APPEND INBOX CATENATE (TEXT ", Lit(b""), ")"),
+                   "syntax": c.cmd("e", "APPEND INBOX CATENATE (TEXT)"),
+                   "status": _status(c)}
+            return out
+        finally:
+            c.close()
+
+    out = await deferToThread(run)
+    assert out["toobig"] == [b"b NO [TOOBIG] The message would be too large"]
+    assert out["text"] == [b"c NO [TOOBIG] The message would be too large"]
+    assert out["empty"] == [b"d NO [CANNOT] An empty message cannot be appended"]
+    assert out["syntax"][0].startswith(b"e BAD")
+    assert out["status"].endswith(b"(MESSAGES 1 UIDNEXT 2)")
+
+
+@pytest_twisted.ensureDeferred
+async def test_catenate_combined_with_multiappend(server):
+    user, key = await _login(server, "catmulti")
+
+    def run():
+        c = Client(server.imap_port, user, key)
+        try:
+            c.cmd("a", "APPEND INBOX ", Lit(_msg(1)))
+            c.cmd("s", "SELECT INBOX")
+            ok = c.cmd("b", "APPEND INBOX (\\Seen) CATENATE (URL ;UID=1/;SECTION=HEADER TEXT ",
+                       Lit(b"new body\r\n", sync=False), ") ", Lit(_msg(2)),
+                       ' CATENATE (URL "/INBOX/;UID=1")')
+            bad = c.cmd("c", "APPEND INBOX ", Lit(_msg(3), sync=False),
+                        ' CATENATE (URL "/INBOX/;UID=99")')
+            fetched = c.cmd("f", "UID FETCH 2:* (BODY.PEEK[])")
+            return ok, bad, fetched
+        finally:
+            c.close()
+
+    ok, bad, fetched = await deferToThread(run)
+    assert ok[-1].startswith(b"b OK [APPENDUID ") and ok[-1].endswith(b" 2:4] APPEND completed")
+    header = _msg(1)[:_msg(1).index(b"\r\n\r\n") + 4]
+    bodies = [line for line in fetched if line.startswith(b"* ") and b"FETCH" in line]
+    assert bodies[0].endswith(header + b"new body\r\n)")
+    assert bodies[1].endswith(_msg(2) + b")") and bodies[2].endswith(_msg(1) + b")")
+    assert bad == [b"c NO [BADURL /INBOX/;UID=99] Bad URL: no such message."]
+    assert len(bodies) == 3  # the refused batch stored nothing
