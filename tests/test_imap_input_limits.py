@@ -19,8 +19,6 @@ from hypothesis import strategies as st
 from agentpost.imap import parser, reader, selected
 from agentpost.imap.parser import (
     MAX_NESTING_DEPTH,
-    MAX_SEARCH_DEPTH,
-    MAX_SEARCH_KEYS,
     MAX_TOKENS,
     Atom,
     Literal,
@@ -29,6 +27,7 @@ from agentpost.imap.parser import (
     merge_ranges,
     tokenize,
 )
+from agentpost.imap.search_grammar import MAX_SEARCH_DEPTH, MAX_SEARCH_KEYS
 from agentpost.mail.imapformat import parse_section
 from tests.test_imap_protocol import FakeBackend, Session, _plain, store  # noqa: F401 - fixture
 

@@ -21,7 +21,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from agentpost.imap import parser
+from agentpost.imap import parser, search_grammar
 from agentpost.imap.interfaces import (
     Changes,
     FetchRow,
@@ -570,7 +570,7 @@ def test_parser_search_tree():
     cmd = parser.parse_command(
         b"s SEARCH CHARSET UTF-8 OR FROM {3}\r\nbob SUBJECT \"h i\" NOT SEEN 2:4 UID 9:* "
         b"SINCE 1-Feb-2026 LARGER 10 (KEYWORD x DELETED) NEW")
-    charset, key = parser.parse_search(cmd.args)
+    charset, key = search_grammar.parse_search(cmd.args)
     assert charset == "UTF-8"
     assert key[0] == "and"
     parts = key[1]
@@ -585,7 +585,7 @@ def test_parser_search_tree():
     for bad in (b"s SEARCH", b"s SEARCH FROM", b"s SEARCH OR SEEN", b"s SEARCH BOGUS",
                 b"s SEARCH SINCE 31-Foo-2026"):
         with pytest.raises(ParseError):
-            parser.parse_search(parser.parse_command(bad).args)
+            search_grammar.parse_search(parser.parse_command(bad).args)
 
 
 def test_mailbox_names_modified_utf7():

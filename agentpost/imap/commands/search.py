@@ -13,7 +13,8 @@ from agentpost.imap import rev2, searchres
 from agentpost.imap.commands import contexts
 from agentpost.imap.commands.common import selected
 from agentpost.imap.errors import no
-from agentpost.imap.parser import Atom, Command, ParseError, astring, parse_search
+from agentpost.imap.parser import Atom, Command, ParseError, astring
+from agentpost.imap.search_grammar import parse_search
 from agentpost.imap.selected import SelectedMailbox
 from agentpost.imap.updates import enable_condstore
 from agentpost.imap.wire import quote

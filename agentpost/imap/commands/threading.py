@@ -20,7 +20,8 @@ from twisted.internet.threads import deferToThreadPool
 from agentpost.imap.commands.common import selected
 from agentpost.imap.errors import no
 from agentpost.imap.interfaces import ThreadFields
-from agentpost.imap.parser import Atom, Command, ParseError, astring, parse_search
+from agentpost.imap.parser import Atom, Command, ParseError, astring
+from agentpost.imap.search_grammar import parse_search
 from agentpost.imap.updates import enable_condstore
 from agentpost.mail.imapthread import (
     ThreadMessage,
