@@ -110,6 +110,8 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
         db, clock, Notifier(config.database.url, KEY_CHANNEL, reactor=reactor, clock=clock))
     reserved = ReservedNames(config.mail.reserved_local_parts)
     portal = build_portal(db)
+    router = Router(db, config.mail.inbox_quota, reserved=reserved,
+                    operator_inbox=config.mail.operator_inbox)
     login_cfg = config.login
     login_guard = LoginGuard(db, clock, audit, LoginLimits(
         source_failures_per_minute=login_cfg.source_failures_per_minute,
@@ -126,11 +128,11 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
         audit_log=AuditLog(db),
         retention=RetentionSweep(db, clock, config.retention),
         rerender=RenderRefresh(db, blobs, clock, reactor),
-        outbound=OutboundService(config, db, blobs, collector, ingest, clock, reactor),
+        outbound=OutboundService(config, db, blobs, collector, ingest, clock, reactor,
+                                 router=router),
         blobs=blobs,
         ingest=ingest,
-        router=Router(db, config.mail.inbox_quota, reserved=reserved,
-                      operator_inbox=config.mail.operator_inbox),
+        router=router,
         messages=Messages(db, audit, blobs, collector, int(config.storage.presign_ttl)),
         filters=FilterRules(db, audit),
         notifier=notifier,
@@ -199,6 +201,8 @@ class AgentPostService(service.Service):
         await self.core.outbound.start()
         if self.config.smtp.mx_enabled:
             self.ports["smtp_mx"] = await self._listen_mx()
+        if self.config.smtp.submission_enabled:
+            await self._listen_submission()
         if self.config.imap.enabled:
             await self._listen_imap()
         cfg = self.config.http
@@ -252,22 +256,28 @@ class AgentPostService(service.Service):
         else:
             systemd.ready("serving; TLS certificate reloaded")
 
+    def _smtp_limits(self) -> Any:
+        from agentpost.smtp import SMTPLimits
+
+        cfg = self.config.smtp
+        return SMTPLimits(max_message_size_bytes=cfg.max_message_size,
+                          max_recipients=cfg.max_recipients, max_errors=cfg.max_errors,
+                          command_timeout_s=cfg.command_timeout,
+                          session_deadline_s=cfg.session_deadline,
+                          data_deadline_s=cfg.data_deadline,
+                          min_data_rate_bytes_per_s=cfg.min_data_rate,
+                          min_data_rate_grace_s=cfg.min_data_rate_grace)
+
     async def _listen_mx(self) -> IListeningPort:
-        from agentpost.smtp import SMTPFactory, SMTPLimits
+        from agentpost.smtp import SMTPFactory
         from agentpost.smtp.delivery import InboundDelivery
+        from agentpost.smtp.policy import MX
 
         cfg = self.config.smtp
         factory = SMTPFactory(
             InboundDelivery(self.core.router, self.core.ingest),
             hostname=self.config.server.hostname, clock=self.reactor,
-            limits=SMTPLimits(max_message_size_bytes=cfg.max_message_size,
-                              max_recipients=cfg.max_recipients, max_errors=cfg.max_errors,
-                              command_timeout_s=cfg.command_timeout,
-                              session_deadline_s=cfg.session_deadline,
-                              data_deadline_s=cfg.data_deadline,
-                              min_data_rate_bytes_per_s=cfg.min_data_rate,
-                              min_data_rate_grace_s=cfg.min_data_rate_grace),
-            tls_options=self.tls_options(), listener="mx",
+            limits=self._smtp_limits(), tls_options=self.tls_options(), policy=MX,
             max_connections_per_ip=cfg.max_connections_per_ip,
             max_connections=cfg.max_connections,
         )
@@ -279,6 +289,49 @@ class AgentPostService(service.Service):
             log.warning("[mail] operator_inbox is not set: mail to <postmaster> is refused, "
                         "although RFC 5321 section 4.5.1 requires accepting it")
         return port
+
+    async def _listen_submission(self) -> None:
+        """SMTP submission: 587 (STARTTLS) and 465 (implicit TLS), the MX's protocol
+        under the SUBMISSION policy. Without [tls] there is no submission at all: AUTH
+        is never offered in cleartext."""
+        from agentpost.auth.cred import build_portal
+        from agentpost.core.mailbox_logins import MailboxLogins
+        from agentpost.core.submission import Submission
+        from agentpost.smtp import SMTPFactory
+        from agentpost.smtp.policy import SUBMISSION
+        from agentpost.smtp.submission import SubmissionDelivery
+
+        cfg, core = self.config.smtp, self.core
+        tls = self.tls_options()
+        if tls is None:
+            log.warning("[smtp] submission_enabled but no [tls] certificate: submission "
+                        "is not served (AUTH is only ever offered inside TLS)")
+            return
+        agent = SubmissionDelivery(
+            MailboxLogins(build_portal(core.db), core.db, core.audit, core.login_guard),
+            Submission(core.db, core.ingest, self.reactor, core.outbound.policy,
+                       self.config.server.hostname),
+            core.live_credentials)
+
+        def factory(implicit: bool) -> Any:
+            return SMTPFactory(
+                agent, hostname=self.config.server.hostname, clock=self.reactor,
+                limits=self._smtp_limits(), tls_options=tls, policy=SUBMISSION,
+                implicit_tls=tls if implicit else None,
+                max_connections_per_ip=cfg.max_connections_per_ip,
+                max_connections=cfg.max_connections)
+
+        for name, port, implicit in (("smtp_submission", cfg.submission_port, False),
+                                     ("smtp_submissions", cfg.submissions_port, True)):
+            if port < 0:  # -1: this one is off (0 is an ephemeral port, as everywhere)
+                continue
+            listening_factory = factory(implicit)
+            self.smtp_factories[name.removeprefix("smtp_")] = listening_factory
+            self.ports[name] = await listen_tcp(
+                self.reactor, listening_factory, cfg.submission_bind, port,
+                tls_options=tls if implicit else None, reuse_port=self.reuse_port)
+            log.info("SMTP submission listening on %s:%d (%s)", cfg.submission_bind,
+                     port_number(self.ports[name]), "TLS" if implicit else "STARTTLS")
 
     async def _listen_imap(self) -> None:
         from agentpost.imap.listener import IMAPFactory

@@ -114,7 +114,8 @@ def make_config(dsn: str, **overrides: dict[str, Any]) -> Any:
         "audit": {"flush_interval": "50ms"},
         "mail": {"shared_domain": "agents.test"},
         "storage": {"backend": "local", "path": tempfile.mkdtemp(prefix="agentpost-blobs-")},
-        "smtp": {"mx_bind": "127.0.0.1", "mx_port": 0},
+        "smtp": {"mx_bind": "127.0.0.1", "mx_port": 0, "submission_bind": "127.0.0.1",
+                 "submission_port": 0, "submissions_port": 0},
         "imap": {"bind": "127.0.0.1", "port": 0, "tls_port": 0},
     }
     for section, values in overrides.items():
@@ -132,6 +133,9 @@ class RunningServer:
         self.base_url = f"http://127.0.0.1:{port}"
         mx = service.ports.get("smtp_mx")
         self.mx_port = mx.getHost().port if mx is not None else None
+        self.submission_port, self.submissions_port = (
+            service.ports[name].getHost().port if name in service.ports else None
+            for name in ("smtp_submission", "smtp_submissions"))
         self.imap_port = service.ports["imap"].getHost().port if "imap" in service.ports \
             else None
         self.imaps_port = service.ports["imaps"].getHost().port if "imaps" in service.ports \

@@ -168,6 +168,9 @@ def _check(config: Config) -> None:
         raise ConfigError("storage.sse", "must be 'AES256' or 'aws:kms'")
     if not 0 <= config.smtp.mx_port < 65536:
         raise ConfigError("smtp.mx_port", "must be between 0 and 65535")
+    for name in ("submission_port", "submissions_port"):
+        if not -1 <= getattr(config.smtp, name) < 65536:
+            raise ConfigError(f"smtp.{name}", "must be -1 (off) or between 0 and 65535")
     if config.smtp.max_message_size < 1024:
         raise ConfigError("smtp.max_message_size", "must be at least 1KiB")
     if "@" in config.mail.shared_domain or not config.mail.shared_domain:

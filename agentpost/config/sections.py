@@ -147,7 +147,7 @@ class StorageSection:
 
 @dataclass
 class SMTPSection:
-    """The SMTP listeners: MX now (submission in a later release)."""
+    """The SMTP listeners: the MX, and submission (587 STARTTLS, 465 implicit TLS)."""
 
     mx_enabled: bool = opt(True, "Serve the inbound MX listener.")
     mx_bind: str = opt("0.0.0.0", "Address of the MX listener.")  # noqa: S104 - an MX is public
@@ -156,6 +156,15 @@ class SMTPSection:
         "", "Twisted endpoint instead of mx_bind/mx_port, e.g. "
         "systemd:domain=INET:name=smtp-mx for socket activation."
     )
+    submission_enabled: bool = opt(
+        True, "Serve SMTP submission (AUTH with an inbox address and an API key holding "
+        "messages:send, only inside TLS; needs [tls]).")
+    submission_bind: str = opt("0.0.0.0", "Address of both submission listeners.")  # noqa: S104
+    submission_port: int = opt(
+        587, "Port of the STARTTLS submission listener (-1: off; 0: any free port).")
+    submissions_port: int = opt(
+        465, "Port of the implicit-TLS submission listener, RFC 8314 (-1: off; 0: any free "
+        "port).")
     max_message_size: int = opt("10MiB", "Largest message accepted.", "size")
     max_recipients: int = opt(100, "Recipients per message.")
     max_errors: int = opt(10, "Protocol errors before a session is closed.")

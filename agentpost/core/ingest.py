@@ -1,6 +1,7 @@
 """The single ingest path: every stored message, whichever door it came in by.
 
-MX delivery and IMAP APPEND now; submission and API send later. The order is what makes
+MX delivery, IMAP APPEND and SMTP submission (the Sent copy, queued in the same
+transaction); API send later. The order is what makes
 "nothing lost" true: blobs are written durably first, then one transaction records
 the message for every recipient inbox (with its thread, UID, attachments, the
 ``message.received`` event and an audit row), and only then does the caller acknowledge.
@@ -9,6 +10,7 @@ the message for every recipient inbox (with its thread, UID, attachments, the
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -50,6 +52,13 @@ class Stored:
     thread_id: str
     uid: int
     uidvalidity: int = 0  # of the folder it was stored in (IMAP APPENDUID)
+    raw_blob_key: str = ""  # the message's own blob (the outbound queue names it)
+    size: int = 0
+
+
+#: Runs inside the storing transaction, after every copy is written (submission queues
+#: the message there, so that "stored" and "queued" commit together or not at all).
+Within = Callable[[Txn, list[Stored]], Awaitable[Any]]
 
 
 @dataclass(frozen=True)
@@ -123,7 +132,8 @@ def _analyse_indexed(raw: bytes) -> tuple[ParsedMessage, IMAPRendered, dict[str,
 #: each row. Raise it whenever their output changes for a message already stored, and add
 #: a migration re-pointing the ``messages_render_stale`` index: agentpost.jobs.rerender
 #: then brings older rows up to date from their raw bytes.
-RENDER_VERSION = 1
+#: 2: the address search texts carry each address's normalised addr-spec (0016).
+RENDER_VERSION = 2
 
 
 def rendered_columns(raw: bytes) -> dict[str, Any]:
@@ -178,8 +188,13 @@ class Ingest:
                     folder: str = "INBOX", flags: frozenset[str] = frozenset(),
                     labels: tuple[str, ...] = (), received_at: datetime | None = None,
                     require_folder: bool = False, enforce_quota: bool = False,
-                    origin: RequestContext | None = None) -> list[Stored]:
+                    origin: RequestContext | None = None,
+                    within: Within | None = None) -> list[Stored]:
         """Store ``message`` (a binary file at offset 0) once per target inbox.
+
+        ``direction="outbound"`` (a sent copy) announces ``message.sent`` instead of
+        ``message.received``. ``within`` is awaited inside the same transaction once
+        every copy is written, with the stored copies: what it writes commits with them.
 
         Each stored copy gets an audit row in the same transaction, described by
         ``origin`` (action, principal or none, client address, request id); without it
@@ -211,7 +226,7 @@ class Ingest:
                            quota=self.inbox_quota if enforce_quota else 0, origin=origin,
                            index=index)
             return await self._store(targets, raw, parsed, envelope_from, direction, folder,
-                                     received_at, state, raw_put)
+                                     received_at, state, raw_put, within)
         finally:
             parsed.discard()
 
@@ -287,7 +302,8 @@ class Ingest:
     async def _store(self, targets: list[Target], raw: bytes, parsed: ParsedMessage,
                      envelope_from: str | None, direction: str, folder: str,
                      received_at: datetime | None, state: _State,
-                     raw_put: defer.Deferred[BlobRef] | None = None) -> list[Stored]:
+                     raw_put: defer.Deferred[BlobRef] | None = None,
+                     within: Within | None = None) -> list[Stored]:
         raw_ref, att_refs, blob_bodies = await self._put_blobs(raw, parsed, raw_put)
 
         # Rows are locked in inbox order, so two deliveries to the same recipients in a
@@ -302,6 +318,8 @@ class Ingest:
                 out[i] = await self._store_one(txn, targets[i], parsed, raw_ref, att_refs,
                                                blob_bodies, envelope_from, direction, folder,
                                                state, when)
+            if within is not None:
+                await within(txn, out)  # type: ignore[arg-type]
             return out  # type: ignore[return-value]
 
         return await self._db.run_interaction("ingest.store", txn_fn)
@@ -348,7 +366,8 @@ class Ingest:
             recipients=parsed.to_addresses + parsed.cc_addresses, labels=list(state.labels))
         await mail_store.insert_event(
             txn, org_id=org, event_id=new_id("evt"), environment_id=target.environment_id,
-            inbox_id=target.inbox_id, type_="message.received",
+            inbox_id=target.inbox_id,
+            type_="message.sent" if direction == "outbound" else "message.received",
             data={"message_id": message_id, "inbox_id": target.inbox_id,
                   "thread_id": thread_id, "subject": parsed.subject,
                   "from": parsed.from_address, "received_at": when.astimezone(UTC).isoformat()},
@@ -385,4 +404,4 @@ class Ingest:
                 "blob_key": ref.key, "part_index": att.part_index,
             })
         return Stored(message_id, target.inbox_id, org, thread_id, uid,
-                      folder["uidvalidity"])
+                      folder["uidvalidity"], raw_ref.key, raw_ref.size)

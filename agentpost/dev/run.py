@@ -23,6 +23,8 @@ VAR = Path(os.environ.get("AGENTPOST_VAR_DIR", "var"))
 DB_NAME = "agentpost"
 HTTP_PORT = int(os.environ.get("AGENTPOST_HTTP_PORT", "8080"))
 SMTP_MX_PORT = int(os.environ.get("AGENTPOST_SMTP_PORT", "2525"))
+SUBMISSION_PORT = int(os.environ.get("AGENTPOST_SUBMISSION_PORT", "2587"))
+SUBMISSIONS_PORT = int(os.environ.get("AGENTPOST_SUBMISSIONS_PORT", "2465"))
 IMAP_PORT = int(os.environ.get("AGENTPOST_IMAP_PORT", "2143"))
 IMAPS_PORT = int(os.environ.get("AGENTPOST_IMAPS_PORT", "2993"))
 SHARED_DOMAIN = "agentpost.local"
@@ -61,6 +63,13 @@ path = "{(VAR / 'blobs').resolve()}"
 [smtp]
 mx_bind = "127.0.0.1"
 mx_port = {SMTP_MX_PORT}
+submission_bind = "127.0.0.1"
+submission_port = {SUBMISSION_PORT}
+submissions_port = {SUBMISSIONS_PORT}
+
+[outbound]
+transport = "log"
+log_dir = "{(VAR / 'outbound').resolve()}"
 
 [imap]
 bind = "127.0.0.1"
@@ -141,6 +150,15 @@ def _banner(demo: dict[str, str], config_path: Path, tls: Any, database: str) ->
              "b'Subject: Hello\\\\r\\\\n\\\\r\\\\nHi from smtplib.\\\\r\\\\n'); s.quit()\"")
         _say(f'   curl -s {base}/api/v1/inboxes/{demo["inbox_id"]}/messages '
              '-H "Authorization: Bearer $AGENTPOST_KEY"')
+        _say("")
+        _say(f" Send as {demo['inbox_email']} over SMTP submission (port {SUBMISSION_PORT} "
+             f"STARTTLS, {SUBMISSIONS_PORT} TLS; username = the inbox address, password =")
+        _say(" the API key; mail to other hosts lands as .eml files in "
+             f"{(VAR / 'outbound').resolve()}):")
+        _say(f"   swaks --server 127.0.0.1:{SUBMISSION_PORT} --tls --tls-ca-path "
+             f"{tls.ca_cert} --auth PLAIN \\")
+        _say(f"        --auth-user {demo['inbox_email']} --auth-password \"$AGENTPOST_KEY\" "
+             f"--from {demo['inbox_email']} --to someone@example.com")
         _say("")
         _say(" IMAP client settings (Thunderbird, imaplib, any agent):")
         _say(f"   server 127.0.0.1, port {IMAP_PORT} with STARTTLS or {IMAPS_PORT} with TLS,")

@@ -146,3 +146,38 @@ class StorageFailure(TemporaryFailure):
 
     type = "temporarily_unavailable"
     default_message = "Storage is temporarily unavailable; try again shortly."
+
+
+class SenderNotAllowed(Forbidden):
+    """Submission: the envelope sender is not the authenticated inbox (SMTP 553 5.7.1)."""
+
+    type = "sender_not_allowed"
+    default_message = "The sender must be the authenticated inbox's address."
+
+
+class FromHeaderNotAllowed(Forbidden):
+    """Submission: the From: header is not the authenticated inbox (SMTP 550 5.7.1)."""
+
+    type = "from_header_not_allowed"
+    default_message = "The From: header must be the authenticated inbox's address."
+
+
+class SendingPaused(Forbidden):
+    """The inbox's ``send_paused`` is set: a policy refusal (SMTP 550 5.7.1)."""
+
+    type = "sending_paused"
+    default_message = "Sending is paused for this inbox."
+
+
+class RecipientBlocked(Forbidden):
+    """A send-direction filter rule blocks this recipient (SMTP 550 5.7.1)."""
+
+    type = "recipient_blocked"
+    default_message = "Recipient refused by the sending inbox's policy."
+
+
+class SessionEnded(Unauthenticated):
+    """A long-lived session's key was revoked, expired or narrowed (SMTP 421 4.7.0)."""
+
+    type = "session_ended"
+    default_message = "The API key is no longer valid; closing the session."

@@ -11,7 +11,9 @@ from twisted.internet.interfaces import IReactorTime
 from agentpost.config import Config
 from agentpost.core.blobrefs import BlobCollector
 from agentpost.core.ingest import Ingest
+from agentpost.core.routing import Router
 from agentpost.outbound.bounces import InboxBounceSink
+from agentpost.outbound.local import LocalFirstTransport
 from agentpost.outbound.queue import RetryPolicy
 from agentpost.outbound.transports import LogTransport, Transport
 from agentpost.outbound.worker import OutboundWorker
@@ -44,12 +46,16 @@ class OutboundService:
 
     def __init__(self, config: Config, db: Database, blobs: BlobStore,
                  collector: BlobCollector, ingest: Ingest, clock: IReactorTime,
-                 reactor: Any) -> None:
+                 reactor: Any, router: Router | None = None) -> None:
+        """With ``router``, recipients hosted here are delivered through ingest
+        (agentpost.outbound.local) and only the others reach the configured transport."""
         out = config.outbound
         self.policy = RetryPolicy(lifetime_s=out.max_lifetime)
         self.transport = build_transport(config, clock, reactor)
+        handoff: Transport = (self.transport if router is None
+                              else LocalFirstTransport(router, ingest, self.transport))
         self.worker = OutboundWorker(
-            db, blobs, collector, self.transport, clock,
+            db, blobs, collector, handoff, clock,
             worker_id=f"{socket.gethostname()}:{os.getpid()}",
             hostname=config.server.hostname, bounce_sink=InboxBounceSink(db, ingest),
             policy=self.policy, concurrency=out.concurrency, lease_s=out.lease,

@@ -115,7 +115,7 @@ class OutboundWorker:
             return everyone(envelope, DEFERRED, status_code="4.3.0",
                             diagnostic="the message could not be read from storage")
         try:
-            return await self._transport.send(envelope, raw)
+            return await self._transport.send(envelope, without_bcc(raw))
         except Exception as exc:  # a transport bug or an unclassified failure: later
             log.exception("outbound %s: transport %s failed", envelope.queue_id,
                           self._transport.name)
@@ -214,6 +214,26 @@ class OutboundWorker:
     async def stop(self) -> None:
         """Stop the timer and let a round in progress finish recording."""
         await self._periodic.stop()
+
+
+def without_bcc(raw: bytes) -> bytes:
+    """The message without its ``Bcc:`` header field(s) (and their folded lines): the
+    stored Sent copy keeps Bcc:, what leaves never carries it (RFC 5322 §3.6.3)."""
+    end = raw.find(b"\r\n\r\n")
+    head = raw if end < 0 else raw[:end]
+    if b"bcc:" not in head.lower():
+        return raw
+    kept: list[bytes] = []
+    skipping = False
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if not skipping:
+                kept.append(line)
+            continue
+        skipping = line.split(b":", 1)[0].strip().lower() == b"bcc"
+        if not skipping:
+            kept.append(line)
+    return b"\r\n".join(kept) + (b"" if end < 0 else raw[end:])
 
 
 async def _bounced_event(txn: Txn, row: dict[str, Any], bounced: list[Outcome]) -> None:

@@ -8,6 +8,8 @@
 - :mod:`agentpost.smtp.server` — the per-connection state machine (I/O, flow, timers).
 - :mod:`agentpost.smtp.commands` — what each verb does (mixed into the server).
 - :mod:`agentpost.smtp.listener` — the factory (connection caps) and ``listen_smtp``.
+- :mod:`agentpost.smtp.policy` — what differs between the MX and submission (one place).
+- :mod:`agentpost.smtp.delivery` / :mod:`agentpost.smtp.submission` — the two delivery agents.
 
 Wiring (in the composition root)::
 

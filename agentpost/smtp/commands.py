@@ -10,6 +10,8 @@ the one table in :mod:`agentpost.smtp.replies`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email.utils
 import ipaddress
 import re
@@ -31,6 +33,7 @@ from agentpost.smtp.parser import (
     validate_mail_params,
     validate_rcpt_params,
 )
+from agentpost.smtp.policy import ListenerPolicy
 from agentpost.smtp.replies import Reply
 from agentpost.smtp.session import Chunk, Result, SMTPLimits, State, Transaction
 
@@ -41,6 +44,16 @@ _HELP = Reply(214, "2.0.0", [
     "See RFC 5321",
 ])
 _HELO_TOKEN_RE = re.compile(r"^[A-Za-z0-9.\-_:\[\]]{1,255}$")
+_LOGIN_USERNAME = base64.b64encode(b"Username:").decode("ascii")
+_LOGIN_PASSWORD = base64.b64encode(b"Password:").decode("ascii")
+
+
+class SASLExchange:
+    """An AUTH exchange waiting for the client's next response line."""
+
+    def __init__(self, mechanism: str) -> None:
+        self.mechanism = mechanism
+        self.username: str | None = None  # LOGIN, once the first response arrived
 
 
 class SMTPCommands:
@@ -57,6 +70,9 @@ class SMTPCommands:
     state: State
     tls_active: bool
     require_tls: bool
+    policy: ListenerPolicy
+    session_id: str
+    _sasl: SASLExchange | None
     _buffer: bytearray
     _discarding_line: bool
     _txn: Transaction | None
@@ -68,6 +84,7 @@ class SMTPCommands:
     _reset_transaction: Callable[[], None]
     _open_spool: Callable[[Transaction], None]
     _agent_call: Callable[..., defer.Deferred]
+    _credential_ended: Callable[[str], None]
 
     #: The commands we know; ``VERB`` is handled by method ``_cmd_verb``.  A
     #: subclass (submission) adds verbs by extending this set.
@@ -79,6 +96,8 @@ class SMTPCommands:
             return replies.SEND_EHLO_FIRST
         if self.require_tls and not self.tls_active:
             return replies.TLS_REQUIRED
+        if self.policy.requires_auth and self.session.principal is None:
+            return replies.AUTH_REQUIRED
         return None
 
     def _with_protocol(self, txn: Transaction) -> str:
@@ -117,8 +136,9 @@ class SMTPCommands:
             lines.append(f"\tfor <{txn.envelope.recipient_addresses[0]}>; {stamp}")
         else:
             lines.append(f"\tid {txn.queue_id}; {stamp}")
-        return_path = f"Return-Path: <{txn.envelope.mail_from}>"
-        return ("\r\n".join([return_path, *lines]) + "\r\n").encode("utf-8")
+        if self.policy.return_path:
+            lines.insert(0, f"Return-Path: <{txn.envelope.mail_from}>")
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
     # ------------------------------------------------------------------ commands
 
@@ -156,7 +176,9 @@ class SMTPCommands:
         return caps
 
     def auth_capabilities(self) -> list[str]:
-        """Hook for submission: the ``AUTH ...`` keywords to advertise (none on MX)."""
+        """``AUTH PLAIN LOGIN`` where the policy offers it, and only once TLS is up."""
+        if self.policy.offers_auth and self.tls_active:
+            return ["AUTH PLAIN LOGIN"]
         return []
 
     def _can_starttls(self) -> bool:
@@ -287,8 +309,78 @@ class SMTPCommands:
         return _HELP
 
     def _cmd_auth(self, args: str) -> Result:
-        """Not offered on MX; the submission listener will override this."""
-        return replies.AUTH_NOT_OFFERED
+        """RFC 4954 AUTH PLAIN / LOGIN, with an optional initial response (``=`` for an
+        empty one); only where the policy offers it and only inside TLS."""
+        if not self.policy.offers_auth:
+            return replies.AUTH_NOT_OFFERED
+        if self.state is State.GREETING:
+            return replies.SEND_EHLO_FIRST
+        if not self.tls_active:
+            return replies.ENCRYPTION_REQUIRED
+        if self.session.principal is not None:
+            return Reply(503, "5.5.1", "Already authenticated")
+        if self.state is not State.READY:
+            return Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
+        parts = args.split()
+        if not 1 <= len(parts) <= 2:
+            return replies.SYNTAX_ERROR
+        mechanism = parts[0].upper()
+        if mechanism not in ("PLAIN", "LOGIN"):
+            return Reply(504, "5.5.4", "Unrecognized authentication mechanism")
+        self._sasl = SASLExchange(mechanism)
+        if len(parts) == 2:
+            return self._sasl_response(parts[1])
+        return Reply(334, None, "" if mechanism == "PLAIN" else _LOGIN_USERNAME)
+
+    def _sasl_line(self, line: bytes) -> Result:
+        """A client response line while an AUTH exchange is in progress."""
+        try:
+            text = line.decode("ascii").strip()
+        except UnicodeDecodeError:
+            self._sasl = None
+            return Reply(501, "5.5.2", "Invalid base64 data")
+        return self._sasl_response(text)
+
+    def _sasl_response(self, text: str) -> Result:
+        exchange = self._sasl
+        assert exchange is not None
+        if text == "*":
+            self._sasl = None
+            return replies.AUTH_CANCELLED
+        try:
+            decoded = b"" if text == "=" else base64.b64decode(text, validate=True)
+            value = decoded.decode("utf-8")
+        except (binascii.Error, ValueError):
+            self._sasl = None
+            return Reply(501, "5.5.2", "Invalid base64 data")
+        if exchange.mechanism == "LOGIN" and exchange.username is None:
+            exchange.username = value
+            return Reply(334, None, _LOGIN_PASSWORD)
+        self._sasl = None
+        if exchange.mechanism == "LOGIN":
+            assert exchange.username is not None
+            username, password = exchange.username, value
+        else:
+            fields = value.split("\0")
+            if len(fields) != 3:
+                return Reply(501, "5.5.2", "Malformed PLAIN response")
+            authzid, username, password = fields
+            if authzid and authzid != username:  # no proxy authorization
+                return replies.AUTH_FAILED
+        return defer.Deferred.fromCoroutine(self._authenticate(username, password))
+
+    async def _authenticate(self, username: str, password: str) -> Reply:
+        try:
+            account = await self._agent_call(
+                self.agent.authenticate, self.session, username, password,  # type: ignore[attr-defined]
+                self._credential_ended, timeout_s=self.limits.check_timeout_s)
+        except Exception as exc:
+            return replies.reply_for_auth_error(exc, context=self.session_id)
+        if self.state is State.CLOSED:  # the client left meanwhile
+            account.close()
+            return replies.AUTH_SUCCEEDED
+        self.session.principal = account
+        return replies.AUTH_SUCCEEDED
 
     def _cmd_starttls(self, args: str) -> Result:
         if args:

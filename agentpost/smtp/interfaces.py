@@ -8,6 +8,7 @@ replies by the one table in ``agentpost.smtp.replies``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
@@ -21,9 +22,9 @@ class SessionInfo:
     helo: str | None = None
     tls_version: str | None = None  # e.g. "TLSv1.3" once STARTTLS completed
     tls_cipher: str | None = None
-    listener: str = "mx"  # "mx" now; "submission" later
+    listener: str = "mx"  # "mx" or "submission"
     esmtp: bool = False
-    principal: Any = None  # set by AUTH on submission (later)
+    principal: Any = None  # the account AUTH returned (submission); None on MX
 
 
 @dataclass
@@ -49,9 +50,26 @@ class DeliveryAgent(Protocol):
         UnknownRecipient / RelayDenied / SenderBlocked / TemporaryFailure."""
 
     async def deliver(self, session: SessionInfo, envelope: Envelope, message: IO[bytes],
-                      size: int) -> None:
+                      size: int) -> str | None:
         """Durably store the message (already prefixed with Return-Path: and Received:)
         for every accepted recipient. Return only after commit; raise TemporaryFailure
         (-> 451 4.3.0) or another domain error otherwise. ``message`` is a binary file
         positioned at 0 holding exactly ``size`` bytes with CRLF line endings and
-        dot-unstuffing already undone."""
+        dot-unstuffing already undone. A returned id is quoted in the reply
+        (``250 2.0.0 Ok: queued as <id>``)."""
+
+
+class AuthenticatedAccount(Protocol):
+    """What AUTH yields (kept in ``SessionInfo.principal``)."""
+
+    def close(self) -> None:
+        """The session is over: stop watching the credential."""
+
+
+class SubmissionAgent(DeliveryAgent, Protocol):
+    """A delivery agent that also checks AUTH credentials (submission)."""
+
+    async def authenticate(self, session: SessionInfo, username: str, password: str,
+                           on_revoked: Callable[[str], None]) -> AuthenticatedAccount:
+        """The account, or Unauthenticated (535 5.7.8) / RateLimited (454 4.7.0).
+        ``on_revoked(reason)`` is called if the key dies while the session lasts."""

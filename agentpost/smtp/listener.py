@@ -16,6 +16,7 @@ from twisted.internet.protocol import Factory, Protocol
 from agentpost.listening import ConnectionCaps, listen_tcp
 from agentpost.smtp import replies
 from agentpost.smtp.interfaces import DeliveryAgent
+from agentpost.smtp.policy import ListenerPolicy
 from agentpost.smtp.server import SMTPLimits, SMTPServerProtocol
 
 __all__ = ["SMTPFactory", "listen_smtp"]
@@ -41,8 +42,9 @@ class SMTPFactory(ConnectionCaps, Factory):
         max_connections_per_ip: concurrent sessions from one client address.
         max_connections: concurrent sessions in total.
         implicit_tls: TLS settings for a listener that is TLS from the first byte
-            (submission on port 465, later); :func:`listen_smtp` then wraps the
+            (submission on port 465); :func:`listen_smtp` then wraps the
             socket in TLS and sessions do not offer STARTTLS.
+        policy: the listener's rules (:mod:`agentpost.smtp.policy`), e.g. SUBMISSION.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class SMTPFactory(ConnectionCaps, Factory):
         max_connections_per_ip: int = 20,
         max_connections: int = 1000,
         protocol_class: type[SMTPServerProtocol] = SMTPServerProtocol,
+        policy: ListenerPolicy | None = None,
     ) -> None:
         self.agent = agent
         self.hostname = hostname
@@ -71,6 +74,7 @@ class SMTPFactory(ConnectionCaps, Factory):
         self.implicit_tls = implicit_tls
         self.spool_dir = spool_dir
         self.protocol_class = protocol_class
+        self.policy = policy
         self.init_caps(max_connections_per_ip, max_connections)
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
@@ -88,6 +92,7 @@ class SMTPFactory(ConnectionCaps, Factory):
                 implicit_tls=self.implicit_tls is not None,
                 spool_dir=self.spool_dir,
                 on_close=on_close,
+                policy=self.policy,
             )
 
         return self.admitted(addr, session)

@@ -76,7 +76,10 @@ class Reply:
             safe = _UNSAFE_TEXT_RE.sub("?", line)
             if self.enhanced is not None:
                 safe = f"{self.enhanced} {safe}" if safe else self.enhanced
-            out.append(f"{self.code}{separator}{safe}".rstrip(" ") + "\r\n")
+            line_out = f"{self.code}{separator}{safe}"
+            if self.code != 334:  # RFC 4954: a challenge is "334" SP [base64], even empty
+                line_out = line_out.rstrip(" ")
+            out.append(line_out + "\r\n")
         return "".join(out).encode("ascii")
 
     def __str__(self) -> str:
@@ -101,6 +104,13 @@ NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
 AUTH_NOT_OFFERED = Reply(503, "5.5.1", "Authentication not enabled on this port")
+ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication "
+                            "mechanism")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+AUTH_CANCELLED = Reply(501, "5.7.0", "Authentication cancelled")
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_TEMPORARY = Reply(454, "4.7.0", "Temporary authentication failure; try again later")
+AUTH_SUCCEEDED = Reply(235, "2.7.0", "Authentication successful")
 VRFY_CANNOT = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
 TEMPORARY = Reply(451, "4.3.0", "Temporary failure; try again later")
 RATE_LIMITED = Reply(451, "4.7.0", "Too many requests; slow down and try again later")
@@ -117,6 +127,7 @@ def closing(hostname: str, enhanced: str, text: str) -> Reply:
 ERROR_REPLIES: dict[type[errors.AgentPostError], tuple[int, str]] = {
     errors.UnknownRecipient: (550, "5.1.1"),
     errors.RelayDenied: (550, "5.7.1"),
+    errors.SenderNotAllowed: (553, "5.7.1"),
     errors.SenderBlocked: (550, "5.7.1"),
     errors.MessageTooLarge: (552, "5.3.4"),
     errors.MailboxFull: (552, "5.2.2"),
@@ -126,6 +137,7 @@ ERROR_REPLIES: dict[type[errors.AgentPostError], tuple[int, str]] = {
     errors.TemporaryFailure: (451, "4.3.0"),
     errors.NotFound: (550, "5.1.1"),
     errors.Forbidden: (550, "5.7.1"),
+    errors.SessionEnded: (421, "4.7.0"),  # the key died mid-session: 421 closes it
     errors.Unauthenticated: (530, "5.7.0"),
     errors.InvalidRequest: (501, "5.5.4"),
 }
@@ -177,3 +189,19 @@ def reply_for_error(exc: BaseException, *, context: str = "",
         log.error("smtp %s: unexpected error %s", context, error_id,
                   exc_info=(type(exc), exc, exc.__traceback__))
     return Reply(451, "4.3.0", f"Temporary internal error; try again later (ref {error_id})")
+
+
+def reply_for_auth_error(exc: BaseException, *, context: str = "",
+                         traceback_text: str | None = None) -> Reply:
+    """The reply to a failed AUTH (RFC 4954 §6): a refused credential is ``535 5.7.8``
+    whatever the reason (unknown, revoked, expired, wrong scope or environment: the
+    client learns nothing more); a throttled source or a temporary failure is
+    ``454 4.7.0``, which a client may retry.  Everything else as :func:`reply_for_error`."""
+    if isinstance(exc, errors.Unauthenticated):
+        return AUTH_FAILED
+    if isinstance(exc, errors.RateLimited):
+        return AUTH_TEMPORARY
+    if isinstance(exc, errors.TemporaryFailure):
+        reply_for_error(exc, context=context)  # logs it
+        return AUTH_TEMPORARY
+    return reply_for_error(exc, context=context, traceback_text=traceback_text)

@@ -55,10 +55,11 @@ from zope.interface import implementer
 from agentpost.listening import no_delay
 from agentpost.model import errors
 from agentpost.smtp import replies
-from agentpost.smtp.commands import SMTPCommands
+from agentpost.smtp.commands import SASLExchange, SMTPCommands
 from agentpost.smtp.deadlines import Expiry, SessionDeadlines
 from agentpost.smtp.interfaces import DeliveryAgent, SessionInfo
 from agentpost.smtp.parser import CommandError, DataDecoder, parse_command
+from agentpost.smtp.policy import ListenerPolicy
 from agentpost.smtp.replies import Reply
 from agentpost.smtp.session import (
     BODY_STATES,
@@ -86,6 +87,8 @@ class SMTPServerProtocol(SMTPCommands, Protocol):
         tls_options: server TLS settings; STARTTLS is offered only if given.
         listener: ``"mx"`` here; ``"submission"`` when AUTH arrives.
         require_tls: refuse MAIL/RCPT/DATA/BDAT with ``530 5.7.0`` before TLS.
+        policy: the listener's rules (:mod:`agentpost.smtp.policy`); when given it
+            replaces ``listener`` and ``require_tls``.
         implicit_tls: the transport is already TLS (port 465-style listeners).
         spool_dir: where large bodies go; the system temp directory by default.
         on_close: called once when the connection is gone (connection accounting).
@@ -104,7 +107,12 @@ class SMTPServerProtocol(SMTPCommands, Protocol):
         implicit_tls: bool = False,
         spool_dir: str | None = None,
         on_close: Callable[[], None] | None = None,
+        policy: ListenerPolicy | None = None,
     ) -> None:
+        if policy is None:
+            policy = ListenerPolicy(listener, require_tls=require_tls)
+        self.policy = policy
+        listener, require_tls = policy.name, policy.require_tls
         self.agent = agent
         self.hostname = hostname
         self.clock = clock
@@ -131,6 +139,8 @@ class SMTPServerProtocol(SMTPCommands, Protocol):
         self._txn: Transaction | None = None
         self._decoder: DataDecoder | None = None
         self._chunk: Chunk | None = None
+        self._sasl: SASLExchange | None = None  # an AUTH exchange awaiting a response
+        self._ending: str | None = None  # the key died while a command was in flight
 
     # ------------------------------------------------------------------ Twisted hooks
 
@@ -164,6 +174,7 @@ class SMTPServerProtocol(SMTPCommands, Protocol):
         if self._txn is not None:
             self._txn.discard()
             self._txn = None
+        self._release_account()
         if self._on_close is not None:
             on_close, self._on_close = self._on_close, None
             on_close()
@@ -287,6 +298,14 @@ class SMTPServerProtocol(SMTPCommands, Protocol):
         return True
 
     def _run_command(self, line: bytes) -> None:
+        if self._sasl is not None:  # the line is an AUTH response, not a command
+            try:
+                sasl_result = self._sasl_line(line)
+            except Exception as exc:
+                self._sasl = None
+                sasl_result = replies.reply_for_error(exc, context=self.session_id)
+            self._handle_result(sasl_result)
+            return
         try:
             command = parse_command(line)
         except CommandError as exc:
@@ -330,6 +349,8 @@ class SMTPServerProtocol(SMTPCommands, Protocol):
         if self.state is State.CLOSED:
             return
         self._send(reply)
+        if self._ending is not None:
+            self._send(replies.closing(self.hostname, "4.7.0", self._ending))
         # A deadline that passed while the agent worked ends the session now, before
         # any pipelined command runs (each of which could keep us busy again).
         self._arm_timer()
@@ -362,10 +383,27 @@ class SMTPServerProtocol(SMTPCommands, Protocol):
                                             "Too many errors; closing connection"))
                 self._close()
 
+    def _credential_ended(self, reason: str) -> None:
+        """The authenticated key was revoked, expired or narrowed: ``421 4.7.0`` and
+        close -- now, or right after the reply of a command in flight."""
+        if self.state is State.CLOSED:
+            return
+        log.info("smtp %s: ending the session: %s", self.session_id, reason)
+        if self._busy:
+            self._ending = reason
+            return
+        self._send(replies.closing(self.hostname, "4.7.0", reason))
+
+    def _release_account(self) -> None:
+        account, self.session.principal = self.session.principal, None
+        if account is not None and hasattr(account, "close"):
+            account.close()
+
     def _close(self) -> None:
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED
+        self._release_account()
         self._cancel_timer()
         self._buffer.clear()
         if self._txn is not None:
@@ -487,14 +525,16 @@ class SMTPServerProtocol(SMTPCommands, Protocol):
         try:
             spool.flush()
             spool.seek(0)
-            await self._agent_call(self.agent.deliver, self.session, txn.envelope, spool,
-                                   txn.header_bytes + txn.body_bytes,
-                                   timeout_s=self.limits.deliver_timeout_s)
+            queued_as = await self._agent_call(
+                self.agent.deliver, self.session, txn.envelope, spool,
+                txn.header_bytes + txn.body_bytes, timeout_s=self.limits.deliver_timeout_s)
         finally:
             spool.close()
         log.info("smtp %s: delivered %s from=<%s> rcpts=%d size=%d", self.session_id,
                  txn.queue_id, txn.envelope.mail_from, len(txn.envelope.recipients),
                  txn.body_bytes)
+        if isinstance(queued_as, str):  # submission: the stored message's id
+            return Reply(250, "2.0.0", f"Ok: queued as {queued_as}")
         return Reply(250, "2.0.0", f"OK {txn.queue_id}")
 
     def _finish_message(self, txn: Transaction, line_too_long: bool) -> Result:

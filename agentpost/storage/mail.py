@@ -38,6 +38,22 @@ async def route(txn: Txn, address: str, domain: str) -> dict[str, Any]:
         (domain, domain, address))  # type: ignore[return-value]
 
 
+async def sending_policy(txn: Txn, org_id: str, environment_id: str,
+                         inbox_id: str) -> dict[str, Any] | None:
+    """What submission needs at RCPT, in ONE statement: the inbox's ``send_paused`` and
+    its send-direction filter ``rules`` (inbox and environment rules); None when the
+    inbox is gone."""
+    return await txn.fetchone(
+        "SELECT i.send_paused, "
+        "       (SELECT coalesce(json_agg(json_build_object('match_type', r.match_type, "
+        "               'value', r.value, 'action', r.action)), '[]'::json) "
+        "          FROM filter_rules r WHERE r.org_id = i.org_id "
+        "           AND r.environment_id = i.environment_id AND r.direction = 'send' "
+        "           AND (r.inbox_id IS NULL OR r.inbox_id = i.id)) AS rules "
+        "FROM inboxes i WHERE i.org_id = %s AND i.environment_id = %s AND i.id = %s",
+        (org_id, environment_id, inbox_id))
+
+
 # Folders ------------------------------------------------------------------------------
 
 async def create_system_folders(txn: Txn, org_id: str, environment_id: str,

@@ -1,0 +1,166 @@
+"""Sending a message as an inbox: the business rules of SMTP submission.
+
+The SMTP adapter (agentpost.smtp.submission) holds the session; everything it decides
+about a message is here:
+
+- the envelope sender must be the authenticated inbox (``SenderNotAllowed``: 553 5.7.1)
+  and so must the ``From:`` header (``FromHeaderNotAllowed``: 550 5.7.1, nothing stored);
+- per recipient: the inbox's ``send_paused`` (``SendingPaused``: 550 5.7.1 -- a policy
+  refusal the client must show its user, not retry) and the send-direction filter
+  rules (``RecipientBlocked``: 550 5.7.1), evaluated exactly like receive rules
+  (agentpost.mail.filters.decide: the most specific rule wins, block on a tie);
+- the message gets ``Message-ID:`` and ``Date:`` when missing; a ``Bcc:`` header is
+  kept in the Sent copy, which is also what the queue row names: the queue worker strips
+  ``Bcc:`` from every hand-off (agentpost.outbound.worker.without_bcc), so it never
+  leaves, whichever door queued the message;
+- the Sent copy (folder Sent, ``\\Seen``, direction ``outbound``, event ``message.sent``)
+  is stored through the one ingest path, and the queue rows for every recipient are
+  written inside that same transaction, so the door acknowledges only after one
+  COMMIT covering both.
+
+Recipients hosted here are queued like any other: the queue worker's local path
+(agentpost.outbound.local) delivers them through the Router and ingest, so a retry
+after a failure is the queue's, with the usual ``message.received`` event.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import io
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from typing import IO, Any
+
+from twisted.internet import threads
+
+from agentpost.core.context import RequestContext
+from agentpost.core.ingest import Ingest, Stored, Target
+from agentpost.mail import filters
+from agentpost.model.errors import (
+    FromHeaderNotAllowed,
+    InvalidRequest,
+    RecipientBlocked,
+    SenderNotAllowed,
+    SendingPaused,
+    Unauthenticated,
+)
+from agentpost.model.principal import Principal
+from agentpost.outbound.queue import QueuedMessage, RetryPolicy, enqueue
+from agentpost.storage import mail as mail_store
+from agentpost.storage.database import Database, Txn
+
+#: Header block bound for the header checks (a larger one is refused, not parsed).
+MAX_HEADER_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Sender:
+    """An authenticated inbox that sends: the key's principal and the inbox."""
+
+    principal: Principal
+    org_id: str
+    environment_id: str
+    inbox_id: str
+    address: str
+
+    @classmethod
+    def of(cls, principal: Principal, inbox: dict[str, Any]) -> Sender:
+        """From a login's principal and inbox row."""
+        return cls(principal, inbox["org_id"], inbox["environment_id"], inbox["id"],
+                   inbox["email"])
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A committed submission: the Sent copy's id and the queue rows."""
+
+    message_id: str
+    queue_ids: list[str]
+
+
+def _same(a: str, b: str) -> bool:
+    return a.strip().lower() == b.strip().lower()
+
+
+def prepare(raw: bytes, *, address: str, hostname: str, now: datetime) -> bytes:
+    """Check the From: header and add Message-ID:/Date: if missing (pure; runs in a
+    thread). ``raw`` has CRLF line endings."""
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:  # headers only, or no body separator
+        head, body = raw.rstrip(b"\r\n"), b""
+    else:
+        head, body = raw[:end], raw[end + 4:]
+    if len(head) > MAX_HEADER_BYTES:
+        raise InvalidRequest("The header section is too large.")
+    parsed = BytesHeaderParser(policy=compat32).parsebytes(head + b"\r\n\r\n")
+    senders = email.utils.getaddresses([str(v) for v in parsed.get_all("From", [])])
+    if len(senders) != 1 or not _same(senders[0][1], address):
+        raise FromHeaderNotAllowed()
+    added: list[bytes] = []
+    if parsed.get("Message-ID") is None:
+        domain = address.rpartition("@")[2] or hostname
+        token = secrets.token_hex(12)
+        added.append(f"Message-ID: <{token}@{domain}>".encode("ascii", "replace"))
+    if parsed.get("Date") is None:
+        added.append(f"Date: {email.utils.format_datetime(now)}".encode("ascii"))
+    if not added:
+        return raw
+    return b"\r\n".join([head, *added]) + b"\r\n\r\n" + body
+
+
+class Submission:
+    """The core operation behind SMTP submission (and, later, the send API)."""
+
+    def __init__(self, db: Database, ingest: Ingest, reactor: Any,
+                 policy: RetryPolicy, hostname: str) -> None:
+        self._db = db
+        self._ingest = ingest
+        self._reactor = reactor
+        self._policy = policy
+        self._hostname = hostname
+
+    def check_sender(self, sender: Sender, mail_from: str) -> None:
+        """MAIL FROM must be the inbox's own address (the null sender is refused too)."""
+        if not _same(mail_from, sender.address):
+            raise SenderNotAllowed()
+
+    async def check_recipient(self, sender: Sender, recipient: str) -> str:
+        """The recipient, or SendingPaused / RecipientBlocked (send filter rules)."""
+        row = await self._db.run_read("submission.policy", mail_store.sending_policy,
+                                      sender.org_id, sender.environment_id, sender.inbox_id)
+        if row is None:
+            raise Unauthenticated("The inbox no longer exists.")
+        if row["send_paused"]:
+            raise SendingPaused()
+        if row["rules"] and filters.decide(row["rules"], recipient) == "block":
+            raise RecipientBlocked()
+        return recipient
+
+    async def submit(self, sender: Sender, mail_from: str, recipients: list[str],
+                     message: IO[bytes], origin: RequestContext) -> Submitted:
+        """Store the Sent copy and queue it for ``recipients``: one COMMIT for both."""
+        self.check_sender(sender, mail_from)
+        raw = message.read()
+        now = datetime.fromtimestamp(self._reactor.seconds(), UTC)
+        sent = await threads.deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), lambda: prepare(
+                raw, address=sender.address, hostname=self._hostname, now=now))
+        queue_ids: list[str] = []
+
+        async def queue_it(txn: Txn, stored: list[Stored]) -> None:
+            copy = stored[0]
+            queued = QueuedMessage(sender.org_id, sender.environment_id, sender.inbox_id,
+                                   copy.message_id, copy.raw_blob_key, copy.size, mail_from)
+            queue_ids.extend(await enqueue(txn, queued, recipients, policy=self._policy))
+
+        origin.principal = sender.principal
+        origin.environment_id = sender.environment_id
+        target = Target(sender.org_id, sender.environment_id, sender.inbox_id, sender.address)
+        stored = await self._ingest.store(
+            [target], io.BytesIO(sent), envelope_from=mail_from,
+            direction="outbound", folder="Sent", flags=frozenset({"\\Seen"}),
+            origin=origin, within=queue_it)
+        return Submitted(stored[0].message_id, queue_ids)

@@ -1,0 +1,92 @@
+"""The queue's local path: recipients hosted on this installation never leave it.
+
+Wraps the configured transport. At hand-off each recipient is resolved with the same
+Router the MX uses: a hosted inbox gets the message through the one ingest path (its
+receive filters and quota apply, the event is ``message.received``); a domain that is
+not ours (RelayDenied) goes to the configured transport. Delivering from the queue
+rather than inside the submission's transaction keeps the submission fast and gives a
+local delivery the queue's retries (a full mailbox or a database hiccup is deferred,
+an unknown local address bounces with a DSN like any other).
+
+Duplicate window: as for any transport, a crash after the local COMMIT but before the
+outcome is recorded delivers the message again when the lease runs out.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+from agentpost.core.context import RequestContext
+from agentpost.core.ingest import Ingest, Target
+from agentpost.core.routing import Router
+from agentpost.model import errors
+from agentpost.model.ids import new_id
+from agentpost.outbound.transports import (
+    DEFERRED,
+    FAILED,
+    SENT,
+    Envelope,
+    HandOff,
+    Outcome,
+    Transport,
+)
+
+log = logging.getLogger(__name__)
+
+
+class LocalFirstTransport:
+    """Hosted recipients through ingest; the rest through ``remote``."""
+
+    def __init__(self, router: Router, ingest: Ingest, remote: Transport) -> None:
+        self._router = router
+        self._ingest = ingest
+        self._remote = remote
+        self.name = f"local+{remote.name}"
+
+    async def send(self, envelope: Envelope, raw: bytes) -> HandOff:
+        outcomes: list[Outcome] = []
+        remote: list[str] = []
+        local: list[tuple[str, Target]] = []
+        for address in envelope.recipients:
+            try:
+                local.append((address, await self._router.resolve(address,
+                                                                   envelope.mail_from)))
+            except errors.RelayDenied:
+                remote.append(address)
+            except errors.UnknownRecipient:
+                outcomes.append(Outcome(address, FAILED, 550, "5.1.1", "no such mailbox here"))
+            except errors.SenderBlocked:
+                outcomes.append(Outcome(address, FAILED, 550, "5.7.1",
+                                        "refused by the recipient's policy"))
+            except errors.MailboxFull:
+                outcomes.append(Outcome(address, DEFERRED, 452, "4.2.2", "mailbox full"))
+            except errors.AgentPostError as exc:
+                outcomes.append(Outcome(address, DEFERRED, 451, "4.3.0", exc.message))
+        if local:
+            outcomes += await self._deliver_locally(envelope, raw, local)
+        retry_after = None
+        if remote:
+            handoff = await self._remote.send(
+                Envelope(envelope.queue_id, envelope.org_id, envelope.mail_from,
+                         tuple(remote), envelope.message_id), raw)
+            outcomes += handoff.outcomes
+            retry_after = handoff.retry_after_s
+        return HandOff(outcomes, retry_after)
+
+    async def _deliver_locally(self, envelope: Envelope, raw: bytes,
+                               local: list[tuple[str, Target]]) -> list[Outcome]:
+        targets: list[Target] = []
+        for _, target in local:
+            if target not in targets:
+                targets.append(target)
+        origin = RequestContext(new_id("req"), None, "outbound.local",
+                                details={"queue_id": envelope.queue_id})
+        try:
+            await self._ingest.store(targets, io.BytesIO(raw),
+                                     envelope_from=envelope.mail_from or None, origin=origin)
+        except Exception as exc:
+            log.warning("outbound %s: local delivery failed: %s", envelope.queue_id, exc)
+            return [Outcome(a, DEFERRED, 451, "4.3.0", "local delivery failed")
+                    for a, _ in local]
+        return [Outcome(a, SENT, 250, "2.0.0", "delivered locally") for a, _ in local]
