@@ -265,3 +265,20 @@ async def _settled(server, queue_id) -> bool:
             return True
         await task.deferLater(reactor, 0.05, lambda: None)
     return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_queue_keeps_the_bytes_when_the_sent_copy_is_deleted_first(server):
+    """The queue row's reference keeps the blob; once delivered, the last release
+    removes it (and recording that outcome does not fail)."""
+    message, _inbox, key = await _sent_message(server, "early-delete")
+    [queue_id] = await _enqueue(server, message, ["a@d.test"])
+    deleted = await server.api.delete(f"/api/v1/messages/{message.message_id}", key=key)
+    assert deleted.status in (200, 204), deleted
+    assert _refcount(server, message.raw_blob_key) == 1  # only the queue's reference
+    sink = Sink()
+    assert await _worker(server, sink, _clock()).drain() == 1
+    assert _recipients(server, queue_id) == {"a@d.test": "sent"}
+    assert query(_dsn(server), "SELECT count(*) FROM blobs WHERE key = %s",
+                 (message.raw_blob_key,)) == [(0,)]
+    assert not await server.core.blobs.exists(message.raw_blob_key)
