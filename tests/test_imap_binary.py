@@ -8,19 +8,20 @@ from __future__ import annotations
 import base64
 import re
 import tracemalloc
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 import pytest_twisted
-from twisted.internet.threads import deferToThread
 
 from agentpost.imap.commands.binaryfetch import render_binary
 from agentpost.imap.interfaces import FetchRow
 from agentpost.imap.parser import parse_fetch_items
 from agentpost.imap.parser import tokenize as imap_tokenize
 from agentpost.mail import imapformat
-from tests.imapwire import Wire
-from tests.test_imap_e2e import _inbox
+from tests.imap_client import Client, Lit, new_inbox, session
 
+_T = TypeVar("_T")
 BYTES = bytes(range(256))
 B64 = base64.encodebytes(BYTES).replace(b"\n", b"\r\n")
 
@@ -49,9 +50,19 @@ def _message(to: str) -> bytes:
 
 
 async def _setup(server, name: str, raw: bytes) -> tuple[dict, str]:
-    inbox, key = await _inbox(server, name)
+    inbox, key = await new_inbox(server, name)
     await server.deliver(raw, [inbox["email"]])
     return inbox, key
+
+
+async def _selected(server, inbox: dict, key: str, work: Callable[[Client], _T]) -> _T:
+    """``work`` on a session with INBOX selected."""
+
+    def selected(c: Client) -> _T:
+        c.transcript(b"SELECT INBOX")
+        return work(c)
+
+    return await session(server.imap_port, inbox["email"], key, selected)
 
 
 def _item(response: bytes, label: bytes) -> tuple[bytes, bytes]:
@@ -75,16 +86,12 @@ async def test_binary_undoes_each_transfer_encoding_and_sizes_match(server):
     returned; PEEK leaves \\Seen alone."""
     inbox, key = await _setup(server, "bin-ctes", _message("x"))
 
-    def session():
-        wire = Wire(server.imap_port, inbox["email"], key)
-        wire.run(b"SELECT INBOX")
-        out = wire.run(b"FETCH 1 (BINARY.PEEK[1] BINARY.PEEK[2] BINARY.PEEK[3] "
-                       b"BINARY.PEEK[4] BINARY.SIZE[1] BINARY.SIZE[2] BINARY.SIZE[3] "
-                       b"BINARY.SIZE[4] BINARY.PEEK[7.1] BINARY.SIZE[7.1] FLAGS)")
-        wire.close()
-        return out
+    def work(wire: Client):
+        return wire.transcript(b"FETCH 1 (BINARY.PEEK[1] BINARY.PEEK[2] BINARY.PEEK[3] "
+                               b"BINARY.PEEK[4] BINARY.SIZE[1] BINARY.SIZE[2] BINARY.SIZE[3] "
+                               b"BINARY.SIZE[4] BINARY.PEEK[7.1] BINARY.SIZE[7.1] FLAGS)")
 
-    out = await deferToThread(session)
+    out = await _selected(server, inbox, key, work)
     assert out.rstrip().endswith(b"OK FETCH completed"), out
     assert _item(out, b"BINARY[1]") == (b"", b"caf\xc3\xa9 soft")
     assert _item(out, b"BINARY[2]") == (b"~", BYTES)
@@ -104,18 +111,15 @@ async def test_partial_binary_counts_decoded_octets_and_whole_message_is_as_stor
     raw = _message("x")
     inbox, key = await _setup(server, "bin-partial", raw)
 
-    def session():
-        wire = Wire(server.imap_port, inbox["email"], key)
-        wire.run(b"SELECT INBOX")
-        out = [wire.run(b"FETCH 1 (BINARY.PEEK[2]<250.10>)"),
-               wire.run(b"FETCH 1 (BINARY.PEEK[2]<0.3>)"),
-               wire.run(b"FETCH 1 (BINARY.PEEK[2]<900.5>)"),
-               wire.run(b"FETCH 1 (BINARY.PEEK[] BINARY.SIZE[] RFC822.SIZE)"),
-               wire.run(b"FETCH 1 (BINARY.PEEK[9] BINARY.SIZE[9])")]
-        wire.close()
+    def work(wire: Client):
+        out = [wire.transcript(b"FETCH 1 (BINARY.PEEK[2]<250.10>)"),
+               wire.transcript(b"FETCH 1 (BINARY.PEEK[2]<0.3>)"),
+               wire.transcript(b"FETCH 1 (BINARY.PEEK[2]<900.5>)"),
+               wire.transcript(b"FETCH 1 (BINARY.PEEK[] BINARY.SIZE[] RFC822.SIZE)"),
+               wire.transcript(b"FETCH 1 (BINARY.PEEK[9] BINARY.SIZE[9])")]
         return out
 
-    tail, head, beyond, whole, missing = await deferToThread(session)
+    tail, head, beyond, whole, missing = await _selected(server, inbox, key, work)
     assert _item(tail, b"BINARY[2]<250>") == (b"", BYTES[250:])
     assert _item(head, b"BINARY[2]<0>") == (b"~", b"\x00\x01\x02")
     assert _item(beyond, b"BINARY[2]<900>") == (b"", b"")
@@ -132,22 +136,19 @@ async def test_binary_refusals_speak_imap(server):
     after it."""
     inbox, key = await _setup(server, "bin-errors", _message("x"))
 
-    def session():
-        wire = Wire(server.imap_port, inbox["email"], key)
-        wire.run(b"SELECT INBOX")
-        out = {name: wire.run(command) for name, command in (
+    def work(wire: Client):
+        out = {name: wire.transcript(command) for name, command in (
             ("unknown", b"FETCH 1 (BINARY.PEEK[5])"),
             ("unknown-size", b"FETCH 1 (BINARY.SIZE[5])"),
             ("corrupt", b"FETCH 1 BINARY.PEEK[6]"),
             ("multipart", b"FETCH 1 (BINARY.PEEK[7])"),
             ("size-partial", b"FETCH 1 (BINARY.SIZE[1]<0.5>)"),
-            ("text-section", b"FETCH 1 (BINARY[1.TEXT])"),
+            ("text-section", b"FETCH 1 (BINARY[1.TEXT.MIME])"),
             ("zero", b"FETCH 1 (BINARY[0])"),
             ("still", b"FETCH 1 (BINARY.PEEK[7.1])"))}
-        wire.close()
         return out
 
-    out = await deferToThread(session)
+    out = await _selected(server, inbox, key, work)
     assert re.search(rb"t\d+ NO \[UNKNOWN-CTE\] .*x-uuencode", out["unknown"]), out["unknown"]
     assert b"NO [UNKNOWN-CTE]" in out["unknown-size"]
     assert b"NO [PARSE]" in out["corrupt"]
@@ -163,15 +164,12 @@ async def test_binary_without_peek_sets_seen(server):
     """BINARY[...] is a body fetch: \\Seen is set and reported, as for BODY[...]."""
     inbox, key = await _setup(server, "bin-seen", _message("x"))
 
-    def session():
-        wire = Wire(server.imap_port, inbox["email"], key)
-        wire.run(b"SELECT INBOX")
-        first = wire.run(b"FETCH 1 (BINARY[1])")
-        flags = wire.run(b"FETCH 1 (FLAGS)")
-        wire.close()
+    def work(wire: Client):
+        first = wire.transcript(b"FETCH 1 (BINARY[1])")
+        flags = wire.transcript(b"FETCH 1 (FLAGS)")
         return first, flags
 
-    first, flags = await deferToThread(session)
+    first, flags = await _selected(server, inbox, key, work)
     assert _item(first, b"BINARY[1]") == (b"", b"caf\xc3\xa9 soft")
     assert b"\\Seen" in first and b"\\Seen" in flags
 
@@ -191,19 +189,16 @@ def _big(to: str, size: int) -> tuple[bytes, bytes]:
 async def test_large_base64_part_streams_decoded_from_the_section_map(server):
     """A 3 MB attachment (over the stream threshold) is decoded from the blob store a
     chunk at a time: whole, partial and size agree with the original octets."""
-    inbox, key = await _inbox(server, "bin-large")
+    inbox, key = await new_inbox(server, "bin-large")
     raw, payload = _big(inbox["email"], 3_000_000)
     await server.deliver(raw, [inbox["email"]])
 
-    def session():
-        wire = Wire(server.imap_port, inbox["email"], key)
-        wire.run(b"SELECT INBOX")
-        out = [wire.run(b"FETCH 1 (BINARY.SIZE[2] BINARY.PEEK[2])"),
-               wire.run(b"FETCH 1 (BINARY.PEEK[2]<1000001.300000>)")]
-        wire.close()
+    def work(wire: Client):
+        out = [wire.transcript(b"FETCH 1 (BINARY.SIZE[2] BINARY.PEEK[2])"),
+               wire.transcript(b"FETCH 1 (BINARY.PEEK[2]<1000001.300000>)")]
         return out
 
-    whole, part = await deferToThread(session)
+    whole, part = await _selected(server, inbox, key, work)
     assert _size(whole, b"BINARY.SIZE[2]") == len(payload)
     assert _item(whole, b"BINARY[2]") == (b"~", payload)
     assert _item(part, b"BINARY[2]<1000001>") == (b"~", payload[1000001:1300001])
@@ -273,23 +268,22 @@ async def test_a_20_mb_base64_attachment_is_decoded_in_bounded_memory():
 async def test_append_literal8_stores_the_octets_byte_exact(server, sync):
     """APPEND with ``~{n}`` (and ``~{n+}``) takes any octet, NUL included, and BODY[]
     returns exactly those bytes; a literal8 anywhere else is BAD."""
-    inbox, key = await _inbox(server, f"bin-append-{sync}")
+    inbox, key = await new_inbox(server, f"bin-append-{sync}")
     message = (b"From: a@example.org\r\nTo: b@example.org\r\nSubject: nul\r\n"
                b"Content-Type: application/octet-stream\r\n"
                b"Content-Transfer-Encoding: binary\r\n\r\n" + BYTES + b"\r\nend\r\n")
 
-    def session():
-        wire = Wire(server.imap_port, inbox["email"], key)
-        marker = b"~{%d}" % len(message) if sync else b"~{%d+}" % len(message)
-        appended = wire.run_literal(b"APPEND INBOX (\\Flagged) " + marker, message, sync=sync)
-        wire.run(b"SELECT INBOX")
-        body = wire.run(b"FETCH 1 (BODY.PEEK[] BINARY.PEEK[1] FLAGS)")
-        refused = wire.run_literal(b"SELECT ~{5}", b"INBOX")
-        search = wire.run_literal(b"SEARCH TEXT ~{1}", b"x")
-        wire.close()
+    def work(wire: Client):
+        appended = wire.transcript(b"APPEND INBOX (\\Flagged) ",
+                                   Lit(message, sync=sync, binary=True))
+        wire.transcript(b"SELECT INBOX")
+        body = wire.transcript(b"FETCH 1 (BODY.PEEK[] BINARY.PEEK[1] FLAGS)")
+        refused = wire.transcript(b"SELECT ", Lit(b"INBOX", binary=True))
+        search = wire.transcript(b"SEARCH TEXT ", Lit(b"x", binary=True))
         return appended, body, refused, search
 
-    appended, body, refused, search = await deferToThread(session)
+    appended, body, refused, search = await session(server.imap_port, inbox["email"], key,
+                                                    work)
     assert re.search(rb"t\d+ OK \[APPENDUID \d+ 1\]", appended), appended
     assert _item(body, b"BODY[]")[1] == message
     assert _item(body, b"BINARY[1]") == (b"~", BYTES + b"\r\nend\r\n")

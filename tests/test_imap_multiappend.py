@@ -8,78 +8,12 @@ from TEXT parts and byte-exact sections of stored messages.
 
 from __future__ import annotations
 
-import socket
-import ssl
-from dataclasses import dataclass
-
 import pytest
 import pytest_twisted
-from twisted.internet.threads import deferToThread
 
 from agentpost.imap import reader
-from tests.conftest import _DEV_TLS, make_config, start_server
-
-
-@dataclass(frozen=True)
-class Lit:
-    """A literal in a command: ``{n}`` (waits for ``+``) or ``{n+}`` (LITERAL+)."""
-
-    data: bytes
-    sync: bool = True
-
-
-class Client:
-    """A raw IMAP client over STARTTLS: whole commands, literals framed by hand."""
-
-    def __init__(self, port: int, user: str, key: str) -> None:
-        raw = socket.create_connection(("127.0.0.1", port), timeout=30)
-        f = raw.makefile("rb")
-        f.readline()
-        raw.sendall(b"s STARTTLS\r\n")
-        f.readline()
-        ctx = ssl.create_default_context(cafile=_DEV_TLS["ca"])
-        self.sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
-        self.f = self.sock.makefile("rb")
-        assert self.cmd("l", f'LOGIN "{user}" "{key}"')[-1].startswith(b"l OK")
-
-    def _response(self, tag: bytes) -> list[bytes]:
-        """Lines up to the tagged one; a literal in a response is joined to its line."""
-        lines: list[bytes] = []
-        while True:
-            line = self.f.readline()
-            if not line:
-                raise ConnectionError("closed")
-            tail = line
-            while tail.rstrip().endswith(b"}") and b"{" in tail:  # literals in the line
-                size = int(tail.rstrip()[tail.rstrip().rindex(b"{") + 1:-1])
-                tail = self.f.read(size) + self.f.readline()
-                line += tail
-            lines.append(line.rstrip(b"\r\n"))
-            if line.startswith(tag + b" "):
-                return lines
-
-    def cmd(self, tag: str, *pieces: str | bytes | Lit) -> list[bytes]:
-        """Send ``tag piece piece ...`` (pieces joined as given) and return the response;
-        at a refused synchronizing literal the refusal ends the command."""
-        btag = tag.encode()
-        out = btag + b" "
-        for piece in pieces:
-            if isinstance(piece, Lit):
-                out += b"{%d%s}\r\n" % (len(piece.data), b"" if piece.sync else b"+")
-                if piece.sync:
-                    self.sock.sendall(out)
-                    out = b""
-                    line = self.f.readline()
-                    if not line.startswith(b"+"):
-                        return [line.rstrip(b"\r\n")]
-                out += piece.data
-            else:
-                out += piece.encode() if isinstance(piece, str) else piece
-        self.sock.sendall(out + b"\r\n")
-        return self._response(btag)
-
-    def close(self) -> None:
-        self.sock.close()
+from tests.conftest import make_config, start_server
+from tests.imap_client import Client, Lit, new_login, session
 
 
 def _msg(n: int, size: int = 0) -> bytes:
@@ -95,18 +29,12 @@ MULTIPART = (b"From: a@example.com\r\nSubject: source\r\nMIME-Version: 1.0\r\n"
              b"Content-Transfer-Encoding: base64\r\n\r\nAAECAwQF\r\n--XX--\r\n")
 
 
-async def _login(server, name: str) -> tuple[str, str]:
-    _, key = await server.new_org()
-    inbox = (await server.api.post("/api/v1/inboxes", {"username": name}, key=key)).json
-    return inbox["email"], key
-
-
 def _status(c: Client, mailbox: str = "INBOX") -> bytes:
-    return c.cmd("st", f"STATUS {mailbox} (MESSAGES UIDNEXT)")[0]
+    return c.tagged("st", f"STATUS {mailbox} (MESSAGES UIDNEXT)")[0]
 
 
 def _uidvalidity(c: Client, mailbox: str = "INBOX") -> int:
-    line = c.cmd("uv", f"STATUS {mailbox} (UIDVALIDITY)")[0]
+    line = c.tagged("uv", f"STATUS {mailbox} (UIDVALIDITY)")[0]
     return int(line.rsplit(b" ", 1)[1].rstrip(b")"))
 
 
@@ -129,39 +57,31 @@ async def small_server(db_dsn, openapi_checker):
 
 @pytest_twisted.ensureDeferred
 async def test_capabilities_advertise_multiappend_and_catenate(server):
-    user, key = await _login(server, "caps")
+    user, key = await new_login(server, "caps")
 
-    def run():
-        c = Client(server.imap_port, user, key)
-        try:
-            return c.cmd("c", "CAPABILITY")[0]
-        finally:
-            c.close()
+    def run(c: Client):
+        return c.tagged("c", "CAPABILITY")[0]
 
-    caps = (await deferToThread(run)).split()
+    caps = (await session(server.imap_port, user, key, run)).split()
     assert b"MULTIAPPEND" in caps and b"CATENATE" in caps
 
 
 @pytest_twisted.ensureDeferred
 async def test_multiappend_stores_every_message_with_one_appenduid_set(server):
-    user, key = await _login(server, "multi")
+    user, key = await new_login(server, "multi")
     msgs = [_msg(1), _msg(2), _msg(3)]
 
-    def run():
-        c = Client(server.imap_port, user, key)
-        try:
-            before = _status(c)
-            uv = _uidvalidity(c)
-            ok = c.cmd("a", "APPEND INBOX (\\Seen) ", Lit(msgs[0]),
-                       ' "14-Jul-2020 02:44:25 +0200" ', Lit(msgs[1], sync=False),
-                       " (\\Flagged $Work) ", Lit(msgs[2]))
-            c.cmd("s", "SELECT INBOX")
-            fetched = c.cmd("f", "UID FETCH 1:* (FLAGS INTERNALDATE BODY.PEEK[])")
-            return before, uv, ok, fetched, _status(c)
-        finally:
-            c.close()
+    def run(c: Client):
+        before = _status(c)
+        uv = _uidvalidity(c)
+        ok = c.tagged("a", "APPEND INBOX (\\Seen) ", Lit(msgs[0]),
+                      ' "14-Jul-2020 02:44:25 +0200" ', Lit(msgs[1], sync=False),
+                      " (\\Flagged $Work) ", Lit(msgs[2]))
+        c.tagged("s", "SELECT INBOX")
+        fetched = c.tagged("f", "UID FETCH 1:* (FLAGS INTERNALDATE BODY.PEEK[])")
+        return before, uv, ok, fetched, _status(c)
 
-    before, uv, ok, fetched, after = await deferToThread(run)
+    before, uv, ok, fetched, after = await session(server.imap_port, user, key, run)
     assert before.endswith(b"(MESSAGES 0 UIDNEXT 1)")
     assert ok == [b"a OK [APPENDUID %d 1:3] APPEND completed" % uv]
     assert after.endswith(b"(MESSAGES 3 UIDNEXT 4)")
@@ -173,26 +93,22 @@ async def test_multiappend_stores_every_message_with_one_appenduid_set(server):
 
 @pytest_twisted.ensureDeferred
 async def test_multiappend_with_one_bad_message_stores_none(server):
-    user, key = await _login(server, "atomic")
+    user, key = await new_login(server, "atomic")
 
-    def run():
-        c = Client(server.imap_port, user, key)
-        try:
-            out = {"empty": c.cmd("a", "APPEND INBOX ", Lit(_msg(1)), " ", Lit(_msg(2)),
-                                  " ", Lit(b"", sync=False)),
-                   "date": c.cmd("b", "APPEND INBOX ", Lit(_msg(1), sync=False),
-                                 ' "31-Feb-2020 99:00:00 +0000" ', Lit(_msg(2), sync=False)),
-                   "flag": c.cmd("c", "APPEND INBOX ", Lit(_msg(1), sync=False),
-                                 " (\\Seen \\Bogus) ", Lit(_msg(2), sync=False)),
-                   "trycreate": c.cmd("d", "APPEND Nope ", Lit(_msg(1), sync=False), " ",
-                                      Lit(_msg(2), sync=False)),
-                   "status": _status(c)}
-            out["good"] = c.cmd("e", "APPEND INBOX ", Lit(_msg(3)), " ", Lit(_msg(4)))
-            return out
-        finally:
-            c.close()
+    def run(c: Client):
+        out = {"empty": c.tagged("a", "APPEND INBOX ", Lit(_msg(1)), " ", Lit(_msg(2)),
+                                 " ", Lit(b"", sync=False)),
+               "date": c.tagged("b", "APPEND INBOX ", Lit(_msg(1), sync=False),
+                                ' "31-Feb-2020 99:00:00 +0000" ', Lit(_msg(2), sync=False)),
+               "flag": c.tagged("c", "APPEND INBOX ", Lit(_msg(1), sync=False),
+                                " (\\Seen \\Bogus) ", Lit(_msg(2), sync=False)),
+               "trycreate": c.tagged("d", "APPEND Nope ", Lit(_msg(1), sync=False), " ",
+                                     Lit(_msg(2), sync=False)),
+               "status": _status(c)}
+        out["good"] = c.tagged("e", "APPEND INBOX ", Lit(_msg(3)), " ", Lit(_msg(4)))
+        return out
 
-    out = await deferToThread(run)
+    out = await session(server.imap_port, user, key, run)
     assert out["empty"] == [b"a NO [CANNOT] An empty message cannot be appended"]
     assert out["date"][0].startswith(b"b BAD")
     assert out["flag"][0].startswith(b"c BAD")
@@ -205,31 +121,27 @@ async def test_multiappend_with_one_bad_message_stores_none(server):
 @pytest_twisted.ensureDeferred
 async def test_multiappend_over_quota_or_appendlimit_stores_none(small_server):
     server = small_server
-    user, key = await _login(server, "quota")
+    user, key = await new_login(server, "quota")
     big = _msg(0, 60_000)
 
-    def run():
-        c = Client(server.imap_port, user, key)
-        try:
-            out = {}
-            # 20 messages of 60 KB: each fits the APPENDLIMIT, together not the quota.
-            pieces: list[str | Lit] = []
-            for _ in range(20):
-                pieces += [" ", Lit(big, sync=False)]
-            out["quota"] = c.cmd("a", "APPEND INBOX", *pieces)
-            # The second message is over the APPENDLIMIT: refused at its literal.
-            out["toobig"] = c.cmd("b", "APPEND INBOX ", Lit(_msg(1)), " ",
-                                  Lit(_msg(2, 70_000), sync=False), " ", Lit(_msg(3),
-                                                                             sync=False))
-            out["toobig_sync"] = c.cmd("c", "APPEND INBOX ", Lit(_msg(1)), " ",
-                                       Lit(_msg(2, 70_000)))
-            out["status"] = _status(c)
-            out["noop"] = c.cmd("n", "NOOP")
-            return out
-        finally:
-            c.close()
+    def run(c: Client):
+        out = {}
+        # 20 messages of 60 KB: each fits the APPENDLIMIT, together not the quota.
+        pieces: list[str | Lit] = []
+        for _ in range(20):
+            pieces += [" ", Lit(big, sync=False)]
+        out["quota"] = c.tagged("a", "APPEND INBOX", *pieces)
+        # The second message is over the APPENDLIMIT: refused at its literal.
+        out["toobig"] = c.tagged("b", "APPEND INBOX ", Lit(_msg(1)), " ",
+                                 Lit(_msg(2, 70_000), sync=False), " ", Lit(_msg(3),
+                                                                            sync=False))
+        out["toobig_sync"] = c.tagged("c", "APPEND INBOX ", Lit(_msg(1)), " ",
+                                      Lit(_msg(2, 70_000)))
+        out["status"] = _status(c)
+        out["noop"] = c.tagged("n", "NOOP")
+        return out
 
-    out = await deferToThread(run)
+    out = await session(server.imap_port, user, key, run)
     assert out["quota"] == [b"a NO [OVERQUOTA] The mailbox is full."]
     assert out["toobig"] == [b"b NO [TOOBIG] Literal too large"]
     assert out["toobig_sync"] == [b"c NO [TOOBIG] Literal too large"]
@@ -241,27 +153,23 @@ async def test_multiappend_over_quota_or_appendlimit_stores_none(small_server):
 async def test_multiappend_hostile_counts_and_totals_are_refused_and_read_past(
         small_server, small_limits):
     server = small_server
-    user, key = await _login(server, "hostile")
+    user, key = await new_login(server, "hostile")
 
-    def run():
-        c = Client(server.imap_port, user, key)
-        try:
-            out = {}
-            many: list[str | Lit] = []
-            for _ in range(reader.MAX_APPEND_LITERALS + 5):
-                many += [" ", Lit(b"x", sync=False)]
-            out["count"] = c.cmd("a", "APPEND INBOX", *many)
-            out["after_count"] = c.cmd("b", "NOOP")
-            total = [" ", Lit(_msg(1, 60_000), sync=False)] * 4
-            out["total"] = c.cmd("c", "APPEND INBOX", *total)
-            out["after_total"] = c.cmd("d", "NOOP")
-            out["total_sync"] = c.cmd("e", "APPEND INBOX", *[" ", Lit(_msg(1, 60_000))] * 4)
-            out["status"] = _status(c)
-            return out
-        finally:
-            c.close()
+    def run(c: Client):
+        out = {}
+        many: list[str | Lit] = []
+        for _ in range(reader.MAX_APPEND_LITERALS + 5):
+            many += [" ", Lit(b"x", sync=False)]
+        out["count"] = c.tagged("a", "APPEND INBOX", *many)
+        out["after_count"] = c.tagged("b", "NOOP")
+        total = [" ", Lit(_msg(1, 60_000), sync=False)] * 4
+        out["total"] = c.tagged("c", "APPEND INBOX", *total)
+        out["after_total"] = c.tagged("d", "NOOP")
+        out["total_sync"] = c.tagged("e", "APPEND INBOX", *[" ", Lit(_msg(1, 60_000))] * 4)
+        out["status"] = _status(c)
+        return out
 
-    out = await deferToThread(run)
+    out = await session(server.imap_port, user, key, run)
     limit = f"At most {reader.MAX_APPEND_LITERALS} literals in one APPEND".encode()
     assert out["count"] == [b"a NO [LIMIT] " + limit]
     assert out["after_count"] == [b"b OK NOOP completed"]
@@ -275,36 +183,32 @@ async def test_multiappend_hostile_counts_and_totals_are_refused_and_read_past(
 
 @pytest_twisted.ensureDeferred
 async def test_catenate_builds_a_message_from_text_and_sections(server):
-    user, key = await _login(server, "cat")
+    user, key = await new_login(server, "cat")
     text = b"From: me@example.com\r\nSubject: forward\r\nMIME-Version: 1.0\r\n" \
            b"Content-Type: multipart/mixed; boundary=YY\r\n\r\n--YY\r\n"
 
-    def run():
-        c = Client(server.imap_port, user, key)
-        try:
-            c.cmd("a", "APPEND INBOX ", Lit(MULTIPART))
-            uv = _uidvalidity(c)
-            out = {"uv": uv, "duv": _uidvalidity(c, "Drafts")}
-            # Authenticated state: an absolute-path URL with UIDVALIDITY.
-            out["cat"] = c.cmd(
-                "b", "APPEND Drafts (\\Draft) CATENATE (TEXT ", Lit(text),
-                f' URL "/INBOX;UIDVALIDITY={uv}/;UID=1/;SECTION=2.MIME"'
-                f" URL /INBOX;UIDVALIDITY={uv}/;UID=1/;SECTION=2 TEXT ",
-                Lit(b"\r\n--YY--\r\n", sync=False), ")")
-            c.cmd("s", "SELECT INBOX")
-            out["mime"] = c.cmd("f", "UID FETCH 1 (BODY.PEEK[2.MIME] BODY.PEEK[2])")
-            # Selected state: a mailbox-relative URL, with PARTIAL, and a whole message.
-            out["rel"] = c.cmd("g", "APPEND Drafts CATENATE (URL ", Lit(b";UID=1/;PARTIAL=0.4"),
-                               " TEXT ", Lit(b"\r\n\r\n", sync=False),
-                               ' URL "Drafts/;UID=1/;SECTION=HEADER.FIELDS%20(SUBJECT)")')
-            out["whole"] = c.cmd("h", 'APPEND Drafts CATENATE (URL "/INBOX/;UID=1")')
-            c.cmd("s2", "EXAMINE Drafts")
-            out["drafts"] = c.cmd("i", "UID FETCH 1:* (FLAGS BODY.PEEK[])")
-            return out
-        finally:
-            c.close()
+    def run(c: Client):
+        c.tagged("a", "APPEND INBOX ", Lit(MULTIPART))
+        uv = _uidvalidity(c)
+        out = {"uv": uv, "duv": _uidvalidity(c, "Drafts")}
+        # Authenticated state: an absolute-path URL with UIDVALIDITY.
+        out["cat"] = c.tagged(
+            "b", "APPEND Drafts (\\Draft) CATENATE (TEXT ", Lit(text),
+            f' URL "/INBOX;UIDVALIDITY={uv}/;UID=1/;SECTION=2.MIME"'
+            f" URL /INBOX;UIDVALIDITY={uv}/;UID=1/;SECTION=2 TEXT ",
+            Lit(b"\r\n--YY--\r\n", sync=False), ")")
+        c.tagged("s", "SELECT INBOX")
+        out["mime"] = c.tagged("f", "UID FETCH 1 (BODY.PEEK[2.MIME] BODY.PEEK[2])")
+        # Selected state: a mailbox-relative URL, with PARTIAL, and a whole message.
+        out["rel"] = c.tagged("g", "APPEND Drafts CATENATE (URL ", Lit(b";UID=1/;PARTIAL=0.4"),
+                              " TEXT ", Lit(b"\r\n\r\n", sync=False),
+                              ' URL "Drafts/;UID=1/;SECTION=HEADER.FIELDS%20(SUBJECT)")')
+        out["whole"] = c.tagged("h", 'APPEND Drafts CATENATE (URL "/INBOX/;UID=1")')
+        c.tagged("s2", "EXAMINE Drafts")
+        out["drafts"] = c.tagged("i", "UID FETCH 1:* (FLAGS BODY.PEEK[])")
+        return out
 
-    out = await deferToThread(run)
+    out = await session(server.imap_port, user, key, run)
     start = MULTIPART.index(b"--XX\r\nContent-Type: application") + len(b"--XX\r\n")
     mime_end = MULTIPART.index(b"\r\n\r\n", start) + 4
     body_end = MULTIPART.index(b"\r\n--XX--")
@@ -322,36 +226,33 @@ async def test_catenate_builds_a_message_from_text_and_sections(server):
 
 @pytest_twisted.ensureDeferred
 async def test_catenate_bad_urls_are_badurl_and_store_nothing(server):
-    user, key = await _login(server, "badurl")
-    other_user, other_key = await _login(server, "victim")
+    user, key = await new_login(server, "badurl")
+    other_user, other_key = await new_login(server, "victim")
 
-    def run():
-        v = Client(server.imap_port, other_user, other_key)
-        v.cmd("a", "APPEND INBOX ", Lit(_msg(9)))  # the other tenant's UID 1
-        v.close()
-        c = Client(server.imap_port, user, key)
-        try:
-            c.cmd("a", "APPEND INBOX ", Lit(MULTIPART))
-            uv = _uidvalidity(c)
-            out = {}
-            for name, url in [("uidvalidity", f"/INBOX;UIDVALIDITY={uv + 1}/;UID=1"),
-                              ("uid", "/INBOX/;UID=7"),
-                              ("section", "/INBOX/;UID=1/;SECTION=5"),
-                              ("leaf_text", "/INBOX/;UID=1/;SECTION=1.TEXT"),
-                              ("mailbox", "/Nope/;UID=1"),
-                              ("absolute", f"imap://{other_user}@localhost/INBOX/;UID=1"),
-                              ("relative", ";UID=1"),  # nothing selected
-                              ("urlauth", "/INBOX/;UID=1;URLAUTH=anonymous")]:
-                # A TEXT literal after the bad URL, sent LITERAL+: it must be read past.
-                out[name] = c.cmd("b", f'APPEND INBOX CATENATE (URL "{url}" TEXT ',
-                                  Lit(b"tail\r\n", sync=False), ") ", Lit(_msg(2), sync=False))
-            out["noop"] = c.cmd("n", "NOOP")
-            out["status"] = _status(c)
-            return out
-        finally:
-            c.close()
+    def victim(v: Client) -> None:
+        v.tagged("a", "APPEND INBOX ", Lit(_msg(9)))  # the other tenant's UID 1
 
-    out = await deferToThread(run)
+    def run(c: Client):
+        c.tagged("a", "APPEND INBOX ", Lit(MULTIPART))
+        uv = _uidvalidity(c)
+        out = {}
+        for name, url in [("uidvalidity", f"/INBOX;UIDVALIDITY={uv + 1}/;UID=1"),
+                          ("uid", "/INBOX/;UID=7"),
+                          ("section", "/INBOX/;UID=1/;SECTION=5"),
+                          ("leaf_text", "/INBOX/;UID=1/;SECTION=1.TEXT"),
+                          ("mailbox", "/Nope/;UID=1"),
+                          ("absolute", f"imap://{other_user}@localhost/INBOX/;UID=1"),
+                          ("relative", ";UID=1"),  # nothing selected
+                          ("urlauth", "/INBOX/;UID=1;URLAUTH=anonymous")]:
+            # A TEXT literal after the bad URL, sent LITERAL+: it must be read past.
+            out[name] = c.tagged("b", f'APPEND INBOX CATENATE (URL "{url}" TEXT ',
+                                 Lit(b"tail\r\n", sync=False), ") ", Lit(_msg(2), sync=False))
+        out["noop"] = c.tagged("n", "NOOP")
+        out["status"] = _status(c)
+        return out
+
+    await session(server.imap_port, other_user, other_key, victim)
+    out = await session(server.imap_port, user, key, run)
     for name in ("uidvalidity", "uid", "section", "leaf_text", "mailbox", "absolute",
                  "relative", "urlauth"):
         [line] = out[name]
@@ -364,24 +265,20 @@ async def test_catenate_bad_urls_are_badurl_and_store_nothing(server):
 @pytest_twisted.ensureDeferred
 async def test_catenate_over_the_appendlimit_is_toobig(small_server):
     server = small_server
-    user, key = await _login(server, "cattoobig")
+    user, key = await new_login(server, "cattoobig")
 
-    def run():
-        c = Client(server.imap_port, user, key)
-        try:
-            c.cmd("a", "APPEND INBOX ", Lit(_msg(1, 40_000)))
-            url = ' URL "/INBOX/;UID=1"'
-            out = {"toobig": c.cmd("b", f"APPEND INBOX CATENATE ({url}{url})"),
-                   "text": c.cmd("c", "APPEND INBOX CATENATE (TEXT ", Lit(b"x" * 40_000),
-                                 " TEXT ", Lit(b"y" * 40_000, sync=False), ")"),
-                   "empty": c.cmd("d", "APPEND INBOX CATENATE (TEXT ", Lit(b""), ")"),
-                   "syntax": c.cmd("e", "APPEND INBOX CATENATE (TEXT)"),
-                   "status": _status(c)}
-            return out
-        finally:
-            c.close()
+    def run(c: Client):
+        c.tagged("a", "APPEND INBOX ", Lit(_msg(1, 40_000)))
+        url = ' URL "/INBOX/;UID=1"'
+        out = {"toobig": c.tagged("b", f"APPEND INBOX CATENATE ({url}{url})"),
+               "text": c.tagged("c", "APPEND INBOX CATENATE (TEXT ", Lit(b"x" * 40_000),
+                                " TEXT ", Lit(b"y" * 40_000, sync=False), ")"),
+               "empty": c.tagged("d", "APPEND INBOX CATENATE (TEXT ", Lit(b""), ")"),
+               "syntax": c.tagged("e", "APPEND INBOX CATENATE (TEXT)"),
+               "status": _status(c)}
+        return out
 
-    out = await deferToThread(run)
+    out = await session(server.imap_port, user, key, run)
     assert out["toobig"] == [b"b NO [TOOBIG] The message would be too large"]
     assert out["text"] == [b"c NO [TOOBIG] The message would be too large"]
     assert out["empty"] == [b"d NO [CANNOT] An empty message cannot be appended"]
@@ -391,24 +288,20 @@ async def test_catenate_over_the_appendlimit_is_toobig(small_server):
 
 @pytest_twisted.ensureDeferred
 async def test_catenate_combined_with_multiappend(server):
-    user, key = await _login(server, "catmulti")
+    user, key = await new_login(server, "catmulti")
 
-    def run():
-        c = Client(server.imap_port, user, key)
-        try:
-            c.cmd("a", "APPEND INBOX ", Lit(_msg(1)))
-            c.cmd("s", "SELECT INBOX")
-            ok = c.cmd("b", "APPEND INBOX (\\Seen) CATENATE (URL ;UID=1/;SECTION=HEADER TEXT ",
-                       Lit(b"new body\r\n", sync=False), ") ", Lit(_msg(2)),
-                       ' CATENATE (URL "/INBOX/;UID=1")')
-            bad = c.cmd("c", "APPEND INBOX ", Lit(_msg(3), sync=False),
-                        ' CATENATE (URL "/INBOX/;UID=99")')
-            fetched = c.cmd("f", "UID FETCH 2:* (BODY.PEEK[])")
-            return ok, bad, fetched
-        finally:
-            c.close()
+    def run(c: Client):
+        c.tagged("a", "APPEND INBOX ", Lit(_msg(1)))
+        c.tagged("s", "SELECT INBOX")
+        ok = c.tagged("b", "APPEND INBOX (\\Seen) CATENATE (URL ;UID=1/;SECTION=HEADER TEXT ",
+                      Lit(b"new body\r\n", sync=False), ") ", Lit(_msg(2)),
+                      ' CATENATE (URL "/INBOX/;UID=1")')
+        bad = c.tagged("c", "APPEND INBOX ", Lit(_msg(3), sync=False),
+                       ' CATENATE (URL "/INBOX/;UID=99")')
+        fetched = c.tagged("f", "UID FETCH 2:* (BODY.PEEK[])")
+        return ok, bad, fetched
 
-    ok, bad, fetched = await deferToThread(run)
+    ok, bad, fetched = await session(server.imap_port, user, key, run)
     assert ok[-1].startswith(b"b OK [APPENDUID ") and ok[-1].endswith(b" 2:4] APPEND completed")
     header = _msg(1)[:_msg(1).index(b"\r\n\r\n") + 4]
     bodies = [line for line in fetched if line.startswith(b"* ") and b"FETCH" in line]

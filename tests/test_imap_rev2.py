@@ -5,8 +5,6 @@ it sees exactly the IMAP4rev1 server it always saw."""
 
 from __future__ import annotations
 
-import socket
-import ssl
 import unicodedata
 from types import SimpleNamespace
 
@@ -16,7 +14,7 @@ from twisted.internet.threads import deferToThread
 
 from agentpost.imap import rev2
 from agentpost.imap.parser import encode_mailbox
-from tests.conftest import _DEV_TLS
+from tests.imap_client import Client
 from tests.mailfactory import make_message
 from tests.test_imap_protocol import FakeBackend, FakeStore, Session, _plain
 
@@ -28,48 +26,20 @@ def offer_rev2(monkeypatch):
     monkeypatch.setattr(rev2, "OFFER_IMAP4REV2", True)
 
 
-class Client:
-    """A raw IMAP client over STARTTLS: each command returns every line up to and
-    including its tagged response, decoded as UTF-8."""
+def _ok(client: Client, text: str) -> list[str]:
+    """The untagged lines of a command that must succeed, decoded as UTF-8."""
+    return [line.decode("utf-8") for line in client.ok(text)]
 
-    def __init__(self, port: int, user: str, key: str) -> None:
-        raw = socket.create_connection(("127.0.0.1", port), timeout=20)
-        reader = raw.makefile("rb")
-        reader.readline()
-        raw.sendall(b"s STARTTLS\r\n")
-        assert reader.readline().startswith(b"s OK")
-        context = ssl.create_default_context(cafile=_DEV_TLS["ca"])
-        self.sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
-        self.reader = self.sock.makefile("rb")
-        self.count = 0
-        self.tag = ""
-        assert self.cmd(f'LOGIN "{user}" "{key}"')[-1].split()[1] == "OK"
 
-    def cmd(self, text: str) -> list[str]:
-        self.count += 1
-        tag = self.tag = f"t{self.count}"
-        self.sock.sendall(f"{tag} {text}\r\n".encode())
-        lines = []
-        while True:
-            line = self.reader.readline().decode("utf-8").rstrip("\r\n")
-            lines.append(line)
-            if line.startswith(tag + " "):
-                return lines
+def _cmd(client: Client, text: str) -> list[str]:
+    """Every line of a command's response, decoded as UTF-8."""
+    return [line.decode("utf-8") for line in client.cmd(text)]
 
-    def ok(self, text: str) -> list[str]:
-        """The untagged lines of a command that must succeed."""
-        lines = self.cmd(text)
-        assert lines[-1].split()[1] == "OK", lines
-        return lines[:-1]
 
-    def esearch(self, text: str) -> list[str]:
-        """The untagged lines of a search, its tag in ESEARCH written ``T``."""
-        lines = self.ok(text)
-        return [line.replace(f'(TAG "{self.tag}")', '(TAG "T")') for line in lines]
-
-    def close(self) -> None:
-        self.cmd("LOGOUT")
-        self.sock.close()
+def _esearch(client: Client, text: str) -> list[str]:
+    """The untagged lines of a search, its tag in ESEARCH written ``T``."""
+    lines = _ok(client, text)
+    return [line.replace(f'(TAG "{client.tag}")', '(TAG "T")') for line in lines]
 
 
 async def _inbox(server, name: str, messages: int = 2):
@@ -83,7 +53,7 @@ async def _inbox(server, name: str, messages: int = 2):
 
 def _rev2(server, user: str, key: str) -> Client:
     client = Client(server.imap_port, user, key)
-    assert client.ok("ENABLE IMAP4rev2") == ["* ENABLED IMAP4rev2"]
+    assert _ok(client, "ENABLE IMAP4rev2") == ["* ENABLED IMAP4rev2"]
     return client
 
 
@@ -97,10 +67,10 @@ async def test_enable_imap4rev2_select_has_no_recent_and_a_list_and_reselect_is_
 
     def session():
         client = Client(server.imap_port, user, key)
-        caps = client.ok("CAPABILITY")[0].split()
-        enabled = client.ok("ENABLE IMAP4rev2")
-        select = client.ok("SELECT INBOX")
-        flags = client.ok("FETCH 1:* (FLAGS)")
+        caps = _ok(client, "CAPABILITY")[0].split()
+        enabled = _ok(client, "ENABLE IMAP4rev2")
+        select = _ok(client, "SELECT INBOX")
+        flags = _ok(client, "FETCH 1:* (FLAGS)")
         return client, caps, enabled, select, flags
 
     client, caps, enabled, select, flags = await deferToThread(session)
@@ -113,9 +83,9 @@ async def test_enable_imap4rev2_select_has_no_recent_and_a_list_and_reselect_is_
     await server.deliver(make_message(to=user, subject="late"), [user])
 
     def later():
-        noop = client.ok("NOOP")
-        reselect = client.ok("EXAMINE INBOX")
-        client.close()
+        noop = _ok(client, "NOOP")
+        reselect = _ok(client, "EXAMINE INBOX")
+        client.logout()
         return noop, reselect
 
     noop, reselect = await deferToThread(later)
@@ -133,20 +103,20 @@ async def test_search_and_uid_search_answer_esearch_after_enable(server, offer_r
 
     def session():
         client = _rev2(server, user, key)
-        client.ok("SELECT INBOX")
-        client.ok("STORE 2 +FLAGS.SILENT (\\Flagged)")
+        _ok(client, "SELECT INBOX")
+        _ok(client, "STORE 2 +FLAGS.SILENT (\\Flagged)")
         out = {
-            "all": client.esearch("SEARCH ALL"),
-            "uid": client.esearch("UID SEARCH UNFLAGGED"),
-            "none": client.esearch("SEARCH DRAFT"),
-            "count": client.esearch("SEARCH RETURN (COUNT) ALL"),
-            "charset": client.esearch("SEARCH CHARSET UTF-8 SUBJECT m1"),
-            "new": client.cmd("SEARCH NEW")[-1],
-            "old": client.cmd("UID SEARCH NOT OLD")[-1],
-            "save": client.esearch("SEARCH RETURN (SAVE) FLAGGED"),
-            "saved": client.ok("FETCH $ (UID)"),
+            "all": _esearch(client, "SEARCH ALL"),
+            "uid": _esearch(client, "UID SEARCH UNFLAGGED"),
+            "none": _esearch(client, "SEARCH DRAFT"),
+            "count": _esearch(client, "SEARCH RETURN (COUNT) ALL"),
+            "charset": _esearch(client, "SEARCH CHARSET UTF-8 SUBJECT m1"),
+            "new": _cmd(client, "SEARCH NEW")[-1],
+            "old": _cmd(client, "UID SEARCH NOT OLD")[-1],
+            "save": _esearch(client, "SEARCH RETURN (SAVE) FLAGGED"),
+            "saved": _ok(client, "FETCH $ (UID)"),
         }
-        client.close()
+        client.logout()
         return out
 
     out = await deferToThread(session)
@@ -168,13 +138,13 @@ async def test_status_deleted_and_size_and_list_return_status(server, offer_rev2
 
     def session():
         client = _rev2(server, user, key)
-        client.ok("SELECT INBOX")
-        sizes = client.ok("FETCH 1:* (RFC822.SIZE)")
-        client.ok("STORE 1 +FLAGS.SILENT (\\Deleted)")
-        status = client.ok("STATUS INBOX (MESSAGES DELETED SIZE)")
-        listed = client.ok('LIST "" "INBOX" RETURN (STATUS (DELETED))')
-        recent = client.cmd("STATUS INBOX (RECENT)")[-1]
-        client.close()
+        _ok(client, "SELECT INBOX")
+        sizes = _ok(client, "FETCH 1:* (RFC822.SIZE)")
+        _ok(client, "STORE 1 +FLAGS.SILENT (\\Deleted)")
+        status = _ok(client, "STATUS INBOX (MESSAGES DELETED SIZE)")
+        listed = _ok(client, 'LIST "" "INBOX" RETURN (STATUS (DELETED))')
+        recent = _cmd(client, "STATUS INBOX (RECENT)")[-1]
+        client.logout()
         return sizes, status, listed, recent
 
     sizes, status, listed, recent = await deferToThread(session)
@@ -193,21 +163,21 @@ async def test_utf8_mailbox_names_round_trip_and_rev1_sees_modified_utf7(server,
 
     def session():
         new = _rev2(server, user, key)
-        create = new.ok('CREATE "Отчёты"')
-        new.ok('CREATE "R&D"')
+        create = _ok(new, 'CREATE "Отчёты"')
+        _ok(new, 'CREATE "R&D"')
         old = Client(server.imap_port, user, key)
-        old.ok(f'CREATE "{encode_mailbox("Ärger")}"')
-        old_list = old.ok('LIST "" "*"')
-        old_status = old.ok(f'STATUS "{encode_mailbox("Отчёты")}" (MESSAGES)')
-        old.close()
-        new_list = new.ok('LIST "" "*"')
-        select = new.ok('SELECT "Отчёты"')
-        status = new.ok('STATUS "Ärger" (MESSAGES)')
-        append = new.cmd('APPEND "R&D" {12+}\r\nSubject: x\r\n')[-1]
-        new.ok('SELECT "R&D"')
-        copy = new.cmd('COPY 1 "Нет"')[-1]
-        pattern = new.ok('LIST "" "От%"')
-        new.close()
+        _ok(old, f'CREATE "{encode_mailbox("Ärger")}"')
+        old_list = _ok(old, 'LIST "" "*"')
+        old_status = _ok(old, f'STATUS "{encode_mailbox("Отчёты")}" (MESSAGES)')
+        old.logout()
+        new_list = _ok(new, 'LIST "" "*"')
+        select = _ok(new, 'SELECT "Отчёты"')
+        status = _ok(new, 'STATUS "Ärger" (MESSAGES)')
+        append = _cmd(new, 'APPEND "R&D" {12+}\r\nSubject: x\r\n')[-1]
+        _ok(new, 'SELECT "R&D"')
+        copy = _cmd(new, 'COPY 1 "Нет"')[-1]
+        pattern = _ok(new, 'LIST "" "От%"')
+        new.logout()
         return (create, old_list, old_status, new_list, select, status, append, copy,
                 pattern)
 
@@ -239,15 +209,15 @@ async def test_denormalized_utf8_names_are_normalized_and_reported_with_oldname(
     def session():
         client = _rev2(server, user, key)
         out = {
-            "create": client.ok(f'CREATE "{decomposed}"'),
-            "list": client.ok('LIST "" "Caf*"'),
-            "select": client.ok(f'SELECT "{decomposed}"'),
-            "unselect": client.ok("UNSELECT"),
-            "delete": client.ok(f'DELETE "{decomposed}"'),
+            "create": _ok(client, f'CREATE "{decomposed}"'),
+            "list": _ok(client, 'LIST "" "Caf*"'),
+            "select": _ok(client, f'SELECT "{decomposed}"'),
+            "unselect": _ok(client, "UNSELECT"),
+            "delete": _ok(client, f'DELETE "{decomposed}"'),
         }
-        client.sock.sendall(b't90 CREATE "bad\xff"\r\n')
-        out["invalid"] = client.reader.readline().decode("utf-8", "replace")
-        client.close()
+        client.send(b't90 CREATE "bad\xff"\r\n')
+        out["invalid"] = client.line().decode("utf-8", "replace")
+        client.logout()
         return out
 
     out = await deferToThread(session)
@@ -268,17 +238,17 @@ async def test_a_client_that_never_enables_rev2_sees_the_imap4rev1_server(
 
     def session():
         client = Client(server.imap_port, user, key)
-        client.ok(f'CREATE "{encode_mailbox("Отчёты")}"')
+        _ok(client, f'CREATE "{encode_mailbox("Отчёты")}"')
         out = {
-            "select": client.ok("SELECT INBOX"),
-            "flags": client.ok("FETCH 1 (FLAGS)"),
-            "search": client.ok("SEARCH ALL"),
-            "new": client.ok("SEARCH NEW"),
-            "status": client.ok("STATUS INBOX (RECENT DELETED)"),
-            "reselect": client.ok("SELECT INBOX"),
-            "list": client.ok('LIST "" "*"'),
+            "select": _ok(client, "SELECT INBOX"),
+            "flags": _ok(client, "FETCH 1 (FLAGS)"),
+            "search": _ok(client, "SEARCH ALL"),
+            "new": _ok(client, "SEARCH NEW"),
+            "status": _ok(client, "STATUS INBOX (RECENT DELETED)"),
+            "reselect": _ok(client, "SELECT INBOX"),
+            "list": _ok(client, 'LIST "" "*"'),
         }
-        client.close()
+        client.logout()
         return out
 
     out = await deferToThread(session)
@@ -301,11 +271,11 @@ async def test_imap4rev2_is_neither_advertised_nor_enabled_while_switched_off(
 
     def session():
         client = Client(server.imap_port, user, key)
-        caps = client.ok("CAPABILITY")[0].split()
-        enabled = client.ok("ENABLE IMAP4rev2")
-        client.ok("SELECT INBOX")
-        search = client.ok("SEARCH ALL")
-        client.close()
+        caps = _ok(client, "CAPABILITY")[0].split()
+        enabled = _ok(client, "ENABLE IMAP4rev2")
+        _ok(client, "SELECT INBOX")
+        search = _ok(client, "SEARCH ALL")
+        client.logout()
         return caps, enabled, search
 
     caps, enabled, search = await deferToThread(session)

@@ -10,19 +10,36 @@ import re
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from tests.imapwire import Wire
+from tests.imap_client import Client, new_inbox, session
 from tests.mailfactory import make_message
-from tests.test_imap_e2e import _inbox
 
 
 async def _five(server, name: str) -> tuple[dict, str]:
     """An inbox holding UIDs 1..5; subjects even/odd by UID."""
-    inbox, key = await _inbox(server, name)
+    inbox, key = await new_inbox(server, name)
     for n in range(1, 6):
         kind = "even" if n % 2 == 0 else "odd"
         await server.deliver(make_message(to=inbox["email"], subject=f"{kind} {n}",
                                           msgid=f"<s{n}@x>"), [inbox["email"]])
     return inbox, key
+
+
+async def _selected(server, name: str,
+                    steps: list[tuple[str | None, bytes]]) -> dict[str, bytes]:
+    """On an inbox as :func:`_five` makes, with INBOX selected: the transcript of each
+    ``(name, command)`` step by its name (a step named None is only run)."""
+    inbox, key = await _five(server, name)
+
+    def run(c: Client) -> dict[str, bytes]:
+        c.transcript(b"SELECT INBOX")
+        out = {}
+        for step, command in steps:
+            response = c.transcript(command)
+            if step is not None:
+                out[step] = response
+        return out
+
+    return await session(server.imap_port, inbox["email"], key, run)
 
 
 def _uids(response: bytes) -> list[int]:
@@ -41,21 +58,21 @@ async def test_saved_result_survives_an_expunge_by_another_session(server):
     inbox, key = await _five(server, "sr-expunge")
 
     def sessions():
-        a = Wire(server.imap_port, inbox["email"], key)
-        b = Wire(server.imap_port, inbox["email"], key)
-        a.run(b"SELECT INBOX")
-        b.run(b"SELECT INBOX")
-        out = {"before": a.run(b"FETCH $ (UID)"),
-               "save": a.run(b"SEARCH RETURN (SAVE) SUBJECT odd")}
-        b.run(b"UID STORE 3 +FLAGS.SILENT (\\Deleted)")
-        b.run(b"EXPUNGE")
-        out["noop"] = a.run(b"NOOP")
-        out["fetch"] = a.run(b"FETCH $ (UID)")
-        out["uid-fetch"] = a.run(b"UID FETCH $ (FLAGS)")
-        out["search"] = a.run(b"UID SEARCH $ NOT SUBJECT 5")
-        out["search-uid"] = a.run(b"SEARCH UID $")
-        a.close()
-        b.close()
+        a = Client(server.imap_port, inbox["email"], key)
+        b = Client(server.imap_port, inbox["email"], key)
+        a.transcript(b"SELECT INBOX")
+        b.transcript(b"SELECT INBOX")
+        out = {"before": a.transcript(b"FETCH $ (UID)"),
+               "save": a.transcript(b"SEARCH RETURN (SAVE) SUBJECT odd")}
+        b.transcript(b"UID STORE 3 +FLAGS.SILENT (\\Deleted)")
+        b.transcript(b"EXPUNGE")
+        out["noop"] = a.transcript(b"NOOP")
+        out["fetch"] = a.transcript(b"FETCH $ (UID)")
+        out["uid-fetch"] = a.transcript(b"UID FETCH $ (FLAGS)")
+        out["search"] = a.transcript(b"UID SEARCH $ NOT SUBJECT 5")
+        out["search-uid"] = a.transcript(b"SEARCH UID $")
+        a.logout()
+        b.logout()
         return out
 
     out = await deferToThread(sessions)
@@ -72,27 +89,20 @@ async def test_saved_result_survives_an_expunge_by_another_session(server):
 async def test_dollar_in_uid_store_copy_move_and_expunge(server):
     """``$`` is the saved set in UID STORE, UID COPY, UID MOVE and UID EXPUNGE; moved
     messages drop out of it."""
-    inbox, key = await _five(server, "sr-commands")
 
-    def session():
-        w = Wire(server.imap_port, inbox["email"], key)
-        w.run(b"CREATE Archive")
-        w.run(b"SELECT INBOX")
-        out = {"save": w.run(b"UID SEARCH RETURN (SAVE ALL) SUBJECT even"),
-               "store": w.run(b"UID STORE $ +FLAGS (\\Flagged)"),
-               "copy": w.run(b"UID COPY $ Archive"),
-               "move": w.run(b"UID MOVE $ Archive"),
-               "after": w.run(b"FETCH $ (UID)"),
-               "save2": w.run(b"SEARCH RETURN (SAVE) SUBJECT 5"),
-               "delete": w.run(b"STORE $ +FLAGS.SILENT (\\Deleted)"),
-               "expunge": w.run(b"UID EXPUNGE $"),
-               "left": w.run(b"UID SEARCH ALL")}
-        w.run(b"SELECT Archive")
-        out["archive"] = w.run(b"UID FETCH 1:* (FLAGS)")
-        w.close()
-        return out
-
-    out = await deferToThread(session)
+    out = await _selected(server, "sr-commands", [
+        (None, b"CREATE Archive"),
+        ("save", b"UID SEARCH RETURN (SAVE ALL) SUBJECT even"),
+        ("store", b"UID STORE $ +FLAGS (\\Flagged)"),
+        ("copy", b"UID COPY $ Archive"),
+        ("move", b"UID MOVE $ Archive"),
+        ("after", b"FETCH $ (UID)"),
+        ("save2", b"SEARCH RETURN (SAVE) SUBJECT 5"),
+        ("delete", b"STORE $ +FLAGS.SILENT (\\Deleted)"),
+        ("expunge", b"UID EXPUNGE $"),
+        ("left", b"UID SEARCH ALL"),
+        (None, b"SELECT Archive"),
+        ("archive", b"UID FETCH 1:* (FLAGS)")])
     assert re.search(rb"\* ESEARCH \(TAG \"t\d+\"\) UID ALL 2,4", out["save"]), out["save"]
     assert re.findall(rb"FETCH \(UID (\d+) FLAGS \(\\Flagged", out["store"]) == [b"2", b"4"], \
         out["store"]
@@ -108,32 +118,24 @@ async def test_dollar_in_uid_store_copy_move_and_expunge(server):
 async def test_min_max_save_only_what_they_return_and_select_resets(server):
     """RFC 5182 §2.4: SAVE with MIN and/or MAX keeps those; with COUNT or ALL, every
     match. SELECT, EXAMINE and UNSELECT empty ``$``."""
-    inbox, key = await _five(server, "sr-minmax")
 
-    def session():
-        w = Wire(server.imap_port, inbox["email"], key)
-        w.run(b"SELECT INBOX")
-        out = {"min": (w.run(b"SEARCH RETURN (SAVE MIN) ALL"), w.run(b"UID FETCH $ (UID)")),
-               "minmax": (w.run(b"UID SEARCH RETURN (MAX SAVE MIN) 2:4"),
-                          w.run(b"UID FETCH $ (UID)")),
-               "count": (w.run(b"SEARCH RETURN (SAVE COUNT MIN) SUBJECT odd"),
-                         w.run(b"UID FETCH $ (UID)"))}
-        w.run(b"EXAMINE INBOX")
-        out["examine"] = w.run(b"UID FETCH $ (UID)")
-        w.run(b"SEARCH RETURN (SAVE) ALL")
-        w.run(b"UNSELECT")
-        w.run(b"SELECT INBOX")
-        out["unselect"] = w.run(b"UID FETCH $ (UID)")
-        w.close()
-        return out
-
-    out = await deferToThread(session)
-    assert re.search(rb"ESEARCH \(TAG \"t\d+\"\) MIN 1\r\n", out["min"][0])
-    assert _uids(out["min"][1]) == [1]
-    assert re.search(rb"UID MIN 2 MAX 4", out["minmax"][0]), out["minmax"][0]
-    assert _uids(out["minmax"][1]) == [2, 4]
-    assert re.search(rb"MIN 1 COUNT 3", out["count"][0]), out["count"][0]
-    assert _uids(out["count"][1]) == [1, 3, 5]
+    out = await _selected(server, "sr-minmax", [
+        ("min", b"SEARCH RETURN (SAVE MIN) ALL"), ("min$", b"UID FETCH $ (UID)"),
+        ("minmax", b"UID SEARCH RETURN (MAX SAVE MIN) 2:4"), ("minmax$", b"UID FETCH $ (UID)"),
+        ("count", b"SEARCH RETURN (SAVE COUNT MIN) SUBJECT odd"),
+        ("count$", b"UID FETCH $ (UID)"),
+        (None, b"EXAMINE INBOX"),
+        ("examine", b"UID FETCH $ (UID)"),
+        (None, b"SEARCH RETURN (SAVE) ALL"),
+        (None, b"UNSELECT"),
+        (None, b"SELECT INBOX"),
+        ("unselect", b"UID FETCH $ (UID)")])
+    assert re.search(rb"ESEARCH \(TAG \"t\d+\"\) MIN 1\r\n", out["min"])
+    assert _uids(out["min$"]) == [1]
+    assert re.search(rb"UID MIN 2 MAX 4", out["minmax"]), out["minmax"]
+    assert _uids(out["minmax$"]) == [2, 4]
+    assert re.search(rb"MIN 1 COUNT 3", out["count"]), out["count"]
+    assert _uids(out["count$"]) == [1, 3, 5]
     assert b"FETCH (" not in out["examine"] and _ok(out["examine"])
     assert b"FETCH (" not in out["unselect"] and _ok(out["unselect"])
 
@@ -142,23 +144,16 @@ async def test_min_max_save_only_what_they_return_and_select_resets(server):
 async def test_dollar_errors_and_a_failed_save(server):
     """``$`` combines with nothing (BAD), is BAD where RFC 5182 does not allow it, and
     a SEARCH (SAVE) that fails leaves it empty (RFC 5182 §2.1)."""
-    inbox, key = await _five(server, "sr-errors")
 
-    def session():
-        w = Wire(server.imap_port, inbox["email"], key)
-        w.run(b"SELECT INBOX")
-        w.run(b"SEARCH RETURN (SAVE) ALL")
-        out = {"full": w.run(b"UID FETCH $ (UID)"),
-               "comma": w.run(b"FETCH 1,$ (UID)"),
-               "range": w.run(b"FETCH $:3 (UID)"),
-               "kept": w.run(b"UID FETCH $ (UID)"),
-               "failed": w.run(b"SEARCH RETURN (SAVE) NOSUCHKEY"),
-               "emptied": w.run(b"UID FETCH $ (UID)"),
-               "unknown-option": w.run(b"SEARCH RETURN (SAVE FOO) ALL")}
-        w.close()
-        return out
-
-    out = await deferToThread(session)
+    out = await _selected(server, "sr-errors", [
+        (None, b"SEARCH RETURN (SAVE) ALL"),
+        ("full", b"UID FETCH $ (UID)"),
+        ("comma", b"FETCH 1,$ (UID)"),
+        ("range", b"FETCH $:3 (UID)"),
+        ("kept", b"UID FETCH $ (UID)"),
+        ("failed", b"SEARCH RETURN (SAVE) NOSUCHKEY"),
+        ("emptied", b"UID FETCH $ (UID)"),
+        ("unknown-option", b"SEARCH RETURN (SAVE FOO) ALL")])
     assert _uids(out["full"]) == [1, 2, 3, 4, 5]
     for name in ("comma", "range", "failed", "unknown-option"):
         assert re.search(rb"^t\d+ BAD ", out[name].splitlines()[-1]), out[name]

@@ -8,7 +8,7 @@ import pytest_twisted
 from twisted.internet.threads import deferToThread
 
 from agentpost.imap.commands import threading as imap_threading
-from tests.imap_transcript import Client, message, new_inbox
+from tests.imap_client import Client, message, new_login, session
 
 #: Nine messages (sequence numbers 1-9; UIDs 2-10, a first message was expunged):
 #: 2 and 4 answer 1 (In-Reply-To, References), 3 answers 2; 6 answers a message that
@@ -32,9 +32,9 @@ def _fill(c: Client) -> None:
     c.append("INBOX", message(0, "gone"))
     for raw in THREAD_MESSAGES:
         c.append("INBOX", raw)
-    assert c.cmd("s1", "SELECT INBOX")[-1].startswith(b"s1 OK")
-    c.cmd("d1", "UID STORE 1 +FLAGS.SILENT (\\Deleted)")
-    assert c.cmd("e1", "EXPUNGE")[0] == b"* 1 EXPUNGE"
+    assert c.tagged("s1", "SELECT INBOX")[-1].startswith(b"s1 OK")
+    c.tagged("d1", "UID STORE 1 +FLAGS.SILENT (\\Deleted)")
+    assert c.tagged("e1", "EXPUNGE")[0] == b"* 1 EXPUNGE"
 
 
 @pytest_twisted.ensureDeferred
@@ -42,24 +42,21 @@ async def test_thread_references_and_orderedsubject_by_sequence_number_and_uid(s
     """RFC 5256 §4: REFERENCES links by References/In-Reply-To, promotes the lone
     child of a missing parent, keeps a dummy over two, files "Re: Other" under
     "Other"; ORDEREDSUBJECT groups by base subject. UID THREAD answers UIDs."""
-    user, key = await new_inbox(server, "threads")
+    user, key = await new_login(server, "threads")
 
-    def session() -> dict[str, list[bytes]]:
-        c = Client(server.imap_port, user, key)
+    def work(c: Client) -> dict[str, list[bytes]]:
         _fill(c)
-        out = {
-            "refs": c.cmd("t1", "THREAD REFERENCES UTF-8 ALL"),
-            "subject": c.cmd("t2", "THREAD ORDEREDSUBJECT US-ASCII ALL"),
-            "uid": c.cmd("t3", "UID THREAD REFERENCES UTF-8 ALL"),
-            "search": c.cmd("t4", "THREAD REFERENCES UTF-8 SUBJECT hello"),
-            "lower": c.cmd("t5", "thread references utf-8 ALL"),
-            "none": c.cmd("t6", "THREAD REFERENCES UTF-8 SUBJECT nothing-matches"),
-            "seqset": c.cmd("t7", "THREAD ORDEREDSUBJECT UTF-8 OR 2:4 OR 6 7"),
+        return {
+            "refs": c.tagged("t1", "THREAD REFERENCES UTF-8 ALL"),
+            "subject": c.tagged("t2", "THREAD ORDEREDSUBJECT US-ASCII ALL"),
+            "uid": c.tagged("t3", "UID THREAD REFERENCES UTF-8 ALL"),
+            "search": c.tagged("t4", "THREAD REFERENCES UTF-8 SUBJECT hello"),
+            "lower": c.tagged("t5", "thread references utf-8 ALL"),
+            "none": c.tagged("t6", "THREAD REFERENCES UTF-8 SUBJECT nothing-matches"),
+            "seqset": c.tagged("t7", "THREAD ORDEREDSUBJECT UTF-8 OR 2:4 OR 6 7"),
         }
-        c.close()
-        return out
 
-    out = await deferToThread(session)
+    out = await session(server.imap_port, user, key, work)
     assert out["refs"] == [b"* THREAD (1 (2 3)(4))(5 9)(6)((7)(8))",
                            b"t1 OK THREAD completed"]
     assert out["subject"][0] == b"* THREAD (1 (2)(3)(4))(5 9)(6)(7 8)"
@@ -74,22 +71,20 @@ async def test_thread_references_and_orderedsubject_by_sequence_number_and_uid(s
 async def test_thread_refuses_bad_charset_algorithm_and_state(server):
     """BADCHARSET lists what is supported; an unknown algorithm or missing arguments
     are BAD; THREAD needs a selected mailbox."""
-    user, key = await new_inbox(server, "thread-errors")
+    user, key = await new_login(server, "thread-errors")
 
-    def session() -> list[list[bytes]]:
-        c = Client(server.imap_port, user, key)
-        out = [c.cmd("a", "THREAD REFERENCES UTF-8 ALL")]
-        c.cmd("s", "SELECT INBOX")
-        out += [c.cmd("b", "THREAD REFERENCES ISO-8859-1 ALL"),
-                c.cmd("c", "THREAD X-SMART UTF-8 ALL"),
-                c.cmd("d", "THREAD REFERENCES UTF-8"),
-                c.cmd("e", "THREAD (REFERENCES) UTF-8 ALL"),
-                c.cmd("f", "THREAD REFERENCES UTF-8 NOSUCHKEY"),
-                c.cmd("g", "THREAD REFERENCES UTF-8 ALL")]
-        c.close()
+    def work(c: Client) -> list[list[bytes]]:
+        out = [c.tagged("a", "THREAD REFERENCES UTF-8 ALL")]
+        c.tagged("s", "SELECT INBOX")
+        out += [c.tagged("b", "THREAD REFERENCES ISO-8859-1 ALL"),
+                c.tagged("c", "THREAD X-SMART UTF-8 ALL"),
+                c.tagged("d", "THREAD REFERENCES UTF-8"),
+                c.tagged("e", "THREAD (REFERENCES) UTF-8 ALL"),
+                c.tagged("f", "THREAD REFERENCES UTF-8 NOSUCHKEY"),
+                c.tagged("g", "THREAD REFERENCES UTF-8 ALL")]
         return out
 
-    out = await deferToThread(session)
+    out = await session(server.imap_port, user, key, work)
     assert out[0][-1].startswith(b"a BAD")
     assert out[1] == [b"b NO [BADCHARSET (UTF-8 US-ASCII)] Unsupported charset"]
     assert out[2][-1].startswith(b"c BAD Unknown THREAD algorithm")
@@ -103,11 +98,11 @@ async def test_thread_refuses_bad_charset_algorithm_and_state(server):
 async def test_thread_sees_only_its_own_inbox_and_survives_hostile_references(server):
     """Another organization's inbox with the same Message-IDs threads apart; reference
     loops, self references and a long reply chain thread without error."""
-    user, key = await new_inbox(server, "thread-mine")
-    other, other_key = await new_inbox(server, "thread-theirs")
+    user, key = await new_login(server, "thread-mine")
+    other, other_key = await new_login(server, "thread-theirs")
     chain = 60
 
-    def session() -> tuple[list[bytes], list[bytes], list[bytes]]:
+    def sessions() -> tuple[list[bytes], list[bytes], list[bytes]]:
         theirs = Client(server.imap_port, other, other_key)
         theirs.append("INBOX", message(1, "Hello", day=1))  # the parent of my 2
         mine = Client(server.imap_port, user, key)
@@ -119,16 +114,16 @@ async def test_thread_sees_only_its_own_inbox_and_survives_hostile_references(se
         for i in range(chain):
             mine.append("INBOX", message(f"c{i}", "chain", refs=refs, day=6))
             refs = (refs + f" <c{i}@example.com>").strip()
-        mine.cmd("s", "SELECT INBOX")
-        theirs.cmd("s", "SELECT INBOX")
-        out = (mine.cmd("t", "THREAD REFERENCES UTF-8 ALL"),
-               mine.cmd("u", "UID THREAD ORDEREDSUBJECT UTF-8 ALL"),
-               theirs.cmd("t", "THREAD REFERENCES UTF-8 ALL"))
+        mine.tagged("s", "SELECT INBOX")
+        theirs.tagged("s", "SELECT INBOX")
+        out = (mine.tagged("t", "THREAD REFERENCES UTF-8 ALL"),
+               mine.tagged("u", "UID THREAD ORDEREDSUBJECT UTF-8 ALL"),
+               theirs.tagged("t", "THREAD REFERENCES UTF-8 ALL"))
         mine.close()
         theirs.close()
         return out
 
-    refs, subject, theirs = await deferToThread(session)
+    refs, subject, theirs = await deferToThread(sessions)
     assert refs[-1] == b"t OK THREAD completed"
     flat = refs[0].replace(b"(", b" ").replace(b")", b" ").split()[2:]
     assert sorted(int(n) for n in flat) == list(range(1, 5 + chain))  # each message once
@@ -142,14 +137,11 @@ async def test_thread_sees_only_its_own_inbox_and_survives_hostile_references(se
 async def test_large_threads_are_computed_off_the_reactor_thread(server, monkeypatch):
     """Above the inline limit the threading runs in the thread pool: same answer."""
     monkeypatch.setattr(imap_threading, "INLINE_MESSAGES", 0)
-    user, key = await new_inbox(server, "thread-pool")
+    user, key = await new_login(server, "thread-pool")
 
-    def session() -> list[bytes]:
-        c = Client(server.imap_port, user, key)
+    def work(c: Client) -> list[bytes]:
         _fill(c)
-        out = c.cmd("t", "THREAD REFERENCES UTF-8 ALL")
-        c.close()
-        return out
+        return c.tagged("t", "THREAD REFERENCES UTF-8 ALL")
 
-    out = await deferToThread(session)
+    out = await session(server.imap_port, user, key, work)
     assert out[0] == b"* THREAD (1 (2 3)(4))(5 9)(6)((7)(8))"

@@ -143,7 +143,9 @@ class InboxAccount:
                 for r in rows]
 
     async def create_folder(self, name: str) -> None:
-        """CREATE (parents are created too, as RFC 3501 suggests)."""
+        """CREATE (parents are created too, as RFC 3501 suggests). A new folder is not
+        subscribed: RFC 3501 §6.3.3 ties no subscription to CREATE, and clients
+        (Thunderbird, mutt) SUBSCRIBE what they want listed."""
         self._writable()
         name = _check_folder_name(name.rstrip("/"))
         if name.upper() == "INBOX":
@@ -156,9 +158,9 @@ class InboxAccount:
                 parent = "/".join(parts[:i])
                 if await imap_store.get_folder(txn, self._org, self._inbox_id, parent) is None:
                     await imap_store.create_folder(txn, self._org, self.inbox["environment_id"],
-                                                   self._inbox_id, parent)
+                                                   self._inbox_id, parent, subscribed=False)
             await imap_store.create_folder(txn, self._org, self.inbox["environment_id"],
-                                           self._inbox_id, name)
+                                           self._inbox_id, name, subscribed=False)
             await write_change(txn, ctx)
 
         await self._db.run_interaction("imap.create", txn_fn)

@@ -377,8 +377,10 @@ class MailboxNotifier:
             return
         session = self.session
         items = ["MESSAGES", "UIDNEXT", "UIDVALIDITY", "UNSEEN"]
-        if session.condstore or session.qresync:
-            items.append("HIGHESTMODSEQ")  # RFC 5465 §5.2
+        if session.condstore or session.qresync or "FlagChange" in group.events:
+            # RFC 5465 §5.2: with FlagChange monitored the STATUS carries HIGHESTMODSEQ
+            # (a flag change moves nothing else STATUS shows), CONDSTORE enabled or not.
+            items.append("HIGHESTMODSEQ")
         session.send(f"* STATUS {rev2.mailbox_wire(session, info.name)} "
                      f"({status_text(st, items)})")
 

@@ -445,10 +445,11 @@ _MACROS = {
 }
 _BODY_RE = re.compile(r"^(BODY|BODY\.PEEK)\[(.*)\](?:<(\d{1,20})\.(\d{1,20})>)?$",
                       re.IGNORECASE | re.DOTALL)
-#: RFC 3516 §4.2: ``BINARY[.PEEK][section-part]<partial>``, ``BINARY.SIZE[section-part]``
-#: (possessive: linear whatever the input).
-_BINARY_RE = re.compile(r"^(BINARY|BINARY\.PEEK|BINARY\.SIZE)\[(\d{1,10}+(?:\.\d{1,10}+)*+)?\]"
-                        r"(?:<(\d{1,20})\.(\d{1,20})>)?$", re.IGNORECASE)
+#: RFC 3516 §4.2: ``BINARY[.PEEK][section-part]<partial>``, ``BINARY.SIZE[section-part]``;
+#: the section-text forms (HEADER, HEADER.FIELDS[.NOT], MIME, TEXT) are accepted too, as
+#: Dovecot does (see :mod:`agentpost.imap.commands.binaryfetch`).
+_BINARY_RE = re.compile(r"^(BINARY|BINARY\.PEEK|BINARY\.SIZE)\[(.*)\]"
+                        r"(?:<(\d{1,20})\.(\d{1,20})>)?$", re.IGNORECASE | re.DOTALL)
 
 
 def _fetch_item(token: Token) -> FetchItem:
@@ -476,14 +477,16 @@ def _fetch_item(token: Token) -> FetchItem:
 
 def _binary_item(token: Atom) -> FetchItem:
     """``BINARY[1.2]<0.100>`` -> FetchItem("BINARY", SectionSpec((1, 2), partial=...));
-    ``BINARY.SIZE[...]`` takes no partial (RFC 3516 §4.2)."""
+    ``BINARY.SIZE[...]`` takes no partial (RFC 3516 §4.2). Beyond RFC 3516's
+    ``section-binary``, a section-text is accepted as in ``BODY[...]``."""
     m = _BINARY_RE.match(token)
     if m is None:
         raise ParseError(f"Unknown FETCH attribute {token!s}")
     kind = m.group(1).upper()
-    part = tuple(int(p) for p in m.group(2).split(".")) if m.group(2) else ()
-    if 0 in part:
-        raise ParseError("Section part numbers start at 1")
+    try:
+        spec = parse_section(m.group(2))
+    except ValueError:
+        raise ParseError(f"Unknown FETCH attribute {token!s}") from None
     partial = None
     if m.group(3) is not None:
         if kind == "BINARY.SIZE":
@@ -492,7 +495,8 @@ def _binary_item(token: Atom) -> FetchItem:
         if partial[1] == 0:
             raise ParseError("Partial count must be positive")
     name = "BINARY.SIZE" if kind == "BINARY.SIZE" else "BINARY"
-    return FetchItem(name, SectionSpec(part, partial=partial), peek=kind == "BINARY.PEEK")
+    return FetchItem(name, SectionSpec(spec.part, spec.text, spec.fields, partial),
+                     peek=kind == "BINARY.PEEK")
 
 
 #: Attributes of one FETCH. Each body section costs a pass over the message on the

@@ -716,6 +716,25 @@ def locate_part(source: bytes | str, part: tuple[int, ...]) -> PartLocation | No
     return PartLocation(ent.hstart, ent.bstart, ent.end, ent.is_multipart)
 
 
+def locate_message(source: bytes | str, part: tuple[int, ...]) -> PartLocation | None:
+    """The message ``BODY[part.TEXT]`` and ``BODY[part.HEADER]`` address, as
+    :func:`locate_part` finds entities: the whole message for ``()``, else the message
+    a message/rfc822 part encapsulates; None when ``part`` names no message."""
+    if isinstance(source, str):
+        try:
+            root = _decode_map(source)
+        except (ValueError, TypeError, IndexError, KeyError) as exc:
+            raise ValueError("unreadable section map") from exc
+    else:
+        root = _parse(source)
+    ent = _locate(root, part) if part else root
+    if ent is not None and part:
+        ent = ent.message
+    if ent is None:
+        return None
+    return PartLocation(ent.hstart, ent.bstart, ent.end, ent.is_multipart)
+
+
 def header_value(header: bytes, name: str) -> str | None:
     """The first field ``name`` (lower case) of one entity's header bytes, unfolded."""
     fields, _ = _split_header(header, 0, len(header))

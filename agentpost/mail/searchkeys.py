@@ -1,7 +1,11 @@
 """What IMAP SEARCH and SORT compare, derived once at ingest from the header fields.
 
 * SEARCH FROM/TO/CC/BCC match a substring of the whole decoded field (display names,
-  comments, every address, group names): ``*_text`` holds it (None: no such field).
+  comments, every address, group names), followed by each address's normalised addr-spec
+  (local@domain, CFWS removed) that the field's text does not already show, so that
+  ``<user (c)@ (c) domain.org>`` is found by ``user@domain.org``, as RFC 3501 6.4.4's
+  search of "the envelope structure's FROM field" implies (Dovecot matches it too):
+  ``*_text`` holds it (None: no such field).
 * SENTON/SENTBEFORE/SENTSINCE compare the Date field's own calendar date, its time
   and zone disregarded (RFC 3501 6.4.4): ``sent_date``.
 * SORT (RFC 5256, RFC 5957 DISPLAY*): the base subject and the first address's
@@ -26,8 +30,9 @@ SEARCH_TEXT_COLUMNS = {"from": "from_text", "to": "to_text", "cc": "cc_text",
                        "bcc": "bcc_text"}
 #: Longest stored search text per field: what a substring search may look at.
 MAX_SEARCH_TEXT_CHARS = 64 * 1024
-#: Only the first address is wanted for sorting: the stdlib address parser (quadratic on
-#: some inputs, e.g. a run of quotes) sees at most this much of a field, once.
+#: The stdlib address parser (quadratic on some inputs, e.g. a run of quotes) sees at
+#: most this much of a field, once: the sort keys' first address and the addr-specs
+#: added to the search text come from that prefix.
 MAX_ADDRESS_PARSE_CHARS = 2048
 
 
@@ -47,23 +52,54 @@ def decoded_text(raw: str) -> str:
     return header_text(text)
 
 
-def search_text(values: list[str]) -> str | None:
-    """The searchable text of an address field (several occurrences: joined by ", ")."""
+def search_text(values: list[str], addresses: list[Any] | None = None) -> str | None:
+    """The searchable text of an address field (several occurrences: joined by ", "),
+    then the addr-specs of its ``addresses`` (parsed here when not given) that the text
+    does not contain already, bounded to MAX_SEARCH_TEXT_CHARS in all."""
     if not values:
         return None
-    return ", ".join(decoded_text(v) for v in values)[:MAX_SEARCH_TEXT_CHARS]
+    text = ", ".join(decoded_text(v) for v in values)
+    if addresses is None:
+        addresses = _addresses(values)
+    folded = text.lower()
+    extra: list[str] = []
+    for address in addresses:
+        spec = _addr_spec(address)
+        if spec and spec.lower() not in folded and spec not in extra:
+            extra.append(spec)
+    if not extra:
+        return text[:MAX_SEARCH_TEXT_CHARS]
+    suffix = ", ".join(extra)[:MAX_ADDRESS_PARSE_CHARS]
+    return text[:MAX_SEARCH_TEXT_CHARS - len(suffix) - 2] + ", " + suffix
+
+
+def _addr_spec(address: Any) -> str:
+    """local@domain of a parsed address (just the local part without a domain)."""
+    try:
+        spec = address.addr_spec if address.domain else address.username or ""
+    except Exception:  # a malformed part the parser could not render
+        return ""
+    return header_text(spec or "")
+
+
+def _addresses(values: list[str]) -> list[Any]:
+    """The field's addresses, group members included, parsed from its first
+    MAX_ADDRESS_PARSE_CHARS characters; [] if there are none or it does not parse."""
+    if not values:
+        return []
+    try:
+        # unfolded first (RFC 5322 2.2.3): the parser loses a domain after a fold
+        text = ", ".join(values)[:MAX_ADDRESS_PARSE_CHARS]
+        text = text.replace("\r", "").replace("\n", "")
+        header: Any = email.policy.default.header_factory("to", text)
+        return list(header.addresses)
+    except Exception:
+        return []
 
 
 def _first_address(values: list[str]) -> Any:
     """The first address of the field, looking inside a group; None if there is none."""
-    if not values:
-        return None
-    try:
-        text = ", ".join(values)[:MAX_ADDRESS_PARSE_CHARS]
-        header: Any = email.policy.default.header_factory("to", text)
-        addresses = header.addresses
-    except Exception:
-        return None
+    addresses = _addresses(values)
     return addresses[0] if addresses else None
 
 
@@ -102,14 +138,18 @@ def index_fields(headers: list[tuple[str, str]], subject: str,
                  sent_at: datetime | None) -> dict[str, Any]:
     """The derived columns of one message row, from its raw header pairs, its decoded
     subject and its parsed Date."""
-    fields: dict[str, Any] = {
-        column: search_text(_values(headers, name))
-        for name, column in SEARCH_TEXT_COLUMNS.items()}
-    first_from, first_to = (_first_address(_values(headers, name)) for name in ("from", "to"))
+    fields: dict[str, Any] = {}
+    first: dict[str, Any] = {}
+    for name, column in SEARCH_TEXT_COLUMNS.items():
+        values = _values(headers, name)
+        addresses = _addresses(values)  # parsed once per field
+        fields[column] = search_text(values, addresses)
+        first[name] = addresses[0] if addresses else None
+    first_from, first_to = first["from"], first["to"]
     fields.update(
         sent_date=sent_date(sent_at),
         sort_subject=base_subject(subject),
         sort_from=_mailbox_of(first_from), sort_to=_mailbox_of(first_to),
-        sort_cc=mailbox_key(_values(headers, "cc")),
+        sort_cc=_mailbox_of(first["cc"]),
         sort_display_from=_display_of(first_from), sort_display_to=_display_of(first_to))
     return fields

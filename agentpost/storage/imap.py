@@ -88,15 +88,15 @@ async def get_folder_by_id(txn: Txn, org_id: str, inbox_id: str,
 
 
 async def create_folder(txn: Txn, org_id: str, environment_id: str, inbox_id: str,
-                        name: str) -> None:
+                        name: str, *, subscribed: bool = True) -> None:
     """A user folder; an existing name is a Conflict ([ALREADYEXISTS]). Its UIDVALIDITY
     is the column default (a fresh sequence value, migration 0011): a folder deleted and
     created again, even within one second, never gets the old value back."""
     try:
         await txn.execute(
-            "INSERT INTO folders (org_id, environment_id, inbox_id, name, created_at) "
-            "VALUES (%s, %s, %s, %s, %s)",
-            (org_id, environment_id, inbox_id, name, txn.now))
+            "INSERT INTO folders (org_id, environment_id, inbox_id, name, subscribed, "
+            "created_at) VALUES (%s, %s, %s, %s, %s, %s)",
+            (org_id, environment_id, inbox_id, name, subscribed, txn.now))
     except psycopg2.errors.UniqueViolation:
         raise Conflict("Folder already exists.") from None
     await notify_folder_list(txn, inbox_id)

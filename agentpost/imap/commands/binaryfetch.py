@@ -19,6 +19,12 @@ A part's body is returned with its Content-Transfer-Encoding undone
   number must name a non-multipart part (decoding a multipart is meaningless, RFC 3516
   §4.2) -- ``NO [CANNOT]``; a part that does not exist is an empty string, as for
   ``BODY[part]``.
+- **Section texts, beyond RFC 3516.** Its grammar allows only a part path; like Dovecot
+  (and what imaptest expects), ``HEADER``, ``HEADER.FIELDS[.NOT]`` and ``MIME`` are
+  accepted and returned exactly as ``BODY[...]`` returns them (a header has no
+  transfer encoding to undo), and ``TEXT`` is the addressed message's body decoded
+  with that message's Content-Transfer-Encoding -- or, for a multipart body, as it is
+  (RFC 2045 §6.4 allows a multipart no other encoding than 7bit, 8bit or binary).
 """
 
 from __future__ import annotations
@@ -121,23 +127,56 @@ async def _decoded(folder: IMAPFolder, row: FetchRow, raw: bytes | None,
         yield pos, tail
 
 
+#: Section texts whose octets are returned as ``BODY[...]`` returns them: headers carry
+#: no Content-Transfer-Encoding to undo.
+_HEADER_TEXTS = frozenset({"HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT", "MIME"})
+
+
+async def _locate_header(folder: IMAPFolder, row: FetchRow, raw: bytes | None,
+                         spec: imapformat.SectionSpec) -> _Body | bytes:
+    """A HEADER, HEADER.FIELDS[.NOT] or MIME section, without its partial range: the
+    octets (from the message in memory, or a filtered header), or a range to stream."""
+    whole = imapformat.SectionSpec(spec.part, spec.text, spec.fields)
+    if raw is None and row.sections is not None:
+        try:
+            plan = imapformat.plan_section(row.sections, whole)
+        except ValueError:  # an unreadable section map: work on the message itself
+            raw = await folder.read_message(row)
+        else:
+            if plan.fields is None:
+                return _Body(plan.start, plan.end, None)
+            header = await folder.read_range(row, plan.start, plan.length) \
+                if plan.length else b""
+            return imapformat.filter_header_fields(header, *plan.fields)
+    return imapformat.section(raw or b"", whole)
+
+
 async def _locate(folder: IMAPFolder, row: FetchRow, raw: bytes | None,
-                  part: tuple[int, ...]) -> _Body | None:
-    """The body ``BINARY[part]`` decodes (None: no such part)."""
-    if not part:
+                  spec: imapformat.SectionSpec) -> _Body | bytes | None:
+    """The body ``BINARY[spec]`` decodes (None: no such part), or a header section's
+    octets."""
+    part = spec.part
+    if spec.text in _HEADER_TEXTS:
+        return await _locate_header(folder, row, raw, spec)
+    if not part and not spec.text:
         size = len(raw) if raw is not None else row.size or 0
         return _Body(0, size, None)
+    find = imapformat.locate_message if spec.text == "TEXT" else imapformat.locate_part
     loc = None
     if raw is None and row.sections is not None:
         try:
-            loc = imapformat.locate_part(row.sections, part)
+            loc = find(row.sections, part)
         except ValueError:  # an unreadable section map: work on the message itself
             raw = await folder.read_message(row)
     if raw is not None:
-        loc = imapformat.locate_part(raw, part)
+        loc = find(raw, part)
     if loc is None:
         return None
     if loc.multipart:
+        if spec.text == "TEXT":
+            # A multipart's only encodings are 7bit, 8bit and binary (RFC 2045 §6.4):
+            # its text is returned as it is, each part keeping its own header.
+            return _Body(loc.bstart, loc.end, None)
         raise no("BINARY applies to single parts, not to a multipart", "CANNOT")
     length = min(loc.bstart - loc.hstart, MAX_HEADER_BYTES)
     if raw is not None:
@@ -185,9 +224,12 @@ async def render_binary(folder: IMAPFolder, row: FetchRow, raw: bytes | None,
                         item: FetchItem) -> list[bytes | DecodedRange]:
     """The ``BINARY[...]`` or ``BINARY.SIZE[...]`` part of one message's FETCH response."""
     assert item.section is not None
-    part, partial = item.section.part, item.section.partial
-    path = ".".join(str(n) for n in part)
-    body = await _locate(folder, row, raw, part)
+    partial = item.section.partial
+    path = imapformat.SectionSpec(item.section.part, item.section.text,
+                                  item.section.fields).render()
+    body = await _locate(folder, row, raw, item.section)
+    if isinstance(body, bytes):  # a header section: nothing to decode
+        return _header_literal(item, path, body)
     if item.name == "BINARY.SIZE":
         size = 0
         if body is not None:
@@ -210,3 +252,17 @@ async def render_binary(folder: IMAPFolder, row: FetchRow, raw: bytes | None,
     if scan.kept is not None:
         return [head + bytes(scan.kept)]
     return [head, DecodedRange(row, raw, body, skip, length)]
+
+
+def _header_literal(item: FetchItem, path: str, data: bytes) -> list[bytes | DecodedRange]:
+    """``BINARY.SIZE[...]`` or ``BINARY[...]<o.n>`` of a header section's octets."""
+    if item.name == "BINARY.SIZE":
+        return [b"BINARY.SIZE[%s] %d" % (path.encode(), len(data))]
+    label = b"BINARY[%s]" % path.encode()
+    assert item.section is not None
+    if item.section.partial is not None:
+        origin, count = item.section.partial
+        label += b"<%d>" % origin
+        data = data[origin:origin + count]
+    marker = b"~{%d}\r\n" if b"\x00" in data else b"{%d}\r\n"
+    return [label + b" " + marker % len(data) + data]

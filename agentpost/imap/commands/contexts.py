@@ -54,7 +54,8 @@ class ContextOptions:
     """The RFC 5267 part of one command's ``RETURN (...)``.
 
     Attributes:
-        partial: the PARTIAL range as given (``"1:500"``), or None.
+        partial: the PARTIAL range as the reply echoes it, normalised (``"4:2"`` is
+            ``"2:4"``, ``"-9:-1"`` is ``"-1:-9"``), or None.
         span: the same range as 0-based slice bounds for a result of any length:
             (first, last) positive, or negative counting from the end.
         update: UPDATE was asked for (CONTEXT alone is a hint and changes nothing).
@@ -128,7 +129,7 @@ def _split(tokens: list[Any]) -> tuple[ContextOptions, list[Any]]:
                 raise ParseError("Only one PARTIAL is allowed")
             if i + 1 >= len(tokens) or not isinstance(tokens[i + 1], Atom):
                 raise ParseError("PARTIAL needs a range")
-            options.partial, options.span = str(tokens[i + 1]), _parse_range(tokens[i + 1])
+            options.partial, options.span = _parse_range(tokens[i + 1])
             i += 2
             continue
         if name == "UPDATE":
@@ -143,9 +144,14 @@ def _took_context(tokens: list[Any]) -> bool:
     return any(isinstance(t, str) and t.upper() == "CONTEXT" for t in tokens)
 
 
-def _parse_range(token: str) -> tuple[int, int]:
-    """``low:high`` (either order, §4.4) as slice bounds: ``(first, last)`` 0-based for
-    positive ranges, negative ones (RFC 9394: ``-1`` is the last result) as they are."""
+def _parse_range(token: str) -> tuple[str, tuple[int, int]]:
+    """``low:high`` (either order, RFC 5267 §4.4) as the range to echo and its slice
+    bounds: ``(first, last)`` 0-based for positive ranges, negative ones (RFC 9394 §3.1:
+    ``-1`` is the last result) as they are.
+
+    The echo is normalised, smaller position first (``4:2`` comes back as ``2:4``, and
+    RFC 9394's ``-500:-400`` as ``-400:-500``), as Dovecot answers and as RFC 9394's
+    examples show: the client matches the reply to the positions, not to its spelling."""
     m = _RANGE.fullmatch(token)
     if m is None or m.group(1) != m.group(3):
         raise ParseError("PARTIAL needs a range low:high")
@@ -153,8 +159,8 @@ def _parse_range(token: str) -> tuple[int, int]:
     if low == 0 or high > _MAX_NUMBER:
         raise ParseError("PARTIAL range out of bounds")
     if m.group(1):
-        return -high, -low
-    return low - 1, high - 1
+        return f"-{low}:-{high}", (-high, -low)
+    return f"{low}:{high}", (low - 1, high - 1)
 
 
 def _esort_returns(rest: list[Any], options: ContextOptions) -> list[str]:

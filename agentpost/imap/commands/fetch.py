@@ -168,8 +168,7 @@ async def _fetch(session: IMAP4ServerProtocol, view: SelectedMailbox, uids: list
                  items: list[FetchItem]) -> None:
     wants = _wants(items)
     seen_now = await _mark_seen(session, view, uids, items)
-    rows = [r for r in await view.folder.fetch(uids, wants) if r.uid in view.meta]
-    gone = len(rows) < len(uids)  # expunged by another session, not yet reportable
+    rows, gone = _rows_or_known(view, uids, items, await view.folder.fetch(uids, wants))
     needs_raw = _raw_needed(wants, session.stream_threshold)
     # Small bodies are read a few messages ahead of the one being sent (each read is a
     # thread hop or an S3 GET): at most READ_AHEAD bodies under the stream threshold
@@ -203,6 +202,37 @@ async def _fetch(session: IMAP4ServerProtocol, view: SelectedMailbox, uids: list
         # The client still holds these sequence numbers and may not be told of the
         # expunge during FETCH (RFC 3501 §7.4.1): say so instead of a silent OK.
         raise no("Some of the requested messages no longer exist", "EXPUNGEISSUED")
+
+
+#: Items the session's own view answers (``view.meta``): a message expunged by another
+#: session, which the client still holds, can still be described by them.
+_KNOWN_ITEMS = frozenset({"UID", "FLAGS", "MODSEQ"})
+
+
+def _rows_or_known(view: SelectedMailbox, uids: list[int], items: list[FetchItem],
+                   fetched: list[FetchRow]) -> tuple[list[FetchRow], bool]:
+    """The rows to answer, in ``uids`` order, and whether some messages cannot be.
+
+    A message another session expunged stays in this session's view until the expunge
+    may be reported, which is never during FETCH (RFC 3501 §7.4.1). When every item is
+    one the view knows (UID, FLAGS, MODSEQ) the server answers from what it knows, as
+    RFC 2180 §4.1.3 allows, and the FETCH succeeds; when an item needs the stored
+    message, the gone message is left out and the FETCH ends NO [EXPUNGEISSUED]
+    (RFC 5530)."""
+    by_uid = {r.uid: r for r in fetched if r.uid in view.meta}
+    known = all(i.name in _KNOWN_ITEMS for i in items)
+    rows: list[FetchRow] = []
+    gone = False
+    for uid in uids:
+        row = by_uid.get(uid)
+        if row is None and known and uid in view.meta:
+            meta = view.meta[uid]
+            row = FetchRow(meta.uid, meta.modseq, meta.flags)
+        if row is None:
+            gone = True
+        else:
+            rows.append(row)
+    return rows, gone
 
 
 def _raw_needed(wants: FetchWants, threshold: int) -> Callable[[FetchRow], bool]:

@@ -145,11 +145,19 @@ def _resync(session: IMAP4ServerProtocol, view: SelectedMailbox, modseq: int,
 
 
 async def create(session: IMAP4ServerProtocol, command: Command) -> None:
+    """CREATE. A trailing hierarchy separator only declares that names will be created
+    under this one (RFC 3501 §6.3.3): ``foo/`` creates ``foo``, and ``INBOX/`` is OK
+    with nothing to do -- INBOX always exists and may have children (as Dovecot)."""
     token = arguments(command, 1)[0]
-    name = rev2.mailbox_arg(session, token).rstrip("/")
+    given = rev2.mailbox_arg(session, token)
+    name = given.rstrip("/")
     require_write(session)
-    if not name or name == "INBOX":
-        raise no("INBOX already exists", "ALREADYEXISTS") if name else bad("Empty name")
+    if not name:
+        raise bad("Empty name")
+    if name == "INBOX":
+        if given != name:
+            return
+        raise no("INBOX already exists", "ALREADYEXISTS")
     await account(session).create_folder(name)
     oldname = rev2.normalized(session, token)
     if oldname is not None:  # RFC 9051 §6.3.4: tell the client the name it got

@@ -157,6 +157,11 @@ async def _copy_move(session: IMAP4ServerProtocol, command: Command, move: bool)
     if pairs:
         code = (f"[COPYUID {uidvalidity} {imapformat.compact_in_order([s for s, _ in pairs])} "
                 f"{imapformat.compact_in_order([d for _, d in pairs])}] ")
+    if dest == view.name:
+        # Into the selected mailbox itself: the copies are new messages of the view,
+        # announced (EXISTS) after the command like any arrival (RFC 6851 §4.3 for
+        # MOVE; RFC 3501 §7.3.1). The folder's own signal may come too late for that.
+        view.dirty = True
     if move:
         if code:
             session.send(f"* OK {code}Moved")

@@ -58,7 +58,8 @@ async def _search(session: IMAP4ServerProtocol, view: SelectedMailbox,
             return  # SAVE alone: no ESEARCH response (RFC 5182 §2.1)
     numbers = found if command.uid else [view.seq(u) for u in found]
     if returns is not None:
-        text = _esearch(view, command, returns, found, numbers, wants_modseq)
+        text = _esearch(view, command, returns, found, numbers, wants_modseq,
+                        partial=context is not None and context.partial is not None)
         if context is not None:
             contexts.reply(session, command, context, text, key, found, numbers)
             return
@@ -96,7 +97,7 @@ async def _run(session: IMAP4ServerProtocol, view: SelectedMailbox, key: tuple[A
 
 
 def _esearch(view: SelectedMailbox, command: Command, returns: list[str], found: list[int],
-             numbers: list[int], wants_modseq: bool) -> str:
+             numbers: list[int], wants_modseq: bool, *, partial: bool = False) -> str:
     text = f"* ESEARCH (TAG {quote(command.tag)})"
     if command.uid:
         text += " UID"
@@ -110,8 +111,21 @@ def _esearch(view: SelectedMailbox, command: Command, returns: list[str], found:
     if "COUNT" in returns:
         text += f" COUNT {len(numbers)}"
     if wants_modseq and found:
-        text += f" MODSEQ {view.max_modseq(found)}"
+        text += f" MODSEQ {view.max_modseq(_modseq_of(returns, found, partial=partial))}"
     return text
+
+
+def _modseq_of(returns: list[str], found: list[int], *, sort: bool = False,
+               partial: bool = False) -> list[int]:
+    """The UIDs whose highest mod-sequence the ESEARCH MODSEQ item gives: those the
+    response returns (RFC 4731 §3.2; ESORT, RFC 5267 §3, follows it), so with MIN
+    and/or MAX alone just those one or two messages (as Dovecot answers), else every
+    match. MIN and MAX are the first and last in sort order for SORT."""
+    shown = set(returns) - {"SAVE"}  # SAVE returns nothing (RFC 5182 §2.1)
+    if partial or not shown or not shown <= {"MIN", "MAX"}:
+        return found
+    first, last = (found[0], found[-1]) if sort else (min(found), max(found))
+    return [u for u, option in ((first, "MIN"), (last, "MAX")) if option in returns]
 
 
 def _numbers_line(verb: str, view: SelectedMailbox, found: list[int], numbers: list[int],
@@ -136,7 +150,9 @@ async def sort(session: IMAP4ServerProtocol, command: Command) -> None:
     _, key = parse_search(args[2:])
     found, wants_modseq = await _run(session, view, key, criteria)
     if esort is not None:  # SORT RETURN (...): ESORT, CONTEXT=SORT (RFC 5267)
-        modseq = view.max_modseq(found) if wants_modseq and found else None
+        modseq = (view.max_modseq(_modseq_of(esort.returns, found, sort=True,
+                                             partial=esort.partial is not None))
+                  if wants_modseq and found else None)
         contexts.reply_sort(session, command, esort, key, criteria, found, modseq)
         return
     numbers = found if command.uid else [view.seq(u) for u in found]
