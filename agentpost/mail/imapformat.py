@@ -699,18 +699,21 @@ class PartLocation:
     multipart: bool
 
 
+def _root(source: bytes | str) -> _Entity:
+    """The entity tree of the raw message (bytes) or of its section map (str)."""
+    if isinstance(source, str):
+        try:
+            return _decode_map(source)
+        except (ValueError, TypeError, IndexError, KeyError) as exc:
+            raise ValueError("unreadable section map") from exc
+    return _parse(source)
+
+
 def locate_part(source: bytes | str, part: tuple[int, ...]) -> PartLocation | None:
     """The entity ``part`` addresses, as BODY[part] finds it, from the raw message
     (bytes) or its :func:`section_map` (str); None when there is no such part.
     ValueError for an unreadable map (the caller then falls back to the raw bytes)."""
-    if isinstance(source, str):
-        try:
-            root = _decode_map(source)
-        except (ValueError, TypeError, IndexError, KeyError) as exc:
-            raise ValueError("unreadable section map") from exc
-    else:
-        root = _parse(source)
-    ent = _locate(root, part)
+    ent = _locate(_root(source), part)
     if ent is None:
         return None
     return PartLocation(ent.hstart, ent.bstart, ent.end, ent.is_multipart)
@@ -720,13 +723,7 @@ def locate_message(source: bytes | str, part: tuple[int, ...]) -> PartLocation |
     """The message ``BODY[part.TEXT]`` and ``BODY[part.HEADER]`` address, as
     :func:`locate_part` finds entities: the whole message for ``()``, else the message
     a message/rfc822 part encapsulates; None when ``part`` names no message."""
-    if isinstance(source, str):
-        try:
-            root = _decode_map(source)
-        except (ValueError, TypeError, IndexError, KeyError) as exc:
-            raise ValueError("unreadable section map") from exc
-    else:
-        root = _parse(source)
+    root = _root(source)
     ent = _locate(root, part) if part else root
     if ent is not None and part:
         ent = ent.message
