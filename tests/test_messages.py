@@ -185,7 +185,7 @@ async def test_large_text_body_derives_extracted_text_on_read(server):
 async def test_incremental_thread_summary_equals_a_full_recompute(server, db_dsn):
     """Ingest folds each message into its thread; the result is what recomputing the
     thread from all its messages gives."""
-    from agentpost.storage import mail as mail_store
+    from agentpost.storage import threads as thread_store
     _, key = await server.new_org()
     inbox = (await server.api.post("/api/v1/inboxes", {"username": "fold"}, key=key)).json
     to = inbox["email"]
@@ -209,7 +209,7 @@ async def test_incremental_thread_summary_equals_a_full_recompute(server, db_dsn
     assert sorted(r[1] for r in before) == [1, 3]
     for thread_id, *_ in before:
         [(org_id,)] = query(db_dsn, "SELECT org_id FROM threads WHERE id = %s", (thread_id,))
-        await server.core.db.run_interaction("recompute", mail_store.refresh_thread, org_id,
+        await server.core.db.run_interaction("recompute", thread_store.refresh_thread, org_id,
                                              thread_id)
     after = query(db_dsn, f"SELECT id, {cols} FROM threads WHERE inbox_id = %s ORDER BY id",
                   (inbox["id"],))

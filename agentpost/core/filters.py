@@ -12,8 +12,8 @@ from agentpost.core.inboxes import resolve_environment
 from agentpost.mail.filters import normalize_value
 from agentpost.model.errors import Conflict, InvalidRequest, NotFound
 from agentpost.model.ids import new_id
+from agentpost.storage import filters as rule_store
 from agentpost.storage import inboxes as inbox_store
-from agentpost.storage import mail as mail_store
 from agentpost.storage.database import Database, Txn
 
 
@@ -48,7 +48,7 @@ class FilterRules:
             env_id = await resolve_environment(txn, p, env_id)
             ctx.environment_id = env_id
             try:
-                rule = await mail_store.insert_rule(txn, {
+                rule = await rule_store.insert_rule(txn, {
                     "org_id": p.org_id, "id": new_id("rul"), "environment_id": env_id,
                     "inbox_id": inbox_id, "direction": direction, "action": action,
                     "match_type": match_type, "value": value, "created_at": txn.now})
@@ -65,7 +65,7 @@ class FilterRules:
         """Rules newest first (limit + 1 rows)."""
         p = ctx.org_principal
         p.require("filters:read")
-        return await self._db.run_read("filters.list", mail_store.list_rules, p.org_id,
+        return await self._db.run_read("filters.list", rule_store.list_rules, p.org_id,
                                               p.environment_ids, after_id, limit + 1)
 
     async def get(self, ctx: RequestContext, rule_id: str) -> dict[str, Any]:
@@ -73,7 +73,7 @@ class FilterRules:
         p = ctx.org_principal
         p.require("filters:read")
         ctx.target_id = rule_id
-        rule = await self._db.run_read("filters.get", mail_store.get_rule, p.org_id,
+        rule = await self._db.run_read("filters.get", rule_store.get_rule, p.org_id,
                                               p.environment_ids, rule_id)
         if rule is None:
             raise NotFound()
@@ -86,11 +86,11 @@ class FilterRules:
         ctx.target_id = rule_id
 
         async def txn_fn(txn: Txn) -> None:
-            rule = await mail_store.get_rule(txn, p.org_id, p.environment_ids, rule_id)
+            rule = await rule_store.get_rule(txn, p.org_id, p.environment_ids, rule_id)
             if rule is None:
                 raise NotFound()
             ctx.environment_id = rule["environment_id"]
-            await mail_store.delete_rule(txn, p.org_id, rule_id)
+            await rule_store.delete_rule(txn, p.org_id, rule_id)
             await self._audit.write_in(txn, ctx, 204)
 
         await self._db.run_interaction("filters.delete", txn_fn)

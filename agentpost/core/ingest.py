@@ -26,6 +26,7 @@ from agentpost.mail.searchkeys import index_fields
 from agentpost.model.errors import NotFound, StorageFailure
 from agentpost.model.ids import new_id
 from agentpost.storage import mail as mail_store
+from agentpost.storage import threads as thread_store
 from agentpost.storage.blobs import BlobRef, BlobStore
 from agentpost.storage.database import Database, Txn
 
@@ -350,18 +351,18 @@ class Ingest:
         if folder is None:  # required and missing, or not a system folder
             raise NotFound("No such folder.")
         related = ([parsed.in_reply_to] if parsed.in_reply_to else []) + parsed.references
-        thread_id = await mail_store.find_thread(txn, org, target.inbox_id, parsed.message_id,
+        thread_id = await thread_store.find_thread(txn, org, target.inbox_id, parsed.message_id,
                                                  related)
         if thread_id is None:
             thread_id = new_id("thr")
-            await mail_store.insert_thread(txn, org_id=org, thread_id=thread_id,
+            await thread_store.insert_thread(txn, org_id=org, thread_id=thread_id,
                                            environment_id=target.environment_id,
                                            inbox_id=target.inbox_id, subject=parsed.subject)
         message_id = new_id("msg")
         # Everything that does not need the UID first: the folder's row lock, taken by
         # insert_message, is then held only for the attachments and the COMMIT. The
         # audit row rides in the event's round trip.
-        await mail_store.add_to_thread(
+        await thread_store.add_to_thread(
             txn, org, thread_id, received_at=when, from_address=parsed.from_address,
             recipients=parsed.to_addresses + parsed.cc_addresses, labels=list(state.labels))
         await mail_store.insert_event(

@@ -35,6 +35,7 @@ from agentpost.model.errors import InvalidRequest, MailboxFull
 from agentpost.model.ids import new_id
 from agentpost.storage import imap as imap_store
 from agentpost.storage import mail as mail_store
+from agentpost.storage import threads as thread_store
 from agentpost.storage.database import Txn
 
 #: Columns a flag change may set: the IMAP system flags, read state and labels.
@@ -111,7 +112,7 @@ async def change_flags(txn: Txn, ctx: RequestContext, changes: list[FlagChange],
     org = _org(ctx)
     _check_label_count(changes)
     relabelled = sorted({row["thread_id"] for row, columns in changes if "labels" in columns})
-    await mail_store.lock_threads(txn, org, relabelled)  # before the folder rows
+    await thread_store.lock_threads(txn, org, relabelled)  # before the folder rows
     await write_change(txn, ctx, status)
     by_folder: dict[int, list[dict[str, Any]]] = {}
     for row, columns in changes:
@@ -139,7 +140,7 @@ async def delete_messages(txn: Txn, ctx: RequestContext, rows: list[dict[str, An
         deleted = await mail_store.delete_messages(txn, org, [row["id"] for row in rows])
         freed = await mail_store.release_blobs(
             txn, [key for d in deleted for key in d["blob_keys"]])
-        await mail_store.refresh_threads(txn, org, [row["thread_id"] for row in rows],
+        await thread_store.refresh_threads(txn, org, [row["thread_id"] for row in rows],
                                          drop_empty=True)
     await write_change(txn, ctx, status)
     if rows:
@@ -164,7 +165,7 @@ async def copy_messages(txn: Txn, ctx: RequestContext, rows: list[dict[str, Any]
         refs += await imap_store.attachment_keys(txn, org, row["id"])
     for key, size in sorted(refs):
         await mail_store.reference_blob(txn, key, size)
-    await mail_store.lock_threads(txn, org, [row["thread_id"] for row in rows])
+    await thread_store.lock_threads(txn, org, [row["thread_id"] for row in rows])
     sizes: dict[str, int] = {}
     for row in rows:
         sizes[row["inbox_id"]] = sizes.get(row["inbox_id"], 0) + row["size"]
@@ -177,7 +178,7 @@ async def copy_messages(txn: Txn, ctx: RequestContext, rows: list[dict[str, Any]
         await imap_store.copy_message(txn, org, row["id"], new_id("msg"), target_folder_id,
                                       uid, modseq)
         pairs.append((row["uid"], uid))
-    await mail_store.refresh_threads(txn, org, [row["thread_id"] for row in rows])
+    await thread_store.refresh_threads(txn, org, [row["thread_id"] for row in rows])
     ctx.details["to_uids"] = uid_set([new for _, new in pairs])
     await write_change(txn, ctx)
     return pairs

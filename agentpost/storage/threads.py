@@ -1,0 +1,169 @@
+"""Threads: finding the thread a message joins and keeping each thread's summary
+(counts, participants, labels, last message) in step with its messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg2.extras import Json
+
+from agentpost.storage.database import Txn
+
+
+async def find_thread(txn: Txn, org_id: str, inbox_id: str, message_id: str | None,
+                      related_ids: list[str]) -> str | None:
+    """The thread a message joins: its parents' thread, else a thread whose members
+    already referenced this message (children that arrived first).
+
+    One statement of index probes only, built so that no plan can walk the inbox: no
+    ORDER BY over messages (with stale statistics a young inbox looks like one row, and
+    the planner read it all backwards in id order to skip a sort); the earliest parent
+    is picked here from the few rows found. See migration 0006.
+    """
+    if not related_ids and not message_id:
+        return None
+    rows = await txn.fetchall(
+        "SELECT 0 AS kind, x.id, x.thread_id FROM unnest(%s::text[]) AS p(ref) "
+        "CROSS JOIN LATERAL (SELECT m.id, m.thread_id FROM messages m "
+        "  WHERE m.org_id = %s AND m.inbox_id = %s AND m.message_id_header = p.ref "
+        "  LIMIT 1) AS x "
+        "UNION ALL "
+        "(SELECT 1, r.message_id, m.thread_id FROM message_refs r JOIN messages m "
+        "   ON m.org_id = r.org_id AND m.id = r.message_id "
+        "  WHERE r.org_id = %s AND r.inbox_id = %s AND r.ref = %s "
+        "  ORDER BY r.message_id LIMIT 1)",
+        (related_ids, org_id, inbox_id, org_id, inbox_id, message_id))
+    if not rows:
+        return None
+    thread_id: str = min(rows, key=lambda r: (r["kind"], r["id"]))["thread_id"]
+    return thread_id
+
+
+async def insert_thread(txn: Txn, *, org_id: str, thread_id: str, environment_id: str,
+                        inbox_id: str, subject: str) -> None:
+    """A new, empty thread (counters are updated by ``touch_thread``)."""
+    await txn.execute(
+        "INSERT INTO threads (org_id, id, environment_id, inbox_id, subject, last_message_at, "
+        "created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        (org_id, thread_id, environment_id, inbox_id, subject, txn.now, txn.now, txn.now))
+
+
+async def refresh_thread(txn: Txn, org_id: str, thread_id: str) -> None:
+    """Recompute count, last activity, participants and labels from the thread's messages."""
+    await txn.execute(
+        """
+        UPDATE threads t SET
+            message_count = s.n,
+            last_message_at = COALESCE(s.last_at, t.last_message_at),
+            participants = COALESCE(s.participants, '[]'::jsonb),
+            labels = COALESCE(s.labels, '{}'),
+            updated_at = %s
+        FROM (
+            SELECT count(*) AS n, max(received_at) AS last_at,
+                   (SELECT jsonb_agg(DISTINCT a) FROM messages m2,
+                        LATERAL (SELECT lower(m2.from_address->>'email') AS a
+                                 UNION SELECT lower(x->>'email')
+                                 FROM jsonb_array_elements(m2.to_addresses || m2.cc_addresses) x
+                                ) p
+                    WHERE m2.org_id = %s AND m2.thread_id = %s AND a IS NOT NULL
+                   ) AS participants,
+                   (SELECT array_agg(DISTINCT l ORDER BY l) FROM messages m3, unnest(m3.labels) l
+                    WHERE m3.org_id = %s AND m3.thread_id = %s) AS labels
+            FROM messages m WHERE m.org_id = %s AND m.thread_id = %s
+        ) s
+        WHERE t.org_id = %s AND t.id = %s
+        """,
+        (txn.now, org_id, thread_id, org_id, thread_id, org_id, thread_id, org_id, thread_id))
+
+
+async def lock_threads(txn: Txn, org_id: str, thread_ids: list[str]) -> None:
+    """Lock thread rows in id order, for a change that refreshes them only after it
+    has locked the inbox or folder rows (STORE, COPY): threads come before those
+    (core.mail_changes' lock order). FOR NO KEY UPDATE, the lock an UPDATE takes: a
+    new message's foreign-key check (FOR KEY SHARE) is not blocked by it."""
+    if thread_ids:
+        await txn.execute(
+            "SELECT 1 FROM threads WHERE org_id = %s AND id = ANY(%s) ORDER BY id "
+            "FOR NO KEY UPDATE", (org_id, sorted(set(thread_ids))))
+
+
+def refresh_threads_sql(org_id: str, ids: list[str], now: Any) -> tuple[str, list[Any]]:
+    """:func:`refresh_thread` for many threads as ONE statement (threads not yet
+    locked are locked in plan order: lock them first, :func:`lock_threads`)."""
+    return ("""
+        UPDATE threads t SET
+            message_count = c.n,
+            last_message_at = COALESCE(c.last_at, t.last_message_at),
+            participants = COALESCE(
+                (SELECT jsonb_agg(DISTINCT a) FROM messages m2,
+                     LATERAL (SELECT lower(m2.from_address->>'email') AS a
+                              UNION SELECT lower(x->>'email')
+                              FROM jsonb_array_elements(m2.to_addresses || m2.cc_addresses) x
+                             ) p
+                 WHERE m2.org_id = t.org_id AND m2.thread_id = t.id AND a IS NOT NULL),
+                '[]'::jsonb),
+            labels = COALESCE(
+                (SELECT array_agg(DISTINCT l ORDER BY l) FROM messages m3, unnest(m3.labels) l
+                 WHERE m3.org_id = t.org_id AND m3.thread_id = t.id), '{}'),
+            updated_at = %s
+        FROM unnest(%s::text[]) AS x(id)
+        CROSS JOIN LATERAL (SELECT count(*) AS n, max(received_at) AS last_at
+                            FROM messages m WHERE m.org_id = %s AND m.thread_id = x.id) c
+        WHERE t.org_id = %s AND t.id = x.id
+        """, [now, ids, org_id, org_id])
+
+
+async def refresh_threads(txn: Txn, org_id: str, thread_ids: list[str], *,
+                          drop_empty: bool = False) -> None:
+    """:func:`refresh_thread` for many threads in ONE round trip, locking them in id
+    order first (two changes over the same threads cannot deadlock); with
+    ``drop_empty``, threads left without messages are removed (threads exist only
+    while they have messages)."""
+    ids = sorted(set(thread_ids))
+    if not ids:
+        return
+    refresh, params = refresh_threads_sql(org_id, ids, txn.now)
+    sql = ("SELECT 1 FROM threads WHERE org_id = %s AND id = ANY(%s) ORDER BY id "
+           "FOR NO KEY UPDATE; " + refresh)
+    params = [org_id, ids, *params]
+    if drop_empty:
+        sql += ("; DELETE FROM threads WHERE org_id = %s AND id = ANY(%s) AND NOT EXISTS ("
+                "SELECT 1 FROM messages WHERE org_id = %s AND thread_id = threads.id)")
+        params += [org_id, ids, org_id]
+    await txn.execute(sql, params)
+
+
+async def add_to_thread(txn: Txn, org_id: str, thread_id: str, *, received_at: Any,
+                        from_address: dict[str, str] | None,
+                        recipients: list[dict[str, str]], labels: list[str]) -> None:
+    """Fold one new message into its thread's count, last activity, participants and
+    labels -- what :func:`refresh_thread` computes, without reading the thread's
+    messages (a 10,000-message thread made every delivery re-aggregate 10,000 rows).
+    Runs before the message row exists, so the folder's UID lock is held briefly."""
+    await txn.execute(
+        """
+        UPDATE threads t SET
+            message_count = t.message_count + 1,
+            last_message_at = CASE WHEN t.message_count = 0 THEN %s
+                                   ELSE GREATEST(t.last_message_at, %s) END,
+            participants = (
+                SELECT COALESCE(jsonb_agg(DISTINCT a), '[]'::jsonb) FROM (
+                    SELECT jsonb_array_elements_text(t.participants) AS a
+                    UNION SELECT lower(%s::jsonb->>'email')
+                    UNION SELECT lower(x->>'email') FROM jsonb_array_elements(%s::jsonb) x
+                ) p WHERE a IS NOT NULL),
+            labels = (SELECT COALESCE(array_agg(DISTINCT l ORDER BY l), '{}')
+                      FROM unnest(t.labels || %s::text[]) l),
+            updated_at = %s
+        WHERE t.org_id = %s AND t.id = %s
+        """,
+        (received_at, received_at, Json(from_address), Json(recipients), labels, txn.now,
+         org_id, thread_id))
+
+
+async def delete_thread_if_empty(txn: Txn, org_id: str, thread_id: str) -> None:
+    """Threads exist only while they have messages."""
+    await txn.execute(
+        "DELETE FROM threads WHERE org_id = %s AND id = %s AND NOT EXISTS ("
+        "SELECT 1 FROM messages WHERE org_id = %s AND thread_id = %s)",
+        (org_id, thread_id, org_id, thread_id))
