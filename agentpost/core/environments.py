@@ -12,7 +12,7 @@ from agentpost.model.ids import new_id
 from agentpost.storage import orgs as org_store
 from agentpost.storage.database import Database, Txn
 
-_SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
+_SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?\Z")
 
 
 def _slugify(name: str) -> str:

@@ -52,7 +52,7 @@ from agentpost.storage.notify import Notifier
 
 log = logging.getLogger(__name__)
 
-_FOLDER_RE = re.compile(r"^[^/\x00-\x1f\x7f*%]+(/[^/\x00-\x1f\x7f*%]+)*$")
+_FOLDER_RE = re.compile(r"^[^/\x00-\x1f\x7f*%]+(/[^/\x00-\x1f\x7f*%]+)*\Z")
 _MAX_FOLDER_LEN = 200
 #: An audit row of a command over many messages names this many of them by id (the
 #: UID set and the count name them all).

@@ -191,7 +191,7 @@ class Command:
     uid: bool = False
 
 
-_TAG_RE = re.compile(r"^[\x21-\x7e]+$")
+_TAG_RE = re.compile(r"^[\x21-\x7e]+\Z")
 
 
 def parse_command(data: bytes) -> Command:
@@ -314,7 +314,7 @@ class SavedResult(list[tuple[int | None, int | None]]):
     ranges, and :func:`resolve_seqset` refuses it."""
 
 # At most 20 digits: int() of a longer run is slow, or refused beyond 4300 digits.
-SEQ_RANGE_RE = re.compile(r"^(\d{1,20}|\*)(?::(\d{1,20}|\*))?$")
+SEQ_RANGE_RE = re.compile(r"^(\d{1,20}|\*)(?::(\d{1,20}|\*))?\Z")
 
 
 def parse_seqset(token: Token, saved: bool = False) -> SeqSet:
@@ -371,7 +371,7 @@ SYSTEM_FLAGS = {f.lower(): f for f in
                 ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft", "\\Recent")}
 #: flag-keyword = atom: 7-bit characters, no specials (RFC 3501/9051; 8-bit is BAD here,
 #: not a NO from the store).
-_KEYWORD_RE = re.compile(r"^[^\x00-\x20(){%*\"\\\]\x7f-\U0010ffff]+$")
+_KEYWORD_RE = re.compile(r"^[^\x00-\x20(){%*\"\\\]\x7f-\U0010ffff]+\Z")
 
 
 def parse_flags(tokens: list[Token]) -> frozenset[str]:

@@ -263,6 +263,10 @@ class CommandReader:
         sync = not m.group(2)
         tag, name, args = self._peek(len(m.group(0)))
         check = _literal_check(name)  # APPEND: its literals past the mailbox are messages
+        if not args or self.state not in (State.AUTHENTICATED, State.SELECTED):
+            # The mailbox name is never a message, and before login nothing is: a stranger
+            # cannot make us hold (or spool) a message-sized literal.
+            check = None
         limit = self.max_append_bytes if check is not None else MAX_SMALL_LITERAL_BYTES
         refusal = None
         if size > limit or len(self._pending) > 4 * MAX_LINE_BYTES:

@@ -34,7 +34,7 @@ MAX_PARTS = 1000
 # --------------------------------------------------------------------------- strings
 
 
-_SAFE_QUOTED = re.compile(r"^[\x20-\x7e]*$")
+_SAFE_QUOTED = re.compile(r"^[\x20-\x7e]*\Z")
 
 
 def compact_numbers(numbers: list[int]) -> str:

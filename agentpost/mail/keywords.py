@@ -30,11 +30,11 @@ import re
 from collections.abc import Iterable
 
 #: An API label: what the API accepts, and what a keyword must fold to to be one.
-LABEL_RE = re.compile(r"^[a-z0-9][a-z0-9_\-:./]{0,63}$")
+LABEL_RE = re.compile(r"^[a-z0-9][a-z0-9_\-:./]{0,63}\Z")
 #: ATOM-CHAR of RFC 3501/9051: any 7-bit CHAR but atom-specials (``(){`` SP CTL ``%*``
 #: ``"\`` and ``]``). A keyword is 1..MAX_KEYWORD_CHARS of them (``\`` cannot start it:
 #: that is a system flag, and ``\`` is not an ATOM-CHAR anyway).
-_ATOM_RE = re.compile(r'^[!#$&\'+,\-./0-9:;<=>?@A-Z\[^_`a-z|}~]+$')
+_ATOM_RE = re.compile(r'^[!#$&\'+,\-./0-9:;<=>?@A-Z\[^_`a-z|}~]+\Z')
 #: Longest keyword accepted: a label is at most 64 characters, an IMAP-only keyword may
 #: be longer, within reason (a STORE of 100 of them stays a few KiB).
 MAX_KEYWORD_CHARS = 128

@@ -57,7 +57,7 @@ def ascii_fallback(name: str) -> str:
     return "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in name)
 
 
-_MIME_TYPE_RE = re.compile(r"^[a-z0-9!#$&^_.+-]{1,127}/[a-z0-9!#$&^_.+-]{1,127}$")
+_MIME_TYPE_RE = re.compile(r"^[a-z0-9!#$&^_.+-]{1,127}/[a-z0-9!#$&^_.+-]{1,127}\Z")
 
 
 def safe_mime_type(value: str) -> str:

@@ -11,7 +11,7 @@ PREFIXES = frozenset(
     {"org", "env", "usr", "inb", "msg", "thr", "drf", "att", "evt", "inv", "key", "adk",
      "dom", "whk", "rul", "aud", "req", "obq"}
 )
-_ID_RE = re.compile(r"^([a-z]{3})_([0-9A-HJKMNP-TV-Z]{26})$")
+_ID_RE = re.compile(r"^([a-z]{3})_([0-9A-HJKMNP-TV-Z]{26})\Z")
 
 
 def new_id(prefix: str, now_ms: int | None = None) -> str:

@@ -43,7 +43,7 @@ _HELP = Reply(214, "2.0.0", [
     "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS",
     "See RFC 5321",
 ])
-_HELO_TOKEN_RE = re.compile(r"^[A-Za-z0-9.\-_:\[\]]{1,255}$")
+_HELO_TOKEN_RE = re.compile(r"^[A-Za-z0-9.\-_:\[\]]{1,255}\Z")
 _LOGIN_USERNAME = base64.b64encode(b"Username:").decode("ascii")
 _LOGIN_PASSWORD = base64.b64encode(b"Password:").decode("ascii")
 

@@ -53,7 +53,7 @@ class Command:
     args: str
 
 
-_VERB_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,19}$")
+_VERB_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,19}\Z")
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
@@ -97,12 +97,12 @@ def parse_bdat(args: str) -> tuple[int, bool]:
 # RFC 5322 atext, plus (RFC 6531) any non-ASCII character; we check UTF-8 validity
 # when decoding, so here "non-ASCII" is simply > U+007F.
 _ATOM_RE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+")
-_DOT_STRING_RE = re.compile(rf"^{_ATOM_RE.pattern}(?:\.{_ATOM_RE.pattern})*$")
+_DOT_STRING_RE = re.compile(rf"^{_ATOM_RE.pattern}(?:\.{_ATOM_RE.pattern})*\Z")
 _LABEL_RE = re.compile(
     r"^[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]*"
-    r"[A-Za-z0-9\u0080-\U0010ffff])?$"
+    r"[A-Za-z0-9\u0080-\U0010ffff])?\Z"
 )
-_GENERAL_LITERAL_RE = re.compile(r"^[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+$")
+_GENERAL_LITERAL_RE = re.compile(r"^[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+\Z")
 
 
 def _bad_address(kind: str) -> CommandError:
@@ -253,8 +253,8 @@ def _split_path_and_params(args: str, keyword: str, kind: str) -> tuple[str, str
     return path, params.strip(" ")
 
 
-_KEYWORD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
-_VALUE_RE = re.compile(r"^[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+$")
+_KEYWORD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*\Z")
+_VALUE_RE = re.compile(r"^[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+\Z")
 
 
 def parse_params(text: str) -> dict[str, str | None]:

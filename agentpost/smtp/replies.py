@@ -24,7 +24,7 @@ from agentpost.model import errors
 
 log = logging.getLogger(__name__)
 
-_ENHANCED_RE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+_ENHANCED_RE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}\Z")
 # Reply text is ASCII printable (RFC 5321 §4.2: textstring is HT, SP, and %d33-126).
 _UNSAFE_TEXT_RE = re.compile(r"[^\x20-\x7e\t]")
 
