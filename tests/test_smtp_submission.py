@@ -460,3 +460,58 @@ async def test_minus_one_leaves_that_listener_unserved(db_dsn, openapi_checker):
         assert server.submission_port is None and server.submissions_port
     finally:
         await server.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_second_originator_a_lenient_reader_would_see_is_refused(sub):
+    """Obsolete ``From :`` spellings, a non-field line hiding a later From:, a Sender:
+    naming someone else, bare LF: each refused with nothing stored or queued."""
+    _, sender, _, _, key = await _setup(sub)
+    me = sender["email"]
+    heads = [f"From: {me}\r\nFrom : boss@agents.test\r\n",
+             f"From: {me}\r\nFrom\t: boss@agents.test\r\n",
+             f"From: {me}\r\nX-Junk\r\nFrom: boss@agents.test\r\n",
+             f"From: {me}\r\nSender: boss@agents.test\r\n",
+             f"From: {me}\nFrom: boss@agents.test\r\n"]
+
+    def session():
+        replies = []
+        with _login(sub.submission_port, me, key) as smtp:
+            for head in heads:
+                smtp.mail(me)
+                smtp.rcpt("bob@remote.example")
+                body = (head + "To: bob@remote.example\r\nSubject: x\r\n\r\nhi\r\n").encode()
+                replies.append(smtp.data(body))
+        return replies
+
+    replies = await deferToThread(session)
+    assert [r[0] // 100 for r in replies] == [5] * len(heads), replies
+    assert query(_dsn(sub), "SELECT count(*) FROM messages") == [(0,)]
+    assert query(_dsn(sub), "SELECT count(*) FROM outbound_queue") == [(0,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_nul_in_an_auth_login_name_is_a_charged_failure(sub, caplog):
+    """The NUL cannot reach PostgreSQL, and the failure still spends the allowance and
+    leaves the fail2ban line (it used to roll the charge back and answer 501)."""
+    caplog.set_level(logging.WARNING, logger="agentpost.auth")
+    _, sender, _, _, key = await _setup(sub)
+
+    def session():
+        smtp = smtplib.SMTP("127.0.0.1", sub.submission_port, timeout=30)
+        smtp.ehlo()
+        smtp.starttls(context=_ctx())
+        smtp.ehlo()
+        first = smtp.docmd("AUTH", "LOGIN " + _b64(sender["email"] + "\x00"))
+        second = smtp.docmd(_b64(key))
+        smtp.close()
+        return first, second
+
+    first, second = await deferToThread(session)
+    assert first[0] == 334
+    assert second[0] == 535 and second[1].startswith(b"5.7.8"), second
+    lines = [r.getMessage() for r in caplog.records if r.name == "agentpost.auth"]
+    assert any("protocol=smtp" in line and "reason=bad-credentials" in line
+               for line in lines), lines
+    [(spent,)] = query(_dsn(sub), "SELECT count(*) FROM login_failures")
+    assert spent >= 1

@@ -79,6 +79,9 @@ class LoginAttempt:
         return [self.source, self.pair]
 
 
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def client_source(peer: str) -> str:
     """What one client controls: an IPv4 address, or the /64 around an IPv6 address
     (IPv4-mapped IPv6 counts as the IPv4 address). Anything else is taken as is."""
@@ -137,7 +140,9 @@ class LoginGuard:
         consult the allowances of sources that failed before (HTTP, see ``admit``)."""
         limits = self.limits
         source = client_source(peer)
-        account = username.strip().lower()[:320]
+        # Control characters (a NUL in an AUTH LOGIN name) could not reach PostgreSQL:
+        # the failure must still be charged, so they never become part of a key.
+        account = _CONTROLS.sub("", username).strip().lower()[:320]
         return LoginAttempt(
             protocol, peer, username, account,
             source=self._allowance("login-source", source, limits.source_failures_per_minute),

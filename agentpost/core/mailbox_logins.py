@@ -9,6 +9,7 @@ an attacker who switches protocols keeps the allowance he has already spent.
 
 from __future__ import annotations
 
+import re
 from typing import Any, cast
 
 from twisted.cred.credentials import UsernamePassword
@@ -24,6 +25,9 @@ from agentpost.model.ids import new_id
 from agentpost.model.principal import Principal
 from agentpost.storage import inboxes as inbox_store
 from agentpost.storage.database import Database
+
+#: No address or key holds these; a credential that does is refused (and charged).
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class MailboxLogins:
@@ -48,6 +52,8 @@ class MailboxLogins:
         attempt = await self.guard.admit(protocol, peer, username)
         account_key = attempt.account
         try:
+            if _CONTROLS.search(username) or _CONTROLS.search(password):
+                raise UnauthorizedLogin("control characters in the credentials")
             # The key is checked before the inbox is looked up, so a missing inbox and a
             # wrong key take the same path and the same time.
             _, avatar, _ = await self._portal.login(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import email.utils
 import io
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -85,6 +86,36 @@ def _same(a: str, b: str) -> bool:
     return a.strip().lower() == b.strip().lower()
 
 
+#: Fields that name who wrote or sent the message: each must be the inbox alone.
+_ORIGINATORS = frozenset({"from", "sender", "resent-from", "resent-sender"})
+_FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+
+
+def _check_originators(head: bytes, address: str) -> None:
+    """Every header line is a field or a continuation (a line a lenient reader would
+    take for a second From: cannot hide from a strict one), there is exactly one From:,
+    and every originator field names the inbox and nothing else."""
+    if b"\n" in head.replace(b"\r\n", b"") or b"\r" in head.replace(b"\r\n", b""):
+        raise InvalidRequest("Header lines must end with CRLF.")
+    fields: list[tuple[str, list[bytes]]] = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1][1].append(line)
+            continue
+        m = _FIELD_NAME.match(line)
+        if m is None:
+            raise InvalidRequest("The header section holds a line that is not a field.")
+        fields.append((m.group(1).decode("ascii").lower(), [line[m.end():]]))
+    if sum(1 for name, _ in fields if name == "from") != 1:
+        raise FromHeaderNotAllowed()
+    for name, parts in fields:
+        if name in _ORIGINATORS:
+            value = b" ".join(parts).decode("utf-8", "replace")
+            found = email.utils.getaddresses([value])
+            if not found or any(not _same(addr, address) for _, addr in found):
+                raise FromHeaderNotAllowed()
+
+
 def prepare(raw: bytes, *, address: str, hostname: str, now: datetime) -> bytes:
     """Check the From: header and add Message-ID:/Date: if missing (pure; runs in a
     thread). ``raw`` has CRLF line endings."""
@@ -95,10 +126,8 @@ def prepare(raw: bytes, *, address: str, hostname: str, now: datetime) -> bytes:
         head, body = raw[:end], raw[end + 4:]
     if len(head) > MAX_HEADER_BYTES:
         raise InvalidRequest("The header section is too large.")
+    _check_originators(head, address)
     parsed = BytesHeaderParser(policy=compat32).parsebytes(head + b"\r\n\r\n")
-    senders = email.utils.getaddresses([str(v) for v in parsed.get_all("From", [])])
-    if len(senders) != 1 or not _same(senders[0][1], address):
-        raise FromHeaderNotAllowed()
     added: list[bytes] = []
     if parsed.get("Message-ID") is None:
         domain = address.rpartition("@")[2] or hostname
