@@ -282,3 +282,35 @@ async def test_the_queue_keeps_the_bytes_when_the_sent_copy_is_deleted_first(ser
     assert query(_dsn(server), "SELECT count(*) FROM blobs WHERE key = %s",
                  (message.raw_blob_key,)) == [(0,)]
     assert not await server.core.blobs.exists(message.raw_blob_key)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dsn_that_cannot_be_stored_does_not_hold_up_or_repeat_the_others(server):
+    failing, _, _ = await _sent_message(server, "dsn-fails")
+    fine, _, _ = await _sent_message(server, "dsn-fine")
+    await _enqueue(server, failing, ["gone@d.test"])
+    await _enqueue(server, fine, ["gone@e.test"])
+    stored: list[str] = []
+    broken = {failing.inbox_id}
+    real = InboxBounceSink(server.core.db, server.core.ingest)
+
+    async def sink(org_id, env_id, inbox_id, raw):
+        if inbox_id in broken:
+            raise RuntimeError("blob store down")
+        stored.append(inbox_id)
+        await real(org_id, env_id, inbox_id, raw)
+
+    core = server.core
+    worker = OutboundWorker(core.db, core.blobs, BlobCollector(core.db, core.blobs),
+                            Sink(lambda env: {r: FAILED for r in env.recipients}), _clock(),
+                            worker_id="w", hostname="mx.test", bounce_sink=sink,
+                            policy=POLICY)
+    await worker.drain()
+    assert stored == [fine.inbox_id]  # the other tenant's DSN, once
+    await worker.drain()
+    assert stored == [fine.inbox_id]  # still owed, not repeated for anyone
+    broken.clear()
+    await worker.drain()
+    assert sorted(stored) == sorted([fine.inbox_id, failing.inbox_id])
+    assert query(_dsn(server), "SELECT count(*) FROM outbound_queue WHERE bounce_pending") \
+        == [(0,)]

@@ -172,17 +172,30 @@ class OutboundWorker:
 
     # ------------------------------------------------------------------ bounces
 
-    async def _deliver_bounces(self) -> None:
-        """DSNs for rows that bounced: one transaction holds each row while its DSN is
-        stored (by ingest, in its own transaction), so two workers never both send it."""
+    async def _deliver_bounces(self, rounds: int = 5) -> None:
+        """DSNs for rows that bounced, one row per transaction: the transaction holds the
+        row while its DSN is stored (by ingest, in its own transaction), so two workers
+        never both send it. A DSN that cannot be stored now goes to the back of the line
+        (it is tried again later) and never holds up, or repeats, anyone else's."""
 
-        async def txn_fn(txn: Txn) -> None:
-            for row in await store.claim_bounces(txn, 5):
-                if row["mail_from"]:  # a bounce never bounces (RFC 3464 §2.1)
+        async def txn_fn(txn: Txn) -> bool:
+            rows = await store.claim_bounces(txn, 1)
+            if not rows:
+                return False
+            row = rows[0]
+            if row["mail_from"]:  # a bounce never bounces (RFC 3464 §2.1)
+                try:
                     await self._bounce_one(txn, row)
-                await store.bounce_delivered(txn, row["org_id"], row["id"])
+                except Exception as exc:
+                    log.warning("outbound %s: DSN not stored yet: %s", row["id"], exc)
+                    await store.postpone_bounce(txn, row["org_id"], row["id"])
+                    return True
+            await store.bounce_delivered(txn, row["org_id"], row["id"])
+            return True
 
-        await self._db.run_interaction("outbound.bounces", txn_fn)
+        for _ in range(rounds):
+            if not await self._db.run_interaction("outbound.bounces", txn_fn):
+                return
 
     async def _bounce_one(self, txn: Txn, row: dict[str, Any]) -> None:
         recipients = [FailedRecipient(r["address"], r["status_code"] or "5.0.0",
@@ -217,8 +230,9 @@ class OutboundWorker:
 
 
 def without_bcc(raw: bytes) -> bytes:
-    """The message without its ``Bcc:`` header field(s) (and their folded lines): the
-    stored Sent copy keeps Bcc:, what leaves never carries it (RFC 5322 §3.6.3)."""
+    """The message without its ``Bcc:`` and ``Resent-Bcc:`` fields (and their folded
+    lines): the stored Sent copy keeps them, what leaves never carries them (RFC 5322
+    §3.6.3, §3.6.6)."""
     end = raw.find(b"\r\n\r\n")
     head = raw if end < 0 else raw[:end]
     if b"bcc:" not in head.lower():
@@ -230,7 +244,7 @@ def without_bcc(raw: bytes) -> bytes:
             if not skipping:
                 kept.append(line)
             continue
-        skipping = line.split(b":", 1)[0].strip().lower() == b"bcc"
+        skipping = line.split(b":", 1)[0].strip().lower() in (b"bcc", b"resent-bcc")
         if not skipping:
             kept.append(line)
     return b"\r\n".join(kept) + (b"" if end < 0 else raw[end:])

@@ -124,6 +124,13 @@ async def bounced_recipients(txn: Txn, org_id: str, queue_id: str) -> list[dict[
         " ORDER BY address", (org_id, queue_id))
 
 
+async def postpone_bounce(txn: Txn, org_id: str, queue_id: str) -> None:
+    """The DSN could not be stored now: behind every other owed DSN."""
+    await txn.execute(
+        "UPDATE outbound_queue SET updated_at = %s WHERE org_id = %s AND id = %s",
+        (txn.now, org_id, queue_id))
+
+
 async def bounce_delivered(txn: Txn, org_id: str, queue_id: str) -> None:
     """The DSN is stored: owe nothing more."""
     await txn.execute(
