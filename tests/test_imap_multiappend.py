@@ -309,3 +309,25 @@ async def test_catenate_combined_with_multiappend(server):
     assert bodies[1].endswith(_msg(2) + b")") and bodies[2].endswith(_msg(1) + b")")
     assert bad == [b"c NO [BADURL /INBOX/;UID=99] Bad URL: no such message."]
     assert len(bodies) == 3  # the refused batch stored nothing
+
+
+@pytest_twisted.ensureDeferred
+async def test_catenate_urls_count_against_the_command_total(small_server, small_limits):
+    """Each message under the APPENDLIMIT, but many URL copies of one stored message in
+    one MULTIAPPEND would make us read and spool without bound: NO [LIMIT], nothing
+    stored (the total is 200,000 bytes here, each copy 40,000)."""
+    server = small_server
+    user, key = await new_login(server, "catbudget")
+
+    def run(c: Client):
+        c.tagged("a", "APPEND INBOX ", Lit(_msg(1, 40_000)))
+        copies = " ".join(['CATENATE (URL "/INBOX/;UID=1")'] * 6)
+        return {"over": c.tagged("b", f"APPEND INBOX {copies}"),
+                "under": c.tagged("c", "APPEND INBOX " + " ".join(
+                    ['CATENATE (URL "/INBOX/;UID=1")'] * 3)),
+                "status": _status(c)}
+
+    out = await session(server.imap_port, user, key, run)
+    assert out["over"][-1].startswith(b"b NO [LIMIT]"), out["over"]
+    assert out["under"][-1].startswith(b"c OK [APPENDUID "), out["under"]
+    assert out["status"].endswith(b"(MESSAGES 4 UIDNEXT 5)")

@@ -73,4 +73,7 @@ async def report_changes(session: IMAP4ServerProtocol, expunge: bool) -> None:
         if not session.imap4rev2:  # RFC 9051 removed RECENT
             session.send(f"* {len(view.recent)} RECENT")
     view.highestmodseq = max(view.highestmodseq, changes.highestmodseq)
-    await contexts.refresh(session)  # RFC 5267 UPDATE: after EXISTS (§4.3.3)
+    if gone or new or changes.changed or changes.expunged:
+        # RFC 5267 UPDATE: after EXISTS (§4.3.3). Only when something changed: a NOOP
+        # must not re-run every live search of the session.
+        await contexts.refresh(session)

@@ -196,6 +196,23 @@ async def _assemble(session: IMAP4ServerProtocol, draft: _Draft,
     return AppendMessage(data, draft.flags, draft.when)
 
 
+async def _assemble_all(session: IMAP4ServerProtocol, drafts: list[_Draft],
+                        spools: _Spools) -> list[AppendMessage]:
+    """Every message of the command, the bytes copied from URLs counted with the rest:
+    one command may not make us write (or read) more than the reader lets literals
+    bring, whatever mix of literals and CATENATE URLs carries them."""
+    budget = max(session.max_append_total_bytes, session.max_append_bytes)
+    out: list[AppendMessage] = []
+    for draft in drafts:
+        message = await _assemble(session, draft, spools)
+        data = message.message
+        budget -= len(data) if isinstance(data, bytes) else _size(data)
+        if budget < 0:
+            raise no("The messages of one APPEND exceed its total limit", "LIMIT")
+        out.append(message)
+    return out
+
+
 async def append(session: IMAP4ServerProtocol, command: Command) -> str:
     args = list(command.args)
     if len(args) < 2:
@@ -205,7 +222,7 @@ async def append(session: IMAP4ServerProtocol, command: Command) -> str:
     try:
         drafts = _parse_messages(args[1:], spools)
         require_write(session)
-        messages = [await _assemble(session, draft, spools) for draft in drafts]
+        messages = await _assemble_all(session, drafts, spools)
         try:
             if len(messages) == 1:
                 [msg] = messages
