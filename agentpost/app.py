@@ -22,8 +22,12 @@ from agentpost.core.api_keys import APIKeys
 from agentpost.core.audit import AuditTrail
 from agentpost.core.audit_log import AuditLog
 from agentpost.core.blobrefs import BlobCollector
+from agentpost.core.domains import Domains
+from agentpost.core.draft_sending import DraftSending
+from agentpost.core.drafts import Drafts
 from agentpost.core.environments import Environments
 from agentpost.core.filters import FilterRules
+from agentpost.core.idempotency import Idempotency
 from agentpost.core.imap_logins import IMAPLogins
 from agentpost.core.inboxes import Inboxes
 from agentpost.core.ingest import Ingest
@@ -33,16 +37,30 @@ from agentpost.core.messages import Messages
 from agentpost.core.organizations import Organizations
 from agentpost.core.reserved import ReservedNames
 from agentpost.core.routing import Router
+from agentpost.core.sending import MessageLimits, Sending
+from agentpost.core.submission import Submission
+from agentpost.core.suppressions import Deliveries, Suppressions
+from agentpost.core.uploads import Uploads
+from agentpost.http import views
 from agentpost.http.admin import add_admin_routes
 from agentpost.http.api import add_api_routes
 from agentpost.http.app import build_app
+from agentpost.http.domains import add_domain_routes
+from agentpost.http.drafts import add_drafts_routes
+from agentpost.http.feedback import mount_sns_webhook
 from agentpost.http.framework import RouteTable
 from agentpost.http.key_failures import FailedKeyThrottle
 from agentpost.http.mail import add_mail_routes
+from agentpost.http.send import add_send_routes
 from agentpost.http.site import make_site
+from agentpost.http.suppressions import add_suppression_routes
+from agentpost.http.uploads import add_upload_endpoint, add_upload_routes, allow_upload_bodies
+from agentpost.jobs.domain_verify import DomainVerifyJob, build_domains
 from agentpost.jobs.rerender import RenderRefresh
 from agentpost.jobs.retention import RetentionSweep
+from agentpost.jobs.scheduled_send import ScheduledSend
 from agentpost.listening import listen_tcp, port_number
+from agentpost.outbound.feedback import FeedbackReceiver
 from agentpost.outbound.setup import OutboundService
 from agentpost.storage.blobs import BlobStore, LocalBlobStore, S3BlobStore
 from agentpost.storage.database import Database
@@ -77,6 +95,17 @@ class Core:
     live_credentials: LiveCredentials  # ends long-lived sessions whose key died
     imap_logins: IMAPLogins
     login_guard: LoginGuard  # failed-login allowances of every password door
+    suppressions: Suppressions  # per-organization suppression list (the API side)
+    deliveries: Deliveries  # per-recipient delivery state of sent messages
+    feedback: FeedbackReceiver  # SES feedback through SNS (verified, then applied)
+    domains: Domains  # organizations' own domains (DKIM, DNS records, verification)
+    domain_verify: DomainVerifyJob  # the verification timer
+    uploads: Uploads  # attachments uploaded ahead of a send
+    idempotency: Idempotency  # Idempotency-Key answers of the send API (and drafts)
+    sending: Sending  # the send API: compose, check, submit
+    drafts: Drafts  # the IMAP Drafts folder as structured drafts
+    draft_sending: DraftSending  # drafts sent now or at send_at, through sending
+    scheduled_send: ScheduledSend  # the timer that sends drafts when send_at comes
 
 
 def build_blob_store(config: Config, reactor: Any) -> BlobStore:
@@ -118,6 +147,23 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
         pair_failures_per_minute=login_cfg.pair_failures_per_minute,
         account_failures_per_minute=login_cfg.account_failures_per_minute,
         account_delay_s=login_cfg.account_delay))
+    outbound = OutboundService(config, db, blobs, collector, ingest, clock, reactor,
+                               router=router)
+    uploads = Uploads(db, blobs, collector, clock, config.mail.max_upload_size)
+    idempotency = Idempotency(db, clock)
+    sending = Sending(
+        db, Submission(db, ingest, reactor, outbound.policy, config.server.hostname,
+                       limits=outbound.limits),
+        blobs, uploads, reactor, config.server.hostname,
+        MessageLimits(max_recipients=max(1, config.mail.max_recipients),
+                      max_message_size_bytes=config.smtp.max_message_size),
+        views.message)
+    domains, domain_verify = build_domains(config, db, audit, reactor, clock)
+    drafts = Drafts(db, blobs, collector, ingest, reactor, hostname=config.server.hostname,
+                    clock=clock, max_schedule_ahead_s=config.outbound.max_schedule_ahead,
+                    uploads=uploads, max_message_bytes=config.smtp.max_message_size)
+    draft_sending = DraftSending(db, drafts, sending, clock, lease_s=config.outbound.lease,
+                                 idempotency=idempotency)
     return Core(
         db=db, audit=audit,
         organizations=Organizations(db, audit),
@@ -126,10 +172,10 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
         api_keys=APIKeys(db, audit),
         members=Members(db, audit),
         audit_log=AuditLog(db),
-        retention=RetentionSweep(db, clock, config.retention),
+        retention=RetentionSweep(db, clock, config.retention,
+                                 also=(uploads.sweep, idempotency.sweep)),
         rerender=RenderRefresh(db, blobs, clock, reactor),
-        outbound=OutboundService(config, db, blobs, collector, ingest, clock, reactor,
-                                 router=router),
+        outbound=outbound,
         blobs=blobs,
         ingest=ingest,
         router=router,
@@ -140,6 +186,15 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
         imap_logins=IMAPLogins(portal, db, blobs, ingest, collector, audit, clock, notifier,
                                guard=login_guard),
         login_guard=login_guard,
+        suppressions=Suppressions(db, audit), deliveries=Deliveries(db),
+        feedback=FeedbackReceiver.from_config(config.outbound, db, reactor=reactor,
+                                              clock=clock),
+        domains=domains, domain_verify=domain_verify,
+        uploads=uploads, idempotency=idempotency, sending=sending,
+        drafts=drafts, draft_sending=draft_sending,
+        scheduled_send=ScheduledSend(db, draft_sending, clock,
+                                     interval_s=config.outbound.scheduled_send_interval,
+                                     lease_s=config.outbound.lease),
     )
 
 
@@ -174,9 +229,17 @@ class AgentPostService(service.Service):
         add_api_routes(api, environments=core.environments, inboxes=core.inboxes,
                        api_keys=core.api_keys, members=core.members, audit_log=core.audit_log)
         add_mail_routes(api, core.messages, core.filters)
+        add_suppression_routes(api, core.suppressions, core.deliveries)
+        add_domain_routes(api, core.domains)
+        add_send_routes(api, core.sending, core.idempotency)
+        add_upload_routes(api, core.uploads, cfg.http.public_url)
+        add_drafts_routes(api, core.drafts, core.draft_sending)
         add_admin_routes(admin, core.organizations)
         self.route_tables = {"api": api, "admin": admin}
-        return build_app(api, admin, self._ready).resource()
+        app = build_app(api, admin, self._ready)
+        mount_sns_webhook(app, "/api/v1" + cfg.outbound.sns_path, core.feedback)
+        add_upload_endpoint(app, core.uploads)  # signed PUTs: no API key, not JSON
+        return app.resource()
 
     async def _ready(self) -> bool:
         return await self.core.db.ping()
@@ -195,10 +258,13 @@ class AgentPostService(service.Service):
         await self.core.inboxes.ensure_shared_domain()
         self.core.audit.start()
         self.core.retention.start()
+        self.core.domain_verify.start()
+        self.core.scheduled_send.start()
         self.core.rerender.start()
         await self.core.notifier.start()
         await self.core.live_credentials.start()
         await self.core.outbound.start()
+        await self.core.uploads.prime()  # upload PUTs signed by any process
         if self.config.smtp.mx_enabled:
             self.ports["smtp_mx"] = await self._listen_mx()
         if self.config.smtp.submission_enabled:
@@ -209,6 +275,7 @@ class AgentPostService(service.Service):
         if cfg.enabled:
             site = make_site(self.http_resource(), access_log=cfg.access_log,
                              max_body_bytes=cfg.max_body)
+            allow_upload_bodies(site, self.config.mail.max_upload_size, self.core.uploads)
             self.ports["http"] = await listen_tcp(
                 self.reactor, site, cfg.bind, cfg.port,
                 tls_options=self.tls_options() if cfg.tls else None,
@@ -310,7 +377,7 @@ class AgentPostService(service.Service):
         agent = SubmissionDelivery(
             MailboxLogins(build_portal(core.db), core.db, core.audit, core.login_guard),
             Submission(core.db, core.ingest, self.reactor, core.outbound.policy,
-                       self.config.server.hostname),
+                       self.config.server.hostname, limits=core.outbound.limits),
             core.live_credentials)
 
         def factory(implicit: bool) -> Any:
@@ -389,6 +456,8 @@ class AgentPostService(service.Service):
         await self.core.outbound.stop()
         await self.core.rerender.stop()
         await self.core.retention.stop()
+        await self.core.domain_verify.stop()
+        await self.core.scheduled_send.stop()
         await self.core.audit.stop()
         await self.core.db.close()
 

@@ -55,6 +55,15 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write("agentpost: configuration error: database.url: not set "
                              "(or set AGENTPOST_DATABASE_URL)\n")
             return 2
+        from agentpost.auth.sealing import secrets_problem
+
+        problem = secrets_problem(config.secrets.key_file,
+                                  production=config.server.environment == "production",
+                                  # our own DKIM keys sign what a smarthost relays
+                                  needed=config.outbound.transport not in ("ses", "log"))
+        if problem:
+            sys.stderr.write(f"agentpost: configuration error: {problem}\n")
+            return 2
         if config.smtp.mx_enabled and not config.mail.operator_inbox:
             sys.stderr.write("agentpost: warning: mail.operator_inbox is not set, so mail to "
                              "<postmaster> is refused (RFC 5321 section 4.5.1 requires "

@@ -99,6 +99,10 @@ def dev_tls() -> Any:
     folder = Path(tempfile.mkdtemp(prefix="agentpost-tls-"))
     tls = ensure_dev_tls(folder / "tls", hostnames=("localhost",))
     _DEV_TLS.update(cert=str(tls.cert), key=str(tls.key), ca=str(tls.ca_cert))
+    from agentpost.auth.sealing import generate_key_file
+
+    generate_key_file(folder / "secrets.key")  # the master key DKIM keys are sealed with
+    _DEV_TLS["secrets_key"] = str(folder / "secrets.key")
     yield tls
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -117,6 +121,7 @@ def make_config(dsn: str, **overrides: dict[str, Any]) -> Any:
         "smtp": {"mx_bind": "127.0.0.1", "mx_port": 0, "submission_bind": "127.0.0.1",
                  "submission_port": 0, "submissions_port": 0},
         "imap": {"bind": "127.0.0.1", "port": 0, "tls_port": 0},
+        "secrets": {"key_file": _DEV_TLS["secrets_key"]} if _DEV_TLS else {},
     }
     for section, values in overrides.items():
         data.setdefault(section, {}).update(values)

@@ -225,6 +225,7 @@ class _Sink:
         from agentpost.imap.states import State
 
         self.state = State.SELECTED
+        self.clock = None  # no thread pool: decoded inline
         self.written = 0
         self.tail = b""
 
@@ -290,3 +291,54 @@ async def test_append_literal8_stores_the_octets_byte_exact(server, sync):
     assert b"\\Flagged" in body
     assert re.search(rb"t\d+ BAD ", refused), refused
     assert re.search(rb"t\d+ BAD ", search), search
+
+
+@pytest_twisted.ensureDeferred
+async def test_large_part_is_decoded_in_the_thread_pool_byte_exact(server, monkeypatch):
+    """A 4 MB base64 body (over binaryfetch.THREAD_BYTES): FETCH BINARY[1] and
+    BINARY.SIZE[1] give exactly the original octets, decoded in the reactor's thread
+    pool a chunk per hop -- never the whole body in one call, never on the reactor."""
+    from agentpost.imap.commands import binaryfetch
+
+    hops: list[int] = []
+    original = binaryfetch.deferToThreadPool
+
+    def spy(reactor, pool, fn, chunk):  # type: ignore[no-untyped-def]
+        hops.append(len(chunk))
+        return original(reactor, pool, fn, chunk)
+
+    monkeypatch.setattr(binaryfetch, "deferToThreadPool", spy)
+    inbox, key = await new_inbox(server, "bin-thread")
+    payload = (BYTES * (4_000_000 // 256 + 1))[:4_000_000]
+    encoded = base64.encodebytes(payload).replace(b"\n", b"\r\n")
+    raw = (f"From: big@example.org\r\nTo: {inbox['email']}\r\nSubject: one part\r\n"
+           "MIME-Version: 1.0\r\nContent-Type: application/octet-stream\r\n"
+           "Content-Transfer-Encoding: base64\r\n\r\n").encode() + encoded
+    await server.deliver(raw, [inbox["email"]])
+
+    def work(wire: Client):
+        return (wire.transcript(b"FETCH 1 (BINARY.SIZE[1] BINARY.PEEK[1])"),
+                wire.transcript(b"FETCH 1 (BINARY.PEEK[1]<3999000.5000>)"))
+
+    whole, tail = await _selected(server, inbox, key, work)
+    assert _size(whole, b"BINARY.SIZE[1]") == len(payload)
+    assert _item(whole, b"BINARY[1]") == (b"~", payload)
+    assert _item(tail, b"BINARY[1]<3999000>") == (b"~", payload[3999000:])
+    assert hops and max(hops) <= binaryfetch.CHUNK_BYTES
+    assert sum(hops) >= 3 * len(encoded)  # size pass, measuring pass, streaming pass...
+
+
+def test_small_or_identity_bodies_are_decoded_inline():
+    """The pool is for bodies worth a thread hop: small ones, octets with nothing to
+    undo, and a clock without a pool (task.Clock) decode inline."""
+    from twisted.internet import reactor
+    from twisted.internet.task import Clock
+
+    from agentpost.imap.commands.binaryfetch import THREAD_BYTES, _Body, _pool
+
+    big = THREAD_BYTES + 1
+    assert _pool(reactor, _Body(0, big, "base64")) is reactor
+    assert _pool(reactor, _Body(0, THREAD_BYTES, "base64")) is None
+    assert _pool(reactor, _Body(0, big, "binary")) is None
+    assert _pool(reactor, _Body(0, big, None)) is None
+    assert _pool(Clock(), _Body(0, big, "base64")) is None

@@ -160,6 +160,9 @@ class FakeAccount:
     async def set_subscribed(self, name: str, subscribed: bool) -> None:
         self._folder(name).subscribed = subscribed
 
+    async def list_subscriptions(self) -> list[str]:
+        return sorted(n for n, f in self.shared.folders.items() if f.subscribed)
+
     async def select(self, name: str) -> tuple[FakeFolder, FolderSnapshot]:
         await self._maybe_wait("select", name)
         f = self._folder(name)

@@ -5,15 +5,19 @@ from __future__ import annotations
 import urllib.parse
 
 import pytest
+import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agentpost.mail import imapformat
 from agentpost.mail.catenate import (
+    HEADER_READ_BYTES,
     MAX_URL_CHARS,
     BadUrl,
     PartReference,
     badurl_code,
     parse_catenate_url,
+    read_top_header,
 )
 from agentpost.mail.imapformat import SectionSpec
 from agentpost.model import errors
@@ -159,3 +163,131 @@ def test_arbitrary_input_either_parses_or_is_a_bad_url(text):
         parse(text)
     except BadUrl as exc:
         assert badurl_code(exc.url).startswith("BADURL ")
+
+
+# ----------------------------------------------------- the header block by range reads
+
+_HEADER_CASES = [
+    b"Subject: a\r\nX-A: 1\r\n\r\nbody\r\n",
+    b"Subject: lf only\nX-A: 1\n\nbody\n\nmore\n",
+    b"\r\nno header at all\r\n",
+    b"\nno header, LF\n",
+    b"Subject: all header, no body\r\nX-B: 2\r\n",
+    b"Subject: ends in CR\n\r",
+    b"Subject: folded\r\n  on two lines\r\n\r\n",
+    b"Subject: mixed\n\r\nbody",
+    b"",
+    b"X-Big: " + b"y" * 200_000 + b"\r\nX-After: 1\r\n\r\n" + b"z" * 1000,
+]
+
+
+class _Ranges:
+    """A stored message read only by ranges, counting the octets read."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self.read = 0
+
+    async def __call__(self, start: int, length: int) -> bytes:
+        assert 0 <= start and start + length <= len(self.raw)
+        self.read += length
+        return self.raw[start:start + length]
+
+
+def _top_header(raw: bytes, limit: int = 1 << 30) -> tuple[bytes | None, int]:
+    """Run the coroutine to its end: its reads never wait."""
+    reader = _Ranges(raw)
+    coro = read_top_header(reader, len(raw), limit)
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value, reader.read
+    raise AssertionError("read_top_header waited on a read that never waits")
+
+
+@pytest.mark.parametrize("raw", _HEADER_CASES)
+def test_the_top_header_by_ranges_is_what_imapformat_sections(raw):
+    header, _ = _top_header(raw)
+    assert header == imapformat.section(raw, "HEADER")
+    assert imapformat.filter_header_fields(header, ("subject",), True) == \
+        imapformat.section(raw, "HEADER.FIELDS (SUBJECT)")
+
+
+def test_only_the_header_block_is_read_of_a_large_message():
+    raw = b"Subject: big\r\n\r\n" + b"x" * 5_000_000
+    header, read = _top_header(raw)
+    assert header == b"Subject: big\r\n\r\n"
+    assert read == HEADER_READ_BYTES  # one read; never the 5 MB
+
+
+def test_a_header_over_the_limit_is_none():
+    assert _top_header(b"X-Big: " + b"y" * 300_000 + b"\r\n\r\nbody", limit=100_000)[0] \
+        is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b":", b" ", b"\r", b"\n", b"\r\n"]), max_size=40)
+       .map(b"".join))
+def test_arbitrary_bytes_split_where_imapformat_splits(raw):
+    import agentpost.mail.catenate as catenate
+
+    original = catenate.HEADER_READ_BYTES
+    catenate.HEADER_READ_BYTES = 3  # many reads: blank lines across read boundaries
+    try:
+        header, _ = _top_header(raw)
+    finally:
+        catenate.HEADER_READ_BYTES = original
+    assert header == imapformat.section(raw, "HEADER")
+
+
+@pytest_twisted.ensureDeferred
+async def test_catenate_header_fields_of_an_unmapped_message_reads_only_the_header(
+        server, monkeypatch):
+    """Over IMAP: a message stored without a section map (imap_sections NULL), a large
+    body: ``;SECTION=HEADER.FIELDS (...)`` and ``;SECTION=HEADER`` copy exactly what
+    FETCH BODY.PEEK returns, and the whole message is never read."""
+    from agentpost.core.imap_messages import InboxFolder
+    from tests.imap_client import Client, Lit, new_inbox, session
+
+    inbox, key = await new_inbox(server, "cat-unmapped")
+    raw = (f"From: a@example.org\r\nTo: {inbox['email']}\r\nSubject: kept\r\n"
+           "X-Note: one\r\n  folded\r\n\r\n").encode() + b"body\r\n" * 400_000
+    await server.deliver(raw, [inbox["email"]])
+
+    async def unmap(txn):  # type: ignore[no-untyped-def]
+        await txn.execute("UPDATE messages SET imap_sections = NULL WHERE inbox_id = %s",
+                          (inbox["id"],))
+
+    await server.core.db.run_interaction("test.unmap", unmap)
+    whole_reads: list[int] = []
+    original = InboxFolder.read_message
+
+    async def spy(self, row):  # type: ignore[no-untyped-def]
+        whole_reads.append(row.uid)
+        return await original(self, row)
+
+    monkeypatch.setattr(InboxFolder, "read_message", spy)
+
+    def work(c: Client) -> dict[str, list[bytes]]:
+        c.ok("SELECT INBOX")
+        out = {"fields": c.tagged("a", 'APPEND Drafts CATENATE (URL '
+                                  '"/INBOX/;UID=1/;SECTION=HEADER.FIELDS%20(SUBJECT%20X-NOTE)")'),
+               "header": c.tagged("b", "APPEND Drafts CATENATE (URL ",
+                                  Lit(b";UID=1/;SECTION=HEADER/;PARTIAL=5.20"), ")"),
+               "reads": [b"%d" % len(whole_reads)],
+               "fetch": c.ok("FETCH 1 (BODY.PEEK[HEADER.FIELDS (SUBJECT X-NOTE)] "
+                             "BODY.PEEK[HEADER]<5.20>)")}
+        c.ok("EXAMINE Drafts")
+        out["drafts"] = c.ok("UID FETCH 1:2 (BODY.PEEK[])")
+        return out
+
+    out = await session(server.imap_port, inbox["email"], key, work)
+    assert out["fields"][-1].startswith(b"a OK [APPENDUID "), out["fields"]
+    assert out["header"][-1].startswith(b"b OK [APPENDUID "), out["header"]
+    fields = b"Subject: kept\r\nX-Note: one\r\n  folded\r\n\r\n"
+    header = raw[5:25]
+    assert fields in out["fetch"][0] and b"{20}\r\n" + header in out["fetch"][0]
+    assert out["drafts"][0].endswith(b"{%d}\r\n" % len(fields) + fields + b")")
+    assert out["drafts"][1].endswith(b"{20}\r\n" + header + b")")
+    assert out["reads"] == [b"0"]  # by the CATENATEs (FETCH then reads it, to map it)
+    assert whole_reads and whole_reads[0] == 1

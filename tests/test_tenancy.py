@@ -39,7 +39,17 @@ async def _populate(server, key, tag):
         attachments=[("s.txt", "text/plain", f"attachment {tag}".encode())]),
         [inbox.json["email"]])
     msg = await server.api.get(f"/api/v1/messages/{stored.message_id}", key=key)
+    domain = await server.api.post("/api/v1/domains", {"name": f"victim-{tag}.example"},
+                                   key=key)
+    draft = await server.api.post(f"/api/v1/inboxes/{inbox.json['id']}/drafts", {
+        "to": [f"friend-{tag}@example.net"], "subject": f"secret {tag} draft"}, key=key)
+    suppressed = await server.api.post("/api/v1/suppressions", {
+        "email": f"gone-{tag}@example.net"}, key=key)
+    assert {r.status for r in (domain, draft, suppressed)} == {201}, (domain, draft, suppressed)
     return {
+        "domain_id": domain.json["id"],
+        "draft_id": draft.json["id"],
+        "email": suppressed.json["email"],
         "message_id": stored.message_id,
         "thread_id": stored.thread_id,
         "attachment_id": msg.json["attachments"][0]["id"],

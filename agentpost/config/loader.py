@@ -21,6 +21,7 @@ from agentpost.config.sections import (
     SECTIONS,
     AuditSection,
     DatabaseSection,
+    DomainsSection,
     HTTPSection,
     IMAPSection,
     LoggingSection,
@@ -29,6 +30,8 @@ from agentpost.config.sections import (
     OutboundSection,
     RateLimitSection,
     RetentionSection,
+    SecretsSection,
+    SendLimitsSection,
     ServerSection,
     SMTPSection,
     StorageSection,
@@ -42,6 +45,7 @@ ENV_OVERRIDES = {
     "AGENTPOST_HOSTNAME": ("server", "hostname"),
     "AGENTPOST_S3_SECRET_ACCESS_KEY": ("storage", "secret_access_key"),
     "AGENTPOST_SES_SECRET_ACCESS_KEY": ("outbound", "ses_secret_access_key"),
+    "AGENTPOST_SMTP_PASSWORD": ("outbound", "smtp_password"),
 }
 
 
@@ -70,8 +74,11 @@ class Config:
     audit: AuditSection = field(default_factory=AuditSection)
     retention: RetentionSection = field(default_factory=RetentionSection)
     outbound: OutboundSection = field(default_factory=OutboundSection)
+    send_limits: SendLimitsSection = field(default_factory=SendLimitsSection)
     login: LoginSection = field(default_factory=LoginSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    secrets: SecretsSection = field(default_factory=SecretsSection)
+    domains: DomainsSection = field(default_factory=DomainsSection)
     source: str = "<defaults>"
 
 
@@ -176,18 +183,71 @@ def _check(config: Config) -> None:
     if "@" in config.mail.shared_domain or not config.mail.shared_domain:
         raise ConfigError("mail.shared_domain", "must be a domain name")
     _check_outbound(config)
+    _check_send_limits(config)
+    _check_domains(config)
+
+
+def _check_domains(config: Config) -> None:
+    dom = config.domains
+    if dom.dkim_algorithm not in ("rsa", "ed25519"):
+        raise ConfigError("domains.dkim_algorithm", "must be 'rsa' or 'ed25519'")
+    if dom.verify_interval < 1 or dom.dns_timeout <= 0:
+        raise ConfigError("domains.verify_interval", "must be at least 1s (and "
+                          "dns_timeout positive)")
+    if not all(isinstance(s, str) and s.strip() for s in dom.dns_servers):
+        raise ConfigError("domains.dns_servers", "must be a list of 'host' or 'host:port'")
+
+
+def _check_send_limits(config: Config) -> None:
+    """No negative limits; a rate needs a bucket to hold its burst."""
+    limits = config.send_limits
+    for scope in ("org", "inbox"):
+        rate, burst = getattr(limits, f"{scope}_rate"), getattr(limits, f"{scope}_burst")
+        if rate < 0 or burst < 0:
+            raise ConfigError(f"send_limits.{scope}_rate", "rate and burst must not be "
+                              "negative (0: no limit)")
+        if rate > 0 and burst < 1:
+            raise ConfigError(f"send_limits.{scope}_burst", f"must be at least 1 when "
+                              f"{scope}_rate is set")
+    if limits.daily_quota < 0 or limits.inbox_daily_quota < 0:
+        raise ConfigError("send_limits.daily_quota", "must not be negative (0: no limit)")
+
+
+def _check_sns(config: Config) -> None:
+    """The SNS feedback endpoint's settings: a sane path, a compilable host pattern,
+    a readable CA file, and no loopback fetches in production."""
+    out = config.outbound
+    if not re.fullmatch(r"(/[A-Za-z0-9._-]+)+", out.sns_path):
+        raise ConfigError("outbound.sns_path", "must be a path such as /webhooks/ses")
+    try:
+        re.compile(out.sns_cert_host_pattern)
+    except re.error as exc:
+        raise ConfigError("outbound.sns_cert_host_pattern", f"not a regex: {exc}") from None
+    if not all(isinstance(a, str) and a.startswith("arn:") for a in out.sns_topic_arns):
+        raise ConfigError("outbound.sns_topic_arns", "must be a list of SNS topic ARNs")
+    if out.sns_ca_file and not os.path.isfile(out.sns_ca_file):
+        raise ConfigError("outbound.sns_ca_file", "no such file")
+    if out.sns_max_age <= 0 or out.sns_fetch_timeout <= 0:
+        raise ConfigError("outbound.sns_max_age", "durations must be positive")
+    if out.sns_allow_private_addresses and config.server.environment == "production":
+        raise ConfigError("outbound.sns_allow_private_addresses",
+                          "is for tests only; refused in production")
 
 
 def _check_outbound(config: Config) -> None:
     out = config.outbound
-    if out.transport not in ("log", "ses"):
-        raise ConfigError("outbound.transport", "must be 'log' or 'ses'")
+    _check_sns(config)
+    if out.transport not in ("log", "ses", "smtp"):
+        raise ConfigError("outbound.transport", "must be 'log', 'ses' or 'smtp'")
     if out.max_lifetime < 60 or out.lease < 10 or out.poll_interval <= 0:
         raise ConfigError("outbound.max_lifetime", "lifetime >= 1m, lease >= 10s and a "
                           "positive poll_interval are needed")
     if not 1 <= out.concurrency <= 256:
         raise ConfigError("outbound.concurrency", "must be between 1 and 256")
+    if out.handoff_timeout <= 0:
+        raise ConfigError("outbound.handoff_timeout", "must be positive")
     _check_ses(config)
+    _check_smtp(config)
 
 
 def _check_ses(config: Config) -> None:
@@ -213,6 +273,38 @@ def _check_ses(config: Config) -> None:
     if bool(out.ses_access_key_id) != bool(out.ses_secret_access_key):
         raise ConfigError("outbound.ses_secret_access_key", "give both ses_access_key_id "
                           "and ses_secret_access_key, or neither (boto3's credential chain)")
+
+
+def _check_smtp(config: Config) -> None:
+    """The smarthost: a name, verified STARTTLS in production, one source of password."""
+    out = config.outbound
+    if out.smtp_tls not in ("required", "opportunistic", "none"):
+        raise ConfigError("outbound.smtp_tls", "must be 'required', 'opportunistic' or 'none'")
+    if config.server.environment == "production" and (
+            out.smtp_tls != "required" or not out.smtp_tls_verify):
+        raise ConfigError("outbound.smtp_tls", "must be 'required' with smtp_tls_verify = "
+                          "true when server.environment = 'production'")
+    if out.transport == "smtp" and not out.smtp_host:
+        raise ConfigError("outbound.smtp_host", "is required when outbound.transport = 'smtp'")
+    if not 0 < out.smtp_port < 65536:
+        raise ConfigError("outbound.smtp_port", "must be between 1 and 65535")
+    for key in ("smtp_ca_file", "smtp_password_file"):
+        path = getattr(out, key)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"outbound.{key}", f"file {path!r} does not exist")
+    if out.smtp_password and out.smtp_password_file:
+        raise ConfigError("outbound.smtp_password_file", "give smtp_password or "
+                          "smtp_password_file, not both")
+    if out.smtp_username and not (out.smtp_password or out.smtp_password_file):
+        raise ConfigError("outbound.smtp_password", "smtp_username needs a password")
+    if not 1 <= out.smtp_pool_size <= 64:
+        raise ConfigError("outbound.smtp_pool_size", "must be between 1 and 64")
+    if out.smtp_idle_timeout <= 0 or out.smtp_deadline < 1:
+        raise ConfigError("outbound.smtp_deadline", "must be at least 1s (and "
+                          "smtp_idle_timeout positive)")
+    if out.transport == "smtp" and out.smtp_deadline >= out.handoff_timeout:
+        raise ConfigError("outbound.smtp_deadline", "must be shorter than "
+                          "outbound.handoff_timeout (the worker stops waiting then)")
 
 
 def _check_tls_policy(config: Config) -> None:

@@ -124,6 +124,14 @@ class MailSection:
         "", "Address of an existing inbox that receives mail for <postmaster> (RFC 5321 "
         "requires it), postmaster@ hosted domains without their own, and the reserved "
         "names on shared domains. Empty: those addresses are refused (550 5.1.1).")
+    max_recipients: int = opt(
+        50, "Recipients (To, Cc and Bcc together) of one message sent through the API "
+        "(POST .../messages, reply, forward, drafts); at least 1. SMTP submission has "
+        "smtp.max_recipients.")
+    max_upload_size: int = opt(
+        "10MiB", "Largest attachment uploaded ahead of a send (POST /attachments, then PUT "
+        "to the signed URL). The whole message must still fit smtp.max_message_size.",
+        "size")
 
 
 @dataclass
@@ -239,7 +247,8 @@ class OutboundSection:
 
     transport: str = opt(
         "log", "How mail leaves: 'log' (development: logs it, and writes .eml files to "
-        "log_dir when set) or 'ses' (Amazon SES v2 SendEmail, raw; the ses_* keys).")
+        "log_dir when set), 'ses' (Amazon SES v2 SendEmail, raw; the ses_* keys) or "
+        "'smtp' (a smarthost over STARTTLS with AUTH; the smtp_* keys).")
     log_dir: str = opt("", "Directory for the log transport's .eml files (empty: none).")
     max_lifetime: float = opt(
         "4d", "How long a message keeps being retried before it bounces.", "duration")
@@ -250,6 +259,15 @@ class OutboundSection:
         "5s", "How often each process looks for due retries (new mail wakes it at once).",
         "duration")
     concurrency: int = opt(8, "Hand-offs one process runs at once.")
+    scheduled_send_interval: float = opt(
+        "15s", "How often each process looks for drafts whose scheduled send_at has come "
+        "(a draft leaves at most this late).", "duration")
+    max_schedule_ahead: float = opt(
+        "30d", "Furthest in the future a draft's send_at may be.", "duration")
+    handoff_timeout: float = opt(
+        "2m", "Longest one hand-off to the transport may take; then its recipients are "
+        "deferred and retried later. At most half of lease (a longer value is cut to "
+        "that), so a hand-off always ends while its lease protects it.", "duration")
     ses_region: str = opt("us-east-1", "AWS region of the SES account (ses transport).")
     ses_endpoint: str = opt(
         "", "SES API endpoint URL (empty: AWS's standard endpoint for ses_region). Must be "
@@ -277,6 +295,109 @@ class OutboundSection:
     ses_read_timeout: float = opt(
         "30s", "Give up waiting for SES's answer after this long (retried later; if SES "
         "had accepted it, the message goes out twice).", "duration")
+    smtp_host: str = opt("", "Smarthost name (smtp transport); also the name its "
+                         "certificate must carry.")
+    smtp_port: int = opt(587, "Smarthost port (submission with STARTTLS).")
+    smtp_tls: str = opt(
+        "required", "'required' (STARTTLS or nothing is sent), 'opportunistic' (STARTTLS "
+        "when offered) or 'none' (never; loopback tests). Only 'required' is accepted when "
+        "server.environment = 'production'.")
+    smtp_tls_verify: bool = opt(
+        True, "Verify the smarthost's certificate and name (false only outside production).")
+    smtp_ca_file: str = opt(
+        "", "PEM file of the CAs trusted for the smarthost (empty: the system's trust store).")
+    smtp_username: str = opt("", "AUTH user name (empty: no AUTH). Sent only inside TLS.")
+    smtp_password: str = opt(
+        "", "AUTH password. Overridden by AGENTPOST_SMTP_PASSWORD.", secret=True)
+    smtp_password_file: str = opt(
+        "", "File holding the AUTH password (first line), instead of smtp_password.")
+    smtp_helo: str = opt("", "Name given in EHLO (empty: server.hostname).")
+    smtp_pool_size: int = opt(
+        4, "Connections this process keeps to the smarthost (hand-offs beyond it wait).")
+    smtp_idle_timeout: float = opt(
+        "30s", "Close a pooled smarthost connection unused this long.", "duration")
+    smtp_deadline: float = opt(
+        "100s", "Longest one hand-off to the smarthost may take, connecting included; then "
+        "its recipients are deferred (keep it below handoff_timeout).", "duration")
+    sns_path: str = opt(
+        "/webhooks/ses", "Path under /api/v1 where SES delivery feedback arrives from SNS "
+        "(subscribe it as an HTTPS endpoint of the topics in sns_topic_arns).")
+    sns_topic_arns: list = opt(  # noqa: RUF009 - opt() builds a default_factory field
+        [], "SNS topics whose messages are accepted (exact ARNs); empty: every SNS message "
+        "is refused.")
+    sns_cert_host_pattern: str = opt(
+        r"^sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$", "Regular expression the host of "
+        "a SigningCertURL or SubscribeURL must match (fetched over https only).")
+    sns_ca_file: str = opt(
+        "", "PEM file of the CAs trusted when fetching SNS certificates and confirming "
+        "subscriptions (empty: the system's trust store).")
+    sns_allow_private_addresses: bool = opt(
+        False, "Let SNS fetches connect to loopback and private addresses (tests with a "
+        "local certificate host only). Refused when server.environment = 'production'.")
+    sns_max_age: float = opt(
+        "1h", "Refuse SNS messages whose Timestamp is older than this (replays).",
+        "duration")
+    sns_fetch_timeout: float = opt(
+        "10s", "Give up fetching a signing certificate or a SubscribeURL after this long.",
+        "duration")
+
+
+@dataclass
+class SecretsSection:
+    """The master key that seals secrets stored in the database (AES-256-GCM)."""
+
+    key_file: str = opt(
+        "", "File holding the base64 32-byte master key(s), one per line, the current one "
+        "first (older lines still open what they sealed). Seals our own DKIM private keys, "
+        "so check-config requires it in production when a smarthost relays our mail (SES "
+        "signs for itself; the log transport sends nothing). `make run` generates "
+        "var/secrets.key. Back it up apart from the database: without it sealed keys are "
+        "lost.")
+
+
+@dataclass
+class DomainsSection:
+    """Organizations' own domains: the DNS records they publish and how they are checked."""
+
+    dkim_algorithm: str = opt(
+        "rsa", "Our own DKIM keys (transports other than 'ses'): 'rsa' (2048-bit) or "
+        "'ed25519' (RFC 8463; not every receiver verifies it yet).")
+    spf_include: str = opt(
+        "", "SPF mechanism of the host our mail leaves from, e.g. 'include:spf.relay.example' "
+        "for a smarthost; empty: 'a:' of server.hostname ('include:amazonses.com' with SES).")
+    dmarc_rua: str = opt(
+        "", "Aggregate-report address in the suggested DMARC record (a mailto: URI); "
+        "empty: mailto:postmaster@ the domain.")
+    verify_interval: float = opt(
+        "1m", "How often each process looks for domains due a verification check (a new "
+        "domain is checked every minute, older ones ever less often).", "duration")
+    dns_servers: list = opt(  # noqa: RUF009 - opt() builds a default_factory field
+        [], "DNS servers ('host' or 'host:port') for verification look-ups; empty: the "
+        "system's (/etc/resolv.conf).")
+    dns_timeout: float = opt("5s", "Give up on one DNS look-up after this long.", "duration")
+    claim_after: float = opt(
+        "7d", "A registration that has not verified for this long and has no inboxes may be "
+        "taken over by another organization registering the same name (so a name cannot be "
+        "squatted by registering it first); 0s: never.", "duration")
+
+
+@dataclass
+class SendLimitsSection:
+    """Send limits per organization and per inbox, shared by every process (0: no limit)."""
+
+    org_rate: float = opt(
+        0.0, "Messages per second an organization may send, sustained (0: no limit). "
+        "Beyond it a send is refused with 429 / 451 4.7.0 and a Retry-After.")
+    org_burst: int = opt(
+        0, "Messages an organization may send at once before org_rate applies (the "
+        "bucket's size; needed when org_rate is set). A message with more recipients "
+        "than this waits for a full bucket and empties it.")
+    inbox_rate: float = opt(0.0, "Messages per second one inbox may send (0: no limit).")
+    inbox_burst: int = opt(0, "Messages one inbox may send at once (with inbox_rate).")
+    daily_quota: int = opt(
+        0, "Messages an organization may send per UTC day (0: no limit); then 429 "
+        "daily_quota_exceeded / 451 4.7.0 until midnight UTC.")
+    inbox_daily_quota: int = opt(0, "Messages one inbox may send per UTC day (0: no limit).")
 
 
 @dataclass
@@ -314,6 +435,9 @@ SECTIONS: dict[str, type] = {
     "audit": AuditSection,
     "retention": RetentionSection,
     "outbound": OutboundSection,
+    "send_limits": SendLimitsSection,
     "login": LoginSection,
+    "secrets": SecretsSection,
+    "domains": DomainsSection,
     "logging": LoggingSection,
 }

@@ -5,62 +5,38 @@ Login goes through the shared twisted.cred portal (username = inbox address, pas
 Changes go through core.mail_changes (the implementation the API uses) and core.ingest
 (APPEND), which write one audit row per command in the command's transaction.
 
-:class:`InboxAccount` is the inbox (folders, APPEND, quota); SELECT hands the protocol
-an :class:`InboxFolder` bound to one folder, so folder ids and blob keys stay here.
+:class:`InboxAccount` is the inbox: this module holds its mailbox side (listing,
+subscriptions, CREATE/DELETE/RENAME, SELECT, STATUS, QUOTA); the message side (FETCH,
+STORE, COPY/MOVE, EXPUNGE, APPEND, SEARCH) is :mod:`agentpost.core.imap_messages`,
+whose :class:`InboxFolder` SELECT hands the protocol, so folder ids and blob keys stay
+in core.
+
+Subscriptions are names of their own (:mod:`agentpost.storage.subscriptions`): a
+client may subscribe to a name that does not exist, DELETE keeps a folder's
+subscription (LIST (SUBSCRIBED) then answers ``\\NonExistent``), RENAME moves the
+subscriptions of the folder and its children. CREATE does not subscribe (RFC 3501
+§6.3.3; Dovecot neither): clients such as Thunderbird and mbsync SUBSCRIBE what they
+want listed, and a new inbox's system folders start subscribed.
 """
 
 from __future__ import annotations
 
-import io
-import logging
 import re
 from collections.abc import Callable
-from datetime import datetime
-from typing import IO, Any
 
-from agentpost.core import mail_changes
 from agentpost.core.audit import write_change
-from agentpost.core.blobrefs import BlobCollector
-from agentpost.core.context import RequestContext
-from agentpost.core.ingest import BatchItem, Ingest, Target
-from agentpost.imap.interfaces import (
-    AppendMessage,
-    Changes,
-    FetchRow,
-    FetchWants,
-    FolderInfo,
-    FolderSnapshot,
-    FolderStatus,
-    MessageMeta,
-    SearchKey,
-    ThreadFields,
-)
-from agentpost.model.errors import (
-    Conflict,
-    Forbidden,
-    InvalidRequest,
-    NotFound,
-)
-from agentpost.model.ids import new_id
-from agentpost.model.principal import Principal
+from agentpost.core.imap_messages import InboxFolder, MessageOps, message_meta
+from agentpost.imap.interfaces import FolderInfo, FolderSnapshot, FolderStatus
+from agentpost.model.errors import Conflict, InvalidRequest, NotFound
 from agentpost.storage import imap as imap_store
-from agentpost.storage import keywords as keyword_store
 from agentpost.storage import mail as mail_store
-from agentpost.storage.blobs import BlobStore
-from agentpost.storage.database import Database, Txn
-from agentpost.storage.notify import Notifier
+from agentpost.storage import subscriptions as subscription_store
+from agentpost.storage.database import Txn
 
-log = logging.getLogger(__name__)
+__all__ = ["InboxAccount", "InboxFolder"]
 
 _FOLDER_RE = re.compile(r"^[^/\x00-\x1f\x7f*%]+(/[^/\x00-\x1f\x7f*%]+)*\Z")
 _MAX_FOLDER_LEN = 200
-#: An audit row of a command over many messages names this many of them by id (the
-#: UID set and the count name them all).
-_AUDIT_MAX_IDS = 100
-
-
-def _meta(row: dict[str, Any], spellings: dict[str, str] | None = None) -> MessageMeta:
-    return MessageMeta(row["uid"], row["modseq"], imap_store.flags_of(row, spellings))
 
 
 def _check_folder_name(name: str) -> str:
@@ -69,68 +45,8 @@ def _check_folder_name(name: str) -> str:
     return name
 
 
-def _split_flags(flags: frozenset[str]) -> tuple[set[str], list[str]]:
-    """System flags, and the keywords folded (agentpost.mail.keywords: any RFC 3501
-    keyword atom; NO on anything else)."""
-    system = {f for f in flags if f.startswith("\\")}
-    return system, sorted(mail_changes.imap_keywords(flags))
-
-
-def _describe(ctx: RequestContext, rows: list[dict[str, Any]], **extra: Any) -> None:
-    """Point a command's audit row at what it changed: the message when it is one, else
-    the inbox, with the count, the UID set and (up to a limit) the message ids."""
-    ids = [r["id"] for r in rows]
-    ctx.target_id = ids[0] if len(ids) == 1 else ctx.details["inbox_id"]
-    ctx.details.update(count=len(ids), uids=mail_changes.uid_set([r["uid"] for r in rows]),
-                       message_ids=ids[:_AUDIT_MAX_IDS], **extra)
-
-
-class InboxAccount:
+class InboxAccount(MessageOps):
     """One inbox seen through IMAP (implements agentpost.imap.interfaces.IMAPAccount)."""
-
-    def __init__(self, principal: Principal, inbox: dict[str, Any], db: Database,
-                 blobs: BlobStore, ingest: Ingest, collector: BlobCollector,
-                 notifier: Notifier | None, quota: int = 0, *,
-                 remote_addr: str | None = None) -> None:
-        self.principal = principal
-        self.remote_addr = remote_addr  # the client, for the audit rows of its commands
-        self.inbox = inbox
-        self.address = inbox["email"]
-        self.can_write = "messages:write" in principal.scopes
-        self._org = principal.org_id
-        self._inbox_id = inbox["id"]
-        self._db = db
-        self._blobs = blobs
-        self._ingest = ingest
-        self._collector = collector
-        self._notifier = notifier
-        self.quota_limit = quota
-
-    def _writable(self) -> None:
-        if not self.can_write:
-            raise Forbidden("This key lacks messages:write.", missing_scope="messages:write")
-
-    def _ctx(self, action: str, **details: Any) -> RequestContext:
-        """A fresh audit context for one command, with the session's principal as it is
-        now; the target is the inbox until the command narrows it to one message."""
-        return RequestContext(new_id("req"), self.remote_addr, action,
-                              principal=self.principal,
-                              environment_id=self.inbox["environment_id"],
-                              target_id=self._inbox_id,
-                              details={"inbox_id": self._inbox_id, **details})
-
-    async def _folder(self, txn: Txn, name: str, *, for_update: bool = False) -> dict[str, Any]:
-        folder = await imap_store.get_folder(txn, self._org, self._inbox_id, name,
-                                             for_update=for_update)
-        if folder is None:
-            raise NotFound("No such folder.")
-        return folder
-
-    async def _folder_id(self, txn: Txn, folder_id: int) -> dict[str, Any]:
-        folder = await imap_store.get_folder_by_id(txn, self._org, self._inbox_id, folder_id)
-        if folder is None:
-            raise NotFound("The folder no longer exists.")
-        return folder
 
     # Folders --------------------------------------------------------------------------
 
@@ -141,6 +57,12 @@ class InboxAccount:
         return [FolderInfo(r["name"], None if r["special_use"] == "\\Inbox" else
                            r["special_use"], r["subscribed"], r["has_children"], str(r["id"]))
                 for r in rows]
+
+    async def list_subscriptions(self) -> list[str]:
+        """Every subscribed name, whether or not a folder has it (LSUB, LIST
+        (SUBSCRIBED): a name without a folder is \\NonExistent)."""
+        return await self._db.run_read("imap.subscriptions", subscription_store.list_names,
+                                       self._org, self._inbox_id)
 
     async def create_folder(self, name: str) -> None:
         """CREATE (parents are created too, as RFC 3501 suggests). A new folder is not
@@ -158,9 +80,9 @@ class InboxAccount:
                 parent = "/".join(parts[:i])
                 if await imap_store.get_folder(txn, self._org, self._inbox_id, parent) is None:
                     await imap_store.create_folder(txn, self._org, self.inbox["environment_id"],
-                                                   self._inbox_id, parent, subscribed=False)
+                                                   self._inbox_id, parent)
             await imap_store.create_folder(txn, self._org, self.inbox["environment_id"],
-                                           self._inbox_id, name, subscribed=False)
+                                           self._inbox_id, name)
             await write_change(txn, ctx)
 
         await self._db.run_interaction("imap.create", txn_fn)
@@ -185,9 +107,11 @@ class InboxAccount:
         await self._collector.collect(freed)
 
     async def rename_folder(self, old: str, new: str) -> None:
-        """RENAME a user folder (and its children)."""
+        """RENAME a user folder (and its children), and the subscriptions of both."""
         self._writable()
         new = _check_folder_name(new.rstrip("/"))
+        if new.startswith(old + "/"):
+            raise InvalidRequest("A folder cannot be moved under itself.")
         ctx = self._ctx("imap.rename", folder=old, to_folder=new)
 
         async def txn_fn(txn: Txn) -> None:
@@ -197,19 +121,33 @@ class InboxAccount:
             if await imap_store.get_folder(txn, self._org, self._inbox_id, new) is not None:
                 raise Conflict("Folder already exists.")
             await imap_store.rename_folder(txn, self._org, self._inbox_id, folder["name"], new)
+            await subscription_store.rename(txn, self._org, self._inbox_id, folder["name"], new)
             ctx.details["folder_id"] = folder["id"]
             await write_change(txn, ctx)
 
         await self._db.run_interaction("imap.rename", txn_fn)
 
     async def set_subscribed(self, name: str, subscribed: bool) -> None:
-        """SUBSCRIBE / UNSUBSCRIBE."""
+        """SUBSCRIBE / UNSUBSCRIBE. Any valid mailbox name may be subscribed, existing or
+        not (RFC 3501 §6.3.6; as Dovecot). UNSUBSCRIBE of a name that is neither
+        subscribed nor a folder is NotFound (``NO [NONEXISTENT]``); of an existing,
+        unsubscribed folder it is a no-op, as it always was."""
+        name = subscription_store.canonical(_check_folder_name(name.rstrip("/")))
         ctx = self._ctx("imap.subscribe" if subscribed else "imap.unsubscribe", folder=name)
 
         async def txn_fn(txn: Txn) -> None:
-            folder = await self._folder(txn, name)
-            await imap_store.set_subscribed(txn, self._org, folder["id"], subscribed)
-            ctx.details["folder_id"] = folder["id"]
+            folder = await imap_store.get_folder(txn, self._org, self._inbox_id, name)
+            if subscribed:
+                if not await subscription_store.subscribe(txn, self._org, self._inbox_id,
+                                                          name):
+                    raise InvalidRequest(
+                        "An inbox holds at most "
+                        f"{subscription_store.MAX_SUBSCRIPTIONS_PER_INBOX} subscriptions.")
+            elif not await subscription_store.unsubscribe(txn, self._org, self._inbox_id,
+                                                          name) and folder is None:
+                raise NotFound("No such subscription or folder.")
+            if folder is not None:
+                ctx.details["folder_id"] = folder["id"]
             await write_change(txn, ctx)
 
         await self._db.run_interaction("imap.subscribe", txn_fn)
@@ -224,7 +162,7 @@ class InboxAccount:
             unseen = next((r["uid"] for r in rows if not r["seen"]), None)
             return folder["id"], FolderSnapshot(folder["name"], folder["uidvalidity"],
                                                 folder["uidnext"], folder["highestmodseq"],
-                                                [_meta(r) for r in rows], unseen)
+                                                [message_meta(r) for r in rows], unseen)
 
         folder_id, snapshot = await self._db.run_interaction("imap.select", txn_fn,
                                                              isolation="repeatable read")
@@ -252,168 +190,6 @@ class InboxAccount:
         return await self._db.run_interaction("imap.status", txn_fn,
                                               isolation="repeatable read")
 
-    # Messages -------------------------------------------------------------------------
-
-    async def _fetch(self, folder_id: int, uids: list[int], wants: FetchWants) -> list[FetchRow]:
-        """Only the columns the FETCH needs (FLAGS alone never reads bodies)."""
-        columns = []
-        if wants.internaldate:
-            columns.append("received_at")
-        if wants.size:
-            columns.append("size")
-        if wants.envelope:
-            columns.append("imap_envelope")
-        if wants.bodystructure:
-            columns += ["imap_bodystructure", "imap_body"]
-        if wants.content:
-            columns += ["raw_blob_key", "imap_sections"]
-            if not wants.size:
-                columns.append("size")
-        rows = await self._db.run_read("imap.fetch", imap_store.fetch_rows, self._org,
-                                       folder_id, uids, columns)
-        return [FetchRow(uid=r["uid"], modseq=r["modseq"], flags=imap_store.flags_of(r),
-                         internaldate=r.get("received_at"), size=r.get("size"),
-                         envelope=r.get("imap_envelope"),
-                         bodystructure=r.get("imap_bodystructure"), body=r.get("imap_body"),
-                         sections=r.get("imap_sections"), blob_ref=r.get("raw_blob_key"))
-                for r in rows]
-
-    async def _claim_recent(self, folder_id: int, up_to_uid: int, claim: bool) -> int:
-        """\\Recent bookkeeping in the folder row, shared by every process.
-
-        Most calls have nothing to claim (every session polling after one APPEND sees
-        the same new UIDs; one of them claims them): they read the mark without a lock,
-        so a poll never queues behind a writer holding the folder row."""
-        mark = await self._db.run_read("imap.recent", imap_store.recent_mark, self._org,
-                                       folder_id)
-        if not claim or mark >= up_to_uid:
-            return mark
-        return await self._db.run_interaction("imap.recent", imap_store.claim_recent,
-                                              self._org, folder_id, up_to_uid)
-
-    async def _read_message(self, folder_id: int, row: FetchRow) -> bytes:
-        """A fetched message: by the key this account's own (org-scoped) FETCH returned,
-        else looked up by UID."""
-        if row.blob_ref is not None:
-            return await self._blobs.get_bytes(row.blob_ref)
-        return await self._fetch_raw(folder_id, row.uid)
-
-    async def _read_range(self, row: FetchRow, start: int, length: int) -> bytes:
-        """Part of a message whose key came from this account's own (org-scoped) FETCH."""
-        if row.blob_ref is None:
-            raise InvalidRequest("The message was fetched without its content.")
-        return await self._blobs.get_range(row.blob_ref, start, length)
-
-    async def _fetch_raw(self, folder_id: int, uid: int) -> bytes:
-        """The stored bytes, exactly."""
-        rows = await self._db.run_read("imap.fetch_raw", imap_store.message_ids_for_uids,
-                                       self._org, folder_id, [uid])
-        if not rows:
-            raise NotFound("The message was expunged.")
-        return await self._blobs.get_bytes(rows[0]["raw_blob_key"])
-
-    async def _store(self, action: str, folder_id: int, uids: list[int], mode: str,
-                     flags: frozenset[str], unchangedsince: int | None
-                     ) -> tuple[list[MessageMeta], list[int]]:
-        """The flag change the API's read-state and label changes make too
-        (mail_changes.change_flags), audited as ``action`` when it changes anything."""
-        self._writable()
-        system, keywords = _split_flags(flags)
-        system &= set(imap_store.SYSTEM_FLAGS)  # \Recent and others cannot be stored
-        ctx = self._ctx(action, folder_id=folder_id, mode=mode,
-                        flags=sorted(system) + keywords)
-
-        async def txn_fn(txn: Txn) -> tuple[list[MessageMeta], list[int]]:
-            await self._folder_id(txn, folder_id)
-            spellings = await keyword_store.remember(txn, self._org, self._inbox_id, flags)
-            rows = await imap_store.message_ids_for_uids(txn, self._org, folder_id, uids,
-                                                         for_update=True)
-            failed = [r["uid"] for r in rows
-                      if unchangedsince is not None and r["modseq"] > unchangedsince]
-            kept = [(row, self._new_flag_columns(row, mode, system, keywords))
-                    for row in rows if row["uid"] not in failed]
-            changes = [(row, columns) for row, columns in kept if columns]
-            modseqs: dict[str, int] = {}
-            if changes:
-                _describe(ctx, [row for row, _ in changes])
-                modseqs = await mail_changes.change_flags(txn, ctx, changes)
-            out = [_meta({**row, **columns, "modseq": modseqs[row["id"]]}, spellings)
-                   if columns else _meta(row) for row, columns in kept]
-            return out, failed
-
-        return await self._db.run_interaction("imap.store", txn_fn)
-
-    @staticmethod
-    def _new_flag_columns(row: dict[str, Any], mode: str, system: set[str],
-                          keywords: list[str]) -> dict[str, Any]:
-        columns: dict[str, Any] = {}
-        for flag, col in imap_store.SYSTEM_FLAGS.items():
-            if mode == "+":
-                value = row[col] or flag in system
-            elif mode == "-":
-                value = row[col] and flag not in system
-            else:
-                value = flag in system
-            if value != row[col]:
-                columns[col] = value
-        current = set(row["labels"])
-        if mode == "+":
-            labels = current | set(keywords)
-        elif mode == "-":
-            labels = current - set(keywords)
-        else:
-            labels = set(keywords)
-        if labels != current:
-            columns["labels"] = sorted(labels)
-        return columns
-
-    async def append(self, folder: str, message: bytes | IO[bytes], flags: frozenset[str],
-                     internaldate: datetime | None) -> tuple[int, int]:
-        """APPEND through the single ingest path."""
-        self._writable()
-        system, keywords = _split_flags(flags)
-        mail_changes.check_keyword_caps(keywords)  # the caps STORE and the API keep too
-        if keywords:  # first seen: its own small transaction, before ingest's
-            await self._db.run_interaction("imap.keywords", keyword_store.remember,
-                                           self._org, self._inbox_id, flags)
-        target = Target(self._org, self.inbox["environment_id"], self._inbox_id, self.address)
-
-        # RFC 3501: INBOX is case-insensitive; every other name is exact (ingest matches
-        # names exactly and answers NotFound -> [TRYCREATE] for a missing one).
-        name = "INBOX" if folder.upper() == "INBOX" else folder
-        [stored] = await self._ingest.store(
-            [target], io.BytesIO(message) if isinstance(message, bytes) else message,
-            envelope_from=None, folder=name,
-            flags=frozenset(system), labels=tuple(keywords), received_at=internaldate,
-            require_folder=True, direction="inbound", enforce_quota=True,
-            origin=self._ctx("imap.append", folder=name))
-        return stored.uidvalidity, stored.uid
-
-    async def append_many(self, folder: str, messages: list[AppendMessage]
-                          ) -> tuple[int, list[int]]:
-        """MULTIAPPEND (RFC 3502) through the single ingest path, in one transaction:
-        every message or none (a bad one, or the quota, refuses them all)."""
-        self._writable()
-        items: list[BatchItem] = []
-        all_flags: set[str] = set()
-        for msg in messages:
-            system, keywords = _split_flags(msg.flags)
-            mail_changes.check_keyword_caps(keywords)
-            all_flags |= msg.flags
-            body = msg.message
-            items.append(BatchItem(io.BytesIO(body) if isinstance(body, bytes) else body,
-                                   frozenset(system), tuple(keywords), msg.internaldate))
-        if any(not f.startswith("\\") for f in all_flags):  # first seen: own transaction
-            await self._db.run_interaction("imap.keywords", keyword_store.remember,
-                                           self._org, self._inbox_id, frozenset(all_flags))
-        target = Target(self._org, self.inbox["environment_id"], self._inbox_id, self.address)
-        name = "INBOX" if folder.upper() == "INBOX" else folder
-        stored = await self._ingest.store_batch(
-            target, items, folder=name, require_folder=True, direction="inbound",
-            enforce_quota=True, origin=self._ctx("imap.append", folder=name,
-                                                 count=len(items)))
-        return (stored[0].uidvalidity if stored else 0), [s.uid for s in stored]
-
     async def open_folder(self, name: str) -> tuple[InboxFolder, int]:
         """A folder handle and its UIDVALIDITY, without SELECT's snapshot (CATENATE)."""
 
@@ -434,102 +210,6 @@ class InboxAccount:
                                        self._inbox_id)
         return used, self.quota_limit
 
-    async def _transfer(self, folder_id: int, uids: list[int], dest: str,
-                        move: bool) -> tuple[int, list[tuple[int, int]]]:
-        self._writable()
-        ctx = self._ctx("imap.move" if move else "imap.copy", folder_id=folder_id,
-                        to_folder=dest)
-
-        async def txn_fn(txn: Txn) -> tuple[int, list[tuple[int, int]]]:
-            await self._folder_id(txn, folder_id)
-            target = await self._folder(txn, dest)
-            rows = await imap_store.message_ids_for_uids(txn, self._org, folder_id, uids,
-                                                         for_update=True)
-            if not rows:  # nothing changes, nothing to audit
-                return target["uidvalidity"], []
-            _describe(ctx, rows, to_folder_id=target["id"])
-            if move:
-                pairs = await mail_changes.move_messages(txn, ctx, rows, folder_id,
-                                                         target["id"])
-            else:
-                pairs = await mail_changes.copy_messages(txn, ctx, rows, target["id"],
-                                                         self.quota_limit)
-            return target["uidvalidity"], pairs
-
-        return await self._db.run_interaction("imap.move" if move else "imap.copy", txn_fn)
-
-    async def _delete_uids(self, txn: Txn, ctx: RequestContext, folder_id: int,
-                           uids: list[int]) -> list[str]:
-        """The API's deletion (mail_changes.delete_messages), audited as ``ctx``."""
-        rows = await imap_store.message_ids_for_uids(txn, self._org, folder_id, uids,
-                                                     for_update=True)
-        _describe(ctx, rows)
-        return await mail_changes.delete_messages(txn, ctx, rows)
-
-    async def _expunge(self, folder_id: int, uids: list[int] | None) -> list[int]:
-        """Remove \\Deleted messages; the stored bytes go when nothing else uses them."""
-        self._writable()
-        freed: list[str] = []
-        ctx = self._ctx("imap.expunge", folder_id=folder_id)
-
-        async def txn_fn(txn: Txn) -> list[int]:
-            await self._folder_id(txn, folder_id)
-            doomed = await imap_store.deleted_uids(txn, self._org, folder_id, uids)
-            if doomed:  # an EXPUNGE that removes nothing changes nothing: no audit row
-                # (the deletion's last statement gives the folder its new MODSEQ)
-                freed[:] = await self._delete_uids(txn, ctx, folder_id, doomed)
-            return doomed
-
-        expunged = await self._db.run_interaction("imap.expunge", txn_fn)
-        await self._collector.collect(freed)
-        return expunged
-
-    async def _search(self, folder_id: int, key: SearchKey,
-                     sort: list[tuple[str, bool]] | None = None) -> list[int]:
-        """SEARCH (and SORT) translated to SQL."""
-        try:
-            return await self._db.run_read("imap.search", imap_store.search, self._org,
-                                           folder_id, key, sort)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
-
-    async def _thread_fields(self, folder_id: int, key: SearchKey) -> list[ThreadFields]:
-        """THREAD's inputs for the messages matching ``key`` (org- and folder-scoped)."""
-        try:
-            rows = await self._db.run_read("imap.thread", imap_store.thread_fields,
-                                           self._org, folder_id, key)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
-        return [ThreadFields(uid=r["uid"], message_id=r["message_id_header"],
-                             references=tuple(r["reference_ids"] or ()),
-                             in_reply_to=r["in_reply_to"], subject=r["subject"] or "",
-                             sent_at=r["sent_at"], internaldate=r["received_at"])
-                for r in rows]
-
-    async def _changes(self, folder_id: int, known_uids: list[int],
-                      since_modseq: int) -> Changes:
-        """What other sessions, the API or delivery changed since the session looked."""
-
-        async def txn_fn(txn: Txn) -> dict[str, Any]:
-            return await imap_store.changes(txn, self._org, folder_id,
-                                            max(known_uids, default=0), known_uids,
-                                            since_modseq)
-
-        found = await self._db.run_interaction("imap.changes", txn_fn,
-                                               isolation="repeatable read")
-        present = found["present"]
-        return Changes(new=[_meta(r) for r in found["new"]],
-                       changed=[_meta(r) for r in found["changed"]],
-                       expunged=[] if present is None else
-                       [u for u in known_uids if u not in present],
-                       highestmodseq=found["highestmodseq"] or since_modseq)
-
-    def _watch(self, folder_id: int, callback: Callable[[], None]) -> Callable[[], None]:
-        """Wake-ups for this folder from every process (LISTEN/NOTIFY)."""
-        if self._notifier is None:
-            return lambda: None
-        return self._notifier.watch(str(folder_id), callback)
-
     def watch_folder(self, key: str, callback: Callable[[], None]) -> Callable[[], None]:
         """NOTIFY: wake-ups for a folder of this inbox, by the key list_folders gave."""
         return self._watch(int(key), callback)
@@ -540,64 +220,3 @@ class InboxAccount:
         if self._notifier is None:
             return lambda: None
         return self._notifier.watch(mail_store.folder_list_key(self._inbox_id), callback)
-
-
-class InboxFolder:
-    """One folder of an inbox, bound at SELECT/EXAMINE (implements
-    agentpost.imap.interfaces.IMAPFolder): the account's folder operations with the
-    folder id filled in, so the protocol never holds it."""
-
-    def __init__(self, account: InboxAccount, folder_id: int, name: str) -> None:
-        self.account = account
-        self.folder_id = folder_id
-        self.name = name
-
-    async def fetch(self, uids: list[int], wants: FetchWants) -> list[FetchRow]:
-        return await self.account._fetch(self.folder_id, uids, wants)
-
-    async def read_message(self, row: FetchRow) -> bytes:
-        return await self.account._read_message(self.folder_id, row)
-
-    async def read_range(self, row: FetchRow, start: int, length: int) -> bytes:
-        return await self.account._read_range(row, start, length)
-
-    async def claim_recent(self, up_to_uid: int, claim: bool) -> int:
-        return await self.account._claim_recent(self.folder_id, up_to_uid, claim)
-
-    async def set_seen(self, uids: list[int]) -> list[MessageMeta]:
-        """A non-PEEK body fetch marks messages read."""
-        if not self.account.can_write:
-            return []
-        changed, _ = await self.account._store("imap.fetch", self.folder_id, uids, "+",
-                                               frozenset({"\\Seen"}), None)
-        return changed
-
-    async def store(self, uids: list[int], mode: str, flags: frozenset[str],
-                    unchangedsince: int | None) -> tuple[list[MessageMeta], list[int]]:
-        """STORE: one new MODSEQ for every message the command changes."""
-        return await self.account._store("imap.store", self.folder_id, uids, mode, flags,
-                                         unchangedsince)
-
-    async def copy(self, uids: list[int], dest: str) -> tuple[int, list[tuple[int, int]]]:
-        """COPY: new rows in the destination, sharing the stored bytes."""
-        return await self.account._transfer(self.folder_id, uids, dest, move=False)
-
-    async def move(self, uids: list[int], dest: str) -> tuple[int, list[tuple[int, int]]]:
-        """MOVE: the same message re-homed with a new UID."""
-        return await self.account._transfer(self.folder_id, uids, dest, move=True)
-
-    async def expunge(self, uids: list[int] | None) -> list[int]:
-        return await self.account._expunge(self.folder_id, uids)
-
-    async def search(self, key: SearchKey,
-                     sort: list[tuple[str, bool]] | None = None) -> list[int]:
-        return await self.account._search(self.folder_id, key, sort)
-
-    async def thread_fields(self, key: SearchKey) -> list[ThreadFields]:
-        return await self.account._thread_fields(self.folder_id, key)
-
-    async def changes(self, known_uids: list[int], since_modseq: int) -> Changes:
-        return await self.account._changes(self.folder_id, known_uids, since_modseq)
-
-    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
-        return self.account._watch(self.folder_id, callback)

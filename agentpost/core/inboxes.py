@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import re
 import secrets
 from typing import Any
@@ -166,14 +165,6 @@ class Inboxes:
         await self._db.run_interaction("inboxes.delete", txn_fn)
         if self._collector is not None:
             await self._collector.collect(freed)
-
-    async def domains(self, ctx: RequestContext) -> builtins.list[dict[str, Any]]:
-        """Domains inboxes may be created on."""
-        p = ctx.org_principal
-        p.require("domains:read")
-        return await self._db.run_read(
-            "domains.list", inbox_store.list_domains, p.org_id, p.environment_ids
-        )
 
     async def ensure_shared_domain(self) -> None:
         """Record the configured shared domain at start-up."""

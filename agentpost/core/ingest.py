@@ -74,6 +74,8 @@ class _State:
     origin: RequestContext | None = None  # who brought the message in (the audit row)
     #: SEARCH/SORT columns (agentpost.mail.searchkeys), derived in the parsing thread.
     index: dict[str, Any] = field(default_factory=dict)
+    #: The event written with the copy; None: message.received / message.sent by direction.
+    event_type: str | None = None
 
 
 IMAPRendered = tuple[str | None, str | None, str | None, str | None]
@@ -190,11 +192,14 @@ class Ingest:
                     labels: tuple[str, ...] = (), received_at: datetime | None = None,
                     require_folder: bool = False, enforce_quota: bool = False,
                     origin: RequestContext | None = None,
-                    within: Within | None = None) -> list[Stored]:
+                    within: Within | None = None,
+                    event_type: str | None = None) -> list[Stored]:
         """Store ``message`` (a binary file at offset 0) once per target inbox.
 
         ``direction="outbound"`` (a sent copy) announces ``message.sent`` instead of
-        ``message.received``. ``within`` is awaited inside the same transaction once
+        ``message.received``; ``event_type`` names another event for copies that were
+        neither received nor sent (an IMAP APPEND, a saved draft), so programs that
+        react to new mail are not told about them. ``within`` is awaited inside the same transaction once
         every copy is written, with the stored copies: what it writes commits with them.
 
         Each stored copy gets an audit row in the same transaction, described by
@@ -225,7 +230,7 @@ class Ingest:
             state = _State(flags=frozenset(flags), labels=tuple(sorted(set(labels))),
                            imap=imap, require_folder=require_folder,
                            quota=self.inbox_quota if enforce_quota else 0, origin=origin,
-                           index=index)
+                           index=index, event_type=event_type)
             return await self._store(targets, raw, parsed, envelope_from, direction, folder,
                                      received_at, state, raw_put, within)
         finally:
@@ -234,7 +239,8 @@ class Ingest:
     async def store_batch(self, target: Target, items: list[BatchItem], *, folder: str,
                           direction: str = "inbound", require_folder: bool = False,
                           enforce_quota: bool = False,
-                          origin: RequestContext | None = None) -> list[Stored]:
+                          origin: RequestContext | None = None,
+                          event_type: str | None = None) -> list[Stored]:
         """Store every item in one folder of one inbox in ONE transaction: all of them or
         none (IMAP MULTIAPPEND, RFC 3502 §6.3.11), with UIDs allocated in item order.
 
@@ -262,7 +268,7 @@ class Ingest:
                                labels=tuple(sorted(set(item.labels))), imap=imap,
                                require_folder=require_folder,
                                quota=self.inbox_quota if enforce_quota else 0,
-                               origin=origin, index=index)
+                               origin=origin, index=index, event_type=event_type)
                 analysed.append(parsed)
                 prepared.append((parsed, state, item.received_at,
                                  await self._put_blobs(raw, parsed)))
@@ -368,7 +374,8 @@ class Ingest:
         await mail_store.insert_event(
             txn, org_id=org, event_id=new_id("evt"), environment_id=target.environment_id,
             inbox_id=target.inbox_id,
-            type_="message.sent" if direction == "outbound" else "message.received",
+            type_=state.event_type or (
+                "message.sent" if direction == "outbound" else "message.received"),
             data={"message_id": message_id, "inbox_id": target.inbox_id,
                   "thread_id": thread_id, "subject": parsed.subject,
                   "from": parsed.from_address, "received_at": when.astimezone(UTC).isoformat()},

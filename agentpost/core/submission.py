@@ -29,6 +29,7 @@ import email.utils
 import io
 import re
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
@@ -39,8 +40,11 @@ from twisted.internet import threads
 
 from agentpost.core.context import RequestContext
 from agentpost.core.ingest import Ingest, Stored, Target
+from agentpost.core.send_limits import SendLimits
+from agentpost.core.suppressions import check_not_suppressed
 from agentpost.mail import filters
 from agentpost.model.errors import (
+    DomainNotVerified,
     FromHeaderNotAllowed,
     InvalidRequest,
     RecipientBlocked,
@@ -141,11 +145,12 @@ def prepare(raw: bytes, *, address: str, hostname: str, now: datetime) -> bytes:
 
 
 class Submission:
-    """The core operation behind SMTP submission (and, later, the send API)."""
+    """The core operation behind SMTP submission and the send API (core.sending)."""
 
     def __init__(self, db: Database, ingest: Ingest, reactor: Any,
-                 policy: RetryPolicy, hostname: str) -> None:
+                 policy: RetryPolicy, hostname: str, limits: SendLimits | None = None) -> None:
         self._db = db
+        self._limits = limits  # send rate limits and daily quotas (core.send_limits)
         self._ingest = ingest
         self._reactor = reactor
         self._policy = policy
@@ -157,20 +162,32 @@ class Submission:
             raise SenderNotAllowed()
 
     async def check_recipient(self, sender: Sender, recipient: str) -> str:
-        """The recipient, or SendingPaused / RecipientBlocked (send filter rules)."""
+        """The recipient, or SendingPaused / DomainNotVerified (the inbox's own domain
+        is not verified) / RecipientBlocked (send filter rules)."""
         row = await self._db.run_read("submission.policy", mail_store.sending_policy,
                                       sender.org_id, sender.environment_id, sender.inbox_id)
         if row is None:
             raise Unauthenticated("The inbox no longer exists.")
         if row["send_paused"]:
             raise SendingPaused()
+        if not row["domain_verified"]:
+            raise DomainNotVerified()
         if row["rules"] and filters.decide(row["rules"], recipient) == "block":
             raise RecipientBlocked()
+        await check_not_suppressed(self._db, sender.org_id, recipient)  # SuppressedRecipient
+        if self._limits is not None:  # refuse early (451 4.7.0) when already empty
+            await self._limits.check(sender.org_id, sender.inbox_id)
         return recipient
 
     async def submit(self, sender: Sender, mail_from: str, recipients: list[str],
-                     message: IO[bytes], origin: RequestContext) -> Submitted:
-        """Store the Sent copy and queue it for ``recipients``: one COMMIT for both."""
+                     message: IO[bytes], origin: RequestContext, *,
+                     labels: tuple[str, ...] = (),
+                     also: Callable[[Txn, Submitted], Awaitable[None]] | None = None
+                     ) -> Submitted:
+        """Store the Sent copy and queue it for ``recipients``: one COMMIT for both.
+
+        ``labels`` go on the Sent copy; ``also`` (the send API: its answer and the
+        idempotency record) runs inside that same transaction, after the queue rows."""
         self.check_sender(sender, mail_from)
         raw = message.read()
         now = datetime.fromtimestamp(self._reactor.seconds(), UTC)
@@ -183,7 +200,13 @@ class Submission:
             copy = stored[0]
             queued = QueuedMessage(sender.org_id, sender.environment_id, sender.inbox_id,
                                    copy.message_id, copy.raw_blob_key, copy.size, mail_from)
-            queue_ids.extend(await enqueue(txn, queued, recipients, policy=self._policy))
+            # Assigned, not extended: a retried transaction must not list rows twice.
+            queue_ids[:] = await enqueue(txn, queued, recipients, policy=self._policy)
+            if also is not None:
+                await also(txn, Submitted(copy.message_id, list(queue_ids)))
+            if self._limits is not None:  # last before COMMIT: the hot row's lock is short
+                await self._limits.charge(txn, sender.org_id, sender.inbox_id,
+                                          len(recipients))
 
         origin.principal = sender.principal
         origin.environment_id = sender.environment_id
@@ -191,5 +214,5 @@ class Submission:
         stored = await self._ingest.store(
             [target], io.BytesIO(sent), envelope_from=mail_from,
             direction="outbound", folder="Sent", flags=frozenset({"\\Seen"}),
-            origin=origin, within=queue_it)
+            labels=labels, origin=origin, within=queue_it)
         return Submitted(stored[0].message_id, queue_ids)

@@ -28,6 +28,9 @@ SUBMISSIONS_PORT = int(os.environ.get("AGENTPOST_SUBMISSIONS_PORT", "2465"))
 IMAP_PORT = int(os.environ.get("AGENTPOST_IMAP_PORT", "2143"))
 IMAPS_PORT = int(os.environ.get("AGENTPOST_IMAPS_PORT", "2993"))
 SHARED_DOMAIN = "agentpost.local"
+#: The master key sealing DKIM private keys: made here on the first run (mode 0600),
+#: never committed (var/ is ignored), kept across runs like the database.
+SECRETS_KEY = VAR / "secrets.key"
 
 
 def _say(text: str = "") -> None:
@@ -75,6 +78,9 @@ log_dir = "{(VAR / 'outbound').resolve()}"
 bind = "127.0.0.1"
 port = {IMAP_PORT}
 tls_port = {IMAPS_PORT}
+
+[secrets]
+key_file = "{SECRETS_KEY.resolve()}"
 """
     path.write_text(text)
     path.chmod(0o600)
@@ -186,6 +192,10 @@ def main() -> int:
             ensure_database(cluster.dsn(), DB_NAME)
             db_url = cluster.dsn(DB_NAME)
         tls = ensure_dev_tls(VAR / "tls", hostnames=("localhost",))
+        from agentpost.auth.sealing import generate_key_file
+
+        if generate_key_file(SECRETS_KEY):
+            _say(f"Generated the development master key {SECRETS_KEY} (seals DKIM keys).")
         config_path = VAR / "agentpost.toml"
         _write_config(config_path, db_url, tls)
 

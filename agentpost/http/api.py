@@ -124,12 +124,6 @@ def add_api_routes(table: RouteTable, *, environments: Environments, inboxes: In
         await inboxes.delete(ctx, inbox_id)
         return 204, None
 
-    async def list_domains(ctx: RequestContext, request: IRequest,
-                           body: Body) -> tuple[int, Any]:
-        rows = await inboxes.domains(ctx)
-        return 200, {"data": [views.domain(r) for r in rows], "limit": len(rows),
-                     "next_page_token": None}
-
     inbox_path = "/inboxes/{inbox_id}"
     for route in (
         Route("POST", "/inboxes", "inboxes.create", create_inbox,
@@ -145,9 +139,6 @@ def add_api_routes(table: RouteTable, *, environments: Environments, inboxes: In
               response=s.ref("Inbox"), tag="Inboxes"),
         Route("DELETE", inbox_path, "inboxes.delete", delete_inbox, "Delete an inbox",
               status=204, tag="Inboxes"),
-        Route("GET", "/domains", "domains.list", list_domains,
-              "Domains inboxes can be created on", response=s.list_of("Domain"),
-              tag="Domains"),
     ):
         table.add(route)
 

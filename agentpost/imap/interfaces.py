@@ -233,6 +233,10 @@ class IMAPAccount(Protocol):
 
     async def set_subscribed(self, name: str, subscribed: bool) -> None: ...
 
+    async def list_subscriptions(self) -> list[str]:
+        """Every subscribed name, a folder of that name existing or not (RFC 3501
+        §6.3.6: a subscription outlives its folder; LIST (SUBSCRIBED) \\NonExistent)."""
+
     async def select(self, name: str) -> tuple[IMAPFolder, FolderSnapshot]:
         """SELECT/EXAMINE: the folder, bound, and what is in it now."""
 

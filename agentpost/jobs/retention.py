@@ -8,12 +8,14 @@ so the API never waits behind a long purge.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 from twisted.internet.interfaces import IReactorTime
 
 from agentpost.config.sections import RetentionSection
 from agentpost.jobs.periodic import Periodic
+from agentpost.storage import delivery_events as delivery_store
 from agentpost.storage import logins as login_store
 from agentpost.storage import retention as store
 from agentpost.storage.database import Database, Txn
@@ -26,10 +28,13 @@ TIERS = ("free", "developer", "startup", "business", "enterprise")
 
 
 class RetentionSweep:
-    """Deletes expired audit rows (and, once they exist, delivery events)."""
+    """Deletes expired audit rows, delivery events and SNS receipts."""
 
-    def __init__(self, db: Database, clock: IReactorTime, config: RetentionSection) -> None:
+    def __init__(self, db: Database, clock: IReactorTime, config: RetentionSection,
+                 also: Sequence[Callable[[], Awaitable[int]]] = ()) -> None:
         self._db = db
+        # Further sweeps run after the audit one (expired uploads, idempotency answers).
+        self._also = tuple(also)
         self._clock = clock
         self._config = config
         self._periodic = Periodic("retention sweep", clock, config.interval, self.sweep_once,
@@ -65,7 +70,36 @@ class RetentionSweep:
             return await login_store.purge_idle(txn, idle_since)
 
         await self._db.run_interaction("retention.login_failures", purge)
+        await self._sweep_delivery_events()
+        for sweep in self._also:
+            try:
+                await sweep()
+            except Exception:  # one failing sweep must not stop the others
+                log.exception("retention: a sweep failed")
         return total
+
+    async def _sweep_delivery_events(self) -> int:
+        """Delivery feedback rows (and SNS receipts) older than retention.delivery_events,
+        in batches, under the same one-sweeper lock."""
+        older_than = datetime.fromtimestamp(
+            self._clock.seconds() - self._config.delivery_events, UTC)
+        total = 0
+        while True:
+
+            async def batch(txn: Txn) -> int | None:
+                if not await store.try_lock_sweep(txn):
+                    return None
+                return await delivery_store.delete_expired(txn, older_than,
+                                                           self._config.batch_size)
+
+            deleted = await self._db.run_interaction("retention.delivery_events", batch)
+            if deleted is None:
+                return total
+            total += deleted
+            if deleted < self._config.batch_size:
+                if total:
+                    log.info("retention: deleted %d expired delivery events", total)
+                return total
 
     def _report(self, deleted: int) -> None:
         if deleted:

@@ -24,16 +24,24 @@ What is accepted, and why (RFC 4469 §3, RFC 5092 §11):
   (not modified UTF-7), with ``INBOX`` case-insensitive as everywhere else.
 
 Everything is a linear scan of a bounded string; no regular expression sees the URL.
+
+A URL's ``;SECTION=HEADER`` or ``HEADER.FIELDS (...)`` of a message stored without a
+section map needs only the top-level header: :func:`read_top_header` finds it with a few
+growing range reads instead of loading the whole message, and ends it exactly where
+:mod:`agentpost.mail.imapformat` does (the first empty line), so the bytes copied are the
+ones ``FETCH BODY.PEEK[HEADER...]`` returns.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from agentpost.mail.imapformat import SectionSpec, parse_section
 from agentpost.model import errors
 
-__all__ = ["MAX_URL_CHARS", "BadUrl", "PartReference", "badurl_code", "parse_catenate_url"]
+__all__ = ["HEADER_READ_BYTES", "MAX_URL_CHARS", "BadUrl", "PartReference", "badurl_code",
+           "parse_catenate_url", "read_top_header"]
 
 #: Longer URLs are refused outright (the IMAP line limit bounds them anyway).
 MAX_URL_CHARS = 8192
@@ -231,3 +239,43 @@ def parse_catenate_url(url: str, *, selected_mailbox: str | None) -> PartReferen
         else None,
         section=section, section_spec=spec,
         partial=_partial(url, partial) if partial is not None else None)
+
+
+#: The first read of :func:`read_top_header`; each further read doubles.
+HEADER_READ_BYTES = 64 * 1024
+
+
+def _header_end(data: bytes | bytearray, start: int) -> int:
+    """Where the body starts if an empty line (``\\n`` or ``\\r\\n`` at a line start)
+    ends the header within ``data``, searching from ``start``; -1 when none yet. A final
+    ``\\r`` with no ``\\n`` after it is not taken for one: more data may complete it."""
+    if start == 0:
+        for blank in (b"\n", b"\r\n"):
+            if data.startswith(blank):
+                return len(blank)
+    found = [(i, len(sep)) for sep in (b"\n\n", b"\n\r\n")
+             if (i := data.find(sep, max(start - 2, 0))) >= 0]
+    if not found:
+        return -1
+    at, width = min(found)
+    return at + width
+
+
+async def read_top_header(read: Callable[[int, int], Awaitable[bytes]], size: int,
+                          limit: int) -> bytes | None:
+    """The top-level header of a stored message of ``size`` octets, blank line
+    included -- ``imapformat.section(raw, "HEADER")`` -- read with ``read(start,
+    length)`` ranges; None when it is longer than ``limit`` (the caller refuses it).
+    A message without an empty line is all header, as imapformat has it."""
+    buf = bytearray()
+    step = HEADER_READ_BYTES
+    while len(buf) < size:
+        if len(buf) > limit:
+            return None
+        searched = len(buf)
+        buf += await read(searched, min(step, size - searched))
+        end = _header_end(buf, searched)
+        if end >= 0:
+            return bytes(buf[:end]) if end <= limit else None
+        step *= 2
+    return bytes(buf) if len(buf) <= limit else None

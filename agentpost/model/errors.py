@@ -98,6 +98,29 @@ class RateLimited(AgentPostError):
         self.retry_after_s = retry_after_s
 
 
+class SendRateLimited(RateLimited):
+    """Sending faster than the organization's or the inbox's send rate allows (HTTP 429
+    with Retry-After, SMTP 451 4.7.0). ``scope`` says whose bucket ran dry:
+    ``organization`` or ``inbox``."""
+
+    type = "rate_limited"
+    default_message = "The sending rate limit is reached; try again later."
+
+    def __init__(self, retry_after_s: float, message: str | None = None, *,
+                 scope: str = "organization") -> None:
+        super().__init__(retry_after_s, message)
+        self.details = {"scope": scope}
+
+
+class DailyQuotaExceeded(SendRateLimited):
+    """The organization's or inbox's messages for this UTC day are used up (HTTP 429
+    ``daily_quota_exceeded`` with Retry-After until midnight UTC, SMTP 451 4.7.0: the
+    condition ends by itself, so the client keeps the message and tries again)."""
+
+    type = "daily_quota_exceeded"
+    default_message = "The daily sending quota is used up; try again after midnight UTC."
+
+
 class TemporaryFailure(AgentPostError):
     """A dependency (database, blob store) failed; retrying later may succeed."""
 
@@ -169,6 +192,16 @@ class SendingPaused(Forbidden):
     default_message = "Sending is paused for this inbox."
 
 
+class DomainNotVerified(Forbidden):
+    """The inbox is on an organization domain whose DNS records are not verified yet: it
+    may not send (HTTP 403, SMTP 550 5.7.1 -- RFC 3463 "delivery not authorized, message
+    refused": a policy refusal the client must not retry as is)."""
+
+    type = "domain_not_verified"
+    default_message = ("The inbox's domain is not verified yet; publish its DNS records "
+                       "and verify it (POST /api/v1/domains/{id}/verify) before sending.")
+
+
 class RecipientBlocked(Forbidden):
     """A send-direction filter rule blocks this recipient (SMTP 550 5.7.1)."""
 
@@ -176,8 +209,45 @@ class RecipientBlocked(Forbidden):
     default_message = "Recipient refused by the sending inbox's policy."
 
 
+class SuppressedRecipient(Unprocessable):
+    """The recipient is on the organization's suppression list (a hard bounce, a
+    complaint, or added by hand): HTTP 422, SMTP 550 5.7.1. Sending again would hurt the
+    installation's sender reputation, so it is refused before anything is queued."""
+
+    type = "suppressed_recipient"
+    default_message = "The recipient is on this organization's suppression list."
+
+
 class SessionEnded(Unauthenticated):
     """A long-lived session's key was revoked, expired or narrowed (SMTP 421 4.7.0)."""
 
     type = "session_ended"
     default_message = "The API key is no longer valid; closing the session."
+
+
+class IdempotencyConflict(Conflict):
+    """An Idempotency-Key reused with a different request (HTTP 409)."""
+
+    type = "idempotency_conflict"
+    default_message = "This Idempotency-Key was used with a different request."
+
+
+class IdempotencyInProgress(Conflict):
+    """A request with this Idempotency-Key is still running (HTTP 409; retry later)."""
+
+    type = "idempotency_in_progress"
+    default_message = "A request with this Idempotency-Key is still in progress."
+
+
+class TooManyRecipients(InvalidRequest):
+    """More recipients than one message may have (HTTP 400, like SMTP's 452 4.5.3)."""
+
+    type = "too_many_recipients"
+    default_message = "The message has too many recipients."
+
+
+class InvalidUploadSignature(Forbidden):
+    """An upload URL whose signature is wrong or whose time has passed (HTTP 403)."""
+
+    type = "invalid_signature"
+    default_message = "The upload URL is invalid or has expired."

@@ -9,7 +9,8 @@ import time
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 PREFIXES = frozenset(
     {"org", "env", "usr", "inb", "msg", "thr", "drf", "att", "evt", "inv", "key", "adk",
-     "dom", "whk", "rul", "aud", "req", "obq"}
+     "dom", "whk", "rul", "aud", "req", "obq",
+     "sup", "dlv"}
 )
 _ID_RE = re.compile(r"^([a-z]{3})_([0-9A-HJKMNP-TV-Z]{26})\Z")
 

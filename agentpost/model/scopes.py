@@ -26,6 +26,8 @@ SCOPES: dict[str, str] = {
     "audit:read": "Read the audit log.",
     "filters:read": "List allow/block filter rules.",
     "filters:write": "Create and delete allow/block filter rules.",
+    "suppressions:read": "List the organization's suppressed recipient addresses.",
+    "suppressions:write": "Add addresses to and remove them from the suppression list.",
 }
 
 ALL_SCOPES: frozenset[str] = frozenset(SCOPES)
@@ -37,7 +39,7 @@ _MEMBER_SCOPES = frozenset(
     {
         "inboxes:read", "inboxes:write", "messages:read", "messages:write", "messages:send",
         "domains:read", "webhooks:read", "environments:read", "members:read", "filters:read",
-        "api_keys:read", "api_keys:write",
+        "api_keys:read", "api_keys:write", "suppressions:read",
     }
 )
 

@@ -10,18 +10,29 @@ an unknown local address bounces with a DSN like any other).
 
 Duplicate window: as for any transport, a crash after the local COMMIT but before the
 outcome is recorded delivers the message again when the lease runs out.
+
+As an MTA's final delivery does (RFC 5321 §4.4), the hosted copy starts with a
+``Return-Path:`` of the envelope sender (any the message already had is dropped) and a
+``Received:`` line of this hop, naming the queue row (and the recipient when there is
+only one).
 """
 
 from __future__ import annotations
 
+import email.utils
 import io
 import logging
+import time
+from datetime import UTC, datetime
+
+from twisted.internet.interfaces import IReactorTime
 
 from agentpost.core.context import RequestContext
 from agentpost.core.ingest import Ingest, Target
 from agentpost.core.routing import Router
 from agentpost.model import errors
 from agentpost.model.ids import new_id
+from agentpost.outbound.eightbit import strip_return_path
 from agentpost.outbound.transports import (
     DEFERRED,
     FAILED,
@@ -38,10 +49,13 @@ log = logging.getLogger(__name__)
 class LocalFirstTransport:
     """Hosted recipients through ingest; the rest through ``remote``."""
 
-    def __init__(self, router: Router, ingest: Ingest, remote: Transport) -> None:
+    def __init__(self, router: Router, ingest: Ingest, remote: Transport, *,
+                 hostname: str = "localhost", clock: IReactorTime | None = None) -> None:
         self._router = router
         self._ingest = ingest
         self._remote = remote
+        self._hostname = hostname
+        self._clock = clock
         self.name = f"local+{remote.name}"
 
     async def send(self, envelope: Envelope, raw: bytes) -> HandOff:
@@ -82,6 +96,7 @@ class LocalFirstTransport:
                 targets.append(target)
         origin = RequestContext(new_id("req"), None, "outbound.local",
                                 details={"queue_id": envelope.queue_id})
+        raw = self._trace(envelope, [a for a, _ in local]) + strip_return_path(raw)
         try:
             await self._ingest.store(targets, io.BytesIO(raw),
                                      envelope_from=envelope.mail_from or None, origin=origin)
@@ -90,3 +105,22 @@ class LocalFirstTransport:
             return [Outcome(a, DEFERRED, 451, "4.3.0", "local delivery failed")
                     for a, _ in local]
         return [Outcome(a, SENT, 250, "2.0.0", "delivered locally") for a, _ in local]
+
+    def _trace(self, envelope: Envelope, recipients: list[str]) -> bytes:
+        """``Return-Path:`` and ``Received:`` for the hosted copy, CRLF-terminated."""
+        seconds = self._clock.seconds() if self._clock is not None else time.time()
+        now = datetime.fromtimestamp(seconds, UTC)
+        lines = [f"Return-Path: <{_clean(envelope.mail_from)}>",
+                 f"Received: by {self._hostname} (AgentPost outbound queue)",
+                 f"\tid {envelope.queue_id}"]
+        if len(recipients) == 1:
+            lines.append(f"\tfor <{_clean(recipients[0])}>; "
+                         f"{email.utils.format_datetime(now)}")
+        else:
+            lines[-1] += f"; {email.utils.format_datetime(now)}"
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def _clean(address: str) -> str:
+    """An address as a header may carry it: no control characters (no CR/LF)."""
+    return "".join(ch for ch in address if ch >= " " and ch != "\x7f")

@@ -40,6 +40,20 @@ def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
+def normal_recipient(address: str) -> str:
+    """``address`` with its domain lowercased and its local part as given: RFC 5321
+    §2.4 makes domains case-insensitive but lets the receiving host decide about local
+    parts, so ``Bob@Example.COM`` and ``bob@example.com`` may be two mailboxes and are
+    both sent to, while ``bob@Example.com`` and ``bob@example.com`` are one."""
+    local, at, domain = address.rpartition("@")
+    return f"{local}{at}{domain.lower()}" if at else address
+
+
+def unique_recipients(recipients: list[str]) -> list[str]:
+    """The recipients once each (see :func:`normal_recipient`), in their first order."""
+    return list(dict.fromkeys(normal_recipient(r) for r in recipients))
+
+
 @dataclass(frozen=True)
 class QueuedMessage:
     """What the queue needs of a stored outbound message."""
@@ -55,12 +69,12 @@ class QueuedMessage:
 
 async def enqueue(txn: Txn, message: QueuedMessage, recipients: list[str], *,
                   policy: RetryPolicy, not_before: datetime | None = None) -> list[str]:
-    """Queue ``message`` for ``recipients`` (already validated and deduplicated, none
-    hosted here): one row per recipient domain. Returns the queue row ids."""
+    """Queue ``message`` for ``recipients`` (already validated; duplicates are dropped
+    here, see :func:`unique_recipients`): one row per recipient domain. Returns the
+    queue row ids."""
     by_domain: dict[str, list[str]] = defaultdict(list)
-    for rcpt in recipients:
-        if rcpt not in by_domain[domain_of(rcpt)]:
-            by_domain[domain_of(rcpt)].append(rcpt)
+    for rcpt in unique_recipients(recipients):
+        by_domain[domain_of(rcpt)].append(rcpt)
     start = not_before or txn.now
     ids = []
     for domain, group in sorted(by_domain.items()):

@@ -8,19 +8,30 @@ sending inbox in a later step of the round, so a crash between the two loses not
 
 Duplicate hand-off window: a process that dies (or stalls past ``lease_s``) after the
 transport accepted a message but before its outcome committed leaves the row leased;
-once the lease runs out another worker hands it off again. Nothing else can repeat a
-hand-off: a worker that lost its lease may not record, and the claim skips leased rows.
+once the lease runs out another worker hands it off again. The hand-off deadline
+(``handoff_timeout_s``, on the injected clock) is the second: a transport that has not
+answered by then has its recipients deferred -- recorded, so the lease is released --
+and if it did in fact deliver (an SES call that succeeds after we stopped waiting), the
+retry after the backoff delivers again. Nothing else can repeat a hand-off: a worker
+that lost its lease may not record, and the claim skips leased rows. The late hand-off
+is not cancelled: a cancellation cannot undo a send in a thread or a COMMIT already on
+its way, it could only hide its outcome; transports bound their own I/O.
+
+A round reads each message's bytes once, however many of its queue rows (one per
+recipient domain) the round claimed, and lets go of them when the round's last row of
+that message is handed off.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from agentpost.core.blobrefs import BlobCollector
 from agentpost.jobs.periodic import Periodic
@@ -55,7 +66,8 @@ class OutboundWorker:
                  transport: Transport, clock: IReactorTime, *, worker_id: str,
                  hostname: str, bounce_sink: BounceSink,
                  policy: RetryPolicy | None = None, batch: int = 20, concurrency: int = 8,
-                 lease_s: float = 300.0, poll_s: float = 5.0) -> None:
+                 lease_s: float = 300.0, poll_s: float = 5.0,
+                 handoff_timeout_s: float = 120.0) -> None:
         self._db = db
         self._blobs = blobs
         self._collector = collector
@@ -67,6 +79,7 @@ class OutboundWorker:
         self._policy = policy or RetryPolicy()
         self._batch = batch
         self._lease = timedelta(seconds=lease_s)
+        self._handoff_timeout_s = handoff_timeout_s
         self._limit = defer.DeferredSemaphore(concurrency)
         self._periodic = Periodic("outbound queue", clock, poll_s, self.drain)
 
@@ -82,8 +95,9 @@ class OutboundWorker:
             "outbound.claim", store.claim_due, now, now + self._lease, self._worker_id,
             self._batch)
         if rows:
-            await defer.gatherResults([self._limit.run(self._attempt, row) for row in rows],
-                                      consumeErrors=True)
+            reads = _RoundReads(self._read_outgoing, [row["raw_blob_key"] for row in rows])
+            await defer.gatherResults([self._limit.run(self._attempt, row, reads)
+                                       for row in rows], consumeErrors=True)
         await self._deliver_bounces()
         return len(rows)
 
@@ -96,26 +110,41 @@ class OutboundWorker:
             if done < self._batch:
                 return total
 
-    async def _attempt(self, row: dict[str, Any]) -> None:
+    async def _attempt(self, row: dict[str, Any], reads: _RoundReads) -> None:
         envelope = Envelope(row["id"], row["org_id"], row["mail_from"],
                             tuple(row["recipients"]), row["message_id"])
-        handoff = await self._hand_off(envelope, row["raw_blob_key"])
+        try:
+            handoff = await self._hand_off(envelope, row["raw_blob_key"], reads)
+        finally:
+            reads.done(row["raw_blob_key"])
         try:
             await self._record(row, envelope, handoff)
         except Exception:  # the lease runs out and the row is tried again
             log.exception("outbound %s: recording the outcome failed", row["id"])
 
-    async def _hand_off(self, envelope: Envelope, raw_key: str) -> HandOff:
+    async def _read_outgoing(self, raw_key: str) -> bytes:
+        """The bytes that leave: the stored message without its Bcc fields."""
+        return without_bcc(await self._blobs.get_bytes(raw_key))
+
+    async def _hand_off(self, envelope: Envelope, raw_key: str,
+                        reads: _RoundReads) -> HandOff:
         if not envelope.recipients:
             return HandOff([])
         try:
-            raw = await self._blobs.get_bytes(raw_key)
+            raw = await reads.get(raw_key)
         except Exception as exc:
             log.warning("outbound %s: message unreadable: %s", envelope.queue_id, exc)
             return everyone(envelope, DEFERRED, status_code="4.3.0",
                             diagnostic="the message could not be read from storage")
         try:
-            return await self._transport.send(envelope, without_bcc(raw))
+            return await _bounded(defer.ensureDeferred(self._transport.send(envelope, raw)),
+                                  self._clock, self._handoff_timeout_s, envelope.queue_id)
+        except HandOffTimedOut:
+            log.warning("outbound %s: transport %s did not answer within %gs; deferred",
+                        envelope.queue_id, self._transport.name, self._handoff_timeout_s)
+            return everyone(envelope, DEFERRED, status_code="4.4.1",
+                            diagnostic=f"no answer from the transport within "
+                                       f"{self._handoff_timeout_s:g}s")
         except Exception as exc:  # a transport bug or an unclassified failure: later
             log.exception("outbound %s: transport %s failed", envelope.queue_id,
                           self._transport.name)
@@ -154,15 +183,12 @@ class OutboundWorker:
                                if o.diagnostic)[:2000] or None
 
         async def txn_fn(txn: Txn) -> tuple[bool, str | None]:
-            if not await store.record_results(txn, row["org_id"], row["id"],
-                                              self._worker_id, [o.row() for o in outcomes]):
-                return False, None
-            released = await store.finish_attempt(
-                txn, row["org_id"], row["id"], next_attempt_at=next_at, bounce=bool(bounced),
-                last_error=last_error)
-            if bounced:
+            held, released = await store.record_attempt(
+                txn, row["org_id"], row["id"], self._worker_id, [o.row() for o in outcomes],
+                next_attempt_at=next_at, bounce=bool(bounced), last_error=last_error)
+            if held and bounced:
                 await _bounced_event(txn, row, bounced)
-            return True, released
+            return held, released
 
         held, released = await self._db.run_interaction("outbound.record", txn_fn)
         if not held:
@@ -259,3 +285,79 @@ async def _bounced_event(txn: Txn, row: dict[str, Any], bounced: list[Outcome]) 
               "recipients": [{"address": o.address, "status_code": o.status_code,
                               "smtp_code": o.smtp_code, "diagnostic": o.diagnostic}
                              for o in bounced]})
+
+
+class HandOffTimedOut(Exception):
+    """The transport did not answer within the hand-off deadline."""
+
+
+def _bounded(work: defer.Deferred[HandOff], clock: IReactorTime, timeout_s: float,
+             queue_id: str) -> defer.Deferred[HandOff]:
+    """``work``'s result, or HandOffTimedOut once ``timeout_s`` passed on ``clock``.
+    ``work`` is left to finish (see the module doc); a late outcome is only logged."""
+    out: defer.Deferred[HandOff] = defer.Deferred()
+
+    def expire() -> None:
+        if not out.called:
+            out.errback(HandOffTimedOut())
+
+    timer = clock.callLater(timeout_s, expire)
+
+    def finished(result: HandOff | Failure) -> None:
+        if timer.active():
+            timer.cancel()
+        if not out.called:
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(result)
+        elif isinstance(result, Failure):
+            log.warning("outbound %s: late hand-off failed: %s", queue_id,
+                        result.getErrorMessage())
+        else:
+            log.warning("outbound %s: hand-off answered after its deadline; its outcome "
+                        "is discarded (the recipients were deferred)", queue_id)
+
+    work.addBoth(finished)
+    return out
+
+
+class _RoundReads:
+    """One read per message per round: the queue rows of one message (one per
+    recipient domain) share its bytes, which are dropped once the round's last row of
+    that message is done (so a round holds no more messages than it hands off)."""
+
+    def __init__(self, read: Callable[[str], Coroutine[Any, Any, bytes]],
+                 keys: list[str]) -> None:
+        self._read = read
+        self._left: dict[str, int] = {}
+        for key in keys:
+            self._left[key] = self._left.get(key, 0) + 1
+        self._reads: dict[str, defer.Deferred[bytes]] = {}
+        self.reads = 0  # how many reads the blob store saw (for tests and the bench)
+
+    def get(self, key: str) -> defer.Deferred[bytes]:
+        """The bytes of ``key``; a read already in flight or done is shared."""
+        shared = self._reads.get(key)
+        if shared is None:
+            self.reads += 1
+            shared = self._reads[key] = defer.ensureDeferred(self._read(key))
+        out: defer.Deferred[bytes] = defer.Deferred()
+
+        def pass_on(result: bytes | Failure) -> bytes | Failure:
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(result)
+            return result  # for the next row of the same message
+
+        shared.addBoth(pass_on)
+        return out
+
+    def done(self, key: str) -> None:
+        """A row of ``key`` is handed off: forget the bytes after the last one."""
+        self._left[key] -= 1
+        if self._left[key] <= 0:
+            shared = self._reads.pop(key, None)
+            if shared is not None:
+                shared.addErrback(lambda _failure: None)  # reported to each row already

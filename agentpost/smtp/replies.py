@@ -129,6 +129,7 @@ ERROR_REPLIES: dict[type[errors.AgentPostError], tuple[int, str]] = {
     errors.RelayDenied: (550, "5.7.1"),
     errors.SenderNotAllowed: (553, "5.7.1"),
     errors.SenderBlocked: (550, "5.7.1"),
+    errors.SuppressedRecipient: (550, "5.7.1"),
     errors.MessageTooLarge: (552, "5.3.4"),
     errors.MailboxFull: (552, "5.2.2"),
     errors.PayloadTooLarge: (552, "5.3.4"),

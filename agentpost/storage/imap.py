@@ -61,10 +61,13 @@ def _flag_set(seen: bool, flagged: bool, answered: bool, draft: bool, deleted: b
 
 
 async def list_folders(txn: Txn, org_id: str, inbox_id: str) -> list[dict[str, Any]]:
-    """Every folder of an inbox, with whether it has children."""
+    """Every folder of an inbox, with whether it has children and is subscribed
+    (storage.subscriptions; a subscription may also name no folder)."""
     return await txn.fetchall(
-        "SELECT f.id, f.name, f.special_use, f.subscribed, EXISTS (SELECT 1 FROM folders c "
-        "WHERE c.inbox_id = f.inbox_id AND c.name LIKE f.name || '/%%') AS has_children "
+        "SELECT f.id, f.name, f.special_use, EXISTS (SELECT 1 FROM mailbox_subscriptions s "
+        "WHERE s.org_id = f.org_id AND s.inbox_id = f.inbox_id AND s.name = f.name) "
+        "AS subscribed, EXISTS (SELECT 1 FROM folders c WHERE c.org_id = f.org_id AND "
+        "c.inbox_id = f.inbox_id AND starts_with(c.name, f.name || '/')) AS has_children "
         "FROM folders f WHERE f.org_id = %s AND f.inbox_id = %s ORDER BY f.name",
         (org_id, inbox_id))
 
@@ -74,8 +77,8 @@ async def get_folder(txn: Txn, org_id: str, inbox_id: str, name: str, *,
     """A folder by name (INBOX matched case-insensitively, as RFC 3501 requires)."""
     lock = " FOR UPDATE" if for_update else ""
     return await txn.fetchone(
-        "SELECT id, name, special_use, uidvalidity, uidnext, highestmodseq, subscribed, "
-        "recent_uid FROM folders WHERE org_id = %s AND inbox_id = %s AND (name = %s OR "
+        "SELECT id, name, special_use, uidvalidity, uidnext, highestmodseq, recent_uid "
+        "FROM folders WHERE org_id = %s AND inbox_id = %s AND (name = %s OR "
         "(upper(%s) = 'INBOX' AND name = 'INBOX'))" + lock, (org_id, inbox_id, name, name))
 
 
@@ -88,15 +91,16 @@ async def get_folder_by_id(txn: Txn, org_id: str, inbox_id: str,
 
 
 async def create_folder(txn: Txn, org_id: str, environment_id: str, inbox_id: str,
-                        name: str, *, subscribed: bool = True) -> None:
+                        name: str) -> None:
     """A user folder; an existing name is a Conflict ([ALREADYEXISTS]). Its UIDVALIDITY
     is the column default (a fresh sequence value, migration 0011): a folder deleted and
-    created again, even within one second, never gets the old value back."""
+    created again, even within one second, never gets the old value back. It is not
+    subscribed (RFC 3501 §6.3.3; storage.subscriptions)."""
     try:
         await txn.execute(
-            "INSERT INTO folders (org_id, environment_id, inbox_id, name, subscribed, "
-            "created_at) VALUES (%s, %s, %s, %s, %s, %s)",
-            (org_id, environment_id, inbox_id, name, subscribed, txn.now))
+            "INSERT INTO folders (org_id, environment_id, inbox_id, name, created_at) "
+            "VALUES (%s, %s, %s, %s, %s)",
+            (org_id, environment_id, inbox_id, name, txn.now))
     except psycopg2.errors.UniqueViolation:
         raise Conflict("Folder already exists.") from None
     await notify_folder_list(txn, inbox_id)
@@ -116,20 +120,11 @@ async def rename_folder(txn: Txn, org_id: str, inbox_id: str, old: str, new: str
     try:
         await txn.execute(
             "UPDATE folders SET name = %s || substr(name, length(%s) + 1) "
-            "WHERE org_id = %s AND inbox_id = %s AND (name = %s OR name LIKE %s)",
-            (new, old, org_id, inbox_id, old, old.replace("%", r"\%") + "/%"))
+            "WHERE org_id = %s AND inbox_id = %s AND (name = %s OR "
+            "starts_with(name, %s || '/'))", (new, old, org_id, inbox_id, old, old))
     except psycopg2.errors.UniqueViolation:
         raise Conflict("Folder already exists.") from None
     await notify_folder_list(txn, inbox_id)
-
-
-async def set_subscribed(txn: Txn, org_id: str, folder_id: int, subscribed: bool) -> None:
-    """SUBSCRIBE / UNSUBSCRIBE; wakes the inbox's folder-list watchers (IMAP NOTIFY)."""
-    await txn.execute(
-        "WITH u AS (UPDATE folders SET subscribed = %s WHERE org_id = %s AND id = %s "
-        "           RETURNING inbox_id) "
-        "SELECT pg_notify(%s, %s || u.inbox_id) FROM u",
-        (subscribed, org_id, folder_id, MAIL_CHANNEL, folder_list_key("")))
 
 
 async def folder_meta(txn: Txn, org_id: str, folder_id: int) -> list[dict[str, Any]]:

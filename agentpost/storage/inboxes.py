@@ -115,26 +115,14 @@ async def domain_kind(txn: Txn, name: str) -> str | None:
 
 
 async def domain_usable(txn: Txn, org_id: str, environment_id: str, name: str) -> bool:
-    """Whether inboxes of this org and environment may use ``name``."""
+    """Whether inboxes of this org and environment may use ``name``: a shared domain or
+    the organization's own, verified or not (an inbox on an unverified domain exists but
+    neither sends -- core.submission -- nor receives until the domain is verified)."""
     return bool(await txn.fetchval(
         "SELECT EXISTS (SELECT 1 FROM shared_domains WHERE name = %s) OR EXISTS ("
-        "SELECT 1 FROM domains WHERE org_id = %s AND environment_id = %s AND name = %s "
-        "AND verified_at IS NOT NULL)",
+        "SELECT 1 FROM domains WHERE org_id = %s AND environment_id = %s AND name = %s)",
         (name, org_id, environment_id, name),
     ))
-
-
-async def list_domains(txn: Txn, org_id: str,
-                       env_ids: frozenset[str] | None) -> list[dict[str, Any]]:
-    """Shared domains plus the organization's own, as visible to the caller."""
-    return await txn.fetchall(
-        "SELECT NULL::text AS id, name, NULL::text AS environment_id, true AS shared, "
-        "true AS verified, created_at FROM shared_domains "
-        "UNION ALL SELECT id, name, environment_id, false, verified_at IS NOT NULL, created_at "
-        "FROM domains WHERE org_id = %s AND (%s::text[] IS NULL OR environment_id = ANY(%s)) "
-        "ORDER BY shared DESC, name",
-        (org_id, _arr(env_ids), _arr(env_ids)),
-    )
 
 
 def _arr(ids: frozenset[str] | None) -> list[str] | None:

@@ -15,6 +15,11 @@ A part's body is returned with its Content-Transfer-Encoding undone
   pass; a larger one is decoded a second time while it is sent, chunk by chunk, waiting
   for the transport to drain: a 20 MB base64 attachment never sits in memory, decoded
   or not. The cost is reading the part twice.
+- **The reactor is not held.** Decoding is CPU work on the reactor thread, which
+  serves every session of every tenant: a body over :data:`THREAD_BYTES` is decoded
+  in the reactor's thread pool, one chunk per hop (the push decoder's state is a few
+  octets and only one hop runs at a time), so memory stays one chunk per pass. A test
+  clock, which has no pool, decodes inline.
 - **Sections address leaves.** ``BINARY[]`` is the whole message as stored; a part
   number must name a non-multipart part (decoding a multipart is meaningless, RFC 3516
   §4.2) -- ``NO [CANNOT]``; a part that does not exist is an empty string, as for
@@ -31,7 +36,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
 
 from agentpost.imap.errors import no
 from agentpost.imap.interfaces import FetchRow, IMAPFolder
@@ -52,6 +60,8 @@ CHUNK_BYTES = 256 * 1024
 INLINE_BYTES = 256 * 1024
 #: Most of a part's header read to find its Content-Transfer-Encoding.
 MAX_HEADER_BYTES = 256 * 1024
+#: Encoded bodies larger than this are decoded in the reactor's thread pool.
+THREAD_BYTES = 512 * 1024
 
 
 @dataclass(frozen=True)
@@ -79,7 +89,8 @@ class DecodedRange:
         """Decode the body again and write the window; a short literal is never sent
         (StorageFailure: the caller hangs up)."""
         sent = 0
-        async for pos, chunk in _decoded(folder, self.row, self.raw, self.body):
+        async for pos, chunk in _decoded(folder, self.row, self.raw, self.body,
+                                         session.clock):
             lo = max(self.skip - pos, 0)
             hi = min(self.skip + self.length - pos, len(chunk))
             if hi > lo:
@@ -111,14 +122,30 @@ async def _encoded(folder: IMAPFolder, row: FetchRow, raw: bytes | None,
         pos += length
 
 
+def _pool(clock: Any, body: _Body) -> Any:
+    """The reactor to decode ``body`` in the thread pool of, or None: inline."""
+    if body.end - body.start <= THREAD_BYTES or body.cte is None or \
+            not IReactorThreads.providedBy(clock):
+        return None
+    if binary.transfer_encoding(body.cte) in binary.IDENTITY_ENCODINGS:
+        return None  # nothing to decode: the octets are copied as they are
+    return clock
+
+
 async def _decoded(folder: IMAPFolder, row: FetchRow, raw: bytes | None,
-                   body: _Body) -> AsyncIterator[tuple[int, bytes]]:
+                   body: _Body, clock: Any = None) -> AsyncIterator[tuple[int, bytes]]:
     """(decoded offset, decoded chunk) pairs; the CTE errors of
-    :mod:`agentpost.mail.binary` on the way."""
+    :mod:`agentpost.mail.binary` on the way. ``clock``: the session's reactor, whose
+    thread pool decodes a large body (:data:`THREAD_BYTES`)."""
     decoder = binary.decoder(body.cte)
+    reactor = _pool(clock, body)
     pos = 0
     async for chunk in _encoded(folder, row, raw, body):
-        out = decoder.feed(chunk)
+        if reactor is not None:
+            out = await deferToThreadPool(reactor, reactor.getThreadPool(), decoder.feed,
+                                          chunk)
+        else:
+            out = decoder.feed(chunk)
         if out:
             yield pos, out
             pos += len(out)
@@ -199,11 +226,11 @@ class _Scan:
 
 
 async def _scan(folder: IMAPFolder, row: FetchRow, raw: bytes | None, body: _Body,
-                window: tuple[int, int] | None, size_only: bool) -> _Scan:
+                window: tuple[int, int] | None, size_only: bool, clock: Any) -> _Scan:
     """Decode the whole body once (a decoding error surfaces here)."""
     scan = _Scan(kept=None if size_only else bytearray())
     skip, count = window if window is not None else (0, None)
-    async for pos, chunk in _decoded(folder, row, raw, body):
+    async for pos, chunk in _decoded(folder, row, raw, body, clock):
         scan.size = pos + len(chunk)
         if size_only:
             continue
@@ -221,8 +248,9 @@ async def _scan(folder: IMAPFolder, row: FetchRow, raw: bytes | None, body: _Bod
 
 
 async def render_binary(folder: IMAPFolder, row: FetchRow, raw: bytes | None,
-                        item: FetchItem) -> list[bytes | DecodedRange]:
-    """The ``BINARY[...]`` or ``BINARY.SIZE[...]`` part of one message's FETCH response."""
+                        item: FetchItem, clock: Any = None) -> list[bytes | DecodedRange]:
+    """The ``BINARY[...]`` or ``BINARY.SIZE[...]`` part of one message's FETCH response.
+    ``clock``: the session's reactor (its thread pool decodes large bodies)."""
     assert item.section is not None
     partial = item.section.partial
     path = imapformat.SectionSpec(item.section.part, item.section.text,
@@ -235,14 +263,14 @@ async def render_binary(folder: IMAPFolder, row: FetchRow, raw: bytes | None,
         if body is not None:
             identity = binary.transfer_encoding(body.cte) in binary.IDENTITY_ENCODINGS
             size = (body.end - body.start if identity
-                    else (await _scan(folder, row, raw, body, None, True)).size)
+                    else (await _scan(folder, row, raw, body, None, True, clock)).size)
         return [b"BINARY.SIZE[%s] %d" % (path.encode(), size)]
     label = b"BINARY[%s]" % path.encode()
     if partial is not None:
         label += b"<%d>" % partial[0]
     if body is None:
         return [label + b" {0}\r\n"]
-    scan = await _scan(folder, row, raw, body, partial, False)
+    scan = await _scan(folder, row, raw, body, partial, False, clock)
     skip, length = 0, scan.size
     if partial is not None:
         skip = min(partial[0], scan.size)

@@ -15,6 +15,10 @@ is the whole tenancy question of CATENATE:
   ranges of the stored message, so a small part of a large message never loads it.
 - Every copy is bounded by what is left of the APPENDLIMIT before anything is read
   (``NO [TOOBIG]``, RFC 4469 §4.2).
+- A message stored without a section map (rare: not pre-rendered at ingest) is read
+  whole to map it -- except for the top-level ``HEADER`` and ``HEADER.FIELDS[.NOT]``,
+  which need only the header block: :func:`agentpost.mail.catenate.read_top_header`
+  reads it with a few range reads, ending it where the section map would.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from agentpost.imap.errors import no
 from agentpost.imap.interfaces import FetchRow, FetchWants, IMAPFolder
 from agentpost.imap.states import State
 from agentpost.mail import imapformat
-from agentpost.mail.catenate import BadUrl, PartReference, parse_catenate_url
+from agentpost.mail.catenate import BadUrl, PartReference, parse_catenate_url, read_top_header
 from agentpost.model import errors
 
 if TYPE_CHECKING:
@@ -58,6 +62,8 @@ async def copy_url(session: IMAP4ServerProtocol, url: str, out: IO[bytes],
     if sections is None:  # not pre-rendered at ingest (rare): map it from the bytes
         if row.size is not None and row.size > 4 * session.max_append_bytes:
             raise too_big()
+        if row.size is not None and not spec.part and spec.text in _HEADER_TEXTS:
+            return await _copy_top_header(session, url, folder, row, ref, out, budget)
         raw = await folder.read_message(row)
         sections = imapformat.section_map(raw)
     try:
@@ -92,6 +98,38 @@ async def copy_url(session: IMAP4ServerProtocol, url: str, out: IO[bytes],
             out.write(await _read(url, folder, row, pos, take))
             pos += take
     return end - start
+
+
+#: Top-level sections that are the header block alone (filtered or not).
+_HEADER_TEXTS = frozenset({"HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT"})
+
+
+async def _copy_top_header(session: IMAP4ServerProtocol, url: str, folder: IMAPFolder,
+                           row: FetchRow, ref: PartReference, out: IO[bytes],
+                           budget: int) -> int:
+    """:func:`copy_url` for the top-level HEADER or HEADER.FIELDS[.NOT] of a message
+    without a section map: only the header block is read; the same bytes and the same
+    refusals as mapping the whole message."""
+    spec = ref.section_spec or _WHOLE
+    assert row.size is not None
+
+    async def read(start: int, length: int) -> bytes:
+        return await _read(url, folder, row, start, length)
+
+    header = await read_top_header(read, row.size, 4 * session.max_append_bytes)
+    if header is None:
+        raise too_big()
+    if spec.text == "HEADER":
+        data = _partial(header, ref.partial)
+    else:
+        if len(header) > session.max_append_bytes:
+            raise too_big()
+        data = _partial(imapformat.filter_header_fields(
+            header, spec.fields, spec.text == "HEADER.FIELDS"), ref.partial)
+    if len(data) > budget:
+        raise too_big()
+    out.write(data)
+    return len(data)
 
 
 async def _locate_message(session: IMAP4ServerProtocol, url: str,

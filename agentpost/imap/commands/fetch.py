@@ -371,13 +371,13 @@ _SIMPLE_ITEMS: dict[str, Callable[[SelectedMailbox, FetchRow, bytes | None], byt
 
 
 async def _item(view: SelectedMailbox, row: FetchRow, raw: bytes | None,
-                item: FetchItem) -> list[Segment] | None:
+                item: FetchItem, clock: Any = None) -> list[Segment] | None:
     """One item's part of the response (None for an item that renders nothing)."""
     simple = _SIMPLE_ITEMS.get(item.name)
     if simple is not None:
         return [simple(view, row, raw)]
     if item.name in ("BINARY", "BINARY.SIZE"):
-        return [*await render_binary(view.folder, row, raw, item)]
+        return [*await render_binary(view.folder, row, raw, item, clock)]
     spec = _content_spec(item)
     if spec is None:
         return None
@@ -406,7 +406,7 @@ async def _render(session: IMAP4ServerProtocol, view: SelectedMailbox, row: Fetc
         if key in done and item.section is None:
             continue
         done.add(key)
-        part = await _item(view, row, raw, item)
+        part = await _item(view, row, raw, item, session.clock)
         if part is not None:
             parts.append(part)
     if add_flags and "FLAGS" not in done:

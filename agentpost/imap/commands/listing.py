@@ -9,7 +9,8 @@ folder names once (:func:`_match`), add the parents LSUB and RECURSIVEMATCH owe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from agentpost.imap import rev2
@@ -59,14 +60,15 @@ class _Options:
 
 @dataclass
 class _Matched:
-    """The folders to consider and what the subscriptions say about their parents."""
+    """The names to consider and what the subscriptions say about their parents."""
 
-    folders: list[FolderInfo]
+    folders: list[FolderInfo]  # existing folders, and (subscribed modes) names without one
     matched: set[str]  # names the patterns match
-    subscribed_parents: set[str]  # every ancestor of a subscribed folder
-    matched_parents: set[str]  # parents of subscribed folders the patterns match
-    unreached_parents: set[str] = field(default_factory=set)  # LSUB's \Noselect parents
-    missing: set[str] = field(default_factory=set)  # deleted parents of subscriptions
+    # Matched ancestors of subscribed names the patterns do not match: LSUB lists them
+    # \Noselect when unsubscribed (RFC 3501 §6.3.9), RECURSIVEMATCH gives them CHILDINFO
+    # (RFC 5258 §3.5; a subscribed descendant the pattern matches itself needs none).
+    reached: set[str]
+    missing: set[str] = field(default_factory=set)  # listed names that have no folder
 
 
 async def list_(session: IMAP4ServerProtocol, command: Command) -> None:
@@ -90,15 +92,18 @@ async def _list(session: IMAP4ServerProtocol, command: Command, lsub: bool) -> N
     except PatternTooLong as exc:
         raise ParseError(str(exc)) from exc
     acct = account(session)
-    found = _match(await acct.list_folders(), matcher)
-    if options.only_subscribed and found.subscribed_parents:
+    folders, missing = await acct.list_folders(), set[str]()
+    if options.only_subscribed:  # subscriptions may name folders that do not exist
+        folders, missing = _with_subscriptions(folders, await acct.list_subscriptions())
+    found = _match(folders, matcher, missing)
+    if options.only_subscribed and found.reached:
         _add_parents(found)
     for folder in found.folders:
         attrs = _attributes(folder, found, options)
         if attrs is None:
             continue
         wire = rev2.mailbox_wire(session, folder.name)
-        child_info = options.recursive and folder.name in found.subscribed_parents
+        child_info = options.recursive and folder.name in found.reached
         extra = ' ("CHILDINFO" ("SUBSCRIBED"))' if child_info else ""
         session.send(f'* {options.verb} ({" ".join(attrs)}) "/" {wire}{extra}')
         if options.status_items and folder.name not in found.missing:
@@ -157,37 +162,52 @@ def _ancestors(name: str) -> list[str]:
     return [name.rsplit("/", i)[0] for i in range(1, name.count("/") + 1)]
 
 
-def _match(folders: list[FolderInfo], matcher: PatternSet) -> _Matched:
+def _parents_of(names: Iterable[str]) -> set[str]:
+    return {p for name in names for p in _ancestors(name)}
+
+
+def _with_subscriptions(folders: list[FolderInfo], subscribed: list[str]
+                        ) -> tuple[list[FolderInfo], set[str]]:
+    """The folders with their subscription as ``subscribed`` says, and the subscribed
+    names no folder has (deleted, or never created): listed \\NonExistent by LIST
+    (SUBSCRIBED) and \\Noselect by LSUB (RFC 5258 §3, RFC 3501 §6.3.9)."""
+    wanted = set(subscribed)
+    existing = {f.name for f in folders}
+    with_children = _parents_of(existing)
+    out = [f if f.subscribed == (f.name in wanted) else replace(f, subscribed=not f.subscribed)
+           for f in folders]
+    missing = wanted - existing
+    out += [FolderInfo(n, None, True, n in with_children) for n in missing]
+    return sorted(out, key=lambda f: f.name), missing
+
+
+def _match(folders: list[FolderInfo], matcher: PatternSet, missing: set[str]) -> _Matched:
     """Which names the patterns match, in one pass over each name, which also tells
-    which of its parents match: a parent that no longer exists is not matched again
-    (linear in the names)."""
-    # Every ancestor of a subscribed folder, for RECURSIVEMATCH: one pass, not a
-    # scan of all subscribed names per folder.
-    subscribed_parents = {p for f in folders if f.subscribed for p in _ancestors(f.name)}
+    which of its parents match (linear in the names)."""
     matched: set[str] = set()
-    matched_parents: set[str] = set()
+    reached: set[str] = set()
     for f in folders:
         hit, parents = matcher.match_prefixes(f.name, fold_case=f.name == "INBOX")
         if hit:
             matched.add(f.name)
-        if f.subscribed:
-            matched_parents.update(parents)
-    return _Matched(folders, matched, subscribed_parents, matched_parents)
+        elif f.subscribed:
+            reached.update(parents)
+    return _Matched(folders, matched, reached, set(missing))
 
 
 def _add_parents(found: _Matched) -> None:
-    """LSUB (RFC 3501 §6.3.9): an unsubscribed parent whose subscribed descendant the
-    pattern does not reach ("%") is listed \\Noselect in its place. Subscriptions live
-    on folder rows, so a subscribed name always exists; but DELETE of a parent leaves
-    its children: such a parent is \\NonExistent."""
-    found.unreached_parents = {p for f in found.folders
-                               if f.subscribed and f.name not in found.matched
-                               for p in _ancestors(f.name)}
-    missing = found.subscribed_parents - {f.name for f in found.folders}
+    """A reached parent with no folder of its own (DELETE of a parent leaves its
+    children, and a subscription needs no folder) is listed too: \\NonExistent
+    (LIST) or \\Noselect (LSUB)."""
+    names = {f.name for f in found.folders}
+    missing = found.reached - names
     if missing:
-        found.missing = missing
-        found.matched |= missing & found.matched_parents
-        found.folders = sorted([*found.folders, *(FolderInfo(n, None, False, True)
+        with_children = _parents_of(f.name for f in found.folders
+                                    if f.name not in found.missing)
+        found.missing |= missing
+        found.matched |= missing
+        found.folders = sorted([*found.folders, *(FolderInfo(n, None, False,
+                                                             n in with_children)
                                                   for n in missing)], key=lambda f: f.name)
 
 
@@ -199,10 +219,10 @@ def _attributes(folder: FolderInfo, found: _Matched, options: _Options) -> list[
         return None
     # RECURSIVEMATCH (RFC 5258 §3.5): CHILDINFO on every listed parent of a
     # subscribed mailbox, and unsubscribed parents are listed for it.
-    child_info = options.recursive and folder.name in found.subscribed_parents
+    child_info = options.recursive and folder.name in found.reached
     noselect = False
     if options.only_subscribed and not folder.subscribed and not child_info:
-        if options.lsub and folder.name in found.unreached_parents:
+        if options.lsub and folder.name in found.reached:
             noselect = True
         else:
             return None
