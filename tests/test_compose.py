@@ -214,3 +214,11 @@ def test_a_stored_address_that_fails_our_checks_is_left_out():
                   reply_to=[{"email": "x@localhost"}])
     to, _ = reply_recipients(odd, "me@agents.test", "reply")
     assert to == []
+
+
+def test_ses_control_headers_are_refused():
+    """X-SES-* would steer the relay (configuration set, identity ARNs): not a caller's."""
+    for name in ("X-SES-CONFIGURATION-SET", "x-ses-source-arn", "X-Ses-Message-Tags"):
+        with pytest.raises(InvalidRequest):
+            check_headers({name: "x"})
+    assert check_headers({"X-Campaign": "spring"}) == {"X-Campaign": "spring"}

@@ -215,7 +215,9 @@ async def test_sent_copy_queue_row_eml_without_bcc_and_message_sent_event(sub, o
     Message-ID/Date; what leaves through the log transport has no Bcc."""
     _, sender, _, _, key = await _setup(sub)
     raw = (f"From: Sender <{sender['email']}>\r\nTo: bob@remote.example\r\n"
-           "Bcc: carol@remote.example\r\nSubject: Submitted\r\n\r\nBody line.\r\n").encode()
+           "Bcc: carol@remote.example\r\nX-SES-CONFIGURATION-SET: no-feedback\r\n"
+           "x-ses-source-arn: arn:aws:ses:us-east-1:999:identity/other.example\r\n"
+           "Subject: Submitted\r\n\r\nBody line.\r\n").encode()
 
     def send():
         with _login(sub.submission_port, sender["email"], key) as smtp:
@@ -250,6 +252,7 @@ async def test_sent_copy_queue_row_eml_without_bcc_and_message_sent_event(sub, o
     for path in await emls():
         data = path.read_bytes()
         assert b"Bcc:" not in data and b"\r\nMessage-ID: <" in data
+        assert b"x-ses-" not in data.lower()  # SES control headers never leave
         assert b"X-AgentPost-Envelope-To: <bob@remote.example>" in data
 
     def imap_sent():

@@ -175,14 +175,15 @@ def parse_address_list(value: Any, field_name: str = "to") -> list[Address]:
 
 def check_headers(value: Any) -> dict[str, str]:
     """Custom headers: only ``X-*`` and the allow-list; never From/To/Date/... (the
-    server writes those), values without CR/LF/NUL."""
+    server writes those) nor SES's ``X-SES-*`` control headers (the queue strips those
+    from whatever leaves anyway), values without CR/LF/NUL."""
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise InvalidRequest("headers must be an object.", field="headers")
     out: dict[str, str] = {}
     for name, text in value.items():
-        if not isinstance(name, str) or not (
+        if not isinstance(name, str) or name.lower().startswith("x-ses-") or not (
                 _X_HEADER.match(name) or name.lower() in ALLOWED_HEADERS):
             raise InvalidRequest(f"The header {str(name)[:80]!r} may not be set.",
                                  field="headers")

@@ -255,13 +255,25 @@ class OutboundWorker:
         await self._periodic.stop()
 
 
+#: Fields that never leave: blind copies (RFC 5322 §3.6.3, §3.6.6), and SES's control
+#: headers, with which a tenant could pick another configuration set (no feedback, so no
+#: suppression), tag the send, or send as another account's identity.
+_NEVER_LEAVES = (b"bcc", b"resent-bcc")
+_CONTROL_PREFIX = b"x-ses-"
+
+
+def _leaves(name: bytes) -> bool:
+    field_name = name.strip().lower()
+    return field_name not in _NEVER_LEAVES and not field_name.startswith(_CONTROL_PREFIX)
+
+
 def without_bcc(raw: bytes) -> bytes:
-    """The message without its ``Bcc:`` and ``Resent-Bcc:`` fields (and their folded
-    lines): the stored Sent copy keeps them, what leaves never carries them (RFC 5322
-    §3.6.3, §3.6.6)."""
+    """The message without ``Bcc:``, ``Resent-Bcc:`` and ``X-SES-*`` fields (and their
+    folded lines): the stored Sent copy keeps them, what leaves never carries them."""
     end = raw.find(b"\r\n\r\n")
     head = raw if end < 0 else raw[:end]
-    if b"bcc:" not in head.lower():
+    lowered = head.lower()
+    if b"bcc:" not in lowered and _CONTROL_PREFIX not in lowered:
         return raw
     kept: list[bytes] = []
     skipping = False
@@ -270,7 +282,7 @@ def without_bcc(raw: bytes) -> bytes:
             if not skipping:
                 kept.append(line)
             continue
-        skipping = line.split(b":", 1)[0].strip().lower() in (b"bcc", b"resent-bcc")
+        skipping = not _leaves(line.split(b":", 1)[0])
         if not skipping:
             kept.append(line)
     return b"\r\n".join(kept) + (b"" if end < 0 else raw[end:])
