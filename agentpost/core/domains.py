@@ -45,6 +45,26 @@ from agentpost.storage.database import Database, Txn
 log = logging.getLogger(__name__)
 
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+#: Special-use top-level names (RFC 6761, 6762, 7686) and the reverse-DNS tree: no
+#: organization can prove it holds a name under them.
+SPECIAL_USE_TLDS = frozenset({"localhost", "local", "invalid", "onion", "arpa",
+                              "internal", "home", "lan", "corp", "localdomain"})
+#: Common public suffixes with more than one label (a small built-in excerpt of the
+#: Public Suffix List; single labels such as ``com`` are refused anyway). Registering one
+#: would claim every address under it on the shared MX.
+PUBLIC_SUFFIXES = frozenset({
+    "co.uk", "org.uk", "me.uk", "ltd.uk", "plc.uk", "net.uk", "ac.uk", "gov.uk", "sch.uk",
+    "com.au", "net.au", "org.au", "edu.au", "gov.au", "co.nz", "org.nz", "net.nz",
+    "co.jp", "ne.jp", "or.jp", "ac.jp", "go.jp", "co.kr", "or.kr", "com.br", "net.br",
+    "org.br", "com.cn", "net.cn", "org.cn", "gov.cn", "com.hk", "com.tw", "com.sg",
+    "com.my", "co.in", "net.in", "org.in", "firm.in", "gen.in", "ind.in", "co.za",
+    "org.za", "com.mx", "com.ar", "com.tr", "co.il", "org.il", "com.ua", "co.id",
+    "or.id", "com.ph", "com.vn", "com.pk", "com.ng", "com.eg", "com.sa", "co.th",
+    "in.th", "com.co", "com.pe", "com.ru", "co.at", "or.at", "com.pl", "co.it",
+    "github.io", "gitlab.io", "herokuapp.com", "blogspot.com", "appspot.com",
+    "azurewebsites.net", "cloudfront.net", "amazonaws.com", "netlify.app", "vercel.app",
+    "pages.dev", "workers.dev", "web.app", "firebaseapp.com", "fly.dev",
+})
 SES_SPF = "include:amazonses.com"
 PENDING, VERIFIED = "pending", "verified"
 
@@ -144,6 +164,9 @@ def normalize_name(raw: Any, field_name: str = "name") -> str:
     if (len(name) > 253 or len(labels) < 2 or not all(_LABEL.match(x) for x in labels)
             or labels[-1].isdigit()):
         raise InvalidRequest(f"{field_name} is not a valid domain name.", field=field_name)
+    if labels[-1] in SPECIAL_USE_TLDS or name in PUBLIC_SUFFIXES:
+        raise InvalidRequest(f"{field_name} is a public suffix or a special-use name, not "
+                             "a domain an organization can hold.", field=field_name)
     return name
 
 

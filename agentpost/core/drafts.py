@@ -39,7 +39,7 @@ from agentpost.core.context import RequestContext
 from agentpost.core.ingest import Ingest, Stored, Target
 from agentpost.core.messages import check_labels
 from agentpost.core.pages import MAX_LIMIT
-from agentpost.core.uploads import check_filename, check_mime_type
+from agentpost.core.uploads import check_filename, check_mime_type, stored_part
 from agentpost.mail.compose import (
     Address,
     AttachmentPart,
@@ -48,8 +48,10 @@ from agentpost.mail.compose import (
     check_text,
     compose,
     new_message_id,
+    normalize_email,
     parse_address_list,
     reply_references,
+    usable_message_id,
 )
 from agentpost.model.errors import Conflict, InvalidRequest, MessageTooLarge, NotFound
 from agentpost.model.ids import is_id, new_id
@@ -71,11 +73,6 @@ MAX_ADDRESSES = 500
 #: Attachments per draft.
 MAX_ATTACHMENTS = 50
 DRAFT_FLAGS = frozenset({"\\Draft", "\\Seen"})
-
-
-def _bracket(msgid: str | None) -> str | None:
-    """Stored Message-IDs lack their angle brackets; headers want them."""
-    return f"<{msgid}>" if msgid else None
 
 
 def _body_text(value: Any, name: str) -> str | None:
@@ -155,7 +152,11 @@ def composition(fields: dict[str, Any], attachments: list[AttachmentPart]) -> Co
     """The draft's fields as the composer takes them."""
 
     def addrs(name: str) -> list[Address]:
-        return [Address(a["email"], a.get("name") or None) for a in fields.get(name) or []]
+        # Checked again here: an adopted draft's addresses are what an IMAP client wrote
+        # (a trailing dot, no domain...), never through check_fields.
+        return [Address(normalize_email(str(a.get("email") or ""), name),
+                        check_text(a["name"], name) if a.get("name") else None)
+                for a in fields.get(name) or []]
 
     reply = fields.get("reply_headers") or {}
     return Composition(
@@ -179,14 +180,15 @@ def adopted_fields(msg: dict[str, Any], in_reply_to: str | None) -> dict[str, An
 
     reply = {}
     if msg["in_reply_to"] or msg["reference_ids"]:
-        reply = {"in_reply_to": _bracket(msg["in_reply_to"]),
-                 "references": [f"<{r}>" for r in msg["reference_ids"] or []]}
+        reply = {"in_reply_to": usable_message_id(msg["in_reply_to"]),
+                 "references": reply_references(
+                     None, [f"<{r}>" for r in msg["reference_ids"] or []])}
     return {
         "to": addrs(msg["to_addresses"]), "cc": addrs(msg["cc_addresses"]),
         "bcc": addrs(msg["bcc_addresses"]), "reply_to": addrs(msg["reply_to"]),
         "subject": msg["subject"] or "", "text_body": msg["text_body"],
         "html_body": msg["html_body"], "headers": {}, "in_reply_to": in_reply_to,
-        "reply_headers": reply, "message_id": _bracket(msg["message_id_header"]),
+        "reply_headers": reply, "message_id": usable_message_id(msg["message_id_header"]),
         "adopted": True,
     }
 
@@ -328,10 +330,7 @@ class Drafts:
         the message that is sent."""
         parts = []
         for att in rows:
-            data = await self._blobs.get_bytes(att["blob_key"])
-            parts.append(AttachmentPart(att["filename"] or "attachment", att["mime_type"],
-                                        data, att["content_id"],
-                                        att["disposition"] == "inline"))
+            parts.append(stored_part(att, await self._blobs.get_bytes(att["blob_key"])))
         return parts
 
     # ------------------------------------------------------------------ writing
@@ -348,7 +347,7 @@ class Drafts:
         if parent is None or parent["inbox_id"] != inbox_id:
             raise NotFound("No such message to reply to.", field="in_reply_to")
         refs = [f"<{r}>" for r in parent["reference_ids"] or []]
-        mid = _bracket(parent["message_id_header"])
+        mid = usable_message_id(parent["message_id_header"])  # a stranger's header
         return {"in_reply_to": mid, "references": reply_references(mid, refs)}
 
     async def _compose(self, inbox: dict[str, Any], fields: dict[str, Any],

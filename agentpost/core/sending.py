@@ -33,7 +33,13 @@ from agentpost.core.context import RequestContext
 from agentpost.core.idempotency import Recorder
 from agentpost.core.messages import check_labels
 from agentpost.core.submission import Sender, Submission, Submitted
-from agentpost.core.uploads import Upload, Uploads, check_filename, check_mime_type
+from agentpost.core.uploads import (
+    Upload,
+    Uploads,
+    check_filename,
+    check_mime_type,
+    stored_part,
+)
 from agentpost.mail.compose import (
     Address,
     AttachmentPart,
@@ -46,6 +52,7 @@ from agentpost.mail.compose import (
     prefixed_subject,
     quote_text,
     reply_references,
+    usable_message_id,
 )
 from agentpost.model.errors import (
     InvalidRequest,
@@ -225,7 +232,7 @@ def forward_bodies(original: dict[str, Any], text: str | None,
 def respond_composition(original: dict[str, Any], own: str, mode: str,
                         base: Composition, quote: bool) -> Composition:
     """A reply, reply-all or forward of ``original`` built on the caller's fields."""
-    mid = f"<{original['message_id_header']}>" if original["message_id_header"] else None
+    mid = usable_message_id(original["message_id_header"])
     refs = [f"<{r}>" for r in original["reference_ids"] or []]
     if not refs and original["in_reply_to"]:
         refs = [f"<{original['in_reply_to']}>"]
@@ -287,9 +294,14 @@ class Sending:
 
     async def respond(self, ctx: RequestContext, message_id: str, body: dict[str, Any],
                       mode: str, record: Recorder | None = None) -> dict[str, Any]:
-        """Reply, reply-all or forward a stored message from the inbox that holds it."""
+        """Reply, reply-all or forward a stored message from the inbox that holds it.
+
+        Needs messages:read as well as messages:send: a forward (or a quoting reply, or
+        the Sent copy in the answer) shows the original's content, which a send-only
+        key could otherwise read by forwarding it to itself."""
         p = ctx.org_principal
         p.require("messages:send")
+        p.require("messages:read")
         assert mode in MODES
 
         async def txn_fn(txn: Txn) -> dict[str, Any]:
@@ -323,10 +335,7 @@ class Sending:
             total += att["size"] or 0
             if total > self.limits.max_message_size_bytes:
                 raise MessageTooLarge("The original's attachments exceed the size limit.")
-            data = await self._blobs.get_bytes(att["blob_key"])
-            parts.append(AttachmentPart(att["filename"] or "attachment",
-                                        att["mime_type"] or "application/octet-stream", data,
-                                        att["content_id"], att["disposition"] == "inline"))
+            parts.append(stored_part(att, await self._blobs.get_bytes(att["blob_key"])))
         return parts
 
     async def send_composition(self, ctx: RequestContext, inbox_id: str,

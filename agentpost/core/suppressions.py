@@ -13,7 +13,10 @@ Addresses are compared after :func:`normalize_address`: trimmed, the domain in I
 form, and the whole address lowercased -- the local part too. RFC 5321 lets a local
 part be case-sensitive, but no mailbox provider in practice treats ``Bob@`` and
 ``bob@`` as two people, and a suppression that a change of case could dodge would
-protect nothing.
+protect nothing. A trailing dot on the domain (the DNS root) is dropped for the same
+reason. Plus-addresses (``bob+x@``) are NOT folded into ``bob@``: whether a provider
+delivers them to one mailbox is its own business, and folding would let one bounce
+suppress addresses that never bounced.
 
 Scopes: ``suppressions:read`` (members and up) and ``suppressions:write`` (admins and
 owners). The list is the organization's: changing it needs an organization-wide
@@ -24,6 +27,8 @@ caused plus the manual ones.
 from __future__ import annotations
 
 from typing import Any
+
+import idna
 
 from agentpost.core.audit import AuditTrail
 from agentpost.core.context import RequestContext
@@ -44,13 +49,15 @@ def normalize_address(value: str) -> str:
     if text.startswith("<") and text.endswith(">"):
         text = text[1:-1].strip()
     local, at, domain = text.rpartition("@")
+    domain = domain[:-1] if domain.endswith(".") else domain  # the root: same mailbox
     if (not at or not local or not domain or len(text) > MAX_ADDRESS_LENGTH
             or any(c.isspace() or ord(c) < 32 or c in "<>,;\x7f" for c in text)):
         raise ValueError("not an address")
-    try:
-        domain = domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        raise ValueError("not an address") from None
+    if not domain.isascii():
+        try:  # IDNA 2008 / UTS #46, as the send API writes it (mail.compose)
+            domain = idna.encode(domain, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError, ValueError):
+            raise ValueError("not an address") from None
     return f"{local}@{domain}".lower()
 
 

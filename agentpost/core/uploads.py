@@ -29,7 +29,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from agentpost.core.blobrefs import BlobCollector
 from agentpost.core.context import RequestContext
-from agentpost.mail.compose import check_text
+from agentpost.mail.compose import AttachmentPart, check_text
 from agentpost.model.errors import (
     Conflict,
     InvalidRequest,
@@ -49,6 +49,7 @@ URL_TTL_S = 3600
 UPLOAD_TTL_S = 24 * 3600
 _SECRET_NAME = "upload_url_signing"  # noqa: S105 - a row name, not a secret
 _KEY_RE = re.compile(r"^upl_[0-9a-f]{32}\Z")
+_CID_RE = re.compile(r"^[\x21-\x3b\x3d\x3f-\x7e]{1,250}\Z")
 _MIME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,63}/"
                       r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}\Z")
 
@@ -61,12 +62,39 @@ def check_mime_type(value: Any, field_name: str = "mime_type") -> str:
     return value.lower()
 
 
+def _spoofing_or_control(c: str) -> bool:
+    """Control characters (C0, DEL, C1) and the bidirectional formatting characters that
+    make ``invoice<RLO>fdp.exe`` look like ``invoiceexe.pdf`` in a mail client."""
+    return (ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f or "\u202a" <= c <= "\u202e"
+            or "\u2066" <= c <= "\u2069" or c in "\u200e\u200f\u061c")
+
+
 def check_filename(value: Any, field_name: str = "filename") -> str:
-    """A file name: text without line breaks, NUL or path separators, 1-255 chars."""
+    """A file name: text without line breaks, NUL, other control or bidi formatting
+    characters, or path separators, 1-255 chars."""
     name = check_text(value, field_name, limit=255).strip()
-    if not name or "/" in name or "\\" in name or name in (".", ".."):
+    if (not name or "/" in name or "\\" in name or name in (".", "..")
+            or any(_spoofing_or_control(c) for c in name)):
         raise InvalidRequest(f"{field_name} must be a plain file name.", field=field_name)
     return name
+
+
+def stored_part(att: dict[str, Any], data: bytes) -> AttachmentPart:
+    """A stored attachment (a stranger's, or an IMAP client's draft) as a part of a
+    message we compose: a file name, MIME type or Content-ID our own checks would
+    refuse is replaced, never a reason to fail the forward or the draft."""
+    try:
+        filename = check_filename(att.get("filename") or "attachment")
+    except InvalidRequest:
+        filename = "attachment"
+    try:
+        mime = check_mime_type(att.get("mime_type") or "application/octet-stream")
+    except InvalidRequest:
+        mime = "application/octet-stream"
+    cid = att.get("content_id")
+    if cid is not None and not _CID_RE.match(cid):
+        cid = None
+    return AttachmentPart(filename, mime, data, cid, att.get("disposition") == "inline")
 
 
 def check_upload_key(value: Any) -> str:
@@ -74,6 +102,16 @@ def check_upload_key(value: Any) -> str:
     if not isinstance(value, str) or not _KEY_RE.match(value):
         raise NotFound()
     return value
+
+
+def _may_use(p: Any, row: dict[str, Any]) -> bool:
+    """Whether principal ``p`` may attach upload ``row``: an organization-wide key any of
+    the organization's; a key confined to environments its own uploads and those made
+    in its environments (an upload is content: another environment's is not its to
+    read)."""
+    if p.environment_ids is None or row["created_by"] == p.credential_id:
+        return True
+    return row["environment_id"] is not None and row["environment_id"] in p.environment_ids
 
 
 @dataclass(frozen=True)
@@ -124,7 +162,10 @@ class Uploads:
             raise PayloadTooLarge(f"An upload may hold at most {self.max_size_bytes} bytes.",
                                   field="size")
         now = self._now()
-        row = {"org_id": p.org_id, "environment_id": None,
+        # A key confined to one environment confines its uploads to it (see read).
+        env_id = next(iter(p.environment_ids)) if p.environment_ids and len(
+            p.environment_ids) == 1 else None
+        row = {"org_id": p.org_id, "environment_id": env_id,
                "key": "upl_" + secrets.token_hex(16),
                "filename": check_filename(filename), "mime_type": check_mime_type(mime_type),
                "declared_size": size, "created_by": p.credential_id, "created_at": now,
@@ -202,6 +243,8 @@ class Uploads:
         async def txn_fn(txn: Txn) -> None:
             for key in keys:
                 row = await store.get_upload(txn, p.org_id, check_upload_key(key), now)
+                if row is not None and not _may_use(p, row):
+                    row = None  # another environment's: as if it did not exist
                 if row is None:
                     raise NotFound("No such upload.", field="attachments")
                 if row["blob_key"] is None:

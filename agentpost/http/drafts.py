@@ -147,6 +147,19 @@ def draft_view(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _for(ctx: RequestContext, row: dict[str, Any]) -> dict[str, Any]:
+    """The draft as ``ctx``'s principal may see it: a key without messages:read (one
+    that may only send, or only write) learns the draft's id, thread and plan from an
+    answer, never its content -- otherwise scheduling, cancelling or touching a draft
+    would read it."""
+    body = draft_view(row)
+    if "messages:read" in ctx.org_principal.scopes:
+        return body
+    return {**body, "subject": "", "to": [], "cc": [], "bcc": [], "reply_to": [],
+            "text_body": None, "html_body": None, "headers": {}, "attachments": [],
+            "in_reply_to": None}
+
+
 def _parsed(value: dict[str, Any]) -> dict[str, Any]:
     """The body with ``send_at`` as a datetime (the schema has checked its syntax)."""
     if value.get("send_at") is not None:
@@ -170,7 +183,7 @@ def add_drafts_routes(table: RouteTable, drafts: Drafts, sending: Any) -> None:
 
     async def create(ctx: RequestContext, request: IRequest, body: Body,
                      inbox_id: str) -> tuple[int, Any]:
-        return 201, draft_view(await drafts.create(ctx, inbox_id, _parsed(body.value)))
+        return 201, _for(ctx, await drafts.create(ctx, inbox_id, _parsed(body.value)))
 
     async def list_drafts(ctx: RequestContext, request: IRequest, body: Body,
                           inbox_id: str) -> tuple[int, Any]:
@@ -185,7 +198,7 @@ def add_drafts_routes(table: RouteTable, drafts: Drafts, sending: Any) -> None:
 
     async def update(ctx: RequestContext, request: IRequest, body: Body,
                      draft_id: str) -> tuple[int, Any]:
-        return 200, draft_view(await drafts.update(ctx, draft_id, _parsed(body.value)))
+        return 200, _for(ctx, await drafts.update(ctx, draft_id, _parsed(body.value)))
 
     async def delete(ctx: RequestContext, request: IRequest, body: Body,
                      draft_id: str) -> tuple[int, Any]:
@@ -199,12 +212,15 @@ def add_drafts_routes(table: RouteTable, drafts: Drafts, sending: Any) -> None:
             ctx, draft_id, value.get("send_at"), idempotency_key=_idempotency_key(request),
             request_body=body.value, path=request.path.decode("utf-8", "replace"))
         if isinstance(result, dict) and result.get("status") == "scheduled":
-            result = {**result, "draft": draft_view(result["draft"])}
+            result = {**result, "draft": _for(ctx, result["draft"])}
+        elif isinstance(result, dict) and "messages:read" not in ctx.org_principal.scopes:
+            # The Sent copy is the draft's content (also in a replayed answer).
+            result = {**result, "message": None}
         return status, result
 
     async def cancel(ctx: RequestContext, request: IRequest, body: Body,
                      draft_id: str) -> tuple[int, Any]:
-        return 200, draft_view(await drafts.cancel(ctx, draft_id))
+        return 200, _for(ctx, await drafts.cancel(ctx, draft_id))
 
     base, one = "/inboxes/{inbox_id}/drafts", "/drafts/{draft_id}"
     for route in (

@@ -122,15 +122,18 @@ def add_send_routes(table: RouteTable, sending: Sending, idempotency: Idempotenc
               scope="messages:send", body=SEND_BODY, response=sent, status=201,
               tag="Sending"),
         Route("POST", msg + "/reply", "messages.reply", responder("reply"),
-              "Reply to the sender (Re:, In-Reply-To, References; same thread)",
+              "Reply to the sender (Re:, In-Reply-To, References; same thread; "
+              "also needs messages:read)",
               scope="messages:send", body=REPLY_BODY, response=sent, status=201,
               tag="Sending"),
         Route("POST", msg + "/reply-all", "messages.reply_all", responder("reply_all"),
-              "Reply to the sender and every other recipient but this inbox",
+              "Reply to the sender and every other recipient but this inbox (also "
+              "needs messages:read)",
               scope="messages:send", body=REPLY_BODY, response=sent, status=201,
               tag="Sending"),
         Route("POST", msg + "/forward", "messages.forward", responder("forward"),
-              "Forward with the original quoted (and its attachments)",
+              "Forward with the original quoted (and its attachments; also needs "
+              "messages:read)",
               scope="messages:send", body=FORWARD_BODY, response=sent, status=201,
               tag="Sending"),
     ):

@@ -129,8 +129,9 @@ def _signed(uploads: Uploads, path: bytes) -> bool:
     route, _, query = text.partition("?")
     args = parse_qs(query)
     key = route[len(UPLOAD_PATH):]
-    return uploads.url_is_signed(key, (args.get("expires") or [None])[-1],
-                                 (args.get("signature") or [None])[-1])
+    expires, signature = args.get("expires"), args.get("signature")
+    return uploads.url_is_signed(key, expires[-1] if expires else None,
+                                 signature[-1] if signature else None)
 
 
 def allow_upload_bodies(site: Any, upload_max_bytes: int, uploads: Uploads) -> None:

@@ -27,6 +27,8 @@ from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage
 from typing import Any
 
+import idna
+
 from agentpost.model.errors import InvalidRequest
 from agentpost.model.ids import new_id
 
@@ -39,12 +41,18 @@ ALLOWED_HEADERS = frozenset({
     "list-unsubscribe", "list-unsubscribe-post", "list-id", "auto-submitted",
     "precedence", "importance", "keywords", "comments",
 })
+#: Custom headers one message may carry (each is a line of up to 998 bytes).
+MAX_CUSTOM_HEADERS = 50
 _X_HEADER = re.compile(r"^X-[A-Za-z0-9][A-Za-z0-9-]{0,75}\Z", re.IGNORECASE)
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"
 _LOCAL_RE = re.compile(rf"^{_ATOM}(?:\.{_ATOM})*\Z")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _MSGID_RE = re.compile(r"^<[\x21-\x3b\x3d\x3f-\x7e]{1,994}>\Z")
-_FORBIDDEN = ("\r", "\n", "\x00")
+#: NUL and every character str.splitlines() breaks a line at: the email package refuses
+#: them all in a header (a ValueError, not a 400, if they got that far), and a reader
+#: might take U+2028 or NEL for a line end too.
+_FORBIDDEN = ("\r", "\n", "\x00", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85",
+              "\u2028", "\u2029")
 
 
 @dataclass(frozen=True)
@@ -124,8 +132,10 @@ def normalize_email(value: str, field_name: str) -> str:
     if not at or not _LOCAL_RE.match(local) or len(local) > 64:
         raise InvalidRequest(f"{field_name} holds an invalid address.", field=field_name)
     try:
-        ascii_domain = domain.encode("idna").decode("ascii").lower()
-    except (UnicodeError, ValueError):
+        # IDNA 2008 / UTS #46 as for registered domains (core.domains), not Python's
+        # IDNA 2003 codec, which maps straße.de to strasse.de: another domain.
+        ascii_domain = idna.encode(domain, uts46=True).decode("ascii").lower()
+    except (idna.IDNAError, UnicodeError, ValueError):
         raise InvalidRequest(f"{field_name} holds an invalid address.",
                              field=field_name) from None
     labels = ascii_domain.split(".")
@@ -181,14 +191,30 @@ def check_headers(value: Any) -> dict[str, str]:
         return {}
     if not isinstance(value, dict):
         raise InvalidRequest("headers must be an object.", field="headers")
+    if len(value) > MAX_CUSTOM_HEADERS:
+        raise InvalidRequest(f"headers holds at most {MAX_CUSTOM_HEADERS} fields.",
+                             field="headers")
     out: dict[str, str] = {}
+    seen: set[str] = set()
     for name, text in value.items():
         if not isinstance(name, str) or name.lower().startswith("x-ses-") or not (
                 _X_HEADER.match(name) or name.lower() in ALLOWED_HEADERS):
             raise InvalidRequest(f"The header {str(name)[:80]!r} may not be set.",
                                  field="headers")
+        if name.lower() in seen:  # X-Tag and x-tag would both be written
+            raise InvalidRequest(f"The header {name[:80]!r} is named twice.", field="headers")
+        seen.add(name.lower())
         out[name] = check_text(text, "headers")
     return out
+
+
+def usable_message_id(value: str | None) -> str | None:
+    """``<value>`` when a stored (stranger's) Message-ID makes a valid ``<id>``, else
+    None: a reply leaves an unusable id out rather than failing on it."""
+    if not value:
+        return None
+    text = value if value.startswith("<") else f"<{value}>"
+    return text if _MSGID_RE.match(text) else None
 
 
 def check_message_id(value: Any, field_name: str) -> str:
@@ -292,8 +318,11 @@ _PREFIX_RE = re.compile(r"^\s*((re|fwd?|aw|wg|sv|tr|rif|vs)\s*(\[\d+\])?\s*:\s*)
 def prefixed_subject(subject: str | None, prefix: str) -> str:
     """``Re: x`` / ``Fwd: x`` once: ``Re: Re: x`` and ``Re: Fwd: x`` become ``Re: x``
     for a reply; a forward keeps a leading ``Re:`` off too."""
-    text = (subject or "").replace("\r", " ").replace("\n", " ").replace("\x00", "")
+    text = "".join(" " if c in _FORBIDDEN else c for c in (subject or ""))
     stem = _PREFIX_RE.sub("", text, count=1).strip()
+    # A stranger's subject may be longer than the one line we accept (a folded header):
+    # cut it, or every reply to that message would be refused as "subject too long".
+    stem = stem[:MAX_HEADER_TEXT - len(prefix) - 2].rstrip()
     return f"{prefix}: {stem}" if stem else f"{prefix}:"
 
 

@@ -29,14 +29,16 @@ _RELEASABLE = ("d.verified_at IS NULL AND d.org_id <> %s AND d.created_at < %s "
 
 
 async def name_taken(txn: Txn, name: str, org_id: str, stale_before: datetime | None) -> bool:
-    """Whether ``name`` is the installation's (a shared domain) or held by an organization
-    -- unless it is another organization's registration that never verified, is older
-    than ``stale_before`` and has no inboxes (see :func:`release_stale`)."""
+    """Whether ``name`` is the installation's (a shared domain, today's or an earlier
+    one, or a name under one) or held by an organization -- unless it is another
+    organization's registration that never verified, is older than ``stale_before``
+    and has no inboxes (see :func:`release_stale`)."""
     return bool(await txn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM shared_domains WHERE name = %s) "
+        "SELECT EXISTS (SELECT 1 FROM shared_domains WHERE name = %s "
+        "               OR right(%s, length(name) + 1) = '.' || name) "
         "OR EXISTS (SELECT 1 FROM domains d WHERE d.name = %s "
         f"AND NOT (%s::timestamptz IS NOT NULL AND {_RELEASABLE}))",
-        (name, name, stale_before, org_id, stale_before)))
+        (name, name, name, stale_before, org_id, stale_before)))
 
 
 async def release_stale(txn: Txn, name: str, org_id: str,
