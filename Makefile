@@ -15,7 +15,7 @@ VAR_DIR := var
 PYTEST_ARGS ?=
 APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -y -q
 
-.PHONY: help venv postgres-bin run test lint bench clean distclean deb deb-test man
+.PHONY: help venv postgres-bin run test lint bench bench-compare clean distclean deb deb-test man
 
 help:
 	@echo "AgentPost make targets:"
@@ -25,6 +25,7 @@ help:
 	@echo "  make test          run the test suite (extra pytest options: PYTEST_ARGS='-k smtp -x')"
 	@echo "  make lint          ruff check, then mypy (strict for model/ auth/ core/ storage/)"
 	@echo "  make bench         API benchmark (bench/api_bench.py)"
+	@echo "  make bench-compare SMTP next to Postfix (bench/compare_smtp.py; BENCH_ARGS=--quick)"
 	@echo "  make clean         remove .venv and build/cache artefacts (keeps ./$(VAR_DIR))"
 	@echo "  make distclean     clean, delete the dev PostgreSQL cluster(s) and ./$(VAR_DIR)"
 	@echo "  make deb           build $(DEB_OUT)/agentpost_<version>_<arch>.deb (dh-virtualenv; Build-Depends via apt when root)"
@@ -102,6 +103,10 @@ lint: venv
 
 bench: venv postgres-bin
 	$(VPY) bench/api_bench.py
+
+# AgentPost's MX next to a private Postfix instance (apt-get install postfix), smtp-source.
+bench-compare: venv postgres-bin
+	$(VPY) bench/compare_smtp.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

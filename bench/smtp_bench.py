@@ -370,6 +370,10 @@ def reset_peak_rss(pid: int) -> bool:
 # --------------------------------------------------------------------------- server harness
 
 
+#: Extra ``key = value`` lines for the server's [smtp] section (``--smtp-set``).
+EXTRA_SMTP_LINES: list[str] = []
+
+
 def write_config(path: Path, *, dsn: str, http_port: int, mx_port: int, blob_dir: Path,
                  pool_size: int | None, log_level: str, max_message_size: int,
                  tls: tuple[Path, Path] | None, workers: int = 1) -> None:
@@ -398,6 +402,11 @@ def write_config(path: Path, *, dsn: str, http_port: int, mx_port: int, blob_dir
         f"max_message_size = \"{max_message_size}B\"",
         "# Every benchmark session comes from 127.0.0.1 (the default allows 20).",
         "max_connections_per_ip = 1000",
+        *EXTRA_SMTP_LINES,
+        "",
+        "# Not measured here; off so that the default ports (143/993) need not be free.",
+        "[imap]",
+        "enabled = false",
         "",
         "[storage]",
         'backend = "local"',
@@ -1179,6 +1188,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="diagnostic: start the server with sys.setswitchinterval(S) "
                              "(Python's default is 0.005) to see how much GIL hand-over "
                              "delays cost; the server code is unchanged")
+    parser.add_argument("--smtp-set", metavar="KEY=VALUE", action="append", default=[],
+                        help="an extra [smtp] setting for the server, TOML value, e.g. "
+                             "group_commit=false or group_commit_max=32 (repeatable)")
     parser.add_argument("--server-log", metavar="FILE", default=None,
                         help="keep a copy of the server's log here (it is deleted otherwise)")
     parser.add_argument("--json", action="store_true",
@@ -1214,6 +1226,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, _terminate)
     machine = machine_info()
     SMTPSession.use_pipelining = not args.no_pipelining
+    EXTRA_SMTP_LINES[:] = [" = ".join(p.strip() for p in kv.split("=", 1))
+                           for kv in args.smtp_set]
     bench = SMTPBench(args)
     try:
         setup = bench.setup()

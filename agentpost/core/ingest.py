@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -19,6 +19,7 @@ from twisted.internet import defer, threads
 
 from agentpost.core.audit import audit_row, scrub_row
 from agentpost.core.context import RequestContext
+from agentpost.core.group_commit import GroupCommit
 from agentpost.mail import imapformat
 from agentpost.mail.parse import ParsedMessage, parse_message
 from agentpost.mail.reply import extract_new_text
@@ -90,6 +91,39 @@ class BatchItem:
     flags: frozenset[str] = frozenset()
     labels: tuple[str, ...] = ()
     received_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class _Copy:
+    """One copy, staged: its thread and event statements (``before``), its message row
+    and attachment rows; ``stored`` has no UID yet."""
+
+    row: dict[str, Any]
+    attachments: list[dict[str, Any]]
+    before: tuple[str, list[Any]]
+    stored: Stored
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A delivery staged in a shared transaction (core.group_commit): the copies whose
+    message rows the batch inserts together, last."""
+
+    copies: list[_Copy]
+
+    def writes(self) -> list[tuple[dict[str, Any], list[dict[str, Any]],
+                                   tuple[str, list[Any]]]]:
+        """What storage.mail.insert_messages takes."""
+        return [(c.row, c.attachments, c.before) for c in self.copies]
+
+    def finish(self, uids: dict[str, int]) -> list[Stored]:
+        """The stored copies, given the UIDs written; LookupError if one is missing."""
+        out = []
+        for c in self.copies:
+            if c.stored.message_id not in uids:
+                raise LookupError("the folder of a new message vanished")
+            out.append(replace(c.stored, uid=uids[c.stored.message_id]))
+        return out
 
 
 #: Bodies longer than this store no extracted_text: it is derived again when read (see
@@ -180,11 +214,13 @@ class Ingest:
     """Parse, store blobs, then commit rows for every target in one transaction."""
 
     def __init__(self, db: Database, blobs: BlobStore, reactor: Any,
-                 inbox_quota: int = 0) -> None:
+                 inbox_quota: int = 0, group_commit: GroupCommit | None = None) -> None:
         self._db = db
         self._blobs = blobs
         self._reactor = reactor
         self.inbox_quota = inbox_quota
+        #: Batches ``store(..., group=True)`` transactions ([smtp] group_commit).
+        self.group_commit = group_commit
 
     async def store(self, targets: list[Target], message: IO[bytes], *,
                     envelope_from: str | None, direction: str = "inbound",
@@ -193,14 +229,19 @@ class Ingest:
                     require_folder: bool = False, enforce_quota: bool = False,
                     origin: RequestContext | None = None,
                     within: Within | None = None,
-                    event_type: str | None = None) -> list[Stored]:
+                    event_type: str | None = None, group: bool = False) -> list[Stored]:
         """Store ``message`` (a binary file at offset 0) once per target inbox.
+
+        ``group`` (the MX) lets the transaction share its COMMIT with other deliveries
+        arriving at the same moment (core.group_commit), when that is configured; it
+        still returns only after the COMMIT.
 
         ``direction="outbound"`` (a sent copy) announces ``message.sent`` instead of
         ``message.received``; ``event_type`` names another event for copies that were
         neither received nor sent (an IMAP APPEND, a saved draft), so programs that
-        react to new mail are not told about them. ``within`` is awaited inside the same transaction once
-        every copy is written, with the stored copies: what it writes commits with them.
+        react to new mail are not told about them. ``within`` is awaited inside the same
+        transaction once every copy is written, with the stored copies: what it writes
+        commits with them.
 
         Each stored copy gets an audit row in the same transaction, described by
         ``origin`` (action, principal or none, client address, request id); without it
@@ -232,7 +273,7 @@ class Ingest:
                            quota=self.inbox_quota if enforce_quota else 0, origin=origin,
                            index=index, event_type=event_type)
             return await self._store(targets, raw, parsed, envelope_from, direction, folder,
-                                     received_at, state, raw_put, within)
+                                     received_at, state, raw_put, within, group)
         finally:
             parsed.discard()
 
@@ -310,7 +351,7 @@ class Ingest:
                      envelope_from: str | None, direction: str, folder: str,
                      received_at: datetime | None, state: _State,
                      raw_put: defer.Deferred[BlobRef] | None = None,
-                     within: Within | None = None) -> list[Stored]:
+                     within: Within | None = None, group: bool = False) -> list[Stored]:
         raw_ref, att_refs, blob_bodies = await self._put_blobs(raw, parsed, raw_put)
 
         # Rows are locked in inbox order, so two deliveries to the same recipients in a
@@ -329,50 +370,103 @@ class Ingest:
                 await within(txn, out)  # type: ignore[arg-type]
             return out  # type: ignore[return-value]
 
+        if group and self.group_commit is not None and targets and within is None \
+                and not state.quota:
+            async def stage(txn: Txn) -> Staged:
+                """Everything but the message rows, which the batch writes together."""
+                when = received_at or txn.now
+                copies: list[_Copy | None] = [None] * len(targets)
+                for i in order:
+                    copies[i] = await self._stage_copy(
+                        txn, targets[i], parsed, raw_ref, att_refs, blob_bodies,
+                        envelope_from, direction, folder, state, when)
+                return Staged([c for c in copies if c is not None])
+
+            first = targets[order[0]]
+            stored: list[Stored] = await self.group_commit.run(
+                (first.org_id, first.inbox_id), stage)
+            return stored
         return await self._db.run_interaction("ingest.store", txn_fn)
 
-    async def _ensure_blob(self, txn: Txn, ref: BlobRef, body: bytes | str) -> None:
-        """Reference a blob; if the row is new, make sure the object survived a collector."""
-        if await mail_store.reference_blob(txn, ref.key, ref.size):
-            if not await self._blobs.exists(ref.key):
+    async def _recheck_blobs(self, new_keys: list[str], refs: list[BlobRef],
+                             blob_bodies: dict[str, bytes | str]) -> None:
+        """Blob rows that are new in this transaction: make sure their objects survived
+        a collector that ran between our put and our reference (its lock pairs with
+        the reference's, so after it nothing can remove them)."""
+        by_key = {ref.key: ref for ref in refs}
+        for key in new_keys:
+            if not await self._blobs.exists(key):
+                body = blob_bodies[key]
                 again = await (self._blobs.put_bytes(body) if isinstance(body, bytes)
                                else self._blobs.put_file(body))
-                if again.key != ref.key:
+                if again.key != by_key[key].key:
                     raise StorageFailure()
 
-    async def _store_one(self, txn: Txn, target: Target, parsed: ParsedMessage,
-                         raw_ref: BlobRef, att_refs: list[BlobRef],
-                         blob_bodies: dict[str, bytes | str], envelope_from: str | None,
-                         direction: str, folder_name: str, state: _State,
-                         when: datetime) -> Stored:
+    async def _folder_and_thread(self, txn: Txn, target: Target, parsed: ParsedMessage,
+                                 raw_ref: BlobRef, att_refs: list[BlobRef],
+                                 blob_bodies: dict[str, bytes | str], folder_name: str,
+                                 state: _State) -> tuple[dict[str, Any], str | None]:
+        """Blob references, the folder and the thread to join (None: a new one), in one
+        round trip (storage.mail.prepare_delivery)."""
         org = target.org_id
-        await self._ensure_blob(txn, raw_ref, blob_bodies[raw_ref.key])
-        for ref in att_refs:
-            await self._ensure_blob(txn, ref, blob_bodies[ref.key])
-        folder = await mail_store.folder_by_name(txn, org, target.inbox_id, folder_name)
+        related = ([parsed.in_reply_to] if parsed.in_reply_to else []) + parsed.references
+        thread_sql: tuple[str, list[Any]] = ("NULL::text", [])
+        if related or parsed.message_id:
+            thread_sql = thread_store.find_thread_sql(org, target.inbox_id, parsed.message_id,
+                                                      related)
+        refs = [raw_ref, *att_refs]
+        prep = await mail_store.prepare_delivery(
+            txn, org_id=org, inbox_id=target.inbox_id, folder_name=folder_name,
+            blobs=[(ref.key, ref.size) for ref in refs], thread=thread_sql)
+        await self._recheck_blobs(prep["new_blobs"] or [], refs, blob_bodies)
+        folder = prep["folder"]
         if folder is None and not state.require_folder:
             await mail_store.create_system_folders(txn, org, target.environment_id,
                                                    target.inbox_id)
             folder = await mail_store.folder_by_name(txn, org, target.inbox_id, folder_name)
         if folder is None:  # required and missing, or not a system folder
             raise NotFound("No such folder.")
-        related = ([parsed.in_reply_to] if parsed.in_reply_to else []) + parsed.references
-        thread_id = await thread_store.find_thread(txn, org, target.inbox_id, parsed.message_id,
-                                                 related)
+        return folder, prep["thread_id"]
+
+    async def _store_one(self, txn: Txn, target: Target, parsed: ParsedMessage,
+                         raw_ref: BlobRef, att_refs: list[BlobRef],
+                         blob_bodies: dict[str, bytes | str], envelope_from: str | None,
+                         direction: str, folder_name: str, state: _State,
+                         when: datetime) -> Stored:
+        """One copy in two round trips: :meth:`_stage_copy`, then the thread, event,
+        audit row, message, references, attachments and usage delta together, the
+        folder's UID lock taken by the last statement (held only to COMMIT)."""
+        copy = await self._stage_copy(txn, target, parsed, raw_ref, att_refs, blob_bodies,
+                                      envelope_from, direction, folder_name, state, when)
+        uid, _ = await mail_store.insert_message(txn, copy.row, quota=state.quota,
+                                                 attachments=copy.attachments,
+                                                 before=copy.before)
+        return replace(copy.stored, uid=uid)
+
+    async def _stage_copy(self, txn: Txn, target: Target, parsed: ParsedMessage,
+                          raw_ref: BlobRef, att_refs: list[BlobRef],
+                          blob_bodies: dict[str, bytes | str], envelope_from: str | None,
+                          direction: str, folder_name: str, state: _State,
+                          when: datetime) -> _Copy:
+        """One round trip (:meth:`_folder_and_thread`), then what is left to write."""
+        org = target.org_id
+        folder, thread_id = await self._folder_and_thread(
+            txn, target, parsed, raw_ref, att_refs, blob_bodies, folder_name, state)
+        recipients = parsed.to_addresses + parsed.cc_addresses
         if thread_id is None:
             thread_id = new_id("thr")
-            await thread_store.insert_thread(txn, org_id=org, thread_id=thread_id,
-                                           environment_id=target.environment_id,
-                                           inbox_id=target.inbox_id, subject=parsed.subject)
+            thread_sql = thread_store.new_thread_sql(
+                org_id=org, thread_id=thread_id, environment_id=target.environment_id,
+                inbox_id=target.inbox_id, subject=parsed.subject, received_at=when,
+                from_address=parsed.from_address, recipients=recipients,
+                labels=list(state.labels), now=txn.now)
+        else:
+            thread_sql = thread_store.add_to_thread_sql(
+                org, thread_id, received_at=when, from_address=parsed.from_address,
+                recipients=recipients, labels=list(state.labels), now=txn.now)
         message_id = new_id("msg")
-        # Everything that does not need the UID first: the folder's row lock, taken by
-        # insert_message, is then held only for the attachments and the COMMIT. The
-        # audit row rides in the event's round trip.
-        await thread_store.add_to_thread(
-            txn, org, thread_id, received_at=when, from_address=parsed.from_address,
-            recipients=parsed.to_addresses + parsed.cc_addresses, labels=list(state.labels))
-        await mail_store.insert_event(
-            txn, org_id=org, event_id=new_id("evt"), environment_id=target.environment_id,
+        event = mail_store.event_sql(
+            org_id=org, event_id=new_id("evt"), environment_id=target.environment_id,
             inbox_id=target.inbox_id,
             type_=state.event_type or (
                 "message.sent" if direction == "outbound" else "message.received"),
@@ -380,36 +474,45 @@ class Ingest:
                   "thread_id": thread_id, "subject": parsed.subject,
                   "from": parsed.from_address, "received_at": when.astimezone(UTC).isoformat()},
             audit=[_audit_row(state.origin, target, message_id, envelope_from, folder["name"],
-                              raw_ref.size, txn.now)])
-        uid, _ = await mail_store.insert_message(txn, quota=state.quota, row={
-            "org_id": org, "id": message_id, "environment_id": target.environment_id,
-            "inbox_id": target.inbox_id, "thread_id": thread_id, "folder_id": folder["id"],
-            "direction": direction,
-            "message_id_header": parsed.message_id, "in_reply_to": parsed.in_reply_to,
-            "reference_ids": parsed.references, "subject": parsed.subject,
-            "from_address": parsed.from_address, "to_addresses": parsed.to_addresses,
-            "cc_addresses": parsed.cc_addresses, "bcc_addresses": parsed.bcc_addresses,
-            "reply_to": parsed.reply_to, "sent_at": parsed.sent_at, "received_at": when,
-            "headers": _json_safe_headers(parsed), "text_body": parsed.text_body,
-            "html_body": parsed.html_body,
-            "extracted_text": parsed.extracted_text,
-            "preview": parsed.preview, "size": raw_ref.size, "raw_blob_key": raw_ref.key,
-            "has_attachments": bool(att_refs), "seen": "\\Seen" in state.flags,
-            "flagged": "\\Flagged" in state.flags, "answered": "\\Answered" in state.flags,
-            "draft": "\\Draft" in state.flags, "deleted": "\\Deleted" in state.flags,
-            "labels": list(state.labels), "imap_envelope": state.imap[0],
-            "imap_bodystructure": state.imap[1], "imap_body": state.imap[2],
-            "imap_sections": state.imap[3], "render_version": RENDER_VERSION,
-            "envelope_from": envelope_from, "envelope_to": [target.email],
-            "created_at": txn.now, **state.index,
-        })
-        for att, ref in zip(parsed.attachments, att_refs, strict=True):
-            await mail_store.insert_attachment(txn, {
-                "org_id": org, "id": new_id("att"), "message_id": message_id,
-                "filename": att.filename, "mime_type": att.mime_type, "size": ref.size,
-                "content_id": att.content_id, "disposition": att.disposition,
-                "sha256": ref.sha256,
-                "blob_key": ref.key, "part_index": att.part_index,
-            })
-        return Stored(message_id, target.inbox_id, org, thread_id, uid,
-                      folder["uidvalidity"], raw_ref.key, raw_ref.size)
+                              raw_ref.size, txn.now)], now=txn.now)
+        attachments = [{
+            "org_id": org, "id": new_id("att"), "filename": att.filename,
+            "mime_type": att.mime_type, "size": ref.size, "content_id": att.content_id,
+            "disposition": att.disposition, "sha256": ref.sha256, "blob_key": ref.key,
+            "part_index": att.part_index,
+        } for att, ref in zip(parsed.attachments, att_refs, strict=True)]
+        return _Copy(
+            _message_row(target, parsed, state, message_id, thread_id, folder["id"],
+                         direction, raw_ref, bool(att_refs), envelope_from, when, txn.now),
+            attachments, (thread_sql[0] + "; " + event[0], thread_sql[1] + event[1]),
+            Stored(message_id, target.inbox_id, org, thread_id, 0, folder["uidvalidity"],
+                   raw_ref.key, raw_ref.size))
+
+
+def _message_row(target: Target, parsed: ParsedMessage, state: _State, message_id: str,
+                 thread_id: str, folder_id: int, direction: str, raw_ref: BlobRef,
+                 has_attachments: bool, envelope_from: str | None, when: datetime,
+                 now: datetime) -> dict[str, Any]:
+    """The ``messages`` row of one stored copy."""
+    return {
+        "org_id": target.org_id, "id": message_id, "environment_id": target.environment_id,
+        "inbox_id": target.inbox_id, "thread_id": thread_id, "folder_id": folder_id,
+        "direction": direction,
+        "message_id_header": parsed.message_id, "in_reply_to": parsed.in_reply_to,
+        "reference_ids": parsed.references, "subject": parsed.subject,
+        "from_address": parsed.from_address, "to_addresses": parsed.to_addresses,
+        "cc_addresses": parsed.cc_addresses, "bcc_addresses": parsed.bcc_addresses,
+        "reply_to": parsed.reply_to, "sent_at": parsed.sent_at, "received_at": when,
+        "headers": _json_safe_headers(parsed), "text_body": parsed.text_body,
+        "html_body": parsed.html_body,
+        "extracted_text": parsed.extracted_text,
+        "preview": parsed.preview, "size": raw_ref.size, "raw_blob_key": raw_ref.key,
+        "has_attachments": has_attachments, "seen": "\\Seen" in state.flags,
+        "flagged": "\\Flagged" in state.flags, "answered": "\\Answered" in state.flags,
+        "draft": "\\Draft" in state.flags, "deleted": "\\Deleted" in state.flags,
+        "labels": list(state.labels), "imap_envelope": state.imap[0],
+        "imap_bodystructure": state.imap[1], "imap_body": state.imap[2],
+        "imap_sections": state.imap[3], "render_version": RENDER_VERSION,
+        "envelope_from": envelope_from, "envelope_to": [target.email],
+        "created_at": now, **state.index,
+    }

@@ -168,12 +168,14 @@ def decode_to_file(raw: bytes, part: LargePart, cte: str,
     return DecodedFile(path, size, digest.hexdigest())
 
 
-def decode_to_bytes(raw: bytes, part: LargePart, cte: str) -> bytes | bytearray:
+def decode_to_bytes(raw: bytes, part: LargePart, cte: str, *,
+                    view: bool = False) -> bytes | bytearray | memoryview:
     """Decode the part's body into memory (a text body: it is stored as text anyway),
-    with one copy of the result and no more."""
+    with one copy of the result and no more. ``view``: a body without a transfer
+    encoding comes back as a view of ``raw``, no copy at all."""
     decode, at_newline = _decoder(cte)
     if decode is _identity:
-        return raw[part.start:part.end]
+        return memoryview(raw)[part.start:part.end] if view else raw[part.start:part.end]
     out = bytearray()
     for data in decode(_chunks(raw, part, at_newline=at_newline)):
         out += data

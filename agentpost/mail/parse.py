@@ -375,12 +375,16 @@ def _cte(part: Message) -> str:
 
 
 def _large_text(cuts: _Cuts, cut: largeparts.LargePart, part: Message) -> str:
-    data = largeparts.decode_to_bytes(cuts.raw, cut, _cte(part))
+    """The body's text, decoded straight from the raw bytes when it has no transfer
+    encoding (7bit, 8bit, binary): no bytes copy of a 10 MB body on the way to its str."""
+    data = largeparts.decode_to_bytes(cuts.raw, cut, _cte(part), view=True)
     charset = part.get_content_charset() or "utf-8"
     try:
-        text = data.decode(charset, "replace")
+        text = str(data, charset, "replace")
     except LookupError:
-        text = data.decode("utf-8", "replace")
+        text = str(data, "utf-8", "replace")
+    except TypeError:  # a codec that wants real bytes, not a view
+        text = bytes(data).decode(charset, "replace")
     del data
     # Decoding with "replace" leaves no lone surrogates; only NULs need to go.
     return text.replace("\x00", "") if "\x00" in text else text

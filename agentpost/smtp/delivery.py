@@ -27,7 +27,8 @@ class InboundDelivery:
 
     async def deliver(self, session: SessionInfo, envelope: Envelope, message: IO[bytes],
                       size: int) -> None:
-        """Store once per distinct recipient inbox; return only after commit. Each copy
+        """Store once per distinct recipient inbox; return only after commit (possibly a
+        COMMIT shared with other deliveries: [smtp] group_commit). Each copy
         is audited as ``smtp.deliver`` (actor: the envelope sender; address: the peer)
         in the receiving organization, in the delivery's transaction."""
         targets: list[Target] = []
@@ -39,4 +40,4 @@ class InboundDelivery:
                                          "helo": (session.helo or "")[:255],
                                          "tls": session.tls_version})
         await self._ingest.store(targets, message, envelope_from=envelope.mail_from or None,
-                                 origin=origin)
+                                 origin=origin, group=True)

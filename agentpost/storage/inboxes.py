@@ -8,9 +8,11 @@ import psycopg2.errors
 
 from agentpost.model.errors import Conflict
 from agentpost.storage.database import Txn
+from agentpost.storage.usage import used_sql
 
+#: ``used_bytes`` is the exact use: the folded column plus pending deltas (storage.usage).
 _COLS = ("id, org_id, environment_id, username, domain, email, display_name, client_id, "
-         "send_paused, used_bytes, created_at, updated_at")
+         f"send_paused, {used_sql('inboxes')} AS used_bytes, created_at, updated_at")
 
 
 async def insert_inbox(txn: Txn, *, org_id: str, inbox_id: str, environment_id: str,

@@ -10,6 +10,7 @@ from typing import Any
 from psycopg2.extras import Json
 
 from agentpost.model.errors import MailboxFull
+from agentpost.storage import usage
 from agentpost.storage.audit import audit_insert_sql
 from agentpost.storage.database import Txn
 from agentpost.storage.threads import refresh_threads_sql
@@ -30,7 +31,8 @@ async def route(txn: Txn, address: str, domain: str) -> dict[str, Any]:
         "SELECT (EXISTS (SELECT 1 FROM shared_domains WHERE name = lower(%s)) OR "
         "        EXISTS (SELECT 1 FROM domains WHERE name = lower(%s) "
         "                AND verified_at IS NOT NULL)) AS hosted, "
-        "       i.org_id, i.environment_id, i.id AS inbox_id, i.email, i.used_bytes, "
+        "       i.org_id, i.environment_id, i.id AS inbox_id, i.email, "
+        f"      {usage.used_sql('i')} AS used_bytes, "
         "       (SELECT coalesce(json_agg(json_build_object('match_type', r.match_type, "
         "               'value', r.value, 'action', r.action)), '[]'::json) "
         "          FROM filter_rules r WHERE r.org_id = i.org_id "
@@ -86,6 +88,40 @@ async def folder_by_name(txn: Txn, org_id: str, inbox_id: str,
     return await txn.fetchone(
         "SELECT id, name, special_use, uidvalidity, uidnext, highestmodseq FROM folders "
         "WHERE org_id = %s AND inbox_id = %s AND name = %s", (org_id, inbox_id, name))
+
+
+async def prepare_delivery(txn: Txn, *, org_id: str, inbox_id: str, folder_name: str,
+                           blobs: list[tuple[str, int]],
+                           thread: tuple[str, list[Any]]) -> dict[str, Any]:
+    """What a delivery needs before it writes, in ONE round trip: a reference to each of
+    ``blobs`` (key, size; a key may repeat), taken under the blobs' advisory locks in
+    key order (see :func:`reference_blob`); ``new_blobs``: the keys whose row is new
+    (the caller re-checks the store); ``folder`` (id, name, special_use, uidvalidity;
+    None when missing) and ``thread_id`` from the ``thread`` scalar subquery
+    (storage.threads.find_thread_sql)."""
+    counts: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    for key, size in blobs:
+        counts[key] = counts.get(key, 0) + 1
+        sizes[key] = size
+    keys = sorted(counts)
+    sql, params = "", []
+    if keys:
+        sql = ("SELECT pg_advisory_xact_lock(hashtextextended(k, 7)) "
+               "FROM (SELECT k FROM unnest(%s::text[]) AS k ORDER BY k) AS s; ")
+        params = [keys]
+    row = await txn.fetchone_required(
+        sql + "WITH b AS (INSERT INTO blobs (key, size, refcount, created_at) "
+        "  SELECT k, s, n, %s FROM unnest(%s::text[], %s::bigint[], %s::int[]) AS x(k, s, n) "
+        "  ON CONFLICT (key) DO UPDATE SET refcount = blobs.refcount + EXCLUDED.refcount "
+        "  RETURNING key, (xmax = 0) AS inserted) "
+        "SELECT ARRAY(SELECT key FROM b WHERE inserted ORDER BY key) AS new_blobs, "
+        "  (SELECT row_to_json(f) FROM (SELECT id, name, special_use, uidvalidity "
+        "     FROM folders WHERE org_id = %s AND inbox_id = %s AND name = %s) AS f) AS folder, "
+        f"  {thread[0]} AS thread_id",
+        [*params, txn.now, keys, [sizes[k] for k in keys], [counts[k] for k in keys],
+         org_id, inbox_id, folder_name, *thread[1]])
+    return row
 
 
 async def allocate_uid(txn: Txn, org_id: str, folder_id: int) -> tuple[int, int]:
@@ -206,23 +242,69 @@ async def notify_folder_list(txn: Txn, inbox_id: str) -> None:
     await txn.execute(_NOTIFY_FOLDER_SQL, (MAIL_CHANNEL, folder_list_key(inbox_id)))
 
 
-async def insert_message(txn: Txn, row: dict[str, Any], *, quota: int = 0) -> tuple[int, int]:
+async def insert_message(txn: Txn, row: dict[str, Any], *, quota: int = 0,
+                         before: tuple[str, list[Any]] = ("", []),
+                         attachments: list[dict[str, Any]] | None = None) -> tuple[int, int]:
     """Insert one message row (values prepared by core.ingest) with the folder's next UID
-    and MODSEQ, its Message-ID references, the inbox's storage use and the folder
-    wake-up, in ONE statement: the inbox and folder rows stay locked from here to
-    COMMIT, so nothing else may come after it but the attachments.
+    and MODSEQ, its Message-ID references, its ``attachments`` (rows without
+    ``message_id``), the inbox's storage use (a delta row, no lock on the inbox:
+    storage.usage) and the folder wake-up, in ONE statement: the folder row stays
+    locked from here to COMMIT, so nothing may come after it. ``before`` (sql, params)
+    are statements sent ahead of it in the same round trip (the thread, the event).
 
     With ``quota`` (bytes, 0: none) the message is stored only if the inbox's use stays
     within it; otherwise nothing is written and :class:`MailboxFull` is raised.
     """
+    lock_sql, lock_params = (before[0] + "; ", list(before[1])) if before[0] else ("", [])
+    if quota:  # quota-checked writers to one inbox take turns (storage.usage)
+        lock_sql += usage.quota_lock_sql() + "; "
+        lock_params.append(row["inbox_id"])
+    sql, params = _insert_message_sql(row, quota, attachments or [])
+    found = await txn.fetchone(lock_sql + sql, [*lock_params, *params])
+    if found is None or not found["charged"]:
+        raise MailboxFull()
+    if found["uid"] is None:
+        raise LookupError("the folder of a new message vanished")
+    return found["uid"], found["modseq"]
+
+
+async def insert_messages(txn: Txn, copies: list[tuple[dict[str, Any], list[dict[str, Any]],
+                                                       tuple[str, list[Any]]]]
+                          ) -> dict[str, int]:
+    """:func:`insert_message` (no quota) for many copies in ONE round trip: every
+    ``before`` first (threads, events), then the message statements, so the folders'
+    UID locks are taken together at the very end. Returns the UID of each message id
+    stored; a copy missing from it was not stored (its inbox or folder vanished)."""
+    sql: list[str] = []
+    params: list[Any] = []
+    for _, _, before in copies:
+        if before[0]:
+            sql.append(before[0])
+            params += before[1]
+    # Folders are locked in (org, folder id) order whatever the batch's order, so two
+    # batches over the same folders cannot deadlock; the sort is stable, so UIDs within
+    # a folder follow the batch's order.
+    for row, attachments, _ in sorted(copies, key=lambda c: (c[0]["org_id"],
+                                                             c[0]["folder_id"])):
+        one, one_params = _insert_message_sql(row, 0, attachments)
+        sql.append(one)
+        params += one_params
+    sql.append("SELECT id, uid FROM messages WHERE org_id = ANY(%s) AND id = ANY(%s)")
+    params += [sorted({row["org_id"] for row, _, _ in copies}),
+               [row["id"] for row, _, _ in copies]]
+    rows = await txn.fetchall("; ".join(sql), params)
+    return {r["id"]: r["uid"] for r in rows}
+
+
+def _insert_message_sql(row: dict[str, Any], quota: int,
+                        attachments: list[dict[str, Any]]) -> tuple[str, list[Any]]:
     cols = list(row)
     values = [Json(v) if isinstance(v, dict | list) and c not in ("reference_ids", "labels",
                                                                    "envelope_to") else v
               for c, v in row.items()]
-    found = await txn.fetchone(
-        "WITH q AS (UPDATE inboxes SET used_bytes = used_bytes + %s "
-        "           WHERE org_id = %s AND id = %s AND (%s = 0 OR used_bytes + %s <= %s) "
-        "           RETURNING 1), "
+    att_sql, att_params = _attachments_cte(attachments)
+    return (
+        f"WITH q AS ({usage.charge_cte_sql()}), "
         "u AS (UPDATE folders SET uidnext = uidnext + 1, "
         "      highestmodseq = highestmodseq + 1 WHERE org_id = %s AND id = %s "
         "      AND EXISTS (SELECT 1 FROM q) "
@@ -232,34 +314,44 @@ async def insert_message(txn: Txn, row: dict[str, Any], *, quota: int = 0) -> tu
         "      RETURNING id, uid, modseq), "
         "r AS (INSERT INTO message_refs (org_id, inbox_id, ref, message_id) "
         "      SELECT DISTINCT %s, %s, ref, m.id FROM m, unnest(%s::text[]) AS ref) "
+        f"{att_sql}"
         "SELECT (SELECT count(*) FROM q) AS charged, m.uid, m.modseq, "
         "       pg_notify(%s, %s) AS notified "
         "FROM (SELECT 1) AS one LEFT JOIN m ON true",
-        [row["size"], row["org_id"], row["inbox_id"], quota, row["size"], quota,
+        [*usage.charge_params(row["org_id"], row["inbox_id"], row["size"], quota,
+                              row["created_at"]),
          row["org_id"], row["folder_id"], *values, row["org_id"], row["inbox_id"],
-         list(row["reference_ids"]), MAIL_CHANNEL, str(row["folder_id"])])
-    if found is None or not found["charged"]:
-        raise MailboxFull()
-    if found["uid"] is None:
-        raise LookupError("the folder of a new message vanished")
-    return found["uid"], found["modseq"]
+         list(row["reference_ids"]), *att_params, MAIL_CHANNEL, str(row["folder_id"])])
+
+
+_ATT_COLS = (("org_id", "text"), ("id", "text"), ("filename", "text"),
+             ("mime_type", "text"), ("size", "bigint"), ("content_id", "text"),
+             ("disposition", "text"), ("sha256", "text"), ("blob_key", "text"),
+             ("part_index", "integer"))
+
+
+def _attachments_cte(rows: list[dict[str, Any]]) -> tuple[str, list[Any]]:
+    """A CTE of :func:`insert_message` inserting the new message's attachment rows."""
+    if not rows:
+        return "", []
+    names = [c for c, _ in _ATT_COLS]
+    one = "(" + ", ".join(f"%s::{t}" for _, t in _ATT_COLS) + ")"
+    params = [r[c] for r in rows for c in names]
+    return (f", a AS (INSERT INTO attachments ({', '.join(names)}, message_id) "
+            f"SELECT {', '.join('v.' + c for c in names)}, m.id FROM m, "
+            f"(VALUES {', '.join([one] * len(rows))}) AS v({', '.join(names)})) ", params)
 
 
 async def charge_storage(txn: Txn, org_id: str, inbox_id: str, size: int,
                          quota: int = 0) -> bool:
     """Add ``size`` bytes to an inbox's use; False (and nothing changed) if that would
-    pass ``quota`` (0: no limit)."""
-    return bool(await txn.fetchval(
-        "UPDATE inboxes SET used_bytes = used_bytes + %s WHERE org_id = %s AND id = %s "
-        "AND (%s = 0 OR used_bytes + %s <= %s) RETURNING 1",
-        (size, org_id, inbox_id, quota, size, quota)))
+    pass ``quota`` (0: no limit). See storage.usage."""
+    return await usage.charge(txn, org_id, inbox_id, size, quota)
 
 
 async def inbox_usage(txn: Txn, org_id: str, inbox_id: str) -> int:
-    """Bytes an inbox's messages take (IMAP QUOTA)."""
-    return await txn.fetchval(
-        "SELECT used_bytes FROM inboxes WHERE org_id = %s AND id = %s",
-        (org_id, inbox_id)) or 0
+    """Bytes an inbox's messages take (IMAP QUOTA), exactly: see storage.usage."""
+    return await usage.inbox_usage(txn, org_id, inbox_id)
 
 
 async def insert_attachment(txn: Txn, row: dict[str, Any]) -> None:
@@ -277,17 +369,26 @@ async def insert_event(txn: Txn, *, org_id: str, event_id: str, environment_id: 
 
     ``audit`` rows (core.audit's shape) travel in the same round trip: deliveries are
     hot, and their audit row must not cost one more exchange with the server."""
+    await txn.execute(*event_sql(org_id=org_id, event_id=event_id,
+                                 environment_id=environment_id, inbox_id=inbox_id,
+                                 type_=type_, data=data, audit=audit, now=txn.now))
+
+
+def event_sql(*, org_id: str, event_id: str, environment_id: str | None,
+              inbox_id: str | None, type_: str, data: dict[str, Any],
+              audit: list[dict[str, Any]] | None, now: Any) -> tuple[str, list[Any]]:
+    """:func:`insert_event` as (sql, params): statements to ride in another round trip."""
     sql = ("INSERT INTO events (org_id, id, environment_id, inbox_id, type, data, created_at) "
            "VALUES (%s, %s, %s, %s, %s, %s, %s); SELECT pg_notify(%s, %s)")
     params: list[Any] = [
-        org_id, event_id, environment_id, inbox_id, type_, Json(data), txn.now,
+        org_id, event_id, environment_id, inbox_id, type_, Json(data), now,
         EVENTS_CHANNEL, json.dumps({"org_id": org_id, "id": event_id, "type": type_,
                                     "inbox_id": inbox_id})]
     if audit:
         audit_sql, audit_params = audit_insert_sql(audit)
         sql += "; " + audit_sql
         params += audit_params
-    await txn.execute(sql, params)
+    return sql, params
 
 
 def env_clause(env_ids: frozenset[str] | None) -> tuple[str, list[Any]]:
@@ -399,16 +500,16 @@ async def delete_messages(txn: Txn, org_id: str,
 
 async def record_expunge(txn: Txn, org_id: str, freed_bytes: dict[str, int],
                          folder_ids: list[int]) -> None:
-    """After deletions: give inboxes their bytes back and mark each folder expunged (a
-    new MODSEQ, the folder's last expunge, a wake-up), in ONE round trip, inboxes
-    before folders and each in id order (core.mail_changes' lock order). Callers make
+    """After deletions: give inboxes their bytes back (negative usage deltas, no lock)
+    and mark each folder expunged (a new MODSEQ, the folder's last expunge, a wake-up),
+    in ONE round trip, folders in id order (core.mail_changes' lock order). Callers make
     this the last statement before COMMIT: the hot rows are then locked only through it."""
     sql: list[str] = []
     params: list[Any] = []
-    for inbox_id in sorted(freed_bytes):
-        sql.append("UPDATE inboxes SET used_bytes = GREATEST(used_bytes - %s, 0) "
-                   "WHERE org_id = %s AND id = %s")
-        params += [freed_bytes[inbox_id], org_id, inbox_id]
+    release, release_params = usage.release_sql(freed_bytes, org_id, txn.now)
+    if release:  # negative deltas: no inbox row lock (storage.usage)
+        sql.append(release)
+        params += release_params
     for folder_id in sorted(folder_ids):
         sql += [_MARK_EXPUNGED_SQL, _NOTIFY_FOLDER_SQL]
         params += [org_id, folder_id, MAIL_CHANNEL, str(folder_id)]

@@ -22,21 +22,37 @@ async def find_thread(txn: Txn, org_id: str, inbox_id: str, message_id: str | No
     """
     if not related_ids and not message_id:
         return None
-    rows = await txn.fetchall(
-        "SELECT 0 AS kind, x.id, x.thread_id FROM unnest(%s::text[]) AS p(ref) "
-        "CROSS JOIN LATERAL (SELECT m.id, m.thread_id FROM messages m "
-        "  WHERE m.org_id = %s AND m.inbox_id = %s AND m.message_id_header = p.ref "
-        "  LIMIT 1) AS x "
-        "UNION ALL "
-        "(SELECT 1, r.message_id, m.thread_id FROM message_refs r JOIN messages m "
-        "   ON m.org_id = r.org_id AND m.id = r.message_id "
-        "  WHERE r.org_id = %s AND r.inbox_id = %s AND r.ref = %s "
-        "  ORDER BY r.message_id LIMIT 1)",
-        (related_ids, org_id, inbox_id, org_id, inbox_id, message_id))
+    rows = await txn.fetchall(_FIND_SQL, _find_params(org_id, inbox_id, message_id,
+                                                      related_ids))
     if not rows:
         return None
     thread_id: str = min(rows, key=lambda r: (r["kind"], r["id"]))["thread_id"]
     return thread_id
+
+
+_FIND_SQL = (
+    "SELECT 0 AS kind, x.id, x.thread_id FROM unnest(%s::text[]) AS p(ref) "
+    "CROSS JOIN LATERAL (SELECT m.id, m.thread_id FROM messages m "
+    "  WHERE m.org_id = %s AND m.inbox_id = %s AND m.message_id_header = p.ref "
+    "  LIMIT 1) AS x "
+    "UNION ALL "
+    "(SELECT 1, r.message_id, m.thread_id FROM message_refs r JOIN messages m "
+    "   ON m.org_id = r.org_id AND m.id = r.message_id "
+    "  WHERE r.org_id = %s AND r.inbox_id = %s AND r.ref = %s "
+    "  ORDER BY r.message_id LIMIT 1)")
+
+
+def _find_params(org_id: str, inbox_id: str, message_id: str | None,
+                 related_ids: list[str]) -> list[Any]:
+    return [related_ids, org_id, inbox_id, org_id, inbox_id, message_id]
+
+
+def find_thread_sql(org_id: str, inbox_id: str, message_id: str | None,
+                    related_ids: list[str]) -> tuple[str, list[Any]]:
+    """:func:`find_thread` as a scalar subquery (NULL: a new thread), to ride in another
+    statement: the earliest of the few rows the probes find."""
+    return (f"(SELECT f.thread_id FROM ({_FIND_SQL}) AS f ORDER BY f.kind, f.id LIMIT 1)",
+            _find_params(org_id, inbox_id, message_id, related_ids))
 
 
 async def insert_thread(txn: Txn, *, org_id: str, thread_id: str, environment_id: str,
@@ -140,25 +156,52 @@ async def add_to_thread(txn: Txn, org_id: str, thread_id: str, *, received_at: A
     labels -- what :func:`refresh_thread` computes, without reading the thread's
     messages (a 10,000-message thread made every delivery re-aggregate 10,000 rows).
     Runs before the message row exists, so the folder's UID lock is held briefly."""
-    await txn.execute(
-        """
+    await txn.execute(*add_to_thread_sql(org_id, thread_id, received_at=received_at,
+                                         from_address=from_address, recipients=recipients,
+                                         labels=labels, now=txn.now))
+
+
+_PARTICIPANTS_SQL = (
+    "SELECT COALESCE(jsonb_agg(DISTINCT a), '[]'::jsonb) FROM ("
+    "    SELECT jsonb_array_elements_text({old}) AS a"
+    "    UNION SELECT lower(%s::jsonb->>'email')"
+    "    UNION SELECT lower(x->>'email') FROM jsonb_array_elements(%s::jsonb) x"
+    ") p WHERE a IS NOT NULL")
+
+
+def add_to_thread_sql(org_id: str, thread_id: str, *, received_at: Any,
+                      from_address: dict[str, str] | None, recipients: list[dict[str, str]],
+                      labels: list[str], now: Any) -> tuple[str, list[Any]]:
+    """:func:`add_to_thread` as (sql, params), to ride in a delivery's round trip."""
+    return (f"""
         UPDATE threads t SET
             message_count = t.message_count + 1,
             last_message_at = CASE WHEN t.message_count = 0 THEN %s
                                    ELSE GREATEST(t.last_message_at, %s) END,
-            participants = (
-                SELECT COALESCE(jsonb_agg(DISTINCT a), '[]'::jsonb) FROM (
-                    SELECT jsonb_array_elements_text(t.participants) AS a
-                    UNION SELECT lower(%s::jsonb->>'email')
-                    UNION SELECT lower(x->>'email') FROM jsonb_array_elements(%s::jsonb) x
-                ) p WHERE a IS NOT NULL),
-            labels = (SELECT COALESCE(array_agg(DISTINCT l ORDER BY l), '{}')
+            participants = ({_PARTICIPANTS_SQL.format(old='t.participants')}),
+            labels = (SELECT COALESCE(array_agg(DISTINCT l ORDER BY l), '{{}}')
                       FROM unnest(t.labels || %s::text[]) l),
             updated_at = %s
         WHERE t.org_id = %s AND t.id = %s
-        """,
-        (received_at, received_at, Json(from_address), Json(recipients), labels, txn.now,
-         org_id, thread_id))
+        """, [received_at, received_at, Json(from_address), Json(recipients), labels, now,
+              org_id, thread_id])
+
+
+def new_thread_sql(*, org_id: str, thread_id: str, environment_id: str, inbox_id: str,
+                   subject: str, received_at: Any, from_address: dict[str, str] | None,
+                   recipients: list[dict[str, str]], labels: list[str],
+                   now: Any) -> tuple[str, list[Any]]:
+    """A new thread already holding its first message's summary: :func:`insert_thread`
+    and :func:`add_to_thread` in one statement."""
+    return (f"""
+        INSERT INTO threads (org_id, id, environment_id, inbox_id, subject, message_count,
+                             last_message_at, participants, labels, created_at, updated_at)
+        VALUES (%s, %s, %s, %s, %s, 1, %s,
+                ({_PARTICIPANTS_SQL.format(old="'[]'::jsonb")}),
+                (SELECT COALESCE(array_agg(DISTINCT l ORDER BY l), '{{}}')
+                 FROM unnest(%s::text[]) l), %s, %s)
+        """, [org_id, thread_id, environment_id, inbox_id, subject, received_at,
+              Json(from_address), Json(recipients), labels, now, now])
 
 
 async def delete_thread_if_empty(txn: Txn, org_id: str, thread_id: str) -> None:

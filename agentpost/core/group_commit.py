@@ -1,0 +1,179 @@
+"""Group commit for MX deliveries (issue 12): messages that arrive together share one
+transaction, so one COMMIT and one fsync, instead of one each.
+
+A delivery hands a *staging* body to :meth:`GroupCommit.run` and waits. At most
+``parallel`` batch transactions run at once; deliveries that arrive meanwhile wait for
+the next free one and then go together (up to ``max_batch``), so batches grow with the
+load by themselves and a lone delivery is not delayed (``delay_s`` > 0 makes a batch
+that could start wait that long for company, on the injected clock).
+
+In the batch's transaction each body stages its delivery (blob references, folder,
+thread lookup: one round trip each), then ONE round trip writes every thread, event
+and message row of the batch, the messages last: the folders' UID locks are taken at
+the very end and held only through that statement and the COMMIT, not while later
+batch-mates are staged. Every caller's Deferred fires only after the shared COMMIT, so
+the SMTP ``250`` still means "committed".
+
+Failure isolation: when one delivery fails (a body raises, or its row is missing), the
+transaction is rolled back and the others are run again without it; the failed one is
+then run alone, so it gets exactly the error (and the translation) it would have had
+without batching. When the shared write fails without naming a culprit, every delivery
+of the batch is run alone. Lost links and deadlocks are the transaction's, not a
+message's: run_interaction retries the batch; if it gives up, every caller gets that
+error (a 4xx: nothing was acknowledged, the clients retry).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import psycopg2
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from txpostgres import txpostgres
+
+from agentpost.storage import mail as mail_store
+from agentpost.storage.database import Database, Txn
+
+log = logging.getLogger(__name__)
+
+
+class StagedWork(Protocol):
+    """What a staging body returns (core.ingest.Staged)."""
+
+    def writes(self) -> list[tuple[dict[str, Any], list[dict[str, Any]],
+                                   tuple[str, list[Any]]]]: ...
+
+    def finish(self, uids: dict[str, int]) -> Any: ...
+
+
+Body = Callable[[Txn], Awaitable[StagedWork]]
+
+
+@dataclass(eq=False)
+class _Pending:
+    key: tuple[str, ...]
+    body: Body
+    done: defer.Deferred[Any] = field(default_factory=defer.Deferred)
+
+
+class _ItemFailed(Exception):
+    """One delivery of a batch failed: roll back, go on without it."""
+
+    def __init__(self, item: _Pending | None) -> None:
+        super().__init__("a delivery of the batch failed")
+        self.item = item
+
+
+class GroupCommit:
+    """Collects staging bodies and runs each batch in one transaction."""
+
+    def __init__(self, db: Database, clock: IReactorTime, *, max_batch: int = 16,
+                 delay_s: float = 0.0, parallel: int = 2) -> None:
+        self._db = db
+        self._clock = clock
+        self.max_batch = max(1, max_batch)
+        self.delay_s = max(0.0, delay_s)
+        self.parallel = max(1, parallel)
+        self._pending: list[_Pending] = []
+        self._timer: IDelayedCall | None = None
+        self._running = 0
+        self.batches = 0  # transactions started, for tests and diagnostics
+
+    def run(self, key: tuple[str, ...], body: Body) -> defer.Deferred[Any]:
+        """Stage ``body(txn)`` in the next batch; fires with its ``finish`` result after
+        COMMIT. ``key`` orders bodies in a batch (the first recipient inbox)."""
+        item = _Pending(key, body)
+        self._pending.append(item)
+        if self._running < self.parallel:
+            if len(self._pending) >= self.max_batch or self.delay_s == 0:
+                self.flush()
+            elif self._timer is None:
+                self._timer = self._clock.callLater(self.delay_s, self.flush)
+        return item.done
+
+    def flush(self) -> None:
+        """Start a batch of what is waiting (no-op when empty)."""
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        batch = self._pending[:self.max_batch]
+        del self._pending[:self.max_batch]
+        if batch:
+            self._running += 1
+            d = defer.ensureDeferred(self._commit(batch))
+            d.addBoth(self._finished)
+
+    def _finished(self, _: Any) -> None:
+        self._running -= 1
+        if self._pending:  # they waited for a whole COMMIT already: no more delay
+            self.flush()
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        remaining = sorted(batch, key=lambda item: item.key)
+        alone: list[_Pending] = []
+        while remaining:
+            self.batches += 1
+            try:
+                results = await self._db.run_interaction(
+                    "ingest.group_commit", self._txn_body, remaining)
+            except _ItemFailed as failed:
+                if failed.item is None:  # no culprit named: each on its own
+                    alone += remaining
+                    break
+                alone.append(failed.item)
+                remaining = [item for item in remaining if item is not failed.item]
+                continue
+            except BaseException as exc:  # the transaction's fault: nobody is stored
+                for item in remaining:
+                    item.done.errback(exc)
+                break
+            for item, result in zip(remaining, results, strict=True):
+                item.done.callback(result)
+            break
+        for item in alone:
+            self.batches += 1
+            self._db.run_interaction("ingest.store", self._txn_body, [item]).addCallbacks(
+                lambda results, item=item: item.done.callback(results[0]),
+                item.done.errback)
+
+    @staticmethod
+    async def _txn_body(txn: Txn, batch: list[_Pending]) -> list[Any]:
+        """Stage every body, write all rows in one round trip, finish each. A batch of
+        one raises its own errors (run_interaction translates them as usual)."""
+        single = len(batch) == 1
+        staged: list[StagedWork] = []
+        for item in batch:
+            try:
+                staged.append(await item.body(txn))
+            except Exception as exc:
+                if single or _transaction_fault(exc):
+                    raise
+                raise _ItemFailed(item) from exc
+        writes = [w for s in staged for w in s.writes()]
+        try:
+            uids = await mail_store.insert_messages(txn, writes) if writes else {}
+        except Exception as exc:
+            if single or _transaction_fault(exc):
+                raise
+            raise _ItemFailed(None) from exc
+        results = []
+        for item, s in zip(batch, staged, strict=True):
+            try:
+                results.append(s.finish(uids))
+            except Exception as exc:
+                if single:
+                    raise
+                raise _ItemFailed(item) from exc
+        return results
+
+
+def _transaction_fault(exc: BaseException) -> bool:
+    """Errors of the link or the transaction, not of one message."""
+    return isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError
+                      | psycopg2.errors.SerializationFailure
+                      | psycopg2.errors.DeadlockDetected | txpostgres.RollbackFailed)
