@@ -485,7 +485,7 @@ def toml_str(value: str) -> str:
 
 
 def write_config(path: Path, dsn: str, port: int, pool_size: int | None, log_level: str,
-                 workers: int = 1) -> None:
+                 workers: int = 1, key_cache: bool = True) -> None:
     """The server's config: defaults, except a private port and no rate limiting."""
     lines = [
         "# Written by bench/api_bench.py",
@@ -493,6 +493,7 @@ def write_config(path: Path, dsn: str, port: int, pool_size: int | None, log_lev
         'hostname = "bench.localhost"',
         'environment = "development"',
         f"workers = {workers}",
+        *([] if key_cache else ['key_cache_ttl = "0s"  # --no-key-cache']),
         "",
         "[database]",
         f"url = {toml_str(dsn)}",
@@ -770,7 +771,8 @@ def print_table(report: dict[str, Any]) -> None:
         "  server  : `agentpost serve` in its own process"
         + (f" ({s['workers']} workers)" if s.get("workers", 1) > 1 else "")
         + ", HTTP/1.1 on 127.0.0.1, "
-        f"db pool_size {s['pool_size']}, rate limiter DISABLED, audit trail ON",
+        f"db pool_size {s['pool_size']}, rate limiter DISABLED, audit trail ON, key cache "
+        f"{'ON' if s.get('key_cache', True) else 'OFF'}",
         f"  database: PostgreSQL {s['postgres_version']}, embedded cluster, "
         f"fsync={'on' if s['fsync'] else 'off'} synchronous_commit="
         f"{'on' if s['fsync'] else 'off'}",
@@ -847,6 +849,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="server.workers: N processes share the port (default 1; server "
                              "CPU is then the whole process tree's)")
+    parser.add_argument("--no-key-cache", action="store_true",
+                        help="server.key_cache_ttl = 0: every request reads its API key from "
+                             "PostgreSQL (the behaviour before the key cache, for comparison)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warn", "error"],
                         help="server logging.level (default info, as in production)")
     parser.add_argument("--py-spy", metavar="FILE", default=None,
@@ -910,7 +915,8 @@ class Bench:
 
         self.port = free_port()
         config = self.tmp / "agentpost.toml"
-        write_config(config, dsn, self.port, args.pool_size, args.log_level, args.workers)
+        write_config(config, dsn, self.port, args.pool_size, args.log_level, args.workers,
+                     not args.no_key_cache)
         log("bootstrapping an organization")
         self.key = bootstrap(config)
 
@@ -931,7 +937,8 @@ class Bench:
                 "seeded_inboxes": 0, "get_page_items": None, "get_page_bytes": None,
                 "get_response_framing": None,
                 "rate_limit_enabled": False, "audit_enabled": True,
-                "log_level": args.log_level, "workers": args.workers}
+                "log_level": args.log_level, "workers": args.workers,
+                "key_cache": not args.no_key_cache}
 
     # load ----------------------------------------------------------------------
     def post_payload(self, wid: int) -> bytes:

@@ -24,6 +24,7 @@ class SecondProcess:
 
     def __init__(self, tmp_path: Path, db_dsn: str, server: Any, *, tls: bool = False) -> None:
         self.imap_port, http_port = _free_port(), _free_port()
+        self.http_port = http_port
         self.tls_port = _free_port() if tls else None
         tls_conf = (f'[tls]\ncert = "{_DEV_TLS["cert"]}"\nkey = "{_DEV_TLS["key"]}"\n'
                     if tls else "")
@@ -41,10 +42,12 @@ class SecondProcess:
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def ready(self) -> bool:
-        """Block (in a test thread) until the IMAP port accepts, at most 30 s."""
+        """Block (in a test thread) until the IMAP and HTTP ports accept, at most 30 s
+        (IMAP listens first; a test that talks HTTP must not race the second port)."""
         def accepting() -> bool:
             try:
-                socket.create_connection(("127.0.0.1", self.imap_port), timeout=1).close()
+                for port in (self.imap_port, self.http_port):
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 return True
             except OSError:
                 return False

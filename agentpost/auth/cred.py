@@ -21,6 +21,7 @@ from twisted.internet import defer
 from zope.interface import Attribute, Interface, implementer
 
 from agentpost.auth import secrets
+from agentpost.auth.key_cache import KeyCache
 from agentpost.model.principal import AdminPrincipal, Principal
 from agentpost.model.scopes import ROLE_SCOPES, weakest_role
 from agentpost.storage import keys as key_store
@@ -100,26 +101,37 @@ class APIKeyChecker:
 
     credentialInterfaces = (IAPIKeyCredentials, tcred.IUsernamePassword)
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, cache: KeyCache | None = None) -> None:
         self._db = db
+        self._cache = cache
 
     # Twisted annotates avatar ids as bytes, but Portal hands whatever the checker
     # produces to the realm untouched; ours are identities (see AgentPostRealm).
     def requestAvatarId(  # type: ignore[override]
             self, credentials: Any) -> defer.Deferred[KeyIdentity]:
-        """Look the key up on every call: no cache may outlive a revocation."""
+        """Look the key up on every call, or in the key cache, which is emptied by every
+        change to any key and not used at all while its LISTEN link is down
+        (agentpost.auth.key_cache): no cached answer outlives a revocation."""
         presented = credentials.key if IAPIKeyCredentials.providedBy(credentials) else (
             _text(credentials.password)
         )
         if not secrets.looks_like_api_key(presented):
             return defer.fail(UnauthorizedLogin("malformed key"))
-        d = self._db.run_read(
-            "auth.api_key", key_store.authenticate_api_key, secrets.digest(presented)
-        )
+        digest = secrets.digest(presented)
+        cache = self._cache
+        if cache is not None:
+            cached = cache.get(digest)
+            if cached is not None:
+                self._note_use(cached)
+                return defer.succeed(KeyIdentity(cached))
+            generation = cache.generation
+        d = self._db.run_read("auth.api_key", key_store.authenticate_api_key, digest)
 
         def found(row: dict[str, Any] | None) -> KeyIdentity | defer.Deferred[KeyIdentity]:
             if row is None:
-                return self._refuse(secrets.digest(presented))
+                return self._refuse(digest)
+            if cache is not None:
+                cache.put(digest, row, generation)
             self._note_use(row)
             return KeyIdentity(row)
 
@@ -152,6 +164,7 @@ class APIKeyChecker:
         last = row.get("last_used_at")
         if last is not None and (now - last).total_seconds() < LAST_USED_RESOLUTION_S:
             return
+        row["last_used_at"] = now  # a cached row: not again within the resolution
         d = self._db.run_interaction("auth.touch_key", key_store.touch_api_key, row["org_id"],
                                      row["id"])
         d.addErrback(lambda f: log.info("could not record key use: %s", f.getErrorMessage()))
@@ -263,6 +276,7 @@ def _text(value: str | bytes) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-def build_portal(db: Database) -> Portal:
-    """The single Portal every listener logs in through."""
-    return Portal(AgentPostRealm(), [APIKeyChecker(db), AdminKeyChecker(db)])
+def build_portal(db: Database, key_cache: KeyCache | None = None) -> Portal:
+    """The single Portal every listener logs in through (``key_cache``: see
+    agentpost.auth.key_cache; None reads every key from the database)."""
+    return Portal(AgentPostRealm(), [APIKeyChecker(db, key_cache), AdminKeyChecker(db)])

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from agentpost.auth import secrets
+from agentpost.auth.key_cache import KeyCache
 from agentpost.core.audit import AuditTrail
 from agentpost.core.context import RequestContext
 from agentpost.core.organizations import MintedKey
@@ -28,9 +29,10 @@ def _visible(p: Principal, row: dict[str, Any]) -> bool:
 class APIKeys:
     """Create, list, read and revoke keys."""
 
-    def __init__(self, db: Database, audit: AuditTrail) -> None:
+    def __init__(self, db: Database, audit: AuditTrail, key_cache: KeyCache | None = None) -> None:
         self._db = db
         self._audit = audit
+        self._key_cache = key_cache
 
     async def create(self, ctx: RequestContext, *, name: str, scopes: list[str] | None,
                      environment_ids: list[str] | None, expires_at: datetime | None,
@@ -131,4 +133,7 @@ class APIKeys:
             assert revoked is not None  # read above; keys are revoked, never deleted
             return revoked
 
-        return await self._db.run_interaction("api_keys.revoke", txn_fn)
+        revoked = await self._db.run_interaction("api_keys.revoke", txn_fn)
+        if self._key_cache is not None:  # answer once the revocation reached the listeners
+            await self._key_cache.settle(key_id)
+        return revoked
