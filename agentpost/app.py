@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IListeningPort
 
 from agentpost import systemd
 from agentpost.auth.cred import build_portal
+from agentpost.auth.key_cache import KeyCache
 from agentpost.auth.ratelimit import TokenBuckets
 from agentpost.auth.sessions import LiveCredentials
 from agentpost.config import Config
@@ -26,7 +27,9 @@ from agentpost.core.domains import Domains
 from agentpost.core.draft_sending import DraftSending
 from agentpost.core.drafts import Drafts
 from agentpost.core.environments import Environments
+from agentpost.core.events import Events
 from agentpost.core.filters import FilterRules
+from agentpost.core.group_commit import GroupCommit
 from agentpost.core.idempotency import Idempotency
 from agentpost.core.imap_logins import IMAPLogins
 from agentpost.core.inboxes import Inboxes
@@ -41,12 +44,14 @@ from agentpost.core.sending import MessageLimits, Sending
 from agentpost.core.submission import Submission
 from agentpost.core.suppressions import Deliveries, Suppressions
 from agentpost.core.uploads import Uploads
+from agentpost.core.webhooks import Webhooks
 from agentpost.http import views
 from agentpost.http.admin import add_admin_routes
 from agentpost.http.api import add_api_routes
 from agentpost.http.app import build_app
 from agentpost.http.domains import add_domain_routes
 from agentpost.http.drafts import add_drafts_routes
+from agentpost.http.events import add_event_routes
 from agentpost.http.feedback import mount_sns_webhook
 from agentpost.http.framework import RouteTable
 from agentpost.http.key_failures import FailedKeyThrottle
@@ -55,10 +60,12 @@ from agentpost.http.send import add_send_routes
 from agentpost.http.site import make_site
 from agentpost.http.suppressions import add_suppression_routes
 from agentpost.http.uploads import add_upload_endpoint, add_upload_routes, allow_upload_bodies
+from agentpost.http.webhooks import add_webhook_routes
 from agentpost.jobs.domain_verify import DomainVerifyJob, build_domains
 from agentpost.jobs.rerender import RenderRefresh
 from agentpost.jobs.retention import RetentionSweep
 from agentpost.jobs.scheduled_send import ScheduledSend
+from agentpost.jobs.usage_fold import UsageFold
 from agentpost.listening import listen_tcp, port_number
 from agentpost.outbound.feedback import FeedbackReceiver
 from agentpost.outbound.setup import OutboundService
@@ -67,6 +74,11 @@ from agentpost.storage.database import Database
 from agentpost.storage.keys import KEY_CHANNEL
 from agentpost.storage.mail import MAIL_CHANNEL
 from agentpost.storage.notify import Notifier
+from agentpost.webhooks.ssrf import SSRFGuard
+from agentpost.webhooks.worker import EventsWakeup, WebhookWorker
+from agentpost.ws.hub import EventHub
+from agentpost.ws.protocol import StreamSettings
+from agentpost.ws.resource import build_ws_resource, mount_websocket
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +97,7 @@ class Core:
     audit_log: AuditLog
     retention: RetentionSweep
     rerender: RenderRefresh
+    usage_fold: UsageFold  # inbox usage deltas -> inboxes.used_bytes (issue 12)
     outbound: OutboundService  # the queue worker (mail out)
     blobs: BlobStore
     ingest: Ingest
@@ -93,6 +106,7 @@ class Core:
     filters: FilterRules
     notifier: Notifier
     live_credentials: LiveCredentials  # ends long-lived sessions whose key died
+    key_cache: KeyCache  # API-key lookups, emptied by NOTIFY on any key change
     imap_logins: IMAPLogins
     login_guard: LoginGuard  # failed-login allowances of every password door
     suppressions: Suppressions  # per-organization suppression list (the API side)
@@ -106,6 +120,9 @@ class Core:
     drafts: Drafts  # the IMAP Drafts folder as structured drafts
     draft_sending: DraftSending  # drafts sent now or at send_at, through sending
     scheduled_send: ScheduledSend  # the timer that sends drafts when send_at comes
+    events: Events  # the event log (GET /events; the WebSocket stream reads it too)
+    webhooks: Webhooks  # webhook endpoints (the API side)
+    webhook_worker: WebhookWorker  # delivers the webhook queue
 
 
 def build_blob_store(config: Config, reactor: Any) -> BlobStore:
@@ -133,12 +150,18 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
     audit = AuditTrail(db, clock, config.audit.flush_interval, config.audit.max_buffer)
     blobs = build_blob_store(config, reactor)
     collector = BlobCollector(db, blobs)
-    ingest = Ingest(db, blobs, reactor, config.mail.inbox_quota)
+    group_commit = (GroupCommit(db, clock, max_batch=config.smtp.group_commit_max,
+                                delay_s=config.smtp.group_commit_delay,
+                                parallel=config.smtp.group_commit_parallel)
+                    if config.smtp.group_commit else None)
+    ingest = Ingest(db, blobs, reactor, config.mail.inbox_quota, group_commit)
     notifier = Notifier(config.database.url, MAIL_CHANNEL, reactor=reactor, clock=clock)
     live_credentials = LiveCredentials(
         db, clock, Notifier(config.database.url, KEY_CHANNEL, reactor=reactor, clock=clock))
     reserved = ReservedNames(config.mail.reserved_local_parts)
-    portal = build_portal(db)
+    key_cache = KeyCache(config.database.url, reactor=reactor, clock=clock, now=db.now,
+                         ttl_s=config.server.key_cache_ttl)
+    portal = build_portal(db, key_cache)
     router = Router(db, config.mail.inbox_quota, reserved=reserved,
                     operator_inbox=config.mail.operator_inbox)
     login_cfg = config.login
@@ -164,17 +187,26 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
                     uploads=uploads, max_message_bytes=config.smtp.max_message_size)
     draft_sending = DraftSending(db, drafts, sending, clock, lease_s=config.outbound.lease,
                                  idempotency=idempotency)
+    hooks_cfg = config.webhooks
+    guard = SSRFGuard(allow_http=config.server.environment == "development",
+                      allow_networks=hooks_cfg.allow_networks)
+    webhook_worker = WebhookWorker(
+        db, guard, domains.sealer, reactor=reactor, clock=clock,
+        concurrency=hooks_cfg.concurrency, lease_s=hooks_cfg.lease,
+        poll_s=hooks_cfg.poll_interval,
+        wakeup=EventsWakeup(config.database.url, reactor=reactor, clock=clock))
     return Core(
         db=db, audit=audit,
         organizations=Organizations(db, audit),
         environments=Environments(db, audit),
         inboxes=Inboxes(db, audit, config.mail.shared_domain, collector, reserved),
-        api_keys=APIKeys(db, audit),
+        api_keys=APIKeys(db, audit, key_cache),
         members=Members(db, audit),
         audit_log=AuditLog(db),
         retention=RetentionSweep(db, clock, config.retention,
                                  also=(uploads.sweep, idempotency.sweep)),
         rerender=RenderRefresh(db, blobs, clock, reactor),
+        usage_fold=UsageFold(db, clock),
         outbound=outbound,
         blobs=blobs,
         ingest=ingest,
@@ -183,6 +215,7 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
         filters=FilterRules(db, audit),
         notifier=notifier,
         live_credentials=live_credentials,
+        key_cache=key_cache,
         imap_logins=IMAPLogins(portal, db, blobs, ingest, collector, audit, clock, notifier,
                                guard=login_guard),
         login_guard=login_guard,
@@ -192,6 +225,9 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
         domains=domains, domain_verify=domain_verify,
         uploads=uploads, idempotency=idempotency, sending=sending,
         drafts=drafts, draft_sending=draft_sending,
+        events=Events(db),
+        webhooks=Webhooks(db, audit, guard, domains.sealer, wake=webhook_worker.kick),
+        webhook_worker=webhook_worker,
         scheduled_send=ScheduledSend(db, draft_sending, clock,
                                      interval_s=config.outbound.scheduled_send_interval,
                                      lease_s=config.outbound.lease),
@@ -208,6 +244,8 @@ class AgentPostService(service.Service):
         self.reactor = reactor
         self.reuse_port = reuse_port
         self.core = build_core(config, reactor)
+        self.ws_hub = EventHub(self.core.db, config.database.url, reactor=reactor,
+                               clock=reactor)  # the /ws fan-out (issue 13)
         self.ports: dict[str, IListeningPort] = {}
         self.route_tables: dict[str, RouteTable] = {}
         self.smtp_factories: dict[str, Any] = {}
@@ -219,7 +257,7 @@ class AgentPostService(service.Service):
         core, cfg = self.core, self.config
         buckets = (TokenBuckets(self.reactor, cfg.rate_limit.rate, cfg.rate_limit.burst)
                    if cfg.rate_limit.enabled else None)
-        portal = build_portal(core.db)
+        portal = build_portal(core.db, core.key_cache)
         trusted = frozenset(cfg.http.trusted_proxies)
         key_failures = FailedKeyThrottle(core.login_guard, self.reactor)
         api = RouteTable("/api/v1", portal, core.audit, buckets, cfg.http.max_body, trusted,
@@ -230,6 +268,8 @@ class AgentPostService(service.Service):
                        api_keys=core.api_keys, members=core.members, audit_log=core.audit_log)
         add_mail_routes(api, core.messages, core.filters)
         add_suppression_routes(api, core.suppressions, core.deliveries)
+        add_event_routes(api, core.events)
+        add_webhook_routes(api, core.webhooks)
         add_domain_routes(api, core.domains)
         add_send_routes(api, core.sending, core.idempotency)
         add_upload_routes(api, core.uploads, cfg.http.public_url)
@@ -239,6 +279,12 @@ class AgentPostService(service.Service):
         app = build_app(api, admin, self._ready)
         mount_sns_webhook(app, "/api/v1" + cfg.outbound.sns_path, core.feedback)
         add_upload_endpoint(app, core.uploads)  # signed PUTs: no API key, not JSON
+        ws = cfg.websocket
+        mount_websocket(app, build_ws_resource(
+            portal=portal, live_credentials=core.live_credentials, hub=self.ws_hub,
+            db=core.db, clock=self.reactor, key_failures=key_failures,
+            settings=StreamSettings(ws.max_connections_per_key, ws.send_buffer_cap,
+                                    ws.ping_interval)))
         return app.resource()
 
     async def _ready(self) -> bool:
@@ -261,9 +307,13 @@ class AgentPostService(service.Service):
         self.core.domain_verify.start()
         self.core.scheduled_send.start()
         self.core.rerender.start()
+        self.core.usage_fold.start()
         await self.core.notifier.start()
         await self.core.live_credentials.start()
+        await self.ws_hub.start()
+        await self.core.key_cache.start()
         await self.core.outbound.start()
+        await self.core.webhook_worker.start()
         await self.core.uploads.prime()  # upload PUTs signed by any process
         if self.config.smtp.mx_enabled:
             self.ports["smtp_mx"] = await self._listen_mx()
@@ -375,7 +425,8 @@ class AgentPostService(service.Service):
                         "is not served (AUTH is only ever offered inside TLS)")
             return
         agent = SubmissionDelivery(
-            MailboxLogins(build_portal(core.db), core.db, core.audit, core.login_guard),
+            MailboxLogins(build_portal(core.db, core.key_cache), core.db, core.audit,
+                          core.login_guard),
             Submission(core.db, core.ingest, self.reactor, core.outbound.policy,
                        self.config.server.hostname, limits=core.outbound.limits),
             core.live_credentials)
@@ -453,8 +504,12 @@ class AgentPostService(service.Service):
         self.ports.clear()
         self.core.notifier.stop()
         self.core.live_credentials.stop()
+        self.ws_hub.stop()
+        self.core.key_cache.stop()
         await self.core.outbound.stop()
+        await self.core.webhook_worker.stop()
         await self.core.rerender.stop()
+        await self.core.usage_fold.stop()
         await self.core.retention.stop()
         await self.core.domain_verify.stop()
         await self.core.scheduled_send.stop()

@@ -45,8 +45,15 @@ async def _populate(server, key, tag):
         "to": [f"friend-{tag}@example.net"], "subject": f"secret {tag} draft"}, key=key)
     suppressed = await server.api.post("/api/v1/suppressions", {
         "email": f"gone-{tag}@example.net"}, key=key)
-    assert {r.status for r in (domain, draft, suppressed)} == {201}, (domain, draft, suppressed)
+    # An event type nothing here emits: the worker never tries to reach the URL.
+    hook = await server.api.post("/api/v1/webhooks", {
+        "url": f"https://hooks-{tag}.example.com/in", "event_types": ["domain.verified"]},
+        key=key)
+    assert {r.status for r in (domain, draft, suppressed, hook)} == {201}, (
+        domain, draft, suppressed, hook)
     return {
+        "webhook_id": hook.json["id"],
+        "delivery_id": "whd_01JQ8X5K2M3N4P5R6S7T8V9W00",
         "domain_id": domain.json["id"],
         "draft_id": draft.json["id"],
         "email": suppressed.json["email"],

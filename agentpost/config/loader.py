@@ -8,6 +8,7 @@ they never have to live in a file under version control.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -36,6 +37,8 @@ from agentpost.config.sections import (
     SMTPSection,
     StorageSection,
     TLSSection,
+    WebhooksSection,
+    WebSocketSection,
 )
 from agentpost.config.units import format_duration, format_size, parse_duration, parse_size
 
@@ -79,6 +82,8 @@ class Config:
     logging: LoggingSection = field(default_factory=LoggingSection)
     secrets: SecretsSection = field(default_factory=SecretsSection)
     domains: DomainsSection = field(default_factory=DomainsSection)
+    webhooks: WebhooksSection = field(default_factory=WebhooksSection)
+    websocket: WebSocketSection = field(default_factory=WebSocketSection)
     source: str = "<defaults>"
 
 
@@ -185,6 +190,33 @@ def _check(config: Config) -> None:
     _check_outbound(config)
     _check_send_limits(config)
     _check_domains(config)
+    _check_webhooks(config)
+    _check_websocket(config)
+
+
+def _check_websocket(config: Config) -> None:
+    ws = config.websocket
+    if ws.max_connections_per_key < 1:
+        raise ConfigError("websocket.max_connections_per_key", "must be at least 1")
+    if ws.send_buffer_cap < 64 * 1024:
+        raise ConfigError("websocket.send_buffer_cap", "must be at least 64KiB")
+    if ws.ping_interval < 0:
+        raise ConfigError("websocket.ping_interval", "must not be negative")
+
+
+def _check_webhooks(config: Config) -> None:
+    hooks = config.webhooks
+    for net in hooks.allow_networks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except (TypeError, ValueError):
+            raise ConfigError("webhooks.allow_networks",
+                              f"{net!r} is not a network such as 127.0.0.0/8") from None
+    if not 1 <= hooks.concurrency <= 256:
+        raise ConfigError("webhooks.concurrency", "must be between 1 and 256")
+    if hooks.lease < 45 or hooks.poll_interval <= 0:
+        raise ConfigError("webhooks.lease", "must be at least 45s (longer than the 30 s "
+                          "delivery timeout), and poll_interval positive")
 
 
 def _check_domains(config: Config) -> None:

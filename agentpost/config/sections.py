@@ -32,6 +32,12 @@ class ServerSection:
         1, "Processes serving this node (0: one per CPU). They share ports with SO_REUSEPORT "
         "and coordinate only through PostgreSQL."
     )
+    key_cache_ttl: float = opt(
+        "60s", "Each process keeps API-key lookups in memory for at most this long. Every "
+        "revocation or change of a key or its holder empties the cache of every process at "
+        "once (PostgreSQL LISTEN/NOTIFY), and while that link is down every request reads "
+        "the database; 0 turns the cache off.", "duration"
+    )
 
 
 @dataclass
@@ -192,6 +198,18 @@ class SMTPSection:
         "as Postfix's smtpd_min_data_rate (0B: no minimum).", "size")
     min_data_rate_grace: float = opt(
         "1m", "Time a message body may take before min_data_rate applies.", "duration")
+    group_commit: bool = opt(
+        True, "MX deliveries arriving together share one database transaction (one COMMIT "
+        "and fsync); each is still answered 250 only after that COMMIT, and one that "
+        "fails does not fail the others (a savepoint each).")
+    group_commit_max: int = opt(16, "Most deliveries in one shared transaction.")
+    group_commit_delay: float = opt(
+        "0ms", "How long a delivery that could start its transaction at once waits for "
+        "others to share it (0ms: none; deliveries arriving while the shared transactions "
+        "run are batched anyway).", "duration")
+    group_commit_parallel: int = opt(
+        2, "Shared delivery transactions running at once (deliveries to one inbox queue "
+        "on its folder's UID counter, so more mostly adds lock waits).")
 
 
 @dataclass
@@ -239,6 +257,9 @@ class RetentionSection:
         "30d", "Audit rows tied to no organization (bad keys, admin API).", "duration"
     )
     delivery_events: float = opt("90d", "Delivery events (sent, bounced, ...).", "duration")
+    events: float = opt(
+        "30d", "The event log (GET /events, WebSocket resume) and webhook delivery history.",
+        "duration")
 
 
 @dataclass
@@ -416,6 +437,39 @@ class LoginSection:
 
 
 @dataclass
+class WebhooksSection:
+    """Webhook delivery: which addresses endpoints may resolve to, and how hard we push."""
+
+    allow_networks: list = opt(  # noqa: RUF009 - opt() builds a default_factory field
+        [], "Networks (CIDR) that webhook URLs may reach although they are loopback, "
+        "private, link-local or otherwise internal, e.g. [\"127.0.0.0/8\"] for a receiver "
+        "on this machine. Empty: only public addresses.")
+    concurrency: int = opt(16, "Deliveries one process runs at once.")
+    lease: float = opt(
+        "2m", "How long a process holds a delivery it is attempting; a process that dies "
+        "mid-attempt delays that delivery this long.", "duration")
+    poll_interval: float = opt(
+        "5s", "How often each process looks for due retries (new events wake it at once).",
+        "duration")
+
+
+@dataclass
+class WebSocketSection:
+    """The event stream at GET /ws: sockets per key, slow readers, keep-alive pings."""
+
+    max_connections_per_key: int = opt(
+        20, "Open WebSockets one API key may hold in one process; more are refused in the "
+        "handshake (HTTP 429).")
+    send_buffer_cap: int = opt(
+        "1MiB", "Bytes a WebSocket may have waiting to be sent; a client reading slower "
+        "than its events arrive is disconnected (close code 4008) rather than buffered.",
+        "size")
+    ping_interval: float = opt(
+        "30s", "How often an idle WebSocket is pinged; one that does not answer within the "
+        "same time is closed. 0s: no pings.", "duration")
+
+
+@dataclass
 class LoggingSection:
     """Where the service logs."""
 
@@ -439,5 +493,7 @@ SECTIONS: dict[str, type] = {
     "login": LoginSection,
     "secrets": SecretsSection,
     "domains": DomainsSection,
+    "webhooks": WebhooksSection,
+    "websocket": WebSocketSection,
     "logging": LoggingSection,
 }

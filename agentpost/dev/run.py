@@ -81,6 +81,10 @@ tls_port = {IMAPS_PORT}
 
 [secrets]
 key_file = "{SECRETS_KEY.resolve()}"
+
+[webhooks]
+# Development only: webhooks may reach receivers on this machine.
+allow_networks = ["127.0.0.0/8", "::1/128"]
 """
     path.write_text(text)
     path.chmod(0o600)

@@ -14,8 +14,10 @@ from datetime import UTC, datetime
 from twisted.internet.interfaces import IReactorTime
 
 from agentpost.config.sections import RetentionSection
+from agentpost.config.units import parse_duration
 from agentpost.jobs.periodic import Periodic
 from agentpost.storage import delivery_events as delivery_store
+from agentpost.storage import events as event_store
 from agentpost.storage import logins as login_store
 from agentpost.storage import retention as store
 from agentpost.storage.database import Database, Txn
@@ -71,6 +73,7 @@ class RetentionSweep:
 
         await self._db.run_interaction("retention.login_failures", purge)
         await self._sweep_delivery_events()
+        await self._sweep_events()
         for sweep in self._also:
             try:
                 await sweep()
@@ -100,6 +103,25 @@ class RetentionSweep:
                 if total:
                     log.info("retention: deleted %d expired delivery events", total)
                 return total
+
+    async def _sweep_events(self) -> int:
+        """The event log and finished webhook deliveries older than retention.events."""
+        keep: float | str = self._config.events
+        if isinstance(keep, str):  # a section built in code, not through the loader
+            keep = parse_duration(keep)
+        older_than = datetime.fromtimestamp(self._clock.seconds() - keep, UTC)
+        total = 0
+        while True:
+
+            async def batch(txn: Txn) -> int | None:
+                if not await store.try_lock_sweep(txn):
+                    return None
+                return await event_store.sweep(txn, older_than, self._config.batch_size)
+
+            deleted = await self._db.run_interaction("retention.events", batch)
+            if deleted is None or deleted < self._config.batch_size:
+                return total + (deleted or 0)
+            total += deleted
 
     def _report(self, deleted: int) -> None:
         if deleted:

@@ -251,3 +251,11 @@ class InvalidUploadSignature(Forbidden):
 
     type = "invalid_signature"
     default_message = "The upload URL is invalid or has expired."
+
+
+class WebhookURLNotAllowed(InvalidRequest):
+    """A webhook URL we refuse to call: not https in production, or resolving to a
+    loopback, private, link-local, metadata or otherwise internal address (HTTP 400)."""
+
+    type = "webhook_url_not_allowed"
+    default_message = "This webhook URL is not allowed."

@@ -15,6 +15,7 @@ SCOPES: dict[str, str] = {
     "messages:send": "Send mail through the API or SMTP submission.",
     "domains:read": "List hosted domains and their verification state.",
     "domains:write": "Add, verify and remove domains.",
+    "events:read": "Read the event log (GET /events) and subscribe to the event stream.",
     "webhooks:read": "List webhook endpoints and deliveries.",
     "webhooks:write": "Create, update and delete webhook endpoints.",
     "api_keys:read": "List API keys (never their secrets).",
@@ -39,7 +40,7 @@ _MEMBER_SCOPES = frozenset(
     {
         "inboxes:read", "inboxes:write", "messages:read", "messages:write", "messages:send",
         "domains:read", "webhooks:read", "environments:read", "members:read", "filters:read",
-        "api_keys:read", "api_keys:write", "suppressions:read",
+        "api_keys:read", "api_keys:write", "suppressions:read", "events:read",
     }
 )
 
