@@ -21,6 +21,30 @@ BODIES = {
 }
 
 
+def _failed_delivery(server, hook):
+    """A real, finished delivery (with one attempt) of ``hook``, as the worker leaves
+    one: written directly, so no URL is ever called. Replaying it would queue it."""
+    import psycopg2
+
+    from agentpost.model.ids import new_id
+
+    delivery_id = new_id("whd")
+    conn = psycopg2.connect(server.service.config.database.url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO webhook_deliveries (org_id, id, webhook_id, event_type, "
+                    "payload, status, attempt, next_attempt_at, status_code, error, "
+                    "created_at, updated_at) SELECT org_id, %s, id, 'webhook.test', '{}', "
+                    "'failed', 1, now(), 500, 'HTTP 500', now(), now() FROM webhooks "
+                    "WHERE id = %s", (delivery_id, hook["id"]))
+        cur.execute("INSERT INTO webhook_attempts (org_id, delivery_id, webhook_id, attempt, "
+                    "started_at, status_code, latency_ms, error) SELECT org_id, id, "
+                    "webhook_id, 1, now(), 500, 7, 'HTTP 500' FROM webhook_deliveries "
+                    "WHERE id = %s", (delivery_id,))
+    conn.close()
+    return delivery_id
+
+
 async def _populate(server, key, tag):
     """Create one of everything in an organization; return ids by path parameter name."""
     env = await server.api.post("/api/v1/environments", {"name": f"Staging {tag}"}, key=key)
@@ -53,7 +77,7 @@ async def _populate(server, key, tag):
         domain, draft, suppressed, hook)
     return {
         "webhook_id": hook.json["id"],
-        "delivery_id": "whd_01JQ8X5K2M3N4P5R6S7T8V9W00",
+        "delivery_id": _failed_delivery(server, hook.json),
         "domain_id": domain.json["id"],
         "draft_id": draft.json["id"],
         "email": suppressed.json["email"],
@@ -114,6 +138,10 @@ async def test_cross_tenant_matrix(server):
     assert env.status == 200 and env.json["name"] == "Staging a"
     still = await server.api.get("/api/v1/inboxes", key=ids_a["secrets"][0])
     assert still.status == 200
+    hook_path = f"/api/v1/webhooks/{ids_a['webhook_id']}/deliveries"
+    [delivery] = (await server.api.get(hook_path, key=key_a)).json["data"]
+    assert delivery["id"] == ids_a["delivery_id"]  # not replayed: still failed, 1 attempt
+    assert (delivery["status"], delivery["attempts"]) == ("failed", 1)
 
 
 @pytest_twisted.ensureDeferred

@@ -253,3 +253,30 @@ async def test_two_workers_on_one_database_deliver_each_event_once(server, rig, 
     finally:
         await second.stop()
         await second_db.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_wakeup_while_the_next_due_time_is_read_is_not_lost(server, rig, receiver,
+                                                                    monkeypatch):
+    """An event committed (and its NOTIFY heard) while the worker reads when the next
+    delivery is due must go out at once, not after the poll interval (the task.Clock
+    is never advanced here, so the poll timer cannot deliver it)."""
+    from agentpost.webhooks import worker as worker_module
+
+    org, owner = await server.new_org()
+    await _hook(server, owner, receiver.url)
+    real_next_due = worker_module.store.next_due
+    sent: list[str] = []
+
+    async def next_due_racing(txn):
+        due = await real_next_due(txn)
+        if not sent:  # once: an event commits and wakes us just after this read
+            sent.append(await rig.event(org["id"]))
+            rig.worker.kick()
+        return due
+
+    monkeypatch.setattr(worker_module.store, "next_due", next_due_racing)
+    rig.worker.kick()
+    await rig.settle()
+    await wait_for(lambda: receiver.requests)
+    assert receiver.ids() == sent

@@ -189,3 +189,43 @@ async def test_lost_listen_connection_catches_up_from_the_log(server):
     missed = await ws.events(2)
     assert before["id"] not in {e["id"] for e in missed} and len({e["id"] for e in missed}) == 2
     ws.close()
+
+
+def _raw_upgrade(port: int, token: str) -> bytes:
+    """The head of the answer to a hand-written upgrade request."""
+    import base64
+    import os
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        nonce = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall((f"GET /ws?token={token} HTTP/1.1\r\nHost: x\r\n"
+                      "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                      f"Sec-WebSocket-Key: {nonce}\r\nSec-WebSocket-Version: 13\r\n\r\n")
+                     .encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.split(b"\r\n\r\n", 1)[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_upgrade_answers_do_not_disclose_a_server_version(server):
+    """Like every other answer of the listener: no Server header (autobahn's default
+    would say AutobahnPython/<version>), neither on the 101 nor on a refusal."""
+    from twisted.internet.threads import deferToThread
+
+    _, _, _, key = await _setup(server)
+    port = server.service.ports["http"].getHost().port
+    accepted = await deferToThread(_raw_upgrade, port, key["key"])
+    refused_head = await deferToThread(_raw_upgrade, port, "ap_sk_wrong")
+    api = await server.api.get("/api/v1/events", key=key["key"])
+    assert accepted.startswith(b"HTTP/1.1 101"), accepted
+    assert refused_head.startswith(b"HTTP/1.1 401"), refused_head
+    for head in (accepted, refused_head):
+        lowered = head.lower()
+        assert b"autobahn" not in lowered and b"\r\nserver:" not in lowered, head
+    assert "server" not in {k.lower() for k in api.headers}

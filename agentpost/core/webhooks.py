@@ -1,5 +1,6 @@
 """Webhook endpoints: create, read, change, delete, rotate their secret, send a ping,
-list and replay deliveries (scopes ``webhooks:read`` / ``webhooks:write``).
+list and replay deliveries, list a delivery's attempts (scopes ``webhooks:read`` /
+``webhooks:write``).
 
 Why the secret is sealed, not hashed: we must sign with it on every delivery, so we
 keep it, encrypted with the installation's master key (``[secrets] key_file``,
@@ -231,6 +232,26 @@ class Webhooks:
                                                after_id=after_id, limit=limit + 1)
 
         return await self._db.run_interaction("webhooks.deliveries", txn_fn)
+
+    async def attempts(self, ctx: RequestContext, webhook_id: str, delivery_id: str, *,
+                       after: str | None, limit: int) -> list[dict[str, Any]]:
+        """Every attempt of one delivery, newest first (limit + 1 rows). The delivery
+        must belong to this endpoint, which must be visible to the principal: another
+        organization's (or environment's) delivery is NotFound like a missing one."""
+        p = ctx.org_principal
+        p.require("webhooks:read")
+        if after is not None and not (after.isdigit() and len(after) <= 18):
+            raise InvalidRequest("page_token is not valid.", field="page_token")
+
+        async def txn_fn(txn: Txn) -> list[dict[str, Any]]:
+            await self._get(txn, ctx, webhook_id)
+            if not is_id(delivery_id, "whd") or await store.get_delivery(
+                    txn, p.org_id, webhook_id, delivery_id) is None:
+                raise NotFound("No such delivery.")
+            return await store.list_attempts(txn, p.org_id, delivery_id, after=after,
+                                             limit=limit + 1)
+
+        return await self._db.run_interaction("webhooks.attempts", txn_fn)
 
     async def replay(self, ctx: RequestContext, webhook_id: str,
                      delivery_id: str) -> dict[str, Any]:

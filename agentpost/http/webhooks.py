@@ -3,6 +3,7 @@
 ``POST/GET /webhooks``, ``GET/PATCH/DELETE /webhooks/{webhook_id}``,
 ``POST /webhooks/{webhook_id}/rotate-secret``, ``POST /webhooks/{webhook_id}/test``,
 ``GET /webhooks/{webhook_id}/deliveries`` and
+``GET /webhooks/{webhook_id}/deliveries/{delivery_id}/attempts`` and
 ``POST /webhooks/{webhook_id}/deliveries/{delivery_id}/replay``.
 """
 
@@ -60,8 +61,8 @@ WEBHOOK_WITH_SECRET = {
 WEBHOOK_DELIVERY = {
     "type": "object",
     "required": ["id", "webhook_id", "event_id", "event_type", "status", "attempt",
-                 "next_attempt_at", "status_code", "latency_ms", "error", "created_at",
-                 "updated_at"],
+                 "next_attempt_at", "status_code", "latency_ms", "error", "attempts",
+                 "created_at", "updated_at"],
     "additionalProperties": False,
     "properties": {
         "id": {"type": "string", "pattern": "^whd_"},
@@ -75,8 +76,33 @@ WEBHOOK_DELIVERY = {
         "status_code": {**_INT_NULL, "description": "HTTP status of the last attempt."},
         "latency_ms": _INT_NULL,
         "error": _STR_NULL,
+        "attempts": {"type": "integer", "description": "Attempts recorded in this "
+                     "delivery's history (every schedule, replays included); see "
+                     "GET .../attempts."},
         "created_at": _TS,
         "updated_at": _TS,
+    },
+}
+
+WEBHOOK_ATTEMPT = {
+    "type": "object",
+    "required": ["delivery_id", "webhook_id", "attempt", "started_at", "status_code",
+                 "latency_ms", "error", "response_body", "next_retry_at"],
+    "additionalProperties": False,
+    "properties": {
+        "delivery_id": {"type": "string", "pattern": "^whd_"},
+        "webhook_id": {"type": "string", "pattern": "^whk_"},
+        "attempt": {"type": "integer", "description": "The attempt's number within its "
+                    "schedule (a replay starts again at 1), as sent in "
+                    "x-agentpost-attempt."},
+        "started_at": _TS,
+        "status_code": {**_INT_NULL, "description": "HTTP status (null: no answer)."},
+        "latency_ms": {"type": "integer"},
+        "error": {**_STR_NULL, "description": "Why it failed (at most 500 characters)."},
+        "response_body": {**_STR_NULL, "description": "The answer's first 256 bytes as "
+                          "text (invalid UTF-8 and NUL shown as U+FFFD)."},
+        "next_retry_at": {**_TS_NULL, "description": "When the next attempt was scheduled "
+                          "(null: this attempt ended the schedule)."},
     },
 }
 
@@ -116,14 +142,24 @@ def delivery(row: dict[str, Any]) -> dict[str, Any]:
             "next_attempt_at": ts(row["next_attempt_at"]) if row["status"] == "pending"
             else None,
             "status_code": row["status_code"], "latency_ms": row["latency_ms"],
-            "error": row["error"], "created_at": ts(row["created_at"]),
-            "updated_at": ts(row["updated_at"])}
+            "error": row["error"], "attempts": row["attempts"],
+            "created_at": ts(row["created_at"]), "updated_at": ts(row["updated_at"])}
+
+
+def attempt(row: dict[str, Any]) -> dict[str, Any]:
+    """One attempt of a delivery."""
+    return {"delivery_id": row["delivery_id"], "webhook_id": row["webhook_id"],
+            "attempt": row["attempt"], "started_at": ts(row["started_at"]),
+            "status_code": row["status_code"], "latency_ms": row["latency_ms"],
+            "error": row["error"], "response_body": row["response_excerpt"],
+            "next_retry_at": ts(row["next_retry_at"])}
 
 
 def add_webhook_routes(table: RouteTable, webhooks: Webhooks) -> None:
     """Register /webhooks."""
     s.COMPONENTS.setdefault("Webhook", WEBHOOK)
     s.COMPONENTS.setdefault("WebhookDelivery", WEBHOOK_DELIVERY)
+    s.COMPONENTS.setdefault("WebhookAttempt", WEBHOOK_ATTEMPT)
 
     async def create(ctx: RequestContext, request: IRequest, body: Body) -> tuple[int, Any]:
         return 201, webhook(await webhooks.create(ctx, body.value))
@@ -162,6 +198,14 @@ def add_webhook_routes(table: RouteTable, webhooks: Webhooks) -> None:
             ctx, webhook_id, after_id=decode_token(arg(request, "page_token")), limit=limit)
         return 200, listing(rows, limit, delivery)
 
+    async def attempts(ctx: RequestContext, request: IRequest, body: Body, webhook_id: str,
+                       delivery_id: str) -> tuple[int, Any]:
+        limit = parse_limit(arg(request, "limit"))
+        rows = await webhooks.attempts(
+            ctx, webhook_id, delivery_id, after=decode_token(arg(request, "page_token")),
+            limit=limit)
+        return 200, listing(rows, limit, attempt, key="cursor")
+
     async def replay(ctx: RequestContext, request: IRequest, body: Body, webhook_id: str,
                      delivery_id: str) -> tuple[int, Any]:
         return 202, delivery(await webhooks.replay(ctx, webhook_id, delivery_id))
@@ -193,6 +237,11 @@ def add_webhook_routes(table: RouteTable, webhooks: Webhooks) -> None:
         Route("GET", one + "/deliveries", "webhooks.deliveries", deliveries,
               "Deliveries of an endpoint, newest first",
               response=s.list_of("WebhookDelivery"), scope="webhooks:read", query=PAGING,
+              tag=tag),
+        Route("GET", one + "/deliveries/{delivery_id}/attempts", "webhooks.attempts",
+              attempts, "Every attempt of a delivery (status, latency, error, the start "
+              "of the answer), newest first",
+              response=s.list_of("WebhookAttempt"), scope="webhooks:read", query=PAGING,
               tag=tag),
         Route("POST", one + "/deliveries/{delivery_id}/replay", "webhooks.replay", replay,
               "Deliver a finished (succeeded or failed) delivery again",

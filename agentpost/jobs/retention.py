@@ -116,7 +116,12 @@ class RetentionSweep:
             async def batch(txn: Txn) -> int | None:
                 if not await store.try_lock_sweep(txn):
                     return None
-                return await event_store.sweep(txn, older_than, self._config.batch_size)
+                # Webhook attempts of the same age too (issue 13); a full batch of either
+                # keeps the loop going.
+                attempts = await store.delete_expired_webhook_attempts(
+                    txn, older_than, self._config.batch_size)
+                return max(attempts, await event_store.sweep(txn, older_than,
+                                                             self._config.batch_size))
 
             deleted = await self._db.run_interaction("retention.events", batch)
             if deleted is None or deleted < self._config.batch_size:

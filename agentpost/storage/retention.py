@@ -27,3 +27,14 @@ async def delete_expired_audit(txn: Txn, tiers: list[str], keep_s: list[float],
         """,
         (tiers, keep_s, txn.now, unscoped_keep_s, max(keep_s), batch),
     )
+
+
+async def delete_expired_webhook_attempts(txn: Txn, before: object, batch: int) -> int:
+    """Delete up to ``batch`` webhook attempts started before ``before`` (retention.events).
+
+    Attempts also go with their delivery (foreign key cascade); this catches the old
+    attempts of a delivery that is itself still kept, e.g. one replayed long after.
+    """
+    return await txn.execute(
+        "DELETE FROM webhook_attempts WHERE seq IN (SELECT seq FROM webhook_attempts "
+        "WHERE started_at < %s LIMIT %s)", (before, batch))

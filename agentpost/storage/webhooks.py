@@ -3,7 +3,9 @@
 Deliveries are created by the ``events_webhook_fanout`` trigger in each event's own
 transaction; workers in any process claim due ones with ``FOR UPDATE SKIP LOCKED`` and
 a lease, and record each attempt fenced by its attempt number, so an attempt that
-outlived its lease cannot overwrite a newer one.
+outlived its lease cannot overwrite a newer one. Each recorded attempt also becomes a
+``webhook_attempts`` row (migration 0027) in the same statement, so a delivery's history
+survives its next attempt.
 
 Environment-confined principals see only endpoints whose environment filter lies
 within their environments (an endpoint with no filter sees every environment's events,
@@ -22,7 +24,13 @@ _COLS = ("id, url, description, event_types, inbox_id, environment_ids, enabled,
          "consecutive_failures, disabled_reason, previous_expires_at, created_at, "
          "updated_at")
 _DCOLS = ("id, webhook_id, event_id, event_type, status, attempt, next_attempt_at, "
-          "status_code, latency_ms, error, created_at, updated_at")
+          "status_code, latency_ms, error, created_at, updated_at, "
+          "(SELECT count(*) FROM webhook_attempts a WHERE a.org_id = webhook_deliveries.org_id "
+          "AND a.delivery_id = webhook_deliveries.id)::int AS attempts")
+_ACOLS = ("seq::text AS cursor, delivery_id, webhook_id, attempt, started_at, status_code, "
+          "latency_ms, error, response_excerpt, next_retry_at")
+ERROR_CAP = 500  # characters of an attempt's error text kept (the column's CHECK)
+EXCERPT_CAP = 256  # characters of an answer's body kept with its attempt
 
 
 def _visible(env_ids: frozenset[str] | None) -> tuple[str, list[Any]]:
@@ -144,20 +152,43 @@ async def next_due(txn: Txn) -> Any:
         "AND w.id = d.webhook_id AND w.enabled WHERE d.status = 'pending'")
 
 
+def _text(value: str | None, cap: int) -> str | None:
+    """Text PostgreSQL can store (no NUL) within ``cap`` characters."""
+    return None if value is None else value.replace("\x00", "\ufffd")[:cap]
+
+
 async def record_attempt(txn: Txn, delivery: dict[str, Any], *, ok: bool,
-                         final: bool, retry_at: Any, status_code: int | None,
-                         latency_ms: int | None, error: str | None) -> bool:
-    """Store one attempt's outcome, fenced by its attempt number (False: the lease was
-    lost and a newer attempt owns the row; nothing changed)."""
+                         final: bool, retry_at: Any, started_at: Any,
+                         status_code: int | None, latency_ms: int, error: str | None,
+                         excerpt: str | None) -> bool:
+    """Store one attempt's outcome on its delivery and as a row of its history, in one
+    statement, fenced by its attempt number (False: the lease was lost and a newer
+    attempt owns the row; nothing changed)."""
     status = "succeeded" if ok else ("failed" if final else "pending")
+    error = _text(error, ERROR_CAP)
     changed = await txn.execute(
-        "UPDATE webhook_deliveries SET status = %s, lease_until = NULL, "
+        "WITH d AS (UPDATE webhook_deliveries SET status = %s, lease_until = NULL, "
         "next_attempt_at = coalesce(%s, next_attempt_at), status_code = %s, "
         "latency_ms = %s, error = %s, updated_at = %s "
-        "WHERE id = %s AND attempt = %s AND status = 'pending'",
+        "WHERE id = %s AND attempt = %s AND status = 'pending' "
+        "RETURNING org_id, id, webhook_id, attempt) "
+        "INSERT INTO webhook_attempts (org_id, delivery_id, webhook_id, attempt, started_at, "
+        "status_code, latency_ms, error, response_excerpt, next_retry_at) "
+        "SELECT org_id, id, webhook_id, attempt, %s, %s, %s, %s, %s, %s FROM d",
         (status, retry_at, status_code, latency_ms, error, txn.now, delivery["id"],
-         delivery["attempt"]))
+         delivery["attempt"], started_at, status_code, latency_ms, error,
+         _text(excerpt, EXCERPT_CAP), retry_at))
     return changed == 1
+
+
+async def list_attempts(txn: Txn, org_id: str, delivery_id: str, *, after: str | None,
+                        limit: int) -> list[dict[str, Any]]:
+    """Attempts of one delivery (the caller checked it is visible), newest first;
+    ``after`` is the ``cursor`` of the last row of the previous page."""
+    return await txn.fetchall(
+        f"SELECT {_ACOLS} FROM webhook_attempts WHERE org_id = %s AND delivery_id = %s "
+        "AND (%s::bigint IS NULL OR seq < %s::bigint) ORDER BY seq DESC LIMIT %s",
+        (org_id, delivery_id, after, after, limit))
 
 
 async def count_outcome(txn: Txn, org_id: str, webhook_id: str, *, ok: bool,

@@ -4,7 +4,9 @@ POSTs them, signed, with treq on the reactor.
 Any number of processes run one each. Claims use ``FOR UPDATE SKIP LOCKED`` and a lease
 (storage/webhooks.py), so each attempt of each delivery is made by exactly one process;
 a process that dies mid-attempt loses its lease and another one makes the next attempt.
-Outcomes are recorded fenced by attempt number.
+Outcomes are recorded fenced by attempt number, each attempt also as a row of the
+delivery's history (``webhook_attempts``: status, latency, capped error and body
+excerpt, next retry) in the same statement.
 
 Schedule: the first attempt as soon as the event commits (LISTEN on the events channel
 wakes every process), then retries after 30 s, 2 min, 10 min, 1 h and 4 h; after the
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from treq.client import HTTPClient
@@ -47,6 +49,7 @@ MAX_ATTEMPTS = len(RETRY_DELAYS_S) + 1
 DISABLE_AFTER = 50
 TIMEOUT_S = 30.0
 BODY_CAP = 4096
+EXCERPT_CAP = store.EXCERPT_CAP  # bytes of an answer kept with its attempt
 USER_AGENT = "AgentPost-Webhooks/1"
 
 
@@ -174,6 +177,12 @@ class WebhookWorker:
             self._drain_d = None
         if full:
             return
+        if self._again and self._running:
+            # Woken (a new event's NOTIFY) while the loop had ended and next_due was
+            # being read: that read may predate the event, so look again now rather
+            # than sleep until the poll timer.
+            self.kick()
+            return
         delay = self._poll_s
         if due is not None:
             wait = (due - self._db.now()).total_seconds()
@@ -215,26 +224,30 @@ class WebhookWorker:
         started = self._clock.seconds()
         status: int | None = None
         error: str | None
+        excerpt: str | None = None
         try:
             body = await self._body(row)
             if body is None:
                 ok, error = False, "the event is no longer kept"
             else:
-                status, error = await self._post(row, *body)
+                status, error, excerpt = await self._post(row, *body)
                 ok = status is not None and 200 <= status < 300
         except Exception as exc:
             ok, error = False, f"{type(exc).__name__}: {exc}"[:500]
         latency_ms = int((self._clock.seconds() - started) * 1000)
-        await self._db.run_interaction("webhooks.record", self._record, row, ok=ok,
-                                       status=status, latency_ms=latency_ms, error=error)
+        await self._db.run_interaction(
+            "webhooks.record", self._record, row, ok=ok, status=status,
+            started_at=datetime.fromtimestamp(started, UTC), latency_ms=latency_ms,
+            error=error, excerpt=excerpt)
 
     async def _post(self, row: dict[str, Any], msg_id: str,
-                    body: bytes) -> tuple[int | None, str | None]:
-        """One signed POST; (HTTP status or None, error text or None)."""
+                    body: bytes) -> tuple[int | None, str | None, str | None]:
+        """One signed POST; (HTTP status or None, error text or None, the start of the
+        answer's body or None)."""
         try:
             target = await self._guard.target(row["url"])
         except WebhookURLNotAllowed as exc:
-            return None, exc.message
+            return None, exc.message, None
         headers = signed_headers(self._secrets(row), msg_id, int(self._clock.seconds()), body)
         headers.update({"content-type": "application/json", "user-agent": USER_AGENT,
                         "x-agentpost-delivery": row["id"],
@@ -253,23 +266,26 @@ class WebhookWorker:
         try:
             code, answer = await d
         except defer.TimeoutError:
-            return None, f"no answer within {TIMEOUT_S:.0f} s"
+            return None, f"no answer within {TIMEOUT_S:.0f} s", None
         except Exception as exc:
-            return None, f"{type(exc).__name__}: {exc}"[:500]
+            return None, f"{type(exc).__name__}: {exc}"[:500], None
+        excerpt = answer[:EXCERPT_CAP].decode("utf-8", "replace") or None
         if 200 <= code < 300:
-            return code, None
+            return code, None, excerpt
         snippet = answer[:200].decode("utf-8", "replace")
-        return code, f"HTTP {code}" + (f": {snippet}" if snippet else "")
+        return code, f"HTTP {code}" + (f": {snippet}" if snippet else ""), excerpt
 
     async def _record(self, txn: Txn, row: dict[str, Any], *, ok: bool, status: int | None,
-                      latency_ms: int, error: str | None) -> None:
+                      started_at: datetime, latency_ms: int, error: str | None,
+                      excerpt: str | None) -> None:
         ping = row["event_id"] is None
         final = ok or ping or row["attempt"] >= MAX_ATTEMPTS
         retry_at = None if final else txn.now + timedelta(
             seconds=RETRY_DELAYS_S[row["attempt"] - 1])
         if not await store.record_attempt(txn, row, ok=ok, final=final, retry_at=retry_at,
-                                          status_code=status, latency_ms=latency_ms,
-                                          error=error):
+                                          started_at=started_at, status_code=status,
+                                          latency_ms=latency_ms, error=error,
+                                          excerpt=excerpt):
             return  # our lease ran out and another attempt owns the row
         if ping:
             return

@@ -388,7 +388,10 @@ class EventStreamFactory(WebSocketServerFactory):
 
     def __init__(self, *, portal: Any, live_credentials: Any, hub: Any, db: Any, clock: Any,
                  settings: StreamSettings, key_failures: Any = None) -> None:
-        super().__init__()
+        # server=None: no Server header on the upgrade answer (nor on a refused
+        # handshake), like every other answer of our HTTP listener; autobahn's default
+        # would announce "AutobahnPython/<version>".
+        super().__init__(server=None)
         self.key_failures = key_failures
         self.portal = portal
         self.live_credentials = live_credentials
