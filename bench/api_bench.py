@@ -859,6 +859,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "measured window of the GET run at the highest concurrency; "
                              "writes collapsed stacks (flamegraph.pl and speedscope read "
                              "them). Skews that run's figures.")
+    parser.add_argument("--py-spy-native", action="store_true",
+                        help="with --py-spy: also sample C frames (py-spy --native), to see "
+                             "the time inside psycopg2, libpq and system calls")
     parser.add_argument("--server-log", metavar="FILE", default=None,
                         help="keep a copy of the server's log here (it is deleted otherwise)")
     parser.add_argument("--json", action="store_true",
@@ -1023,7 +1026,10 @@ class Bench:
         return subprocess.Popen(
             [exe, "record", "--pid", str(self.server.pid), "--duration",
              str(max(1, math.ceil(seconds))), "--rate", "200", "--format", "raw",
-             "--output", str(Path(self.args.py_spy).resolve()), "--nonblocking"],
+             "--output", str(Path(self.args.py_spy).resolve()),
+             # --native needs to stop the process for each sample (py-spy refuses
+             # --nonblocking with it); the plain profile does not.
+             *(["--native"] if self.args.py_spy_native else ["--nonblocking"])],
             stdin=subprocess.DEVNULL, stdout=self.server_log, stderr=subprocess.STDOUT,
         )
 

@@ -11,7 +11,9 @@ rules that keep "revoked means refused on the very next request, in every proces
   transaction (triggers of migration 0026), so the notice reaches every listening
   process at COMMIT. Any notice empties the whole cache: revocations are rare and a
   refill costs one lookup per key.
-- The cache is used only while this process's LISTEN on that channel is confirmed.
+- The cache is used only while this process's LISTEN on that channel is confirmed
+  (a :class:`~agentpost.storage.notify.Notifier` of its own, which reconnects with
+  backoff like every other LISTEN of the process).
   Before the LISTEN succeeded, and from the moment its connection fails until a new
   one has been confirmed, every request reads the database as before. A reconnect
   empties the cache (notices sent meanwhile were missed).
@@ -34,9 +36,9 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from txpostgres import txpostgres
 
 from agentpost.storage.keys import KEY_CHANNEL
+from agentpost.storage.notify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +46,40 @@ log = logging.getLogger(__name__)
 MAX_ENTRIES = 10_000
 
 
+class _KeyListener(Notifier):
+    """LISTEN on ``KEY_CHANNEL``: any notice empties the cache; so do the link's failure
+    (the cache is off until it is back) and its return (notices were missed)."""
+
+    def __init__(self, cache: KeyCache, dsn: str, *, reactor: Any, clock: IReactorTime,
+                 max_backoff_s: float) -> None:
+        super().__init__(dsn, KEY_CHANNEL, reactor=reactor, clock=clock,
+                         max_backoff_s=max_backoff_s, application_name="agentpost-key-cache")
+        self._cache = cache
+
+    def _on_notify(self, notify: Any) -> None:
+        self._cache._noticed(notify.payload)
+
+    def _link_up(self) -> None:
+        self._cache.invalidate()  # anything may have changed while nobody listened
+
+    def _link_down(self) -> None:
+        log.warning("key cache: LISTEN link down; reading keys from the database until "
+                    "it is back")
+        self._cache.invalidate()
+        self._cache._release_settling()
+
+
 class KeyCache:
     """Digest -> key row, valid only while LISTEN on ``KEY_CHANNEL`` is confirmed."""
 
     def __init__(self, dsn: str, *, reactor: Any, clock: IReactorTime, now: Any,
                  ttl_s: float = 60.0, max_backoff_s: float = 10.0) -> None:
-        self._dsn = dsn
-        self._reactor = reactor
         self._clock = clock
         self._now = now  # the database's clock (datetime), as expiry is stored
         self._ttl_s = ttl_s
-        self._max_backoff_s = max_backoff_s
         self._entries: dict[bytes, tuple[dict[str, Any], float]] = {}
-        self._conn: txpostgres.Connection | None = None
-        self._raw: Any = None  # the psycopg2 connection under _conn, once LISTENing
-        self._running = False
-        self._retry: Any = None
-        self._backoff_s = 0.5
+        self._listener = _KeyListener(self, dsn, reactor=reactor, clock=clock,
+                                      max_backoff_s=max_backoff_s)
         self.generation = 0
         self._settling: dict[str, list[defer.Deferred[None]]] = {}
         self.hits = 0
@@ -70,7 +89,7 @@ class KeyCache:
     @property
     def usable(self) -> bool:
         """Whether the LISTEN connection is confirmed (otherwise every lookup is a miss)."""
-        return self._raw is not None and self._ttl_s > 0
+        return self._listener.connected and self._ttl_s > 0
 
     def invalidate(self) -> None:
         """Forget everything; rows being read now will not be stored."""
@@ -79,28 +98,13 @@ class KeyCache:
 
     def _drain(self) -> bool:
         """Read the LISTEN socket without blocking; True when the cache is still usable."""
-        raw = self._raw
-        if raw is None:
-            return False
-        try:
-            raw.poll()
-        except Exception as exc:  # the link died (pg_terminate_backend, restart)
-            log.warning("key cache: LISTEN link failed (%s); reading keys from the "
-                        "database until it is back", str(exc).strip())
-            self._down(self._conn)
-            return False
-        if raw.notifies:
-            notices = raw.notifies[:]
-            del raw.notifies[:]
-            self._noticed(notices)
-        return True
+        return self._listener.poll()
 
-    def _noticed(self, notices: list[Any]) -> None:
+    def _noticed(self, payload: str) -> None:
         self.invalidate()
-        for notice in notices:
-            for d in self._settling.pop(notice.payload, ()):
-                if not d.called:
-                    d.callback(None)
+        for d in self._settling.pop(payload, ()):
+            if not d.called:
+                d.callback(None)
 
     def settle(self, key_id: str, timeout_s: float = 1.0) -> defer.Deferred[None]:
         """After committing a change to ``key_id``: empty this process's cache now and
@@ -139,7 +143,7 @@ class KeyCache:
 
     def put(self, digest: bytes, row: dict[str, Any], generation: int) -> None:
         """Keep a row read from the database, unless a notice arrived since ``generation``."""
-        if not self._drain() or generation != self.generation:
+        if self._ttl_s <= 0 or not self._drain() or generation != self.generation:
             return
         if len(self._entries) >= MAX_ENTRIES:
             self._entries.clear()
@@ -150,56 +154,7 @@ class KeyCache:
         """Begin listening (reconnecting in the background while the database is down)."""
         if self._ttl_s <= 0:
             return
-        self._running = True
-        await self._connect()
-
-    async def _connect(self) -> None:
-        self._retry = None
-        if not self._running:
-            return
-        conn = txpostgres.Connection(reactor=self._reactor)
-        try:
-            d = conn.connect(self._dsn, application_name="agentpost-key-cache")
-            d.addTimeout(10, self._clock)
-            await d
-            await conn.runOperation(f'LISTEN "{KEY_CHANNEL}"')
-        except Exception as exc:
-            log.warning("key cache: LISTEN failed (%s); retrying", str(exc).strip())
-            try:
-                conn.close()
-            except Exception:  # noqa: S110 - never opened
-                pass
-            self._schedule_retry()
-            return
-        if not self._running:
-            conn.close()
-            return
-        original = conn.connectionLost
-
-        def lost(reason: Any) -> None:
-            original(reason)
-            self._down(conn)
-
-        conn.connectionLost = lost
-        conn.addNotifyObserver(lambda notice: self._noticed([notice]))
-        self._conn = conn
-        self._backoff_s = 0.5
-        self.invalidate()  # anything may have changed while nobody listened
-        self._raw = conn._connection  # read notices without waiting for a reactor tick
-
-    def _down(self, conn: Any) -> None:
-        """The LISTEN link failed: stop using the cache at once, reconnect later."""
-        current = self._conn
-        if current is None or current is not conn:
-            return
-        self._conn, self._raw = None, None
-        self.invalidate()
-        self._release_settling()
-        try:
-            current.close()
-        except Exception:  # noqa: S110 - already broken
-            pass
-        self._schedule_retry()
+        await self._listener.start()
 
     def _release_settling(self) -> None:
         """Nobody listens any more: nothing to wait for (the cache is off meanwhile)."""
@@ -209,24 +164,8 @@ class KeyCache:
                 if not d.called:
                     d.callback(None)
 
-    def _schedule_retry(self) -> None:
-        if self._running and self._retry is None:
-            delay, self._backoff_s = self._backoff_s, min(self._backoff_s * 2,
-                                                          self._max_backoff_s)
-            self._retry = self._clock.callLater(
-                delay, lambda: defer.Deferred.fromCoroutine(self._connect()))
-
     def stop(self) -> None:
         """Stop listening and forget everything."""
-        self._running = False
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
-        conn, self._conn, self._raw = self._conn, None, None
+        self._listener.stop()
         self.invalidate()
         self._release_settling()
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # noqa: S110 - shutting down
-                pass

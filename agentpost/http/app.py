@@ -8,13 +8,17 @@ from typing import Any
 from klein import Klein
 from twisted.web.iweb import IRequest
 
+from agentpost.http.dispatch import FastKlein
 from agentpost.http.framework import RouteTable, install_fallbacks, render
 from agentpost.http.openapi import build_document
 
 
 def build_app(api: RouteTable, admin: RouteTable, ready_check: Any) -> Klein:
-    """One Klein app: /api/v1, /admin/v1, the OpenAPI document and health probes."""
-    app = Klein()
+    """One Klein app: /api/v1, /admin/v1, the OpenAPI document and health probes.
+
+    Its ``resource()`` dispatches the tables' routes itself and leaves the rest to Klein
+    (agentpost.http.dispatch)."""
+    app = FastKlein()
     api.mount(app)
     admin.mount(app)
     document = json.dumps(build_document([api, admin])).encode("utf-8")
