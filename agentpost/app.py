@@ -271,9 +271,10 @@ class AgentPostService(service.Service):
         add_event_routes(api, core.events)
         add_webhook_routes(api, core.webhooks)
         add_domain_routes(api, core.domains)
-        add_send_routes(api, core.sending, core.idempotency)
+        send_body = max(cfg.http.max_send_body, cfg.http.max_body)  # inline attachments
+        add_send_routes(api, core.sending, core.idempotency, max_body=send_body)
         add_upload_routes(api, core.uploads, cfg.http.public_url)
-        add_drafts_routes(api, core.drafts, core.draft_sending)
+        add_drafts_routes(api, core.drafts, core.draft_sending, max_body=send_body)
         add_admin_routes(admin, core.organizations)
         self.route_tables = {"api": api, "admin": admin}
         app = build_app(api, admin, self._ready)
@@ -325,7 +326,8 @@ class AgentPostService(service.Service):
         if cfg.enabled:
             site = make_site(self.http_resource(), access_log=cfg.access_log,
                              max_body_bytes=cfg.max_body)
-            allow_upload_bodies(site, self.config.mail.max_upload_size, self.core.uploads)
+            allow_upload_bodies(site, self.config.mail.max_upload_size, self.core.uploads,
+                                self.route_tables["api"])  # and the send routes' limit
             self.ports["http"] = await listen_tcp(
                 self.reactor, site, cfg.bind, cfg.port,
                 tls_options=self.tls_options() if cfg.tls else None,
@@ -529,14 +531,23 @@ def make_service(config: Config, reactor: Any,
     With more than one worker, every process (this one and the copies it keeps
     running) binds its ports with SO_REUSEPORT; ``argv`` is how to start a copy.
     """
-    from agentpost.workers import PARENT_ENV, ParentWatch, WorkerPool, die_with_parent, is_worker
+    from agentpost.workers import (
+        PARENT_ENV,
+        HeapTuning,
+        ParentWatch,
+        WorkerPool,
+        die_with_parent,
+        is_worker,
+    )
 
     root = service.MultiService()
     if is_worker():
         die_with_parent()
         ParentWatch(reactor, int(os.environ[PARENT_ENV])).setServiceParent(root)
     workers = worker_count(config)
-    AgentPostService(config, reactor, reuse_port=workers > 1).setServiceParent(root)
+    main = AgentPostService(config, reactor, reuse_port=workers > 1)
+    main.setServiceParent(root)
+    HeapTuning(main).setServiceParent(root)  # gc.freeze() once started (issue 12)
     if workers > 1 and not is_worker() and argv:
         WorkerPool(reactor, workers - 1, argv).setServiceParent(root)
     return root

@@ -1,10 +1,11 @@
 """A scriptable ESMTP sink on loopback for the smarthost tests.
 
-Speaks just enough ESMTP to stand in for a relay: STARTTLS (with the test run's
-development certificate), AUTH PLAIN and LOGIN, PIPELINING, 8BITMIME, SMTPUTF8 and
-SIZE (each can be switched off), and per-recipient replies from a script. It records
-connections, every command (with the network read it arrived in, so a test can see
-pipelining), and every message it accepted.
+Speaks just enough ESMTP to stand in for a relay: STARTTLS or implicit TLS (with the
+test run's development certificate; the SNI of each handshake is recorded), AUTH PLAIN
+and LOGIN, PIPELINING, 8BITMIME, SMTPUTF8 and SIZE (each can be switched off), and
+per-recipient replies from a script. It records connections, every command (with the
+network read it arrived in, so a test can see pipelining), and every message it
+accepted.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class SinkScript:
     data_reply: Callable[[int], str] = lambda n: f"250 2.0.0 Ok: queued as Q{n}"
     hang_after_data: bool = False  # never answer the end of data (deadline tests)
     inject_after_starttls: bool = False  # a plain-text reply smuggled behind the 220
+    #: TLS from the first byte (RFC 8314, port 465): listen with reactor.listenSSL and
+    #: the sink's tls_options; STARTTLS is then not offered.
+    implicit_tls: bool = False
 
 
 class SinkProtocol(LineOnlyReceiver):
@@ -67,7 +71,7 @@ class SinkProtocol(LineOnlyReceiver):
     def __init__(self, sink: SMTPSink) -> None:
         self.sink = sink
         self.script = sink.script
-        self.tls = False
+        self.tls = self.script.implicit_tls
         self.user: str | None = None
         self.read = 0
         self._reset()
@@ -259,6 +263,9 @@ class SMTPSink(protocol.Factory):
         self.messages: list[Received] = []
         self.commands: list[Command] = []
         self.auth_attempts: list[str] = []
+        self.server_names: list[bytes | None] = []  # SNI of every TLS handshake
+        self.tls_options.getContext().set_tlsext_servername_callback(
+            lambda conn: self.server_names.append(conn.get_servername()))
 
     def buildProtocol(self, addr: Any) -> SinkProtocol:
         return SinkProtocol(self)

@@ -43,7 +43,10 @@ def sink_factory(dev_tls):
     def start(**script):
         script.setdefault("users", {USER: PASSWORD})
         sink = SMTPSink(str(dev_tls.cert), str(dev_tls.key), SinkScript(**script))
-        port = reactor.listenTCP(0, sink, interface="127.0.0.1")
+        if sink.script.implicit_tls:
+            port = reactor.listenSSL(0, sink, sink.tls_options, interface="127.0.0.1")
+        else:
+            port = reactor.listenTCP(0, sink, interface="127.0.0.1")
         ports.append(port)
         sink.port = port.getHost().port
         return sink

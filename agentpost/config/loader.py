@@ -310,12 +310,13 @@ def _check_ses(config: Config) -> None:
 def _check_smtp(config: Config) -> None:
     """The smarthost: a name, verified STARTTLS in production, one source of password."""
     out = config.outbound
-    if out.smtp_tls not in ("required", "opportunistic", "none"):
-        raise ConfigError("outbound.smtp_tls", "must be 'required', 'opportunistic' or 'none'")
+    if out.smtp_tls not in ("required", "opportunistic", "implicit", "none"):
+        raise ConfigError("outbound.smtp_tls", "must be 'required', 'opportunistic', "
+                          "'implicit' or 'none'")
     if config.server.environment == "production" and (
-            out.smtp_tls != "required" or not out.smtp_tls_verify):
-        raise ConfigError("outbound.smtp_tls", "must be 'required' with smtp_tls_verify = "
-                          "true when server.environment = 'production'")
+            out.smtp_tls not in ("required", "implicit") or not out.smtp_tls_verify):
+        raise ConfigError("outbound.smtp_tls", "must be 'required' or 'implicit' with "
+                          "smtp_tls_verify = true when server.environment = 'production'")
     if out.transport == "smtp" and not out.smtp_host:
         raise ConfigError("outbound.smtp_host", "is required when outbound.transport = 'smtp'")
     if not 0 < out.smtp_port < 65536:

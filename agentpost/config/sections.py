@@ -86,6 +86,11 @@ class HTTPSection:
         False, "Terminate TLS here (HTTPS) with [tls]; leave false behind a TLS reverse proxy."
     )
     max_body: int = opt("1MiB", "Largest request body accepted.", "size")
+    max_send_body: int = opt(
+        "14MiB", "Largest body of the send routes (send, reply, reply-all, forward, draft "
+        "create and update), which may carry attachments inline as base64 (4/3 of their "
+        "size); refused from Content-Length before it is read. Uploading first (POST "
+        "/attachments) avoids it. Never below max_body.", "size")
     trusted_proxies: list = opt(  # noqa: RUF009 - opt() builds a default_factory field
         [], "Proxy addresses whose X-Forwarded-For is believed for the client address."
     )
@@ -269,7 +274,7 @@ class OutboundSection:
     transport: str = opt(
         "log", "How mail leaves: 'log' (development: logs it, and writes .eml files to "
         "log_dir when set), 'ses' (Amazon SES v2 SendEmail, raw; the ses_* keys) or "
-        "'smtp' (a smarthost over STARTTLS with AUTH; the smtp_* keys).")
+        "'smtp' (a smarthost over STARTTLS or implicit TLS, with AUTH; the smtp_* keys).")
     log_dir: str = opt("", "Directory for the log transport's .eml files (empty: none).")
     max_lifetime: float = opt(
         "4d", "How long a message keeps being retried before it bounces.", "duration")
@@ -318,11 +323,14 @@ class OutboundSection:
         "had accepted it, the message goes out twice).", "duration")
     smtp_host: str = opt("", "Smarthost name (smtp transport); also the name its "
                          "certificate must carry.")
-    smtp_port: int = opt(587, "Smarthost port (submission with STARTTLS).")
+    smtp_port: int = opt(
+        587, "Smarthost port: 587 (submission with STARTTLS) or 465 with smtp_tls = "
+        "'implicit'.")
     smtp_tls: str = opt(
-        "required", "'required' (STARTTLS or nothing is sent), 'opportunistic' (STARTTLS "
-        "when offered) or 'none' (never; loopback tests). Only 'required' is accepted when "
-        "server.environment = 'production'.")
+        "required", "'required' (STARTTLS or nothing is sent), 'implicit' (TLS from the "
+        "first byte, RFC 8314, usually port 465), 'opportunistic' (STARTTLS when offered) "
+        "or 'none' (never; loopback tests). Only 'required' and 'implicit' are accepted "
+        "when server.environment = 'production'.")
     smtp_tls_verify: bool = opt(
         True, "Verify the smarthost's certificate and name (false only outside production).")
     smtp_ca_file: str = opt(

@@ -338,15 +338,21 @@ class Domains:
 
     async def get(self, ctx: RequestContext, domain_id: str) -> dict[str, Any]:
         """One of the organization's domains."""
+        return self.view(await self._own_domain(ctx, domain_id, "domains:read"))
+
+    async def _own_domain(self, ctx: RequestContext, domain_id: str,
+                          scope: str) -> dict[str, Any]:
+        """The caller's domain (in an environment it sees) or 404, with the audit row's
+        target and environment set: the one way every single-domain read starts."""
         p = ctx.org_principal
-        p.require("domains:read")
+        p.require(scope)
         ctx.target_id = domain_id
         row = await self._db.run_read("domains.get", store.get_domain, p.org_id,
                                       p.environment_ids, domain_id)
         if row is None:
             raise NotFound()
         ctx.environment_id = row["environment_id"]
-        return self.view(row)
+        return row
 
     async def dkim_key_for(self, org_id: str, domain: str) -> DkimKey | None:
         """See the module function :func:`dkim_key_for` (this one uses our sealer)."""
@@ -443,14 +449,7 @@ class Domains:
 
     async def verify(self, ctx: RequestContext, domain_id: str) -> dict[str, Any]:
         """Check the domain's DNS (and SES) now; the updated domain."""
-        p = ctx.org_principal
-        p.require("domains:write")
-        ctx.target_id = domain_id
-        row = await self._db.run_read("domains.get", store.get_domain, p.org_id,
-                                      p.environment_ids, domain_id)
-        if row is None:
-            raise NotFound()
-        ctx.environment_id = row["environment_id"]
+        row = await self._own_domain(ctx, domain_id, "domains:write")
         return self.view(await self.run_check(row))
 
     async def run_check(self, row: dict[str, Any]) -> dict[str, Any]:

@@ -4,21 +4,31 @@ Why: a JSON send body carries base64 (a third larger, and bounded by ``[http]
 max_body``); an upload streams the bytes once to a temporary file and into the blob
 store, and one upload can be attached to several messages within its day.
 
-The PUT URL is ours on every store (``/api/v1/uploads/{key}?expires=..&signature=..``):
-the content goes through the server into the content-addressed blob store (local or
-S3, server-side encrypted), exactly like a received attachment. The signature is an
-HMAC-SHA256 over the key and the expiry with a secret kept in PostgreSQL
-(``server_secrets``), created by whichever process needs it first, so every process
-of a deployment signs and checks alike, and restarts keep issued URLs valid.
+On the local store the PUT URL is ours (``/api/v1/uploads/{key}?expires=..&signature=..``):
+the content goes through the server into the content-addressed blob store, exactly
+like a received attachment. The signature is an HMAC-SHA256 over the key and the
+expiry with a secret kept in PostgreSQL (``server_secrets``), created by whichever
+process needs it first, so every process of a deployment signs and checks alike, and
+restarts keep issued URLs valid.
+
+On S3 the URL is a presigned S3 PUT to a staging object
+(:mod:`agentpost.storage.blobs.s3_staging`): the bytes never pass through us on the
+way in. The first send that uses the upload adopts it: the staged object is read with
+the upload's size limit (a larger one is refused with 413 and deleted), stored under
+its content address like any blob, recorded on the row, and deleted; later sends use
+the blob.
 
 Upload rows hold a counted reference on their blob; the retention sweep deletes the
-rows a day after creation (used or not) and the blobs nobody else uses.
+rows a day after creation (used or not), the blobs nobody else uses, the staged
+objects of uploads never used, and any staging object older than that.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import io
+import logging
 import re
 import secrets
 from dataclasses import dataclass
@@ -40,11 +50,21 @@ from agentpost.model.errors import (
     StorageFailure,
 )
 from agentpost.storage import uploads as store
-from agentpost.storage.blobs import BlobRef, BlobStore
+from agentpost.storage.blobs import BlobRef, BlobStore, staging_of
+from agentpost.storage.blobs.staging import (
+    StagedObjectMissing,
+    StagedObjectTooLarge,
+    Staging,
+    staged_name,
+)
 from agentpost.storage.database import Database, Txn
 
-#: How long the PUT URL works.
+log = logging.getLogger(__name__)
+
+#: How long the PUT URL works (our own).
 URL_TTL_S = 3600
+#: How long a presigned S3 PUT URL works: minutes, since it is a bearer credential.
+PRESIGNED_TTL_S = 900
 #: How long an upload may be used in sends before the sweep removes it.
 UPLOAD_TTL_S = 24 * 3600
 _SECRET_NAME = "upload_url_signing"  # noqa: S105 - a row name, not a secret
@@ -115,6 +135,17 @@ def _may_use(p: Any, row: dict[str, Any]) -> bool:
 
 
 @dataclass(frozen=True)
+class Ticket:
+    """Where to PUT an upload: our own URL's query (local store) or a presigned S3 URL
+    and the headers its signature covers (S3 store)."""
+
+    row: dict[str, Any]
+    own_query: str | None = None
+    presigned_url: str | None = None
+    headers: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
 class Upload:
     """An uploaded attachment, ready to be put into a message."""
 
@@ -128,9 +159,12 @@ class Uploads:
     """Issue upload URLs, accept their content, hand the content to sends, sweep."""
 
     def __init__(self, db: Database, blobs: BlobStore, collector: BlobCollector,
-                 clock: IReactorTime, max_size_bytes: int) -> None:
+                 clock: IReactorTime, max_size_bytes: int,
+                 staging: Staging | None = None) -> None:
         self._db = db
         self._blobs = blobs
+        #: Clients PUT straight to the store (S3), or through us (local).
+        self.staging = staging if staging is not None else staging_of(blobs)
         self._collector = collector
         self._clock = clock
         self.max_size_bytes = max_size_bytes
@@ -152,8 +186,8 @@ class Uploads:
         return mac.hexdigest()
 
     async def create(self, ctx: RequestContext, filename: Any, mime_type: Any,
-                     size: Any) -> tuple[dict[str, Any], str]:
-        """A new upload row and its URL's query string (``expires=..&signature=..``)."""
+                     size: Any) -> Ticket:
+        """A new upload row and where to PUT its content (see :class:`Ticket`)."""
         p = ctx.org_principal
         p.require("messages:send")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -169,12 +203,19 @@ class Uploads:
                "key": "upl_" + secrets.token_hex(16),
                "filename": check_filename(filename), "mime_type": check_mime_type(mime_type),
                "declared_size": size, "created_by": p.credential_id, "created_at": now,
-               "url_expires_at": now + timedelta(seconds=URL_TTL_S),
+               "url_expires_at": now + timedelta(
+                   seconds=URL_TTL_S if self.staging is None else PRESIGNED_TTL_S),
                "expires_at": now + timedelta(seconds=UPLOAD_TTL_S)}
         created = await self._db.run_interaction("uploads.create", store.insert_upload, row)
         ctx.target_id = created["key"]
+        if self.staging is not None:
+            url, headers = await self.staging.presign_put(
+                staged_name(p.org_id, created["key"]), content_type=created["mime_type"],
+                size=size, expires_s=PRESIGNED_TTL_S)
+            return Ticket(created, presigned_url=url, headers=headers)
         expires = int(created["url_expires_at"].timestamp())
-        return created, f"expires={expires}&signature={await self.sign(created['key'], expires)}"
+        signature = await self.sign(created["key"], expires)
+        return Ticket(created, own_query=f"expires={expires}&signature={signature}")
 
     async def prime(self) -> None:
         """Load the signing secret now, so :meth:`url_is_signed` can answer for URLs
@@ -239,6 +280,8 @@ class Uploads:
         p = ctx.org_principal
         now = self._now()
         rows: dict[str, dict[str, Any]] = {}
+        if self.staging is not None:
+            await self._adopt_staged(p, keys, now)
 
         async def txn_fn(txn: Txn) -> None:
             for key in keys:
@@ -262,14 +305,73 @@ class Uploads:
             out[key] = Upload(key, row["filename"], row["mime_type"], data)
         return out
 
+    async def _adopt_staged(self, p: Any, keys: list[str], now: datetime) -> None:
+        """Move the staged objects of these uploads (the caller's, content not yet
+        recorded) into the blob store. Anything else is left for :meth:`read`'s own
+        checks, which answer 404 / 400 as for any upload."""
+
+        async def pending(txn: Txn) -> list[dict[str, Any]]:
+            found = []
+            for key in keys:
+                row = await store.get_upload(txn, p.org_id, check_upload_key(key), now)
+                if row is not None and row["blob_key"] is None and _may_use(p, row):
+                    found.append(row)
+            return found
+
+        for row in await self._db.run_read("uploads.pending", pending):
+            await self._adopt(row)
+
+    async def _adopt(self, row: dict[str, Any]) -> None:
+        """Read one staged object (bounded by the declared size), store it under its
+        content address, record it on the upload, delete the staged object."""
+        assert self.staging is not None
+        name = staged_name(row["org_id"], row["key"])
+        limit = min(row["declared_size"], self.max_size_bytes)
+        try:
+            data = await self.staging.read(name, limit)
+        except StagedObjectMissing:
+            return  # read() answers "not arrived yet"
+        except StagedObjectTooLarge as exc:
+            await self.staging.delete(name)
+            raise PayloadTooLarge(
+                f"The uploaded file has {exc.size} bytes; upload {row['key']} was declared "
+                f"with {row['declared_size']} (at most {self.max_size_bytes}).",
+                field="attachments") from None
+        ref = await self._blobs.put_bytes(data, content_type=row["mime_type"])
+        attached = await self._db.run_interaction("uploads.adopt", self._attach, row["key"],
+                                                  ref, io.BytesIO(data))
+        if not attached:  # a concurrent send adopted it first
+            await self._collector.collect([ref.key])
+        await self.staging.delete(name)
+
+    async def _drop_staged(self, uploads: list[tuple[str, str]]) -> None:
+        """Delete the staged objects of these (deleted) uploads; one that fails is left
+        to the listing sweep rather than stopping this one."""
+        if self.staging is None:
+            return
+        for org_id, key in uploads:
+            try:
+                await self.staging.delete(staged_name(org_id, key))
+            except (ValueError, StorageFailure) as exc:
+                log.warning("uploads: staged object of %s not deleted: %s", key, exc)
+
     async def sweep(self, batch: int = 500) -> int:
-        """Delete expired uploads and the blobs nobody else uses (retention job)."""
+        """Delete expired uploads, the blobs nobody else uses and the staged objects of
+        uploads never used (retention job); then staging objects older than any upload
+        could be."""
         now = self._now()
         total = 0
         while True:
-            deleted, freed = await self._db.run_interaction(
+            deleted, freed, unfilled = await self._db.run_interaction(
                 "uploads.sweep", store.delete_expired, now, batch)
             total += deleted
             await self._collector.collect(freed)
+            await self._drop_staged(unfilled)
             if deleted < batch:
-                return total
+                break
+        if self.staging is not None:
+            cutoff = now - timedelta(seconds=UPLOAD_TTL_S + URL_TTL_S)
+            orphans = await self.staging.sweep(cutoff)
+            if orphans:
+                log.info("uploads: removed %d staged objects no upload uses", orphans)
+        return total

@@ -25,7 +25,7 @@ _STR_NULL = {"type": ["string", "null"]}
 _ADDR_OUT = {"type": "object", "required": ["email", "name"],
              "properties": {"email": {"type": "string"}, "name": _STR_NULL}}
 _ADDRS_OUT = {"type": "array", "items": _ADDR_OUT}
-#: Bodies are bounded by [http] max_body; the schema's own default (10,000) is not theirs.
+#: Bodies are bounded by [http] max_send_body; the schema's own default (10,000) is not theirs.
 _BODY_TEXT = {"type": ["string", "null"], "maxLength": 64 * 1024 * 1024}
 #: Addresses: "a@b", "Name <a@b>", {email, name}, or a list of those (checked by the core,
 #: which refuses CR/LF/NUL and invalid addresses with the field's name).
@@ -178,8 +178,11 @@ def _idempotency_key(request: IRequest) -> str | None:
                              field="Idempotency-Key") from None
 
 
-def add_drafts_routes(table: RouteTable, drafts: Drafts, sending: Any) -> None:
-    """Register the draft endpoints (``sending``: core.draft_sending.DraftSending)."""
+def add_drafts_routes(table: RouteTable, drafts: Drafts, sending: Any, *,
+                      max_body: int | None = None) -> None:
+    """Register the draft endpoints (``sending``: core.draft_sending.DraftSending).
+    Create and update take bodies up to ``max_body`` (``[http] max_send_body``: inline
+    base64 attachments) instead of the table's limit."""
 
     async def create(ctx: RequestContext, request: IRequest, body: Body,
                      inbox_id: str) -> tuple[int, Any]:
@@ -227,7 +230,7 @@ def add_drafts_routes(table: RouteTable, drafts: Drafts, sending: Any) -> None:
         Route("POST", base, "drafts.create", create,
               "Create a draft (also a message in the inbox's IMAP Drafts folder)",
               scope="messages:write", body=DRAFT_CREATE, response=s.ref("Draft"), status=201,
-              tag="Drafts"),
+              tag="Drafts", max_body=max_body),
         Route("GET", base, "drafts.list", list_drafts,
               "Drafts of an inbox, newest first (IMAP clients' drafts included)",
               scope="messages:read", response=s.list_of("DraftSummary"), query=PAGING,
@@ -237,7 +240,7 @@ def add_drafts_routes(table: RouteTable, drafts: Drafts, sending: Any) -> None:
         Route("PATCH", one, "drafts.update", update,
               "Change a draft (its Drafts-folder copy is replaced; the id stays) or its "
               "send_at (null cancels a scheduled send)", scope="messages:write",
-              body=DRAFT_UPDATE, response=s.ref("Draft"), tag="Drafts"),
+              body=DRAFT_UPDATE, response=s.ref("Draft"), tag="Drafts", max_body=max_body),
         Route("DELETE", one, "drafts.delete", delete,
               "Delete a draft (cancels a scheduled send)", scope="messages:write",
               status=204, tag="Drafts"),

@@ -34,6 +34,7 @@ from agentpost.auth.ratelimit import TokenBuckets
 from agentpost.core.audit import AuditTrail
 from agentpost.core.context import RequestContext
 from agentpost.http import errors as http_errors
+from agentpost.http.dispatch import FastKlein
 from agentpost.http.key_failures import FailedKeyThrottle
 from agentpost.http.validation import parse_json_body, validate
 from agentpost.model import errors
@@ -60,6 +61,9 @@ class Route:
     status: int = 200
     query: list[tuple[str, str]] = field(default_factory=list)
     tag: str = ""
+    #: A larger body limit than the table's (send routes carrying inline attachments);
+    #: the HTTP channel applies it from Content-Length too (http.uploads.RouteBodyLimits).
+    max_body: int | None = None
 
 
 @dataclass
@@ -154,8 +158,12 @@ class RouteTable:
         """Attach every route to ``app``, plus JSON answers for unknown paths and methods."""
         for route in self.routes:
             klein_path = self.prefix + route.path.replace("{", "<").replace("}", ">")
+            endpoint = self._wrap(route)
             app.route(klein_path, methods=[route.method], endpoint=f"{route.method} {klein_path}",
-                      strict_slashes=False)(self._wrap(route))
+                      strict_slashes=False)(endpoint)
+            if isinstance(app, FastKlein):  # dispatched without werkzeug (http.dispatch)
+                app.add_table_route(route.method, self.prefix + route.path, klein_path,
+                                    endpoint)
 
     def _wrap(self, route: Route) -> Callable[..., defer.Deferred[bytes]]:
         def endpoint(request: IRequest, **params: str) -> defer.Deferred[bytes]:
@@ -228,13 +236,14 @@ class RouteTable:
             ctx.org_principal.require(route.scope)  # scopes are for organization keys
 
     def _read_body(self, route: Route, request: IRequest) -> Body:
-        raw = request.content.read(self._max_body + 1) if request.content else b""
+        limit = route.max_body or self._max_body
+        raw = request.content.read(limit + 1) if request.content else b""
         if route.body is None:
             if raw.strip():
                 raise errors.InvalidRequest("This endpoint takes no request body.")
             return Body(None)
-        if len(raw) > self._max_body:
-            raise errors.PayloadTooLarge(f"The body exceeds {self._max_body} bytes.")
+        if len(raw) > limit:
+            raise errors.PayloadTooLarge(f"The body exceeds {limit} bytes.")
         content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
         if not raw.strip():
             value: Any = {}
@@ -298,21 +307,35 @@ def _bearer(request: IRequest) -> str | None:
 
 
 def render(request: IRequest, status: int, payload: Any) -> bytes:
-    """Serialize a JSON response (204 has no body)."""
+    """Serialize a JSON response (204 has no body).
+
+    A body held in memory is sent with its Content-Length rather than in chunks: less
+    framing to write, and to parse for the client."""
     request.setResponseCode(status)
     if isinstance(payload, RawResponse):
         request.setHeader(b"content-type", payload.content_type.encode("ascii"))
         for name, value in payload.headers.items():
             request.setHeader(name.encode("ascii"), value.encode("utf-8"))
+        if payload.stream is None and status != 204:
+            request.setHeader(b"content-length", b"%d" % len(payload.body))
         return payload.body
     if status == 204 or payload is None:
         return b""
     request.setHeader(b"content-type", b"application/json; charset=utf-8")
-    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
     try:
-        return text.encode("utf-8")
+        body = _encode(payload)
     except UnicodeEncodeError:  # a lone surrogate from somewhere: escape, never fail
-        return json.dumps(payload, separators=(",", ":")).encode("ascii")
+        body = _encode_ascii(payload).encode("ascii")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body
+
+
+def _encode(payload: Any) -> bytes:
+    return _encode_text(payload).encode("utf-8")
+
+
+_encode_text = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_encode_ascii = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def install_fallbacks(app: Klein) -> None:

@@ -19,7 +19,7 @@ from agentpost.core.sending import Sending
 from agentpost.http import schemas as s
 from agentpost.http.framework import Body, Route, RouteTable
 
-_MAX_BODY_TEXT = 16 * 1024 * 1024  # bounded by [http] max_body anyway
+_MAX_BODY_TEXT = 16 * 1024 * 1024  # bounded by [http] max_send_body anyway
 
 _NAME = {"type": ["string", "null"], "maxLength": 998}
 ADDRESS = {
@@ -94,8 +94,11 @@ async def idempotent(idempotency: Idempotency, ctx: RequestContext, request: IRe
     return status, payload
 
 
-def add_send_routes(table: RouteTable, sending: Sending, idempotency: Idempotency) -> None:
-    """Register the send endpoints."""
+def add_send_routes(table: RouteTable, sending: Sending, idempotency: Idempotency, *,
+                    max_body: int | None = None) -> None:
+    """Register the send endpoints. Their bodies may be up to ``max_body`` (``[http]
+    max_send_body``, sized for inline base64 attachments) rather than the table's
+    ``[http] max_body``; the channel refuses more from Content-Length (http.uploads)."""
 
     async def send(ctx: RequestContext, request: IRequest, body: Body,
                    inbox_id: str) -> tuple[int, Any]:
@@ -120,21 +123,21 @@ def add_send_routes(table: RouteTable, sending: Sending, idempotency: Idempotenc
         Route("POST", "/inboxes/{inbox_id}/messages", "messages.send", send,
               "Send a message from this inbox (Idempotency-Key honoured)",
               scope="messages:send", body=SEND_BODY, response=sent, status=201,
-              tag="Sending"),
+              tag="Sending", max_body=max_body),
         Route("POST", msg + "/reply", "messages.reply", responder("reply"),
               "Reply to the sender (Re:, In-Reply-To, References; same thread; "
               "also needs messages:read)",
               scope="messages:send", body=REPLY_BODY, response=sent, status=201,
-              tag="Sending"),
+              tag="Sending", max_body=max_body),
         Route("POST", msg + "/reply-all", "messages.reply_all", responder("reply_all"),
               "Reply to the sender and every other recipient but this inbox (also "
               "needs messages:read)",
               scope="messages:send", body=REPLY_BODY, response=sent, status=201,
-              tag="Sending"),
+              tag="Sending", max_body=max_body),
         Route("POST", msg + "/forward", "messages.forward", responder("forward"),
               "Forward with the original quoted (and its attachments; also needs "
               "messages:read)",
               scope="messages:send", body=FORWARD_BODY, response=sent, status=201,
-              tag="Sending"),
+              tag="Sending", max_body=max_body),
     ):
         table.add(route)

@@ -4,7 +4,9 @@ How it behaves:
 
 * **TLS.** ``required`` (the default): the smarthost must offer STARTTLS and present a
   certificate valid for its name (system trust store, or ``smtp_ca_file``); otherwise
-  nothing is sent and the hand-off is deferred. ``opportunistic`` uses STARTTLS when it
+  nothing is sent and the hand-off is deferred. ``implicit``: TLS from the first byte
+  (RFC 8314 "submissions", port 465), with the same verification and SNI; a failed
+  handshake defers before a byte of SMTP. ``opportunistic`` uses STARTTLS when it
   is offered; ``none`` never does (loopback tests). Once STARTTLS has been tried, a
   failed handshake never falls back to plain text. Credentials never cross a plain
   connection unless ``tls = "none"`` says so (and production refuses that).
@@ -28,9 +30,9 @@ How it behaves:
 * **DKIM.** With a signer (:mod:`agentpost.outbound.dkim_signing`), the message is
   signed after any conversion, so the signature covers exactly the bytes sent.
 
-The wire, the session set-up, the pool and the deadline are in
-:mod:`agentpost.outbound.smarthost_client`; this module maps a hand-off onto SMTP
-transactions and the replies onto outcomes.
+The wire and the deadline are in :mod:`agentpost.outbound.smarthost_client`, the
+session set-up (TLS, AUTH) and the pool in :mod:`agentpost.outbound.smarthost_session`;
+this module maps a hand-off onto SMTP transactions and the replies onto outcomes.
 
 Duplicate window: if the connection breaks after the final ``.`` but before the
 smarthost's answer arrives, the hand-off is deferred and repeated later, and the
@@ -52,13 +54,9 @@ from agentpost.config.sections import OutboundSection
 from agentpost.outbound.dkim_signing import DkimSigner
 from agentpost.outbound.eightbit import encode_8bit_parts, strip_return_path
 from agentpost.outbound.smarthost_client import (
-    ConnectionPool,
-    Connector,
     Deadline,
     Reply,
-    Session,
     SmarthostError,
-    SmarthostSettings,
     SMTPClientProtocol,
     StaleConnection,
     all_replies,
@@ -66,13 +64,19 @@ from agentpost.outbound.smarthost_client import (
     describe_error,
     queue_id_of,
 )
+from agentpost.outbound.smarthost_session import (
+    TLS_MODES,
+    ConnectionPool,
+    Connector,
+    Session,
+    SmarthostSettings,
+)
 from agentpost.outbound.transports import DEFERRED, FAILED, SENT, Envelope, HandOff, Outcome
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Reply", "SmarthostSettings", "SmarthostTransport", "queue_id_of"]
 
-TLS_MODES = ("required", "opportunistic", "none")
 #: Recipients per SMTP transaction (RFC 5321 §4.5.3.1.8 asks servers for at least 100).
 MAX_RCPTS = 100
 _BARE_LF = re.compile(rb"(?<!\r)\n")

@@ -63,11 +63,14 @@ async def mark_used(txn: Txn, org_id: str, keys: list[str], now: datetime) -> No
         (now, org_id, keys))
 
 
-async def delete_expired(txn: Txn, now: datetime, batch: int) -> tuple[int, list[str]]:
-    """Delete up to ``batch`` expired uploads: how many, and the blob keys nobody uses
-    any more (to be deleted from the store after the commit)."""
+async def delete_expired(txn: Txn, now: datetime,
+                         batch: int) -> tuple[int, list[str], list[tuple[str, str]]]:
+    """Delete up to ``batch`` expired uploads: how many, the blob keys nobody uses any
+    more (to be deleted from the store after the commit), and the (org_id, key) of those
+    whose content never arrived through us (a staged object may be left to delete)."""
     rows = await txn.fetchall(
         "DELETE FROM uploads WHERE key IN (SELECT key FROM uploads WHERE expires_at < %s "
-        "ORDER BY expires_at LIMIT %s) RETURNING blob_key", (now, batch))
+        "ORDER BY expires_at LIMIT %s) RETURNING org_id, key, blob_key", (now, batch))
     keys = [r["blob_key"] for r in rows if r["blob_key"]]
-    return len(rows), await mail_store.release_blobs(txn, keys)
+    unfilled = [(r["org_id"], r["key"]) for r in rows if not r["blob_key"]]
+    return len(rows), await mail_store.release_blobs(txn, keys), unfilled

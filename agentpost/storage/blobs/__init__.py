@@ -25,6 +25,7 @@ from agentpost.storage.blobs.base import (
     validate_key,
 )
 from agentpost.storage.blobs.local import LocalBlobStore
+from agentpost.storage.blobs.staging import Staging
 
 if TYPE_CHECKING:
     from agentpost.storage.blobs.s3 import S3BlobStore
@@ -40,8 +41,17 @@ __all__ = [
     "S3BlobStore",
     "content_disposition",
     "key_for_digest",
+    "staging_of",
     "validate_key",
 ]
+
+
+def staging_of(store: BlobStore) -> Staging | None:
+    """The store's staged-upload support (an S3Staging) or None: only S3 lets clients
+    PUT straight to the store; the local store keeps our own signed URLs."""
+    make = getattr(store, "staging", None)
+    staging: Staging | None = make() if callable(make) else None
+    return staging
 
 
 def __getattr__(name: str) -> Any:

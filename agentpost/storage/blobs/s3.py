@@ -23,7 +23,7 @@ import logging
 import tempfile
 import threading
 from collections.abc import Callable
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import boto3
 import boto3.exceptions
@@ -54,6 +54,9 @@ from agentpost.storage.blobs.base import (
     storage_failure,
     validate_key,
 )
+
+if TYPE_CHECKING:
+    from agentpost.storage.blobs.s3_staging import S3Staging
 
 log = logging.getLogger(__name__)
 
@@ -448,6 +451,13 @@ class S3BlobStore:
         check_header_value("content_type", content_type)
         return await self._run(self._presign_sync, key, filename, content_type,
                                clamp_expiry(expires_s))
+
+    def staging(self) -> S3Staging:
+        """Staged uploads in this bucket: presigned PUTs that bypass our HTTP server
+        (see :mod:`agentpost.storage.blobs.s3_staging`)."""
+        from agentpost.storage.blobs.s3_staging import S3Staging
+
+        return S3Staging(self._client, self._run, self.bucket, self.prefix, self._sse_args)
 
     async def check(self) -> None:
         """HEAD the bucket: raises StorageFailure if it is missing, forbidden or unreachable."""
