@@ -11,7 +11,9 @@ hide the next one's:
   :mod:`agentpost.mail.largeparts`, the IMAP renderings, the SEARCH/SORT keys), plus the
   preview that the message row takes;
 * ``quote``: then psycopg2 quoting the row's text values as the INSERT does (what the
-  driver adds on top, with the parsed message still alive).
+  driver adds on top, with the parsed message still alive): large values piece by
+  piece, as storage.message_bodies sends them (the ``chunked`` prototype below, now the
+  real path).
 
 For each it prints the peak RSS above the child's idle RSS (``VmHWM`` after resetting
 it, Linux; falls back to ``ru_maxrss``) and tracemalloc's peak of Python allocations,
@@ -70,15 +72,27 @@ def _message(kind: str, size: int) -> bytes:
 
 
 def _quote_row(parsed: Any) -> int:
-    """What psycopg2 makes of the row's large text values (bytes of SQL literals)."""
+    """What psycopg2 makes of the row's large text values (bytes of SQL literals), the
+    way the INSERT sends them: values above storage.message_bodies.LARGE_CHARS one
+    piece at a time (only one piece is ever quoted at once), the rest whole."""
     from psycopg2.extensions import QuotedString
 
+    from agentpost.storage import message_bodies
+
+    def quote(value: str) -> int:
+        quoted = QuotedString(value)
+        quoted.encoding = "UTF8"
+        return len(quoted.getquoted())
+
     total = 0
+    step = message_bodies.CHUNK_CHARS
     for value in (parsed.text_body, parsed.html_body, parsed.extracted_text):
-        if value is not None:
-            quoted = QuotedString(value)
-            quoted.encoding = "UTF8"
-            total += len(quoted.getquoted())
+        if value is None:
+            continue
+        if len(value) > message_bodies.LARGE_CHARS:
+            total += sum(quote(value[p:p + step]) for p in range(0, len(value), step))
+        else:
+            total += quote(value)
     return total
 
 

@@ -146,7 +146,10 @@ class ParsedMessage:
         Works on a growing prefix of the body, never on all of it: collapsing the
         whitespace of a 10 MB body just to keep 200 characters cost 13x its size."""
         body = self.text_body or self.html_body or ""
-        window = MAX_PREVIEW * 16
+        # Collapsing a text prefix gives a prefix of the collapsed whole, so a small
+        # first window is exact for text (it was 3% of the ingest profile at 3,200);
+        # HTML keeps the wide one, where a cut tag could show.
+        window = MAX_PREVIEW * (2 if self.text_body else 16)
         while True:
             head = body[:window]
             text = head if self.text_body else _strip_html(head)

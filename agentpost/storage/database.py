@@ -39,6 +39,8 @@ class Txn:
         self._cursor = cursor
         self.now = now
         self._after_commit: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        #: Per-transaction scratch space of the stores (storage.message_bodies).
+        self.memo: dict[str, Any] = {}
         # BEGIN travels with the first statement: one round trip less per transaction.
         self._begin = begin
 
