@@ -27,6 +27,15 @@ pytest_plugins = ["tests.aws"]
 
 TEMPLATE = "agentpost_template"
 _counter = itertools.count(1)
+# Every blob store of the run lives under one folder, removed when the run ends (each
+# test's server used to leave its own folder behind in /tmp: thousands per run).
+_BLOB_ROOT = Path(tempfile.mkdtemp(prefix="agentpost-test-blobs-"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_blob_root() -> Any:
+    yield
+    shutil.rmtree(_BLOB_ROOT, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -117,7 +126,7 @@ def make_config(dsn: str, **overrides: dict[str, Any]) -> Any:
         "rate_limit": {"rate": 1000.0, "burst": 5000},
         "audit": {"flush_interval": "50ms"},
         "mail": {"shared_domain": "agents.test"},
-        "storage": {"backend": "local", "path": tempfile.mkdtemp(prefix="agentpost-blobs-")},
+        "storage": {"backend": "local", "path": tempfile.mkdtemp(prefix="blobs-", dir=_BLOB_ROOT)},
         "smtp": {"mx_bind": "127.0.0.1", "mx_port": 0, "submission_bind": "127.0.0.1",
                  "submission_port": 0, "submissions_port": 0},
         "imap": {"bind": "127.0.0.1", "port": 0, "tls_port": 0},
