@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -33,6 +34,16 @@ def key_hint(token: str) -> str:
     return "key-" + hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:12]
 
 
+@dataclass(frozen=True, slots=True)
+class PendingKeyAttempt:
+    """An attempt not worked out yet: parsing the source and hashing the key costs a
+    few microseconds per request, and only a request whose key proves unknown needs
+    them (``unknown_key``)."""
+
+    peer: str
+    token: str
+
+
 class FailedKeyThrottle:
     """The HTTP door's use of :class:`LoginGuard`."""
 
@@ -45,20 +56,23 @@ class FailedKeyThrottle:
         at = self._failed.get(peer)
         return at is not None and self._clock.seconds() - at < REMEMBER_S
 
-    async def admit(self, peer: str | None, token: str) -> LoginAttempt | None:
+    async def admit(self, peer: str | None,
+                    token: str) -> LoginAttempt | PendingKeyAttempt | None:
         """Raise RateLimited when a source that failed recently has used up its
         allowance; otherwise the attempt to charge if the key turns out unknown."""
         if not peer:
             return None
         if self._recently_failed(peer):
             return await self._guard.admit("http", peer, key_hint(token))
-        return self._guard.attempt("http", peer, key_hint(token))
+        return PendingKeyAttempt(peer, token)
 
-    async def unknown_key(self, attempt: LoginAttempt | None) -> None:
+    async def unknown_key(self, attempt: LoginAttempt | PendingKeyAttempt | None) -> None:
         """Spend the allowances and log the fail2ban line; never fails the request
         differently (a database fault here still answers 401)."""
         if attempt is None:
             return
+        if isinstance(attempt, PendingKeyAttempt):
+            attempt = self._guard.attempt("http", attempt.peer, key_hint(attempt.token))
         self._failed[attempt.peer] = self._clock.seconds()
         self._failed.move_to_end(attempt.peer)
         while len(self._failed) > REMEMBERED_SOURCES:
