@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ def free_port() -> int:
 class DovecotAccounts:
     """A private Dovecot (bench/imapload/servers.py) with users t1..t400, one per test."""
 
-    def __init__(self) -> None:
+    def __init__(self, tz: str) -> None:
         from imapload.servers import Dovecot
 
         class _Dovecot(Dovecot):
@@ -44,13 +45,29 @@ class DovecotAccounts:
                 conf = super()._write_config()
                 users = "".join(f"t{i}:{{PLAIN}}pass::::::\n" for i in range(1, 401))
                 (self.root / "users").write_text(users)
+                # LAYOUT=fs: CREATE a/b makes a real parent "a", as RFC 3501 6.3.3 asks
+                # (Maildir++ leaves it \NonExistent, which listext does not expect).
+                text = conf.read_text().replace("mail_location = maildir:~/Maildir\n",
+                                                "mail_location = maildir:~/Maildir:LAYOUT=fs\n")
+                conf.write_text(text)
                 return conf
 
         self.server = _Dovecot(free_port())
+        self.tz = tz
         self.n = 0
 
     def start(self) -> None:
-        self.server.start()
+        # search-intdate assumes the server's local time zone is EET/EEST (imaptest's
+        # own comment); Dovecot takes it from TZ. Only the Dovecot child sees it.
+        saved = os.environ.get("TZ")
+        os.environ["TZ"] = self.tz
+        try:
+            self.server.start()
+        finally:
+            if saved is None:
+                os.environ.pop("TZ", None)
+            else:
+                os.environ["TZ"] = saved
 
     def account(self, name: str) -> Account:
         self.n += 1
@@ -133,6 +150,10 @@ def main() -> int:
                    help="messages appended when a test has no 'messages:' header (all or N)")
     p.add_argument("--json", type=Path, help="write the results as JSON to this file")
     p.add_argument("--server-log", help="keep AgentPost's log here")
+    p.add_argument("--plain-modseq", action="store_true",
+                   help="$modseqN as plain variables, without imaptest's ordering rule")
+    p.add_argument("--dovecot-tz", default="Europe/Helsinki",
+                   help="TZ for --start-dovecot (search-intdate assumes EET/EEST)")
     p.add_argument("-v", "--verbose", action="store_true", help="all failures, transcripts")
     a = p.parse_args()
 
@@ -146,8 +167,11 @@ def main() -> int:
             p.error(f"no such test: {', '.join(sorted(unknown))}")
         names = [n for n in names if n in wanted]
     default_messages = None if a.default_messages == "all" else int(a.default_messages)
+    if a.plain_modseq:
+        from imaptestlib.match import Vars
+        Vars.ordered_modseq = False
 
-    server = DovecotAccounts() if a.start_dovecot else \
+    server = DovecotAccounts(a.dovecot_tz) if a.start_dovecot else \
         AgentPostAccounts(a.server_log) if a.start_agentpost else FixedAccount(a)
     results: list[Result] = []
     try:

@@ -159,9 +159,9 @@ async def test_partial_ranges_are_echoed_low_to_high(server):
         == b"(2:4 4,3,2)"
     assert partial("SORT RETURN (PARTIAL 1:6) (REVERSE DATE) US-ASCII ALL") \
         == b"(1:6 5,4,3,2,1)"
-    # RETURN belongs before the sort criteria (RFC 5267 §3.1), as Dovecot requires too
-    assert got["SORT (ARRIVAL) US-ASCII RETURN (PARTIAL 1:1) ALL"][-1].split(b" ")[1] \
-        == b"BAD"
+    # RFC 5267 §3.1 puts RETURN before the sort criteria; imaptest's sort-partial sends
+    # it after the charset, and no search key is named RETURN, so that is taken too
+    assert partial("SORT (ARRIVAL) US-ASCII RETURN (PARTIAL 1:1) ALL") == b"(1:1 1)"
 
 
 @pytest_twisted.ensureDeferred

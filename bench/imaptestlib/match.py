@@ -27,6 +27,11 @@ def _var_char(c: str) -> bool:
 
 
 class Vars:
+    #: imaptest's rule: $modseqN must be at least the previous $modseqM + (N - M), and
+    #: N may not go down. --plain-modseq turns it off (esearch-condstore numbers its
+    #: STOREs 1, 3, 2, 4, which that rule can never accept, whatever the server).
+    ordered_modseq = True
+
     def __init__(self) -> None:
         self.values: dict[str, str] = {}
         self.added: list[str] = []
@@ -154,7 +159,8 @@ class Vars:
                     if not stop:
                         p = len(inp)
                     value = inp[pos:p]
-                    if name and name.startswith("modseq") and name[6:].isdigit():
+                    if (name and name.startswith("modseq") and name[6:].isdigit()
+                            and Vars.ordered_modseq):
                         value = self._modseq(int(name[6:]), value)
                         self.values[name] = value
                     elif name:

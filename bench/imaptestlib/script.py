@@ -177,11 +177,16 @@ def _logical_lines(raw: bytes) -> list[tuple[int, str]]:
                 if s.startswith("}}}"):
                     cur = s[3:]
                     break
-                crlf = s.endswith("\r")
-                body.append(s[:-1] + "\r\n" if crlf else s + ("\n" if binary else "\r\n"))
+                # imaptest (test-parser.c): a ~{{{ literal keeps the line as it is, a CR
+                # before the LF included, and joins lines with LF; a {{{ literal joins
+                # them with CRLF. The line break before }}} is not part of the literal.
+                if binary:
+                    body.append(s + "\n")
+                else:
+                    body.append(s.rstrip("\r") + "\r\n")
             data = "".join(body)
-            if body:  # the line break before }}} is not part of the literal
-                data = data[:-2] if data.endswith("\r\n") else data[:-1]
+            if body:
+                data = data[:-1] if binary else data[:-2]
             text += ("~" if binary else "") + f"{{{len(data)}}}\r\n" + data
         out.append((start, text + cur))
     return out

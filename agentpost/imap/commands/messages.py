@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from agentpost.imap import rev2
+from agentpost.imap.commands import contexts
 from agentpost.imap.commands.common import (
     arguments,
     require_writable,
@@ -91,6 +92,10 @@ async def store(session: IMAP4ServerProtocol, command: Command) -> str | None:
     mode = item[0] if item[0] in "+-" else ""
     metas, failed = await view.folder.store(uids, mode, flags, unchangedsince)
     _report_stored(session, view, command, metas, silent=item.endswith(".SILENT"))
+    if metas and view.search_contexts:
+        # RFC 5267 §4.3.2: live SEARCH/SORT results follow the flag change in the same
+        # reply; the poll after the command may not see our own change as new.
+        await contexts.refresh(session)
     failed = [u for u in failed if u in view.meta]
     if failed:
         numbers = failed if command.uid else [view.seq(u) for u in failed]
