@@ -32,6 +32,7 @@ from agentpost.imap.interfaces import (
     SearchKey,
     ThreadFields,
 )
+from agentpost.mail.keywords import fold as kw_fold
 from agentpost.model.errors import (
     Forbidden,
     InvalidRequest,
@@ -116,6 +117,20 @@ class MessageOps:
             raise NotFound("No such folder.")
         return folder
 
+    async def _lock(self, txn: Txn, folder_id: int, uids: list[int] | None, *,
+                    deleted_only: bool = False,
+                    before: tuple[str, list[Any]] = ("", []),
+                    extra: tuple[str, list[Any]] = ("NULL::text[]", []),
+                    ) -> tuple[list[dict[str, Any]], Any]:
+        """The messages a write changes, locked, with the folder check (NotFound when it
+        was deleted meanwhile) in the same round trip (imap_store.lock_messages)."""
+        found = await imap_store.lock_messages(txn, self._org, self._inbox_id, folder_id,
+                                               uids, deleted_only=deleted_only,
+                                               before=before, extra=extra)
+        if found is None:
+            raise NotFound("The folder no longer exists.")
+        return found
+
     async def _folder_id(self, txn: Txn, folder_id: int) -> dict[str, Any]:
         folder = await imap_store.get_folder_by_id(txn, self._org, self._inbox_id, folder_id)
         if folder is None:
@@ -148,18 +163,24 @@ class MessageOps:
                          sections=r.get("imap_sections"), blob_ref=r.get("raw_blob_key"))
                 for r in rows]
 
-    async def _claim_recent(self, folder_id: int, up_to_uid: int, claim: bool) -> int:
+    async def _claim_recent(self, folder_id: int, up_to_uid: int, claim: bool,
+                            mark: int | None = None) -> int:
         """\\Recent bookkeeping in the folder row, shared by every process.
 
         Most calls have nothing to claim (every session polling after one APPEND sees
         the same new UIDs; one of them claims them): they read the mark without a lock,
-        so a poll never queues behind a writer holding the folder row."""
-        mark = await self._db.run_read("imap.recent", imap_store.recent_mark, self._org,
-                                       folder_id)
+        so a poll never queues behind a writer holding the folder row -- or take
+        ``mark`` as the poll that found the new UIDs read it (it only rises, so an
+        older reading can only send us to the locked claim, which has the truth)."""
+        if mark is None:
+            mark = await self._db.run_read("imap.recent", imap_store.recent_mark,
+                                           self._org, folder_id)
         if not claim or mark >= up_to_uid:
             return mark
-        return await self._db.run_interaction("imap.recent", imap_store.claim_recent,
-                                              self._org, folder_id, up_to_uid)
+        # One message without BEGIN: the folder row is released by the implicit COMMIT
+        # that ends it, not a round trip later.
+        return await self._db.run_read("imap.recent", imap_store.claim_recent,
+                                       self._org, folder_id, up_to_uid)
 
     async def _read_message(self, folder_id: int, row: FetchRow) -> bytes:
         """A fetched message: by the key this account's own (org-scoped) FETCH returned,
@@ -194,10 +215,13 @@ class MessageOps:
                         flags=sorted(system) + keywords)
 
         async def txn_fn(txn: Txn) -> tuple[list[MessageMeta], list[int]]:
-            await self._folder_id(txn, folder_id)
-            spellings = await keyword_store.remember(txn, self._org, self._inbox_id, flags)
-            rows = await imap_store.message_ids_for_uids(txn, self._org, folder_id, uids,
-                                                         for_update=True)
+            # One round trip: first-seen spellings, the folder check, the rows locked.
+            remember = keyword_store.remember_sql(self._org, self._inbox_id, flags, txn.now)
+            rows, spelled = await self._lock(
+                txn, folder_id, uids, before=remember,
+                extra=keyword_store.spellings_of_sql(self._org, self._inbox_id, flags)
+                if remember[0] else ("NULL::text[]", []))
+            spellings = {kw_fold(s): s for s in spelled or ()}
             failed = [r["uid"] for r in rows
                       if unchangedsince is not None and r["modseq"] > unchangedsince]
             kept = [(row, self._new_flag_columns(row, mode, system, keywords))
@@ -206,7 +230,7 @@ class MessageOps:
             modseqs: dict[str, int] = {}
             if changes:
                 _describe(ctx, [row for row, _ in changes])
-                modseqs = await mail_changes.change_flags(txn, ctx, changes)
+                modseqs = await mail_changes.change_flags(txn, ctx, changes, commit=True)
             out = [message_meta({**row, **columns, "modseq": modseqs[row["id"]]}, spellings)
                    if columns else message_meta(row) for row, columns in kept]
             return out, failed
@@ -243,9 +267,9 @@ class MessageOps:
         self._writable()
         system, keywords = _split_flags(flags)
         mail_changes.check_keyword_caps(keywords)  # the caps STORE and the API keep too
-        if keywords:  # first seen: its own small transaction, before ingest's
-            await self._db.run_interaction("imap.keywords", keyword_store.remember,
-                                           self._org, self._inbox_id, flags)
+        if keywords:  # first seen: one statement committed on its own, before ingest's
+            await self._db.run_read("imap.keywords", keyword_store.remember,
+                                    self._org, self._inbox_id, flags)
         target = Target(self._org, self.inbox["environment_id"], self._inbox_id, self.address)
 
         # RFC 3501: INBOX is case-insensitive; every other name is exact (ingest matches
@@ -273,9 +297,9 @@ class MessageOps:
             body = msg.message
             items.append(BatchItem(io.BytesIO(body) if isinstance(body, bytes) else body,
                                    frozenset(system), tuple(keywords), msg.internaldate))
-        if any(not f.startswith("\\") for f in all_flags):  # first seen: own transaction
-            await self._db.run_interaction("imap.keywords", keyword_store.remember,
-                                           self._org, self._inbox_id, frozenset(all_flags))
+        if any(not f.startswith("\\") for f in all_flags):  # first seen: own statement
+            await self._db.run_read("imap.keywords", keyword_store.remember,
+                                    self._org, self._inbox_id, frozenset(all_flags))
         target = Target(self._org, self.inbox["environment_id"], self._inbox_id, self.address)
         name = "INBOX" if folder.upper() == "INBOX" else folder
         stored = await self._ingest.store_batch(
@@ -291,10 +315,8 @@ class MessageOps:
                         to_folder=dest)
 
         async def txn_fn(txn: Txn) -> tuple[int, list[tuple[int, int]]]:
-            await self._folder_id(txn, folder_id)
             target = await self._folder(txn, dest)
-            rows = await imap_store.message_ids_for_uids(txn, self._org, folder_id, uids,
-                                                         for_update=True)
+            rows, _ = await self._lock(txn, folder_id, uids)
             if not rows:  # nothing changes, nothing to audit
                 return target["uidvalidity"], []
             _describe(ctx, rows, to_folder_id=target["id"])
@@ -308,9 +330,11 @@ class MessageOps:
 
         return await self._db.run_interaction("imap.move" if move else "imap.copy", txn_fn)
 
+
     async def _delete_uids(self, txn: Txn, ctx: RequestContext, folder_id: int,
                            uids: list[int]) -> list[str]:
-        """The API's deletion (mail_changes.delete_messages), audited as ``ctx``."""
+        """The API's deletion (mail_changes.delete_messages), audited as ``ctx``, in a
+        transaction that goes on after it (folder deletion)."""
         rows = await imap_store.message_ids_for_uids(txn, self._org, folder_id, uids,
                                                      for_update=True)
         _describe(ctx, rows)
@@ -323,12 +347,14 @@ class MessageOps:
         ctx = self._ctx("imap.expunge", folder_id=folder_id)
 
         async def txn_fn(txn: Txn) -> list[int]:
-            await self._folder_id(txn, folder_id)
-            doomed = await imap_store.deleted_uids(txn, self._org, folder_id, uids)
-            if doomed:  # an EXPUNGE that removes nothing changes nothing: no audit row
-                # (the deletion's last statement gives the folder its new MODSEQ)
-                freed[:] = await self._delete_uids(txn, ctx, folder_id, doomed)
-            return doomed
+            # The \\Deleted rows locked (re-checked once locked) with the folder check.
+            rows, _ = await self._lock(txn, folder_id, uids, deleted_only=True)
+            if rows:  # an EXPUNGE that removes nothing changes nothing: no audit row
+                # The API's deletion; its last round trip gives the folder its new
+                # MODSEQ and commits.
+                _describe(ctx, rows)
+                freed[:] = await mail_changes.delete_messages(txn, ctx, rows, commit=True)
+            return [row["uid"] for row in rows]
 
         expunged = await self._db.run_interaction("imap.expunge", txn_fn)
         await self._collector.collect(freed)
@@ -357,22 +383,19 @@ class MessageOps:
                 for r in rows]
 
     async def _changes(self, folder_id: int, known_uids: list[int],
-                      since_modseq: int) -> Changes:
+                      since_modseq: int) -> tuple[Changes, int | None]:
         """What other sessions, the API or delivery changed since the session looked."""
 
-        async def txn_fn(txn: Txn) -> dict[str, Any]:
-            return await imap_store.changes(txn, self._org, folder_id,
-                                            max(known_uids, default=0), known_uids,
-                                            since_modseq)
-
-        found = await self._db.run_interaction("imap.changes", txn_fn,
-                                               isolation="repeatable read")
+        found = await self._db.run_read("imap.changes", imap_store.changes, self._org,
+                                        folder_id, max(known_uids, default=0), known_uids,
+                                        since_modseq)
         present = found["present"]
         return Changes(new=[message_meta(r) for r in found["new"]],
                        changed=[message_meta(r) for r in found["changed"]],
                        expunged=[] if present is None else
                        [u for u in known_uids if u not in present],
-                       highestmodseq=found["highestmodseq"] or since_modseq)
+                       highestmodseq=found["highestmodseq"] or since_modseq
+                       ), found["recent_uid"]
 
     def _watch(self, folder_id: int, callback: Callable[[], None]) -> Callable[[], None]:
         """Wake-ups for this folder from every process (LISTEN/NOTIFY)."""
@@ -390,6 +413,7 @@ class InboxFolder:
         self.account = account
         self.folder_id = folder_id
         self.name = name
+        self._recent_mark: int | None = None  # as the last changes() poll read it
 
     async def fetch(self, uids: list[int], wants: FetchWants) -> list[FetchRow]:
         return await self.account._fetch(self.folder_id, uids, wants)
@@ -401,7 +425,8 @@ class InboxFolder:
         return await self.account._read_range(row, start, length)
 
     async def claim_recent(self, up_to_uid: int, claim: bool) -> int:
-        return await self.account._claim_recent(self.folder_id, up_to_uid, claim)
+        mark, self._recent_mark = self._recent_mark, None
+        return await self.account._claim_recent(self.folder_id, up_to_uid, claim, mark)
 
     async def set_seen(self, uids: list[int]) -> list[MessageMeta]:
         """A non-PEEK body fetch marks messages read."""
@@ -436,7 +461,9 @@ class InboxFolder:
         return await self.account._thread_fields(self.folder_id, key)
 
     async def changes(self, known_uids: list[int], since_modseq: int) -> Changes:
-        return await self.account._changes(self.folder_id, known_uids, since_modseq)
+        found, self._recent_mark = await self.account._changes(self.folder_id, known_uids,
+                                                               since_modseq)
+        return found
 
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
         return self.account._watch(self.folder_id, callback)

@@ -20,6 +20,12 @@ holds the lock until COMMIT (an fsync) -- so each change takes them in its LAST
 statement(s): the slow work (threads, blobs, audit) is done before. That is also what
 keeps MODSEQs right (RFC 7162): the per-folder counter is bumped under the folder row
 lock held until COMMIT, so MODSEQs rise in commit order, just for less time.
+
+IMAP's writes (STORE, EXPUNGE, COPY, MOVE) go one step further: those last statements
+travel in the same message as the COMMIT (``commit=True``, storage.imap_commits.commit_with),
+so the rows are held for the statements and the fsync, not also for a trip through the
+server's busy reactor. COPY and MOVE allocate every UID of the command in one
+statement. The API keeps the plain form: its callers may write after these.
 """
 
 from __future__ import annotations
@@ -27,13 +33,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from agentpost.core.audit import write_change
+from agentpost.core.audit import audit_row, scrub_row, write_change
 from agentpost.core.context import RequestContext
 from agentpost.mail import keywords
 from agentpost.mail.imapformat import compact_numbers
 from agentpost.model.errors import InvalidRequest, MailboxFull
 from agentpost.model.ids import new_id
+from agentpost.storage import audit as audit_store
 from agentpost.storage import imap as imap_store
+from agentpost.storage import imap_commits, usage
 from agentpost.storage import mail as mail_store
 from agentpost.storage import threads as thread_store
 from agentpost.storage.database import Txn
@@ -99,7 +107,7 @@ def _check_label_count(changes: list[FlagChange]) -> None:
 
 
 async def change_flags(txn: Txn, ctx: RequestContext, changes: list[FlagChange], *,
-                       status: int = 200) -> dict[str, int]:
+                       status: int = 200, commit: bool = False) -> dict[str, int]:
     """Give locked message rows new read state, flags or labels, and audit it.
 
     ``changes`` pairs a row (``id``, ``folder_id``, ``thread_id`` and every
@@ -108,18 +116,24 @@ async def change_flags(txn: Txn, ctx: RequestContext, changes: list[FlagChange],
     RFC 7162 wants of one STORE), folders in id order; threads whose labels changed are
     summarized again. The audit row is written even when nothing changed (the API
     audits every accepted request). Returns the new MODSEQ by message id.
+
+    With ``commit`` (IMAP STORE) the transaction ends here: the audit row, the thread
+    locks, the folder rows and the COMMIT go in ONE round trip (imap_commits.commit_with),
+    so the folder rows are locked for the statements and the fsync only.
     """
     org = _org(ctx)
     _check_label_count(changes)
     relabelled = sorted({row["thread_id"] for row, columns in changes if "labels" in columns})
-    await thread_store.lock_threads(txn, org, relabelled)  # before the folder rows
-    await write_change(txn, ctx, status)
     by_folder: dict[int, list[dict[str, Any]]] = {}
     for row, columns in changes:
         by_folder.setdefault(row["folder_id"], []).append(
             {**{col: row[col] for col in FLAG_COLUMNS}, **columns, "id": row["id"]})
-    modseqs: dict[str, int] = {}
     folders = sorted(by_folder)
+    if commit:
+        return await _change_flags_and_commit(txn, ctx, org, by_folder, relabelled, status)
+    await thread_store.lock_threads(txn, org, relabelled)  # before the folder rows
+    await write_change(txn, ctx, status)
+    modseqs: dict[str, int] = {}
     for folder_id in folders:  # last: the folder rows stay locked until COMMIT
         updates = by_folder[folder_id]
         modseq = await mail_store.apply_flags(
@@ -128,77 +142,149 @@ async def change_flags(txn: Txn, ctx: RequestContext, changes: list[FlagChange],
     return modseqs
 
 
+def _audit_sql(txn: Txn, ctx: RequestContext, status: int = 200) -> tuple[str, list[Any]]:
+    """write_change's INSERT, to send with other statements (marked audited on COMMIT)."""
+    row = audit_row(ctx, "allowed", status, txn.now)
+    scrub_row(row)
+    txn.after_commit(setattr, ctx, "audited", True)
+    return audit_store.audit_insert_sql([row])
+
+
+class _Batch:
+    """Statements and parameters sent together in one round trip."""
+
+    def __init__(self) -> None:
+        self.sql: list[str] = []
+        self.params: list[Any] = []
+
+    def add(self, part: tuple[str, list[Any]]) -> None:
+        if part[0]:
+            self.sql.append(part[0])
+            self.params += part[1]
+
+    @property
+    def text(self) -> str:
+        return "; ".join(self.sql)
+
+
+async def _change_flags_and_commit(txn: Txn, ctx: RequestContext, org: str,
+                                   by_folder: dict[int, list[dict[str, Any]]],
+                                   relabelled: list[str], status: int) -> dict[str, int]:
+    batch = _Batch()
+    batch.add(_audit_sql(txn, ctx, status))
+    if relabelled:  # the thread rows before the folder rows (the lock order above)
+        batch.add(imap_commits.lock_threads_sql(org, relabelled))
+    folders = sorted(by_folder)
+    for folder_id in folders:
+        batch.add(imap_commits.apply_flags_sql(org, folder_id, by_folder[folder_id]))
+    if relabelled:
+        batch.add(thread_store.refresh_threads_sql(org, relabelled, txn.now))
+    batch.add(imap_commits.notify_sql(folders))
+    result = imap_commits.modseqs_result(org, folders) if folders else ("NULL::int", [])
+    found = await imap_commits.commit_with(txn, batch.text, batch.params, *result) or {}
+    return {u["id"]: int(found[str(folder_id)])
+            for folder_id in folders for u in by_folder[folder_id]}
+
+
 async def delete_messages(txn: Txn, ctx: RequestContext, rows: list[dict[str, Any]], *,
-                          status: int = 200) -> list[str]:
+                          status: int = 200, commit: bool = False) -> list[str]:
     """Delete locked message rows (``id``, ``thread_id``) with their attachments, storage
     use and blob references; each thread touched is summarized again (or removed when
     empty) once, after the deletions. Returns the blob keys nobody references any more,
-    which the caller removes from the store after COMMIT."""
+    which the caller removes from the store after COMMIT. With ``commit`` (IMAP
+    EXPUNGE) the audit row, the folders' expunge marks and the COMMIT go in one round
+    trip, as in :func:`change_flags`."""
     org = _org(ctx)
     freed: list[str] = []
+    deleted: list[dict[str, Any]] = []
     if rows:
         deleted = await mail_store.delete_messages(txn, org, [row["id"] for row in rows])
         freed = await mail_store.release_blobs(
             txn, [key for d in deleted for key in d["blob_keys"]])
         await thread_store.refresh_threads(txn, org, [row["thread_id"] for row in rows],
                                          drop_empty=True)
+    freed_bytes: dict[str, int] = {}
+    for d in deleted:
+        freed_bytes[d["inbox_id"]] = freed_bytes.get(d["inbox_id"], 0) + d["size"]
+    folders = sorted({d["folder_id"] for d in deleted})
+    if commit:
+        batch = _Batch()
+        batch.add(_audit_sql(txn, ctx, status))
+        batch.add(usage.release_sql(freed_bytes, org, txn.now))  # deltas: no lock
+        if folders:
+            batch.add(imap_commits.mark_expunged_sql(org, folders))
+            batch.add(imap_commits.notify_sql(folders))
+        await imap_commits.commit_with(txn, batch.text, batch.params)
+        return freed
     await write_change(txn, ctx, status)
-    if rows:
-        freed_bytes: dict[str, int] = {}
-        for d in deleted:
-            freed_bytes[d["inbox_id"]] = freed_bytes.get(d["inbox_id"], 0) + d["size"]
-        # Last: the inbox and folder rows stay locked until COMMIT.
-        await mail_store.record_expunge(txn, org, freed_bytes,
-                                        sorted({d["folder_id"] for d in deleted}))
+    if rows:  # last: the folder rows stay locked until COMMIT
+        await mail_store.record_expunge(txn, org, freed_bytes, folders)
     return freed
 
 
-async def copy_messages(txn: Txn, ctx: RequestContext, rows: list[dict[str, Any]],
-                        target_folder_id: int, quota: int = 0) -> list[tuple[int, int]]:
-    """Copy locked message rows into another folder of their inbox, sharing the stored
-    bytes. The copies are charged to the inbox at once (MailboxFull past ``quota``
-    bytes; 0: none) before their UIDs are allocated, in the lock order above: blob
-    references, threads, inbox, target folder. Returns (old UID, new UID) pairs."""
-    org = _org(ctx)
+async def _reference_blobs(txn: Txn, org: str, rows: list[dict[str, Any]]) -> None:
     refs = [(row["raw_blob_key"], 0) for row in rows]
     for row in rows:
         refs += await imap_store.attachment_keys(txn, org, row["id"])
     for key, size in sorted(refs):
         await mail_store.reference_blob(txn, key, size)
-    await thread_store.lock_threads(txn, org, [row["thread_id"] for row in rows])
+
+
+async def copy_messages(txn: Txn, ctx: RequestContext, rows: list[dict[str, Any]],
+                        target_folder_id: int, quota: int = 0) -> list[tuple[int, int]]:
+    """Copy locked message rows into another folder of their inbox, sharing the stored
+    bytes, and COMMIT. The copies are charged to the inbox at once (MailboxFull past
+    ``quota`` bytes; 0: none) before their UIDs are allocated, in the lock order above:
+    blob references, threads, inbox, target folder; the copies, their UIDs (one
+    statement for all), the thread summaries, the audit row and the COMMIT go in one
+    round trip. Returns (old UID, new UID) pairs."""
+    org = _org(ctx)
+    await _reference_blobs(txn, org, rows)
+    threads = sorted({row["thread_id"] for row in rows})
+    await thread_store.lock_threads(txn, org, threads)
     sizes: dict[str, int] = {}
     for row in rows:
         sizes[row["inbox_id"]] = sizes.get(row["inbox_id"], 0) + row["size"]
     for inbox_id in sorted(sizes):
         if not await mail_store.charge_storage(txn, org, inbox_id, sizes[inbox_id], quota):
             raise MailboxFull()
-    pairs = []
-    for row in rows:
-        uid, modseq = await mail_store.allocate_uid(txn, org, target_folder_id)
-        await imap_store.copy_message(txn, org, row["id"], new_id("msg"), target_folder_id,
-                                      uid, modseq)
-        pairs.append((row["uid"], uid))
-    await thread_store.refresh_threads(txn, org, [row["thread_id"] for row in rows])
+    new_ids = [new_id("msg") for _ in rows]
+    batch = _Batch()
+    batch.add(imap_commits.copy_messages_sql(org, [row["id"] for row in rows], new_ids,
+                                           target_folder_id, txn.now))
+    batch.add(thread_store.refresh_threads_sql(org, threads, txn.now))
+    batch.add(imap_commits.notify_sql([target_folder_id]))
+    return await _commit_transfer(txn, ctx, org, batch, rows, target_folder_id)
+
+
+async def _commit_transfer(txn: Txn, ctx: RequestContext, org: str, batch: _Batch,
+                           rows: list[dict[str, Any]], target_folder_id: int
+                           ) -> list[tuple[int, int]]:
+    """COPY/MOVE's last round trip: ``batch`` gave the rows, in order, consecutive UIDs
+    below the target's UIDNEXT; the audit row gets them (``to_uids``) from there."""
+    audit_sql, audit_params = _audit_sql(txn, ctx)
+    batch.add((audit_sql, audit_params))
+    batch.add(imap_commits.audit_to_uids_sql(org, audit_params[0], target_folder_id,
+                                           len(rows)))
+    uidnext = int(await imap_commits.commit_with(
+        txn, batch.text, batch.params, *imap_commits.uidnext_result(org, target_folder_id)))
+    first = uidnext - len(rows)
+    pairs = [(row["uid"], first + i) for i, row in enumerate(rows)]
     ctx.details["to_uids"] = uid_set([new for _, new in pairs])
-    await write_change(txn, ctx)
     return pairs
 
 
 async def move_messages(txn: Txn, ctx: RequestContext, rows: list[dict[str, Any]],
                         source_folder_id: int, target_folder_id: int) -> list[tuple[int, int]]:
-    """Re-home locked message rows in another folder with new UIDs (RFC 6851); the
-    source folder records the expunge. Returns (old UID, new UID) pairs."""
+    """Re-home locked message rows in another folder with new UIDs (RFC 6851), and
+    COMMIT: both folder rows (id order), the moves, the source's expunge mark, the audit
+    row and the COMMIT in one round trip. Returns (old UID, new UID) pairs."""
     org = _org(ctx)
-    pairs = []
-    if rows:  # both folder rows, in id order, before either is changed
-        await mail_store.lock_folders(txn, org, [source_folder_id, target_folder_id])
-    for row in rows:
-        uid, modseq = await mail_store.allocate_uid(txn, org, target_folder_id)
-        await imap_store.move_message(txn, org, row["id"], source_folder_id, target_folder_id,
-                                      uid, modseq)
-        pairs.append((row["uid"], uid))
-    if rows:
-        await mail_store.bump_modseq(txn, org, source_folder_id)
-    ctx.details["to_uids"] = uid_set([new for _, new in pairs])
-    await write_change(txn, ctx)
-    return pairs
+    if not rows:
+        await write_change(txn, ctx)
+        return []
+    batch = _Batch()
+    batch.add(imap_commits.move_messages_sql(org, [row["id"] for row in rows],
+                                           source_folder_id, target_folder_id))
+    batch.add(imap_commits.notify_sql([source_folder_id, target_folder_id]))
+    return await _commit_transfer(txn, ctx, org, batch, rows, target_folder_id)

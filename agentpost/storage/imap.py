@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from datetime import date, datetime, time, timedelta
 from typing import Any
 
+import psycopg2
 import psycopg2.errors
 
 from agentpost.mail import keywords as kw
@@ -14,12 +15,12 @@ from agentpost.model.errors import Conflict
 from agentpost.storage.database import Txn
 from agentpost.storage.keywords import SPELLINGS_COLUMN
 from agentpost.storage.mail import (
-    MAIL_CHANNEL,
     folder_list_key,
     mark_expunged,
     notify_folder,
     notify_folder_list,
 )
+from agentpost.storage.message_insert import MAIL_CHANNEL
 
 SYSTEM_FLAGS = {"\\Seen": "seen", "\\Flagged": "flagged", "\\Answered": "answered",
                 "\\Draft": "draft", "\\Deleted": "deleted"}
@@ -173,7 +174,9 @@ async def claim_recent(txn: Txn, org_id: str, folder_id: int, up_to_uid: int) ->
     alone -- a crash can at worst forget a claim, and a message may then be \\Recent in
     one more session, which RFC 3501 §2.3.2 tolerates; nothing else is written here.
     FOR NO KEY UPDATE, the lock the UPDATE takes anyway: FOR UPDATE would also block
-    the foreign-key checks (FOR KEY SHARE) of every message inserted into the folder."""
+    the foreign-key checks (FOR KEY SHARE) of every message inserted into the folder.
+    Sent without BEGIN (Database.run_read), the two statements are one implicit
+    transaction that commits as the message ends: no round trip holds the row."""
     old = await txn.fetchval(
         "SET LOCAL synchronous_commit TO OFF; "
         "WITH old AS (SELECT recent_uid FROM folders WHERE org_id = %s AND id = %s "
@@ -191,6 +194,34 @@ async def fetch_rows(txn: Txn, org_id: str, folder_id: int, uids: list[int],
     return await txn.fetchall(
         f"SELECT {cols} FROM messages WHERE org_id = %s AND folder_id = %s AND uid = ANY(%s) "
         "ORDER BY uid", (org_id, folder_id, uids))
+
+
+async def lock_messages(txn: Txn, org_id: str, inbox_id: str, folder_id: int,
+                        uids: list[int] | None, *, deleted_only: bool = False,
+                        before: tuple[str, list[Any]] = ("", []),
+                        extra: tuple[str, list[Any]] = ("NULL::text[]", []),
+                        ) -> tuple[list[dict[str, Any]], Any] | None:
+    """The rows STORE, EXPUNGE, COPY and MOVE change, locked, in UID order (``uids``
+    None: all; ``deleted_only``: those flagged \\Deleted, re-checked once locked), and
+    the folder checked to be the inbox's, in ONE round trip with the statements
+    ``before``; also returns the value of the scalar expression ``extra``. None when the
+    folder is gone."""
+    cols = f"id, thread_id, folder_id, raw_blob_key, inbox_id, size, {_META}"
+    sql = (f"SELECT f.id AS folder_present, {extra[0]} AS extra, m.* FROM folders f "
+           f"LEFT JOIN LATERAL (SELECT {cols} FROM messages WHERE org_id = f.org_id "
+           "AND folder_id = f.id AND (%s::bigint[] IS NULL OR uid = ANY(%s))"
+           + (" AND deleted" if deleted_only else "") +
+           " ORDER BY uid FOR UPDATE) m ON true "
+           "WHERE f.org_id = %s AND f.inbox_id = %s AND f.id = %s")
+    params = [*extra[1], uids, uids, org_id, inbox_id, folder_id]
+    if before[0]:
+        sql, params = f"{before[0]}; {sql}", [*before[1], *params]
+    rows = await txn.fetchall(sql, params)
+    if not rows:
+        return None
+    found = [{k: v for k, v in r.items() if k not in ("folder_present", "extra")}
+             for r in rows if r["id"] is not None]
+    return found, rows[0]["extra"]
 
 
 async def message_ids_for_uids(txn: Txn, org_id: str, folder_id: int, uids: list[int], *,
@@ -263,26 +294,52 @@ async def changes(txn: Txn, org_id: str, folder_id: int, max_known_uid: int,
                   known_uids: list[int], since_modseq: int) -> dict[str, Any]:
     """New messages, flag changes among known ones, and which known ones still exist
     (``present`` is None when nothing left the folder since ``since_modseq``; the folder
-    row missing means it was deleted: nothing is present)."""
-    folder = await txn.fetchone(
-        "SELECT highestmodseq, expunged_modseq FROM folders WHERE org_id = %s AND id = %s",
-        (org_id, folder_id))
+    row missing means it was deleted: nothing is present).
+
+    ONE statement (one snapshot, so no transaction around it; it runs after nearly
+    every command): the folder's row, then -- only if its HIGHESTMODSEQ moved -- the
+    new and changed messages, and -- only if something left -- the known UIDs still
+    there, told apart by ``part``. Also the folder's \\Recent mark (``recent_uid``), so
+    that claiming new arrivals needs no read of its own."""
+    moved = "(SELECT highestmodseq FROM f) > %s AND org_id = %s AND folder_id = %s"
+    rows = await txn.fetchall(
+        "WITH f AS MATERIALIZED (SELECT highestmodseq, expunged_modseq, recent_uid "
+        "                        FROM folders WHERE org_id = %s AND id = %s) "
+        "SELECT 'folder' AS part, highestmodseq AS uid, expunged_modseq AS modseq, "
+        "NULL::boolean AS seen, NULL::boolean AS flagged, NULL::boolean AS answered, "
+        "NULL::boolean AS draft, NULL::boolean AS deleted, NULL::text[] AS labels, "
+        "NULL::text[] AS keyword_spellings, recent_uid FROM f "
+        # the uncorrelated subqueries are one-time filters: nothing moved, nothing read
+        f"UNION ALL SELECT 'm', {_META}, NULL FROM messages WHERE {moved} AND uid > %s "
+        f"UNION ALL SELECT 'm', {_META}, NULL FROM messages WHERE {moved} AND uid <= %s "
+        "AND modseq > %s "
+        "UNION ALL SELECT 'present', uid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
+        "NULL FROM messages WHERE (SELECT expunged_modseq FROM f) > %s AND org_id = %s "
+        "AND folder_id = %s AND uid = ANY(%s)",
+        (org_id, folder_id, since_modseq, org_id, folder_id, max_known_uid,
+         since_modseq, org_id, folder_id, max_known_uid, since_modseq,
+         since_modseq, org_id, folder_id, known_uids))
+    folder = next((row for row in rows if row["part"] == "folder"), None)
     if folder is None:
-        return {"new": [], "changed": [], "present": set(), "highestmodseq": since_modseq}
+        return {"new": [], "changed": [], "present": set(), "highestmodseq": since_modseq,
+                "recent_uid": None}
     out: dict[str, Any] = {"new": [], "changed": [], "present": None,
-                           "highestmodseq": folder["highestmodseq"]}
-    if folder["highestmodseq"] <= since_modseq:
-        return out  # nothing at all happened: one row read
-    out["new"] = await txn.fetchall(
-        f"SELECT {_META} FROM messages WHERE org_id = %s AND folder_id = %s AND uid > %s "
-        "ORDER BY uid", (org_id, folder_id, max_known_uid))
-    out["changed"] = await txn.fetchall(
-        f"SELECT {_META} FROM messages WHERE org_id = %s AND folder_id = %s AND uid <= %s "
-        "AND modseq > %s ORDER BY uid", (org_id, folder_id, max_known_uid, since_modseq))
-    if folder["expunged_modseq"] > since_modseq:
-        out["present"] = {r["uid"] for r in await txn.fetchall(
-            "SELECT uid FROM messages WHERE org_id = %s AND folder_id = %s AND uid = ANY(%s)",
-            (org_id, folder_id, known_uids))}
+                           "highestmodseq": folder["uid"],
+                           "recent_uid": folder["recent_uid"] or 0}
+    present: set[int] = set()
+    for row in rows:
+        if row["part"] == "folder":
+            continue
+        if row["part"] == "present":
+            present.add(row["uid"])
+        elif row["uid"] > max_known_uid:
+            out["new"].append(row)
+        else:
+            out["changed"].append(row)
+    out["new"].sort(key=lambda r: r["uid"])
+    out["changed"].sort(key=lambda r: r["uid"])
+    if folder["modseq"] > since_modseq:
+        out["present"] = present
     return out
 
 

@@ -8,6 +8,7 @@ the keyword first, and never changes, so any process may show it without coordin
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from agentpost.mail import keywords
 from agentpost.storage.database import Txn
@@ -26,20 +27,23 @@ SPELLINGS_COLUMN = (
     "AND s.spelling <> s.keyword) END AS keyword_spellings")
 
 
-async def remember(txn: Txn, org_id: str, inbox_id: str,
-                   spelled: Iterable[str]) -> dict[str, str]:
-    """Record the spelling of keywords this inbox has not seen yet (IMAP flags as the
-    client sent them, or API labels; system flags and non-keywords are skipped) and
-    return folded -> first-seen spelling for all of them that have one. One statement,
-    and none at all without keywords (STORE \\Seen pays nothing)."""
+def _given(spelled: Iterable[str]) -> dict[str, str]:
     given: dict[str, str] = {}
     for flag in spelled:
         if not flag.startswith("\\") and keywords.is_keyword(flag):
             given.setdefault(keywords.fold(flag), flag)
+    return given
+
+
+def remember_sql(org_id: str, inbox_id: str, spelled: Iterable[str],
+                 now: Any) -> tuple[str, list[Any]]:
+    """:func:`remember` as a statement to send ahead of others ("" when there is no
+    keyword); its result is then read back with :func:`spellings_of_sql`."""
+    given = _given(spelled)
     if not given:
-        return {}
+        return "", []
     folded = sorted(given)
-    rows = await txn.fetchall(
+    return (
         "WITH g(keyword, spelling) AS (SELECT * FROM unnest(%s::text[], %s::text[])), "
         "known AS (SELECT s.keyword, s.spelling FROM keyword_spellings s "
         "          WHERE s.org_id = %s AND s.inbox_id = %s AND s.keyword = ANY(%s)), "
@@ -51,8 +55,29 @@ async def remember(txn: Txn, org_id: str, inbox_id: str,
         "               WHERE s.org_id = %s AND s.inbox_id = %s) < %s "
         "        ON CONFLICT DO NOTHING RETURNING keyword, spelling) "
         "SELECT keyword, spelling FROM known UNION ALL SELECT keyword, spelling FROM ins",
-        (folded, [given[k] for k in folded], org_id, inbox_id, folded, org_id, inbox_id,
-         txn.now, org_id, inbox_id, MAX_SPELLINGS_PER_INBOX))
+        [folded, [given[k] for k in folded], org_id, inbox_id, folded, org_id, inbox_id,
+         now, org_id, inbox_id, MAX_SPELLINGS_PER_INBOX])
+
+
+def spellings_of_sql(org_id: str, inbox_id: str,
+                     spelled: Iterable[str]) -> tuple[str, list[Any]]:
+    """A scalar expression: the recorded spellings (text[]) of these keywords, for a
+    statement that follows :func:`remember_sql` in the same transaction."""
+    return ("(SELECT array_agg(s.spelling) FROM keyword_spellings s WHERE s.org_id = %s "
+            "AND s.inbox_id = %s AND s.keyword = ANY(%s))",
+            [org_id, inbox_id, sorted(_given(spelled))])
+
+
+async def remember(txn: Txn, org_id: str, inbox_id: str,
+                   spelled: Iterable[str]) -> dict[str, str]:
+    """Record the spelling of keywords this inbox has not seen yet (IMAP flags as the
+    client sent them, or API labels; system flags and non-keywords are skipped) and
+    return folded -> first-seen spelling for all of them that have one. One statement,
+    and none at all without keywords (STORE \\Seen pays nothing)."""
+    sql, params = remember_sql(org_id, inbox_id, spelled, txn.now)
+    if not sql:
+        return {}
+    rows = await txn.fetchall(sql, params)
     return {r["keyword"]: r["spelling"] for r in rows}
 
 

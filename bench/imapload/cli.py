@@ -85,6 +85,8 @@ def run_mixed_counts(cfg: argparse.Namespace, server: Server | None) -> list[dic
     results: list[dict[str, Any]] = []
     counts = [int(x) for x in cfg.client_list.split(",")] if cfg.client_list else [cfg.clients]
     agentpost = server if isinstance(server, AgentPost) else None
+    if server is not None:
+        cfg.cpu_probe = server.cpu
     for n in counts:
         cfg.clients = n
         spy = None

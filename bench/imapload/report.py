@@ -80,6 +80,12 @@ def print_mixed(res: dict[str, Any]) -> None:
               f"{c['avg_ms']:>9.1f}{c['no']:>6}{c['bad']:>6}")
     print(f"completed commands: {res['completed']} ({res['completed_per_s']:.1f}/s)")
     print(f"protocol errors: {res['protocol_errors']}")
+    cpu, done = res.get("cpu_s") or {}, max(1, res["completed"])
+    if cpu:
+        print("CPU seconds in the window (ms per completed command): " + ", ".join(
+            f"{k} {v:.1f} ({1000 * v / done:.2f})" for k, v in cpu.items()))
+    if res.get("loadavg"):
+        print("load average at the end: " + " ".join(f"{x:.2f}" for x in res["loadavg"]))
     for kind, n in sorted(res["errors"].items(), key=lambda kv: -kv[1]):
         print(f"  {n:>6}  {kind}")
     if res["tolerated"]:

@@ -116,6 +116,12 @@ class Dovecot:
         raise SystemExit(f"Dovecot did not start; see {self.root}/dovecot.log and stdout.log:\n"
                          + (self.root / "stdout.log").read_text()[-2000:])
 
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far of the Dovecot master, its processes and its reaped ones."""
+        from api_bench import tree_cpu
+
+        return {"server": tree_cpu(self.proc.pid if self.proc else None)}
+
     def stop(self, keep: bool = False) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -164,6 +170,13 @@ class AgentPost:
         with self.h.db.cursor() as cur:
             cur.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
 
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far of the server process and of PostgreSQL (postmaster,
+        backends, reaped backends)."""
+        from api_bench import process_cpu, tree_cpu
+
+        return {"server": process_cpu(self.h.server_pid), "postgres": tree_cpu(self.h.pg_pid())}
+
     def pg_report(self, limit: int = 25) -> str:
         with self.h.db.cursor() as cur:
             cur.execute("SELECT calls, round(total_exec_time::numeric, 1), "
@@ -172,7 +185,18 @@ class AgentPost:
                         "FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT %s",
                         (limit,))
             rows = cur.fetchall()
-        return "\n".join(f"{c:>8} {t:>10} ms {m:>8} ms/call  {q}" for c, t, m, q in rows)
+            cur.execute("SELECT sum(calls), round(sum(total_exec_time)::numeric, 1) "
+                        "FROM pg_stat_statements")
+            calls, total = cur.fetchone()
+            cur.execute("SELECT calls, round(total_exec_time::numeric, 1), "
+                        "round(mean_exec_time::numeric, 3), "
+                        "left(regexp_replace(query, '\\s+', ' ', 'g'), 220) "
+                        "FROM pg_stat_statements ORDER BY calls DESC LIMIT 12")
+            by_calls = cur.fetchall()
+        lines = [f"{c:>8} {t:>10} ms {m:>8} ms/call  {q}" for c, t, m, q in rows]
+        lines += [f"-- all statements: {calls} calls, {total} ms; most called:"]
+        lines += [f"{c:>8} {t:>10} ms {m:>8} ms/call  {q}" for c, t, m, q in by_calls]
+        return "\n".join(lines)
 
     def pg_reset(self) -> None:
         with self.h.db.cursor() as cur:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import re
+import resource
 import time
 from typing import Any
 
@@ -281,15 +283,28 @@ async def run_mixed(cfg: argparse.Namespace) -> dict[str, Any]:
     workers = [Worker(cfg, stats, i, deadline, counter) for i in range(cfg.clients)]
     tasks = [asyncio.ensure_future(w.run()) for w in workers]
     await asyncio.sleep(cfg.warmup)
+    probe = getattr(cfg, "cpu_probe", None)  # the started server's CPU seconds, if any
+    cpu0 = {**(probe() if probe else {}), "client": self_cpu()}
     stats.measuring = True
     t0 = time.perf_counter()
     await asyncio.sleep(max(0.0, deadline - time.monotonic()))
     elapsed = time.perf_counter() - t0
     stats.measuring = False
+    cpu1 = {**(probe() if probe else {}), "client": self_cpu()}
+    load = os.getloadavg()
     await asyncio.wait(tasks, timeout=cfg.timeout + 5)
     for t in tasks:
         t.cancel()
-    return summarize(cfg, stats, elapsed)
+    res = summarize(cfg, stats, elapsed)
+    res["cpu_s"] = {k: round(cpu1[k] - cpu0[k], 2) for k in cpu0}
+    res["loadavg"] = [round(x, 2) for x in load]
+    return res
+
+
+def self_cpu() -> float:
+    """CPU seconds this load generator has used (it shares the machine's cores)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 async def run_append(cfg: argparse.Namespace, messages: int | None,

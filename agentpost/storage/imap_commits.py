@@ -1,0 +1,176 @@
+"""IMAP writes that end in their own COMMIT (issue 10: lock windows).
+
+Split from storage/imap.py: these build the statements of one STORE, EXPUNGE, COPY or
+MOVE and send them with the COMMIT (:func:`commit_with`), so the folder row is held for
+the statements and the fsync only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import psycopg2
+from psycopg2.extras import Json
+
+from agentpost.model.errors import TemporaryFailure
+from agentpost.storage.database import Txn
+from agentpost.storage.imap import _INDEX_COLUMNS
+from agentpost.storage.mail import FLAG_COLUMNS as _FLAG_COLUMNS
+from agentpost.storage.message_insert import MAIL_CHANNEL
+
+# Writes that end in their own COMMIT (issue 10: lock windows) ---------------------------
+#
+# Every change to a folder takes its row (UIDNEXT, HIGHESTMODSEQ) and holds it until
+# COMMIT. Sent as a separate round trip, that COMMIT waits for the server's reactor to
+# turn around first -- under load, longer than the statement and the fsync together --
+# and every other writer of the folder waits with it. These helpers send the statements
+# that take the folder row, the COMMIT, and a fresh (empty) transaction in ONE message,
+# so the lock lasts for the statements and the fsync only. The statements' result comes
+# back past the COMMIT in a session setting (set in the transaction, so rolled back
+# with it); the empty transaction is the one Database.run_interaction then commits.
+
+_RESULT_SETTING = "agentpost.result"
+_LINK_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
+
+
+async def commit_with(txn: Txn, sql: str, params: list[Any],
+                      result_sql: str = "NULL::int", result_params: Sequence[Any] = ()) -> Any:
+    """Run the transaction's last statements ``sql``, then COMMIT, in one round trip;
+    returns the JSON value of ``result_sql`` (an expression evaluated after ``sql``, in
+    the transaction). Nothing may be written in ``txn`` afterwards. A link lost in this
+    round trip leaves the outcome unknown: TemporaryFailure, never a retry (it could
+    apply the change twice)."""
+    full = (f"{sql}; SELECT set_config('{_RESULT_SETTING}', "
+            f"COALESCE(to_json(({result_sql}))::text, 'null'), false); "
+            f"COMMIT; BEGIN; SELECT current_setting('{_RESULT_SETTING}') AS r")
+    try:
+        value = await txn.fetchval(full, [*params, *result_params])
+    except _LINK_ERRORS as exc:
+        raise TemporaryFailure() from exc
+    return json.loads(value) if value else None
+
+
+def notify_sql(folder_ids: Iterable[int]) -> tuple[str, list[Any]]:
+    """Wake-ups for folders (storage.mail.notify_folder), as one statement."""
+    ids = sorted(set(folder_ids))
+    return ("SELECT pg_notify(%s, f::text) FROM unnest(%s::bigint[]) AS f",
+            [MAIL_CHANNEL, ids])
+
+
+def apply_flags_sql(org_id: str, folder_id: int,
+                    updates: list[dict[str, Any]]) -> tuple[str, list[Any]]:
+    """storage.mail.apply_flags' write as one statement (the folder's next MODSEQ, then
+    the rows, each with the full new value of every flag column), for a caller that
+    commits right after it (:func:`commit_with`)."""
+    records = [{"id": u["id"], **{col: u[col] for col in _FLAG_COLUMNS}} for u in updates]
+    return ("WITH f AS (UPDATE folders SET highestmodseq = highestmodseq + 1 "
+            "           WHERE org_id = %s AND id = %s RETURNING highestmodseq) "
+            "UPDATE messages m SET seen = c.seen, flagged = c.flagged, answered = c.answered, "
+            "draft = c.draft, deleted = c.deleted, labels = c.labels, modseq = f.highestmodseq "
+            "FROM f, jsonb_to_recordset(%s::jsonb) AS c(id text, seen boolean, "
+            "flagged boolean, answered boolean, draft boolean, deleted boolean, labels text[]) "
+            "WHERE m.org_id = %s AND m.id = c.id",
+            [org_id, folder_id, Json(records), org_id])
+
+
+def modseqs_result(org_id: str, folder_ids: list[int]) -> tuple[str, list[Any]]:
+    """A :func:`commit_with` result: {folder id: HIGHESTMODSEQ} of locked folders."""
+    return ("SELECT json_object_agg(id, highestmodseq) FROM folders "
+            "WHERE org_id = %s AND id = ANY(%s)", [org_id, sorted(set(folder_ids))])
+
+
+def mark_expunged_sql(org_id: str, folder_ids: list[int]) -> tuple[str, list[Any]]:
+    """storage.mail.mark_expunged for folders in id order, as one statement (one new
+    MODSEQ each, remembered as the folder's last expunge); wake-ups: :func:`notify_sql`."""
+    return ("UPDATE folders f SET highestmodseq = f.highestmodseq + 1, "
+            "expunged_modseq = f.highestmodseq + 1 "
+            "FROM (SELECT id FROM folders WHERE org_id = %s AND id = ANY(%s) ORDER BY id "
+            "      FOR NO KEY UPDATE) AS l WHERE f.org_id = %s AND f.id = l.id",
+            [org_id, sorted(set(folder_ids)), org_id])
+
+
+def copy_messages_sql(org_id: str, message_ids: list[str], new_ids: list[str],
+                      folder_id: int, now: Any) -> tuple[str, list[Any]]:
+    """Copies of messages (rows, Message-ID references, attachment rows) into a folder,
+    with consecutive UIDs in the given order and ONE new MODSEQ, allocated by the first
+    statement (the folder row, locked to COMMIT). Result: :func:`uidnext_result`."""
+    n = len(message_ids)
+    src = "unnest(%s::text[], %s::text[]) WITH ORDINALITY AS x(src, dst, ord)"
+    sql = (
+        "WITH f AS (UPDATE folders SET uidnext = uidnext + %s, "
+        "           highestmodseq = highestmodseq + 1 WHERE org_id = %s AND id = %s "
+        "           RETURNING uidnext - %s AS first_uid, highestmodseq) "
+        "INSERT INTO messages (org_id, id, environment_id, inbox_id, thread_id, folder_id, "
+        "uid, modseq, direction, message_id_header, in_reply_to, reference_ids, subject, "
+        "from_address, to_addresses, cc_addresses, bcc_addresses, reply_to, sent_at, "
+        "received_at, headers, text_body, html_body, extracted_text, preview, size, "
+        "raw_blob_key, has_attachments, labels, seen, flagged, answered, draft, deleted, "
+        "envelope_from, envelope_to, created_at, imap_envelope, imap_bodystructure, "
+        "imap_body, imap_sections, " + _INDEX_COLUMNS + ") "
+        "SELECT m.org_id, x.dst, m.environment_id, m.inbox_id, m.thread_id, %s, "
+        "f.first_uid + x.ord - 1, f.highestmodseq, m.direction, m.message_id_header, "
+        "m.in_reply_to, m.reference_ids, m.subject, m.from_address, m.to_addresses, "
+        "m.cc_addresses, m.bcc_addresses, m.reply_to, m.sent_at, m.received_at, m.headers, "
+        "m.text_body, m.html_body, m.extracted_text, m.preview, m.size, m.raw_blob_key, "
+        "m.has_attachments, m.labels, m.seen, m.flagged, m.answered, m.draft, m.deleted, "
+        "m.envelope_from, m.envelope_to, %s, m.imap_envelope, m.imap_bodystructure, "
+        "m.imap_body, m.imap_sections, "
+        + ", ".join("m." + c.strip() for c in _INDEX_COLUMNS.split(",")) + " "
+        f"FROM f, {src} JOIN messages m ON m.org_id = %s AND m.id = x.src ORDER BY x.ord; "
+        "INSERT INTO message_refs (org_id, inbox_id, ref, message_id) "
+        f"SELECT r.org_id, r.inbox_id, r.ref, x.dst FROM {src} "
+        "JOIN message_refs r ON r.org_id = %s AND r.message_id = x.src; "
+        "INSERT INTO attachments (org_id, id, message_id, filename, mime_type, size, "
+        "content_id, disposition, sha256, blob_key, part_index) "
+        "SELECT a.org_id, 'att_' || substr(md5(a.id || x.dst), 1, 26), x.dst, a.filename, "
+        "a.mime_type, a.size, a.content_id, a.disposition, a.sha256, a.blob_key, "
+        f"a.part_index FROM {src} JOIN attachments a ON a.org_id = %s AND a.message_id = x.src")
+    params = [n, org_id, folder_id, n, folder_id, now, message_ids, new_ids, org_id,
+              message_ids, new_ids, org_id, message_ids, new_ids, org_id]
+    return sql, params
+
+
+def move_messages_sql(org_id: str, message_ids: list[str], source_id: int,
+                      target_id: int) -> tuple[str, list[Any]]:
+    """Re-home messages in another folder with consecutive UIDs in the given order and
+    ONE new MODSEQ; the source records one expunge. Both folder rows are locked first,
+    in id order. Result: :func:`uidnext_result` of the target."""
+    n = len(message_ids)
+    lock = ("SELECT 1 FROM folders WHERE org_id = %s AND id = ANY(%s) ORDER BY id "
+            "FOR NO KEY UPDATE")
+    move = ("WITH f AS (UPDATE folders SET uidnext = uidnext + %s, "
+            "           highestmodseq = highestmodseq + 1 WHERE org_id = %s AND id = %s "
+            "           RETURNING uidnext - %s AS first_uid, highestmodseq) "
+            "UPDATE messages m SET folder_id = %s, uid = f.first_uid + x.ord - 1, "
+            "modseq = f.highestmodseq "
+            "FROM f, unnest(%s::text[]) WITH ORDINALITY AS x(id, ord) "
+            "WHERE m.org_id = %s AND m.id = x.id")
+    expunged, expunged_params = mark_expunged_sql(org_id, [source_id])
+    return (f"{lock}; {move}; {expunged}",
+            [org_id, sorted({source_id, target_id}), n, org_id, target_id, n, target_id,
+             message_ids, org_id, *expunged_params])
+
+
+def uidnext_result(org_id: str, folder_id: int) -> tuple[str, list[Any]]:
+    """A :func:`commit_with` result: the folder's UIDNEXT (after a copy or move of n
+    messages, their UIDs are UIDNEXT - n ...)."""
+    return ("SELECT uidnext FROM folders WHERE org_id = %s AND id = %s", [org_id, folder_id])
+
+
+def lock_threads_sql(org_id: str, thread_ids: list[str]) -> tuple[str, list[Any]]:
+    """storage.threads.lock_threads as a statement to send with others."""
+    return ("SELECT 1 FROM threads WHERE org_id = %s AND id = ANY(%s) ORDER BY id "
+            "FOR NO KEY UPDATE", [org_id, sorted(set(thread_ids))])
+
+
+def audit_to_uids_sql(org_id: str, audit_id: str, folder_id: int,
+                      n: int) -> tuple[str, list[Any]]:
+    """COPY/MOVE's audit row (written in the same transaction) gets the new UIDs,
+    ``to_uids``: the n below the target folder's UIDNEXT, known only under its lock."""
+    return ("UPDATE audit_log a SET details = a.details || jsonb_build_object('to_uids', "
+            "CASE WHEN %s = 1 THEN (f.uidnext - 1)::text "
+            "ELSE (f.uidnext - %s)::text || ':' || (f.uidnext - 1)::text END) "
+            "FROM folders f WHERE f.org_id = %s AND f.id = %s AND a.org_id = %s AND a.id = %s",
+            [n, n, org_id, folder_id, org_id, audit_id])

@@ -1,0 +1,122 @@
+"""Lock windows of IMAP writes (issue 10, speed under mixed load).
+
+Every write to a folder locks its row (UIDNEXT, HIGHESTMODSEQ) until COMMIT. STORE,
+EXPUNGE, COPY and MOVE send the statements that take it together with the COMMIT
+(storage.imap_commits.commit_with), so no round trip to the server -- whose reactor may be busy
+-- happens while the row is held. These tests pin that down on the SQL actually sent,
+and check commit_with itself: its result crosses the COMMIT, a failure before the
+COMMIT leaves nothing behind, and the connection goes back to the pool usable.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import pytest_twisted
+
+from agentpost.model.errors import InvalidRequest
+from agentpost.storage import imap_commits
+from agentpost.storage.database import Txn
+from tests.mailfactory import make_message
+
+_FOLDER_WRITE = re.compile(r"UPDATE folders", re.IGNORECASE)
+
+
+async def _account(server):
+    _, owner = await server.new_org()
+    inbox = (await server.api.post("/api/v1/inboxes", {"username": "windows"},
+                                   key=owner)).json
+    account = await server.core.imap_logins.authenticate(inbox["email"], owner, "127.0.0.1")
+    for n in range(6):
+        await server.deliver(make_message(subject=f"m{n}", msgid=f"<w{n}@x>"),
+                             [inbox["email"]])
+    return account
+
+
+@pytest.fixture
+def sent(monkeypatch):
+    """Every message sent by any transaction, as sent."""
+    messages: list[str] = []
+    original = Txn._send
+
+    async def spy(self, sql, params):
+        messages.append(sql)
+        return await original(self, sql, params)
+
+    monkeypatch.setattr(Txn, "_send", spy)
+    return messages
+
+
+def _folder_writes(messages: list[str]) -> list[str]:
+    return [m for m in messages if _FOLDER_WRITE.search(m)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_expunge_copy_move_commit_with_their_folder_write(server, sent):
+    account = await _account(server)
+    await account.create_folder("Archive")
+    folder, snap = await account.select("INBOX")
+    uids = [m.uid for m in snap.messages]
+    checks = {
+        "store": lambda: folder.store(uids[:2], "+", frozenset({"\\Deleted", "$Work"}), None),
+        "expunge": lambda: folder.expunge(None),
+        "copy": lambda: folder.copy(uids[2:4], "Archive"),
+        "move": lambda: folder.move(uids[4:], "Archive"),
+    }
+    for name, run in checks.items():
+        sent.clear()
+        await run()
+        writes = _folder_writes(sent)
+        assert writes, name
+        for message in writes:  # the folder row's lock ends in the same message
+            assert "; COMMIT; BEGIN; " in message, (name, message[:200])
+    _, snap = await account.select("Archive")
+    assert len(snap.messages) == 4
+    assert [m.uid for m in snap.messages] == [1, 2, 3, 4]
+    _, snap = await account.select("INBOX")
+    assert [m.uid for m in snap.messages] == uids[2:4]  # expunged 1-2, moved 5-6
+
+
+@pytest_twisted.ensureDeferred
+async def test_commit_with_returns_its_result_past_the_commit(server):
+    account = await _account(server)
+    _, snap = await account.select("INBOX")
+    org, db = account.principal.org_id, server.core.db
+    hooks: list[str] = []
+
+    async def bump(txn: Txn) -> int:
+        txn.after_commit(hooks.append, "committed")
+        return await imap_commits.commit_with(
+            txn, "UPDATE folders SET highestmodseq = highestmodseq + 1 "
+                 "WHERE org_id = %s AND name = 'INBOX'", [org],
+            "SELECT highestmodseq FROM folders WHERE org_id = %s AND name = 'INBOX'", [org])
+
+    modseq = await db.run_interaction("t.bump", bump)
+    assert modseq == snap.highestmodseq + 1 and hooks == ["committed"]
+    # Committed: another connection sees it; and the pooled connection is reusable.
+    rows = await db.run_query("t.read", "SELECT highestmodseq FROM folders "
+                              "WHERE org_id = %s AND name = 'INBOX'", (org,))
+    assert rows[0]["highestmodseq"] == modseq
+    assert await db.run_interaction("t.bump", bump) == modseq + 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_commit_with_failure_before_the_commit_leaves_nothing(server):
+    account = await _account(server)
+    _, snap = await account.select("INBOX")
+    org, db = account.principal.org_id, server.core.db
+    hooks: list[str] = []
+
+    async def broken(txn: Txn) -> None:
+        txn.after_commit(hooks.append, "committed")
+        await imap_commits.commit_with(
+            txn, "UPDATE folders SET highestmodseq = highestmodseq + 1 "
+                 "WHERE org_id = %s AND name = 'INBOX'; SELECT 1 / 0", [org])
+
+    with pytest.raises(InvalidRequest):  # the translated DataError
+        await db.run_interaction("t.broken", broken)
+    assert hooks == []
+    rows = await db.run_query("t.read", "SELECT highestmodseq FROM folders "
+                              "WHERE org_id = %s AND name = 'INBOX'", (org,))
+    assert rows[0]["highestmodseq"] == snap.highestmodseq
