@@ -44,7 +44,7 @@ async def _inbound_raw(server, inbox, raw: bytes):
 
 _PLAIN = (b"From: Alice <alice@example.com>\r\nTo: {to}\r\nSubject: Secret plans\r\n"
           b"Date: Sun, 29 Nov 2026 07:00:00 +0000\r\nMessage-ID: <orig@example.com>\r\n"
-          b"\r\nThe secret is 42.\r\n")
+          b"\r\nThe secret is zebra-4211.\r\n")
 
 
 @pytest_twisted.ensureDeferred
@@ -65,7 +65,7 @@ async def test_reply_and_forward_need_messages_read(sub):
                                   key=send_only)
         assert resp.status == 403, resp
         assert resp.json["error"]["missing_scope"] == "messages:read"
-        assert "42" not in resp.body.decode() and "Secret" not in resp.body.decode()
+        assert "zebra-4211" not in resp.body.decode() and "Secret" not in resp.body.decode()
     resp = await sub.api.post(f"/api/v1/messages/{orig.message_id}/forward",
                               {"to": "dave@remote.example"}, key=both)
     assert resp.status == 201, resp
