@@ -2,7 +2,8 @@
 
 The cross-process test starts a real second ``agentpost serve`` (tests/second_process)
 on the same database: mail accepted by SMTP on this process must reach a WebSocket
-held by the other one, through LISTEN/NOTIFY (the notification carries only ids).
+and an IMAP IDLE session held by the other one, through LISTEN/NOTIFY (the
+notification carries only ids).
 """
 
 from __future__ import annotations
@@ -34,6 +35,31 @@ def _smtp(port: int, rcpt: str, subject: str) -> None:
         smtp.sendmail("alice@example.com", [rcpt], make_message(subject=subject, body="x\n"))
 
 
+def _idle(port: int, user: str, key: str) -> tuple[socket.socket, object]:
+    """A plain IMAP session on ``port`` in IDLE on INBOX (the socket and its reader)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+    lines = raw.makefile("rb")
+    lines.readline()
+    raw.sendall(b'b LOGIN "%s" "%s"\r\nc SELECT INBOX\r\nd IDLE\r\n'
+                % (user.encode(), key.encode()))
+    while not lines.readline().startswith(b"+"):
+        pass
+    return raw, lines
+
+
+def _until_exists(raw: socket.socket, lines) -> list[bytes]:
+    """Untagged lines up to the first EXISTS (the socket's timeout bounds the wait)."""
+    seen: list[bytes] = []
+    while not seen or b"EXISTS" not in seen[-1]:
+        line = lines.readline()
+        if not line:
+            break
+        seen.append(line)
+    raw.sendall(b"DONE\r\ne LOGOUT\r\n")
+    raw.close()
+    return seen
+
+
 async def _key(server, owner: str) -> str:
     made = await server.api.post("/api/v1/api-keys", {"scopes": ["events:read"]}, key=owner)
     assert made.status == 201, made
@@ -41,7 +67,7 @@ async def _key(server, owner: str) -> str:
 
 
 @pytest_twisted.ensureDeferred
-async def test_smtp_on_process_a_reaches_a_websocket_on_process_b(server, db_dsn, tmp_path):
+async def test_smtp_on_process_a_reaches_a_websocket_and_idle_on_process_b(server, db_dsn, tmp_path):
     _, owner = await server.new_org()
     inbox = (await server.api.post("/api/v1/inboxes", {"username": "fan"}, key=owner)).json
     _, owner_b = await server.new_org("Other")
@@ -54,12 +80,15 @@ async def test_smtp_on_process_a_reaches_a_websocket_on_process_b(server, db_dsn
         assert await deferToThread(second.ready), "second process did not start"
         assert await deferToThread(_wait, lambda: _accepting(http_port), timeout=30)
         ws = await WS.open(f"http://127.0.0.1:{http_port}", key)
+        idle = await deferToThread(_idle, second.imap_port, inbox["email"], owner)
         await deferToThread(_smtp, server.mx_port, inbox_b["email"], "other org")
         await deferToThread(_smtp, server.mx_port, inbox["email"], "across processes")
         [event] = await ws.events(1)
         assert event["type"] == "message.received"
         assert event["org_id"] == inbox["org_id"] if "org_id" in inbox else True
         assert await ws.quiet() == []  # the other organization's mail never arrives
+        seen = await deferToThread(_until_exists, *idle)  # the same delivery, over IMAP
+        assert b"* 1 EXISTS\r\n" in seen, seen
         ws.close()
         await ws.closed()
     except BaseException:
