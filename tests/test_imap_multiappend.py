@@ -87,7 +87,7 @@ async def test_multiappend_stores_every_message_with_one_appenduid_set(server):
     assert after.endswith(b"(MESSAGES 3 UIDNEXT 4)")
     for line, raw in zip(fetched[:3], msgs, strict=True):
         assert line.endswith(raw + b")")
-    assert b"\\Seen" in fetched[0] and b'"14-Jul-2020 00:44:25 +0000"' in fetched[1]
+    assert b"\\Seen" in fetched[0] and b'"14-Jul-2020 02:44:25 +0200"' in fetched[1]
     assert b"\\Flagged" in fetched[2] and b"$Work" in fetched[2]
 
 

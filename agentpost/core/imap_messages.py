@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import IO, Any
 
 from agentpost.core import mail_changes
@@ -57,6 +57,14 @@ APPENDED = "message.appended"
 def message_meta(row: dict[str, Any], spellings: dict[str, str] | None = None) -> MessageMeta:
     """A message row as the session keeps it (UID, MODSEQ, flags)."""
     return MessageMeta(row["uid"], row["modseq"], imap_store.flags_of(row, spellings))
+
+
+def _in_zone(received_at: datetime | None, zone: int | None) -> datetime | None:
+    """The internal date in the zone its APPEND gave (minutes east; None: +0000), so
+    FETCH INTERNALDATE answers with the date-time the client stored (issue 10)."""
+    if received_at is None:
+        return None
+    return received_at.astimezone(timezone(timedelta(minutes=zone or 0)))
 
 
 def _split_flags(flags: frozenset[str]) -> tuple[set[str], list[str]]:
@@ -143,7 +151,7 @@ class MessageOps:
         """Only the columns the FETCH needs (FLAGS alone never reads bodies)."""
         columns = []
         if wants.internaldate:
-            columns.append("received_at")
+            columns += ["received_at", "internal_date_zone"]
         if wants.size:
             columns.append("size")
         if wants.envelope:
@@ -157,7 +165,9 @@ class MessageOps:
         rows = await self._db.run_read("imap.fetch", imap_store.fetch_rows, self._org,
                                        folder_id, uids, columns)
         return [FetchRow(uid=r["uid"], modseq=r["modseq"], flags=imap_store.flags_of(r),
-                         internaldate=r.get("received_at"), size=r.get("size"),
+                         internaldate=_in_zone(r.get("received_at"),
+                                               r.get("internal_date_zone")),
+                         size=r.get("size"),
                          envelope=r.get("imap_envelope"),
                          bodystructure=r.get("imap_bodystructure"), body=r.get("imap_body"),
                          sections=r.get("imap_sections"), blob_ref=r.get("raw_blob_key"))

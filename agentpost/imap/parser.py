@@ -413,13 +413,17 @@ def parse_datetime(text: str) -> datetime:
     if m is None or m.group(2).lower() not in _MONTHS:
         raise ParseError(f"Bad date-time {text}")
     sign = 1 if m.group(7) == "+" else -1
-    tz = timezone(sign * timedelta(hours=int(m.group(8)), minutes=int(m.group(9))))
+    # A zone of a day or more is no zone (ValueError), and an instant outside years
+    # 1-9999 could be stored but never read back (OverflowError): BAD, not a crash.
     try:
-        return datetime(int(m.group(3)), _MONTHS.index(m.group(2).lower()) + 1,
-                        int(m.group(1)), int(m.group(4)), int(m.group(5)), int(m.group(6)),
-                        tzinfo=tz).astimezone(UTC)
-    except ValueError as exc:
+        tz = timezone(sign * timedelta(hours=int(m.group(8)), minutes=int(m.group(9))))
+        value = datetime(int(m.group(3)), _MONTHS.index(m.group(2).lower()) + 1,
+                         int(m.group(1)), int(m.group(4)), int(m.group(5)), int(m.group(6)),
+                         tzinfo=tz)
+        value.astimezone(UTC)
+    except (ValueError, OverflowError) as exc:
         raise ParseError(f"Bad date-time {text}") from exc
+    return value  # the zone kept: INTERNALDATE answers in it
 
 
 # --------------------------------------------------------------------------- FETCH

@@ -7,7 +7,7 @@ spelled one way whatever command sends it.
 from __future__ import annotations
 
 import functools
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from agentpost.mail import imapformat
@@ -37,10 +37,17 @@ def flag_list(flags: frozenset[str], recent: bool) -> str:
 
 
 def internaldate(value: datetime | None) -> str:
-    """INTERNALDATE in UTC, quoted (RFC 3501 date-time)."""
-    value = (value or datetime(1970, 1, 1, tzinfo=UTC)).astimezone(UTC)
+    """INTERNALDATE quoted (RFC 3501 date-time), in the value's own zone: the backend
+    hands it over in the zone the APPEND gave (UTC when none, or when naive)."""
+    value = value or datetime(1970, 1, 1, tzinfo=UTC)
+    offset = value.utcoffset()
+    if offset is None:
+        value, offset = value.replace(tzinfo=UTC), timedelta(0)
+    minutes = int(offset.total_seconds() // 60)
+    sign, minutes = ("-", -minutes) if minutes < 0 else ("+", minutes)
     return (f'"{value.day:02d}-{_MONTHS[value.month - 1]}-{value.year:04d} '
-            f'{value.hour:02d}:{value.minute:02d}:{value.second:02d} +0000"')
+            f'{value.hour:02d}:{value.minute:02d}:{value.second:02d} '
+            f'{sign}{minutes // 60:02d}{minutes % 60:02d}"')
 
 
 def literal(data: bytes) -> bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from datetime import date, datetime, time, timedelta
 from typing import Any
 
 import psycopg2
@@ -250,14 +249,14 @@ async def copy_message(txn: Txn, org_id: str, message_id: str, new_id: str, fold
         "received_at, headers, text_body, html_body, extracted_text, preview, size, "
         "raw_blob_key, has_attachments, labels, seen, flagged, answered, draft, deleted, "
         "envelope_from, envelope_to, created_at, imap_envelope, imap_bodystructure, imap_body, "
-        "imap_sections, " + _INDEX_COLUMNS + ") "
+        "imap_sections, internal_date_zone, " + _INDEX_COLUMNS + ") "
         "SELECT org_id, %s, environment_id, inbox_id, thread_id, %s, %s, %s, direction, "
         "message_id_header, in_reply_to, reference_ids, subject, from_address, to_addresses, "
         "cc_addresses, bcc_addresses, reply_to, sent_at, received_at, headers, text_body, "
         "html_body, extracted_text, preview, size, raw_blob_key, has_attachments, labels, seen,"
         " flagged, answered, draft, deleted, envelope_from, envelope_to, %s, imap_envelope, "
-        "imap_bodystructure, imap_body, imap_sections, " + _INDEX_COLUMNS + " "
-        "FROM messages WHERE org_id = %s AND id = %s",
+        "imap_bodystructure, imap_body, imap_sections, internal_date_zone, "
+        + _INDEX_COLUMNS + " FROM messages WHERE org_id = %s AND id = %s",
         (new_id, folder_id, uid, modseq, txn.now, org_id, message_id))
     await txn.execute(
         "INSERT INTO message_refs (org_id, inbox_id, ref, message_id) "
@@ -357,10 +356,9 @@ def _like(text: str) -> str:
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
-def _day(value: date) -> datetime:
-    from datetime import UTC
-
-    return datetime.combine(value, time(0), tzinfo=UTC)
+#: The calendar date of the internal date in the zone stored with it (minutes east).
+_INTERNAL_DAY = ("((received_at AT TIME ZONE 'UTC') "
+                 "+ make_interval(mins => coalesce(internal_date_zone, 0)))::date")
 
 
 def search_sql(key: tuple[Any, ...], params: list[Any]) -> str:
@@ -414,15 +412,11 @@ def search_sql(key: tuple[Any, ...], params: list[Any]) -> str:
         cmp = {"sentbefore": "<", "senton": "=", "sentsince": ">="}[op]
         return f"coalesce(sent_date {cmp} %s, FALSE)"
     if op in ("before", "on", "since"):
-        start = _day(key[1])
-        if op == "before":
-            params.append(start)
-            return "(received_at < %s)"
-        if op == "since":
-            params.append(start)
-            return "(received_at >= %s)"
-        params.extend([start, start + timedelta(days=1)])
-        return "(received_at >= %s AND received_at < %s)"
+        # The internal date's calendar date as its own zone shows it (the APPEND's,
+        # +0000 when none), time and zone disregarded (RFC 3501 6.4.4; issue 10).
+        params.append(key[1])
+        cmp = {"before": "<", "on": "=", "since": ">="}[op]
+        return f"({_INTERNAL_DAY} {cmp} %s::date)"
     if op == "larger":
         params.append(int(key[1]))
         return "(size > %s)"

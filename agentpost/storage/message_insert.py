@@ -8,6 +8,7 @@ changes them). Text values too large to quote whole go ahead in pieces
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from psycopg2.extras import Json
@@ -78,6 +79,7 @@ async def insert_messages(txn: Txn, copies: list[tuple[dict[str, Any], list[dict
 
 def _insert_message_sql(row: dict[str, Any], quota: int,
                         attachments: list[dict[str, Any]]) -> tuple[str, list[Any]]:
+    row = {**row, "internal_date_zone": _zone_minutes(row.get("received_at"))}
     cols = list(row)
     values = [Json(v) if isinstance(v, dict | list) and c not in ("reference_ids", "labels",
                                                                    "envelope_to") else v
@@ -102,6 +104,14 @@ def _insert_message_sql(row: dict[str, Any], quota: int,
                               row["created_at"]),
          row["org_id"], row["folder_id"], *values, row["org_id"], row["inbox_id"],
          list(row["reference_ids"]), *att_params, MAIL_CHANNEL, str(row["folder_id"])])
+
+
+def _zone_minutes(when: Any) -> int | None:
+    """The UTC offset (minutes) an APPEND gave the internal date, so INTERNALDATE and
+    SEARCH ON/BEFORE/SINCE keep its zone (issue 10); None (+0000) for UTC or no zone."""
+    offset = when.utcoffset() if isinstance(when, datetime) else None
+    minutes = int(offset.total_seconds() // 60) if offset else 0
+    return minutes or None
 
 
 _ATT_COLS = (("org_id", "text"), ("id", "text"), ("filename", "text"),
