@@ -16,7 +16,7 @@ import pytest
 import pytest_twisted
 
 from agentpost.model.errors import InvalidRequest
-from agentpost.storage import imap_commits
+from agentpost.storage import imap_commits, usage
 from agentpost.storage.database import Txn
 from tests.mailfactory import make_message
 
@@ -120,3 +120,64 @@ async def test_commit_with_failure_before_the_commit_leaves_nothing(server):
     rows = await db.run_query("t.read", "SELECT highestmodseq FROM folders "
                               "WHERE org_id = %s AND name = 'INBOX'", (org,))
     assert rows[0]["highestmodseq"] == snap.highestmodseq
+
+
+_EXPUNGE_WORK = ("DELETE FROM messages", "inbox_usage_deltas", "pg_advisory_xact_lock",
+                 "UPDATE blobs", "DELETE FROM blobs", "UPDATE threads", "DELETE FROM threads",
+                 "UPDATE folders")
+
+
+@pytest_twisted.ensureDeferred
+async def test_expunge_sends_its_whole_change_with_the_commit(server, sent):
+    """EXPUNGE's deletions, blob releases, usage deltas, thread summaries and folder
+    mark travel in ONE message with the COMMIT, with the same effects as before."""
+    account = await _account(server)
+    await account.create_folder("Keep")
+    folder, snap = await account.select("INBOX")
+    uids = [m.uid for m in snap.messages]
+    await folder.copy(uids[:1], "Keep")  # its blob and thread stay in use
+    await folder.store(uids[:3], "+", frozenset({"\\Deleted"}), None)
+    org, db = account.principal.org_id, server.core.db
+    gone = await db.run_query(
+        "t.read", "SELECT m.raw_blob_key, m.thread_id, m.size, m.inbox_id, f.highestmodseq "
+        "FROM messages m JOIN folders f ON f.org_id = m.org_id AND f.id = m.folder_id "
+        "WHERE m.org_id = %s AND f.name = 'INBOX' AND m.uid = ANY(%s) ORDER BY m.uid",
+        (org, uids[:3]))
+    inbox_id, modseq = gone[0]["inbox_id"], gone[0]["highestmodseq"]
+    used = await db.run_interaction("t.use", usage.inbox_usage, org, inbox_id)
+    collected: list[str] = []
+    real_collect = account._collector.collect
+
+    async def spy_collect(keys):
+        collected.extend(keys)
+        await real_collect(keys)
+
+    account._collector.collect = spy_collect
+    sent.clear()
+    assert sorted(await folder.expunge(None)) == uids[:3]
+
+    commits = [m for m in sent if "; COMMIT; " in m]
+    assert len(commits) == 1
+    for part in _EXPUNGE_WORK:
+        assert part in commits[0], part
+    for message in sent[:sent.index(commits[0])]:  # (the blob GC runs after it)
+        assert not any(part in message for part in _EXPUNGE_WORK), message[:200]
+    # Blobs: the copied message's still referenced, the others released and collected.
+    keys = [g["raw_blob_key"] for g in gone]
+    rows = await db.run_query("t.read", "SELECT key, refcount FROM blobs WHERE key = ANY(%s)",
+                              (keys,))
+    assert [(r["key"], r["refcount"]) for r in rows] == [(keys[0], 1)]
+    assert sorted(collected) == sorted(keys[1:])
+    # Threads: the kept one summarized again, the emptied ones removed.
+    rows = await db.run_query("t.read", "SELECT id, message_count FROM threads "
+                              "WHERE org_id = %s AND id = ANY(%s)",
+                              (org, [g["thread_id"] for g in gone]))
+    assert [(r["id"], r["message_count"]) for r in rows] == [(gone[0]["thread_id"], 1)]
+    # Usage given back; one new MODSEQ, remembered as the folder's last expunge.
+    after = await db.run_interaction("t.use", usage.inbox_usage, org, inbox_id)
+    assert used - after == sum(g["size"] for g in gone)
+    rows = await db.run_query("t.read", "SELECT highestmodseq, expunged_modseq FROM folders "
+                              "WHERE org_id = %s AND name = 'INBOX'", (org,))
+    assert rows[0]["highestmodseq"] == rows[0]["expunged_modseq"] == modseq + 1
+    _, snap = await account.select("INBOX")
+    assert [m.uid for m in snap.messages] == uids[3:]

@@ -41,7 +41,7 @@ from agentpost.model.errors import InvalidRequest, MailboxFull
 from agentpost.model.ids import new_id
 from agentpost.storage import audit as audit_store
 from agentpost.storage import imap as imap_store
-from agentpost.storage import imap_commits, usage
+from agentpost.storage import imap_commits
 from agentpost.storage import mail as mail_store
 from agentpost.storage import threads as thread_store
 from agentpost.storage.database import Txn
@@ -193,8 +193,11 @@ async def delete_messages(txn: Txn, ctx: RequestContext, rows: list[dict[str, An
     empty) once, after the deletions. Returns the blob keys nobody references any more,
     which the caller removes from the store after COMMIT. With ``commit`` (IMAP
     EXPUNGE) the audit row, the folders' expunge marks and the COMMIT go in one round
-    trip, as in :func:`change_flags`."""
+    trip, as in :func:`change_flags`: the deletions, blob releases, thread summaries and
+    usage deltas too (:func:`_delete_and_commit`)."""
     org = _org(ctx)
+    if commit:
+        return await _delete_and_commit(txn, ctx, org, rows, status)
     freed: list[str] = []
     deleted: list[dict[str, Any]] = []
     if rows:
@@ -207,19 +210,31 @@ async def delete_messages(txn: Txn, ctx: RequestContext, rows: list[dict[str, An
     for d in deleted:
         freed_bytes[d["inbox_id"]] = freed_bytes.get(d["inbox_id"], 0) + d["size"]
     folders = sorted({d["folder_id"] for d in deleted})
-    if commit:
-        batch = _Batch()
-        batch.add(_audit_sql(txn, ctx, status))
-        batch.add(usage.release_sql(freed_bytes, org, txn.now))  # deltas: no lock
-        if folders:
-            batch.add(imap_commits.mark_expunged_sql(org, folders))
-            batch.add(imap_commits.notify_sql(folders))
-        await imap_commits.commit_with(txn, batch.text, batch.params)
-        return freed
     await write_change(txn, ctx, status)
     if rows:  # last: the folder rows stay locked until COMMIT
         await mail_store.record_expunge(txn, org, freed_bytes, folders)
     return freed
+
+
+async def _delete_and_commit(txn: Txn, ctx: RequestContext, org: str,
+                             rows: list[dict[str, Any]], status: int) -> list[str]:
+    """IMAP EXPUNGE's whole change in ONE round trip with its COMMIT: the audit row,
+    the deletions with their usage deltas, the blob releases (locks in key order), the
+    threads (locked in id order, summarized again, dropped when empty), and last the
+    folder rows' expunge marks and wake-ups -- the same lock order and effects as the
+    API's path, with no trip through the reactor while anything is held."""
+    batch = _Batch()
+    batch.add(_audit_sql(txn, ctx, status))
+    if not rows:
+        await imap_commits.commit_with(txn, batch.text, batch.params)
+        return []
+    batch.add(imap_commits.expunge_messages_sql(org, [row["id"] for row in rows], txn.now))
+    batch.add(thread_store.lock_and_refresh_sql(
+        org, [row["thread_id"] for row in rows], txn.now, drop_empty=True))
+    batch.add(imap_commits.mark_expunged_after_sql(org))
+    freed = await imap_commits.commit_with(txn, batch.text, batch.params,
+                                           *imap_commits.freed_result())
+    return list(freed or [])
 
 
 async def _reference_blobs(txn: Txn, org: str, rows: list[dict[str, Any]]) -> None:

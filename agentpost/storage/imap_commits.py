@@ -91,6 +91,73 @@ def mark_expunged_sql(org_id: str, folder_ids: list[int]) -> tuple[str, list[Any
             [org_id, sorted(set(folder_ids)), org_id])
 
 
+# EXPUNGE: the deletions, blob releases and usage deltas travel with the COMMIT too.
+# What a statement learns (blob keys, folders, freed blobs) reaches the next ones in
+# transaction-local settings (gone at COMMIT), as PostgreSQL arrays.
+_KEYS = "agentpost.expunge_keys"
+_FOLDERS = "agentpost.expunge_folders"
+_FREED = "agentpost.expunge_freed"
+
+
+def _setting(name: str, array_type: str) -> str:
+    return f"current_setting('{name}')::{array_type}[]"
+
+
+def expunge_messages_sql(org_id: str, message_ids: list[str],
+                         now: Any) -> tuple[str, list[Any]]:
+    """storage.mail.delete_messages + release_blobs + usage.release_sql as statements
+    (IMAP EXPUNGE, locked message rows): the rows go (attachments and references by
+    cascade), their inboxes get the bytes back (negative deltas, no lock), then the
+    blobs' advisory locks in key order (byte order, as Python's sorted()), the counts,
+    and the rows nobody uses any more removed: their keys are :func:`freed_result`.
+    The deleted rows' folders are for :func:`mark_expunged_after_sql`."""
+    keys = _setting(_KEYS, "text")
+    delete = (
+        "WITH a AS (SELECT message_id, blob_key FROM attachments "
+        "           WHERE org_id = %s AND message_id = ANY(%s)), "
+        "d AS (DELETE FROM messages WHERE org_id = %s AND id = ANY(%s) "
+        "      RETURNING id, raw_blob_key, folder_id, inbox_id, size), "
+        "u AS (INSERT INTO inbox_usage_deltas (org_id, inbox_id, bytes, created_at) "
+        "      SELECT %s, d.inbox_id, -sum(d.size), %s FROM d GROUP BY d.inbox_id) "
+        f"SELECT set_config('{_KEYS}', COALESCE((SELECT array_agg(k.k)::text FROM ("
+        "    SELECT d.raw_blob_key AS k FROM d UNION ALL "
+        "    SELECT a.blob_key FROM a JOIN d ON d.id = a.message_id) AS k "
+        "  WHERE k.k IS NOT NULL), '{}'), true), "
+        f"set_config('{_FOLDERS}', COALESCE((SELECT array_agg(DISTINCT d.folder_id)::text "
+        "  FROM d), '{}'), true)")
+    release = (
+        "SELECT pg_advisory_xact_lock(hashtextextended(s.k, 7)) FROM ("
+        f"  SELECT k FROM (SELECT DISTINCT k FROM unnest({keys}) AS k) AS d "
+        "  ORDER BY k COLLATE \"C\") AS s; "
+        "UPDATE blobs b SET refcount = b.refcount - c.n "
+        f"FROM (SELECT k, count(*) AS n FROM unnest({keys}) AS k GROUP BY k) AS c "
+        "WHERE b.key = c.k; "
+        f"WITH r AS (DELETE FROM blobs WHERE key = ANY({keys}) AND refcount <= 0 "
+        "           RETURNING key) "
+        f"SELECT set_config('{_FREED}', COALESCE((SELECT array_agg(r.key ORDER BY r.key "
+        "  COLLATE \"C\")::text FROM r), '{}'), true)")
+    return (f"{delete}; {release}",
+            [org_id, message_ids, org_id, message_ids, org_id, now])
+
+
+def mark_expunged_after_sql(org_id: str) -> tuple[str, list[Any]]:
+    """:func:`mark_expunged_sql` and :func:`notify_sql` for the folders of the rows
+    :func:`expunge_messages_sql` deleted (none: nothing)."""
+    folders = _setting(_FOLDERS, "bigint")
+    return ("UPDATE folders f SET highestmodseq = f.highestmodseq + 1, "
+            "expunged_modseq = f.highestmodseq + 1 "
+            f"FROM (SELECT id FROM folders WHERE org_id = %s AND id = ANY({folders}) "
+            "      ORDER BY id FOR NO KEY UPDATE) AS l WHERE f.org_id = %s AND f.id = l.id; "
+            f"SELECT pg_notify(%s, f::text) FROM unnest({folders}) AS f ORDER BY f",
+            [org_id, org_id, MAIL_CHANNEL])
+
+
+def freed_result() -> tuple[str, list[Any]]:
+    """A :func:`commit_with` result after :func:`expunge_messages_sql`: the keys of the
+    blobs nobody references any more (the caller removes them from the store)."""
+    return _setting(_FREED, "text"), []
+
+
 def copy_messages_sql(org_id: str, message_ids: list[str], new_ids: list[str],
                       folder_id: int, now: Any) -> tuple[str, list[Any]]:
     """Copies of messages (rows, Message-ID references, attachment rows) into a folder,
@@ -108,7 +175,7 @@ def copy_messages_sql(org_id: str, message_ids: list[str], new_ids: list[str],
         "received_at, headers, text_body, html_body, extracted_text, preview, size, "
         "raw_blob_key, has_attachments, labels, seen, flagged, answered, draft, deleted, "
         "envelope_from, envelope_to, created_at, imap_envelope, imap_bodystructure, "
-        "imap_body, imap_sections, " + _INDEX_COLUMNS + ") "
+        "imap_body, imap_sections, internal_date_zone, " + _INDEX_COLUMNS + ") "
         "SELECT m.org_id, x.dst, m.environment_id, m.inbox_id, m.thread_id, %s, "
         "f.first_uid + x.ord - 1, f.highestmodseq, m.direction, m.message_id_header, "
         "m.in_reply_to, m.reference_ids, m.subject, m.from_address, m.to_addresses, "
@@ -116,7 +183,7 @@ def copy_messages_sql(org_id: str, message_ids: list[str], new_ids: list[str],
         "m.text_body, m.html_body, m.extracted_text, m.preview, m.size, m.raw_blob_key, "
         "m.has_attachments, m.labels, m.seen, m.flagged, m.answered, m.draft, m.deleted, "
         "m.envelope_from, m.envelope_to, %s, m.imap_envelope, m.imap_bodystructure, "
-        "m.imap_body, m.imap_sections, "
+        "m.imap_body, m.imap_sections, m.internal_date_zone, "
         + ", ".join("m." + c.strip() for c in _INDEX_COLUMNS.split(",")) + " "
         f"FROM f, {src} JOIN messages m ON m.org_id = %s AND m.id = x.src ORDER BY x.ord; "
         "INSERT INTO message_refs (org_id, inbox_id, ref, message_id) "

@@ -135,10 +135,19 @@ async def refresh_threads(txn: Txn, org_id: str, thread_ids: list[str], *,
     order first (two changes over the same threads cannot deadlock); with
     ``drop_empty``, threads left without messages are removed (threads exist only
     while they have messages)."""
+    if thread_ids:
+        await txn.execute(*lock_and_refresh_sql(org_id, thread_ids, txn.now,
+                                                drop_empty=drop_empty))
+
+
+def lock_and_refresh_sql(org_id: str, thread_ids: list[str], now: Any, *,
+                         drop_empty: bool = False) -> tuple[str, list[Any]]:
+    """:func:`refresh_threads` as (sql, params), to ride in another round trip (IMAP
+    EXPUNGE sends it with its COMMIT); ("", []) for no threads."""
     ids = sorted(set(thread_ids))
     if not ids:
-        return
-    refresh, params = refresh_threads_sql(org_id, ids, txn.now)
+        return "", []
+    refresh, params = refresh_threads_sql(org_id, ids, now)
     sql = ("SELECT 1 FROM threads WHERE org_id = %s AND id = ANY(%s) ORDER BY id "
            "FOR NO KEY UPDATE; " + refresh)
     params = [org_id, ids, *params]
@@ -146,7 +155,7 @@ async def refresh_threads(txn: Txn, org_id: str, thread_ids: list[str], *,
         sql += ("; DELETE FROM threads WHERE org_id = %s AND id = ANY(%s) AND NOT EXISTS ("
                 "SELECT 1 FROM messages WHERE org_id = %s AND thread_id = threads.id)")
         params += [org_id, ids, org_id]
-    await txn.execute(sql, params)
+    return sql, params
 
 
 async def add_to_thread(txn: Txn, org_id: str, thread_id: str, *, received_at: Any,
