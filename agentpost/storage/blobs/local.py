@@ -279,9 +279,13 @@ class LocalBlobStore:
         return True
 
     async def exists(self, key: str) -> bool:
-        """Whether the blob is stored (an unreadable store raises StorageFailure)."""
+        """Whether the blob is stored (an unreadable store raises StorageFailure).
+
+        One stat, done here rather than in a worker thread: ingest asks this for every
+        new blob inside its open transaction, where a thread-pool round trip costs far
+        more CPU and lock time than a stat of a file the store itself just wrote."""
         validate_key(key)
-        return await self._run(self._exists_sync, key)
+        return self._guarded(self._exists_sync, key)
 
     def _delete_sync(self, key: str) -> None:
         path = self._path(key)
