@@ -67,7 +67,8 @@ async def _key(server, owner: str) -> str:
 
 
 @pytest_twisted.ensureDeferred
-async def test_smtp_on_process_a_reaches_a_websocket_and_idle_on_process_b(server, db_dsn, tmp_path):
+async def test_smtp_on_process_a_reaches_a_websocket_and_idle_on_process_b(server, db_dsn,
+                                                                           tmp_path):
     _, owner = await server.new_org()
     inbox = (await server.api.post("/api/v1/inboxes", {"username": "fan"}, key=owner)).json
     _, owner_b = await server.new_org("Other")
