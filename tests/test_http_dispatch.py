@@ -105,3 +105,15 @@ async def test_klein_still_answers_what_the_tree_leaves(server):
     assert wrong.status == 405
     assert (await api.get("/api/v1/openapi.json")).status == 200
     assert (await api.get("/healthz")).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_doubled_slashes_are_a_json_404_not_a_redirect(server):
+    """werkzeug merges "//" with a 308 whose Location comes from the Host header and
+    whose body is HTML; the API answers its JSON 404 instead (fast path or not)."""
+    _, owner = await server.new_org()
+    for path in ("/api/v1//inboxes", "/api/v1/inboxes//x", "/api/v1//webhooks"):
+        resp = await server.api.get(path, key=owner)
+        assert resp.status == 404, (path, resp.status, resp.body[:80])
+        assert resp.json["error"]["type"] == "not_found"
+        assert "location" not in {k.lower() for k in resp.headers}

@@ -187,6 +187,11 @@ class FastKlein(Klein):
         super().__init__()
         self._tree = RouteTree()
         self._table_rules: set[str] = set()
+        # werkzeug would answer "/api/v1//inboxes" with a 308 to the merged path, an
+        # HTML body and a Location built from the client's Host header; an API answers
+        # an unknown path with its JSON 404 instead. Set before any rule is added:
+        # rules take the map's setting when they are bound.
+        self.url_map.merge_slashes = False
 
     def add_table_route(self, method: str, path: str, klein_path: str,
                         endpoint: Endpoint) -> None:
