@@ -23,7 +23,7 @@ from agentpost.dev.embedded_pg import EmbeddedPostgres
 from agentpost.storage.migrations import migrate
 from tests.helpers import ApiClient, OpenAPIChecker
 
-pytest_plugins = ["tests.aws"]
+pytest_plugins = ["tests.aws", "tests.webhook_receiver"]
 
 TEMPLATE = "agentpost_template"
 _counter = itertools.count(1)

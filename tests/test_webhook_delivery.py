@@ -23,7 +23,7 @@ from agentpost.webhooks.worker import DISABLE_AFTER, RETRY_DELAYS_S, WebhookWork
 from tests.conftest import make_config, start_server
 from tests.helpers import query
 from tests.mailfactory import make_message
-from tests.webhook_receiver import Receiver, wait_for
+from tests.webhook_receiver import wait_for
 
 
 @pytest_twisted.async_yield_fixture
@@ -33,14 +33,6 @@ async def server(db_dsn, openapi_checker):
         make_config(db_dsn, webhooks={"allow_networks": ["127.0.0.0/8"]}), openapi_checker)
     yield running
     await running.service.stopService()
-
-
-@pytest_twisted.async_yield_fixture
-async def receiver():
-    r = Receiver()
-    r.start()
-    yield r
-    await r.stop()
 
 
 async def _hook(server, key, url, **extra):

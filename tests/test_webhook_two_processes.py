@@ -19,7 +19,7 @@ from tests.conftest import _DEV_TLS, make_config, start_server
 from tests.helpers import query
 from tests.mailfactory import make_message
 from tests.second_process import SecondProcess
-from tests.webhook_receiver import Receiver, wait_for
+from tests.webhook_receiver import wait_for
 
 N = 40
 
@@ -31,14 +31,6 @@ async def server(db_dsn, openapi_checker):
         "allow_networks": ["127.0.0.0/8"], "poll_interval": "200ms"}), openapi_checker)
     yield running
     await running.service.stopService()
-
-
-@pytest_twisted.async_yield_fixture
-async def receiver():
-    r = Receiver()
-    r.start()
-    yield r
-    await r.stop()
 
 
 def _second(tmp_path, db_dsn, server) -> SecondProcess:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.web import resource, server
 
@@ -53,3 +54,13 @@ async def wait_for(predicate: Any, tries: int = 400) -> None:
             return
         await task.deferLater(reactor, 0.02, lambda: None)
     raise AssertionError("condition not reached")
+
+
+@pytest_twisted.async_yield_fixture
+async def receiver() -> Any:
+    """A started Receiver on loopback, stopped after the test (a plugin of
+    tests/conftest.py, so every webhook test module shares this one fixture)."""
+    r = Receiver()
+    r.start()
+    yield r
+    await r.stop()
