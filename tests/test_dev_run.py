@@ -33,3 +33,36 @@ def test_the_readme_names_both_places():
     """The README used to say ./var/pg only, which is wrong as root."""
     text = " ".join(README.read_text(encoding="utf-8").split())
     assert "`./var/pg/data`" in text and "/var/tmp/agentpost-pg-<hash>-pg/data" in text
+
+
+def test_a_new_checkout_in_the_same_place_gets_a_new_cluster(tmp_path):
+    """As root the cluster lives under /var/tmp, named after the checkout's path; a
+    clone made again at that path (var/ gone) must not inherit the old database, whose
+    demo organization it could not use ("The address demo@... is already taken")."""
+    var = tmp_path / "var"
+    first = EmbeddedPostgres(var, fsync=False, name="reclone")
+    first.start()
+    try:
+        import psycopg2
+
+        conn = psycopg2.connect(first.dsn())
+        conn.autocommit = True
+        conn.cursor().execute("CREATE TABLE left_behind (x int)")
+        conn.close()
+        first.stop()
+        kept_outside = first.data_dir.is_dir() and not first.data_dir.is_relative_to(var)
+        import shutil
+
+        shutil.rmtree(var)  # the checkout is deleted and cloned again at the same path
+        second = EmbeddedPostgres(var, fsync=False, name="reclone")
+        second.start()
+        conn = psycopg2.connect(second.dsn())
+        cur = conn.cursor()
+        cur.execute("SELECT to_regclass('left_behind') IS NULL")
+        fresh = cur.fetchone()[0]
+        conn.close()
+        # not root: the cluster lived inside var/ and went with it; root: it was dropped
+        assert fresh, "the new checkout inherited the old cluster"
+        assert kept_outside == (os.geteuid() == 0)
+    finally:
+        EmbeddedPostgres(var, fsync=False, name="reclone").destroy()

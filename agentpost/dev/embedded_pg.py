@@ -407,6 +407,12 @@ class EmbeddedPostgres:
         running keeps the ones it was started with.
         """
         with self._locked():
+            if self._as_root and self._initialised() and not self._pointer_path.exists():
+                # As root the cluster lives outside var_dir, under a name derived from
+                # the checkout's path. Its pointer gone means var_dir was deleted (a new
+                # clone in the same place): the old cluster, with the old demo
+                # organization whose key nobody has any more, goes with it.
+                self.destroy()
             bindir = self._bindir_for_cluster()
             self._prepare_dirs()
             if not self._initialised():
