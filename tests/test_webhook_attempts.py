@@ -16,7 +16,7 @@ from tests.helpers import query
 
 # Fixtures and helpers of the delivery tests: the server allowed to call loopback, a
 # receiver, and a worker on a task.Clock.
-from tests.test_webhook_delivery import _hook, receiver, rig, server  # noqa: F401
+from tests.test_webhook_delivery import _hook, rig, server  # noqa: F401
 
 
 def _at(value: str) -> datetime:
