@@ -146,6 +146,7 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
         connect_timeout_s=config.database.connect_timeout,
         statement_timeout_s=config.database.statement_timeout,
         retries=config.database.retries,
+        prepare_threshold=config.database.prepare_threshold,
     )
     audit = AuditTrail(db, clock, config.audit.flush_interval, config.audit.max_buffer)
     blobs = build_blob_store(config, reactor)

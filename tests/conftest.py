@@ -116,12 +116,19 @@ def dev_tls() -> Any:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+_PREPARE_THRESHOLD = int(os.environ.get("AGENTPOST_TEST_PREPARE_THRESHOLD", "1"))
+
+
 def make_config(dsn: str, **overrides: dict[str, Any]) -> Any:
     """A test configuration: ephemeral port, the given database, sections overridable."""
     data: dict[str, dict[str, Any]] = {
         "tls": {"cert": _DEV_TLS["cert"], "key": _DEV_TLS["key"]} if _DEV_TLS else {},
         "server": {"hostname": "mx.test", "environment": "development"},
-        "database": {"url": dsn, "pool_size": 5, "connect_timeout": "2s", "retries": 2},
+        # Threshold 1: every statement takes the prepared path (storage.prepared) from its
+        # first use, the strictest setting; AGENTPOST_TEST_PREPARE_THRESHOLD=0 runs the
+        # suite with plain statements.
+        "database": {"url": dsn, "pool_size": 5, "connect_timeout": "2s", "retries": 2,
+                     "prepare_threshold": _PREPARE_THRESHOLD},
         "http": {"port": 0},
         "rate_limit": {"rate": 1000.0, "burst": 5000},
         "audit": {"flush_interval": "50ms"},

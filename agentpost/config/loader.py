@@ -158,6 +158,8 @@ def _check(config: Config) -> None:
                           "activation): worker copies bind their own ports")
     if config.database.pool_size < 1:
         raise ConfigError("database.pool_size", "must be at least 1")
+    if config.database.prepare_threshold < 0:
+        raise ConfigError("database.prepare_threshold", "must be 0 (off) or more")
     if not 0 <= config.http.port < 65536:
         raise ConfigError("http.port", "must be between 0 (any free port) and 65535")
     if config.http.tls and not (config.tls.cert and config.tls.key):

@@ -57,6 +57,11 @@ class DatabaseSection:
         "30s", "PostgreSQL cancels any single statement running longer than this.", "duration"
     )
     retries: int = opt(3, "Retries of a transaction after a serialization failure or lost link.")
+    prepare_threshold: int = opt(
+        3, "A statement this process has run this many times is prepared on the server "
+        "(PREPARE/EXECUTE), so PostgreSQL plans it once per connection instead of every "
+        "time. 0 turns it off: required behind a pooler that moves a client between "
+        "server sessions (PgBouncer in transaction or statement mode).")
 
 
 @dataclass

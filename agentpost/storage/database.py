@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from txpostgres import txpostgres
 
 from agentpost.model.errors import AgentPostError, Conflict, InvalidRequest, TemporaryFailure
+from agentpost.storage.prepared import Preparer, Session, StatementCache, plan_invalidated
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,15 @@ _LINK_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError, txpostgres.R
 class Txn:
     """A transaction in progress: run statements, register after-commit work."""
 
-    def __init__(self, cursor: Any, now: datetime, begin: str | None = None) -> None:
+    def __init__(self, cursor: Any, now: datetime, begin: str | None = None,
+                 preparer: Preparer | None = None) -> None:
         self._cursor = cursor
         self.now = now
+        self._preparer = preparer
+        #: Inside BEGIN ... COMMIT (a failed PREPARE needs a savepoint there).
+        self._in_txn = False
+        #: A prepared plan went stale under a statement (a table changed): run again.
+        self.replan = False
         self._after_commit: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
         #: Per-transaction scratch space of the stores (storage.message_bodies).
         self.memo: dict[str, Any] = {}
@@ -50,12 +57,20 @@ class Txn:
         return self._begin is None
 
     async def _send(self, sql: str, params: Any) -> None:
+        if self._preparer is not None:
+            sql = await self._preparer.rewrite(self._cursor, sql, params, in_txn=self._in_txn)
         if self._begin is not None:
             # Simple-query protocol: both statements run in order in one message; an
             # error in either aborts the transaction exactly as two messages would.
             sql, self._begin = f"{self._begin}; {sql}", None
+            self._in_txn = True
         try:
             await self._cursor.execute(sql, params)
+        except psycopg2.Error as exc:
+            if self._preparer is not None and plan_invalidated(exc) and "EXECUTE ap_" in sql:
+                self._preparer.session.reset = True
+                self.replan = True
+            raise
         except (ValueError, UnicodeEncodeError) as exc:
             # psycopg2 refused to adapt a parameter before sending anything: a NUL in a
             # string ("A string literal cannot contain NUL"), a lone surrogate. The
@@ -122,6 +137,7 @@ class Database:
         statement_timeout_s: float = 30.0,
         retries: int = 3,
         application_name: str = "agentpost",
+        prepare_threshold: int = 3,
     ) -> None:
         self._dsn = dsn
         self._clock = clock
@@ -135,6 +151,8 @@ class Database:
         self._open = 0
         self._waiters: deque[defer.Deferred[None]] = deque()
         self._closed = False
+        #: Statements run this often are prepared (storage.prepared; 0: never).
+        self.statements = StatementCache(prepare_threshold)
 
     def now(self) -> datetime:
         """The injected clock's time, as SQL parameters want it."""
@@ -207,6 +225,16 @@ class Database:
             self._idle.append(conn)
         self._wake_one()
 
+    def _preparer(self, conn: txpostgres.Connection) -> Preparer | None:
+        """The statement rewriter of ``conn``'s database session."""
+        if not self.statements.enabled:
+            return None
+        session = getattr(conn, "_agentpost_session", None)
+        if session is None:  # a new connection: a new session, nothing prepared
+            session = Session()
+            conn._agentpost_session = session
+        return Preparer(self.statements, session, self._clock.seconds())
+
     def _discard(self, conn: txpostgres.Connection) -> None:
         self._open -= 1
         try:
@@ -240,7 +268,8 @@ class Database:
         while True:
             attempt += 1
             conn = await self._acquire()
-            txn = Txn(conn.cursor(), self.now(), f"BEGIN ISOLATION LEVEL {isolation.upper()}")
+            txn = Txn(conn.cursor(), self.now(), f"BEGIN ISOLATION LEVEL {isolation.upper()}",
+                      self._preparer(conn))
             committing = False
             try:
                 result = await fn(txn, *args, **kwargs)
@@ -250,7 +279,7 @@ class Database:
             except BaseException as exc:
                 await self._rollback_quietly(conn)
                 self._release(conn)
-                if isinstance(exc, _RETRYABLE_TXN) and attempt <= self._retries:
+                if (isinstance(exc, _RETRYABLE_TXN) or txn.replan) and attempt <= self._retries:
                     log.info("%s: %s, retrying (attempt %d)", desc, type(exc).__name__, attempt)
                     continue
                 if isinstance(exc, _LINK_ERRORS + _RETRYABLE_TXN):
@@ -309,10 +338,13 @@ class Database:
         while True:
             attempt += 1
             conn = await self._acquire()
+            txn = Txn(conn.cursor(), self.now(), None, self._preparer(conn))
             try:
-                result = await fn(Txn(conn.cursor(), self.now()), *args, **kwargs)
+                result = await fn(txn, *args, **kwargs)
             except BaseException as exc:
                 self._release(conn)
+                if txn.replan and attempt <= self._retries:
+                    continue
                 if isinstance(exc, _LINK_ERRORS):
                     if attempt <= self._retries and _link_error(exc):
                         log.warning("%s: database link lost, retrying", desc)

@@ -108,22 +108,31 @@ async def prepare_delivery(txn: Txn, *, org_id: str, inbox_id: str, folder_name:
         counts[key] = counts.get(key, 0) + 1
         sizes[key] = size
     keys = sorted(counts)
-    sql, params = "", []
-    if keys:
-        sql = ("SELECT pg_advisory_xact_lock(hashtextextended(k, 7)) "
-               "FROM (SELECT k FROM unnest(%s::text[]) AS k ORDER BY k) AS s; ")
-        params = [keys]
+    # One blob (a message without attachments, the common case) gets a one-row text:
+    # fed a one-element array, the prepared statement's generic plan would assume an
+    # unnest of 100 rows and PostgreSQL would keep planning it afresh (storage.prepared).
+    if len(keys) == 1:
+        sql = "SELECT pg_advisory_xact_lock(hashtextextended(%s::text, 7)); "
+        rows_sql = "(VALUES (%s::text, %s::bigint, %s::int)) AS x(k, s, n)"
+        params: list[Any] = [keys[0], txn.now, keys[0], sizes[keys[0]], counts[keys[0]]]
+    else:
+        sql, params = "", []
+        if keys:
+            sql = ("SELECT pg_advisory_xact_lock(hashtextextended(k, 7)) "
+                   "FROM (SELECT k FROM unnest(%s::text[]) AS k ORDER BY k) AS s; ")
+            params = [keys]
+        rows_sql = "unnest(%s::text[], %s::bigint[], %s::int[]) AS x(k, s, n)"
+        params += [txn.now, keys, [sizes[k] for k in keys], [counts[k] for k in keys]]
     row = await txn.fetchone_required(
         sql + "WITH b AS (INSERT INTO blobs (key, size, refcount, created_at) "
-        "  SELECT k, s, n, %s FROM unnest(%s::text[], %s::bigint[], %s::int[]) AS x(k, s, n) "
+        f"  SELECT k, s, n, %s FROM {rows_sql} "
         "  ON CONFLICT (key) DO UPDATE SET refcount = blobs.refcount + EXCLUDED.refcount "
         "  RETURNING key, (xmax = 0) AS inserted) "
         "SELECT ARRAY(SELECT key FROM b WHERE inserted ORDER BY key) AS new_blobs, "
         "  (SELECT row_to_json(f) FROM (SELECT id, name, special_use, uidvalidity "
         "     FROM folders WHERE org_id = %s AND inbox_id = %s AND name = %s) AS f) AS folder, "
         f"  {thread[0]} AS thread_id",
-        [*params, txn.now, keys, [sizes[k] for k in keys], [counts[k] for k in keys],
-         org_id, inbox_id, folder_name, *thread[1]])
+        [*params, org_id, inbox_id, folder_name, *thread[1]])
     return row
 
 

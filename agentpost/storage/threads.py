@@ -22,37 +22,52 @@ async def find_thread(txn: Txn, org_id: str, inbox_id: str, message_id: str | No
     """
     if not related_ids and not message_id:
         return None
-    rows = await txn.fetchall(_FIND_SQL, _find_params(org_id, inbox_id, message_id,
-                                                      related_ids))
+    sql, params = _find(org_id, inbox_id, message_id, related_ids)
+    rows = await txn.fetchall(sql, params)
     if not rows:
         return None
     thread_id: str = min(rows, key=lambda r: (r["kind"], r["id"]))["thread_id"]
     return thread_id
 
 
-_FIND_SQL = (
+_PARENTS_SQL = (
     "SELECT 0 AS kind, x.id, x.thread_id FROM unnest(%s::text[]) AS p(ref) "
     "CROSS JOIN LATERAL (SELECT m.id, m.thread_id FROM messages m "
     "  WHERE m.org_id = %s AND m.inbox_id = %s AND m.message_id_header = p.ref "
-    "  LIMIT 1) AS x "
-    "UNION ALL "
-    "(SELECT 1, r.message_id, m.thread_id FROM message_refs r JOIN messages m "
-    "   ON m.org_id = r.org_id AND m.id = r.message_id "
+    "  LIMIT 1) AS x")
+_CHILDREN_SQL = (
+    "(SELECT 1 AS kind, r.message_id AS id, m.thread_id FROM message_refs r "
+    "   JOIN messages m ON m.org_id = r.org_id AND m.id = r.message_id "
     "  WHERE r.org_id = %s AND r.inbox_id = %s AND r.ref = %s "
     "  ORDER BY r.message_id LIMIT 1)")
 
 
-def _find_params(org_id: str, inbox_id: str, message_id: str | None,
-                 related_ids: list[str]) -> list[Any]:
-    return [related_ids, org_id, inbox_id, org_id, inbox_id, message_id]
+def _find(org_id: str, inbox_id: str, message_id: str | None,
+          related_ids: list[str]) -> tuple[str, list[Any]]:
+    """The probes this message needs, and only those: a probe that cannot match (no
+    parents to look up, no Message-ID to be referenced by) is left out of the text
+    rather than fed an empty array or a NULL, so a prepared statement's generic plan
+    costs what a custom one would and PostgreSQL stops planning it every time
+    (storage.prepared)."""
+    parts: list[str] = []
+    params: list[Any] = []
+    if related_ids:
+        parts.append(_PARENTS_SQL)
+        params += [related_ids, org_id, inbox_id]
+    if message_id:
+        parts.append(_CHILDREN_SQL)
+        params += [org_id, inbox_id, message_id]
+    return " UNION ALL ".join(parts), params
 
 
 def find_thread_sql(org_id: str, inbox_id: str, message_id: str | None,
                     related_ids: list[str]) -> tuple[str, list[Any]]:
     """:func:`find_thread` as a scalar subquery (NULL: a new thread), to ride in another
     statement: the earliest of the few rows the probes find."""
-    return (f"(SELECT f.thread_id FROM ({_FIND_SQL}) AS f ORDER BY f.kind, f.id LIMIT 1)",
-            _find_params(org_id, inbox_id, message_id, related_ids))
+    if not related_ids and not message_id:
+        return "NULL::text", []
+    sql, params = _find(org_id, inbox_id, message_id, related_ids)
+    return f"(SELECT f.thread_id FROM ({sql}) AS f ORDER BY f.kind, f.id LIMIT 1)", params
 
 
 async def insert_thread(txn: Txn, *, org_id: str, thread_id: str, environment_id: str,
