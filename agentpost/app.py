@@ -75,7 +75,7 @@ from agentpost.storage.keys import KEY_CHANNEL
 from agentpost.storage.mail import MAIL_CHANNEL
 from agentpost.storage.notify import Notifier
 from agentpost.webhooks.ssrf import SSRFGuard
-from agentpost.webhooks.worker import EventsWakeup, WebhookWorker
+from agentpost.webhooks.worker import DeliveriesWakeup, WebhookWorker
 from agentpost.ws.hub import EventHub
 from agentpost.ws.protocol import StreamSettings
 from agentpost.ws.resource import build_ws_resource, mount_websocket
@@ -195,7 +195,7 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
         db, guard, domains.sealer, reactor=reactor, clock=clock,
         concurrency=hooks_cfg.concurrency, lease_s=hooks_cfg.lease,
         poll_s=hooks_cfg.poll_interval,
-        wakeup=EventsWakeup(config.database.url, reactor=reactor, clock=clock))
+        wakeup=DeliveriesWakeup(config.database.url, reactor=reactor, clock=clock))
     return Core(
         db=db, audit=audit,
         organizations=Organizations(db, audit),

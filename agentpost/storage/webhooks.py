@@ -20,6 +20,9 @@ from psycopg2.extras import Json
 
 from agentpost.storage.database import Txn
 
+#: Notified by the fan-out trigger when an event created deliveries (migration 0033).
+WAKEUP_CHANNEL = "agentpost_webhooks"
+
 _COLS = ("id, url, description, event_types, inbox_id, environment_ids, enabled, "
          "consecutive_failures, disabled_reason, previous_expires_at, created_at, "
          "updated_at")

@@ -8,8 +8,9 @@ Outcomes are recorded fenced by attempt number, each attempt also as a row of th
 delivery's history (``webhook_attempts``: status, latency, capped error and body
 excerpt, next retry) in the same statement.
 
-Schedule: the first attempt as soon as the event commits (LISTEN on the events channel
-wakes every process), then retries after 30 s, 2 min, 10 min, 1 h and 4 h; after the
+Schedule: the first attempt as soon as the event commits (the fan-out trigger NOTIFYs
+``agentpost_webhooks`` when it created a delivery, which wakes every process; events
+no endpoint wants wake nobody), then retries after 30 s, 2 min, 10 min, 1 h and 4 h; after the
 sixth failed attempt the delivery is failed. Each attempt has 30 s; 2xx is success;
 redirects are not followed; at most :data:`BODY_CAP` bytes of the answer are read. An
 endpoint is disabled after :data:`DISABLE_AFTER` consecutive failed attempts, with a
@@ -37,7 +38,7 @@ from agentpost.model.ids import new_id
 from agentpost.storage import events as event_store
 from agentpost.storage import webhooks as store
 from agentpost.storage.database import Database, Txn
-from agentpost.storage.mail import EVENTS_CHANNEL, insert_event
+from agentpost.storage.mail import insert_event
 from agentpost.storage.notify import Notifier
 from agentpost.webhooks.signing import signed_headers
 from agentpost.webhooks.ssrf import SSRFGuard, pinned_agent
@@ -53,12 +54,12 @@ EXCERPT_CAP = store.EXCERPT_CAP  # bytes of an answer kept with its attempt
 USER_AGENT = "AgentPost-Webhooks/1"
 
 
-class EventsWakeup(Notifier):
-    """LISTEN on the events channel; every notification wakes every watcher (the
-    payload is an event, not a key)."""
+class DeliveriesWakeup(Notifier):
+    """LISTEN on the channel the fan-out trigger notifies when it created webhook
+    deliveries (migration 0033); every notice wakes every watcher."""
 
     def __init__(self, dsn: str, *, reactor: Any, clock: IReactorTime) -> None:
-        super().__init__(dsn, EVENTS_CHANNEL, reactor=reactor, clock=clock)
+        super().__init__(dsn, store.WAKEUP_CHANNEL, reactor=reactor, clock=clock)
 
     def _on_notify(self, notify: Any) -> None:
         self._dispatch(None)
