@@ -40,8 +40,10 @@ import asyncio
 import base64
 import email.utils
 import json
+import os
 import signal
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -185,10 +187,12 @@ class SMTPSink:
 
 
 def write_config(h: Harness, *, sink_port: int, smarthost: bool, limits: bool,
-                 submission_port: int, tls: tuple[str, str]) -> None:
+                 submission_port: int, tls: tuple[str, str],
+                 extra_outbound: tuple[str, ...] = ()) -> None:
     out = ['transport = "smtp"', 'smtp_host = "127.0.0.1"', f"smtp_port = {sink_port}",
            'smtp_tls = "none"', "smtp_tls_verify = false"] if smarthost else [
            'transport = "log"']
+    out += extra_outbound
     lines = [
         "# Written by bench/outbound_bench.py", "[server]", 'hostname = "bench.localhost"',
         'environment = "development"', "workers = 2", "", "[database]",
@@ -197,7 +201,9 @@ def write_config(h: Harness, *, sink_port: int, smarthost: bool, limits: bool,
         f"mx_port = {h.mx_port}", 'submission_bind = "127.0.0.1"',
         f"submission_port = {submission_port}", "submissions_port = -1",
         "max_connections_per_ip = 1000", "", "[tls]", f"cert = {toml_str(tls[0])}",
-        f"key = {toml_str(tls[1])}", "", "[storage]", 'backend = "local"',
+        f"key = {toml_str(tls[1])}", "",
+        "# Not measured here; off so that the default ports (143/993) need not be free.",
+        "[imap]", "enabled = false", "", "[storage]", 'backend = "local"',
         f"path = {toml_str(str(h.tmp / 'blobs'))}", "", "[mail]",
         f"shared_domain = {toml_str(SHARED_DOMAIN)}", "", "[rate_limit]", "enabled = false",
         "", "[outbound]", *out, "", "[logging]", 'level = "warn"', "",
@@ -292,7 +298,14 @@ async def run_submission(h: Harness, port: int, ctx: Any, senders: list[Sender],
             "p50_ms": api_bench.percentile(lat, 50) * 1000,
             "p99_ms": api_bench.percentile(lat, 99) * 1000,
             "server_cpu_s": cpu1[0] - cpu0[0], "postgres_cpu_s": cpu1[1] - cpu0[1],
+            "server_ms_per_msg": per_msg(cpu1[0] - cpu0[0], stats["in_window"]),
+            "postgres_ms_per_msg": per_msg(cpu1[1] - cpu0[1], stats["in_window"]),
             "pg_waits": waits["avg_backends"]}
+
+
+def per_msg(cpu_s: float, n: int) -> float:
+    """CPU milliseconds per message (what judges a change on a shared, noisy machine)."""
+    return cpu_s * 1000 / n if n else float("nan")
 
 
 # --------------------------------------------------------------------------- (c) send API
@@ -318,7 +331,9 @@ async def run_api_send(h: Harness, inboxes: list[dict[str, Any]], key: str, warm
     return {"msgs_per_s": len(lat) / duration, "statuses": run.statuses, "errors": run.errors,
             "p50_ms": api_bench.percentile(lat, 50) * 1000,
             "p99_ms": api_bench.percentile(lat, 99) * 1000,
-            "server_cpu_s": run.server_cpu, "postgres_cpu_s": run.postgres_cpu}
+            "server_cpu_s": run.server_cpu, "postgres_cpu_s": run.postgres_cpu,
+            "server_ms_per_msg": per_msg(run.server_cpu, len(lat)),
+            "postgres_ms_per_msg": per_msg(run.postgres_cpu, len(lat))}
 
 
 def api_bench_rng() -> Any:
@@ -341,11 +356,31 @@ def wait_queue_empty(h: Harness, timeout_s: float) -> int:
     return left
 
 
-def requeue_everything(h: Harness) -> int:
+def requeue_everything(h: Harness, at_least: int = 0) -> int:
     """Every queue row due again, with its blob reference taken back (the finished
-    attempt released it); returns the recipients queued."""
+    attempt released it), and copies of them (new ids, same message) until there are
+    ``at_least`` rows; returns the recipients queued."""
     with h.db.cursor() as cur:
         cur.execute("BEGIN")
+        cur.execute("SELECT count(*) FROM outbound_queue")
+        have = int(cur.fetchone()[0])
+        copies = -(-at_least // have) - 1 if have and at_least > have else 0
+        if copies:
+            cur.execute(
+                "CREATE TEMP TABLE c ON COMMIT DROP AS SELECT q.id AS old, "
+                "q.id || '-c' || g AS id FROM outbound_queue q, generate_series(1, %s) g",
+                (copies,))
+            cur.execute(
+                "INSERT INTO outbound_queue (org_id, id, environment_id, inbox_id, "
+                "message_id, raw_blob_key, size, mail_from, domain, status, next_attempt_at, "
+                "expires_at, created_at, updated_at) SELECT q.org_id, c.id, q.environment_id, "
+                "q.inbox_id, q.message_id, q.raw_blob_key, q.size, q.mail_from, q.domain, "
+                "'queued', now(), q.expires_at, q.created_at, now() FROM outbound_queue q "
+                "JOIN c ON c.old = q.id")
+            cur.execute(
+                "INSERT INTO outbound_recipients (org_id, queue_id, address, status, "
+                "updated_at) SELECT r.org_id, c.id, r.address, 'queued', now() "
+                "FROM outbound_recipients r JOIN c ON c.old = r.queue_id")
         cur.execute("UPDATE blobs b SET refcount = b.refcount + c.n FROM (SELECT "
                     "raw_blob_key, count(*) AS n FROM outbound_queue GROUP BY 1) c "
                     "WHERE b.key = c.raw_blob_key")
@@ -365,6 +400,7 @@ def measure_drain(h: Harness, sink: SMTPSink, sink_before: int, rows: int,
     first = last = None
     processes: set[str] = set()
     done = 0
+    cpu0 = (0.0, 0.0)
     while time.monotonic() < deadline:
         with h.db.cursor() as cur:
             cur.execute("SELECT count(*) FILTER (WHERE status = 'done'), "
@@ -375,6 +411,7 @@ def measure_drain(h: Harness, sink: SMTPSink, sink_before: int, rows: int,
         processes.update(leased or [])
         if done and first is None:
             first = (now, done)
+            cpu0 = tree_cpu(h.server_pid), tree_cpu(h.pg_pid())
         if done >= rows:
             last = now
             break
@@ -383,12 +420,31 @@ def measure_drain(h: Harness, sink: SMTPSink, sink_before: int, rows: int,
                               "processes_seen_leasing": len(processes)}
     if first is not None and last is not None and last > first[0]:
         result["rows_per_s"] = (rows - first[1]) / (last - first[0])
+        result["server_ms_per_msg"] = per_msg(tree_cpu(h.server_pid) - cpu0[0],
+                                              rows - first[1])
+        result["postgres_ms_per_msg"] = per_msg(tree_cpu(h.pg_pid()) - cpu0[1],
+                                                rows - first[1])
     time.sleep(0.5)
     result["sink_recipients"] = sink.recipients - sink_before
     return result
 
 
 # --------------------------------------------------------------------------- main
+
+
+def enable_statement_stats(h: Harness) -> None:
+    """pg_stat_statements on the bench cluster (a restart loads the library)."""
+    import psycopg2
+
+    with h.db.cursor() as cur:
+        cur.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+    h.db.close()
+    h.cluster.stop()
+    h.cluster.start()
+    h.db = psycopg2.connect(h.dsn)
+    h.db.autocommit = True
+    with h.db.cursor() as cur:
+        cur.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
 
 
 class OutboundBench:
@@ -401,7 +457,8 @@ class OutboundBench:
 
     def start_server(self, *, limits: bool) -> None:
         write_config(self.h, sink_port=self.sink.port, smarthost=self.smarthost,
-                     limits=limits, submission_port=self.submission_port, tls=self.tls)
+                     limits=limits, submission_port=self.submission_port, tls=self.tls,
+                     extra_outbound=tuple(self.args.outbound))
         if self.h.server_log is None:
             self.h.server_log = open(self.h.tmp / "server.log", "wb")
         self.h._spawn()  # the harness's own spawn, with our config
@@ -410,6 +467,8 @@ class OutboundBench:
         from agentpost.dev.tls import ensure_dev_tls
 
         self.report["postgres"] = self.h.start_postgres(fsync=True)
+        if self.args.stats:
+            await asyncio.to_thread(enable_statement_stats, self.h)
         self.sink.start()
         self.smarthost = smarthost_available()
         self.report["transport"] = "smtp (smarthost) to a local sink" if self.smarthost \
@@ -433,32 +492,87 @@ class OutboundBench:
         body = text_lines(SIZE - 260, api_bench_rng())
         self.senders = [Sender(inbox["email"], body, n) for n, inbox in enumerate(self.inboxes)]
 
+    def stats(self, name: str) -> None:
+        """Statements per message of the phase just measured (--stats)."""
+        if not self.args.stats:
+            return
+        with self.h.db.cursor() as cur:
+            cur.execute(
+                "SELECT calls, round(total_exec_time::numeric, 1), rows, left(regexp_replace("
+                "query, '\\s+', ' ', 'g'), 150) FROM pg_stat_statements "
+                "ORDER BY calls DESC LIMIT 40")
+            rows = cur.fetchall()
+            cur.execute("SELECT pg_stat_statements_reset()")
+        self.report[f"statements_{name}"] = rows
+        print(f"--- statements of {name} (calls, ms, rows, query)", flush=True)
+        for row in rows:
+            print(f"{row[0]:7d} {row[1]:9} {row[2]:7d}  {row[3]}", flush=True)
+
+    def reset_stats(self) -> None:
+        if self.args.stats:
+            with self.h.db.cursor() as cur:
+                cur.execute("SELECT pg_stat_statements_reset()")
+
+    def profile(self, name: str) -> subprocess.Popen[bytes] | None:
+        """py-spy on the server's processes for the measured window (--profile)."""
+        if not self.args.profile:
+            return None
+        out = f"{self.args.profile}-{name}.txt"
+        log(f"profiling into {out}")
+        return subprocess.Popen(
+            [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking",
+             *(["--gil"] if self.args.gil else []), "--subprocesses", "-p",
+             str(self.h.server_pid), "-r", "200", "-f", "raw", "-o", out, "-d",
+             str(int(self.args.warmup + self.args.duration))],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     async def accept_rates(self, label: str) -> None:
         a = self.args
-        log(f"(b) submission, {SESSIONS} sessions, 4 KiB, {label}")
-        self.report[f"submission_{label}"] = await run_submission(
-            self.h, self.submission_port, self.ctx, self.senders, self.send_key, a.warmup,
-            a.duration)
-        log(f"(c) send API, {SESSIONS} connections, 4 KiB, {label}")
-        self.report[f"api_send_{label}"] = await run_api_send(
-            self.h, self.inboxes, self.send_key, a.warmup, a.duration)
+        if "submission" in a.only:
+            log(f"(b) submission, {SESSIONS} sessions, 4 KiB, {label}")
+            spy = self.profile(f"submission-{label}")
+            self.reset_stats()
+            self.report[f"submission_{label}"] = await run_submission(
+                self.h, self.submission_port, self.ctx, self.senders, self.send_key,
+                a.warmup, a.duration)
+            self.stats(f"submission_{label}")
+            if spy is not None:
+                spy.wait()
+        if "api" in a.only:
+            log(f"(c) send API, {SESSIONS} connections, 4 KiB, {label}")
+            spy = self.profile(f"api-{label}")
+            self.reset_stats()
+            self.report[f"api_send_{label}"] = await run_api_send(
+                self.h, self.inboxes, self.send_key, a.warmup, a.duration)
+            self.stats(f"api_send_{label}")
+            if spy is not None:
+                spy.wait()
 
     async def run(self) -> None:
         await self.setup()
         await self.accept_rates("limits_off")
-        api_bench.stop_server(self.h.server)
-        await asyncio.to_thread(self.start_server, limits=True)
-        await self.accept_rates("limits_on")
+        if self.args.limits:
+            api_bench.stop_server(self.h.server)
+            await asyncio.to_thread(self.start_server, limits=True)
+            await self.accept_rates("limits_on")
+        if "drain" not in self.args.only:
+            return
         log("waiting for the queue to empty")
         left = wait_queue_empty(self.h, 90.0)
         self.report["queue_left_after_accept_runs"] = left
         api_bench.stop_server(self.h.server)
+        recipients = requeue_everything(self.h, self.args.drain_rows)
         rows = self.h.count("SELECT count(*) FROM outbound_queue")
-        recipients = requeue_everything(self.h)
         log(f"(a) drain: {rows} rows ({recipients} recipients) due, starting 2 processes")
         sink_before = self.sink.recipients
         await asyncio.to_thread(self.start_server, limits=False)
+        spy = self.profile("drain")
+        self.reset_stats()
         drain = measure_drain(self.h, self.sink, sink_before, rows, 120.0)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            spy.wait()
+        self.stats("drain")
         drain["exactly_once"] = (not self.smarthost) or drain["sink_recipients"] == recipients
         self.report["drain_2_processes"] = drain
 
@@ -477,12 +591,16 @@ def print_report(report: dict[str, Any]) -> None:
                   f"{sub['p99_ms']:.1f} ms, accepted {sub['accepted']}, committed "
                   f"{sub['committed']} ({'ok' if sub['committed_ok'] else 'MISMATCH'}), "
                   f"refused {sub['refused']}")
+            print(f"      CPU per message: server {sub['server_ms_per_msg']:.2f} ms, "
+                  f"PostgreSQL {sub['postgres_ms_per_msg']:.2f} ms")
             print(f"      PostgreSQL backends by state (avg): {sub['pg_waits']}")
         api = report.get(f"api_send_{label}")
         if api:
             print(f"(c) API send   {label:10s}: {api['msgs_per_s']:7.1f} msgs/s (201), "
                   f"p50 {api['p50_ms']:.1f} ms, p99 {api['p99_ms']:.1f} ms, errors "
                   f"{api['errors'] or 'none'}")
+            print(f"      CPU per message: server {api['server_ms_per_msg']:.2f} ms, "
+                  f"PostgreSQL {api['postgres_ms_per_msg']:.2f} ms")
         elif f"api_send_{label}" in report:
             print(f"(c) API send   {label:10s}: skipped (no route)")
     drain = report.get("drain_2_processes")
@@ -493,6 +611,10 @@ def print_report(report: dict[str, Any]) -> None:
               f"counted {drain['sink_recipients']} recipients "
               f"({'exactly once' if drain['exactly_once'] else 'NOT exactly once'}), "
               f"{drain['processes_seen_leasing']} processes seen leasing")
+        if "server_ms_per_msg" in drain:
+            print(f"      CPU per message: server {drain['server_ms_per_msg']:.2f} ms, "
+                  f"PostgreSQL {drain['postgres_ms_per_msg']:.2f} ms")
+    print(f"load average at the end: {report.get('loadavg_at_end')}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -500,6 +622,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--only", default="submission,api,drain",
+                        help="comma list of what to run: submission, api, drain")
+    parser.add_argument("--no-limits", dest="limits", action="store_false",
+                        help="skip the second pass with send limits on")
+    parser.add_argument("--outbound", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra [outbound] setting (TOML), e.g. smtp_pool_size=8")
+    parser.add_argument("--drain-rows", type=int, default=3000,
+                        help="queue rows the drain empties (the accepted messages, copied "
+                             "as often as needed)")
+    parser.add_argument("--gil", action="store_true",
+                        help="with --profile: only samples holding the GIL (Python CPU)")
+    parser.add_argument("--stats", action="store_true",
+                        help="pg_stat_statements: the statements of each phase")
+    parser.add_argument("--profile", metavar="PREFIX", default="",
+                        help="py-spy (raw) the server processes in each measured window "
+                             "into PREFIX-<phase>.txt")
     return parser.parse_args(argv)
 
 
@@ -524,11 +662,12 @@ def main(argv: list[str] | None = None) -> int:
         bench.h.cleanup()
         bench.sink.stop()
     report = bench.report
+    report["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(report, indent=2, default=str) if args.json else "", end="")
     print_report(report)
     checks = [r.get("committed_ok", True) for k, r in report.items()
               if k.startswith("submission_") and isinstance(r, dict)]
-    drain = report.get("drain_2_processes", {})
+    drain = report.get("drain_2_processes", {"exactly_once": True})
     return 0 if all(checks) and drain.get("exactly_once", False) else 1
 
 

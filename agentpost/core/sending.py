@@ -9,7 +9,7 @@ Public surface (the drafts code calls the first):
 - ``Sending.respond(ctx, message_id, body, mode, record=None)``: reply, reply-all and
   forward.
 
-Every recipient goes through ``Submission.check_recipient`` (paused inbox, send filter
+Every recipient goes through ``Submission.check_recipients`` (paused inbox, send filter
 rules, and whatever else submission checks), and the message through
 ``Submission.submit``, so the API and SMTP submission refuse and queue alike. The Sent
 copy, its queue rows and (with an Idempotency-Key) the recorded answer commit in one
@@ -284,13 +284,20 @@ class Sending:
                    record: Recorder | None = None) -> dict[str, Any]:
         """``POST /inboxes/{inbox_id}/messages``."""
         ctx.org_principal.require("messages:send")
-        await self._inbox(ctx, inbox_id)  # a foreign inbox is 404 before anything else
-        uploads = await self._uploads.read(ctx, upload_keys(body),
-                                           self.limits.max_message_size_bytes)
+        inbox = await self._inbox(ctx, inbox_id)  # a foreign inbox is 404 before anything
+        uploads = await self._read_uploads(ctx, body)
         composition = composition_from_body(body, uploads)
         labels = tuple(check_labels(body.get("labels") or []))
         return await self.send_composition(ctx, inbox_id, composition, labels=labels,
-                                           record=record)
+                                           record=record, inbox=inbox)
+
+    async def _read_uploads(self, ctx: RequestContext, body: dict[str, Any]
+                            ) -> dict[str, Upload]:
+        """The uploads the body names (none named: no transaction at all)."""
+        keys = upload_keys(body)
+        if not keys:
+            return {}
+        return await self._uploads.read(ctx, keys, self.limits.max_message_size_bytes)
 
     async def respond(self, ctx: RequestContext, message_id: str, body: dict[str, Any],
                       mode: str, record: Recorder | None = None) -> dict[str, Any]:
@@ -313,8 +320,7 @@ class Sending:
 
         original = await self._db.run_interaction("sending.original", txn_fn)
         inbox = await self._inbox(ctx, original["inbox_id"])
-        uploads = await self._uploads.read(ctx, upload_keys(body),
-                                           self.limits.max_message_size_bytes)
+        uploads = await self._read_uploads(ctx, body)
         base = composition_from_body(body, uploads)
         if mode == "forward" and body.get("include_attachments", True):
             base = replace(base, attachments=[*await self._original_parts(original),
@@ -326,7 +332,7 @@ class Sending:
             inbox["email"], mode, base, quote)
         labels = tuple(check_labels(body.get("labels") or []))
         return await self.send_composition(ctx, original["inbox_id"], composition,
-                                           labels=labels, record=record)
+                                           labels=labels, record=record, inbox=inbox)
 
     async def _original_parts(self, original: dict[str, Any]) -> list[AttachmentPart]:
         total = 0
@@ -340,14 +346,17 @@ class Sending:
 
     async def send_composition(self, ctx: RequestContext, inbox_id: str,
                                composition: Composition, *, labels: tuple[str, ...] = (),
-                               record: Recorder | None = None) -> dict[str, Any]:
+                               record: Recorder | None = None,
+                               inbox: dict[str, Any] | None = None) -> dict[str, Any]:
         """Check every recipient, compose, store the Sent copy and queue it (one COMMIT,
         with ``record``'s answer when given); the Sent copy's JSON view, plus
-        ``queue_ids`` and ``send_status``."""
+        ``queue_ids`` and ``send_status``. ``inbox``: the row, when the caller has just
+        read it with this ``ctx`` (one read fewer)."""
         p = ctx.org_principal
         p.require("messages:send")
         ctx.target_id = inbox_id
-        inbox = await self._inbox(ctx, inbox_id)
+        if inbox is None or inbox["id"] != inbox_id:
+            inbox = await self._inbox(ctx, inbox_id)
         sender = Sender.of(p, inbox)
         recipients = composition.recipients()
         if not recipients:
@@ -356,8 +365,7 @@ class Sending:
             raise TooManyRecipients(
                 f"A message may have at most {self.limits.max_recipients} recipients.",
                 field="to")
-        for rcpt in recipients:
-            await self._submission.check_recipient(sender, rcpt)
+        await self._submission.check_recipients(sender, recipients)
         raw = await self._compose(composition, inbox)
         answer: dict[str, Any] = {}
 
@@ -367,8 +375,8 @@ class Sending:
             msg = await mail_store.get_message(txn, p.org_id, p.environment_ids,
                                                submitted.message_id)
             assert msg is not None  # inserted in this very transaction
-            msg["attachments"] = await mail_store.list_attachments(txn, p.org_id,
-                                                                   submitted.message_id)
+            msg["attachments"] = (await mail_store.list_attachments(
+                txn, p.org_id, submitted.message_id) if msg["has_attachments"] else [])
             body = {**self._view(msg), "queue_ids": submitted.queue_ids,
                     "send_status": "queued"}
             if record is not None:

@@ -41,7 +41,7 @@ from twisted.internet import threads
 from agentpost.core.context import RequestContext
 from agentpost.core.ingest import Ingest, Stored, Target
 from agentpost.core.send_limits import SendLimits
-from agentpost.core.suppressions import check_not_suppressed
+from agentpost.core.suppressions import normalize_address
 from agentpost.mail import filters
 from agentpost.model.errors import (
     DomainNotVerified,
@@ -50,15 +50,18 @@ from agentpost.model.errors import (
     RecipientBlocked,
     SenderNotAllowed,
     SendingPaused,
+    SuppressedRecipient,
     Unauthenticated,
 )
 from agentpost.model.principal import Principal
 from agentpost.outbound.queue import QueuedMessage, RetryPolicy, enqueue
-from agentpost.storage import mail as mail_store
+from agentpost.storage import outbound as outbound_store
 from agentpost.storage.database import Database, Txn
 
 #: Header block bound for the header checks (a larger one is refused, not parsed).
 MAX_HEADER_BYTES = 1024 * 1024
+#: A header section up to this size is checked on the reactor thread (microseconds).
+INLINE_HEADER_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,16 @@ class Submission:
         self._policy = policy
         self._hostname = hostname
 
+    async def _prepare(self, raw: bytes, address: str, now: datetime) -> bytes:
+        """:func:`prepare`; in a thread only when the header section is large (a usual
+        one is checked faster than a thread hop takes)."""
+        end = raw.find(b"\r\n\r\n", 0, INLINE_HEADER_BYTES)
+        if end >= 0:
+            return prepare(raw, address=address, hostname=self._hostname, now=now)
+        return await threads.deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), lambda: prepare(
+                raw, address=address, hostname=self._hostname, now=now))
+
     def check_sender(self, sender: Sender, mail_from: str) -> None:
         """MAIL FROM must be the inbox's own address (the null sender is refused too)."""
         if not _same(mail_from, sender.address):
@@ -163,21 +176,38 @@ class Submission:
 
     async def check_recipient(self, sender: Sender, recipient: str) -> str:
         """The recipient, or SendingPaused / DomainNotVerified (the inbox's own domain
-        is not verified) / RecipientBlocked (send filter rules)."""
-        row = await self._db.run_read("submission.policy", mail_store.sending_policy,
-                                      sender.org_id, sender.environment_id, sender.inbox_id)
+        is not verified) / RecipientBlocked (send filter rules) / SuppressedRecipient /
+        SendRateLimited (the send limits are already used up)."""
+        await self.check_recipients(sender, [recipient])
+        return recipient
+
+    async def check_recipients(self, sender: Sender, recipients: list[str]) -> None:
+        """:meth:`check_recipient` for every recipient, in their order (the first
+        refusal is raised), in one read of the inbox's policy and the suppression list
+        however many there are, plus the send limits' read when they are on."""
+        emails: dict[str, str] = {}
+        for recipient in recipients:
+            try:
+                emails[recipient] = normalize_address(recipient)
+            except ValueError:  # not comparable: the door's own address checks refuse it
+                pass
+        row = await self._db.run_read(
+            "submission.policy", outbound_store.sending_checks, sender.org_id,
+            sender.environment_id, sender.inbox_id, sorted(set(emails.values())))
         if row is None:
             raise Unauthenticated("The inbox no longer exists.")
         if row["send_paused"]:
             raise SendingPaused()
         if not row["domain_verified"]:
             raise DomainNotVerified()
-        if row["rules"] and filters.decide(row["rules"], recipient) == "block":
-            raise RecipientBlocked()
-        await check_not_suppressed(self._db, sender.org_id, recipient)  # SuppressedRecipient
+        suppressed = set(row["suppressed"] or ())
+        for recipient in recipients:
+            if row["rules"] and filters.decide(row["rules"], recipient) == "block":
+                raise RecipientBlocked()
+            if recipient in emails and emails[recipient] in suppressed:
+                raise SuppressedRecipient()
         if self._limits is not None:  # refuse early (451 4.7.0) when already empty
             await self._limits.check(sender.org_id, sender.inbox_id)
-        return recipient
 
     async def submit(self, sender: Sender, mail_from: str, recipients: list[str],
                      message: IO[bytes], origin: RequestContext, *,
@@ -191,9 +221,7 @@ class Submission:
         self.check_sender(sender, mail_from)
         raw = message.read()
         now = datetime.fromtimestamp(self._reactor.seconds(), UTC)
-        sent = await threads.deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), lambda: prepare(
-                raw, address=sender.address, hostname=self._hostname, now=now))
+        sent = await self._prepare(raw, sender.address, now)
         queue_ids: list[str] = []
 
         async def queue_it(txn: Txn, stored: list[Stored]) -> None:

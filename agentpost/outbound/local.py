@@ -45,6 +45,14 @@ from agentpost.outbound.transports import (
 
 log = logging.getLogger(__name__)
 
+#: How long "this domain is not hosted here" is remembered (on the injected clock). The
+#: route lookup per recipient was most of the queue's database work left for remote
+#: mail; remembering the answer for a second means a domain that becomes hosted may
+#: still see its mail go through the configured transport for that second (to the
+#: relay, which hands it back to our MX), never the other way round.
+REMOTE_MEMO_S = 1.0
+_MEMO_MAX = 4096
+
 
 class LocalFirstTransport:
     """Hosted recipients through ingest; the rest through ``remote``."""
@@ -57,17 +65,23 @@ class LocalFirstTransport:
         self._hostname = hostname
         self._clock = clock
         self.name = f"local+{remote.name}"
+        self._remote_until: dict[str, float] = {}  # domain -> remembered until
 
     async def send(self, envelope: Envelope, raw: bytes) -> HandOff:
         outcomes: list[Outcome] = []
         remote: list[str] = []
         local: list[tuple[str, Target]] = []
         for address in envelope.recipients:
+            domain = address.rpartition("@")[2].lower()
+            if self._known_remote(domain):
+                remote.append(address)
+                continue
             try:
                 local.append((address, await self._router.resolve(address,
                                                                    envelope.mail_from)))
             except errors.RelayDenied:
                 remote.append(address)
+                self._remember_remote(domain)
             except errors.UnknownRecipient:
                 outcomes.append(Outcome(address, FAILED, 550, "5.1.1", "no such mailbox here"))
             except errors.SenderBlocked:
@@ -87,6 +101,23 @@ class LocalFirstTransport:
             outcomes += handoff.outcomes
             retry_after = handoff.retry_after_s
         return HandOff(outcomes, retry_after)
+
+    def _seconds(self) -> float:
+        return self._clock.seconds() if self._clock is not None else time.monotonic()
+
+    def _known_remote(self, domain: str) -> bool:
+        until = self._remote_until.get(domain)
+        return until is not None and self._seconds() < until
+
+    def _remember_remote(self, domain: str) -> None:
+        if not domain:
+            return
+        now = self._seconds()
+        if len(self._remote_until) >= _MEMO_MAX:
+            self._remote_until = {d: t for d, t in self._remote_until.items() if t > now}
+            if len(self._remote_until) >= _MEMO_MAX:
+                self._remote_until.clear()
+        self._remote_until[domain] = now + REMOTE_MEMO_S
 
     async def _deliver_locally(self, envelope: Envelope, raw: bytes,
                                local: list[tuple[str, Target]]) -> list[Outcome]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from agentpost.model.ids import new_id
 from agentpost.storage import outbound as store
@@ -70,23 +71,21 @@ class QueuedMessage:
 async def enqueue(txn: Txn, message: QueuedMessage, recipients: list[str], *,
                   policy: RetryPolicy, not_before: datetime | None = None) -> list[str]:
     """Queue ``message`` for ``recipients`` (already validated; duplicates are dropped
-    here, see :func:`unique_recipients`): one row per recipient domain. Returns the
-    queue row ids."""
+    here, see :func:`unique_recipients`): one row per recipient domain, all written in
+    one round trip. Returns the queue row ids."""
     by_domain: dict[str, list[str]] = defaultdict(list)
     for rcpt in unique_recipients(recipients):
         by_domain[domain_of(rcpt)].append(rcpt)
     start = not_before or txn.now
-    ids = []
-    for domain, group in sorted(by_domain.items()):
-        queue_id = new_id("obq")
-        await store.insert_batch(txn, {
-            "org_id": message.org_id, "id": queue_id,
-            "environment_id": message.environment_id, "inbox_id": message.inbox_id,
-            "message_id": message.message_id, "raw_blob_key": message.raw_blob_key,
-            "size": message.size, "mail_from": message.mail_from, "domain": domain,
-            "status": "queued", "next_attempt_at": start,
-            "expires_at": start + timedelta(seconds=policy.lifetime_s),
-            "created_at": txn.now, "updated_at": txn.now,
-        }, group)
-        ids.append(queue_id)
-    return ids
+    domains = sorted(by_domain)
+    rows: list[dict[str, Any]] = [{
+        "org_id": message.org_id, "id": new_id("obq"),
+        "environment_id": message.environment_id, "inbox_id": message.inbox_id,
+        "message_id": message.message_id, "raw_blob_key": message.raw_blob_key,
+        "size": message.size, "mail_from": message.mail_from, "domain": domain,
+        "status": "queued", "next_attempt_at": start,
+        "expires_at": start + timedelta(seconds=policy.lifetime_s),
+        "created_at": txn.now, "updated_at": txn.now,
+    } for domain in domains]
+    await store.insert_batch(txn, rows, [by_domain[domain] for domain in domains])
+    return [row["id"] for row in rows]

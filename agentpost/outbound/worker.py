@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -81,6 +82,7 @@ class OutboundWorker:
         self._lease = timedelta(seconds=lease_s)
         self._handoff_timeout_s = handoff_timeout_s
         self._limit = defer.DeferredSemaphore(concurrency)
+        self._recorder = _Recorder(db, collector, worker_id)
         self._periodic = Periodic("outbound queue", clock, poll_s, self.drain)
 
     def _now(self) -> datetime:
@@ -90,33 +92,66 @@ class OutboundWorker:
 
     async def drain_once(self) -> int:
         """Claim and attempt one batch, then deliver owed DSNs; returns rows attempted."""
-        now = self._now()
-        rows = await self._db.run_interaction(
-            "outbound.claim", store.claim_due, now, now + self._lease, self._worker_id,
-            self._batch)
+        rows = await self._claim()
         if rows:
-            reads = _RoundReads(self._read_outgoing, [row["raw_blob_key"] for row in rows])
-            await defer.gatherResults([self._limit.run(self._attempt, row, reads)
-                                       for row in rows], consumeErrors=True)
+            _, finished = self._start(rows)
+            await finished
         await self._deliver_bounces()
         return len(rows)
 
     async def drain(self) -> int:
-        """Rounds until nothing due is left (what a wake-up runs)."""
+        """Rounds until nothing due is left (what a wake-up runs). The next batch is
+        claimed as soon as every row of the current one has a hand-off slot, so the
+        slots do not sit idle while a round's last hand-offs finish (a claimed row
+        waits for a slot at most one batch long)."""
         total = 0
-        while True:
-            done = await self.drain_once()
-            total += done
-            if done < self._batch:
-                return total
+        running: list[defer.Deferred[Any]] = []
+        try:
+            while True:
+                rows = await self._claim()
+                total += len(rows)
+                if rows:
+                    started, finished = self._start(rows)
+                    running.append(finished)
+                    await started
+                if len(rows) < self._batch:
+                    break
+        finally:
+            await defer.gatherResults(running, consumeErrors=True)
+        await self._deliver_bounces()
+        return total
 
-    async def _attempt(self, row: dict[str, Any], reads: _RoundReads) -> None:
+    async def _claim(self) -> list[dict[str, Any]]:
+        now = self._now()
+        return await self._db.run_interaction(
+            "outbound.claim", store.claim_due, now, now + self._lease, self._worker_id,
+            self._batch)
+
+    def _start(self, rows: list[dict[str, Any]]
+               ) -> tuple[defer.Deferred[Any], defer.Deferred[Any]]:
+        """Queue every row's hand-off for a slot; (all have a slot, all are recorded)."""
+        reads = _RoundReads(self._read_outgoing, [row["raw_blob_key"] for row in rows])
+        slots = [defer.Deferred[None]() for _ in rows]
+        finished = defer.gatherResults(
+            [defer.ensureDeferred(self._attempt(row, reads, slot))
+             for row, slot in zip(rows, slots, strict=True)], consumeErrors=True)
+        return defer.gatherResults(slots), finished
+
+    async def _attempt(self, row: dict[str, Any], reads: _RoundReads,
+                       slot: defer.Deferred[None]) -> None:
+        """Hand off within a slot (``slot`` fires once it has one), then record; the
+        slot is free again while the outcome waits for its (shared) transaction."""
         envelope = Envelope(row["id"], row["org_id"], row["mail_from"],
                             tuple(row["recipients"]), row["message_id"])
-        try:
-            handoff = await self._hand_off(envelope, row["raw_blob_key"], reads)
-        finally:
-            reads.done(row["raw_blob_key"])
+
+        async def hand_off() -> HandOff:
+            slot.callback(None)
+            try:
+                return await self._hand_off(envelope, row["raw_blob_key"], reads)
+            finally:
+                reads.done(row["raw_blob_key"])
+
+        handoff = await self._limit.run(lambda: defer.ensureDeferred(hand_off()))
         try:
             await self._record(row, envelope, handoff)
         except Exception:  # the lease runs out and the row is tried again
@@ -181,20 +216,10 @@ class OutboundWorker:
             row["attempts"], handoff.retry_after_s)) if deferred else None)
         last_error = "; ".join(f"{o.address}: {o.diagnostic}" for o in deferred + bounced
                                if o.diagnostic)[:2000] or None
-
-        async def txn_fn(txn: Txn) -> tuple[bool, str | None]:
-            held, released = await store.record_attempt(
-                txn, row["org_id"], row["id"], self._worker_id, [o.row() for o in outcomes],
-                next_attempt_at=next_at, bounce=bool(bounced), last_error=last_error)
-            if held and bounced:
-                await _bounced_event(txn, row, bounced)
-            return held, released
-
-        held, released = await self._db.run_interaction("outbound.record", txn_fn)
-        if not held:
+        attempt = store.Attempt(row["org_id"], row["id"], [o.row() for o in outcomes],
+                                next_at, bool(bounced), last_error)
+        if not await self._recorder.record(_Recording(row, attempt, bounced)):
             log.warning("outbound %s: lease lost before the outcome was recorded", row["id"])
-        if released:
-            await self._collector.collect([released])
 
     # ------------------------------------------------------------------ bounces
 
@@ -297,6 +322,91 @@ async def _bounced_event(txn: Txn, row: dict[str, Any], bounced: list[Outcome]) 
               "recipients": [{"address": o.address, "status_code": o.status_code,
                               "smtp_code": o.smtp_code, "diagnostic": o.diagnostic}
                              for o in bounced]})
+
+
+@dataclass(frozen=True)
+class _Recording:
+    """One hand-off's outcome on its way to the database, and the bounces it reports."""
+
+    row: dict[str, Any]
+    attempt: store.Attempt
+    bounced: list[Outcome]
+
+
+@dataclass(eq=False)
+class _Waiting:
+    recording: _Recording
+    done: defer.Deferred[bool] = field(default_factory=defer.Deferred)
+
+
+class _Recorder:
+    """Outcomes recorded together (a group commit of hand-offs): while one recording
+    transaction runs, the outcomes that arrive meanwhile wait and then go in the next
+    one -- one COMMIT and three round trips for a whole round instead of one COMMIT per
+    hand-off. A lone outcome is not delayed.
+
+    A hand-off's outcome is still committed before its row can be claimed again (the
+    lease holds it); what batching adds to the duplicate window (see the module doc) is
+    the wait for the transaction in progress. When a batch's transaction fails, each of
+    its outcomes is recorded alone, so one unwritable outcome cannot hold up the others
+    (it fails alone; its row is tried again when the lease runs out)."""
+
+    def __init__(self, db: Database, collector: BlobCollector, worker_id: str,
+                 max_batch: int = 100) -> None:
+        self._db = db
+        self._collector = collector
+        self._worker_id = worker_id
+        self._max_batch = max_batch
+        self._pending: list[_Waiting] = []
+        self._running = False
+        self.transactions = 0  # for tests and the bench
+
+    def record(self, recording: _Recording) -> defer.Deferred[bool]:
+        """Fires after COMMIT with whether this worker still held the row's lease."""
+        waiting = _Waiting(recording)
+        self._pending.append(waiting)
+        if not self._running:
+            self._next()
+        return waiting.done
+
+    def _next(self) -> None:
+        batch = self._pending[:self._max_batch]
+        del self._pending[:self._max_batch]
+        if not batch:
+            self._running = False
+            return
+        self._running = True
+        defer.ensureDeferred(self._flush(batch)).addBoth(lambda _: self._next())
+
+    async def _flush(self, batch: list[_Waiting]) -> None:
+        try:
+            held = await self._write([w.recording for w in batch])
+        except Exception:
+            if len(batch) == 1:
+                batch[0].done.errback()
+                return
+            log.warning("outbound: recording %d outcomes together failed; one by one",
+                        len(batch), exc_info=True)
+            for waiting in batch:
+                await self._flush([waiting])
+            return
+        for waiting in batch:
+            waiting.done.callback(waiting.recording.attempt.queue_id in held)
+
+    async def _write(self, batch: list[_Recording]) -> set[str]:
+        async def txn_fn(txn: Txn) -> tuple[set[str], list[str]]:
+            held, released = await store.record_attempts(
+                txn, self._worker_id, [r.attempt for r in batch])
+            for r in batch:
+                if r.bounced and r.attempt.queue_id in held:
+                    await _bounced_event(txn, r.row, r.bounced)
+            return held, released
+
+        self.transactions += 1
+        held, released = await self._db.run_interaction("outbound.record", txn_fn)
+        if released:  # rare: the Sent copy was deleted meanwhile
+            await self._collector.collect(released)  # logs, never raises
+        return held
 
 
 class HandOffTimedOut(Exception):

@@ -7,11 +7,13 @@ update names the row's own organization and id.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from agentpost.storage import mail as mail_store
 from agentpost.storage.database import Txn
+from agentpost.storage.mail import _blob_lock_sql
 
 #: Wakes queue workers in every process once an enqueue commits.
 OUTBOUND_CHANNEL = "agentpost_outbound"
@@ -20,18 +22,33 @@ OUTBOUND_CHANNEL = "agentpost_outbound"
 FINAL = ("sent", "bounced", "failed")
 
 
-async def insert_batch(txn: Txn, row: dict[str, Any], recipients: list[str]) -> None:
-    """One queue row and its recipients, a reference on the raw blob, and a wake-up
-    for the workers when this commits."""
-    await mail_store.reference_blob(txn, row["raw_blob_key"], row["size"])
-    cols = list(row)
+async def insert_batch(txn: Txn, rows: list[dict[str, Any]],
+                         recipients: list[list[str]]) -> None:
+    """Queue rows (one per recipient domain of one message, ``recipients[i]`` for
+    ``rows[i]``) with their recipients, one reference per row on the message's raw blob,
+    and a wake-up for the workers when this commits: ONE round trip however many
+    domains (it runs inside the submission's transaction, which it keeps short).
+
+    Every row names the same blob. The blob lock is the one storage.mail takes for every
+    reference (it pairs with the collector's)."""
+    if not rows:
+        return
+    first = rows[0]
+    cols = list(first)
+    values = ", ".join(["(" + ", ".join(["%s"] * len(cols)) + ")"] * len(rows))
+    flat_ids = [row["id"] for row, group in zip(rows, recipients, strict=True) for _ in group]
+    flat_addresses = [a for group in recipients for a in group]
     await txn.execute(
-        f"INSERT INTO outbound_queue ({', '.join(cols)}) "
-        f"VALUES ({', '.join(['%s'] * len(cols))}); "
+        _blob_lock_sql() + "; "
+        "INSERT INTO blobs (key, size, refcount, created_at) VALUES (%s, %s, %s, %s) "
+        "ON CONFLICT (key) DO UPDATE SET refcount = blobs.refcount + EXCLUDED.refcount; "
+        f"INSERT INTO outbound_queue ({', '.join(cols)}) VALUES {values}; "
         "INSERT INTO outbound_recipients (org_id, queue_id, address, status, updated_at) "
-        "SELECT %s, %s, address, 'queued', %s FROM unnest(%s::text[]) AS address; "
+        "SELECT %s, q, a, 'queued', %s FROM unnest(%s::text[], %s::text[]) AS x(q, a); "
         "SELECT pg_notify(%s, '')",
-        [*row.values(), row["org_id"], row["id"], txn.now, recipients, OUTBOUND_CHANNEL])
+        [first["raw_blob_key"], first["raw_blob_key"], first["size"], len(rows), txn.now,
+         *(v for row in rows for v in row.values()), first["org_id"], txn.now, flat_ids,
+         flat_addresses, OUTBOUND_CHANNEL])
 
 
 async def claim_due(txn: Txn, now: datetime, lease_until: datetime, worker: str,
@@ -100,50 +117,81 @@ async def finish_attempt(txn: Txn, org_id: str, queue_id: str, *,
     return row["raw_blob_key"] if released else None
 
 
-async def record_attempt(txn: Txn, org_id: str, queue_id: str, worker: str,
-                         results: list[dict[str, Any]], *,
-                         next_attempt_at: datetime | None, bounce: bool,
-                         last_error: str | None) -> tuple[bool, str | None]:
-    """:func:`record_results` and :func:`finish_attempt` in one statement, then the
-    blob reference released in one more (three round trips with COMMIT instead of six:
-    this runs once per hand-off). Returns (whether this worker still held the lease,
-    the raw blob key when it is no longer used by anyone)."""
-    status = "deferred" if next_attempt_at is not None else "done"
-    row = await txn.fetchone(
-        "WITH held AS ("
-        "  SELECT id FROM outbound_queue WHERE org_id = %(org)s AND id = %(id)s "
-        "     AND leased_by = %(worker)s AND status = 'sending' FOR UPDATE), "
-        "rcpt AS ("
-        "  UPDATE outbound_recipients r SET status = x.status, attempts = r.attempts + 1, "
-        "         smtp_code = x.smtp_code, status_code = x.status_code, "
-        "         diagnostic = x.diagnostic, transport_id = x.transport_id, "
-        "         updated_at = %(now)s "
-        "    FROM held, unnest(%(addr)s::text[], %(st)s::text[], %(code)s::int[], "
-        "                      %(enh)s::text[], %(diag)s::text[], %(tid)s::text[]) "
-        "         AS x(address, status, smtp_code, status_code, diagnostic, transport_id) "
-        "   WHERE r.org_id = %(org)s AND r.queue_id = held.id AND r.address = x.address), "
+@dataclass(frozen=True)
+class Attempt:
+    """One hand-off's outcome to record: every recipient's result (dicts as
+    agentpost.outbound.transports.Outcome.row gives them) and how the row goes on
+    (``next_attempt_at`` set: deferred until then; None: done)."""
+
+    org_id: str
+    queue_id: str
+    results: list[dict[str, Any]]
+    next_attempt_at: datetime | None
+    bounce: bool
+    last_error: str | None
+
+
+def _text(value: Any) -> Any:
+    """PostgreSQL text cannot hold NUL: a relay's reply that has one is recorded without
+    it (otherwise the whole batch's outcome could not be written)."""
+    return value.replace("\x00", "") if isinstance(value, str) else value
+
+
+async def record_attempts(txn: Txn, worker: str,
+                          attempts: list[Attempt]) -> tuple[set[str], list[str]]:
+    """Record many hand-offs in two round trips (plus COMMIT), however many there are:
+    each row's recipients and the row itself closed (``deferred`` or ``done``, a DSN
+    marked as owed), but only the rows this worker still leases -- a row another worker
+    took over after our lease ran out keeps that worker's outcome. Then the blob
+    references of the rows that are done are released together.
+
+    Returns (the queue ids that were recorded, the raw blob keys no longer used by
+    anyone: the caller collects them after COMMIT)."""
+    if not attempts:
+        return set(), []
+    rcpts = [(a.queue_id, r) for a in attempts for r in a.results]
+    rows = await txn.fetchall(
+        "WITH x AS ("
+        "  SELECT * FROM unnest(%(org)s::text[], %(id)s::text[], %(status)s::text[], "
+        "                       %(next)s::timestamptz[], %(bounce)s::boolean[], "
+        "                       %(err)s::text[]) "
+        "      AS x(org_id, id, status, next_at, bounce, err)), "
         "fin AS ("
-        "  UPDATE outbound_queue q SET status = %(status)s, "
-        "         next_attempt_at = COALESCE(%(next)s, q.next_attempt_at), "
+        "  UPDATE outbound_queue q SET status = x.status, "
+        "         next_attempt_at = COALESCE(x.next_at, q.next_attempt_at), "
         "         lease_until = NULL, leased_by = NULL, "
-        "         bounce_pending = q.bounce_pending OR %(bounce)s, last_error = %(err)s, "
+        "         bounce_pending = q.bounce_pending OR x.bounce, last_error = x.err, "
         "         updated_at = %(now)s "
-        "    FROM held WHERE q.org_id = %(org)s AND q.id = held.id "
-        "  RETURNING q.raw_blob_key) "
-        "SELECT EXISTS (SELECT 1 FROM held) AS held, (SELECT raw_blob_key FROM fin) AS key",
-        {"org": org_id, "id": queue_id, "worker": worker, "now": txn.now,
-         "addr": [r["address"] for r in results], "st": [r["status"] for r in results],
-         "code": [r["smtp_code"] for r in results],
-         "enh": [r["status_code"] for r in results],
-         "diag": [r["diagnostic"] for r in results],
-         "tid": [r["transport_id"] for r in results],
-         "status": status, "next": next_attempt_at, "bounce": bounce, "err": last_error})
-    if row is None or not row["held"]:
-        return False, None
-    if status != "done" or row["key"] is None:
-        return True, None
-    released = await mail_store.release_blobs(txn, [row["key"]])
-    return True, (released[0] if released else None)
+        "    FROM x WHERE q.org_id = x.org_id AND q.id = x.id "
+        "     AND q.leased_by = %(worker)s AND q.status = 'sending' "
+        "  RETURNING q.org_id, q.id, q.status, q.raw_blob_key), "
+        "rcpt AS ("
+        "  UPDATE outbound_recipients r SET status = y.status, attempts = r.attempts + 1, "
+        "         smtp_code = y.smtp_code, status_code = y.status_code, "
+        "         diagnostic = y.diagnostic, transport_id = y.transport_id, "
+        "         updated_at = %(now)s "
+        "    FROM fin, unnest(%(rq)s::text[], %(addr)s::text[], %(st)s::text[], "
+        "                     %(code)s::int[], %(enh)s::text[], %(diag)s::text[], "
+        "                     %(tid)s::text[]) "
+        "         AS y(queue_id, address, status, smtp_code, status_code, diagnostic, "
+        "              transport_id) "
+        "   WHERE y.queue_id = fin.id AND r.org_id = fin.org_id AND r.queue_id = fin.id "
+        "     AND r.address = y.address) "
+        "SELECT id, status, raw_blob_key FROM fin",
+        {"org": [a.org_id for a in attempts], "id": [a.queue_id for a in attempts],
+         "status": ["deferred" if a.next_attempt_at is not None else "done"
+                    for a in attempts],
+         "next": [a.next_attempt_at for a in attempts],
+         "bounce": [a.bounce for a in attempts],
+         "err": [_text(a.last_error) for a in attempts], "now": txn.now, "worker": worker,
+         "rq": [q for q, _ in rcpts], "addr": [r["address"] for _, r in rcpts],
+         "st": [r["status"] for _, r in rcpts], "code": [r["smtp_code"] for _, r in rcpts],
+         "enh": [_text(r["status_code"]) for _, r in rcpts],
+         "diag": [_text(r["diagnostic"]) for _, r in rcpts],
+         "tid": [_text(r["transport_id"]) for _, r in rcpts]})
+    done = [r["raw_blob_key"] for r in rows if r["status"] == "done"]
+    released = await mail_store.release_blobs(txn, done) if done else []
+    return {r["id"] for r in rows}, released
 
 
 async def recipients_of(txn: Txn, org_id: str, queue_id: str) -> list[dict[str, Any]]:
@@ -196,3 +244,27 @@ async def queue_of_message(txn: Txn, org_id: str, message_id: str) -> list[dict[
         "    ON r.org_id = q.org_id AND r.queue_id = q.id "
         " WHERE q.org_id = %s AND q.message_id = %s GROUP BY q.id ORDER BY q.domain",
         (org_id, message_id))
+
+
+async def sending_checks(txn: Txn, org_id: str, environment_id: str, inbox_id: str,
+                         emails: list[str]) -> dict[str, Any] | None:
+    """What a send checks before it queues, in ONE statement however many recipients:
+    storage.mail.sending_policy's columns (``send_paused``, ``domain_verified``, the
+    send-direction filter ``rules``) plus ``suppressed``: which of ``emails`` (already
+    normalised, core.suppressions) are on the organization's suppression list. None when
+    the inbox is gone."""
+    return await txn.fetchone(
+        "SELECT i.send_paused, "
+        "       (EXISTS (SELECT 1 FROM shared_domains s WHERE s.name = lower(i.domain)) "
+        "        OR EXISTS (SELECT 1 FROM domains d WHERE d.org_id = i.org_id "
+        "                   AND d.name = lower(i.domain) AND d.verified_at IS NOT NULL)) "
+        "         AS domain_verified, "
+        "       (SELECT coalesce(json_agg(json_build_object('match_type', r.match_type, "
+        "               'value', r.value, 'action', r.action)), '[]'::json) "
+        "          FROM filter_rules r WHERE r.org_id = i.org_id "
+        "           AND r.environment_id = i.environment_id AND r.direction = 'send' "
+        "           AND (r.inbox_id IS NULL OR r.inbox_id = i.id)) AS rules, "
+        "       ARRAY(SELECT s.email FROM suppressions s WHERE s.org_id = i.org_id "
+        "              AND s.email = ANY(%s::text[])) AS suppressed "
+        "FROM inboxes i WHERE i.org_id = %s AND i.environment_id = %s AND i.id = %s",
+        (emails, org_id, environment_id, inbox_id))
