@@ -17,6 +17,7 @@ results must be sent UTF-8 encoded.
 from __future__ import annotations
 
 import email.utils
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -424,6 +425,22 @@ def _address(text: str) -> str | None:
 def _address_list(value: str | None) -> str:
     if value is None:
         return "NIL"
+    if len(value) <= CACHED_FIELD_CHARS:
+        return _cached_address_list(value)
+    return _render_address_list(value)
+
+
+#: Address fields up to this many characters are rendered once per process (an LRU
+#: cache): the same From and To values come back message after message (issue 12).
+CACHED_FIELD_CHARS = 1024
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_address_list(value: str) -> str:
+    return _render_address_list(value)
+
+
+def _render_address_list(value: str) -> str:
     out: list[str] = []
     for group, addresses in _split_addresses(value):
         if group is not None:

@@ -184,7 +184,23 @@ def _clean(text: str) -> str:
     return text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
 
 
+#: Address fields up to this many characters are parsed once per process (an LRU
+#: cache): the same From and To values come back message after message (issue 12).
+CACHED_FIELD_CHARS = 1024
+
+
 def _addresses(values: list[str]) -> list[dict[str, str]]:
+    if sum(map(len, values)) <= CACHED_FIELD_CHARS:  # copies: callers own their dicts
+        return [dict(item) for item in _cached_addresses(tuple(values))]
+    return _parse_addresses(values)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_addresses(values: tuple[str, ...]) -> tuple[dict[str, str], ...]:
+    return tuple(_parse_addresses(list(values)))
+
+
+def _parse_addresses(values: list[str]) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     try:
         pairs = email.utils.getaddresses(values)

@@ -21,6 +21,7 @@ import email.header
 import email.headerregistry
 import email.policy
 import email.utils
+import functools
 from datetime import date, datetime
 from typing import Any
 
@@ -84,11 +85,27 @@ def _addr_spec(address: Any) -> str:
     return header_text(spec or "")
 
 
+#: Fields up to this many characters are parsed once per process (an LRU cache): the
+#: same From and To values come back message after message (issue 12).
+CACHED_FIELD_CHARS = 1024
+
+
 def _addresses(values: list[str]) -> list[Any]:
     """The field's addresses, group members included, parsed from its first
     MAX_ADDRESS_PARSE_CHARS characters; [] if there are none or it does not parse."""
     if not values:
         return []
+    if sum(map(len, values)) <= CACHED_FIELD_CHARS:
+        return list(_cached_addresses(tuple(values)))
+    return _parse_addresses(values)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_addresses(values: tuple[str, ...]) -> tuple[Any, ...]:
+    return tuple(_parse_addresses(list(values)))  # Address objects are immutable
+
+
+def _parse_addresses(values: list[str]) -> list[Any]:
     try:
         # unfolded first (RFC 5322 2.2.3): the parser loses a domain after a fold
         whole = ", ".join(values)

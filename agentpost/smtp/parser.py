@@ -226,14 +226,8 @@ def parse_path(text: str, *, kind: str, allow_null: bool = False,
     return f"{_quote_local(local)}@{normalize_domain(domain)}"
 
 
-def _split_path_and_params(args: str, keyword: str, kind: str) -> tuple[str, str]:
-    """``FROM:<path> params`` → (path inside the brackets, parameter text)."""
-    if args[: len(keyword) + 1].upper() != keyword + ":":
-        raise CommandError(replies.SYNTAX_ERROR)
-    rest = args[len(keyword) + 1 :].lstrip(" ")  # "FROM: <x>" is common; tolerate it
-    if not rest.startswith("<"):
-        raise _fail(501, "5.5.4", "Syntax: path must be enclosed in <>")
-    # Find the closing ">" outside any quoted local part.
+def _closing_bracket(rest: str, kind: str) -> int:
+    """Index of the ">" closing ``rest``'s path, outside any quoted local part."""
     i, quoted = 1, False
     while i < len(rest):
         char = rest[i]
@@ -243,10 +237,23 @@ def _split_path_and_params(args: str, keyword: str, kind: str) -> tuple[str, str
         if char == '"':
             quoted = not quoted
         elif char == ">" and not quoted:
-            break
+            return i
         i += 1
-    else:
-        raise _bad_address(kind)
+    raise _bad_address(kind)
+
+
+def _split_path_and_params(args: str, keyword: str, kind: str) -> tuple[str, str]:
+    """``FROM:<path> params`` → (path inside the brackets, parameter text)."""
+    if args[: len(keyword) + 1].upper() != keyword + ":":
+        raise CommandError(replies.SYNTAX_ERROR)
+    rest = args[len(keyword) + 1 :].lstrip(" ")  # "FROM: <x>" is common; tolerate it
+    if not rest.startswith("<"):
+        raise _fail(501, "5.5.4", "Syntax: path must be enclosed in <>")
+    # The closing ">" is the first one when no quote comes before it (the usual case:
+    # one C-speed find); else it is looked for outside the quoted local part.
+    i = rest.find(">", 1)
+    if i < 0 or '"' in rest[1:i]:
+        i = _closing_bracket(rest, kind)
     path, params = rest[1:i], rest[i + 1 :]
     if params and not params.startswith(" "):
         raise CommandError(replies.SYNTAX_ERROR)
@@ -374,34 +381,55 @@ class DataDecoder:
             raise RuntimeError("DataDecoder fed after the end of data")
         buf = self._pending + data if self._pending else data
         self._pending = b""
-        out: list[bytes] = []
-        i, n = 0, len(buf)
-        while i < n:
-            if self._at_line_start:
-                if buf[i] == 0x2E:  # "."
-                    if n - i < 3 and b".\r\n".startswith(buf[i:]):
-                        self._pending = buf[i:]  # maybe the terminator: need more
-                        break
-                    if buf[i + 1 : i + 3] == b"\r\n":
-                        self.done = True
-                        return b"".join(out), buf[i + 3 :]
-                    i += 1  # dot-stuffing: drop the first dot
-                    self._line_bytes = 1
-                self._at_line_start = False
-            end = buf.find(b"\r\n", i)
-            if end < 0:
-                stop = n - 1 if buf[n - 1] == 0x0D else n  # a CR may start the CRLF
-                out.append(buf[i:stop])
-                self._line_bytes += stop - i
-                if self._line_bytes + 2 > self.max_line_bytes:
-                    self.line_too_long = True
-                self._pending = buf[stop:]
-                break
-            out.append(buf[i : end + 2])
-            self._line_bytes += end + 2 - i
-            if self._line_bytes > self.max_line_bytes:
+        if self._at_line_start and buf[:1] == b".":
+            if len(buf) < 3 and b".\r\n".startswith(buf):
+                self._pending = buf  # maybe the terminator: need more
+                return b"", None
+            if buf[1:3] == b"\r\n":
+                self.done = True
+                return b"", buf[3:]
+        # Whole-buffer work (a few C-speed scans, not a Python step per line): every
+        # CRLF ends a line, so the terminator is the first CRLF "." CRLF.
+        rest: bytes | None = None
+        stop = buf.find(b"\r\n.\r\n")
+        if stop >= 0:
+            rest = buf[stop + 5:]
+            stop += 2
+            self.done = True
+        elif buf.endswith(b"\r\n.\r"):  # hold back what may begin the terminator ...
+            stop = len(buf) - 2
+        elif buf.endswith((b"\r\n.", b"\r")):  # ... or a CRLF
+            stop = len(buf) - 1
+        else:
+            stop = len(buf)
+        self._pending = buf[stop:] if rest is None else b""
+        region = buf[:stop] if stop < len(buf) else buf
+        if not region:
+            return b"", rest
+        self._count_lines(region)
+        if self._at_line_start and region[:1] == b".":
+            region = region[1:]  # dot-stuffing: drop the first dot of every line
+        self._at_line_start = region.endswith(b"\r\n")
+        return region.replace(b"\r\n.", b"\r\n"), rest
+
+    def _count_lines(self, region: bytes) -> None:
+        """Note an over-long line in ``region`` (octets as received, stuffing dot and
+        CRLF included), which continues the current line."""
+        if self.line_too_long:
+            return
+        limit = self.max_line_bytes
+        first = region.find(b"\r\n")
+        if first < 0:
+            self._line_bytes += len(region)
+            if self._line_bytes + 2 > limit:
                 self.line_too_long = True
-            self._line_bytes = 0
-            self._at_line_start = True
-            i = end + 2
-        return b"".join(out), None
+            return
+        last = region.rfind(b"\r\n")
+        if self._line_bytes + first + 2 > limit:
+            self.line_too_long = True
+        elif last - first > limit and \
+                max(map(len, region[first + 2:last].split(b"\r\n"))) + 2 > limit:
+            self.line_too_long = True
+        self._line_bytes = len(region) - last - 2
+        if self._line_bytes and self._line_bytes + 2 > limit:
+            self.line_too_long = True

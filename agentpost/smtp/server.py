@@ -433,20 +433,27 @@ class SMTPServerProtocol(SMTPCommands, Protocol):
         a reply must never be lost to a 421); a deadline that passed meanwhile
         fires as soon as that reply is out.
         """
-        self._cancel_timer()
         if self.state is State.CLOSED or self._busy:
+            self._cancel_timer()
             return
         now = self.clock.seconds()
         in_body = self.state in BODY_STATES
         if in_body:
             self._deadlines.body_begins(now)
         expiry = self._deadlines.next(in_body)
-        if expiry is None:
+        if expiry is None or expiry.at <= now:
+            self._cancel_timer()
+            if expiry is not None:
+                self._timed_out(expiry)
             return
-        if expiry.at <= now:
-            self._timed_out(expiry)
-            return
-        self._timer = self.clock.callLater(expiry.at - now, self._timed_out, expiry)
+        timer = self._timer
+        if timer is not None and timer.active():
+            # Moved, not replaced: pushing a timer later is O(1) for the reactor, where a
+            # cancel and a new callLater churned its heap on every read (issue 12).
+            timer.args = (expiry,)
+            timer.reset(expiry.at - now)
+        else:
+            self._timer = self.clock.callLater(expiry.at - now, self._timed_out, expiry)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

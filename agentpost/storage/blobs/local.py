@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import logging
 import os
 import tempfile
@@ -54,7 +55,7 @@ DIR_MODE = 0o750
 _TMP_PREFIX = ".put-"
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -84,6 +85,9 @@ class LocalBlobStore:
         self._reactor = reactor
         self._threadpool = threadpool
         self._tmp_dir = self.root / "tmp"
+        self._root_s = str(self.root)
+        self._tmp_s = str(self._tmp_dir)
+        self._seq = itertools.count()  # temp file names (next() is atomic under the GIL)
         self._dirs_ready = False
 
     # -- plumbing -------------------------------------------------------------------------
@@ -142,27 +146,69 @@ class LocalBlobStore:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def _commit(self, tmp: Path, digest: str, size: int) -> BlobRef:
-        """Rename a fsynced temp file to its content address (or drop it if present)."""
+    def _commit(self, tmp: str | Path, digest: str, size: int) -> BlobRef:
+        """Rename a fsynced temp file to its content address (or drop it if present).
+
+        Plain string paths (not pathlib) on this per-message path: pathlib's object
+        churn was a visible part of a put's CPU (issue 12)."""
         key = key_for_digest(digest)
-        final = self.root / key
+        final = os.path.join(self._root_s, key)
+        parent = os.path.dirname(final)
         try:
             existing = os.stat(final).st_size
         except FileNotFoundError:
             existing = None
         if existing == size:
             os.unlink(tmp)  # same content already stored: nothing to do
-            _fsync_dir(final.parent)  # in case a concurrent put renamed it a moment ago
+            _fsync_dir(parent)  # in case a concurrent put renamed it a moment ago
             return BlobRef(key, size, digest)
         if existing is not None:
             log.warning("blob %s had size %d, expected %d; replacing it", key, existing, size)
         try:
             os.replace(tmp, final)
         except FileNotFoundError:
-            self._makedirs(final.parent)
+            self._makedirs(Path(parent))
             os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        _fsync_dir(parent)
         return BlobRef(key, size, digest)
+
+    def _create_temp(self) -> tuple[int, str]:
+        """A new empty temp file (mode FILE_MODE less the umask) in ``tmp/``: a name
+        from this process's counter, else (a leftover of an earlier process with our
+        pid) one from mkstemp."""
+        self._ensure_dirs()
+        name = f"{self._tmp_s}/{_TMP_PREFIX}{os.getpid()}-{next(self._seq)}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            return os.open(name, flags, FILE_MODE), name
+        except FileExistsError:
+            pass
+        except FileNotFoundError:  # the tree was removed under us: recreate it once
+            self._dirs_ready = False
+            self._ensure_dirs()
+        return tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".tmp", dir=self._tmp_s)
+
+    def _write_known(self, data: bytes, digest: str) -> BlobRef:
+        """Write in-memory content whose digest is known: no second hashing pass and
+        no buffered file object, only the system calls durability needs."""
+        fd, tmp = self._create_temp()
+        try:
+            try:
+                view = memoryview(data)
+                done = 0
+                while done < len(view):
+                    done += os.write(fd, view[done:done + COPY_CHUNK_SIZE])
+                os.fchmod(fd, FILE_MODE)  # the umask must not widen or narrow it
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return self._commit(tmp, digest, len(data))
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
     def _write_stream(self, chunks: Callable[[], bytes | memoryview]) -> BlobRef:
         """Copy chunks into a temp file, hashing on the way (content is never held twice)."""
@@ -203,16 +249,16 @@ class LocalBlobStore:
 
     def _put_bytes_sync(self, data: bytes) -> BlobRef:
         digest, size = hash_bytes(data)
-        final = self.root / key_for_digest(digest)
+        key = key_for_digest(digest)
+        final = os.path.join(self._root_s, key)
         try:
             if os.stat(final).st_size == size:
-                _fsync_dir(final.parent)  # in case a concurrent put renamed it a moment ago
-                return BlobRef(key_for_digest(digest), size, digest)
+                # in case a concurrent put renamed it a moment ago
+                _fsync_dir(os.path.dirname(final))
+                return BlobRef(key, size, digest)
         except FileNotFoundError:
             pass
-        view = memoryview(data)
-        chunks = (view[o:o + COPY_CHUNK_SIZE] for o in range(0, size, COPY_CHUNK_SIZE))
-        return self._write_stream(lambda: next(chunks, b""))
+        return self._write_known(data, digest)
 
     async def put_file(
         self, source: BlobSource, *, content_type: str = "application/octet-stream"
