@@ -156,17 +156,18 @@ class InboxAccount(MessageOps):
         """SELECT/EXAMINE: the folder, bound, and the UID, MODSEQ and flags of every
         message."""
 
-        async def txn_fn(txn: Txn) -> tuple[int, FolderSnapshot]:
-            folder = await self._folder(txn, name)
-            rows = await imap_store.folder_meta(txn, self._org, folder["id"])
-            unseen = next((r["uid"] for r in rows if not r["seen"]), None)
-            return folder["id"], FolderSnapshot(folder["name"], folder["uidvalidity"],
-                                                folder["uidnext"], folder["highestmodseq"],
-                                                [message_meta(r) for r in rows], unseen)
-
-        folder_id, snapshot = await self._db.run_interaction("imap.select", txn_fn,
-                                                             isolation="repeatable read")
-        return InboxFolder(self, folder_id, snapshot.name), snapshot
+        # One statement (imap_store.select_folder): one snapshot without a transaction.
+        folder, rows = await self._db.run_read("imap.select", imap_store.select_folder,
+                                               self._org, self._inbox_id, name)
+        if folder is None:
+            raise NotFound("No such folder.")
+        unseen = next((r["uid"] for r in rows if not r["seen"]), None)
+        snapshot = FolderSnapshot(folder["name"], folder["uidvalidity"], folder["uidnext"],
+                                  folder["highestmodseq"], [message_meta(r) for r in rows],
+                                  unseen)
+        handle = InboxFolder(self, folder["id"], snapshot.name)
+        handle.recent_mark_read(folder["recent_uid"])  # SELECT's claim needs no read
+        return handle, snapshot
 
     async def check_folder(self, name: str) -> None:
         """NotFound unless the folder exists."""

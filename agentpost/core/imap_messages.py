@@ -15,9 +15,13 @@ handle SELECT gives the protocol, so folder ids and blob keys stay on this side.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from typing import IO, Any
+
+from twisted.internet import defer
 
 from agentpost.core import mail_changes
 from agentpost.core.blobrefs import BlobCollector
@@ -46,12 +50,64 @@ from agentpost.storage.blobs import BlobStore
 from agentpost.storage.database import Database, Txn
 from agentpost.storage.notify import Notifier
 
+log = logging.getLogger(__name__)
+
 #: An audit row of a command over many messages names this many of them by id (the
 #: UID set and the count name them all).
 _AUDIT_MAX_IDS = 100
 #: The event an APPENDed copy writes: a client filing a message is not mail received
 #: (webhooks for message.received must not fire for a client's own uploads).
 APPENDED = "message.appended"
+
+
+class RecordedSpellings:
+    """Keyword spellings this process knows are recorded, per inbox (folded -> first
+    seen). A recorded spelling never changes (storage.keywords), so once seen it may be
+    used for good: STORE and APPEND of keywords an inbox already knows then skip the
+    spelling statement (APPEND: a round trip and a COMMIT of its own). Keyed by
+    (org, inbox). Bounded whatever clients invent: the least recently used inboxes are
+    forgotten, and an inbox keeps at most ``max_keywords`` (beyond: read every time)."""
+
+    def __init__(self, max_inboxes: int = 512, max_keywords: int = 128) -> None:
+        self._max = max_inboxes
+        self._max_keywords = max_keywords
+        self._known: OrderedDict[tuple[str, str], dict[str, str]] = OrderedDict()
+
+    def lookup(self, inbox: tuple[str, str],
+               folded: Iterable[str]) -> dict[str, str] | None:
+        """The spellings of every one of ``folded`` ({} for none), or None when one is
+        not known."""
+        folded = list(folded)
+        if not folded:
+            return {}
+        known = self._known.get(inbox)
+        if known is None:
+            return None
+        out: dict[str, str] = {}
+        for keyword in folded:
+            spelling = known.get(keyword)
+            if spelling is None:
+                return None
+            out[keyword] = spelling
+        self._known.move_to_end(inbox)
+        return out
+
+    def learn(self, inbox: tuple[str, str], spellings: dict[str, str]) -> None:
+        """Remember spellings read back from the database (committed ones only)."""
+        if not spellings:
+            return
+        known = self._known.setdefault(inbox, {})
+        for keyword, spelling in spellings.items():
+            if len(known) >= self._max_keywords:
+                break
+            known[keyword] = spelling
+        self._known.move_to_end(inbox)
+        while len(self._known) > self._max:
+            self._known.popitem(last=False)
+
+
+#: Shared by every session of the process (the rows are the same for all of them).
+RECORDED_SPELLINGS = RecordedSpellings()
 
 
 def message_meta(row: dict[str, Any], spellings: dict[str, str] | None = None) -> MessageMeta:
@@ -98,6 +154,7 @@ class MessageOps:
         self.can_write = "messages:write" in principal.scopes
         self._org = principal.org_id
         self._inbox_id = inbox["id"]
+        self._spell_key = (self._org, self._inbox_id)  # RECORDED_SPELLINGS
         self._db = db
         self._blobs = blobs
         self._ingest = ingest
@@ -223,15 +280,20 @@ class MessageOps:
         system &= set(imap_store.SYSTEM_FLAGS)  # \Recent and others cannot be stored
         ctx = self._ctx(action, folder_id=folder_id, mode=mode,
                         flags=sorted(system) + keywords)
+        known = RECORDED_SPELLINGS.lookup(self._spell_key, keywords)
 
         async def txn_fn(txn: Txn) -> tuple[list[MessageMeta], list[int]]:
-            # One round trip: first-seen spellings, the folder check, the rows locked.
-            remember = keyword_store.remember_sql(self._org, self._inbox_id, flags, txn.now)
-            rows, spelled = await self._lock(
-                txn, folder_id, uids, before=remember,
-                extra=keyword_store.spellings_of_sql(self._org, self._inbox_id, flags)
-                if remember[0] else ("NULL::text[]", []))
-            spellings = {kw_fold(s): s for s in spelled or ()}
+            spellings = known
+            if spellings is not None:  # every keyword's spelling already recorded
+                rows, _ = await self._lock(txn, folder_id, uids)
+            else:  # one round trip: first-seen spellings, the folder check, the rows
+                remember = keyword_store.remember_sql(self._org, self._inbox_id, flags,
+                                                      txn.now)
+                rows, spelled = await self._lock(
+                    txn, folder_id, uids, before=remember,
+                    extra=keyword_store.spellings_of_sql(self._org, self._inbox_id, flags))
+                spellings = {kw_fold(s): s for s in spelled or ()}
+                txn.after_commit(RECORDED_SPELLINGS.learn, self._spell_key, spellings)
             failed = [r["uid"] for r in rows
                       if unchangedsince is not None and r["modseq"] > unchangedsince]
             kept = [(row, self._new_flag_columns(row, mode, system, keywords))
@@ -271,15 +333,23 @@ class MessageOps:
             columns["labels"] = sorted(labels)
         return columns
 
+    async def _remember(self, keywords: list[str], flags: frozenset[str]) -> None:
+        """APPEND's keywords get their first-seen spelling recorded: one statement
+        committed on its own, before ingest's transaction -- and none when this process
+        already knows every one of them is recorded (RECORDED_SPELLINGS)."""
+        if not keywords or RECORDED_SPELLINGS.lookup(self._spell_key, keywords) is not None:
+            return
+        found = await self._db.run_read("imap.keywords", keyword_store.remember,
+                                        self._org, self._inbox_id, flags)
+        RECORDED_SPELLINGS.learn(self._spell_key, found)
+
     async def append(self, folder: str, message: bytes | IO[bytes], flags: frozenset[str],
                      internaldate: datetime | None) -> tuple[int, int]:
         """APPEND through the single ingest path."""
         self._writable()
         system, keywords = _split_flags(flags)
         mail_changes.check_keyword_caps(keywords)  # the caps STORE and the API keep too
-        if keywords:  # first seen: one statement committed on its own, before ingest's
-            await self._db.run_read("imap.keywords", keyword_store.remember,
-                                    self._org, self._inbox_id, flags)
+        await self._remember(keywords, flags)
         target = Target(self._org, self.inbox["environment_id"], self._inbox_id, self.address)
 
         # RFC 3501: INBOX is case-insensitive; every other name is exact (ingest matches
@@ -300,16 +370,16 @@ class MessageOps:
         self._writable()
         items: list[BatchItem] = []
         all_flags: set[str] = set()
+        all_keywords: set[str] = set()
         for msg in messages:
             system, keywords = _split_flags(msg.flags)
             mail_changes.check_keyword_caps(keywords)
             all_flags |= msg.flags
+            all_keywords.update(keywords)
             body = msg.message
             items.append(BatchItem(io.BytesIO(body) if isinstance(body, bytes) else body,
                                    frozenset(system), tuple(keywords), msg.internaldate))
-        if any(not f.startswith("\\") for f in all_flags):  # first seen: own statement
-            await self._db.run_read("imap.keywords", keyword_store.remember,
-                                    self._org, self._inbox_id, frozenset(all_flags))
+        await self._remember(sorted(all_keywords), frozenset(all_flags))
         target = Target(self._org, self.inbox["environment_id"], self._inbox_id, self.address)
         name = "INBOX" if folder.upper() == "INBOX" else folder
         stored = await self._ingest.store_batch(
@@ -367,7 +437,10 @@ class MessageOps:
             return [row["uid"] for row in rows]
 
         expunged = await self._db.run_interaction("imap.expunge", txn_fn)
-        await self._collector.collect(freed)
+        if freed:  # after COMMIT; the answer need not wait for the files to go
+            collecting = defer.ensureDeferred(self._collector.collect(freed))
+            collecting.addErrback(lambda failure: log.warning(
+                "imap.expunge: blob collection failed: %s", failure.getErrorMessage()))
         return expunged
 
     async def _search(self, folder_id: int, key: SearchKey,
@@ -433,6 +506,11 @@ class InboxFolder:
 
     async def read_range(self, row: FetchRow, start: int, length: int) -> bytes:
         return await self.account._read_range(row, start, length)
+
+    def recent_mark_read(self, mark: int | None) -> None:
+        """The folder's \\Recent mark as a read just saw it (SELECT, a changes() poll):
+        the next :meth:`claim_recent` starts from it instead of reading it again."""
+        self._recent_mark = mark
 
     async def claim_recent(self, up_to_uid: int, claim: bool) -> int:
         mark, self._recent_mark = self._recent_mark, None

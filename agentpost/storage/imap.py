@@ -27,6 +27,10 @@ SYSTEM_FLAGS = {"\\Seen": "seen", "\\Flagged": "flagged", "\\Answered": "answere
 #: ``labels``, their first-seen spellings in ``keyword_spellings``).
 _META = ("uid, modseq, seen, flagged, answered, draft, deleted, labels, "
          + SPELLINGS_COLUMN)
+#: The \\Recent mark of the folder row ``f`` (migration 0029: a row of its own, which
+#: the first claim creates; none yet means 0).
+_RECENT_OF_F = ("COALESCE((SELECT r.recent_uid FROM folder_recent r WHERE r.org_id = f.org_id "
+                "AND r.folder_id = f.id), 0)")
 
 
 def flags_of(row: dict[str, Any],
@@ -60,6 +64,16 @@ def _flag_set(seen: bool, flagged: bool, answered: bool, draft: bool, deleted: b
     return frozenset(out)
 
 
+def uid_array(uids: list[int] | None) -> str | None:
+    """UIDs as ONE bigint[] literal ('{1,2,3}'): psycopg2 sends a list as ARRAY[1,2,3],
+    an expression of as many constants, which PostgreSQL parses and plans item by item
+    (a session's 300 known UIDs after every command) and which makes every length a
+    different statement text."""
+    if uids is None:
+        return None
+    return "{" + ",".join(map(str, uids)) + "}"
+
+
 async def list_folders(txn: Txn, org_id: str, inbox_id: str) -> list[dict[str, Any]]:
     """Every folder of an inbox, with whether it has children and is subscribed
     (storage.subscriptions; a subscription may also name no folder)."""
@@ -77,9 +91,10 @@ async def get_folder(txn: Txn, org_id: str, inbox_id: str, name: str, *,
     """A folder by name (INBOX matched case-insensitively, as RFC 3501 requires)."""
     lock = " FOR UPDATE" if for_update else ""
     return await txn.fetchone(
-        "SELECT id, name, special_use, uidvalidity, uidnext, highestmodseq, recent_uid "
-        "FROM folders WHERE org_id = %s AND inbox_id = %s AND (name = %s OR "
-        "(upper(%s) = 'INBOX' AND name = 'INBOX'))" + lock, (org_id, inbox_id, name, name))
+        "SELECT id, name, special_use, uidvalidity, uidnext, highestmodseq, "
+        f"{_RECENT_OF_F} AS recent_uid FROM folders f WHERE org_id = %s AND inbox_id = %s "
+        "AND (name = %s OR (upper(%s) = 'INBOX' AND name = 'INBOX'))" + lock,
+        (org_id, inbox_id, name, name))
 
 
 async def get_folder_by_id(txn: Txn, org_id: str, inbox_id: str,
@@ -134,13 +149,35 @@ async def folder_meta(txn: Txn, org_id: str, folder_id: int) -> list[dict[str, A
         (org_id, folder_id))
 
 
+async def select_folder(txn: Txn, org_id: str, inbox_id: str,
+                        name: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """SELECT/EXAMINE's reads in ONE statement (one snapshot, so no transaction, and
+    one round trip instead of four): the folder by name (as :func:`get_folder`, with
+    its \\Recent mark) and the UID, MODSEQ and flags of every message, ascending UID."""
+    rows = await txn.fetchall(
+        "SELECT f.id AS folder_id, f.name AS folder_name, f.uidvalidity, f.uidnext, "
+        "f.highestmodseq, COALESCE(r.recent_uid, 0) AS recent_uid, m.* FROM folders f "
+        "LEFT JOIN folder_recent r ON r.org_id = f.org_id AND r.folder_id = f.id "
+        f"LEFT JOIN LATERAL (SELECT {_META} FROM messages WHERE org_id = f.org_id "
+        "AND folder_id = f.id) m ON true WHERE f.org_id = %s AND f.inbox_id = %s "
+        "AND (f.name = %s OR (upper(%s) = 'INBOX' AND f.name = 'INBOX')) ORDER BY m.uid",
+        (org_id, inbox_id, name, name))
+    if not rows:
+        return None, []
+    first = rows[0]
+    folder = {"id": first["folder_id"], "name": first["folder_name"],
+              "uidvalidity": first["uidvalidity"], "uidnext": first["uidnext"],
+              "highestmodseq": first["highestmodseq"], "recent_uid": first["recent_uid"]}
+    return folder, [r for r in rows if r["uid"] is not None]
+
+
 async def deleted_uids(txn: Txn, org_id: str, folder_id: int,
                        uids: list[int] | None) -> list[int]:
     """UIDs flagged \\Deleted (among ``uids`` when given), ascending: what EXPUNGE removes."""
     rows = await txn.fetchall(
         "SELECT uid FROM messages WHERE org_id = %s AND folder_id = %s AND deleted "
-        "AND (%s::bigint[] IS NULL OR uid = ANY(%s)) ORDER BY uid",
-        (org_id, folder_id, uids, uids))
+        "AND (%s::bigint[] IS NULL OR uid = ANY(%s::bigint[])) ORDER BY uid",
+        (org_id, folder_id, uid_array(uids), uid_array(uids)))
     return [r["uid"] for r in rows]
 
 
@@ -159,7 +196,7 @@ async def recent_mark(txn: Txn, org_id: str, folder_id: int) -> int:
     """The folder's recent mark as last committed, without a lock (one statement): the
     mark only rises, so a mark at or above a UID means another session has claimed it."""
     return await txn.fetchval(
-        "SELECT recent_uid FROM folders WHERE org_id = %s AND id = %s",
+        "SELECT recent_uid FROM folder_recent WHERE org_id = %s AND folder_id = %s",
         (org_id, folder_id)) or 0
 
 
@@ -167,22 +204,27 @@ async def claim_recent(txn: Txn, org_id: str, folder_id: int, up_to_uid: int) ->
     """Raise the folder's recent mark to ``up_to_uid``; returns the mark before this
     call (row-locked, so two sessions never both get the same UIDs).
 
-    The folder row is the one every writer locks for UIDNEXT and HIGHESTMODSEQ, so this
-    transaction must hold it for as short a time as possible: it commits
-    asynchronously (no WAL flush while the lock is held). That is safe for \\Recent
-    alone -- a crash can at worst forget a claim, and a message may then be \\Recent in
-    one more session, which RFC 3501 §2.3.2 tolerates; nothing else is written here.
-    FOR NO KEY UPDATE, the lock the UPDATE takes anyway: FOR UPDATE would also block
-    the foreign-key checks (FOR KEY SHARE) of every message inserted into the folder.
-    Sent without BEGIN (Database.run_read), the two statements are one implicit
-    transaction that commits as the message ends: no round trip holds the row."""
-    old = await txn.fetchval(
-        "SET LOCAL synchronous_commit TO OFF; "
-        "WITH old AS (SELECT recent_uid FROM folders WHERE org_id = %s AND id = %s "
-        "             FOR NO KEY UPDATE) "
-        "UPDATE folders f SET recent_uid = GREATEST(f.recent_uid, %s) FROM old "
-        "WHERE f.org_id = %s AND f.id = %s RETURNING old.recent_uid",
-        (org_id, folder_id, up_to_uid, org_id, folder_id))
+    The mark has a row of its own (migration 0029), created here by the folder's first
+    claim: the folder row is the one every writer locks for UIDNEXT and HIGHESTMODSEQ
+    until its COMMIT, and a claim no longer waits for them (nor they for it). The
+    transaction commits asynchronously (no WAL flush while the row is held). That is
+    safe for \\Recent alone -- a crash can at worst forget a claim, and a message may
+    then be \\Recent in one more session, which RFC 3501 §2.3.2 tolerates; nothing else
+    is written here. Sent without BEGIN (Database.run_read), the statements are one
+    implicit transaction that commits as the message ends: no round trip holds the row.
+    The folder deleted meanwhile: nothing to claim (0)."""
+    try:
+        old = await txn.fetchval(
+            "SET LOCAL synchronous_commit TO OFF; "
+            "INSERT INTO folder_recent (org_id, folder_id) SELECT org_id, id FROM folders "
+            "WHERE org_id = %s AND id = %s ON CONFLICT DO NOTHING; "
+            "WITH old AS (SELECT recent_uid FROM folder_recent WHERE org_id = %s "
+            "             AND folder_id = %s FOR NO KEY UPDATE) "
+            "UPDATE folder_recent r SET recent_uid = GREATEST(r.recent_uid, %s) FROM old "
+            "WHERE r.org_id = %s AND r.folder_id = %s RETURNING old.recent_uid",
+            (org_id, folder_id, org_id, folder_id, up_to_uid, org_id, folder_id))
+    except psycopg2.errors.ForeignKeyViolation:
+        return 0
     return old or 0
 
 
@@ -191,8 +233,8 @@ async def fetch_rows(txn: Txn, org_id: str, folder_id: int, uids: list[int],
     """The requested columns (from core's allow-list) for existing UIDs."""
     cols = ", ".join([_META, *columns])
     return await txn.fetchall(
-        f"SELECT {cols} FROM messages WHERE org_id = %s AND folder_id = %s AND uid = ANY(%s) "
-        "ORDER BY uid", (org_id, folder_id, uids))
+        f"SELECT {cols} FROM messages WHERE org_id = %s AND folder_id = %s "
+        "AND uid = ANY(%s::bigint[]) ORDER BY uid", (org_id, folder_id, uid_array(uids)))
 
 
 async def lock_messages(txn: Txn, org_id: str, inbox_id: str, folder_id: int,
@@ -208,11 +250,11 @@ async def lock_messages(txn: Txn, org_id: str, inbox_id: str, folder_id: int,
     cols = f"id, thread_id, folder_id, raw_blob_key, inbox_id, size, {_META}"
     sql = (f"SELECT f.id AS folder_present, {extra[0]} AS extra, m.* FROM folders f "
            f"LEFT JOIN LATERAL (SELECT {cols} FROM messages WHERE org_id = f.org_id "
-           "AND folder_id = f.id AND (%s::bigint[] IS NULL OR uid = ANY(%s))"
+           "AND folder_id = f.id AND (%s::bigint[] IS NULL OR uid = ANY(%s::bigint[]))"
            + (" AND deleted" if deleted_only else "") +
            " ORDER BY uid FOR UPDATE) m ON true "
            "WHERE f.org_id = %s AND f.inbox_id = %s AND f.id = %s")
-    params = [*extra[1], uids, uids, org_id, inbox_id, folder_id]
+    params = [*extra[1], uid_array(uids), uid_array(uids), org_id, inbox_id, folder_id]
     if before[0]:
         sql, params = f"{before[0]}; {sql}", [*before[1], *params]
     rows = await txn.fetchall(sql, params)
@@ -229,8 +271,8 @@ async def message_ids_for_uids(txn: Txn, org_id: str, folder_id: int, uids: list
     lock = " FOR UPDATE" if for_update else ""
     return await txn.fetchall(
         f"SELECT id, thread_id, folder_id, raw_blob_key, inbox_id, size, {_META} FROM messages "
-        "WHERE org_id = %s AND folder_id = %s AND uid = ANY(%s) ORDER BY uid" + lock,
-        (org_id, folder_id, uids))
+        "WHERE org_id = %s AND folder_id = %s AND uid = ANY(%s::bigint[]) ORDER BY uid" + lock,
+        (org_id, folder_id, uid_array(uids)))
 
 
 #: Columns ingest derives for SEARCH and SORT (migration 0012) and the version of the
@@ -302,8 +344,9 @@ async def changes(txn: Txn, org_id: str, folder_id: int, max_known_uid: int,
     that claiming new arrivals needs no read of its own."""
     moved = "(SELECT highestmodseq FROM f) > %s AND org_id = %s AND folder_id = %s"
     rows = await txn.fetchall(
-        "WITH f AS MATERIALIZED (SELECT highestmodseq, expunged_modseq, recent_uid "
-        "                        FROM folders WHERE org_id = %s AND id = %s) "
+        "WITH f AS MATERIALIZED (SELECT highestmodseq, expunged_modseq, "
+        f"                        {_RECENT_OF_F} AS recent_uid "
+        "                        FROM folders f WHERE org_id = %s AND id = %s) "
         "SELECT 'folder' AS part, highestmodseq AS uid, expunged_modseq AS modseq, "
         "NULL::boolean AS seen, NULL::boolean AS flagged, NULL::boolean AS answered, "
         "NULL::boolean AS draft, NULL::boolean AS deleted, NULL::text[] AS labels, "
@@ -314,10 +357,10 @@ async def changes(txn: Txn, org_id: str, folder_id: int, max_known_uid: int,
         "AND modseq > %s "
         "UNION ALL SELECT 'present', uid, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
         "NULL FROM messages WHERE (SELECT expunged_modseq FROM f) > %s AND org_id = %s "
-        "AND folder_id = %s AND uid = ANY(%s)",
+        "AND folder_id = %s AND uid = ANY(%s::bigint[])",
         (org_id, folder_id, since_modseq, org_id, folder_id, max_known_uid,
          since_modseq, org_id, folder_id, max_known_uid, since_modseq,
-         since_modseq, org_id, folder_id, known_uids))
+         since_modseq, org_id, folder_id, uid_array(known_uids)))
     folder = next((row for row in rows if row["part"] == "folder"), None)
     if folder is None:
         return {"new": [], "changed": [], "present": set(), "highestmodseq": since_modseq,
@@ -374,8 +417,8 @@ def search_sql(key: tuple[Any, ...], params: list[Any]) -> str:
     if op == "not":
         return f"(NOT {search_sql(key[1], params)})"
     if op == "uid":
-        params.append(list(key[1]))
-        return "uid = ANY(%s)"
+        params.append(uid_array(list(key[1])))
+        return "uid = ANY(%s::bigint[])"
     if op == "flag":
         col = SYSTEM_FLAGS.get(key[1])
         if col is None:  # \Recent and unknown system flags: nothing is stored for them

@@ -41,10 +41,22 @@ async def commit_with(txn: Txn, sql: str, params: list[Any],
     returns the JSON value of ``result_sql`` (an expression evaluated after ``sql``, in
     the transaction). Nothing may be written in ``txn`` afterwards. A link lost in this
     round trip leaves the outcome unknown: TemporaryFailure, never a retry (it could
-    apply the change twice)."""
-    full = (f"{sql}; SELECT set_config('{_RESULT_SETTING}', "
+    apply the change twice).
+
+    The locks are released BEFORE the WAL flush, and the change is still durable before
+    the caller hears of it: the transaction commits asynchronously (its commit record
+    is written, not flushed, so the folder row goes at once instead of after an fsync
+    that every other writer of the folder would queue behind), and the fresh
+    transaction that follows takes a transaction id, so the COMMIT that
+    Database.run_interaction sends for it is a synchronous one, which flushes the WAL
+    up to and including our commit record. Only other sessions may see the change a
+    few milliseconds before it is on disk (as after any asynchronous commit): a crash
+    in that window loses a change no client was told had succeeded."""
+    full = (f"SET LOCAL synchronous_commit TO OFF; {sql}; "
+            f"SELECT set_config('{_RESULT_SETTING}', "
             f"COALESCE(to_json(({result_sql}))::text, 'null'), false); "
-            f"COMMIT; BEGIN; SELECT current_setting('{_RESULT_SETTING}') AS r")
+            f"COMMIT; BEGIN; SELECT pg_current_xact_id(); "
+            f"SELECT current_setting('{_RESULT_SETTING}') AS r")
     try:
         value = await txn.fetchval(full, [*params, *result_params])
     except _LINK_ERRORS as exc:
