@@ -862,6 +862,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--py-spy-native", action="store_true",
                         help="with --py-spy: also sample C frames (py-spy --native), to see "
                              "the time inside psycopg2, libpq and system calls")
+    parser.add_argument("--cprofile", metavar="FILE", default=None,
+                        help="run the server under cProfile (CPU clock) and write its stats "
+                             "here when it stops (pstats format; the whole run, setup "
+                             "included). py-spy samples wall time; this counts CPU only, but "
+                             "slows every call.")
     parser.add_argument("--server-log", metavar="FILE", default=None,
                         help="keep a copy of the server's log here (it is deleted otherwise)")
     parser.add_argument("--json", action="store_true",
@@ -879,6 +884,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.duration <= 0 or args.warmup < 0 or args.timeout <= 0 or args.seed < 0:
         parser.error("--duration and --timeout must be > 0, --warmup and --seed >= 0")
     return args
+
+
+# The server under cProfile with a CPU clock: on a busy machine a wall clock would
+# charge other processes' time slices to whatever call was running (argv: out, script...).
+_CPROFILE = """
+import cProfile, runpy, sys, time
+out = sys.argv[1]
+sys.argv = sys.argv[2:]
+prof = cProfile.Profile(time.thread_time)
+try:
+    prof.runcall(runpy.run_path, sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+finally:
+    prof.dump_stats(out)
+"""
 
 
 class Bench:
@@ -926,8 +947,10 @@ class Bench:
         log_path = self.tmp / "server.log"
         self.server_log = open(log_path, "wb")  # closed in cleanup()
         log(f"starting agentpost serve on 127.0.0.1:{self.port} (log: {log_path})")
+        profile = ([sys.executable, "-c", _CPROFILE, str(Path(args.cprofile).resolve())]
+                   if args.cprofile else [])
         self.server = subprocess.Popen(
-            [agentpost_exe(), "--config", str(config), "serve"],
+            [*profile, agentpost_exe(), "--config", str(config), "serve"],
             stdin=subprocess.DEVNULL, stdout=self.server_log, stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches us only; we stop the server ourselves
         )

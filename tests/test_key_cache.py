@@ -47,8 +47,17 @@ async def _new_key(server, owner: str, name: str) -> dict:
     return created.json
 
 
-def _commit(db_dsn: str, sql: str, params: tuple = ()) -> None:
-    """Run one statement in its own committed transaction (blocking, like a psql user)."""
+async def _commit(db_dsn: str, sql: str, params: tuple = ()) -> None:
+    """Run one statement in its own committed transaction, like a psql user: from
+    another thread, so the reactor keeps running. Blocking it here could wait forever
+    on a row lock held by a transaction of the server under test (the key's
+    last_used_at touch) whose COMMIT needs the reactor."""
+    from twisted.internet import threads
+
+    await threads.deferToThread(_commit_blocking, db_dsn, sql, params)
+
+
+def _commit_blocking(db_dsn: str, sql: str, params: tuple) -> None:
     import psycopg2
 
     conn = psycopg2.connect(db_dsn)
@@ -59,9 +68,9 @@ def _commit(db_dsn: str, sql: str, params: tuple = ()) -> None:
         conn.close()
 
 
-def _revoke_in_db(db_dsn: str, key_id: str) -> None:
+async def _revoke_in_db(db_dsn: str, key_id: str) -> None:
     """A revocation by a plain SQL session: only the trigger can tell the processes."""
-    _commit(db_dsn, "UPDATE api_keys SET revoked_at = now() WHERE id = %s", (key_id,))
+    await _commit(db_dsn, "UPDATE api_keys SET revoked_at = now() WHERE id = %s", (key_id,))
 
 
 async def _cached_in_both(server, other, owner: str, name: str) -> dict:
@@ -107,7 +116,7 @@ async def test_revocation_reaches_both_processes_on_the_next_request(
         # By SQL in a database session: no application code, only the trigger's NOTIFY.
         key = await _cached_in_both(server, other, owner, "by-sql")
         generation = cache.generation
-        _revoke_in_db(db_dsn, key["id"])
+        await _revoke_in_db(db_dsn, key["id"])
         assert await _noticed(cache, generation)
         assert (await other.get("/api/v1/inboxes", key=key["key"])).status == 401
         assert (await server.api.get("/api/v1/inboxes", key=key["key"])).status == 401
@@ -126,7 +135,7 @@ async def test_role_change_by_sql_takes_effect_on_the_next_request(server, db_ds
     for _ in range(2):
         assert (await server.api.get("/api/v1/inboxes", key=key["key"])).status == 200
     generation = server.core.key_cache.generation
-    _commit(db_dsn, "UPDATE api_keys SET scopes = '{}' WHERE id = %s", (key["id"],))
+    await _commit(db_dsn, "UPDATE api_keys SET scopes = '{}' WHERE id = %s", (key["id"],))
     assert await _noticed(server.core.key_cache, generation)
     assert (await server.api.get("/api/v1/inboxes", key=key["key"])).status == 403
 
@@ -145,7 +154,7 @@ async def test_killed_listen_link_falls_back_to_the_database_and_recovers(server
     pids = [r[0] for r in query(db_dsn, "SELECT pid FROM pg_stat_activity "
                                         "WHERE application_name = 'agentpost-key-cache'")]
     assert pids
-    _commit(db_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+    await _commit(db_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                   "WHERE pid = ANY(%s)", (pids,))
 
     def gone() -> bool:
@@ -153,7 +162,7 @@ async def test_killed_listen_link_falls_back_to_the_database_and_recovers(server
 
     assert await _until(gone)
     # Revoked while nobody listens: the NOTIFY is lost, the answer must still be right.
-    _revoke_in_db(db_dsn, first["id"])
+    await _revoke_in_db(db_dsn, first["id"])
     assert (await server.api.get("/api/v1/inboxes", key=first["key"])).status == 401
     assert not cache.usable or cache.generation > 0
 
@@ -164,7 +173,11 @@ async def test_killed_listen_link_falls_back_to_the_database_and_recovers(server
     hits = cache.hits
     assert (await server.api.get("/api/v1/inboxes", key=second["key"])).status == 200
     assert cache.hits == hits + 1  # the cache is back
-    _revoke_in_db(db_dsn, second["id"])
+    generation = cache.generation
+    await _revoke_in_db(db_dsn, second["id"])
+    # As in the SQL case above: the notice travels from PostgreSQL's listening backend
+    # after the COMMIT; once it is here, no stale entry answers.
+    assert await _noticed(cache, generation)
     assert (await server.api.get("/api/v1/inboxes", key=second["key"])).status == 401
 
 

@@ -69,9 +69,12 @@ def scrub_row(row: dict[str, Any]) -> bool:
     """
     changed = False
     for name, value in row.items():
-        if value is None or (isinstance(value, str) and value.isascii()
-                             and "\x00" not in value):
-            continue  # the usual case, decided without a regex (every request's row)
+        kind = type(value)
+        if kind is str:
+            if value.isascii() and "\x00" not in value:
+                continue  # the usual case, decided without a regex (every request's row)
+        elif not value or not isinstance(value, str | dict | list | tuple):
+            continue  # None, numbers, timestamps, an empty details dict: nothing to clean
         clean = _scrubbed(value)
         if clean != value:
             row[name], changed = clean, True
