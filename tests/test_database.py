@@ -130,3 +130,31 @@ async def test_pool_replaces_connections_killed_by_the_server(db_dsn, pg):
         assert rows == [{"v": 2}]
     finally:
         await db.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unlock_before_flush_commits_and_rolls_back_like_commit(db_dsn):
+    """The early-unlock ending (asynchronous COMMIT, then a synchronous one that flushes
+    it) stores what the body wrote, leaves no transaction open, and a failing body still
+    leaves nothing behind."""
+    db = _db(db_dsn, pool_size=1)
+    try:
+        await db.run_interaction("t", lambda txn: txn.execute("CREATE TABLE u (x int)"))
+
+        async def write(txn, value):
+            await txn.execute("INSERT INTO u VALUES (%s)", [value])
+            return value
+
+        assert await db.run_interaction("t", write, 1, unlock_before_flush=True) == 1
+
+        async def boom(txn):
+            await txn.execute("INSERT INTO u VALUES (2)")
+            raise ValueError("no")
+
+        with pytest.raises(ValueError):
+            await db.run_interaction("t", boom, unlock_before_flush=True)
+        rows = await db.run_query("t", "SELECT x, pg_current_xact_id_if_assigned() AS xid "
+                                       "FROM u")
+        assert rows == [{"x": 1, "xid": None}]  # and the session is idle, not in a txn
+    finally:
+        await db.close()

@@ -1,4 +1,4 @@
-"""Webhook workers are woken only by events that created deliveries (migration 0033):
+"""Webhook workers are woken only by events that created deliveries (migration 0030):
 mail to an organization without webhooks costs no process a claim or a next-due query."""
 
 from __future__ import annotations

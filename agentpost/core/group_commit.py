@@ -10,9 +10,10 @@ that could start wait that long for company, on the injected clock).
 In the batch's transaction each body stages its delivery (blob references, folder,
 thread lookup: one round trip each), then ONE round trip writes every thread, event
 and message row of the batch, the messages last: the folders' UID locks are taken at
-the very end and held only through that statement and the COMMIT, not while later
-batch-mates are staged. Every caller's Deferred fires only after the shared COMMIT, so
-the SMTP ``250`` still means "committed".
+the very end and held only through that statement and the COMMIT's processing, not while
+later batch-mates are staged nor through the WAL fsync (Database.run_interaction's
+``unlock_before_flush``). Every caller's Deferred fires only after the shared COMMIT
+is on disk, so the SMTP ``250`` still means "committed".
 
 Failure isolation: when one delivery fails (a body raises, or its row is missing), the
 transaction is rolled back and the others are run again without it; the failed one is
@@ -120,7 +121,7 @@ class GroupCommit:
             self.batches += 1
             try:
                 results = await self._db.run_interaction(
-                    "ingest.group_commit", self._txn_body, remaining)
+                    "ingest.group_commit", self._txn_body, remaining, unlock_before_flush=True)
             except _ItemFailed as failed:
                 if failed.item is None:  # no culprit named: each on its own
                     alone += remaining
@@ -137,7 +138,8 @@ class GroupCommit:
             break
         for item in alone:
             self.batches += 1
-            self._db.run_interaction("ingest.store", self._txn_body, [item]).addCallbacks(
+            self._db.run_interaction("ingest.store", self._txn_body, [item],
+                                     unlock_before_flush=True).addCallbacks(
                 lambda results, item=item: item.done.callback(results[0]),
                 item.done.errback)
 

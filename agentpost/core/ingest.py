@@ -322,7 +322,8 @@ class Ingest:
                         folder, state, received_at or txn.now))
                 return out
 
-            return await self._db.run_interaction("ingest.store_batch", txn_fn)
+            return await self._db.run_interaction("ingest.store_batch", txn_fn,
+                                                  unlock_before_flush=True)
         finally:
             for parsed in analysed:
                 parsed.discard()
@@ -386,7 +387,9 @@ class Ingest:
             stored: list[Stored] = await self.group_commit.run(
                 (first.org_id, first.inbox_id), stage)
             return stored
-        return await self._db.run_interaction("ingest.store", txn_fn)
+        # The folder's UID row is held from the last insert to COMMIT: released before
+        # the WAL flush, the next delivery to the folder need not queue behind our fsync.
+        return await self._db.run_interaction("ingest.store", txn_fn, unlock_before_flush=True)
 
     async def _recheck_blobs(self, new_keys: list[str], refs: list[BlobRef],
                              blob_bodies: dict[str, bytes | str]) -> None:

@@ -248,6 +248,7 @@ class Database:
         fn: Callable[..., Awaitable[T]],
         *args: Any,
         isolation: str = "read committed",
+        unlock_before_flush: bool = False,
         **kwargs: Any,
     ) -> defer.Deferred[T]:
         """Run ``await fn(txn, *args, **kwargs)`` inside one transaction.
@@ -257,13 +258,21 @@ class Database:
         unknown and retrying could apply the change twice. Driver failures surface as
         TemporaryFailure; integrity errors are left for the stores to translate, and those
         no store translated become Conflict or InvalidRequest (``_client_error``).
+
+        ``unlock_before_flush`` ends the transaction with :data:`_UNLOCK_THEN_FLUSH`:
+        its locks go as soon as the COMMIT is processed rather than after the WAL fsync,
+        for transactions that hold a row every writer of a folder or inbox queues on.
+        The call still returns only once the commit is on disk; other sessions may see
+        the rows a few milliseconds before that (a crash then loses rows nobody was told
+        were stored, so the sender retries).
         """
         return defer.Deferred.fromCoroutine(
-            self._run(desc, fn, args, kwargs, isolation)
+            self._run(desc, fn, args, kwargs, isolation, unlock_before_flush)
         )
 
     async def _run(self, desc: str, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
-                   kwargs: dict[str, Any], isolation: str) -> T:
+                   kwargs: dict[str, Any], isolation: str,
+                   unlock_before_flush: bool = False) -> T:
         attempt = 0
         while True:
             attempt += 1
@@ -275,7 +284,8 @@ class Database:
                 result = await fn(txn, *args, **kwargs)
                 committing = True
                 if txn.started:  # nothing was sent, nothing to commit
-                    await txn.execute("COMMIT")
+                    await txn.execute(_UNLOCK_THEN_FLUSH if unlock_before_flush
+                                      else "COMMIT")
             except BaseException as exc:
                 await self._rollback_quietly(conn)
                 self._release(conn)
@@ -378,6 +388,13 @@ class Database:
 
 
 _UNSTORABLE = "The request holds a value the database cannot store."
+
+#: One message: commit without waiting for the WAL flush (the locks go at once), then a
+#: transaction that takes an xid and commits synchronously, which flushes the WAL up to
+#: and past our commit record before the answer comes back (storage.imap_commits does
+#: the same for IMAP's writes).
+_UNLOCK_THEN_FLUSH = ("SET LOCAL synchronous_commit TO OFF; COMMIT; "
+                      "BEGIN; SELECT pg_current_xact_id(); COMMIT")
 
 
 def _client_error(desc: str, exc: BaseException) -> AgentPostError | None:

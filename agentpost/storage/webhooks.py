@@ -20,7 +20,7 @@ from psycopg2.extras import Json
 
 from agentpost.storage.database import Txn
 
-#: Notified by the fan-out trigger when an event created deliveries (migration 0033).
+#: Notified by the fan-out trigger when an event created deliveries (migration 0030).
 WAKEUP_CHANNEL = "agentpost_webhooks"
 
 _COLS = ("id, url, description, event_types, inbox_id, environment_ids, enabled, "

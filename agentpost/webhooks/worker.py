@@ -56,7 +56,7 @@ USER_AGENT = "AgentPost-Webhooks/1"
 
 class DeliveriesWakeup(Notifier):
     """LISTEN on the channel the fan-out trigger notifies when it created webhook
-    deliveries (migration 0033); every notice wakes every watcher."""
+    deliveries (migration 0030); every notice wakes every watcher."""
 
     def __init__(self, dsn: str, *, reactor: Any, clock: IReactorTime) -> None:
         super().__init__(dsn, store.WAKEUP_CHANNEL, reactor=reactor, clock=clock)

@@ -1,4 +1,4 @@
--- 0033: the webhook worker is woken only when an event created webhook deliveries.
+-- 0030: the webhook worker is woken only when an event created webhook deliveries.
 --
 -- Until now every process's webhook worker listened on the events channel, so each
 -- received message (one event) cost every process a claim and a next-due query even
