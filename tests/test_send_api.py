@@ -360,19 +360,20 @@ async def test_a_failing_database_is_503_nothing_stored_and_the_key_free_again(s
     from agentpost.storage import outbound as outbound_store
 
     _, sender, _, key = await _setup(sub)
-    real = outbound_store.insert_batch
+    real = outbound_store.insert_batch_sql
 
-    async def broken(*args, **kwargs):
+    def broken(*args, **kwargs):
         raise psycopg2.OperationalError("server closed the connection unexpectedly")
 
-    monkeypatch.setattr(outbound_store, "insert_batch", broken)
+    # Submission sends its queue rows with the Sent copy's insert (insert_batch_sql).
+    monkeypatch.setattr(outbound_store, "insert_batch_sql", broken)
     body = {"to": "bob@remote.example", "text_body": "x"}
     hdr = {"Idempotency-Key": "retry-me"}
     resp = await sub.api.post(_send_path(sender), body, key=key, headers=hdr)
     assert resp.status == 503 and resp.json["error"]["type"] == "temporarily_unavailable"
     assert query(_dsn(sub), "SELECT count(*) FROM messages WHERE inbox_id = %s",
                  (sender["id"],)) == [(0,)]
-    monkeypatch.setattr(outbound_store, "insert_batch", real)
+    monkeypatch.setattr(outbound_store, "insert_batch_sql", real)
     resp = await sub.api.post(_send_path(sender), body, key=key, headers=hdr)
     assert resp.status == 201, resp
     assert resp.headers.get("idempotent-replayed") is None

@@ -352,7 +352,12 @@ async def test_a_failing_queue_insert_answers_451_and_stores_nothing(sub, monkey
     async def broken(*args, **kwargs):
         raise psycopg2.OperationalError("server closed the connection unexpectedly")
 
+    def broken_sql(*args, **kwargs):
+        raise psycopg2.OperationalError("server closed the connection unexpectedly")
+
     monkeypatch.setattr(outbound_store, "insert_batch", broken)
+    # Submission sends its queue rows with the Sent copy's insert (insert_batch_sql).
+    monkeypatch.setattr(outbound_store, "insert_batch_sql", broken_sql)
 
     def send():
         with _login(sub.submission_port, sender["email"], key) as smtp:

@@ -31,9 +31,7 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.parser import BytesHeaderParser
-from email.policy import compat32
+from datetime import UTC, datetime, timedelta
 from typing import IO, Any
 
 from twisted.internet import threads
@@ -53,8 +51,9 @@ from agentpost.model.errors import (
     SuppressedRecipient,
     Unauthenticated,
 )
+from agentpost.model.ids import new_id
 from agentpost.model.principal import Principal
-from agentpost.outbound.queue import QueuedMessage, RetryPolicy, enqueue
+from agentpost.outbound.queue import RetryPolicy, domain_of, unique_recipients
 from agentpost.storage import outbound as outbound_store
 from agentpost.storage.database import Database, Txn
 
@@ -98,10 +97,11 @@ _ORIGINATORS = frozenset({"from", "sender", "resent-from", "resent-sender"})
 _FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 
 
-def _check_originators(head: bytes, address: str) -> None:
+def _check_originators(head: bytes, address: str) -> set[str]:
     """Every header line is a field or a continuation (a line a lenient reader would
     take for a second From: cannot hide from a strict one), there is exactly one From:,
-    and every originator field names the inbox and nothing else."""
+    and every originator field names the inbox and nothing else. Returns the field
+    names present (lower case)."""
     if b"\n" in head.replace(b"\r\n", b"") or b"\r" in head.replace(b"\r\n", b""):
         raise InvalidRequest("Header lines must end with CRLF.")
     fields: list[tuple[str, list[bytes]]] = []
@@ -121,6 +121,7 @@ def _check_originators(head: bytes, address: str) -> None:
             found = email.utils.getaddresses([value])
             if not found or any(not _same(addr, address) for _, addr in found):
                 raise FromHeaderNotAllowed()
+    return {name for name, _ in fields}
 
 
 def prepare(raw: bytes, *, address: str, hostname: str, now: datetime) -> bytes:
@@ -133,18 +134,45 @@ def prepare(raw: bytes, *, address: str, hostname: str, now: datetime) -> bytes:
         head, body = raw[:end], raw[end + 4:]
     if len(head) > MAX_HEADER_BYTES:
         raise InvalidRequest("The header section is too large.")
-    _check_originators(head, address)
-    parsed = BytesHeaderParser(policy=compat32).parsebytes(head + b"\r\n\r\n")
+    # Every line is a field or a continuation (checked), so the names are the fields:
+    # no second parse of the header section to learn whether two of them are present.
+    names = _check_originators(head, address)
     added: list[bytes] = []
-    if parsed.get("Message-ID") is None:
+    if "message-id" not in names:
         domain = address.rpartition("@")[2] or hostname
         token = secrets.token_hex(12)
         added.append(f"Message-ID: <{token}@{domain}>".encode("ascii", "replace"))
-    if parsed.get("Date") is None:
+    if "date" not in names:
         added.append(f"Date: {email.utils.format_datetime(now)}".encode("ascii"))
     if not added:
         return raw
     return b"\r\n".join([head, *added]) + b"\r\n\r\n" + body
+
+
+def queue_sql(txn: Txn, copy: Stored, sender: Sender, mail_from: str,
+              recipients: list[str], policy: RetryPolicy) -> tuple[list[str], str, list[Any]]:
+    """The queue rows of a Sent copy (one per recipient domain, as outbound.queue.enqueue
+    writes them) as statements to send with the copy's insert: ingest has already
+    referenced the raw blob in this transaction, under the blob's lock. Returns the
+    queue ids and (sql, params)."""
+    by_domain: dict[str, list[str]] = {}
+    for rcpt in unique_recipients(recipients):
+        by_domain.setdefault(domain_of(rcpt), []).append(rcpt)
+    domains = sorted(by_domain)
+    expires = txn.now + timedelta(seconds=policy.lifetime_s)
+    rows: list[dict[str, Any]] = [{
+        "org_id": sender.org_id, "id": new_id("obq"),
+        "environment_id": sender.environment_id, "inbox_id": sender.inbox_id,
+        "message_id": copy.message_id, "raw_blob_key": copy.raw_blob_key,
+        "size": copy.size, "mail_from": mail_from, "domain": domain,
+        "status": "queued", "next_attempt_at": txn.now, "expires_at": expires,
+        "created_at": txn.now, "updated_at": txn.now,
+    } for domain in domains]
+    if not rows:
+        return [], "", []
+    sql, params = outbound_store.insert_batch_sql(
+        txn.now, rows, [by_domain[d] for d in domains], blob_locked=True)
+    return [row["id"] for row in rows], sql, params
 
 
 class Submission:
@@ -224,12 +252,16 @@ class Submission:
         sent = await self._prepare(raw, sender.address, now)
         queue_ids: list[str] = []
 
+        def queue_rows(txn: Txn, copy: Stored) -> tuple[str, list[Any]]:
+            """The queue rows go in the round trip of the Sent copy's own insert."""
+            ids, sql, params = queue_sql(txn, copy, sender, mail_from, recipients,
+                                         self._policy)
+            # Assigned, not extended: a retried transaction must not list rows twice.
+            queue_ids[:] = ids
+            return sql, params
+
         async def queue_it(txn: Txn, stored: list[Stored]) -> None:
             copy = stored[0]
-            queued = QueuedMessage(sender.org_id, sender.environment_id, sender.inbox_id,
-                                   copy.message_id, copy.raw_blob_key, copy.size, mail_from)
-            # Assigned, not extended: a retried transaction must not list rows twice.
-            queue_ids[:] = await enqueue(txn, queued, recipients, policy=self._policy)
             if also is not None:
                 await also(txn, Submitted(copy.message_id, list(queue_ids)))
             if self._limits is not None:  # last before COMMIT: the hot row's lock is short
@@ -242,5 +274,6 @@ class Submission:
         stored = await self._ingest.store(
             [target], io.BytesIO(sent), envelope_from=mail_from,
             direction="outbound", folder="Sent", flags=frozenset({"\\Seen"}),
-            labels=labels, origin=origin, within=queue_it)
+            labels=labels, origin=origin, before_insert=queue_rows,
+            within=queue_it if also is not None or self._limits is not None else None)
         return Submitted(stored[0].message_id, queue_ids)

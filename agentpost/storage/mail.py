@@ -45,27 +45,6 @@ async def route(txn: Txn, address: str, domain: str) -> dict[str, Any]:
         (domain, domain, address))  # type: ignore[return-value]
 
 
-async def sending_policy(txn: Txn, org_id: str, environment_id: str,
-                         inbox_id: str) -> dict[str, Any] | None:
-    """What submission needs at RCPT, in ONE statement: the inbox's ``send_paused``,
-    its send-direction filter ``rules`` (inbox and environment rules) and
-    ``domain_verified`` (a shared domain, or the organization's domain with verified_at
-    set); None when the inbox is gone."""
-    return await txn.fetchone(
-        "SELECT i.send_paused, "
-        "       (EXISTS (SELECT 1 FROM shared_domains s WHERE s.name = lower(i.domain)) "
-        "        OR EXISTS (SELECT 1 FROM domains d WHERE d.org_id = i.org_id "
-        "                   AND d.name = lower(i.domain) AND d.verified_at IS NOT NULL)) "
-        "         AS domain_verified, "
-        "       (SELECT coalesce(json_agg(json_build_object('match_type', r.match_type, "
-        "               'value', r.value, 'action', r.action)), '[]'::json) "
-        "          FROM filter_rules r WHERE r.org_id = i.org_id "
-        "           AND r.environment_id = i.environment_id AND r.direction = 'send' "
-        "           AND (r.inbox_id IS NULL OR r.inbox_id = i.id)) AS rules "
-        "FROM inboxes i WHERE i.org_id = %s AND i.environment_id = %s AND i.id = %s",
-        (org_id, environment_id, inbox_id))
-
-
 # Folders ------------------------------------------------------------------------------
 
 async def create_system_folders(txn: Txn, org_id: str, environment_id: str,

@@ -33,21 +33,33 @@ async def insert_batch(txn: Txn, rows: list[dict[str, Any]],
     reference (it pairs with the collector's)."""
     if not rows:
         return
+    sql, params = insert_batch_sql(txn.now, rows, recipients)
+    await txn.execute(sql, params)
+
+
+def insert_batch_sql(now: datetime, rows: list[dict[str, Any]], recipients: list[list[str]],
+                     *, blob_locked: bool = False) -> tuple[str, list[Any]]:
+    """:func:`insert_batch`'s statements, for a caller that sends them ahead of another
+    statement in the same round trip (submission: with the Sent copy's insert).
+    ``blob_locked``: this transaction already took the blob's lock (it referenced the
+    blob before), so the lock statement is left out."""
     first = rows[0]
     cols = list(first)
     values = ", ".join(["(" + ", ".join(["%s"] * len(cols)) + ")"] * len(rows))
     flat_ids = [row["id"] for row, group in zip(rows, recipients, strict=True) for _ in group]
     flat_addresses = [a for group in recipients for a in group]
-    await txn.execute(
-        _blob_lock_sql() + "; "
-        "INSERT INTO blobs (key, size, refcount, created_at) VALUES (%s, %s, %s, %s) "
+    lock_sql, lock_params = ("", []) if blob_locked else (
+        _blob_lock_sql() + "; ", [first["raw_blob_key"]])
+    return (
+        lock_sql
+        + "INSERT INTO blobs (key, size, refcount, created_at) VALUES (%s, %s, %s, %s) "
         "ON CONFLICT (key) DO UPDATE SET refcount = blobs.refcount + EXCLUDED.refcount; "
         f"INSERT INTO outbound_queue ({', '.join(cols)}) VALUES {values}; "
         "INSERT INTO outbound_recipients (org_id, queue_id, address, status, updated_at) "
         "SELECT %s, q, a, 'queued', %s FROM unnest(%s::text[], %s::text[]) AS x(q, a); "
         "SELECT pg_notify(%s, '')",
-        [first["raw_blob_key"], first["raw_blob_key"], first["size"], len(rows), txn.now,
-         *(v for row in rows for v in row.values()), first["org_id"], txn.now, flat_ids,
+        [*lock_params, first["raw_blob_key"], first["size"], len(rows), now,
+         *(v for row in rows for v in row.values()), first["org_id"], now, flat_ids,
          flat_addresses, OUTBOUND_CHANNEL])
 
 
@@ -249,8 +261,8 @@ async def queue_of_message(txn: Txn, org_id: str, message_id: str) -> list[dict[
 async def sending_checks(txn: Txn, org_id: str, environment_id: str, inbox_id: str,
                          emails: list[str]) -> dict[str, Any] | None:
     """What a send checks before it queues, in ONE statement however many recipients:
-    storage.mail.sending_policy's columns (``send_paused``, ``domain_verified``, the
-    send-direction filter ``rules``) plus ``suppressed``: which of ``emails`` (already
+    the inbox's ``send_paused``, ``domain_verified`` (shared or verified domain), the
+    send-direction filter ``rules``, and ``suppressed``: which of ``emails`` (already
     normalised, core.suppressions) are on the organization's suppression list. None when
     the inbox is gone."""
     return await txn.fetchone(
