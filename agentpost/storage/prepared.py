@@ -28,7 +28,7 @@ A generic plan is made from the statistics of its day: one made while a table wa
 nearly empty (a new installation, a benchmark's first seconds) scans the table, and
 keeps scanning it as it grows, until an ANALYZE invalidates the plan. Each session
 therefore forgets its statements and prepares them again with what PostgreSQL knows by
-then: after 5 s, then 10, 20, ... doubling up to ``max_age`` (a young session's tables
+then: after 10 s, then 20, 40, ... doubling up to ``max_age`` (a young session's tables
 are the likeliest to have changed size).
 
 Prepared statements live in the database session, so this must be off
@@ -104,7 +104,7 @@ class Session:
         """Whether the statements are old enough to be planned afresh."""
         if not self.prepared:
             return False
-        return now - self.since >= min(max_age, 5.0 * (1 << min(self.generation, 16)))
+        return now - self.since >= min(max_age, 10.0 * (1 << min(self.generation, 16)))
 
 
 class StatementCache:
@@ -246,7 +246,8 @@ def _numbered(text: str) -> str:
 
 
 def _fits(value: Any, pgtype: str) -> bool:
-    if value is None or isinstance(value, str | Json):
+    kind = type(value)
+    if kind is str or value is None or isinstance(value, str | Json):
         return True  # an untyped literal either way: typed by its context
     if isinstance(value, bool):
         return pgtype == "boolean"
@@ -319,13 +320,15 @@ class Preparer:
         if len(session.prepared) >= self.cache.max_per_session:
             session.reset = True  # not now: earlier parts of this string may use them
             return
-        types_sql = ("SELECT parameter_types::text[] AS types FROM pg_prepared_statements "
-                     f"WHERE name = '{part.name}'")
+        # The parameter types are read back once per process (the same text gives the
+        # same types on every connection of one schema).
+        types_sql = ("; SELECT parameter_types::text[] AS types FROM pg_prepared_statements "
+                     f"WHERE name = '{part.name}'") if part.types is None else ""
         if in_txn:  # a refused PREPARE must not abort the caller's transaction
             sql = (f"SAVEPOINT agentpost_prepare; {part.prepare_sql}; "
-                   f"RELEASE SAVEPOINT agentpost_prepare; {types_sql}")
+                   f"RELEASE SAVEPOINT agentpost_prepare{types_sql}")
         else:
-            sql = f"{part.prepare_sql}; {types_sql}"
+            sql = f"{part.prepare_sql}{types_sql}"
         try:
             await cursor.execute(sql)
         except Exception as exc:
@@ -339,7 +342,7 @@ class Preparer:
             else:
                 part.refused = True
             return
-        row = cursor.fetchone()
+        row = cursor.fetchone() if types_sql else None
         if not session.prepared:
             session.since = self.now
         session.prepared.add(part.name)
