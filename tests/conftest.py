@@ -20,6 +20,7 @@ import pytest_twisted
 
 from agentpost.config.loader import parse_config
 from agentpost.dev.embedded_pg import EmbeddedPostgres
+from agentpost.storage.database import Txn
 from agentpost.storage.migrations import migrate
 from tests.helpers import ApiClient, OpenAPIChecker
 
@@ -206,3 +207,17 @@ async def server(db_dsn: str, openapi_checker: OpenAPIChecker) -> Any:
     running = await start_server(make_config(db_dsn), openapi_checker)
     yield running
     await running.service.stopService()
+
+
+@pytest.fixture
+def sent(monkeypatch):
+    """Every SQL message any transaction or read sends, as sent (round-trip counts)."""
+    messages: list[str] = []
+    original = Txn._send
+
+    async def spy(self, sql, params):
+        messages.append(sql)
+        return await original(self, sql, params)
+
+    monkeypatch.setattr(Txn, "_send", spy)
+    return messages

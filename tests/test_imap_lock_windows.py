@@ -34,19 +34,6 @@ async def _account(server):
     return account
 
 
-@pytest.fixture
-def sent(monkeypatch):
-    """Every message sent by any transaction, as sent."""
-    messages: list[str] = []
-    original = Txn._send
-
-    async def spy(self, sql, params):
-        messages.append(sql)
-        return await original(self, sql, params)
-
-    monkeypatch.setattr(Txn, "_send", spy)
-    return messages
-
 
 def _folder_writes(messages: list[str]) -> list[str]:
     return [m for m in messages if _FOLDER_WRITE.search(m)]

@@ -15,7 +15,6 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 from agentpost.core.imap_messages import RECORDED_SPELLINGS, RecordedSpellings
-from agentpost.storage.database import Txn
 from tests.mailfactory import make_message
 
 
@@ -32,19 +31,6 @@ async def _account(server, username="mixed", messages=4):
 
     return await login(), login
 
-
-@pytest.fixture
-def sent(monkeypatch):
-    """Every message sent by any transaction or read, as sent."""
-    messages: list[str] = []
-    original = Txn._send
-
-    async def spy(self, sql, params):
-        messages.append(sql)
-        return await original(self, sql, params)
-
-    monkeypatch.setattr(Txn, "_send", spy)
-    return messages
 
 
 @pytest_twisted.ensureDeferred

@@ -63,6 +63,13 @@ def _fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def _unlink_quietly(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 class LocalBlobStore:
     """A :class:`~agentpost.storage.blobs.base.BlobStore` on a local filesystem.
 
@@ -204,10 +211,7 @@ class LocalBlobStore:
                 os.close(fd)
             return self._commit(tmp, digest, len(data))
         except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            _unlink_quietly(tmp)  # a half-written temp file must not stay behind
             raise
 
     def _write_stream(self, chunks: Callable[[], bytes | memoryview]) -> BlobRef:
@@ -233,10 +237,7 @@ class LocalBlobStore:
                 os.fsync(out.fileno())
             return self._commit(tmp, digest.hexdigest(), size)
         except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            _unlink_quietly(tmp)  # a half-written temp file must not stay behind
             raise
 
     def _put_file_sync(self, source: BlobSource) -> BlobRef:
