@@ -128,6 +128,10 @@ def test_base64_garbage_is_refused_rather_than_guessed(garbage):
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=2000), st.booleans(), st.integers(1, 300))
 def test_quoted_printable_round_trips_the_stdlib_encoders(data, quotetabs, piece):
+    # The stdlib encoders write a CRLF in the data as a plain line break (b"\n\r\n" is
+    # encoded as b"\n\n"): they cannot round-trip it, whatever decodes their output.
+    while b"\r\n" in data:
+        data = data.replace(b"\r\n", b"\n")
     for encoded in (quopri.encodestring(data, quotetabs=quotetabs),
                     binascii.b2a_qp(data, quotetabs=quotetabs)):
         assert decode_body(encoded, "quoted-printable") == data
