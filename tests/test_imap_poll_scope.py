@@ -11,14 +11,20 @@ from tests.mailfactory import make_message
 from tests.test_imap_backend import _account
 
 
-@pytest_twisted.ensureDeferred
-async def test_changes_of_a_foreign_folder_id_are_empty(server):
-    account, inbox, _ = await _account(server, "pollscope")
-    other, _, _ = await _account(server, "pollother")
-    for i in range(3):
-        await server.deliver(make_message(subject=f"p{i}", msgid=f"<p{i}@x>"),
+async def _selected(server, name, count):
+    """An account whose INBOX holds ``count`` new messages, selected."""
+    account, inbox, _ = await _account(server, name)
+    for i in range(count):
+        await server.deliver(make_message(subject=f"{name}{i}", msgid=f"<{name}{i}@x>"),
                              [inbox["email"]])
     folder, snap = await account.select("INBOX")
+    return account, folder, snap
+
+
+@pytest_twisted.ensureDeferred
+async def test_changes_of_a_foreign_folder_id_are_empty(server):
+    account, folder, snap = await _selected(server, "pollscope", 3)
+    other, _, _ = await _account(server, "pollother")
     await folder.store([1], "+", frozenset({"\\Flagged"}), None)
 
     async def raw(org_id):
@@ -45,11 +51,7 @@ async def test_changes_after_an_expunge_name_exactly_the_known_uids_left(server)
     """After something left, the poll sends back the known UIDs that are gone (not the
     ones still present) and ``present`` is the rest of the known list: a UID expunged
     here, a UID the client claims but never existed, and the untouched ones."""
-    account, inbox, _ = await _account(server, "pollgone")
-    for i in range(4):
-        await server.deliver(make_message(subject=f"g{i}", msgid=f"<g{i}@x>"),
-                             [inbox["email"]])
-    folder, snap = await account.select("INBOX")
+    account, folder, snap = await _selected(server, "pollgone", 4)
     await folder.store([2], "+", frozenset({"\\Deleted"}), None)
     assert await folder.expunge(None) == [2]
     found = await server.core.db.run_interaction(
