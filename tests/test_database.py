@@ -6,7 +6,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from agentpost.model.errors import TemporaryFailure
-from agentpost.storage.database import Database
+from agentpost.storage.database import _UNLOCK_THEN_FLUSH, Database
 
 
 @pytest_twisted.ensureDeferred
@@ -133,7 +133,7 @@ async def test_pool_replaces_connections_killed_by_the_server(db_dsn, pg):
 
 
 @pytest_twisted.ensureDeferred
-async def test_unlock_before_flush_commits_and_rolls_back_like_commit(db_dsn):
+async def test_unlock_before_flush_commits_and_rolls_back_like_commit(db_dsn, sent):
     """The early-unlock ending (asynchronous COMMIT, then a synchronous one that flushes
     it) stores what the body wrote, leaves no transaction open, and a failing body still
     leaves nothing behind."""
@@ -146,6 +146,10 @@ async def test_unlock_before_flush_commits_and_rolls_back_like_commit(db_dsn):
             return value
 
         assert await db.run_interaction("t", write, 1, unlock_before_flush=True) == 1
+        # The ending really is the early-unlock one (a plain COMMIT would pass the rest).
+        assert sent[-1] == _UNLOCK_THEN_FLUSH
+        assert await db.run_interaction("t", write, 3) == 3
+        assert sent[-1] == "COMMIT"
 
         async def boom(txn):
             await txn.execute("INSERT INTO u VALUES (2)")
@@ -155,6 +159,19 @@ async def test_unlock_before_flush_commits_and_rolls_back_like_commit(db_dsn):
             await db.run_interaction("t", boom, unlock_before_flush=True)
         rows = await db.run_query("t", "SELECT x, pg_current_xact_id_if_assigned() AS xid "
                                        "FROM u")
-        assert rows == [{"x": 1, "xid": None}]  # and the session is idle, not in a txn
+        assert rows == [{"x": 1, "xid": None}, {"x": 3, "xid": None}]  # idle, not in a txn
     finally:
         await db.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_delivery_releases_the_folder_row_before_the_flush(server, sent):
+    """Ingest (the MX's group commit and single stores) ends with the early unlock."""
+    from tests.mailfactory import make_message
+
+    _, owner = await server.new_org()
+    inbox = (await server.api.post("/api/v1/inboxes", {"username": "unlock"},
+                                   key=owner)).json
+    before = len(sent)
+    await server.deliver(make_message(subject="u", msgid="<u@x>"), [inbox["email"]])
+    assert _UNLOCK_THEN_FLUSH in sent[before:]
