@@ -17,6 +17,7 @@ from typing import IO, Any
 
 from twisted.internet import defer, threads
 
+from agentpost.core import parse_dispatch
 from agentpost.core.audit import audit_row, scrub_row
 from agentpost.core.context import RequestContext
 from agentpost.core.group_commit import GroupCommit
@@ -266,8 +267,8 @@ class Ingest:
         # one parses: it needs only the bytes, and is durable before the transaction.
         raw_put = defer.ensureDeferred(self._blobs.put_bytes(raw, content_type="message/rfc822"))
         try:
-            parsed, imap, index = await threads.deferToThreadPool(
-                self._reactor, self._reactor.getThreadPool(), _analyse_indexed, raw)
+            parsed, imap, index = await parse_dispatch.analyse(
+                self._reactor, _analyse_indexed, raw)
         except BaseException as exc:
             raw_put.addErrback(lambda _failure: None)  # the parse error is the one to report
             if isinstance(exc, OSError):  # spooling a large attachment failed (disk full)

@@ -126,9 +126,13 @@ def _field_value(raw: bytes, ent: _Entity, name: str) -> str | None:
         if fname == name:
             text = raw[fstart:fend]
             value = text[text.find(b":") + 1:]
-            value = re.sub(rb"\r?\n(?=[ \t])", b"", value).rstrip(b"\r\n")
-            return _decode(value).strip()
+            if b"\n " in value or b"\n\t" in value:  # folded (most fields are not)
+                value = _UNFOLD_RE.sub(b"", value)
+            return _decode(value.rstrip(b"\r\n")).strip()
     return None
+
+
+_UNFOLD_RE = re.compile(rb"\r?\n(?=[ \t])")
 
 
 def _split_params(value: str) -> list[str]:
