@@ -107,10 +107,10 @@ async def test_a_shared_write_failing_without_a_culprit_runs_each_alone(server, 
 
     real = gc_module.mail_store.insert_messages
 
-    async def failing_when_shared(txn, writes):
+    async def failing_when_shared(txn, writes, **kwargs):
         if len(writes) > 1:
             raise psycopg2.DataError("simulated")
-        return await real(txn, writes)
+        return await real(txn, writes, **kwargs)
 
     monkeypatch.setattr(gc_module.mail_store, "insert_messages", failing_when_shared)
     _, [inbox], clock, gc = await _setup(server, "split")

@@ -1,43 +1,48 @@
 """Group commit for MX deliveries (issue 12): messages that arrive together share one
 transaction, so one COMMIT and one fsync, instead of one each.
 
-A delivery hands a *staging* body to :meth:`GroupCommit.run` and waits. At most
+A delivery hands itself (:class:`Delivery`) to :meth:`GroupCommit.run` and waits. At most
 ``parallel`` batch transactions run at once; deliveries that arrive meanwhile wait for
 the next free one and then go together (up to ``max_batch``), so batches grow with the
 load by themselves and a lone delivery is not delayed (``delay_s`` > 0 makes a batch
 that could start wait that long for company, on the injected clock).
 
-In the batch's transaction each body stages its delivery (blob references, folder,
-thread lookup: one round trip each), then ONE round trip writes every thread, event
-and message row of the batch, the messages last: the folders' UID locks are taken at
-the very end and held only through that statement and the COMMIT's processing, not while
-later batch-mates are staged nor through the WAL fsync (Database.run_interaction's
-``unlock_before_flush``). Every caller's Deferred fires only after the shared COMMIT
-is on disk, so the SMTP ``250`` still means "committed".
+In the batch's transaction ONE round trip stages every delivery (blob references,
+folders, thread lookups: storage.message_insert.prepare_deliveries), and ONE more writes
+every thread, event and message row of the batch, the messages last, and COMMITs
+(Txn.commit_with): the folders' UID locks are taken at the very end and held only
+through that statement and the COMMIT's processing, not while the batch is staged, not
+while the server's reactor turns around, nor through the WAL fsync. Every caller's
+Deferred fires only after the shared COMMIT is on disk, so the SMTP ``250`` still means
+"committed".
 
-Failure isolation: when one delivery fails (a body raises, or its row is missing), the
+Failure isolation: when one delivery fails (its staging raises, or its message row was
+not written: the write then fails before its COMMIT, naming the message), the
 transaction is rolled back and the others are run again without it; the failed one is
 then run alone, so it gets exactly the error (and the translation) it would have had
-without batching. When the shared write fails without naming a culprit, every delivery
-of the batch is run alone. Lost links and deadlocks are the transaction's, not a
-message's: run_interaction retries the batch; if it gives up, every caller gets that
-error (a 4xx: nothing was acknowledged, the clients retry).
+without batching. When the shared staging or write fails without naming a culprit,
+every delivery of the batch is run alone. Lost links and deadlocks are the
+transaction's, not a message's: run_interaction retries the batch (never once the
+COMMIT may have happened: a link lost in the round trip that carries it); if it gives
+up, every caller gets that error (a 4xx: nothing was acknowledged, the clients retry).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import psycopg2
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python import failure
 from txpostgres import txpostgres
 
+from agentpost.model.errors import TemporaryFailure
 from agentpost.storage import mail as mail_store
 from agentpost.storage.database import Database, Txn
+from agentpost.storage.message_insert import NotStored
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +56,22 @@ class StagedWork(Protocol):
     def finish(self, uids: dict[str, int]) -> Any: ...
 
 
-Body = Callable[[Txn], Awaitable[StagedWork]]
+class Delivery(Protocol):
+    """A delivery waiting for its batch (core.ingest._Delivery)."""
+
+    def probes(self) -> list[mail_store.DeliveryProbe]:
+        """What each of its copies asks the batch's staging statement."""
+        ...
+
+    async def stage(self, txn: Txn, answers: list[mail_store.DeliveryAnswer]) -> StagedWork:
+        """Its copies, staged from the answers to :meth:`probes` (raises: it fails)."""
+        ...
 
 
 @dataclass(eq=False)
 class _Pending:
     key: tuple[str, ...]
-    body: Body
+    body: Delivery
     done: defer.Deferred[Any] = field(default_factory=defer.Deferred)
 
 
@@ -84,9 +98,10 @@ class GroupCommit:
         self._running = 0
         self.batches = 0  # transactions started, for tests and diagnostics
 
-    def run(self, key: tuple[str, ...], body: Body) -> defer.Deferred[Any]:
-        """Stage ``body(txn)`` in the next batch; fires with its ``finish`` result after
-        COMMIT. ``key`` orders bodies in a batch (the first recipient inbox)."""
+    def run(self, key: tuple[str, ...], body: Delivery) -> defer.Deferred[Any]:
+        """Stage ``body`` in the next batch; fires with its staged work's ``finish``
+        result after COMMIT. ``key`` orders deliveries in a batch (the first recipient
+        inbox)."""
         item = _Pending(key, body)
         self._pending.append(item)
         if self._running < self.parallel:
@@ -134,7 +149,10 @@ class GroupCommit:
                     item.done.errback(exc)
                 break
             for item, result in zip(remaining, results, strict=True):
-                item.done.callback(result)
+                if isinstance(result, failure.Failure):
+                    item.done.errback(result)
+                else:
+                    item.done.callback(result)
             break
         for item in alone:
             self.batches += 1
@@ -145,37 +163,62 @@ class GroupCommit:
 
     @staticmethod
     async def _txn_body(txn: Txn, batch: list[_Pending]) -> list[Any]:
-        """Stage every body, write all rows in one round trip, finish each. A batch of
-        one raises its own errors (run_interaction translates them as usual)."""
+        """Stage every delivery in one round trip, write all rows in another, finish
+        each. A batch of one raises its own errors (run_interaction translates them as
+        usual)."""
         single = len(batch) == 1
-        staged: list[StagedWork] = []
-        for item in batch:
-            try:
-                staged.append(await item.body(txn))
-            except Exception as exc:
-                if single or _transaction_fault(exc):
-                    raise
-                raise _ItemFailed(item) from exc
-        writes = [w for s in staged for w in s.writes()]
+        probes = [item.body.probes() for item in batch]
         try:
-            uids = await mail_store.insert_messages(txn, writes) if writes else {}
+            answers = await mail_store.prepare_deliveries(
+                txn, [probe for some in probes for probe in some])
         except Exception as exc:
             if single or _transaction_fault(exc):
                 raise
             raise _ItemFailed(None) from exc
-        results = []
-        for item, s in zip(batch, staged, strict=True):
+        staged: list[StagedWork] = []
+        offset = 0
+        for item, some in zip(batch, probes, strict=True):
+            mine = answers[offset:offset + len(some)]
+            offset += len(some)
             try:
-                results.append(s.finish(uids))
+                staged.append(await item.body.stage(txn, mine))
             except Exception as exc:
-                if single:
+                if single or _transaction_fault(exc):
                     raise
                 raise _ItemFailed(item) from exc
+        owners: dict[str, _Pending] = {}
+        writes = []
+        for item, work in zip(batch, staged, strict=True):
+            for write in work.writes():
+                owners[write[0]["id"]] = item
+                writes.append(write)
+        try:  # the write and the COMMIT: a statement that fails leaves nothing behind
+            uids = await mail_store.insert_messages(txn, writes, commit=True) \
+                if writes else {}
+        except NotStored as exc:  # its inbox or folder went away since RCPT
+            if single:
+                raise
+            raise _ItemFailed(owners.get(exc.message_id)) from exc
+        except Exception as exc:
+            if single or _transaction_fault(exc):
+                raise
+            raise _ItemFailed(None) from exc
+        # Committed: from here on nothing may be run again.
+        results: list[Any] = []
+        for work in staged:
+            try:
+                results.append(work.finish(uids))
+            except Exception as exc:  # cannot happen: NotStored came first
+                if single:
+                    raise
+                results.append(failure.Failure(exc))
         return results
 
 
 def _transaction_fault(exc: BaseException) -> bool:
-    """Errors of the link or the transaction, not of one message."""
+    """Errors of the link or the transaction, not of one message (TemporaryFailure: the
+    link was lost while the COMMIT travelled, so the batch may be stored: never again)."""
     return isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError
                       | psycopg2.errors.SerializationFailure
-                      | psycopg2.errors.DeadlockDetected | txpostgres.RollbackFailed)
+                      | psycopg2.errors.DeadlockDetected | txpostgres.RollbackFailed
+                      | TemporaryFailure)

@@ -132,6 +132,51 @@ class Staged:
         return out
 
 
+@dataclass(eq=False)
+class _Delivery:
+    """One MX delivery waiting for its batch (core.group_commit.Delivery): what its
+    copies ask the batch's one staging statement, then the copies staged from the
+    answers. Everything but the message rows, which the batch writes together."""
+
+    ingest: Ingest
+    targets: list[Target]
+    order: list[int]  # the targets in lock order: the copies are staged in it
+    parsed: ParsedMessage
+    refs: list[BlobRef]  # the message's own blob, then its attachments'
+    blob_bodies: dict[str, bytes | str]
+    envelope_from: str | None
+    direction: str
+    folder: str
+    state: _State
+    received_at: datetime | None
+
+    def probes(self) -> list[mail_store.DeliveryProbe]:
+        """One per copy, in :attr:`order`."""
+        parsed = self.parsed
+        related = ([parsed.in_reply_to] if parsed.in_reply_to else []) + parsed.references
+        blobs = [(ref.key, ref.size) for ref in self.refs]
+        return [mail_store.DeliveryProbe(self.targets[i].org_id, self.targets[i].inbox_id,
+                                         self.folder, blobs, parsed.message_id, related)
+                for i in self.order]
+
+    async def stage(self, txn: Txn, answers: list[mail_store.DeliveryAnswer]) -> Staged:
+        """The copies (in the caller's target order), given :meth:`probes`' answers."""
+        new = sorted({key for answer in answers for key in answer.new_blobs})
+        if new:
+            await self.ingest._recheck_blobs(new, self.refs, self.blob_bodies)
+        when = self.received_at or txn.now
+        copies: list[_Copy | None] = [None] * len(self.targets)
+        for i, answer in zip(self.order, answers, strict=True):
+            target = self.targets[i]
+            folder = answer.folder
+            if folder is None:
+                folder = await _missing_folder(txn, target, self.folder, self.state)
+            copies[i] = _build_copy(txn, target, self.parsed, self.refs[0], self.refs[1:],
+                                    self.envelope_from, self.direction, self.state, when,
+                                    folder, answer.thread_id)
+        return Staged([c for c in copies if c is not None])
+
+
 #: Bodies longer than this store no extracted_text: it is derived again when read (see
 #: core.messages), which keeps a third copy of a huge body out of the INSERT.
 STORE_EXTRACTED_MAX_CHARS = 64 * 1024
@@ -382,19 +427,11 @@ class Ingest:
 
         if group and self.group_commit is not None and targets and within is None \
                 and not state.quota and state.before_insert is None:
-            async def stage(txn: Txn) -> Staged:
-                """Everything but the message rows, which the batch writes together."""
-                when = received_at or txn.now
-                copies: list[_Copy | None] = [None] * len(targets)
-                for i in order:
-                    copies[i] = await self._stage_copy(
-                        txn, targets[i], parsed, raw_ref, att_refs, blob_bodies,
-                        envelope_from, direction, folder, state, when)
-                return Staged([c for c in copies if c is not None])
-
             first = targets[order[0]]
             stored: list[Stored] = await self.group_commit.run(
-                (first.org_id, first.inbox_id), stage)
+                (first.org_id, first.inbox_id),
+                _Delivery(self, targets, order, parsed, [raw_ref, *att_refs], blob_bodies,
+                          envelope_from, direction, folder, state, received_at))
             return stored
         # The folder's UID row is held from the last insert to COMMIT: released before
         # the WAL flush, the next delivery to the folder need not queue behind our fsync.
@@ -432,12 +469,8 @@ class Ingest:
             blobs=[(ref.key, ref.size) for ref in refs], thread=thread_sql)
         await self._recheck_blobs(prep["new_blobs"] or [], refs, blob_bodies)
         folder = prep["folder"]
-        if folder is None and not state.require_folder:
-            await mail_store.create_system_folders(txn, org, target.environment_id,
-                                                   target.inbox_id)
-            folder = await mail_store.folder_by_name(txn, org, target.inbox_id, folder_name)
-        if folder is None:  # required and missing, or not a system folder
-            raise NotFound("No such folder.")
+        if folder is None:
+            folder = await _missing_folder(txn, target, folder_name, state)
         return folder, prep["thread_id"]
 
     async def _store_one(self, txn: Txn, target: Target, parsed: ParsedMessage,
@@ -466,44 +499,69 @@ class Ingest:
                           direction: str, folder_name: str, state: _State,
                           when: datetime) -> _Copy:
         """One round trip (:meth:`_folder_and_thread`), then what is left to write."""
-        org = target.org_id
         folder, thread_id = await self._folder_and_thread(
             txn, target, parsed, raw_ref, att_refs, blob_bodies, folder_name, state)
-        recipients = parsed.to_addresses + parsed.cc_addresses
-        if thread_id is None:
-            thread_id = new_id("thr")
-            thread_sql = thread_store.new_thread_sql(
-                org_id=org, thread_id=thread_id, environment_id=target.environment_id,
-                inbox_id=target.inbox_id, subject=parsed.subject, received_at=when,
-                from_address=parsed.from_address, recipients=recipients,
-                labels=list(state.labels), now=txn.now)
-        else:
-            thread_sql = thread_store.add_to_thread_sql(
-                org, thread_id, received_at=when, from_address=parsed.from_address,
-                recipients=recipients, labels=list(state.labels), now=txn.now)
-        message_id = new_id("msg")
-        event = mail_store.event_sql(
-            org_id=org, event_id=new_id("evt"), environment_id=target.environment_id,
-            inbox_id=target.inbox_id,
-            type_=state.event_type or (
-                "message.sent" if direction == "outbound" else "message.received"),
-            data={"message_id": message_id, "inbox_id": target.inbox_id,
-                  "thread_id": thread_id, "subject": parsed.subject,
-                  "from": parsed.from_address, "received_at": when.astimezone(UTC).isoformat()},
-            audit=[_audit_row(state.origin, target, message_id, envelope_from, folder["name"],
-                              raw_ref.size, txn.now)], now=txn.now)
-        attachments = [{
-            "org_id": org, "id": new_id("att"), "filename": att.filename,
-            "mime_type": att.mime_type, "size": ref.size, "content_id": att.content_id,
-            "disposition": att.disposition, "sha256": ref.sha256, "blob_key": ref.key,
-            "part_index": att.part_index,
-        } for att, ref in zip(parsed.attachments, att_refs, strict=True)]
-        return _Copy(
-            _message_row(target, parsed, state, message_id, thread_id, folder["id"],
-                         direction, raw_ref, bool(att_refs), envelope_from, when, txn.now),
-            attachments, (thread_sql[0] + "; " + event[0], thread_sql[1] + event[1]),
-            Stored(message_id, target.inbox_id, org, thread_id, 0, folder["uidvalidity"],
-                   raw_ref.key, raw_ref.size))
+        return _build_copy(txn, target, parsed, raw_ref, att_refs, envelope_from, direction,
+                           state, when, folder, thread_id)
+
+
+async def _missing_folder(txn: Txn, target: Target, folder_name: str,
+                          state: _State) -> dict[str, Any]:
+    """A delivery's folder that was not there: the system folders are created (an
+    inbox without them), unless the caller requires the folder (IMAP APPEND)."""
+    folder = None
+    if not state.require_folder:
+        await mail_store.create_system_folders(txn, target.org_id, target.environment_id,
+                                               target.inbox_id)
+        folder = await mail_store.folder_by_name(txn, target.org_id, target.inbox_id,
+                                                 folder_name)
+    if folder is None:  # required and missing, or not a system folder
+        raise NotFound("No such folder.")
+    return folder
+
+
+def _build_copy(txn: Txn, target: Target, parsed: ParsedMessage, raw_ref: BlobRef,
+                att_refs: list[BlobRef], envelope_from: str | None, direction: str,
+                state: _State, when: datetime, folder: dict[str, Any],
+                thread_id: str | None) -> _Copy:
+    """A copy's rows and statements, once its folder and thread are known (no round
+    trip)."""
+    org = target.org_id
+    recipients = parsed.to_addresses + parsed.cc_addresses
+    if thread_id is None:
+        thread_id = new_id("thr")
+        thread_sql = thread_store.new_thread_sql(
+            org_id=org, thread_id=thread_id, environment_id=target.environment_id,
+            inbox_id=target.inbox_id, subject=parsed.subject, received_at=when,
+            from_address=parsed.from_address, recipients=recipients,
+            labels=list(state.labels), now=txn.now)
+    else:
+        thread_sql = thread_store.add_to_thread_sql(
+            org, thread_id, received_at=when, from_address=parsed.from_address,
+            recipients=recipients, labels=list(state.labels), now=txn.now)
+    message_id = new_id("msg")
+    event = mail_store.event_sql(
+        org_id=org, event_id=new_id("evt"), environment_id=target.environment_id,
+        inbox_id=target.inbox_id,
+        type_=state.event_type or (
+            "message.sent" if direction == "outbound" else "message.received"),
+        data={"message_id": message_id, "inbox_id": target.inbox_id,
+              "thread_id": thread_id, "subject": parsed.subject,
+              "from": parsed.from_address, "received_at": when.astimezone(UTC).isoformat()},
+        audit=[_audit_row(state.origin, target, message_id, envelope_from, folder["name"],
+                          raw_ref.size, txn.now)], now=txn.now)
+    attachments = [{
+        "org_id": org, "id": new_id("att"), "filename": att.filename,
+        "mime_type": att.mime_type, "size": ref.size, "content_id": att.content_id,
+        "disposition": att.disposition, "sha256": ref.sha256, "blob_key": ref.key,
+        "part_index": att.part_index,
+    } for att, ref in zip(parsed.attachments, att_refs, strict=True)]
+    return _Copy(
+        _message_row(target, parsed, state, message_id, thread_id, folder["id"],
+                     direction, raw_ref, bool(att_refs), envelope_from, when, txn.now),
+        attachments, (thread_sql[0] + "; " + event[0], thread_sql[1] + event[1]),
+        Stored(message_id, target.inbox_id, org, thread_id, 0, folder["uidvalidity"],
+               raw_ref.key, raw_ref.size))
 
 
 def _message_row(target: Target, parsed: ParsedMessage, state: _State, message_id: str,

@@ -9,9 +9,10 @@ the next request, so the service recovers from a database restart on its own.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -21,6 +22,11 @@ import psycopg2.extensions
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from txpostgres import txpostgres
+
+try:
+    import ujson
+except ImportError:  # pragma: no cover - ujson comes with autobahn
+    ujson = None  # type: ignore[assignment]
 
 from agentpost.model.errors import AgentPostError, Conflict, InvalidRequest, TemporaryFailure
 from agentpost.storage.prepared import Preparer, Session, StatementCache, plan_invalidated
@@ -50,6 +56,8 @@ class Txn:
         self.memo: dict[str, Any] = {}
         # BEGIN travels with the first statement: one round trip less per transaction.
         self._begin = begin
+        #: The transaction was committed by :meth:`commit_with` (nothing more to send).
+        self.ended = False
 
     @property
     def started(self) -> bool:
@@ -113,9 +121,52 @@ class Txn:
         row = await self.fetchone(sql, params)
         return None if row is None else next(iter(row.values()))
 
+    async def commit_with(self, sql: str, params: Sequence[Any],
+                          result_sql: str = "NULL::int",
+                          result_params: Sequence[Any] = ()) -> Any:
+        """Run the transaction's last statements ``sql`` and COMMIT it, in ONE round trip;
+        returns the JSON value of ``result_sql`` (an expression evaluated after ``sql``,
+        in the transaction). Nothing may be sent in this transaction afterwards, and
+        Database.run_interaction sends no COMMIT of its own. A statement that fails
+        leaves nothing behind (the COMMIT is never reached); a link lost in this round
+        trip leaves the outcome unknown: TemporaryFailure, never a retry (it could apply
+        the change twice).
+
+        The ending is :data:`_UNLOCK_THEN_FLUSH`'s: the locks go as soon as the COMMIT is
+        processed, before the WAL flush, and the change is still durable before the
+        caller hears of it (the synchronous COMMIT that follows flushes the WAL past
+        ours). The result crosses the COMMIT in a session setting set in the transaction
+        (so rolled back with it)."""
+        full = (f"SET LOCAL synchronous_commit TO OFF; {sql}; "
+                f"SELECT set_config('{_RESULT_SETTING}', "
+                f"COALESCE(to_json(({result_sql}))::text, 'null'), false); "
+                f"{_FLUSH_ENDING}; SELECT current_setting('{_RESULT_SETTING}') AS r")
+        try:
+            value = await self.fetchval(full, [*params, *result_params])
+        except _LINK_ERRORS as exc:
+            self.ended = True
+            raise TemporaryFailure() from exc
+        self.ended = True
+        return json.loads(value) if value else None
+
     def after_commit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` once the transaction has committed (never on rollback)."""
         self._after_commit.append((fn, args))
+
+
+def json_param(value: Any) -> str:
+    """``value`` as JSON text, for a ``jsonb`` parameter. psycopg2 quotes it exactly as
+    its Json adapter would quote the same text (an untyped literal either way, typed by
+    its place in the statement), without a Python adapter object per value: a delivery
+    has ten of them, and their adapters were the largest part of quoting its write.
+    ujson, where installed, writes it a few times faster than json; jsonb keeps the
+    value, not the spelling, so what is stored is the same."""
+    if ujson is not None:
+        try:
+            return str(ujson.dumps(value))
+        except (TypeError, ValueError, OverflowError):
+            pass  # what ujson cannot write, json writes (or refuses) as before
+    return json.dumps(value)
 
 
 def _is_broken(conn: txpostgres.Connection) -> bool:
@@ -283,13 +334,15 @@ class Database:
             try:
                 result = await fn(txn, *args, **kwargs)
                 committing = True
-                if txn.started:  # nothing was sent, nothing to commit
+                if txn.started and not txn.ended:  # nothing sent, or committed already
                     await txn.execute(_UNLOCK_THEN_FLUSH if unlock_before_flush
                                       else "COMMIT")
             except BaseException as exc:
                 await self._rollback_quietly(conn)
                 self._release(conn)
-                if (isinstance(exc, _RETRYABLE_TXN) or txn.replan) and attempt <= self._retries:
+                committing = committing or txn.ended  # committed (or maybe): no retry
+                if (isinstance(exc, _RETRYABLE_TXN) or txn.replan) and not txn.ended \
+                        and attempt <= self._retries:
                     log.info("%s: %s, retrying (attempt %d)", desc, type(exc).__name__, attempt)
                     continue
                 if isinstance(exc, _LINK_ERRORS + _RETRYABLE_TXN):
@@ -393,8 +446,10 @@ _UNSTORABLE = "The request holds a value the database cannot store."
 #: transaction that takes an xid and commits synchronously, which flushes the WAL up to
 #: and past our commit record before the answer comes back (storage.imap_commits does
 #: the same for IMAP's writes).
-_UNLOCK_THEN_FLUSH = ("SET LOCAL synchronous_commit TO OFF; COMMIT; "
-                      "BEGIN; SELECT pg_current_xact_id(); COMMIT")
+_FLUSH_ENDING = "COMMIT; BEGIN; SELECT pg_current_xact_id(); COMMIT"
+_UNLOCK_THEN_FLUSH = f"SET LOCAL synchronous_commit TO OFF; {_FLUSH_ENDING}"
+#: The session setting that carries Txn.commit_with's result past its COMMIT.
+_RESULT_SETTING = "agentpost.result"
 
 
 def _client_error(desc: str, exc: BaseException) -> AgentPostError | None:

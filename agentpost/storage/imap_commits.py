@@ -7,14 +7,11 @@ the statements and the fsync only.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import psycopg2
 from psycopg2.extras import Json
 
-from agentpost.model.errors import TemporaryFailure
 from agentpost.storage.database import Txn
 from agentpost.storage.imap import _INDEX_COLUMNS
 from agentpost.storage.mail import FLAG_COLUMNS as _FLAG_COLUMNS
@@ -25,14 +22,9 @@ from agentpost.storage.message_insert import MAIL_CHANNEL
 # Every change to a folder takes its row (UIDNEXT, HIGHESTMODSEQ) and holds it until
 # COMMIT. Sent as a separate round trip, that COMMIT waits for the server's reactor to
 # turn around first -- under load, longer than the statement and the fsync together --
-# and every other writer of the folder waits with it. These helpers send the statements
-# that take the folder row, the COMMIT, and a fresh (empty) transaction in ONE message,
-# so the lock lasts for the statements and the fsync only. The statements' result comes
-# back past the COMMIT in a session setting (set in the transaction, so rolled back
-# with it); the empty transaction is the one Database.run_interaction then commits.
-
-_RESULT_SETTING = "agentpost.result"
-_LINK_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
+# and every other writer of the folder waits with it. These helpers build the statements
+# that take the folder row, and :func:`commit_with` sends them with the COMMIT in ONE
+# message (Txn.commit_with), so the lock lasts for the statements and the fsync only.
 
 
 async def commit_with(txn: Txn, sql: str, params: list[Any],
@@ -41,27 +33,10 @@ async def commit_with(txn: Txn, sql: str, params: list[Any],
     returns the JSON value of ``result_sql`` (an expression evaluated after ``sql``, in
     the transaction). Nothing may be written in ``txn`` afterwards. A link lost in this
     round trip leaves the outcome unknown: TemporaryFailure, never a retry (it could
-    apply the change twice).
-
-    The locks are released BEFORE the WAL flush, and the change is still durable before
-    the caller hears of it: the transaction commits asynchronously (its commit record
-    is written, not flushed, so the folder row goes at once instead of after an fsync
-    that every other writer of the folder would queue behind), and the fresh
-    transaction that follows takes a transaction id, so the COMMIT that
-    Database.run_interaction sends for it is a synchronous one, which flushes the WAL
-    up to and including our commit record. Only other sessions may see the change a
-    few milliseconds before it is on disk (as after any asynchronous commit): a crash
-    in that window loses a change no client was told had succeeded."""
-    full = (f"SET LOCAL synchronous_commit TO OFF; {sql}; "
-            f"SELECT set_config('{_RESULT_SETTING}', "
-            f"COALESCE(to_json(({result_sql}))::text, 'null'), false); "
-            f"COMMIT; BEGIN; SELECT pg_current_xact_id(); "
-            f"SELECT current_setting('{_RESULT_SETTING}') AS r")
-    try:
-        value = await txn.fetchval(full, [*params, *result_params])
-    except _LINK_ERRORS as exc:
-        raise TemporaryFailure() from exc
-    return json.loads(value) if value else None
+    apply the change twice). See storage.database.Txn.commit_with (the MX's group
+    commit ends the same way): the locks go before the WAL flush, and the change is
+    still durable before the caller hears of it."""
+    return await txn.commit_with(sql, params, result_sql, result_params)
 
 
 def notify_sql(folder_ids: Iterable[int]) -> tuple[str, list[Any]]:

@@ -11,12 +11,15 @@ from psycopg2.extras import Json
 
 from agentpost.storage import usage
 from agentpost.storage.audit import audit_insert_sql
-from agentpost.storage.database import Txn
+from agentpost.storage.database import Txn, json_param
 
 # Writing a new message row lives in message_insert; re-exported for its callers.
 from agentpost.storage.message_insert import MAIL_CHANNEL as MAIL_CHANNEL
+from agentpost.storage.message_insert import DeliveryAnswer as DeliveryAnswer
+from agentpost.storage.message_insert import DeliveryProbe as DeliveryProbe
 from agentpost.storage.message_insert import insert_message as insert_message
 from agentpost.storage.message_insert import insert_messages as insert_messages
+from agentpost.storage.message_insert import prepare_deliveries as prepare_deliveries
 from agentpost.storage.threads import refresh_threads_sql
 
 SYSTEM_FOLDERS = (("INBOX", "\\Inbox"), ("Sent", "\\Sent"), ("Drafts", "\\Drafts"),
@@ -272,7 +275,7 @@ def event_sql(*, org_id: str, event_id: str, environment_id: str | None,
     sql = ("INSERT INTO events (org_id, id, environment_id, inbox_id, type, data, created_at) "
            "VALUES (%s, %s, %s, %s, %s, %s, %s); SELECT pg_notify(%s, %s)")
     params: list[Any] = [
-        org_id, event_id, environment_id, inbox_id, type_, Json(data), now,
+        org_id, event_id, environment_id, inbox_id, type_, json_param(data), now,
         EVENTS_CHANNEL, json.dumps({"org_id": org_id, "id": event_id, "type": type_,
                                     "inbox_id": inbox_id})]
     if audit:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from psycopg2.extras import Json
-
-from agentpost.storage.database import Txn
+from agentpost.storage.database import Txn, json_param
 
 
 async def find_thread(txn: Txn, org_id: str, inbox_id: str, message_id: str | None,
@@ -207,8 +205,8 @@ def add_to_thread_sql(org_id: str, thread_id: str, *, received_at: Any,
                       FROM unnest(t.labels || %s::text[]) l),
             updated_at = %s
         WHERE t.org_id = %s AND t.id = %s
-        """, [received_at, received_at, Json(from_address), Json(recipients), labels, now,
-              org_id, thread_id])
+        """, [received_at, received_at, json_param(from_address), json_param(recipients),
+              labels, now, org_id, thread_id])
 
 
 def new_thread_sql(*, org_id: str, thread_id: str, environment_id: str, inbox_id: str,
@@ -225,7 +223,7 @@ def new_thread_sql(*, org_id: str, thread_id: str, environment_id: str, inbox_id
                 (SELECT COALESCE(array_agg(DISTINCT l ORDER BY l), '{{}}')
                  FROM unnest(%s::text[]) l), %s, %s)
         """, [org_id, thread_id, environment_id, inbox_id, subject, received_at,
-              Json(from_address), Json(recipients), labels, now, now])
+              json_param(from_address), json_param(recipients), labels, now, now])
 
 
 async def delete_thread_if_empty(txn: Txn, org_id: str, thread_id: str) -> None:
