@@ -429,7 +429,8 @@ class FakeFolder:
     async def thread_fields(self, key: tuple[Any, ...]) -> list[Any]:
         return await self.account.thread_fields(self.folder_id, key)
 
-    async def changes(self, known_uids: list[int], since_modseq: int) -> Changes:
+    async def changes(self, known_uids: list[int], since_modseq: int,
+                      fresh: bool = True) -> Changes:
         return await self.account.changes(self.folder_id, known_uids, since_modseq)
 
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:

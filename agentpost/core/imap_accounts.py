@@ -157,14 +157,35 @@ class InboxAccount(MessageOps):
         message."""
 
         # One statement (imap_store.select_folder): one snapshot without a transaction.
+        # When this process mirrors the folder (core.imap_poll) only what changed after
+        # the mirror's MODSEQ is read; the mirror takes it, and the messages come from it.
+        mirrors = self._mirrors
+        mirror = None if mirrors is None else mirrors.by_name(self._org, self._inbox_id,
+                                                              name)
+        since = (-1, -1) if mirror is None else (mirror.folder_id, mirror.highestmodseq)
         folder, rows = await self._db.run_read("imap.select", imap_store.select_folder,
-                                               self._org, self._inbox_id, name)
+                                               self._org, self._inbox_id, name, since)
         if folder is None:
             raise NotFound("No such folder.")
-        unseen = next((r["uid"] for r in rows if not r["seen"]), None)
+        metas = None
+        if mirrors is not None:
+            if mirror is None or not folder["delta"]:  # all of it: the mirror starts here
+                mirror = mirrors.get(self._org, self._inbox_id, folder["id"])
+                folder["present"] = [r["uid"] for r in rows]
+            mirrors.named(self._org, self._inbox_id, name, folder["id"])
+            mirror.take(folder, rows)
+            metas = mirror.snapshot(folder["highestmodseq"])
+            if metas is None and folder["delta"]:  # it went past this reading: read all
+                folder, rows = await self._db.run_read(
+                    "imap.select", imap_store.select_folder, self._org, self._inbox_id,
+                    name)
+                if folder is None:
+                    raise NotFound("No such folder.")
+        if metas is None:
+            metas = [message_meta(r) for r in rows]
+        unseen = next((m.uid for m in metas if "\\Seen" not in m.flags), None)
         snapshot = FolderSnapshot(folder["name"], folder["uidvalidity"], folder["uidnext"],
-                                  folder["highestmodseq"], [message_meta(r) for r in rows],
-                                  unseen)
+                                  folder["highestmodseq"], metas, unseen)
         handle = InboxFolder(self, folder["id"], snapshot.name)
         handle.recent_mark_read(folder["recent_uid"])  # SELECT's claim needs no read
         return handle, snapshot

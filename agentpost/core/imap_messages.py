@@ -26,6 +26,7 @@ from twisted.internet import defer
 from agentpost.core import mail_changes
 from agentpost.core.blobrefs import BlobCollector
 from agentpost.core.context import RequestContext
+from agentpost.core.imap_poll import FolderMirrors, mirrors_for
 from agentpost.core.ingest import BatchItem, Ingest, Target
 from agentpost.imap.interfaces import (
     AppendMessage,
@@ -160,7 +161,16 @@ class MessageOps:
         self._ingest = ingest
         self._collector = collector
         self._notifier = notifier
+        # one change poll per folder for every session of the process (core.imap_poll)
+        self._mirrors: FolderMirrors | None = (None if notifier is None
+                                               else mirrors_for(notifier))
         self.quota_limit = quota
+
+    def _touched(self) -> None:
+        """This session wrote to the inbox: the process's mirrors of its folders catch
+        up before they answer again."""
+        if self._mirrors is not None:
+            self._mirrors.touched(self._org, self._inbox_id)
 
     def _writable(self) -> None:
         if not self.can_write:
@@ -307,7 +317,10 @@ class MessageOps:
                    if columns else message_meta(row) for row, columns in kept]
             return out, failed
 
-        return await self._db.run_interaction("imap.store", txn_fn)
+        try:
+            return await self._db.run_interaction("imap.store", txn_fn)
+        finally:
+            self._touched()
 
     @staticmethod
     def _new_flag_columns(row: dict[str, Any], mode: str, system: set[str],
@@ -361,6 +374,7 @@ class MessageOps:
             flags=frozenset(system), labels=tuple(keywords), received_at=internaldate,
             require_folder=True, direction="inbound", enforce_quota=True,
             origin=self._ctx("imap.append", folder=name), event_type=APPENDED)
+        self._touched()
         return stored.uidvalidity, stored.uid
 
     async def append_many(self, folder: str, messages: list[AppendMessage]
@@ -386,6 +400,7 @@ class MessageOps:
             target, items, folder=name, require_folder=True, direction="inbound",
             enforce_quota=True, origin=self._ctx("imap.append", folder=name,
                                                  count=len(items)), event_type=APPENDED)
+        self._touched()
         return (stored[0].uidvalidity if stored else 0), [s.uid for s in stored]
 
     async def _transfer(self, folder_id: int, uids: list[int], dest: str,
@@ -408,7 +423,11 @@ class MessageOps:
                                                          self.quota_limit)
             return target["uidvalidity"], pairs
 
-        return await self._db.run_interaction("imap.move" if move else "imap.copy", txn_fn)
+        try:
+            return await self._db.run_interaction("imap.move" if move else "imap.copy",
+                                                  txn_fn)
+        finally:
+            self._touched()
 
 
     async def _delete_uids(self, txn: Txn, ctx: RequestContext, folder_id: int,
@@ -436,7 +455,10 @@ class MessageOps:
                 freed[:] = await mail_changes.delete_messages(txn, ctx, rows, commit=True)
             return [row["uid"] for row in rows]
 
-        expunged = await self._db.run_interaction("imap.expunge", txn_fn)
+        try:
+            expunged = await self._db.run_interaction("imap.expunge", txn_fn)
+        finally:
+            self._touched()
         if freed:  # after COMMIT; the answer need not wait for the files to go
             collecting = defer.ensureDeferred(self._collector.collect(freed))
             collecting.addErrback(lambda failure: log.warning(
@@ -465,9 +487,18 @@ class MessageOps:
                              sent_at=r["sent_at"], internaldate=r["received_at"])
                 for r in rows]
 
-    async def _changes(self, folder_id: int, known_uids: list[int],
-                      since_modseq: int) -> tuple[Changes, int | None]:
-        """What other sessions, the API or delivery changed since the session looked."""
+    async def _changes(self, folder_id: int, known_uids: list[int], since_modseq: int,
+                       fresh: bool) -> tuple[Changes, int | None]:
+        """What other sessions, the API or delivery changed since the session looked:
+        from the process's mirror of the folder when there is a LISTEN link (one poll
+        per folder, core.imap_poll), else with a query of the session's own."""
+        if self._mirrors is not None:
+            mirror = self._mirrors.get(self._org, self._inbox_id, folder_id)
+            # A mirror older than the session's view (it selected after a change the
+            # mirror has not heard of yet) catches up first: it could not tell what
+            # left the folder since.
+            await mirror.current(self._db, fresh or mirror.highestmodseq < since_modseq)
+            return mirror.changes(known_uids, since_modseq), mirror.recent_uid
 
         found = await self._db.run_read("imap.changes", imap_store.changes, self._org,
                                         folder_id, max(known_uids, default=0), known_uids,
@@ -481,7 +512,10 @@ class MessageOps:
                        ), found["recent_uid"]
 
     def _watch(self, folder_id: int, callback: Callable[[], None]) -> Callable[[], None]:
-        """Wake-ups for this folder from every process (LISTEN/NOTIFY)."""
+        """Wake-ups for this folder from every process (LISTEN/NOTIFY), through the
+        folder's mirror: it hears of a change before any session it wakes."""
+        if self._mirrors is not None:
+            return self._mirrors.watch(self._org, self._inbox_id, folder_id, callback)
         if self._notifier is None:
             return lambda: None
         return self._notifier.watch(str(folder_id), callback)
@@ -514,7 +548,12 @@ class InboxFolder:
 
     async def claim_recent(self, up_to_uid: int, claim: bool) -> int:
         mark, self._recent_mark = self._recent_mark, None
-        return await self.account._claim_recent(self.folder_id, up_to_uid, claim, mark)
+        seen = await self.account._claim_recent(self.folder_id, up_to_uid, claim, mark)
+        mirrors = self.account._mirrors
+        if claim and mirrors is not None:  # the other sessions here need not try
+            mirrors.get(self.account._org, self.account._inbox_id,
+                        self.folder_id).claimed(up_to_uid)
+        return seen
 
     async def set_seen(self, uids: list[int]) -> list[MessageMeta]:
         """A non-PEEK body fetch marks messages read."""
@@ -548,9 +587,10 @@ class InboxFolder:
     async def thread_fields(self, key: SearchKey) -> list[ThreadFields]:
         return await self.account._thread_fields(self.folder_id, key)
 
-    async def changes(self, known_uids: list[int], since_modseq: int) -> Changes:
+    async def changes(self, known_uids: list[int], since_modseq: int,
+                      fresh: bool = True) -> Changes:
         found, self._recent_mark = await self.account._changes(self.folder_id, known_uids,
-                                                               since_modseq)
+                                                               since_modseq, fresh)
         return found
 
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:

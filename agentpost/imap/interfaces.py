@@ -206,8 +206,12 @@ class IMAPFolder(Protocol):
         """THREAD: the threading fields of the messages matching ``key``, ascending UID
         (one query: THREAD REFERENCES needs them all at once)."""
 
-    async def changes(self, known_uids: list[int], since_modseq: int) -> Changes:
-        """What changed since the session last looked (see :class:`Changes`)."""
+    async def changes(self, known_uids: list[int], since_modseq: int,
+                      fresh: bool = True) -> Changes:
+        """What changed since the session last looked (see :class:`Changes`). Not
+        ``fresh``: the session was woken by :meth:`watch`, and the backend may answer
+        from what it read after that wake-up for another session of the process;
+        ``fresh``: as the database is now (NOOP, CHECK, a direct call)."""
 
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` (soon, maybe spuriously) whenever the folder may have changed,

@@ -50,8 +50,10 @@ async def report_changes(session: IMAP4ServerProtocol, expunge: bool) -> None:
     view = session.selected
     if view is None or session.account is None or session.bye_sent:
         return  # after BYE only the tagged completion may follow (RFC 3501 §7.1.5)
-    view.dirty = False
-    changes = await view.folder.changes(list(view.uids), view.highestmodseq)
+    # Woken by the folder's watch (or by its own write): the process's shared reading
+    # after that wake-up will do. Otherwise (NOOP, CHECK) the database as it is now.
+    fresh, view.dirty = not view.dirty, False
+    changes = await view.folder.changes(list(view.uids), view.highestmodseq, fresh)
     if session.state is not State.SELECTED or session.selected is not view:
         return
     gone = view.take_expunged(changes, expunge)

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--py-spy", default=None, metavar="PREFIX",
                    help="(--start-agentpost) py-spy record the server during each run to "
                         "PREFIX-<run>.txt")
+    p.add_argument("--gil", action="store_true",
+                   help="(--py-spy) sample only the thread holding the GIL")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     return p
 
@@ -87,11 +89,14 @@ def run_mixed_counts(cfg: argparse.Namespace, server: Server | None) -> list[dic
     agentpost = server if isinstance(server, AgentPost) else None
     if server is not None:
         cfg.cpu_probe = server.cpu
+    if agentpost is not None:
+        cfg.after_seed = agentpost.analyze
     for n in counts:
         cfg.clients = n
         spy = None
         if cfg.py_spy and agentpost is not None:
-            spy = agentpost.start_py_spy(cfg.py_spy, n, cfg.duration + cfg.warmup + 10)
+            spy = agentpost.start_py_spy(cfg.py_spy, n, cfg.duration + cfg.warmup + 10,
+                                         gil=cfg.gil)
         if cfg.pg_stats and agentpost is not None:
             agentpost.pg_reset()
         res = asyncio.run(run_mixed(cfg))

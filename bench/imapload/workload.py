@@ -276,6 +276,9 @@ async def prepare(cfg: argparse.Namespace) -> None:
 
 async def run_mixed(cfg: argparse.Namespace) -> dict[str, Any]:
     await prepare(cfg)
+    after_seed = getattr(cfg, "after_seed", None)  # e.g. ANALYZE on a started server
+    if after_seed is not None:
+        after_seed()
     stats = Stats()
     counter = [0]
     start = time.monotonic()
