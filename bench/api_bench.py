@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -574,6 +575,39 @@ def wait_healthy(proc: subprocess.Popen[bytes], port: int, log_path: Path,
                      f"{tail(log_path)}")
 
 
+def listening_sockets(port: int) -> int:
+    """How many sockets listen on ``port`` (each worker holds its own, SO_REUSEPORT)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
+def wait_listeners(proc: subprocess.Popen[bytes], port: int, count: int, log_path: Path,
+                   timeout_s: float = 60.0) -> None:
+    """With ``server.workers = N``, wait until all N processes listen.
+
+    /healthz answers as soon as the first process listens; the others are still
+    importing for a second or more. Keep-alive connections opened meanwhile all land
+    in the first process and stay there, so the run measured one busy process and an
+    idle one (every one of the 32 connections in one process, seen with ``ss -tnp``)."""
+    deadline = time.monotonic() + timeout_s
+    while listening_sockets(port) < count:
+        if proc.poll() is not None:
+            raise SetupError(f"agentpost serve exited with {proc.returncode}:\n{tail(log_path)}")
+        if time.monotonic() > deadline:
+            raise SetupError(f"only {listening_sockets(port)} of {count} worker processes "
+                             f"listen after {timeout_s:.0f}s:\n{tail(log_path)}")
+        time.sleep(0.1)
+
+
 def stop_server(proc: subprocess.Popen[bytes] | None) -> None:
     """SIGTERM, wait for the clean shutdown (it flushes the audit buffer), then SIGKILL."""
     if proc is None or proc.poll() is not None:
@@ -862,6 +896,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--py-spy-native", action="store_true",
                         help="with --py-spy: also sample C frames (py-spy --native), to see "
                              "the time inside psycopg2, libpq and system calls")
+    parser.add_argument("--py-spy-args", default="", metavar="ARGS",
+                        help="extra py-spy record options, e.g. '--gil' (only the thread "
+                             "holding the GIL: closer to CPU time than wall-clock samples), "
+                             "'--idle'")
     parser.add_argument("--cprofile", metavar="FILE", default=None,
                         help="run the server under cProfile (CPU clock) and write its stats "
                              "here when it stops (pstats format; the whole run, setup "
@@ -955,6 +993,8 @@ class Bench:
             start_new_session=True,  # Ctrl-C reaches us only; we stop the server ourselves
         )
         wait_healthy(self.server, self.port, log_path)
+        if args.workers > 1:
+            wait_listeners(self.server, self.port, args.workers, log_path)
         from agentpost.config import load_config
 
         pool_size = load_config(config).database.pool_size
@@ -1052,7 +1092,8 @@ class Bench:
              "--output", str(Path(self.args.py_spy).resolve()),
              # --native needs to stop the process for each sample (py-spy refuses
              # --nonblocking with it); the plain profile does not.
-             *(["--native"] if self.args.py_spy_native else ["--nonblocking"])],
+             *(["--native"] if self.args.py_spy_native else ["--nonblocking"]),
+             *shlex.split(self.args.py_spy_args)],
             stdin=subprocess.DEVNULL, stdout=self.server_log, stderr=subprocess.STDOUT,
         )
 

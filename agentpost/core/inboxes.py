@@ -22,6 +22,17 @@ _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)
                         r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 
+def _list_scope(ctx: RequestContext,
+                environment_id: str | None) -> tuple[str, frozenset[str] | None]:
+    """The organization and environments a list may show this caller."""
+    p = ctx.org_principal
+    p.require("inboxes:read")
+    if environment_id is None:
+        return p.org_id, p.environment_ids
+    p.require_environment(environment_id)
+    return p.org_id, frozenset({environment_id})
+
+
 async def resolve_environment(txn: Txn, p: Principal, env_id: str | None) -> str:
     """The environment a new resource goes into: the one named, else the default."""
     if env_id is not None:
@@ -99,17 +110,21 @@ class Inboxes:
                 f"The username {username!r} is reserved on the shared domain {domain}; "
                 "choose another one.", field="username")
 
+    async def list_rendered(self, ctx: RequestContext, *, environment_id: str | None,
+                            after_id: str | None, limit: int) -> list[dict[str, Any]]:
+        """:meth:`list` (same checks, same rows) with each inbox as its JSON view:
+        rows of ``id`` and ``json`` (storage.inboxes.list_inbox_json)."""
+        org_id, envs = _list_scope(ctx, environment_id)
+        return await self._db.run_read(
+            "inboxes.list", inbox_store.list_inbox_json, org_id, envs, after_id, limit + 1
+        )
+
     async def list(self, ctx: RequestContext, *, environment_id: str | None,
                    after_id: str | None, limit: int) -> list[dict[str, Any]]:
         """Inboxes newest first; ``limit + 1`` rows so the caller can tell if more exist."""
-        p = ctx.org_principal
-        p.require("inboxes:read")
-        envs = p.environment_ids
-        if environment_id is not None:
-            p.require_environment(environment_id)
-            envs = frozenset({environment_id})
+        org_id, envs = _list_scope(ctx, environment_id)
         return await self._db.run_read(
-            "inboxes.list", inbox_store.list_inboxes, p.org_id, envs, after_id, limit + 1
+            "inboxes.list", inbox_store.list_inboxes, org_id, envs, after_id, limit + 1
         )
 
     async def get(self, ctx: RequestContext, inbox_id: str) -> dict[str, Any]:

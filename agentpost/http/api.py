@@ -16,7 +16,7 @@ from agentpost.core.members import Members
 from agentpost.core.pages import decode_token, page, parse_limit
 from agentpost.http import schemas as s
 from agentpost.http import views
-from agentpost.http.framework import Body, Route, RouteTable
+from agentpost.http.framework import JSON_CONTENT_TYPE, Body, RawResponse, Route, RouteTable
 from agentpost.http.validation import parse_timestamp
 from agentpost.model.errors import InvalidRequest
 
@@ -42,6 +42,16 @@ def listing(rows: list[dict[str, Any]], limit: int, view: Any, key: str = "id") 
     """The list envelope with its cursor."""
     rows, token = page(rows, limit, key)
     return {"data": [view(r) for r in rows], "limit": limit, "next_page_token": token}
+
+
+def json_listing(rows: list[dict[str, Any]], limit: int) -> RawResponse:
+    """:func:`listing` for rows PostgreSQL rendered already (``id`` and ``json``): the
+    envelope is written around their text, nothing is parsed or encoded again."""
+    rows, token = page(rows, limit)
+    body = b"".join((b'{"data":[', ",".join([r["json"] for r in rows]).encode("utf-8"),
+                     b'],"limit":%d,"next_page_token":' % limit,
+                     b"null" if token is None else b'"%s"' % token.encode("ascii"), b"}"))
+    return RawResponse(body, JSON_CONTENT_TYPE)
 
 
 PAGING = [("limit", "1-100, default 20"), ("page_token", "next_page_token of the previous page")]
@@ -105,9 +115,10 @@ def add_api_routes(table: RouteTable, *, environments: Environments, inboxes: In
     async def list_inboxes(ctx: RequestContext, request: IRequest,
                            body: Body) -> tuple[int, Any]:
         limit = parse_limit(arg(request, "limit"))
-        rows = await inboxes.list(ctx, environment_id=arg(request, "environment_id"),
-                                  after_id=decode_token(arg(request, "page_token")), limit=limit)
-        return 200, listing(rows, limit, views.inbox)
+        rows = await inboxes.list_rendered(
+            ctx, environment_id=arg(request, "environment_id"),
+            after_id=decode_token(arg(request, "page_token")), limit=limit)
+        return 200, json_listing(rows, limit)
 
     async def get_inbox(ctx: RequestContext, request: IRequest, body: Body,
                         inbox_id: str) -> tuple[int, Any]:

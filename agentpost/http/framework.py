@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[..., Awaitable[tuple[int, Any]]]
 
+#: The content type of every JSON answer.
+JSON_CONTENT_TYPE = "application/json; charset=utf-8"
+
 #: Routes whose change can alter what existing API keys may do: their holder's
 #: organization or environment roles, the organization's owner seat, its tier, an
 #: environment a key was confined to. This process forgets its cached keys as soon as

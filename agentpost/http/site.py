@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet import abstract
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
-from twisted.web import http, server
+from twisted.web import http, resource, server
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 
@@ -55,8 +56,20 @@ def _canonical(headers: dict[bytes, bytes]) -> tuple[tuple[bytes, bytes], ...]:
 
 
 _SECURITY_RAW = _canonical(SECURITY_HEADERS)
-_SERVER, _REQUEST_ID = (name for name, _ in _canonical({b"server": b"",
-                                                         b"x-request-id": b""}))
+_SERVER, _REQUEST_ID, _DATE = (name for name, _ in _canonical({
+    b"server": b"", b"x-request-id": b"", b"date": b""}))
+
+#: The Date header of the current second (Twisted formats it afresh for every request).
+_date_cache: list[Any] = [-1, b""]
+
+
+def _http_date() -> bytes:
+    now = int(time.time())  # the wall clock, as Twisted's own Date header reads it
+    if _date_cache[0] != now:
+        _date_cache[:] = [now, http.datetimeToString(now)]
+    value: bytes = _date_cache[1]
+    return value
+
 
 LINE_MAX_BYTES = 16 * 1024  # the request line, and each header line
 HEADERS_MAX_BYTES = 32 * 1024  # request line and all header lines together
@@ -79,6 +92,29 @@ class AgentPostRequest(server.Request):
     """A request that carries its id and dresses its response before rendering."""
 
     _body_bytes = 0
+
+    def process(self) -> None:
+        """``server.Request.process`` without its per-request extras (issue 12): the
+        Date header comes from a once-a-second cache, no Server header is set only to
+        be removed in :meth:`render`, and a path without ``%`` is split without
+        percent-decoding each segment. Anything unusual goes to Twisted's own."""
+        path = self.path
+        if b"%" in path or path == b"*":
+            super().process()
+            return
+        self.site = self.channel.site  # type: ignore[attr-defined]
+        self.responseHeaders._rawHeaders[_DATE] = [_http_date()]
+        self.prepath = []
+        self.postpath = path[1:].split(b"/")
+        try:
+            resrc = self.site.getResourceFor(self)
+            if resource._IEncodingResource.providedBy(resrc):
+                encoder = resrc.getEncoder(self)
+                if encoder is not None:
+                    self._encoder = encoder
+            self.render(resrc)
+        except BaseException:
+            self.processingFailed(Failure())
 
     def render(self, resrc: IResource) -> None:
         """Set headers every response must carry, then render as usual."""
@@ -154,8 +190,23 @@ class AgentPostChannel(http.HTTPChannel):
 
     _refused = False
     _awaiting_request_line = True
+    _host: Any = None
+    _peer: Any = None
     _linger_call: Any = None
     _dropped_bytes = 0
+
+    def getHost(self) -> Any:
+        """The local address, asked of the socket once per connection rather than once
+        per request (``Request.__init__`` asks; a ``getsockname`` call each time)."""
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def getPeer(self) -> Any:
+        """The peer's address, built once per connection (see :meth:`getHost`)."""
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
 
     def dataReceived(self, data: bytes) -> None:
         """Parse as usual, or drop everything once the request was refused."""
