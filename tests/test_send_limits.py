@@ -1,5 +1,6 @@
 """Send rate limits and daily quotas: token buckets and day counters in PostgreSQL,
-shared by every process, charged in the transaction that stores and queues a message.
+shared by every process, charged by one statement just before the transaction that
+stores and queues a message (and given back if that fails).
 
 Over SMTP submission (smtplib over STARTTLS, as tests/test_smtp_submission.py): the
 first sends pass, a send the bucket cannot cover is refused ``451 4.7.0`` at the end
@@ -97,7 +98,7 @@ async def test_submission_sends_pass_until_the_bucket_is_empty_then_451_4_7_0(li
                                   [one, one, two, one, one])
     (_, d1), (_, d2), (r3, d3), (_, d4), (r5, d5) = results
     assert d1[0] == 250 and d2[0] == 250  # 2 of 3 tokens spent
-    # One token left: RCPT sees a non-empty bucket, the charge at commit needs two.
+    # One token left: RCPT sees a non-empty bucket, the charge at the end needs two.
     assert [code for code, _ in r3] == [250, 250]
     assert d3[0] == 451 and d3[1].startswith(b"4.7.0"), d3
     assert d4[0] == 250  # the refused message consumed nothing: the last token is here

@@ -11,16 +11,26 @@ What counts: every envelope recipient is one message (as SES counts its quota, a
 because the cost to the world -- and to a relay's reputation -- is per recipient).
 Hosted recipients count too: the limit is on what an inbox sends, not on where it goes.
 
-When: :meth:`SendLimits.charge` runs inside the transaction that stores the Sent copy
-and queues it, as its last statement, so a refused send stores nothing and a send
-that fails for any other reason consumes nothing (the charge rolls back with it).
+When: :meth:`SendLimits.reserve` charges both scopes in ONE statement of its own
+(committed without waiting for the WAL flush) just before the send's transaction
+stores the Sent copy and queues it. A refused send stores nothing; a send that then
+fails for any other reason gives the reservation back
+(:meth:`Reservation.give_back`), so it consumes nothing -- except across a crash (or a
+database lost) between the two, which leaves the allowance spent: the error is on the
+side of sending less, never more. The reservation becomes durable with the message:
+the send's COMMIT is flushed, and the WAL is flushed in order.
 
-The hot row: every send of an organization updates its one organization row and holds
-that row's lock until COMMIT (one WAL flush). That is why the charge is the last
-statement before COMMIT, why the inbox row is charged before the organization row
-(one lock order everywhere, and the shared lock is taken last), and why a scope with
-no limit configured is not charged at all (no row, no lock). bench/outbound_bench.py
-measures the cost.
+The hot row: every send of an organization updates its one organization row. In the
+send's own transaction that row stayed locked from the charge to the COMMIT, one round
+trip to a busy server process later, and an organization's sends queued behind it
+(bench/outbound_bench.py measured up to 7 backends waiting on ``Lock:transactionid``).
+The reservation holds it only while its statement runs. The inbox row is charged
+before the organization row (one lock order everywhere, the shared lock last), and a
+scope with no limit configured is not charged at all (no row, no lock).
+
+At RCPT the buckets are read with the send's other checks
+(storage.outbound.sending_checks) and :meth:`SendLimits.check_row` refuses early when
+one is already empty.
 
 Refusals: :class:`SendRateLimited` (HTTP 429 ``rate_limited``, SMTP 451 4.7.0) with a
 Retry-After of the time until the bucket holds the cost again;
@@ -33,6 +43,7 @@ gone out an hour later.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -41,7 +52,9 @@ from twisted.internet.interfaces import IReactorTime
 
 from agentpost.model.errors import DailyQuotaExceeded, SendRateLimited
 from agentpost.storage import send_limits as store
-from agentpost.storage.database import Database, Txn
+from agentpost.storage.database import Database
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -89,41 +102,74 @@ class SendLimits:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.seconds(), UTC)
 
-    @staticmethod
-    def _key(scope: str, org_id: str, inbox_id: str) -> dict[str, str]:
-        return {"org_id": org_id} if scope == "organization" else {
-            "org_id": org_id, "inbox_id": inbox_id}
-
-    async def charge(self, txn: Txn, org_id: str, inbox_id: str, recipients: int) -> None:
-        """Spend ``recipients`` messages of the inbox's and the organization's
-        allowances, or raise SendRateLimited / DailyQuotaExceeded (the caller's
-        transaction then rolls back, so nothing is spent). Call it last before COMMIT."""
-        if recipients <= 0:
-            return
-        now = self._now()
-        for scope in ("inbox", "organization"):  # the shared row last
+    def _charges(self, recipients: int, now: datetime
+                 ) -> dict[str, store.Charge | None]:
+        """Each scope's charge for ``recipients`` messages (None: not limited); raises
+        DailyQuotaExceeded for a message bigger than a whole day."""
+        charges: dict[str, store.Charge | None] = {}
+        for scope in ("inbox", "organization"):
             limit = self._limits[scope]
             if not limit.active:
+                charges[scope] = None
                 continue
             if limit.daily and recipients > limit.daily:
                 raise DailyQuotaExceeded(_until_midnight(now), scope=scope)
             cost = float(min(recipients, limit.burst)) if limit.rate else 0.0
-            key = self._key(scope, org_id, inbox_id)
-            if not await store.charge(txn, scope, key, cost=cost, n=recipients,
-                                      rate=limit.rate, burst=float(limit.burst),
-                                      quota=limit.daily, now=now, day=now.date()):
-                row = await store.bucket(txn, scope, key)
-                refusal = self._refusal(scope, limit, row, cost, recipients, now)
-                # None: another process's clock is ahead of ours; a second is enough.
-                raise refusal or SendRateLimited(1.0, scope=scope)
+            charges[scope] = store.Charge(cost, recipients, limit.rate, float(limit.burst),
+                                          limit.daily)
+        return charges
+
+    async def reserve(self, org_id: str, inbox_id: str, recipients: int) -> Reservation | None:
+        """Spend ``recipients`` messages of the inbox's and the organization's
+        allowances now, in one statement of its own, or raise SendRateLimited /
+        DailyQuotaExceeded with nothing spent. The caller stores and queues the send
+        next and gives the reservation back (:meth:`Reservation.give_back`) if that
+        fails. None: nothing to charge."""
+        if recipients <= 0 or not self.active:
+            return None
+        now = self._now()
+        charges = self._charges(recipients, now)
+        inbox, org = charges["inbox"], charges["organization"]
+        took_inbox, took_org = await self._db.run_read(
+            "send_limits.reserve", store.reserve, org_id, inbox_id, inbox, org,
+            now=now, day=now.date())
+        reservation = Reservation(self._db, org_id, inbox_id, inbox, org, now)
+        if took_inbox and took_org:
+            return reservation
+        if took_inbox and inbox is not None:  # the organization said no: undo the inbox
+            await Reservation(self._db, org_id, inbox_id, inbox, None, now).give_back()
+        scope = "organization" if took_inbox else "inbox"
+        charge = charges[scope]
+        assert charge is not None
+        row = (await self._db.run_read("send_limits.refused", store.buckets_of, org_id,
+                                       inbox_id)).get(scope)
+        refusal = self._refusal(scope, self._limits[scope], row, charge.cost, recipients,
+                                now)
+        # None: another process's clock is ahead of ours; a second is enough.
+        raise refusal or SendRateLimited(1.0, scope=scope)
 
     async def check(self, org_id: str, inbox_id: str) -> None:
         """Refuse early (at RCPT) when a bucket is already empty or the day is used
-        up; a read only -- the charge at commit is what counts."""
+        up; a read only -- the reservation at the end of the message is what counts."""
         if not self.active:
             return
         rows = await self._db.run_read("send_limits.check", store.buckets_of, org_id,
                                        inbox_id)
+        self.check_rows(rows)
+
+    def check_row(self, row: dict[str, Any]) -> None:
+        """:meth:`check` on the buckets read with the send's other checks
+        (storage.outbound.sending_checks with ``buckets``: ``<scope>_tokens``, ...)."""
+        rows = {}
+        for scope in ("inbox", "organization"):
+            if row.get(f"{scope}_refilled_at") is not None:
+                rows[scope] = {col: row[f"{scope}_{col}"]
+                               for col in ("tokens", "refilled_at", "day", "day_count")}
+        self.check_rows(rows)
+
+    def check_rows(self, rows: dict[str, dict[str, Any]]) -> None:
+        """The early refusal on the buckets as read (keyed by scope; missing: not sent
+        yet)."""
         now = self._now()
         for scope in ("inbox", "organization"):
             limit = self._limits[scope]
@@ -151,3 +197,24 @@ class SendLimits:
             if tokens < cost:
                 return SendRateLimited((cost - tokens) / limit.rate, scope=scope)
         return None
+
+
+class Reservation:
+    """What :meth:`SendLimits.reserve` took, to give back when the send fails."""
+
+    def __init__(self, db: Database, org_id: str, inbox_id: str,
+                 inbox: store.Charge | None, org: store.Charge | None,
+                 now: datetime) -> None:
+        self._db = db
+        self._args = (org_id, inbox_id, inbox, org)
+        self._day = now.date()
+
+    async def give_back(self) -> None:
+        """Return the tokens and the day's count (best effort: when the database
+        cannot be reached the allowance stays spent, which errs on the side of
+        sending less)."""
+        try:
+            await self._db.run_read("send_limits.refund", store.refund, *self._args,
+                                    day=self._day)
+        except Exception:
+            log.warning("send limits: could not give back a reservation", exc_info=True)

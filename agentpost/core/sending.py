@@ -10,8 +10,9 @@ Public surface (the drafts code calls the first):
   forward.
 
 Every recipient goes through ``Submission.check_recipients`` (paused inbox, send filter
-rules, and whatever else submission checks), and the message through
-``Submission.submit``, so the API and SMTP submission refuse and queue alike. The Sent
+rules, and whatever else submission checks; ``Submission.inbox_checks`` and ``judge``
+when the inbox is not read yet: the inbox and the checks in one read), and the message
+through ``Submission.submit``, so the API and SMTP submission refuse and queue alike. The Sent
 copy, its queue rows and (with an Idempotency-Key) the recorded answer commit in one
 transaction. ``record`` is the idempotency recorder (core.idempotency).
 """
@@ -284,10 +285,13 @@ class Sending:
                    record: Recorder | None = None) -> dict[str, Any]:
         """``POST /inboxes/{inbox_id}/messages``."""
         ctx.org_principal.require("messages:send")
-        inbox = await self._inbox(ctx, inbox_id)  # a foreign inbox is 404 before anything
+        inbox = None
+        if upload_keys(body):  # a foreign inbox is 404 before its uploads are read
+            inbox = await self._inbox(ctx, inbox_id)
         uploads = await self._read_uploads(ctx, body)
         composition = composition_from_body(body, uploads)
         labels = tuple(check_labels(body.get("labels") or []))
+        # No inbox read yet: send_composition finds it with the checks, in one read.
         return await self.send_composition(ctx, inbox_id, composition, labels=labels,
                                            record=record, inbox=inbox)
 
@@ -355,17 +359,29 @@ class Sending:
         p = ctx.org_principal
         p.require("messages:send")
         ctx.target_id = inbox_id
-        if inbox is None or inbox["id"] != inbox_id:
-            inbox = await self._inbox(ctx, inbox_id)
-        sender = Sender.of(p, inbox)
+        known = inbox is not None and inbox["id"] == inbox_id
         recipients = composition.recipients()
-        if not recipients:
-            raise InvalidRequest("Name at least one recipient (to, cc or bcc).", field="to")
-        if len(recipients) > self.limits.max_recipients:
+        if not recipients or len(recipients) > self.limits.max_recipients:
+            if not known:
+                await self._inbox(ctx, inbox_id)  # a foreign inbox is 404 first
+            if not recipients:
+                raise InvalidRequest("Name at least one recipient (to, cc or bcc).",
+                                     field="to")
             raise TooManyRecipients(
                 f"A message may have at most {self.limits.max_recipients} recipients.",
                 field="to")
-        await self._submission.check_recipients(sender, recipients)
+        if known:
+            assert inbox is not None
+            sender = Sender.of(p, inbox)
+            await self._submission.check_recipients(sender, recipients)
+        else:  # the inbox and every check in one read
+            inbox = await self._submission.inbox_checks(p.org_id, p.environment_ids,
+                                                        inbox_id, recipients)
+            if inbox is None:
+                raise NotFound()
+            ctx.environment_id = inbox["environment_id"]
+            sender = Sender.of(p, inbox)
+            self._submission.judge(inbox, recipients)
         raw = await self._compose(composition, inbox)
         answer: dict[str, Any] = {}
 

@@ -175,6 +175,18 @@ def queue_sql(txn: Txn, copy: Stored, sender: Sender, mail_from: str,
     return [row["id"] for row in rows], sql, params
 
 
+def _comparable(recipients: list[str]) -> dict[str, str]:
+    """Each recipient's normalised address, for the suppression list (one that is not
+    comparable is left out: the door's own address checks refuse it)."""
+    emails: dict[str, str] = {}
+    for recipient in recipients:
+        try:
+            emails[recipient] = normalize_address(recipient)
+        except ValueError:
+            pass
+    return emails
+
+
 class Submission:
     """The core operation behind SMTP submission and the send API (core.sending)."""
 
@@ -211,19 +223,39 @@ class Submission:
 
     async def check_recipients(self, sender: Sender, recipients: list[str]) -> None:
         """:meth:`check_recipient` for every recipient, in their order (the first
-        refusal is raised), in one read of the inbox's policy and the suppression list
-        however many there are, plus the send limits' read when they are on."""
-        emails: dict[str, str] = {}
-        for recipient in recipients:
-            try:
-                emails[recipient] = normalize_address(recipient)
-            except ValueError:  # not comparable: the door's own address checks refuse it
-                pass
+        refusal is raised), in one read of the inbox's policy, the suppression list and
+        (when they are on) the send limits' buckets, however many recipients there are."""
+        emails = _comparable(recipients)
         row = await self._db.run_read(
             "submission.policy", outbound_store.sending_checks, sender.org_id,
-            sender.environment_id, sender.inbox_id, sorted(set(emails.values())))
+            sender.environment_id, sender.inbox_id, sorted(set(emails.values())),
+            buckets=self._limited)
         if row is None:
             raise Unauthenticated("The inbox no longer exists.")
+        self._judge(row, recipients, emails)
+
+    async def inbox_checks(self, org_id: str, env_ids: frozenset[str] | None,
+                           inbox_id: str, recipients: list[str]) -> dict[str, Any] | None:
+        """The send API's inbox (``id``, ``org_id``, ``environment_id``, ``email``,
+        ``display_name``) found by id in the organization's allowed environments, with
+        what :meth:`check_recipients` reads: one read for both. Pass the row to
+        :meth:`judge`. None: no such inbox here."""
+        return await self._db.run_read(
+            "submission.inbox_policy", outbound_store.inbox_and_sending_checks, org_id,
+            env_ids, inbox_id, sorted(set(_comparable(recipients).values())),
+            buckets=self._limited)
+
+    def judge(self, row: dict[str, Any], recipients: list[str]) -> None:
+        """:meth:`check_recipients`' refusals on a row of :meth:`inbox_checks`."""
+        self._judge(row, recipients, _comparable(recipients))
+
+    @property
+    def _limited(self) -> bool:
+        return self._limits is not None and self._limits.active
+
+    def _judge(self, row: dict[str, Any], recipients: list[str],
+               emails: dict[str, str]) -> None:
+        """The refusals of :meth:`check_recipient`, on the row the checks read."""
         if row["send_paused"]:
             raise SendingPaused()
         if not row["domain_verified"]:
@@ -234,8 +266,8 @@ class Submission:
                 raise RecipientBlocked()
             if recipient in emails and emails[recipient] in suppressed:
                 raise SuppressedRecipient()
-        if self._limits is not None:  # refuse early (451 4.7.0) when already empty
-            await self._limits.check(sender.org_id, sender.inbox_id)
+        if self._limits is not None and self._limited:  # refuse early (451 4.7.0)
+            self._limits.check_row(row)  # when a bucket is already empty
 
     async def submit(self, sender: Sender, mail_from: str, recipients: list[str],
                      message: IO[bytes], origin: RequestContext, *,
@@ -261,19 +293,24 @@ class Submission:
             return sql, params
 
         async def queue_it(txn: Txn, stored: list[Stored]) -> None:
-            copy = stored[0]
             if also is not None:
-                await also(txn, Submitted(copy.message_id, list(queue_ids)))
-            if self._limits is not None:  # last before COMMIT: the hot row's lock is short
-                await self._limits.charge(txn, sender.org_id, sender.inbox_id,
-                                          len(recipients))
+                await also(txn, Submitted(stored[0].message_id, list(queue_ids)))
 
         origin.principal = sender.principal
         origin.environment_id = sender.environment_id
         target = Target(sender.org_id, sender.environment_id, sender.inbox_id, sender.address)
-        stored = await self._ingest.store(
-            [target], io.BytesIO(sent), envelope_from=mail_from,
-            direction="outbound", folder="Sent", flags=frozenset({"\\Seen"}),
-            labels=labels, origin=origin, before_insert=queue_rows,
-            within=queue_it if also is not None or self._limits is not None else None)
+        # The send limits first, in a statement of their own (core.send_limits: the
+        # organization's row is not held locked until this send commits).
+        reservation = None if self._limits is None else await self._limits.reserve(
+            sender.org_id, sender.inbox_id, len(recipients))
+        try:
+            stored = await self._ingest.store(
+                [target], io.BytesIO(sent), envelope_from=mail_from,
+                direction="outbound", folder="Sent", flags=frozenset({"\\Seen"}),
+                labels=labels, origin=origin, before_insert=queue_rows,
+                within=queue_it if also is not None else None)
+        except Exception:  # not a cancellation: whether that committed is unknown
+            if reservation is not None:
+                await reservation.give_back()
+            raise
         return Submitted(stored[0].message_id, queue_ids)

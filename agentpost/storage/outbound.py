@@ -258,25 +258,61 @@ async def queue_of_message(txn: Txn, org_id: str, message_id: str) -> list[dict[
         (org_id, message_id))
 
 
+_SENDING_CHECKS = (
+    "SELECT i.send_paused, "
+    "       (EXISTS (SELECT 1 FROM shared_domains s WHERE s.name = lower(i.domain)) "
+    "        OR EXISTS (SELECT 1 FROM domains d WHERE d.org_id = i.org_id "
+    "                   AND d.name = lower(i.domain) AND d.verified_at IS NOT NULL)) "
+    "         AS domain_verified, "
+    "       (SELECT coalesce(json_agg(json_build_object('match_type', r.match_type, "
+    "               'value', r.value, 'action', r.action)), '[]'::json) "
+    "          FROM filter_rules r WHERE r.org_id = i.org_id "
+    "           AND r.environment_id = i.environment_id AND r.direction = 'send' "
+    "           AND (r.inbox_id IS NULL OR r.inbox_id = i.id)) AS rules, "
+    "       ARRAY(SELECT s.email FROM suppressions s WHERE s.org_id = i.org_id "
+    "              AND s.email = ANY(%s::text[])) AS suppressed{limits}{inbox} "
+    "FROM inboxes i{joins} WHERE i.org_id = %s AND {where} AND i.id = %s")
+#: The send limits' buckets of the inbox and its organization, read with the checks
+#: (core.send_limits: the early refusal at RCPT) instead of in a second round trip.
+_BUCKET_COLUMNS = "".join(
+    f", {alias}.{col} AS {scope}_{col}" for alias, scope in (("lo", "organization"),
+                                                             ("li", "inbox"))
+    for col in ("tokens", "refilled_at", "day", "day_count"))
+_BUCKET_JOINS = (" LEFT JOIN send_limits_org lo ON lo.org_id = i.org_id"
+                 " LEFT JOIN send_limits_inbox li ON li.org_id = i.org_id"
+                 " AND li.inbox_id = i.id")
+#: What the send API needs of the inbox itself (core.sending), with the checks.
+_INBOX_COLUMNS = ", i.id, i.org_id, i.environment_id, i.email, i.display_name"
+_SENDING_CHECKS_SQL = {
+    (buckets, inbox): _SENDING_CHECKS.format(
+        limits=_BUCKET_COLUMNS if buckets else "", joins=_BUCKET_JOINS if buckets else "",
+        inbox=_INBOX_COLUMNS if inbox else "",
+        where=("(%s::text[] IS NULL OR i.environment_id = ANY(%s))" if inbox
+               else "i.environment_id = %s"))
+    for buckets in (False, True) for inbox in (False, True)
+}
+
+
 async def sending_checks(txn: Txn, org_id: str, environment_id: str, inbox_id: str,
-                         emails: list[str]) -> dict[str, Any] | None:
+                         emails: list[str], *, buckets: bool = False
+                         ) -> dict[str, Any] | None:
     """What a send checks before it queues, in ONE statement however many recipients:
     the inbox's ``send_paused``, ``domain_verified`` (shared or verified domain), the
     send-direction filter ``rules``, and ``suppressed``: which of ``emails`` (already
     normalised, core.suppressions) are on the organization's suppression list. None when
-    the inbox is gone."""
-    return await txn.fetchone(
-        "SELECT i.send_paused, "
-        "       (EXISTS (SELECT 1 FROM shared_domains s WHERE s.name = lower(i.domain)) "
-        "        OR EXISTS (SELECT 1 FROM domains d WHERE d.org_id = i.org_id "
-        "                   AND d.name = lower(i.domain) AND d.verified_at IS NOT NULL)) "
-        "         AS domain_verified, "
-        "       (SELECT coalesce(json_agg(json_build_object('match_type', r.match_type, "
-        "               'value', r.value, 'action', r.action)), '[]'::json) "
-        "          FROM filter_rules r WHERE r.org_id = i.org_id "
-        "           AND r.environment_id = i.environment_id AND r.direction = 'send' "
-        "           AND (r.inbox_id IS NULL OR r.inbox_id = i.id)) AS rules, "
-        "       ARRAY(SELECT s.email FROM suppressions s WHERE s.org_id = i.org_id "
-        "              AND s.email = ANY(%s::text[])) AS suppressed "
-        "FROM inboxes i WHERE i.org_id = %s AND i.environment_id = %s AND i.id = %s",
-        (emails, org_id, environment_id, inbox_id))
+    the inbox is gone. ``buckets``: also the send limits' rows, as columns
+    ``organization_tokens``, ``inbox_day_count``, ... (NULL: that scope has not sent)."""
+    return await txn.fetchone(_SENDING_CHECKS_SQL[buckets, False],
+                              (emails, org_id, environment_id, inbox_id))
+
+
+async def inbox_and_sending_checks(txn: Txn, org_id: str, env_ids: frozenset[str] | None,
+                                   inbox_id: str, emails: list[str], *,
+                                   buckets: bool = False) -> dict[str, Any] | None:
+    """:func:`sending_checks` for an inbox known only by its id (the send API), in the
+    organization and the allowed environments (``env_ids``; None: all), with the
+    inbox's ``id``, ``org_id``, ``environment_id``, ``email`` and ``display_name``: the
+    inbox lookup and the checks in ONE statement. None: no such inbox here (404)."""
+    envs = None if env_ids is None else sorted(env_ids)
+    return await txn.fetchone(_SENDING_CHECKS_SQL[buckets, True],
+                              (emails, org_id, envs, envs, inbox_id))
