@@ -10,31 +10,20 @@ from __future__ import annotations
 import io
 
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, task
 
 from agentpost.core import ingest as ingest_module
 from agentpost.core.group_commit import GroupCommit
 from agentpost.storage.database import _UNLOCK_THEN_FLUSH
 from agentpost.storage.message_insert import NotStored
 from tests.mailfactory import make_message
-
-
-async def _wait_pending(gc: GroupCommit, n: int) -> None:
-    """Until ``n`` deliveries wait in the batch (they are parsed in threads first)."""
-    for _ in range(2000):
-        if len(gc._pending) >= n:
-            return
-        await task.deferLater(reactor, 0.005, lambda: None)
-    raise AssertionError(f"only {len(gc._pending)} of {n} deliveries reached the batch")
+from tests.test_group_commit import _setup as _base_setup
+from tests.test_group_commit import _wait_pending
 
 
 async def _setup(server, *names):
-    _, key = await server.new_org()
-    inboxes = [(await server.api.post("/api/v1/inboxes", {"username": n}, key=key)).json
-               for n in names]
-    clock = task.Clock()
-    gc = GroupCommit(server.core.db, clock, max_batch=16, delay_s=1.0, parallel=1)
-    server.core.ingest.group_commit = gc
+    """tests.test_group_commit's set-up, plus each inbox's routing target."""
+    key, inboxes, clock, gc = await _base_setup(server, *names)
     targets = [await server.core.router.resolve(i["email"], "a@example.com") for i in inboxes]
     return key, inboxes, targets, clock, gc
 

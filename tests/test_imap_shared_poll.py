@@ -153,19 +153,29 @@ def _expect_fetch(imap, flag):
     raise AssertionError("the change never reached the session")
 
 
+async def _inbox_with(server, name: str, prefix: str, count: int):
+    """A new inbox holding ``count`` delivered messages."""
+    inbox, key = await _inbox(server, name)
+    for n in range(count):
+        await server.deliver(make_message(to=inbox["email"], subject=f"{prefix}{n}",
+                                          msgid=f"<{prefix}{n}@x>"), [inbox["email"]])
+    return inbox, key
+
+
+def _selected(server, inbox, key, count: int) -> list:
+    """``count`` imaplib sessions (STARTTLS, logged in) with INBOX selected."""
+    sessions = [_starttls(server.imap_port, inbox["email"], key) for _ in range(count)]
+    for s in sessions:
+        s.select("INBOX")
+    return sessions
+
+
 @pytest_twisted.ensureDeferred
 async def test_two_imap_sessions_see_flags_and_new_mail_of_a_third(server):
-    inbox, key = await _inbox(server, "sharedwire")
-    for n in range(2):
-        await server.deliver(make_message(to=inbox["email"], subject=f"w{n}",
-                                          msgid=f"<w{n}@x>"), [inbox["email"]])
+    inbox, key = await _inbox_with(server, "sharedwire", "w", 2)
 
     def sessions():
-        a = _starttls(server.imap_port, inbox["email"], key)
-        b = _starttls(server.imap_port, inbox["email"], key)
-        c = _starttls(server.imap_port, inbox["email"], key)
-        for s in (a, b, c):
-            s.select("INBOX")
+        a, b, c = _selected(server, inbox, key, 3)
         c.store("1", "+FLAGS", "($Wire \\Flagged)")
         c.append("INBOX", "", None, make_message(subject="w2", msgid="<w2@x>"))
         c.logout()
@@ -180,17 +190,10 @@ async def test_two_imap_sessions_see_flags_and_new_mail_of_a_third(server):
 
 @pytest_twisted.ensureDeferred
 async def test_no_expunge_during_fetch_store_search_with_a_shared_poll(server):
-    inbox, key = await _inbox(server, "sharedexp")
-    for n in range(3):
-        await server.deliver(make_message(to=inbox["email"], subject=f"x{n}",
-                                          msgid=f"<x{n}@x>"), [inbox["email"]])
+    inbox, key = await _inbox_with(server, "sharedexp", "x", 3)
 
     def sessions():
-        a = _starttls(server.imap_port, inbox["email"], key)
-        b = _starttls(server.imap_port, inbox["email"], key)
-        c = _starttls(server.imap_port, inbox["email"], key)
-        for s in (a, b, c):
-            s.select("INBOX")
+        a, b, c = _selected(server, inbox, key, 3)
         c.store("2", "+FLAGS", "(\\Deleted)")
         c.expunge()
         c.logout()

@@ -5,17 +5,7 @@ lookups stays, and the wide columns of new rows are compressed with lz4 where th
 server supports it (a server without it keeps its default; the migration still applies).
 """
 
-import psycopg2
-
-
-def _one(dsn: str, sql: str, params: tuple = ()) -> list[tuple]:
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall()
-    finally:
-        conn.close()
+from tests.helpers import query as _one
 
 
 def test_folder_uid_lookups_keep_exactly_one_index(db_dsn):

@@ -358,6 +358,21 @@ async def move_message(txn: Txn, org_id: str, message_id: str, src_folder: int,
     await notify_folder(txn, folder_id)
 
 
+#: The folder row of a change poll (org-scoped: no row, nothing read), as the first
+#: part of a UNION whose message parts follow; then ``FROM f``.
+_FOLDER_PART = (
+    "WITH f AS MATERIALIZED (SELECT id, highestmodseq, expunged_modseq, "
+    f"                        {_RECENT_OF_F} AS recent_uid "
+    "                        FROM folders f WHERE org_id = %s AND id = %s) "
+    "SELECT 'folder' AS part, highestmodseq AS uid, expunged_modseq AS modseq, "
+    "NULL::boolean AS seen, NULL::boolean AS flagged, NULL::boolean AS answered, "
+    "NULL::boolean AS draft, NULL::boolean AS deleted, NULL::text[] AS labels, "
+    "NULL::text[] AS keyword_spellings, recent_uid")
+#: A message part's filter: only when the folder moved past the given MODSEQ (an
+#: uncorrelated subquery, so a one-time filter: nothing moved, nothing read).
+_MOVED = "(SELECT highestmodseq FROM f) > %s AND folder_id = (SELECT id FROM f)"
+
+
 async def folder_delta(txn: Txn, org_id: str, folder_id: int, after_modseq: int,
                        want_present: bool) -> dict[str, Any] | None:
     """What a process-wide mirror of the folder (core.imap_poll) needs to catch up from
@@ -369,16 +384,9 @@ async def folder_delta(txn: Txn, org_id: str, folder_id: int, after_modseq: int,
     ONE statement (one snapshot), independent of any session's view: every session of
     the process with the folder selected is answered from its result. ``after_modseq``
     -1 reads every message (the mirror's first load)."""
-    moved = "(SELECT highestmodseq FROM f) > %s AND folder_id = (SELECT id FROM f)"
     rows = await txn.fetchall(
-        "WITH f AS MATERIALIZED (SELECT id, highestmodseq, expunged_modseq, "
-        f"                        {_RECENT_OF_F} AS recent_uid "
-        "                        FROM folders f WHERE org_id = %s AND id = %s) "
-        "SELECT 'folder' AS part, highestmodseq AS uid, expunged_modseq AS modseq, "
-        "NULL::boolean AS seen, NULL::boolean AS flagged, NULL::boolean AS answered, "
-        "NULL::boolean AS draft, NULL::boolean AS deleted, NULL::text[] AS labels, "
-        "NULL::text[] AS keyword_spellings, recent_uid, NULL::bigint[] AS present FROM f "
-        f"UNION ALL SELECT 'm', {_META}, NULL, NULL FROM messages WHERE {moved} "
+        f"{_FOLDER_PART}, NULL::bigint[] AS present FROM f "
+        f"UNION ALL SELECT 'm', {_META}, NULL, NULL FROM messages WHERE {_MOVED} "
         "AND modseq > %s "
         "UNION ALL SELECT 'present', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
         "NULL, (SELECT COALESCE(array_agg(uid), '{}')::bigint[] FROM messages "
@@ -410,18 +418,11 @@ async def changes(txn: Txn, org_id: str, folder_id: int, max_known_uid: int,
     # with ``org_id = %s`` on messages too, the planner ANDed a bitmap of every message
     # of the organization (the messages_msgid index) into each part, reading thousands
     # of index entries per poll to find a handful of rows.
-    moved = "(SELECT highestmodseq FROM f) > %s AND folder_id = (SELECT id FROM f)"
     rows = await txn.fetchall(
-        "WITH f AS MATERIALIZED (SELECT id, highestmodseq, expunged_modseq, "
-        f"                        {_RECENT_OF_F} AS recent_uid "
-        "                        FROM folders f WHERE org_id = %s AND id = %s) "
-        "SELECT 'folder' AS part, highestmodseq AS uid, expunged_modseq AS modseq, "
-        "NULL::boolean AS seen, NULL::boolean AS flagged, NULL::boolean AS answered, "
-        "NULL::boolean AS draft, NULL::boolean AS deleted, NULL::text[] AS labels, "
-        "NULL::text[] AS keyword_spellings, recent_uid FROM f "
+        f"{_FOLDER_PART} FROM f "
         # the uncorrelated subqueries are one-time filters: nothing moved, nothing read
-        f"UNION ALL SELECT 'm', {_META}, NULL FROM messages WHERE {moved} AND uid > %s "
-        f"UNION ALL SELECT 'm', {_META}, NULL FROM messages WHERE {moved} AND uid <= %s "
+        f"UNION ALL SELECT 'm', {_META}, NULL FROM messages WHERE {_MOVED} AND uid > %s "
+        f"UNION ALL SELECT 'm', {_META}, NULL FROM messages WHERE {_MOVED} AND uid <= %s "
         "AND modseq > %s "
         # the known UIDs that are gone (a few rows), not the hundreds still present
         "UNION ALL SELECT 'gone', k.u, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
