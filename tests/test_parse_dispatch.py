@@ -87,6 +87,10 @@ _HEAD = b"From: a@b.example\r\nTo: c@d.example\r\nSubject: x\r\nMIME-Version: 1.
     ("many addresses", _HEAD + b"To: x@y.example\r\n" * 100 + b"\r\nx"),
     ("encoded words", b"Subject: " + b"=?utf-8?q?a?=" * 100 + b"\r\n" + _HEAD + b"\r\nx"),
     ("a large header", b"X-Big: " + b"v" * 9000 + b"\r\n" + _HEAD + b"\r\nx"),
+    ("tab-separated tokens", b"To: " + b"\tx" * 3500 + b"\r\n" + _HEAD + b"\r\nx"),
+    ("comma runs", b"To: " + b"," * 7000 + b"x@y\r\n" + _HEAD + b"\r\nx"),
+    ("angle brackets", b"To: " + b"<" * 7000 + b"\r\n" + _HEAD + b"\r\nx"),
+    ("nested comments", b"To: " + b"(" * 7000 + b"\r\n" + _HEAD + b"\r\nx"),
 ])
 def test_costly_shapes_are_parsed_in_the_pool(shape, raw):
     """A stranger's message whose parse costs far more than its size must not stall the

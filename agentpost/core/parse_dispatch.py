@@ -29,6 +29,10 @@ INLINE_PARSE_MAX_BYTES = 16 * 1024
 MAX_HEADER_BYTES = 8 * 1024
 MAX_HEADER_LINES = 150
 MAX_HEADER_SPACES = 600  # tokens of structured and encoded-word parsing
+#: What separates tokens of a structured header: the header parser's cost grows with
+#: their count, whichever one a sender uses (8 KiB of tabs or commas in To: cost 80-110
+#: ms where spaces were counted and they were not).
+_TOKEN_SEPARATORS = (b" ", b"\t", b",", b"<", b"(", b'"', b":")
 MAX_BOUNDARY_LINES = 8
 MAX_SEMICOLONS = 24  # MIME parameters
 MAX_ENCODED_WORDS = 32
@@ -46,7 +50,8 @@ def looks_plain(raw: bytes, limit: int = INLINE_PARSE_MAX_BYTES) -> bool:
         end = len(raw)
     return (end <= MAX_HEADER_BYTES
             and raw.count(b"\n", 0, end) <= MAX_HEADER_LINES
-            and raw.count(b" ", 0, end) <= MAX_HEADER_SPACES
+            and sum(raw.count(sep, 0, end) for sep in _TOKEN_SEPARATORS)
+            <= MAX_HEADER_SPACES
             and raw.count(b"\n--") <= MAX_BOUNDARY_LINES
             and raw.count(b";") <= MAX_SEMICOLONS
             and raw.count(b"=?") <= MAX_ENCODED_WORDS
