@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 from typing import Any
 
 import pytest
@@ -184,9 +185,13 @@ def test_body_octets_earn_time_at_the_minimum_rate():
 # --------------------------------------------------------------------------- real sockets
 
 
-def _quit_over_tls_and_stay_silent(port: int) -> bool:
+def _quit_over_tls_and_stay_silent(port: int, answered: threading.Event) -> bool:
     """STARTTLS, QUIT, then never send close_notify: whether the server closed TCP (EOF
-    or a reset) while the client waited (at most 8 s: a bound on the wait only)."""
+    or a reset) while the client waited (at most 8 s: a bound on the wait only).
+
+    ``answered`` is set once the 221 has been read, so the test advances the clock
+    only then: an abort that raced the read would reset the socket before the reply
+    reached the client and fail the test for the wrong reason."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
         f = sock.makefile("rb")
@@ -209,6 +214,7 @@ def _quit_over_tls_and_stay_silent(port: int) -> bool:
                 plain += tls.read(65536)
             except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
                 pass
+        answered.set()
         sock.settimeout(8)
         try:
             while sock.recv(65536):  # the server's close_notify, then EOF or a reset
@@ -246,11 +252,13 @@ async def test_quit_over_tls_closes_tcp_even_without_the_peers_close_notify():
                           tls_options=options, limits=SMTPLimits(close_grace_s=1))
     port = await listen_smtp(reactor, factory, "127.0.0.1", 0)
     try:
-        client = deferToThread(_quit_over_tls_and_stay_silent, port.getHost().port)
-        for _ in range(1000):  # until QUIT is answered and the close is under way
-            if client.called or any(
+        answered = threading.Event()
+        client = deferToThread(_quit_over_tls_and_stay_silent, port.getHost().port,
+                               answered)
+        for _ in range(1000):  # until the client read the 221 and the close is under way
+            if client.called or (answered.is_set() and any(
                     c.getTime() - clock.seconds() == pytest.approx(1)
-                    for c in clock.getDelayedCalls()):
+                    for c in clock.getDelayedCalls())):
                 break
             await task.deferLater(reactor, 0.01, lambda: None)
         assert not client.called, "closed before the grace passed (or the client failed)"
