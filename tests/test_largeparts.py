@@ -101,15 +101,20 @@ def test_caching_header_policy_parses_like_the_default(raw):
 
 
 @pytest.mark.parametrize("raw", _corpus()[:3])
-def test_caching_header_policy_on_the_corpus(raw):
+def test_caching_header_policy_on_the_corpus(raw, tmp_path):
     import email.policy
 
     from agentpost.mail import parse
 
-    cached = _fields(parse.parse_message(raw))
+    first = parse.parse_message(raw, spool_dir=str(tmp_path))
+    cached = _fields(first)
+    first.discard()
     original = parse._POLICY
     parse._POLICY = email.policy.default
     try:
-        assert _fields(parse.parse_message(raw)) == cached
+        again = parse.parse_message(raw, spool_dir=str(tmp_path))
+        assert _fields(again) == cached
+        again.discard()
     finally:
         parse._POLICY = original
+    assert not os.listdir(tmp_path)  # every spooled part was removed
