@@ -694,7 +694,12 @@ def test_long_command_line_accepted_and_overlong_rejected(store):
     s.send(b"x NOOP " + b"A" * 300_000)
     assert s.lines() == ["* BAD Command line too long"]
     s.send(b"AAAA\r\nn NOOP\r\n")
-    assert s.lines() == ["n OK NOOP completed"]
+    # once the refused line ends, its command is completed with its own tag
+    assert s.lines() == ["x BAD [TOOBIG] Command line too long", "n OK NOOP completed"]
+    s.send(b"y APPEND INBOX {3}\r\n")  # an over-long line after a literal: same tag
+    s.send(b"abc" + b"B" * 300_000)
+    s.send(b"\r\nm NOOP\r\n")
+    assert s.lines()[-2:] == ["y BAD [TOOBIG] Command line too long", "m OK NOOP completed"]
 
 
 def test_autologout_and_login_timeout():

@@ -60,6 +60,8 @@ MAX_APPEND_LITERALS = 1000
 #: session's ``max_append_total_bytes`` is this, or its APPENDLIMIT if that is larger.
 MAX_APPEND_TOTAL_BYTES = 256 * 1024 * 1024
 _MARKER_AT_END = re.compile(rb"\{\d+\+?\}\r\n$")
+#: The tag that starts a command line (RFC 3501 `tag`: astring characters but "+").
+_TAG_AT_START = re.compile(rb"([!#$&'*,\-./0-9:;<=>?@A-Z\[\]^_`a-z|}~]{1,64}) ")
 
 
 class CommandReader:
@@ -107,6 +109,7 @@ class CommandReader:
         self._literal_left = 0  # literal octets still to read into _pending
         self._discard_left = 0  # octets of a refused literal still to drop
         self._discarding_line = False  # skipping the rest of a refused command
+        self._overlong_tag: str | None = None  # its tag, when the line was too long
         self._literal_checked = False
         self._head: tuple[str | None, str | None, list[Any]] | None = None  # see _peek
         self._check_peeks = 0
@@ -141,6 +144,9 @@ class CommandReader:
         newline = self._buffer.find(b"\n", 0, MAX_LINE_BYTES)
         if newline < 0:
             if len(self._buffer) >= MAX_LINE_BYTES:
+                if self._line_handler is None:
+                    m = _TAG_AT_START.match(bytes(self._pending[:80] or self._buffer[:80]))
+                    self._overlong_tag = m.group(1).decode() if m else None
                 self._buffer.clear()
                 self._pending.clear()
                 self._discarding_line = True
@@ -229,6 +235,11 @@ class CommandReader:
             self._discard_left = int(m.group(1))
         else:
             self._discarding_line = False
+            if self._overlong_tag is not None:
+                # The command is complete at last: a client waiting for its tag (imaplib
+                # does) hears how it ended instead of hanging on the untagged BAD.
+                tag, self._overlong_tag = self._overlong_tag, None
+                self.send(f"{tag} BAD [TOOBIG] Command line too long")
         return True
 
     def _flow_control(self) -> None:
