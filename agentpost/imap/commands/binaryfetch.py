@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 
+from agentpost.imap.commands.offload import cut
 from agentpost.imap.errors import no
 from agentpost.imap.interfaces import FetchRow, IMAPFolder
 from agentpost.imap.parser import FetchItem
@@ -174,8 +175,8 @@ async def _locate_header(folder: IMAPFolder, row: FetchRow, raw: bytes | None,
                 return _Body(plan.start, plan.end, None)
             header = await folder.read_range(row, plan.start, plan.length) \
                 if plan.length else b""
-            return imapformat.filter_header_fields(header, *plan.fields)
-    return imapformat.section(raw or b"", whole)
+            return await cut(imapformat.filter_header_fields, header, *plan.fields)
+    return await cut(imapformat.section, raw or b"", whole)
 
 
 async def _locate(folder: IMAPFolder, row: FetchRow, raw: bytes | None,

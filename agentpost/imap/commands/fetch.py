@@ -22,6 +22,7 @@ from twisted.internet import defer
 
 from agentpost.imap.commands.binaryfetch import DecodedRange, render_binary
 from agentpost.imap.commands.common import arguments, selected
+from agentpost.imap.commands.offload import cut
 from agentpost.imap.errors import Answered, no
 from agentpost.imap.interfaces import FetchRow, FetchWants, IMAPFolder
 from agentpost.imap.parser import (
@@ -307,12 +308,12 @@ async def _content(folder: IMAPFolder, row: FetchRow, raw: bytes | None,
     """The literal of one body section: sliced from ``raw``, or planned from the
     section map and streamed (HEADER.FIELDS reads just that header)."""
     if raw is not None:
-        return [literal(imapformat.section(raw, spec))]
+        return [literal(await cut(imapformat.section, raw, spec))]
     assert row.sections is not None
     plan = imapformat.plan_section(row.sections, spec)
     if plan.fields is not None:
         header = await folder.read_range(row, plan.start, plan.length)
-        data = imapformat.filter_header_fields(header, *plan.fields)
+        data = await cut(imapformat.filter_header_fields, header, *plan.fields)
         if spec.partial is not None:
             data = data[spec.partial[0]:spec.partial[0] + spec.partial[1]]
         return [literal(data)]
