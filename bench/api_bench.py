@@ -10,15 +10,25 @@ What it does, start to finish:
    process, so the server's CPU is measured apart from the load generator's;
 3. drives ``GET /api/v1/inboxes`` and ``POST /api/v1/inboxes`` at 1 and 32 concurrent
    keep-alive connections from a small asyncio HTTP/1.1 client (stdlib only), with a
-   warm-up before each measured window;
+   warm-up before each measured window: closed loop (each connection sends its next
+   request as soon as the previous answer is in) and, with ``--rate R``, open loop too;
 4. prints req/s, p50/p90/p99/max latency, errors, CPU used by the server, PostgreSQL
    and this client, and the audit rows written, as a table or (``--json``) as JSON;
 5. stops the server and deletes the cluster and the temp folder, also on Ctrl-C.
 
+Closed loop, the latency is mostly queueing: at saturation p50 is just
+concurrency / throughput, so a closed loop cannot say what a client sees at a given
+load. ``--rate R`` adds open-loop runs: R requests per second in all, spread over the
+N connections on a fixed timetable (connection c sends its k-th request at
+``start + (k*N + c) / R``). A request's latency is counted from its *scheduled* send
+time, so a server that stalls cannot hide the stall by holding back the requests that
+would have queued behind it (no coordinated omission); a connection still waiting for
+an answer sends its next request late, and that lateness is in the figure.
+
 Timing never makes it fail: the exit status is 0 unless setup failed (1) or some
 request got a non-2xx answer or no answer (1), which means something is broken.
 
-Usage: ``.venv/bin/python bench/api_bench.py [--duration 5] [--json] [--no-fsync]``
+Usage: ``.venv/bin/python bench/api_bench.py [--duration 5] [--rate 1000] [--json]``
 (see ``--help``).  Network traffic goes to 127.0.0.1 only.
 """
 
@@ -347,6 +357,7 @@ class Scenario:
     name: str  # "GET" or "POST"
     concurrency: int
     expect: int  # the 2xx status a request should get
+    rate: float | None = None  # open loop: requests/s over all connections; None: closed
 
 
 @dataclass
@@ -365,6 +376,8 @@ class Run:
     audit_rows: int = 0
     audit_complete: bool = False
     timed_out: bool = False
+    late_sends: int = 0  # open loop: window requests sent > 1 ms after their scheduled time
+    send_lags: list[float] = field(default_factory=list)  # open loop: sent minus due, window
 
 
 def percentile(sorted_values: list[float], pct: float) -> float:
@@ -432,6 +445,67 @@ async def worker(wid: int, port: int, next_payload: Any, run: Run, window: Windo
             conn.close()
 
 
+async def paced_worker(wid: int, port: int, next_payload: Any, run: Run, window: Window,
+                       stop_at: float, timeout_s: float, origin: float) -> None:
+    """Open loop: send on this connection's share of a fixed timetable.
+
+    Request k of connection ``wid`` is due at ``origin + (k * N + wid) / rate``. Its
+    latency runs from that due time, not from when it could be sent: if the previous
+    answer is late the next request goes out late and carries the delay (no coordinated
+    omission). Requests due in the window are counted; the run ends once they are
+    answered (or the hard stop)."""
+    clock = time.perf_counter
+    rate = run.scenario.rate
+    assert rate is not None
+    step = run.scenario.concurrency / rate
+    latencies = run.latencies
+    expect = run.scenario.expect
+    conn: HTTPConnection | None = None
+    due = origin + wid / rate
+    try:
+        while due < window.end and due < stop_at:
+            now = clock()
+            if due > now:
+                await asyncio.sleep(due - now)
+            if conn is None or conn.closed:
+                try:
+                    conn = await open_connection(port)
+                except OSError as exc:
+                    _count(run.errors, f"connect: {type(exc).__name__}")
+                    due += step
+                    continue
+            in_window = due >= window.start
+            if in_window:
+                lag = clock() - due
+                run.send_lags.append(lag)
+                if lag > 0.001:
+                    run.late_sends += 1
+            try:
+                response = await conn.request(next_payload(wid), timeout_s)
+            except (ConnectionError, TimeoutError, OSError) as exc:
+                _count(run.errors, f"no answer: {type(exc).__name__}")
+                conn.close()
+                conn = None
+                due += step
+                continue
+            t1 = clock()
+            run.total_answers += 1
+            status = response.status
+            if status != expect:
+                _count(run.errors, f"HTTP {status}")
+            if in_window:
+                _count(run.statuses, str(status))
+                if 200 <= status < 300:
+                    latencies.append(t1 - due)
+            if response.close:
+                conn.close()
+                conn = None
+            due += step
+    finally:
+        if conn is not None:
+            conn.close()
+
+
 async def run_scenario(scenario: Scenario, port: int, next_payload: Any, warmup_s: float,
                        duration_s: float, timeout_s: float, server_pid: int,
                        postmaster_pid: int | None, workers: int = 1) -> Run:
@@ -440,10 +514,15 @@ async def run_scenario(scenario: Scenario, port: int, next_payload: Any, warmup_
     run = Run(scenario)
     window = Window()
     hard_stop = time.perf_counter() + warmup_s + duration_s + timeout_s + 5.0
-    tasks = [
-        asyncio.ensure_future(worker(wid, port, next_payload, run, window, hard_stop, timeout_s))
-        for wid in range(scenario.concurrency)
-    ]
+    if scenario.rate is None:
+        tasks = [asyncio.ensure_future(worker(wid, port, next_payload, run, window, hard_stop,
+                                              timeout_s))
+                 for wid in range(scenario.concurrency)]
+    else:  # one timetable for all: the first request is due a little after now
+        origin = time.perf_counter() + 0.01
+        tasks = [asyncio.ensure_future(paced_worker(wid, port, next_payload, run, window,
+                                                    hard_stop, timeout_s, origin))
+                 for wid in range(scenario.concurrency)]
     all_done = asyncio.gather(*tasks)
     # On Ctrl-C asyncio.run cancels the workers; read the outcome so that asyncio does
     # not complain that the gathering future's CancelledError "was never retrieved".
@@ -744,6 +823,12 @@ def summarize(run: Run, duration_s: float) -> dict[str, Any]:
         "method": run.scenario.name,
         "path": API,
         "concurrency": run.scenario.concurrency,
+        "mode": "closed" if run.scenario.rate is None else "open",
+        "target_rate": run.scenario.rate,
+        "late_sends": run.late_sends,
+        "send_lag_ms": None if not run.send_lags else {
+            "p50": ms_or_none(percentile(sorted(run.send_lags), 50)),
+            "p99": ms_or_none(percentile(sorted(run.send_lags), 99))},
         "requests_ok": ok,
         "requests_per_s": round(ok / elapsed, 1) if elapsed else 0.0,
         "latency_ms": {
@@ -778,13 +863,32 @@ def target_verdict(results: list[dict[str, Any]]) -> dict[str, Any]:
         "requests_per_s": None, "p99_ms": None, "met": None,
     }
     for res in results:
-        if res["method"] == "GET" and res["concurrency"] == TARGET_CONCURRENCY:
+        if (res["method"] == "GET" and res["concurrency"] == TARGET_CONCURRENCY
+                and res.get("mode", "closed") == "closed"):
             verdict["requests_per_s"] = res["requests_per_s"]
             verdict["p99_ms"] = res["latency_ms"]["p99"]
             verdict["met"] = (res["requests_per_s"] >= TARGET_RPS
                               and res["latency_ms"]["p99"] < TARGET_P99_MS
                               and res["errors"] == 0)
     return verdict
+
+
+def open_loop_verdict(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's target read as an open loop: every GET run at >= TARGET_RPS scheduled
+    requests/s, whether it kept that rate (99%) with p99 < TARGET_P99_MS (informational)."""
+    verdicts = []
+    for res in results:
+        if res["method"] != "GET" or res.get("mode") != "open" \
+                or (res["target_rate"] or 0) < TARGET_RPS:
+            continue
+        p99 = res["latency_ms"]["p99"]
+        verdicts.append({
+            "concurrency": res["concurrency"], "rate": res["target_rate"],
+            "requests_per_s": res["requests_per_s"], "p99_ms": p99,
+            "met": (res["requests_per_s"] >= 0.99 * res["target_rate"]
+                    and p99 is not None and p99 < TARGET_P99_MS and res["errors"] == 0),
+        })
+    return verdicts
 
 
 def fmt(value: float, digits: int = 1) -> str:
@@ -816,7 +920,7 @@ def print_table(report: dict[str, Any]) -> None:
         f"{s['get_response_framing']} framing)",
         "",
     ]
-    header = (f"{'scenario':<22}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}"
+    header = (f"{'scenario':<22}{'rate/s':>7}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}"
               f"{'p99 ms':>9}{'max ms':>9}{'errors':>8}{'srv CPU':>9}{'pg CPU':>8}"
               f"{'cli CPU':>9}{'srv ms/req':>11}{'audit rows':>14}")
     out.append(header)
@@ -827,7 +931,9 @@ def print_table(report: dict[str, Any]) -> None:
         if not r["audit_complete"]:
             audit += "!"
         out.append(
-            f"{r['method'] + ' ' + r['path']:<22}{r['concurrency']:>5}"
+            f"{r['method'] + ' ' + r['path']:<22}"
+            f"{'closed' if r.get('target_rate') is None else fmt(r['target_rate'], 0):>7}"
+            f"{r['concurrency']:>5}"
             f"{fmt(r['requests_per_s'], 0):>9}{fmt(lat['p50'], 2):>9}{fmt(lat['p90'], 2):>9}"
             f"{fmt(lat['p99'], 2):>9}{fmt(lat['max'], 1):>9}{r['errors']:>8}"
             f"{fmt(cpu['server'], 0) + '%':>9}{fmt(cpu['postgres'], 0) + '%':>8}"
@@ -841,6 +947,19 @@ def print_table(report: dict[str, Any]) -> None:
                "on a shared machine).")
     out.append("  audit rows = rows added to audit_log during the scenario / answers received "
                "(incl. warm-up); '!' = fewer rows than answers.")
+    if any(r.get("mode") == "open" for r in report["results"]):
+        out.append("  rate/s = open loop: requests scheduled per second over all connections on a "
+                   "fixed timetable, latency from the")
+        out.append("  scheduled send time (no coordinated omission), req/s = achieved; "
+                   "'closed' = each connection sends as soon as it has its answer.")
+        for r in report["results"]:
+            if r.get("mode") == "open" and r["late_sends"]:
+                lag = r["send_lag_ms"] or {}
+                out.append(f"  {r['method']} c={r['concurrency']} @{fmt(r['target_rate'], 0)}/s: "
+                           f"{r['late_sends']} requests went out > 1 ms after their due time "
+                           f"(send lag p50 {fmt(lag.get('p50'), 2)} ms, p99 "
+                           f"{fmt(lag.get('p99'), 2)} ms: the connection's previous answer "
+                           "was still pending, or this client was slow)")
     for r in report["results"]:
         if r["error_kinds"]:
             kinds = ", ".join(f"{k} x{v}" for k, v in sorted(r["error_kinds"].items()))
@@ -854,6 +973,12 @@ def print_table(report: dict[str, Any]) -> None:
         out.append(f"  target  : {v['description']} -> measured {fmt(v['requests_per_s'], 0)} "
                    f"req/s, p99 {fmt(v['p99_ms'], 2)} ms: "
                    f"{'MET' if v['met'] else 'NOT MET'} (informational, never fails the run)")
+    for o in report.get("target_open", []):
+        out.append(f"  open    : GET at {fmt(o['rate'], 0)} req/s scheduled over "
+                   f"{o['concurrency']} connections -> achieved "
+                   f"{fmt(o['requests_per_s'], 0)} req/s, p99 "
+                   f"{fmt(o['p99_ms'], 2)} ms: {'MET' if o['met'] else 'NOT MET'} "
+                   "(p99 < 25 ms at >= 99% of the rate)")
     out.append("")
     print("\n".join(out), flush=True)
 
@@ -872,6 +997,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="comma-separated client counts (default 1,32)")
     parser.add_argument("--scenarios", default="get,post",
                         help="comma-separated subset of get,post (default both)")
+    parser.add_argument("--rate", default="", metavar="R[,R...]",
+                        help="also run each scenario open loop at R requests/s in all (over "
+                             "the --concurrency connections, on a fixed timetable; latency "
+                             "from the scheduled send time), e.g. --rate 1000")
+    parser.add_argument("--only-rate", action="store_true",
+                        help="with --rate: skip the closed-loop runs")
     parser.add_argument("--seed", type=int, default=50,
                         help="inboxes created before the GET runs (default 50)")
     parser.add_argument("--timeout", type=float, default=10.0,
@@ -919,6 +1050,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.scenarios = [s.strip().lower() for s in args.scenarios.split(",") if s.strip()]
     if not args.scenarios or set(args.scenarios) - {"get", "post"}:
         parser.error("--scenarios takes get, post or get,post")
+    try:
+        args.rate = sorted({float(r) for r in args.rate.split(",") if r.strip()})
+    except ValueError:
+        parser.error("--rate takes numbers, e.g. 1000 or 500,1000")
+    if any(r <= 0 for r in args.rate):
+        parser.error("--rate values must be > 0")
+    if args.only_rate and not args.rate:
+        parser.error("--only-rate needs --rate")
     if args.duration <= 0 or args.warmup < 0 or args.timeout <= 0 or args.seed < 0:
         parser.error("--duration and --timeout must be > 0, --warmup and --seed >= 0")
     return args
@@ -1041,11 +1180,13 @@ class Bench:
         results = []
         get_payload = build_get(self.port, self.key)
         plans: list[tuple[Scenario, Any]] = []
+        rates: list[float | None] = [*([] if args.only_rate else [None]), *args.rate]
         if "get" in args.scenarios:
-            plans += [(Scenario("GET", c, 200), lambda wid: get_payload)
-                      for c in args.concurrency]
+            plans += [(Scenario("GET", c, 200, r), lambda wid: get_payload)
+                      for c in args.concurrency for r in rates]
         if "post" in args.scenarios:
-            plans += [(Scenario("POST", c, 201), self.post_payload) for c in args.concurrency]
+            plans += [(Scenario("POST", c, 201, r), self.post_payload)
+                      for c in args.concurrency for r in rates]
         if "get" in args.scenarios:
             log(f"seeding {args.seed} inboxes")
             await self.seed(args.seed)
@@ -1056,10 +1197,12 @@ class Bench:
         pm_pid = postmaster_pid(self.cluster) if self.cluster else None
         assert self.server is not None
         for scenario, payload in plans:
-            log(f"{scenario.name} {API} with {scenario.concurrency} client(s): "
+            pace = ("" if scenario.rate is None
+                    else f" open loop at {scenario.rate:,.0f} req/s")
+            log(f"{scenario.name} {API} with {scenario.concurrency} client(s){pace}: "
                 f"{args.warmup} s warm-up + {args.duration} s")
             profiler = None
-            if (args.py_spy and scenario.name == "GET"
+            if (args.py_spy and scenario.name == "GET" and scenario.rate == rates[0]
                     and scenario.concurrency == max(args.concurrency)):
                 profiler = self.start_profiler(args.warmup + args.duration)
             before = audit_count(self.db)
@@ -1157,7 +1300,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.cleanup()
     report = {"machine": machine, "setup": setup, "results": results,
-              "target": target_verdict(results)}
+              "target": target_verdict(results), "target_open": open_loop_verdict(results)}
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -110,13 +110,14 @@ class Inboxes:
                 f"The username {username!r} is reserved on the shared domain {domain}; "
                 "choose another one.", field="username")
 
-    async def list_rendered(self, ctx: RequestContext, *, environment_id: str | None,
-                            after_id: str | None, limit: int) -> list[dict[str, Any]]:
-        """:meth:`list` (same checks, same rows) with each inbox as its JSON view:
-        rows of ``id`` and ``json`` (storage.inboxes.list_inbox_json)."""
+    async def list_page(self, ctx: RequestContext, *, environment_id: str | None,
+                        after_id: str | None, limit: int) -> tuple[str, str | None]:
+        """:meth:`list` (same checks, same rows) as one page joined by PostgreSQL: each
+        inbox as its JSON view, separated by commas, and the last id when another page
+        follows (storage.inboxes.list_inbox_page)."""
         org_id, envs = _list_scope(ctx, environment_id)
         return await self._db.run_read(
-            "inboxes.list", inbox_store.list_inbox_json, org_id, envs, after_id, limit + 1
+            "inboxes.list", inbox_store.list_inbox_page, org_id, envs, after_id, limit
         )
 
     async def list(self, ctx: RequestContext, *, environment_id: str | None,

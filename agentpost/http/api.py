@@ -13,7 +13,7 @@ from agentpost.core.context import RequestContext
 from agentpost.core.environments import Environments
 from agentpost.core.inboxes import Inboxes
 from agentpost.core.members import Members
-from agentpost.core.pages import decode_token, page, parse_limit
+from agentpost.core.pages import decode_token, encode_token, page, parse_limit
 from agentpost.http import schemas as s
 from agentpost.http import views
 from agentpost.http.framework import JSON_CONTENT_TYPE, Body, RawResponse, Route, RouteTable
@@ -44,13 +44,14 @@ def listing(rows: list[dict[str, Any]], limit: int, view: Any, key: str = "id") 
     return {"data": [view(r) for r in rows], "limit": limit, "next_page_token": token}
 
 
-def json_listing(rows: list[dict[str, Any]], limit: int) -> RawResponse:
-    """:func:`listing` for rows PostgreSQL rendered already (``id`` and ``json``): the
-    envelope is written around their text, nothing is parsed or encoded again."""
-    rows, token = page(rows, limit)
-    body = b"".join((b'{"data":[', ",".join([r["json"] for r in rows]).encode("utf-8"),
+def joined_listing(page_json: str, last_id: str | None, limit: int) -> RawResponse:
+    """:func:`listing` for a page PostgreSQL rendered and joined already (``page_json``:
+    the items' JSON separated by commas; ``last_id``: the last item's id when more
+    follow): the envelope is written around the text, nothing is parsed or encoded."""
+    body = b"".join((b'{"data":[', page_json.encode("utf-8"),
                      b'],"limit":%d,"next_page_token":' % limit,
-                     b"null" if token is None else b'"%s"' % token.encode("ascii"), b"}"))
+                     b"null" if last_id is None
+                     else b'"%s"' % encode_token(last_id).encode("ascii"), b"}"))
     return RawResponse(body, JSON_CONTENT_TYPE)
 
 
@@ -115,10 +116,10 @@ def add_api_routes(table: RouteTable, *, environments: Environments, inboxes: In
     async def list_inboxes(ctx: RequestContext, request: IRequest,
                            body: Body) -> tuple[int, Any]:
         limit = parse_limit(arg(request, "limit"))
-        rows = await inboxes.list_rendered(
+        page_json, last_id = await inboxes.list_page(
             ctx, environment_id=arg(request, "environment_id"),
             after_id=decode_token(arg(request, "page_token")), limit=limit)
-        return 200, json_listing(rows, limit)
+        return 200, joined_listing(page_json, last_id, limit)
 
     async def get_inbox(ctx: RequestContext, request: IRequest, body: Body,
                         inbox_id: str) -> tuple[int, Any]:

@@ -130,6 +130,8 @@ class RouteBodyLimits:
                 pattern = re.escape(table.prefix) + "".join(parts) + "/?"
                 self.rules.append((route.method.encode("ascii"),
                                    re.compile(pattern.encode("ascii")), route.max_body))
+        #: Methods some rule is for: any other request line needs no look at its key.
+        self.methods = frozenset(method for method, _, _ in self.rules)
 
     def limit_for(self, command: bytes, path: bytes) -> int | None:
         """The route's own limit for this request line, or None (the site's)."""
@@ -155,8 +157,11 @@ class _UploadChannel(AgentPostChannel):
         command = getattr(self, "_command", b"") or b""
         upload = (command == b"PUT" and path.startswith(UPLOAD_PATH.encode("ascii"))
                   and self.uploads is not None and _signed(self.uploads, path))
-        own = (self.route_limits.limit_for(command, path)
-               if self.route_limits is not None and self._names_an_api_key() else None)
+        limits = self.route_limits
+        # A GET (most requests) is never one of the larger-body routes: no key to parse.
+        own = (limits.limit_for(command, path)
+               if limits is not None and command in limits.methods
+               and self._names_an_api_key() else None)
         if upload:
             self.max_body_bytes = max(self.upload_max, self.default_max or 0)
         elif own is not None:

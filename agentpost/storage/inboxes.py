@@ -106,6 +106,28 @@ async def list_inbox_json(txn: Txn, org_id: str, env_ids: frozenset[str] | None,
     )
 
 
+async def list_inbox_page(txn: Txn, org_id: str, env_ids: frozenset[str] | None,
+                          after_id: str | None, limit: int) -> tuple[str, str | None]:
+    """One page of :func:`list_inbox_json`, joined by PostgreSQL: the page's inboxes as
+    JSON text separated by commas, and the id of its last inbox when more follow (else
+    None). One row of two values comes back instead of ``limit + 1`` rows of two: the
+    driver builds no tuple, dict or string per inbox and Python joins nothing (issue 12:
+    ~5% of a cached GET's CPU)."""
+    row = await txn.fetchone(
+        f"SELECT COALESCE(string_agg(json, ',' ORDER BY id DESC) FILTER (WHERE n <= %s), '') "
+        "AS page, CASE WHEN count(*) > %s THEN min(id) FILTER (WHERE n <= %s) END AS last "
+        f"FROM (SELECT id, {_JSON_ROW} AS json, row_number() OVER (ORDER BY id DESC) AS n "
+        "FROM inboxes WHERE org_id = %s "
+        "AND (%s::text[] IS NULL OR environment_id = ANY(%s)) "
+        "AND (%s::text IS NULL OR id < %s) ORDER BY id DESC LIMIT %s) AS p",
+        (limit, limit, limit, org_id, _arr(env_ids), _arr(env_ids), after_id, after_id,
+         limit + 1),
+    )
+    if row is None:  # an aggregate without GROUP BY always yields its row
+        return "", None
+    return row["page"], row["last"]
+
+
 async def update_inbox(txn: Txn, org_id: str, env_ids: frozenset[str] | None, inbox_id: str,
                        changes: dict[str, Any]) -> dict[str, Any] | None:
     """Change display_name or send_paused (columns come from core's allow-list)."""
