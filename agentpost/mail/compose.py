@@ -4,10 +4,11 @@ Pure functions: no I/O, no clock (``now`` is a parameter). Every text that ends 
 a header is checked for CR, LF and NUL first (header injection is refused with
 ``InvalidRequest(field=...)``, never "cleaned"), and the stdlib ``email`` package
 (policy ``SMTP``: CRLF line ends, RFC 2047 encoded words for non-ASCII names and
-subjects) writes the bytes. ``SMTPUTF8`` (RFC 6532: raw UTF-8 headers) is used only
-when an address itself has a non-ASCII local part, since only such a message needs
-the SMTPUTF8 extension on the way out; a non-ASCII domain is written as IDNA
-(``xn--``) instead.
+subjects) writes the bytes, or for the common shapes ``mime_writer`` writes equivalent
+bytes directly (faster; tests/test_compose_fast.py holds the two to the same result).
+``SMTPUTF8`` (RFC 6532: raw UTF-8 headers) is used only when an address itself has a
+non-ASCII local part, since only such a message needs the SMTPUTF8 extension on the
+way out; a non-ASCII domain is written as IDNA (``xn--``) instead.
 
 ``Bcc:`` is written into the header section on purpose: the message built here is
 the Sent copy, which keeps it so the sender can see whom they blind-copied, and the
@@ -29,6 +30,7 @@ from typing import Any
 
 import idna
 
+from agentpost.mail import mime_writer
 from agentpost.model.errors import InvalidRequest
 from agentpost.model.ids import new_id
 
@@ -285,7 +287,54 @@ def _body(msg: EmailMessage, c: Composition) -> None:
 
 def compose(c: Composition, *, from_addr: Address, hostname: str, now: datetime,
             message_id: str | None = None) -> bytes:
-    """The message as CRLF bytes, ready for the Sent copy and the queue."""
+    """The message as CRLF bytes, ready for the Sent copy and the queue.
+
+    The common shapes are written directly (``mime_writer``: the stdlib's header parsing
+    and generator were the send API's largest CPU bar); anything that writer does not
+    handle, and every message needing SMTPUTF8, goes through the stdlib as before. The
+    checks (subject, In-Reply-To, References, custom headers) run in the same order on
+    both paths, so a refusal is the same whichever writes the bytes."""
+    heads = None if needs_smtputf8(c, from_addr) else _address_lines(c, from_addr)
+    if heads is not None:
+        subject = check_text(c.subject, "subject")
+        message_id = message_id or new_message_id(from_addr, hostname, now)
+        in_reply_to = check_message_id(c.in_reply_to, "in_reply_to") if c.in_reply_to else None
+        references = [check_message_id(r, "references") for r in c.references]
+        custom = check_headers(c.headers)
+        try:
+            heads += [mime_writer.unstructured("Subject", subject),
+                      f"Date: {email.utils.format_datetime(now)}\r\n",
+                      mime_writer.message_id_header("Message-ID", [message_id])]
+            if in_reply_to:
+                heads.append(mime_writer.message_id_header("In-Reply-To", [in_reply_to]))
+            if references:
+                heads.append(mime_writer.message_id_header("References", references))
+            heads += [mime_writer.unstructured(name, value) for name, value in custom.items()]
+            body = mime_writer.body_structure(c.text_body, c.html_body, c.attachments)
+            return mime_writer.message_bytes(heads, body)
+        except mime_writer.Unsupported:
+            pass
+    return compose_stdlib(c, from_addr=from_addr, hostname=hostname, now=now,
+                          message_id=message_id)
+
+
+def _address_lines(c: Composition, from_addr: Address) -> list[str] | None:
+    """From, To, Cc, Bcc, Reply-To written directly, or None when some mailbox is
+    unusual enough for the stdlib."""
+    lines = []
+    for name, addrs in (("From", [from_addr]), ("To", c.to), ("Cc", c.cc), ("Bcc", c.bcc),
+                        ("Reply-To", c.reply_to)):
+        if addrs:
+            line = mime_writer.address_header(name, addrs)
+            if line is None:
+                return None
+            lines.append(line)
+    return lines
+
+
+def compose_stdlib(c: Composition, *, from_addr: Address, hostname: str, now: datetime,
+                   message_id: str | None = None) -> bytes:
+    """``compose`` through the stdlib ``email`` package (every shape, SMTPUTF8 too)."""
     smtputf8 = needs_smtputf8(c, from_addr)
     pol = email_policy.SMTPUTF8 if smtputf8 else email_policy.SMTP
     msg = EmailMessage(policy=pol)
