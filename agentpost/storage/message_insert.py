@@ -1,7 +1,8 @@
 """Writing a new message row: the message, its Message-ID references, its attachments,
 the inbox's usage delta and the folder's UID, in one statement per copy (issue 12); and
 for the MX's group commit (core.group_commit), a whole batch staged in one statement
-(:func:`prepare_deliveries`) and written with its COMMIT in one more.
+(:func:`prepare_deliveries`) and written with its COMMIT in one more (its message rows
+as one JSON parameter from three copies on: storage.message_batch).
 
 Split out of storage/mail.py (by job: this module writes new rows; mail.py reads and
 changes them). Text values too large to quote whole go ahead in pieces
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import psycopg2
@@ -21,6 +21,7 @@ import psycopg2.errors
 from agentpost.model.errors import MailboxFull
 from agentpost.storage import message_bodies, usage
 from agentpost.storage.database import Txn, json_param
+from agentpost.storage.message_batch import BATCH_MIN_COPIES, batch_insert_sql, zone_minutes
 
 MAIL_CHANNEL = "agentpost_mail"
 
@@ -95,11 +96,17 @@ async def insert_messages(txn: Txn, copies: list[tuple[dict[str, Any], list[dict
     # Folders are locked in (org, folder id) order whatever the batch's order, so two
     # batches over the same folders cannot deadlock; the sort is stable, so UIDs within
     # a folder follow the batch's order.
-    for row, attachments, _ in sorted(copies, key=lambda c: (c[0]["org_id"],
-                                                             c[0]["folder_id"])):
-        one, one_params = _insert_message_sql(row, 0, attachments)
-        sql.append(one)
-        params += one_params
+    ordered = sorted(copies, key=lambda c: (c[0]["org_id"], c[0]["folder_id"]))
+    batch = batch_insert_sql([(row, attachments) for row, attachments, _ in ordered],
+                             MAIL_CHANNEL) if len(ordered) >= BATCH_MIN_COPIES else None
+    if batch is not None:
+        sql.append(batch[0])
+        params += batch[1]
+    else:  # few copies, or a value JSON cannot carry exactly: one statement per copy
+        for row, attachments, _ in ordered:
+            one, one_params = _insert_message_sql(row, 0, attachments)
+            sql.append(one)
+            params += one_params
     orgs = sorted({row["org_id"] for row, _, _ in copies})
     ids = [row["id"] for row, _, _ in copies]
     if not commit:
@@ -216,7 +223,7 @@ _ARRAY_COLUMNS = frozenset({"reference_ids", "labels", "envelope_to"})
 
 def _insert_message_sql(row: dict[str, Any], quota: int,
                         attachments: list[dict[str, Any]]) -> tuple[str, list[Any]]:
-    row = {**row, "internal_date_zone": _zone_minutes(row.get("received_at"))}
+    row = {**row, "internal_date_zone": zone_minutes(row.get("received_at"))}
     cols = list(row)
     values = [json_param(v) if isinstance(v, dict | list) and c not in _ARRAY_COLUMNS else v
               for c, v in row.items()]
@@ -240,14 +247,6 @@ def _insert_message_sql(row: dict[str, Any], quota: int,
                               row["created_at"]),
          row["org_id"], row["folder_id"], *values, row["org_id"], row["inbox_id"],
          list(row["reference_ids"]), *att_params, MAIL_CHANNEL, str(row["folder_id"])])
-
-
-def _zone_minutes(when: Any) -> int | None:
-    """The UTC offset (minutes) an APPEND gave the internal date, so INTERNALDATE and
-    SEARCH ON/BEFORE/SINCE keep its zone (issue 10); None (+0000) for UTC or no zone."""
-    offset = when.utcoffset() if isinstance(when, datetime) else None
-    minutes = int(offset.total_seconds() // 60) if offset else 0
-    return minutes or None
 
 
 _ATT_COLS = (("org_id", "text"), ("id", "text"), ("filename", "text"),

@@ -8,11 +8,13 @@ are few but wide (CTEs over many tables), and they are planned once per message.
 This module rewrites a statement that has run ``threshold`` times in this process into
 ``EXECUTE name(values)``, after a one-time ``PREPARE name AS ...`` on each connection
 that uses it; PostgreSQL then reuses the plan (its plan cache picks a generic plan when
-that costs no more than the custom ones). The caller's SQL and parameters do not change:
-the values are still quoted by psycopg2, only now as the arguments of EXECUTE, in the
-same order. A multi-statement string (``a; b; c``, one round trip) is rewritten part by
-part; parts that cannot be prepared (BEGIN, COMMIT, SET, DDL, a tuple for ``IN %s``)
-are sent as before.
+that costs no more than the custom ones). A string seen fewer times is rewritten too when
+each of its statements has run ``threshold`` times in other strings (a group-commit
+batch: the same statements, a different number of them each time). The caller's SQL
+and parameters do not change: the values are still quoted by psycopg2, only now as the
+arguments of EXECUTE, in the same order. A multi-statement string (``a; b; c``, one
+round trip) is rewritten part by part; parts that cannot be prepared (BEGIN, COMMIT,
+SET, DDL, a tuple for ``IN %s``) are sent as before.
 
 Why the result cannot change: in the original statement every quoted string, JSON value
 or NULL is an untyped literal that PostgreSQL types from its context, which is exactly
@@ -74,6 +76,8 @@ class Part:
     refused: bool = False
     #: Per parameter, the Python types that always fit it (from ``types``, built once).
     accepts: list[frozenset[type]] | None = field(default=None, repr=False)
+    #: How many times it was sent in strings not yet worth preparing as a whole.
+    seen: int = 0
 
     def fits(self, params: Sequence[Any]) -> bool:
         """Whether these values would be read the same by the prepared statement."""
@@ -144,9 +148,21 @@ class StatementCache:
             found = Template(self._split(sql))
             self._templates[sql] = found
         found.uses += 1
-        if found.uses < self.threshold:
+        if found.uses < self.threshold and not self._parts_ready(found):
             return None
         return found
+
+    def _parts_ready(self, template: Template) -> bool:
+        """Whether every statement of a new string has run often enough in others: a
+        group-commit batch (core.group_commit) is the same few statements, a different
+        number of them each time, so its strings rarely repeat whole; its statements do."""
+        ready, any_preparable = True, False
+        for part in template.parts:
+            part.seen += 1
+            if part.preparable:
+                any_preparable = True
+                ready = ready and part.seen >= self.threshold
+        return ready and any_preparable
 
     def _split(self, sql: str) -> list[Part]:
         parts = []
