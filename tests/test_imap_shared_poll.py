@@ -278,7 +278,7 @@ async def test_select_takes_the_messages_from_a_mirror_at_the_folders_modseq(ser
     await folder_a.store([2], "+", frozenset({"\\Seen", "Work"}), None)
     returned.clear()
     _, snap_c = await account_b.select("INBOX")
-    assert returned == [1]  # the folder moved on: what changed is read, no more
+    assert returned == [0]  # the store went into the mirror as it committed (wrote)
     assert snap_c.highestmodseq > snap_a.highestmodseq
     assert [m.flags for m in snap_c.messages] == \
         [frozenset(), frozenset({"\\Seen", "Work"}), frozenset()]
@@ -291,6 +291,11 @@ async def test_select_takes_the_messages_from_a_mirror_at_the_folders_modseq(ser
     assert [m.uid for m in snap_d.messages] == [1, 2] and returned == [0]
     _, fresh_read = await account_b.select("Trash")  # another folder: read whole
     assert fresh_read.messages == [] and returned == [0, 0]
+    # new mail (another path): the folder moved on, what changed is read, no more
+    await server.deliver(make_message(subject="q3", msgid="<q3@x>"), [inbox["email"]])
+    returned.clear()
+    _, snap_e = await account_b.select("INBOX")
+    assert [m.uid for m in snap_e.messages] == [1, 2, 4] and returned == [1]
 
 
 @pytest_twisted.ensureDeferred

@@ -198,14 +198,16 @@ async def select_folder(txn: Txn, org_id: str, inbox_id: str, name: str,
     return folder, [r for r in rows if r["uid"] is not None]
 
 
-async def deleted_uids(txn: Txn, org_id: str, folder_id: int,
-                       uids: list[int] | None) -> list[int]:
-    """UIDs flagged \\Deleted (among ``uids`` when given), ascending: what EXPUNGE removes."""
-    rows = await txn.fetchall(
-        "SELECT uid FROM messages WHERE org_id = %s AND folder_id = %s AND deleted "
-        "AND (%s::bigint[] IS NULL OR uid = ANY(%s::bigint[])) ORDER BY uid",
-        (org_id, folder_id, uid_array(uids), uid_array(uids)))
-    return [r["uid"] for r in rows]
+async def deleted_uids(txn: Txn, org_id: str, inbox_id: str, folder_id: int,
+                       uids: list[int] | None) -> list[int] | None:
+    """UIDs flagged \\Deleted (among ``uids`` when given), ascending: what EXPUNGE would
+    remove, read without a lock in one statement (None: the folder is gone)."""
+    row = await txn.fetchone(
+        "SELECT ARRAY(SELECT uid FROM messages WHERE org_id = f.org_id AND folder_id = f.id "
+        "AND deleted AND (%s::bigint[] IS NULL OR uid = ANY(%s::bigint[])) ORDER BY uid) "
+        "AS uids FROM folders f WHERE f.org_id = %s AND f.inbox_id = %s AND f.id = %s",
+        (uid_array(uids), uid_array(uids), org_id, inbox_id, folder_id))
+    return None if row is None else list(row["uids"])
 
 
 async def folder_counts(txn: Txn, org_id: str, folder_id: int,

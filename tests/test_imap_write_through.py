@@ -1,0 +1,122 @@
+"""A session's own flag change goes into the process's mirror of the folder as it
+commits (core.imap_poll.FolderMirror.wrote), so neither the writer nor the other
+sessions of the process wait for a catch-up query on its account; a write of one folder
+no longer sends the sessions of the inbox's other folders to the database
+(FolderMirrors.touched); an EXPUNGE with nothing to remove costs one unlocked read; a
+STORE that changes nothing ends without a WAL flush (issue 10, speed)."""
+
+import pytest_twisted
+
+from agentpost.core.imap_poll import FolderMirror
+from agentpost.imap.interfaces import MessageMeta
+from tests.mailfactory import make_message
+from tests.test_imap_backend import _account
+
+_DELTA = "AS present FROM f"  # storage.imap.folder_delta, the shared poll
+
+
+def _loaded(highestmodseq: int = 5) -> FolderMirror:
+    mirror = FolderMirror("org", "inbox", 1)
+    mirror._apply({"highestmodseq": highestmodseq, "expunged_modseq": 0, "recent_uid": 0,
+                   "present": None, "messages": [
+                       {"uid": u, "modseq": u, "seen": False, "flagged": False,
+                        "answered": False, "draft": False, "deleted": u == 3, "labels": [],
+                        "keyword_spellings": None} for u in (1, 2, 3)]})
+    mirror.current_to = mirror.generation
+    return mirror
+
+
+def test_wrote_takes_the_next_modseq_and_stays_current():
+    mirror = _loaded()
+    mark = mirror.mark()
+    mirror.heard()  # one NOTIFY during the write: before it, or its own
+    flagged = MessageMeta(2, 6, frozenset({"\\Flagged"}))
+    assert mirror.wrote(mark, 6, [flagged])
+    assert mirror.highestmodseq == 6 and mirror.current_to == mirror.generation
+    seen = mirror.changes([1, 2, 3], 5)
+    assert seen.changed == [flagged] and seen.highestmodseq == 6
+
+
+def test_wrote_leaves_a_catch_up_owed_after_two_notifies_or_a_forced_poll():
+    for disturb in ("two notifies", "forced poll"):
+        mirror = _loaded()
+        mark = mirror.mark()
+        mirror.heard()
+        if disturb == "two notifies":
+            mirror.heard()  # the second may be of a change after ours
+        else:
+            mirror.generation += 1  # a NOOP wants the database as it is now
+        assert mirror.wrote(mark, 6, [MessageMeta(2, 6, frozenset({"\\Seen"}))])
+        assert mirror.highestmodseq == 6  # held, but not current
+        assert mirror.current_to < mirror.generation
+
+
+def test_wrote_refuses_a_gap_and_knows_what_it_read():
+    mirror = _loaded()
+    assert not mirror.wrote(mirror.mark(), 8, [MessageMeta(2, 8, frozenset())])
+    assert mirror.highestmodseq == 5 and mirror.meta[2].modseq == 2  # untouched
+    assert mirror.wrote(mirror.mark(), 4, [MessageMeta(2, 4, frozenset())])  # read it
+    assert not mirror.wrote(mirror.mark(), 6, [MessageMeta(9, 6, frozenset())])  # unknown
+
+
+def test_any_flagged_is_the_expunge_hint():
+    mirror = _loaded()
+    assert mirror.any_flagged("\\Deleted", None)
+    assert mirror.any_flagged("\\Deleted", [2, 3])
+    assert not mirror.any_flagged("\\Deleted", [1, 2, 7])
+
+
+@pytest_twisted.ensureDeferred
+async def test_own_store_is_seen_by_another_session_without_a_query(server, sent):
+    account_a, inbox, owner = await _account(server, "writethrough")
+    for i in range(3):
+        await server.deliver(make_message(subject=f"t{i}", msgid=f"<t{i}@x>"),
+                             [inbox["email"]])
+    account_b = await server.core.imap_logins.authenticate(inbox["email"], owner,
+                                                           "127.0.0.1")
+    folder_a, snap = await account_a.select("INBOX")
+    folder_b, _ = await account_b.select("INBOX")
+    known, since = [m.uid for m in snap.messages], snap.highestmodseq
+    await folder_b.changes(known, since, fresh=False)  # the mirror is current
+    stored, failed = await folder_a.store([2], "+", frozenset({"\\Flagged", "$Mine"}), None)
+    assert failed == [] and [m.uid for m in stored] == [2]
+    sent.clear()
+    seen = await folder_b.changes(known, since, fresh=False)
+    assert [(m.uid, m.flags) for m in seen.changed] == \
+        [(2, frozenset({"\\Flagged", "$Mine"}))]
+    assert seen.highestmodseq == stored[0].modseq
+    assert not [m for m in sent if _DELTA in m]  # from memory
+    # NOOP (fresh) still reads the database as it is now, and agrees.
+    again = await folder_b.changes(known, since)
+    assert again.changed == seen.changed
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_that_changes_nothing_rolls_back(server, sent):
+    account, inbox, _ = await _account(server, "storenothing")
+    await server.deliver(make_message(subject="n", msgid="<n@x>"), [inbox["email"]])
+    folder, _ = await account.select("INBOX")
+    await folder.store([1], "+", frozenset({"\\Seen"}), None)
+    sent.clear()
+    stored, _ = await folder.store([1], "+", frozenset({"\\Seen"}), None)
+    assert [m.flags for m in stored] == [frozenset({"\\Seen"})]
+    assert any(m.strip() == "ROLLBACK" for m in sent)
+    assert not any("COMMIT" in m for m in sent)
+
+
+@pytest_twisted.ensureDeferred
+async def test_expunge_with_nothing_deleted_reads_once_without_a_lock(server, sent):
+    account, inbox, _ = await _account(server, "expungenothing")
+    for i in range(2):
+        await server.deliver(make_message(subject=f"e{i}", msgid=f"<e{i}@x>"),
+                             [inbox["email"]])
+    folder, snap = await account.select("INBOX")
+    await folder.changes([m.uid for m in snap.messages], snap.highestmodseq, fresh=False)
+    sent.clear()
+    assert await folder.expunge(None) == []
+    assert not any("FOR UPDATE" in m or "BEGIN" in m for m in sent)
+    # \\Deleted the mirror does not show (it has not heard yet): the read finds it
+    await folder.store([1], "+", frozenset({"\\Deleted"}), None)
+    mirror = account._mirrors.get(account._org, account._inbox_id, folder.folder_id)
+    mirror.meta[1] = MessageMeta(1, mirror.meta[1].modseq, frozenset())
+    assert await folder.expunge([1, 2]) == [1]
