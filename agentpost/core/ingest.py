@@ -21,6 +21,7 @@ from agentpost.core import parse_dispatch
 from agentpost.core.audit import audit_row, scrub_row
 from agentpost.core.context import RequestContext
 from agentpost.core.group_commit import GroupCommit
+from agentpost.core.header_limit import check_header_size
 from agentpost.mail import imapformat
 from agentpost.mail.parse import ParsedMessage, parse_message
 from agentpost.mail.reply import extract_new_text
@@ -308,6 +309,7 @@ class Ingest:
         fail a message for the others).
         """
         raw = message.read()
+        check_header_size(raw)
         # The message's own blob is written (and fsynced) in another thread while this
         # one parses: it needs only the bytes, and is durable before the transaction.
         raw_put = defer.ensureDeferred(self._blobs.put_bytes(raw, content_type="message/rfc822"))
@@ -353,6 +355,7 @@ class Ingest:
         try:
             for item in items:
                 raw = item.message.read()
+                check_header_size(raw)
                 try:
                     parsed, imap, index = await threads.deferToThreadPool(
                         self._reactor, self._reactor.getThreadPool(), _analyse_indexed, raw)
