@@ -26,9 +26,13 @@ async def test_short_inputs_are_cut_inline_and_long_ones_in_the_pool():
     here = threading.current_thread().name
     short = b"Subject: a\r\n" * offload.INLINE_MAX_LINES
     long = short + b"X: b\r\n"
-    assert await offload.cut(_where, short) == (here, len(short))
-    name, size = await offload.cut(_where, long)
+    from twisted.internet import reactor, task
+
+    assert await offload.cut(reactor, _where, short) == (here, len(short))
+    name, size = await offload.cut(reactor, _where, long)
     assert name != here and size == len(long)
+    # a clock without a thread pool (the in-memory protocol tests' task.Clock): inline
+    assert await offload.cut(task.Clock(), _where, long) == (here, len(long))
 
 
 def _huge_header(to: str, fields: int) -> bytes:

@@ -161,7 +161,7 @@ _HEADER_TEXTS = frozenset({"HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT", "MIME
 
 
 async def _locate_header(folder: IMAPFolder, row: FetchRow, raw: bytes | None,
-                         spec: imapformat.SectionSpec) -> _Body | bytes:
+                         spec: imapformat.SectionSpec, clock: Any = None) -> _Body | bytes:
     """A HEADER, HEADER.FIELDS[.NOT] or MIME section, without its partial range: the
     octets (from the message in memory, or a filtered header), or a range to stream."""
     whole = imapformat.SectionSpec(spec.part, spec.text, spec.fields)
@@ -175,17 +175,17 @@ async def _locate_header(folder: IMAPFolder, row: FetchRow, raw: bytes | None,
                 return _Body(plan.start, plan.end, None)
             header = await folder.read_range(row, plan.start, plan.length) \
                 if plan.length else b""
-            return await cut(imapformat.filter_header_fields, header, *plan.fields)
-    return await cut(imapformat.section, raw or b"", whole)
+            return await cut(clock, imapformat.filter_header_fields, header, *plan.fields)
+    return await cut(clock, imapformat.section, raw or b"", whole)
 
 
 async def _locate(folder: IMAPFolder, row: FetchRow, raw: bytes | None,
-                  spec: imapformat.SectionSpec) -> _Body | bytes | None:
+                  spec: imapformat.SectionSpec, clock: Any = None) -> _Body | bytes | None:
     """The body ``BINARY[spec]`` decodes (None: no such part), or a header section's
     octets."""
     part = spec.part
     if spec.text in _HEADER_TEXTS:
-        return await _locate_header(folder, row, raw, spec)
+        return await _locate_header(folder, row, raw, spec, clock)
     if not part and not spec.text:
         size = len(raw) if raw is not None else row.size or 0
         return _Body(0, size, None)
@@ -256,7 +256,7 @@ async def render_binary(folder: IMAPFolder, row: FetchRow, raw: bytes | None,
     partial = item.section.partial
     path = imapformat.SectionSpec(item.section.part, item.section.text,
                                   item.section.fields).render()
-    body = await _locate(folder, row, raw, item.section)
+    body = await _locate(folder, row, raw, item.section, clock)
     if isinstance(body, bytes):  # a header section: nothing to decode
         return _header_literal(item, path, body)
     if item.name == "BINARY.SIZE":

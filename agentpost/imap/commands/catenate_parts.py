@@ -66,7 +66,7 @@ async def copy_url(session: IMAP4ServerProtocol, url: str, out: IO[bytes],
         if row.size is not None and not spec.part and spec.text in _HEADER_TEXTS:
             return await _copy_top_header(session, url, folder, row, ref, out, budget)
         raw = await folder.read_message(row)
-        sections = await cut(imapformat.section_map, raw)
+        sections = await cut(session.clock, imapformat.section_map, raw)
     try:
         plan = imapformat.plan_section(sections, spec)
     except ValueError:  # an unreadable map: the stored message is broken
@@ -78,8 +78,9 @@ async def copy_url(session: IMAP4ServerProtocol, url: str, out: IO[bytes],
             raise too_big()
         header = raw[plan.start:plan.end] if raw is not None else \
             await _read(url, folder, row, plan.start, plan.length)
-        data = _partial(await cut(imapformat.filter_header_fields, header, *plan.fields),
-                        ref.partial)
+        filtered = await cut(session.clock, imapformat.filter_header_fields, header,
+                             *plan.fields)
+        data = _partial(filtered, ref.partial)
         if len(data) > budget:
             raise too_big()
         out.write(data)
@@ -126,8 +127,9 @@ async def _copy_top_header(session: IMAP4ServerProtocol, url: str, folder: IMAPF
     else:
         if len(header) > session.max_append_bytes:
             raise too_big()
-        data = _partial(await cut(imapformat.filter_header_fields, header, spec.fields,
-                                  spec.text == "HEADER.FIELDS"), ref.partial)
+        filtered = await cut(session.clock, imapformat.filter_header_fields, header,
+                             spec.fields, spec.text == "HEADER.FIELDS")
+        data = _partial(filtered, ref.partial)
     if len(data) > budget:
         raise too_big()
     out.write(data)

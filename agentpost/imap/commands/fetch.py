@@ -304,16 +304,16 @@ async def _stream_range(session: IMAP4ServerProtocol, folder: IMAPFolder,
 
 
 async def _content(folder: IMAPFolder, row: FetchRow, raw: bytes | None,
-                   spec: imapformat.SectionSpec) -> list[Segment]:
+                   spec: imapformat.SectionSpec, clock: Any = None) -> list[Segment]:
     """The literal of one body section: sliced from ``raw``, or planned from the
     section map and streamed (HEADER.FIELDS reads just that header)."""
     if raw is not None:
-        return [literal(await cut(imapformat.section, raw, spec))]
+        return [literal(await cut(clock, imapformat.section, raw, spec))]
     assert row.sections is not None
     plan = imapformat.plan_section(row.sections, spec)
     if plan.fields is not None:
         header = await folder.read_range(row, plan.start, plan.length)
-        data = await cut(imapformat.filter_header_fields, header, *plan.fields)
+        data = await cut(clock, imapformat.filter_header_fields, header, *plan.fields)
         if spec.partial is not None:
             data = data[spec.partial[0]:spec.partial[0] + spec.partial[1]]
         return [literal(data)]
@@ -388,7 +388,7 @@ async def _item(view: SelectedMailbox, row: FetchRow, raw: bytes | None,
             label += f"<{item.section.partial[0]}>"
     else:
         label = item.name
-    return [label.encode("utf-8") + b" ", *await _content(view.folder, row, raw, spec)]
+    return [label.encode("utf-8") + b" ", *await _content(view.folder, row, raw, spec, clock)]
 
 
 async def _render(session: IMAP4ServerProtocol, view: SelectedMailbox, row: FetchRow,

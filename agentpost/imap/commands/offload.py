@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-from twisted.internet import reactor
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 
 T = TypeVar("T")
@@ -25,9 +25,10 @@ T = TypeVar("T")
 INLINE_MAX_LINES = 2000
 
 
-async def cut(fn: Callable[..., T], data: bytes, *args: Any) -> T:
-    """``fn(data, *args)``, inline when ``data`` is short in lines, else in the pool."""
-    if data.count(b"\n") <= INLINE_MAX_LINES:
+async def cut(clock: Any, fn: Callable[..., T], data: bytes, *args: Any) -> T:
+    """``fn(data, *args)``, inline when ``data`` is short in lines, else in the thread
+    pool of ``clock`` (the session's reactor; a test's task.Clock has none: inline)."""
+    if data.count(b"\n") <= INLINE_MAX_LINES or not IReactorThreads.providedBy(clock):
         return fn(data, *args)
-    threads = cast(Any, reactor)
+    threads = cast(Any, clock)
     return await deferToThreadPool(threads, threads.getThreadPool(), fn, data, *args)
