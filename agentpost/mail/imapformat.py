@@ -251,16 +251,22 @@ def _parse_entity(raw: bytes, start: int, end: int, depth: int,
 def _split_multipart(raw: bytes, start: int, end: int, boundary: bytes) -> list[tuple[int, int]]:
     """[start, end) of each body part between the ``--boundary`` delimiter lines."""
     delim = b"--" + boundary
+    # Only delimiters at a line start are looked for: finding every "--boundary" and
+    # skipping those inside a line took one loop turn each (16 KiB of "x--b" was 0.8 ms
+    # on the reactor; issue 12).
+    line_delim = b"\n" + delim
     parts: list[tuple[int, int]] = []
     part_start: int | None = None
     pos = start
     while True:
-        hit = raw.find(delim, pos, end)
-        if hit < 0:
-            break
+        if pos == start and raw.startswith(delim, start, end):
+            hit = start
+        else:
+            hit = raw.find(line_delim, max(pos - 1, start), end)
+            if hit < 0:
+                break
+            hit += 1
         pos = hit + len(delim)
-        if hit != start and raw[hit - 1:hit] != b"\n":
-            continue
         nl = raw.find(b"\n", pos, end)
         line_end = end if nl < 0 else nl + 1
         rest = raw[pos:line_end].rstrip(b" \t\r\n")

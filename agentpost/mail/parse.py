@@ -177,11 +177,7 @@ def _plain_header(msg: Message, name: str) -> str | None:
     each went through the structured parser (Message-ID) or the encoded-word scanner
     (Subject) for text that comes out unchanged: ~10% of a small message's parse
     (issue 12). tests/test_parse_plain_headers.py checks both paths agree."""
-    value = None
-    for key, raw in getattr(msg, "_headers", ()):
-        if key.lower() == name:
-            value = raw
-            break
+    value = _first_raw(msg, name)
     if not isinstance(value, str) or len(value) > MAX_STRUCTURED_HEADER:
         return None
     if "\r" in value or "\n" in value:
@@ -191,6 +187,50 @@ def _plain_header(msg: Message, name: str) -> str | None:
     if name != "subject" and any(c in value for c in _ID_UNSAFE):
         return None
     return header_text(value)
+
+
+class _Fields:
+    """A message's top-level fields, indexed by lower-cased name once, with the lookups
+    of ``email.message.Message`` that parse_headers uses (same answers, same policy).
+
+    Why: each ``Message.get``/``get_all`` lowers every field name again; parse_headers
+    makes ten lookups, so a message with 150 fields (what the inline gate admits) cost
+    1,500 lowerings and loop turns before any header was parsed (issue 12)."""
+
+    def __init__(self, msg: Message) -> None:
+        self._headers: list[tuple[str, Any]] = list(getattr(msg, "_headers", ()))
+        self.policy = msg.policy
+        self.by_name: dict[str, list[tuple[str, Any]]] = {}
+        for key, value in self._headers:
+            self.by_name.setdefault(key.lower(), []).append((key, value))
+
+    def raw_items(self) -> list[tuple[str, Any]]:
+        return self._headers
+
+    def get(self, name: str, failobj: Any = None) -> Any:
+        found = self.by_name.get(name.lower())
+        if not found:
+            return failobj
+        key, value = found[0]
+        return self.policy.header_fetch_parse(key, value)
+
+    def get_all(self, name: str, failobj: Any = None) -> Any:
+        found = self.by_name.get(name.lower())
+        if not found:
+            return failobj
+        return [self.policy.header_fetch_parse(key, value) for key, value in found]
+
+
+def _first_raw(msg: Any, name: str) -> Any:
+    """The raw value of the first field ``name`` (lower case), or None."""
+    index = getattr(msg, "by_name", None)
+    if index is not None:
+        found = index.get(name)
+        return found[0][1] if found else None
+    for key, raw in getattr(msg, "_headers", ()):
+        if key.lower() == name:
+            return raw
+    return None
 
 
 def _header_text(msg: Message, name: str) -> str | None:
@@ -219,6 +259,8 @@ def _raw_header(msg: Message, name: str) -> str | None:
 
 def _clean(text: str) -> str:
     """Drop NULs (PostgreSQL text cannot hold them) and lone surrogates."""
+    if text.isascii():  # no surrogate to replace: the round trip would change nothing
+        return text.replace("\x00", "") if "\x00" in text else text
     return text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
 
 
@@ -347,6 +389,12 @@ def parse_message(raw: bytes, *, large_part_bytes: int = largeparts.LARGE_PART_B
     ``spool_dir`` -- call :meth:`ParsedMessage.discard` when done with them. ``tree``:
     the message's :func:`agentpost.mail.imapformat.parse_tree`, if already made.
     """
+    if len(raw) <= large_part_bytes:  # no part can be cut out: the direct parser may do
+        from agentpost.mail import parse_fast  # (imports this module)
+
+        fast = parse_fast.parse_simple(raw)
+        if fast is not None:
+            return fast
     large: list[largeparts.LargePart] = []
     try:
         source, large = largeparts.skeleton(raw, large_part_bytes, tree)
@@ -369,6 +417,16 @@ def _parse(source: bytes, raw: bytes, large: list[largeparts.LargePart],
     except Exception:
         return ParsedMessage()
     parsed = ParsedMessage()
+    parse_headers(msg, parsed)
+    _walk_parts(msg, parsed, _Cuts(raw, large, spool_dir))
+    return parsed
+
+
+def parse_headers(msg: Any, parsed: ParsedMessage) -> None:
+    """Fill ``parsed``'s header fields from the top-level header of ``msg`` (its
+    ``_headers`` as the stdlib parser stores them). Shared with
+    :mod:`agentpost.mail.parse_fast`, which builds that list without the parser."""
+    msg = _Fields(msg)
     try:
         for key, value in msg.raw_items():
             if key == largeparts.MARKER:
@@ -393,15 +451,41 @@ def _parse(source: bytes, raw: bytes, large: list[largeparts.LargePart],
     reply_ids = _msgids(_header_text(msg, "in-reply-to"))
     parsed.in_reply_to = reply_ids[0] if reply_ids else None
     parsed.references = _msgids(_header_text(msg, "references"))
-    date_text = _header_text(msg, "date")
+    date_text = _date_text(msg)
     if date_text:
         try:
             when = email.utils.parsedate_to_datetime(date_text)
             parsed.sent_at = when if when.tzinfo else when.replace(tzinfo=UTC)
         except Exception:
             parsed.sent_at = None
-    _walk_parts(msg, parsed, _Cuts(raw, large, spool_dir))
-    return parsed
+
+
+_LINESEP = re.compile(r"\n|\r")  # what EmailPolicy.header_fetch_parse removes
+
+
+def _date_text(msg: Message) -> str | None:
+    """``_header_text(msg, "date")`` without the stdlib's DateHeader object when the value
+    parses as a date: that object's text is then ``format_datetime(parsedate_to_datetime(
+    value))`` (``headerregistry.DateHeader.parse``). Why: a Date value is new with nearly
+    every message, so the header cache misses it, and the object (with the unstructured
+    token parse it makes of the formatted date) cost ~5x the date parse itself (issue 12).
+    tests/test_parse_fast.py checks both agree on generated dates."""
+    value = _first_raw(msg, "date")
+    if not isinstance(value, str) or len(value) > MAX_STRUCTURED_HEADER:
+        return _header_text(msg, "date")
+    text = _formatted_date(value)
+    return _header_text(msg, "date") if text is None else text
+
+
+@functools.lru_cache(maxsize=1024)  # a sender's burst repeats its Date value
+def _formatted_date(value: str) -> str | None:
+    """The DateHeader text of ``value``, or None if it does not parse as a date (the
+    header class then decides what the text is)."""
+    try:
+        when = email.utils.parsedate_to_datetime(_LINESEP.sub("", value))
+        return header_text(email.utils.format_datetime(when))
+    except Exception:
+        return None
 
 
 @dataclass
