@@ -6,9 +6,11 @@ no longer sends the sessions of the inbox's other folders to the database
 STORE that changes nothing ends without a WAL flush (issue 10, speed)."""
 
 import pytest_twisted
+from twisted.internet import reactor, task
 
 from agentpost.core.imap_poll import FolderMirror
 from agentpost.imap.interfaces import MessageMeta
+from agentpost.storage import mail as mail_store
 from tests.mailfactory import make_message
 from tests.test_imap_backend import _account
 
@@ -66,6 +68,25 @@ def test_any_flagged_is_the_expunge_hint():
     assert not mirror.any_flagged("\\Deleted", [1, 2, 7])
 
 
+async def _settled(folder, known, since) -> None:
+    """The folder's mirror has heard every NOTIFY committed so far and caught up: a
+    marker NOTIFY of our own is heard last (PostgreSQL delivers them in commit order).
+    Without it a delivery's late NOTIFY could land during the write under test, which by
+    design leaves a catch-up owed, and the test would fail for a reason it does not test."""
+    account = folder.account
+    mirror = account._mirrors.get(account._org, account._inbox_id, folder.folder_id)
+    heard = mirror.notified
+    await account._db.run_interaction(
+        "test", lambda txn: mail_store.notify_folder(txn, folder.folder_id))
+    for _ in range(500):
+        if mirror.notified > heard:
+            break
+        await task.deferLater(reactor, 0.01, lambda: None)
+    else:
+        raise AssertionError("the marker NOTIFY never arrived")
+    await folder.changes(known, since, fresh=False)
+
+
 @pytest_twisted.ensureDeferred
 async def test_own_store_is_seen_by_another_session_without_a_query(server, sent):
     account_a, inbox, owner = await _account(server, "writethrough")
@@ -77,7 +98,7 @@ async def test_own_store_is_seen_by_another_session_without_a_query(server, sent
     folder_a, snap = await account_a.select("INBOX")
     folder_b, _ = await account_b.select("INBOX")
     known, since = [m.uid for m in snap.messages], snap.highestmodseq
-    await folder_b.changes(known, since, fresh=False)  # the mirror is current
+    await _settled(folder_b, known, since)  # the mirror is current, nothing in flight
     stored, failed = await folder_a.store([2], "+", frozenset({"\\Flagged", "$Mine"}), None)
     assert failed == [] and [m.uid for m in stored] == [2]
     sent.clear()
@@ -111,7 +132,7 @@ async def test_expunge_with_nothing_deleted_reads_once_without_a_lock(server, se
         await server.deliver(make_message(subject=f"e{i}", msgid=f"<e{i}@x>"),
                              [inbox["email"]])
     folder, snap = await account.select("INBOX")
-    await folder.changes([m.uid for m in snap.messages], snap.highestmodseq, fresh=False)
+    await _settled(folder, [m.uid for m in snap.messages], snap.highestmodseq)
     sent.clear()
     assert await folder.expunge(None) == []
     assert not any("FOR UPDATE" in m or "BEGIN" in m for m in sent)
