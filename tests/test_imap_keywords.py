@@ -178,3 +178,41 @@ async def test_move_keeps_the_api_id_and_copy_expunge_changes_it(server):
     assert gone.status == 404
     found = await _messages(server, inbox, key, "?message_id=wander@x")
     assert [m["id"] for m in found] == [trashed["id"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_of_labels_moves_the_thread_labels_and_nothing_else(server):
+    """A STORE changes flags and labels only, so only the thread's labels are summarized
+    again (storage.threads.relabel_threads_sql): added and removed labels follow, while
+    the thread's count, participants and last activity stay as ingest made them."""
+    inbox, key = await _inbox(server, "kw-thread")
+    to = [inbox["email"]]
+    await server.deliver(make_message(to=inbox["email"], subject="Plan", msgid="<p1@x>"), to)
+    await server.deliver(make_message(to=inbox["email"], subject="Re: Plan", msgid="<p2@x>",
+                                      in_reply_to="<p1@x>", references="<p1@x>",
+                                      frm="Bob <bob@example.net>"), to)
+
+    async def thread():
+        threads = (await server.api.get(f"/api/v1/inboxes/{inbox['id']}/threads",
+                                        key=key)).json["data"]
+        assert len(threads) == 1
+        return threads[0]
+
+    before = await thread()
+
+    def store(*commands):
+        imap = _starttls(server.imap_port, inbox["email"], key)
+        imap.select("INBOX")
+        answers = [imap.store(*command) for command in commands]
+        imap.logout()
+        return answers
+
+    answers = await deferToThread(store, ("1", "+FLAGS", "(urgent $Forwarded)"),
+                                  ("2", "+FLAGS", "(billing \\Seen)"))
+    assert all(a[0] == "OK" for a in answers), answers
+    labelled = await thread()
+    assert labelled["labels"] == ["billing", "urgent"]
+    for field in ("message_count", "participants", "last_message_at", "subject"):
+        assert labelled[field] == before[field], field
+    await deferToThread(store, ("1", "-FLAGS", "(urgent)"))
+    assert (await thread())["labels"] == ["billing"]

@@ -139,3 +139,42 @@ async def test_the_fold_runs_on_the_injected_clock_and_one_process_at_a_time(ser
         await job.running
     assert (await _column_and_pending(server, inbox["id"]))[1] == 0
     await job.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_folding_process_vacuums_the_deltas_it_deleted(server, db_dsn):
+    """The deltas table is a queue (appended by deliveries, emptied by every fold): the
+    fold vacuums it once enough rows died, instead of leaving dead rows for every quota
+    check to read until autovacuum's next visit."""
+    from tests.helpers import query
+
+    await server.core.usage_fold.stop()
+    inbox, _ = await _inbox(server, "vacuumed")
+    org_id = query(db_dsn, "SELECT org_id FROM inboxes WHERE id = %s", (inbox["id"],))[0][0]
+
+    def vacuums() -> int:
+        rows = query(db_dsn, "SELECT vacuum_count FROM pg_stat_user_tables "
+                             "WHERE relname = 'inbox_usage_deltas'")
+        return int(rows[0][0])
+
+    def append(rows: int) -> None:
+        conn = psycopg2.connect(db_dsn)
+        conn.autocommit = True
+        try:
+            conn.cursor().execute(
+                "INSERT INTO inbox_usage_deltas (org_id, inbox_id, bytes, created_at) "
+                "SELECT %s, %s, 1, now() FROM generate_series(1, %s)",
+                (org_id, inbox["id"], rows))
+        finally:
+            conn.close()
+
+    await server.core.usage_fold.run_once()  # whatever earlier tests left
+    job = UsageFold(server.core.db, task.Clock(), interval_s=5.0)
+    before = vacuums()
+    append(1)  # below the threshold: folded, not vacuumed
+    assert await job.run_once() == 1
+    assert vacuums() == before
+    append(250)
+    assert await job.run_once() == 250
+    assert vacuums() == before + 1
+    assert (await _column_and_pending(server, inbox["id"])) == (251, 0)

@@ -178,7 +178,7 @@ async def _change_flags_and_commit(txn: Txn, ctx: RequestContext, org: str,
     for folder_id in folders:
         batch.add(imap_commits.apply_flags_sql(org, folder_id, by_folder[folder_id]))
     if relabelled:
-        batch.add(thread_store.refresh_threads_sql(org, relabelled, txn.now))
+        batch.add(thread_store.relabel_threads_sql(org, relabelled, txn.now))
     batch.add(imap_commits.notify_sql(folders))
     result = imap_commits.modseqs_result(org, folders) if folders else ("NULL::int", [])
     found = await imap_commits.commit_with(txn, batch.text, batch.params, *result) or {}

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds between folds: at a few hundred deliveries a second, a few hundred rows.
 INTERVAL_S = 2.0
+#: Rows folded (so dead) before the folding process vacuums the table: a few pages.
+VACUUM_AFTER_ROWS = 200
 
 
 class UsageFold:
@@ -29,11 +31,24 @@ class UsageFold:
     def __init__(self, db: Database, clock: IReactorTime,
                  interval_s: float = INTERVAL_S) -> None:
         self._db = db
+        self._dead = 0  # rows this process folded (deleted) since its last VACUUM
         self._periodic = Periodic("usage fold", clock, interval_s, self.run_once)
 
     async def run_once(self) -> int | None:
-        """Fold once; the number of deltas folded (None: another process was folding)."""
-        return await self._db.run_interaction("usage.fold", usage.fold)
+        """Fold once; the number of deltas folded (None: another process was folding).
+        The process that folded then vacuums the table (storage.usage.vacuum) once
+        enough rows died since its last vacuum."""
+        folded = await self._db.run_interaction("usage.fold", usage.fold)
+        if folded:
+            self._dead += folded
+            if self._dead >= VACUUM_AFTER_ROWS:
+                self._dead = 0
+                try:  # (a user that does not own the table gets a warning, no error)
+                    await self._db.run_read("usage.vacuum", usage.vacuum)
+                except Exception as exc:  # the database away: next time, or autovacuum
+                    log.warning("usage fold: VACUUM of inbox_usage_deltas failed: %s",
+                                str(exc).strip() or type(exc).__name__)
+        return folded
 
     def start(self) -> None:
         """Fold now and then every interval."""

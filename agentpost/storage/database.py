@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -152,6 +152,14 @@ class Txn:
     def after_commit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` once the transaction has committed (never on rollback)."""
         self._after_commit.append((fn, args))
+
+
+def text_array(values: Iterable[str]) -> str:
+    """Strings as ONE text[] literal ('{"a","b"}', for ``%s::text[]``): psycopg2 sends a
+    list as ARRAY['a','b'], whose statement text differs with every length, so each
+    length was a statement of its own to prepare and plan."""
+    quoted = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
+    return "{" + ",".join(quoted) + "}"
 
 
 def json_param(value: Any) -> str:

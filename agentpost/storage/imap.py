@@ -202,12 +202,23 @@ async def deleted_uids(txn: Txn, org_id: str, inbox_id: str, folder_id: int,
                        uids: list[int] | None) -> list[int] | None:
     """UIDs flagged \\Deleted (among ``uids`` when given), ascending: what EXPUNGE would
     remove, read without a lock in one statement (None: the folder is gone)."""
+    among, params = _uid_filter(uids)
     row = await txn.fetchone(
         "SELECT ARRAY(SELECT uid FROM messages WHERE org_id = f.org_id AND folder_id = f.id "
-        "AND deleted AND (%s::bigint[] IS NULL OR uid = ANY(%s::bigint[])) ORDER BY uid) "
+        f"AND deleted{among} ORDER BY uid) "
         "AS uids FROM folders f WHERE f.org_id = %s AND f.inbox_id = %s AND f.id = %s",
-        (uid_array(uids), uid_array(uids), org_id, inbox_id, folder_id))
+        (*params, org_id, inbox_id, folder_id))
     return None if row is None else list(row["uids"])
+
+
+def _uid_filter(uids: list[int] | None) -> tuple[str, list[Any]]:
+    """`` AND uid = ANY(...)`` for a UID list, nothing for None (all): two statement
+    texts rather than ``(%s IS NULL OR uid = ANY(%s))``, which a prepared statement's
+    generic plan cannot use an index for, so every STORE of three messages read the
+    whole folder."""
+    if uids is None:
+        return "", []
+    return " AND uid = ANY(%s::bigint[])", [uid_array(uids)]
 
 
 async def folder_counts(txn: Txn, org_id: str, folder_id: int,
@@ -277,13 +288,14 @@ async def lock_messages(txn: Txn, org_id: str, inbox_id: str, folder_id: int,
     ``before``; also returns the value of the scalar expression ``extra``. None when the
     folder is gone."""
     cols = f"id, thread_id, folder_id, raw_blob_key, inbox_id, size, {_META}"
+    among, among_params = _uid_filter(uids)
     sql = (f"SELECT f.id AS folder_present, {extra[0]} AS extra, m.* FROM folders f "
            f"LEFT JOIN LATERAL (SELECT {cols} FROM messages WHERE org_id = f.org_id "
-           "AND folder_id = f.id AND (%s::bigint[] IS NULL OR uid = ANY(%s::bigint[]))"
+           f"AND folder_id = f.id{among}"
            + (" AND deleted" if deleted_only else "") +
            " ORDER BY uid FOR UPDATE) m ON true "
            "WHERE f.org_id = %s AND f.inbox_id = %s AND f.id = %s")
-    params = [*extra[1], uid_array(uids), uid_array(uids), org_id, inbox_id, folder_id]
+    params = [*extra[1], *among_params, org_id, inbox_id, folder_id]
     if before[0]:
         sql, params = f"{before[0]}; {sql}", [*before[1], *params]
     rows = await txn.fetchall(sql, params)

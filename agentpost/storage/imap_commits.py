@@ -12,7 +12,7 @@ from typing import Any
 
 from psycopg2.extras import Json
 
-from agentpost.storage.database import Txn
+from agentpost.storage.database import Txn, text_array
 from agentpost.storage.imap import _INDEX_COLUMNS
 from agentpost.storage.mail import FLAG_COLUMNS as _FLAG_COLUMNS
 from agentpost.storage.message_insert import MAIL_CHANNEL
@@ -58,8 +58,11 @@ def apply_flags_sql(org_id: str, folder_id: int,
             "draft = c.draft, deleted = c.deleted, labels = c.labels, modseq = f.highestmodseq "
             "FROM f, jsonb_to_recordset(%s::jsonb) AS c(id text, seen boolean, "
             "flagged boolean, answered boolean, draft boolean, deleted boolean, labels text[]) "
-            "WHERE m.org_id = %s AND m.id = c.id",
-            [org_id, folder_id, Json(records), org_id])
+            # the id array as well as the join: a generic plan cannot see how many
+            # records the JSON holds (it guesses 100) and hash-joined a scan of every
+            # message of the organization; ``id = ANY`` probes the primary key instead
+            "WHERE m.org_id = %s AND m.id = ANY(%s::text[]) AND m.id = c.id",
+            [org_id, folder_id, Json(records), org_id, text_array(u["id"] for u in updates)])
 
 
 def modseqs_result(org_id: str, folder_ids: list[int]) -> tuple[str, list[Any]]:

@@ -11,7 +11,7 @@ from psycopg2.extras import Json
 
 from agentpost.storage import usage
 from agentpost.storage.audit import audit_insert_sql
-from agentpost.storage.database import Txn, json_param
+from agentpost.storage.database import Txn, json_param, text_array
 
 # Writing a new message row lives in message_insert; re-exported for its callers.
 from agentpost.storage.message_insert import MAIL_CHANNEL as MAIL_CHANNEL
@@ -20,7 +20,7 @@ from agentpost.storage.message_insert import DeliveryProbe as DeliveryProbe
 from agentpost.storage.message_insert import insert_message as insert_message
 from agentpost.storage.message_insert import insert_messages as insert_messages
 from agentpost.storage.message_insert import prepare_deliveries as prepare_deliveries
-from agentpost.storage.threads import refresh_threads_sql
+from agentpost.storage.threads import relabel_threads_sql
 
 SYSTEM_FOLDERS = (("INBOX", "\\Inbox"), ("Sent", "\\Sent"), ("Drafts", "\\Drafts"),
                   ("Trash", "\\Trash"), ("Junk", "\\Junk"))
@@ -360,11 +360,13 @@ async def apply_flags(txn: Txn, org_id: str, folder_id: int, updates: list[dict[
            "draft = c.draft, deleted = c.deleted, labels = c.labels, modseq = f.highestmodseq "
            "FROM f, jsonb_to_recordset(%s::jsonb) AS c(id text, seen boolean, "
            "flagged boolean, answered boolean, draft boolean, deleted boolean, labels text[]) "
-           "WHERE m.org_id = %s AND m.id = c.id; ")
-    params: list[Any] = [org_id, folder_id, Json(records), org_id]
+           # ``id = ANY`` as well: see storage.imap_commits.apply_flags_sql
+           "WHERE m.org_id = %s AND m.id = ANY(%s::text[]) AND m.id = c.id; ")
+    params: list[Any] = [org_id, folder_id, Json(records), org_id,
+                         text_array(u["id"] for u in updates)]
     ids = sorted(set(refresh_thread_ids))
     if ids:
-        refresh, refresh_params = refresh_threads_sql(org_id, ids, txn.now)
+        refresh, refresh_params = relabel_threads_sql(org_id, ids, txn.now)
         sql += refresh + "; "
         params += refresh_params
     sql += ("SELECT highestmodseq, pg_notify(%s, %s) FROM folders "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agentpost.storage.database import Txn, json_param
+from agentpost.storage.database import Txn, json_param, text_array
 
 
 async def find_thread(txn: Txn, org_id: str, inbox_id: str, message_id: str | None,
@@ -140,6 +140,18 @@ def refresh_threads_sql(org_id: str, ids: list[str], now: Any) -> tuple[str, lis
                             FROM messages m WHERE m.org_id = %s AND m.thread_id = x.id) c
         WHERE t.org_id = %s AND t.id = x.id
         """, [now, ids, org_id, org_id])
+
+
+def relabel_threads_sql(org_id: str, ids: list[str], now: Any) -> tuple[str, list[Any]]:
+    """The labels part of :func:`refresh_threads_sql` alone, for a change of flags and
+    labels only (STORE, the API's label and read-state changes): count, last activity
+    and participants cannot have moved, and re-aggregating every address of the thread
+    was most of the statement's cost. Same locking rule (lock the threads first)."""
+    return ("UPDATE threads t SET labels = COALESCE((SELECT array_agg(DISTINCT l ORDER BY l) "
+            "FROM messages m3, unnest(m3.labels) l WHERE m3.org_id = t.org_id "
+            "AND m3.thread_id = t.id), '{}'), updated_at = %s "
+            "WHERE t.org_id = %s AND t.id = ANY(%s::text[])",
+            [now, org_id, text_array(sorted(set(ids)))])
 
 
 async def refresh_threads(txn: Txn, org_id: str, thread_ids: list[str], *,
