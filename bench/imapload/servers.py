@@ -193,7 +193,15 @@ class AgentPost:
                         "left(regexp_replace(query, '\\s+', ' ', 'g'), 220) "
                         "FROM pg_stat_statements ORDER BY calls DESC LIMIT 12")
             by_calls = cur.fetchall()
+            # HOT updates keep every index untouched; a non-HOT one inserts into each
+            cur.execute("SELECT relname, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del, "
+                        "n_dead_tup, autovacuum_count FROM pg_stat_user_tables "
+                        "WHERE n_tup_upd + n_tup_ins + n_tup_del > 0 "
+                        "ORDER BY n_tup_upd + n_tup_ins + n_tup_del DESC LIMIT 8")
+            tables = cur.fetchall()
         lines = [f"{c:>8} {t:>10} ms {m:>8} ms/call  {q}" for c, t, m, q in rows]
+        lines += ["-- tables: name, inserted, updated, HOT-updated, deleted, dead, autovacuums"]
+        lines += ["   " + " ".join(str(v) for v in t) for t in tables]
         lines += [f"-- all statements: {calls} calls, {total} ms; most called:"]
         lines += [f"{c:>8} {t:>10} ms {m:>8} ms/call  {q}" for c, t, m, q in by_calls]
         return "\n".join(lines)
