@@ -40,7 +40,6 @@ from agentpost.mail.imapformat import compact_numbers
 from agentpost.model.errors import InvalidRequest, MailboxFull
 from agentpost.model.ids import new_id
 from agentpost.storage import audit as audit_store
-from agentpost.storage import imap as imap_store
 from agentpost.storage import imap_commits
 from agentpost.storage import mail as mail_store
 from agentpost.storage import threads as thread_store
@@ -237,14 +236,6 @@ async def _delete_and_commit(txn: Txn, ctx: RequestContext, org: str,
     return list(freed or [])
 
 
-async def _reference_blobs(txn: Txn, org: str, rows: list[dict[str, Any]]) -> None:
-    refs = [(row["raw_blob_key"], 0) for row in rows]
-    for row in rows:
-        refs += await imap_store.attachment_keys(txn, org, row["id"])
-    for key, size in sorted(refs):
-        await mail_store.reference_blob(txn, key, size)
-
-
 async def copy_messages(txn: Txn, ctx: RequestContext, rows: list[dict[str, Any]],
                         target_folder_id: int, quota: int = 0) -> list[tuple[int, int]]:
     """Copy locked message rows into another folder of their inbox, sharing the stored
@@ -254,9 +245,11 @@ async def copy_messages(txn: Txn, ctx: RequestContext, rows: list[dict[str, Any]
     statement for all), the thread summaries, the audit row and the COMMIT go in one
     round trip. Returns (old UID, new UID) pairs."""
     org = _org(ctx)
-    await _reference_blobs(txn, org, rows)
     threads = sorted({row["thread_id"] for row in rows})
-    await thread_store.lock_threads(txn, org, threads)
+    locks = _Batch()  # blob references, then the thread rows: one round trip
+    locks.add(mail_store.reference_copies_sql(org, [row["id"] for row in rows]))
+    locks.add(imap_commits.lock_threads_sql(org, threads))
+    await txn.execute(locks.text, locks.params)
     sizes: dict[str, int] = {}
     for row in rows:
         sizes[row["inbox_id"]] = sizes.get(row["inbox_id"], 0) + row["size"]

@@ -354,14 +354,6 @@ async def copy_message(txn: Txn, org_id: str, message_id: str, new_id: str, fold
     await notify_folder(txn, folder_id)
 
 
-async def attachment_keys(txn: Txn, org_id: str, message_id: str) -> list[tuple[str, int]]:
-    """(blob key, size) of a message's attachments."""
-    rows = await txn.fetchall(
-        "SELECT blob_key, size FROM attachments WHERE org_id = %s AND message_id = %s",
-        (org_id, message_id))
-    return [(r["blob_key"], r["size"]) for r in rows]
-
-
 async def move_message(txn: Txn, org_id: str, message_id: str, src_folder: int,
                        folder_id: int, uid: int, modseq: int) -> None:
     """Re-home a message in another folder with a new UID (RFC 6851 semantics)."""

@@ -218,8 +218,8 @@ def uidnext_result(org_id: str, folder_id: int) -> tuple[str, list[Any]]:
 
 def lock_threads_sql(org_id: str, thread_ids: list[str]) -> tuple[str, list[Any]]:
     """storage.threads.lock_threads as a statement to send with others."""
-    return ("SELECT 1 FROM threads WHERE org_id = %s AND id = ANY(%s) ORDER BY id "
-            "FOR NO KEY UPDATE", [org_id, sorted(set(thread_ids))])
+    return ("SELECT 1 FROM threads WHERE org_id = %s AND id = ANY(%s::text[]) ORDER BY id "
+            "FOR NO KEY UPDATE", [org_id, text_array(sorted(set(thread_ids)))])
 
 
 def audit_to_uids_sql(org_id: str, audit_id: str, folder_id: int,

@@ -164,6 +164,24 @@ async def reference_blob(txn: Txn, key: str, size: int) -> bool:
     return refcount == 1
 
 
+def reference_copies_sql(org_id: str, message_ids: list[str]) -> tuple[str, list[Any]]:
+    """One more user of every blob of the messages ``message_ids`` (their raw message
+    and attachments; the caller holds the rows locked, so the blob rows exist), as
+    statements to send in one round trip: the blobs' advisory locks in key order (byte
+    order, as :func:`release_blobs` and Python's sorted()), then the counts. COPY used
+    two round trips per message for this."""
+    keys = ("SELECT raw_blob_key AS k FROM messages WHERE org_id = %s "
+            "AND id = ANY(%s::text[]) UNION ALL SELECT blob_key FROM attachments "
+            "WHERE org_id = %s AND message_id = ANY(%s::text[])")
+    ids = text_array(message_ids)
+    return ("SELECT pg_advisory_xact_lock(hashtextextended(s.k, 7)) FROM ("
+            f"SELECT k FROM ({keys}) AS a GROUP BY k ORDER BY k COLLATE \"C\") AS s; "
+            "UPDATE blobs b SET refcount = b.refcount + c.n "
+            f"FROM (SELECT k, count(*) AS n FROM ({keys}) AS a GROUP BY k) AS c "
+            "WHERE b.key = c.k",
+            [org_id, ids, org_id, ids, org_id, ids, org_id, ids])
+
+
 async def release_blob(txn: Txn, key: str) -> bool:
     """Count one user fewer; True when nobody uses the blob any more (row removed)."""
     await txn.execute(_blob_lock_sql(), (key,))

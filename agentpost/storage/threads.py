@@ -112,8 +112,8 @@ async def lock_threads(txn: Txn, org_id: str, thread_ids: list[str]) -> None:
     new message's foreign-key check (FOR KEY SHARE) is not blocked by it."""
     if thread_ids:
         await txn.execute(
-            "SELECT 1 FROM threads WHERE org_id = %s AND id = ANY(%s) ORDER BY id "
-            "FOR NO KEY UPDATE", (org_id, sorted(set(thread_ids))))
+            "SELECT 1 FROM threads WHERE org_id = %s AND id = ANY(%s::text[]) ORDER BY id "
+            "FOR NO KEY UPDATE", (org_id, text_array(sorted(set(thread_ids)))))
 
 
 def refresh_threads_sql(org_id: str, ids: list[str], now: Any) -> tuple[str, list[Any]]:
@@ -139,7 +139,7 @@ def refresh_threads_sql(org_id: str, ids: list[str], now: Any) -> tuple[str, lis
         CROSS JOIN LATERAL (SELECT count(*) AS n, max(received_at) AS last_at
                             FROM messages m WHERE m.org_id = %s AND m.thread_id = x.id) c
         WHERE t.org_id = %s AND t.id = x.id
-        """, [now, ids, org_id, org_id])
+        """, [now, text_array(ids), org_id, org_id])
 
 
 def relabel_threads_sql(org_id: str, ids: list[str], now: Any) -> tuple[str, list[Any]]:
@@ -173,13 +173,14 @@ def lock_and_refresh_sql(org_id: str, thread_ids: list[str], now: Any, *,
     if not ids:
         return "", []
     refresh, params = refresh_threads_sql(org_id, ids, now)
-    sql = ("SELECT 1 FROM threads WHERE org_id = %s AND id = ANY(%s) ORDER BY id "
+    sql = ("SELECT 1 FROM threads WHERE org_id = %s AND id = ANY(%s::text[]) ORDER BY id "
            "FOR NO KEY UPDATE; " + refresh)
-    params = [org_id, ids, *params]
+    params = [org_id, text_array(ids), *params]
     if drop_empty:
-        sql += ("; DELETE FROM threads WHERE org_id = %s AND id = ANY(%s) AND NOT EXISTS ("
-                "SELECT 1 FROM messages WHERE org_id = %s AND thread_id = threads.id)")
-        params += [org_id, ids, org_id]
+        sql += ("; DELETE FROM threads WHERE org_id = %s AND id = ANY(%s::text[]) "
+                "AND NOT EXISTS (SELECT 1 FROM messages WHERE org_id = %s "
+                "AND thread_id = threads.id)")
+        params += [org_id, text_array(ids), org_id]
     return sql, params
 
 
