@@ -534,3 +534,32 @@ async def test_s3_checksum_headers_can_be_turned_off(s3_bucket):
         assert "ChecksumSHA256" not in head
     finally:
         s3.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_local_small_blobs_are_read_in_the_calling_thread(local_store, tmp_path):
+    """A blob up to INLINE_READ_MAX is read, and verified, without a worker thread (the
+    hand-off cost more than the read); a larger one still goes to the pool."""
+    from agentpost.storage.blobs import local as local_module
+
+    pool_reads: list[str] = []
+    real_run = local_store._run
+
+    def counting_run(fn, *args):
+        pool_reads.append(fn.__name__)
+        return real_run(fn, *args)
+
+    local_store._run = counting_run
+    small = await local_store.put_bytes(b"x" * 100)
+    big = await local_store.put_bytes(b"y" * (local_module.INLINE_READ_MAX + 1))
+    pool_reads.clear()
+    assert await local_store.get_bytes(small.key) == b"x" * 100
+    assert pool_reads == []
+    assert await local_store.get_bytes(big.key) == b"y" * (local_module.INLINE_READ_MAX + 1)
+    assert pool_reads == ["_get_bytes_sync"]
+    (tmp_path / "blobs" / small.key).write_bytes(b"x" * 99)  # torn, read inline
+    with pytest.raises(StorageFailure):
+        await local_store.get_bytes(small.key)
+    (tmp_path / "blobs" / small.key).unlink()
+    with pytest.raises(KeyError):  # BlobNotFound, as from the pool
+        await local_store.get_bytes(small.key)
