@@ -9,10 +9,34 @@
   sent in chunks that wait for the transport to drain, so memory per FETCH stays at a
   chunk. Smaller bodies are read a few messages ahead of the one being sent.
 - Each FETCH item has its own small renderer (:data:`_SIMPLE_ITEMS`, :func:`_content`).
+- **UID / FLAGS / MODSEQ only: answered from the session's view**, no database read
+  (:func:`_fetch_from_view`). That is most client polling (``FETCH 1:* (UID FLAGS)``
+  after every sync, CONDSTORE's ``(CHANGEDSINCE n)``), and the view
+  (:class:`SelectedMailbox` ``meta``) already holds every message's UID, MODSEQ and
+  flags: this session's own STORE and implicit \\Seen write into it, and other writers'
+  changes reach it through the folder's process-wide mirror, which the dispatcher asks
+  after every such FETCH, before the tagged OK (``IMAP4ServerProtocol._after``), as
+  Dovecot answers from its index and syncs it after the command. So a flag change made
+  elsewhere and not yet taken into the view is told as an unsolicited FETCH right after
+  this FETCH's own responses, instead of inside them; the client ends the command with
+  the same state. A change by another session of this process is in the mirror by its
+  OK; one by another process or the API is once its NOTIFY is heard (a moment after its
+  commit; until then the next command tells it, where the database path would have
+  shown it already). The bytes of each response are those the database path renders
+  for the same state (UID first for UID FETCH, MODSEQ after FLAGS once CONDSTORE is on,
+  RFC 7162 §3.1.4.1). A message another session expunged stays in the view until the
+  expunge may be told (never during FETCH, RFC 3501 §7.4.1), and is described with the
+  UID, flags and MODSEQ the session knows, as RFC 2180 §4.1.3 allows and as the database
+  path already did for these items (it ends OK, not NO [EXPUNGEISSUED]: nothing asked
+  for is missing); the EXPUNGE (or VANISHED) follows at the next command that may carry
+  it. VANISHED (EARLIER) and the CHANGEDSINCE filter were computed from the view
+  already. INTERNALDATE and RFC822.SIZE are not in the view and still go to the
+  database, as does anything with a body.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +48,7 @@ from agentpost.imap.commands.binaryfetch import DecodedRange, render_binary
 from agentpost.imap.commands.common import arguments, selected
 from agentpost.imap.commands.offload import cut
 from agentpost.imap.errors import Answered, no
-from agentpost.imap.interfaces import FetchRow, FetchWants, IMAPFolder
+from agentpost.imap.interfaces import FetchRow, FetchWants, IMAPFolder, MessageMeta
 from agentpost.imap.parser import (
     Command,
     FetchItem,
@@ -167,6 +191,9 @@ async def _mark_seen(session: IMAP4ServerProtocol, view: SelectedMailbox, uids: 
 
 async def _fetch(session: IMAP4ServerProtocol, view: SelectedMailbox, uids: list[int],
                  items: list[FetchItem]) -> None:
+    if FROM_VIEW and all(i.name in _KNOWN_ITEMS for i in items):
+        await _fetch_from_view(session, view, uids, items)
+        return
     wants = _wants(items)
     seen_now = await _mark_seen(session, view, uids, items)
     rows, gone = _rows_or_known(view, uids, items, await view.folder.fetch(uids, wants))
@@ -208,6 +235,53 @@ async def _fetch(session: IMAP4ServerProtocol, view: SelectedMailbox, uids: list
 #: Items the session's own view answers (``view.meta``): a message expunged by another
 #: session, which the client still holds, can still be described by them.
 _KNOWN_ITEMS = frozenset({"UID", "FLAGS", "MODSEQ"})
+#: Answer a FETCH of only :data:`_KNOWN_ITEMS` from the view (False: from the database,
+#: as before; the tests compare the two).
+FROM_VIEW = True
+#: Bytes of view-answered responses written before waiting for the transport to drain.
+VIEW_BATCH_BYTES = 64 * 1024
+
+_VIEW_ITEMS: dict[str, Callable[[SelectedMailbox, MessageMeta], bytes]] = {
+    "UID": lambda view, meta: b"UID %d" % meta.uid,
+    "FLAGS": lambda view, meta: b"FLAGS " + view.flags_text(meta.uid, meta.flags).encode(),
+    "MODSEQ": lambda view, meta: b"MODSEQ (%d)" % meta.modseq,
+}
+
+
+async def _fetch_from_view(session: IMAP4ServerProtocol, view: SelectedMailbox,
+                           uids: list[int], items: list[FetchItem]) -> None:
+    """The responses :func:`_render` gives for these items, from ``view.meta`` (see the
+    module docstring): no query, and a write per batch instead of per message."""
+    # The dispatcher then asks the folder's mirror (memory, while it is current) for
+    # anything newer than the view before the tagged OK: a STORE by another session of
+    # this process is in the mirror at its OK, before its NOTIFY marks this view dirty,
+    # and the database path would have shown it.
+    view.dirty = True
+    names: list[str] = []
+    for item in items:  # a repeated item is answered once, in its first place
+        if item.name not in names:
+            names.append(item.name)
+    if session.condstore and "FLAGS" in names and "MODSEQ" not in names:
+        names.append("MODSEQ")  # RFC 7162 §3.1: FLAGS travel with their MODSEQ
+    renderers = [_VIEW_ITEMS[name] for name in names]
+    batch: list[bytes] = []
+    size = pos = last = 0
+    for uid in uids:  # ascending: each sequence number is looked for from the last one
+        meta = view.meta[uid]
+        pos = bisect.bisect_left(view.uids, uid, pos if uid >= last else 0)
+        last = uid
+        line = b"* %d FETCH (%s)\r\n" % (pos + 1, b" ".join([r(view, meta) for r in renderers]))
+        batch.append(line)
+        size += len(line)
+        if size >= VIEW_BATCH_BYTES:
+            session.write(b"".join(batch))
+            batch, size = [], 0
+            await session.drain()
+            if session.state is not State.SELECTED:
+                return
+    if batch:
+        session.write(b"".join(batch))
+        await session.drain()
 
 
 def _rows_or_known(view: SelectedMailbox, uids: list[int], items: list[FetchItem],
