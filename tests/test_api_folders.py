@@ -148,7 +148,8 @@ async def test_label_cap_counts_labels_only(server):
 async def test_keywords_show_in_imap_in_their_first_seen_spelling(server):
     """The store side IMAP reads: a keyword keeps the case an inbox first saw it in
     (an API label is seen in lowercase), SEARCH KEYWORD ignores case, and flags_of
-    renders a keyword a change has just added from remember()'s answer."""
+    renders the folded labels of a row in the spellings recorded() reads (and a
+    keyword a change has just added from remember()'s answer)."""
     inbox, key = await _inbox(server, "kwspell")
     stored = await _store(server, inbox, "spelled", labels=("$label1", "$mdnsent"))
     [msg] = await _list(server, inbox, key)
@@ -175,9 +176,13 @@ async def test_keywords_show_in_imap_in_their_first_seen_spelling(server):
         return rows, locked, found, missing
 
     rows, locked, found, missing = await db.run_interaction("test.meta", meta)
-    assert imap_store.flags_of(rows[0]) == {"$Label1", "$MDNSent", "urgent"}
-    assert imap_store.flags_of(locked[0]) == {"$Label1", "$MDNSent", "urgent"}
+    recorded = await db.run_read("test.recorded", keyword_store.recorded, org,
+                                 inbox["id"], rows[0]["labels"])
+    assert recorded == {"$label1": "$Label1", "urgent": "urgent", "$mdnsent": "$MDNSent"}
+    assert imap_store.flags_of(rows[0]) == {"$label1", "$mdnsent", "urgent"}  # folded
+    assert imap_store.flags_of(rows[0], recorded) == {"$Label1", "$MDNSent", "urgent"}
+    assert imap_store.flags_of(locked[0], recorded) == {"$Label1", "$MDNSent", "urgent"}
     assert found == [stored.uid] and missing == []
     just_added = {**locked[0], "labels": [*locked[0]["labels"], "$new"]}
-    assert "$New" in imap_store.flags_of(just_added, again)
-    assert "$new" in imap_store.flags_of(just_added)  # without the answer: folded
+    assert "$New" in imap_store.flags_of(just_added, {**recorded, **again})
+    assert "$new" in imap_store.flags_of(just_added, recorded)  # not known: folded

@@ -167,13 +167,14 @@ class InboxAccount(MessageOps):
                                                self._org, self._inbox_id, name, since)
         if folder is None:
             raise NotFound("No such folder.")
+        spellings = await self._spellings(rows)  # keywords as the inbox spells them
         metas = None
         if mirrors is not None:
             if mirror is None or not folder["delta"]:  # all of it: the mirror starts here
                 mirror = mirrors.get(self._org, self._inbox_id, folder["id"])
                 folder["present"] = [r["uid"] for r in rows]
             mirrors.named(self._org, self._inbox_id, name, folder["id"])
-            mirror.take(folder, rows)
+            mirror.take(folder, rows, spellings)
             metas = mirror.snapshot(folder["highestmodseq"])
             if metas is None and folder["delta"]:  # it went past this reading: read all
                 folder, rows = await self._db.run_read(
@@ -181,8 +182,9 @@ class InboxAccount(MessageOps):
                     name)
                 if folder is None:
                     raise NotFound("No such folder.")
+                spellings = await self._spellings(rows)
         if metas is None:
-            metas = [message_meta(r) for r in rows]
+            metas = [message_meta(r, spellings) for r in rows]
         unseen = next((m.uid for m in metas if "\\Seen" not in m.flags), None)
         snapshot = FolderSnapshot(folder["name"], folder["uidvalidity"], folder["uidnext"],
                                   folder["highestmodseq"], metas, unseen)

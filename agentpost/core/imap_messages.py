@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import IO, Any
 
@@ -30,6 +30,9 @@ from agentpost.core.imap_poll import FolderMirrors, mirrors_for
 from agentpost.core.imap_spellings import (  # noqa: F401 - RecordedSpellings re-exported
     RECORDED_SPELLINGS,
     RecordedSpellings,
+    Spellings,
+    spellings_in,
+    spellings_read,
 )
 from agentpost.core.ingest import BatchItem, Ingest, Target
 from agentpost.imap.interfaces import (
@@ -65,8 +68,10 @@ _AUDIT_MAX_IDS = 100
 APPENDED = "message.appended"
 
 
-def message_meta(row: dict[str, Any], spellings: dict[str, str] | None = None) -> MessageMeta:
-    """A message row as the session keeps it (UID, MODSEQ, flags)."""
+def message_meta(row: dict[str, Any], spellings: Mapping[str, str] | None = None
+                 ) -> MessageMeta:
+    """A message row as the session keeps it (UID, MODSEQ, flags; keywords in
+    ``spellings``, core.imap_spellings's answer for the rows of the read)."""
     return MessageMeta(row["uid"], row["modseq"], imap_store.flags_of(row, spellings))
 
 
@@ -131,6 +136,12 @@ class MessageOps:
         if self._mirrors is not None:
             self._mirrors.touched(self._org, self._inbox_id, folder_ids, names)
 
+    async def _spellings(self, rows: Iterable[dict[str, Any]]) -> Spellings:
+        """How to show the keywords of rows a one-statement read returned
+        (core.imap_spellings: from the process's cache, or one read for the keywords
+        it does not know yet)."""
+        return await spellings_read(self._db, self._spell_key, rows)
+
     def _writable(self) -> None:
         if not self.can_write:
             raise Forbidden("This key lacks messages:write.", missing_scope="messages:write")
@@ -190,7 +201,9 @@ class MessageOps:
                 columns.append("size")
         rows = await self._db.run_read("imap.fetch", imap_store.fetch_rows, self._org,
                                        folder_id, uids, columns)
-        return [FetchRow(uid=r["uid"], modseq=r["modseq"], flags=imap_store.flags_of(r),
+        spellings = await self._spellings(rows)
+        return [FetchRow(uid=r["uid"], modseq=r["modseq"],
+                         flags=imap_store.flags_of(r, spellings),
                          internaldate=_in_zone(r.get("received_at"),
                                                r.get("internal_date_zone")),
                          size=r.get("size"),
@@ -263,6 +276,8 @@ class MessageOps:
                     extra=keyword_store.spellings_of_sql(self._org, self._inbox_id, flags))
                 spellings = {kw_fold(s): s for s in spelled or ()}
                 txn.after_commit(RECORDED_SPELLINGS.learn, self._spell_key, spellings)
+            # the rows' keywords and the ones stored now, as the inbox spells them
+            shown = await spellings_in(txn, self._spell_key, rows, spellings)
             failed = [r["uid"] for r in rows
                       if unchangedsince is not None and r["modseq"] > unchangedsince]
             kept = [(row, new_flag_columns(row, mode, system, keywords))
@@ -271,11 +286,11 @@ class MessageOps:
             if not changes:
                 if known is not None:
                     await end_unchanged(txn)
-                return [message_meta(row) for row, _ in kept], failed, None
+                return [message_meta(row, shown) for row, _ in kept], failed, None
             _describe(ctx, [row for row, _ in changes])
             modseqs = await mail_changes.change_flags(txn, ctx, changes, commit=True)
-            out = [message_meta({**row, **columns, "modseq": modseqs[row["id"]]}, spellings)
-                   if columns else message_meta(row) for row, columns in kept]
+            out = [message_meta({**row, **columns, "modseq": modseqs[row["id"]]}, shown)
+                   if columns else message_meta(row, shown) for row, columns in kept]
             modseq = modseqs[changes[0][0]["id"]]  # one folder: one new MODSEQ
             return out, failed, (modseq, [m for m, (_, columns) in zip(out, kept,
                                                                       strict=True)
@@ -476,8 +491,9 @@ class MessageOps:
                                         folder_id, max(known_uids, default=0), known_uids,
                                         since_modseq)
         present = found["present"]
-        return Changes(new=[message_meta(r) for r in found["new"]],
-                       changed=[message_meta(r) for r in found["changed"]],
+        shown = await self._spellings(found["new"] + found["changed"])
+        return Changes(new=[message_meta(r, shown) for r in found["new"]],
+                       changed=[message_meta(r, shown) for r in found["changed"]],
                        expunged=[] if present is None else
                        [u for u in known_uids if u not in present],
                        highestmodseq=found["highestmodseq"] or since_modseq

@@ -40,6 +40,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from agentpost.core.imap_spellings import Spellings, spellings_read
 from agentpost.imap.interfaces import Changes, MessageMeta
 from agentpost.storage import imap as imap_store
 from agentpost.storage.database import Database
@@ -119,7 +120,9 @@ class FolderMirror:
             found = await db.run_read(
                 "imap.changes", imap_store.folder_delta, self.org_id, self.folder_id,
                 self.highestmodseq if self.loaded else -1, self.loaded)
-            self._apply(found)
+            spellings = None if found is None else await spellings_read(
+                db, (self.org_id, self.inbox_id), found["messages"])
+            self._apply(found, spellings)
             self.current_to = max(self.current_to, start)  # a local write may be ahead
         except Exception:
             outcome = Failure()
@@ -132,7 +135,8 @@ class FolderMirror:
             else:
                 waiter.errback(outcome)
 
-    def _apply(self, found: dict[str, Any] | None) -> None:
+    def _apply(self, found: dict[str, Any] | None,
+               spellings: Spellings | None = None) -> None:
         """Fold a reading of the folder into the mirror: the rows above some MODSEQ the
         mirror has passed (a catch-up from its own, or SELECT's from an older one), at a
         snapshot no older than the mirror's -- else it is dropped. A row read again is
@@ -151,7 +155,8 @@ class FolderMirror:
         top = self.uids[-1] if self.uids else 0
         added: list[int] = []
         for row in rows:
-            meta = MessageMeta(row["uid"], row["modseq"], imap_store.flags_of(row))
+            meta = MessageMeta(row["uid"], row["modseq"],
+                               imap_store.flags_of(row, spellings))
             if meta.uid not in self.meta:
                 added.append(meta.uid)
             self.meta[meta.uid] = meta
@@ -273,13 +278,15 @@ class FolderMirror:
             (self.meta.get(uid) for uid in uids)
         return any(meta is not None and flag in meta.flags for meta in metas)
 
-    def take(self, folder: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    def take(self, folder: dict[str, Any], rows: list[dict[str, Any]],
+             spellings: Spellings | None = None) -> None:
         """SELECT's reading of the folder from the mirror's MODSEQ then (it may have
-        caught up since: an older reading is dropped, a re-read row is no news)."""
+        caught up since: an older reading is dropped, a re-read row is no news), with
+        the spellings of its keywords (core.imap_spellings)."""
         self._apply({"highestmodseq": folder["highestmodseq"],
                      "expunged_modseq": folder["expunged_modseq"],
                      "recent_uid": folder["recent_uid"], "present": folder["present"],
-                     "messages": rows})
+                     "messages": rows}, spellings)
 
     def snapshot(self, highestmodseq: int) -> list[MessageMeta] | None:
         """Every message, ascending UID, if the mirror is at ``highestmodseq`` (a

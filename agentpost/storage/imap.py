@@ -12,7 +12,6 @@ import psycopg2.errors
 from agentpost.mail import keywords as kw
 from agentpost.model.errors import Conflict
 from agentpost.storage.database import Txn
-from agentpost.storage.keywords import SPELLINGS_COLUMN
 from agentpost.storage.mail import (
     folder_list_key,
     mark_expunged,
@@ -24,9 +23,9 @@ from agentpost.storage.message_insert import MAIL_CHANNEL
 SYSTEM_FLAGS = {"\\Seen": "seen", "\\Flagged": "flagged", "\\Answered": "answered",
                 "\\Draft": "draft", "\\Deleted": "deleted"}
 #: What a session needs of a message: UID, MODSEQ and flags (keywords folded in
-#: ``labels``, their first-seen spellings in ``keyword_spellings``).
-_META = ("uid, modseq, seen, flagged, answered, draft, deleted, labels, "
-         + SPELLINGS_COLUMN)
+#: ``labels``; their first-seen spellings are not read per row: they never change, and
+#: core.imap_spellings knows them, reading only those it has not seen yet).
+_META = "uid, modseq, seen, flagged, answered, draft, deleted, labels"
 #: The \\Recent mark of the folder row ``f`` (migration 0029: a row of its own, which
 #: the first claim creates; none yet means 0).
 _RECENT_OF_F = ("COALESCE((SELECT r.recent_uid FROM folder_recent r WHERE r.org_id = f.org_id "
@@ -36,31 +35,18 @@ _RECENT_OF_F = ("COALESCE((SELECT r.recent_uid FROM folder_recent r WHERE r.org_
 def flags_of(row: dict[str, Any],
              spellings: Mapping[str, str] | None = None) -> frozenset[str]:
     """IMAP flags of a message row: system flags from columns, keywords from the folded
-    ``labels`` shown in the inbox's first-seen spelling (the row's
-    ``keyword_spellings``, and ``spellings`` -- folded -> spelling, from
-    storage.keywords.remember -- for keywords a change has just added to the row).
+    ``labels`` shown in the inbox's first-seen spelling, from ``spellings`` (folded ->
+    spelling, each folding back to its keyword: core.imap_spellings resolves them for
+    the rows of a read, storage.keywords.remember for keywords a change just added);
+    a keyword without one shows folded.
 
     A folder has few distinct flag combinations, so equal sets are one shared object
     (a session selecting 10,000 messages kept 10,000 frozensets of ~200 bytes each)."""
     labels = tuple(row["labels"])
-    if labels:
-        recorded = row.get("keyword_spellings") or ()
-        if spellings:
-            known = {kw.fold(s): s for s in recorded}
-            known.update(spellings)
-            labels = tuple(kw.spell(labels, known))
-        elif recorded:
-            labels = _spelled(labels, tuple(recorded))
+    if labels and spellings:
+        labels = tuple([spellings.get(k, k) for k in labels])
     return _flag_set(row["seen"], row["flagged"], row["answered"], row["draft"],
                      row["deleted"], labels)
-
-
-@functools.lru_cache(maxsize=4096)
-def _spelled(labels: tuple[str, ...], recorded: tuple[str, ...]) -> tuple[str, ...]:
-    """Folded labels in their recorded spellings. Memoized: every FETCH and poll row
-    with keywords came here, and folding each spelling anew was ~2 % of the server's
-    time under a mixed load; a folder has few distinct combinations."""
-    return tuple(kw.spell(labels, {kw.fold(s): s for s in recorded}))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -373,7 +359,7 @@ _FOLDER_PART = (
     "SELECT 'folder' AS part, highestmodseq AS uid, expunged_modseq AS modseq, "
     "NULL::boolean AS seen, NULL::boolean AS flagged, NULL::boolean AS answered, "
     "NULL::boolean AS draft, NULL::boolean AS deleted, NULL::text[] AS labels, "
-    "NULL::text[] AS keyword_spellings, recent_uid")
+    "recent_uid")
 #: A message part's filter: only when the folder moved past the given MODSEQ (an
 #: uncorrelated subquery, so a one-time filter: nothing moved, nothing read).
 _MOVED = "(SELECT highestmodseq FROM f) > %s AND folder_id = (SELECT id FROM f)"
@@ -394,7 +380,7 @@ async def folder_delta(txn: Txn, org_id: str, folder_id: int, after_modseq: int,
         f"{_FOLDER_PART}, NULL::bigint[] AS present FROM f "
         f"UNION ALL SELECT 'm', {_META}, NULL, NULL FROM messages WHERE {_MOVED} "
         "AND modseq > %s "
-        "UNION ALL SELECT 'present', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
+        "UNION ALL SELECT 'present', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
         "NULL, (SELECT COALESCE(array_agg(uid), '{}')::bigint[] FROM messages "
         "WHERE folder_id = (SELECT id FROM f)) "
         "WHERE (SELECT expunged_modseq FROM f) > %s AND %s",
@@ -431,7 +417,7 @@ async def changes(txn: Txn, org_id: str, folder_id: int, max_known_uid: int,
         f"UNION ALL SELECT 'm', {_META}, NULL FROM messages WHERE {_MOVED} AND uid <= %s "
         "AND modseq > %s "
         # the known UIDs that are gone (a few rows), not the hundreds still present
-        "UNION ALL SELECT 'gone', k.u, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
+        "UNION ALL SELECT 'gone', k.u, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
         "NULL FROM unnest(%s::bigint[]) AS k(u) WHERE (SELECT expunged_modseq FROM f) > %s "
         "AND NOT EXISTS (SELECT 1 FROM messages WHERE folder_id = (SELECT id FROM f) "
         "AND uid = k.u)",

@@ -17,15 +17,6 @@ from agentpost.storage.database import Txn
 #: still works, shown folded. Bounds what a client inventing keywords can make us keep.
 MAX_SPELLINGS_PER_INBOX = 1000
 
-#: A select-list item for queries ``FROM messages`` (unaliased): the recorded spellings
-#: of the row's keywords that differ from the folded form (NULL when it has none), for
-#: :func:`agentpost.storage.imap.flags_of`. Most rows have no keyword and cost nothing.
-SPELLINGS_COLUMN = (
-    "CASE WHEN cardinality(messages.labels) = 0 THEN NULL ELSE ARRAY("
-    "SELECT s.spelling FROM keyword_spellings s WHERE s.org_id = messages.org_id "
-    "AND s.inbox_id = messages.inbox_id AND s.keyword = ANY(messages.labels) "
-    "AND s.spelling <> s.keyword) END AS keyword_spellings")
-
 
 def _given(spelled: Iterable[str]) -> dict[str, str]:
     given: dict[str, str] = {}
@@ -79,6 +70,21 @@ async def remember(txn: Txn, org_id: str, inbox_id: str,
         return {}
     rows = await txn.fetchall(sql, params)
     return {r["keyword"]: r["spelling"] for r in rows}
+
+
+async def recorded(txn: Txn, org_id: str, inbox_id: str,
+                   folded: Iterable[str]) -> dict[str, str]:
+    """The recorded spellings of these folded keywords of an inbox, folded -> first
+    seen (those without one -- stored before migration 0014, or past the inbox's
+    MAX_SPELLINGS_PER_INBOX -- are left out: they show folded). What IMAP's flag reads
+    ask when the process does not know a keyword yet (core.imap_spellings); a spelling
+    that does not fold back to its keyword is not one."""
+    rows = await txn.fetchall(
+        "SELECT keyword, spelling FROM keyword_spellings WHERE org_id = %s "
+        "AND inbox_id = %s AND keyword = ANY(%s::text[])",
+        (org_id, inbox_id, sorted(set(folded))))
+    return {r["keyword"]: r["spelling"] for r in rows
+            if keywords.fold(r["spelling"]) == r["keyword"]}
 
 
 async def spellings(txn: Txn, org_id: str, inbox_id: str) -> dict[str, str]:
