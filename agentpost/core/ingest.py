@@ -172,9 +172,9 @@ class _Delivery:
             folder = answer.folder
             if folder is None:
                 folder = await _missing_folder(txn, target, self.folder, self.state)
-            copies[i] = _build_copy(txn, target, self.parsed, self.refs[0], self.refs[1:],
-                                    self.envelope_from, self.direction, self.state, when,
-                                    folder, answer.thread_id)
+            copies[i] = _with_before_insert(txn, self.state, _build_copy(
+                txn, target, self.parsed, self.refs[0], self.refs[1:], self.envelope_from,
+                self.direction, self.state, when, folder, answer.thread_id))
         return Staged([c for c in copies if c is not None])
 
 
@@ -285,7 +285,7 @@ class Ingest:
                     before_insert: BeforeInsert | None = None) -> list[Stored]:
         """Store ``message`` (a binary file at offset 0) once per target inbox.
 
-        ``group`` (the MX) lets the transaction share its COMMIT with other deliveries
+        ``group`` (the MX, submission) lets the transaction share its COMMIT with other deliveries
         arriving at the same moment (core.group_commit), when that is configured; it
         still returns only after the COMMIT.
 
@@ -429,7 +429,7 @@ class Ingest:
             return out  # type: ignore[return-value]
 
         if group and self.group_commit is not None and targets and within is None \
-                and not state.quota and state.before_insert is None:
+                and not state.quota:
             first = targets[order[0]]
             stored: list[Stored] = await self.group_commit.run(
                 (first.org_id, first.inbox_id),
@@ -484,16 +484,12 @@ class Ingest:
         """One copy in two round trips: :meth:`_stage_copy`, then the thread, event,
         audit row, message, references, attachments and usage delta together, the
         folder's UID lock taken by the last statement (held only to COMMIT)."""
-        copy = await self._stage_copy(txn, target, parsed, raw_ref, att_refs, blob_bodies,
-                                      envelope_from, direction, folder_name, state, when)
-        before = copy.before
-        if state.before_insert is not None:
-            extra = state.before_insert(txn, copy.stored)
-            if extra[0]:
-                before = (before[0] + "; " + extra[0], [*before[1], *extra[1]])
+        copy = _with_before_insert(txn, state, await self._stage_copy(
+            txn, target, parsed, raw_ref, att_refs, blob_bodies, envelope_from, direction,
+            folder_name, state, when))
         uid, _ = await mail_store.insert_message(txn, copy.row, quota=state.quota,
                                                  attachments=copy.attachments,
-                                                 before=before)
+                                                 before=copy.before)
         return replace(copy.stored, uid=uid)
 
     async def _stage_copy(self, txn: Txn, target: Target, parsed: ParsedMessage,
@@ -506,6 +502,13 @@ class Ingest:
             txn, target, parsed, raw_ref, att_refs, blob_bodies, folder_name, state)
         return _build_copy(txn, target, parsed, raw_ref, att_refs, envelope_from, direction,
                            state, when, folder, thread_id)
+
+
+def _with_before_insert(txn: Txn, state: _State, copy: _Copy) -> _Copy:
+    """Plus ``before_insert``'s statements (alone or batched: they commit with it)."""
+    extra = state.before_insert(txn, copy.stored) if state.before_insert else ("", [])
+    return replace(copy, before=(copy.before[0] + "; " + extra[0],
+                                 [*copy.before[1], *extra[1]])) if extra[0] else copy
 
 
 async def _missing_folder(txn: Txn, target: Target, folder_name: str,

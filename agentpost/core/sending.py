@@ -67,6 +67,12 @@ from agentpost.storage import mail as mail_store
 from agentpost.storage.blobs import BlobStore
 from agentpost.storage.database import Database, Txn
 
+#: A message whose bodies and attachments come to at most this many characters is
+#: composed on the reactor thread: writing it (agentpost.mail.mime_writer, linear in its
+#: size) takes less than the two thread handoffs and GIL hand-overs of a pool call, as
+#: parsing a small message does (core.parse_dispatch).
+INLINE_COMPOSE_MAX = 16 * 1024
+INLINE_ADDRESSES = 10
 #: The longest subject we accept (one header line).
 MAX_SUBJECT = 998
 MAX_ATTACHMENTS = 100
@@ -257,6 +263,14 @@ def respond_composition(original: dict[str, Any], own: str, mode: str,
                    text_body=text, in_reply_to=mid, references=references)
 
 
+def _small(c: Composition, attached: int) -> bool:
+    """Whether ``c`` is composed inline: small bodies, few addresses, no custom headers
+    (the stdlib's header folding, which the writer falls back on, is not linear)."""
+    size = attached + len(c.text_body or "") + len(c.html_body or "")
+    return (size <= INLINE_COMPOSE_MAX and not c.headers
+            and len(c.to) + len(c.cc) + len(c.bcc) + len(c.reply_to) <= INLINE_ADDRESSES)
+
+
 class Sending:
     """The send API's core operations."""
 
@@ -355,7 +369,8 @@ class Sending:
         """Check every recipient, compose, store the Sent copy and queue it (one COMMIT,
         with ``record``'s answer when given); the Sent copy's JSON view, plus
         ``queue_ids`` and ``send_status``. ``inbox``: the row, when the caller has just
-        read it with this ``ctx`` (one read fewer)."""
+        read it with this ``ctx`` (one read fewer). Without ``record`` and ``labels``
+        the send may share a group commit and its answer is read after the COMMIT."""
         p = ctx.org_principal
         p.require("messages:send")
         ctx.target_id = inbox_id
@@ -383,6 +398,13 @@ class Sending:
             sender = Sender.of(p, inbox)
             self._submission.judge(inbox, recipients)
         raw = await self._compose(composition, inbox)
+        if record is None and not labels:
+            # Nothing else to write with the Sent copy: it may share a group commit,
+            # and the answer is read once it has committed, out of the transaction.
+            submitted = await self._submission.submit(sender, sender.address, recipients,
+                                                      io.BytesIO(raw), ctx)
+            ctx.target_id = submitted.message_id
+            return await self._answer(p.org_id, p.environment_ids, submitted)
         answer: dict[str, Any] = {}
 
         async def also(txn: Txn, submitted: Submitted) -> None:
@@ -406,6 +428,21 @@ class Sending:
         ctx.target_id = submitted.message_id
         return answer
 
+    async def _answer(self, org_id: str, env_ids: frozenset[str] | None,
+                      submitted: Submitted) -> dict[str, Any]:
+        """The committed Sent copy's view, ``queue_ids`` and ``send_status`` (as the
+        transaction's own read gives it); a copy already deleted again by someone else
+        answers with its id."""
+        msg = await self._db.run_read("sending.answer", mail_store.get_message, org_id,
+                                      env_ids, submitted.message_id)
+        extra = {"queue_ids": submitted.queue_ids, "send_status": "queued"}
+        if msg is None:
+            return {"id": submitted.message_id, **extra}
+        msg["attachments"] = (await self._db.run_read(
+            "sending.answer_attachments", mail_store.list_attachments, org_id,
+            submitted.message_id) if msg["has_attachments"] else [])
+        return {**self._view(msg), **extra}
+
     async def _compose(self, composition: Composition, inbox: dict[str, Any]) -> bytes:
         total = sum(len(a.data) for a in composition.attachments)
         limit = self.limits.max_message_size_bytes
@@ -413,10 +450,13 @@ class Sending:
             raise MessageTooLarge(f"The message would exceed {limit} bytes.")
         now = datetime.fromtimestamp(self._reactor.seconds(), UTC)
         from_addr = Address(inbox["email"], inbox.get("display_name") or None)
-        raw: bytes = await threads.deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(),
-            lambda: compose(composition, from_addr=from_addr, hostname=self._hostname,
-                            now=now))
+
+        def write() -> bytes:
+            return compose(composition, from_addr=from_addr, hostname=self._hostname,
+                           now=now)
+
+        raw = write() if _small(composition, total) else await threads.deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), write)
         if len(raw) > limit:
             raise MessageTooLarge(f"The message would exceed {limit} bytes.")
         return raw

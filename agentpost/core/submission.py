@@ -308,7 +308,11 @@ class Submission:
                 [target], io.BytesIO(sent), envelope_from=mail_from,
                 direction="outbound", folder="Sent", flags=frozenset({"\\Seen"}),
                 labels=labels, origin=origin, before_insert=queue_rows,
-                within=queue_it if also is not None else None)
+                within=queue_it if also is not None else None,
+                # Without ``also`` it may share a group commit with other sends and MX
+                # deliveries: one COMMIT (and fsync) for the batch, the queue rows
+                # still in the same transaction as their Sent copy.
+                group=also is None)
         except Exception:  # not a cancellation: whether that committed is unknown
             if reservation is not None:
                 await reservation.give_back()
