@@ -56,6 +56,10 @@ class RouteTree:
     def __init__(self) -> None:
         self._root = _Node()
         self._klein_prefixes: list[tuple[bytes, ...]] = []
+        #: (method, *segments) -> (endpoint, rule) for paths that matched a route with no
+        #: parameters: the same answer every time, so the walk is done once. Bounded by
+        #: the routes (a miss or a parameter route is never stored).
+        self._static: dict[tuple[bytes, ...], tuple[Endpoint, str]] = {}
 
     def add(self, method: str, path: str, endpoint: Endpoint, rule: str) -> None:
         """Register ``endpoint`` for ``method`` on ``path`` (``/a/{b}/c`` style), known to
@@ -75,6 +79,7 @@ class RouteTree:
             else:
                 node = node.static.setdefault(part.encode("utf-8"), _Node())
         node.methods[method.encode("ascii")] = (endpoint, rule)
+        self._static.clear()
 
     def leave_to_klein(self, rule: str) -> None:
         """Paths under this (werkzeug) rule's static prefix are Klein's to route."""
@@ -84,10 +89,15 @@ class RouteTree:
                 break
             prefix.append(part.encode("utf-8"))
         self._klein_prefixes.append(tuple(prefix))
+        self._static.clear()
 
     def match(self, method: bytes,
               segments: list[bytes]) -> tuple[Endpoint, dict[str, str], str] | None:
         """The endpoint, its parameters and its Klein rule, or None (Klein decides)."""
+        key = (method, *segments)
+        static = self._static.get(key)
+        if static is not None:
+            return static[0], {}, static[1]
         for prefix in self._klein_prefixes:
             if tuple(segments[: len(prefix)]) == prefix:
                 return None
@@ -99,6 +109,8 @@ class RouteTree:
         if found is None:
             return None
         (endpoint, rule), names = found
+        if not names:
+            self._static[key] = (endpoint, rule)
         return endpoint, dict(zip(names, values, strict=True)), rule
 
     def _walk(self, node: _Node, segments: list[bytes], i: int, method: bytes,
@@ -163,7 +175,9 @@ class FastResource(Resource):
             if isinstance(body, str):
                 body = body.encode("utf-8")
             if isinstance(body, bytes):
-                request.write(body)
+                whole = getattr(request, "write_whole", None)  # head and body at once
+                if not body or whole is None or not whole(body):
+                    request.write(body)
             if not finished[0]:
                 request.finish()
                 send_now(transport)
