@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from agentpost.mail import mime_writer
@@ -56,7 +56,9 @@ def summary(raw: bytes) -> dict[str, Any]:
     """What a reader sees of a message (everything but boundaries and folding)."""
     msg = _parse(raw)
     headers = []
-    for name, value in msg.items():
+    folded_at_once = [re.match(r"[ \t]*\r?\n", raw_value) is not None
+                      for _, raw_value in msg.raw_items()]
+    for (name, value), folded in zip(msg.items(), folded_at_once, strict=True):
         key = name.lower()
         if key == "content-type":
             value = value.content_type
@@ -68,6 +70,9 @@ def summary(raw: bytes) -> dict[str, Any]:
             value = "(mailboxes)"
         else:
             value = str(value)
+            if folded:  # a word too long for the first line goes, whole, to the next
+                # (the stdlib's folder; RFC 5322 §2.2.3): the fold is not the value's
+                value = value.lstrip(" \t")
         headers.append((key, value))
     top = sorted(h for h in headers if h[0] in ("content-type", "mime-version",
                                                  "content-transfer-encoding"))
@@ -217,6 +222,10 @@ def compositions(draw: Any, tame: bool = False) -> Composition:
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(compositions(), compositions(tame=True)),
        st.one_of(st.just(ME), addresses(), addresses(tame=True)))
+# found on CI: a one-word subject just too long for the first line, which the stdlib
+# moves whole to a folded line (read back with the fold's space in front)
+@example(Composition(to=[Address("bob@example.com")], subject="x" * 70),
+         Address("agent@agents.test", "Agent Smith"))
 def test_direct_writer_reads_back_as_the_stdlib_message(c: Composition,
                                                         sender: Address) -> None:
     direct, stdlib = _both(c, sender)
