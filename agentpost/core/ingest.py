@@ -420,10 +420,10 @@ class Ingest:
         async def txn_fn(txn: Txn) -> list[Stored]:
             when = received_at or txn.now
             out: list[Stored | None] = [None] * len(targets)
-            for i in order:
+            for i in order:  # one copy and nothing after it: its insert commits too
                 out[i] = await self._store_one(txn, targets[i], parsed, raw_ref, att_refs,
                                                blob_bodies, envelope_from, direction, folder,
-                                               state, when)
+                                               state, when, len(order) == 1 and not within)
             if within is not None:
                 await within(txn, out)  # type: ignore[arg-type]
             return out  # type: ignore[return-value]
@@ -480,16 +480,17 @@ class Ingest:
                          raw_ref: BlobRef, att_refs: list[BlobRef],
                          blob_bodies: dict[str, bytes | str], envelope_from: str | None,
                          direction: str, folder_name: str, state: _State,
-                         when: datetime) -> Stored:
+                         when: datetime, commit: bool = False) -> Stored:
         """One copy in two round trips: :meth:`_stage_copy`, then the thread, event,
         audit row, message, references, attachments and usage delta together, the
-        folder's UID lock taken by the last statement (held only to COMMIT)."""
+        folder's UID lock taken by the last statement (held only to COMMIT, which
+        ``commit`` sends in the same round trip)."""
         copy = _with_before_insert(txn, state, await self._stage_copy(
             txn, target, parsed, raw_ref, att_refs, blob_bodies, envelope_from, direction,
             folder_name, state, when))
         uid, _ = await mail_store.insert_message(txn, copy.row, quota=state.quota,
                                                  attachments=copy.attachments,
-                                                 before=copy.before)
+                                                 before=copy.before, commit=commit)
         return replace(copy.stored, uid=uid)
 
     async def _stage_copy(self, txn: Txn, target: Target, parsed: ParsedMessage,
