@@ -1,4 +1,4 @@
-"""The one wrapper around txpostgres.
+"""The one wrapper around the database driver (psycopg2 async, storage.pgconn).
 
 Why our own pool rather than txpostgres.ConnectionPool: its pool never replaces a
 connection that died (a PostgreSQL restart leaves it broken forever), and it cannot
@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - ujson comes with autobahn
     ujson = None  # type: ignore[assignment]
 
 from agentpost.model.errors import AgentPostError, Conflict, InvalidRequest, TemporaryFailure
+from agentpost.storage.pgconn import PgConnection
 from agentpost.storage.prepared import Preparer, Session, StatementCache, plan_invalidated
 
 log = logging.getLogger(__name__)
@@ -181,13 +182,13 @@ def json_param(value: Any) -> str:
     return json.dumps(value)
 
 
-def _is_broken(conn: txpostgres.Connection) -> bool:
-    raw = conn._connection  # txpostgres keeps the psycopg2 connection here
+def _is_broken(conn: PgConnection) -> bool:
+    raw = conn._connection  # the psycopg2 connection
     return raw is None or bool(raw.closed)
 
 
 class Database:
-    """A bounded pool of txpostgres connections and the run_interaction contract."""
+    """A bounded pool of PostgreSQL connections and the run_interaction contract."""
 
     def __init__(
         self,
@@ -210,7 +211,7 @@ class Database:
         self._statement_timeout_ms = int(statement_timeout_s * 1000)
         self._retries = retries
         self._application_name = application_name
-        self._idle: list[txpostgres.Connection] = []
+        self._idle: list[PgConnection] = []
         self._open = 0
         self._waiters: deque[defer.Deferred[None]] = deque()
         self._closed = False
@@ -221,8 +222,8 @@ class Database:
         """The injected clock's time, as SQL parameters want it."""
         return datetime.fromtimestamp(self._clock.seconds(), UTC)
 
-    async def _connect(self) -> txpostgres.Connection:
-        conn = txpostgres.Connection(reactor=self._reactor)
+    async def _connect(self) -> PgConnection:
+        conn = PgConnection(self._reactor)
         options = f"-c statement_timeout={self._statement_timeout_ms}"
         d = conn.connect(
             self._dsn,
@@ -245,7 +246,7 @@ class Database:
             raise TemporaryFailure() from exc
         return conn
 
-    async def _acquire(self) -> txpostgres.Connection:
+    async def _acquire(self) -> PgConnection:
         while True:
             if self._closed:
                 raise TemporaryFailure("The service is shutting down.")
@@ -281,14 +282,14 @@ class Database:
                 waiter.callback(None)
                 return
 
-    def _release(self, conn: txpostgres.Connection) -> None:
+    def _release(self, conn: PgConnection) -> None:
         if _is_broken(conn) or self._closed:
             self._discard(conn)
         else:
             self._idle.append(conn)
         self._wake_one()
 
-    def _preparer(self, conn: txpostgres.Connection) -> Preparer | None:
+    def _preparer(self, conn: PgConnection) -> Preparer | None:
         """The statement rewriter of ``conn``'s database session."""
         if not self.statements.enabled:
             return None
@@ -298,7 +299,7 @@ class Database:
             conn._agentpost_session = session
         return Preparer(self.statements, session, self._clock.seconds())
 
-    def _discard(self, conn: txpostgres.Connection) -> None:
+    def _discard(self, conn: PgConnection) -> None:
         self._open -= 1
         try:
             conn.close()
@@ -377,7 +378,7 @@ class Database:
                     log.exception("%s: after-commit hook failed", desc)
             return result
 
-    async def _rollback_quietly(self, conn: txpostgres.Connection) -> None:
+    async def _rollback_quietly(self, conn: PgConnection) -> None:
         if _is_broken(conn):
             return
         try:
