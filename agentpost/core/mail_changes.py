@@ -44,6 +44,7 @@ from agentpost.storage import imap_commits
 from agentpost.storage import mail as mail_store
 from agentpost.storage import threads as thread_store
 from agentpost.storage.database import Txn
+from agentpost.storage.prepared import GENERIC_PLANS
 
 #: Columns a flag change may set: the IMAP system flags, read state and labels.
 FLAG_COLUMNS = mail_store.FLAG_COLUMNS
@@ -170,6 +171,7 @@ async def _change_flags_and_commit(txn: Txn, ctx: RequestContext, org: str,
                                    by_folder: dict[int, list[dict[str, Any]]],
                                    relabelled: list[str], status: int) -> dict[str, int]:
     batch = _Batch()
+    batch.add((GENERIC_PLANS, []))  # the transaction's last round trip
     batch.add(_audit_sql(txn, ctx, status))
     if relabelled:  # the thread rows before the folder rows (the lock order above)
         batch.add(imap_commits.lock_threads_sql(org, relabelled))
@@ -223,6 +225,7 @@ async def _delete_and_commit(txn: Txn, ctx: RequestContext, org: str,
     folder rows' expunge marks and wake-ups -- the same lock order and effects as the
     API's path, with no trip through the reactor while anything is held."""
     batch = _Batch()
+    batch.add((GENERIC_PLANS, []))  # the transaction's last round trip
     batch.add(_audit_sql(txn, ctx, status))
     if not rows:
         await imap_commits.commit_with(txn, batch.text, batch.params)

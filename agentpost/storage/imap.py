@@ -19,6 +19,7 @@ from agentpost.storage.mail import (
     notify_folder_list,
 )
 from agentpost.storage.message_insert import MAIL_CHANNEL
+from agentpost.storage.prepared import GENERIC_PLANS
 
 SYSTEM_FLAGS = {"\\Seen": "seen", "\\Flagged": "flagged", "\\Answered": "answered",
                 "\\Draft": "draft", "\\Deleted": "deleted"}
@@ -157,6 +158,7 @@ async def select_folder(txn: Txn, org_id: str, inbox_id: str, name: str,
     MODSEQ, and the UIDs still present (``folder["present"]``) if something left since;
     ``folder["delta"]`` tells which answer it is."""
     rows = await txn.fetchall(
+        f"{GENERIC_PLANS}; "
         "SELECT f.id AS folder_id, f.name AS folder_name, f.uidvalidity, f.uidnext, "
         "f.highestmodseq, f.expunged_modseq, COALESCE(r.recent_uid, 0) AS recent_uid, "
         "pr.present, m.* FROM folders f "
@@ -259,7 +261,7 @@ async def fetch_rows(txn: Txn, org_id: str, folder_id: int, uids: list[int],
     """The requested columns (from core's allow-list) for existing UIDs."""
     cols = ", ".join([_META, *columns])
     return await txn.fetchall(
-        f"SELECT {cols} FROM messages WHERE org_id = %s AND folder_id = %s "
+        f"{GENERIC_PLANS}; SELECT {cols} FROM messages WHERE org_id = %s AND folder_id = %s "
         "AND uid = ANY(%s::bigint[]) ORDER BY uid", (org_id, folder_id, uid_array(uids)))
 
 
@@ -377,7 +379,7 @@ async def folder_delta(txn: Txn, org_id: str, folder_id: int, after_modseq: int,
     the process with the folder selected is answered from its result. ``after_modseq``
     -1 reads every message (the mirror's first load)."""
     rows = await txn.fetchall(
-        f"{_FOLDER_PART}, NULL::bigint[] AS present FROM f "
+        f"{GENERIC_PLANS}; {_FOLDER_PART}, NULL::bigint[] AS present FROM f "
         f"UNION ALL SELECT 'm', {_META}, NULL, NULL FROM messages WHERE {_MOVED} "
         "AND modseq > %s "
         "UNION ALL SELECT 'present', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "

@@ -51,6 +51,15 @@ from typing import Any
 
 from psycopg2.extras import Json
 
+#: Put first in the SQL of a statement whose plan does not depend on its values, as the
+#: last round trip of a transaction or alone (the setting lasts to the transaction's end).
+#: PostgreSQL's own choice ("auto") compares a generic plan with the custom ones by cost
+#: estimates: for statements with a branch a parameter switches off (a poll's "present"
+#: part, SELECT's first load or delta) or an array parameter, the generic estimate
+#: loses, and every EXECUTE is planned again -- for IMAP's polls, SELECT, FETCH rows and
+#: the writes of STORE and EXPUNGE that was 3-4 times the execution time of the
+#: statement (pg_stat_statements with track_planning, bench/imap_mixed.py).
+GENERIC_PLANS = "SET LOCAL plan_cache_mode TO force_generic_plan"
 _PREPARABLE = ("select", "insert", "update", "delete", "with", "values")
 #: Parameter types an int may fill, with the largest value each holds (None: any).
 _INT_TYPES: dict[str, int | None] = {
