@@ -548,7 +548,8 @@ def make_service(config: Config, reactor: Any,
     workers = worker_count(config)
     main = AgentPostService(config, reactor, reuse_port=workers > 1)
     main.setServiceParent(root)
-    HeapTuning(main).setServiceParent(root)  # gc.freeze() once started (issue 12)
+    HeapTuning(main, freeze=config.server.gc_freeze,  # gc.freeze() once started
+               young_threshold=config.server.gc_young_threshold).setServiceParent(root)
     if workers > 1 and not is_worker() and argv:
         WorkerPool(reactor, workers - 1, argv).setServiceParent(root)
     return root

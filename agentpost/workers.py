@@ -160,27 +160,31 @@ class WorkerPool(service.Service):
         return None
 
 
-#: Young-generation threshold once serving (CPython's default is 700). A request
-#: allocates and frees thousands of container objects; with 32 in flight the net count
-#: crosses 700 several times a second, so the collector kept scanning objects that
-#: reference counting was about to free anyway. Cyclic garbage still goes, a little later.
+#: Young-generation threshold once serving, unless ``server.gc_young_threshold`` says
+#: otherwise (CPython's default is 700). A request allocates and frees thousands of
+#: container objects; with 32 in flight the net count crosses 700 several times a second,
+#: so the collector kept scanning objects that reference counting was about to free
+#: anyway. Cyclic garbage still goes, a little later.
 GC_YOUNG_THRESHOLD = 10_000
 
 
-def tune_gc() -> None:
+def tune_gc(freeze: bool = True, young_threshold: int = GC_YOUNG_THRESHOLD) -> None:
     """Once the service is up: move everything start-up made (modules, routes, config,
     pools: ~100,000 objects) out of the collector's sight, and collect young objects
-    less often.
+    less often (``young_threshold``; 0 keeps CPython's).
 
     Without it every full collection walked those objects again: 60-100 ms with the
     reactor stopped, several times a minute under load (the p99 of the API benchmark,
     issue 12). ``gc.freeze`` is meant for exactly this; those objects live as long as
-    the process anyway.
+    the process anyway. Both are settings (``server.gc_freeze``,
+    ``server.gc_young_threshold``) so an operator can measure without them.
     """
-    gc.collect()
-    gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, gen1, gen2)
+    if freeze:
+        gc.collect()
+        gc.freeze()
+    if young_threshold > 0:
+        _, gen1, gen2 = gc.get_threshold()
+        gc.set_threshold(young_threshold, gen1, gen2)
 
 
 class HeapTuning(service.Service):
@@ -190,8 +194,11 @@ class HeapTuning(service.Service):
 
     name = "heap-tuning"
 
-    def __init__(self, main: service.Service) -> None:
+    def __init__(self, main: service.Service, *, freeze: bool = True,
+                 young_threshold: int = GC_YOUNG_THRESHOLD) -> None:
         self._main = main
+        self._freeze = freeze
+        self._young_threshold = young_threshold
 
     def startService(self) -> None:
         super().startService()
@@ -199,9 +206,8 @@ class HeapTuning(service.Service):
         if isinstance(started, defer.Deferred):
             started.addBoth(self._tuned)
         else:
-            tune_gc()
+            self._tuned(None)
 
-    @staticmethod
-    def _tuned(result: Any) -> Any:
-        tune_gc()
+    def _tuned(self, result: Any) -> Any:
+        tune_gc(self._freeze, self._young_threshold)
         return result

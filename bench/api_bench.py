@@ -5,7 +5,8 @@ What it does, start to finish:
 
 1. creates a throw-away PostgreSQL cluster (``agentpost.dev.embedded_pg``) in a temp
    folder, fsync on by default, and applies the migrations;
-2. writes a config (rate limiter disabled, everything else at its defaults), runs
+2. writes a config (rate limiter disabled, mail listeners off, everything else at its
+   defaults, plus any ``--set section.key=value``), runs
    ``agentpost bootstrap`` for an API key and starts ``agentpost serve`` as a separate
    process, so the server's CPU is measured apart from the load generator's;
 3. drives ``GET /api/v1/inboxes`` and ``POST /api/v1/inboxes`` at 1 and 32 concurrent
@@ -13,7 +14,9 @@ What it does, start to finish:
    warm-up before each measured window: closed loop (each connection sends its next
    request as soon as the previous answer is in) and, with ``--rate R``, open loop too;
 4. prints req/s, p50/p90/p99/max latency, errors, CPU used by the server, PostgreSQL
-   and this client, and the audit rows written, as a table or (``--json``) as JSON;
+   and this client, how long the server and this client waited runnable for a CPU (the
+   run-queue wait: on a shared machine the usual cause of a long tail), and the audit
+   rows written, as a table or (``--json``) as JSON;
 5. stops the server and deletes the cluster and the temp folder, also on Ctrl-C.
 
 Closed loop, the latency is mostly queueing: at saturation p50 is just
@@ -63,6 +66,9 @@ import psycopg2  # noqa: E402 - after the sys.path fix above
 
 from agentpost.dev.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError  # noqa: E402
 from agentpost.storage.migrations import MigrationError, migrate  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pg_stats  # noqa: E402 - bench/pg_stats.py, beside this script
 
 API = "/api/v1/inboxes"
 DBNAME = "agentpost_bench"
@@ -341,6 +347,22 @@ def tree_cpu(root_pid: int | None) -> float:
     return total
 
 
+def run_wait(pid: int | None) -> float:
+    """Seconds a process's threads have been runnable but not running (the run-queue
+    wait in /proc/PID/task/*/schedstat): on a shared machine this, not our code, is
+    often the latency tail. NaN where the kernel has no schedstat."""
+    if pid is None:
+        return float("nan")
+    total = 0
+    try:
+        for entry in os.scandir(f"/proc/{pid}/task"):
+            with open(f"{entry.path}/schedstat", encoding="ascii") as f:
+                total += int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    return total / 1e9
+
+
 def self_cpu() -> float:
     """CPU seconds this benchmark process has used."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -373,6 +395,8 @@ class Run:
     server_cpu: float = 0.0
     postgres_cpu: float = 0.0
     client_cpu: float = 0.0
+    server_wait: float = 0.0  # run-queue wait (runnable, no CPU) of the serving process
+    client_wait: float = 0.0  # the same for this load generator
     audit_rows: int = 0
     audit_complete: bool = False
     timed_out: bool = False
@@ -532,6 +556,7 @@ async def run_scenario(scenario: Scenario, port: int, next_payload: Any, warmup_
     except TimeoutError:
         pass  # the usual case: warm-up is over, workers keep going
     srv0, pg0, me0 = server_cpu(server_pid), tree_cpu(postmaster_pid), self_cpu()
+    wait0 = run_wait(server_pid), run_wait(os.getpid())
     window.start = time.perf_counter()
     window.end = window.start + duration_s
     try:
@@ -543,6 +568,8 @@ async def run_scenario(scenario: Scenario, port: int, next_payload: Any, warmup_
     run.server_cpu = server_cpu(server_pid) - srv0
     run.postgres_cpu = tree_cpu(postmaster_pid) - pg0
     run.client_cpu = self_cpu() - me0
+    run.server_wait = run_wait(server_pid) - wait0[0]
+    run.client_wait = run_wait(os.getpid()) - wait0[1]
     for task in tasks:  # surface unexpected worker crashes
         if task.done() and not task.cancelled() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
@@ -565,8 +592,10 @@ def toml_str(value: str) -> str:
 
 
 def write_config(path: Path, dsn: str, port: int, pool_size: int | None, log_level: str,
-                 workers: int = 1, key_cache: bool = True) -> None:
-    """The server's config: defaults, except a private port and no rate limiting."""
+                 workers: int = 1, key_cache: bool = True,
+                 settings: list[str] | None = None) -> None:
+    """The server's config: defaults, except a private port and no rate limiting, plus
+    ``settings`` (``--set section.key=toml-value``) each under its own section."""
     lines = [
         "# Written by bench/api_bench.py",
         "[server]",
@@ -586,6 +615,15 @@ def write_config(path: Path, dsn: str, port: int, pool_size: int | None, log_lev
         'bind = "127.0.0.1"',
         f"port = {port}",
         "",
+        "# Only the API listens: a mail port another server on this machine holds would",
+        "# stop this one from starting (and idle listeners cost nothing per request).",
+        "[smtp]",
+        "mx_enabled = false",
+        "submission_enabled = false",
+        "",
+        "[imap]",
+        "enabled = false",
+        "",
         "# Disabled so that the token bucket (50/s per key by default) does not throttle",
         "# the benchmark's single API key.",
         "[rate_limit]",
@@ -595,6 +633,15 @@ def write_config(path: Path, dsn: str, port: int, pool_size: int | None, log_lev
         f"level = {toml_str(log_level)}",
         "",
     ]
+    for setting in settings or []:
+        name, _, value = setting.partition("=")
+        section, _, key = name.strip().partition(".")
+        if not (section and key and value.strip()):
+            raise SetupError(f"--set {setting!r}: expected section.key=value")
+        header = f"[{section}]"
+        if header not in lines:
+            lines += [header, ""]
+        lines.insert(lines.index(header) + 1, f"{key} = {value.strip()}  # --set")
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
@@ -848,6 +895,10 @@ def summarize(run: Run, duration_s: float) -> dict[str, Any]:
             "postgres": pct(run.postgres_cpu),
             "client": pct(run.client_cpu),
         },
+        "run_queue_wait_pct_of_window": {  # runnable but not running (first process only)
+            "server": pct(run.server_wait),
+            "client": pct(run.client_wait),
+        },
         "audit_rows_written": run.audit_rows,
         "answers_incl_warmup": run.total_answers,
         "audit_complete": run.audit_complete,
@@ -910,7 +961,8 @@ def print_table(report: dict[str, Any]) -> None:
         + (f" ({s['workers']} workers)" if s.get("workers", 1) > 1 else "")
         + ", HTTP/1.1 on 127.0.0.1, "
         f"db pool_size {s['pool_size']}, rate limiter DISABLED, audit trail ON, key cache "
-        f"{'ON' if s.get('key_cache', True) else 'OFF'}",
+        f"{'ON' if s.get('key_cache', True) else 'OFF'}"
+        + (f", --set {' '.join(s['settings'])}" if s.get("settings") else ""),
         f"  database: PostgreSQL {s['postgres_version']}, embedded cluster, "
         f"fsync={'on' if s['fsync'] else 'off'} synchronous_commit="
         f"{'on' if s['fsync'] else 'off'}",
@@ -947,6 +999,12 @@ def print_table(report: dict[str, Any]) -> None:
                "on a shared machine).")
     out.append("  audit rows = rows added to audit_log during the scenario / answers received "
                "(incl. warm-up); '!' = fewer rows than answers.")
+    for r in report["results"]:
+        wait = r.get("run_queue_wait_pct_of_window") or {}
+        if wait.get("server") is not None:
+            out.append(f"  run-queue wait, {r['method']} c={r['concurrency']}: server "
+                       f"{fmt(wait['server'], 0)}%, client {fmt(wait.get('client'), 0)}% of the "
+                       "window (runnable but not running: other load on the machine)")
     if any(r.get("mode") == "open" for r in report["results"]):
         out.append("  rate/s = open loop: requests scheduled per second over all connections on a "
                    "fixed timetable, latency from the")
@@ -1017,6 +1075,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-key-cache", action="store_true",
                         help="server.key_cache_ttl = 0: every request reads its API key from "
                              "PostgreSQL (the behaviour before the key cache, for comparison)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="any other server setting, VALUE in TOML (repeatable), e.g. "
+                             "--set server.gc_freeze=false --set server.gc_young_threshold=0")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warn", "error"],
                         help="server logging.level (default info, as in production)")
     parser.add_argument("--py-spy", metavar="FILE", default=None,
@@ -1038,6 +1099,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "slows every call.")
     parser.add_argument("--server-log", metavar="FILE", default=None,
                         help="keep a copy of the server's log here (it is deleted otherwise)")
+    parser.add_argument("--pg-stats", action="store_true",
+                        help="load pg_stat_statements with track_planning and print, after "
+                             "each run (warm-up included), plans, calls, planning and "
+                             "execution time per statement, top by planning time (stderr)")
     parser.add_argument("--json", action="store_true",
                         help="print the results as JSON on stdout instead of the table")
     args = parser.parse_args(argv)
@@ -1110,6 +1175,8 @@ class Bench:
         finally:
             admin.close()
         dsn = self.cluster.dsn(DBNAME)
+        if args.pg_stats:
+            pg_stats.enable(self.cluster, [DBNAME])
         migrate(dsn)
         self.db = psycopg2.connect(dsn, connect_timeout=10)
         self.db.autocommit = True
@@ -1117,7 +1184,7 @@ class Bench:
         self.port = free_port()
         config = self.tmp / "agentpost.toml"
         write_config(config, dsn, self.port, args.pool_size, args.log_level, args.workers,
-                     not args.no_key_cache)
+                     not args.no_key_cache, args.set)
         log("bootstrapping an organization")
         self.key = bootstrap(config)
 
@@ -1143,7 +1210,7 @@ class Bench:
                 "get_response_framing": None,
                 "rate_limit_enabled": False, "audit_enabled": True,
                 "log_level": args.log_level, "workers": args.workers,
-                "key_cache": not args.no_key_cache}
+                "key_cache": not args.no_key_cache, "settings": args.set}
 
     # load ----------------------------------------------------------------------
     def post_payload(self, wid: int) -> bytes:
@@ -1206,10 +1273,14 @@ class Bench:
                     and scenario.concurrency == max(args.concurrency)):
                 profiler = self.start_profiler(args.warmup + args.duration)
             before = audit_count(self.db)
+            if args.pg_stats:
+                pg_stats.reset(self.db)
             run = await run_scenario(scenario, self.port, payload, args.warmup, args.duration,
                                      args.timeout, self.server.pid, pm_pid, args.workers)
             if profiler is not None:
                 self.finish_profiler(profiler)
+            if args.pg_stats:
+                log(pg_stats.report(self.db))
             run.audit_rows, run.audit_complete = await asyncio.to_thread(
                 settled_audit_count, self.db, before, run.total_answers)
             summary = summarize(run, args.duration)

@@ -156,6 +156,8 @@ def _check(config: Config) -> None:
     if (config.http.endpoint or config.smtp.mx_endpoint) and config.server.workers != 1:
         raise ConfigError("server.workers", "must be 1 with listener endpoints (socket "
                           "activation): worker copies bind their own ports")
+    if config.server.gc_young_threshold < 0:
+        raise ConfigError("server.gc_young_threshold", "must be 0 (CPython's) or more")
     if config.database.pool_size < 1:
         raise ConfigError("database.pool_size", "must be at least 1")
     if config.database.prepare_threshold < 0:
