@@ -188,7 +188,7 @@ class SMTPSink:
 
 def write_config(h: Harness, *, sink_port: int, smarthost: bool, limits: bool,
                  submission_port: int, tls: tuple[str, str],
-                 extra_outbound: tuple[str, ...] = ()) -> None:
+                 extra_outbound: tuple[str, ...] = (), extra_smtp: tuple[str, ...] = ()) -> None:
     out = ['transport = "smtp"', 'smtp_host = "127.0.0.1"', f"smtp_port = {sink_port}",
            'smtp_tls = "none"', "smtp_tls_verify = false"] if smarthost else [
            'transport = "log"']
@@ -200,7 +200,7 @@ def write_config(h: Harness, *, sink_port: int, smarthost: bool, limits: bool,
         f"port = {h.http_port}", "", "[smtp]", 'mx_bind = "127.0.0.1"',
         f"mx_port = {h.mx_port}", 'submission_bind = "127.0.0.1"',
         f"submission_port = {submission_port}", "submissions_port = -1",
-        "max_connections_per_ip = 1000", "", "[tls]", f"cert = {toml_str(tls[0])}",
+        "max_connections_per_ip = 1000", *extra_smtp, "", "[tls]", f"cert = {toml_str(tls[0])}",
         f"key = {toml_str(tls[1])}", "",
         "# Not measured here; off so that the default ports (143/993) need not be free.",
         "[imap]", "enabled = false", "", "[storage]", 'backend = "local"',
@@ -458,7 +458,8 @@ class OutboundBench:
     def start_server(self, *, limits: bool) -> None:
         write_config(self.h, sink_port=self.sink.port, smarthost=self.smarthost,
                      limits=limits, submission_port=self.submission_port, tls=self.tls,
-                     extra_outbound=tuple(self.args.outbound))
+                     extra_outbound=tuple(self.args.outbound),
+                     extra_smtp=tuple(self.args.smtp))
         if self.h.server_log is None:
             self.h.server_log = open(self.h.tmp / "server.log", "wb")
         self.h._spawn()  # the harness's own spawn, with our config
@@ -644,6 +645,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="skip the second pass with send limits on")
     parser.add_argument("--outbound", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra [outbound] setting (TOML), e.g. smtp_pool_size=8")
+    parser.add_argument("--smtp", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra [smtp] setting (TOML), e.g. group_commit_parallel=1")
     parser.add_argument("--drain-rows", type=int, default=3000,
                         help="queue rows the drain empties (the accepted messages, copied "
                              "as often as needed)")

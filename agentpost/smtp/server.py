@@ -483,9 +483,13 @@ class SMTPServerProtocol(SMTPCommands, Protocol):
     # ------------------------------------------------------------------ helpers
 
     def _agent_call(self, fn: Callable[..., Any], *args: Any, timeout_s: float) -> defer.Deferred:
-        """Call the delivery agent (coroutine, Deferred or plain value) with a deadline."""
+        """Call the delivery agent (coroutine, Deferred or plain value) with a deadline.
+
+        A call that answered at once (submission's MAIL check is in memory) gets no
+        deadline: arming and cancelling a reactor timer for it was pure overhead."""
         deferred = defer.maybeDeferred(fn, *args)
-        deferred.addTimeout(timeout_s, self.clock)
+        if not deferred.called:
+            deferred.addTimeout(timeout_s, self.clock)
         return deferred
 
     def _reset_transaction(self) -> None:

@@ -104,8 +104,13 @@ _ALL_STORED_SQL = (
     "  WHERE m.org_id = ANY(%s) AND m.id = x.id LIMIT 1) AS f ON true "
     "WHERE f.found IS NULL")
 _NOT_STORED = re.compile(r"agentpost: not stored: ([A-Za-z0-9_]+)")
-_UIDS_SQL = ("SELECT json_object_agg(id, uid) FROM messages "
-             "WHERE org_id = ANY(%s) AND id = ANY(%s)")
+#: Each stored id's UID (params: the ids, the orgs), one index probe per id: a generic
+#: plan of ``id = ANY(...)`` made while the table was small scans the whole table until
+#: the statement is prepared again (storage.prepared), and the group commit's transaction
+#: forces generic plans (pg_stat_statements, submission bench: 0.53 ms a batch, now 0.16).
+_UIDS_FROM = ("FROM unnest(%s::text[]) AS x(id) JOIN LATERAL (SELECT m.uid FROM messages m "
+              "  WHERE m.org_id = ANY(%s) AND m.id = x.id LIMIT 1) AS f ON true")
+_UIDS_SQL = "SELECT json_object_agg(x.id, f.uid) " + _UIDS_FROM
 
 
 async def insert_messages(txn: Txn, copies: list[tuple[dict[str, Any], list[dict[str, Any]],
@@ -144,13 +149,13 @@ async def insert_messages(txn: Txn, copies: list[tuple[dict[str, Any], list[dict
     orgs = sorted({row["org_id"] for row, _, _ in copies})
     ids = [row["id"] for row, _, _ in copies]
     if not commit:
-        sql.append("SELECT id, uid FROM messages WHERE org_id = ANY(%s) AND id = ANY(%s)")
-        rows = await txn.fetchall("; ".join(sql), [*params, orgs, ids])
+        sql.append("SELECT x.id, f.uid " + _UIDS_FROM)
+        rows = await txn.fetchall("; ".join(sql), [*params, ids, orgs])
         return {r["id"]: r["uid"] for r in rows}
     sql.append(_ALL_STORED_SQL)
     try:
         found = await txn.commit_with("; ".join(sql), [*params, ids, orgs], _UIDS_SQL,
-                                      [orgs, ids])
+                                      [ids, orgs])
     except psycopg2.errors.InvalidTextRepresentation as exc:
         missing = _NOT_STORED.search(str(exc))
         if missing is None:
