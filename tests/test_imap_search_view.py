@@ -285,3 +285,37 @@ async def test_modseq_turns_condstore_on_on_both_paths(server, monkeypatch):
     assert view_first[0].startswith(b"* OK [HIGHESTMODSEQ ")
     assert view_first[1].startswith(b"* SEARCH 1 3 (MODSEQ ")
     assert len(view_second) == 1 and view_second[0].startswith(b"* SEARCH 2 (MODSEQ ")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_too_costly_for_the_reactor_goes_to_the_database(server, sent,
+                                                                      monkeypatch):
+    """keys x messages above view_search.MAX_EVALUATIONS: the database decides (a
+    thousand ORs over a large mailbox must not hold the reactor), with the same answer."""
+    from agentpost.imap import view_search
+
+    monkeypatch.setattr(search_module, "FROM_VIEW", True)
+    monkeypatch.setattr(view_search, "MAX_EVALUATIONS", 30)
+    inbox, key = await new_inbox(server, "searchbudget")
+    costly = "SEARCH OR OR FLAGGED SEEN OR DELETED DRAFT"  # 7 criteria x 12 messages
+
+    def run() -> tuple[list[bytes], list[str], list[bytes], list[str], list[bytes]]:
+        reader, writer = _folder(server.imap_port, inbox["email"], key)
+        writer.logout()
+        try:
+            sent.clear()
+            cheap = reader.cmd("SEARCH FLAGGED")  # 1 x 12: still the view's
+            cheap_reads = _reads(sent)
+            sent.clear()
+            by_db = reader.cmd(costly)
+            costly_reads = _reads(sent)
+            monkeypatch.setattr(view_search, "MAX_EVALUATIONS", 10_000)
+            by_view = reader.cmd(costly)
+            return cheap, cheap_reads, by_db, costly_reads, by_view
+        finally:
+            reader.logout()
+
+    cheap, cheap_reads, by_db, costly_reads, by_view = await deferToThread(run)
+    assert cheap[-1].split(b" ", 2)[1] == b"OK" and cheap_reads == []
+    assert costly_reads, "the costly key was not sent to the database"
+    assert by_db[0].startswith(b"* SEARCH ") and by_db[:-1] == by_view[:-1]

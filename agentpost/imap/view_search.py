@@ -40,6 +40,11 @@ from agentpost.mail.keywords import fold
 Predicate = Callable[[int, MessageMeta], bool]
 
 _STORED_FLAGS = frozenset(SYSTEM_FLAGS)
+#: Criteria evaluations (keys x messages) one SEARCH may cost the reactor thread; above
+#: it the database decides (statement_timeout bounds it there, and the process keeps
+#: serving): a hostile key of a thousand ORs over a mailbox of 100,000 messages would
+#: otherwise hold every session of the process for seconds.
+MAX_EVALUATIONS = 200_000
 
 
 #: The criteria the view decides, as parsed (sequence sets, UID sets, RECENT) and as
@@ -75,7 +80,7 @@ def matches(view: SelectedMailbox, key: tuple[Any, ...]) -> list[int] | None:
     before its NOTIFY) is matched from the flags the session last reported, the state
     the client holds, as a FETCH of its flags describes it (commands/fetch.py); the
     EXPUNGE follows at the next command that may carry it."""
-    if not decidable(key):
+    if not decidable(key) or _size(key) * len(view.uids) > MAX_EVALUATIONS:
         return None
     gone = view.pending_expunged
     uids = [u for u in view.uids if u not in gone] if gone else view.uids
@@ -92,6 +97,18 @@ def matches(view: SelectedMailbox, key: tuple[Any, ...]) -> list[int] | None:
         return [u for u in uids if (flag in meta[u].flags) is on]
     test = _compile(key)
     return [u for u in uids if test(u, meta[u])]
+
+
+def _size(key: tuple[Any, ...]) -> int:
+    """The criteria of a key tree (what each message costs to test)."""
+    op = key[0]
+    if op == "and":
+        return 1 + sum(_size(k) for k in key[1])
+    if op == "or":
+        return 1 + _size(key[1]) + _size(key[2])
+    if op == "not":
+        return 1 + _size(key[1])
+    return 1
 
 
 def _compile(key: tuple[Any, ...]) -> Predicate:
