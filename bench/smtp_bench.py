@@ -63,6 +63,7 @@ if str(HERE) not in sys.path:  # so that the sibling api_bench module imports
     sys.path.insert(0, str(HERE))
 
 import api_bench  # noqa: E402 - after the sys.path fix above; it also puts the repo on it
+import pg_stats  # noqa: E402
 import psycopg2  # noqa: E402
 from api_bench import (  # noqa: E402
     SetupError,
@@ -450,7 +451,7 @@ class Harness:
         self.profilers: list[subprocess.Popen[bytes]] = []
         self.keep_log: str | None = None
 
-    def start_postgres(self, fsync: bool) -> str:
+    def start_postgres(self, fsync: bool, *, statements: bool = False) -> str:
         """Start the cluster, create and migrate the database; returns the server version."""
         log(f"starting PostgreSQL (fsync={'on' if fsync else 'off'}) under {self.tmp}")
         self.cluster = EmbeddedPostgres(self.tmp / "var", fsync=fsync, name=self.name)
@@ -465,6 +466,8 @@ class Harness:
         finally:
             admin.close()
         self.dsn = self.cluster.dsn(DBNAME)
+        if statements:  # --pg-stats
+            pg_stats.enable(self.cluster, [DBNAME])
         migrate(self.dsn)
         self.db = psycopg2.connect(self.dsn, connect_timeout=10)
         self.db.autocommit = True
@@ -859,7 +862,7 @@ class SMTPBench:
 
     def setup(self) -> dict[str, Any]:
         args = self.args
-        pg_version = self.h.start_postgres(not args.no_fsync)
+        pg_version = self.h.start_postgres(not args.no_fsync, statements=args.pg_stats)
         self.h.start_server(pool_size=args.pool_size, log_level=args.log_level,
                             starttls=args.starttls)
         from agentpost.config import load_config
@@ -981,6 +984,8 @@ class SMTPBench:
                 sampler = PgWaitSampler(self.h.dsn) if args.pg_waits else None
                 if sampler is not None:
                     sampler.start()
+                if args.pg_stats:
+                    pg_stats.reset(self.h.db)
                 run = await run_scenario(self.h, scenario, factory, self.recipients,
                                          args.warmup, args.duration, args.timeout)
                 status = proc_status(self.h.server_pid)
@@ -989,6 +994,8 @@ class SMTPBench:
                     await asyncio.to_thread(self.h.finish_profiler, profiler)
                     with contextlib.suppress(OSError):
                         self.hotspots = top_frames(Path(args.py_spy))
+                if args.pg_stats:
+                    log(pg_stats.report(self.h.db))
                 rows = self.h.count() - before
                 totals["accepted"] += run.accepted_total
                 summary = summarize(run, rows, status.get("VmHWM"), status.get("VmRSS"), reset)
@@ -1193,6 +1200,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "group_commit=false or group_commit_max=32 (repeatable)")
     parser.add_argument("--server-log", metavar="FILE", default=None,
                         help="keep a copy of the server's log here (it is deleted otherwise)")
+    parser.add_argument("--pg-stats", action="store_true",
+                        help="load pg_stat_statements with track_planning and print, after "
+                             "each scenario (warm-up included), plans, calls, planning and "
+                             "execution time per statement, top by planning time (stderr)")
     parser.add_argument("--json", action="store_true",
                         help="print the results as JSON on stdout instead of the table")
     args = parser.parse_args(argv)

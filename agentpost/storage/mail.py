@@ -20,6 +20,7 @@ from agentpost.storage.message_insert import DeliveryProbe as DeliveryProbe
 from agentpost.storage.message_insert import insert_message as insert_message
 from agentpost.storage.message_insert import insert_messages as insert_messages
 from agentpost.storage.message_insert import prepare_deliveries as prepare_deliveries
+from agentpost.storage.prepared import GENERIC_PLANS
 from agentpost.storage.threads import relabel_threads_sql
 
 SYSTEM_FOLDERS = (("INBOX", "\\Inbox"), ("Sent", "\\Sent"), ("Drafts", "\\Drafts"),
@@ -32,8 +33,15 @@ EVENTS_CHANNEL = "agentpost_events"
 async def route(txn: Txn, address: str, domain: str) -> dict[str, Any]:
     """Everything the MX needs at RCPT, in ONE statement (routing runs per recipient):
     ``hosted`` (the domain is ours), the inbox (``org_id``... None when unknown) and its
-    receive filter ``rules`` (a list of {match_type, value, action})."""
+    receive filter ``rules`` (a list of {match_type, value, action}).
+
+    Sent alone (run_read), with the generic plan: every part is an index lookup by an
+    equality, so it is the custom plan without planning, and a plan of this statement
+    costs about four times its execution (pg_stat_statements, bench/smtp_bench.py
+    --pg-stats); under ``auto`` each connection planned it afresh after each of its
+    re-preparations (storage.prepared)."""
     return await txn.fetchone(
+        f"{GENERIC_PLANS}; "
         "SELECT (EXISTS (SELECT 1 FROM shared_domains WHERE name = lower(%s)) OR "
         "        EXISTS (SELECT 1 FROM domains WHERE name = lower(%s) "
         "                AND verified_at IS NOT NULL)) AS hosted, "
