@@ -38,3 +38,17 @@ async def test_collect_of_nothing_sends_nothing(server, sent):
     sent.clear()
     await BlobCollector(server.core.db, server.core.blobs).collect([])
     assert sent == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_collect_goes_in_slices_of_bounded_locks(server, sent, monkeypatch):
+    from agentpost.core import blobrefs
+
+    monkeypatch.setattr(blobrefs, "COLLECT_SLICE", 2)
+    core = server.core
+    refs = [await core.blobs.put_bytes(f"sliced {i}\n".encode()) for i in range(5)]
+    sent.clear()
+    await BlobCollector(core.db, core.blobs).collect([r.key for r in refs])
+    assert len(sent) == 6, sent  # 3 transactions of at most 2 keys: locks+check, COMMIT
+    for ref in refs:
+        assert not await core.blobs.exists(ref.key)
