@@ -122,8 +122,11 @@ class PgConnection:
         return self._fd
 
     def logPrefix(self) -> str:
-        """Twisted's log context."""
-        return "pgconn"
+        """Twisted's log context: "-", as before. Results are handed over inside
+        doRead, so every legacy log line of the code they resume (a listener starting
+        after the start-up queries, say) carries this prefix; naming the driver there
+        would attribute those lines to it."""
+        return "-"
 
     def doRead(self) -> None:
         """A result arriving, or between statements a notice or the end of the link."""
