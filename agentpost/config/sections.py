@@ -66,7 +66,9 @@ class DatabaseSection:
         "5s", "Give up on opening a connection after this long.", "duration"
     )
     statement_timeout: float = opt(
-        "30s", "PostgreSQL cancels any single statement running longer than this.", "duration"
+        "30s", "PostgreSQL cancels any single statement running longer than this; the "
+        "request then fails as temporarily unavailable (HTTP 503, SMTP 451 4.3.0, IMAP NO "
+        "[UNAVAILABLE]) and is not retried.", "duration"
     )
     retries: int = opt(3, "Retries of a transaction after a serialization failure or lost link.")
     prepare_threshold: int = opt(
