@@ -44,7 +44,6 @@ from agentpost.storage import imap_commits
 from agentpost.storage import mail as mail_store
 from agentpost.storage import threads as thread_store
 from agentpost.storage.database import Txn
-from agentpost.storage.prepared import GENERIC_PLANS
 
 #: Columns a flag change may set: the IMAP system flags, read state and labels.
 FLAG_COLUMNS = mail_store.FLAG_COLUMNS
@@ -171,7 +170,6 @@ async def _change_flags_and_commit(txn: Txn, ctx: RequestContext, org: str,
                                    by_folder: dict[int, list[dict[str, Any]]],
                                    relabelled: list[str], status: int) -> dict[str, int]:
     batch = _Batch()
-    batch.add((GENERIC_PLANS, []))  # the transaction's last round trip
     batch.add(_audit_sql(txn, ctx, status))
     if relabelled:  # the thread rows before the folder rows (the lock order above)
         batch.add(imap_commits.lock_threads_sql(org, relabelled))
@@ -182,7 +180,8 @@ async def _change_flags_and_commit(txn: Txn, ctx: RequestContext, org: str,
         batch.add(thread_store.relabel_threads_sql(org, relabelled, txn.now))
     batch.add(imap_commits.notify_sql(folders))
     result = imap_commits.modseqs_result(org, folders) if folders else ("NULL::int", [])
-    found = await imap_commits.commit_with(txn, batch.text, batch.params, *result) or {}
+    found = await imap_commits.commit_with(txn, batch.text, batch.params, *result,
+                                           generic_plans=True) or {}
     return {u["id"]: int(found[str(folder_id)])
             for folder_id in folders for u in by_folder[folder_id]}
 
@@ -225,17 +224,16 @@ async def _delete_and_commit(txn: Txn, ctx: RequestContext, org: str,
     folder rows' expunge marks and wake-ups -- the same lock order and effects as the
     API's path, with no trip through the reactor while anything is held."""
     batch = _Batch()
-    batch.add((GENERIC_PLANS, []))  # the transaction's last round trip
     batch.add(_audit_sql(txn, ctx, status))
     if not rows:
-        await imap_commits.commit_with(txn, batch.text, batch.params)
+        await imap_commits.commit_with(txn, batch.text, batch.params, generic_plans=True)
         return []
     batch.add(imap_commits.expunge_messages_sql(org, [row["id"] for row in rows], txn.now))
     batch.add(thread_store.lock_and_refresh_sql(
         org, [row["thread_id"] for row in rows], txn.now, drop_empty=True))
     batch.add(imap_commits.mark_expunged_after_sql(org))
     freed = await imap_commits.commit_with(txn, batch.text, batch.params,
-                                           *imap_commits.freed_result())
+                                           *imap_commits.freed_result(), generic_plans=True)
     return list(freed or [])
 
 

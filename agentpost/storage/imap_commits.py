@@ -16,6 +16,7 @@ from agentpost.storage.database import Txn, text_array
 from agentpost.storage.imap import _INDEX_COLUMNS
 from agentpost.storage.mail import FLAG_COLUMNS as _FLAG_COLUMNS
 from agentpost.storage.message_insert import MAIL_CHANNEL
+from agentpost.storage.prepared import GENERIC_PLANS
 
 # Writes that end in their own COMMIT (issue 10: lock windows) ---------------------------
 #
@@ -28,14 +29,21 @@ from agentpost.storage.message_insert import MAIL_CHANNEL
 
 
 async def commit_with(txn: Txn, sql: str, params: list[Any],
-                      result_sql: str = "NULL::int", result_params: Sequence[Any] = ()) -> Any:
+                      result_sql: str = "NULL::int", result_params: Sequence[Any] = (), *,
+                      generic_plans: bool = False) -> Any:
     """Run the transaction's last statements ``sql``, then COMMIT, in one round trip;
     returns the JSON value of ``result_sql`` (an expression evaluated after ``sql``, in
     the transaction). Nothing may be written in ``txn`` afterwards. A link lost in this
     round trip leaves the outcome unknown: TemporaryFailure, never a retry (it could
     apply the change twice). See storage.database.Txn.commit_with (the MX's group
     commit ends the same way): the locks go before the WAL flush, and the change is
-    still durable before the caller hears of it."""
+    still durable before the caller hears of it.
+
+    ``generic_plans``: the statements use PostgreSQL's generic plans (storage.prepared.
+    GENERIC_PLANS; the setting ends with this transaction) -- for batches whose plans
+    were checked not to depend on their values (STORE's, EXPUNGE's)."""
+    if generic_plans:
+        sql = f"{GENERIC_PLANS}; {sql}"
     return await txn.commit_with(sql, params, result_sql, result_params)
 
 
