@@ -56,16 +56,25 @@ _DECIDABLE = frozenset({"all", "seq", "uidset", "recent", "uid", "flag", "keywor
 def decidable(key: tuple[Any, ...]) -> bool:
     """Whether every criterion of a key (parsed or resolved) can be decided from the
     view."""
+    return _cost(key) is not None
+
+
+def _cost(key: tuple[Any, ...]) -> int | None:
+    """The criteria of a key tree (what each message costs to test), or None when one
+    of them needs the database."""
     op = key[0]
     if op in _DECIDABLE:
-        return True
-    if op == "and":
-        return all(decidable(k) for k in key[1])
-    if op == "or":
-        return decidable(key[1]) and decidable(key[2])
-    if op == "not":
-        return decidable(key[1])
-    return False
+        return 1
+    parts = key[1] if op == "and" else key[1:] if op in ("or", "not") else None
+    if parts is None:
+        return None
+    total = 1
+    for part in parts:
+        inner = _cost(part)
+        if inner is None:
+            return None
+        total += inner
+    return total
 
 
 def matches(view: SelectedMailbox, key: tuple[Any, ...]) -> list[int] | None:
@@ -80,7 +89,8 @@ def matches(view: SelectedMailbox, key: tuple[Any, ...]) -> list[int] | None:
     before its NOTIFY) is matched from the flags the session last reported, the state
     the client holds, as a FETCH of its flags describes it (commands/fetch.py); the
     EXPUNGE follows at the next command that may carry it."""
-    if not decidable(key) or _size(key) * len(view.uids) > MAX_EVALUATIONS:
+    cost = _cost(key)
+    if cost is None or cost * len(view.uids) > MAX_EVALUATIONS:
         return None
     gone = view.pending_expunged
     uids = [u for u in view.uids if u not in gone] if gone else view.uids
@@ -97,18 +107,6 @@ def matches(view: SelectedMailbox, key: tuple[Any, ...]) -> list[int] | None:
         return [u for u in uids if (flag in meta[u].flags) is on]
     test = _compile(key)
     return [u for u in uids if test(u, meta[u])]
-
-
-def _size(key: tuple[Any, ...]) -> int:
-    """The criteria of a key tree (what each message costs to test)."""
-    op = key[0]
-    if op == "and":
-        return 1 + sum(_size(k) for k in key[1])
-    if op == "or":
-        return 1 + _size(key[1]) + _size(key[2])
-    if op == "not":
-        return 1 + _size(key[1])
-    return 1
 
 
 def _compile(key: tuple[Any, ...]) -> Predicate:
