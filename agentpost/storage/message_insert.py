@@ -79,11 +79,12 @@ async def _insert_and_commit(txn: Txn, row: dict[str, Any], sql: str,
                                       [*params, org, folder, org, msg],
                                       _ONE_STORED_RESULT, [org, msg])
     except psycopg2.errors.InvalidTextRepresentation as exc:
-        if "agentpost: not stored: quota" in str(exc):
+        why = _NOT_STORED.search(str(exc))
+        if why is None:
+            raise
+        if why.group(1) == "quota":
             raise MailboxFull() from exc
-        if "agentpost: not stored: folder" in str(exc):
-            raise LookupError("the folder of a new message vanished") from exc
-        raise
+        raise LookupError("the folder of a new message vanished") from exc
     return int(found[0]), int(found[1])
 
 
