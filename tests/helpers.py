@@ -129,3 +129,21 @@ def query(dsn: str, sql: str, params: tuple = ()) -> list[tuple]:
             return cur.fetchall()
     finally:
         conn.close()
+
+
+def http_answers(raw: bytes) -> list[tuple[bytes, dict[bytes, list[bytes]], bytes]]:
+    """HTTP/1.1 answers as the socket carried them, one after another: (status line,
+    header fields by lower-case name, body of exactly Content-Length bytes). Every
+    answer must say its length."""
+    answers = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        fields: dict[bytes, list[bytes]] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            fields.setdefault(name.strip().lower(), []).append(value.strip())
+        length = int(fields[b"content-length"][0])
+        answers.append((lines[0], fields, rest[:length]))
+        raw = rest[length:]
+    return answers

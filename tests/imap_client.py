@@ -17,7 +17,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from twisted.internet.threads import deferToThread
 
@@ -228,3 +228,29 @@ def message(n: int | str, subject: str, *, msgid: str | None = None, refs: str =
         headers.append(f"In-Reply-To: {reply_to}")
     body = f"body {n}\r\n" + "x" * size
     return ("\r\n".join(headers) + "\r\n\r\n" + body).encode()
+
+
+def on_both_paths(client: Client, sent: list[str], command: str, module: Any,
+                  read: str, *, reads_only_if_ok: bool = False
+                  ) -> tuple[list[bytes], list[bytes]]:
+    """``command`` answered with ``module.FROM_VIEW`` on (the session's view), then off
+    (the database path), each without its tag (the tagged line's, and a quoted one an
+    ESEARCH carries, become nothing and ``TAG``). Asserts the view path sent no SQL
+    containing ``read`` and the database path did (with ``reads_only_if_ok``: only for
+    an OK answer), so the comparison is between the two paths, not one path twice."""
+    answers = []
+    for from_view in (True, False):
+        module.FROM_VIEW = from_view
+        try:
+            sent.clear()
+            lines = client.cmd(command)
+        finally:
+            module.FROM_VIEW = True
+        ok = lines[-1].split(b" ", 2)[1] == b"OK"
+        if ok or not reads_only_if_ok:
+            assert any(read in sql for sql in sent) is not from_view, \
+                (command, from_view, sent)
+        tag = b'"' + client.tag.encode() + b'"'
+        answers.append([line.replace(tag, b"TAG") for line in lines[:-1]]
+                       + [lines[-1].split(b" ", 1)[1]])
+    return answers[0], answers[1]

@@ -24,6 +24,7 @@ from twisted.web import resource, server
 from agentpost.http.framework import render
 from agentpost.http.site import SECURITY_HEADERS, AgentPostChannel, make_site
 from tests.helpers import SECURITY_HEADERS as CLIENT_SECURITY_HEADERS
+from tests.helpers import http_answers
 
 TIMEOUT_S = 30
 
@@ -70,21 +71,6 @@ def _channel(clock: task.Clock) -> tuple[AgentPostChannel, StringTransport, _Hel
     return channel, transport, root
 
 
-def _answers(raw: bytes) -> list[tuple[bytes, dict[bytes, list[bytes]], bytes]]:
-    out = []
-    while raw:
-        head, _, rest = raw.partition(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        headers: dict[bytes, list[bytes]] = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers.setdefault(name.strip().lower(), []).append(value.strip())
-        length = int(headers.get(b"content-length", [b"0"])[0])
-        out.append((lines[0], headers, rest[:length]))
-        raw = rest[length:]
-    return out
-
-
 def test_an_idle_connection_is_closed_after_the_timeout():
     clock = task.Clock()
     _, transport, _ = _channel(clock)
@@ -127,7 +113,7 @@ def test_many_requests_keep_one_timer_and_a_closed_connection_none():
     for _ in range(5):
         channel.dataReceived(b"GET /json HTTP/1.1\r\nHost: x\r\n\r\n")
         clock.advance(1)
-    assert len(_answers(transport.value())) == 5
+    assert len(http_answers(transport.value())) == 5
     assert len([c for c in clock.getDelayedCalls() if c.active()]) == 1
     channel.connectionLost(Failure(Exception("gone")))
     assert not [c for c in clock.getDelayedCalls() if c.active()]
@@ -146,7 +132,7 @@ def test_a_whole_answer_is_one_write_with_every_header_once():
     transport.write = write  # type: ignore[method-assign]
     channel.dataReceived(b"GET /json HTTP/1.1\r\nHost: x\r\n\r\n")
     assert len(writes) == 1
-    [(status, headers, body)] = _answers(transport.value())
+    [(status, headers, body)] = http_answers(transport.value())
     assert status == b"HTTP/1.1 200 OK"
     assert json.loads(body) == {"ok": True, "name": "Zoë"}
     assert headers[b"content-length"] == [b"%d" % len(body)]
@@ -219,7 +205,7 @@ async def test_answers_sent_straight_to_the_socket_arrive_whole(server):
     port = int(server.base_url.rsplit(":", 1)[1])
     answers = await threads.deferToThread(_get_many, port, key, 20)
     for answer in answers:
-        [(status, headers, body)] = _answers(answer)
+        [(status, headers, body)] = http_answers(answer)
         assert status == b"HTTP/1.1 200 OK"
         assert isinstance(json.loads(body)["data"], list)
         for name in CLIENT_SECURITY_HEADERS:

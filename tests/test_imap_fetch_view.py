@@ -12,7 +12,7 @@ import pytest_twisted
 from twisted.internet.threads import deferToThread
 
 from agentpost.imap.commands import fetch as fetch_module
-from tests.imap_client import Client, message, new_inbox
+from tests.imap_client import Client, message, new_inbox, on_both_paths
 
 #: storage.imap.fetch_rows, the database path's read.
 _FETCH_ROWS = "AND uid = ANY(%s::bigint[]) ORDER BY uid"
@@ -23,20 +23,8 @@ def _reads(sent: list[str]) -> list[str]:
 
 
 def _both(client: Client, sent: list[str], command: str) -> tuple[list[bytes], list[bytes]]:
-    """``command`` answered from the view, then from the database (the old path), with
-    the tag cut off the tagged line; asserts the first read nothing and the second did
-    (so the detector sees the read it looks for)."""
-    answers = []
-    for from_view in (True, False):
-        fetch_module.FROM_VIEW = from_view
-        try:
-            sent.clear()
-            lines = client.cmd(command)
-        finally:
-            fetch_module.FROM_VIEW = True
-        assert bool(_reads(sent)) is not from_view, (from_view, sent)
-        answers.append([*lines[:-1], lines[-1].split(b" ", 1)[1]])
-    return answers[0], answers[1]
+    """``command`` from the view, then from the database (tests.imap_client.on_both_paths)."""
+    return on_both_paths(client, sent, command, fetch_module, _FETCH_ROWS)
 
 
 def _filled(port: int, user: str, key: str, count: int = 3) -> Client:

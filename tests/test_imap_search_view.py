@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from twisted.internet.threads import deferToThread
 
 from agentpost.imap.commands import search as search_module
-from tests.imap_client import Client, Lit, message, new_inbox
+from tests.imap_client import Client, Lit, message, new_inbox, on_both_paths
 
 #: storage.imap.search, the database path's read.
 _SEARCH_SQL = "SELECT uid FROM messages WHERE org_id = %s AND folder_id = %s AND"
@@ -29,24 +29,8 @@ def _reads(sent: list[str]) -> list[str]:
 
 
 def _both(client: Client, sent: list[str], command: str) -> tuple[list[bytes], list[bytes]]:
-    """``command`` answered from the view, then from the database (the old path), the
-    tags cut off; asserts the first read nothing and the second did when the key is
-    one the view decides (``view_only`` keys: every test key here)."""
-    answers = []
-    for from_view in (True, False):
-        search_module.FROM_VIEW = from_view
-        try:
-            sent.clear()
-            lines = client.cmd(command)
-        finally:
-            search_module.FROM_VIEW = True
-        ok = lines[-1].split(b" ", 2)[1] == b"OK"
-        if ok:
-            assert bool(_reads(sent)) is not from_view, (command, from_view, sent)
-        tag = client.tag.encode()
-        answers.append([line.replace(b'"' + tag + b'"', b"TAG") for line in lines[:-1]]
-                       + [lines[-1].split(b" ", 1)[1]])
-    return answers[0], answers[1]
+    """``command`` from the view, then from the database (tests.imap_client.on_both_paths)."""
+    return on_both_paths(client, sent, command, search_module, _SEARCH_SQL, reads_only_if_ok=True)
 
 
 def _append(client: Client, flags: str, n: int) -> None:

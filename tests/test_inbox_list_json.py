@@ -19,6 +19,7 @@ from agentpost.http import views
 from agentpost.http.site import SECURITY_HEADERS
 from agentpost.storage import inboxes as inbox_store
 from agentpost.storage.database import Txn
+from tests.helpers import http_answers
 
 _NAMES = ['quote " backslash \\ slash /', "tab\t nl\n cr\r nul-free \x01\x1f\x7f",
           "Zoë 東京 \u2028 \u2029 😀", "", "<script>&amp;</script>"]
@@ -120,21 +121,6 @@ def _raw_exchange(port: int, requests: list[str], key: str) -> bytes:
     return b"".join(chunks)
 
 
-def _answers(raw: bytes) -> list[tuple[bytes, dict[bytes, list[bytes]], bytes]]:
-    answers = []
-    while raw:
-        head, _, rest = raw.partition(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        fields: dict[bytes, list[bytes]] = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            fields.setdefault(name.lower(), []).append(value.strip())
-        length = int(fields[b"content-length"][0])
-        answers.append((lines[0], fields, rest[:length]))
-        raw = rest[length:]
-    return answers
-
-
 @pytest_twisted.ensureDeferred
 async def test_the_short_request_path_keeps_every_header_and_decodes_paths(server):
     """AgentPostRequest.process (Date from a per-second cache, no percent-decoding of a
@@ -148,7 +134,7 @@ async def test_the_short_request_path_keeps_every_header_and_decodes_paths(serve
     raw = await threads.deferToThread(_raw_exchange, port, [
         "/api/v1/inboxes", encoded, "/api/v1/inboxes?limit=1", "/api/v1/nothing-here",
         "/api/v1/inboxes/%FF"], key)
-    answers = _answers(raw)
+    answers = http_answers(raw)
     assert [status.split(b" ")[1] for status, _, _ in answers] == [
         b"200", b"200", b"200", b"404", b"400"]
     for _, fields, body in answers:
