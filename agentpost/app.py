@@ -532,6 +532,7 @@ def make_service(config: Config, reactor: Any,
     With more than one worker, every process (this one and the copies it keeps
     running) binds its ports with SO_REUSEPORT; ``argv`` is how to start a copy.
     """
+    from agentpost.stopping import StopOnSignals
     from agentpost.workers import (
         PARENT_ENV,
         HeapTuning,
@@ -542,6 +543,7 @@ def make_service(config: Config, reactor: Any,
     )
 
     root = service.MultiService()
+    StopOnSignals(reactor).setServiceParent(root)
     if is_worker():
         die_with_parent()
         ParentWatch(reactor, int(os.environ[PARENT_ENV])).setServiceParent(root)

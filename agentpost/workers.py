@@ -19,6 +19,8 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer, protocol, task
 
+from agentpost.stopping import stop_reactor
+
 log = logging.getLogger(__name__)
 
 WORKER_ENV = "AGENTPOST_WORKER"
@@ -90,7 +92,7 @@ class ParentWatch(service.Service):
         log.warning("worker: the first process (pid %d) is gone; stopping", self.parent_pid)
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        self.reactor.stop()
+        stop_reactor(self.reactor, "the first process is gone")
 
 
 class _Worker(protocol.ProcessProtocol):

@@ -112,7 +112,7 @@ def test_two_workers_share_ports_and_are_kept_alive(db_dsn, tmp_path):
     assert proc.returncode == 0, out
     assert _wait(lambda: not _children(proc.pid), timeout=10)
     assert _kill_leftovers(config) == []
-    assert "Traceback" not in out
+    assert "Traceback" not in out, out
 
 
 def test_workers_exit_when_the_first_process_is_killed(db_dsn, tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -221,10 +220,10 @@ def main() -> int:
 
 def _serve(config: Any, config_path: Path, tls: Any, database: str) -> int:
     from twisted.internet import defer, reactor
-    from twisted.internet.interfaces import IReactorFromThreads
 
     from agentpost.app import make_service
     from agentpost.logs import configure_logging
+    from agentpost.stopping import install_stop_handlers
 
     configure_logging(config.logging.level)
     root = make_service(config, reactor)
@@ -242,9 +241,7 @@ def _serve(config: Any, config_path: Path, tls: Any, database: str) -> int:
     reactor.callWhenRunning(
         lambda: defer.Deferred.fromCoroutine(startup()).addErrback(failed))
     reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
-    from_threads = IReactorFromThreads(reactor)
-    signal.signal(signal.SIGINT, lambda *_: from_threads.callFromThread(reactor.stop))
-    signal.signal(signal.SIGTERM, lambda *_: from_threads.callFromThread(reactor.stop))
+    install_stop_handlers(reactor)
     # IReactorCore.run() leaves out the installSignalHandlers every reactor's run() takes.
     reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
     return 1 if getattr(svc, "start_error", None) is not None else 0
