@@ -107,7 +107,7 @@ class Router:
     async def _route(self, address: str, domain: str, sender: str) -> Target:
         """The inbox at ``address`` after its receive filters and quota."""
         row: Any = await self._db.run_read("routing.resolve", mail_store.route, address,
-                                           domain)
+                                           domain, with_usage=bool(self._quota))
         if not row["hosted"]:
             raise RelayDenied()
         if row["inbox_id"] is None:

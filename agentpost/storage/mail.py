@@ -30,10 +30,16 @@ EVENTS_CHANNEL = "agentpost_events"
 
 # Routing ------------------------------------------------------------------------------
 
-async def route(txn: Txn, address: str, domain: str) -> dict[str, Any]:
+async def route(txn: Txn, address: str, domain: str, *,
+                with_usage: bool = True) -> dict[str, Any]:
     """Everything the MX needs at RCPT, in ONE statement (routing runs per recipient):
-    ``hosted`` (the domain is ours), the inbox (``org_id``... None when unknown) and its
-    receive filter ``rules`` (a list of {match_type, value, action}).
+    ``hosted`` (the domain is ours), the inbox (``org_id``... None when unknown), its
+    receive filter ``rules`` (a list of {match_type, value, action}) and, ``with_usage``,
+    its ``used_bytes`` (else None).
+
+    Without a quota nothing reads the use, and reading it costs: it sums the inbox's
+    deltas not yet folded (storage.usage), up to a fold interval's worth of deliveries
+    for an inbox that receives a burst -- the most expensive part of this statement.
 
     Sent alone (run_read), with the generic plan: every part is an index lookup by an
     equality, so it is the custom plan without planning, and a plan of this statement
@@ -46,7 +52,7 @@ async def route(txn: Txn, address: str, domain: str) -> dict[str, Any]:
         "        EXISTS (SELECT 1 FROM domains WHERE name = lower(%s) "
         "                AND verified_at IS NOT NULL)) AS hosted, "
         "       i.org_id, i.environment_id, i.id AS inbox_id, i.email, "
-        f"      {usage.used_sql('i')} AS used_bytes, "
+        f"      {usage.used_sql('i') if with_usage else 'NULL::bigint'} AS used_bytes, "
         "       (SELECT coalesce(json_agg(json_build_object('match_type', r.match_type, "
         "               'value', r.value, 'action', r.action)), '[]'::json) "
         "          FROM filter_rules r WHERE r.org_id = i.org_id "
