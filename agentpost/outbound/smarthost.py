@@ -79,7 +79,10 @@ __all__ = ["Reply", "SmarthostSettings", "SmarthostTransport", "queue_id_of"]
 
 #: Recipients per SMTP transaction (RFC 5321 §4.5.3.1.8 asks servers for at least 100).
 MAX_RCPTS = 100
-_BARE_LF = re.compile(rb"(?<!\r)\n")
+#: A CR or LF that is not half of a CRLF. Both become CRLF before the message leaves:
+#: a bare one passed on is a line end to some receivers and not to others, which is
+#: how ``<CR>.<CR>`` or ``<LF>.<LF>`` smuggles a second message (SMTP smuggling).
+_BARE_EOL = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _DOT_LINE = re.compile(rb"(?m)^\.")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -102,13 +105,19 @@ def needs_smtputf8(addresses: Sequence[str]) -> bool:
 
 
 def normalise(raw: bytes) -> bytes:
-    """What is sent: without a leading Return-Path, CRLF line ends, ending in CRLF."""
-    raw = _BARE_LF.sub(b"\r\n", strip_return_path(raw))
+    """What is sent: without a leading Return-Path, CRLF line ends (no bare CR or LF),
+    ending in CRLF."""
+    raw = strip_return_path(raw)
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\r") != crlf or raw.count(b"\n") != crlf:  # (counting: a tenth of the regex)
+        raw = _BARE_EOL.sub(b"\r\n", raw)
     return raw if raw.endswith(b"\r\n") else raw + b"\r\n"
 
 
 def dot_stuff(data: bytes) -> bytes:
     """RFC 5321 §4.5.2 transparency: a line starting with '.' gets another."""
+    if not data.startswith(b".") and b"\n." not in data:  # the usual message: no copy
+        return data
     return _DOT_LINE.sub(b"..", data)
 
 
