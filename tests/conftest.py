@@ -209,6 +209,15 @@ async def server(db_dsn: str, openapi_checker: OpenAPIChecker) -> Any:
     await running.service.stopService()
 
 
+@pytest_twisted.async_yield_fixture
+async def small_quota(db_dsn: str, openapi_checker: OpenAPIChecker) -> Any:
+    """A running server whose inboxes hold 64 KiB (``mail.inbox_quota``)."""
+    running = await start_server(make_config(db_dsn, mail={"inbox_quota": "64KiB"}),
+                                 openapi_checker)
+    yield running
+    await running.service.stopService()
+
+
 @pytest.fixture
 def sent(monkeypatch):
     """Every SQL message any transaction or read sends, as sent (round-trip counts)."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest_twisted
 
 from agentpost.storage.database import _UNLOCK_THEN_FLUSH
-from tests.conftest import make_config, start_server
 from tests.helpers import query
 from tests.imap_client import Client, Lit, new_login, session
 
@@ -40,14 +39,6 @@ async def test_append_commits_in_the_insert_round_trip(server, sent):
 
     fetched = await session(server.imap_port, user, key, check)
     assert b"\\Seen" in fetched[0] and b"$Work" in fetched[0]
-
-
-@pytest_twisted.async_yield_fixture
-async def small_quota(db_dsn, openapi_checker):
-    running = await start_server(make_config(db_dsn, mail={"inbox_quota": "64KiB"}),
-                                 openapi_checker)
-    yield running
-    await running.service.stopService()
 
 
 @pytest_twisted.ensureDeferred

@@ -8,7 +8,6 @@ import smtplib
 import pytest_twisted
 from twisted.internet import threads
 
-from tests.conftest import make_config, start_server
 from tests.imap_client import new_login
 
 
@@ -28,14 +27,6 @@ def _send(port: int, rcpt: str, raw: bytes) -> tuple[int, bytes]:
             return code, text
         code, text = s.data(raw)
         return (250, b"") if code == 250 else (code, text)
-
-
-@pytest_twisted.async_yield_fixture
-async def small_quota(db_dsn, openapi_checker):
-    running = await start_server(make_config(db_dsn, mail={"inbox_quota": "64KiB"}),
-                                 openapi_checker)
-    yield running
-    await running.service.stopService()
 
 
 @pytest_twisted.ensureDeferred
