@@ -53,6 +53,7 @@ from agentpost.model.errors import (
 from agentpost.model.ids import new_id
 from agentpost.model.principal import Principal
 from agentpost.storage import imap as imap_store
+from agentpost.storage import imap_commits
 from agentpost.storage import keywords as keyword_store
 from agentpost.storage.blobs import BlobStore
 from agentpost.storage.database import Database, Txn
@@ -373,11 +374,14 @@ class MessageOps:
                         to_folder=dest)
 
         written = [folder_id]
+        target_of = imap_commits.target_folder_sql(self._org, self._inbox_id, dest)
 
         async def txn_fn(txn: Txn) -> tuple[int, list[tuple[int, int]]]:
-            target = await self._folder(txn, dest)
+            # The source rows locked and the destination found in one round trip.
+            rows, target = await self._lock(txn, folder_id, uids, extra=target_of)
+            if target is None:
+                raise NotFound("No such folder.")
             written[1:] = [target["id"]]
-            rows, _ = await self._lock(txn, folder_id, uids)
             if not rows:  # nothing changes, nothing to audit
                 return target["uidvalidity"], []
             _describe(ctx, rows, to_folder_id=target["id"])

@@ -247,15 +247,22 @@ async def copy_messages(txn: Txn, ctx: RequestContext, rows: list[dict[str, Any]
     round trip. Returns (old UID, new UID) pairs."""
     org = _org(ctx)
     threads = sorted({row["thread_id"] for row in rows})
-    locks = _Batch()  # blob references, then the thread rows: one round trip
-    locks.add(mail_store.reference_copies_sql(org, [row["id"] for row in rows]))
-    locks.add(imap_commits.lock_threads_sql(org, threads))
-    await txn.execute(locks.text, locks.params)
     sizes: dict[str, int] = {}
     for row in rows:
         sizes[row["inbox_id"]] = sizes.get(row["inbox_id"], 0) + row["size"]
-    for inbox_id in sorted(sizes):
-        if not await mail_store.charge_storage(txn, org, inbox_id, sizes[inbox_id], quota):
+    charges = sorted(sizes.items())
+    locks = _Batch()  # blob references, the thread rows, the inbox's charge: one trip
+    locks.add(mail_store.reference_copies_sql(org, [row["id"] for row in rows]))
+    locks.add(imap_commits.lock_threads_sql(org, threads))
+    if len(charges) == 1:  # (rows of one folder: always) its answer ends the trip
+        inbox_id, size = charges.pop()
+        locks.add(mail_store.charge_storage_sql(org, inbox_id, size, quota, txn.now))
+        if not await txn.fetchval(locks.text, locks.params):
+            raise MailboxFull()
+    else:
+        await txn.execute(locks.text, locks.params)
+    for inbox_id, size in charges:
+        if not await mail_store.charge_storage(txn, org, inbox_id, size, quota):
             raise MailboxFull()
     new_ids = [new_id("msg") for _ in rows]
     batch = _Batch()

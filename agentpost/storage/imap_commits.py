@@ -47,6 +47,17 @@ async def commit_with(txn: Txn, sql: str, params: list[Any],
     return await txn.commit_with(sql, params, result_sql, result_params)
 
 
+def target_folder_sql(org_id: str, inbox_id: str, name: str) -> tuple[str, list[Any]]:
+    """COPY/MOVE's destination by name as a scalar JSON expression (``id``,
+    ``uidvalidity``; NULL when there is none), for the ``extra`` of the source rows'
+    locking read (storage.imap.lock_messages): one round trip for both. INBOX is
+    matched case-insensitively, as storage.imap.get_folder does."""
+    return ("(SELECT json_build_object('id', t.id, 'uidvalidity', t.uidvalidity) "
+            "FROM folders t WHERE t.org_id = %s AND t.inbox_id = %s "
+            "AND (t.name = %s OR (upper(%s) = 'INBOX' AND t.name = 'INBOX')))",
+            [org_id, inbox_id, name, name])
+
+
 def notify_sql(folder_ids: Iterable[int]) -> tuple[str, list[Any]]:
     """Wake-ups for folders (storage.mail.notify_folder), as one statement."""
     ids = sorted(set(folder_ids))

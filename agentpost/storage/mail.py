@@ -291,6 +291,13 @@ async def charge_storage(txn: Txn, org_id: str, inbox_id: str, size: int,
     return await usage.charge(txn, org_id, inbox_id, size, quota)
 
 
+def charge_storage_sql(org_id: str, inbox_id: str, size: int, quota: int,
+                       now: Any) -> tuple[str, list[Any]]:
+    """:func:`charge_storage` as (sql, params) to send after other statements of the
+    same round trip; its result is ``n`` (1: charged, 0: it would pass ``quota``)."""
+    return usage.charge_sql(org_id, inbox_id, size, quota, now)
+
+
 async def inbox_usage(txn: Txn, org_id: str, inbox_id: str) -> int:
     """Bytes an inbox's messages take (IMAP QUOTA), exactly: see storage.usage."""
     return await usage.inbox_usage(txn, org_id, inbox_id)

@@ -56,15 +56,24 @@ def charge_params(org_id: str, inbox_id: str, size: int, quota: int, now: Any) -
     return [org_id, inbox_id, size, now, org_id, inbox_id, quota, size, quota]
 
 
-async def charge(txn: Txn, org_id: str, inbox_id: str, size: int, quota: int = 0) -> bool:
-    """Add ``size`` bytes to an inbox's use; False (nothing changed) if that would pass
-    ``quota`` (0: no limit, and no lock)."""
+def charge_sql(org_id: str, inbox_id: str, size: int, quota: int,
+               now: Any) -> tuple[str, list[Any]]:
+    """:func:`charge` as (sql, params), for a caller that sends other statements ahead
+    of it in the same round trip: its result (``n``: 1 charged, 0 refused) is the
+    last statement's. With a quota, the lock is a statement of its own before the check
+    (see :func:`quota_lock_sql`), which a multi-statement message keeps."""
     sql = f"WITH q AS ({charge_cte_sql()}) SELECT count(*) AS n FROM q"
-    params = charge_params(org_id, inbox_id, size, quota, txn.now)
+    params = charge_params(org_id, inbox_id, size, quota, now)
     if quota:
         sql = quota_lock_sql() + "; " + sql
         params = [inbox_id, *params]
-    return bool(await txn.fetchval(sql, params))
+    return sql, params
+
+
+async def charge(txn: Txn, org_id: str, inbox_id: str, size: int, quota: int = 0) -> bool:
+    """Add ``size`` bytes to an inbox's use; False (nothing changed) if that would pass
+    ``quota`` (0: no limit, and no lock)."""
+    return bool(await txn.fetchval(*charge_sql(org_id, inbox_id, size, quota, txn.now)))
 
 
 def release_sql(freed_bytes: dict[str, int], org_id: str, now: Any) -> tuple[str, list[Any]]:
