@@ -436,20 +436,30 @@ class MessageOps:
         freed: list[str] = []
         ctx = self._ctx("imap.expunge", folder_id=folder_id)
 
-        async def txn_fn(txn: Txn) -> list[int]:
+        async def txn_fn(txn: Txn) -> tuple[list[int], int | None]:
             # The \\Deleted rows locked (re-checked once locked) with the folder check.
             rows, _ = await self._lock(txn, folder_id, uids, deleted_only=True)
-            if rows:  # an EXPUNGE that removes nothing changes nothing: no audit row
-                # The API's deletion; its last round trip gives the folder its new
-                # MODSEQ and commits.
-                _describe(ctx, rows)
-                freed[:] = await mail_changes.delete_messages(txn, ctx, rows, commit=True)
-            return [row["uid"] for row in rows]
+            if not rows:  # an EXPUNGE that removes nothing changes nothing: no audit row
+                return [], None
+            # The API's deletion; its last round trip gives the folder its new MODSEQ
+            # and commits.
+            _describe(ctx, rows)
+            freed[:], modseq = await mail_changes.expunge_folder(txn, ctx, rows, folder_id)
+            return [row["uid"] for row in rows], modseq
 
+        mirror = None if self._mirrors is None else \
+            self._mirrors.loaded(self._org, self._inbox_id, folder_id)
+        mark = None if mirror is None else mirror.mark()
+        held = False
         try:
-            expunged = await self._db.run_interaction("imap.expunge", txn_fn)
+            expunged, modseq = await self._db.run_interaction("imap.expunge", txn_fn)
+            # The process's mirror takes the expunge as it is (no catch-up query after
+            # it for every session of the folder here), as after a STORE.
+            held = modseq is None or (mirror is not None and mark is not None
+                                      and mirror.expunged(mark, modseq, expunged))
         finally:
-            self._touched(folder_id)
+            if not held:
+                self._touched(folder_id)
         if freed:  # after COMMIT; the answer need not wait for the files to go
             collecting = defer.ensureDeferred(self._collector.collect(freed))
             collecting.addErrback(lambda failure: log.warning(

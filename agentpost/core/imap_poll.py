@@ -250,15 +250,40 @@ class FolderMirror:
         committed before it (below ``modseq``: held), and any later one would have come
         after this write's own (two). A forced poll (NOOP) or another local write
         meanwhile leaves that to a catch-up, as before."""
-        if not self.loaded or self.deleted:
-            return False
-        if modseq <= self.highestmodseq:
-            return True
-        if modseq != self.highestmodseq + 1 or any(m.uid not in self.meta for m in metas):
-            return False
+        if not self._next_is(modseq, [m.uid for m in metas]):
+            return self._holds(modseq)
         for meta in sorted(metas, key=lambda m: m.uid):
             self.meta[meta.uid] = meta
             self._log.append((modseq, meta.uid))
+        self._local_write_done(mark, modseq)
+        return True
+
+    def expunged(self, mark: tuple[int, int], modseq: int, uids: list[int]) -> bool:
+        """A session of this process committed an EXPUNGE of ``uids``, which gave the
+        folder ``modseq`` (its new HIGHESTMODSEQ and expunge mark): as :meth:`wrote`,
+        so the other sessions here learn of it without a catch-up query after it."""
+        if not self._next_is(modseq, uids):
+            return self._holds(modseq)
+        gone = set(uids)
+        self.uids = [u for u in self.uids if u not in gone]
+        for uid in sorted(gone):
+            del self.meta[uid]
+            self._gone.append((modseq, uid))
+        self.expunged_modseq = modseq
+        self._local_write_done(mark, modseq)
+        return True
+
+    def _holds(self, modseq: int) -> bool:
+        """Whether the mirror already read the change that gave the folder ``modseq``."""
+        return self.loaded and not self.deleted and modseq <= self.highestmodseq
+
+    def _next_is(self, modseq: int, uids: list[int]) -> bool:
+        """Whether a local change at ``modseq`` of these (known) messages is the next one
+        the mirror can take as it is: every change below it is already in."""
+        return (self.loaded and not self.deleted and modseq == self.highestmodseq + 1
+                and all(uid in self.meta for uid in uids))
+
+    def _local_write_done(self, mark: tuple[int, int], modseq: int) -> None:
         self.highestmodseq = modseq
         self._trim()
         generation, notified = mark
@@ -268,7 +293,6 @@ class FolderMirror:
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:  # they look again; a catch-up in flight serves the rest
                 waiter.callback(None)
-        return True
 
     def any_flagged(self, flag: str, uids: list[int] | None) -> bool:
         """Whether a message (among ``uids``; None: any) has ``flag`` as the mirror last

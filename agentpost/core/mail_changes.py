@@ -197,7 +197,7 @@ async def delete_messages(txn: Txn, ctx: RequestContext, rows: list[dict[str, An
     usage deltas too (:func:`_delete_and_commit`)."""
     org = _org(ctx)
     if commit:
-        return await _delete_and_commit(txn, ctx, org, rows, status)
+        return list(await _delete_and_commit(txn, ctx, org, rows, status) or [])
     freed: list[str] = []
     deleted: list[dict[str, Any]] = []
     if rows:
@@ -216,25 +216,36 @@ async def delete_messages(txn: Txn, ctx: RequestContext, rows: list[dict[str, An
     return freed
 
 
+async def expunge_folder(txn: Txn, ctx: RequestContext, rows: list[dict[str, Any]],
+                         folder_id: int) -> tuple[list[str], int]:
+    """IMAP EXPUNGE of locked rows (at least one) of one folder: :func:`delete_messages`
+    with ``commit``, which also returns the folder's new HIGHESTMODSEQ."""
+    found = await _delete_and_commit(txn, ctx, _org(ctx), rows, 200,
+                                     imap_commits.expunge_result(_org(ctx), folder_id))
+    return list(found["freed"] or []), int(found["modseq"])
+
+
 async def _delete_and_commit(txn: Txn, ctx: RequestContext, org: str,
-                             rows: list[dict[str, Any]], status: int) -> list[str]:
+                             rows: list[dict[str, Any]], status: int,
+                             result: tuple[str, list[Any]] | None = None) -> Any:
     """IMAP EXPUNGE's whole change in ONE round trip with its COMMIT: the audit row,
     the deletions with their usage deltas, the blob releases (locks in key order), the
     threads (locked in id order, summarized again, dropped when empty), and last the
     folder rows' expunge marks and wake-ups -- the same lock order and effects as the
-    API's path, with no trip through the reactor while anything is held."""
+    API's path, with no trip through the reactor while anything is held. Returns the
+    value of ``result`` (default: the freed blob keys; no rows: nothing)."""
     batch = _Batch()
     batch.add(_audit_sql(txn, ctx, status))
     if not rows:
         await imap_commits.commit_with(txn, batch.text, batch.params, generic_plans=True)
-        return []
+        return None
     batch.add(imap_commits.expunge_messages_sql(org, [row["id"] for row in rows], txn.now))
     batch.add(thread_store.lock_and_refresh_sql(
         org, [row["thread_id"] for row in rows], txn.now, drop_empty=True))
     batch.add(imap_commits.mark_expunged_after_sql(org))
-    freed = await imap_commits.commit_with(txn, batch.text, batch.params,
-                                           *imap_commits.freed_result(), generic_plans=True)
-    return list(freed or [])
+    return await imap_commits.commit_with(txn, batch.text, batch.params,
+                                          *(result or imap_commits.freed_result()),
+                                          generic_plans=True)
 
 
 async def copy_messages(txn: Txn, ctx: RequestContext, rows: list[dict[str, Any]],

@@ -167,6 +167,15 @@ def freed_result() -> tuple[str, list[Any]]:
     return _setting(_FREED, "text"), []
 
 
+def expunge_result(org_id: str, folder_id: int) -> tuple[str, list[Any]]:
+    """:func:`freed_result` and the HIGHESTMODSEQ the expunge gave ``folder_id``, as a
+    JSON object (``freed``, ``modseq``), for an EXPUNGE of that one folder: its
+    session tells the process's mirror of the folder (core.imap_poll) at once."""
+    return (f"json_build_object('freed', {_setting(_FREED, 'text')}, 'modseq', "
+            "(SELECT highestmodseq FROM folders WHERE org_id = %s AND id = %s))",
+            [org_id, folder_id])
+
+
 def copy_messages_sql(org_id: str, message_ids: list[str], new_ids: list[str],
                       folder_id: int, now: Any) -> tuple[str, list[Any]]:
     """Copies of messages (rows, Message-ID references, attachment rows) into a folder,

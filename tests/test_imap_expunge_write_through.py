@@ -1,0 +1,65 @@
+"""A session's own EXPUNGE goes into the process's mirror of the folder as it commits
+(core.imap_poll.FolderMirror.expunged), as a STORE does (tests/test_imap_write_through):
+the other sessions of the process learn of it without a catch-up query after it."""
+
+import pytest_twisted
+
+from tests.mailfactory import make_message
+from tests.test_imap_backend import _account
+from tests.test_imap_write_through import _DELTA, _loaded, _settled
+
+
+def test_expunged_takes_the_next_modseq_and_stays_current():
+    mirror = _loaded()
+    mark = mirror.mark()
+    mirror.heard()  # one NOTIFY during the write: before it, or its own
+    assert mirror.expunged(mark, 6, [3])
+    assert mirror.highestmodseq == 6 and mirror.expunged_modseq == 6
+    assert mirror.current_to == mirror.generation
+    assert mirror.uids == [1, 2] and 3 not in mirror.meta
+    seen = mirror.changes([1, 2, 3], 5)
+    assert seen.expunged == [3] and seen.changed == [] and seen.highestmodseq == 6
+    assert mirror.changes([1, 2], 6).expunged == []  # a session that already knows
+
+
+def test_expunged_refuses_a_gap_or_an_unknown_message_and_knows_what_it_read():
+    mirror = _loaded()
+    assert not mirror.expunged(mirror.mark(), 8, [3])  # a change it has not read between
+    assert not mirror.expunged(mirror.mark(), 6, [3, 9])  # a message it does not know
+    assert mirror.uids == [1, 2, 3] and mirror.highestmodseq == 5  # untouched
+    assert mirror.expunged(mirror.mark(), 5, [3])  # already read: nothing to do
+    assert mirror.uids == [1, 2, 3]
+
+
+def test_expunged_after_two_notifies_leaves_a_catch_up_owed():
+    mirror = _loaded()
+    mark = mirror.mark()
+    mirror.heard()
+    mirror.heard()  # the second may be of a change after ours
+    assert mirror.expunged(mark, 6, [3])
+    assert mirror.uids == [1, 2] and mirror.current_to < mirror.generation
+
+
+@pytest_twisted.ensureDeferred
+async def test_own_expunge_is_seen_by_another_session_without_a_query(server, sent):
+    account_a, inbox, owner = await _account(server, "expungethrough")
+    for i in range(3):
+        await server.deliver(make_message(subject=f"x{i}", msgid=f"<x{i}@x>"),
+                             [inbox["email"]])
+    account_b = await server.core.imap_logins.authenticate(inbox["email"], owner,
+                                                           "127.0.0.1")
+    folder_a, snap = await account_a.select("INBOX")
+    folder_b, _ = await account_b.select("INBOX")
+    known, since = [m.uid for m in snap.messages], snap.highestmodseq
+    stored, _ = await folder_a.store([2], "+", frozenset({"\\Deleted"}), None)
+    since = stored[0].modseq
+    await _settled(folder_b, known, since)  # the mirror is current, nothing in flight
+    assert await folder_a.expunge(None) == [2]
+    sent.clear()
+    seen = await folder_b.changes(known, since, fresh=False)
+    assert seen.expunged == [2] and seen.changed == [] and seen.new == []
+    assert seen.highestmodseq == since + 1
+    assert not [m for m in sent if _DELTA in m]  # from memory
+    # NOOP (fresh) still reads the database as it is now, and agrees.
+    again = await folder_b.changes(known, since)
+    assert again.expunged == seen.expunged
