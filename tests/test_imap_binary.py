@@ -267,7 +267,7 @@ async def test_a_20_mb_base64_attachment_is_decoded_in_bounded_memory():
 @pytest.mark.parametrize("sync", [True, False])
 @pytest_twisted.ensureDeferred
 async def test_append_literal8_stores_the_octets_byte_exact(server, sync):
-    """APPEND with ``~{n}`` (and ``~{n+}``) takes any octet, NUL included, and BODY[]
+    """APPEND with ``~{n}`` (and ``~{n+}``) takes any octet, NUL included, and BINARY[]
     returns exactly those bytes; a literal8 anywhere else is BAD."""
     inbox, key = await new_inbox(server, f"bin-append-{sync}")
     message = (b"From: a@example.org\r\nTo: b@example.org\r\nSubject: nul\r\n"
@@ -278,7 +278,7 @@ async def test_append_literal8_stores_the_octets_byte_exact(server, sync):
         appended = wire.transcript(b"APPEND INBOX (\\Flagged) ",
                                    Lit(message, sync=sync, binary=True))
         wire.transcript(b"SELECT INBOX")
-        body = wire.transcript(b"FETCH 1 (BODY.PEEK[] BINARY.PEEK[1] FLAGS)")
+        body = wire.transcript(b"FETCH 1 (BODY.PEEK[] BINARY.PEEK[] BINARY.PEEK[1] FLAGS)")
         refused = wire.transcript(b"SELECT ", Lit(b"INBOX", binary=True))
         search = wire.transcript(b"SEARCH TEXT ", Lit(b"x", binary=True))
         return appended, body, refused, search
@@ -286,7 +286,10 @@ async def test_append_literal8_stores_the_octets_byte_exact(server, sync):
     appended, body, refused, search = await session(server.imap_port, inbox["email"], key,
                                                     work)
     assert re.search(rb"t\d+ OK \[APPENDUID \d+ 1\]", appended), appended
-    assert _item(body, b"BODY[]")[1] == message
+    # BINARY[] gives the stored octets; BODY[]'s literal may not carry NUL (RFC 3501 §9
+    # CHAR8): it goes out as 0x80, as Dovecot sends it, the length kept.
+    assert _item(body, b"BINARY[]") == (b"~", message)
+    assert _item(body, b"BODY[]")[1] == message.replace(b"\x00", b"\x80")
     assert _item(body, b"BINARY[1]") == (b"~", BYTES + b"\r\nend\r\n")
     assert b"\\Flagged" in body
     assert re.search(rb"t\d+ BAD ", refused), refused

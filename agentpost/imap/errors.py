@@ -10,6 +10,7 @@ across commands.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 
 from agentpost.mail.binary import InvalidTransferEncoding, UnknownTransferEncoding
@@ -18,7 +19,19 @@ from agentpost.model import errors
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Answered", "IMAPError", "bad", "error_for", "no"]
+__all__ = ["Answered", "IMAPError", "bad", "error_for", "no", "response_text"]
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def response_text(text: str) -> str:
+    """``text`` fit for one response line: control characters become ``?``.
+
+    Why: error texts quote what the client sent (``Bad date ...``, a tag it named), and
+    a literal may hold any octet -- a CRLF in one made ``BAD Bad date x`` go on with a
+    forged ``* OK [ALERT] ...`` line of the client's choosing, and a NUL is not TEXT-CHAR
+    (RFC 3501 §9). One line per response, whatever the input."""
+    return _CONTROL.sub("?", text)
 
 
 class IMAPError(Exception):

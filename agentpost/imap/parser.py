@@ -247,37 +247,56 @@ def number(token: Token, what: str = "number") -> int:
 # Modified UTF-7 (RFC 3501 §5.1.3) for mailbox names on the wire.
 
 def decode_mailbox(name: str) -> str:
-    """Wire mailbox name (modified UTF-7) to text; INBOX is case-insensitive."""
+    """Wire mailbox name (modified UTF-7) to text; INBOX is case-insensitive.
+
+    Only one spelling of a name is taken (RFC 3501 §5.1.3, as Dovecot): bytes that are
+    not UTF-8 (U+FFFD after the tokenizer) and a base64 run that is not the one
+    :func:`encode_mailbox` writes (``&AGE-`` for "a", non-zero spare bits, two runs in
+    a row) are refused. Why: each once created a folder under a name other than the
+    one the client sent, so two different names reached one folder."""
+    if "\ufffd" in name:
+        raise errors.InvalidRequest("Mailbox name is not valid modified UTF-7")
     if "&" in name:
-        out: list[str] = []
-        i = 0
-        while i < len(name):
-            ch = name[i]
-            if ch != "&":
-                out.append(ch)
-                i += 1
-                continue
-            end = name.find("-", i)
-            if end < 0:  # NO, not BAD: the name is a valid astring (as Dovecot answers)
-                raise errors.InvalidRequest("Mailbox name is not valid modified UTF-7")
-            chunk = name[i + 1:end]
-            if not chunk:
-                out.append("&")
-            else:
-                b64 = chunk.replace(",", "/")
-                b64 += "=" * (-len(b64) % 4)
-                try:
-                    out.append(base64.b64decode(b64, validate=True).decode("utf-16-be"))
-                except Exception as exc:
-                    raise errors.InvalidRequest(
-                        "Mailbox name is not valid modified UTF-7") from exc
-            i = end + 1
-        name = "".join(out)
+        name = _decode_utf7(name)
     if name.upper() == "INBOX":
         return "INBOX"
     if name.upper().startswith("INBOX/"):
         return "INBOX" + name[5:]
     return name
+
+
+def _decode_utf7(name: str) -> str:
+    """The ``&...-`` runs of a wire name decoded; InvalidRequest (NO, not BAD: the
+    name is a valid astring, as Dovecot answers) for anything but the one spelling."""
+    out: list[str] = []
+    i = 0
+    run_end = -1  # where the last base64 run ended: another may not start there
+    while i < len(name):
+        ch = name[i]
+        if ch != "&":
+            out.append(ch)
+            i += 1
+            continue
+        end = name.find("-", i)
+        if end < 0:
+            raise errors.InvalidRequest("Mailbox name is not valid modified UTF-7")
+        chunk = name[i + 1:end]
+        if not chunk:
+            out.append("&")
+        else:
+            b64 = chunk.replace(",", "/")
+            b64 += "=" * (-len(b64) % 4)
+            try:
+                text = base64.b64decode(b64, validate=True).decode("utf-16-be")
+            except Exception as exc:
+                raise errors.InvalidRequest(
+                    "Mailbox name is not valid modified UTF-7") from exc
+            if i == run_end or encode_mailbox(text) != f"&{chunk}-":
+                raise errors.InvalidRequest("Mailbox name is not valid modified UTF-7")
+            out.append(text)
+            run_end = end + 1
+        i = end + 1
+    return "".join(out)
 
 
 def encode_mailbox(name: str) -> str:
@@ -313,6 +332,8 @@ class SavedResult(list[tuple[int | None, int | None]]):
     mailbox can resolve it (to UIDs, whatever the command's numbering); it holds no
     ranges, and :func:`resolve_seqset` refuses it."""
 
+#: The largest sequence number or UID (nz-number, RFC 3501 §9: an unsigned 32-bit value).
+MAX_NZ_NUMBER = 2**32 - 1
 # At most 20 digits: int() of a longer run is slow, or refused beyond 4300 digits.
 SEQ_RANGE_RE = re.compile(r"^(\d{1,20}|\*)(?::(\d{1,20}|\*))?\Z")
 
@@ -335,6 +356,10 @@ def parse_seqset(token: Token, saved: bool = False) -> SeqSet:
         hi = None if hi_text == "*" else int(hi_text)
         if lo == 0 or hi == 0:
             raise ParseError("Sequence numbers and UIDs start at 1")
+        if (lo or 0) > MAX_NZ_NUMBER or (hi or 0) > MAX_NZ_NUMBER:
+            # nz-number is 32-bit (RFC 3501 §9): BAD, as Dovecot answers; it was taken,
+            # and UID FETCH 1:4294967296 answered as if it were 1:*.
+            raise ParseError(f"Sequence numbers and UIDs are at most {MAX_NZ_NUMBER}")
         out.append((lo, hi))
     return out
 

@@ -33,6 +33,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from agentpost.imap.commands.table import COMMANDS, LiteralCheck
+from agentpost.imap.errors import response_text
 from agentpost.imap.parser import LITERAL_RE, Command, ParseError, parse_command
 from agentpost.imap.states import State
 from agentpost.transport import SessionTransport
@@ -147,7 +148,9 @@ class CommandReader:
                 if self._line_handler is None:
                     m = _TAG_AT_START.match(bytes(self._pending[:80] or self._buffer[:80]))
                     self._overlong_tag = m.group(1).decode() if m else None
-                self._buffer.clear()
+                # Only what is surely that line: the rest of it (and any command after
+                # it, already buffered) is for _skip_refused_line.
+                del self._buffer[:MAX_LINE_BYTES]
                 self._pending.clear()
                 self._discarding_line = True
                 self.send("* BAD Command line too long")
@@ -185,9 +188,10 @@ class CommandReader:
         if self._discard_left or self._literal_left:
             return self._take_literal()
         if self._line_handler is not None:
-            line = self._take_line()
+            line = self._rest_of_overlong_line() if self._discarding_line else \
+                self._take_line()
             if line is None:
-                return bool(self._inflate_tail)
+                return bool(self._inflate_tail) or self._overlong_then_more()
             handler, self._line_handler = self._line_handler, None
             self._arm_timer()
             handler(line)
@@ -198,10 +202,15 @@ class CommandReader:
             return self._skip_refused_line()
         line = self._take_line()
         if line is None:
-            return bool(self._inflate_tail)
+            return bool(self._inflate_tail) or self._overlong_then_more()
         self._arm_timer()
         self._line(line)
         return True
+
+    def _overlong_then_more(self) -> bool:
+        """A line was just found too long and input follows it: go on (its rest, and
+        any command pipelined after it, are waiting in the buffer)."""
+        return self._discarding_line and bool(self._buffer)
 
     def _take_literal(self) -> bool:
         """Literal octets: dropped (a refused literal), or added to the command or to
@@ -221,6 +230,20 @@ class CommandReader:
         del self._buffer[:take]
         self._literal_left -= take
         return True
+
+    def _rest_of_overlong_line(self) -> bytes | None:
+        """The end of a continuation line (AUTHENTICATE's response, IDLE's DONE) that was
+        too long: dropped, and the waiting command hears an empty line (which it refuses).
+        Why: this end once reached the command as if it were the whole line, and the
+        client's next command was then skipped as the rest of a refused one -- a client
+        waiting for its tag forever."""
+        newline = self._buffer.find(b"\n")
+        if newline < 0:
+            self._buffer.clear()
+            return None
+        del self._buffer[: newline + 1]
+        self._discarding_line = False
+        return b""
 
     def _skip_refused_line(self) -> bool:
         """A line of a refused command; its further literals are dropped too."""
@@ -382,7 +405,7 @@ class CommandReader:
             self._pending.clear()
             self._close_spools()
             self._literal_checked = False
-            self.send(refusal)
+            self.send(response_text(refusal))
         else:
             self._begin_literal(size, True)
             self.send("+ Ready for literal data")
@@ -394,7 +417,7 @@ class CommandReader:
             command = parse_command(data)
         except ParseError as exc:
             self._close_spools()
-            self.send(f"{getattr(exc, 'tag', None) or '*'} BAD {exc}")
+            self.send(f"{getattr(exc, 'tag', None) or '*'} BAD {response_text(str(exc))}")
             return
         self._busy = True
         d = defer.ensureDeferred(self._dispatch(command))

@@ -56,7 +56,7 @@ from zope.interface import implementer
 
 from agentpost.imap import rev2
 from agentpost.imap.commands.table import COMMANDS, CommandSpec
-from agentpost.imap.errors import Answered, IMAPError, bad, error_for, no
+from agentpost.imap.errors import Answered, IMAPError, bad, error_for, no, response_text
 from agentpost.imap.interfaces import IMAPAccount, IMAPBackend
 from agentpost.imap.parser import Command, ParseError
 from agentpost.imap.reader import INFLATE_STEP, MAX_LINE_BYTES, CommandReader
@@ -108,7 +108,8 @@ class IMAP4ServerProtocol(CommandReader, Protocol):
         stream_threshold: messages above this size are streamed from the blob store.
         spool_dir: where APPEND messages over 1 MiB are spooled (system temp by default).
         autologout_s: idle time after login before ``BYE`` (RFC 3501 §5.4: ≥ 30 min).
-        login_timeout_s: idle time before login.
+        login_timeout_s: time from the connection to log in (not an idle time: input
+            does not extend it).
         on_close: called once when the connection is gone.
         credentials: re-checks the login's key before every command and ends the
             session when the key is revoked, expires or loses power
@@ -308,6 +309,12 @@ class IMAP4ServerProtocol(CommandReader, Protocol):
     # ------------------------------------------------------------------ timers
 
     def _arm_timer(self) -> None:
+        """(Re)start the idle timer after input. Before login it is not restarted: a
+        stranger has ``login_timeout_s`` from the connection to log in, as Dovecot's
+        login processes give, however busy it keeps the session (a NOOP every minute
+        once held a connection slot forever)."""
+        if self.state is State.NOT_AUTHENTICATED and self._timer is not None:
+            return
         self._cancel_timer()
         if self.state is State.LOGOUT:
             return
@@ -363,7 +370,7 @@ class IMAP4ServerProtocol(CommandReader, Protocol):
                 return
             response = error_for(exc).render()
         if self.state is not State.LOGOUT or name == "LOGOUT":
-            self.send(f"{command.tag} {response}")
+            self.send(f"{command.tag} {response_text(response)}")
         if name == "LOGOUT":
             self.close()
 

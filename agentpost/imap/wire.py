@@ -51,8 +51,24 @@ def internaldate(value: datetime | None) -> str:
 
 
 def literal(data: bytes) -> bytes:
-    """A synchronizing literal: ``{n}`` CRLF and the bytes."""
-    return b"{%d}\r\n" % len(data) + data
+    """A synchronizing literal: ``{n}`` CRLF and the bytes, with :func:`no_nul`."""
+    return b"{%d}\r\n" % len(data) + no_nul(data)
+
+
+def no_nul(data: bytes) -> bytes:
+    """Octets for a ``{n}`` literal: a NUL is sent as 0x80, as Dovecot does.
+
+    Why: a literal is CHAR8, every octet but NUL (RFC 3501 §9, RFC 9051 §9), and a client
+    written in C may end a string at one; a stored message may hold NULs all the same.
+    The length is kept (RFC822.SIZE, partial ranges); a client that needs the exact
+    octets has BINARY, whose literal8 may carry NUL (RFC 3516)."""
+    return data.replace(b"\x00", b"\x80")
+
+
+def no_nul_text(data: bytes) -> bytes:
+    """ENVELOPE, BODY and BODYSTRUCTURE text with any NUL from a header sent as ``?``:
+    one octet for one, so the literals already framed inside it keep their lengths."""
+    return data.replace(b"\x00", b"?")
 
 
 def status_text(st: Any, items: list[str]) -> str:

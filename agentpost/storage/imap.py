@@ -10,7 +10,7 @@ import psycopg2
 import psycopg2.errors
 
 from agentpost.mail import keywords as kw
-from agentpost.model.errors import Conflict
+from agentpost.model.errors import Conflict, InvalidRequest
 from agentpost.storage.database import Txn
 from agentpost.storage.mail import (
     folder_list_key,
@@ -27,6 +27,9 @@ SYSTEM_FLAGS = {"\\Seen": "seen", "\\Flagged": "flagged", "\\Answered": "answere
 #: ``labels``; their first-seen spellings are not read per row: they never change, and
 #: core.imap_spellings knows them, reading only those it has not seen yet).
 _META = "uid, modseq, seen, flagged, answered, draft, deleted, labels"
+#: Folders one inbox may hold (system folders included): without a cap one IMAP session
+#: could grow the table, and every LIST of the inbox, without end (as subscriptions).
+MAX_FOLDERS_PER_INBOX = 5000
 #: The \\Recent mark of the folder row ``f`` (migration 0029: a row of its own, which
 #: the first claim creates; none yet means 0).
 _RECENT_OF_F = ("COALESCE((SELECT r.recent_uid FROM folder_recent r WHERE r.org_id = f.org_id "
@@ -107,14 +110,19 @@ async def create_folder(txn: Txn, org_id: str, environment_id: str, inbox_id: st
     """A user folder; an existing name is a Conflict ([ALREADYEXISTS]). Its UIDVALIDITY
     is the column default (a fresh sequence value, migration 0011): a folder deleted and
     created again, even within one second, never gets the old value back. It is not
-    subscribed (RFC 3501 §6.3.3; storage.subscriptions)."""
+    subscribed (RFC 3501 §6.3.3; storage.subscriptions). An inbox that already holds
+    :data:`MAX_FOLDERS_PER_INBOX` folders gets no more (InvalidRequest)."""
     try:
-        await txn.execute(
+        added = await txn.execute(
             "INSERT INTO folders (org_id, environment_id, inbox_id, name, created_at) "
-            "VALUES (%s, %s, %s, %s, %s)",
-            (org_id, environment_id, inbox_id, name, txn.now))
+            "SELECT %s, %s, %s, %s, %s WHERE (SELECT count(*) FROM folders "
+            "WHERE org_id = %s AND inbox_id = %s) < %s",
+            (org_id, environment_id, inbox_id, name, txn.now, org_id, inbox_id,
+             MAX_FOLDERS_PER_INBOX))
     except psycopg2.errors.UniqueViolation:
         raise Conflict("Folder already exists.") from None
+    if not added:
+        raise InvalidRequest(f"An inbox holds at most {MAX_FOLDERS_PER_INBOX} folders.")
     await notify_folder_list(txn, inbox_id)
 
 

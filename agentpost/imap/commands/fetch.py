@@ -62,7 +62,7 @@ from agentpost.imap.parser import (
 from agentpost.imap.selected import SelectedMailbox
 from agentpost.imap.states import State
 from agentpost.imap.updates import enable_condstore
-from agentpost.imap.wire import internaldate, literal
+from agentpost.imap.wire import internaldate, literal, no_nul, no_nul_text
 from agentpost.mail import imapformat
 from agentpost.model import errors
 
@@ -371,7 +371,7 @@ async def _stream_range(session: IMAP4ServerProtocol, folder: IMAPFolder,
             raise errors.StorageFailure()
         if session.state is State.LOGOUT:
             return
-        session.write(chunk)
+        session.write(no_nul(chunk))
         pos += len(chunk)
         left -= len(chunk)
         await session.drain()
@@ -412,18 +412,18 @@ def _size(view: SelectedMailbox, row: FetchRow, raw: bytes | None) -> bytes:
 
 def _envelope(view: SelectedMailbox, row: FetchRow, raw: bytes | None) -> bytes:
     env = row.envelope if row.envelope is not None else imapformat.envelope(raw or b"")
-    return b"ENVELOPE " + env.encode("utf-8")
+    return b"ENVELOPE " + no_nul_text(env.encode("utf-8"))
 
 
 def _bodystructure(view: SelectedMailbox, row: FetchRow, raw: bytes | None) -> bytes:
     bs = row.bodystructure if row.bodystructure is not None else \
         imapformat.bodystructure(raw or b"", True)
-    return b"BODYSTRUCTURE " + bs.encode("utf-8")
+    return b"BODYSTRUCTURE " + no_nul_text(bs.encode("utf-8"))
 
 
 def _body(view: SelectedMailbox, row: FetchRow, raw: bytes | None) -> bytes:
     body = row.body if row.body is not None else imapformat.bodystructure(raw or b"", False)
-    return b"BODY " + body.encode("utf-8")
+    return b"BODY " + no_nul_text(body.encode("utf-8"))
 
 
 def _flags(view: SelectedMailbox, row: FetchRow, raw: bytes | None) -> bytes:

@@ -13,7 +13,7 @@ from agentpost.imap.commands.common import (
     require_write,
     selected,
 )
-from agentpost.imap.errors import error_for, no
+from agentpost.imap.errors import error_for, no, response_text
 from agentpost.imap.interfaces import MessageMeta
 from agentpost.imap.parser import (
     Atom,
@@ -46,11 +46,22 @@ async def unselect(session: IMAP4ServerProtocol, command: Command) -> None:
 
 
 async def close(session: IMAP4ServerProtocol, command: Command) -> None:
-    """Expunge silently (unless read-only), then unselect."""
+    """Expunge silently (unless read-only), then unselect.
+
+    CLOSE has no NO (RFC 3501 §6.4.2): the session leaves the mailbox whatever the
+    expunge did. A folder deleted meanwhile (by this session's DELETE too) has nothing
+    left to expunge; any other failure is reported untagged, as Dovecot does, and the
+    \\Deleted messages stay for a later expunge. Why: CLOSE once answered NO and kept
+    the session selected on a folder that no longer existed."""
     arguments(command, 0)
     view = selected(session)
-    if not view.readonly and session.account is not None and session.account.can_write:
-        await view.folder.expunge(None)
+    try:
+        if not view.readonly and session.account is not None and session.account.can_write:
+            await view.folder.expunge(None)
+    except errors.NotFound:
+        pass
+    except Exception as exc:  # answered untagged; the mailbox is closed all the same
+        session.send(f"* {response_text(error_for(exc).render())}")
     session.unselect()
 
 
