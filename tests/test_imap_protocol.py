@@ -181,6 +181,10 @@ class FakeAccount:
                             sum(len(m.raw) for m in f.messages.values()),
                             deleted=sum(1 for m in f.messages.values() if "\\Deleted" in m.flags))
 
+    async def statuses(self, names: list[str]) -> dict[str, FolderStatus]:
+        return {name: await self.status(name) for name in names
+                if name in self.shared.folders}
+
     async def fetch(self, folder_id: int, uids: list[int], wants: FetchWants) -> list[FetchRow]:
         await self._maybe_wait("fetch", wants)
         f = self.shared.by_id(folder_id)

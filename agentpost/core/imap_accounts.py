@@ -29,6 +29,7 @@ from agentpost.core.imap_messages import InboxFolder, MessageOps, message_meta
 from agentpost.imap.interfaces import FolderInfo, FolderSnapshot, FolderStatus
 from agentpost.model.errors import Conflict, InvalidRequest, NotFound
 from agentpost.storage import imap as imap_store
+from agentpost.storage import imap_status
 from agentpost.storage import mail as mail_store
 from agentpost.storage import subscriptions as subscription_store
 from agentpost.storage.database import Txn
@@ -213,6 +214,16 @@ class InboxAccount(MessageOps):
 
         return await self._db.run_interaction("imap.status", txn_fn,
                                               isolation="repeatable read")
+
+    async def statuses(self, names: list[str]) -> dict[str, FolderStatus]:
+        """STATUS counters of many folders by name, in one statement (LIST-STATUS:
+        storage.imap_status); a name that is no folder (any more) is left out."""
+        rows = await self._db.run_read("imap.statuses", imap_status.folder_statuses,
+                                       self._org, self._inbox_id, names)
+        return {r["name"]: FolderStatus(r["messages"], r["uidnext"], r["uidvalidity"],
+                                        r["unseen"], r["highestmodseq"], r["recent"],
+                                        int(r["size"]), deleted=r["deleted"])
+                for r in rows}
 
     async def open_folder(self, name: str) -> tuple[InboxFolder, int]:
         """A folder handle and its UIDVALIDITY, without SELECT's snapshot (CATENATE)."""

@@ -246,6 +246,10 @@ class IMAPAccount(Protocol):
 
     async def status(self, name: str) -> FolderStatus: ...
 
+    async def statuses(self, names: list[str]) -> dict[str, FolderStatus]:
+        """STATUS of many folders at once (LIST ... RETURN (STATUS ...)), by name; a
+        name that is no folder is left out."""
+
     def watch_folder(self, key: str, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` (soon, maybe spuriously) whenever the folder with this
         :attr:`FolderInfo.key` may have changed, in any process (NOTIFY, RFC 5465).

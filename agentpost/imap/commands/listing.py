@@ -25,7 +25,6 @@ from agentpost.imap.parser import (
 )
 from agentpost.imap.patterns import PatternSet, PatternTooLong
 from agentpost.imap.wire import status_text
-from agentpost.model import errors
 
 if TYPE_CHECKING:
     from agentpost.imap.server import IMAP4ServerProtocol
@@ -98,6 +97,8 @@ async def _list(session: IMAP4ServerProtocol, command: Command, lsub: bool) -> N
     found = _match(folders, matcher, missing)
     if options.only_subscribed and found.reached:
         _add_parents(found)
+    statuses = {} if not options.status_items else await acct.statuses(
+        [f.name for f in found.folders if f.name not in found.missing])
     for folder in found.folders:
         attrs = _attributes(folder, found, options)
         if attrs is None:
@@ -106,11 +107,8 @@ async def _list(session: IMAP4ServerProtocol, command: Command, lsub: bool) -> N
         child_info = options.recursive and folder.name in found.reached
         extra = ' ("CHILDINFO" ("SUBSCRIBED"))' if child_info else ""
         session.send(f'* {options.verb} ({" ".join(attrs)}) "/" {wire}{extra}')
-        if options.status_items and folder.name not in found.missing:
-            try:
-                st = await acct.status(folder.name)
-            except errors.NotFound:
-                continue  # deleted meanwhile
+        st = statuses.get(folder.name)
+        if st is not None:  # (none: not asked for, a \\NonExistent name, or deleted meanwhile)
             session.send(f"* STATUS {wire} ({status_text(st, options.status_items)})")
 
 
