@@ -7,6 +7,7 @@ without a home-made balancer (see agentpost.workers).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 from collections import Counter
@@ -76,6 +77,23 @@ def no_delay(transport: Any) -> None:
             return
 
 
+def cap_key(host: str) -> str:
+    """What the per-address cap counts: an IPv4 address, or the /64 around an IPv6 one.
+
+    Why: one client holds a whole IPv6 /64 (the login throttle counts it so too,
+    core.login_guard); counted per address, a single host could take every session of
+    the total cap.  IPv4-mapped IPv6 counts as the IPv4 address."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 class ConnectionCaps:
     """Per-address and total session caps shared by the SMTP and IMAP factories.
 
@@ -103,12 +121,13 @@ class ConnectionCaps:
         """``make_session(on_close)`` if a cap allows one more session from ``addr``,
         else the refusal; the count drops again when the session calls ``on_close``."""
         host = str(getattr(addr, "host", "") or "")
-        refused = self.admit(host)
+        key = cap_key(host)
+        refused = self.admit(key)
         if refused is not None:
             log.warning("%s: refusing %s: %s", self.__class__.__name__, host, refused)
             protocol = self.refusal(refused)
         else:
-            protocol = make_session(lambda: self.release(host))
+            protocol = make_session(lambda: self.release(key))
         protocol.factory = self
         return protocol
 

@@ -44,7 +44,8 @@ from agentpost.mail import filters
 from agentpost.model.errors import (
     DomainNotVerified,
     FromHeaderNotAllowed,
-    InvalidRequest,
+    MalformedMessage,
+    MessageTooLarge,
     RecipientBlocked,
     SenderNotAllowed,
     SendingPaused,
@@ -103,7 +104,7 @@ def _check_originators(head: bytes, address: str) -> set[str]:
     and every originator field names the inbox and nothing else. Returns the field
     names present (lower case)."""
     if b"\n" in head.replace(b"\r\n", b"") or b"\r" in head.replace(b"\r\n", b""):
-        raise InvalidRequest("Header lines must end with CRLF.")
+        raise MalformedMessage("Header lines must end with CRLF.")
     fields: list[tuple[str, list[bytes]]] = []
     for line in head.split(b"\r\n"):
         if line[:1] in (b" ", b"\t") and fields:
@@ -111,32 +112,59 @@ def _check_originators(head: bytes, address: str) -> set[str]:
             continue
         m = _FIELD_NAME.match(line)
         if m is None:
-            raise InvalidRequest("The header section holds a line that is not a field.")
+            raise MalformedMessage("The header section holds a line that is not a field.")
         fields.append((m.group(1).decode("ascii").lower(), [line[m.end():]]))
     if sum(1 for name, _ in fields if name == "from") != 1:
         raise FromHeaderNotAllowed()
     for name, parts in fields:
         if name in _ORIGINATORS:
             value = b" ".join(parts).decode("utf-8", "replace")
-            found = email.utils.getaddresses([value])
+            try:
+                found = email.utils.getaddresses([value])
+            except (RecursionError, ValueError):  # comments or groups nested past the
+                raise FromHeaderNotAllowed() from None  # parser's depth: no address
             if not found or any(not _same(addr, address) for _, addr in found):
                 raise FromHeaderNotAllowed()
     return {name for name, _ in fields}
 
 
+def _without_return_path(head: bytes) -> bytes:
+    """The header section without ``Return-Path:`` fields (and their continuations).
+
+    Why: the final delivery adds the true one (RFC 5321 §4.4, which also says an
+    originating system SHOULD NOT send one); a client's own went out to every remote
+    recipient, and sat under the true one in every hosted copy (the queue's local path
+    drops only leading ones: ours come first)."""
+    kept: list[bytes] = []
+    skipping = False
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if not skipping:
+                kept.append(line)
+            continue
+        m = _FIELD_NAME.match(line)
+        skipping = m is not None and m.group(1).lower() == b"return-path"
+        if not skipping:
+            kept.append(line)
+    return b"\r\n".join(kept)
+
+
 def prepare(raw: bytes, *, address: str, hostname: str, now: datetime) -> bytes:
-    """Check the From: header and add Message-ID:/Date: if missing (pure; runs in a
-    thread). ``raw`` has CRLF line endings."""
+    """Check the From: header, drop any Return-Path: and add Message-ID:/Date: if
+    missing (pure; runs in a thread). ``raw`` has CRLF line endings."""
     end = raw.find(b"\r\n\r\n")
     if end < 0:  # headers only, or no body separator
         head, body = raw.rstrip(b"\r\n"), b""
     else:
         head, body = raw[:end], raw[end + 4:]
     if len(head) > MAX_HEADER_BYTES:
-        raise InvalidRequest("The header section is too large.")
+        raise MessageTooLarge("The header section is too large.")
     # Every line is a field or a continuation (checked), so the names are the fields:
     # no second parse of the header section to learn whether two of them are present.
     names = _check_originators(head, address)
+    stripped = "return-path" in names
+    if stripped:
+        head = _without_return_path(head)
     added: list[bytes] = []
     if "message-id" not in names:
         domain = address.rpartition("@")[2] or hostname
@@ -144,7 +172,7 @@ def prepare(raw: bytes, *, address: str, hostname: str, now: datetime) -> bytes:
         added.append(f"Message-ID: <{token}@{domain}>".encode("ascii", "replace"))
     if "date" not in names:
         added.append(f"Date: {email.utils.format_datetime(now)}".encode("ascii"))
-    if not added:
+    if not added and not stripped:
         return raw
     return b"\r\n".join([head, *added]) + b"\r\n\r\n" + body
 

@@ -37,6 +37,15 @@ class ReservedAddress(InvalidRequest):
     default_message = "This address is reserved for the operator of the domain."
 
 
+class MalformedMessage(InvalidRequest):
+    """A message whose header section cannot be read one way only (a bare CR or LF, a
+    line that is not a field): SMTP 554 5.6.0 at the end of DATA, where 501 is no
+    reply RFC 5321 §4.3.2 allows; HTTP 400 as any invalid request."""
+
+    type = "malformed_message"
+    default_message = "The message's header section is malformed."
+
+
 class Unauthenticated(AgentPostError):
     """No credential, or a credential that is unknown, revoked or expired."""
 

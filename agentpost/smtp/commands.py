@@ -345,6 +345,15 @@ class SMTPCommands:
             return self._sasl_response(parts[1])
         return Reply(334, None, "" if mechanism == "PLAIN" else _LOGIN_USERNAME)
 
+    def _line_too_long_reply(self) -> Reply:
+        """An over-long AUTH line (a response, or the command with its initial response)
+        ends the exchange with ``500 5.5.6`` (RFC 4954 §4): the client's next line is
+        then a command again, not a response read as base64."""
+        if self._sasl is not None or self._buffer[:5].upper() == b"AUTH ":
+            self._sasl = None
+            return replies.AUTH_LINE_TOO_LONG
+        return replies.LINE_TOO_LONG
+
     def _sasl_line(self, line: bytes) -> Result:
         """A client response line while an AUTH exchange is in progress."""
         try:

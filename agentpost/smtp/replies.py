@@ -94,6 +94,7 @@ BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
 SEND_EHLO_FIRST = Reply(503, "5.5.1", "Send EHLO/HELO first")
 UNRECOGNIZED = Reply(500, "5.5.2", "Command not recognized")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication Exchange line is too long")
 SYNTAX_ERROR = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
 NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
 UNSUPPORTED_PARAM = Reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
@@ -140,6 +141,7 @@ ERROR_REPLIES: dict[type[errors.AgentPostError], tuple[int, str]] = {
     errors.Forbidden: (550, "5.7.1"),
     errors.SessionEnded: (421, "4.7.0"),  # the key died mid-session: 421 closes it
     errors.Unauthenticated: (530, "5.7.0"),
+    errors.MalformedMessage: (554, "5.6.0"),  # after DATA: RFC 3463 media error
     errors.InvalidRequest: (501, "5.5.4"),
 }
 

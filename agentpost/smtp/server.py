@@ -255,10 +255,17 @@ class SMTPServerProtocol(SMTPCommands, Protocol):
         if newline < 0:
             if len(self._buffer) >= limit:
                 # Too long already: answer now and skip up to the line's end, so
-                # the tail of the line is never read as a command.
-                self._buffer.clear()
-                self._discarding_line = True
-                self._send(replies.LINE_TOO_LONG)
+                # the tail of the line is never read as a command.  The end may be
+                # buffered already: then only the line goes, not what follows it (the
+                # next command would be swallowed, and the client wait for its reply).
+                reply = self._line_too_long_reply()
+                end = self._buffer.find(b"\n", limit)
+                if end >= 0:
+                    del self._buffer[: end + 1]
+                else:
+                    self._buffer.clear()
+                    self._discarding_line = True
+                self._send(reply)
                 return True
             return False
         line = bytes(self._buffer[:newline])
