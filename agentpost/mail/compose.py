@@ -164,7 +164,12 @@ def _one_address(item: Any, field_name: str) -> list[Address]:
                              field=field_name)
     check_text(item, field_name)
     out = []
-    for name, addr in email.utils.getaddresses([item]):
+    try:
+        found = email.utils.getaddresses([item])
+    except (RecursionError, ValueError):  # comments or groups nested past its depth
+        raise InvalidRequest(f"{field_name} holds an invalid address.",
+                             field=field_name) from None
+    for name, addr in found:
         if not addr:
             raise InvalidRequest(f"{field_name} holds an invalid address.", field=field_name)
         out.append(Address(normalize_email(addr, field_name), name.strip() or None))
