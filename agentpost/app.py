@@ -326,7 +326,8 @@ class AgentPostService(service.Service):
         cfg = self.config.http
         if cfg.enabled:
             site = make_site(self.http_resource(), access_log=cfg.access_log,
-                             max_body_bytes=cfg.max_body)
+                             max_body_bytes=cfg.max_body, header_timeout_s=cfg.header_timeout,
+                             body_min_rate=cfg.body_min_rate)
             allow_upload_bodies(site, self.config.mail.max_upload_size, self.core.uploads,
                                 self.route_tables["api"])  # and the send routes' limit
             self.ports["http"] = await listen_tcp(

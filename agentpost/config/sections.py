@@ -121,6 +121,13 @@ class HTTPSection:
     access_log: bool = opt(
         False, "Log every HTTP request to the service log (the audit trail has them anyway)."
     )
+    header_timeout: float = opt(
+        "30s", "A request's line and headers must arrive within this long of its first "
+        "byte, and its body must keep up body_min_rate over each such window; otherwise "
+        "408 and the connection closes (the idle timer alone let a client trickling a "
+        "byte a minute hold a connection for weeks). 0 turns both checks off.", "duration")
+    body_min_rate: int = opt(
+        500, "Slowest request body accepted, in bytes per second (see header_timeout).")
 
 
 @dataclass

@@ -26,6 +26,9 @@ from agentpost.core.context import RequestContext
 from agentpost.core.events import check_types, timestamp
 from agentpost.model.errors import Conflict, InvalidRequest, NotFound, TemporaryFailure
 from agentpost.model.ids import is_id, new_id
+from agentpost.model.principal import Principal
+from agentpost.storage import inboxes as inbox_store
+from agentpost.storage import orgs as org_store
 from agentpost.storage import webhooks as store
 from agentpost.storage.database import Database, Txn
 from agentpost.webhooks.signing import new_secret
@@ -40,6 +43,21 @@ MAX_WEBHOOKS_PER_ORG = 25
 def secret_context(org_id: str, webhook_id: str) -> bytes:
     """Associated data of a sealed webhook secret: where it belongs."""
     return context("webhook", org_id, webhook_id)
+
+
+async def _check_targets(txn: Txn, p: Principal, values: dict[str, Any]) -> None:
+    """The inbox and environments a filter names must be ones this principal sees.
+
+    An id of another organization (or an unknown one) used to be stored as is: an
+    endpoint that silently never fires, where the filter rules' own inbox and
+    environment fields answer 404 (core.filters)."""
+    inbox_id = values.get("inbox_id")
+    if inbox_id is not None and await inbox_store.get_inbox(
+            txn, p.org_id, p.environment_ids, inbox_id) is None:
+        raise NotFound("No such inbox.", field="inbox_id")
+    for env_id in values.get("environment_ids") or ():
+        if await org_store.get_environment(txn, p.org_id, env_id) is None:
+            raise NotFound("No such environment.", field="environment_ids")
 
 
 class Webhooks:
@@ -103,6 +121,7 @@ class Webhooks:
         sealed = self._seal(p.org_id, webhook_id, secret)
 
         async def txn_fn(txn: Txn) -> dict[str, Any]:
+            await _check_targets(txn, p, values)
             if await store.count(txn, p.org_id) >= MAX_WEBHOOKS_PER_ORG:
                 raise Conflict(f"An organization may have at most "
                                     f"{MAX_WEBHOOKS_PER_ORG} webhook endpoints.")
@@ -150,6 +169,7 @@ class Webhooks:
 
         async def txn_fn(txn: Txn) -> dict[str, Any]:
             await self._get(txn, ctx, webhook_id, lock=True)
+            await _check_targets(txn, p, values)
             changes = {**values, "updated_at": txn.now}
             if values.get("enabled"):
                 changes.update(consecutive_failures=0, disabled_reason=None)

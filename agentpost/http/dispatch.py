@@ -34,6 +34,8 @@ from twisted.web import server
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
+from agentpost.http.errors import ROUTE_NOT_FOUND
+
 log = logging.getLogger(__name__)
 
 Endpoint = Callable[..., "defer.Deferred[bytes]"]
@@ -153,6 +155,14 @@ class FastResource(Resource):
         """Run the matched endpoint the way KleinResource would, or hand over to it."""
         found = self._tree.match(request.method, request.postpath)
         if found is None:
+            postpath = request.postpath
+            if len(postpath) > 1 and postpath[0] == b"" and hasattr(request, "_answer"):
+                # "//api/v1/..." : werkzeug strips leading slashes and would serve the
+                # route, so a path a proxy judged as not ours (e.g. not under /admin/)
+                # reached it anyway. An unknown path, like "/api/v1//inboxes".
+                type_, status, message = ROUTE_NOT_FOUND
+                request._answer(status, type_, message)
+                return server.NOT_DONE_YET
             return self._klein.render(request)
         endpoint, params, _ = found
         request.prepath.extend(request.postpath)

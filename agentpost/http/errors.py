@@ -30,6 +30,8 @@ URI_TOO_LONG = ("uri_too_long", 414, "The request line is too long.")
 HEADERS_TOO_LARGE = ("header_fields_too_large", 431,
                      "The request's header fields are too large or too many.")
 PAYLOAD_TOO_LARGE = ("payload_too_large", 413, "The request body is too large.")
+REQUEST_TIMEOUT = ("request_timeout", 408, "The request arrived too slowly; send it again "
+                   "without pausing.")
 
 
 def status_for(exc: errors.AgentPostError) -> int:

@@ -342,7 +342,14 @@ def check_url_text(request: IRequest, params: dict[str, str]) -> None:
 
 
 def _bearer(request: IRequest) -> str | None:
-    header = request.getHeader(b"authorization")
+    values = request.requestHeaders.getRawHeaders(b"authorization")
+    if not values:
+        return None
+    if len(values) > 1:
+        # Not a list field (RFC 9110 section 11.6.2): with two, a proxy that checks the
+        # first and this server (which read the last) would act on different keys.
+        raise errors.Unauthenticated("Send exactly one Authorization header.")
+    header = values[0]
     if not header:
         return None
     if header[:7] == b"Bearer ":  # the usual spelling: no split, no case folding

@@ -81,7 +81,9 @@ LINGER_MAX_BYTES = 16 * 1024 * 1024  # what we drop meanwhile before closing reg
 
 
 _REASONS = {431: b"Request Header Fields Too Large", 413: b"Content Too Large",
-            414: b"URI Too Long"}  # RFC 9110 / 6585 wording
+            414: b"URI Too Long", 408: b"Request Timeout"}  # RFC 9110 / 6585 wording
+HEADER_TIMEOUT_S = 30.0  # [http] header_timeout
+BODY_MIN_RATE = 500  # [http] body_min_rate, bytes per second over each header_timeout
 
 
 def error_bytes(status: int, type_: str, message: str, request_id: str) -> bytes:
@@ -242,6 +244,10 @@ class AgentPostChannel(http.HTTPChannel):
     totalHeadersSize = HEADERS_MAX_BYTES
     maxHeaders = HEADERS_MAX_COUNT
     max_body_bytes: int | None = None
+    header_timeout_s: float = HEADER_TIMEOUT_S
+    body_min_rate: int = BODY_MIN_RATE
+    _slow_call: Any = None  # the running head deadline or body rate window
+    _window_bytes = 0
 
     _refused = False
     _awaiting_request_line = True
@@ -300,7 +306,42 @@ class AgentPostChannel(http.HTTPChannel):
         if self._refused:
             self._drop(data)
             return
+        self._window_bytes += len(data)
+        if self._awaiting_request_line and self._slow_call is None:
+            self._arm_slow(self._head_too_slow)  # a request begins: its head's deadline
         super().dataReceived(data)
+
+    # The idle timer restarts with every byte, so on its own it let a client that sends
+    # one byte a minute keep a connection (and a request) open for weeks, and many such
+    # connections exhaust the descriptors of every tenant's API (slowloris). A request's
+    # head must arrive within header_timeout, and its body at body_min_rate or more,
+    # counted over each header_timeout window; otherwise 408 and the connection closes.
+
+    def _arm_slow(self, check: Any) -> None:
+        self._cancel_slow()
+        self._window_bytes = 0
+        if self.header_timeout_s > 0:
+            self._slow_call = self.callLater(self.header_timeout_s, check)
+
+    def _cancel_slow(self) -> None:
+        if self._slow_call is not None and self._slow_call.active():
+            self._slow_call.cancel()
+        self._slow_call = None
+
+    def _head_too_slow(self) -> None:
+        self._slow_call = None
+        if self._handlingRequest:  # pipelined behind a request still being answered
+            self._arm_slow(self._head_too_slow)
+        elif self.transport is not None:
+            self.refuse(*http_errors.REQUEST_TIMEOUT)
+
+    def _body_window(self) -> None:
+        self._slow_call = None
+        if self._window_bytes < self.body_min_rate * self.header_timeout_s:
+            if self.transport is not None:
+                self.refuse(*http_errors.REQUEST_TIMEOUT)
+            return
+        self._arm_slow(self._body_window)
 
     def rawDataReceived(self, data: bytes) -> None:
         """Body bytes; none are kept once the request was refused."""
@@ -364,6 +405,7 @@ class AgentPostChannel(http.HTTPChannel):
         """Refuse a declared body over the limit before reading (or 100-continuing) it."""
         if self._refused:
             return
+        self._arm_slow(self._body_window)  # cancelled again when the body is complete
         if self.max_body_bytes is not None and (self.length or 0) > self.max_body_bytes:
             self.refuse_payload_too_large()
             return
@@ -373,6 +415,7 @@ class AgentPostChannel(http.HTTPChannel):
         """Hand the request to the site, unless it was refused meanwhile."""
         if self._refused:
             return
+        self._cancel_slow()
         self._awaiting_request_line = True
         super().allContentReceived()
 
@@ -396,6 +439,7 @@ class AgentPostChannel(http.HTTPChannel):
         if self._refused or self.transport is None:
             return
         self._refused = True
+        self._cancel_slow()
         self.clearLineBuffer()
         self.setTimeout(None)
         request_id = new_id("req")
@@ -428,6 +472,7 @@ class AgentPostChannel(http.HTTPChannel):
         """The client has gone (normally after reading a refusal): stop lingering."""
         if self._linger_call is not None and self._linger_call.active():
             self._linger_call.cancel()
+        self._cancel_slow()
         super().connectionLost(reason)
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
@@ -441,22 +486,30 @@ class AgentPostSite(server.Site):
     request can reach the application over HTTP/2 around these limits.
     """
 
-    def __init__(self, resource: IResource, *, max_body_bytes: int | None) -> None:
+    def __init__(self, resource: IResource, *, max_body_bytes: int | None,
+                 header_timeout_s: float = HEADER_TIMEOUT_S,
+                 body_min_rate: int = BODY_MIN_RATE) -> None:
         super().__init__(resource)
         self.max_body_bytes = max_body_bytes
+        self.header_timeout_s = header_timeout_s
+        self.body_min_rate = body_min_rate
 
     def protocol(self) -> AgentPostChannel:  # type: ignore[override]
         """One channel per connection (HTTPFactory.buildProtocol calls this)."""
         channel = AgentPostChannel()
         channel.max_body_bytes = self.max_body_bytes
+        channel.header_timeout_s = self.header_timeout_s
+        channel.body_min_rate = self.body_min_rate
         return channel
 
 
 def make_site(resource: IResource, *, access_log: bool = False,
-              max_body_bytes: int | None = None) -> server.Site:
+              max_body_bytes: int | None = None, header_timeout_s: float = HEADER_TIMEOUT_S,
+              body_min_rate: int = BODY_MIN_RATE) -> server.Site:
     """A Site with our channel and request class; the access log is off unless asked for,
     since every API request is already in the audit trail."""
-    site = AgentPostSite(resource, max_body_bytes=max_body_bytes)
+    site = AgentPostSite(resource, max_body_bytes=max_body_bytes,
+                         header_timeout_s=header_timeout_s, body_min_rate=body_min_rate)
     site.requestFactory = AgentPostRequest
     site.displayTracebacks = False
     if not access_log:

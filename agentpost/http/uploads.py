@@ -213,6 +213,8 @@ def allow_upload_bodies(site: Any, upload_max_bytes: int, uploads: Uploads,
         channel.upload_max = upload_max_bytes
         channel.uploads = uploads
         channel.route_limits = limits
+        channel.header_timeout_s = getattr(site, "header_timeout_s", channel.header_timeout_s)
+        channel.body_min_rate = getattr(site, "body_min_rate", channel.body_min_rate)
         return channel
 
     site.protocol = protocol

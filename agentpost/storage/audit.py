@@ -87,6 +87,16 @@ async def insert_audit_batch(txn: Txn, rows: list[dict[str, Any]]) -> None:
     await txn.execute(_ASYNC_COMMIT + _BATCH_SQL, (_batch_json(rows),))
 
 
+def _prefix_pattern(action: str | None) -> str | None:
+    """The LIKE pattern of an ``inboxes.*`` filter, its text escaped; None (matching
+    nothing) for an exact filter. An exact filter used to be a LIKE pattern too: ``%``
+    and ``_`` matched anything and a trailing backslash failed the statement (400)."""
+    if not action or not action.endswith("*"):
+        return None
+    prefix = action.rstrip("*")
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
 async def list_audit(txn: Txn, org_id: str, *, env_ids: frozenset[str] | None,
                      actor_id: str | None, action: str | None, since: Any, until: Any,
                      after_id: str | None, limit: int,
@@ -108,6 +118,6 @@ async def list_audit(txn: Txn, org_id: str, *, env_ids: frozenset[str] | None,
         "AND (%s::timestamptz IS NULL OR occurred_at < %s) "
         "AND (%s::text IS NULL OR id < %s) ORDER BY id DESC LIMIT %s",
         (org_id, envs, envs, own_actor_id, actor_id, actor_id, action, action,
-         (action or "").rstrip("*") + "%" if action and action.endswith("*") else action,
+         _prefix_pattern(action),
          since, since, until, until, after_id, after_id, limit),
     )

@@ -66,12 +66,21 @@ class DeliveriesWakeup(Notifier):
 
 
 class _Capped(Protocol):
-    """Collects at most ``cap`` bytes of a response body, then stops reading."""
+    """Collects at most ``cap`` bytes of a response body, then stops reading.
 
-    def __init__(self, cap: int, done: defer.Deferred[bytes]) -> None:
+    ``done`` fires with the bytes; cancelling it (the attempt's timeout) drops the
+    connection. A plain Deferred let the timeout fail the attempt but left the socket
+    with an endpoint that sent its headers and then trickled its body, for as long as
+    that endpoint liked: one more open connection per attempt."""
+
+    def __init__(self, cap: int) -> None:
         self._cap = cap
         self._buf = bytearray()
-        self._done = done
+        self.done: defer.Deferred[bytes] = defer.Deferred(lambda _: self._abort())
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            cast(Any, self.transport).stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         room = self._cap - len(self._buf)
@@ -81,8 +90,8 @@ class _Capped(Protocol):
             cast(Any, self.transport).stopProducing()  # a response body's transport
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        if not self._done.called:
-            self._done.callback(bytes(self._buf))
+        if not self.done.called:
+            self.done.callback(bytes(self._buf))
 
 
 class WebhookWorker:
@@ -258,9 +267,9 @@ class WebhookWorker:
         async def exchange() -> tuple[int, bytes]:
             wire: dict[bytes | str, list[bytes | str]] = {k: [v] for k, v in headers.items()}
             response = await client.request("POST", row["url"], data=body, headers=wire)
-            done: defer.Deferred[bytes] = defer.Deferred()
-            response.deliverBody(_Capped(BODY_CAP, done))
-            return response.code, await done
+            capped = _Capped(BODY_CAP)
+            response.deliverBody(capped)
+            return response.code, await capped.done
 
         d = defer.Deferred.fromCoroutine(exchange())
         d.addTimeout(TIMEOUT_S, self._clock)

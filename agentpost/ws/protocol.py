@@ -28,8 +28,9 @@ from twisted.internet import defer
 
 from agentpost.auth.cred import APIKeyCredentials, IPrincipal, RefusedKey
 from agentpost.core.events import EVENT_TYPES, envelope, visible_to
+from agentpost.http.site import SECURITY_HEADERS, error_bytes
 from agentpost.model.errors import AgentPostError
-from agentpost.model.ids import _ALPHABET, is_id
+from agentpost.model.ids import _ALPHABET, is_id, new_id
 from agentpost.model.principal import Principal
 from agentpost.storage import events as event_store
 from agentpost.storage.inboxes import get_inbox
@@ -89,6 +90,43 @@ def pending_bytes(transport: Any) -> int:
     return total
 
 
+#: The error ``type`` of a refused handshake, by status (the API's own names).
+_REFUSAL_TYPES = {401: "unauthenticated", 403: "forbidden", 404: "not_found",
+                  405: "method_not_allowed", 426: "upgrade_required", 429: "rate_limited"}
+_REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 426: "Upgrade Required", 429: "Too Many Requests"}
+
+
+def handshake_refusal(code: int, message: str,
+                      extra: list[tuple[str, str]] | None = None, *,
+                      head_only: bool = False) -> bytes:
+    """A refused opening handshake, answered like every other refusal of the listener.
+
+    autobahn's own answer was a bare status line carrying the message as its reason
+    phrase: no security headers, no length, no JSON body (the hostile review's "every
+    answer" rule), and a 401 without ``WWW-Authenticate``. ``head_only``: the answer to
+    a HEAD request, which has no body (RFC 9110 section 9.3.2)."""
+    request_id = new_id("req")
+    body = error_bytes(code, _REFUSAL_TYPES.get(code, "invalid_request"), message[:300],
+                       request_id)
+    head = [f"HTTP/1.1 {code} {_REASONS.get(code, 'Bad Request')}".encode("ascii"),
+            b"content-type: application/json; charset=utf-8",
+            b"content-length: %d" % len(body), b"connection: close",
+            b"x-request-id: " + request_id.encode("ascii")]
+    head += [name + b": " + value for name, value in SECURITY_HEADERS.items()]
+    if code == 401:
+        head.append(b'www-authenticate: Bearer realm="agentpost"')
+    if code == 426:  # RFC 9110 section 15.5.22: say what to upgrade to
+        head.append(b"upgrade: websocket")
+    if code == 405:  # RFC 9110 section 15.5.6
+        head.append(b"allow: GET")
+    for name, value in extra or ():  # autobahn's (Sec-WebSocket-Version on a bad version)
+        line = f"{name}: {value}"
+        if line.isascii() and line.isprintable():
+            head.append(line.encode("ascii"))
+    return b"\r\n".join(head) + b"\r\n\r\n" + (b"" if head_only else body)
+
+
 def _bearer(headers: dict[str, str]) -> str | None:
     value = headers.get("authorization", "")
     scheme, _, token = value.partition(" ")
@@ -119,6 +157,7 @@ class EventStreamProtocol(WebSocketServerProtocol):
         self._closing = False
         self._joined = False
         self._busy = False
+        self._reserved = False
 
     # ------------------------------------------------------------------ opening
 
@@ -146,22 +185,51 @@ class EventStreamProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(401, "An organization API key is required.")
         if "events:read" not in avatar.scopes:
             raise ConnectionDeny(403, "This API key lacks the 'events:read' scope.")
-        if f.hub.connections_of(avatar.credential_id) >= f.settings.max_connections_per_key:
+        # Handshakes still opening count too: they join the hub only in onOpen, after
+        # the awaits below, so a burst of simultaneous handshakes all passed a check of
+        # open sockets alone, however many there were.
+        key_id = avatar.credential_id
+        if (f.hub.connections_of(key_id) + f.opening.get(key_id, 0)
+                >= f.settings.max_connections_per_key):
             raise ConnectionDeny(429, "Too many open WebSockets for this API key.")
-        self.principal, self.org_id, self.key_id = avatar, avatar.org_id, avatar.credential_id
+        self.principal, self.org_id, self.key_id = avatar, avatar.org_id, key_id
+        self._reserve()
         try:
             self._session = await f.live_credentials.register(avatar, self._credential_ended)
         except AgentPostError:
+            self._release()
             raise ConnectionDeny(401, "The key is unknown, revoked or expired.") from None
         self.cursor = time_cursor(int(f.clock.seconds() * 1000) - START_MARGIN_MS)
 
+    def _reserve(self) -> None:
+        opening = self.factory.opening
+        opening[self.key_id] = opening.get(self.key_id, 0) + 1
+        self._reserved = True
+
+    def _release(self) -> None:
+        """Give back the handshake's place (idempotent)."""
+        if self._reserved:
+            self._reserved = False
+            opening = self.factory.opening
+            left = opening.get(self.key_id, 0) - 1
+            if left > 0:
+                opening[self.key_id] = left
+            else:
+                opening.pop(self.key_id, None)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._release()  # a handshake that never opened
+        super().connectionLost(reason)
+
     def onOpen(self) -> None:
+        self._release()
         self.factory.hub.add(self)
         self._joined = True
         self._arm_ping()
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._closing = True
+        self._release()
         if self._joined:
             self.factory.hub.remove(self)
             self._joined = False
@@ -180,6 +248,15 @@ class EventStreamProtocol(WebSocketServerProtocol):
 
     def _credential_ended(self, reason: str) -> None:
         self._close(CLOSE_CREDENTIAL, reason)
+
+    def sendHttpErrorResponse(self, code: int, reason: str,
+                              responseHeaders: Any = None) -> None:
+        """Every refused handshake (ours and autobahn's) as JSON with our headers."""
+        status_line = str(getattr(self, "http_status_line", "") or "")
+        head_only = status_line.split(" ", 1)[0] == "HEAD"
+        self.sendData(handshake_refusal(int(code), str(reason),
+                                        [tuple(h) for h in responseHeaders or ()],
+                                        head_only=head_only))
 
     # ------------------------------------------------------------------ keep-alive
 
@@ -250,8 +327,11 @@ class EventStreamProtocol(WebSocketServerProtocol):
     async def _subscribe(self, frame: dict[str, Any]) -> None:
         types, inbox_id, envs = (frame.get("event_types"), frame.get("inbox_id"),
                                  frame.get("environment_ids"))
+        # Items are checked one by one: set() of a list holding a list or an object
+        # raised TypeError, answered as an internal error.
         if types is not None and (not isinstance(types, list)
-                                  or not set(types) <= set(EVENT_TYPES)):
+                                  or not all(isinstance(t, str) and t in EVENT_TYPES
+                                             for t in types)):
             return self._error("invalid_request",
                                "event_types must be a list of: " + ", ".join(EVENT_TYPES))
         if inbox_id is not None and not (is_id(inbox_id, "inb") and
@@ -399,5 +479,11 @@ class EventStreamFactory(WebSocketServerFactory):
         self.db = db
         self.clock = clock
         self.settings = settings
+        #: Handshakes past the per-key check that have not opened yet, by key id.
+        self.opening: dict[str, int] = {}
+        # webStatus=False: a GET without an Upgrade header is refused (426) rather than
+        # answered with autobahn's HTML status page, which named its version and honoured
+        # ?redirect= (an open redirect on our origin, and a 500 for a non-integer ?after=).
         self.setProtocolOptions(maxMessagePayloadSize=64 * 1024, maxFramePayloadSize=64 * 1024,
-                                openHandshakeTimeout=10, closeHandshakeTimeout=2)
+                                openHandshakeTimeout=10, closeHandshakeTimeout=2,
+                                webStatus=False)
