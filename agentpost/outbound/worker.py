@@ -298,7 +298,9 @@ def without_bcc(raw: bytes) -> bytes:
     end = raw.find(b"\r\n\r\n")
     head = raw if end < 0 else raw[:end]
     lowered = head.lower()
-    if b"bcc:" not in lowered and _CONTROL_PREFIX not in lowered:
+    # (b"bcc", not b"bcc:": RFC 5322's obsolete syntax allows "Bcc :", which a client
+    # may submit; the quick test must not let that spelling through)
+    if b"bcc" not in lowered and _CONTROL_PREFIX not in lowered:
         return raw
     kept: list[bytes] = []
     skipping = False
