@@ -327,7 +327,10 @@ class AgentPostService(service.Service):
         if cfg.enabled:
             site = make_site(self.http_resource(), access_log=cfg.access_log,
                              max_body_bytes=cfg.max_body, header_timeout_s=cfg.header_timeout,
-                             body_min_rate=cfg.body_min_rate)
+                             body_min_rate=cfg.body_min_rate,
+                             max_connections_per_ip=cfg.max_connections_per_ip,
+                             max_connections=cfg.max_connections,
+                             trusted_proxies=frozenset(cfg.trusted_proxies))
             allow_upload_bodies(site, self.config.mail.max_upload_size, self.core.uploads,
                                 self.route_tables["api"])  # and the send routes' limit
             self.ports["http"] = await listen_tcp(

@@ -396,6 +396,8 @@ def write_config(path: Path, *, dsn: str, http_port: int, mx_port: int, blob_dir
         "[http]",
         'bind = "127.0.0.1"',
         f"port = {http_port}",
+        "# Every benchmark client (ws_bench: 1,000 sockets) comes from 127.0.0.1.",
+        "max_connections_per_ip = 5000",
         "",
         "[smtp]",
         'mx_bind = "127.0.0.1"',

@@ -128,6 +128,10 @@ class HTTPSection:
         "byte a minute hold a connection for weeks). 0 turns both checks off.", "duration")
     body_min_rate: int = opt(
         500, "Slowest request body accepted, in bytes per second (see header_timeout).")
+    max_connections_per_ip: int = opt(
+        256, "Concurrent connections from one client address (an IPv6 /64 counts as one "
+        "address; a trusted proxy is capped only by max_connections); more get a JSON 503.")
+    max_connections: int = opt(10000, "Concurrent HTTP connections in all.")
 
 
 @dataclass
@@ -213,7 +217,8 @@ class SMTPSection:
     max_message_size: int = opt("10MiB", "Largest message accepted.", "size")
     max_recipients: int = opt(100, "Recipients per message.")
     max_errors: int = opt(10, "Protocol errors before a session is closed.")
-    max_connections_per_ip: int = opt(20, "Concurrent sessions from one client address.")
+    max_connections_per_ip: int = opt(
+        20, "Concurrent sessions from one client address (an IPv6 /64 counts as one).")
     max_connections: int = opt(1000, "Concurrent sessions in all.")
     command_timeout: float = opt(
         "5m", "Time for each whole command line from our previous reply (RFC 5321: at least "
@@ -255,7 +260,8 @@ class IMAPSection:
         False, "Allow LOGIN without TLS, to clients on loopback only (development)."
     )
     max_append_size: int = opt("64MiB", "Largest message accepted by APPEND.", "size")
-    max_connections_per_ip: int = opt(50, "Concurrent IMAP sessions from one address.")
+    max_connections_per_ip: int = opt(
+        50, "Concurrent IMAP sessions from one address (an IPv6 /64 counts as one).")
     max_connections: int = opt(5000, "Concurrent IMAP sessions in all.")
 
 
@@ -446,7 +452,8 @@ class SendLimitsSection:
     org_burst: int = opt(
         0, "Messages an organization may send at once before org_rate applies (the "
         "bucket's size; needed when org_rate is set). A message with more recipients "
-        "than this waits for a full bucket and empties it.")
+        "than this waits for a full bucket and leaves it in debt: the next send waits "
+        "until every recipient is paid for.")
     inbox_rate: float = opt(0.0, "Messages per second one inbox may send (0: no limit).")
     inbox_burst: int = opt(0, "Messages one inbox may send at once (with inbox_rate).")
     daily_quota: int = opt(

@@ -18,17 +18,19 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet import abstract, tcp
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 
 from agentpost.http import errors as http_errors
+from agentpost.listening import ConnectionCaps
 from agentpost.model.ids import new_id
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,8 @@ _REASONS = {431: b"Request Header Fields Too Large", 413: b"Content Too Large",
             414: b"URI Too Long", 408: b"Request Timeout"}  # RFC 9110 / 6585 wording
 HEADER_TIMEOUT_S = 30.0  # [http] header_timeout
 BODY_MIN_RATE = 500  # [http] body_min_rate, bytes per second over each header_timeout
+MAX_CONNECTIONS_PER_IP = 256  # [http] max_connections_per_ip
+MAX_CONNECTIONS = 10_000  # [http] max_connections
 
 
 def error_bytes(status: int, type_: str, message: str, request_id: str) -> bytes:
@@ -255,6 +259,8 @@ class AgentPostChannel(http.HTTPChannel):
     _host: Any = None
     _peer: Any = None
     _linger_call: Any = None
+    #: Gives the connection's place under AgentPostSite's caps back (set by the site).
+    on_close: Callable[[], None] | None = None
     _dropped_bytes = 0
 
     def getHost(self) -> Any:
@@ -469,7 +475,11 @@ class AgentPostChannel(http.HTTPChannel):
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        """The client has gone (normally after reading a refusal): stop lingering."""
+        """The client has gone (normally after reading a refusal): stop lingering, and
+        give its place under the connection caps back (once)."""
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
         if self._linger_call is not None and self._linger_call.active():
             self._linger_call.cancel()
         self._cancel_slow()
@@ -479,20 +489,71 @@ class AgentPostChannel(http.HTTPChannel):
         self._idle_call = None
 
 
-class AgentPostSite(server.Site):
+class _Refusal(Protocol):
+    """A connection over a cap: one JSON 503 (with the security headers), then FIN."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def connectionMade(self) -> None:
+        request_id = new_id("req")
+        body = error_bytes(503, "temporarily_unavailable", self.text, request_id)
+        head = [b"HTTP/1.1 503 Service Unavailable",
+                b"content-type: application/json; charset=utf-8",
+                b"content-length: %d" % len(body), b"connection: close", b"retry-after: 5",
+                b"x-request-id: " + request_id.encode("ascii")]
+        head += [name + b": " + value for name, value in SECURITY_HEADERS.items()]
+        assert self.transport is not None
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        self.transport.loseConnection()
+
+
+class AgentPostSite(ConnectionCaps, server.Site):
     """A Site speaking HTTP/1.1 through :class:`AgentPostChannel`.
 
     The channel is built directly rather than through Twisted's ALPN switch, so no
-    request can reach the application over HTTP/2 around these limits.
+    request can reach the application over HTTP/2 around these limits. Connections
+    are capped per client address and in all, as SMTP's and IMAP's are: the header
+    and body deadlines bound how long each lives, but without a cap one address could
+    hold every file descriptor of the process. A trusted proxy (``[http]
+    trusted_proxies``) carries everyone's requests, so only the total applies to it.
     """
 
     def __init__(self, resource: IResource, *, max_body_bytes: int | None,
                  header_timeout_s: float = HEADER_TIMEOUT_S,
-                 body_min_rate: int = BODY_MIN_RATE) -> None:
+                 body_min_rate: int = BODY_MIN_RATE,
+                 max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP,
+                 max_connections: int = MAX_CONNECTIONS,
+                 trusted_proxies: frozenset[str] = frozenset()) -> None:
         super().__init__(resource)
         self.max_body_bytes = max_body_bytes
         self.header_timeout_s = header_timeout_s
         self.body_min_rate = body_min_rate
+        self.trusted_proxies = trusted_proxies
+        self.init_caps(max_connections_per_ip, max_connections)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """A channel, or a 503 when a connection cap is reached."""
+
+        def session(on_close: Callable[[], None]) -> Protocol:
+            channel = server.Site.buildProtocol(self, addr)
+            assert isinstance(channel, AgentPostChannel)
+            channel.on_close = on_close
+            return channel
+
+        return self.admitted(addr, session)
+
+    def admit(self, host: str) -> str | None:
+        if host in self.trusted_proxies:  # (an IPv4 key is the address itself)
+            if self.connections >= self.max_connections:
+                return "Too many connections; try again later"
+            self.connections += 1
+            self.connections_by_ip[host] += 1
+            return None
+        return super().admit(host)
+
+    def refusal(self, text: str) -> Protocol:
+        return _Refusal(text)
 
     def protocol(self) -> AgentPostChannel:  # type: ignore[override]
         """One channel per connection (HTTPFactory.buildProtocol calls this)."""
@@ -505,11 +566,16 @@ class AgentPostSite(server.Site):
 
 def make_site(resource: IResource, *, access_log: bool = False,
               max_body_bytes: int | None = None, header_timeout_s: float = HEADER_TIMEOUT_S,
-              body_min_rate: int = BODY_MIN_RATE) -> server.Site:
+              body_min_rate: int = BODY_MIN_RATE,
+              max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP,
+              max_connections: int = MAX_CONNECTIONS,
+              trusted_proxies: frozenset[str] = frozenset()) -> server.Site:
     """A Site with our channel and request class; the access log is off unless asked for,
     since every API request is already in the audit trail."""
     site = AgentPostSite(resource, max_body_bytes=max_body_bytes,
-                         header_timeout_s=header_timeout_s, body_min_rate=body_min_rate)
+                         header_timeout_s=header_timeout_s, body_min_rate=body_min_rate,
+                         max_connections_per_ip=max_connections_per_ip,
+                         max_connections=max_connections, trusted_proxies=trusted_proxies)
     site.requestFactory = AgentPostRequest
     site.displayTracebacks = False
     if not access_log:
