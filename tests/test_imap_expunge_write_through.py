@@ -4,6 +4,7 @@ the other sessions of the process learn of it without a catch-up query after it.
 
 import pytest_twisted
 
+from agentpost.imap.interfaces import MessageMeta
 from tests.mailfactory import make_message
 from tests.test_imap_backend import _account
 from tests.test_imap_write_through import _DELTA, _loaded, _settled
@@ -63,3 +64,43 @@ async def test_own_expunge_is_seen_by_another_session_without_a_query(server, se
     # NOOP (fresh) still reads the database as it is now, and agrees.
     again = await folder_b.changes(known, since)
     assert again.expunged == seen.expunged
+
+
+def test_appended_takes_the_next_modseq_and_the_next_uid():
+    mirror = _loaded()
+    mark = mirror.mark()
+    new = MessageMeta(7, 6, frozenset({"\\Seen", "$Work"}))
+    assert mirror.appended(mark, new)
+    assert mirror.uids == [1, 2, 3, 7] and mirror.highestmodseq == 6
+    assert mirror.current_to == mirror.generation
+    seen = mirror.changes([1, 2, 3], 5)
+    assert seen.new == [new] and seen.changed == [] and seen.highestmodseq == 6
+
+
+def test_appended_refuses_a_gap_or_an_older_uid():
+    mirror = _loaded()
+    assert not mirror.appended(mirror.mark(), MessageMeta(7, 8, frozenset()))  # a gap
+    assert not mirror.appended(mirror.mark(), MessageMeta(2, 6, frozenset()))  # not new
+    assert mirror.uids == [1, 2, 3] and mirror.highestmodseq == 5
+    assert mirror.appended(mirror.mark(), MessageMeta(3, 5, frozenset()))  # read it
+
+
+@pytest_twisted.ensureDeferred
+async def test_own_append_is_seen_by_another_session_without_a_query(server, sent):
+    account_a, inbox, owner = await _account(server, "appendthrough")
+    await server.deliver(make_message(subject="a0", msgid="<a0@x>"), [inbox["email"]])
+    account_b = await server.core.imap_logins.authenticate(inbox["email"], owner,
+                                                           "127.0.0.1")
+    _, snap = await account_a.select("INBOX")
+    folder_b, _ = await account_b.select("INBOX")
+    known, since = [m.uid for m in snap.messages], snap.highestmodseq
+    await _settled(folder_b, known, since)  # the mirror is current, nothing in flight
+    raw = make_message(subject="a1", msgid="<a1@x>")
+    _, uid = await account_a.append("INBOX", raw, frozenset({"\\Flagged", "$Work"}), None)
+    sent.clear()
+    seen = await folder_b.changes(known, since, fresh=False)
+    assert [(m.uid, m.flags) for m in seen.new] == [(uid, frozenset({"\\Flagged", "$Work"}))]
+    assert not [m for m in sent if _DELTA in m]  # from memory
+    again = await folder_b.changes(known, since)  # NOOP: the database agrees
+    assert [(m.uid, m.modseq, m.flags) for m in again.new] == \
+        [(m.uid, m.modseq, m.flags) for m in seen.new]

@@ -25,7 +25,8 @@ import re
 from collections.abc import Callable
 
 from agentpost.core.audit import write_change
-from agentpost.core.imap_messages import InboxFolder, MessageOps, message_meta
+from agentpost.core.imap_flags import message_meta
+from agentpost.core.imap_messages import InboxFolder, MessageOps
 from agentpost.imap.interfaces import FolderInfo, FolderSnapshot, FolderStatus
 from agentpost.model.errors import Conflict, InvalidRequest, NotFound
 from agentpost.storage import imap as imap_store

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from typing import IO, Any
 
@@ -25,7 +25,13 @@ from twisted.internet import defer
 from agentpost.core import mail_changes
 from agentpost.core.blobrefs import BlobCollector
 from agentpost.core.context import RequestContext
-from agentpost.core.imap_flags import end_unchanged, new_flag_columns
+from agentpost.core.imap_flags import (
+    appended_meta,
+    end_unchanged,
+    message_meta,
+    new_flag_columns,
+    split_flags,
+)
 from agentpost.core.imap_poll import FolderMirrors, mirrors_for
 from agentpost.core.imap_spellings import (  # noqa: F401 - RecordedSpellings re-exported
     RECORDED_SPELLINGS,
@@ -69,26 +75,12 @@ _AUDIT_MAX_IDS = 100
 APPENDED = "message.appended"
 
 
-def message_meta(row: dict[str, Any], spellings: Mapping[str, str] | None = None
-                 ) -> MessageMeta:
-    """A message row as the session keeps it (UID, MODSEQ, flags; keywords in
-    ``spellings``, core.imap_spellings's answer for the rows of the read)."""
-    return MessageMeta(row["uid"], row["modseq"], imap_store.flags_of(row, spellings))
-
-
 def _in_zone(received_at: datetime | None, zone: int | None) -> datetime | None:
     """The internal date in the zone its APPEND gave (minutes east; None: +0000), so
     FETCH INTERNALDATE answers with the date-time the client stored (issue 10)."""
     if received_at is None:
         return None
     return received_at.astimezone(timezone(timedelta(minutes=zone or 0)))
-
-
-def _split_flags(flags: frozenset[str]) -> tuple[set[str], list[str]]:
-    """System flags, and the keywords folded (agentpost.mail.keywords: any RFC 3501
-    keyword atom; NO on anything else)."""
-    system = {f for f in flags if f.startswith("\\")}
-    return system, sorted(mail_changes.imap_keywords(flags))
 
 
 def _describe(ctx: RequestContext, rows: list[dict[str, Any]], **extra: Any) -> None:
@@ -259,7 +251,7 @@ class MessageOps:
         """The flag change the API's read-state and label changes make too
         (mail_changes.change_flags), audited as ``action`` when it changes anything."""
         self._writable()
-        system, keywords = _split_flags(flags)
+        system, keywords = split_flags(flags)
         system &= set(imap_store.SYSTEM_FLAGS)  # \Recent and others cannot be stored
         ctx = self._ctx(action, folder_id=folder_id, mode=mode,
                         flags=sorted(system) + keywords)
@@ -324,7 +316,7 @@ class MessageOps:
                      internaldate: datetime | None) -> tuple[int, int]:
         """APPEND through the single ingest path."""
         self._writable()
-        system, keywords = _split_flags(flags)
+        system, keywords = split_flags(flags)
         mail_changes.check_keyword_caps(keywords)  # the caps STORE and the API keep too
         await self._remember(keywords, flags)
         target = Target(self._org, self.inbox["environment_id"], self._inbox_id, self.address)
@@ -332,13 +324,22 @@ class MessageOps:
         # RFC 3501: INBOX is case-insensitive; every other name is exact (ingest matches
         # names exactly and answers NotFound -> [TRYCREATE] for a missing one).
         name = "INBOX" if folder.upper() == "INBOX" else folder
+        mirror = None if self._mirrors is None else \
+            self._mirrors.by_name(self._org, self._inbox_id, name)
+        mark = None if mirror is None else mirror.mark()
         [stored] = await self._ingest.store(
             [target], io.BytesIO(message) if isinstance(message, bytes) else message,
             envelope_from=None, folder=name,
             flags=frozenset(system), labels=tuple(keywords), received_at=internaldate,
             require_folder=True, direction="inbound", enforce_quota=True,
             origin=self._ctx("imap.append", folder=name), event_type=APPENDED)
-        self._touched(names=(name,))
+        # The process's mirror of the folder takes the new message as it is (no
+        # catch-up query for the sessions that have it selected), as after a STORE.
+        spellings = RECORDED_SPELLINGS.lookup(self._spell_key, keywords)
+        if mirror is None or mark is None or spellings is None or not stored.modseq \
+                or not mirror.appended(mark, appended_meta(stored.uid, stored.modseq,
+                                                           system, keywords, spellings)):
+            self._touched(names=(name,))
         return stored.uidvalidity, stored.uid
 
     async def append_many(self, folder: str, messages: list[AppendMessage]
@@ -350,7 +351,7 @@ class MessageOps:
         all_flags: set[str] = set()
         all_keywords: set[str] = set()
         for msg in messages:
-            system, keywords = _split_flags(msg.flags)
+            system, keywords = split_flags(msg.flags)
             mail_changes.check_keyword_caps(keywords)
             all_flags |= msg.flags
             all_keywords.update(keywords)

@@ -273,6 +273,19 @@ class FolderMirror:
         self._local_write_done(mark, modseq)
         return True
 
+    def appended(self, mark: tuple[int, int], meta: MessageMeta) -> bool:
+        """A session of this process committed an APPEND of ``meta`` (its MODSEQ the
+        folder's new HIGHESTMODSEQ): as :meth:`wrote`, when it is the next change and
+        the newest message, so the folder's sessions here see it without a catch-up."""
+        top = self.uids[-1] if self.uids else 0
+        if not self._next_is(meta.modseq, []) or meta.uid <= top:
+            return self._holds(meta.modseq)
+        self.meta[meta.uid] = meta
+        self.uids.append(meta.uid)
+        self._log.append((meta.modseq, meta.uid))
+        self._local_write_done(mark, meta.modseq)
+        return True
+
     def _holds(self, modseq: int) -> bool:
         """Whether the mirror already read the change that gave the folder ``modseq``."""
         return self.loaded and not self.deleted and modseq <= self.highestmodseq

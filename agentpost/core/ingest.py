@@ -58,6 +58,7 @@ class Stored:
     uidvalidity: int = 0  # of the folder it was stored in (IMAP APPENDUID)
     raw_blob_key: str = ""  # the message's own blob (the outbound queue names it)
     size: int = 0
+    modseq: int = 0  # the copy's MODSEQ when its insert reported it (one copy), else 0
 
 
 #: Runs inside the storing transaction, after every copy is written (submission queues
@@ -488,10 +489,10 @@ class Ingest:
         copy = _with_before_insert(txn, state, await self._stage_copy(
             txn, target, parsed, raw_ref, att_refs, blob_bodies, envelope_from, direction,
             folder_name, state, when))
-        uid, _ = await mail_store.insert_message(txn, copy.row, quota=state.quota,
-                                                 attachments=copy.attachments,
-                                                 before=copy.before, commit=commit)
-        return replace(copy.stored, uid=uid)
+        uid, modseq = await mail_store.insert_message(txn, copy.row, quota=state.quota,
+                                                      attachments=copy.attachments,
+                                                      before=copy.before, commit=commit)
+        return replace(copy.stored, uid=uid, modseq=modseq)
 
     async def _stage_copy(self, txn: Txn, target: Target, parsed: ParsedMessage,
                           raw_ref: BlobRef, att_refs: list[BlobRef],
