@@ -41,6 +41,7 @@ from agentpost.core.ingest import Ingest, Stored, Target
 from agentpost.core.send_limits import SendLimits
 from agentpost.core.suppressions import normalize_address
 from agentpost.mail import filters
+from agentpost.mail.header_fields import without_fields
 from agentpost.model.errors import (
     DomainNotVerified,
     FromHeaderNotAllowed,
@@ -140,18 +141,7 @@ def _without_return_path(head: bytes) -> bytes:
     originating system SHOULD NOT send one); a client's own went out to every remote
     recipient, and sat under the true one in every hosted copy (the queue's local path
     drops only leading ones: ours come first)."""
-    kept: list[bytes] = []
-    skipping = False
-    for line in head.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t"):
-            if not skipping:
-                kept.append(line)
-            continue
-        m = _FIELD_NAME.match(line)
-        skipping = m is not None and m.group(1).lower() == b"return-path"
-        if not skipping:
-            kept.append(line)
-    return b"\r\n".join(kept)
+    return without_fields(head, lambda name: name == b"return-path")
 
 
 def prepare(raw: bytes, *, address: str, hostname: str, now: datetime) -> bytes:

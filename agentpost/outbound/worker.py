@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 
 from agentpost.core.blobrefs import BlobCollector
 from agentpost.jobs.periodic import Periodic
+from agentpost.mail.header_fields import without_fields
 from agentpost.model.ids import new_id
 from agentpost.outbound.dsn import FailedRecipient, build_dsn
 from agentpost.outbound.queue import RetryPolicy
@@ -302,17 +303,8 @@ def without_bcc(raw: bytes) -> bytes:
     # may submit; the quick test must not let that spelling through)
     if b"bcc" not in lowered and _CONTROL_PREFIX not in lowered:
         return raw
-    kept: list[bytes] = []
-    skipping = False
-    for line in head.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t"):
-            if not skipping:
-                kept.append(line)
-            continue
-        skipping = not _leaves(line.split(b":", 1)[0])
-        if not skipping:
-            kept.append(line)
-    return b"\r\n".join(kept) + (b"" if end < 0 else raw[end:])
+    return (without_fields(head, lambda name: not _leaves(name))
+            + (b"" if end < 0 else raw[end:]))
 
 
 async def _bounced_event(txn: Txn, row: dict[str, Any], bounced: list[Outcome]) -> None:
