@@ -6,8 +6,7 @@ import pytest_twisted
 
 from agentpost.imap.interfaces import MessageMeta
 from tests.mailfactory import make_message
-from tests.test_imap_backend import _account
-from tests.test_imap_write_through import _DELTA, _loaded, _settled
+from tests.test_imap_write_through import _DELTA, _loaded, _settled, two_sessions
 
 
 def test_expunged_takes_the_next_modseq_and_stays_current():
@@ -43,15 +42,7 @@ def test_expunged_after_two_notifies_leaves_a_catch_up_owed():
 
 @pytest_twisted.ensureDeferred
 async def test_own_expunge_is_seen_by_another_session_without_a_query(server, sent):
-    account_a, inbox, owner = await _account(server, "expungethrough")
-    for i in range(3):
-        await server.deliver(make_message(subject=f"x{i}", msgid=f"<x{i}@x>"),
-                             [inbox["email"]])
-    account_b = await server.core.imap_logins.authenticate(inbox["email"], owner,
-                                                           "127.0.0.1")
-    folder_a, snap = await account_a.select("INBOX")
-    folder_b, _ = await account_b.select("INBOX")
-    known, since = [m.uid for m in snap.messages], snap.highestmodseq
+    _, folder_a, folder_b, known, since = await two_sessions(server, "expungethrough")
     stored, _ = await folder_a.store([2], "+", frozenset({"\\Deleted"}), None)
     since = stored[0].modseq
     await _settled(folder_b, known, since)  # the mirror is current, nothing in flight
@@ -87,13 +78,7 @@ def test_appended_refuses_a_gap_or_an_older_uid():
 
 @pytest_twisted.ensureDeferred
 async def test_own_append_is_seen_by_another_session_without_a_query(server, sent):
-    account_a, inbox, owner = await _account(server, "appendthrough")
-    await server.deliver(make_message(subject="a0", msgid="<a0@x>"), [inbox["email"]])
-    account_b = await server.core.imap_logins.authenticate(inbox["email"], owner,
-                                                           "127.0.0.1")
-    _, snap = await account_a.select("INBOX")
-    folder_b, _ = await account_b.select("INBOX")
-    known, since = [m.uid for m in snap.messages], snap.highestmodseq
+    account_a, _, folder_b, known, since = await two_sessions(server, "appendthrough", 1)
     await _settled(folder_b, known, since)  # the mirror is current, nothing in flight
     raw = make_message(subject="a1", msgid="<a1@x>")
     _, uid = await account_a.append("INBOX", raw, frozenset({"\\Flagged", "$Work"}), None)

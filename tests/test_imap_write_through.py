@@ -88,17 +88,23 @@ async def _settled(folder, known, since) -> None:
     await folder.changes(known, since, fresh=False)
 
 
-@pytest_twisted.ensureDeferred
-async def test_own_store_is_seen_by_another_session_without_a_query(server, sent):
-    account_a, inbox, owner = await _account(server, "writethrough")
-    for i in range(3):
-        await server.deliver(make_message(subject=f"t{i}", msgid=f"<t{i}@x>"),
+async def two_sessions(server, name: str, messages: int = 3):
+    """Two sessions of one process with INBOX selected (``messages`` delivered first):
+    (account A, A's folder, B's folder, the UIDs known, the MODSEQ known)."""
+    account_a, inbox, owner = await _account(server, name)
+    for i in range(messages):
+        await server.deliver(make_message(subject=f"t{i}", msgid=f"<t{i}.{name}@x>"),
                              [inbox["email"]])
     account_b = await server.core.imap_logins.authenticate(inbox["email"], owner,
                                                            "127.0.0.1")
     folder_a, snap = await account_a.select("INBOX")
     folder_b, _ = await account_b.select("INBOX")
-    known, since = [m.uid for m in snap.messages], snap.highestmodseq
+    return account_a, folder_a, folder_b, [m.uid for m in snap.messages], snap.highestmodseq
+
+
+@pytest_twisted.ensureDeferred
+async def test_own_store_is_seen_by_another_session_without_a_query(server, sent):
+    _, folder_a, folder_b, known, since = await two_sessions(server, "writethrough")
     await _settled(folder_b, known, since)  # the mirror is current, nothing in flight
     stored, failed = await folder_a.store([2], "+", frozenset({"\\Flagged", "$Mine"}), None)
     assert failed == [] and [m.uid for m in stored] == [2]
