@@ -1555,3 +1555,19 @@ def test_command_table_declares_uid_and_sequence_number_rules():
     s = Session().login()
     assert s.cmd("u UID LIST \"\" *") == ["u BAD UID LIST is not a command"]
     assert s.cmd("u FROB") == ["u BAD Unknown command FROB"]
+
+
+class _Broken(BaseException):
+    """Escapes the APPEND mailbox check's own ``except Exception``."""
+
+
+def test_a_broken_append_mailbox_check_still_answers_the_tag(store, caplog):
+    """When the check before a synchronizing literal breaks outright, the APPEND gets
+    its tagged NO (an untagged one left the client waiting for its tag forever), and
+    the session goes on."""
+    s = Session(FakeBackend(store)).selected()
+    s.account.fail_with = _Broken("check broke")
+    assert s.cmd("a APPEND INBOX {20}") == ["a NO [UNAVAILABLE] Temporary failure; try again"]
+    assert "check broke" in caplog.text
+    s.account.fail_with = None
+    assert s.cmd("n NOOP") == ["n OK NOOP completed"]

@@ -328,7 +328,7 @@ class CommandReader:
             self._busy = True
             d: defer.Deferred[str | None] = defer.ensureDeferred(
                 check(cast("IMAP4ServerProtocol", self), tag, args, size))
-            d.addBoth(self._literal_checked_cb, size)
+            d.addBoth(self._literal_checked_cb, size, tag)
             return
         self._begin_literal(size, check is not None and bool(args))  # not the mailbox name
         if sync:
@@ -395,12 +395,14 @@ class CommandReader:
             return None, None, []
         return command.tag, command.name, command.args
 
-    def _literal_checked_cb(self, refusal: Any, size: int) -> None:
+    def _literal_checked_cb(self, refusal: Any, size: int, tag: str | None) -> None:
         self._busy = False
         if self.state is State.LOGOUT:
             return
-        if isinstance(refusal, Failure):
-            refusal = f"* NO [UNAVAILABLE] {refusal.getErrorMessage()}"
+        if isinstance(refusal, Failure):  # the check itself broke: the command still
+            # gets its tagged answer (untagged, the client would wait for it forever)
+            log.error("imap: APPEND mailbox check failed: %s", refusal.getTraceback())
+            refusal = f"{tag or '*'} NO [UNAVAILABLE] Temporary failure; try again"
         if refusal is not None:
             self._pending.clear()
             self._close_spools()
