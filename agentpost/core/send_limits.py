@@ -114,7 +114,10 @@ class SendLimits:
                 continue
             if limit.daily and recipients > limit.daily:
                 raise DailyQuotaExceeded(_until_midnight(now), scope=scope)
-            cost = float(min(recipients, limit.burst)) if limit.rate else 0.0
+            # The whole message, even past the bucket's size: it then needs a full
+            # bucket and leaves it in debt (storage.send_limits), so many recipients
+            # per message never multiply the sustained rate.
+            cost = float(recipients) if limit.rate else 0.0
             charges[scope] = store.Charge(cost, recipients, limit.rate, float(limit.burst),
                                           limit.daily)
         return charges
@@ -143,8 +146,8 @@ class SendLimits:
         assert charge is not None
         row = (await self._db.run_read("send_limits.refused", store.buckets_of, org_id,
                                        inbox_id)).get(scope)
-        refusal = self._refusal(scope, self._limits[scope], row, charge.cost, recipients,
-                                now)
+        refusal = self._refusal(scope, self._limits[scope], row,
+                                min(charge.cost, charge.burst), recipients, now)
         # None: another process's clock is ahead of ours; a second is enough.
         raise refusal or SendRateLimited(1.0, scope=scope)
 

@@ -45,7 +45,16 @@ async def release_stale(txn: Txn, name: str, org_id: str,
                         stale_before: datetime) -> dict[str, Any] | None:
     """Delete another organization's stale, never-verified registration of ``name`` so
     that ``org_id`` may register it: a name cannot be squatted by registering it first
-    (verification needs the DNS, which the squatter does not control)."""
+    (verification needs the DNS, which the squatter does not control).
+
+    The candidate is locked first, in a statement of its own: an inbox being created on
+    it holds a share lock (storage.inboxes.domain_usable) until it commits, and only a
+    statement that starts after that sees the inbox. A single DELETE would wait for the
+    lock but judge "no inboxes" by its earlier snapshot, and release a name its holder
+    had just put an inbox on."""
+    await txn.execute(
+        "SELECT 1 FROM domains d WHERE d.name = %s AND d.verified_at IS NULL "
+        "AND d.org_id <> %s FOR UPDATE", (name, org_id))
     return await txn.fetchone(
         f"DELETE FROM domains d WHERE d.name = %s AND {_RELEASABLE} "
         "RETURNING d.org_id, d.id, d.created_at", (name, org_id, stale_before))

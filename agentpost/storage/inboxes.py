@@ -199,10 +199,16 @@ async def domain_kind(txn: Txn, name: str) -> str | None:
 async def domain_usable(txn: Txn, org_id: str, environment_id: str, name: str) -> bool:
     """Whether inboxes of this org and environment may use ``name``: a shared domain or
     the organization's own, verified or not (an inbox on an unverified domain exists but
-    neither sends -- core.submission -- nor receives until the domain is verified)."""
+    neither sends -- core.submission -- nor receives until the domain is verified).
+
+    The organization's domain row is share-locked until the caller commits: deleting a
+    domain locks it for update and then counts its inboxes (core.domains), so an inbox
+    being created on it either commits first (and is counted: 409) or finds the domain
+    gone; otherwise both committed and left an inbox on a domain nobody holds."""
     return bool(await txn.fetchval(
         "SELECT EXISTS (SELECT 1 FROM shared_domains WHERE name = %s) OR EXISTS ("
-        "SELECT 1 FROM domains WHERE org_id = %s AND environment_id = %s AND name = %s)",
+        "SELECT 1 FROM domains WHERE org_id = %s AND environment_id = %s AND name = %s "
+        "FOR KEY SHARE)",
         (name, org_id, environment_id, name),
     ))
 

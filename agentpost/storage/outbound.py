@@ -227,11 +227,12 @@ async def claim_bounces(txn: Txn, limit: int) -> list[dict[str, Any]]:
 
 
 async def bounced_recipients(txn: Txn, org_id: str, queue_id: str) -> list[dict[str, Any]]:
-    """The recipients a DSN reports: those that bounced or failed."""
+    """The recipients a DSN reports: those that bounced or failed and no earlier DSN
+    of the row named (a row's recipients can fail at different attempts)."""
     return await txn.fetchall(
         "SELECT address, status, smtp_code, status_code, diagnostic FROM outbound_recipients "
         " WHERE org_id = %s AND queue_id = %s AND status IN ('bounced', 'failed') "
-        " ORDER BY address", (org_id, queue_id))
+        "   AND NOT reported ORDER BY address", (org_id, queue_id))
 
 
 async def postpone_bounce(txn: Txn, org_id: str, queue_id: str) -> None:
@@ -242,10 +243,15 @@ async def postpone_bounce(txn: Txn, org_id: str, queue_id: str) -> None:
 
 
 async def bounce_delivered(txn: Txn, org_id: str, queue_id: str) -> None:
-    """The DSN is stored: owe nothing more."""
+    """The DSN is stored: owe nothing more, and never report its recipients again.
+    The row is locked (:func:`claim_bounces`), and recording an attempt updates the row
+    before its recipients, so no recipient fails between the DSN's read and this."""
     await txn.execute(
         "UPDATE outbound_queue SET bounce_pending = false, updated_at = %s "
-        " WHERE org_id = %s AND id = %s", (txn.now, org_id, queue_id))
+        " WHERE org_id = %s AND id = %s; "
+        "UPDATE outbound_recipients SET reported = true "
+        " WHERE org_id = %s AND queue_id = %s AND status IN ('bounced', 'failed') "
+        "   AND NOT reported", (txn.now, org_id, queue_id, org_id, queue_id))
 
 
 async def queue_of_message(txn: Txn, org_id: str, message_id: str) -> list[dict[str, Any]]:

@@ -46,7 +46,8 @@ async def buckets_of(txn: Txn, org_id: str, inbox_id: str) -> dict[str, dict[str
 @dataclass(frozen=True)
 class Charge:
     """What one scope's bucket is charged: ``cost`` tokens and ``n`` messages against
-    ``rate``/``burst`` (``rate`` 0: no rate limit) and ``quota`` (0: no daily limit)."""
+    ``rate``/``burst`` (``rate`` 0: no rate limit) and ``quota`` (0: no daily limit). A
+    cost above ``burst`` needs a full bucket and leaves it in debt."""
 
     cost: float
     n: int
@@ -67,8 +68,12 @@ def _scope_upsert(scope: str, alias: str, condition: str) -> str:
     """The charge of one scope, its values read from the CTE ``p`` (columns prefixed
     ``alias_``): an ``INSERT ... SELECT ... WHERE condition ON CONFLICT DO UPDATE ...
     WHERE fits``: the tokens refilled by the time elapsed (never above the burst) must
-    cover the cost and the day's count (reset by a new day) must stay within the quota;
-    otherwise the row is left as it was (locked, not updated) and no row returns."""
+    cover the cost, or be a full bucket for a cost bigger than the burst, and the day's
+    count (reset by a new day) must stay within the quota; otherwise the row is left as
+    it was (locked, not updated) and no row returns. The whole cost is taken, so a
+    message bigger than the bucket leaves it in debt (negative tokens) and the next
+    send waits until that is paid: packing recipients into messages does not raise the
+    sustained rate."""
     table, keys = _TABLES[scope]
     cols = ", ".join(keys)
 
@@ -88,7 +93,7 @@ def _scope_upsert(scope: str, alias: str, condition: str) -> str:
         f"  refilled_at = GREATEST(b.refilled_at, EXCLUDED.refilled_at), "
         f"  day = GREATEST(b.day, EXCLUDED.day), "
         f"  day_count = {today} + EXCLUDED.day_count "
-        f"WHERE ({v('rate')} = 0 OR {refilled} >= {v('cost')}) "
+        f"WHERE ({v('rate')} = 0 OR {refilled} >= LEAST({v('cost')}, {v('burst')})) "
         f"  AND ({v('quota')} = 0 OR {today} + EXCLUDED.day_count <= {v('quota')}) "
         f"RETURNING 1")
 
