@@ -33,7 +33,8 @@ EVENTS_CHANNEL = "agentpost_events"
 async def route(txn: Txn, address: str, domain: str, *,
                 with_usage: bool = True) -> dict[str, Any]:
     """Everything the MX needs at RCPT, in ONE statement (routing runs per recipient):
-    ``hosted`` (the domain is ours), the inbox (``org_id``... None when unknown), its
+    ``hosted`` (the domain is ours), the inbox (``org_id``... None when unknown, or
+    when its organization does not hold the verified name), its
     receive filter ``rules`` (a list of {match_type, value, action}) and, ``with_usage``,
     its ``used_bytes`` (else None).
 
@@ -58,8 +59,14 @@ async def route(txn: Txn, address: str, domain: str, *,
         "          FROM filter_rules r WHERE r.org_id = i.org_id "
         "           AND r.environment_id = i.environment_id AND r.direction = 'receive' "
         "           AND (r.inbox_id IS NULL OR r.inbox_id = i.id)) AS rules "
-        "FROM (SELECT 1) AS one LEFT JOIN inboxes i ON lower(i.email) = lower(%s)",
-        (domain, domain, address))  # type: ignore[return-value]
+        "FROM (SELECT 1) AS one LEFT JOIN inboxes i ON lower(i.email) = lower(%s) "
+        # the inbox is only this address's if its own organization holds the name (or
+        # it is a shared domain): never another tenant's inbox left on a name that an
+        # organization verified later
+        "  AND (EXISTS (SELECT 1 FROM shared_domains s WHERE s.name = lower(%s)) OR "
+        "       EXISTS (SELECT 1 FROM domains d WHERE d.org_id = i.org_id "
+        "               AND d.name = lower(%s) AND d.verified_at IS NOT NULL))",
+        (domain, domain, address, domain, domain))  # type: ignore[return-value]
 
 
 # Folders ------------------------------------------------------------------------------
