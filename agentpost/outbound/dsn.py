@@ -41,7 +41,9 @@ def _field(text: str | None) -> str:
 
 
 def _per_recipient(rcpt: FailedRecipient) -> str:
-    lines = [f"Final-Recipient: rfc822; {_field(rcpt.address)}",
+    # A non-ASCII address is typed utf-8 (RFC 6533 section 3), not rfc822.
+    kind = "rfc822" if rcpt.address.isascii() else "utf-8"
+    lines = [f"Final-Recipient: {kind}; {_field(rcpt.address)}",
              "Action: failed", f"Status: {rcpt.status_code}"]
     if rcpt.diagnostic:
         code = rcpt.smtp_code or (550 if rcpt.status_code.startswith("5") else 451)
@@ -81,14 +83,19 @@ def build_dsn(*, hostname: str, sender: str, original: bytes,
               + "".join("\r\n" + _per_recipient(r) for r in recipients))
     original_header = _original_header(original)
     cte = "7bit" if original_header.isascii() else "8bit"
+    # (RFC 6533: a status part naming a UTF-8 address is message/global-delivery-status)
+    status_type = "message/delivery-status" if status.isascii() else \
+        "message/global-delivery-status"
     parts = [
         b"This is a delivery status notification (RFC 3464).\r\n",
         f"--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\n"
         "Content-Transfer-Encoding: quoted-printable\r\n\r\n".encode() + human + b"\r\n",
-        f"--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n{status}".encode(
+        # Each part ends with one more CRLF: the one before the next boundary belongs
+        # to the delimiter (RFC 2046 section 5.1.1), and the last field keeps its own.
+        f"--{boundary}\r\nContent-Type: {status_type}\r\n\r\n{status}\r\n".encode(
             "utf-8", "replace"),
         f"--{boundary}\r\nContent-Type: text/rfc822-headers\r\n"
-        f"Content-Transfer-Encoding: {cte}\r\n\r\n".encode() + original_header,
+        f"Content-Transfer-Encoding: {cte}\r\n\r\n".encode() + original_header + b"\r\n",
         f"--{boundary}--\r\n".encode(),
     ]
     return header.encode("utf-8", "replace") + b"".join(parts)
