@@ -294,6 +294,10 @@ class RetentionSection:
         "30d", "Audit rows tied to no organization (bad keys, admin API).", "duration"
     )
     delivery_events: float = opt("90d", "Delivery events (sent, bounced, ...).", "duration")
+    outbound_queue: float = opt(
+        "180d", "Finished outbound queue rows, with each recipient's last state (what "
+        "the API shows of a sent message's delivery), counted from their last change.",
+        "duration")
     events: float = opt(
         "30d", "The event log (GET /events, WebSocket resume) and webhook delivery history.",
         "duration")

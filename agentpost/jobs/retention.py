@@ -30,7 +30,8 @@ TIERS = ("free", "developer", "startup", "business", "enterprise")
 
 
 class RetentionSweep:
-    """Deletes expired audit rows, delivery events and SNS receipts."""
+    """Deletes expired audit rows, delivery events and SNS receipts, events, and finished
+    outbound queue rows."""
 
     def __init__(self, db: Database, clock: IReactorTime, config: RetentionSection,
                  also: Sequence[Callable[[], Awaitable[int]]] = ()) -> None:
@@ -74,6 +75,7 @@ class RetentionSweep:
         await self._db.run_interaction("retention.login_failures", purge)
         await self._sweep_delivery_events()
         await self._sweep_events()
+        await self._sweep_outbound()
         for sweep in self._also:
             try:
                 await sweep()
@@ -126,6 +128,28 @@ class RetentionSweep:
             deleted = await self._db.run_interaction("retention.events", batch)
             if deleted is None or deleted < self._config.batch_size:
                 return total + (deleted or 0)
+            total += deleted
+
+    async def _sweep_outbound(self) -> int:
+        """Finished outbound queue rows (and their recipients' states) older than
+        retention.outbound_queue, in batches, under the same one-sweeper lock."""
+        keep: float | str = self._config.outbound_queue
+        if isinstance(keep, str):  # a section built in code, not through the loader
+            keep = parse_duration(keep)
+        older_than = datetime.fromtimestamp(self._clock.seconds() - keep, UTC)
+        total = 0
+        while True:
+            async def batch(txn: Txn) -> int | None:
+                if not await store.try_lock_sweep(txn):
+                    return None
+                return await store.delete_finished_outbound(txn, older_than,
+                                                             self._config.batch_size)
+            deleted = await self._db.run_interaction("retention.outbound", batch)
+            if deleted is None or deleted < self._config.batch_size:
+                total += deleted or 0
+                if total:
+                    log.info("retention: deleted %d finished outbound queue rows", total)
+                return total
             total += deleted
 
     def _report(self, deleted: int) -> None:

@@ -38,3 +38,13 @@ async def delete_expired_webhook_attempts(txn: Txn, before: object, batch: int) 
     return await txn.execute(
         "DELETE FROM webhook_attempts WHERE seq IN (SELECT seq FROM webhook_attempts "
         "WHERE started_at < %s LIMIT %s)", (before, batch))
+
+
+async def delete_finished_outbound(txn: Txn, before: object, batch: int) -> int:
+    """Delete up to ``batch`` finished queue rows (every recipient done, no DSN owed; their
+    recipients go by cascade) last changed before ``before`` (retention.outbound_queue).
+    Their blob references were released when they finished."""
+    return await txn.execute(
+        "DELETE FROM outbound_queue WHERE id IN (SELECT id FROM outbound_queue "
+        "WHERE status = 'done' AND NOT bounce_pending AND updated_at < %s "
+        "ORDER BY updated_at LIMIT %s)", (before, batch))
