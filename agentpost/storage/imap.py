@@ -466,6 +466,13 @@ _HEADER_COLUMNS = {"subject": "subject"}
 _ADDRESS_COLUMNS = {"from": "from_text", "to": "to_text", "cc": "cc_text", "bcc": "bcc_text"}
 _HAS_HEADER_SQL = ("EXISTS (SELECT 1 FROM jsonb_array_elements(headers) h "
                    "WHERE lower(h->>0) = %s)")
+#: A stored field value unfolded (RFC 5322 2.2.3): ingest keeps the line breaks of a
+#: folded field, and a HEADER or TEXT string may span the fold ("folded  across").
+_UNFOLDED_VALUE = "translate(h->>1, E'\\r\\n', '')"
+#: TEXT's header side: each field as its own "Name: value" line, unfolded. Not the
+#: jsonb's text form, whose quoting (\", \\, \r\n) no search string matches.
+_HEADER_LINE_MATCH = ("EXISTS (SELECT 1 FROM jsonb_array_elements(headers) h "
+                      f"WHERE (h->>0) || ': ' || {_UNFOLDED_VALUE} ILIKE %s)")
 
 
 def _like(text: str) -> str:
@@ -513,14 +520,14 @@ def search_sql(key: tuple[Any, ...], params: list[Any]) -> str:
             return f"({_HEADER_COLUMNS[name]} ILIKE %s)"
         params.extend([name, _like(text)])
         return ("EXISTS (SELECT 1 FROM jsonb_array_elements(headers) h "
-                "WHERE lower(h->>0) = %s AND h->>1 ILIKE %s)")
+                f"WHERE lower(h->>0) = %s AND {_UNFOLDED_VALUE} ILIKE %s)")
     if op == "body":
         params.extend([_like(key[1]), _like(key[1])])
         return "(coalesce(text_body, '') ILIKE %s OR coalesce(html_body, '') ILIKE %s)"
     if op == "text":
         params.extend([_like(key[1])] * 3)
         return ("(coalesce(text_body, '') ILIKE %s OR coalesce(html_body, '') ILIKE %s "
-                "OR headers::text ILIKE %s)")
+                f"OR {_HEADER_LINE_MATCH})")
     if op in ("sentbefore", "senton", "sentsince"):
         # The Date field's own calendar date, its time and zone disregarded; a message
         # without a (readable) Date matches none of them, and NOT of each.

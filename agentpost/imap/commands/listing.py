@@ -68,6 +68,8 @@ class _Matched:
     # (RFC 5258 §3.5; a subscribed descendant the pattern matches itself needs none).
     reached: set[str]
     missing: set[str] = field(default_factory=set)  # listed names that have no folder
+    # Of those, the levels of hierarchy a trailing "%" returns (RFC 3501 §6.3.8): \Noselect
+    implied: set[str] = field(default_factory=set)
 
 
 async def list_(session: IMAP4ServerProtocol, command: Command) -> None:
@@ -97,6 +99,8 @@ async def _list(session: IMAP4ServerProtocol, command: Command, lsub: bool) -> N
     found = _match(folders, matcher, missing)
     if options.only_subscribed and found.reached:
         _add_parents(found)
+    elif not options.lsub and not options.select - {"REMOTE"}:
+        _add_hierarchy_levels(found, [reference + p for p in wanted if p.endswith("%")])
     statuses = {} if not options.status_items else await acct.statuses(
         [f.name for f in found.folders if f.name not in found.missing])
     for folder in found.folders:
@@ -209,6 +213,27 @@ def _add_parents(found: _Matched) -> None:
                                                   for n in missing)], key=lambda f: f.name)
 
 
+def _add_hierarchy_levels(found: _Matched, patterns: list[str]) -> None:
+    """A pattern ending in "%" also returns the levels of hierarchy it matches, and
+    those that are no mailbox come \\Noselect (RFC 3501 §6.3.8, RFC 9051 §6.3.9): a
+    parent whose folder was DELETEd keeps its children, which "%" browsing must still
+    reach. Only those patterns' own parent matches count (not ``*``'s)."""
+    if not patterns:
+        return
+    levels = PatternSet(patterns)  # a subset of patterns already accepted: not too long
+    names = {f.name for f in found.folders}
+    implied = {parent for f in found.folders
+               for parent in levels.match_prefixes(f.name, fold_case=f.name == "INBOX")[1]
+               if parent not in names}
+    if implied:
+        found.implied |= implied
+        found.missing |= implied
+        found.matched |= implied
+        found.folders = sorted([*found.folders,
+                                *(FolderInfo(n, None, False, True) for n in implied)],
+                               key=lambda f: f.name)
+
+
 def _attributes(folder: FolderInfo, found: _Matched, options: _Options) -> list[str] | None:
     """The folder's LIST/LSUB attributes, or None when it is not listed."""
     if folder.name not in found.matched:
@@ -227,7 +252,9 @@ def _attributes(folder: FolderInfo, found: _Matched, options: _Options) -> list[
     attrs = ["\\HasChildren" if folder.has_children else "\\HasNoChildren"]
     if folder.special_use:
         attrs.append(folder.special_use)
-    if folder.name in found.missing:
+    if folder.name in found.implied:
+        attrs.append("\\Noselect")
+    elif folder.name in found.missing:
         attrs.append("\\Noselect" if options.lsub else "\\NonExistent")
     elif noselect:
         attrs.append("\\Noselect")
