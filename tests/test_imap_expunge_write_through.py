@@ -6,6 +6,7 @@ import pytest_twisted
 
 from agentpost.imap.interfaces import MessageMeta
 from tests.mailfactory import make_message
+from tests.test_imap_backend import _account
 from tests.test_imap_write_through import _DELTA, _loaded, _settled, two_sessions
 
 
@@ -89,3 +90,21 @@ async def test_own_append_is_seen_by_another_session_without_a_query(server, sen
     again = await folder_b.changes(known, since)  # NOOP: the database agrees
     assert [(m.uid, m.modseq, m.flags) for m in again.new] == \
         [(m.uid, m.modseq, m.flags) for m in seen.new]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_append_to_a_new_folder_under_a_selected_name_skips_the_old_mirror(server):
+    """SELECT of "Work" left the name pointing at its folder; after a RENAME and a new
+    "Work", an APPEND to the new folder must not land in the old folder's mirror."""
+    account_a, inbox, owner = await _account(server, "appendrenamed")
+    await account_a.create_folder("Work")
+    account_b = await server.core.imap_logins.authenticate(inbox["email"], owner,
+                                                           "127.0.0.1")
+    folder_b, snap = await account_b.select("Work")
+    await account_a.rename_folder("Work", "Old")
+    await account_a.create_folder("Work")
+    await account_a.append("Work", make_message(subject="w", msgid="<w@x>"), frozenset(),
+                           None)
+    seen = await folder_b.changes([m.uid for m in snap.messages], snap.highestmodseq,
+                                  fresh=False)
+    assert seen.new == [], seen  # the renamed folder ("Old") gained nothing

@@ -336,7 +336,9 @@ class MessageOps:
         # The process's mirror of the folder takes the new message as it is (no
         # catch-up query for the sessions that have it selected), as after a STORE.
         spellings = RECORDED_SPELLINGS.lookup(self._spell_key, keywords)
+        # (by_name is the folder SELECT last found under this name: the id must match)
         if mirror is None or mark is None or spellings is None or not stored.modseq \
+                or stored.folder_id != mirror.folder_id \
                 or not mirror.appended(mark, appended_meta(stored.uid, stored.modseq,
                                                            system, keywords, spellings)):
             self._touched(names=(name,))

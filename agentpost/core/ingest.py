@@ -59,6 +59,7 @@ class Stored:
     raw_blob_key: str = ""  # the message's own blob (the outbound queue names it)
     size: int = 0
     modseq: int = 0  # the copy's MODSEQ when its insert reported it (one copy), else 0
+    folder_id: int = 0
 
 
 #: Runs inside the storing transaction, after every copy is written (submission queues
@@ -569,7 +570,7 @@ def _build_copy(txn: Txn, target: Target, parsed: ParsedMessage, raw_ref: BlobRe
                      direction, raw_ref, bool(att_refs), envelope_from, when, txn.now),
         attachments, (thread_sql[0] + "; " + event[0], thread_sql[1] + event[1]),
         Stored(message_id, target.inbox_id, org, thread_id, 0, folder["uidvalidity"],
-               raw_ref.key, raw_ref.size))
+               raw_ref.key, raw_ref.size, folder_id=folder["id"]))
 
 
 def _message_row(target: Target, parsed: ParsedMessage, state: _State, message_id: str,
