@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -145,10 +145,15 @@ class OutboundWorker:
         envelope = Envelope(row["id"], row["org_id"], row["mail_from"],
                             tuple(row["recipients"]), row["message_id"])
 
+        suppressed = set(row.get("suppressed") or ())
+
         async def hand_off() -> HandOff:
             slot.callback(None)
             try:
-                return await self._hand_off(envelope, row["raw_blob_key"], reads)
+                if not suppressed:
+                    return await self._hand_off(envelope, row["raw_blob_key"], reads)
+                return await self._hand_off_unsuppressed(envelope, suppressed,
+                                                         row["raw_blob_key"], reads)
             finally:
                 reads.done(row["raw_blob_key"])
 
@@ -157,6 +162,19 @@ class OutboundWorker:
             await self._record(row, envelope, handoff)
         except Exception:  # the lease runs out and the row is tried again
             log.exception("outbound %s: recording the outcome failed", row["id"])
+
+    async def _hand_off_unsuppressed(self, envelope: Envelope, suppressed: set[str],
+                                     raw_key: str, reads: _RoundReads) -> HandOff:
+        """The hand-off of the recipients not suppressed since the message was queued;
+        the suppressed ones fail without being tried (a bounce in the sender's DSN),
+        as the doors refuse them (550 5.7.1 / 422 suppressed_recipient)."""
+        sending = replace(envelope, recipients=tuple(
+            a for a in envelope.recipients if a not in suppressed))
+        handoff = await self._hand_off(sending, raw_key, reads)
+        refused = [Outcome(a, FAILED, 550, "5.7.1",
+                           "the address is on the organization's suppression list")
+                   for a in envelope.recipients if a in suppressed]
+        return replace(handoff, outcomes=[*handoff.outcomes, *refused])
 
     async def _read_outgoing(self, raw_key: str) -> bytes:
         """The bytes that leave: the stored message without its Bcc fields."""

@@ -71,7 +71,8 @@ async def claim_due(txn: Txn, now: datetime, lease_until: datetime, worker: str,
                     limit: int) -> list[dict[str, Any]]:
     """Lease up to ``limit`` due rows (new, deferred, or leased by a worker whose lease
     ran out), oldest first; rows other workers are claiming are skipped, not waited
-    for. Returns the rows with the recipients still to try."""
+    for. Returns the rows with the recipients still to try, and ``suppressed``: those of
+    them now on the organization's suppression list."""
     return await txn.fetchall(
         "WITH due AS ("
         "  SELECT id FROM outbound_queue"
@@ -85,7 +86,14 @@ async def claim_due(txn: Txn, now: datetime, lease_until: datetime, worker: str,
         "          q.raw_blob_key, q.mail_from, q.domain, q.attempts, q.expires_at, "
         "          ARRAY(SELECT r.address FROM outbound_recipients r "
         "                 WHERE r.queue_id = q.id AND r.status NOT IN ('sent', 'bounced',"
-        "                 'failed') ORDER BY r.address) AS recipients",
+        "                 'failed') ORDER BY r.address) AS recipients, "
+        # those of them the organization has suppressed since the message was queued
+        # (a hard bounce or a complaint of another message): never tried again
+        "          ARRAY(SELECT r.address FROM outbound_recipients r "
+        "                 WHERE r.queue_id = q.id AND r.status NOT IN ('sent', 'bounced',"
+        "                 'failed') AND EXISTS (SELECT 1 FROM suppressions s "
+        "                 WHERE s.org_id = q.org_id AND s.email = lower(r.address))) "
+        "            AS suppressed",
         (now, now, limit, lease_until, worker, now))
 
 
