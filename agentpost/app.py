@@ -284,7 +284,7 @@ class AgentPostService(service.Service):
         ws = cfg.websocket
         mount_websocket(app, build_ws_resource(
             portal=portal, live_credentials=core.live_credentials, hub=self.ws_hub,
-            db=core.db, clock=self.reactor, key_failures=key_failures,
+            db=core.db, clock=self.reactor, key_failures=key_failures, trusted_proxies=trusted,
             settings=StreamSettings(ws.max_connections_per_key, ws.send_buffer_cap,
                                     ws.ping_interval)))
         return app.resource()

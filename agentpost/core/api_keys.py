@@ -52,6 +52,7 @@ class APIKeys:
             raise Forbidden(f"A {p.role} key cannot create a {role} key.")
         if scopes is None:
             scopes = sorted(p.scopes & ROLE_SCOPES[role])
+        scopes = sorted(set(scopes))  # a repeated scope is one scope, stored once
         bad = unknown_scopes(scopes)
         if bad:
             raise InvalidRequest(f"Unknown scopes: {', '.join(bad)}.", field="scopes")
@@ -98,10 +99,11 @@ class APIKeys:
         """Keys newest first (never their secrets)."""
         p = ctx.org_principal
         p.require("api_keys:read")
+        within = sorted(p.environment_ids) if p.environment_ids is not None else None
         rows = await self._db.run_read(
-            "api_keys.list", key_store.list_api_keys, p.org_id, after_id, limit + 1
+            "api_keys.list", key_store.list_api_keys, p.org_id, after_id, limit + 1, within
         )
-        return [r for r in rows if _visible(p, r)]
+        return [r for r in rows if _visible(p, r)]  # as the query filtered; kept as a guard
 
     async def get(self, ctx: RequestContext, key_id: str) -> dict[str, Any]:
         """One key's metadata."""
@@ -127,6 +129,10 @@ class APIKeys:
                 raise NotFound()
             if not role_at_least(p.role, row["role"]):
                 raise Forbidden(f"A {p.role} key cannot revoke a {row['role']} key.")
+            if not role_at_least(p.role, "admin") and row["user_id"] != p.user_id:
+                # Members use inboxes; they may retire their own keys, never cut off
+                # a colleague's (or the owner's) agents.
+                raise Forbidden("A member key can revoke only keys of its own holder.")
             await key_store.revoke_api_key(txn, p.org_id, key_id)
             await self._audit.write_in(txn, ctx)
             revoked = await key_store.get_api_key(txn, p.org_id, key_id)

@@ -38,6 +38,8 @@ class Organizations:
         """An organization with its default environment (and owner, if named)."""
         if tier not in TIERS:
             raise InvalidRequest(f"tier must be one of {', '.join(TIERS)}.", field="tier")
+        if owner_email is not None and "@" not in owner_email:  # as members.add demands
+            raise InvalidRequest("owner_email must be an address.", field="owner_email")
 
         async def txn_fn(txn: Txn) -> dict[str, Any]:
             org = await _create(txn, name, tier, owner_email)

@@ -197,8 +197,9 @@ class RouteTable:
         peer = getattr(request.getClientAddress(), "host", None)
         if peer in self._trusted:
             forwarded = request.getHeader(b"x-forwarded-for")
-            if forwarded:
-                return forwarded.decode("latin-1").split(",")[-1].strip()[:64]
+            hop = forwarded.decode("latin-1").split(",")[-1].strip()[:64] if forwarded else ""
+            if hop:  # an empty last hop would leave the request with no source to throttle
+                return hop
         return peer
 
     async def _serve(self, route: Route, request: IRequest, params: dict[str, str]) -> bytes:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from twisted.internet.interfaces import IReactorTime
 
-from agentpost.core.login_guard import LoginAttempt, LoginGuard
+from agentpost.core.login_guard import LoginAttempt, LoginGuard, client_source
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,10 @@ class FailedKeyThrottle:
         self._failed: OrderedDict[str, float] = OrderedDict()
 
     def _recently_failed(self, peer: str) -> bool:
-        at = self._failed.get(peer)
+        # Remembered by source as the allowances count it (an IPv6 /64, not one
+        # address): otherwise each fresh address of an attacker's /64 would skip the
+        # allowance check and guess unthrottled.
+        at = self._failed.get(client_source(peer))
         return at is not None and self._clock.seconds() - at < REMEMBER_S
 
     async def admit(self, peer: str | None,
@@ -73,8 +76,9 @@ class FailedKeyThrottle:
             return
         if isinstance(attempt, PendingKeyAttempt):
             attempt = self._guard.attempt("http", attempt.peer, key_hint(attempt.token))
-        self._failed[attempt.peer] = self._clock.seconds()
-        self._failed.move_to_end(attempt.peer)
+        source = client_source(attempt.peer)
+        self._failed[source] = self._clock.seconds()
+        self._failed.move_to_end(source)
         while len(self._failed) > REMEMBERED_SOURCES:
             self._failed.popitem(last=False)
         try:

@@ -30,6 +30,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 
 from agentpost.http import errors as http_errors
+from agentpost.http.access_log import redacting_log_formatter
 from agentpost.listening import ConnectionCaps
 from agentpost.model.ids import new_id
 
@@ -578,6 +579,7 @@ def make_site(resource: IResource, *, access_log: bool = False,
                          max_connections=max_connections, trusted_proxies=trusted_proxies)
     site.requestFactory = AgentPostRequest
     site.displayTracebacks = False
+    site._logFormatter = redacting_log_formatter
     if not access_log:
         site.log = lambda request: None  # type: ignore[method-assign]
     return site

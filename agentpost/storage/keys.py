@@ -78,13 +78,19 @@ async def get_api_key(txn: Txn, org_id: str, key_id: str) -> dict[str, Any] | No
     )
 
 
-async def list_api_keys(txn: Txn, org_id: str, after_id: str | None,
-                        limit: int) -> list[dict[str, Any]]:
-    """Keys of the organization, newest first."""
+async def list_api_keys(txn: Txn, org_id: str, after_id: str | None, limit: int,
+                        within: list[str] | None = None) -> list[dict[str, Any]]:
+    """Keys of the organization, newest first; with ``within``, only keys confined to
+    some of those environments (filtered here, not after the LIMIT, so that a page of
+    keys the caller may not see does not end its listing early)."""
     return await txn.fetchall(
         f"SELECT {_KEY_COLS} FROM api_keys k WHERE k.org_id = %s "
-        "AND (%s::text IS NULL OR k.id < %s) ORDER BY k.id DESC LIMIT %s",
-        (org_id, after_id, after_id, limit),
+        "AND (%s::text IS NULL OR k.id < %s) "
+        "AND (%s::text[] IS NULL OR (k.env_restricted AND NOT EXISTS ("
+        "  SELECT 1 FROM api_key_environments e WHERE e.org_id = k.org_id "
+        "  AND e.api_key_id = k.id AND e.environment_id <> ALL(%s::text[])))) "
+        "ORDER BY k.id DESC LIMIT %s",
+        (org_id, after_id, after_id, within, within, limit),
     )
 
 

@@ -169,7 +169,7 @@ class EventStreamProtocol(WebSocketServerProtocol):
         token = (request.params.get("token") or [None])[0] or _bearer(request.headers)
         if not token:
             raise ConnectionDeny(401, "Send ?token= or an Authorization: Bearer header.")
-        peer = getattr(self.transport.getPeer(), "host", None) if self.transport else None
+        peer = f.client_address(self.transport, request.headers)
         try:  # unknown keys spend the same failed-login allowances as the HTTP API
             attempt = (await f.key_failures.admit(peer, token)
                        if f.key_failures is not None else None)
@@ -467,12 +467,14 @@ class EventStreamFactory(WebSocketServerFactory):
     protocol = EventStreamProtocol  # type: ignore[assignment]
 
     def __init__(self, *, portal: Any, live_credentials: Any, hub: Any, db: Any, clock: Any,
-                 settings: StreamSettings, key_failures: Any = None) -> None:
+                 settings: StreamSettings, key_failures: Any = None,
+                 trusted_proxies: frozenset[str] = frozenset()) -> None:
         # server=None: no Server header on the upgrade answer (nor on a refused
         # handshake), like every other answer of our HTTP listener; autobahn's default
         # would announce "AutobahnPython/<version>".
         super().__init__(server=None)
         self.key_failures = key_failures
+        self.trusted_proxies = trusted_proxies
         self.portal = portal
         self.live_credentials = live_credentials
         self.hub = hub
@@ -487,3 +489,14 @@ class EventStreamFactory(WebSocketServerFactory):
         self.setProtocolOptions(maxMessagePayloadSize=64 * 1024, maxFramePayloadSize=64 * 1024,
                                 openHandshakeTimeout=10, closeHandshakeTimeout=2,
                                 webStatus=False)
+
+    def client_address(self, transport: Any, headers: dict[str, str]) -> str | None:
+        """The peer, or the X-Forwarded-For hop a trusted proxy vouches for (as the HTTP
+        API reads it): behind a proxy, every client's failed keys would otherwise be
+        charged to the proxy's address, and one guesser would lock everyone out."""
+        peer = getattr(transport.getPeer(), "host", None) if transport is not None else None
+        if peer in self.trusted_proxies:
+            hop = (headers.get("x-forwarded-for") or "").split(",")[-1].strip()[:64]
+            if hop:
+                return hop
+        return peer

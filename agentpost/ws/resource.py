@@ -19,12 +19,13 @@ from agentpost.ws.protocol import EventStreamFactory, StreamSettings
 
 def build_ws_resource(*, portal: Any, live_credentials: Any, hub: EventHub, db: Any,
                       clock: Any, settings: StreamSettings,
-                      key_failures: Any = None) -> WebSocketResource:
+                      key_failures: Any = None,
+                      trusted_proxies: frozenset[str] = frozenset()) -> WebSocketResource:
     """The resource every ``GET /ws`` upgrade is handed to (``key_failures``: the HTTP
     door's FailedKeyThrottle, so guessing keys here is throttled the same way)."""
     factory = EventStreamFactory(portal=portal, live_credentials=live_credentials, hub=hub,
                                  db=db, clock=clock, settings=settings,
-                                 key_failures=key_failures)
+                                 key_failures=key_failures, trusted_proxies=trusted_proxies)
     return WebSocketResource(factory)
 
 
