@@ -19,9 +19,18 @@ from agentpost.storage.database import Database, Txn
 class Members:
     """List members, change roles (owner transfer included), remove members."""
 
-    def __init__(self, db: Database, audit: AuditTrail) -> None:
+    def __init__(self, db: Database, audit: AuditTrail, key_cache: Any = None) -> None:
         self._db = db
         self._audit = audit
+        self._key_cache = key_cache  # auth.key_cache.KeyCache: answers wait for its NOTIFY
+
+    async def _settled(self, key_ids: builtins.list[str]) -> None:
+        """After a committed change to people's power: answer once its NOTIFY (sent by
+        the trigger for every key of the person, all at the one COMMIT) is back on this
+        process's LISTEN link, as revocation does (core.api_keys), so no other process
+        answers the client's next request from a key it cached before the change."""
+        if self._key_cache is not None and key_ids:
+            await self._key_cache.settle(key_ids[0])
 
     async def list(self, ctx: RequestContext, after_id: str | None,
                    limit: int) -> list[dict[str, Any]]:
@@ -84,6 +93,8 @@ class Members:
         if role is not None:
             p.require_organization_wide("change organization roles")
 
+        held: builtins.list[str] = []
+
         async def txn_fn(txn: Txn) -> dict[str, Any]:
             member = await org_store.get_member(txn, p.org_id, user_id, for_update=True)
             if member is None:
@@ -95,9 +106,12 @@ class Members:
             await self._audit.write_in(txn, ctx)
             updated = await org_store.get_member(txn, p.org_id, user_id)
             assert updated is not None  # locked FOR UPDATE above: still a member
+            held[:] = await key_store.live_keys_held_by(txn, p.org_id, user_id)
             return updated
 
-        return await self._db.run_interaction("members.update", txn_fn)
+        updated = await self._db.run_interaction("members.update", txn_fn)
+        await self._settled(held)
+        return updated
 
     async def remove(self, ctx: RequestContext, user_id: str) -> None:
         """Remove a member; the owner cannot be removed (transfer first)."""
@@ -107,6 +121,8 @@ class Members:
         if not role_at_least(p.role, "admin"):
             raise Forbidden("Only owners and admins may remove members.")
         p.require_organization_wide("remove people from the organization")
+
+        held: builtins.list[str] = []
 
         async def txn_fn(txn: Txn) -> None:
             member = await org_store.get_member(txn, p.org_id, user_id, for_update=True)
@@ -119,11 +135,13 @@ class Members:
             await org_store.delete_member(txn, p.org_id, user_id)
             # Their keys are refused from now on anyway (no membership, no power);
             # revoking them too means re-adding the person later revives nothing.
-            for key_id in await key_store.live_keys_held_by(txn, p.org_id, user_id):
+            held[:] = await key_store.live_keys_held_by(txn, p.org_id, user_id)
+            for key_id in held:
                 await key_store.revoke_api_key(txn, p.org_id, key_id)
             await self._audit.write_in(txn, ctx, 204)
 
         await self._db.run_interaction("members.remove", txn_fn)
+        await self._settled(held)
 
 
 async def _change_role(txn: Txn, p: Principal, member: dict[str, Any], role: str) -> None:
