@@ -9,6 +9,7 @@ renderings share. Nothing here raises on malformed input.
 from __future__ import annotations
 
 import email.utils
+import itertools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,11 @@ from typing import Any
 MAX_DEPTH = 40
 #: More parts than this in one multipart: the rest is left in the last part.
 MAX_PARTS = 1000
+#: Entities in one message, all levels together (Dovecot's max_total_mime_parts): past
+#: it, multiparts and message/rfc822 are opaque leaves. Without it, 1 MB of nested
+#: ``--b`` lines (250 multiparts of 1000 empty digest parts) rendered 93 MB of
+#: BODYSTRUCTURE, BODY and section map in 6.6 s, and a 50 MB message, gigabytes.
+MAX_ENTITIES = 10_000
 
 
 # --------------------------------------------------------------------------- strings
@@ -50,6 +56,8 @@ def quote(value: str | None) -> str:
         return "NIL"
     if _SAFE_QUOTED.match(value):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if "\x00" in value:  # a literal may not hold NUL (RFC 3501 CHAR8): U+FFFD, as Dovecot
+        value = value.replace("\x00", "\ufffd")
     data = value.encode("utf-8", "replace")
     return f"{{{len(data)}}}\r\n{value}"
 
@@ -185,10 +193,10 @@ def _content_params(value: str) -> tuple[str, list[tuple[str, str]]]:
         plain.append((name, text))
     rfc2231.sort(key=lambda p: (p.name, p.index))
     merged: list[tuple[str, str]] = []
-    i = 0
-    while i < len(rfc2231):
-        group = [p for p in rfc2231[i:] if p.name == rfc2231[i].name]
-        i += len(group)
+    # One pass over the sorted pieces (a scan of the rest per name was quadratic: 20,000
+    # distinct ``p<i>*=x`` parameters, 200 KB of header, took 6 s of CPU).
+    for _, pieces_of in itertools.groupby(rfc2231, key=lambda p: p.name):
+        group = list(pieces_of)
         if any(p.index != n for n, p in enumerate(group)):  # missing index: as they are
             merged += [(f"{p.name}*{p.index}{'*' if p.extended else ''}", p.value)
                        for p in group]
@@ -202,7 +210,12 @@ def _content_params(value: str) -> tuple[str, list[tuple[str, str]]]:
 
 
 def _parse_entity(raw: bytes, start: int, end: int, depth: int,
-                  default_type: tuple[str, str] = ("text", "plain")) -> _Entity:
+                  default_type: tuple[str, str] = ("text", "plain"),
+                  budget: list[int] | None = None) -> _Entity:
+    """The entity at [start, end); ``budget``: [entities still allowed in the message]."""
+    if budget is None:
+        budget = [MAX_ENTITIES]
+    budget[0] -= 1
     fields, bstart = _split_header(raw, start, end)
     ent = _Entity(start, bstart, end, fields, default_type[0], default_type[1])
     ctype = _field_value(raw, ent, "content-type")
@@ -213,7 +226,7 @@ def _parse_entity(raw: bytes, start: int, end: int, depth: int,
             ent.params = params
         else:
             ent.maintype, ent.subtype, ent.params = "text", "plain", []
-    if depth >= MAX_DEPTH:
+    if depth >= MAX_DEPTH or budget[0] <= 0:
         if ent.is_multipart or (ent.maintype, ent.subtype) == ("message", "rfc822"):
             ent.maintype, ent.subtype = "application", "octet-stream"
         return ent
@@ -225,13 +238,16 @@ def _parse_entity(raw: bytes, start: int, end: int, depth: int,
         child_default = ("message", "rfc822") if ent.subtype == "digest" else ("text", "plain")
         for cstart, cend in _split_multipart(raw, bstart, end, boundary.encode("utf-8",
                                                                                 "replace")):
-            ent.children.append(_parse_entity(raw, cstart, cend, depth + 1, child_default))
+            if budget[0] <= 0:
+                break
+            ent.children.append(_parse_entity(raw, cstart, cend, depth + 1, child_default,
+                                              budget))
         if not ent.children:  # no delimiter at all: one empty text part, as Dovecot does
             ent.children.append(_Entity(bstart, bstart, bstart, []))
     elif (ent.maintype, ent.subtype) == ("message", "rfc822"):
         cte = (_field_value(raw, ent, "content-transfer-encoding") or "7bit").lower()
         if cte in ("7bit", "8bit", "binary"):
-            ent.message = _parse_entity(raw, bstart, end, depth + 1)
+            ent.message = _parse_entity(raw, bstart, end, depth + 1, budget=budget)
     return ent
 
 

@@ -13,6 +13,7 @@ Everything is linear in the input: no regex can backtrack on a long run of space
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, timedelta
 
 # C0 controls (NUL is dropped separately), DEL, C1 controls and the Unicode line and
 # paragraph separators: whatever some consumer would treat as a line break or a control.
@@ -65,3 +66,18 @@ def safe_mime_type(value: str) -> str:
     the value is served back as a download's Content-Type."""
     value = value.strip().lower()
     return value if _MIME_TYPE_RE.match(value) else "application/octet-stream"
+
+
+#: PostgreSQL refuses a time-zone displacement beyond 15:59 (the whole insert fails).
+_MAX_OFFSET = timedelta(hours=15, minutes=59)
+
+
+def storable_date(when: datetime) -> datetime:
+    """``when`` as PostgreSQL stores and psycopg2 reads it back: an offset beyond 15:59
+    becomes UTC (same instant), and an instant outside years 1-9999 in UTC raises
+    (``31 Dec 9999 23:59 -1500`` was stored as year 10000, which no read could load)."""
+    in_utc = when.astimezone(UTC)  # OverflowError outside datetime's range
+    offset = when.utcoffset()
+    if offset is not None and abs(offset) > _MAX_OFFSET:
+        return in_utc
+    return when
