@@ -83,74 +83,56 @@ class RetentionSweep:
                 log.exception("retention: a sweep failed")
         return total
 
-    async def _sweep_delivery_events(self) -> int:
-        """Delivery feedback rows (and SNS receipts) older than retention.delivery_events,
-        in batches, under the same one-sweeper lock."""
-        older_than = datetime.fromtimestamp(
-            self._clock.seconds() - self._config.delivery_events, UTC)
+    def _older_than(self, keep: float | str) -> datetime:
+        if isinstance(keep, str):  # a section built in code, not through the loader
+            keep = parse_duration(keep)
+        return datetime.fromtimestamp(self._clock.seconds() - keep, UTC)
+
+    async def _in_batches(self, name: str, delete: Callable[[Txn], Awaitable[int]]) -> int:
+        """Run ``delete`` (at most batch_size rows) in transactions under the one-sweeper
+        lock until a batch comes back short; the rows deleted (another process holding
+        the lock ends it)."""
         total = 0
         while True:
 
             async def batch(txn: Txn) -> int | None:
                 if not await store.try_lock_sweep(txn):
                     return None
-                return await delivery_store.delete_expired(txn, older_than,
-                                                           self._config.batch_size)
+                return await delete(txn)
 
-            deleted = await self._db.run_interaction("retention.delivery_events", batch)
-            if deleted is None:
-                return total
-            total += deleted
-            if deleted < self._config.batch_size:
+            deleted = await self._db.run_interaction(f"retention.{name}", batch)
+            total += deleted or 0
+            if deleted is None or deleted < self._config.batch_size:
                 if total:
-                    log.info("retention: deleted %d expired delivery events", total)
+                    log.info("retention: deleted %d rows of %s", total, name)
                 return total
+
+    async def _sweep_delivery_events(self) -> int:
+        """Delivery feedback rows (and SNS receipts) older than retention.delivery_events."""
+        older_than = self._older_than(self._config.delivery_events)
+        return await self._in_batches("delivery_events", lambda txn: delivery_store.delete_expired(
+            txn, older_than, self._config.batch_size))
 
     async def _sweep_events(self) -> int:
         """The event log and finished webhook deliveries older than retention.events."""
-        keep: float | str = self._config.events
-        if isinstance(keep, str):  # a section built in code, not through the loader
-            keep = parse_duration(keep)
-        older_than = datetime.fromtimestamp(self._clock.seconds() - keep, UTC)
-        total = 0
-        while True:
+        older_than = self._older_than(self._config.events)
 
-            async def batch(txn: Txn) -> int | None:
-                if not await store.try_lock_sweep(txn):
-                    return None
-                # Webhook attempts of the same age too (issue 13); a full batch of either
-                # keeps the loop going.
-                attempts = await store.delete_expired_webhook_attempts(
-                    txn, older_than, self._config.batch_size)
-                return max(attempts, await event_store.sweep(txn, older_than,
-                                                             self._config.batch_size))
+        async def delete(txn: Txn) -> int:
+            # Webhook attempts of the same age too (issue 13); a full batch of either
+            # keeps the loop going.
+            attempts = await store.delete_expired_webhook_attempts(
+                txn, older_than, self._config.batch_size)
+            return max(attempts, await event_store.sweep(txn, older_than,
+                                                         self._config.batch_size))
 
-            deleted = await self._db.run_interaction("retention.events", batch)
-            if deleted is None or deleted < self._config.batch_size:
-                return total + (deleted or 0)
-            total += deleted
+        return await self._in_batches("events", delete)
 
     async def _sweep_outbound(self) -> int:
         """Finished outbound queue rows (and their recipients' states) older than
-        retention.outbound_queue, in batches, under the same one-sweeper lock."""
-        keep: float | str = self._config.outbound_queue
-        if isinstance(keep, str):  # a section built in code, not through the loader
-            keep = parse_duration(keep)
-        older_than = datetime.fromtimestamp(self._clock.seconds() - keep, UTC)
-        total = 0
-        while True:
-            async def batch(txn: Txn) -> int | None:
-                if not await store.try_lock_sweep(txn):
-                    return None
-                return await store.delete_finished_outbound(txn, older_than,
-                                                             self._config.batch_size)
-            deleted = await self._db.run_interaction("retention.outbound", batch)
-            if deleted is None or deleted < self._config.batch_size:
-                total += deleted or 0
-                if total:
-                    log.info("retention: deleted %d finished outbound queue rows", total)
-                return total
-            total += deleted
+        retention.outbound_queue."""
+        older_than = self._older_than(self._config.outbound_queue)
+        return await self._in_batches("outbound_queue", lambda txn: store.delete_finished_outbound(
+            txn, older_than, self._config.batch_size))
 
     def _report(self, deleted: int) -> None:
         if deleted:
