@@ -147,3 +147,21 @@ def http_answers(raw: bytes) -> list[tuple[bytes, dict[bytes, list[bytes]], byte
         answers.append((lines[0], fields, rest[:length]))
         raw = rest[length:]
     return answers
+
+
+def read_until_closed(sock: Any) -> bytes:
+    """Everything a socket receives until the server closes it (bounded by the
+    socket's timeout)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def exchange(port: int, request: bytes, timeout: float = 20) -> bytes:
+    """Send raw bytes to 127.0.0.1:``port`` and read until the server closes."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        return read_until_closed(sock)

@@ -7,18 +7,7 @@ import socket
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from tests.helpers import http_answers
-
-
-def _exchange(port: int, request: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
-        sock.sendall(request)
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return data
-            data += chunk
+from tests.helpers import exchange, http_answers, read_until_closed
 
 
 @pytest_twisted.ensureDeferred
@@ -31,7 +20,7 @@ async def test_two_authorization_headers_are_refused_whichever_comes_first(serve
         request = (b"GET /api/v1/inboxes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                    b"Authorization: Bearer " + first + b"\r\n"
                    b"Authorization: Bearer " + second + b"\r\n\r\n")
-        [(status, headers, body)] = http_answers(await deferToThread(_exchange, port, request))
+        [(status, headers, body)] = http_answers(await deferToThread(exchange, port, request))
         assert status.startswith(b"HTTP/1.1 401"), (status, body)
         assert b'"unauthenticated"' in body and b"exactly one" in body
         assert headers[b"www-authenticate"][0].startswith(b"Bearer")
@@ -40,7 +29,7 @@ async def test_two_authorization_headers_are_refused_whichever_comes_first(serve
                   b"Bearer   " + owner.encode()):
         request = (b"GET /api/v1/inboxes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                    b"Authorization: " + value + b"\r\n\r\n")
-        [(status, _, body)] = http_answers(await deferToThread(_exchange, port, request))
+        [(status, _, body)] = http_answers(await deferToThread(exchange, port, request))
         assert status.startswith(b"HTTP/1.1 200"), (value, body)
 
 
@@ -139,7 +128,7 @@ async def test_a_trickled_request_head_is_cut_off_with_408(slow_server):
     # A request sent at once still works on that server.
     request = (b"GET /api/v1/inboxes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                b"Authorization: Bearer " + owner.encode() + b"\r\n\r\n")
-    [(status, _, _)] = http_answers(await deferToThread(_exchange, port, request))
+    [(status, _, _)] = http_answers(await deferToThread(exchange, port, request))
     assert status.startswith(b"HTTP/1.1 200")
 
 
@@ -176,12 +165,7 @@ async def test_keep_alive_and_pipelined_requests_are_not_mistaken_for_slow_ones(
             sock.sendall(one + one)  # pipelined
             _time.sleep(1.5)  # idle past header_timeout, within the idle timeout
             sock.sendall(one.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
-            data = b""
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    return data
-                data += chunk
+            return read_until_closed(sock)
 
     answers = http_answers(await deferToThread(session))
     assert [a[0][:12] for a in answers] == [b"HTTP/1.1 200"] * 3, answers

@@ -9,12 +9,11 @@ status line whose reason phrase carried the message)."""
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from tests.helpers import SECURITY_HEADERS
+from tests.helpers import SECURITY_HEADERS, exchange
 from tests.ws_client import WS
 
 _UPGRADE = ("Upgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -23,14 +22,7 @@ _UPGRADE = ("Upgrade: websocket\r\nConnection: Upgrade\r\n"
 
 def _exchange(port: int, target: str, extra: str = "") -> bytes:
     """Send one request and read until the server closes (bounded by the timeout)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
-        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return data
-            data += chunk
+    return exchange(port, f"GET {target} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
 
 
 def _parse(answer: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -69,15 +61,8 @@ async def test_plain_get_of_ws_is_a_json_426_never_a_status_page_or_redirect(ser
 
 
 def _exchange_head(port: int) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
-        sock.sendall(b"HEAD /ws HTTP/1.1\r\nHost: x\r\n" + _UPGRADE.format(v=13).encode()
-                     + b"\r\n")
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return data
-            data += chunk
+    return exchange(port, b"HEAD /ws HTTP/1.1\r\nHost: x\r\n" + _UPGRADE.format(v=13).encode()
+                    + b"\r\n")
 
 
 @pytest_twisted.ensureDeferred

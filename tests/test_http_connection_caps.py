@@ -12,7 +12,7 @@ import pytest_twisted
 from twisted.internet import threads
 
 from tests.conftest import make_config, start_server
-from tests.helpers import http_answers
+from tests.helpers import http_answers, read_until_closed
 
 _GET = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 
@@ -21,27 +21,20 @@ def _connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=10)
 
 
-def _read_all(sock: socket.socket) -> bytes:
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    return data
-
-
 def _scenario(port: int, held: int) -> tuple[list[bytes], bytes]:
     """Hold ``held`` idle connections, then try one more; close one, try again."""
     idle = [_connect(port) for _ in range(held)]
     try:
         over = _connect(port)
         over.sendall(_GET)
-        refused = _read_all(over)
+        refused = read_until_closed(over)
         over.close()
         idle.pop().close()
         answers = []
         for _ in range(20):  # the close reaches the server a moment later
             again = _connect(port)
             again.sendall(_GET)
-            answers.append(_read_all(again))
+            answers.append(read_until_closed(again))
             again.close()
             if answers[-1].startswith(b"HTTP/1.1 200"):
                 break
