@@ -12,8 +12,8 @@ from twisted.internet import protocol, reactor, task
 from agentpost.storage.database import Database
 from agentpost.webhooks.ssrf import SSRFGuard
 from agentpost.webhooks.worker import TIMEOUT_S, WebhookWorker
-from tests.conftest import make_config, start_server
 from tests.helpers import query
+from tests.test_webhook_delivery import server as server
 from tests.webhook_receiver import wait_for
 
 
@@ -50,12 +50,6 @@ class _StallingFactory(protocol.Factory):
         self.requests = self.closed = self.sent = 0
 
 
-@pytest_twisted.async_yield_fixture
-async def server(db_dsn, openapi_checker):
-    running = await start_server(
-        make_config(db_dsn, webhooks={"allow_networks": ["127.0.0.0/8"]}), openapi_checker)
-    yield running
-    await running.service.stopService()
 
 
 @pytest_twisted.async_yield_fixture

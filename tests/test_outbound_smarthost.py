@@ -476,17 +476,24 @@ def test_the_password_may_come_from_a_file_and_is_not_in_the_repr(tmp_path):
 # ---------------------------------------------------------------------- the whole service
 
 
+def smarthost_config(db_dsn, sink, dev_tls, tmp_path, poll_interval: str):
+    """The service's config with the smtp transport pointed at ``sink`` (AUTH, the dev CA)."""
+    from tests.conftest import make_config
+
+    (tmp_path / "pw").write_text(PASSWORD + "\n")
+    return make_config(db_dsn, outbound={
+        "transport": "smtp", "smtp_host": "localhost", "smtp_port": sink.port,
+        "smtp_ca_file": str(dev_tls.ca_cert), "smtp_username": USER,
+        "smtp_password_file": str(tmp_path / "pw"), "poll_interval": poll_interval})
+
+
 @pytest_twisted.ensureDeferred
 async def test_the_service_with_transport_smtp_delivers_into_the_sink(
         db_dsn, openapi_checker, sink_factory, dev_tls, tmp_path):
-    from tests.conftest import make_config, start_server
+    from tests.conftest import start_server
 
     sink = sink_factory()
-    (tmp_path / "pw").write_text(PASSWORD + "\n")
-    config = make_config(db_dsn, outbound={
-        "transport": "smtp", "smtp_host": "localhost", "smtp_port": sink.port,
-        "smtp_ca_file": str(dev_tls.ca_cert), "smtp_username": USER,
-        "smtp_password_file": str(tmp_path / "pw"), "poll_interval": "1h"})
+    config = smarthost_config(db_dsn, sink, dev_tls, tmp_path, "1h")
     running = await start_server(config, openapi_checker)
     try:
         message, _, _ = await _sent_message(running, "fullrun")

@@ -18,8 +18,8 @@ import pytest_twisted
 from twisted.internet.threads import deferToThread
 
 from tests import test_outbound_smarthost as smarthost_tests
-from tests.conftest import _DEV_TLS, make_config, start_server
-from tests.test_outbound_smarthost import PASSWORD, USER, _settle
+from tests.conftest import _DEV_TLS, start_server
+from tests.test_outbound_smarthost import _settle, smarthost_config
 
 sink_factory = smarthost_tests.sink_factory
 
@@ -30,11 +30,7 @@ BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 async def test_a_submitted_body_s_bare_cr_and_lf_never_reach_the_next_server(
         db_dsn, openapi_checker, sink_factory, dev_tls, tmp_path):
     sink = sink_factory()
-    (tmp_path / "pw").write_text(PASSWORD + "\n")
-    config = make_config(db_dsn, outbound={
-        "transport": "smtp", "smtp_host": "localhost", "smtp_port": sink.port,
-        "smtp_ca_file": str(dev_tls.ca_cert), "smtp_username": USER,
-        "smtp_password_file": str(tmp_path / "pw"), "poll_interval": "200ms"})
+    config = smarthost_config(db_dsn, sink, dev_tls, tmp_path, "200ms")
     server = await start_server(config, openapi_checker)
     try:
         _, owner = await server.new_org()
