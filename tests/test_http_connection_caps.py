@@ -77,3 +77,19 @@ async def test_a_trusted_proxy_is_held_to_the_total_only(db_dsn, openapi_checker
     # is 1); the fourth met the total
     assert refused.startswith(b"HTTP/1.1 503"), refused
     assert answers[-1].startswith(b"HTTP/1.1 200"), answers
+
+
+def test_an_ipv6_trusted_proxy_is_recognised_under_its_64():
+    """The caps count an IPv6 client as its /64; a trusted IPv6 proxy must be found
+    under that same key, or it would be held to the per-address cap."""
+    from twisted.web.resource import Resource
+
+    from agentpost.http.site import AgentPostSite
+
+    site = AgentPostSite(Resource(), max_body_bytes=None, max_connections_per_ip=1,
+                         max_connections=3, trusted_proxies=frozenset({"2001:db8::7"}))
+    key = "2001:db8::/64"
+    assert [site.admit(key) for _ in range(3)] == [None, None, None]
+    assert site.admit(key) is not None  # the total still applies
+    other = "2001:db9::/64"
+    assert site.admit(other) is not None  # (the total is reached)

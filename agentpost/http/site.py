@@ -31,7 +31,7 @@ from twisted.web.resource import IResource
 
 from agentpost.http import errors as http_errors
 from agentpost.http.access_log import redacting_log_formatter
-from agentpost.listening import ConnectionCaps
+from agentpost.listening import ConnectionCaps, cap_key
 from agentpost.model.ids import new_id
 
 log = logging.getLogger(__name__)
@@ -530,7 +530,8 @@ class AgentPostSite(ConnectionCaps, server.Site):
         self.max_body_bytes = max_body_bytes
         self.header_timeout_s = header_timeout_s
         self.body_min_rate = body_min_rate
-        self.trusted_proxies = trusted_proxies
+        # compared with what the caps count (cap_key: an IPv6 proxy counts as its /64)
+        self.trusted_proxies = frozenset(cap_key(p) for p in trusted_proxies)
         self.init_caps(max_connections_per_ip, max_connections)
 
     def buildProtocol(self, addr: Any) -> Any:
@@ -545,7 +546,7 @@ class AgentPostSite(ConnectionCaps, server.Site):
         return self.admitted(addr, session)
 
     def admit(self, host: str) -> str | None:
-        if host in self.trusted_proxies:  # (an IPv4 key is the address itself)
+        if host in self.trusted_proxies:
             if self.connections >= self.max_connections:
                 return "Too many connections; try again later"
             self.connections += 1
