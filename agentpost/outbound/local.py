@@ -8,8 +8,25 @@ rather than inside the submission's transaction keeps the submission fast and gi
 local delivery the queue's retries (a full mailbox or a database hiccup is deferred,
 an unknown local address bounces with a DSN like any other).
 
+Hosted recipients go first: their delivery is a local COMMIT whose outcome is known at
+once, while the configured transport may fail or hang. Whatever the remote part does,
+the local outcomes stand: a remote ``send`` that raises defers only the remote
+recipients (``4.4.0``, as the worker defers a whole hand-off), and with
+``remote_deadline_s`` (below the worker's ``handoff_timeout_s``) a remote part still
+unanswered then is deferred (``4.4.1``) and the hand-off answers before the worker's
+deadline would discard the local outcomes too. (Remote first would be worse: a remote
+hand-off past the worker's deadline would still be followed by the local delivery,
+whose outcome would then be discarded.) A row holds one domain, hosted or not for all
+its addresses, so a row mixes the two only when the domain's hosting changes during
+the hand-off (a domain deleted meanwhile, or seen not hosted through another row's
+memo below) -- then the remote part's failure must not redeliver the local copy.
+
 Duplicate window: as for any transport, a crash after the local COMMIT but before the
-outcome is recorded delivers the message again when the lease runs out.
+outcome is recorded delivers the message again when the lease runs out; so does a
+local delivery that itself outlasts the worker's hand-off deadline (the worker defers
+everyone), and without ``remote_deadline_s`` a remote part that outlasts it. A
+cancellation (the worker never cancels a hand-off) propagates and loses the local
+outcomes with it, rather than turning into a success.
 
 As an MTA's final delivery does (RFC 5321 §4.4), the hosted copy starts with a
 ``Return-Path:`` of the envelope sender (any the message already had is dropped) and a
@@ -25,7 +42,9 @@ import logging
 import time
 from datetime import UTC, datetime
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from agentpost.core.context import RequestContext
 from agentpost.core.ingest import Ingest, Target
@@ -41,6 +60,7 @@ from agentpost.outbound.transports import (
     HandOff,
     Outcome,
     Transport,
+    everyone,
 )
 
 log = logging.getLogger(__name__)
@@ -55,19 +75,26 @@ _MEMO_MAX = 4096
 
 
 class LocalFirstTransport:
-    """Hosted recipients through ingest; the rest through ``remote``."""
+    """Hosted recipients through ingest; the rest through ``remote``.
+
+    ``remote_deadline_s`` (needs ``clock``): seconds from the call after which remote
+    recipients still unanswered are deferred and the local outcomes returned; set it
+    below the worker's ``handoff_timeout_s`` (None: the remote part is unbounded)."""
 
     def __init__(self, router: Router, ingest: Ingest, remote: Transport, *,
-                 hostname: str = "localhost", clock: IReactorTime | None = None) -> None:
+                 hostname: str = "localhost", clock: IReactorTime | None = None,
+                 remote_deadline_s: float | None = None) -> None:
         self._router = router
         self._ingest = ingest
         self._remote = remote
         self._hostname = hostname
         self._clock = clock
+        self._remote_deadline_s = remote_deadline_s if clock is not None else None
         self.name = f"local+{remote.name}"
         self._remote_until: dict[str, float] = {}  # domain -> remembered until
 
     async def send(self, envelope: Envelope, raw: bytes) -> HandOff:
+        started = self._seconds()
         outcomes: list[Outcome] = []
         remote: list[str] = []
         local: list[tuple[str, Target]] = []
@@ -95,12 +122,39 @@ class LocalFirstTransport:
             outcomes += await self._deliver_locally(envelope, raw, local)
         retry_after = None
         if remote:
-            handoff = await self._remote.send(
+            handoff = await self._send_remote(
                 Envelope(envelope.queue_id, envelope.org_id, envelope.mail_from,
-                         tuple(remote), envelope.message_id), raw)
+                         tuple(remote), envelope.message_id), raw, started)
             outcomes += handoff.outcomes
             retry_after = handoff.retry_after_s
         return HandOff(outcomes, retry_after)
+
+    async def _send_remote(self, envelope: Envelope, raw: bytes,
+                           started: float) -> HandOff:
+        """The remote recipients' hand-off; whatever goes wrong defers them alone (the
+        local ones are committed: deferring them too would deliver them again)."""
+        try:
+            if self._remote_deadline_s is None:
+                return await self._remote.send(envelope, raw)
+            left = self._remote_deadline_s - (self._seconds() - started)
+            if left <= 0:  # the local part used the time up: not sent at all
+                raise _RemoteTimedOut()
+            return await _within(defer.ensureDeferred(self._remote.send(envelope, raw)),
+                                 self._clock, left, envelope.queue_id)
+        except defer.CancelledError:
+            raise  # the caller gave up on the whole hand-off: never a success
+        except _RemoteTimedOut:
+            log.warning("outbound %s: transport %s did not answer within %gs of the "
+                        "hand-off; its recipients deferred", envelope.queue_id,
+                        self._remote.name, self._remote_deadline_s)
+            return everyone(envelope, DEFERRED, status_code="4.4.1",
+                            diagnostic=f"no answer from the transport within "
+                                       f"{self._remote_deadline_s:g}s")
+        except Exception as exc:  # a transport bug or an unclassified failure: later
+            log.exception("outbound %s: transport %s failed", envelope.queue_id,
+                          self._remote.name)
+            return everyone(envelope, DEFERRED, status_code="4.4.0",
+                            diagnostic=f"transport error ({type(exc).__name__})")
 
     def _seconds(self) -> float:
         return self._clock.seconds() if self._clock is not None else time.monotonic()
@@ -150,6 +204,43 @@ class LocalFirstTransport:
         else:
             lines[-1] += f"; {email.utils.format_datetime(now)}"
         return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+class _RemoteTimedOut(Exception):
+    """The remote part did not answer by ``remote_deadline_s``."""
+
+
+def _within(work: defer.Deferred[HandOff], clock: IReactorTime | None, seconds: float,
+            queue_id: str) -> defer.Deferred[HandOff]:
+    """``work``'s result, or _RemoteTimedOut once ``seconds`` passed on ``clock``. As the
+    worker's own deadline, ``work`` is not cancelled (that cannot undo a send already on
+    its way); a late answer is only logged."""
+    assert clock is not None
+    out: defer.Deferred[HandOff] = defer.Deferred()
+
+    def expire() -> None:
+        if not out.called:
+            out.errback(_RemoteTimedOut())
+
+    timer = clock.callLater(seconds, expire)
+
+    def finished(result: HandOff | Failure) -> None:
+        if timer.active():
+            timer.cancel()
+        if not out.called:
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(result)
+        elif isinstance(result, Failure):
+            log.warning("outbound %s: late remote hand-off failed: %s", queue_id,
+                        result.getErrorMessage())
+        else:
+            log.warning("outbound %s: remote hand-off answered after its deadline; its "
+                        "outcome is discarded (its recipients were deferred)", queue_id)
+
+    work.addBoth(finished)
+    return out
 
 
 def _clean(address: str) -> str:

@@ -80,17 +80,22 @@ class OutboundService:
         #: Send rate limits and daily quotas, charged by every door that queues mail.
         self.limits = SendLimits.from_config(config.send_limits, db, clock)
         self.transport = build_transport(config, clock, reactor, db)
+        handoff_s = min(out.handoff_timeout, out.lease / 2)
+        # The remote part of a hand-off ends a little before the worker's deadline, so
+        # the outcomes of hosted recipients already delivered are recorded, not deferred
+        # (and delivered again).
         handoff: Transport = (self.transport if router is None
                               else LocalFirstTransport(router, ingest, self.transport,
                                                        hostname=config.server.hostname,
-                                                       clock=clock))
+                                                       clock=clock,
+                                                       remote_deadline_s=0.9 * handoff_s))
         self.worker = OutboundWorker(
             db, blobs, collector, handoff, clock,
             worker_id=f"{socket.gethostname()}:{os.getpid()}",
             hostname=config.server.hostname, bounce_sink=InboxBounceSink(db, ingest),
             policy=self.policy, concurrency=out.concurrency, lease_s=out.lease,
             poll_s=out.poll_interval,
-            handoff_timeout_s=min(out.handoff_timeout, out.lease / 2))
+            handoff_timeout_s=handoff_s)
         self._wakeups = Notifier(config.database.url, OUTBOUND_CHANNEL, reactor=reactor,
                                  clock=clock)
         self._unwatch = self._wakeups.watch("", self.worker.wake)

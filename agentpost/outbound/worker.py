@@ -5,6 +5,10 @@ claim the same row), hands each to the transport, and records every recipient's
 outcome only if it still holds the lease. Deferred recipients wait by the retry
 policy; past the message's lifetime they bounce. Bounces owe a DSN, delivered to the
 sending inbox in a later step of the round, so a crash between the two loses nothing.
+A round stores DSNs up to a budget (a count, and a time on the injected clock); when
+the budget runs out with DSNs still owed -- a relay refusing a whole campaign -- the
+next round starts at once rather than at the next poll, so a backlog of thousands
+drains in seconds while every round still claims the due mail first.
 
 Duplicate hand-off window: a process that dies (or stalls past ``lease_s``) after the
 transport accepted a message but before its outcome committed leaves the row leased;
@@ -31,7 +35,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from agentpost.core.blobrefs import BlobCollector
@@ -69,7 +73,8 @@ class OutboundWorker:
                  hostname: str, bounce_sink: BounceSink,
                  policy: RetryPolicy | None = None, batch: int = 20, concurrency: int = 8,
                  lease_s: float = 300.0, poll_s: float = 5.0,
-                 handoff_timeout_s: float = 120.0) -> None:
+                 handoff_timeout_s: float = 120.0, bounce_budget: int = 100,
+                 bounce_budget_s: float = 1.0) -> None:
         self._db = db
         self._blobs = blobs
         self._collector = collector
@@ -85,6 +90,9 @@ class OutboundWorker:
         self._limit = defer.DeferredSemaphore(concurrency)
         self._recorder = _Recorder(db, collector, worker_id)
         self._periodic = Periodic("outbound queue", clock, poll_s, self.drain)
+        self._bounce_budget = bounce_budget
+        self._bounce_budget_s = bounce_budget_s
+        self._follow_up: IDelayedCall | None = None
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.seconds(), UTC)
@@ -92,7 +100,8 @@ class OutboundWorker:
     # ------------------------------------------------------------------ one round
 
     async def drain_once(self) -> int:
-        """Claim and attempt one batch, then deliver owed DSNs; returns rows attempted."""
+        """Claim and attempt one batch, then deliver owed DSNs (one budget's worth);
+        returns rows attempted."""
         rows = await self._claim()
         if rows:
             _, finished = self._start(rows)
@@ -104,7 +113,8 @@ class OutboundWorker:
         """Rounds until nothing due is left (what a wake-up runs). The next batch is
         claimed as soon as every row of the current one has a hand-off slot, so the
         slots do not sit idle while a round's last hand-offs finish (a claimed row
-        waits for a slot at most one batch long)."""
+        waits for a slot at most one batch long). Then DSNs, one budget's worth; if
+        more are owed, another drain runs right after this one."""
         total = 0
         running: list[defer.Deferred[Any]] = []
         try:
@@ -119,8 +129,14 @@ class OutboundWorker:
                     break
         finally:
             await defer.gatherResults(running, consumeErrors=True)
-        await self._deliver_bounces()
+        if await self._deliver_bounces():
+            self._again_soon()
         return total
+
+    def _again_soon(self) -> None:
+        """A drain as soon as this one is over (on the clock: never two at once)."""
+        if self._follow_up is None or not self._follow_up.active():
+            self._follow_up = self._clock.callLater(0, self.wake)
 
     async def _claim(self) -> list[dict[str, Any]]:
         now = self._now()
@@ -242,16 +258,27 @@ class OutboundWorker:
 
     # ------------------------------------------------------------------ bounces
 
-    async def _deliver_bounces(self, rounds: int = 5) -> None:
+    async def _deliver_bounces(self) -> bool:
         """DSNs for rows that bounced, one row per transaction: the transaction holds the
         row while its DSN is stored (by ingest, in its own transaction), so two workers
         never both send it. A DSN that cannot be stored now goes to the back of the line
-        (it is tried again later) and never holds up, or repeats, anyone else's."""
+        (it is tried again later) and never holds up, or repeats, anyone else's.
 
-        async def txn_fn(txn: Txn) -> bool:
+        Stops when none is owed, when every owed one was tried (a postponed row came
+        round again), or when the budget (``bounce_budget`` DSNs, ``bounce_budget_s``
+        on the clock) is spent. True when the budget ran out and DSNs were stored: more
+        may be owed and are worth a round at once. (When none could be stored, the next
+        poll tries again: a store that is down is not hammered.)"""
+        tried: set[tuple[str, str]] = set()
+        stored = False
+        deadline = self._clock.seconds() + self._bounce_budget_s
+
+        async def txn_fn(txn: Txn) -> tuple[tuple[str, str], bool] | None:
+            """(the row, whether its DSN is stored), or None: nothing left to try. (It
+            runs again when the transaction is retried, so the loop keeps the tally.)"""
             rows = await store.claim_bounces(txn, 1)
-            if not rows:
-                return False
+            if not rows or (rows[0]["org_id"], rows[0]["id"]) in tried:
+                return None
             row = rows[0]
             if row["mail_from"]:  # a bounce never bounces (RFC 3464 §2.1)
                 try:
@@ -259,13 +286,19 @@ class OutboundWorker:
                 except Exception as exc:
                     log.warning("outbound %s: DSN not stored yet: %s", row["id"], exc)
                     await store.postpone_bounce(txn, row["org_id"], row["id"])
-                    return True
+                    return (row["org_id"], row["id"]), False
             await store.bounce_delivered(txn, row["org_id"], row["id"])
-            return True
+            return (row["org_id"], row["id"]), True
 
-        for _ in range(rounds):
-            if not await self._db.run_interaction("outbound.bounces", txn_fn):
-                return
+        for _ in range(self._bounce_budget):
+            done = await self._db.run_interaction("outbound.bounces", txn_fn)
+            if done is None:
+                return False
+            tried.add(done[0])
+            stored = stored or done[1]
+            if self._clock.seconds() >= deadline:
+                break
+        return stored
 
     async def _bounce_one(self, txn: Txn, row: dict[str, Any]) -> None:
         recipients = [FailedRecipient(r["address"], r["status_code"] or "5.0.0",
@@ -297,6 +330,8 @@ class OutboundWorker:
     async def stop(self) -> None:
         """Stop the timer and let a round in progress finish recording."""
         await self._periodic.stop()
+        if self._follow_up is not None and self._follow_up.active():
+            self._follow_up.cancel()
 
 
 #: Fields that never leave: blind copies (RFC 5322 §3.6.3, §3.6.6), and SES's control
