@@ -70,6 +70,7 @@ from agentpost.listening import listen_tcp, port_number
 from agentpost.outbound.feedback import FeedbackReceiver
 from agentpost.outbound.setup import OutboundService
 from agentpost.storage.blobs import BlobStore, LocalBlobStore, S3BlobStore
+from agentpost.storage.blobs.inline import InlineBlobs
 from agentpost.storage.database import Database
 from agentpost.storage.keys import KEY_CHANNEL
 from agentpost.storage.mail import MAIL_CHANNEL
@@ -149,7 +150,8 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
         prepare_threshold=config.database.prepare_threshold,
     )
     audit = AuditTrail(db, clock, config.audit.flush_interval, config.audit.max_buffer)
-    blobs = build_blob_store(config, reactor)
+    blobs = InlineBlobs(build_blob_store(config, reactor), db,
+                        config.storage.inline_message_max, reactor)
     collector = BlobCollector(db, blobs)
     group_commit = (GroupCommit(db, clock, max_batch=config.smtp.group_commit_max,
                                 delay_s=config.smtp.group_commit_delay,
@@ -275,7 +277,8 @@ class AgentPostService(service.Service):
         send_body = max(cfg.http.max_send_body, cfg.http.max_body)  # inline attachments
         add_send_routes(api, core.sending, core.idempotency, max_body=send_body)
         add_upload_routes(api, core.uploads, cfg.http.public_url)
-        add_drafts_routes(api, core.drafts, core.draft_sending, max_body=send_body)
+        add_drafts_routes(api, core.drafts, core.draft_sending, max_body=send_body,
+                          idempotency=core.idempotency)
         add_admin_routes(admin, core.organizations)
         self.route_tables = {"api": api, "admin": admin}
         app = build_app(api, admin, self._ready)

@@ -3,6 +3,7 @@
 import smtplib
 import socket
 import ssl
+from email.message import EmailMessage
 
 import psycopg2
 import pytest_twisted
@@ -149,24 +150,37 @@ async def test_database_down_during_data_gives_451_then_accepts_after_recovery(s
 
 @pytest_twisted.ensureDeferred
 async def test_blob_store_failure_gives_451(db_dsn, tmp_path, openapi_checker):
-    """A blob store that cannot write makes the end of DATA answer 451, and stores nothing."""
+    """A blob store that cannot write makes the end of DATA answer 451, and stores
+    nothing, for every message that needs it: one with an attachment, one over
+    storage.inline_message_max. A small plain message is kept in PostgreSQL alone, so
+    it is accepted all the same."""
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     running = await start_server(
-        make_config(db_dsn, storage={"backend": "local", "path": str(blocker / "blobs")}),
+        make_config(db_dsn, storage={"backend": "local", "path": str(blocker / "blobs"),
+                                     "inline_message_max": "8KiB"}),
         openapi_checker)
     try:
         _, key = await running.new_org()
         inbox = await _inbox(running, key, "nostore")
-        kind, (code, text) = await deferToThread(_send, running.mx_port, "a@example.com",
-                                                 [inbox["email"]], make_message(),
-                                                 starttls=False)
-        assert kind == "data" and code == 451 and text.startswith(b"4.3.0")
+        attached = EmailMessage()
+        attached["From"], attached["To"], attached["Subject"] = "a@example.com", \
+            inbox["email"], "with a file"
+        attached.set_content("see the file")
+        attached.add_attachment(b"%PDF-1.4 not really", maintype="application",
+                                subtype="pdf", filename="x.pdf")
+        for raw in (attached.as_bytes(), make_message(body="x" * 9000)):
+            kind, (code, text) = await deferToThread(_send, running.mx_port, "a@example.com",
+                                                     [inbox["email"]], raw, starttls=False)
+            assert kind == "data" and code == 451 and text.startswith(b"4.3.0")
         conn = psycopg2.connect(db_dsn)
         with conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM messages")
             assert cur.fetchone()[0] == 0
         conn.close()
+        outcome = await deferToThread(_send, running.mx_port, "a@example.com",
+                                      [inbox["email"]], make_message(), starttls=False)
+        assert outcome == ("ok", {})
     finally:
         await running.service.stopService()
 
@@ -228,8 +242,19 @@ async def test_s3_backend_end_to_end_with_presigned_attachment(db_dsn, s3_bucket
             return [s3_bucket.client.head_object(Bucket=s3_bucket.name, Key=o["Key"]).get(
                 "ServerSideEncryption") for o in objects]
 
-        assert await deferToThread(encryption) == ["AES256", "AES256"]  # raw + attachment
+        # The attachment; the message itself is small, so its bytes are in PostgreSQL.
+        assert await deferToThread(encryption) == ["AES256"]
         raw_back = await running.api.get(f"/api/v1/messages/{msg['id']}/raw", key=key)
         assert raw_back.body.endswith(raw)
+        # A message over storage.inline_message_max goes to S3, encrypted too.
+        big = make_message(to=inbox["email"], body="long line of text\n" * 4000)
+        assert (await deferToThread(_send, running.mx_port, "a@example.com", [inbox["email"]],
+                                    big, starttls=False)) == ("ok", {})
+        assert await deferToThread(encryption) == ["AES256", "AES256"]
+        listed = (await running.api.get(f"/api/v1/inboxes/{inbox['id']}/messages",
+                                        key=key)).json["data"]
+        newest = max(listed, key=lambda m: m["size"])
+        raw_big = await running.api.get(f"/api/v1/messages/{newest['id']}/raw", key=key)
+        assert raw_big.body.endswith(big) and newest["size"] > 64 * 1024
     finally:
         await running.service.stopService()

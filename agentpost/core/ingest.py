@@ -22,15 +22,20 @@ from agentpost.core.audit import audit_row, scrub_row
 from agentpost.core.context import RequestContext
 from agentpost.core.group_commit import GroupCommit
 from agentpost.core.header_limit import check_header_size
-from agentpost.mail import imapformat
-from agentpost.mail.parse import ParsedMessage, parse_message
-from agentpost.mail.reply import extract_new_text
-from agentpost.mail.searchkeys import index_fields
+from agentpost.core.ingest_analysis import RENDER_VERSION as RENDER_VERSION
+from agentpost.core.ingest_analysis import (
+    STORE_EXTRACTED_MAX_CHARS as STORE_EXTRACTED_MAX_CHARS,
+)
+from agentpost.core.ingest_analysis import IMAPRendered
+from agentpost.core.ingest_analysis import analyse_indexed as _analyse_indexed
+from agentpost.core.ingest_analysis import rendered_columns as rendered_columns
+from agentpost.mail.parse import ParsedMessage
 from agentpost.model.errors import NotFound, StorageFailure
 from agentpost.model.ids import new_id
 from agentpost.storage import mail as mail_store
 from agentpost.storage import threads as thread_store
 from agentpost.storage.blobs import BlobRef, BlobStore
+from agentpost.storage.blobs.base import is_inline_key
 from agentpost.storage.database import Database, Txn
 
 log = logging.getLogger(__name__)
@@ -88,7 +93,6 @@ class _State:
     before_insert: BeforeInsert | None = None
 
 
-IMAPRendered = tuple[str | None, str | None, str | None, str | None]
 
 
 @dataclass(frozen=True)
@@ -158,8 +162,10 @@ class _Delivery:
         parsed = self.parsed
         related = ([parsed.in_reply_to] if parsed.in_reply_to else []) + parsed.references
         blobs = [(ref.key, ref.size) for ref in self.refs]
+        inline = _inline_bodies(self.refs, self.blob_bodies)
         return [mail_store.DeliveryProbe(self.targets[i].org_id, self.targets[i].inbox_id,
-                                         self.folder, blobs, parsed.message_id, related)
+                                         self.folder, blobs, parsed.message_id, related,
+                                         inline)
                 for i in self.order]
 
     async def stage(self, txn: Txn, answers: list[mail_store.DeliveryAnswer]) -> Staged:
@@ -178,67 +184,6 @@ class _Delivery:
                 txn, target, self.parsed, self.refs[0], self.refs[1:], self.envelope_from,
                 self.direction, self.state, when, folder, answer.thread_id))
         return Staged([c for c in copies if c is not None])
-
-
-#: Bodies longer than this store no extracted_text: it is derived again when read (see
-#: core.messages), which keeps a third copy of a huge body out of the INSERT.
-STORE_EXTRACTED_MAX_CHARS = 64 * 1024
-
-
-def _analyse(raw: bytes) -> tuple[ParsedMessage, IMAPRendered]:
-    """Parse for the API and pre-render IMAP ENVELOPE/BODYSTRUCTURE/BODY and the section
-    map, in a thread, from one walk of the MIME structure."""
-    try:
-        tree = imapformat.parse_tree(raw)
-    except Exception:  # the renderers and the parser each fall back on their own
-        tree = None
-    parsed = parse_message(raw, tree=tree)
-    if parsed.text_body is not None and len(parsed.text_body) <= STORE_EXTRACTED_MAX_CHARS:
-        parsed.extracted_text = extract_new_text(parsed.text_body)
-    try:
-        imap: IMAPRendered = (
-            _storable(imapformat.envelope(raw, tree)),
-            _storable(imapformat.bodystructure(raw, True, tree)),
-            _storable(imapformat.bodystructure(raw, False, tree)),
-            _storable(imapformat.section_map(raw, tree)),
-        )
-    except Exception:  # rendered lazily at FETCH time instead
-        log.exception("could not pre-render IMAP structures")
-        imap = (None, None, None, None)
-    return parsed, imap
-
-
-def _analyse_indexed(raw: bytes) -> tuple[ParsedMessage, IMAPRendered, dict[str, Any]]:
-    """:func:`_analyse`, plus the SEARCH/SORT columns (in the same thread)."""
-    parsed, imap = _analyse(raw)
-    try:
-        index = index_fields(parsed.headers, parsed.subject, parsed.sent_at)
-    except Exception:  # the columns keep their defaults; never a lost message
-        log.exception("could not derive the search and sort keys")
-        index = {}
-    return parsed, imap, index
-
-
-#: The version of the renderers above (IMAP structures and SEARCH/SORT keys) stored with
-#: each row. Raise it whenever their output changes for a message already stored, and add
-#: a migration re-pointing the ``messages_render_stale`` index: agentpost.jobs.rerender
-#: then brings older rows up to date from their raw bytes.
-#: 2: the address search texts carry each address's normalised addr-spec (0016).
-RENDER_VERSION = 2
-
-
-def rendered_columns(raw: bytes) -> dict[str, Any]:
-    """What a row stores of :func:`_analyse_indexed` that depends only on the raw bytes:
-    the IMAP renderings (None where rendering failed: FETCH renders them then) and the
-    search/sort keys."""
-    _, imap, index = _analyse_indexed(raw)
-    return {"imap_envelope": imap[0], "imap_bodystructure": imap[1], "imap_body": imap[2],
-            "imap_sections": imap[3], **index}
-
-
-def _storable(rendered: str) -> str | None:
-    """PostgreSQL text cannot hold NUL; such (rare, broken) messages render at FETCH."""
-    return None if "\x00" in rendered else rendered
 
 
 def _json_safe_headers(parsed: ParsedMessage) -> list[list[str]]:
@@ -313,8 +258,9 @@ class Ingest:
         raw = message.read()
         check_header_size(raw)
         # The message's own blob is written (and fsynced) in another thread while this
-        # one parses: it needs only the bytes, and is durable before the transaction.
-        raw_put = defer.ensureDeferred(self._blobs.put_bytes(raw, content_type="message/rfc822"))
+        # one parses: it needs only the bytes, and is durable before the transaction
+        # (or, small, it is kept in PostgreSQL and written by the transaction itself).
+        raw_put = self._put_raw(raw)
         try:
             parsed, imap, index = await parse_dispatch.analyse(
                 self._reactor, _analyse_indexed, raw)
@@ -392,8 +338,7 @@ class Ingest:
                          ) -> tuple[BlobRef, list[BlobRef], dict[str, bytes | str]]:
         """Write the message and its attachments durably, before any row names them
         (``raw_put``: the message's own put, already started)."""
-        raw_ref = await (raw_put if raw_put is not None
-                         else self._blobs.put_bytes(raw, content_type="message/rfc822"))
+        raw_ref = await (raw_put if raw_put is not None else self._put_raw(raw))
         att_refs: list[BlobRef] = []
         blob_bodies: dict[str, bytes | str] = {raw_ref.key: raw}
         for att in parsed.attachments:
@@ -442,6 +387,15 @@ class Ingest:
         # the WAL flush, the next delivery to the folder need not queue behind our fsync.
         return await self._db.run_interaction("ingest.store", txn_fn, unlock_before_flush=True)
 
+    def _put_raw(self, raw: bytes) -> defer.Deferred[BlobRef]:
+        """The message's own blob: kept inline (storage.blobs.inline) when the store
+        offers it and the message is small, else put in the store."""
+        inline_ref = getattr(self._blobs, "inline_ref", None)
+        ref = inline_ref(raw) if inline_ref is not None else None
+        if ref is not None:
+            return defer.succeed(ref)
+        return defer.ensureDeferred(self._blobs.put_bytes(raw, content_type="message/rfc822"))
+
     async def _recheck_blobs(self, new_keys: list[str], refs: list[BlobRef],
                              blob_bodies: dict[str, bytes | str]) -> None:
         """Blob rows that are new in this transaction: make sure their objects survived
@@ -449,6 +403,8 @@ class Ingest:
         the reference's, so after it nothing can remove them)."""
         by_key = {ref.key: ref for ref in refs}
         for key in new_keys:
+            if is_inline_key(key):  # its row, new in this transaction, holds the bytes
+                continue
             if not await self._blobs.exists(key):
                 body = blob_bodies[key]
                 again = await (self._blobs.put_bytes(body) if isinstance(body, bytes)
@@ -471,7 +427,8 @@ class Ingest:
         refs = [raw_ref, *att_refs]
         prep = await mail_store.prepare_delivery(
             txn, org_id=org, inbox_id=target.inbox_id, folder_name=folder_name,
-            blobs=[(ref.key, ref.size) for ref in refs], thread=thread_sql)
+            blobs=[(ref.key, ref.size) for ref in refs], thread=thread_sql,
+            inline=_inline_bodies(refs, blob_bodies))
         await self._recheck_blobs(prep["new_blobs"] or [], refs, blob_bodies)
         folder = prep["folder"]
         if folder is None:
@@ -505,6 +462,12 @@ class Ingest:
             txn, target, parsed, raw_ref, att_refs, blob_bodies, folder_name, state)
         return _build_copy(txn, target, parsed, raw_ref, att_refs, envelope_from, direction,
                            state, when, folder, thread_id)
+
+
+def _inline_bodies(refs: list[BlobRef], bodies: dict[str, bytes | str]) -> dict[str, bytes]:
+    """The bytes of the blobs kept in PostgreSQL, which their blob row must carry."""
+    return {ref.key: body for ref in refs
+            if is_inline_key(ref.key) and isinstance(body := bodies[ref.key], bytes)}
 
 
 def _with_before_insert(txn: Txn, state: _State, copy: _Copy) -> _Copy:

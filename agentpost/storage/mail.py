@@ -4,7 +4,7 @@ storage/threads.py, filter rules in storage/filters.py)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from psycopg2.extras import Json
@@ -98,13 +98,16 @@ async def folder_by_name(txn: Txn, org_id: str, inbox_id: str,
 
 async def prepare_delivery(txn: Txn, *, org_id: str, inbox_id: str, folder_name: str,
                            blobs: list[tuple[str, int]],
-                           thread: tuple[str, list[Any]]) -> dict[str, Any]:
+                           thread: tuple[str, list[Any]],
+                           inline: Mapping[str, bytes] | None = None) -> dict[str, Any]:
     """What a delivery needs before it writes, in ONE round trip: a reference to each of
     ``blobs`` (key, size; a key may repeat), taken under the blobs' advisory locks in
     key order (see :func:`reference_blob`); ``new_blobs``: the keys whose row is new
     (the caller re-checks the store); ``folder`` (id, name, special_use, uidvalidity;
     None when missing) and ``thread_id`` from the ``thread`` scalar subquery
-    (storage.threads.find_thread_sql)."""
+    (storage.threads.find_thread_sql). ``inline``: the bytes of the blobs kept in
+    PostgreSQL (storage.blobs.inline), written with their row."""
+    inline = inline or {}
     counts: dict[str, int] = {}
     sizes: dict[str, int] = {}
     for key, size in blobs:
@@ -116,19 +119,21 @@ async def prepare_delivery(txn: Txn, *, org_id: str, inbox_id: str, folder_name:
     # unnest of 100 rows and PostgreSQL would keep planning it afresh (storage.prepared).
     if len(keys) == 1:
         sql = "SELECT pg_advisory_xact_lock(hashtextextended(%s::text, 7)); "
-        rows_sql = "(VALUES (%s::text, %s::bigint, %s::int)) AS x(k, s, n)"
-        params: list[Any] = [keys[0], txn.now, keys[0], sizes[keys[0]], counts[keys[0]]]
+        rows_sql = "(VALUES (%s::text, %s::bigint, %s::int, %s::bytea)) AS x(k, s, n, d)"
+        params: list[Any] = [keys[0], txn.now, keys[0], sizes[keys[0]], counts[keys[0]],
+                             inline.get(keys[0])]
     else:
         sql, params = "", []
         if keys:
             sql = ("SELECT pg_advisory_xact_lock(hashtextextended(k, 7)) "
                    "FROM (SELECT k FROM unnest(%s::text[]) AS k ORDER BY k) AS s; ")
             params = [keys]
-        rows_sql = "unnest(%s::text[], %s::bigint[], %s::int[]) AS x(k, s, n)"
-        params += [txn.now, keys, [sizes[k] for k in keys], [counts[k] for k in keys]]
+        rows_sql = "unnest(%s::text[], %s::bigint[], %s::int[], %s::bytea[]) AS x(k, s, n, d)"
+        params += [txn.now, keys, [sizes[k] for k in keys], [counts[k] for k in keys],
+                   [inline.get(k) for k in keys]]
     row = await txn.fetchone_required(
-        sql + "WITH b AS (INSERT INTO blobs (key, size, refcount, created_at) "
-        f"  SELECT k, s, n, %s FROM {rows_sql} "
+        sql + "WITH b AS (INSERT INTO blobs (key, size, refcount, created_at, data) "
+        f"  SELECT k, s, n, %s, d FROM {rows_sql} "
         "  ON CONFLICT (key) DO UPDATE SET refcount = blobs.refcount + EXCLUDED.refcount "
         "  RETURNING key, (xmax = 0) AS inserted) "
         "SELECT ARRAY(SELECT key FROM b WHERE inserted ORDER BY key) AS new_blobs, "

@@ -12,7 +12,8 @@ changes them). Text values too large to quote whole go ahead in pieces
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg2
@@ -177,6 +178,8 @@ class DeliveryProbe:
     blobs: list[tuple[str, int]]
     message_id: str | None
     related: list[str]
+    #: the bytes of the blobs kept in PostgreSQL (storage.blobs.inline), by key
+    inline: Mapping[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -203,8 +206,9 @@ _PREPARE_DELIVERIES_SQL = (
     "SET LOCAL plan_cache_mode TO force_generic_plan; "
     "SELECT pg_advisory_xact_lock(hashtextextended(k, 7)) "
     "FROM (SELECT k FROM unnest(%s::text[]) AS k ORDER BY k) AS s; "
-    "WITH b AS (INSERT INTO blobs (key, size, refcount, created_at) "
-    "  SELECT k, s, n, %s FROM unnest(%s::text[], %s::bigint[], %s::int[]) AS x(k, s, n) "
+    "WITH b AS (INSERT INTO blobs (key, size, refcount, created_at, data) "
+    "  SELECT k, s, n, %s, d "
+    "  FROM unnest(%s::text[], %s::bigint[], %s::int[], %s::bytea[]) AS x(k, s, n, d) "
     "  ON CONFLICT (key) DO UPDATE SET refcount = blobs.refcount + EXCLUDED.refcount "
     "  RETURNING key, (xmax = 0) AS inserted), "
     "p AS (SELECT p.i, y.id, y.thread_id "
@@ -236,11 +240,13 @@ async def prepare_deliveries(txn: Txn, probes: list[DeliveryProbe]) -> list[Deli
         return []
     counts: dict[str, int] = {}
     sizes: dict[str, int] = {}
+    inline: dict[str, bytes] = {}
     pairs: tuple[list[int], list[str], list[str], list[str]] = ([], [], [], [])
     for i, probe in enumerate(probes, 1):
         for key, size in probe.blobs:
             counts[key] = counts.get(key, 0) + 1
             sizes[key] = size
+        inline.update(probe.inline)
         for ref in probe.related:
             pairs[0].append(i)
             pairs[1].append(probe.org_id)
@@ -248,7 +254,8 @@ async def prepare_deliveries(txn: Txn, probes: list[DeliveryProbe]) -> list[Deli
             pairs[3].append(ref)
     keys = sorted(counts)
     rows = await txn.fetchall(_PREPARE_DELIVERIES_SQL, [
-        keys, txn.now, keys, [sizes[k] for k in keys], [counts[k] for k in keys], *pairs,
+        keys, txn.now, keys, [sizes[k] for k in keys], [counts[k] for k in keys],
+        [inline.get(k) for k in keys], *pairs,
         [p.org_id for p in probes], [p.inbox_id for p in probes],
         [p.folder_name for p in probes], [p.message_id for p in probes]])
     new = set(rows[0]["new_blobs"] or ()) if rows else set()

@@ -85,6 +85,22 @@ def key_for_digest(hexdigest: str) -> str:
     return f"sha256/{hexdigest[:2]}/{hexdigest}"
 
 
+#: Keys of blobs kept in PostgreSQL (their blob row's ``data``), not in the store:
+#: the store's own key behind this prefix (storage.blobs.inline).
+INLINE_PREFIX = "db/"
+
+
+def inline_key_for_digest(hexdigest: str) -> str:
+    """The key of content kept in PostgreSQL."""
+    return INLINE_PREFIX + key_for_digest(hexdigest)
+
+
+def is_inline_key(key: str) -> bool:
+    """Whether ``key`` names a blob kept in PostgreSQL (a well-formed one: see
+    :func:`validate_key`)."""
+    return key.startswith(INLINE_PREFIX)
+
+
 def validate_key(key: object) -> str:
     """Return ``key`` if it is a well-formed content address, else raise InvalidBlobKey.
 

@@ -1,0 +1,132 @@
+"""Small messages kept in PostgreSQL with their records (storage.blobs.inline, 0035):
+written by the delivering transaction, read back byte-exact through every door, gone
+with their last reference; larger ones and attachments still in the store."""
+
+import hashlib
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+
+from agentpost.storage.blobs import BlobNotFound, key_for_digest
+from tests.conftest import make_config, start_server
+from tests.helpers import query
+from tests.imap_client import new_inbox, session
+from tests.mailfactory import make_message
+from tests.test_domain_verify import _execute
+
+
+def _blob_row(dsn: str, message_id: str) -> tuple[str, int, int, bytes | None]:
+    [(key, size, refcount, data)] = query(
+        dsn, "SELECT b.key, b.size, b.refcount, b.data FROM messages m "
+        "JOIN blobs b ON b.key = m.raw_blob_key WHERE m.id = %s", (message_id,))
+    return key, size, refcount, None if data is None else bytes(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_small_message_lives_in_its_blob_row_and_reads_back_everywhere(server, db_dsn):
+    inbox, key = await new_inbox(server, "inline")
+    raw = make_message(to=inbox["email"], subject="kept with its records",
+                       body="a line of text\n" * 40)
+    [stored] = await server.deliver(raw, [inbox["email"]])
+    blob_key, size, refcount, data = _blob_row(db_dsn, stored.message_id)
+    digest = hashlib.sha256(raw).hexdigest()
+    assert blob_key == "db/" + key_for_digest(digest)
+    assert (size, refcount, data) == (len(raw), 1, raw)
+    # Nothing went to the store underneath.
+    assert not await server.core.blobs.store.exists(key_for_digest(digest))
+
+    got = await server.api.get(f"/api/v1/messages/{stored.message_id}/raw", key=key)
+    assert got.status == 200 and got.body == raw
+    header_end = raw.index(b"\r\n\r\n") + 4
+
+    def fetch(c):
+        c.ok("SELECT INBOX")
+        whole = c.ok("FETCH 1 (BODY.PEEK[])")[0]
+        part = c.ok("FETCH 1 (BODY.PEEK[]<7.25>)")[0]
+        text = c.ok("FETCH 1 (BODY.PEEK[TEXT])")[0]
+        return whole, part, text
+
+    whole, part, text = await session(server.imap_port, inbox["email"], key, fetch)
+    assert whole.endswith(b"{%d}\r\n" % len(raw) + raw + b")")
+    assert part.endswith(b"{25}\r\n" + raw[7:32] + b")")
+    assert text.endswith(raw[header_end:] + b")")
+
+
+@pytest_twisted.ensureDeferred
+async def test_copies_share_one_row_which_goes_with_the_last_reference(server, db_dsn):
+    first, key_1 = await new_inbox(server, "inlineone")
+    second, key_2 = await new_inbox(server, "inlinetwo")
+    raw = make_message(to=first["email"], subject="to both")
+    stored = await server.deliver(raw, [first["email"], second["email"]])
+    keys = {_blob_row(db_dsn, s.message_id)[0] for s in stored}
+    assert len(keys) == 1 and _blob_row(db_dsn, stored[0].message_id)[2] == 2
+
+    def expunge(c):
+        c.ok("SELECT INBOX")
+        c.ok("STORE 1 +FLAGS (\\Deleted)")
+        c.ok("EXPUNGE")
+
+    await session(server.imap_port, first["email"], key_1, expunge)
+    [blob_key] = keys
+    assert query(db_dsn, "SELECT refcount, data IS NOT NULL FROM blobs WHERE key = %s",
+                 (blob_key,)) == [(1, True)]
+    await session(server.imap_port, second["email"], key_2, expunge)
+    assert query(db_dsn, "SELECT 1 FROM blobs WHERE key = %s", (blob_key,)) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_altered_bytes_are_refused_not_served(server, db_dsn):
+    """The bytes are checked against their SHA-256 as the store's are: a row changed
+    behind our back answers a temporary error, never other content."""
+    inbox, key = await new_inbox(server, "inlinebad")
+    [stored] = await server.deliver(make_message(to=inbox["email"]), [inbox["email"]])
+    blob_key = _blob_row(db_dsn, stored.message_id)[0]
+    _execute(db_dsn, "UPDATE blobs SET data = 'not the message'::bytea WHERE key = %s",
+             (blob_key,))
+    got = await server.api.get(f"/api/v1/messages/{stored.message_id}/raw", key=key)
+    assert got.status == 503 and b"not the message" not in got.body
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_the_limit_at_zero_every_message_goes_to_the_store(db_dsn, tmp_path,
+                                                                     openapi_checker):
+    running = await start_server(make_config(db_dsn, storage={
+        "backend": "local", "path": str(tmp_path / "blobs"), "inline_message_max": "0B"}),
+        openapi_checker)
+    try:
+        inbox, key = await new_inbox(running, "nostoreinline")
+        raw = make_message(to=inbox["email"], subject="to the store")
+        [stored] = await running.deliver(raw, [inbox["email"]])
+        blob_key, _, _, data = _blob_row(db_dsn, stored.message_id)
+        assert blob_key == key_for_digest(hashlib.sha256(raw).hexdigest()) and data is None
+        assert (tmp_path / "blobs" / blob_key).read_bytes() == raw
+        got = await running.api.get(f"/api/v1/messages/{stored.message_id}/raw", key=key)
+        assert got.body == raw
+    finally:
+        await running.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reads_asked_together_each_get_their_own_bytes(server, db_dsn):
+    """Reads asked for in one reactor turn share one statement (an IMAP FETCH reads
+    ahead, a queue round reads every message): each still gets its own bytes, a
+    missing key its own BlobNotFound, and a cancelled read does not disturb the rest."""
+    inbox, _ = await new_inbox(server, "inlinemany")
+    raws = [make_message(to=inbox["email"], subject=f"number {i}") for i in range(5)]
+    keys = []
+    for raw in raws:
+        [stored] = await server.deliver(raw, [inbox["email"]])
+        keys.append(_blob_row(db_dsn, stored.message_id)[0])
+    blobs = server.core.blobs
+    missing = "db/" + key_for_digest(hashlib.sha256(b"never stored").hexdigest())
+    reads = [defer.ensureDeferred(blobs.get_bytes(k)) for k in [*keys, keys[0]]]
+    cancelled = defer.ensureDeferred(blobs.get_range(keys[1], 0, 10))
+    lost = defer.ensureDeferred(blobs.get_bytes(missing))
+    cancelled.cancel()
+    assert await defer.gatherResults(reads) == [*raws, raws[0]]
+    with pytest.raises(BlobNotFound):
+        await lost
+    with pytest.raises(defer.CancelledError):
+        await cancelled
+    assert await blobs.get_range(keys[2], 5, 7) == raws[2][5:12]
