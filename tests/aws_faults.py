@@ -51,6 +51,7 @@ class FaultProxy:
         self._upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self._faults: list[Fault] = []
         self._seen: list[tuple[str, str]] = []
+        self._bodies: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
@@ -78,6 +79,12 @@ class FaultProxy:
         with self._lock:
             return sum(1 for _, path in self._seen if path.startswith(prefix))
 
+    def bodies(self, prefix: str) -> list[bytes]:
+        """The request bodies seen (faulted or forwarded) whose path starts with
+        ``prefix``, oldest first: what the app put on the wire."""
+        with self._lock:
+            return [body for path, body in self._bodies if path.startswith(prefix)]
+
     def _take_fault(self, method: str, path: str) -> Fault | None:
         with self._lock:
             self._seen.append((method, path))
@@ -99,6 +106,8 @@ class FaultProxy:
             def _relay(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                with proxy._lock:
+                    proxy._bodies.append((self.path, body))
                 fault = proxy._take_fault(self.command, self.path)
                 if fault is not None and fault.mode == "drop":
                     self.close_connection = True

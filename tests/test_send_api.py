@@ -347,33 +347,3 @@ async def test_idempotency_key_replays_the_first_answer_and_refuses_another_body
     good = await sub.api.post(_send_path(sender), body, key=key,
                               headers={"Idempotency-Key": "k2"})
     assert good.status == 201, good  # the failed attempt released its claim
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_failing_database_is_503_nothing_stored_and_the_key_free_again(sub,
-                                                                             monkeypatch):
-    """The Sent copy, the queue rows and the idempotency answer are one transaction:
-    when the queue insert fails (the database is going away) the client gets 503,
-    nothing is stored, and a retry with the same key sends."""
-    import psycopg2
-
-    from agentpost.storage import outbound as outbound_store
-
-    _, sender, _, key = await _setup(sub)
-    real = outbound_store.insert_batch_sql
-
-    def broken(*args, **kwargs):
-        raise psycopg2.OperationalError("server closed the connection unexpectedly")
-
-    # Submission sends its queue rows with the Sent copy's insert (insert_batch_sql).
-    monkeypatch.setattr(outbound_store, "insert_batch_sql", broken)
-    body = {"to": "bob@remote.example", "text_body": "x"}
-    hdr = {"Idempotency-Key": "retry-me"}
-    resp = await sub.api.post(_send_path(sender), body, key=key, headers=hdr)
-    assert resp.status == 503 and resp.json["error"]["type"] == "temporarily_unavailable"
-    assert query(_dsn(sub), "SELECT count(*) FROM messages WHERE inbox_id = %s",
-                 (sender["id"],)) == [(0,)]
-    monkeypatch.setattr(outbound_store, "insert_batch_sql", real)
-    resp = await sub.api.post(_send_path(sender), body, key=key, headers=hdr)
-    assert resp.status == 201, resp
-    assert resp.headers.get("idempotent-replayed") is None

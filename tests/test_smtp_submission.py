@@ -19,7 +19,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import psycopg2
 import pytest
 import pytest_twisted
 from twisted.internet import defer, task
@@ -344,36 +343,6 @@ async def test_send_paused_and_send_filter_rules_refuse_at_rcpt(sub):
     assert patched.status == 200, patched
     [paused] = await deferToThread(rcpts, ["x@fine.example"])
     assert paused == (550, b"5.7.1 Sending is paused for this inbox.")
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_failing_queue_insert_answers_451_and_stores_nothing(sub, monkeypatch):
-    """The Sent copy and the queue rows are one transaction: when the queue insert fails
-    (the database is going away), the client gets 451 4.3.0 and no message row exists."""
-    from agentpost.storage import outbound as outbound_store
-
-    _, sender, _, _, key = await _setup(sub)
-
-    async def broken(*args, **kwargs):
-        raise psycopg2.OperationalError("server closed the connection unexpectedly")
-
-    def broken_sql(*args, **kwargs):
-        raise psycopg2.OperationalError("server closed the connection unexpectedly")
-
-    monkeypatch.setattr(outbound_store, "insert_batch", broken)
-    # Submission sends its queue rows with the Sent copy's insert (insert_batch_sql).
-    monkeypatch.setattr(outbound_store, "insert_batch_sql", broken_sql)
-
-    def send():
-        with _login(sub.submission_port, sender["email"], key) as smtp:
-            smtp.mail(sender["email"])
-            smtp.rcpt("bob@remote.example")
-            return smtp.data(_msg(sender["email"], "bob@remote.example"))
-
-    code, text = await deferToThread(send)
-    assert code == 451 and text.startswith(b"4.3.0"), text
-    assert query(_dsn(sub), "SELECT count(*) FROM messages") == [(0,)]
-    assert query(_dsn(sub), "SELECT count(*) FROM events") == [(0,)]
 
 
 # ---------------------------------------------------------------------------- real clients

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -65,22 +66,30 @@ class DraftSending:
 
     async def send(self, ctx: RequestContext, draft_id: str, send_at: datetime | None, *,
                    idempotency_key: str | None = None, request_body: Any = None,
-                   path: str = "") -> tuple[int, dict[str, Any]]:
+                   path: str = "", render: Callable[[dict[str, Any]], Any] | None = None
+                   ) -> tuple[int, dict[str, Any]]:
         """Send now (no ``send_at``, or one already past), or schedule. The answer is
-        ``{status: sent|scheduled, draft, message}`` (the draft as a row: the HTTP
-        layer renders it)."""
+        ``{status: sent|scheduled, draft, message}``; a scheduled answer's draft is
+        ``render(row)`` (the HTTP layer's view), or the row without ``render``.
+
+        The Idempotency-Key covers both: a scheduling request is recorded too (given
+        ``render``, so the record is the JSON answered), so the same key with another
+        body is a 409 whether the first request sent or scheduled."""
         p = ctx.org_principal
         p.require("messages:send")
         ctx.target_id = draft_id
-        if send_at is not None and send_at > self._now():
-            row = await self._drafts.set_plan(ctx, draft_id, self._drafts.schedule(ctx, send_at))
-            return 200, {"status": "scheduled", "draft": row, "message": None}
         key = check_key(idempotency_key)
+        scheduling = send_at is not None and send_at > self._now()
 
         async def operation(recorder: Recorder | None) -> tuple[int, dict[str, Any]]:
+            if scheduling:
+                row = await self._drafts.set_plan(ctx, draft_id,
+                                                  self._drafts.schedule(ctx, send_at))
+                return 200, {"status": "scheduled", "draft": render(row) if render else row,
+                             "message": None}
             return 200, await self._send_now(ctx, draft_id, recorder)
 
-        if self._idempotency is None:
+        if self._idempotency is None or (scheduling and render is None):
             return await operation(None)
         return await self._idempotency.run(ctx, key, fingerprint("POST", path, request_body),
                                            operation)

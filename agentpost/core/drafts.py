@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -73,6 +74,8 @@ MAX_ADDRESSES = 500
 #: Attachments per draft.
 MAX_ATTACHMENTS = 50
 DRAFT_FLAGS = frozenset({"\\Draft", "\\Seen"})
+#: ``await hook(txn, draft_row)`` inside the transaction that stores a new draft.
+AnswerHook = Callable[[Txn, dict[str, Any]], Awaitable[None]]
 
 
 def _body_text(value: Any, name: str) -> str | None:
@@ -374,9 +377,14 @@ class Drafts:
             folder="Drafts", flags=DRAFT_FLAGS, labels=tuple(labels), enforce_quota=True,
             origin=ctx, within=within, event_type="draft.saved")
 
-    async def create(self, ctx: RequestContext, inbox_id: str,
-                     body: dict[str, Any]) -> dict[str, Any]:
-        """A new draft: its copy in Drafts and its row, in one transaction."""
+    async def create(self, ctx: RequestContext, inbox_id: str, body: dict[str, Any], *,
+                     answer: AnswerHook | None = None) -> dict[str, Any]:
+        """A new draft: its copy in Drafts and its row, in one transaction.
+
+        ``answer(txn, draft)`` runs inside that transaction with the draft as read back
+        there: the Idempotency-Key recorder, so a retried create (one that schedules a
+        send, say) finds the first answer on record exactly when the draft exists, and
+        never makes a second draft."""
         p = ctx.org_principal
         p.require("messages:write")
         ctx.target_id = inbox_id
@@ -410,6 +418,8 @@ class Drafts:
                 "send_at": plan.send_at if plan else None,
                 "scheduled_by": plan.scheduled_by if plan else None,
                 "created_at": txn.now, "updated_at": txn.now})
+            if answer is not None:
+                await answer(txn, await self.read(txn, ctx, draft_id))
 
         await self._store_copy(ctx, inbox, raw, labels, record)
         return await self._db.run_interaction(

@@ -10,11 +10,13 @@ from typing import Any
 from twisted.web.iweb import IRequest
 
 from agentpost.core.context import RequestContext
-from agentpost.core.drafts import Drafts
+from agentpost.core.drafts import AnswerHook, Drafts
+from agentpost.core.idempotency import Idempotency, Recorder
 from agentpost.core.pages import decode_token, parse_limit
 from agentpost.http import schemas as s
 from agentpost.http.api import PAGING, arg, listing
 from agentpost.http.framework import Body, Route, RouteTable
+from agentpost.http.send import idempotent
 from agentpost.http.validation import parse_timestamp
 from agentpost.http.views import ts
 from agentpost.mail import keywords
@@ -178,15 +180,35 @@ def _idempotency_key(request: IRequest) -> str | None:
                              field="Idempotency-Key") from None
 
 
+def _recording(ctx: RequestContext, record: Recorder) -> AnswerHook:
+    """The create hook that records the answer (as ``ctx`` may see the draft) in the
+    draft's own transaction."""
+    async def answer(txn: Any, row: dict[str, Any]) -> None:
+        await record(txn, 201, _for(ctx, row))
+
+    return answer
+
+
 def add_drafts_routes(table: RouteTable, drafts: Drafts, sending: Any, *,
-                      max_body: int | None = None) -> None:
+                      max_body: int | None = None,
+                      idempotency: Idempotency | None = None) -> None:
     """Register the draft endpoints (``sending``: core.draft_sending.DraftSending).
     Create and update take bodies up to ``max_body`` (``[http] max_send_body``: inline
-    base64 attachments) instead of the table's limit."""
+    base64 attachments) instead of the table's limit. ``idempotency`` serves the
+    Idempotency-Key of create: with a ``send_at`` it is a POST that sends, and a client
+    retrying one whose answer it lost must not schedule the mail twice."""
 
     async def create(ctx: RequestContext, request: IRequest, body: Body,
                      inbox_id: str) -> tuple[int, Any]:
-        return 201, _for(ctx, await drafts.create(ctx, inbox_id, _parsed(body.value)))
+        value = _parsed(body.value)
+
+        async def run(record: Recorder | None) -> tuple[int, Any]:
+            answer = _recording(ctx, record) if record is not None else None
+            return 201, _for(ctx, await drafts.create(ctx, inbox_id, value, answer=answer))
+
+        if idempotency is None:
+            return await run(None)
+        return await idempotent(idempotency, ctx, request, body.value, run)
 
     async def list_drafts(ctx: RequestContext, request: IRequest, body: Body,
                           inbox_id: str) -> tuple[int, Any]:
@@ -213,10 +235,13 @@ def add_drafts_routes(table: RouteTable, drafts: Drafts, sending: Any, *,
         value = _parsed(body.value)
         status, result = await sending.send(
             ctx, draft_id, value.get("send_at"), idempotency_key=_idempotency_key(request),
-            request_body=body.value, path=request.path.decode("utf-8", "replace"))
-        if isinstance(result, dict) and result.get("status") == "scheduled":
-            result = {**result, "draft": _for(ctx, result["draft"])}
-        elif isinstance(result, dict) and "messages:read" not in ctx.org_principal.scopes:
+            request_body=body.value, path=request.path.decode("utf-8", "replace"),
+            render=lambda row: _for(ctx, row))
+        if ctx.details.get("idempotent_replay"):  # as the send API says it
+            request.setHeader(b"idempotent-replayed", b"true")
+        # A scheduled answer's draft is rendered already (``render``, also when replayed).
+        if (isinstance(result, dict) and result.get("status") != "scheduled"
+                and "messages:read" not in ctx.org_principal.scopes):
             # The Sent copy is the draft's content (also in a replayed answer).
             result = {**result, "message": None}
         return status, result
@@ -228,7 +253,8 @@ def add_drafts_routes(table: RouteTable, drafts: Drafts, sending: Any, *,
     base, one = "/inboxes/{inbox_id}/drafts", "/drafts/{draft_id}"
     for route in (
         Route("POST", base, "drafts.create", create,
-              "Create a draft (also a message in the inbox's IMAP Drafts folder)",
+              "Create a draft (also a message in the inbox's IMAP Drafts folder; "
+              "Idempotency-Key honoured)",
               scope="messages:write", body=DRAFT_CREATE, response=s.ref("Draft"), status=201,
               tag="Drafts", max_body=max_body),
         Route("GET", base, "drafts.list", list_drafts,

@@ -66,9 +66,14 @@ async def insert_events(txn: Txn, rows: list[dict[str, Any]]) -> None:
 async def deliveries_of_message(txn: Txn, org_id: str, env_ids: frozenset[str] | None,
                                 message_id: str) -> list[dict[str, Any]]:
     """Every recipient of a sent message with its hand-off and delivery state and its
-    feedback events (oldest first), within the caller's environments."""
+    feedback events (oldest first), within the caller's environments. A recipient not
+    yet answered whose row a worker holds (``sending``: the hand-off is under way) shows
+    as ``sending``, not as the ``queued``/``deferred`` it had before the claim."""
     return await txn.fetchall(
-        "SELECT r.address, q.domain, r.status, r.delivery_status, r.attempts, r.smtp_code, "
+        "SELECT r.address, q.domain, "
+        "       CASE WHEN q.status = 'sending' AND r.status IN ('queued', 'deferred') "
+        "            THEN 'sending' ELSE r.status END AS status, "
+        "       r.delivery_status, r.attempts, r.smtp_code, "
         "       r.status_code, r.diagnostic, r.transport_id, r.updated_at, "
         "       r.delivery_updated_at, "
         "       COALESCE((SELECT json_agg(json_build_object("
