@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 
 from agentpost.storage.keys import KEY_CHANNEL
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: Entries kept per process; beyond this the cache starts over (keys are few).
 MAX_ENTRIES = 10_000
+#: Seconds a settled change waits after its own notice came back (see KeyCache.settle).
+SIBLING_GRACE_S = 0.02
 
 
 class _KeyListener(Notifier):
@@ -106,12 +108,16 @@ class KeyCache:
             if not d.called:
                 d.callback(None)
 
-    def settle(self, key_id: str, timeout_s: float = 1.0) -> defer.Deferred[None]:
+    def settle(self, key_id: str, timeout_s: float = 5.0) -> defer.Deferred[None]:
         """After committing a change to ``key_id``: empty this process's cache now and
         fire once the change's NOTIFY came back on this process's LISTEN link (at most
-        ``timeout_s``). PostgreSQL signals every listening process at the same COMMIT,
-        so an API call that waits for this before answering leaves its client no
-        window in which another process still answers from a stale entry."""
+        ``timeout_s``), then :data:`SIBLING_GRACE_S` later. PostgreSQL signals every
+        listening backend at the same COMMIT, so an API call that waits for this before
+        answering leaves its client no window in which another process still answers
+        from a stale entry: the grace covers the other listening backends being
+        scheduled after ours on a busy machine (each must run to write its notice; a
+        test caught the difference once under load). Revocations and membership changes
+        are rare; a few milliseconds on their answer buy the guarantee."""
         self.invalidate()
         if not self.usable:
             return defer.succeed(None)
@@ -119,6 +125,7 @@ class KeyCache:
         self._settling.setdefault(key_id, []).append(d)
         self._drain()
         d.addTimeout(timeout_s, self._clock, onTimeoutCancel=lambda *_: None)
+        d.addCallback(lambda _: task.deferLater(self._clock, SIBLING_GRACE_S, lambda: None))
         return d
 
     # -- lookups -------------------------------------------------------------------
