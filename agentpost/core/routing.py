@@ -15,6 +15,13 @@ Reserved local parts (:mod:`agentpost.core.reserved`) are the operator's:
 
 Without an operator inbox those addresses are refused with ``550 5.1.1``, and the MX
 logs a warning at start-up (RFC 5321 requires a working postmaster).
+
+A verified domain's custom MAIL FROM (``bounce.example.com``, the envelope sender's
+domain on every transport but ses: core.submission) is routed too, so bounces come
+back: ``alice@bounce.example.com`` goes to the inbox ``alice@example.com`` of the
+organization that holds ``example.com``; any other name under it is unknown (and
+``postmaster@`` there is the operator's). Only a domain that is not hosted itself is
+looked up so, in a second read: bounces and relay attempts, not the usual delivery.
 """
 
 from __future__ import annotations
@@ -78,13 +85,14 @@ class Router:
 
     async def _resolve_reserved(self, local: str, domain: str, sender: str) -> Target:
         """A reserved name: the operator's on a shared domain; on an organization's own
-        domain its inbox, postmaster falling back to the operator."""
+        domain (or its custom MAIL FROM) its inbox, postmaster falling back to the
+        operator."""
         kind = await self._db.run_read("routing.domain_kind", inbox_store.domain_kind,
                                        domain)
-        if kind is None:
-            raise RelayDenied()
-        if kind == "own":
+        if kind != "shared":
             try:
+                if kind is None:  # RelayDenied unless a custom MAIL FROM
+                    return await self._mail_from_route(local, domain, sender)
                 return await self._route(f"{local}@{domain}", domain, sender)
             except UnknownRecipient:
                 if not is_postmaster(local):
@@ -109,7 +117,22 @@ class Router:
         row: Any = await self._db.run_read("routing.resolve", mail_store.route, address,
                                            domain, with_usage=bool(self._quota))
         if not row["hosted"]:
+            local = address.rpartition("@")[0]
+            return await self._mail_from_route(local, domain, sender)
+        return self._target(row, sender)
+
+    async def _mail_from_route(self, local: str, domain: str, sender: str) -> Target:
+        """``local@domain`` where ``domain`` is a verified domain's custom MAIL FROM: the
+        inbox ``local@`` that domain (a bounce coming back); RelayDenied when ``domain``
+        is no such name."""
+        row = await self._db.run_read("routing.mail_from", inbox_store.mail_from_route,
+                                      local, domain, with_usage=bool(self._quota))
+        if row is None:
             raise RelayDenied()
+        return self._target(row, sender)
+
+    def _target(self, row: Any, sender: str) -> Target:
+        """The routing row's inbox after its receive filters and quota."""
         if row["inbox_id"] is None:
             raise UnknownRecipient()
         if sender and row["rules"] and filters.decide(row["rules"], sender) == "block":

@@ -388,7 +388,7 @@ class Sending:
         if known:
             assert inbox is not None
             sender = Sender.of(p, inbox)
-            await self._submission.check_recipients(sender, recipients)
+            envelope_from = await self._submission.check_recipients(sender, recipients)
         else:  # the inbox and every check in one read
             inbox = await self._submission.inbox_checks(p.org_id, p.environment_ids,
                                                         inbox_id, recipients)
@@ -396,13 +396,14 @@ class Sending:
                 raise NotFound()
             ctx.environment_id = inbox["environment_id"]
             sender = Sender.of(p, inbox)
-            self._submission.judge(inbox, recipients)
+            envelope_from = self._submission.judge(inbox, recipients)
         raw = await self._compose(composition, inbox)
         if record is None and not labels:
             # Nothing else to write with the Sent copy: it may share a group commit,
             # and the answer is read once it has committed, out of the transaction.
             submitted = await self._submission.submit(sender, sender.address, recipients,
-                                                      io.BytesIO(raw), ctx)
+                                                      io.BytesIO(raw), ctx,
+                                                      envelope_from=envelope_from)
             ctx.target_id = submitted.message_id
             return await self._answer(p.org_id, p.environment_ids, submitted)
         answer: dict[str, Any] = {}
@@ -424,7 +425,7 @@ class Sending:
 
         submitted = await self._submission.submit(sender, sender.address, recipients,
                                                   io.BytesIO(raw), ctx, labels=labels,
-                                                  also=also)
+                                                  also=also, envelope_from=envelope_from)
         ctx.target_id = submitted.message_id
         return answer
 

@@ -13,6 +13,12 @@ about a message is here:
   kept in the Sent copy, which is also what the queue row names: the queue worker strips
   ``Bcc:`` from every hand-off (agentpost.outbound.worker.without_bcc), so it never
   leaves, whichever door queued the message;
+- the queue rows' envelope sender is the inbox's address, or, when the inbox's verified
+  domain has a custom MAIL FROM and the transport is not ses (RetryPolicy
+  .custom_mail_from), the same local part at it: ``alice@bounce.example.com`` (SPF
+  aligns with that domain, and its bounces come back through the MX: core.routing).
+  The checks' read decides it (:meth:`Submission.check_recipients` returns it), the
+  door passes it to :meth:`Submission.submit`; the Sent copy keeps the inbox's;
 - the Sent copy (folder Sent, ``\\Seen``, direction ``outbound``, event ``message.sent``)
   is stored through the one ingest path, and the queue rows for every recipient are
   written inside that same transaction, so the door acknowledges only after one
@@ -198,6 +204,16 @@ def queue_sql(txn: Txn, copy: Stored, sender: Sender, mail_from: str,
     return [row["id"] for row in rows], sql, params
 
 
+def envelope_sender(address: str, mail_from_domain: str | None, custom: bool) -> str:
+    """The queue rows' envelope sender for an inbox at ``address``: ``local@`` its
+    verified domain's custom MAIL FROM when ``custom`` (transport not ses) and the domain
+    has one; else ``address`` (also the null reverse path, which stays empty)."""
+    local, at, _ = address.rpartition("@")
+    if not custom or not mail_from_domain or not at:
+        return address
+    return f"{local}@{mail_from_domain}"
+
+
 def _comparable(recipients: list[str]) -> dict[str, str]:
     """Each recipient's normalised address, for the suppression list (one that is not
     comparable is left out: the door's own address checks refuse it)."""
@@ -244,10 +260,12 @@ class Submission:
         await self.check_recipients(sender, [recipient])
         return recipient
 
-    async def check_recipients(self, sender: Sender, recipients: list[str]) -> None:
+    async def check_recipients(self, sender: Sender, recipients: list[str]) -> str:
         """:meth:`check_recipient` for every recipient, in their order (the first
         refusal is raised), in one read of the inbox's policy, the suppression list and
-        (when they are on) the send limits' buckets, however many recipients there are."""
+        (when they are on) the send limits' buckets, however many recipients there are.
+        Returns the queue rows' envelope sender (:func:`envelope_sender`, decided on the
+        same read): pass it to :meth:`submit`."""
         emails = _comparable(recipients)
         row = await self._db.run_read(
             "submission.policy", outbound_store.sending_checks, sender.org_id,
@@ -256,6 +274,8 @@ class Submission:
         if row is None:
             raise Unauthenticated("The inbox no longer exists.")
         self._judge(row, recipients, emails)
+        return envelope_sender(sender.address, row["mail_from_domain"],
+                               self._policy.custom_mail_from)
 
     async def inbox_checks(self, org_id: str, env_ids: frozenset[str] | None,
                            inbox_id: str, recipients: list[str]) -> dict[str, Any] | None:
@@ -268,9 +288,12 @@ class Submission:
             env_ids, inbox_id, sorted(set(_comparable(recipients).values())),
             buckets=self._limited)
 
-    def judge(self, row: dict[str, Any], recipients: list[str]) -> None:
-        """:meth:`check_recipients`' refusals on a row of :meth:`inbox_checks`."""
+    def judge(self, row: dict[str, Any], recipients: list[str]) -> str:
+        """:meth:`check_recipients`' refusals on a row of :meth:`inbox_checks`, and
+        its answer: the queue rows' envelope sender."""
         self._judge(row, recipients, _comparable(recipients))
+        return envelope_sender(row["email"], row["mail_from_domain"],
+                               self._policy.custom_mail_from)
 
     @property
     def _limited(self) -> bool:
@@ -295,13 +318,16 @@ class Submission:
     async def submit(self, sender: Sender, mail_from: str, recipients: list[str],
                      message: IO[bytes], origin: RequestContext, *,
                      labels: tuple[str, ...] = (),
-                     also: Callable[[Txn, Submitted], Awaitable[None]] | None = None
-                     ) -> Submitted:
+                     also: Callable[[Txn, Submitted], Awaitable[None]] | None = None,
+                     envelope_from: str | None = None) -> Submitted:
         """Store the Sent copy and queue it for ``recipients``: one COMMIT for both.
 
         ``labels`` go on the Sent copy; ``also`` (the send API: its answer and the
-        idempotency record) runs inside that same transaction, after the queue rows."""
+        idempotency record) runs inside that same transaction, after the queue rows.
+        ``envelope_from``: the queue rows' envelope sender, as :meth:`check_recipients`
+        answered (None: ``mail_from``); the Sent copy's Return-Path stays ``mail_from``."""
         self.check_sender(sender, mail_from)
+        queue_from = mail_from if envelope_from is None else envelope_from
         raw = message.read()
         now = datetime.fromtimestamp(self._reactor.seconds(), UTC)
         sent = await self._prepare(raw, sender.address, now)
@@ -309,7 +335,7 @@ class Submission:
 
         def queue_rows(txn: Txn, copy: Stored) -> tuple[str, list[Any]]:
             """The queue rows go in the round trip of the Sent copy's own insert."""
-            ids, sql, params = queue_sql(txn, copy, sender, mail_from, recipients,
+            ids, sql, params = queue_sql(txn, copy, sender, queue_from, recipients,
                                          self._policy)
             # Assigned, not extended: a retried transaction must not list rows twice.
             queue_ids[:] = ids

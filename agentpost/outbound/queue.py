@@ -24,10 +24,16 @@ DEFAULT_LIFETIME_S = 4 * 24 * 3600.0
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """When to try again, and when to give up and bounce."""
+    """When to try again, and when to give up and bounce; and the envelope sender the
+    rows get (the doors that queue read this policy: core.submission)."""
 
     schedule: tuple[float, ...] = DEFAULT_SCHEDULE
     lifetime_s: float = DEFAULT_LIFETIME_S
+    #: The envelope sender is ``local@`` the sending domain's custom MAIL FROM when it
+    #: has one (``alice@bounce.example.com``, so SPF aligns there and bounces come back
+    #: to our MX). Every transport but ses: SES rewrites the inbox address itself
+    #: (PutEmailIdentityMailFromAttributes), so there it stays the inbox's.
+    custom_mail_from: bool = False
 
     def delay(self, attempts: int, retry_after_s: float | None = None) -> float:
         """The wait after the ``attempts``-th attempt failed for now (1-based); a

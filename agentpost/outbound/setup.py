@@ -76,7 +76,8 @@ class OutboundService:
         """With ``router``, recipients hosted here are delivered through ingest
         (agentpost.outbound.local) and only the others reach the configured transport."""
         out = config.outbound
-        self.policy = RetryPolicy(lifetime_s=out.max_lifetime)
+        self.policy = RetryPolicy(lifetime_s=out.max_lifetime,
+                                  custom_mail_from=out.transport != "ses")
         #: Send rate limits and daily quotas, charged by every door that queues mail.
         self.limits = SendLimits.from_config(config.send_limits, db, clock)
         self.transport = build_transport(config, clock, reactor, db)

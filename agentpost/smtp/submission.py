@@ -80,9 +80,11 @@ class SubmissionDelivery:
         self._submission.check_sender(account.sender, mail_from)
 
     async def check_recipient(self, session: SessionInfo, mail_from: str, rcpt: str) -> str:
-        """Any address, unless sending is paused or a send filter blocks it."""
+        """Any address, unless sending is paused or a send filter blocks it. The token
+        is the queue rows' envelope sender the check decided (core.submission: the
+        domain's custom MAIL FROM, or the inbox address), for :meth:`deliver`."""
         account = await self._account(session)
-        return await self._submission.check_recipient(account.sender, rcpt)
+        return await self._submission.check_recipients(account.sender, [rcpt])
 
     async def deliver(self, session: SessionInfo, envelope: Envelope, message: IO[bytes],
                       size: int) -> str:
@@ -91,7 +93,9 @@ class SubmissionDelivery:
         origin = RequestContext(new_id("req"), session.peer_host or None, "smtp.submit",
                                 details={"listener": session.listener,
                                          "tls": session.tls_version})
+        # Every RCPT's check read the same inbox's domain: the latest answer counts.
+        envelope_from = envelope.recipients[-1] if envelope.recipients else None
         submitted = await self._submission.submit(
             account.sender, envelope.mail_from, list(envelope.recipient_addresses), message,
-            origin)
+            origin, envelope_from=envelope_from)
         return submitted.message_id

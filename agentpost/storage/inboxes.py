@@ -196,6 +196,35 @@ async def domain_kind(txn: Txn, name: str) -> str | None:
     return kind
 
 
+async def mail_from_route(txn: Txn, local: str, domain: str, *,
+                          with_usage: bool = True) -> dict[str, Any] | None:
+    """The MX's routing for ``local@domain`` when ``domain`` is not hosted itself but
+    may be a verified domain's custom MAIL FROM (``bounce.example.com``): bounces to the
+    envelope sender ``alice@bounce.example.com`` go to the inbox ``alice@example.com``.
+
+    None: no verified domain has ``domain`` as its custom MAIL FROM (relay denied). Else
+    the row of storage.mail.route (``inbox_id`` None: no such inbox). The inbox must be
+    of the organization that holds the verified domain -- the rule of the MX's own
+    routing: never another tenant's inbox left on a name verified later."""
+    labels = domain.lower().split(".")
+    parents = [".".join(labels[n:]) for n in range(1, len(labels))]
+    if not parents:
+        return None
+    return await txn.fetchone(
+        "SELECT i.org_id, i.environment_id, i.id AS inbox_id, i.email, "
+        f"      {used_sql('i') if with_usage else 'NULL::bigint'} AS used_bytes, "
+        "       (SELECT coalesce(json_agg(json_build_object('match_type', r.match_type, "
+        "               'value', r.value, 'action', r.action)), '[]'::json) "
+        "          FROM filter_rules r WHERE r.org_id = i.org_id "
+        "           AND r.environment_id = i.environment_id AND r.direction = 'receive' "
+        "           AND (r.inbox_id IS NULL OR r.inbox_id = i.id)) AS rules "
+        "FROM domains d LEFT JOIN inboxes i ON i.org_id = d.org_id "
+        "  AND lower(i.email) = lower(%s) || '@' || d.name "
+        "WHERE d.name = ANY(%s::text[]) AND d.verified_at IS NOT NULL "
+        "  AND d.mail_from_subdomain || '.' || d.name = lower(%s)",
+        (local, parents, domain))
+
+
 async def domain_usable(txn: Txn, org_id: str, environment_id: str, name: str) -> bool:
     """Whether inboxes of this org and environment may use ``name``: a shared domain or
     the organization's own, verified or not (an inbox on an unverified domain exists but

@@ -279,9 +279,8 @@ async def queue_of_message(txn: Txn, org_id: str, message_id: str) -> list[dict[
 _SENDING_CHECKS = (
     "SELECT i.send_paused, "
     "       (EXISTS (SELECT 1 FROM shared_domains s WHERE s.name = lower(i.domain)) "
-    "        OR EXISTS (SELECT 1 FROM domains d WHERE d.org_id = i.org_id "
-    "                   AND d.name = lower(i.domain) AND d.verified_at IS NOT NULL)) "
-    "         AS domain_verified, "
+    "        OR d.id IS NOT NULL) AS domain_verified, "
+    "       d.mail_from_subdomain || '.' || d.name AS mail_from_domain, "
     "       (SELECT coalesce(json_agg(json_build_object('match_type', r.match_type, "
     "               'value', r.value, 'action', r.action)), '[]'::json) "
     "          FROM filter_rules r WHERE r.org_id = i.org_id "
@@ -289,7 +288,9 @@ _SENDING_CHECKS = (
     "           AND (r.inbox_id IS NULL OR r.inbox_id = i.id)) AS rules, "
     "       ARRAY(SELECT s.email FROM suppressions s WHERE s.org_id = i.org_id "
     "              AND s.email = ANY(%s::text[])) AS suppressed{limits}{inbox} "
-    "FROM inboxes i{joins} WHERE i.org_id = %s AND {where} AND i.id = %s")
+    "FROM inboxes i LEFT JOIN domains d ON d.org_id = i.org_id "
+    "  AND d.name = lower(i.domain) AND d.verified_at IS NOT NULL{joins} "
+    "WHERE i.org_id = %s AND {where} AND i.id = %s")
 #: The send limits' buckets of the inbox and its organization, read with the checks
 #: (core.send_limits: the early refusal at RCPT) instead of in a second round trip.
 _BUCKET_COLUMNS = "".join(
@@ -315,11 +316,13 @@ async def sending_checks(txn: Txn, org_id: str, environment_id: str, inbox_id: s
                          emails: list[str], *, buckets: bool = False
                          ) -> dict[str, Any] | None:
     """What a send checks before it queues, in ONE statement however many recipients:
-    the inbox's ``send_paused``, ``domain_verified`` (shared or verified domain), the
-    send-direction filter ``rules``, and ``suppressed``: which of ``emails`` (already
-    normalised, core.suppressions) are on the organization's suppression list. None when
-    the inbox is gone. ``buckets``: also the send limits' rows, as columns
-    ``organization_tokens``, ``inbox_day_count``, ... (NULL: that scope has not sent)."""
+    the inbox's ``send_paused``, ``domain_verified`` (shared or verified domain),
+    ``mail_from_domain`` (the verified domain's custom MAIL FROM, ``bounce.example.com``;
+    else None), the send-direction filter ``rules``, and ``suppressed``: which of
+    ``emails`` (already normalised, core.suppressions) are on the organization's
+    suppression list. None when the inbox is gone. ``buckets``: also the send limits'
+    rows, as columns ``organization_tokens``, ``inbox_day_count``, ... (NULL: that scope
+    has not sent)."""
     return await txn.fetchone(_SENDING_CHECKS_SQL[buckets, False],
                               (emails, org_id, environment_id, inbox_id))
 
