@@ -44,7 +44,6 @@ from datetime import UTC, datetime
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.python.failure import Failure
 
 from agentpost.core.context import RequestContext
 from agentpost.core.ingest import Ingest, Target
@@ -58,8 +57,10 @@ from agentpost.outbound.transports import (
     SENT,
     Envelope,
     HandOff,
+    HandOffTimedOut,
     Outcome,
     Transport,
+    bounded,
     everyone,
 )
 
@@ -138,12 +139,13 @@ class LocalFirstTransport:
                 return await self._remote.send(envelope, raw)
             left = self._remote_deadline_s - (self._seconds() - started)
             if left <= 0:  # the local part used the time up: not sent at all
-                raise _RemoteTimedOut()
-            return await _within(defer.ensureDeferred(self._remote.send(envelope, raw)),
-                                 self._clock, left, envelope.queue_id)
+                raise HandOffTimedOut()
+            assert self._clock is not None  # a deadline needs the clock (__init__)
+            return await bounded(defer.ensureDeferred(self._remote.send(envelope, raw)),
+                                 self._clock, left, envelope.queue_id, "remote hand-off")
         except defer.CancelledError:
             raise  # the caller gave up on the whole hand-off: never a success
-        except _RemoteTimedOut:
+        except HandOffTimedOut:
             log.warning("outbound %s: transport %s did not answer within %gs of the "
                         "hand-off; its recipients deferred", envelope.queue_id,
                         self._remote.name, self._remote_deadline_s)
@@ -204,43 +206,6 @@ class LocalFirstTransport:
         else:
             lines[-1] += f"; {email.utils.format_datetime(now)}"
         return ("\r\n".join(lines) + "\r\n").encode("utf-8")
-
-
-class _RemoteTimedOut(Exception):
-    """The remote part did not answer by ``remote_deadline_s``."""
-
-
-def _within(work: defer.Deferred[HandOff], clock: IReactorTime | None, seconds: float,
-            queue_id: str) -> defer.Deferred[HandOff]:
-    """``work``'s result, or _RemoteTimedOut once ``seconds`` passed on ``clock``. As the
-    worker's own deadline, ``work`` is not cancelled (that cannot undo a send already on
-    its way); a late answer is only logged."""
-    assert clock is not None
-    out: defer.Deferred[HandOff] = defer.Deferred()
-
-    def expire() -> None:
-        if not out.called:
-            out.errback(_RemoteTimedOut())
-
-    timer = clock.callLater(seconds, expire)
-
-    def finished(result: HandOff | Failure) -> None:
-        if timer.active():
-            timer.cancel()
-        if not out.called:
-            if isinstance(result, Failure):
-                out.errback(result)
-            else:
-                out.callback(result)
-        elif isinstance(result, Failure):
-            log.warning("outbound %s: late remote hand-off failed: %s", queue_id,
-                        result.getErrorMessage())
-        else:
-            log.warning("outbound %s: remote hand-off answered after its deadline; its "
-                        "outcome is discarded (its recipients were deferred)", queue_id)
-
-    work.addBoth(finished)
-    return out
 
 
 def _clean(address: str) -> str:

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from twisted.internet import threads
+from twisted.internet import defer, threads
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,42 @@ def everyone(envelope: Envelope, status: str, *, smtp_code: int | None = None,
     """The same outcome for every recipient of a hand-off."""
     return HandOff([Outcome(a, status, smtp_code, status_code, diagnostic, transport_id)
                     for a in envelope.recipients])
+
+
+class HandOffTimedOut(Exception):
+    """A hand-off (or its remote part) did not answer by its deadline."""
+
+
+def bounded(work: defer.Deferred[HandOff], clock: IReactorTime, seconds: float,
+            queue_id: str, what: str = "hand-off") -> defer.Deferred[HandOff]:
+    """``work``'s result, or HandOffTimedOut once ``seconds`` passed on ``clock``.
+    ``work`` is not cancelled (that cannot undo a send already on its way): it is left to
+    finish, and a late outcome is only logged -- its recipients were deferred."""
+    out: defer.Deferred[HandOff] = defer.Deferred()
+
+    def expire() -> None:
+        if not out.called:
+            out.errback(HandOffTimedOut())
+
+    timer = clock.callLater(seconds, expire)
+
+    def finished(result: HandOff | Failure) -> None:
+        if timer.active():
+            timer.cancel()
+        if not out.called:
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(result)
+        elif isinstance(result, Failure):
+            log.warning("outbound %s: late %s failed: %s", queue_id, what,
+                        result.getErrorMessage())
+        else:
+            log.warning("outbound %s: %s answered after its deadline; its outcome is "
+                        "discarded (its recipients were deferred)", queue_id, what)
+
+    work.addBoth(finished)
+    return out
 
 
 class LogTransport:

@@ -50,8 +50,10 @@ from agentpost.outbound.transports import (
     SENT,
     Envelope,
     HandOff,
+    HandOffTimedOut,
     Outcome,
     Transport,
+    bounded,
     everyone,
 )
 from agentpost.storage import mail as mail_store
@@ -207,7 +209,7 @@ class OutboundWorker:
             return everyone(envelope, DEFERRED, status_code="4.3.0",
                             diagnostic="the message could not be read from storage")
         try:
-            return await _bounded(defer.ensureDeferred(self._transport.send(envelope, raw)),
+            return await bounded(defer.ensureDeferred(self._transport.send(envelope, raw)),
                                   self._clock, self._handoff_timeout_s, envelope.queue_id)
         except HandOffTimedOut:
             log.warning("outbound %s: transport %s did not answer within %gs; deferred",
@@ -454,41 +456,6 @@ class _Recorder:
         if released:  # rare: the Sent copy was deleted meanwhile
             await self._collector.collect(released)  # logs, never raises
         return held
-
-
-class HandOffTimedOut(Exception):
-    """The transport did not answer within the hand-off deadline."""
-
-
-def _bounded(work: defer.Deferred[HandOff], clock: IReactorTime, timeout_s: float,
-             queue_id: str) -> defer.Deferred[HandOff]:
-    """``work``'s result, or HandOffTimedOut once ``timeout_s`` passed on ``clock``.
-    ``work`` is left to finish (see the module doc); a late outcome is only logged."""
-    out: defer.Deferred[HandOff] = defer.Deferred()
-
-    def expire() -> None:
-        if not out.called:
-            out.errback(HandOffTimedOut())
-
-    timer = clock.callLater(timeout_s, expire)
-
-    def finished(result: HandOff | Failure) -> None:
-        if timer.active():
-            timer.cancel()
-        if not out.called:
-            if isinstance(result, Failure):
-                out.errback(result)
-            else:
-                out.callback(result)
-        elif isinstance(result, Failure):
-            log.warning("outbound %s: late hand-off failed: %s", queue_id,
-                        result.getErrorMessage())
-        else:
-            log.warning("outbound %s: hand-off answered after its deadline; its outcome "
-                        "is discarded (the recipients were deferred)", queue_id)
-
-    work.addBoth(finished)
-    return out
 
 
 class _RoundReads:
