@@ -118,6 +118,20 @@ class ApiClient:
         return await self.request("DELETE", path, **kw)
 
 
+def execute(dsn: str, sql: str, params: tuple = ()) -> None:
+    """Write to the database directly, committed at once (autocommit): what a test sets
+    up or breaks behind the server's back."""
+    import psycopg2
+
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+    finally:
+        conn.close()
+
+
 def query(dsn: str, sql: str, params: tuple = ()) -> list[tuple]:
     """Read the database directly (blocking; only for reads the server cannot block)."""
     import psycopg2

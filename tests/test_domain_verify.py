@@ -23,6 +23,7 @@ from agentpost.core.domains import next_check_delay
 from agentpost.jobs.domain_verify import DomainVerifyJob, build_domains, parse_servers
 from agentpost.storage.database import Database
 from tests.conftest import make_config, start_server
+from tests.helpers import execute as _execute
 from tests.helpers import query
 from tests.test_smtp_submission import _login, _msg
 
@@ -94,18 +95,6 @@ async def dom_server(db_dsn, openapi_checker, zone, key_file, tmp_path):
 
 def _dsn(server) -> str:
     return server.service.config.database.url
-
-
-def _execute(dsn: str, sql: str, params: tuple = ()) -> None:
-    import psycopg2
-
-    conn = psycopg2.connect(dsn)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-    finally:
-        conn.close()
 
 
 def _clock() -> task.Clock:

@@ -10,10 +10,10 @@ from twisted.internet import defer
 
 from agentpost.storage.blobs import BlobNotFound, key_for_digest
 from tests.conftest import make_config, start_server
+from tests.helpers import execute as _execute
 from tests.helpers import query
 from tests.imap_client import new_inbox, session
 from tests.mailfactory import make_message
-from tests.test_domain_verify import _execute
 
 
 def _blob_row(dsn: str, message_id: str) -> tuple[str, int, int, bytes | None]:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import smtplib
 import ssl
 
-import psycopg2
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
 from tests.conftest import _DEV_TLS
+from tests.helpers import execute as _execute
 from tests.helpers import query
 
 MESSAGE = (b"From: {frm}\r\nTo: bob@remote.example\r\nSubject: during trouble\r\n"
@@ -36,16 +36,6 @@ CREATE TRIGGER test_kill_backend BEFORE INSERT ON outbound_queue
 
 def _ctx() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=_DEV_TLS["ca"])
-
-
-def _execute(dsn: str, sql: str, params: tuple = ()) -> None:
-    conn = psycopg2.connect(dsn)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-    finally:
-        conn.close()
 
 
 def _stored(dsn: str, inbox_id: str) -> tuple[int, int, int]:

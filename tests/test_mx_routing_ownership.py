@@ -10,8 +10,8 @@ import smtplib
 import pytest_twisted
 from twisted.internet import threads
 
+from tests.helpers import execute as _execute
 from tests.helpers import query
-from tests.test_domain_verify import _execute
 
 _MSG = b"From: a@example.com\r\nTo: x\r\nSubject: route\r\n\r\nbody\r\n"
 

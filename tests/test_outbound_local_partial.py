@@ -21,8 +21,8 @@ from twisted.internet import defer, threads
 
 from agentpost.outbound.local import LocalFirstTransport
 from agentpost.outbound.transports import DEFERRED, SENT, Envelope, HandOff, Outcome
+from tests.helpers import execute as _execute
 from tests.helpers import query
-from tests.test_domain_verify import _execute
 from tests.test_outbound_queue import _clock, _dsn, _enqueue, _sent_message, _worker
 from tests.test_outbound_worker_more import _until
 

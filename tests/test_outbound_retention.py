@@ -10,8 +10,8 @@ import pytest_twisted
 from twisted.internet import defer, task
 
 from agentpost.jobs.retention import RetentionSweep
+from tests.helpers import execute as _execute
 from tests.helpers import query
-from tests.test_domain_verify import _execute
 from tests.test_send_api import _dsn, _send_path, _setup, _wait_for, outbox, sub  # noqa: F401
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest_twisted
 from twisted.internet import defer
 
+from tests.helpers import execute as _execute
 from tests.helpers import query
-from tests.test_domain_verify import _execute
 from tests.test_send_api import _dsn, _send_path, _setup, _wait_for, outbox, sub  # noqa: F401
 
 

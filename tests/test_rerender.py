@@ -8,9 +8,9 @@ from twisted.internet import defer, reactor, task
 from agentpost.core.ingest import RENDER_VERSION
 from agentpost.jobs.rerender import RenderRefresh
 from agentpost.storage.database import Database
+from tests.helpers import execute as _execute
 from tests.helpers import query
 from tests.mailfactory import make_message
-from tests.test_domain_verify import _execute
 
 _COLUMNS = ("imap_envelope", "imap_bodystructure", "imap_body", "imap_sections",
             "sort_subject", "from_text", "sent_date", "render_version")

@@ -12,6 +12,7 @@ import pytest_twisted
 import treq
 
 from tests.conftest import make_config, start_server
+from tests.helpers import execute as _execute
 from tests.helpers import query
 
 MAX_UPLOAD = 2 * 1024 * 1024  # larger than [http] max_body (1 MiB) on purpose
@@ -53,18 +54,6 @@ async def _put(server, url: str, data: bytes):
 
 def _dsn(server) -> str:
     return server.service.config.database.url
-
-
-def _execute(dsn: str, sql: str, params: tuple = ()) -> None:
-    """Change the database directly (committed), standing in for time passing."""
-    import psycopg2
-
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(sql, params)
-    finally:
-        conn.close()
 
 
 @pytest_twisted.ensureDeferred
