@@ -269,6 +269,10 @@ def round_trip(http_base: str, mx_port: int, hostname: str, env: dict[str, str],
     message["Subject"] = "deb-test round trip \u2713"
     message["Message-ID"] = f"<deb-test-{os.getpid()}@example.net>"
     message.set_content("Sent over SMTP with STARTTLS to the packaged server.\n")
+    # The message itself is small, so its bytes are kept in PostgreSQL; its attachment
+    # goes to the blob store under /var/lib/agentpost (purge must keep both).
+    message.add_attachment(b"deb-test attachment\n" * 64, maintype="application",
+                           subtype="octet-stream", filename="kept.bin")
     raw = message.as_bytes()
     context = ssl.create_default_context()
     context.check_hostname = False
