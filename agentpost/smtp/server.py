@@ -455,12 +455,17 @@ class SMTPServerProtocol(SMTPCommands, Protocol):
             return
         timer = self._timer
         if timer is not None and timer.active():
-            # Moved, not replaced: pushing a timer later is O(1) for the reactor, where a
-            # cancel and a new callLater churned its heap on every read (issue 12).
-            timer.args = (expiry,)
-            timer.reset(expiry.at - now)
-        else:
-            self._timer = self.clock.callLater(expiry.at - now, self._timed_out, expiry)
+            if expiry.at >= timer.getTime():
+                # Moved, not replaced: pushing a timer later is O(1) for the reactor,
+                # where a cancel and a new callLater churned its heap on every read.
+                timer.args = (expiry,)
+                timer.reset(expiry.at - now)
+                return
+            # Sooner (the body's deadline gives way to the command's): the reactor
+            # would look for the timer in its whole heap, one step per timer of every
+            # connection; a new timer costs a push.
+            timer.cancel()
+        self._timer = self.clock.callLater(expiry.at - now, self._timed_out, expiry)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
