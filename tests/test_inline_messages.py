@@ -130,3 +130,15 @@ async def test_reads_asked_together_each_get_their_own_bytes(server, db_dsn):
     with pytest.raises(defer.CancelledError):
         await cancelled
     assert await blobs.get_range(keys[2], 5, 7) == raws[2][5:12]
+
+
+def test_a_limit_past_one_mebibyte_is_refused_at_start():
+    """Each kept message is sent to PostgreSQL as a literal twice its size: the limit
+    stops where that costs the database more than the store (bench/README)."""
+    from agentpost.config import ConfigError
+    from agentpost.config.loader import parse_config
+
+    assert parse_config({"storage": {"inline_message_max": "1MiB"}}, "test", environ={}).storage \
+        .inline_message_max == 1024 * 1024
+    with pytest.raises(ConfigError, match="inline_message_max"):
+        parse_config({"storage": {"inline_message_max": "2MiB"}}, "test", environ={})

@@ -148,6 +148,10 @@ def parse_config(data: dict[str, Any], source: str = "<memory>",
     return config
 
 
+#: The largest storage.inline_message_max accepted.
+INLINE_MESSAGE_CEILING = 1024 * 1024
+
+
 def _check(config: Config) -> None:
     if config.server.environment not in ("production", "development"):
         raise ConfigError("server.environment", "must be 'production' or 'development'")
@@ -160,6 +164,11 @@ def _check(config: Config) -> None:
         raise ConfigError("server.gc_young_threshold", "must be 0 (CPython's) or more")
     if config.database.pool_size < 1:
         raise ConfigError("database.pool_size", "must be at least 1")
+    if not 0 <= config.storage.inline_message_max <= INLINE_MESSAGE_CEILING:
+        # Each kept message goes to PostgreSQL as a literal twice its size in one
+        # statement: past a few hundred KiB that costs the database more than the store.
+        raise ConfigError("storage.inline_message_max", "must be between 0 (every message "
+                          "in the store) and 1MiB")
     if config.database.prepare_threshold < 0:
         raise ConfigError("database.prepare_threshold", "must be 0 (off) or more")
     if not 0 <= config.http.port < 65536:

@@ -196,7 +196,7 @@ class StorageSection:
         "64KiB", "Messages up to this size are kept in PostgreSQL with their records, "
         "committed in the delivering transaction (no store write or fsync before it); "
         "larger ones and every attachment go to the store. 0: every message goes to the "
-        "store.", "size")
+        "store; at most 1MiB.", "size")
 
 
 @dataclass
