@@ -12,6 +12,7 @@ Prints one line per check; exits non-zero on the first failure.
 
 from __future__ import annotations
 
+import email.policy
 import glob
 import json
 import os
@@ -273,7 +274,7 @@ def round_trip(http_base: str, mx_port: int, hostname: str, env: dict[str, str],
     # goes to the blob store under /var/lib/agentpost (purge must keep both).
     message.add_attachment(b"deb-test attachment\n" * 64, maintype="application",
                            subtype="octet-stream", filename="kept.bin")
-    raw = message.as_bytes()
+    raw = message.as_bytes(policy=email.policy.SMTP)  # CRLF line ends, as on the wire
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE  # the install-time certificate is self-signed
