@@ -182,6 +182,34 @@ async def test_large_text_body_derives_extracted_text_on_read(server):
 
 
 @pytest_twisted.ensureDeferred
+async def test_extracted_text_is_stored_only_when_it_differs_from_the_body(server):
+    """Most mail has no quoted history: its new text is the whole body, and a second
+    copy of it is not stored; the API answers the same either way."""
+    _, key = await server.new_org()
+    inbox = (await server.api.post("/api/v1/inboxes", {"username": "extracted"},
+                                   key=key)).json
+    plain = "Just a note, nothing quoted.\n"
+    reply = "Yes, Thursday works.\n\nOn Mon, Ann <a@b> wrote:\n> Does Thursday work?\n"
+    for subject, body in (("plain", plain), ("reply", reply)):
+        await server.deliver(make_message(to=inbox["email"], subject=subject, body=body),
+                             [inbox["email"]])
+    listed = (await server.api.get(f"/api/v1/inboxes/{inbox['id']}/messages",
+                                   key=key)).json["data"]
+    got = {}
+    for summary in listed:
+        msg = (await server.api.get(f"/api/v1/messages/{summary['id']}", key=key)).json
+        [[stored]] = [list(r.values()) for r in await server.core.db.run_query(
+            "t", "SELECT extracted_text FROM messages WHERE id = %s", (summary["id"],))]
+        got[msg["subject"]] = (msg["text_body"], msg["extracted_text"], stored)
+    text_body, extracted, stored = got["plain"]
+    assert extracted == "Just a note, nothing quoted." and stored is None
+    assert text_body.startswith(extracted)
+    text_body, extracted, stored = got["reply"]
+    assert extracted == stored and "Thursday works" in extracted
+    assert "wrote:" not in extracted and "wrote:" in text_body
+
+
+@pytest_twisted.ensureDeferred
 async def test_incremental_thread_summary_equals_a_full_recompute(server, db_dsn):
     """Ingest folds each message into its thread; the result is what recomputing the
     thread from all its messages gives."""

@@ -552,7 +552,10 @@ def _message_row(target: Target, parsed: ParsedMessage, state: _State, message_i
         "reply_to": parsed.reply_to, "sent_at": parsed.sent_at, "received_at": when,
         "headers": _json_safe_headers(parsed), "text_body": parsed.text_body,
         "html_body": parsed.html_body,
-        "extracted_text": parsed.extracted_text,
+        # None when it is the whole body: reads compute it from the body (storage.mail).
+        "extracted_text": (None if parsed.text_body is not None and parsed.extracted_text
+                           == mail_store.whole_body_text(parsed.text_body)
+                           else parsed.extracted_text),
         "preview": parsed.preview, "size": raw_ref.size, "raw_blob_key": raw_ref.key,
         "has_attachments": has_attachments, "seen": "\\Seen" in state.flags,
         "flagged": "\\Flagged" in state.flags, "answered": "\\Answered" in state.flags,

@@ -11,15 +11,15 @@ from agentpost.mail import imapformat
 from agentpost.mail.parse import ParsedMessage, parse_message
 from agentpost.mail.reply import extract_new_text
 from agentpost.mail.searchkeys import index_fields
+from agentpost.storage.mail import EXTRACTED_MAX_CHARS
 
 log = logging.getLogger(__name__)
 
 #: ENVELOPE, BODYSTRUCTURE, BODY and the section map, rendered at ingest (None: at FETCH).
 IMAPRendered = tuple[str | None, str | None, str | None, str | None]
 
-#: Bodies longer than this store no extracted_text: it is derived again when read (see
-#: core.messages), which keeps a third copy of a huge body out of the INSERT.
-STORE_EXTRACTED_MAX_CHARS = 64 * 1024
+#: Bodies longer than this store no extracted_text (storage.mail.EXTRACTED_MAX_CHARS).
+STORE_EXTRACTED_MAX_CHARS = EXTRACTED_MAX_CHARS
 
 
 def analyse(raw: bytes) -> tuple[ParsedMessage, IMAPRendered]:

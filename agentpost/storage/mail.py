@@ -261,10 +261,26 @@ async def blobs_unreferenced(txn: Txn, keys: list[str]) -> list[str]:
 
 # Messages -----------------------------------------------------------------------------
 
+#: Bodies longer than this (characters) store no extracted_text: it is derived again
+#: when read (core.messages), which keeps a third copy of a huge body out of the INSERT.
+#: A shorter body stores none either when its new text is the whole body (most mail:
+#: no quoted history), i.e. :func:`whole_body_text` of it; reads compute that again.
+EXTRACTED_MAX_CHARS = 64 * 1024
+_EXTRACTED = ("COALESCE(extracted_text, CASE WHEN length(text_body) <= "
+              f"{EXTRACTED_MAX_CHARS} THEN btrim(replace(text_body, E'\\r\\n', E'\\n'), "
+              "E' \\t\\r\\n') END) AS extracted_text")
+
+
+def whole_body_text(text_body: str) -> str:
+    """The body as new text: LF line ends, no blank space around it -- exactly what
+    :data:`_EXTRACTED` computes in SQL for a row that stored no extracted_text."""
+    return text_body.replace("\r\n", "\n").strip(" \t\r\n")
+
+
 _MSG_COLS = ("id, org_id, environment_id, inbox_id, thread_id, folder_id, uid, modseq, "
              "direction, message_id_header, in_reply_to, reference_ids, subject, from_address, "
              "to_addresses, cc_addresses, bcc_addresses, reply_to, sent_at, received_at, "
-             "text_body, html_body, extracted_text, preview, size, raw_blob_key, "
+             f"text_body, html_body, {_EXTRACTED}, preview, size, raw_blob_key, "
              "has_attachments, labels, seen, flagged, answered, draft, deleted, "
              # The folder it is in (one message, one folder), for the API's ``folder``:
              # primary-key probes, no join to rewrite in every query FROM messages.
@@ -272,7 +288,7 @@ _MSG_COLS = ("id, org_id, environment_id, inbox_id, thread_id, folder_id, uid, m
              " AND f.id = messages.folder_id) AS folder_name, "
              "(SELECT f.special_use FROM folders f WHERE f.org_id = messages.org_id "
              " AND f.id = messages.folder_id) AS folder_special_use")
-_MSG_LIST_COLS = _MSG_COLS.replace("text_body, html_body, extracted_text, ", "")
+_MSG_LIST_COLS = _MSG_COLS.replace(f"text_body, html_body, {_EXTRACTED}, ", "")
 
 
 _NOTIFY_FOLDER_SQL = "SELECT pg_notify(%s, %s)"
