@@ -122,26 +122,30 @@ async def test_a_batch_records_only_the_rows_this_worker_still_leases(server):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_batch_that_cannot_be_written_is_recorded_one_by_one(server, monkeypatch):
+async def test_a_batch_that_cannot_be_written_is_recorded_one_by_one(server):
+    """PostgreSQL refuses one row's outcome (a trigger stands in for whatever a database
+    may refuse): the batch's shared write fails, each outcome is then written alone, and
+    only that row is left to its lease."""
     message, _, _ = await _sent_message(server, "poison")
     ids = []
     for n in range(6):
         ids += await _enqueue(server, message, [f"r{n}@p{n}.test"])
     bad = ids[2]
-    real = store.record_attempts
-
-    async def picky(txn, worker, attempts):
-        if any(a.queue_id == bad for a in attempts):
-            raise ValueError("this outcome cannot be written")
-        return await real(txn, worker, attempts)
-
-    monkeypatch.setattr(store, "record_attempts", picky)
-    gate = Gate()
-    worker = _worker(server, gate, _clock(), batch=6, concurrency=6)
-    round_ = defer.ensureDeferred(worker.drain_once())
-    await _until(lambda: len(gate.waiting) == 6)
-    gate.release()
-    assert await round_ == 6
+    _write(server, "CREATE FUNCTION test_refuse_outcome() RETURNS trigger LANGUAGE plpgsql "
+           "AS $$ BEGIN IF NEW.id = '" + bad + "' AND OLD.status = 'sending' AND "
+           "NEW.status <> 'sending' THEN RAISE EXCEPTION 'this outcome cannot be written'; "
+           "END IF; RETURN NEW; END $$; CREATE TRIGGER test_refuse_outcome BEFORE UPDATE "
+           "ON outbound_queue FOR EACH ROW EXECUTE FUNCTION test_refuse_outcome()")
+    try:
+        gate = Gate()
+        worker = _worker(server, gate, _clock(), batch=6, concurrency=6)
+        round_ = defer.ensureDeferred(worker.drain_once())
+        await _until(lambda: len(gate.waiting) == 6)
+        gate.release()
+        assert await round_ == 6
+    finally:
+        _write(server, "DROP TRIGGER test_refuse_outcome ON outbound_queue; "
+               "DROP FUNCTION test_refuse_outcome()")
     rows = dict(query(_dsn(server), "SELECT id, status FROM outbound_queue WHERE id = ANY(%s)",
                       (ids,)))
     assert rows.pop(bad) == "sending"  # its lease runs out; it is tried again then
