@@ -553,7 +553,10 @@ def _message_row(target: Target, parsed: ParsedMessage, state: _State, message_i
         "headers": _json_safe_headers(parsed), "text_body": parsed.text_body,
         "html_body": parsed.html_body,
         # None when it is the whole body: reads compute it from the body (storage.mail).
-        "extracted_text": (None if parsed.text_body is not None and parsed.extracted_text
+        "extracted_text": (None if parsed.text_body is not None
+                           and parsed.extracted_text is not None
+                           and len(parsed.extracted_text) <= len(parsed.text_body)
+                           and parsed.extracted_text
                            == mail_store.whole_body_text(parsed.text_body)
                            else parsed.extracted_text),
         "preview": parsed.preview, "size": raw_ref.size, "raw_blob_key": raw_ref.key,

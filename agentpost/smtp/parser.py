@@ -348,6 +348,19 @@ def validate_rcpt_params(params: dict[str, str | None]) -> None:
 # --------------------------------------------------------------------------- DATA body
 
 
+def _a_line_too_long(region: bytes, start: int, end: int, limit: int) -> bool:
+    """Whether a line of ``region[start:end]`` (whole lines, each ending in CRLF) is
+    longer than ``limit`` octets with its CRLF. Each step jumps to the last CRLF within
+    ``limit`` octets: a few C-speed searches per KiB instead of a split into every line
+    (which cost a tenth of the reactor's time receiving 100 KiB messages)."""
+    while start < end:
+        crlf = region.rfind(b"\r\n", start, min(start + limit, end))
+        if crlf < 0:
+            return True
+        start = crlf + 2
+    return False
+
+
 class DataDecoder:
     """Incremental decoder of a DATA body, fed bytes exactly as they arrive.
 
@@ -427,8 +440,7 @@ class DataDecoder:
         last = region.rfind(b"\r\n")
         if self._line_bytes + first + 2 > limit:
             self.line_too_long = True
-        elif last - first > limit and \
-                max(map(len, region[first + 2:last].split(b"\r\n"))) + 2 > limit:
+        elif last - first > limit and _a_line_too_long(region, first + 2, last + 2, limit):
             self.line_too_long = True
         self._line_bytes = len(region) - last - 2
         if self._line_bytes and self._line_bytes + 2 > limit:
