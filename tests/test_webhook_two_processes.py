@@ -16,7 +16,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 
 from tests.conftest import _DEV_TLS, make_config, start_server
-from tests.helpers import query
+from tests.helpers import execute, query
 from tests.mailfactory import make_message
 from tests.second_process import SecondProcess
 from tests.webhook_receiver import wait_for
@@ -147,14 +147,5 @@ async def test_a_receiver_down_then_up_gets_every_event_from_the_other_process(
                          "GROUP BY attempt ORDER BY attempt", (hook["id"],)) == [(1, N), (2, N)]
 
 
-def query_commit(dsn: str, sql: str, params: tuple = ()) -> None:
-    """One committed statement (the test's stand-in for time passing)."""
-    import psycopg2
-
-    conn = psycopg2.connect(dsn)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-    finally:
-        conn.close()
+#: One committed statement (the test's stand-in for time passing).
+query_commit = execute

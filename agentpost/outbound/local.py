@@ -61,7 +61,8 @@ from agentpost.outbound.transports import (
     Outcome,
     Transport,
     bounded,
-    everyone,
+    no_answer,
+    transport_error,
 )
 
 log = logging.getLogger(__name__)
@@ -149,14 +150,11 @@ class LocalFirstTransport:
             log.warning("outbound %s: transport %s did not answer within %gs of the "
                         "hand-off; its recipients deferred", envelope.queue_id,
                         self._remote.name, self._remote_deadline_s)
-            return everyone(envelope, DEFERRED, status_code="4.4.1",
-                            diagnostic=f"no answer from the transport within "
-                                       f"{self._remote_deadline_s:g}s")
+            return no_answer(envelope, self._remote_deadline_s or 0.0)
         except Exception as exc:  # a transport bug or an unclassified failure: later
             log.exception("outbound %s: transport %s failed", envelope.queue_id,
                           self._remote.name)
-            return everyone(envelope, DEFERRED, status_code="4.4.0",
-                            diagnostic=f"transport error ({type(exc).__name__})")
+            return transport_error(envelope, exc)
 
     def _seconds(self) -> float:
         return self._clock.seconds() if self._clock is not None else time.monotonic()

@@ -81,6 +81,18 @@ def everyone(envelope: Envelope, status: str, *, smtp_code: int | None = None,
                     for a in envelope.recipients])
 
 
+def no_answer(envelope: Envelope, seconds: float) -> HandOff:
+    """Every recipient deferred: the transport did not answer within ``seconds``."""
+    return everyone(envelope, DEFERRED, status_code="4.4.1",
+                    diagnostic=f"no answer from the transport within {seconds:g}s")
+
+
+def transport_error(envelope: Envelope, exc: BaseException) -> HandOff:
+    """Every recipient deferred: a transport bug or an unclassified failure (later)."""
+    return everyone(envelope, DEFERRED, status_code="4.4.0",
+                    diagnostic=f"transport error ({type(exc).__name__})")
+
+
 class HandOffTimedOut(Exception):
     """A hand-off (or its remote part) did not answer by its deadline."""
 

@@ -55,6 +55,8 @@ from agentpost.outbound.transports import (
     Transport,
     bounded,
     everyone,
+    no_answer,
+    transport_error,
 )
 from agentpost.storage import mail as mail_store
 from agentpost.storage import outbound as store
@@ -214,14 +216,11 @@ class OutboundWorker:
         except HandOffTimedOut:
             log.warning("outbound %s: transport %s did not answer within %gs; deferred",
                         envelope.queue_id, self._transport.name, self._handoff_timeout_s)
-            return everyone(envelope, DEFERRED, status_code="4.4.1",
-                            diagnostic=f"no answer from the transport within "
-                                       f"{self._handoff_timeout_s:g}s")
+            return no_answer(envelope, self._handoff_timeout_s)
         except Exception as exc:  # a transport bug or an unclassified failure: later
             log.exception("outbound %s: transport %s failed", envelope.queue_id,
                           self._transport.name)
-            return everyone(envelope, DEFERRED, status_code="4.4.0",
-                            diagnostic=f"transport error ({type(exc).__name__})")
+            return transport_error(envelope, exc)
 
     def _settle(self, row: dict[str, Any], envelope: Envelope,
                 handoff: HandOff) -> list[Outcome]:
