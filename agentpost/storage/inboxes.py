@@ -8,6 +8,7 @@ import psycopg2.errors
 
 from agentpost.model.errors import Conflict
 from agentpost.storage.database import Txn
+from agentpost.storage.mail import rules_sql
 from agentpost.storage.prepared import GENERIC_PLANS
 from agentpost.storage.usage import used_sql
 
@@ -213,11 +214,7 @@ async def mail_from_route(txn: Txn, local: str, domain: str, *,
     return await txn.fetchone(
         "SELECT i.org_id, i.environment_id, i.id AS inbox_id, i.email, "
         f"      {used_sql('i') if with_usage else 'NULL::bigint'} AS used_bytes, "
-        "       (SELECT coalesce(json_agg(json_build_object('match_type', r.match_type, "
-        "               'value', r.value, 'action', r.action)), '[]'::json) "
-        "          FROM filter_rules r WHERE r.org_id = i.org_id "
-        "           AND r.environment_id = i.environment_id AND r.direction = 'receive' "
-        "           AND (r.inbox_id IS NULL OR r.inbox_id = i.id)) AS rules "
+        f"      {rules_sql('receive')} AS rules "
         "FROM domains d LEFT JOIN inboxes i ON i.org_id = d.org_id "
         "  AND lower(i.email) = lower(%s) || '@' || d.name "
         "WHERE d.name = ANY(%s::text[]) AND d.verified_at IS NOT NULL "

@@ -30,6 +30,18 @@ EVENTS_CHANNEL = "agentpost_events"
 
 # Routing ------------------------------------------------------------------------------
 
+def rules_sql(direction: str) -> str:
+    """A scalar subquery: the ``direction`` ('receive' or 'send') filter rules that
+    apply to inbox ``i`` (its own and its environment's), as a JSON list of
+    {match_type, value, action} (core.filters.decide reads it)."""
+    assert direction in ("receive", "send")
+    return ("(SELECT coalesce(json_agg(json_build_object('match_type', r.match_type, "
+            "'value', r.value, 'action', r.action)), '[]'::json) "
+            "FROM filter_rules r WHERE r.org_id = i.org_id "
+            f"AND r.environment_id = i.environment_id AND r.direction = '{direction}' "
+            "AND (r.inbox_id IS NULL OR r.inbox_id = i.id))")
+
+
 async def route(txn: Txn, address: str, domain: str, *,
                 with_usage: bool = True) -> dict[str, Any]:
     """Everything the MX needs at RCPT, in ONE statement (routing runs per recipient):
@@ -54,11 +66,7 @@ async def route(txn: Txn, address: str, domain: str, *,
         "                AND verified_at IS NOT NULL)) AS hosted, "
         "       i.org_id, i.environment_id, i.id AS inbox_id, i.email, "
         f"      {usage.used_sql('i') if with_usage else 'NULL::bigint'} AS used_bytes, "
-        "       (SELECT coalesce(json_agg(json_build_object('match_type', r.match_type, "
-        "               'value', r.value, 'action', r.action)), '[]'::json) "
-        "          FROM filter_rules r WHERE r.org_id = i.org_id "
-        "           AND r.environment_id = i.environment_id AND r.direction = 'receive' "
-        "           AND (r.inbox_id IS NULL OR r.inbox_id = i.id)) AS rules "
+        f"      {rules_sql('receive')} AS rules "
         "FROM (SELECT 1) AS one LEFT JOIN inboxes i ON lower(i.email) = lower(%s) "
         # the inbox is only this address's if its own organization holds the name (or
         # it is a shared domain): never another tenant's inbox left on a name that an
