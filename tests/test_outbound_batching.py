@@ -186,7 +186,7 @@ async def test_recipients_are_checked_together_and_the_first_refusal_is_raised(s
     with pytest.raises(SuppressedRecipient):
         await submission.check_recipients(sender, ["ok@example.org", "Gone@Example.ORG"])
     with pytest.raises(SuppressedRecipient):
-        await submission.check_recipient(sender, "gone@example.org")
+        await submission.check_recipients(sender, ["gone@example.org"])
     _write(server, "INSERT INTO filter_rules (org_id, id, environment_id, inbox_id, "
           "direction, match_type, value, action, created_at) VALUES (%s, 'flt_test1', %s, "
           "%s, 'send', 'domain', 'blocked.test', 'block', now())",

@@ -38,7 +38,7 @@ async def test_many_recipients_per_message_do_not_multiply_the_sustained_rate(se
     # 2 - 10 + 2 = -6 tokens: a full-bucket start (2 tokens) is 8 seconds away.
     assert refused.value.retry_after_s == pytest.approx(8.0)
     with pytest.raises(SendRateLimited) as early:  # the RCPT look agrees
-        await submission.check_recipient(sender, "c@remote.example")
+        await submission.check_recipients(sender, ["c@remote.example"])
     assert early.value.retry_after_s == pytest.approx(7.0)
     clock.advance(7.0)
     await _submit(submission, sender, ["c@remote.example"])

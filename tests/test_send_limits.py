@@ -188,7 +188,7 @@ async def test_the_bucket_refills_with_the_clock_and_says_how_long_to_wait(serve
     assert refused.value.retry_after_s == pytest.approx(2.0)  # one token at 0.5/s
     assert refused.value.details == {"scope": "organization"}
     with pytest.raises(SendRateLimited):
-        await submission.check_recipient(sender, "c@remote.example")  # RCPT look
+        await submission.check_recipients(sender, ["c@remote.example"])  # RCPT look
     clock.advance(1.0)
     with pytest.raises(SendRateLimited) as again:
         await _submit(submission, sender, ["c@remote.example"])

@@ -138,14 +138,14 @@ async def test_rcpt_reads_the_buckets_with_the_other_checks(server):
     clock = _clock_at(datetime(2030, 3, 1, 12, 0, tzinfo=UTC))
     limits = SendLimits(server.core.db, clock, org=Limit(), inbox=Limit(rate=0.5, burst=1))
     submission = _submission(server, limits)
-    await submission.check_recipient(sender, "a@remote.example")  # no row yet: fine
+    await submission.check_recipients(sender, ["a@remote.example"])  # no row yet: fine
     await _submit(submission, sender, ["a@remote.example"])
     with pytest.raises(SendRateLimited) as refused:
-        await submission.check_recipient(sender, "b@remote.example")
+        await submission.check_recipients(sender, ["b@remote.example"])
     assert refused.value.details == {"scope": "inbox"}
     assert refused.value.retry_after_s == pytest.approx(2.0)
     clock.advance(2.0)
-    await submission.check_recipient(sender, "b@remote.example")
+    await submission.check_recipients(sender, ["b@remote.example"])
 
 
 @pytest_twisted.ensureDeferred

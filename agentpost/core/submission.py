@@ -253,16 +253,11 @@ class Submission:
         if not _same(mail_from, sender.address):
             raise SenderNotAllowed()
 
-    async def check_recipient(self, sender: Sender, recipient: str) -> str:
-        """The recipient, or SendingPaused / DomainNotVerified (the inbox's own domain
-        is not verified) / RecipientBlocked (send filter rules) / SuppressedRecipient /
-        SendRateLimited (the send limits are already used up)."""
-        await self.check_recipients(sender, [recipient])
-        return recipient
-
     async def check_recipients(self, sender: Sender, recipients: list[str]) -> str:
-        """:meth:`check_recipient` for every recipient, in their order (the first
-        refusal is raised), in one read of the inbox's policy, the suppression list and
+        """SendingPaused / DomainNotVerified (the inbox's own domain is not verified) /
+        RecipientBlocked (send filter rules) / SuppressedRecipient / SendRateLimited
+        (the send limits are already used up) for the first recipient refused, in their
+        order, in one read of the inbox's policy, the suppression list and
         (when they are on) the send limits' buckets, however many recipients there are.
         Returns the queue rows' envelope sender (:func:`envelope_sender`, decided on the
         same read): pass it to :meth:`submit`."""
@@ -301,7 +296,7 @@ class Submission:
 
     def _judge(self, row: dict[str, Any], recipients: list[str],
                emails: dict[str, str]) -> None:
-        """The refusals of :meth:`check_recipient`, on the row the checks read."""
+        """The refusals of :meth:`check_recipients`, on the row the checks read."""
         if row["send_paused"]:
             raise SendingPaused()
         if not row["domain_verified"]:
