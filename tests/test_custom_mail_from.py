@@ -271,3 +271,28 @@ async def test_an_inbox_left_on_a_name_another_tenant_holds_gets_no_bounces(mf, 
     code, text = await deferToThread(_mx, mf.mx_port, "ceo@bounce.victim.test", "squat")
     assert code == 550 and text.startswith(b"5.1.1"), (code, text)
     assert _subjects(mf, squatter["id"]) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dsn_names_the_sending_inbox_not_the_custom_mail_from(mf, zone):  # noqa: F811
+    """The envelope was alice@bounce.example.test; the DSN is addressed (To:) to the
+    inbox that sent, alice@example.test, and stored in that inbox as before."""
+    _, key = await mf.new_org("Acme")
+    await _domain(mf, zone, key, "example.test", "bounce")
+    alice = await _inbox(mf, key, "alice", "example.test")
+    mf.sink.script.rcpt["gone@far.test"] = ["550 5.1.1 <gone@far.test>: no such user"]
+    sent_id = await _send_api(mf, key, alice, "gone@far.test", "to-nobody")
+    assert _queue_from(mf, sent_id) == ["alice@bounce.example.test"]
+    subject = "Undelivered Mail Returned to Sender"
+
+    def dsn_ids() -> list[str]:
+        return [r[0] for r in query(_dsn(mf), "SELECT id FROM messages WHERE inbox_id = %s "
+                                    "AND subject = %s", (alice["id"], subject))]
+
+    assert await _settle(lambda: bool(dsn_ids()), rounds=1500), "no DSN in alice's inbox"
+    [dsn_id] = dsn_ids()
+    dsn = await _raw(mf, dsn_id, key)
+    assert [a.addr_spec for a in dsn["To"].addresses] == ["alice@example.test"], dsn["To"]
+    assert "bounce." not in str(dsn["To"])
+    [status] = [p for p in dsn.walk() if p.get_content_type() == "message/delivery-status"]
+    assert status.get_payload()[1]["Final-Recipient"] == "rfc822; gone@far.test"

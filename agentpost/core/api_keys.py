@@ -26,6 +26,42 @@ def _visible(p: Principal, row: dict[str, Any]) -> bool:
     return bool(row["env_restricted"]) and set(row["environment_ids"]) <= p.environment_ids
 
 
+def holder_rank(row: dict[str, Any]) -> str:
+    """The organization rank of whoever holds the key *now* (a ``_HOLDER_COLS`` row).
+
+    A key held by nobody (an operator-issued "owner seat" key, or one such a key
+    minted) ranks as the power it can still carry: owner while the organization has no
+    owner person, admin once one exists (auth.cred._effective_power). A holder who is
+    no longer a member ranks lowest: such keys are refused and revoked already.
+    """
+    if row["user_id"] is None:
+        return "admin" if row["org_has_owner"] else "owner"
+    return str(row["holder_role"] or "member")
+
+
+def _require_may_manage(p: Principal, row: dict[str, Any]) -> None:
+    """Refuse changes to keys of people (or with a role) above the caller's rank.
+
+    People manage keys of their own rank or below: an admin never cuts off the
+    owner's agents, even through an admin- or member-role key the owner minted; an
+    owner manages every key; a member only their own holder's. A key may always
+    retire itself: that only gives up the bearer's own power.
+    """
+    if row["id"] == p.credential_id and p.credential_type == "api_key":
+        return
+    if not role_at_least(p.role, row["role"]):
+        raise Forbidden(f"A {p.role} key cannot revoke a {row['role']} key.")
+    holder = holder_rank(row)
+    if not role_at_least(p.role, holder):
+        raise Forbidden(f"A {p.role} cannot revoke or change a key held by an "
+                        f"organization {holder}.")
+    if not role_at_least(p.role, "admin") and (p.user_id is None
+                                               or row["user_id"] != p.user_id):
+        # Members use inboxes; they may retire their own keys, never cut off
+        # a colleague's (or the owner's) agents.
+        raise Forbidden("A member key can revoke only keys of its own holder.")
+
+
 class APIKeys:
     """Create, list, read and revoke keys."""
 
@@ -124,15 +160,10 @@ class APIKeys:
         ctx.target_id = key_id
 
         async def txn_fn(txn: Txn) -> dict[str, Any]:
-            row = await key_store.get_api_key(txn, p.org_id, key_id)
+            row = await key_store.get_api_key_with_holder(txn, p.org_id, key_id)
             if row is None or not _visible(p, row):
                 raise NotFound()
-            if not role_at_least(p.role, row["role"]):
-                raise Forbidden(f"A {p.role} key cannot revoke a {row['role']} key.")
-            if not role_at_least(p.role, "admin") and row["user_id"] != p.user_id:
-                # Members use inboxes; they may retire their own keys, never cut off
-                # a colleague's (or the owner's) agents.
-                raise Forbidden("A member key can revoke only keys of its own holder.")
+            _require_may_manage(p, row)
             await key_store.revoke_api_key(txn, p.org_id, key_id)
             await self._audit.write_in(txn, ctx)
             revoked = await key_store.get_api_key(txn, p.org_id, key_id)

@@ -382,6 +382,7 @@ class Domains:
         if await self._db.run_read("domains.taken", store.name_taken, domain, p.org_id,
                                    stale_before):
             raise Conflict(f"The domain {domain} is already registered.")
+        await self._refuse_overlap(p.org_id, domain, sub, stale_before)
         domain_id = new_id("dom")
         fields = await self._dkim_fields(p.org_id, domain_id, domain, sub)
 
@@ -399,6 +400,31 @@ class Domains:
             return row
 
         return self.view(await self._db.run_interaction("domains.create", txn_fn))
+
+    async def _refuse_overlap(self, org_id: str, domain: str, sub: str | None,
+                              stale_before: datetime | None) -> None:
+        """Refuse a hosted name that is a custom MAIL FROM name, and the reverse.
+
+        The MX routes a hosted domain before any custom MAIL FROM, so a hosted
+        ``bounce.example.com`` would take the bounces of the ``example.com`` that uses
+        ``bounce``: another organization's, or muddled routing within one (refused
+        too, for simplicity). Either order answers 409 ``conflict``; verification
+        checks again (see :meth:`_record`) for registrations that raced.
+        """
+        if await self._db.run_read("domains.bounce_name_taken", store.bounce_name_taken,
+                                   domain, org_id, stale_before):
+            raise Conflict(f"{domain} is the custom MAIL FROM name of a registered domain; "
+                           "as a hosted domain it would take that domain's bounces.",
+                           field="name")
+        if sub is None:
+            return
+        bounce_name = f"{sub}.{domain}"
+        self._refuse_reserved_name(bounce_name)
+        if await self._db.run_read("domains.taken", store.name_taken, bounce_name, org_id,
+                                   stale_before):
+            raise Conflict(f"{bounce_name} is already registered as a hosted domain, which "
+                           "would take this domain's bounces; choose another "
+                           "mail_from_subdomain.", field="mail_from_subdomain")
 
     async def _dkim_fields(self, org_id: str, domain_id: str, domain: str,
                            sub: str | None) -> dict[str, Any]:
@@ -468,6 +494,11 @@ class Domains:
     async def _record(self, txn: Txn, row: dict[str, Any], result: CheckResult
                       ) -> dict[str, Any]:
         org_id, domain_id = row["org_id"], row["id"]
+        if (result.verified and row["verified_at"] is None
+                and await store.verified_overlap(txn, org_id, domain_id)):
+            result = CheckResult(statuses=result.statuses, error=(
+                "A verified domain's hosted name is this domain's custom MAIL FROM name, "
+                "or the reverse; the MX cannot route both."))
         verified = result.verified or row["verified_at"] is not None
         age = (txn.now - row["created_at"]).total_seconds()
         next_at = None if verified else txn.now + timedelta(seconds=next_check_delay(age))

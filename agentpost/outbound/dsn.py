@@ -63,7 +63,8 @@ def _human_text(recipients: list[FailedRecipient], hostname: str) -> str:
 def build_dsn(*, hostname: str, sender: str, original: bytes,
               recipients: list[FailedRecipient], arrival: datetime,
               now: datetime) -> bytes:
-    """The DSN message's bytes, addressed to ``sender``. Written out by hand: the
+    """The DSN message's bytes, addressed to ``sender`` (the sending inbox's address,
+    not a custom MAIL FROM envelope: the DSN is stored there). Written out by hand: the
     stdlib's generator cannot flatten a message/delivery-status part it did not parse."""
     boundary = "=_dsn_" + secrets.token_hex(12)
     header = "\r\n".join([

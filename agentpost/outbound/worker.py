@@ -311,7 +311,10 @@ class OutboundWorker:
             original = await self._blobs.get_bytes(row["raw_blob_key"])
         except Exception:  # the DSN still says who failed; the header is a courtesy
             original = b""
-        raw = build_dsn(hostname=self._hostname, sender=row["mail_from"], original=original,
+        # Addressed to the inbox that sent (alice@example.com), which is where it is
+        # stored, never to a custom MAIL FROM envelope (alice@bounce.example.com).
+        raw = build_dsn(hostname=self._hostname,
+                        sender=row.get("inbox_email") or row["mail_from"], original=original,
                         recipients=recipients, arrival=row["created_at"], now=self._now())
         try:
             await self._bounce_sink(row["org_id"], row["environment_id"], row["inbox_id"], raw)

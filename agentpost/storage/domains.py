@@ -41,6 +41,34 @@ async def name_taken(txn: Txn, name: str, org_id: str, stale_before: datetime | 
         (name, name, name, stale_before, org_id, stale_before)))
 
 
+async def bounce_name_taken(txn: Txn, name: str, org_id: str,
+                            stale_before: datetime | None) -> bool:
+    """Whether ``name`` is some domain's custom MAIL FROM name (``mail_from_subdomain``
+    + ``.`` + its name), in any organization, ours included -- counted as
+    :func:`name_taken` counts registrations (another organization's stale, never-verified
+    one without inboxes does not block). A hosted domain of that name would win at the
+    MX and take the other domain's bounces."""
+    return bool(await txn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM domains d WHERE d.mail_from_subdomain IS NOT NULL "
+        "AND d.mail_from_subdomain || '.' || d.name = %s "
+        f"AND NOT (%s::timestamptz IS NOT NULL AND {_RELEASABLE}))",
+        (name, stale_before, org_id, stale_before)))
+
+
+async def verified_overlap(txn: Txn, org_id: str, domain_id: str) -> bool:
+    """Whether a *verified* domain (of any organization) shares a name with this one:
+    its hosted name is this one's custom MAIL FROM name, or the reverse. Checked again
+    when a domain verifies, so registrations that raced (or a stale one that was let
+    through) never both verify."""
+    return bool(await txn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM domains me JOIN domains o "
+        "  ON o.verified_at IS NOT NULL AND o.id <> me.id "
+        "  AND (o.name = me.mail_from_subdomain || '.' || me.name "
+        "       OR o.mail_from_subdomain || '.' || o.name = me.name) "
+        "WHERE me.org_id = %s AND me.id = %s)",
+        (org_id, domain_id)))
+
+
 async def release_stale(txn: Txn, name: str, org_id: str,
                         stale_before: datetime) -> dict[str, Any] | None:
     """Delete another organization's stale, never-verified registration of ``name`` so

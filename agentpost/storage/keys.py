@@ -78,6 +78,21 @@ async def get_api_key(txn: Txn, org_id: str, key_id: str) -> dict[str, Any] | No
     )
 
 
+async def get_api_key_with_holder(txn: Txn, org_id: str, key_id: str) -> dict[str, Any] | None:
+    """One key of the organization with what its holder is *now* (``_HOLDER_COLS``).
+
+    core.api_keys ranks a key by its holder's current organization role before letting
+    anyone revoke it (an admin must not cut off the owner's keys, whatever role they
+    were minted with).
+    """
+    return await txn.fetchone(
+        f"SELECT {_KEY_COLS}, {_HOLDER_COLS} FROM api_keys k "
+        "LEFT JOIN org_memberships m ON m.org_id = k.org_id AND m.user_id = k.user_id "
+        "WHERE k.org_id = %s AND k.id = %s",
+        (org_id, key_id),
+    )
+
+
 async def list_api_keys(txn: Txn, org_id: str, after_id: str | None, limit: int,
                         within: list[str] | None = None) -> list[dict[str, Any]]:
     """Keys of the organization, newest first; with ``within``, only keys confined to

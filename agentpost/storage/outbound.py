@@ -227,11 +227,17 @@ async def recipients_of(txn: Txn, org_id: str, queue_id: str) -> list[dict[str, 
 
 
 async def claim_bounces(txn: Txn, limit: int) -> list[dict[str, Any]]:
-    """Rows owing a DSN, locked (skipping rows another worker is bouncing)."""
+    """Rows owing a DSN, locked (skipping rows another worker is bouncing), with the
+    sending inbox's address (``inbox_email``, None once the inbox is gone): the DSN is
+    addressed to the inbox, not to the envelope sender, which a custom MAIL FROM turns
+    into ``alice@bounce.example.com``."""
     return await txn.fetchall(
-        "SELECT org_id, id, environment_id, inbox_id, message_id, raw_blob_key, mail_from, "
-        "       created_at FROM outbound_queue WHERE bounce_pending ORDER BY updated_at LIMIT %s "
-        "  FOR UPDATE SKIP LOCKED", (limit,))
+        "SELECT q.org_id, q.id, q.environment_id, q.inbox_id, q.message_id, q.raw_blob_key, "
+        "       q.mail_from, q.created_at, i.email AS inbox_email "
+        "  FROM outbound_queue q "
+        "  LEFT JOIN inboxes i ON i.org_id = q.org_id AND i.id = q.inbox_id "
+        " WHERE q.bounce_pending ORDER BY q.updated_at LIMIT %s "
+        "  FOR UPDATE OF q SKIP LOCKED", (limit,))
 
 
 async def bounced_recipients(txn: Txn, org_id: str, queue_id: str) -> list[dict[str, Any]]:
