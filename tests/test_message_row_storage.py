@@ -29,3 +29,21 @@ def test_wide_message_columns_use_lz4_when_the_server_has_it(db_dsn):
     expected = "l" if "lz4" in offered else ""
     assert {name: methods[name] for name in wide} == dict.fromkeys(wide, expected)
     assert methods["subject"] == ""
+
+
+def test_small_messages_bytes_use_lz4_when_the_server_has_it(db_dsn):
+    """Migration 0036: blobs.data (a small message's bytes) is compressed with lz4 too,
+    and a row written now says so (pg_column_compression) once it is large enough to be
+    compressed at all."""
+    offered = _one(db_dsn, "SELECT enumvals FROM pg_settings "
+                           "WHERE name = 'default_toast_compression'")[0][0]
+    [(method,)] = _one(db_dsn, "SELECT attcompression FROM pg_attribute WHERE attrelid = "
+                               "'blobs'::regclass AND attname = 'data'")
+    assert method == ("l" if "lz4" in offered else "")
+    data = b"Subject: compressible\r\n\r\n" + b"the same line again\r\n" * 400
+    [(used,)] = _one(db_dsn, "INSERT INTO blobs (key, size, refcount, created_at, data) "
+                             "VALUES ('db/sha256/test-0036', %s, 0, now(), %s); "
+                             "SELECT pg_column_compression(data) FROM blobs "
+                             "WHERE key = 'db/sha256/test-0036'",
+                     (len(data), data))  # never committed: query() does not commit
+    assert used == ("lz4" if "lz4" in offered else "pglz")
