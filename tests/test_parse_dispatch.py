@@ -102,3 +102,46 @@ def test_costly_shapes_are_parsed_in_the_pool(shape, raw):
 def test_ordinary_small_mail_is_parsed_inline():
     assert parse_dispatch.looks_plain(_message(1))
     assert parse_dispatch.looks_plain(b"Subject: hi\n\nbody\n")  # bare LF, too
+
+
+_TEXT_HEAD = _HEAD + b"Content-Type: text/plain; charset=utf-8\r\n\r\n"
+_BIG_BODY = b"a line of text, with @ and ; and =? and\r\n--not a boundary\r\n" * 1500
+
+
+def test_one_large_text_part_is_parsed_inline_whatever_its_body_holds():
+    """Its body holds no structure to walk: only the header's shapes count."""
+    raw = _TEXT_HEAD + _BIG_BODY
+    assert parse_dispatch.INLINE_PARSE_MAX_BYTES < len(raw) \
+        <= parse_dispatch.SINGLE_PART_INLINE_MAX_BYTES
+    assert parse_dispatch.looks_plain(raw)
+    assert parse_dispatch.looks_plain(_HEAD + b"\r\n" + _BIG_BODY)  # no Content-Type
+    too_big = _TEXT_HEAD + b"x" * parse_dispatch.SINGLE_PART_INLINE_MAX_BYTES
+    assert not parse_dispatch.looks_plain(too_big)
+
+
+@pytest.mark.parametrize("content_type", [
+    b"multipart/mixed; boundary=b", b"message/rfc822", b"(comment) text/plain",
+    b"\r\n multipart/alternative; boundary=b", b"application/octet-stream"])
+def test_a_large_message_that_may_have_parts_goes_to_the_pool(content_type):
+    raw = _HEAD + b"Content-Type: " + content_type + b"\r\n\r\n" + _BIG_BODY
+    assert not parse_dispatch.looks_plain(raw)
+    # a second Content-Type field that is not text/ counts too
+    two = _TEXT_HEAD[:-2] + b"Content-Type: " + content_type + b"\r\n\r\n" + _BIG_BODY
+    assert not parse_dispatch.looks_plain(two)
+
+
+@pytest.mark.parametrize("extra", [b"; a=b" * 30, b" =?utf-8?q?a?=" * 40])
+def test_a_text_part_with_a_costly_header_still_goes_to_the_pool(extra):
+    raw = _HEAD + b"Content-Type: text/plain" + extra + b"\r\n\r\n" + _BIG_BODY
+    assert not parse_dispatch.looks_plain(raw)
+    assert not parse_dispatch.looks_plain(raw[:2000])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_large_text_message_parses_the_same_inline_and_in_the_pool():
+    raw = _TEXT_HEAD + _BIG_BODY
+    inline = await parse_dispatch.analyse(reactor, _analyse_indexed, raw)
+    pooled = await parse_dispatch.analyse(reactor, _analyse_indexed, raw, inline_max=0)
+    assert inline[1:] == pooled[1:]
+    assert inline[0].text_body == pooled[0].text_body
+    assert inline[0].text_body.count("not a boundary") == 1500

@@ -42,6 +42,9 @@ from typing import Any
 from agentpost.mail import parse
 from agentpost.mail.sanitize import header_text, safe_filename, safe_mime_type
 
+#: A CR not followed by LF. One regex pass: the two counts it replaces (every CR, every
+#: CRLF) took ~0.14 ms of a 100 KiB message, three times this, holding the GIL.
+_BARE_CR = re.compile(rb"\r(?:[^\n]|\Z)")
 #: A header block as the feed parser reads it when every line is a field (a name of
 #: RFC 5322 ftext, a colon) or a continuation of one, ended by a blank line.
 _HEADER_BLOCK = re.compile(rb"(?:[\x21-\x39\x3b-\x7e]+:[^\n]*\n(?:[ \t][^\n]*\n)*)*\r?\n")
@@ -112,7 +115,7 @@ def parse_simple(raw: bytes) -> parse.ParsedMessage | None:
     """``parse.parse_message(raw)`` for the shapes this module reads; None for others.
 
     Only for messages whose parts are not cut out (the caller checks the size)."""
-    if b"\r" in raw and raw.count(b"\r") != raw.count(b"\r\n"):
+    if b"\r" in raw and _BARE_CR.search(raw) is not None:
         return None  # a bare CR ends a line for the stdlib, not for the cutting here
     parsed = parse.ParsedMessage()
     try:
