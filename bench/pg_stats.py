@@ -57,9 +57,16 @@ def report(conn: Any, limit: int = 15, width: int = 150) -> str:
                     "FROM pg_stat_statements ORDER BY total_plan_time DESC LIMIT %s",
                     (width, limit))
         rows = cur.fetchall()
+        cur.execute("SELECT calls, plans, total_plan_time, total_exec_time, "
+                    "left(regexp_replace(query, '\\s+', ' ', 'g'), %s) "
+                    "FROM pg_stat_statements ORDER BY calls DESC LIMIT %s",
+                    (width, limit))
+        by_calls = cur.fetchall()
     lines = [f"pg_stat_statements: calls {calls}, plans {plans}, plan {plan_ms:.1f} ms, "
              f"exec {exec_ms:.1f} ms (plan = {100 * plan_ms / max(exec_ms, 1e-9):.0f}% "
              f"of exec)",
              f"{'calls':>8} {'plans':>8} {'plan ms':>9} {'exec ms':>9}  query"]
     lines += [f"{c:>8} {p:>8} {pt:>9.1f} {et:>9.1f}  {q}" for c, p, pt, et, q in rows]
+    lines.append("the most called:")
+    lines += [f"{c:>8} {p:>8} {pt:>9.1f} {et:>9.1f}  {q}" for c, p, pt, et, q in by_calls]
     return "\n".join(lines)
