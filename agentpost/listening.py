@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import endpoints
+from twisted.internet import endpoints, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.protocol import Protocol
@@ -75,6 +75,32 @@ def no_delay(transport: Any) -> None:
             except OSError:
                 pass
             return
+
+
+def send_direct(transport: Any, data: bytes) -> None:
+    """``transport.write(data)``, except that on a plain TCP connection with nothing
+    buffered the bytes go to the socket at once.
+
+    ``transport.write`` registers the socket for writability with epoll and the bytes
+    leave on a later pass (or in ``dispatch.send_now``), after which the socket is
+    unregistered again: two ``epoll_ctl`` calls and a pass of the reactor for every
+    answer (issue 12): an HTTP answer's head, an SMTP reply. What the kernel does not
+    take, or any error, goes through ``transport.write`` as before, so the reactor sends
+    the rest, or meets the error and closes the connection as it always does."""
+    if (not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", True)
+            or not transport.connected or transport.disconnecting
+            or getattr(transport, "_writeDisconnecting", True)
+            or getattr(transport, "_tempDataLen", 1)
+            or len(getattr(transport, "dataBuffer", b"x"))
+            > getattr(transport, "offset", -1)):
+        transport.write(data)
+        return
+    try:
+        sent = transport.socket.send(data)
+    except OSError:  # EAGAIN, or an error the reactor will meet and handle
+        sent = 0
+    if sent < len(data):
+        transport.write(data[sent:])
 
 
 def cap_key(host: str) -> str:

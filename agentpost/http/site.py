@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from twisted.internet import abstract, tcp
+from twisted.internet import abstract
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
@@ -31,7 +31,7 @@ from twisted.web.resource import IResource
 
 from agentpost.http import errors as http_errors
 from agentpost.http.access_log import redacting_log_formatter
-from agentpost.listening import ConnectionCaps, cap_key
+from agentpost.listening import ConnectionCaps, cap_key, send_direct
 from agentpost.model.ids import new_id
 
 log = logging.getLogger(__name__)
@@ -198,32 +198,6 @@ class AgentPostRequest(server.Request):
         else:
             self.finish()
         return reason
-
-
-def send_direct(transport: Any, data: bytes) -> None:
-    """``transport.write(data)``, except that on a plain TCP connection with nothing
-    buffered the bytes go to the socket at once.
-
-    ``transport.write`` registers the socket for writability with epoll and the bytes
-    leave on a later pass (or in ``dispatch.send_now``), after which the socket is
-    unregistered again: two ``epoll_ctl`` calls and the reactor's bookkeeping for every
-    answer (issue 12). What the kernel does not take, or any error, goes through
-    ``transport.write`` as before, so the reactor sends the rest, or meets the error
-    and closes the connection as it always does."""
-    if (not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", True)
-            or not transport.connected or transport.disconnecting
-            or getattr(transport, "_writeDisconnecting", True)
-            or getattr(transport, "_tempDataLen", 1)
-            or len(getattr(transport, "dataBuffer", b"x"))
-            > getattr(transport, "offset", -1)):
-        transport.write(data)
-        return
-    try:
-        sent = transport.socket.send(data)
-    except OSError:  # EAGAIN, or an error the reactor will meet and handle
-        sent = 0
-    if sent < len(data):
-        transport.write(data[sent:])
 
 
 def _utf8_path(path: bytes) -> bool:

@@ -52,7 +52,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from agentpost.listening import no_delay
+from agentpost.listening import no_delay, send_direct
 from agentpost.model import errors
 from agentpost.smtp import replies
 from agentpost.smtp.commands import SASLExchange, SMTPCommands
@@ -371,8 +371,9 @@ class SMTPServerProtocol(SMTPCommands, Protocol):
     # ------------------------------------------------------------------ output
 
     def _write(self, reply: Reply) -> None:
-        """Put a reply on the wire; the client's time for its next command starts now."""
-        self.transport.write(reply.render())
+        """Put a reply on the wire; the client's time for its next command starts now.
+        Straight to the socket when nothing waits before it (listening.send_direct)."""
+        send_direct(self.transport, reply.render())
         self._deadlines.replied(self.clock.seconds())
 
     def _send(self, reply: Reply) -> None:
