@@ -74,7 +74,7 @@ from agentpost.storage.blobs.inline import InlineBlobs
 from agentpost.storage.database import Database
 from agentpost.storage.keys import KEY_CHANNEL
 from agentpost.storage.mail import MAIL_CHANNEL
-from agentpost.storage.notify import Notifier
+from agentpost.storage.notify import Notifier, NotifyLink
 from agentpost.webhooks.ssrf import SSRFGuard
 from agentpost.webhooks.worker import DeliveriesWakeup, WebhookWorker
 from agentpost.ws.hub import EventHub
@@ -106,6 +106,7 @@ class Core:
     messages: Messages
     filters: FilterRules
     notifier: Notifier
+    notify_link: NotifyLink  # the process's one LISTEN connection, shared by all
     live_credentials: LiveCredentials  # ends long-lived sessions whose key died
     key_cache: KeyCache  # API-key lookups, emptied by NOTIFY on any key change
     imap_logins: IMAPLogins
@@ -158,12 +159,17 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
                                 parallel=config.smtp.group_commit_parallel)
                     if config.smtp.group_commit else None)
     ingest = Ingest(db, blobs, reactor, config.mail.inbox_quota, group_commit)
-    notifier = Notifier(config.database.url, MAIL_CHANNEL, reactor=reactor, clock=clock)
+    # One LISTEN connection for every channel of this process: PostgreSQL signals each
+    # listening backend at every COMMIT that NOTIFYs, so each extra one costs CPU.
+    link = NotifyLink(config.database.url, reactor=reactor, clock=clock)
+    notifier = Notifier(config.database.url, MAIL_CHANNEL, reactor=reactor, clock=clock,
+                        link=link)
     live_credentials = LiveCredentials(
-        db, clock, Notifier(config.database.url, KEY_CHANNEL, reactor=reactor, clock=clock))
+        db, clock, Notifier(config.database.url, KEY_CHANNEL, reactor=reactor, clock=clock,
+                            link=link))
     reserved = ReservedNames(config.mail.reserved_local_parts)
     key_cache = KeyCache(config.database.url, reactor=reactor, clock=clock, now=db.now,
-                         ttl_s=config.server.key_cache_ttl)
+                         ttl_s=config.server.key_cache_ttl, link=link)
     portal = build_portal(db, key_cache)
     router = Router(db, config.mail.inbox_quota, reserved=reserved,
                     operator_inbox=config.mail.operator_inbox)
@@ -174,7 +180,7 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
         account_failures_per_minute=login_cfg.account_failures_per_minute,
         account_delay_s=login_cfg.account_delay))
     outbound = OutboundService(config, db, blobs, collector, ingest, clock, reactor,
-                               router=router)
+                               router=router, link=link)
     uploads = Uploads(db, blobs, collector, clock, config.mail.max_upload_size)
     idempotency = Idempotency(db, clock)
     sending = Sending(
@@ -197,7 +203,8 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
         db, guard, domains.sealer, reactor=reactor, clock=clock,
         concurrency=hooks_cfg.concurrency, lease_s=hooks_cfg.lease,
         poll_s=hooks_cfg.poll_interval,
-        wakeup=DeliveriesWakeup(config.database.url, reactor=reactor, clock=clock))
+        wakeup=DeliveriesWakeup(config.database.url, reactor=reactor, clock=clock,
+                                link=link))
     return Core(
         db=db, audit=audit,
         organizations=Organizations(db, audit),
@@ -216,7 +223,7 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
         router=router,
         messages=Messages(db, audit, blobs, collector, int(config.storage.presign_ttl)),
         filters=FilterRules(db, audit),
-        notifier=notifier,
+        notifier=notifier, notify_link=link,
         live_credentials=live_credentials,
         key_cache=key_cache,
         imap_logins=IMAPLogins(portal, db, blobs, ingest, collector, audit, clock, notifier,
@@ -248,7 +255,8 @@ class AgentPostService(service.Service):
         self.reuse_port = reuse_port
         self.core = build_core(config, reactor)
         self.ws_hub = EventHub(self.core.db, config.database.url, reactor=reactor,
-                               clock=reactor)  # the /ws fan-out (issue 13)
+                               clock=reactor,  # the /ws fan-out (issue 13)
+                               link=self.core.notify_link)
         self.ports: dict[str, IListeningPort] = {}
         self.route_tables: dict[str, RouteTable] = {}
         self.smtp_factories: dict[str, Any] = {}
@@ -512,6 +520,7 @@ class AgentPostService(service.Service):
             if stopped is not None:
                 await stopped
         self.ports.clear()
+        self.core.notify_link.close()  # first: the stops below then send no UNLISTEN
         self.core.notifier.stop()
         self.core.live_credentials.stop()
         self.ws_hub.stop()

@@ -12,8 +12,10 @@ rules that keep "revoked means refused on the very next request, in every proces
   process at COMMIT. Any notice empties the whole cache: revocations are rare and a
   refill costs one lookup per key.
 - The cache is used only while this process's LISTEN on that channel is confirmed
-  (a :class:`~agentpost.storage.notify.Notifier` of its own, which reconnects with
-  backoff like every other LISTEN of the process).
+  (a :class:`~agentpost.storage.notify.Notifier` subscription on the process's one
+  LISTEN connection, which reconnects with backoff).
+  While another channel's LISTEN/UNLISTEN is in flight on that shared connection its
+  socket cannot be read, so every lookup reads the database for that moment too.
   Before the LISTEN succeeded, and from the moment its connection fails until a new
   one has been confirmed, every request reads the database as before. A reconnect
   empties the cache (notices sent meanwhile were missed).
@@ -38,7 +40,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 
 from agentpost.storage.keys import KEY_CHANNEL
-from agentpost.storage.notify import Notifier
+from agentpost.storage.notify import Notifier, NotifyLink
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +55,10 @@ class _KeyListener(Notifier):
     (the cache is off until it is back) and its return (notices were missed)."""
 
     def __init__(self, cache: KeyCache, dsn: str, *, reactor: Any, clock: IReactorTime,
-                 max_backoff_s: float) -> None:
+                 max_backoff_s: float, link: NotifyLink | None) -> None:
         super().__init__(dsn, KEY_CHANNEL, reactor=reactor, clock=clock,
-                         max_backoff_s=max_backoff_s, application_name="agentpost-key-cache")
+                         max_backoff_s=max_backoff_s, application_name="agentpost-key-cache",
+                         link=link)
         self._cache = cache
 
     def _on_notify(self, notify: Any) -> None:
@@ -75,13 +78,15 @@ class KeyCache:
     """Digest -> key row, valid only while LISTEN on ``KEY_CHANNEL`` is confirmed."""
 
     def __init__(self, dsn: str, *, reactor: Any, clock: IReactorTime, now: Any,
-                 ttl_s: float = 60.0, max_backoff_s: float = 10.0) -> None:
+                 ttl_s: float = 60.0, max_backoff_s: float = 10.0,
+                 link: NotifyLink | None = None) -> None:
+        """``link``: the process's shared LISTEN connection (None: one of its own)."""
         self._clock = clock
         self._now = now  # the database's clock (datetime), as expiry is stored
         self._ttl_s = ttl_s
         self._entries: dict[bytes, tuple[dict[str, Any], float]] = {}
         self._listener = _KeyListener(self, dsn, reactor=reactor, clock=clock,
-                                      max_backoff_s=max_backoff_s)
+                                      max_backoff_s=max_backoff_s, link=link)
         self.generation = 0
         self._settling: dict[str, list[defer.Deferred[None]]] = {}
         self.hits = 0

@@ -22,7 +22,7 @@ from agentpost.outbound.transports import LogTransport, Transport
 from agentpost.outbound.worker import OutboundWorker
 from agentpost.storage.blobs import BlobStore
 from agentpost.storage.database import Database
-from agentpost.storage.notify import Notifier
+from agentpost.storage.notify import Notifier, NotifyLink
 from agentpost.storage.outbound import OUTBOUND_CHANNEL
 
 log = logging.getLogger(__name__)
@@ -72,9 +72,11 @@ class OutboundService:
 
     def __init__(self, config: Config, db: Database, blobs: BlobStore,
                  collector: BlobCollector, ingest: Ingest, clock: IReactorTime,
-                 reactor: Any, router: Router | None = None) -> None:
+                 reactor: Any, router: Router | None = None,
+                 link: NotifyLink | None = None) -> None:
         """With ``router``, recipients hosted here are delivered through ingest
-        (agentpost.outbound.local) and only the others reach the configured transport."""
+        (agentpost.outbound.local) and only the others reach the configured transport.
+        ``link``: the process's shared LISTEN connection (None: one of its own)."""
         out = config.outbound
         self.policy = RetryPolicy(lifetime_s=out.max_lifetime,
                                   custom_mail_from=out.transport != "ses")
@@ -98,7 +100,7 @@ class OutboundService:
             poll_s=out.poll_interval,
             handoff_timeout_s=handoff_s)
         self._wakeups = Notifier(config.database.url, OUTBOUND_CHANNEL, reactor=reactor,
-                                 clock=clock)
+                                 clock=clock, link=link)
         self._unwatch = self._wakeups.watch("", self.worker.wake)
 
     async def start(self) -> None:

@@ -39,7 +39,7 @@ from agentpost.storage import events as event_store
 from agentpost.storage import webhooks as store
 from agentpost.storage.database import Database, Txn
 from agentpost.storage.mail import insert_event
-from agentpost.storage.notify import Notifier
+from agentpost.storage.notify import Notifier, NotifyLink
 from agentpost.webhooks.signing import signed_headers
 from agentpost.webhooks.ssrf import SSRFGuard, pinned_agent
 
@@ -58,8 +58,9 @@ class DeliveriesWakeup(Notifier):
     """LISTEN on the channel the fan-out trigger notifies when it created webhook
     deliveries (migration 0030); every notice wakes every watcher."""
 
-    def __init__(self, dsn: str, *, reactor: Any, clock: IReactorTime) -> None:
-        super().__init__(dsn, store.WAKEUP_CHANNEL, reactor=reactor, clock=clock)
+    def __init__(self, dsn: str, *, reactor: Any, clock: IReactorTime,
+                 link: NotifyLink | None = None) -> None:
+        super().__init__(dsn, store.WAKEUP_CHANNEL, reactor=reactor, clock=clock, link=link)
 
     def _on_notify(self, notify: Any) -> None:
         self._dispatch(None)

@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from agentpost.storage import events as event_store
 from agentpost.storage.database import Database
 from agentpost.storage.mail import EVENTS_CHANNEL
-from agentpost.storage.notify import Notifier
+from agentpost.storage.notify import Notifier, NotifyLink
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,9 @@ class Subscriber(Protocol):
 class _EventListener(Notifier):
     """The Notifier, handing every payload to the hub instead of keyed watchers."""
 
-    def __init__(self, hub: EventHub, dsn: str, *, reactor: Any, clock: IReactorTime) -> None:
-        super().__init__(dsn, EVENTS_CHANNEL, reactor=reactor, clock=clock)
+    def __init__(self, hub: EventHub, dsn: str, *, reactor: Any, clock: IReactorTime,
+                 link: NotifyLink | None) -> None:
+        super().__init__(dsn, EVENTS_CHANNEL, reactor=reactor, clock=clock, link=link)
         self._hub = hub
 
     def _on_notify(self, notify: Any) -> None:
@@ -64,11 +65,12 @@ class EventHub:
     """This process's sockets by organization, and the one LISTEN that feeds them."""
 
     def __init__(self, db: Database, dsn: str, *, reactor: Any, clock: IReactorTime,
-                 coalesce_s: float = COALESCE_S) -> None:
+                 coalesce_s: float = COALESCE_S, link: NotifyLink | None = None) -> None:
+        """``link``: the process's shared LISTEN connection (None: one of its own)."""
         self._db = db
         self._clock = clock
         self._coalesce_s = coalesce_s
-        self.listener = _EventListener(self, dsn, reactor=reactor, clock=clock)
+        self.listener = _EventListener(self, dsn, reactor=reactor, clock=clock, link=link)
         self.listener.watch(_RECONNECTED, self._reconnected)  # fired only by _dispatch(None)
         self._by_org: dict[str, set[Subscriber]] = defaultdict(set)
         self._per_key: dict[str, int] = defaultdict(int)
