@@ -111,6 +111,8 @@ class EventHub:
 
     def notified(self, payload: str) -> None:
         """A NOTIFY arrived: remember the id if a socket here may want it."""
+        if not self._by_org:  # no socket in this process: nothing to read or decode
+            return
         try:
             note = json.loads(payload)
             org_id, event_id = note["org_id"], note["id"]
