@@ -145,3 +145,12 @@ async def test_a_large_text_message_parses_the_same_inline_and_in_the_pool():
     assert inline[1:] == pooled[1:]
     assert inline[0].text_body == pooled[0].text_body
     assert inline[0].text_body.count("not a boundary") == 1500
+
+
+def test_a_large_text_part_with_bare_crs_goes_to_the_pool():
+    """The stdlib parser takes a bare-CR message and ends a line at every CR: 120 KB of
+    them cost it ~24 ms, a stall the reactor must not take; small ones stay inline."""
+    raw = _TEXT_HEAD + b"x\r" * 60000
+    assert not parse_dispatch.looks_plain(raw)
+    assert parse_dispatch.looks_plain(_TEXT_HEAD + b"x\r" * 100)
+    assert parse_dispatch.looks_plain(_TEXT_HEAD + b"x\r\n" * 40000)

@@ -111,11 +111,17 @@ class _Leaf:
     body: bytes
 
 
+def has_bare_cr(raw: bytes) -> bool:
+    """Whether a CR in ``raw`` is not followed by LF: the stdlib parser then ends a line
+    there, and this module's cutting does not (such messages take the stdlib path)."""
+    return b"\r" in raw and _BARE_CR.search(raw) is not None
+
+
 def parse_simple(raw: bytes) -> parse.ParsedMessage | None:
     """``parse.parse_message(raw)`` for the shapes this module reads; None for others.
 
     Only for messages whose parts are not cut out (the caller checks the size)."""
-    if b"\r" in raw and _BARE_CR.search(raw) is not None:
+    if has_bare_cr(raw):
         return None  # a bare CR ends a line for the stdlib, not for the cutting here
     parsed = parse.ParsedMessage()
     try:
