@@ -31,6 +31,7 @@ from typing import Any
 
 from agentpost.core.ingest import Target
 from agentpost.core.reserved import POSTMASTER, ReservedNames, is_postmaster
+from agentpost.core.route_batch import RouteLookups
 from agentpost.mail import filters
 from agentpost.model.errors import (
     MailboxFull,
@@ -40,7 +41,6 @@ from agentpost.model.errors import (
     UnknownRecipient,
 )
 from agentpost.storage import inboxes as inbox_store
-from agentpost.storage import mail as mail_store
 from agentpost.storage.database import Database
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class Router:
                  reserved: ReservedNames | None = None, operator_inbox: str = "") -> None:
         self._db = db
         self._quota = inbox_quota
+        self._lookups = RouteLookups(db, with_usage=bool(inbox_quota))
         self._reserved = reserved if reserved is not None else ReservedNames()
         self.operator_inbox = operator_inbox.strip()
 
@@ -114,8 +115,7 @@ class Router:
 
     async def _route(self, address: str, domain: str, sender: str) -> Target:
         """The inbox at ``address`` after its receive filters and quota."""
-        row: Any = await self._db.run_read("routing.resolve", mail_store.route, address,
-                                           domain, with_usage=bool(self._quota))
+        row: Any = await self._lookups.route(address, domain)
         if not row["hosted"]:
             local = address.rpartition("@")[0]
             return await self._mail_from_route(local, domain, sender)

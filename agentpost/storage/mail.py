@@ -20,7 +20,6 @@ from agentpost.storage.message_insert import DeliveryProbe as DeliveryProbe
 from agentpost.storage.message_insert import insert_message as insert_message
 from agentpost.storage.message_insert import insert_messages as insert_messages
 from agentpost.storage.message_insert import prepare_deliveries as prepare_deliveries
-from agentpost.storage.prepared import GENERIC_PLANS
 from agentpost.storage.threads import relabel_threads_sql
 
 SYSTEM_FOLDERS = (("INBOX", "\\Inbox"), ("Sent", "\\Sent"), ("Drafts", "\\Drafts"),
@@ -40,41 +39,6 @@ def rules_sql(direction: str) -> str:
             "FROM filter_rules r WHERE r.org_id = i.org_id "
             f"AND r.environment_id = i.environment_id AND r.direction = '{direction}' "
             "AND (r.inbox_id IS NULL OR r.inbox_id = i.id))")
-
-
-async def route(txn: Txn, address: str, domain: str, *,
-                with_usage: bool = True) -> dict[str, Any]:
-    """Everything the MX needs at RCPT, in ONE statement (routing runs per recipient):
-    ``hosted`` (the domain is ours), the inbox (``org_id``... None when unknown, or
-    when its organization does not hold the verified name), its
-    receive filter ``rules`` (a list of {match_type, value, action}) and, ``with_usage``,
-    its ``used_bytes`` (else None).
-
-    Without a quota nothing reads the use, and reading it costs: it sums the inbox's
-    deltas not yet folded (storage.usage), up to a fold interval's worth of deliveries
-    for an inbox that receives a burst -- the most expensive part of this statement.
-
-    Sent alone (run_read), with the generic plan: every part is an index lookup by an
-    equality, so it is the custom plan without planning, and a plan of this statement
-    costs about four times its execution (pg_stat_statements, bench/smtp_bench.py
-    --pg-stats); under ``auto`` each connection planned it afresh after each of its
-    re-preparations (storage.prepared)."""
-    return await txn.fetchone(
-        f"{GENERIC_PLANS}; "
-        "SELECT (EXISTS (SELECT 1 FROM shared_domains WHERE name = lower(%s)) OR "
-        "        EXISTS (SELECT 1 FROM domains WHERE name = lower(%s) "
-        "                AND verified_at IS NOT NULL)) AS hosted, "
-        "       i.org_id, i.environment_id, i.id AS inbox_id, i.email, "
-        f"      {usage.used_sql('i') if with_usage else 'NULL::bigint'} AS used_bytes, "
-        f"      {rules_sql('receive')} AS rules "
-        "FROM (SELECT 1) AS one LEFT JOIN inboxes i ON lower(i.email) = lower(%s) "
-        # the inbox is only this address's if its own organization holds the name (or
-        # it is a shared domain): never another tenant's inbox left on a name that an
-        # organization verified later
-        "  AND (EXISTS (SELECT 1 FROM shared_domains s WHERE s.name = lower(%s)) OR "
-        "       EXISTS (SELECT 1 FROM domains d WHERE d.org_id = i.org_id "
-        "               AND d.name = lower(%s) AND d.verified_at IS NOT NULL))",
-        (domain, domain, address, domain, domain))  # type: ignore[return-value]
 
 
 # Folders ------------------------------------------------------------------------------

@@ -1,0 +1,76 @@
+"""RCPT lookups that arrive together share one statement (core.route_batch): each gets
+exactly the row a lookup of its own gets -- tenancy included -- and one odd address
+never fails its batch-mates."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+
+from agentpost.core.route_batch import RouteLookups
+from agentpost.model.errors import InvalidRequest
+from agentpost.storage import mx_routes
+from tests.helpers import execute
+
+
+async def _addresses(server) -> list[tuple[str, str]]:
+    """Owner and squatter inboxes on one verified name, a shared-domain inbox, unknown
+    and unhosted addresses, and case variants."""
+    dsn = server.service.config.database.url
+    _, owner_key = await server.new_org("Batch Owner")
+    _, other_key = await server.new_org("Batch Squatter")
+    mine = (await server.api.post("/api/v1/inboxes", {"username": "boss"},
+                                  key=owner_key)).json
+    theirs = (await server.api.post("/api/v1/inboxes", {"username": "ceo"},
+                                    key=other_key)).json
+    plain = (await server.api.post("/api/v1/inboxes", {"username": "plain"},
+                                   key=other_key)).json
+    execute(dsn, "INSERT INTO domains (org_id, id, environment_id, name, created_at, "
+            "verified_at) SELECT org_id, 'dom_batch', environment_id, 'batch.example', "
+            "now(), now() FROM inboxes WHERE id = %s", (mine["id"],))
+    for inbox, local in ((mine, "boss"), (theirs, "ceo")):
+        execute(dsn, "UPDATE inboxes SET domain = 'batch.example', email = %s "
+                "WHERE id = %s", (f"{local}@batch.example", inbox["id"]))
+    shared = plain["email"].rpartition("@")[2]
+    return [("boss@batch.example", "batch.example"), ("CEO@batch.example", "batch.example"),
+            (plain["email"].upper(), shared.upper()), ("nobody@batch.example", "batch.example"),
+            ("x@elsewhere.example", "elsewhere.example"), ("boss@batch.example", "batch.example"),
+            (plain["email"], shared)]
+
+
+async def _alone(server, address: str, domain: str, with_usage: bool):
+    return await server.core.db.run_read("t", mx_routes.route, address, domain,
+                                         with_usage=with_usage)
+
+
+@pytest.mark.parametrize("with_usage", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_a_batch_answers_each_address_as_a_lookup_of_its_own(server, with_usage):
+    lookups = await _addresses(server)
+    batcher = RouteLookups(server.core.db, with_usage=with_usage, parallel=1)
+    rows = await defer.gatherResults([batcher.route(a, d) for a, d in lookups])
+    assert batcher.statements < len(lookups)  # the first alone, the rest together
+    expected = [await _alone(server, a, d, with_usage) for a, d in lookups]
+    assert rows == expected
+    owner, squatter, shared, unknown, unhosted = rows[:5]
+    assert owner["hosted"] and owner["inbox_id"] is not None
+    assert squatter["hosted"] and squatter["inbox_id"] is None  # never another tenant's
+    assert shared["inbox_id"] is not None and shared["inbox_id"] == rows[6]["inbox_id"]
+    assert unknown["hosted"] and unknown["inbox_id"] is None
+    assert not unhosted["hosted"] and unhosted["inbox_id"] is None
+    assert (owner["used_bytes"] is not None) is with_usage
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_address_the_batch_cannot_carry_fails_alone(server):
+    lookups = await _addresses(server)
+    batcher = RouteLookups(server.core.db, with_usage=False, parallel=1)
+    first = batcher.route(*lookups[0])  # goes at once; the rest wait for it together
+    odd = batcher.route("nul\x00@batch.example", "batch.example")
+    others = [batcher.route(a, d) for a, d in lookups[1:]]
+    assert (await first)["inbox_id"] is not None
+    with pytest.raises(InvalidRequest):  # what it gets alone too (Txn._send)
+        await odd
+    rows = await defer.gatherResults(others)
+    assert rows == [await _alone(server, a, d, False) for a, d in lookups[1:]]
