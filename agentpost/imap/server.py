@@ -29,10 +29,12 @@ so that its defects cannot happen here:
   for the transport to drain, so memory per FETCH stays at a chunk.
 
 Where things live: this module is the connection (Twisted hooks, producer, timers,
-output, close/abort, the credential re-check) and the dispatcher; its input half (the
-input loop, literal framing, spooling, inflating) is the :class:`CommandReader` mixin
-in :mod:`agentpost.imap.reader`. :mod:`agentpost.imap.commands.table` lists the
-commands, each handled in a module of its family under :mod:`agentpost.imap.commands`.
+output, close/abort, the credential re-check) and the dispatcher; the output cork
+that sends a command's responses in one piece is :mod:`agentpost.imap.output`; the
+input half (the input loop, literal framing, spooling, inflating) is the
+:class:`CommandReader` mixin in :mod:`agentpost.imap.reader`.
+:mod:`agentpost.imap.commands.table` lists the commands, each handled in a module of
+its family under :mod:`agentpost.imap.commands`.
 The selected folder is reached only through the backend's folder handle
 (:class:`agentpost.imap.interfaces.IMAPFolder`, held by the session's
 :class:`~agentpost.imap.selected.SelectedMailbox`), so folder ids and blob keys never
@@ -58,12 +60,13 @@ from agentpost.imap import rev2
 from agentpost.imap.commands.table import COMMANDS, CommandSpec
 from agentpost.imap.errors import Answered, IMAPError, bad, error_for, no, response_text
 from agentpost.imap.interfaces import IMAPAccount, IMAPBackend
+from agentpost.imap.output import Cork
 from agentpost.imap.parser import Command, ParseError
 from agentpost.imap.reader import INFLATE_STEP, MAX_LINE_BYTES, CommandReader
 from agentpost.imap.selected import SelectedMailbox
 from agentpost.imap.states import State
 from agentpost.imap.updates import report_changes
-from agentpost.listening import no_delay
+from agentpost.listening import no_delay, send_direct
 from agentpost.model import errors
 from agentpost.transport import SessionTransport
 
@@ -165,6 +168,7 @@ class IMAP4ServerProtocol(CommandReader, Protocol):
         self.qresync = False  # RFC 7162: VANISHED instead of EXPUNGE, SELECT (QRESYNC ...)
         self.imap4rev2 = False  # ENABLE IMAP4rev2 (RFC 9051): see agentpost.imap.rev2
         self._closed = False
+        self._cork = Cork(self._emit)  # a command's responses leave in one send
         self.bye_sent = False  # LOGOUT's BYE is out: no more untagged responses
         self.notify: MailboxNotifier | None = None  # NOTIFY SET (RFC 5465) in effect
 
@@ -198,10 +202,12 @@ class IMAP4ServerProtocol(CommandReader, Protocol):
             self._inflate_tail += data  # inflated bit by bit in _process
         else:
             self._buffer += data
-        self._process()
+        with self._cork.batch():  # pipelined commands answered now share a send
+            self._process()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._closed = True
+        self._cork.discard()
         self.state = State.LOGOUT
         self._cancel_timer()
         if self._abort_timer is not None and self._abort_timer.active():
@@ -230,10 +236,11 @@ class IMAP4ServerProtocol(CommandReader, Protocol):
     def resumeProducing(self) -> None:
         self._output_blocked = False
         waiters, self._writable = self._writable, []
-        for d in waiters:
-            d.callback(None)
-        if self.state is not State.LOGOUT:
-            self._process()
+        with self._cork.batch():
+            for d in waiters:
+                d.callback(None)
+            if self.state is not State.LOGOUT:
+                self._process()
 
     def stopProducing(self) -> None:
         """connectionLost does the cleanup."""
@@ -241,21 +248,32 @@ class IMAP4ServerProtocol(CommandReader, Protocol):
     # ------------------------------------------------------------------ output
 
     def write(self, data: bytes) -> None:
-        """Bytes to the client (compressed once COMPRESS is active)."""
+        """Bytes to the client, after everything written before; held while a command
+        runs (:mod:`agentpost.imap.output`)."""
+        if self._closed:
+            return
+        self._cork.write(data)
+
+    def _emit(self, data: bytes) -> None:
+        """What the cork lets go, to the wire (compressed once COMPRESS is active)."""
         if self._closed:
             return
         if self._deflate is not None:
-            # A sync flush per write: every response reaches the client whole, at once.
+            # A sync flush per send: every response reaches the client whole, at once.
             data = self._deflate.compress(data) + self._deflate.flush(zlib.Z_SYNC_FLUSH)
-        self._link.write(data)
+        send_direct(self._link, data)
 
     def send(self, line: str) -> None:
-        """One response line; CRLF is added."""
+        """One response line; CRLF is added. A continuation request (``+``) leaves at
+        once: the client waits for it before sending more."""
         self.write(line.encode("utf-8") + b"\r\n")
+        if line.startswith("+"):
+            self._cork.flush()
 
     async def drain(self) -> None:
         """Wait while the transport's write buffer is full (large FETCH responses)."""
         while self._output_blocked and self.state is not State.LOGOUT:
+            self._cork.flush()
             d: defer.Deferred = defer.Deferred()
             self._writable.append(d)
             await d
@@ -264,6 +282,7 @@ class IMAP4ServerProtocol(CommandReader, Protocol):
         """Hang up (after LOGOUT, BYE or a fatal error); unanswered input is dropped."""
         if self._closed:
             return
+        self._cork.flush()  # the last responses (BYE, LOGOUT's OK) before the close
         self._closed = True
         self.state = State.LOGOUT
         self._cancel_timer()
@@ -348,6 +367,7 @@ class IMAP4ServerProtocol(CommandReader, Protocol):
         handler, then the selected mailbox's changes where the row allows; one tagged
         response whatever happens (unless the handler gave it)."""
         name = command.name
+        self._cork.begin_command()  # ended by _finished, which always follows
         try:
             spec = COMMANDS.get(name)
             if command.uid and (spec is None or not spec.uid_ok):
@@ -373,6 +393,21 @@ class IMAP4ServerProtocol(CommandReader, Protocol):
             self.send(f"{command.tag} {response_text(response)}")
         if name == "LOGOUT":
             self.close()
+
+    def _finished(self, result: Any) -> None:
+        """The command is answered: its responses leave, with those of the commands
+        after it that are answered at once (pipelined)."""
+        with self._cork.batch():
+            self._cork.end_command()
+            super()._finished(result)
+
+    def start_tls(self) -> None:
+        self._cork.flush()  # the tagged OK in cleartext, before the handshake
+        super().start_tls()
+
+    def start_compression(self) -> None:
+        self._cork.flush()  # the tagged OK uncompressed
+        super().start_compression()
 
     async def _after(self, spec: CommandSpec, command: Command) -> None:
         """Report the selected mailbox's changes after a command that allows it; during
@@ -486,12 +521,14 @@ class IMAP4ServerProtocol(CommandReader, Protocol):
         if self._output_blocked:
             return "blocked"
         self._busy = True
+        self._cork.begin_command()
 
         def done(result: Any) -> None:
             if isinstance(result, Failure):
                 log.error("imap %s: notification failed: %s", self.session_id,
                           result.getTraceback())
             self._busy = False
+            self._cork.end_command()
             if self.state is not State.LOGOUT:
                 self._process()
 
@@ -499,6 +536,7 @@ class IMAP4ServerProtocol(CommandReader, Protocol):
         return "started"
 
     async def wait_for_wake(self) -> None:
+        self._cork.flush()  # what IDLE reported so far, before waiting for more
         self._idle_wake = defer.Deferred()
         try:
             await self._idle_wake

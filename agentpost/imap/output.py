@@ -1,0 +1,92 @@
+"""The IMAP session's output "cork": a command's responses leave in one send (issue 12).
+
+Why: a command's answer is several writes (untagged lines, then the tagged completion),
+and every ``transport.write`` costs a writability registration with epoll, a pass of the
+reactor and an unregistration; on a small VM those syscalls and wake-ups were a large
+part of the CPU per command. Collected, the answer leaves in one
+:func:`agentpost.listening.send_direct` (one ``send``, COMPRESS=DEFLATE compressing it
+once).
+
+When bytes are held, and when they leave (the order of bytes never changes):
+
+- **While a command runs** (or NOTIFY's unsolicited work, which runs like one): held
+  until it ends -- the tagged completion is its last write.
+- **During a synchronous batch** (input handled in ``dataReceived``, a resumed
+  producer, the step after a command): held until the batch ends, so pipelined commands
+  answered at once share a send; the batch's end flushes even if a command is still
+  running (its partial output only leaves sooner).
+- **Otherwise** (the greeting, a timer's BYE): at once.
+- **Always at once** when the session is about to wait for the client or for the
+  transport: a continuation request (``+``), IDLE's wait, a drain that will wait; and
+  before STARTTLS, COMPRESS, close.
+- **Past** :data:`MAX_HELD_BYTES` the held bytes leave through the normal path, so large
+  FETCH streaming and the producer's flow control work as without the cork.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+#: Held bytes beyond this leave at once (Twisted's write buffer is as large).
+MAX_HELD_BYTES = 64 * 1024
+
+
+class Cork:
+    """Holds a session's output bytes while a command or a batch runs.
+
+    ``sink`` puts bytes on the wire (compressing them if COMPRESS is active); it is
+    called once per flush with everything held, in order."""
+
+    def __init__(self, sink: Callable[[bytes], None]) -> None:
+        self._sink = sink
+        self._held: list[bytes] = []
+        self._size = 0
+        self._batches = 0  # synchronous batches in progress (nested)
+        self._commands = 0  # commands (or unsolicited work) in progress
+
+    def write(self, data: bytes) -> None:
+        """``data`` after everything written before it: held or sent now."""
+        if not self._batches and not self._commands:
+            self.flush()  # nothing should be held here; order first, whatever happens
+            self._sink(data)
+            return
+        self._held.append(data)
+        self._size += len(data)
+        if self._size >= MAX_HELD_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send everything held, in one piece."""
+        if not self._held:
+            return
+        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+        self._held = []
+        self._size = 0
+        self._sink(data)
+
+    def discard(self) -> None:
+        """The connection is gone: what is held goes nowhere."""
+        self._held = []
+        self._size = 0
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Hold writes made inside; the outermost batch flushes at its end."""
+        self._batches += 1
+        try:
+            yield
+        finally:
+            self._batches -= 1
+            if not self._batches:
+                self.flush()
+
+    def begin_command(self) -> None:
+        """A command (or unsolicited work) starts: hold its writes until it ends."""
+        self._commands += 1
+
+    def end_command(self) -> None:
+        """It ended: flush, unless a batch in progress will."""
+        self._commands = max(0, self._commands - 1)
+        if not self._batches:
+            self.flush()
