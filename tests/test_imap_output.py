@@ -142,13 +142,19 @@ async def test_a_large_fetch_streams_to_a_slow_reader_then_logout_closes(plain_s
             client.close()
 
     received = await deferToThread(run)
-    marker = b"BODY[] {%d}\r\n" % len(raw)
-    start = received.index(marker) + len(marker)
-    assert received[start:start + len(raw)] == raw
-    tail = received[start + len(raw):].split(b"\r\n")
+    _, after = _around_body(received, raw)
+    tail = after.split(b"\r\n")
     assert tail[0] == b")" and tail[1].startswith(b"f OK"), tail[:3]
     assert tail[2].startswith(b"n OK") and tail[3].startswith(b"* BYE"), tail
     assert tail[4].startswith(b"q OK") and tail[5:] == [b""], tail
+
+
+def _around_body(received: bytes, raw: bytes) -> tuple[bytes, bytes]:
+    """What came before and after the BODY[] literal, which must be ``raw`` exactly."""
+    marker = b"BODY[] {%d}\r\n" % len(raw)
+    start = received.index(marker) + len(marker)
+    assert received[start:start + len(raw)] == raw
+    return received[:start], received[start + len(raw):]
 
 
 @pytest_twisted.ensureDeferred
@@ -175,10 +181,8 @@ async def test_compress_deflate_in_the_clear_with_a_burst_and_logout(plain_serve
             client.close()
 
     received = await deferToThread(run)
-    marker = b"BODY[] {%d}\r\n" % len(raw)
-    start = received.index(marker) + len(marker)
-    assert received[start:start + len(raw)] == raw
-    lines = (received[:start] + received[start + len(raw):]).split(b"\r\n")
+    before, after = _around_body(received, raw)
+    lines = (before + after).split(b"\r\n")
     tagged = [line.split(b" ")[0] for line in lines if line[:1].isalpha()]
     assert tagged == [tag.encode() for tag, _ in burst]
     assert all(line.split(b" ")[1] == b"OK" for line in lines if line[:1].isalpha())
