@@ -271,3 +271,12 @@ def closed_port() -> Iterator[int]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     yield port
+
+
+def ses_outbound(endpoint: str, **extra: Any) -> dict[str, Any]:
+    """The ``[outbound]`` section of a server sending through the SES stand-in at
+    ``endpoint`` (plain HTTP on loopback, the stand-in's credentials, a poll interval
+    long enough that only wake-ups drive the queue), plus ``extra``."""
+    return {"transport": "ses", "ses_endpoint": endpoint, "ses_allow_insecure_endpoint": True,
+            "ses_region": AWS_REGION, "ses_access_key_id": AWS_ACCESS_KEY_ID,
+            "ses_secret_access_key": AWS_SECRET_ACCESS_KEY, "poll_interval": "1h", **extra}

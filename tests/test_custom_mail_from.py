@@ -177,13 +177,9 @@ async def test_with_ses_the_queue_keeps_the_inbox_address(db_dsn, openapi_checke
     """SES rewrites the envelope to the custom MAIL FROM itself
     (PutEmailIdentityMailFromAttributes): the queue row and SES's source stay the
     inbox's."""
-    from tests.aws import AWS_ACCESS_KEY_ID, AWS_REGION, AWS_SECRET_ACCESS_KEY
+    from tests.aws import ses_outbound
 
-    config = make_config(db_dsn, outbound={
-        "transport": "ses", "ses_endpoint": ses_account.endpoint_url,
-        "ses_allow_insecure_endpoint": True, "ses_region": AWS_REGION,
-        "ses_access_key_id": AWS_ACCESS_KEY_ID, "ses_secret_access_key": AWS_SECRET_ACCESS_KEY,
-        "poll_interval": "1h"})
+    config = make_config(db_dsn, outbound=ses_outbound(ses_account.endpoint_url))
     running = await start_server(config, openapi_checker)
     try:
         _, key = await running.new_org("Ses")

@@ -33,7 +33,7 @@ from agentpost.auth.sealing import SealingError
 from agentpost.core.domains import DkimKey, generate_key, normalize_name
 from agentpost.model.errors import InvalidRequest
 from tests import test_domain_verify as verify_tests
-from tests.aws import AWS_ACCESS_KEY_ID, AWS_REGION, AWS_SECRET_ACCESS_KEY
+from tests.aws import AWS_REGION, ses_outbound
 from tests.conftest import make_config, start_server
 from tests.helpers import query
 from tests.test_domain_verify import _events, _execute
@@ -369,10 +369,7 @@ class SesShim:
 
 
 def _ses_config(db_dsn: str, endpoint: str, zone: Any) -> Any:
-    return make_config(db_dsn, outbound={
-        "transport": "ses", "ses_endpoint": endpoint, "ses_allow_insecure_endpoint": True,
-        "ses_region": AWS_REGION, "ses_access_key_id": AWS_ACCESS_KEY_ID,
-        "ses_secret_access_key": AWS_SECRET_ACCESS_KEY, "poll_interval": "1h"},
+    return make_config(db_dsn, outbound=ses_outbound(endpoint),
         domains={"dns_servers": [zone.address], "dns_timeout": "1s"})
 
 

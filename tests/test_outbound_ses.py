@@ -30,7 +30,13 @@ from agentpost.outbound.ses import (
     classify_client_error,
 )
 from agentpost.outbound.transports import DEFERRED, FAILED, SENT, Envelope
-from tests.aws import AWS_ACCESS_KEY_ID, AWS_REGION, AWS_SECRET_ACCESS_KEY, sesv2_client
+from tests.aws import (
+    AWS_ACCESS_KEY_ID,
+    AWS_REGION,
+    AWS_SECRET_ACCESS_KEY,
+    ses_outbound,
+    sesv2_client,
+)
 from tests.aws_faults import SEND_EMAIL
 from tests.helpers import query
 from tests.mailfactory import make_message
@@ -439,11 +445,7 @@ async def test_the_configured_service_sends_through_ses_and_stops_its_pool(
     transport, starts its thread pool with the service and stops it with the service."""
     from tests.conftest import make_config, start_server
 
-    config = make_config(db_dsn, outbound={
-        "transport": "ses", "ses_endpoint": ses_account.endpoint_url,
-        "ses_allow_insecure_endpoint": True, "ses_region": AWS_REGION,
-        "ses_access_key_id": AWS_ACCESS_KEY_ID, "ses_secret_access_key": AWS_SECRET_ACCESS_KEY,
-        "poll_interval": "1h"})
+    config = make_config(db_dsn, outbound=ses_outbound(ses_account.endpoint_url))
     running = await start_server(config, openapi_checker)
     transport = running.core.outbound.transport
     try:

@@ -15,7 +15,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 
 from agentpost.outbound.ses import SESTransport
-from tests.aws import AWS_ACCESS_KEY_ID, AWS_REGION, AWS_SECRET_ACCESS_KEY
+from tests.aws import AWS_ACCESS_KEY_ID, AWS_REGION, AWS_SECRET_ACCESS_KEY, ses_outbound
 from tests.aws_faults import SEND_EMAIL
 from tests.helpers import query
 from tests.test_outbound_queue import _clock, _dsn, _enqueue, _recipients, _sent_message, _worker
@@ -101,11 +101,8 @@ async def test_the_configured_configuration_set_is_named_in_every_send(
     from tests.conftest import make_config, start_server
 
     def configured(name: str) -> dict:
-        return {"transport": "ses", "ses_endpoint": ses_faults.endpoint_url,
-                "ses_allow_insecure_endpoint": True, "ses_region": AWS_REGION,
-                "ses_access_key_id": AWS_ACCESS_KEY_ID,
-                "ses_secret_access_key": AWS_SECRET_ACCESS_KEY, "poll_interval": "1h",
-                **({"ses_configuration_set": name} if name else {})}
+        return ses_outbound(ses_faults.endpoint_url,
+                            **({"ses_configuration_set": name} if name else {}))
 
     for name, username in (("agentpost-events", "withset"), ("", "withoutset")):
         running = await start_server(make_config(db_dsn, outbound=configured(name)),
