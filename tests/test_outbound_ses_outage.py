@@ -14,11 +14,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 
-from agentpost.outbound.ses import SESTransport
-from tests.aws import AWS_ACCESS_KEY_ID, AWS_REGION, AWS_SECRET_ACCESS_KEY, ses_outbound
+from tests.aws import ses_outbound
 from tests.aws_faults import SEND_EMAIL
 from tests.helpers import query
 from tests.test_outbound_queue import _clock, _dsn, _enqueue, _recipients, _sent_message, _worker
+from tests.test_outbound_ses import transports  # noqa: F401 - a fixture used below
 
 
 @pytest.fixture
@@ -27,25 +27,6 @@ def server(server):
     own on a task.Clock."""
     pytest_twisted.blockon(defer.ensureDeferred(server.core.outbound.stop()))
     return server
-
-
-@pytest.fixture
-def transports():
-    made: list[SESTransport] = []
-
-    def build(endpoint_url: str, clock, **kw) -> SESTransport:
-        transport = SESTransport(region=AWS_REGION, clock=clock, reactor=reactor,
-                                 endpoint_url=endpoint_url, access_key_id=AWS_ACCESS_KEY_ID,
-                                 secret_access_key=AWS_SECRET_ACCESS_KEY,
-                                 max_send_rate=1000.0, connect_timeout_s=2.0,
-                                 read_timeout_s=0.5, **kw)
-        transport.start()
-        made.append(transport)
-        return transport
-
-    yield build
-    for transport in made:
-        transport.stop()
 
 
 def _state(server, queue_id):
@@ -62,12 +43,13 @@ def _state(server, queue_id):
 ], ids=["503", "500", "connection-dropped", "read-timeout"])
 @pytest_twisted.ensureDeferred
 async def test_ses_down_keeps_mail_queued_until_it_is_back_then_it_leaves_once(
-        server, ses_faults, ses_account, transports, fault):
+        server, ses_faults, ses_account, transports, fault):  # noqa: F811
     message, _, _ = await _sent_message(server, "patient")
     [queue_id] = await _enqueue(server, message, ["friend@example.org"])
     ses_faults.inject(SEND_EMAIL, count=2, **fault)  # down for two attempts
     clock = _clock()
-    worker = _worker(server, transports(ses_faults.endpoint_url, clock), clock)
+    worker = _worker(server, transports(ses_faults.endpoint_url, clock,
+                                        read_timeout_s=0.5), clock)
 
     assert await worker.drain_once() == 1
     queue_status, rcpt_status, code, transport_id = _state(server, queue_id)
