@@ -102,13 +102,7 @@ async def test_postgresql_stopped_api_503_smtp_451_nothing_stored_then_it_sends(
         pg.start()
     assert _stored(db_dsn, inbox["id"]) == (0, 0, 0)
 
-    again = await server.api.post(path, body, key=key, headers=hdr)
-    assert again.status == 201, again
-    assert again.headers.get("idempotent-replayed") is None
-    code, text = await deferToThread(_send, server.submissions_port, inbox["email"], key,
-                                     "after-outage")
-    assert code == 250, (code, text)
-    assert _stored(db_dsn, inbox["id"]) == (2, 2, 2)
+    await _both_send_once_back(server, db_dsn, inbox, key, (path, body, hdr), "after-outage")
 
 
 @pytest_twisted.ensureDeferred
@@ -131,10 +125,18 @@ async def test_a_connection_lost_during_the_queue_insert_leaves_nothing_half_way
         await deferToThread(_execute, db_dsn,
                             "DROP TRIGGER test_kill_backend ON outbound_queue; "
                             "DROP FUNCTION test_kill_backend()")
+    await _both_send_once_back(server, db_dsn, inbox, key, (path, body, hdr), "halfway-after")
+
+
+async def _both_send_once_back(server, db_dsn, inbox, key, request, subject) -> None:
+    """Once the database is back: the refused API send, retried under its Idempotency
+    Key, is a new 201 (the refusal stored nothing to replay), submission answers 250,
+    and exactly those two messages are stored with their queue rows."""
+    path, body, hdr = request
     again = await server.api.post(path, body, key=key, headers=hdr)
     assert again.status == 201, again
     assert again.headers.get("idempotent-replayed") is None
     code, text = await deferToThread(_send, server.submissions_port, inbox["email"], key,
-                                     "halfway-after")
+                                     subject)
     assert code == 250, (code, text)
     assert _stored(db_dsn, inbox["id"]) == (2, 2, 2)
