@@ -26,8 +26,10 @@ def _rcpt(port: int, rcpt: str) -> tuple[int, bytes]:
         return code, text
 
 
-@pytest_twisted.ensureDeferred
-async def test_an_inbox_on_a_name_another_tenant_verified_is_unknown(server):
+async def squatted_name(server, name: str) -> tuple[dict, dict, str]:
+    """Two organizations: the owner holds ``name``, verified, with inbox ``boss@`` on
+    it; the squatter's inbox ``ceo@`` sits on the same name. Returns both inboxes and
+    the squatter's key."""
     dsn = server.service.config.database.url
     _, owner_key = await server.new_org("Owner")
     _, other_key = await server.new_org("Squatter")
@@ -35,13 +37,19 @@ async def test_an_inbox_on_a_name_another_tenant_verified_is_unknown(server):
                                   key=owner_key)).json
     theirs = (await server.api.post("/api/v1/inboxes", {"username": "ceo"},
                                     key=other_key)).json
-    # The owner holds victim.example, verified; the squatter's inbox sits on that name.
     _execute(dsn, "INSERT INTO domains (org_id, id, environment_id, name, created_at, "
-             "verified_at) SELECT org_id, 'dom_route', environment_id, 'victim.example', "
-             "now(), now() FROM inboxes WHERE id = %s", (mine["id"],))
+             "verified_at) SELECT org_id, 'dom_' || %s, environment_id, %s, now(), now() "
+             "FROM inboxes WHERE id = %s", (name.replace(".", "_"), name, mine["id"]))
     for inbox, local in ((mine, "boss"), (theirs, "ceo")):
-        _execute(dsn, "UPDATE inboxes SET domain = 'victim.example', email = %s "
-                 "WHERE id = %s", (f"{local}@victim.example", inbox["id"]))
+        _execute(dsn, "UPDATE inboxes SET domain = %s, email = %s WHERE id = %s",
+                 (name, f"{local}@{name}", inbox["id"]))
+    return mine, theirs, other_key
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_inbox_on_a_name_another_tenant_verified_is_unknown(server):
+    dsn = server.service.config.database.url
+    mine, theirs, _ = await squatted_name(server, "victim.example")
     to_owner = await threads.deferToThread(_rcpt, server.mx_port, "boss@victim.example")
     to_squatter = await threads.deferToThread(_rcpt, server.mx_port, "CEO@victim.example")
     assert to_owner[0] == 250, to_owner

@@ -11,27 +11,15 @@ from twisted.internet import defer
 from agentpost.core.route_batch import RouteLookups
 from agentpost.model.errors import InvalidRequest
 from agentpost.storage import mx_routes
-from tests.helpers import execute
+from tests.test_mx_routing_ownership import squatted_name
 
 
 async def _addresses(server) -> list[tuple[str, str]]:
     """Owner and squatter inboxes on one verified name, a shared-domain inbox, unknown
     and unhosted addresses, and case variants."""
-    dsn = server.service.config.database.url
-    _, owner_key = await server.new_org("Batch Owner")
-    _, other_key = await server.new_org("Batch Squatter")
-    mine = (await server.api.post("/api/v1/inboxes", {"username": "boss"},
-                                  key=owner_key)).json
-    theirs = (await server.api.post("/api/v1/inboxes", {"username": "ceo"},
-                                    key=other_key)).json
+    _, _, other_key = await squatted_name(server, "batch.example")
     plain = (await server.api.post("/api/v1/inboxes", {"username": "plain"},
                                    key=other_key)).json
-    execute(dsn, "INSERT INTO domains (org_id, id, environment_id, name, created_at, "
-            "verified_at) SELECT org_id, 'dom_batch', environment_id, 'batch.example', "
-            "now(), now() FROM inboxes WHERE id = %s", (mine["id"],))
-    for inbox, local in ((mine, "boss"), (theirs, "ceo")):
-        execute(dsn, "UPDATE inboxes SET domain = 'batch.example', email = %s "
-                "WHERE id = %s", (f"{local}@batch.example", inbox["id"]))
     shared = plain["email"].rpartition("@")[2]
     return [("boss@batch.example", "batch.example"), ("CEO@batch.example", "batch.example"),
             (plain["email"].upper(), shared.upper()), ("nobody@batch.example", "batch.example"),
