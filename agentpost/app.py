@@ -171,7 +171,7 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
     key_cache = KeyCache(config.database.url, reactor=reactor, clock=clock, now=db.now,
                          ttl_s=config.server.key_cache_ttl, link=link)
     portal = build_portal(db, key_cache)
-    router = Router(db, config.mail.inbox_quota, reserved=reserved,
+    router = Router(db, clock, config.mail.inbox_quota, reserved=reserved,
                     operator_inbox=config.mail.operator_inbox)
     login_cfg = config.login
     login_guard = LoginGuard(db, clock, audit, LoginLimits(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 
 from agentpost.core.route_batch import RouteLookups
 from agentpost.model.errors import InvalidRequest
@@ -36,7 +36,7 @@ async def _alone(server, address: str, domain: str, with_usage: bool):
 @pytest_twisted.ensureDeferred
 async def test_a_batch_answers_each_address_as_a_lookup_of_its_own(server, with_usage):
     lookups = await _addresses(server)
-    batcher = RouteLookups(server.core.db, with_usage=with_usage, parallel=1)
+    batcher = RouteLookups(server.core.db, reactor, with_usage=with_usage, parallel=1)
     rows = await defer.gatherResults([batcher.route(a, d) for a, d in lookups])
     assert batcher.statements < len(lookups)  # the first alone, the rest together
     expected = [await _alone(server, a, d, with_usage) for a, d in lookups]
@@ -53,7 +53,7 @@ async def test_a_batch_answers_each_address_as_a_lookup_of_its_own(server, with_
 @pytest_twisted.ensureDeferred
 async def test_an_address_the_batch_cannot_carry_fails_alone(server):
     lookups = await _addresses(server)
-    batcher = RouteLookups(server.core.db, with_usage=False, parallel=1)
+    batcher = RouteLookups(server.core.db, reactor, with_usage=False, parallel=1)
     first = batcher.route(*lookups[0])  # goes at once; the rest wait for it together
     odd = batcher.route("nul\x00@batch.example", "batch.example")
     others = [batcher.route(a, d) for a, d in lookups[1:]]

@@ -35,10 +35,11 @@ from typing import Any, Protocol
 
 import psycopg2
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.python import failure
 from txpostgres import txpostgres
 
+from agentpost.core.inflight_batches import InflightBatches
 from agentpost.model.errors import TemporaryFailure
 from agentpost.storage import mail as mail_store
 from agentpost.storage.database import Database, Txn
@@ -89,45 +90,26 @@ class GroupCommit:
     def __init__(self, db: Database, clock: IReactorTime, *, max_batch: int = 16,
                  delay_s: float = 0.0, parallel: int = 2) -> None:
         self._db = db
-        self._clock = clock
-        self.max_batch = max(1, max_batch)
-        self.delay_s = max(0.0, delay_s)
-        self.parallel = max(1, parallel)
-        self._pending: list[_Pending] = []
-        self._timer: IDelayedCall | None = None
-        self._running = 0
+        self._batches: InflightBatches[_Pending] = InflightBatches(
+            self._commit, clock, max_batch=max_batch, parallel=parallel, delay_s=delay_s)
         self.batches = 0  # transactions started, for tests and diagnostics
+
+    @property
+    def _pending(self) -> list[_Pending]:
+        """The deliveries waiting for a batch (tests wait for them to gather)."""
+        return self._batches.pending
 
     def run(self, key: tuple[str, ...], body: Delivery) -> defer.Deferred[Any]:
         """Stage ``body`` in the next batch; fires with its staged work's ``finish``
         result after COMMIT. ``key`` orders deliveries in a batch (the first recipient
         inbox)."""
         item = _Pending(key, body)
-        self._pending.append(item)
-        if self._running < self.parallel:
-            if len(self._pending) >= self.max_batch or self.delay_s == 0:
-                self.flush()
-            elif self._timer is None:
-                self._timer = self._clock.callLater(self.delay_s, self.flush)
+        self._batches.add(item)
         return item.done
 
     def flush(self) -> None:
         """Start a batch of what is waiting (no-op when empty)."""
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-        batch = self._pending[:self.max_batch]
-        del self._pending[:self.max_batch]
-        if batch:
-            self._running += 1
-            d = defer.ensureDeferred(self._commit(batch))
-            d.addBoth(self._finished)
-
-    def _finished(self, _: Any) -> None:
-        self._running -= 1
-        if self._pending:  # they waited for a whole COMMIT already: no more delay
-            self.flush()
+        self._batches.flush()
 
     async def _commit(self, batch: list[_Pending]) -> None:
         remaining = sorted(batch, key=lambda item: item.key)

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from agentpost.core.inflight_batches import InflightBatches
 from agentpost.model.errors import TemporaryFailure
 from agentpost.storage import mx_routes
 from agentpost.storage.database import Database
@@ -38,40 +40,22 @@ class _Lookup:
 class RouteLookups:
     """The MX's routing reads, batched while others are in flight."""
 
-    def __init__(self, db: Database, *, with_usage: bool, parallel: int = 2,
-                 max_batch: int = 64) -> None:
+    def __init__(self, db: Database, clock: IReactorTime, *, with_usage: bool,
+                 parallel: int = 2, max_batch: int = 64) -> None:
         self._db = db
         self._with_usage = with_usage
-        self.parallel = max(1, parallel)
-        self.max_batch = max(1, max_batch)
-        self._waiting: list[_Lookup] = []
-        self._running = 0
+        self._batches: InflightBatches[_Lookup] = InflightBatches(
+            self._run, clock, max_batch=max_batch, parallel=parallel)
         self.statements = 0  # batches sent, for tests and diagnostics
 
     def route(self, address: str, domain: str) -> defer.Deferred[dict[str, Any]]:
         """storage.mx_routes.route's row for ``address`` (at ``domain``)."""
         lookup = _Lookup(address, domain)
-        self._waiting.append(lookup)
-        if self._running < self.parallel:
-            self._next()
+        self._batches.add(lookup)
         return lookup.done
 
-    def _next(self) -> None:
-        batch = self._waiting[:self.max_batch]
-        del self._waiting[:self.max_batch]
-        if not batch:
-            return
-        self._running += 1
-        self.statements += 1
-        d = defer.ensureDeferred(self._run(batch))
-        d.addBoth(self._finished)
-
-    def _finished(self, _: Any) -> None:
-        self._running -= 1
-        if self._waiting:
-            self._next()
-
     async def _run(self, batch: list[_Lookup]) -> None:
+        self.statements += 1
         if len(batch) == 1:
             await self._alone(batch[0])
             return

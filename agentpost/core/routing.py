@@ -29,6 +29,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
+
 from agentpost.core.ingest import Target
 from agentpost.core.reserved import POSTMASTER, ReservedNames, is_postmaster
 from agentpost.core.route_batch import RouteLookups
@@ -62,11 +64,11 @@ class Router:
             (postmaster, and every reserved name on a shared domain); "" for none.
     """
 
-    def __init__(self, db: Database, inbox_quota: int = 0, *,
+    def __init__(self, db: Database, clock: IReactorTime, inbox_quota: int = 0, *,
                  reserved: ReservedNames | None = None, operator_inbox: str = "") -> None:
         self._db = db
         self._quota = inbox_quota
-        self._lookups = RouteLookups(db, with_usage=bool(inbox_quota))
+        self._lookups = RouteLookups(db, clock, with_usage=bool(inbox_quota))
         self._reserved = reserved if reserved is not None else ReservedNames()
         self.operator_inbox = operator_inbox.strip()
 
