@@ -18,7 +18,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import psycopg2
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
@@ -31,6 +30,7 @@ from agentpost.core.login_guard import LoginGuard, LoginLimits, client_source
 from agentpost.logs import LOG_FORMAT
 from agentpost.model.errors import RateLimited, Unauthenticated
 from tests.conftest import _DEV_TLS
+from tests.helpers import execute
 
 WRONG = "ap_sk_" + "w" * 43
 FILTER = Path(__file__).resolve().parent.parent / "etc" / "fail2ban" / "filter.d" / "agentpost.conf"
@@ -300,16 +300,6 @@ async def test_fail2ban_itself_bans_the_right_addresses(server, caplog, tmp_path
 # ---------------------------------------------------------------- the tenant's view
 
 
-def _sql(dsn: str, statement: str, params: tuple) -> None:
-    conn = psycopg2.connect(dsn)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(statement, params)
-    finally:
-        conn.close()
-
-
 @pytest_twisted.ensureDeferred
 async def test_tenants_see_attacks_on_their_inboxes_and_keys(server, db_dsn):
     """A failed IMAP login on an inbox and requests with the organization's revoked or
@@ -329,7 +319,7 @@ async def test_tenants_see_attacks_on_their_inboxes_and_keys(server, db_dsn):
     revoked = (await server.api.post("/api/v1/api-keys", {"name": "old"}, key=owner)).json
     await server.api.delete(f"/api/v1/api-keys/{revoked['id']}", key=owner)
     expired = (await server.api.post("/api/v1/api-keys", {"name": "lapsed"}, key=owner)).json
-    _sql(db_dsn, "UPDATE api_keys SET expires_at = now() - interval '1 hour' WHERE id = %s",
+    execute(db_dsn, "UPDATE api_keys SET expires_at = now() - interval '1 hour' WHERE id = %s",
          (expired["id"],))
     answers = [await server.api.get("/api/v1/inboxes", key=k)
                for k in (revoked["key"], expired["key"], "ap_sk_" + "u" * 43)]

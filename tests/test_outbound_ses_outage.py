@@ -18,7 +18,7 @@ from tests.aws import ses_outbound
 from tests.aws_faults import SEND_EMAIL
 from tests.helpers import query
 from tests.test_outbound_queue import _clock, _dsn, _enqueue, _recipients, _sent_message, _worker
-from tests.test_outbound_ses import transports  # noqa: F401 - a fixture used below
+from tests.test_outbound_ses import transports, wait_sent  # noqa: F401 - a fixture
 
 
 @pytest.fixture
@@ -92,11 +92,7 @@ async def test_the_configured_configuration_set_is_named_in_every_send(
         try:
             message, _, _ = await _sent_message(running, username)
             [queue_id] = await _enqueue(running, message, ["friend@example.org"])
-            for _ in range(200):
-                if _recipients(running, queue_id) == {"friend@example.org": "sent"}:
-                    break
-                await task.deferLater(reactor, 0.05, lambda: None)
-            assert _recipients(running, queue_id) == {"friend@example.org": "sent"}
+            await wait_sent(running, queue_id)
         finally:
             await running.service.stopService()
         request = json.loads(ses_faults.bodies(SEND_EMAIL)[-1])
