@@ -430,3 +430,19 @@ def test_a_plain_multipart_type_reads_like_the_stdlib(value):
         return
     if plan is not None:
         assert (plan.ctype, plan.boundary) == (msg.get_content_type(), msg.get_boundary())
+
+
+@pytest.mark.parametrize(("raw", "bare"), [
+    (b"", False), (b"a\r\nb\r\n", False), (b"a\r", True), (b"a\r\n\r", True),
+    (b"a\rb\r\n", True), (b"\r\r\n", True), (b"x\r\n" * 50000, False),
+    (b"x\r\n" * 50000 + b"\r", True), (b"x\r\n" * 25000 + b"\rx" + b"x\r\n" * 25000, True),
+])
+def test_a_bare_cr_is_found_anywhere_and_each_message_gets_its_own_answer(raw, bare):
+    """Asked twice of the same bytes (the MX does), then of equal-length bytes that
+    differ: the answer kept for the last message is never another message's."""
+    assert parse_fast.has_bare_cr(raw) is bare
+    assert parse_fast.has_bare_cr(raw) is bare
+    twin = raw.replace(b"\r", b"\n") if bare else raw[:-1] + b"\r" if raw else raw
+    assert len(twin) == len(raw)
+    assert parse_fast.has_bare_cr(twin) is (not bare and bool(raw))
+    assert parse_fast.has_bare_cr(bytearray(raw)) is bare

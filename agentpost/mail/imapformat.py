@@ -66,6 +66,13 @@ def _lines(raw: bytes, start: int, end: int) -> int:
     return count
 
 
+def _body_lines(raw: bytes, ent: _Entity) -> int:
+    """:func:`_lines` of ``ent``'s body, counted once for both renderings."""
+    if ent.body_lines is None:
+        ent.body_lines = _lines(raw, ent.bstart, ent.end)
+    return ent.body_lines
+
+
 def _disposition(raw: bytes, ent: _Entity) -> str:
     value = _field_value(raw, ent, "content-disposition")
     if not value:
@@ -105,9 +112,9 @@ def _structure(raw: bytes, ent: _Entity, extensible: bool) -> str:
              quote(cte), str(ent.end - ent.bstart)]
     if ent.message is not None:
         parts += [_envelope(raw, ent.message), _structure(raw, ent.message, extensible),
-                  str(_lines(raw, ent.bstart, ent.end))]
+                  str(_body_lines(raw, ent))]
     elif ent.maintype == "text":
-        parts.append(str(_lines(raw, ent.bstart, ent.end)))
+        parts.append(str(_body_lines(raw, ent)))
     if extensible:
         parts += [quote(_field_value(raw, ent, "content-md5")), _disposition(raw, ent),
                   _language(raw, ent), quote(_field_value(raw, ent, "content-location"))]
