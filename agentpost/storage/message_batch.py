@@ -40,6 +40,8 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any
 
+from agentpost.storage.long_text import long_text
+
 try:
     import ujson
 except ImportError:  # pragma: no cover - ujson comes with autobahn
@@ -135,7 +137,7 @@ def batch_insert_sql(copies: list[tuple[dict[str, Any], list[dict[str, Any]]]],
         bodies = [row[col] for col in TEXT_COLUMNS]
         if not all(body is None or type(body) is str for body in bodies):
             return None  # a body sent ahead in pieces (storage.message_bodies)
-        texts += bodies
+        texts += (long_text(body) for body in bodies)
         doc = {**row, "internal_date_zone": zone_minutes(row["received_at"])}
         for col in TEXT_COLUMNS:
             del doc[col]

@@ -22,7 +22,13 @@ import psycopg2.errors
 from agentpost.model.errors import MailboxFull
 from agentpost.storage import message_bodies, usage
 from agentpost.storage.database import Txn, json_param
-from agentpost.storage.message_batch import BATCH_MIN_COPIES, batch_insert_sql, zone_minutes
+from agentpost.storage.long_text import long_text
+from agentpost.storage.message_batch import (
+    BATCH_MIN_COPIES,
+    TEXT_COLUMNS,
+    batch_insert_sql,
+    zone_minutes,
+)
 
 MAIL_CHANNEL = "agentpost_mail"
 
@@ -266,14 +272,16 @@ async def prepare_deliveries(txn: Txn, probes: list[DeliveryProbe]) -> list[Deli
 
 #: list values of a message row that are PostgreSQL arrays (the other lists are jsonb).
 _ARRAY_COLUMNS = frozenset({"reference_ids", "labels", "envelope_to"})
+#: The columns that may hold a whole body (quoted by storage.long_text).
+_BODY_COLUMNS = frozenset(TEXT_COLUMNS)
 
 
 def _insert_message_sql(row: dict[str, Any], quota: int,
                         attachments: list[dict[str, Any]]) -> tuple[str, list[Any]]:
     row = {**row, "internal_date_zone": zone_minutes(row.get("received_at"))}
     cols = list(row)
-    values = [json_param(v) if isinstance(v, dict | list) and c not in _ARRAY_COLUMNS else v
-              for c, v in row.items()]
+    values = [json_param(v) if isinstance(v, dict | list) and c not in _ARRAY_COLUMNS
+              else long_text(v) if c in _BODY_COLUMNS else v for c, v in row.items()]
     att_sql, att_params = _attachments_cte(attachments)
     return (
         f"WITH q AS ({usage.charge_cte_sql()}), "
