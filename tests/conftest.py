@@ -218,6 +218,13 @@ async def small_quota(db_dsn: str, openapi_checker: OpenAPIChecker) -> Any:
     await running.service.stopService()
 
 
+class SentSQL(str):
+    """One message of the ``sent`` fixture; ``txn`` names the transaction that sent it,
+    so a test can keep its command's own round trips apart from a server timer's."""
+
+    txn: int
+
+
 @pytest.fixture
 def sent(monkeypatch):
     """Every SQL message any transaction or read sends, as sent (round-trip counts)."""
@@ -225,7 +232,9 @@ def sent(monkeypatch):
     original = Txn._send
 
     async def spy(self, sql, params):
-        messages.append(sql)
+        message = SentSQL(sql)
+        message.txn = id(self)
+        messages.append(message)
         return await original(self, sql, params)
 
     monkeypatch.setattr(Txn, "_send", spy)

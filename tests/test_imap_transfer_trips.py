@@ -14,10 +14,12 @@ _TARGET_IN_LOCK = "json_build_object('id', t.id"
 
 
 def _transfer_trips(sent: list[str]) -> list[str]:
-    """The messages of the command's transaction, from its locking read to COMMIT."""
+    """The messages of the command's transaction, from its locking read to COMMIT (a
+    server timer's statements that ran meanwhile are not the command's)."""
     start = next(i for i, m in enumerate(sent) if _TARGET_IN_LOCK in m)
-    end = next(i for i in range(start, len(sent)) if "COMMIT" in sent[i])
-    return sent[start:end + 1]
+    own = [m for m in sent[start:] if m.txn == sent[start].txn]  # type: ignore[attr-defined]
+    end = next(i for i, m in enumerate(own) if "COMMIT" in m)
+    return own[:end + 1]
 
 
 @pytest_twisted.ensureDeferred
