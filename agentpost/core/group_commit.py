@@ -12,9 +12,14 @@ folders, thread lookups: storage.message_insert.prepare_deliveries), and ONE mor
 every thread, event and message row of the batch, the messages last, and COMMITs
 (Txn.commit_with): the folders' UID locks are taken at the very end and held only
 through that statement and the COMMIT's processing, not while the batch is staged, not
-while the server's reactor turns around, nor through the WAL fsync. Every caller's
-Deferred fires only after the shared COMMIT is on disk, so the SMTP ``250`` still means
-"committed".
+while the server's reactor turns around, nor through the WAL fsync. A batch whose
+staging answers the process can predict (messages that name no parent, to folders seen
+before, their bytes kept in PostgreSQL: core.known_folders) skips the staging round
+trip: the write leads with the staging's statements and a check of every guess, and a
+guess that no longer holds fails it before anything is written
+(storage.message_insert.StaleGuess), after which the batch is staged by asking. Every
+caller's Deferred fires only after the shared COMMIT is on disk, so the SMTP ``250``
+still means "committed".
 
 Failure isolation: when one delivery fails (its staging raises, or its message row was
 not written: the write then fails before its COMMIT, naming the message), the
@@ -68,12 +73,23 @@ class Delivery(Protocol):
         """Its copies, staged from the answers to :meth:`probes` (raises: it fails)."""
         ...
 
+    def guess(self, probes: list[mail_store.DeliveryProbe]
+              ) -> list[mail_store.DeliveryAnswer] | None:
+        """The answers to its ``probes`` without asking, for the write to check; None
+        when they must be asked (core.known_folders)."""
+        ...
+
+    def forget_guess(self) -> None:
+        """Its guess did not hold (storage.message_insert.StaleGuess)."""
+        ...
+
 
 @dataclass(eq=False)
 class _Pending:
     key: tuple[str, ...]
     body: Delivery
     done: defer.Deferred[Any] = field(default_factory=defer.Deferred)
+    may_guess: bool = True  # False once its guess failed, or when it runs after a batch
 
 
 class _ItemFailed(Exception):
@@ -93,6 +109,8 @@ class GroupCommit:
         self._batches: InflightBatches[_Pending] = InflightBatches(
             self._commit, clock, max_batch=max_batch, parallel=parallel, delay_s=delay_s)
         self.batches = 0  # transactions started, for tests and diagnostics
+        self.guessed = 0  # batches staged without a round trip (core.known_folders)
+        self.stale_guesses = 0  # ... whose guess failed, staged again by asking
 
     @property
     def _pending(self) -> list[_Pending]:
@@ -119,6 +137,12 @@ class GroupCommit:
             try:
                 results = await self._db.run_interaction(
                     "ingest.group_commit", self._txn_body, remaining, unlock_before_flush=True)
+            except mail_store.StaleGuess:  # the batch is staged again, by asking
+                self.stale_guesses += 1
+                for item in remaining:
+                    item.may_guess = False
+                    item.body.forget_guess()
+                continue
             except _ItemFailed as failed:
                 if failed.item is None:  # no culprit named: each on its own
                     alone += remaining
@@ -138,30 +162,40 @@ class GroupCommit:
             break
         for item in alone:
             self.batches += 1
+            item.may_guess = False
             self._db.run_interaction("ingest.store", self._txn_body, [item],
                                      unlock_before_flush=True).addCallbacks(
                 lambda results, item=item: item.done.callback(results[0]),
                 item.done.errback)
 
-    @staticmethod
-    async def _txn_body(txn: Txn, batch: list[_Pending]) -> list[Any]:
+    async def _txn_body(self, txn: Txn, batch: list[_Pending]) -> list[Any]:
         """Stage every delivery in one round trip, write all rows in another, finish
         each. A batch of one raises its own errors (run_interaction translates them as
         usual)."""
         single = len(batch) == 1
         probes = [item.body.probes() for item in batch]
-        try:
-            answers = await mail_store.prepare_deliveries(
-                txn, [probe for some in probes for probe in some])
-        except Exception as exc:
-            if single or _transaction_fault(exc):
-                raise
-            raise _ItemFailed(None) from exc
+        counts = [len(some) for some in probes]
+        flat = [probe for some in probes for probe in some]
+        guesses = [item.body.guess(some) if item.may_guess else None
+                   for item, some in zip(batch, probes, strict=True)]
+        lead: tuple[str, list[Any]] = ("", [])
+        if all(guess is not None for guess in guesses):  # no staging round trip
+            self.guessed += 1
+            answers = [answer for guess in guesses if guess for answer in guess]
+            lead = mail_store.guessed_delivery_sql(
+                txn, flat, [answer.folder for answer in answers if answer.folder])
+        else:
+            try:
+                answers = await mail_store.prepare_deliveries(txn, flat)
+            except Exception as exc:
+                if single or _transaction_fault(exc):
+                    raise
+                raise _ItemFailed(None) from exc
         staged: list[StagedWork] = []
         offset = 0
-        for item, some in zip(batch, probes, strict=True):
-            mine = answers[offset:offset + len(some)]
-            offset += len(some)
+        for item, count in zip(batch, counts, strict=True):
+            mine = answers[offset:offset + count]
+            offset += count
             try:
                 staged.append(await item.body.stage(txn, mine))
             except Exception as exc:
@@ -175,8 +209,10 @@ class GroupCommit:
                 owners[write[0]["id"]] = item
                 writes.append(write)
         try:  # the write and the COMMIT: a statement that fails leaves nothing behind
-            uids = await mail_store.insert_messages(txn, writes, commit=True) \
+            uids = await mail_store.insert_messages(txn, writes, commit=True, lead=lead) \
                 if writes else {}
+        except mail_store.StaleGuess:  # the whole batch is staged again (_commit)
+            raise
         except NotStored as exc:  # its inbox or folder went away since RCPT
             if single:
                 raise

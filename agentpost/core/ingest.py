@@ -29,6 +29,7 @@ from agentpost.core.ingest_analysis import (
 from agentpost.core.ingest_analysis import IMAPRendered
 from agentpost.core.ingest_analysis import analyse_indexed as _analyse_indexed
 from agentpost.core.ingest_analysis import rendered_columns as rendered_columns
+from agentpost.core.known_folders import KnownFolders
 from agentpost.mail.parse import ParsedMessage
 from agentpost.model.errors import NotFound, StorageFailure
 from agentpost.model.ids import new_id
@@ -168,6 +169,28 @@ class _Delivery:
                                          inline)
                 for i in self.order]
 
+    def guess(self, probes: list[mail_store.DeliveryProbe]
+              ) -> list[mail_store.DeliveryAnswer] | None:
+        """The answers to ``probes`` (:meth:`probes`' own) from what the process remembers
+        (core.known_folders), for the write to check; None when one must be asked: a
+        reply (its thread is looked up), a blob in the store (a new row means checking
+        the store), a folder not seen yet."""
+        if any(p.related or any(key not in p.inline for key, _ in p.blobs) for p in probes):
+            return None
+        known = self.ingest.known_folders
+        answers = []
+        for probe in probes:
+            folder = known.get(probe.org_id, probe.inbox_id, probe.folder_name)
+            if folder is None:
+                return None
+            answers.append(mail_store.DeliveryAnswer(folder, None, []))
+        return answers
+
+    def forget_guess(self) -> None:
+        """The guess did not hold: its folders are asked for next time."""
+        for target in self.targets:
+            self.ingest.known_folders.forget(target.org_id, target.inbox_id, self.folder)
+
     async def stage(self, txn: Txn, answers: list[mail_store.DeliveryAnswer]) -> Staged:
         """The copies (in the caller's target order), given :meth:`probes`' answers."""
         new = sorted({key for answer in answers for key in answer.new_blobs})
@@ -180,6 +203,8 @@ class _Delivery:
             folder = answer.folder
             if folder is None:
                 folder = await _missing_folder(txn, target, self.folder, self.state)
+            self.ingest.known_folders.remember(target.org_id, target.inbox_id, self.folder,
+                                               folder)
             copies[i] = _with_before_insert(txn, self.state, _build_copy(
                 txn, target, self.parsed, self.refs[0], self.refs[1:], self.envelope_from,
                 self.direction, self.state, when, folder, answer.thread_id))
@@ -220,6 +245,8 @@ class Ingest:
         self.inbox_quota = inbox_quota
         #: Batches ``store(..., group=True)`` transactions ([smtp] group_commit).
         self.group_commit = group_commit
+        #: Folders its deliveries went to, so the next can skip the staging round trip.
+        self.known_folders = KnownFolders()
 
     async def store(self, targets: list[Target], message: IO[bytes], *,
                     envelope_from: str | None, direction: str = "inbound",

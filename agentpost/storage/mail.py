@@ -17,6 +17,8 @@ from agentpost.storage.database import Txn, json_param, text_array
 from agentpost.storage.message_insert import MAIL_CHANNEL as MAIL_CHANNEL
 from agentpost.storage.message_insert import DeliveryAnswer as DeliveryAnswer
 from agentpost.storage.message_insert import DeliveryProbe as DeliveryProbe
+from agentpost.storage.message_insert import StaleGuess as StaleGuess
+from agentpost.storage.message_insert import guessed_delivery_sql as guessed_delivery_sql
 from agentpost.storage.message_insert import insert_message as insert_message
 from agentpost.storage.message_insert import insert_messages as insert_messages
 from agentpost.storage.message_insert import prepare_deliveries as prepare_deliveries

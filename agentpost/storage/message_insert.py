@@ -123,7 +123,8 @@ _UIDS_SQL = "SELECT json_object_agg(x.id, f.uid) " + _UIDS_FROM
 
 async def insert_messages(txn: Txn, copies: list[tuple[dict[str, Any], list[dict[str, Any]],
                                                        tuple[str, list[Any]]]], *,
-                          commit: bool = False) -> dict[str, int]:
+                          commit: bool = False,
+                          lead: tuple[str, list[Any]] = ("", [])) -> dict[str, int]:
     """:func:`insert_message` (no quota) for many copies in ONE round trip: every
     ``before`` first (threads, events), then the message statements, so the folders'
     UID locks are taken together at the very end. Returns the UID of each message id
@@ -131,9 +132,13 @@ async def insert_messages(txn: Txn, copies: list[tuple[dict[str, Any], list[dict
 
     With ``commit`` the same round trip commits the transaction (Txn.commit_with), so
     the UID locks are held through no further exchange; a copy that was not stored then
-    fails the transaction first (:class:`NotStored`, naming it), nothing is committed."""
-    sql: list[str] = []
-    params: list[Any] = []
+    fails the transaction first (:class:`NotStored`, naming it), nothing is committed.
+
+    ``lead`` (sql, params) goes first in the same round trip: a delivery staged without
+    asking (:func:`guessed_delivery_sql`); when its guess was wrong nothing is written
+    and :class:`StaleGuess` is raised."""
+    sql: list[str] = [lead[0]] if lead[0] else []
+    params: list[Any] = list(lead[1])
     copies = [(await message_bodies.send_large(txn, row), attachments, before)
               for row, attachments, before in copies]
     for _, _, before in copies:
@@ -165,11 +170,74 @@ async def insert_messages(txn: Txn, copies: list[tuple[dict[str, Any], list[dict
         found = await txn.commit_with("; ".join(sql), [*params, ids, orgs], _UIDS_SQL,
                                       [ids, orgs])
     except psycopg2.errors.InvalidTextRepresentation as exc:
+        if _STALE_GUESS in str(exc):
+            raise StaleGuess() from exc
         missing = _NOT_STORED.search(str(exc))
         if missing is None:
             raise
         raise NotStored(missing.group(1)) from exc
     return {key: int(uid) for key, uid in (found or {}).items()}
+
+
+class StaleGuess(LookupError):
+    """A delivery staged from what the process remembered (:func:`guessed_delivery_sql`)
+    met a database that no longer matches it: nothing was written; stage it by asking."""
+
+    def __init__(self) -> None:
+        super().__init__("a delivery's remembered folder or thread no longer holds")
+
+
+_STALE_GUESS = "agentpost: stale guess"
+#: What a guessed delivery leads its write with: the statements of
+#: :data:`_PREPARE_DELIVERIES_SQL` that need no answer (the generic plans, the blobs'
+#: locks in key order, their references counted), then a check of each copy's guess:
+#: its folder is still the one remembered (same id, name and UIDVALIDITY, in its inbox)
+#: and no stored message of the inbox references its Message-ID, so it starts a thread
+#: (what the staging's thread lookup finds for a message that names no parent). A
+#: failed check fails the transaction before anything of the delivery is written.
+_GUESSED_DELIVERY_SQL = (
+    "SET LOCAL plan_cache_mode TO force_generic_plan; "
+    "SELECT pg_advisory_xact_lock(hashtextextended(k, 7)) "
+    "FROM (SELECT k FROM unnest(%s::text[]) AS k ORDER BY k) AS s; "
+    "INSERT INTO blobs (key, size, refcount, created_at, data) "
+    "  SELECT k, s, n, %s, d "
+    "  FROM unnest(%s::text[], %s::bigint[], %s::int[], %s::bytea[]) AS x(k, s, n, d) "
+    "  ON CONFLICT (key) DO UPDATE SET refcount = blobs.refcount + EXCLUDED.refcount; "
+    f"SELECT ('{_STALE_GUESS}' || left(x.org, 0))::int "  # a constant would fail at once
+    "FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::bigint[], %s::text[]) "
+    "  AS x(org, inbox, folder, name, uidvalidity, msgid) "
+    "WHERE NOT EXISTS (SELECT 1 FROM folders f WHERE f.org_id = x.org AND f.id = x.folder "
+    "    AND f.inbox_id = x.inbox AND f.name = x.name AND f.uidvalidity = x.uidvalidity) "
+    "  OR EXISTS (SELECT 1 FROM message_refs r JOIN messages m ON m.org_id = r.org_id "
+    "    AND m.id = r.message_id WHERE r.org_id = x.org AND r.inbox_id = x.inbox "
+    "    AND r.ref = x.msgid)")
+
+
+def guessed_delivery_sql(txn: Txn, probes: list[DeliveryProbe],
+                         folders: list[dict[str, Any]]) -> tuple[str, list[Any]]:
+    """The ``lead`` of :func:`insert_messages` for a delivery staged without asking:
+    each copy (``probes``, none naming a parent) goes to the folder the process
+    remembers for it (``folders``, in the same order) and starts a new thread. Only for
+    blobs kept in PostgreSQL (``probe.inline``): a blob in the store whose row is new
+    must be checked in the store first, which needs the staging's answer."""
+    counts: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    inline: dict[str, bytes] = {}
+    for probe in probes:
+        if probe.related:
+            raise ValueError("a reply's thread is looked up, never guessed")
+        for key, size in probe.blobs:
+            if key not in probe.inline:
+                raise ValueError("only blobs kept in PostgreSQL are referenced unasked")
+            counts[key] = counts.get(key, 0) + 1
+            sizes[key] = size
+        inline.update(probe.inline)
+    keys = sorted(counts)
+    return _GUESSED_DELIVERY_SQL, [
+        keys, txn.now, keys, [sizes[k] for k in keys], [counts[k] for k in keys],
+        [inline[k] for k in keys], [p.org_id for p in probes], [p.inbox_id for p in probes],
+        [f["id"] for f in folders], [f["name"] for f in folders],
+        [f["uidvalidity"] for f in folders], [p.message_id for p in probes]]
 
 
 @dataclass(frozen=True)
