@@ -72,3 +72,18 @@ def test_short_and_other_values_are_left_alone():
     assert type(long_text("short")) is str
     assert long_text(None) is None
     assert long_text(b"x" * LONG_TEXT_MIN_CHARS) == b"x" * LONG_TEXT_MIN_CHARS
+
+
+def test_a_session_whose_encoding_changed_by_sql_gets_psycopg2s_quoting(conn):
+    """``SET client_encoding`` leaves psycopg2's ``conn.encoding`` as it was, but libpq
+    (and PostgreSQL) read the literal in the new encoding: in Shift-JIS a quote may
+    follow a lead byte, which psycopg2's escaping treats as one character with it."""
+    conn.autocommit = True
+    cur = conn.cursor()
+    body = "\u3042'" * LONG_TEXT_MIN_CHARS
+    cur.execute("SET client_encoding TO 'SJIS'")
+    try:
+        assert cur.mogrify("%s", [long_text(body)]) == cur.mogrify("%s", [body])
+    finally:
+        cur.execute("SET client_encoding TO 'UTF8'")
+    assert cur.mogrify("%s", [long_text(body)]) == cur.mogrify("%s", [body])

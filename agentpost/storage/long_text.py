@@ -11,10 +11,11 @@ is the quote itself, by doubling it; a backslash is an ordinary character. Pytho
 ``str.replace`` and ``encode`` do that at memory speed (~40 us per 100 KiB, most of it
 the final concatenation).
 
-Anything else -- another encoding, non-standard strings, a NUL (which no text value may
-hold), a character UTF-8 cannot encode -- goes through psycopg2's own quoting, which
-gives exactly its usual literal or its usual error. Only values wrapped by
-:func:`long_text` take this path; short ones are not worth the extra call.
+Anything else -- another encoding (also one set by SQL mid-session), non-standard
+strings, a NUL (which no text value may hold), a character UTF-8 cannot encode -- goes
+through psycopg2's own quoting, which gives exactly its usual literal or its usual error.
+Only values wrapped by :func:`long_text` take this path; short ones are not worth the
+extra call.
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ class _Quoted:
     def getquoted(self) -> bytes:
         text = str(self._value)
         conn = self._conn
+        # conn.encoding is psycopg2's (what it encodes with, kept from the connect);
+        # the parameter is libpq's and the server's, current after a SQL ``SET``.
         if (conn is not None and conn.encoding == "UTF8"
+                and conn.get_parameter_status("client_encoding") == "UTF8"
                 and conn.get_parameter_status("standard_conforming_strings") == "on"
                 and "\x00" not in text):
             try:

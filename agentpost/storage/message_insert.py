@@ -170,7 +170,7 @@ async def insert_messages(txn: Txn, copies: list[tuple[dict[str, Any], list[dict
         found = await txn.commit_with("; ".join(sql), [*params, ids, orgs], _UIDS_SQL,
                                       [ids, orgs])
     except psycopg2.errors.InvalidTextRepresentation as exc:
-        if _STALE_GUESS in str(exc):
+        if lead[0] and _STALE_GUESS in str(exc):  # without a guess: never (a retry loop)
             raise StaleGuess() from exc
         missing = _NOT_STORED.search(str(exc))
         if missing is None:
