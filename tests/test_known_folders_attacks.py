@@ -27,6 +27,16 @@ async def _store(server, targets, raw: bytes):
                                           envelope_from="a@example.com", group=True)
 
 
+async def _primed(server, *names: str, max_batch: int = 16):
+    """An inbox in a new organization per name, a group commit of its own installed,
+    and one message to all of them, so their INBOX is remembered (guessable)."""
+    targets = [await _org_inbox(server, name) for name in names]
+    gc = GroupCommit(server.core.db, reactor, max_batch=max_batch, delay_s=0.0, parallel=2)
+    server.core.ingest.group_commit = gc
+    await _store(server, targets, make_message(subject="prime", msgid=f"<{names[0]}@prime>"))
+    return targets, gc
+
+
 def _refcount(db_dsn, key) -> int:
     [(n,)] = query(db_dsn, "SELECT refcount FROM blobs WHERE key = %s", (key,))
     return n
@@ -56,11 +66,7 @@ async def test_a_stale_guess_leaves_no_blob_reference_behind(server, db_dsn):
 @pytest_twisted.ensureDeferred
 async def test_one_delivery_to_two_organizations_is_guessed_into_each_own_folder(
         server, db_dsn):
-    mine = await _org_inbox(server, "multi-a")
-    theirs = await _org_inbox(server, "multi-b")
-    gc = GroupCommit(server.core.db, reactor, max_batch=16, delay_s=0.0, parallel=2)
-    server.core.ingest.group_commit = gc
-    await _store(server, [mine, theirs], make_message(subject="prime", msgid="<m0@x>"))
+    (mine, theirs), gc = await _primed(server, "multi-a", "multi-b")
     raw = make_message(subject="both", msgid="<m1@x>")
     out = await _store(server, [theirs, mine], raw)
     assert (gc.guessed, gc.stale_guesses) == (1, 0)
@@ -108,11 +114,7 @@ async def test_guessed_and_asked_batches_in_parallel_over_the_same_blob(server, 
     """parallel=2: replies (asked) and plain messages (guessed) with the same bytes for
     the same two inboxes: every message stored once, UIDs dense, the blob counted once
     per copy, no batch failed."""
-    a = await _org_inbox(server, "par-a")
-    b = await _org_inbox(server, "par-b")
-    gc = GroupCommit(server.core.db, reactor, max_batch=3, delay_s=0.0, parallel=2)
-    server.core.ingest.group_commit = gc
-    await _store(server, [a, b], make_message(subject="prime", msgid="<prime@par>"))
+    (a, b), gc = await _primed(server, "par-a", "par-b", max_batch=3)
     plain = make_message(subject="same", msgid="<same@par>")
     reply = make_message(subject="Re", msgid="<re@par>", references="<elsewhere@par>")
     pending = [defer.ensureDeferred(_store(server, [a, b] if n % 3 else [b, a],
@@ -172,10 +174,7 @@ async def test_long_bodies_with_hostile_bytes_are_stored_through_a_guessed_batch
         server, db_dsn):
     """Bodies past storage.long_text's threshold with quotes, backslashes, NUL, invalid
     UTF-8 and CR: stored (or refused) as any other body, never a 500 or a broken literal."""
-    target = await _org_inbox(server, "odd-bodies")
-    gc = GroupCommit(server.core.db, reactor, max_batch=16, delay_s=0.0, parallel=2)
-    server.core.ingest.group_commit = gc
-    await _store(server, [target], make_message(subject="prime", msgid="<ob0@x>"))
+    (target,), gc = await _primed(server, "odd-bodies")
     bodies = [b"'\\'" * 3000, b"x\x00y'" * 2000, b"\xff\xfe'\xc3(" * 2000,
               b"\xed\xa0\x80'" * 2000, "\u3042'\\".encode() * 2000, b"a\rb'" * 2000]
     for n, body in enumerate(bodies, 1):
@@ -196,12 +195,7 @@ async def test_no_deadlock_between_guessed_and_asked_batches(server, db_dsn, cap
     import logging
 
     caplog.set_level(logging.INFO, logger="agentpost")
-    a = await _org_inbox(server, "dl-a")
-    b = await _org_inbox(server, "dl-b")
-    c = await _org_inbox(server, "dl-c")
-    gc = GroupCommit(server.core.db, reactor, max_batch=4, delay_s=0.0, parallel=2)
-    server.core.ingest.group_commit = gc
-    await _store(server, [a, b, c], make_message(subject="prime", msgid="<dl0@x>"))
+    (a, b, c), gc = await _primed(server, "dl-a", "dl-b", "dl-c", max_batch=4)
     orders = [[a, b], [b, a], [c, a, b], [b, c], [c], [a, c, b]]
     raws = [make_message(subject="same", msgid="<dl-same@x>"),
             make_message(subject="Re", msgid="<dl-re@x>", references="<dl-p@x>"),
