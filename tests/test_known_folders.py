@@ -19,6 +19,9 @@ from tests.helpers import execute, query
 from tests.mailfactory import make_message
 from tests.test_group_commit import _wait_pending
 
+#: A fragment of the staging statement (storage.message_insert._PREPARE_DELIVERIES_SQL).
+_STAGING = "ARRAY(SELECT key FROM b WHERE inserted)"
+
 
 async def _setup(server, *names):
     _, key = await server.new_org()
@@ -49,13 +52,19 @@ def _inbox_folder(db_dsn, inbox) -> int:
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_second_delivery_to_a_folder_skips_the_staging(server, db_dsn):
+async def test_the_second_delivery_to_a_folder_skips_the_staging(server, db_dsn, sent):
     [inbox], gc = await _setup(server, "guessed")
     first = await _store(server, inbox, make_message(subject="one", msgid="<g1@x>"))
     assert gc.guessed == 0  # nothing known yet: asked
+    assert sum(_STAGING in m for m in sent) == 1
+    sent.clear()
     later = [await _store(server, inbox, make_message(subject=f"n{n}", msgid=f"<g{n}@x>"))
              for n in range(2, 5)]
     assert (gc.guessed, gc.stale_guesses) == (3, 0)
+    # no staging statement: each write carries the guess's check and its COMMIT
+    assert not any(_STAGING in m for m in sent)
+    writes = [m for m in sent if "agentpost: stale guess" in m]
+    assert len(writes) == 3 and all("COMMIT" in m for m in writes)
     rows = [_row(db_dsn, s) for s in [first, *later]]
     assert [r[2] for r in rows] == [1, 2, 3, 4]  # UIDs in order
     assert {r[0] for r in rows} == {_inbox_folder(db_dsn, inbox)}
