@@ -52,7 +52,7 @@ class _Quoted:
         self._conn = conn
 
     def getquoted(self) -> bytes:
-        text = str(self._value)
+        text = self._value  # str's own methods: no copy of the body made here
         conn = self._conn
         # conn.encoding is psycopg2's (what it encodes with, kept from the connect);
         # the parameter is libpq's and the server's, current after a SQL ``SET``.
@@ -64,7 +64,7 @@ class _Quoted:
                 return b"'" + text.replace("'", "''").encode("utf-8") + b"'"
             except UnicodeEncodeError:
                 pass  # a lone surrogate: psycopg2 refuses it in its own words
-        quoted = QuotedString(text)
+        quoted = QuotedString(str(text))
         if conn is not None:
             quoted.prepare(conn)
         result: bytes = quoted.getquoted()
