@@ -123,18 +123,22 @@ async def test_continuation_requests_leave_while_pipelined_answers_are_held(plai
 
 @pytest_twisted.ensureDeferred
 async def test_a_large_fetch_streams_to_a_slow_reader_then_logout_closes(plain_server):
-    """A 4 MB body to a client that does not read at first (the kernel's buffers fill,
-    the producer pauses): byte-exact, followed by the pipelined NOOP, BYE and LOGOUT's
-    OK, then the close."""
+    """An 8 MB body to a client that does not read at first: more than the kernel's
+    buffers of both sides hold (a send buffer grows to 4 MB at most, the client's
+    receive buffer is 0.5 MB here), so the producer pauses. Byte-exact, followed by the
+    pipelined NOOP, BYE and LOGOUT's OK, then the close."""
     user, key = await new_login(plain_server, "cork-big")
-    raw = _big_message(user, 4_000_000)
+    raw = _big_message(user, 8_000_000)
     await plain_server.deliver(raw, [user])
 
     def run() -> bytes:
         client = Client(plain_server.imap_port, user, key, tls="none")
         try:
             client.ok("SELECT INBOX")
-            client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            # A small window, but not under one loopback segment (64 KiB): below that
+            # the sender only probes a zero window on its persist timer (a 4 KiB
+            # buffer made 4 MB take ~100 s).
+            client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
             client.send(b"f FETCH 1 BODY.PEEK[]\r\nn NOOP\r\nq LOGOUT\r\n")
             time.sleep(1.0)  # not reading: the server's output backs up
             return bytes(client.buffer) + _read_until_closed(client.sock)
