@@ -41,11 +41,11 @@ class RouteLookups:
     """The MX's routing reads, batched while others are in flight."""
 
     def __init__(self, db: Database, clock: IReactorTime, *, with_usage: bool,
-                 parallel: int = 2, max_batch: int = 64) -> None:
+                 parallel: int = 2, max_batch: int = 64, delay_s: float = 0.0) -> None:
         self._db = db
         self._with_usage = with_usage
         self._batches: InflightBatches[_Lookup] = InflightBatches(
-            self._run, clock, max_batch=max_batch, parallel=parallel)
+            self._run, clock, max_batch=max_batch, parallel=parallel, delay_s=delay_s)
         self.statements = 0  # batches sent, for tests and diagnostics
 
     def route(self, address: str, domain: str) -> defer.Deferred[dict[str, Any]]:
