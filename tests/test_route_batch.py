@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, task
 
 from agentpost.core.route_batch import RouteLookups
 from agentpost.model.errors import InvalidRequest
@@ -57,12 +57,16 @@ async def test_a_batch_answers_each_address_as_a_lookup_of_its_own(server, with_
 @pytest_twisted.ensureDeferred
 async def test_an_address_the_batch_cannot_carry_fails_alone(server):
     lookups = await _addresses(server)
-    batcher = RouteLookups(server.core.db, reactor, with_usage=False, parallel=1)
-    first = batcher.route(*lookups[0])  # goes at once; the rest wait for it together
+    clock = task.Clock()  # the odd one and the others wait for company: one batch
+    batcher = RouteLookups(server.core.db, clock, with_usage=False, parallel=1,
+                           delay_s=1.0)
+    first = batcher.route(*lookups[0])
     odd = batcher.route("nul\x00@batch.example", "batch.example")
     others = [batcher.route(a, d) for a, d in lookups[1:]]
+    clock.advance(1.0)
     assert (await first)["inbox_id"] is not None
     with pytest.raises(InvalidRequest):  # what it gets alone too (Txn._send)
         await odd
     rows = await defer.gatherResults(others)
     assert rows == [await _alone(server, a, d, False) for a, d in lookups[1:]]
+    assert batcher.statements == 1  # the batch was tried, then each looked up alone
