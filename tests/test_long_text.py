@@ -8,7 +8,7 @@ import random
 import psycopg2
 import pytest
 
-from agentpost.storage.long_text import LONG_TEXT_MIN_CHARS, long_text
+from agentpost.storage.long_text import LONG_TEXT_MIN_CHARS, long_bytes, long_text
 
 _ODD = ["'", "''", "\\", "\\'", "\\x41", "E'", "$$", "\n", "\r\n", "\t", "é", "😀", "\u2028",
         "%s", "%(x)s", "--", "/*", "'; DROP TABLE messages; --"]
@@ -87,3 +87,63 @@ def test_a_session_whose_encoding_changed_by_sql_gets_psycopg2s_quoting(conn):
     finally:
         cur.execute("SET client_encoding TO 'UTF8'")
     assert cur.mogrify("%s", [long_text(body)]) == cur.mogrify("%s", [body])
+
+
+# -- raw message bytes (bytea) -----------------------------------------------------------
+
+def _raw_messages() -> list[tuple[bytes, bool]]:
+    """(bytes, whether they may travel as text): UTF-8 without NUL may."""
+    out = [(body.encode("utf-8"), True) for body in _bodies()]
+    rng = random.Random(13)
+    every_byte = bytes(range(256)) * (LONG_TEXT_MIN_CHARS // 256 + 1)
+    out += [
+        (every_byte, False),  # NUL and bytes that are not UTF-8
+        (b"x" * LONG_TEXT_MIN_CHARS + b"\xff", False),  # one 8-bit Latin-1 byte at the end
+        (b"\xc3" + b"y" * LONG_TEXT_MIN_CHARS, False),  # a sequence cut short
+        (b"a\x00b" * LONG_TEXT_MIN_CHARS, False),
+        (b"\\x41424344" * LONG_TEXT_MIN_CHARS, True),  # looks like a hex bytea literal
+        (bytes(rng.randrange(256) for _ in range(3 * LONG_TEXT_MIN_CHARS)), False),
+    ]
+    return out
+
+
+def test_raw_bytes_are_stored_exactly_as_text_when_utf8_else_as_hex(conn):
+    cur = conn.cursor()
+    for data, as_text in _raw_messages():
+        fast = long_bytes(data)
+        assert type(fast) is not bytes
+        literal = cur.mogrify("%s", [fast])
+        assert literal.startswith(b"convert_to('") is as_text, data[:40]
+        if not as_text:
+            assert literal == cur.mogrify("%s", [psycopg2.Binary(data)])
+        cur.execute("SELECT %s::bytea, %s::bytea[], octet_length(%s::bytea)",
+                    [fast, [fast, None], fast])
+        stored, array, length = cur.fetchone()
+        assert bytes(stored) == data
+        assert [None if v is None else bytes(v) for v in array] == [data, None]
+        assert length == len(data)
+
+
+def test_raw_bytes_in_another_session_encoding_or_without_standard_strings_go_as_hex(conn):
+    conn.autocommit = True
+    cur = conn.cursor()
+    data = "\u3042'\\".encode() * LONG_TEXT_MIN_CHARS
+    for setting, undo in (("SET client_encoding TO 'SJIS'", "SET client_encoding TO 'UTF8'"),
+                          ("SET standard_conforming_strings = off",
+                           "SET standard_conforming_strings = on")):
+        cur.execute(setting)
+        try:
+            literal = cur.mogrify("%s", [long_bytes(data)])
+            assert not literal.startswith(b"convert_to(")
+            cur.execute("SELECT %s::bytea", [long_bytes(data)])
+            assert bytes(cur.fetchone()[0]) == data
+        finally:
+            cur.execute(undo)
+    assert cur.mogrify("%s", [long_bytes(data)]).startswith(b"convert_to('")
+
+
+def test_short_and_other_raw_values_are_left_alone():
+    assert type(long_bytes(b"short")) is bytes
+    assert long_bytes(None) is None
+    text = "x" * LONG_TEXT_MIN_CHARS
+    assert long_bytes(text) is text

@@ -247,7 +247,7 @@ async def test_s3_backend_end_to_end_with_presigned_attachment(db_dsn, s3_bucket
         raw_back = await running.api.get(f"/api/v1/messages/{msg['id']}/raw", key=key)
         assert raw_back.body.endswith(raw)
         # A message over storage.inline_message_max goes to S3, encrypted too.
-        big = make_message(to=inbox["email"], body="long line of text\n" * 4000)
+        big = make_message(to=inbox["email"], body="long line of text\n" * 16000)
         assert (await deferToThread(_send, running.mx_port, "a@example.com", [inbox["email"]],
                                     big, starttls=False)) == ("ok", {})
         assert await deferToThread(encryption) == ["AES256", "AES256"]
@@ -255,6 +255,6 @@ async def test_s3_backend_end_to_end_with_presigned_attachment(db_dsn, s3_bucket
                                         key=key)).json["data"]
         newest = max(listed, key=lambda m: m["size"])
         raw_big = await running.api.get(f"/api/v1/messages/{newest['id']}/raw", key=key)
-        assert raw_big.body.endswith(big) and newest["size"] > 64 * 1024
+        assert raw_big.body.endswith(big) and newest["size"] > 256 * 1024
     finally:
         await running.service.stopService()

@@ -21,7 +21,7 @@ from tests.test_workers import _kill_leftovers, _wait
 
 def _message(to: str, n: int, big: bool) -> tuple[str, bytes]:
     msgid = make_msgid(f"k{n}", "kill.test")
-    body = ("a line that makes the message long enough for the store\r\n" * 1500
+    body = ("a line that makes the message long enough for the store\r\n" * 5000
             if big else "short\r\n")
     raw = (f"From: a@kill.test\r\nTo: {to}\r\nSubject: kill {n}\r\nMessage-ID: {msgid}\r\n"
            f"\r\n{body}").encode()

@@ -165,8 +165,10 @@ def _check(config: Config) -> None:
     if config.database.pool_size < 1:
         raise ConfigError("database.pool_size", "must be at least 1")
     if not 0 <= config.storage.inline_message_max <= INLINE_MESSAGE_CEILING:
-        # Each kept message goes to PostgreSQL as a literal twice its size in one
-        # statement: past a few hundred KiB that costs the database more than the store.
+        # Each kept message goes to PostgreSQL as one literal in one statement (its
+        # size for UTF-8 mail, twice that as hex otherwise: storage.long_text): past a
+        # mebibyte that costs the database, and the statement's memory, more than the
+        # store costs.
         raise ConfigError("storage.inline_message_max", "must be between 0 (every message "
                           "in the store) and 1MiB")
     if config.database.prepare_threshold < 0:

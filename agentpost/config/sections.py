@@ -193,7 +193,7 @@ class StorageSection:
     prefix: str = opt("", "Key prefix inside the bucket.")
     presign_ttl: float = opt("5m", "Lifetime of attachment download URLs.", "duration")
     inline_message_max: int = opt(
-        "64KiB", "Messages up to this size are kept in PostgreSQL with their records, "
+        "256KiB", "Messages up to this size are kept in PostgreSQL with their records, "
         "committed in the delivering transaction (no store write or fsync before it); "
         "larger ones and every attachment go to the store. 0: every message goes to the "
         "store; at most 1MiB.", "size")

@@ -12,6 +12,7 @@ from psycopg2.extras import Json
 from agentpost.storage import usage
 from agentpost.storage.audit import audit_insert_sql
 from agentpost.storage.database import Txn, json_param, text_array
+from agentpost.storage.long_text import long_bytes
 
 # Writing a new message row lives in message_insert; re-exported for its callers.
 from agentpost.storage.message_insert import MAIL_CHANNEL as MAIL_CHANNEL
@@ -95,7 +96,7 @@ async def prepare_delivery(txn: Txn, *, org_id: str, inbox_id: str, folder_name:
         sql = "SELECT pg_advisory_xact_lock(hashtextextended(%s::text, 7)); "
         rows_sql = "(VALUES (%s::text, %s::bigint, %s::int, %s::bytea)) AS x(k, s, n, d)"
         params: list[Any] = [keys[0], txn.now, keys[0], sizes[keys[0]], counts[keys[0]],
-                             inline.get(keys[0])]
+                             long_bytes(inline.get(keys[0]))]
     else:
         sql, params = "", []
         if keys:
@@ -104,7 +105,7 @@ async def prepare_delivery(txn: Txn, *, org_id: str, inbox_id: str, folder_name:
             params = [keys]
         rows_sql = "unnest(%s::text[], %s::bigint[], %s::int[], %s::bytea[]) AS x(k, s, n, d)"
         params += [txn.now, keys, [sizes[k] for k in keys], [counts[k] for k in keys],
-                   [inline.get(k) for k in keys]]
+                   [long_bytes(inline.get(k)) for k in keys]]
     row = await txn.fetchone_required(
         sql + "WITH b AS (INSERT INTO blobs (key, size, refcount, created_at, data) "
         f"  SELECT k, s, n, %s, d FROM {rows_sql} "
