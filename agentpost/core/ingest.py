@@ -38,6 +38,7 @@ from agentpost.storage import threads as thread_store
 from agentpost.storage.blobs import BlobRef, BlobStore
 from agentpost.storage.blobs.base import is_inline_key
 from agentpost.storage.database import Database, Txn
+from agentpost.storage.long_text import blob_text
 
 log = logging.getLogger(__name__)
 
@@ -366,6 +367,9 @@ class Ingest:
         """Write the message and its attachments durably, before any row names them
         (``raw_put``: the message's own put, already started)."""
         raw_ref = await (raw_put if raw_put is not None else self._put_raw(raw))
+        if is_inline_key(raw_ref.key):  # a body that is the bytes' tail is not sent twice
+            parsed.text_body = blob_text(parsed.text_body, raw, raw_ref.key)
+            parsed.html_body = blob_text(parsed.html_body, raw, raw_ref.key)
         att_refs: list[BlobRef] = []
         blob_bodies: dict[str, bytes | str] = {raw_ref.key: raw}
         for att in parsed.attachments:

@@ -1,8 +1,9 @@
 """The wide values of a delivery's write, sent to PostgreSQL as cheaply as they can be.
 
-Two of them, each a marker type with its own psycopg2 adapter: a body quoted with one
-``str.replace`` (:class:`LongText`, below), and a message's raw bytes as a text literal
-rather than hex (:class:`LongBytes`).
+Three of them, each a marker type with its own psycopg2 adapter: a body quoted with one
+``str.replace`` (:class:`LongText`, below); a message's raw bytes as a text literal
+rather than hex (:class:`LongBytes`); and a body PostgreSQL reads from those bytes
+itself instead of receiving it again (:class:`BlobText`).
 
 Message bodies quoted into SQL with one ``str.replace`` instead of psycopg2's escaping.
 
@@ -26,6 +27,7 @@ extra call.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from psycopg2.extensions import Binary, QuotedString, register_adapter
@@ -138,3 +140,75 @@ def _utf8(data: bytes) -> bool:
 
 
 register_adapter(LongBytes, _QuotedBytes)
+
+
+#: Bodies shorter than this (characters) are always sent as literals: reading them
+#: back from the blob row saves PostgreSQL less than the function call costs.
+BLOB_TEXT_MIN_CHARS = 16 * 1024
+_BLOB_KEY = re.compile(r"db/[0-9a-z/]+")
+
+
+class BlobText(str):
+    """A body that is exactly the UTF-8 text of its message's bytes from ``start`` on,
+    bytes kept in PostgreSQL (blob ``key``, storage.blobs.inline): it is still the
+    text everywhere, and a statement gets it as ``ap_blob_text(key, start, octets)``
+    (migration 0037) instead of a second copy of the message as a literal. Only
+    :func:`blob_text` makes one, after checking that equality."""
+
+    key: str
+    start: int
+    octets: int
+
+
+def blob_text(text: Any, raw: bytes, key: str) -> Any:
+    """``text`` as a :class:`BlobText` when it is a long body equal to the UTF-8
+    decoding of ``raw`` after its header, ``raw`` being the bytes of inline blob
+    ``key``; else ``text`` unchanged. Costs one decode and one comparison (C speed)."""
+    if type(text) is not str or len(text) < BLOB_TEXT_MIN_CHARS \
+            or not _BLOB_KEY.fullmatch(key):
+        return text
+    crlf, lf = raw.find(b"\r\n\r\n"), raw.find(b"\n\n")
+    if lf >= 0 and (crlf < 0 or lf < crlf):
+        start = lf + 2
+    elif crlf >= 0:
+        start = crlf + 4
+    else:
+        return text
+    octets = len(raw) - start
+    head = text[:64].encode("utf-8", "replace")
+    if octets < len(text) or raw[start:start + len(head)] != head:
+        return text  # cheap refusals first: multipart, transfer encodings, charsets
+    try:
+        same = str(memoryview(raw)[start:], "utf-8") == text
+    except UnicodeDecodeError:
+        return text
+    if not same or "\x00" in text:
+        return text
+    out = BlobText(text)
+    out.key, out.start, out.octets = key, start, octets
+    return out
+
+
+class _QuotedBlobText:
+    """``ap_blob_text(...)`` on a UTF-8 database (convert_from's UTF8 is then exactly
+    the bytes' text), else the body as a literal (:class:`_Quoted`)."""
+
+    def __init__(self, value: BlobText) -> None:
+        self._value = value
+        self._conn: Any = None
+
+    def prepare(self, conn: Any) -> None:
+        self._conn = conn
+
+    def getquoted(self) -> bytes:
+        value = self._value
+        conn = self._conn
+        if conn is not None and conn.get_parameter_status("server_encoding") == "UTF8":
+            return b"ap_blob_text('%s', %d, %d)" % (value.key.encode("ascii"), value.start,
+                                                   value.octets)
+        literal = _Quoted(LongText(value))
+        literal.prepare(conn)
+        return literal.getquoted()
+
+
+register_adapter(BlobText, _QuotedBlobText)

@@ -40,7 +40,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any
 
-from agentpost.storage.long_text import long_text
+from agentpost.storage.long_text import BlobText, long_text
 
 try:
     import ujson
@@ -73,6 +73,9 @@ _ATT_COLUMNS = ("org_id", "id", "filename", "mime_type", "size", "content_id",
 #: literal (measured: 150 KB of text, ~0.4-0.6 ms more per value). In the ``text[]``
 #: parameter each copy has these three, in this order, at (ordinality - 1) * 3 + 1..3.
 TEXT_COLUMNS = ("text_body", "html_body", "extracted_text")
+#: What a body column may hold here: a body, or one read from the message's own bytes
+#: by the server (storage.long_text.BlobText); both are quoted into the ``text[]``.
+_TEXT_TYPES = (str, BlobText)
 
 
 def _select(col: str) -> str:
@@ -135,7 +138,7 @@ def batch_insert_sql(copies: list[tuple[dict[str, Any], list[dict[str, Any]]]],
         if row.keys() != _ROW_KEYS:
             return None
         bodies = [row[col] for col in TEXT_COLUMNS]
-        if not all(body is None or type(body) is str for body in bodies):
+        if not all(body is None or type(body) in _TEXT_TYPES for body in bodies):
             return None  # a body sent ahead in pieces (storage.message_bodies)
         texts += (long_text(body) for body in bodies)
         doc = {**row, "internal_date_zone": zone_minutes(row["received_at"])}

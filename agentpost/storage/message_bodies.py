@@ -54,7 +54,8 @@ async def send_large(txn: Txn, row: dict[str, Any]) -> dict[str, Any]:
     """``row`` with every text value above LARGE_CHARS sent ahead in pieces and replaced
     by a :class:`Joined`; ``row`` itself is returned when it has none. The same string
     object (one body stored for several recipients) is sent once per transaction."""
-    large = [c for c, v in row.items() if isinstance(v, str) and len(v) > LARGE_CHARS]
+    large = [c for c, v in row.items()
+             if type(v) is str and len(v) > LARGE_CHARS]  # not a BlobText: never quoted
     if not large:
         return row
     memo: dict[int, tuple[str, Joined]] = txn.memo.setdefault(_MEMO, {})
