@@ -373,6 +373,8 @@ def reset_peak_rss(pid: int) -> bool:
 
 #: Extra ``key = value`` lines for the server's [smtp] section (``--smtp-set``).
 EXTRA_SMTP_LINES: list[str] = []
+#: ``--storage-set``: extra [storage] lines.
+EXTRA_STORAGE_LINES: list[str] = []
 
 
 def write_config(path: Path, *, dsn: str, http_port: int, mx_port: int, blob_dir: Path,
@@ -414,6 +416,7 @@ def write_config(path: Path, *, dsn: str, http_port: int, mx_port: int, blob_dir
         "[storage]",
         'backend = "local"',
         f"path = {toml_str(str(blob_dir))}",
+        *EXTRA_STORAGE_LINES,
         "",
         "[mail]",
         f"shared_domain = {toml_str(SHARED_DOMAIN)}",
@@ -1200,6 +1203,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smtp-set", metavar="KEY=VALUE", action="append", default=[],
                         help="an extra [smtp] setting for the server, TOML value, e.g. "
                              "group_commit=false or group_commit_max=32 (repeatable)")
+    parser.add_argument("--storage-set", metavar="KEY=VALUE", action="append", default=[],
+                        help="an extra [storage] setting for the server, TOML value, e.g. "
+                             "inline_message_max='\"256KiB\"' (repeatable)")
     parser.add_argument("--server-log", metavar="FILE", default=None,
                         help="keep a copy of the server's log here (it is deleted otherwise)")
     parser.add_argument("--pg-stats", action="store_true",
@@ -1241,6 +1247,8 @@ def main(argv: list[str] | None = None) -> int:
     SMTPSession.use_pipelining = not args.no_pipelining
     EXTRA_SMTP_LINES[:] = [" = ".join(p.strip() for p in kv.split("=", 1))
                            for kv in args.smtp_set]
+    EXTRA_STORAGE_LINES[:] = [" = ".join(p.strip() for p in kv.split("=", 1))
+                              for kv in args.storage_set]
     bench = SMTPBench(args)
     try:
         setup = bench.setup()
