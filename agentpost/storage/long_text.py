@@ -167,7 +167,9 @@ def blob_text(text: Any, raw: bytes, key: str) -> Any:
     if type(text) is not str or len(text) < BLOB_TEXT_MIN_CHARS \
             or not _BLOB_KEY.fullmatch(key):
         return text
-    crlf, lf = raw.find(b"\r\n\r\n"), raw.find(b"\n\n")
+    crlf = raw.find(b"\r\n\r\n")
+    # An LF-only header end only counts before the CRLF one: not a scan of the body.
+    lf = raw.find(b"\n\n", 0, crlf + 1 if crlf >= 0 else len(raw))
     if lf >= 0 and (crlf < 0 or lf < crlf):
         start = lf + 2
     elif crlf >= 0:
