@@ -132,6 +132,33 @@ async def test_reads_asked_together_each_get_their_own_bytes(server, db_dsn):
     assert await blobs.get_range(keys[2], 5, 7) == raws[2][5:12]
 
 
+@pytest_twisted.ensureDeferred
+async def test_ranges_are_cut_by_postgresql_and_exact_at_every_edge(server, db_dsn):
+    """IMAP reads headers and partial bodies by range: asked together with whole reads
+    of the same message in one turn, each gets exactly its slice, as Python slices."""
+    inbox, _ = await new_inbox(server, "inlineranges")
+    raw = make_message(to=inbox["email"], subject="ranges",
+                       body="a line of text for the ranges, caf\u00e9\n" * 5000)
+    [stored] = await server.deliver(raw, [inbox["email"]])
+    key, size, _, data = _blob_row(db_dsn, stored.message_id)
+    assert data == raw and size == len(raw) > 64 * 1024  # kept in PostgreSQL
+    blobs = server.core.blobs
+    ranges = [(0, 10), (5, 0), (size - 10, 100), (size, 1), (size + 5, 10), (0, 2**40),
+              (2**40, 5), (2**31 - 1, 2**31), (3, size), (raw.index(b"\r\n\r\n"), 4)]
+    reads = [defer.ensureDeferred(blobs.get_range(key, start, length))
+             for start, length in ranges]
+    whole = defer.ensureDeferred(blobs.get_bytes(key))
+    got = await defer.gatherResults(reads)
+    assert got == [raw[start:start + length] for start, length in ranges]
+    assert await whole == raw
+    missing = "db/" + key_for_digest(hashlib.sha256(b"never stored").hexdigest())
+    with pytest.raises(BlobNotFound):
+        await blobs.get_range(missing, 0, 10)
+    for bad in [(-1, 5), (0, -1)]:
+        with pytest.raises(ValueError):
+            await blobs.get_range(key, *bad)
+
+
 def test_a_limit_past_one_mebibyte_is_refused_at_start():
     """Each kept message is sent to PostgreSQL as a literal twice its size: the limit
     stops where that costs the database more than the store (bench/README)."""

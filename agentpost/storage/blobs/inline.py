@@ -45,11 +45,26 @@ from agentpost.storage.blobs.base import (
 )
 from agentpost.storage.database import Database, Txn
 
+#: A read asked of PostgreSQL: (key, start, length), length -1 for the whole blob (an
+#: int either way: an array of NULLs alone would not be typed int[]).
+_Request = tuple[str, int, int]
+_WHOLE = -1
+#: substring() takes int4 positions: a range past this ends there (the bytes are
+#: at most storage.inline_message_max, far shorter).
+_INT4_MAX = 2**31 - 1
 
-async def _read_inline(txn: Txn, keys: list[str]) -> dict[str, bytes]:
+
+async def _read_inline(txn: Txn, requests: list[_Request]) -> dict[_Request, bytes]:
+    """Every request's bytes in one statement: a range is cut by PostgreSQL, so an IMAP
+    client reading headers or a partial body gets those bytes only (a compressed row is
+    decompressed only as far as the range reaches), not the whole message."""
     rows = await txn.fetchall(
-        "SELECT key, data FROM blobs WHERE key = ANY(%s) AND data IS NOT NULL", (keys,))
-    return {row["key"]: bytes(row["data"]) for row in rows}
+        "SELECT x.i, CASE WHEN x.n < 0 THEN b.data "
+        "  ELSE substring(b.data FROM x.s + 1 FOR x.n) END AS data "
+        "FROM unnest(%s::text[], %s::int[], %s::int[]) WITH ORDINALITY AS x(k, s, n, i) "
+        "JOIN blobs b ON b.key = x.k AND b.data IS NOT NULL",
+        ([r[0] for r in requests], [r[1] for r in requests], [r[2] for r in requests]))
+    return {requests[row["i"] - 1]: bytes(row["data"]) for row in rows}
 
 
 def _memory_stream(data: bytes, chunk_size: int) -> BlobStream:
@@ -71,7 +86,7 @@ class InlineBlobs:
         self._reactor = reactor
         #: Reads asked for in this reactor turn, answered by one statement in the next
         #: (an IMAP FETCH reads several bodies ahead, a queue round all its messages).
-        self._waiting: dict[str, list[defer.Deferred[bytes | None]]] = {}
+        self._waiting: dict[_Request, list[defer.Deferred[bytes | None]]] = {}
 
     def inline_ref(self, data: bytes) -> BlobRef | None:
         """The inline key of a message small enough to be kept in PostgreSQL (its bytes
@@ -84,21 +99,22 @@ class InlineBlobs:
 
     # -- reads ----------------------------------------------------------------------------
 
-    def _read(self, key: str) -> defer.Deferred[bytes | None]:
+    def _read(self, key: str, start: int = 0,
+              length: int = _WHOLE) -> defer.Deferred[bytes | None]:
         if not self._waiting:
             self._reactor.callLater(0, self._read_waiting)
         waiter: defer.Deferred[bytes | None] = defer.Deferred()
-        self._waiting.setdefault(key, []).append(waiter)
+        self._waiting.setdefault((key, start, length), []).append(waiter)
         return waiter
 
     def _read_waiting(self) -> None:
         waiting, self._waiting = self._waiting, {}
 
-        def answer(found: dict[str, bytes]) -> None:
-            for key, waiters in waiting.items():
+        def answer(found: dict[_Request, bytes]) -> None:
+            for request, waiters in waiting.items():
                 for waiter in waiters:
                     if not waiter.called:  # not cancelled meanwhile (a session ended)
-                        waiter.callback(found.get(key))
+                        waiter.callback(found.get(request))
 
         def fail(failure: Failure) -> None:
             for waiters in waiting.values():
@@ -106,7 +122,7 @@ class InlineBlobs:
                     if not waiter.called:
                         waiter.errback(failure)
 
-        read = self._db.run_read("blobs.inline", _read_inline, sorted(waiting))
+        read = self._db.run_read("blobs.inline", _read_inline, list(waiting))
         read.addCallbacks(answer, fail)
 
     async def _inline(self, key: str) -> bytes:
@@ -124,9 +140,16 @@ class InlineBlobs:
         return await self.store.get_bytes(key)
 
     async def get_range(self, key: str, start: int, length: int) -> bytes:
+        """As the store's: the bytes are not checked against the key (only whole reads
+        can be); a range past the end is short or empty."""
         if is_inline_key(key):
             check_range(start, length)
-            return (await self._inline(key))[start:start + length]
+            digest_of_key(key[len(INLINE_PREFIX):])  # validates the rest of the key
+            start = min(start, _INT4_MAX - 1)
+            data = await self._read(key, start, min(length, _INT4_MAX - 1 - start))
+            if data is None:
+                raise BlobNotFound(key)
+            return data
         return await self.store.get_range(key, start, length)
 
     async def open_stream(self, key: str, *,
