@@ -197,7 +197,7 @@ async def _fetch(session: IMAP4ServerProtocol, view: SelectedMailbox, uids: list
     wants = _wants(items)
     seen_now = await _mark_seen(session, view, uids, items)
     rows, gone = _rows_or_known(view, uids, items, await view.folder.fetch(uids, wants))
-    needs_raw = _raw_needed(wants, session.stream_threshold)
+    needs_raw = _raw_needed(wants, session.stream_threshold, _headers_only(items))
     # Small bodies are read a few messages ahead of the one being sent (each read is a
     # thread hop or an S3 GET): at most READ_AHEAD bodies under the stream threshold
     # are in memory at once.
@@ -310,13 +310,25 @@ def _rows_or_known(view: SelectedMailbox, uids: list[int], items: list[FetchItem
     return rows, gone
 
 
-def _raw_needed(wants: FetchWants, threshold: int) -> Callable[[FetchRow], bool]:
-    """Whether a row's whole message must be read: for small bodies, and for what the
-    backend did not pre-render."""
+def _headers_only(items: list[FetchItem]) -> bool:
+    """Whether every body section asked for is the message's own header (HEADER,
+    HEADER.FIELDS, RFC822.HEADER): what a client syncing a folder fetches for each new
+    message. Those are read by range from the section map whatever the message's size,
+    instead of reading (and hashing) a whole message of up to ``stream_threshold``
+    bytes for a few hundred of them."""
+    specs = [spec for spec in map(_content_spec, items) if spec is not None]
+    return bool(specs) and all(not spec.part and spec.text.startswith("HEADER")
+                               for spec in specs)
+
+
+def _raw_needed(wants: FetchWants, threshold: int,
+                headers_only: bool = False) -> Callable[[FetchRow], bool]:
+    """Whether a row's whole message must be read: for small bodies (unless only its
+    header is wanted), and for what the backend did not pre-render."""
 
     def needs_raw(row: FetchRow) -> bool:
-        streaming = (wants.content and row.sections is not None
-                     and row.size is not None and row.size > threshold)
+        streaming = (wants.content and row.sections is not None and row.size is not None
+                     and (row.size > threshold or headers_only))
         return (wants.content and not streaming) or \
             (wants.envelope and row.envelope is None) or \
             (wants.bodystructure and (row.bodystructure is None or row.body is None))
