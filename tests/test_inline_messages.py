@@ -159,6 +159,30 @@ async def test_ranges_are_cut_by_postgresql_and_exact_at_every_edge(server, db_d
             await blobs.get_range(key, *bad)
 
 
+@pytest_twisted.ensureDeferred
+async def test_utf8_messages_are_marked_and_read_back_as_text_exactly(server, db_dsn):
+    """blobs.utf8 (migration 0038): set for bytes that are UTF-8 without NUL, which whole
+    reads then take as text; anything else stays bytea. Every kind reads back exact."""
+    inbox, _ = await new_inbox(server, "inlineutf8")
+    head = f"From: a@example.com\r\nTo: {inbox['email']}\r\nSubject: kinds\r\n"
+    kinds = {
+        "ascii": (head + "\r\nplain\r\n").encode(),
+        "utf-8": (head + "\r\ncaf\u00e9 \U0001f600 \u2028\r\n").encode(),
+        "latin-1": head.encode() + b"\r\ncaf\xe9\r\n",
+        "nul": head.encode() + b"\r\na\x00b\r\n",
+        "surrogate": head.encode() + b"\r\n\xed\xa0\x80\r\n",
+    }
+    flags = {}
+    for name, raw in kinds.items():
+        [stored] = await server.deliver(raw, [inbox["email"]])
+        key = _blob_row(db_dsn, stored.message_id)[0]
+        [(flags[name],)] = query(db_dsn, "SELECT utf8 FROM blobs WHERE key = %s", (key,))
+        assert await server.core.blobs.get_bytes(key) == raw
+        assert await server.core.blobs.get_range(key, 3, 40) == raw[3:43]
+    assert flags == {"ascii": True, "utf-8": True, "latin-1": False, "nul": False,
+                     "surrogate": False}
+
+
 def test_a_limit_past_one_mebibyte_is_refused_at_start():
     """Each kept message is sent to PostgreSQL as a literal twice its size: the limit
     stops where that costs the database more than the store (bench/README)."""

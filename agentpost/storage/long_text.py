@@ -129,6 +129,14 @@ class _QuotedBytes:
         return result
 
 
+def utf8_text(data: bytes | None) -> bool | None:
+    """Whether ``data`` can be a PostgreSQL text value of a UTF-8 database byte for
+    byte (valid UTF-8, no NUL): blobs.utf8 (migration 0038). None for None."""
+    if data is None:
+        return None
+    return data.find(b"\x00") < 0 and _utf8(data)
+
+
 def _utf8(data: bytes) -> bool:
     if data.isascii():
         return True

@@ -22,7 +22,7 @@ import psycopg2.errors
 from agentpost.model.errors import MailboxFull
 from agentpost.storage import message_bodies, usage
 from agentpost.storage.database import Txn, json_param
-from agentpost.storage.long_text import long_bytes, long_text
+from agentpost.storage.long_text import long_bytes, long_text, utf8_text
 from agentpost.storage.message_batch import (
     BATCH_MIN_COPIES,
     TEXT_COLUMNS,
@@ -199,9 +199,10 @@ _GUESSED_DELIVERY_SQL = (
     "SET LOCAL plan_cache_mode TO force_generic_plan; "
     "SELECT pg_advisory_xact_lock(hashtextextended(k, 7)) "
     "FROM (SELECT k FROM unnest(%s::text[]) AS k ORDER BY k) AS s; "
-    "INSERT INTO blobs (key, size, refcount, created_at, data) "
-    "  SELECT k, s, n, %s, d "
-    "  FROM unnest(%s::text[], %s::bigint[], %s::int[], %s::bytea[]) AS x(k, s, n, d) "
+    "INSERT INTO blobs (key, size, refcount, created_at, data, utf8) "
+    "  SELECT k, s, n, %s, d, u "
+    "  FROM unnest(%s::text[], %s::bigint[], %s::int[], %s::bytea[], %s::bool[]) "
+    "  AS x(k, s, n, d, u) "
     "  ON CONFLICT (key) DO UPDATE SET refcount = blobs.refcount + EXCLUDED.refcount; "
     f"SELECT ('{_STALE_GUESS}' || left(x.org, 0))::int "  # a constant would fail at once
     "FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::bigint[], %s::text[]) "
@@ -235,7 +236,8 @@ def guessed_delivery_sql(txn: Txn, probes: list[DeliveryProbe],
     keys = sorted(counts)
     return _GUESSED_DELIVERY_SQL, [
         keys, txn.now, keys, [sizes[k] for k in keys], [counts[k] for k in keys],
-        [long_bytes(inline[k]) for k in keys], [p.org_id for p in probes],
+        [long_bytes(inline[k]) for k in keys], [utf8_text(inline[k]) for k in keys],
+        [p.org_id for p in probes],
         [p.inbox_id for p in probes],
         [f["id"] for f in folders], [f["name"] for f in folders],
         [f["uidvalidity"] for f in folders], [p.message_id for p in probes]]
@@ -281,9 +283,10 @@ _PREPARE_DELIVERIES_SQL = (
     "SET LOCAL plan_cache_mode TO force_generic_plan; "
     "SELECT pg_advisory_xact_lock(hashtextextended(k, 7)) "
     "FROM (SELECT k FROM unnest(%s::text[]) AS k ORDER BY k) AS s; "
-    "WITH b AS (INSERT INTO blobs (key, size, refcount, created_at, data) "
-    "  SELECT k, s, n, %s, d "
-    "  FROM unnest(%s::text[], %s::bigint[], %s::int[], %s::bytea[]) AS x(k, s, n, d) "
+    "WITH b AS (INSERT INTO blobs (key, size, refcount, created_at, data, utf8) "
+    "  SELECT k, s, n, %s, d, u "
+    "  FROM unnest(%s::text[], %s::bigint[], %s::int[], %s::bytea[], %s::bool[]) "
+    "  AS x(k, s, n, d, u) "
     "  ON CONFLICT (key) DO UPDATE SET refcount = blobs.refcount + EXCLUDED.refcount "
     "  RETURNING key, (xmax = 0) AS inserted), "
     "p AS (SELECT p.i, y.id, y.thread_id "
@@ -330,7 +333,8 @@ async def prepare_deliveries(txn: Txn, probes: list[DeliveryProbe]) -> list[Deli
     keys = sorted(counts)
     rows = await txn.fetchall(_PREPARE_DELIVERIES_SQL, [
         keys, txn.now, keys, [sizes[k] for k in keys], [counts[k] for k in keys],
-        [long_bytes(inline.get(k)) for k in keys], *pairs,
+        [long_bytes(inline.get(k)) for k in keys],
+        [utf8_text(inline.get(k)) for k in keys], *pairs,
         [p.org_id for p in probes], [p.inbox_id for p in probes],
         [p.folder_name for p in probes], [p.message_id for p in probes]])
     new = set(rows[0]["new_blobs"] or ()) if rows else set()

