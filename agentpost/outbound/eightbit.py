@@ -27,6 +27,8 @@ from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
+from agentpost.mail.utf8 import is_utf8 as is_utf8
+
 #: Nesting depth walked (multipart in multipart ...); deeper parts are left as they are.
 MAX_DEPTH = 20
 
@@ -34,17 +36,6 @@ _BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 _CTE_FIELD = re.compile(rb"(?im)^content-transfer-encoding[ \t]*:.*(?:\r?\n[ \t].*)*\r?\n?")
 _RECODABLE = {"", "7bit", "8bit", "binary"}
 _RETURN_PATH = re.compile(rb"(?i)\Areturn-path[ \t]*:.*\r?\n(?:[ \t].*\r?\n)*")
-
-
-def is_utf8(data: bytes) -> bool:
-    """True for 7-bit ASCII and for valid UTF-8."""
-    if data.isascii():
-        return True
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 def strip_return_path(raw: bytes) -> bytes:

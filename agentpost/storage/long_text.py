@@ -32,6 +32,8 @@ from typing import Any
 
 from psycopg2.extensions import Binary, QuotedString, register_adapter
 
+from agentpost.mail.utf8 import is_utf8
+
 #: Shorter strings keep psycopg2's own quoting (the saving is per byte).
 LONG_TEXT_MIN_CHARS = 4096
 
@@ -49,15 +51,22 @@ def long_text(value: Any) -> Any:
     return value
 
 
-class _Quoted:
-    """psycopg2's adapter protocol (``prepare`` with the connection, then ``getquoted``)."""
+class _Adapter:
+    """psycopg2's adapter protocol (``prepare`` with the connection, then ``getquoted``):
+    the adapters below choose their literal by the connection's settings."""
 
-    def __init__(self, value: LongText) -> None:
+    def __init__(self, value: Any) -> None:
         self._value = value
         self._conn: Any = None
 
     def prepare(self, conn: Any) -> None:
         self._conn = conn
+
+
+class _Quoted(_Adapter):
+    """A :class:`LongText`: its quotes doubled, or psycopg2's own literal."""
+
+    _value: LongText
 
     def getquoted(self) -> bytes:
         text = self._value  # str's own methods: no copy of the body made here
@@ -97,7 +106,7 @@ def long_bytes(value: Any) -> Any:
     return value
 
 
-class _QuotedBytes:
+class _QuotedBytes(_Adapter):
     """Most mail is UTF-8 (nearly all of it ASCII) without NUL: its bytes travel as a
     text literal the size of the message, turned back into the same bytes by the
     server (``convert_to(..., 'UTF8')`` is the identity on a UTF-8 database), instead
@@ -106,12 +115,7 @@ class _QuotedBytes:
     cost it). Anything else (another encoding on either side, non-standard strings, a
     NUL, bytes that are not UTF-8) keeps psycopg2's hex literal."""
 
-    def __init__(self, value: LongBytes) -> None:
-        self._value = value
-        self._conn: Any = None
-
-    def prepare(self, conn: Any) -> None:
-        self._conn = conn
+    _value: LongBytes
 
     def getquoted(self) -> bytes:
         data = self._value
@@ -120,7 +124,7 @@ class _QuotedBytes:
                 and conn.get_parameter_status("client_encoding") == "UTF8"
                 and conn.get_parameter_status("server_encoding") == "UTF8"
                 and conn.get_parameter_status("standard_conforming_strings") == "on"
-                and data.find(b"\x00") < 0 and _utf8(data)):
+                and utf8_text(data)):
             return b"convert_to('" + data.replace(b"'", b"''") + b"', 'UTF8')"
         binary = Binary(bytes(data))
         if conn is not None:
@@ -134,17 +138,7 @@ def utf8_text(data: bytes | None) -> bool | None:
     byte (valid UTF-8, no NUL): blobs.utf8 (migration 0038). None for None."""
     if data is None:
         return None
-    return data.find(b"\x00") < 0 and _utf8(data)
-
-
-def _utf8(data: bytes) -> bool:
-    if data.isascii():
-        return True
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
+    return data.find(b"\x00") < 0 and is_utf8(data)
 
 
 register_adapter(LongBytes, _QuotedBytes)
@@ -199,16 +193,11 @@ def blob_text(text: Any, raw: bytes, key: str) -> Any:
     return out
 
 
-class _QuotedBlobText:
+class _QuotedBlobText(_Adapter):
     """``ap_blob_text(...)`` on a UTF-8 database (convert_from's UTF8 is then exactly
     the bytes' text), else the body as a literal (:class:`_Quoted`)."""
 
-    def __init__(self, value: BlobText) -> None:
-        self._value = value
-        self._conn: Any = None
-
-    def prepare(self, conn: Any) -> None:
-        self._conn = conn
+    _value: BlobText
 
     def getquoted(self) -> bytes:
         value = self._value
