@@ -402,9 +402,14 @@ class DataDecoder:
                 self.done = True
                 return b"", buf[3:]
         # Whole-buffer work (a few C-speed scans, not a Python step per line): every
-        # CRLF ends a line, so the terminator is the first CRLF "." CRLF.
+        # CRLF ends a line, so the terminator is the first CRLF "." CRLF. Most buffers
+        # hold no line starting with a dot at all: one scan says so, and then there is
+        # neither a terminator to find nor a stuffing dot to remove.
+        first_dot = buf.find(b"\r\n.")
+        if first_dot < 0:
+            return self._plain(buf)
         rest: bytes | None = None
-        stop = buf.find(b"\r\n.\r\n")
+        stop = buf.find(b"\r\n.\r\n", first_dot)
         if stop >= 0:
             rest = buf[stop + 5:]
             stop += 2
@@ -424,6 +429,20 @@ class DataDecoder:
             region = region[1:]  # dot-stuffing: drop the first dot of every line
         self._at_line_start = region.endswith(b"\r\n")
         return region.replace(b"\r\n.", b"\r\n"), rest
+
+    def _plain(self, buf: bytes) -> tuple[bytes, None]:
+        """:meth:`feed` for a buffer without CRLF "." (only a line start at its very
+        beginning, handled by the caller, or a CR at its end, held back, can matter)."""
+        stop = len(buf) - 1 if buf.endswith(b"\r") else len(buf)
+        self._pending = buf[stop:]
+        region = buf[:stop] if stop < len(buf) else buf
+        if not region:
+            return b"", None
+        self._count_lines(region)
+        if self._at_line_start and region[:1] == b".":
+            region = region[1:]
+        self._at_line_start = region.endswith(b"\r\n")
+        return region, None
 
     def _count_lines(self, region: bytes) -> None:
         """Note an over-long line in ``region`` (octets as received, stuffing dot and
