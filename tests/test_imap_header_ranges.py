@@ -16,6 +16,7 @@ import pytest
 import pytest_twisted
 
 from tests.conftest import make_config, start_server
+from tests.helpers import query
 from tests.imap_client import new_inbox, session
 
 _HEADER_ITEMS = ("BODY.PEEK[HEADER.FIELDS (FROM SUBJECT X-LONG)] BODY.PEEK[HEADER] "
@@ -96,5 +97,35 @@ async def test_header_items_by_range_match_in_the_store_too(db_dsn, tmp_path, op
         inbox, key = await new_inbox(running, "hdrstore")
         for alone, whole in await _compare(running.imap_port, inbox, key):
             assert alone == whole
+    finally:
+        await running.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_header_read_of_bytes_gone_from_the_store_says_expunged(db_dsn, tmp_path,
+                                                                       openapi_checker):
+    """A message whose bytes are gone from the store (collected after an expunge by
+    another session, between this session's row and its read): the whole-message path
+    answered EXPUNGEISSUED for it and sent the others, and so does the range path."""
+    running = await start_server(
+        make_config(db_dsn, storage={"backend": "local", "path": str(tmp_path / "blobs"),
+                                     "inline_message_max": "0B"}), openapi_checker)
+    try:
+        inbox, key = await new_inbox(running, "hdrgone")
+
+        def work(c):
+            c.append("INBOX", _SHAPES[0])
+            c.append("INBOX", _SHAPES[1])
+            c.ok("SELECT INBOX")
+            [(blob,)] = query(db_dsn, "SELECT raw_blob_key FROM messages "
+                                      "WHERE inbox_id = %s AND uid = 1", (inbox["id"],))
+            (tmp_path / "blobs" / blob).unlink()
+            answer = c.tagged("g", "FETCH 1:2 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+            c.ok("NOOP")  # the session goes on
+            return answer
+
+        answer = await session(running.imap_port, inbox["email"], key, work)
+        assert answer[-1].startswith(b"g NO [EXPUNGEISSUED]"), answer[-1]
+        assert any(b"Subject: lf only" in line for line in answer)  # the other is sent
     finally:
         await running.service.stopService()

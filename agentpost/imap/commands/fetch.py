@@ -219,7 +219,13 @@ async def _fetch(session: IMAP4ServerProtocol, view: SelectedMailbox, uids: list
                     continue
             if session.state is not State.SELECTED:
                 return
-            segments = await _render(session, view, row, raw, items, row.uid in seen_now)
+            try:
+                segments = await _render(session, view, row, raw, items, row.uid in seen_now)
+            except (errors.NotFound, KeyError):  # read by range: collected meanwhile
+                if raw is not None:
+                    raise
+                gone = True  # expunged meanwhile, as a whole read would have found
+                continue
             if not await _send_segments(session, view.folder, segments):
                 return
     finally:
