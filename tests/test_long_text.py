@@ -147,3 +147,19 @@ def test_short_and_other_raw_values_are_left_alone():
     assert long_bytes(None) is None
     text = "x" * LONG_TEXT_MIN_CHARS
     assert long_bytes(text) is text
+
+
+def test_inline_columns_decide_the_literal_and_the_flag_together(conn):
+    from agentpost.storage.long_text import inline_columns
+
+    n = LONG_TEXT_MIN_CHARS
+    values = [None, b"short", b"a" * n, "é".encode() * n, b"\xe9" * n, b"a\x00" * n]
+    data, flags = inline_columns(values)
+    assert flags == [None, True, True, True, False, False]
+    cur = conn.cursor()
+    for value, item, flag in zip(values, data, flags, strict=True):
+        literal = cur.mogrify("%s", [item])
+        assert literal.startswith(b"convert_to(") is (flag is True and len(value) >= n)
+        cur.execute("SELECT %s::bytea", [item])
+        stored = cur.fetchone()[0]
+        assert (None if stored is None else bytes(stored)) == value

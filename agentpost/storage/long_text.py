@@ -93,17 +93,29 @@ register_adapter(LongText, _Quoted)
 
 class LongBytes(bytes):
     """A message's raw bytes kept in PostgreSQL (storage.blobs.inline), a ``bytea``
-    parameter; see :class:`_QuotedBytes`."""
+    parameter; see :class:`_QuotedBytes`. ``text_ok``: :func:`utf8_text` of them, when
+    already known (:func:`long_bytes`)."""
 
-    __slots__ = ()
+    text_ok: bool
 
 
 def long_bytes(value: Any) -> Any:
     """``value`` marked for :class:`_QuotedBytes` when it is long ``bytes``; else
     unchanged."""
     if type(value) is bytes and len(value) >= LONG_TEXT_MIN_CHARS:
-        return LongBytes(value)
+        out = LongBytes(value)
+        out.text_ok = bool(utf8_text(value))
+        return out
     return value
+
+
+def inline_columns(values: list[bytes | None]) -> tuple[list[Any], list[bool | None]]:
+    """The ``data`` and ``utf8`` parameters of blob rows (migrations 0035, 0038) for
+    ``values`` (None: a blob in the store), the UTF-8 test made once per value: the
+    literal's form and the row's flag both follow from it."""
+    data = [long_bytes(value) for value in values]
+    return data, [item.text_ok if isinstance(item, LongBytes) else utf8_text(item)
+                  for item in data]
 
 
 class _QuotedBytes(_Adapter):
@@ -124,7 +136,7 @@ class _QuotedBytes(_Adapter):
                 and conn.get_parameter_status("client_encoding") == "UTF8"
                 and conn.get_parameter_status("server_encoding") == "UTF8"
                 and conn.get_parameter_status("standard_conforming_strings") == "on"
-                and utf8_text(data)):
+                and (data.text_ok if hasattr(data, "text_ok") else utf8_text(data))):
             return b"convert_to('" + data.replace(b"'", b"''") + b"', 'UTF8')"
         binary = Binary(bytes(data))
         if conn is not None:
@@ -172,7 +184,7 @@ def blob_text(text: Any, raw: bytes, key: str) -> Any:
     crlf = raw.find(b"\r\n\r\n")
     # An LF-only header end only counts before the CRLF one: not a scan of the body.
     lf = raw.find(b"\n\n", 0, crlf + 1 if crlf >= 0 else len(raw))
-    if lf >= 0 and (crlf < 0 or lf < crlf):
+    if lf >= 0:
         start = lf + 2
     elif crlf >= 0:
         start = crlf + 4

@@ -12,7 +12,7 @@ from psycopg2.extras import Json
 from agentpost.storage import usage
 from agentpost.storage.audit import audit_insert_sql
 from agentpost.storage.database import Txn, json_param, text_array
-from agentpost.storage.long_text import long_bytes, utf8_text
+from agentpost.storage.long_text import inline_columns
 
 # Writing a new message row lives in message_insert; re-exported for its callers.
 from agentpost.storage.message_insert import MAIL_CHANNEL as MAIL_CHANNEL
@@ -96,9 +96,9 @@ async def prepare_delivery(txn: Txn, *, org_id: str, inbox_id: str, folder_name:
         sql = "SELECT pg_advisory_xact_lock(hashtextextended(%s::text, 7)); "
         rows_sql = ("(VALUES (%s::text, %s::bigint, %s::int, %s::bytea, %s::bool)) "
                     "AS x(k, s, n, d, u)")
+        data, utf8 = inline_columns([inline.get(keys[0])])
         params: list[Any] = [keys[0], txn.now, keys[0], sizes[keys[0]], counts[keys[0]],
-                             long_bytes(inline.get(keys[0])),
-                             utf8_text(inline.get(keys[0]))]
+                             data[0], utf8[0]]
     else:
         sql, params = "", []
         if keys:
@@ -108,8 +108,7 @@ async def prepare_delivery(txn: Txn, *, org_id: str, inbox_id: str, folder_name:
         rows_sql = ("unnest(%s::text[], %s::bigint[], %s::int[], %s::bytea[], %s::bool[]) "
                     "AS x(k, s, n, d, u)")
         params += [txn.now, keys, [sizes[k] for k in keys], [counts[k] for k in keys],
-                   [long_bytes(inline.get(k)) for k in keys],
-                   [utf8_text(inline.get(k)) for k in keys]]
+                   *inline_columns([inline.get(k) for k in keys])]
     row = await txn.fetchone_required(
         sql + "WITH b AS (INSERT INTO blobs (key, size, refcount, created_at, data, utf8) "
         f"  SELECT k, s, n, %s, d, u FROM {rows_sql} "

@@ -22,7 +22,7 @@ import psycopg2.errors
 from agentpost.model.errors import MailboxFull
 from agentpost.storage import message_bodies, usage
 from agentpost.storage.database import Txn, json_param
-from agentpost.storage.long_text import long_bytes, long_text, utf8_text
+from agentpost.storage.long_text import inline_columns, long_text
 from agentpost.storage.message_batch import (
     BATCH_MIN_COPIES,
     TEXT_COLUMNS,
@@ -236,7 +236,7 @@ def guessed_delivery_sql(txn: Txn, probes: list[DeliveryProbe],
     keys = sorted(counts)
     return _GUESSED_DELIVERY_SQL, [
         keys, txn.now, keys, [sizes[k] for k in keys], [counts[k] for k in keys],
-        [long_bytes(inline[k]) for k in keys], [utf8_text(inline[k]) for k in keys],
+        *inline_columns([inline[k] for k in keys]),
         [p.org_id for p in probes],
         [p.inbox_id for p in probes],
         [f["id"] for f in folders], [f["name"] for f in folders],
@@ -333,8 +333,7 @@ async def prepare_deliveries(txn: Txn, probes: list[DeliveryProbe]) -> list[Deli
     keys = sorted(counts)
     rows = await txn.fetchall(_PREPARE_DELIVERIES_SQL, [
         keys, txn.now, keys, [sizes[k] for k in keys], [counts[k] for k in keys],
-        [long_bytes(inline.get(k)) for k in keys],
-        [utf8_text(inline.get(k)) for k in keys], *pairs,
+        *inline_columns([inline.get(k) for k in keys]), *pairs,
         [p.org_id for p in probes], [p.inbox_id for p in probes],
         [p.folder_name for p in probes], [p.message_id for p in probes]])
     new = set(rows[0]["new_blobs"] or ()) if rows else set()
