@@ -47,6 +47,7 @@ from txpostgres import txpostgres
 from agentpost.core.inflight_batches import InflightBatches
 from agentpost.model.errors import TemporaryFailure
 from agentpost.storage import mail as mail_store
+from agentpost.storage.copy_rows import CopyRows, Statements
 from agentpost.storage.database import Database, Txn
 from agentpost.storage.message_insert import NotStored
 
@@ -57,7 +58,7 @@ class StagedWork(Protocol):
     """What a staging body returns (core.ingest.Staged)."""
 
     def writes(self) -> list[tuple[dict[str, Any], list[dict[str, Any]],
-                                   tuple[str, list[Any]]]]: ...
+                                   CopyRows | Statements]]: ...
 
     def finish(self, uids: dict[str, int]) -> Any: ...
 
@@ -203,7 +204,7 @@ class GroupCommit:
                     raise
                 raise _ItemFailed(item) from exc
         owners: dict[str, _Pending] = {}
-        writes = []
+        writes: list[tuple[dict[str, Any], list[dict[str, Any]], CopyRows | Statements]] = []
         for item, work in zip(batch, staged, strict=True):
             for write in work.writes():
                 owners[write[0]["id"]] = item

@@ -37,6 +37,7 @@ from agentpost.storage import mail as mail_store
 from agentpost.storage import threads as thread_store
 from agentpost.storage.blobs import BlobRef, BlobStore
 from agentpost.storage.blobs.base import is_inline_key
+from agentpost.storage.copy_rows import CopyRows, Statements
 from agentpost.storage.database import Database, Txn
 from agentpost.storage.long_text import blob_text
 
@@ -110,12 +111,12 @@ class BatchItem:
 
 @dataclass(frozen=True)
 class _Copy:
-    """One copy, staged: its thread and event statements (``before``), its message row
+    """One copy, staged: its thread, event and audit rows (``before``), its message row
     and attachment rows; ``stored`` has no UID yet."""
 
     row: dict[str, Any]
     attachments: list[dict[str, Any]]
-    before: tuple[str, list[Any]]
+    before: CopyRows
     stored: Stored
 
 
@@ -127,7 +128,7 @@ class Staged:
     copies: list[_Copy]
 
     def writes(self) -> list[tuple[dict[str, Any], list[dict[str, Any]],
-                                   tuple[str, list[Any]]]]:
+                                   CopyRows | Statements]]:
         """What storage.mail.insert_messages takes."""
         return [(c.row, c.attachments, c.before) for c in self.copies]
 
@@ -480,7 +481,8 @@ class Ingest:
             folder_name, state, when))
         uid, modseq = await mail_store.insert_message(txn, copy.row, quota=state.quota,
                                                       attachments=copy.attachments,
-                                                      before=copy.before, commit=commit)
+                                                      before=copy.before.sql(),
+                                                      commit=commit)
         return replace(copy.stored, uid=uid, modseq=modseq)
 
     async def _stage_copy(self, txn: Txn, target: Target, parsed: ParsedMessage,
@@ -504,8 +506,7 @@ def _inline_bodies(refs: list[BlobRef], bodies: dict[str, bytes | str]) -> dict[
 def _with_before_insert(txn: Txn, state: _State, copy: _Copy) -> _Copy:
     """Plus ``before_insert``'s statements (alone or batched: they commit with it)."""
     extra = state.before_insert(txn, copy.stored) if state.before_insert else ("", [])
-    return replace(copy, before=(copy.before[0] + "; " + extra[0],
-                                 [*copy.before[1], *extra[1]])) if extra[0] else copy
+    return replace(copy, before=copy.before.plus(extra)) if extra[0] else copy
 
 
 async def _missing_folder(txn: Txn, target: Target, folder_name: str,
@@ -531,28 +532,29 @@ def _build_copy(txn: Txn, target: Target, parsed: ParsedMessage, raw_ref: BlobRe
     trip)."""
     org = target.org_id
     recipients = parsed.to_addresses + parsed.cc_addresses
+    new_thread, thread_update = None, ("", [])  # type: tuple[Any, tuple[str, list[Any]]]
     if thread_id is None:
         thread_id = new_id("thr")
-        thread_sql = thread_store.new_thread_sql(
-            org_id=org, thread_id=thread_id, environment_id=target.environment_id,
-            inbox_id=target.inbox_id, subject=parsed.subject, received_at=when,
-            from_address=parsed.from_address, recipients=recipients,
-            labels=list(state.labels), now=txn.now)
+        new_thread = {"org_id": org, "id": thread_id, "environment_id": target.environment_id,
+                      "inbox_id": target.inbox_id, "subject": parsed.subject,
+                      "received_at": when, "from_address": parsed.from_address,
+                      "recipients": recipients, "labels": list(state.labels)}
     else:
-        thread_sql = thread_store.add_to_thread_sql(
+        thread_update = thread_store.add_to_thread_sql(
             org, thread_id, received_at=when, from_address=parsed.from_address,
             recipients=recipients, labels=list(state.labels), now=txn.now)
     message_id = new_id("msg")
-    event = mail_store.event_sql(
-        org_id=org, event_id=new_id("evt"), environment_id=target.environment_id,
-        inbox_id=target.inbox_id,
-        type_=state.event_type or (
+    rows = CopyRows(txn.now, {
+        "org_id": org, "id": new_id("evt"), "environment_id": target.environment_id,
+        "inbox_id": target.inbox_id,
+        "type": state.event_type or (
             "message.sent" if direction == "outbound" else "message.received"),
-        data={"message_id": message_id, "inbox_id": target.inbox_id,
-              "thread_id": thread_id, "subject": parsed.subject,
-              "from": parsed.from_address, "received_at": when.astimezone(UTC).isoformat()},
-        audit=[_audit_row(state.origin, target, message_id, envelope_from, folder["name"],
-                          raw_ref.size, txn.now)], now=txn.now)
+        "data": {"message_id": message_id, "inbox_id": target.inbox_id,
+                 "thread_id": thread_id, "subject": parsed.subject,
+                 "from": parsed.from_address,
+                 "received_at": when.astimezone(UTC).isoformat()}},
+        (_audit_row(state.origin, target, message_id, envelope_from, folder["name"],
+                    raw_ref.size, txn.now),), new_thread, thread_update)
     attachments = [{
         "org_id": org, "id": new_id("att"), "filename": att.filename,
         "mime_type": att.mime_type, "size": ref.size, "content_id": att.content_id,
@@ -562,7 +564,7 @@ def _build_copy(txn: Txn, target: Target, parsed: ParsedMessage, raw_ref: BlobRe
     return _Copy(
         _message_row(target, parsed, state, message_id, thread_id, folder["id"],
                      direction, raw_ref, bool(att_refs), envelope_from, when, txn.now),
-        attachments, (thread_sql[0] + "; " + event[0], thread_sql[1] + event[1]),
+        attachments, rows,
         Stored(message_id, target.inbox_id, org, thread_id, 0, folder["uidvalidity"],
                raw_ref.key, raw_ref.size, folder_id=folder["id"]))
 

@@ -3,18 +3,19 @@ storage/threads.py, filter rules in storage/filters.py)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from psycopg2.extras import Json
 
 from agentpost.storage import usage
-from agentpost.storage.audit import audit_insert_sql
-from agentpost.storage.database import Txn, json_param, text_array
-from agentpost.storage.long_text import inline_columns
 
-# Writing a new message row lives in message_insert; re-exported for its callers.
+# Writing a new message row lives in message_insert, its companion rows in copy_rows;
+# re-exported for their callers (and below).
+from agentpost.storage.copy_rows import EVENTS_CHANNEL as EVENTS_CHANNEL
+from agentpost.storage.copy_rows import event_sql as event_sql
+from agentpost.storage.database import Txn, text_array
+from agentpost.storage.long_text import inline_columns
 from agentpost.storage.message_insert import MAIL_CHANNEL as MAIL_CHANNEL
 from agentpost.storage.message_insert import DeliveryAnswer as DeliveryAnswer
 from agentpost.storage.message_insert import DeliveryProbe as DeliveryProbe
@@ -27,7 +28,6 @@ from agentpost.storage.threads import relabel_threads_sql
 
 SYSTEM_FOLDERS = (("INBOX", "\\Inbox"), ("Sent", "\\Sent"), ("Drafts", "\\Drafts"),
                   ("Trash", "\\Trash"), ("Junk", "\\Junk"))
-EVENTS_CHANNEL = "agentpost_events"
 
 
 # Routing ------------------------------------------------------------------------------
@@ -327,23 +327,6 @@ async def insert_event(txn: Txn, *, org_id: str, event_id: str, environment_id: 
     await txn.execute(*event_sql(org_id=org_id, event_id=event_id,
                                  environment_id=environment_id, inbox_id=inbox_id,
                                  type_=type_, data=data, audit=audit, now=txn.now))
-
-
-def event_sql(*, org_id: str, event_id: str, environment_id: str | None,
-              inbox_id: str | None, type_: str, data: dict[str, Any],
-              audit: list[dict[str, Any]] | None, now: Any) -> tuple[str, list[Any]]:
-    """:func:`insert_event` as (sql, params): statements to ride in another round trip."""
-    sql = ("INSERT INTO events (org_id, id, environment_id, inbox_id, type, data, created_at) "
-           "VALUES (%s, %s, %s, %s, %s, %s, %s); SELECT pg_notify(%s, %s)")
-    params: list[Any] = [
-        org_id, event_id, environment_id, inbox_id, type_, json_param(data), now,
-        EVENTS_CHANNEL, json.dumps({"org_id": org_id, "id": event_id, "type": type_,
-                                    "inbox_id": inbox_id})]
-    if audit:
-        audit_sql, audit_params = audit_insert_sql(audit)
-        sql += "; " + audit_sql
-        params += audit_params
-    return sql, params
 
 
 def env_clause(env_ids: frozenset[str] | None) -> tuple[str, list[Any]]:

@@ -20,7 +20,8 @@ import psycopg2
 import psycopg2.errors
 
 from agentpost.model.errors import MailboxFull
-from agentpost.storage import message_bodies, usage
+from agentpost.storage import copy_rows, message_bodies, usage
+from agentpost.storage.copy_rows import CopyRows, Statements
 from agentpost.storage.database import Txn, json_param
 from agentpost.storage.long_text import inline_columns, long_text
 from agentpost.storage.message_batch import (
@@ -122,11 +123,12 @@ _UIDS_SQL = "SELECT json_object_agg(x.id, f.uid) " + _UIDS_FROM
 
 
 async def insert_messages(txn: Txn, copies: list[tuple[dict[str, Any], list[dict[str, Any]],
-                                                       tuple[str, list[Any]]]], *,
+                                                       CopyRows | Statements]], *,
                           commit: bool = False,
                           lead: tuple[str, list[Any]] = ("", [])) -> dict[str, int]:
     """:func:`insert_message` (no quota) for many copies in ONE round trip: every
-    ``before`` first (threads, events), then the message statements, so the folders'
+    ``before`` first (threads, events; from three copies on, each kind in one statement:
+    storage.copy_rows), then the message statements, so the folders'
     UID locks are taken together at the very end. Returns the UID of each message id
     stored; a copy missing from it was not stored (its inbox or folder vanished).
 
@@ -141,10 +143,10 @@ async def insert_messages(txn: Txn, copies: list[tuple[dict[str, Any], list[dict
     params: list[Any] = list(lead[1])
     copies = [(await message_bodies.send_large(txn, row), attachments, before)
               for row, attachments, before in copies]
-    for _, _, before in copies:
-        if before[0]:
-            sql.append(before[0])
-            params += before[1]
+    before_sql, before_params = copy_rows.statements(
+        [before for _, _, before in copies], batched=len(copies) >= BATCH_MIN_COPIES)
+    sql += before_sql
+    params += before_params
     # Folders are locked in (org, folder id) order whatever the batch's order, so two
     # batches over the same folders cannot deadlock; the sort is stable, so UIDs within
     # a folder follow the batch's order.
