@@ -171,10 +171,13 @@ class Inboxes:
             inbox = await inbox_store.get_inbox(txn, p.org_id, p.environment_ids, inbox_id)
             if inbox is None:
                 raise NotFound()
-            for key in await mail_store.blob_keys_of_inbox(txn, p.org_id, inbox_id):
+            keys = await mail_store.blob_keys_of_inbox(txn, p.org_id, inbox_id)
+            # The inbox (and, by cascade, its messages) first: a blob nobody else uses
+            # loses its row on release, which its messages' rows still named (a 409).
+            await inbox_store.delete_inbox(txn, p.org_id, p.environment_ids, inbox_id)
+            for key in keys:
                 if await mail_store.release_blob(txn, key):
                     freed.append(key)
-            await inbox_store.delete_inbox(txn, p.org_id, p.environment_ids, inbox_id)
             ctx.environment_id = inbox["environment_id"]
             await self._audit.write_in(txn, ctx, 204)
 

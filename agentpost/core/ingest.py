@@ -532,7 +532,8 @@ def _build_copy(txn: Txn, target: Target, parsed: ParsedMessage, raw_ref: BlobRe
     trip)."""
     org = target.org_id
     recipients = parsed.to_addresses + parsed.cc_addresses
-    new_thread, thread_update = None, ("", [])  # type: tuple[Any, tuple[str, list[Any]]]
+    new_thread: dict[str, Any] | None = None
+    thread_update: Statements = ("", [])
     if thread_id is None:
         thread_id = new_id("thr")
         new_thread = {"org_id": org, "id": thread_id, "environment_id": target.environment_id,
