@@ -17,7 +17,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import psycopg2
-import pytest
 import pytest_twisted
 from twisted.internet import defer, task
 
@@ -405,9 +404,6 @@ async def test_an_inbox_that_holds_mail_can_be_deleted(server):
     assert gone.status == 404, gone
 
 
-@pytest.mark.xfail(strict=True, reason="staging looks threads up before the batch writes: "
-                   "a reply to a message of the same batch starts a thread of its own "
-                   "(not copy_rows; one delivery at a time joins the parent's thread)")
 @pytest_twisted.ensureDeferred
 async def test_a_reply_to_a_new_thread_of_the_same_batch(server):
     """Parent, reply and a reply to the reply in one batch: alone, each joins the

@@ -44,6 +44,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python import failure
 from txpostgres import txpostgres
 
+from agentpost.core.batch_threads import link_threads
 from agentpost.core.inflight_batches import InflightBatches
 from agentpost.model.errors import TemporaryFailure
 from agentpost.storage import mail as mail_store
@@ -187,7 +188,7 @@ class GroupCommit:
                 txn, flat, [answer.folder for answer in answers if answer.folder])
         else:
             try:
-                answers = await mail_store.prepare_deliveries(txn, flat)
+                answers = link_threads(flat, await mail_store.prepare_deliveries(txn, flat))
             except Exception as exc:
                 if single or _transaction_fault(exc):
                     raise

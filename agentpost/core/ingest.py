@@ -168,7 +168,7 @@ class _Delivery:
         inline = _inline_bodies(self.refs, self.blob_bodies)
         return [mail_store.DeliveryProbe(self.targets[i].org_id, self.targets[i].inbox_id,
                                          self.folder, blobs, parsed.message_id, related,
-                                         inline)
+                                         inline, tuple(parsed.references))
                 for i in self.order]
 
     def guess(self, probes: list[mail_store.DeliveryProbe]
@@ -209,7 +209,8 @@ class _Delivery:
                                                folder)
             copies[i] = _with_before_insert(txn, self.state, _build_copy(
                 txn, target, self.parsed, self.refs[0], self.refs[1:], self.envelope_from,
-                self.direction, self.state, when, folder, answer.thread_id))
+                self.direction, self.state, when, folder, answer.thread_id,
+                answer.starts_thread))
         return Staged([c for c in copies if c is not None])
 
 
@@ -527,15 +528,15 @@ async def _missing_folder(txn: Txn, target: Target, folder_name: str,
 def _build_copy(txn: Txn, target: Target, parsed: ParsedMessage, raw_ref: BlobRef,
                 att_refs: list[BlobRef], envelope_from: str | None, direction: str,
                 state: _State, when: datetime, folder: dict[str, Any],
-                thread_id: str | None) -> _Copy:
-    """A copy's rows and statements, once its folder and thread are known (no round
-    trip)."""
+                thread_id: str | None, starts_thread: bool = False) -> _Copy:
+    """A copy's rows and statements, once its folder and thread (None, or one it starts:
+    a new one) are known (no round trip)."""
     org = target.org_id
     recipients = parsed.to_addresses + parsed.cc_addresses
     new_thread: dict[str, Any] | None = None
     thread_update: Statements = ("", [])
-    if thread_id is None:
-        thread_id = new_id("thr")
+    if thread_id is None or starts_thread:
+        thread_id = thread_id or new_id("thr")
         new_thread = {"org_id": org, "id": thread_id, "environment_id": target.environment_id,
                       "inbox_id": target.inbox_id, "subject": parsed.subject,
                       "received_at": when, "from_address": parsed.from_address,

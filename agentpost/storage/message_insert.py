@@ -259,23 +259,33 @@ class DeliveryProbe:
     related: list[str]
     #: the bytes of the blobs kept in PostgreSQL (storage.blobs.inline), by key
     inline: Mapping[str, bytes] = field(default_factory=dict)
+    #: its References (``related`` without In-Reply-To): what ``message_refs`` records,
+    #: so what a later message finds it by
+    references: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class DeliveryAnswer:
     """:func:`prepare_deliveries`' answer for one copy: ``folder`` (id, name,
     special_use, uidvalidity; None when missing), ``thread_id`` (None: a new thread)
-    and ``new_blobs``, the copy's blob keys whose row the batch created."""
+    and ``new_blobs``, the copy's blob keys whose row the batch created.
+
+    ``thread_kind`` says how the stored thread was found: 0, a parent's; 1, a message
+    that referenced this one. ``starts_thread``: ``thread_id`` is a new thread's, which
+    this copy starts (core.batch_threads: a later copy of the batch replies to it)."""
 
     folder: dict[str, Any] | None
     thread_id: str | None
     new_blobs: list[str]
+    thread_kind: int | None = None
+    starts_thread: bool = False
 
 
 #: prepare_deliveries' text: one shape for every batch (arrays, never a list of values),
 #: so it is prepared once. Blob locks in key order, then every reference counted in one
 #: upsert; per copy its folder, and its thread: the earliest parent found (``p``, one
-#: index probe per referenced id), else the earliest message that referenced it.
+#: index probe per referenced id), else the earliest message that referenced it, as
+#: [kind, thread id] (kind 0: a parent's, 1: a referrer's).
 #: The batch's transaction uses generic plans from here on (SET LOCAL, so until its
 #: COMMIT): PostgreSQL would plan this statement afresh for every batch smaller than the
 #: ten rows a generic plan assumes for an array (0.3-0.5 ms each, measured), although
@@ -299,13 +309,13 @@ _PREPARE_DELIVERIES_SQL = (
     "SELECT CASE WHEN x.i = 1 THEN ARRAY(SELECT key FROM b WHERE inserted) END AS new_blobs, "
     "  (SELECT row_to_json(f) FROM (SELECT id, name, special_use, uidvalidity FROM folders "
     "     WHERE org_id = x.org AND inbox_id = x.inbox AND name = x.folder) AS f) AS folder, "
-    "  (SELECT t.thread_id FROM ("
+    "  (SELECT json_build_array(t.kind, t.thread_id) FROM ("
     "     SELECT 0 AS kind, p.id, p.thread_id FROM p WHERE p.i = x.i "
     "     UNION ALL (SELECT 1, r.message_id, m.thread_id FROM message_refs r "
     "       JOIN messages m ON m.org_id = r.org_id AND m.id = r.message_id "
     "       WHERE r.org_id = x.org AND r.inbox_id = x.inbox AND r.ref = x.msgid "
     "       ORDER BY r.message_id LIMIT 1)) AS t "
-    "   ORDER BY t.kind, t.id LIMIT 1) AS thread_id "
+    "   ORDER BY t.kind, t.id LIMIT 1) AS thread "
     "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[]) "
     "  WITH ORDINALITY AS x(org, inbox, folder, msgid, i) ORDER BY x.i")
 
@@ -339,8 +349,9 @@ async def prepare_deliveries(txn: Txn, probes: list[DeliveryProbe]) -> list[Deli
         [p.org_id for p in probes], [p.inbox_id for p in probes],
         [p.folder_name for p in probes], [p.message_id for p in probes]])
     new = set(rows[0]["new_blobs"] or ()) if rows else set()
-    return [DeliveryAnswer(row["folder"], row["thread_id"],
-                           sorted({key for key, _ in probe.blobs if key in new}))
+    return [DeliveryAnswer(row["folder"], row["thread"][1] if row["thread"] else None,
+                           sorted({key for key, _ in probe.blobs if key in new}),
+                           row["thread"][0] if row["thread"] else None)
             for probe, row in zip(probes, rows, strict=True)]
 
 
