@@ -1348,13 +1348,19 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def stop_on_signals() -> None:
+    """Ctrl-C, SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread, so each
+    benchmark's cleanup (server, cluster, temp folder) runs whichever stopped it."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; see the module docstring."""
     args = parse_args(argv)
     # Started in the background by a shell, SIGINT may arrive ignored; Ctrl-C must work.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    stop_on_signals()
     machine = machine_info()
     bench = Bench(args)
     try:

@@ -57,7 +57,6 @@ import contextlib
 import imaplib
 import json
 import re
-import signal
 import smtplib
 import ssl
 import statistics
@@ -80,6 +79,7 @@ from api_bench import (  # noqa: E402
     log,
     machine_info,
     process_cpu,
+    stop_on_signals,
     stop_server,
     toml_str,
     tree_cpu,
@@ -418,15 +418,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    stop_on_signals()
     machine = machine_info()
     bench = Bench(args)
     try:

@@ -48,7 +48,6 @@ import random
 import re
 import shlex
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -82,6 +81,7 @@ from api_bench import (  # noqa: E402
     postmaster_pid,
     process_cpu,
     self_cpu,
+    stop_on_signals,
     stop_server,
     tail,
     toml_str,
@@ -1234,15 +1234,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    stop_on_signals()
     machine = machine_info()
     SMTPSession.use_pipelining = not args.no_pipelining
     EXTRA_SMTP_LINES[:] = [" = ".join(p.strip() for p in kv.split("=", 1))

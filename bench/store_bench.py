@@ -38,7 +38,6 @@ import json
 import math
 import random
 import re
-import signal
 import ssl
 import sys
 import time
@@ -61,6 +60,7 @@ from api_bench import (  # noqa: E402
     one_request,
     percentile,
     run_scenario,
+    stop_on_signals,
     stop_server,
 )
 from smtp_bench import SENDER_DOMAIN, Harness, SMTPSession, text_lines  # noqa: E402
@@ -676,15 +676,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    stop_on_signals()
     machine = machine_info()
     bench = StoreBench(args)
     try:
