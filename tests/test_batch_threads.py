@@ -11,12 +11,14 @@ messages must fall into the same threads, with the same thread rows.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer
 
 from agentpost.core.batch_threads import link_threads
+from agentpost.storage import migrations
 from agentpost.storage.message_insert import DeliveryAnswer, DeliveryProbe
 from tests.mailfactory import make_message
 from tests.test_group_commit import _wait_pending
@@ -36,8 +38,7 @@ _CASES: dict[str, tuple[list[bytes], list[bytes]]] = {
     "the reply first, then its parent": ([], [
         _msg("r", "<r@x>", parent="<p@x>", refs="<p@x>"), _msg("o", "<o@x>"),
         _msg("p", "<p@x>")]),
-    # One at a time, a parent finds an earlier reply by its References only.
-    "an In-Reply-To alone is not found by a later parent": ([], [
+    "the reply first, naming its parent in In-Reply-To only": ([], [
         _msg("r", "<r@x>", parent="<p@x>"), _msg("o", "<o@x>"), _msg("p", "<p@x>")]),
     "a stored parent wins over one in the batch": ([_msg("sp", "<sp@x>")], [
         _msg("q", "<q@x>"), _msg("o", "<o@x>"),
@@ -93,10 +94,31 @@ async def test_a_batch_threads_as_one_delivery_at_a_time(server, case):
     assert sum(len(g) - 1 for g in got) == len(stored) + len(batch)
     if case.startswith("parent, reply"):
         assert (3, "p", "r", "rr") in got and (1, "o") in got
+    if case.startswith("the reply first"):
+        assert (2, "p", "r") in got and (1, "o") in got
+
+
+@pytest_twisted.ensureDeferred
+async def test_rows_from_before_migration_0039_get_their_in_reply_to(server):
+    """Messages stored before In-Reply-To was recorded in message_refs get it from the
+    migration, so a parent arriving later still finds their thread."""
+    _, [inbox], [target], _, _ = await _setup(server, "btm")
+    server.core.ingest.group_commit = None
+    await _store(server, target, _msg("r", "<mr@x>", parent="<mp@x>"), group=False)
+    await _rows(server, "DELETE FROM message_refs r USING messages m WHERE m.id = "
+                        "r.message_id AND m.inbox_id = %s RETURNING r.ref", inbox["id"])
+    sql = (Path(migrations.__file__).parent / "migrations"
+           / "0039_refs_in_reply_to.sql").read_text()
+    await server.core.db.run_interaction("t", lambda txn: txn.execute(sql))
+    refs = await _rows(server, "SELECT r.ref FROM message_refs r JOIN messages m "
+                               "ON m.id = r.message_id WHERE m.inbox_id = %s", inbox["id"])
+    assert refs == [{"ref": "mp@x"}]
+    await _store(server, target, _msg("p", "<mp@x>"), group=False)
+    assert await _threads(server, inbox["id"]) == [(2, "p", "r")]
 
 
 def _probe(msgid: str, related: list[str], inbox: str = "i") -> DeliveryProbe:
-    return DeliveryProbe("o", inbox, "INBOX", [], msgid, related, {}, tuple(related))
+    return DeliveryProbe("o", inbox, "INBOX", [], msgid, related)
 
 
 def test_links_are_per_inbox_and_follow_the_stored_kinds():

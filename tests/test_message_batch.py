@@ -118,7 +118,7 @@ async def test_a_batch_stores_odd_values_exactly_as_one_copy_at_a_time(server, m
     refs = await _rows(server, "SELECT r.ref FROM message_refs r JOIN messages m "
                                "ON m.id = r.message_id WHERE m.inbox_id = %s ORDER BY r.ref",
                        batched["id"])
-    assert [r["ref"] for r in refs] == ["<a@x>", "<b'@x>"]
+    assert [r["ref"] for r in refs] == ["<a@x>", "<b'@x>", "<p\\1@x>"]  # + In-Reply-To
     atts = await _rows(server, "SELECT a.filename, a.mime_type, a.size, a.part_index, "
                                "a.org_id = m.org_id AS same_org FROM attachments a "
                                "JOIN messages m ON m.id = a.message_id "

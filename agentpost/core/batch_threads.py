@@ -35,7 +35,7 @@ def link_threads(probes: list[DeliveryProbe],
     is passed (a batch can hold thousands of copies: 16 deliveries of many recipients)."""
     out = list(answers)
     by_id: dict[_Key, int] = {}  # the first copy of each Message-ID
-    by_ref: dict[_Key, int] = {}  # the first copy whose References name each Message-ID
+    by_ref: dict[_Key, int] = {}  # the first copy that referred to each Message-ID
     for k, probe in enumerate(probes):
         org, inbox = probe.org_id, probe.inbox_id
         answer = out[k]
@@ -52,6 +52,6 @@ def link_threads(probes: list[DeliveryProbe],
                                  starts_thread=False)
         if probe.message_id:
             by_id.setdefault((org, inbox, probe.message_id), k)
-        for ref in probe.references:  # as message_refs records it: not In-Reply-To
+        for ref in probe.related:  # as message_refs records it (In-Reply-To too)
             by_ref.setdefault((org, inbox, ref), k)
     return out

@@ -168,7 +168,7 @@ class _Delivery:
         inline = _inline_bodies(self.refs, self.blob_bodies)
         return [mail_store.DeliveryProbe(self.targets[i].org_id, self.targets[i].inbox_id,
                                          self.folder, blobs, parsed.message_id, related,
-                                         inline, tuple(parsed.references))
+                                         inline)
                 for i in self.order]
 
     def guess(self, probes: list[mail_store.DeliveryProbe]

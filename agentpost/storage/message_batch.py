@@ -31,7 +31,8 @@ copy as before.
 The statement does per row what storage.message_insert's per-copy statement does: a
 usage delta if the inbox exists, the folder's next UID and MODSEQ (folders locked in
 (org, id) order, UIDs within a folder in the batch's order), the message, its
-Message-ID references and its attachments, and one folder wake-up per folder (NOTIFY
+Message-ID references (References and In-Reply-To: message_insert.message_refs) and
+its attachments, and one folder wake-up per folder (NOTIFY
 folds identical notifications in a transaction anyway).
 """
 
@@ -113,10 +114,11 @@ BATCH_INSERT_SQL = (
     f"  SELECT {', '.join(_select(col) for col in _INSERTED)}, u.uid0 + c.k - 1, "
     "  u.modseq0 + c.k FROM c JOIN u ON u.org_id = c.org_id AND u.id = c.folder_id "
     "  CROSS JOIN t "
-    "  RETURNING org_id, id, inbox_id, folder_id, reference_ids), "
+    "  RETURNING org_id, id, inbox_id, folder_id, reference_ids, in_reply_to), "
     "r AS (INSERT INTO message_refs (org_id, inbox_id, ref, message_id) "
     "  SELECT DISTINCT m.org_id, m.inbox_id, x.ref, m.id FROM m, "
-    "  unnest(m.reference_ids) AS x(ref)), "
+    "  unnest(array_append(m.reference_ids, m.in_reply_to)) AS x(ref) "
+    "  WHERE x.ref IS NOT NULL), "
     f"a AS (INSERT INTO attachments ({', '.join(_ATT_COLUMNS)}) "
     f"  SELECT {', '.join('a.' + col for col in _ATT_COLUMNS)} "
     "  FROM jsonb_populate_recordset(NULL::attachments, %s::jsonb) AS a "

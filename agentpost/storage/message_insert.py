@@ -259,9 +259,6 @@ class DeliveryProbe:
     related: list[str]
     #: the bytes of the blobs kept in PostgreSQL (storage.blobs.inline), by key
     inline: Mapping[str, bytes] = field(default_factory=dict)
-    #: its References (``related`` without In-Reply-To): what ``message_refs`` records,
-    #: so what a later message finds it by
-    references: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -386,7 +383,19 @@ def _insert_message_sql(row: dict[str, Any], quota: int,
         [*usage.charge_params(row["org_id"], row["inbox_id"], row["size"], quota,
                               row["created_at"]),
          row["org_id"], row["folder_id"], *values, row["org_id"], row["inbox_id"],
-         list(row["reference_ids"]), *att_params, MAIL_CHANNEL, str(row["folder_id"])])
+         message_refs(row), *att_params, MAIL_CHANNEL, str(row["folder_id"])])
+
+
+def message_refs(row: Mapping[str, Any]) -> list[str]:
+    """The Message-IDs a new message refers to, as ``message_refs`` records them (what a
+    later message finds it by: storage.threads' children): its References and its
+    In-Reply-To. A reply that names its parent only in In-Reply-To (clients may) and
+    arrives before it would otherwise never be found by it, and the two would not be
+    threaded."""
+    refs = list(row["reference_ids"] or ())
+    if row.get("in_reply_to") and row["in_reply_to"] not in refs:
+        refs.append(row["in_reply_to"])
+    return refs
 
 
 _ATT_COLS = (("org_id", "text"), ("id", "text"), ("filename", "text"),
