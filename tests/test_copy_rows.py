@@ -15,7 +15,7 @@ import psycopg2
 import pytest_twisted
 from twisted.internet import defer
 
-from agentpost.storage import copy_rows
+from agentpost.storage import copy_rows, message_batch
 from agentpost.storage.mail import EVENTS_CHANNEL
 from tests.mailfactory import make_message
 from tests.test_group_commit import _wait_pending
@@ -152,7 +152,7 @@ async def test_a_batch_writes_its_rows_as_one_copy_at_a_time_does(server, db_dsn
 async def test_without_json_a_batch_writes_one_copy_at_a_time(server, monkeypatch, sent):
     """No JSON encoder (or a value it cannot carry): the copies' own statements, in the
     same batch transaction, with the same rows."""
-    monkeypatch.setattr(copy_rows, "ujson", None)
+    monkeypatch.setattr(message_batch, "ujson", None)
     _, [inbox], [target], clock, gc = await _setup(server, "crj")
     sent.clear()
     pending = [_store(server, target, raw, group=True) for raw in _raws()[:2] + _raws()[3:]]

@@ -81,10 +81,17 @@ async def insert_audit_batch(txn: Txn, rows: list[dict[str, Any]]) -> None:
     """
     if not rows:
         return
-    for row in rows:  # keys other than the columns are ignored, missing ones are NULL
-        if row.get("details") is None:
-            row["details"] = {}
-    await txn.execute(_ASYNC_COMMIT + _BATCH_SQL, (_batch_json(rows),))
+    sql, params = audit_batch_sql(rows)
+    await txn.execute(_ASYNC_COMMIT + sql, params)
+
+
+def audit_batch_sql(rows: list[dict[str, Any]]) -> tuple[str, list[Any]]:
+    """:func:`insert_audit_batch`'s statement and parameter, for callers that send it in
+    another round trip (a group-commit batch's rows: storage.copy_rows). Keys other than
+    the columns are ignored, missing ones are NULL; raises TypeError or ValueError for a
+    value JSON cannot carry."""
+    return _BATCH_SQL, [_batch_json([{**row, "details": row.get("details") or {}}
+                                     for row in rows])]
 
 
 def _prefix_pattern(action: str | None) -> str | None:

@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from datetime import date, datetime
+from datetime import datetime
 from typing import Any
 
-from agentpost.storage.audit import audit_insert_sql
+from agentpost.storage.audit import audit_batch_sql, audit_insert_sql
 from agentpost.storage.database import json_param, text_array
+from agentpost.storage.message_batch import json_rows
 from agentpost.storage.threads import new_thread_sql
-
-try:
-    import ujson
-except ImportError:  # pragma: no cover - ujson comes with autobahn
-    ujson = None  # type: ignore[assignment]
 
 EVENTS_CHANNEL = "agentpost_events"
 
@@ -133,20 +129,14 @@ _EVENTS_SQL = (
     "ORDER BY x.ordinality; "
     "SELECT pg_notify(%s, p.v) FROM unnest(%s::text[]) WITH ORDINALITY AS p(v, n) "
     "ORDER BY p.n")
-_AUDIT_COLUMNS = ("id, occurred_at, org_id, environment_id, actor_type, actor_id, action, "
-                  "target_id, outcome, status, remote_addr, request_id, details")
-#: The audit rows of a batch (params: the rows as a JSON array).
-_AUDIT_SQL = (f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) SELECT {_AUDIT_COLUMNS} "
-              "FROM jsonb_populate_recordset(NULL::audit_log, %s::jsonb)")
-
-
 def statements(befores: list[CopyRows | Statements], *, batched: bool) -> tuple[list[str],
                                                                                list[Any]]:
     """The statements writing every copy's ``befores`` (in the batch's order), and their
     parameters: one statement per kind when ``batched`` and every copy's values can
     travel as JSON exactly, else each copy's own statements in turn."""
-    if batched and befores and all(isinstance(b, CopyRows) for b in befores):
-        grouped = _grouped([b for b in befores if isinstance(b, CopyRows)])
+    rows = [b for b in befores if isinstance(b, CopyRows)]
+    if batched and rows and len(rows) == len(befores):
+        grouped = _grouped(rows)
         if grouped is not None:
             return grouped
     sql: list[str] = []
@@ -161,13 +151,17 @@ def statements(befores: list[CopyRows | Statements], *, batched: bool) -> tuple[
 
 def _grouped(rows: list[CopyRows]) -> tuple[list[str], list[Any]] | None:
     """The batched statements, or None when a value cannot travel as JSON (ujson
-    missing, a value JSON does not know): the caller writes one copy at a time."""
-    if ujson is None or len({r.now for r in rows}) != 1:
+    missing, a value JSON does not know: message_batch.json_rows, audit.audit_batch_sql):
+    the caller writes one copy at a time."""
+    if len({r.now for r in rows}) != 1:
         return None
     threads = [r.new_thread for r in rows if r.new_thread is not None]
-    audit = [{**a, "details": a.get("details") or {}} for r in rows for a in r.audit]
+    audit = [a for r in rows for a in r.audit]
+    docs = json_rows(threads), json_rows([r.event for r in rows])
+    if docs[0] is None or docs[1] is None:
+        return None
     try:
-        docs = [_json(threads), _json([r.event for r in rows]), _json(audit)]
+        audit_sql = audit_batch_sql(audit) if audit else None
     except (TypeError, ValueError, OverflowError):
         return None
     now = rows[0].now
@@ -185,19 +179,8 @@ def _grouped(rows: list[CopyRows]) -> tuple[list[str], list[Any]] | None:
     params += [now, docs[1], EVENTS_CHANNEL,
                text_array(_wake_up(e["org_id"], e["id"], e["type"], e["inbox_id"])
                           for e in (r.event for r in rows))]
-    if audit:
-        sql.append(_AUDIT_SQL)
-        params.append(docs[2])
+    if audit_sql is not None:
+        sql.append(audit_sql[0])
+        params += audit_sql[1]
     return sql, params
 
-
-def _json(values: list[dict[str, Any]]) -> str:
-    return str(ujson.dumps(values, ensure_ascii=False, escape_forward_slashes=False,
-                           default=_iso))
-
-
-def _iso(value: Any) -> str:
-    """Timestamps as psycopg2 sends them (``isoformat()``: microseconds and offset)."""
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    raise TypeError(f"not JSON: {type(value).__name__}")

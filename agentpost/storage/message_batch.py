@@ -131,7 +131,7 @@ def batch_insert_sql(copies: list[tuple[dict[str, Any], list[dict[str, Any]]]],
     """(sql, params) writing every (row, attachments) of ``copies`` (in the order their
     UIDs are given within a folder), or None when a row cannot travel as JSON exactly
     (the caller then writes one statement per copy)."""
-    if ujson is None or not copies:
+    if not copies:
         return None
     rows: list[dict[str, Any]] = []
     texts: list[str | None] = []
@@ -148,16 +148,24 @@ def batch_insert_sql(copies: list[tuple[dict[str, Any], list[dict[str, Any]]]],
             del doc[col]
         rows.append(doc)
         atts += ({**att, "message_id": row["id"]} for att in attachments)
-    try:
-        docs = [ujson.dumps(rows, ensure_ascii=False, escape_forward_slashes=False,
-                            default=_iso),
-                ujson.dumps(atts, ensure_ascii=False, escape_forward_slashes=False,
-                            default=_iso)]
-    except (TypeError, ValueError, OverflowError):
-        # A value JSON cannot carry (a body sent in pieces): the per-copy statements.
-        # (A lone surrogate stays in the text: psycopg2 refuses it there, as before.)
-        return None
+    docs = json_rows(rows), json_rows(atts)
+    if docs[0] is None or docs[1] is None:
+        return None  # a value JSON cannot carry: the per-copy statements
     return BATCH_INSERT_SQL, [docs[0], texts, docs[1], channel]
+
+
+def json_rows(rows: list[dict[str, Any]]) -> str | None:
+    """Rows as one JSON array for a ``*_populate_recordset`` parameter (ujson, in C), or
+    None when they cannot travel that way exactly: no ujson, or a value JSON does not
+    know. (A lone surrogate stays in the text: psycopg2 refuses it there, as it refuses
+    it in a per-row statement.)"""
+    if ujson is None:
+        return None
+    try:
+        return str(ujson.dumps(rows, ensure_ascii=False, escape_forward_slashes=False,
+                               default=_iso))
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def _iso(value: Any) -> str:
