@@ -821,6 +821,13 @@ def settled_audit_count(conn: Any, before: int, expected: int) -> tuple[int, boo
 # --------------------------------------------------------------------------- reporting
 
 
+def machine_line(m: dict[str, Any]) -> str:
+    """The report's machine line, from :func:`machine_info` (every bench script's)."""
+    return (f"  machine : {m['nproc']} CPUs (nproc) {m['cpu_model']}, Linux {m['kernel']}, "
+            f"Python {m['python']}, Twisted {m['twisted']}, load avg at start "
+            f"{' '.join(str(x) for x in m['loadavg_at_start'])}, code {m['code']}")
+
+
 def machine_info() -> dict[str, Any]:
     """Who ran this, on what."""
     model = ""
@@ -954,9 +961,7 @@ def print_table(report: dict[str, Any]) -> None:
     out = [
         "",
         "AgentPost API benchmark",
-        f"  machine : {m['nproc']} CPUs (nproc) {m['cpu_model']}, Linux {m['kernel']}, "
-        f"Python {m['python']}, Twisted {m['twisted']}, load avg at start "
-        f"{' '.join(str(x) for x in m['loadavg_at_start'])}, code {m['code']}",
+        machine_line(m),
         "  server  : `agentpost serve` in its own process"
         + (f" ({s['workers']} workers)" if s.get("workers", 1) > 1 else "")
         + ", HTTP/1.1 on 127.0.0.1, "

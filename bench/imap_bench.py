@@ -88,6 +88,7 @@ from api_bench import (  # noqa: E402
     free_port,
     log,
     machine_info,
+    machine_line,
     percentile,
     process_cpu,
     self_cpu,
@@ -1351,9 +1352,7 @@ def print_table(report: dict[str, Any]) -> None:
     out = [
         "",
         "AgentPost IMAP benchmark",
-        f"  machine : {m['nproc']} CPUs (nproc) {m['cpu_model']}, Linux {m['kernel']}, "
-        f"Python {m['python']}, Twisted {m['twisted']}, load avg at start "
-        f"{' '.join(str(x) for x in m['loadavg_at_start'])}, code {m['code']}",
+        machine_line(m),
         f"  server  : `agentpost serve` in its own process, {s['transport']}, db pool_size "
         f"{s['pool_size']}, IMAP caps {s['imap_max_connections_per_ip']}/address "
         f"{s['imap_max_connections']} total, RLIMIT_NOFILE server {s['server_nofile']} client "

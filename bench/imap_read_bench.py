@@ -78,6 +78,7 @@ from api_bench import (  # noqa: E402
     free_port,
     log,
     machine_info,
+    machine_line,
     process_cpu,
     stop_on_signals,
     stop_server,
@@ -345,13 +346,6 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def machine_line(m: dict[str, Any]) -> str:
-    """The same machine line as smtp_bench's table."""
-    return (f"  machine : {m['nproc']} CPUs (nproc) {m['cpu_model']}, Linux {m['kernel']}, "
-            f"Python {m['python']}, Twisted {m['twisted']}, load avg at start "
-            f"{' '.join(str(x) for x in m['loadavg_at_start'])}, code {m['code']}")
 
 
 def table_row(mode: str, op: str, which: str, r: dict[str, Any]) -> str:

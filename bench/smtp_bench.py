@@ -76,6 +76,7 @@ from api_bench import (  # noqa: E402
     free_port,
     log,
     machine_info,
+    machine_line,
     one_request,
     percentile,
     postmaster_pid,
@@ -1048,9 +1049,7 @@ def print_table(report: dict[str, Any]) -> None:
     out = [
         "",
         "AgentPost SMTP (MX) benchmark",
-        f"  machine : {m['nproc']} CPUs (nproc) {m['cpu_model']}, Linux {m['kernel']}, "
-        f"Python {m['python']}, Twisted {m['twisted']}, load avg at start "
-        f"{' '.join(str(x) for x in m['loadavg_at_start'])}, code {m['code']}",
+        machine_line(m),
         "  server  : `agentpost serve` in its own process"
         + (f" ({s['workers']} workers)" if s.get("workers", 1) > 1 else "")
         + ", MX on 127.0.0.1, "

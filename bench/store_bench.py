@@ -57,6 +57,7 @@ from api_bench import (  # noqa: E402
     fmt,
     log,
     machine_info,
+    machine_line,
     one_request,
     percentile,
     run_scenario,
@@ -590,9 +591,7 @@ def print_report(report: dict[str, Any]) -> None:
     out = [
         "",
         "AgentPost store benchmark (one inbox, many messages)",
-        f"  machine : {m['nproc']} CPUs (nproc) {m['cpu_model']}, Linux {m['kernel']}, "
-        f"Python {m['python']}, Twisted {m['twisted']}, load avg at start "
-        f"{' '.join(str(x) for x in m['loadavg_at_start'])}, code {m['code']}",
+        machine_line(m),
         f"  database: PostgreSQL {s['postgres_version']}, embedded cluster, "
         f"fsync={'on' if s['fsync'] else 'off'}; messages table {seed['messages_table_size']}",
         f"  data    : {seed['messages_in_inbox']:,} messages and {seed['threads_in_inbox']:,} "
