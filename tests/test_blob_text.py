@@ -1,5 +1,7 @@
 """Issue 12: a plain body kept in PostgreSQL is read there from the message's own bytes
-(storage.long_text.BlobText, migration 0037) instead of being sent a second time.
+(storage.long_text.BlobText, migration 0037) instead of being sent a second time, and
+since migration 0040 (storage.blob_body) is not stored a second time either: the row
+keeps ``text_body_at``, checked by ``ap_blob_text_at`` when written.
 
 What must hold: the stored body is the text the parser made, character for character,
 through every write path (one copy, a group-commit batch of one and of several copies,
@@ -19,6 +21,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from agentpost.core.group_commit import GroupCommit
+from agentpost.storage.blob_body import body_sql
 from agentpost.storage.long_text import BLOB_TEXT_MIN_CHARS, BlobText, blob_text
 from agentpost.storage.pgconn import Cursor
 from tests.helpers import query
@@ -26,6 +29,7 @@ from tests.imap_client import new_inbox, session
 from tests.mailfactory import make_message
 
 _CALL = "ap_blob_text('db/"
+_CALL_AT = "ap_blob_text_at('db/"
 
 
 @pytest.fixture
@@ -51,7 +55,15 @@ def _lines(marker: str, chars: int = 3 * BLOB_TEXT_MIN_CHARS) -> str:
 
 
 def _stored_body(db_dsn: str, stored) -> tuple[str | None, str | None]:
-    [row] = query(db_dsn, "SELECT text_body, html_body FROM messages "
+    """The text body as readers read it (storage.blob_body.body_sql), and the HTML."""
+    [row] = query(db_dsn, f"SELECT {body_sql()}, html_body FROM messages "
+                          "WHERE org_id = %s AND id = %s", (stored.org_id, stored.message_id))
+    return row
+
+
+def _kept(db_dsn: str, stored) -> tuple[bool, int | None]:
+    """Whether the row holds a text_body of its own, and its text_body_at."""
+    [row] = query(db_dsn, "SELECT text_body IS NOT NULL, text_body_at FROM messages "
                           "WHERE org_id = %s AND id = %s", (stored.org_id, stored.message_id))
     return row
 
@@ -85,7 +97,9 @@ async def test_a_plain_body_is_read_from_the_bytes_and_stored_exactly(server, db
     raw = make_message(to=inbox["email"], subject="plain", body=body)
     [stored] = await server.deliver(raw, [inbox["email"]])
     assert _stored_body(db_dsn, stored) == (_expected(raw), None)
-    assert sum(_CALL in m for m in sent) == 1
+    assert _kept(db_dsn, stored) == (False, raw.index(b"\r\n\r\n") + 4)
+    assert sum(_CALL_AT in m for m in sent) == 1
+    assert not any(_CALL in m for m in sent)
     # the body's text went once: inside the message's bytes, not again as the body
     assert _mentions(sent, "the last line, it's past the preview") == 1
 
@@ -106,10 +120,12 @@ async def test_utf8_bodies_are_exact_in_batches_of_one_and_of_several(server, db
     several = await _group_store(server, [i["email"] for i in inboxes], raw)
     for stored in [alone, *several]:
         assert _stored_body(db_dsn, stored) == (expected, None)
-    calls = [m for m in sent if _CALL in m]
+        assert _kept(db_dsn, stored) == (False, raw.index(b"\r\n\r\n") + 4)
+    calls = [m for m in sent if _CALL_AT in m]
     assert len(calls) >= 2  # the lone copy's write and the batch's
-    # the batch of three: one statement for all copies, the bodies in its text[]
-    assert any(m.count("ARRAY[ap_blob_text(") == 1 and m.count(_CALL) == 3 for m in calls)
+    # the batch of three: one statement for all copies, the offsets in its int[]
+    assert any(m.count("ARRAY[ap_blob_text_at(") == 1 and m.count(_CALL_AT) == 3
+               for m in calls)
 
 
 @pytest.mark.parametrize("shape", ["latin-1", "quoted-printable", "html-alternative",
@@ -133,7 +149,12 @@ async def test_a_body_that_is_not_the_utf8_tail_goes_as_a_literal(server, db_dsn
         raw = make_message(to=inbox["email"], body="short\n" * 10)
     [stored] = await server.deliver(raw, [inbox["email"]])
     assert _stored_body(db_dsn, stored)[0] == _expected(raw)
-    assert not any(_CALL in m for m in sent)
+    assert _kept(db_dsn, stored) == (True, None)
+    assert not any(_CALL in m or _CALL_AT in m for m in sent)
+    # and a row may not claim both (migration 0040's CHECK)
+    with pytest.raises(psycopg2.errors.CheckViolation):
+        query(db_dsn, "UPDATE messages SET text_body_at = 0 WHERE org_id = %s AND id = %s",
+              (stored.org_id, stored.message_id))
 
 
 @pytest_twisted.ensureDeferred
@@ -148,10 +169,10 @@ async def test_imap_append_reads_the_body_from_the_bytes_too(server, db_dsn, sen
 
     fetched = await session(server.imap_port, inbox["email"], key, append)
     assert fetched.endswith(raw[raw.index(b"\r\n\r\n") + 4:] + b")")
-    [(text,)] = query(db_dsn, "SELECT text_body FROM messages WHERE inbox_id = %s",
-                      (inbox["id"],))
-    assert text == _expected(raw)
-    assert any(_CALL in m for m in sent)
+    [(text, own)] = query(db_dsn, f"SELECT {body_sql()}, text_body IS NOT NULL "
+                                  "FROM messages WHERE inbox_id = %s", (inbox["id"],))
+    assert text == _expected(raw) and not own
+    assert any(_CALL_AT in m for m in sent)
 
 
 def test_the_function_refuses_what_is_not_there(db_dsn):
@@ -176,6 +197,37 @@ def test_the_function_refuses_what_is_not_there(db_dsn):
             cur.execute("ROLLBACK TO SAVEPOINT s")
         with pytest.raises(psycopg2.errors.CharacterNotInRepertoire):
             cur.execute("SELECT ap_blob_text('db/sha256/bt/nul', 8, 3)")  # NUL: refused
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+def test_the_offset_check_refuses_what_is_not_there(db_dsn):
+    """ap_blob_text_at (0040) checks the length without reading the bytes: an offset
+    that would read back anything but the body the ingest compared is refused, and
+    ap_body_text reads exactly the tail."""
+    conn = psycopg2.connect(db_dsn)
+    insert = ("INSERT INTO blobs (key, size, refcount, created_at, data) "
+              "VALUES (%s, %s, 0, now(), %s)")
+    try:
+        cur = conn.cursor()
+        with pytest.raises(psycopg2.errors.RaiseException, match="holds no text"):
+            cur.execute("SELECT ap_blob_text_at('db/sha256/00/none', 0, 5)")
+        conn.rollback()
+        cur.execute(insert, ("db/sha256/bt/good", 10, b"head\r\n\r\nab"))
+        cur.execute("SELECT ap_blob_text_at('db/sha256/bt/good', 8, 2), "
+                    "ap_blob_text_at('db/sha256/bt/good', 10, 0), "
+                    "ap_body_text('db/sha256/bt/good', 8), "
+                    "ap_body_text('db/sha256/bt/good', 10), "
+                    "ap_body_text('db/sha256/bt/good', NULL), "
+                    "ap_body_text('db/sha256/00/none', 0)")
+        assert cur.fetchone() == (8, 10, "ab", "", None, None)
+        for start, octets in [(8, 1), (7, 2), (0, 9), (-1, 11), (9, 2)]:
+            cur.execute("SAVEPOINT s")
+            with pytest.raises(psycopg2.errors.RaiseException):
+                cur.execute("SELECT ap_blob_text_at('db/sha256/bt/good', %s, %s)",
+                            (start, octets))
+            cur.execute("ROLLBACK TO SAVEPOINT s")
     finally:
         conn.rollback()
         conn.close()

@@ -24,6 +24,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 
 from agentpost.core.group_commit import GroupCommit
+from agentpost.storage.blob_body import body_sql, split_body
 from agentpost.storage.blobs import key_for_digest
 from agentpost.storage.long_text import (
     BLOB_TEXT_MIN_CHARS,
@@ -75,7 +76,7 @@ def _expected(raw: bytes) -> tuple[str | None, str | None]:
 def _stored(dsn: str, org_id: str, message_id: str
             ) -> tuple[bytes | None, tuple[str | None, str | None], str]:
     [(data, text, html, key)] = query(
-        dsn, "SELECT b.data, m.text_body, m.html_body, m.raw_blob_key FROM messages m "
+        dsn, f"SELECT b.data, {body_sql('m.')}, m.html_body, m.raw_blob_key FROM messages m "
              "LEFT JOIN blobs b ON b.key = m.raw_blob_key WHERE m.org_id = %s AND m.id = %s",
         (org_id, message_id))
     return (None if data is None else bytes(data)), (text, html), key
@@ -185,6 +186,10 @@ def test_blob_text_falls_back_to_the_exact_literal_off_utf8(ascii_dsn):
             cur.execute("SELECT %s::text, %s::text", (made, LongText(body)))
             assert b"ap_blob_text" not in cur.query
             assert cur.fetchone() == (body, body)
+            # storage.blob_body's pair: the body itself and no offset (0040)
+            cur.execute("SELECT %s::text, %s::int", split_body(made))
+            assert b"ap_blob_text" not in cur.query
+            assert cur.fetchone() == (body, None)
     finally:
         conn.close()
 

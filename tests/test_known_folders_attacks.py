@@ -11,6 +11,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 
 from agentpost.core.group_commit import GroupCommit
+from agentpost.storage.blob_body import body_sql
 from tests.helpers import query
 from tests.mailfactory import make_message
 from tests.test_group_commit import _wait_pending
@@ -179,7 +180,7 @@ async def test_long_bodies_with_hostile_bytes_are_stored_through_a_guessed_batch
               b"\xed\xa0\x80'" * 2000, "\u3042'\\".encode() * 2000, b"a\rb'" * 2000]
     for n, body in enumerate(bodies, 1):
         [stored] = await _store(server, [target], _raw_8bit(body, f"<ob{n}@x>"))
-        [(text,)] = query(db_dsn, "SELECT text_body FROM messages WHERE org_id = %s "
+        [(text,)] = query(db_dsn, f"SELECT {body_sql()} FROM messages WHERE org_id = %s "
                                   "AND id = %s", (stored.org_id, stored.message_id))
         assert len(text) >= 4096 and "\x00" not in text
         if n in (1, 5):  # valid UTF-8 without CR or NUL: exactly the body

@@ -10,6 +10,7 @@ import pytest_twisted
 from twisted.internet import defer
 
 from agentpost.storage import message_bodies
+from agentpost.storage.blob_body import body_sql
 
 _HEAD = ("From: Alice <alice@example.com>\r\nTo: {to}\r\nSubject: {subject}\r\n"
          "Message-ID: <{subject}@example.com>\r\nMIME-Version: 1.0\r\n"
@@ -24,7 +25,7 @@ def _message(to: str, subject: str, body: str) -> bytes:
 
 async def _stored_body(server, message_id: str) -> str:
     return await server.core.db.run_read("t", lambda txn: txn.fetchval(
-        "SELECT text_body FROM messages WHERE id = %s", (message_id,)))
+        f"SELECT {body_sql()} FROM messages WHERE id = %s", (message_id,)))
 
 
 async def _setup(server, *names):

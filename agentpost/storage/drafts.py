@@ -15,6 +15,7 @@ from typing import Any
 
 from psycopg2.extras import Json
 
+from agentpost.storage.blob_body import body_sql
 from agentpost.storage.database import Txn
 from agentpost.storage.mail import env_clause
 
@@ -47,8 +48,8 @@ async def unadopted(txn: Txn, org_id: str, inbox_id: str, limit: int) -> list[di
     client APPENDed or COPYed them), oldest first, with what a draft is read from."""
     return await txn.fetchall(
         "SELECT m.id, m.environment_id, m.subject, m.to_addresses, m.cc_addresses, "
-        "m.bcc_addresses, m.reply_to, m.text_body, m.html_body, m.message_id_header, "
-        "m.in_reply_to, m.reference_ids, m.received_at "
+        f"m.bcc_addresses, m.reply_to, {body_sql('m.')} AS text_body, m.html_body, "
+        "m.message_id_header, m.in_reply_to, m.reference_ids, m.received_at "
         "FROM messages m JOIN folders f ON f.org_id = m.org_id AND f.id = m.folder_id "
         "WHERE m.org_id = %s AND m.inbox_id = %s AND f.inbox_id = %s "
         "AND f.special_use = '\\Drafts' AND NOT m.deleted "

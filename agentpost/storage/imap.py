@@ -11,6 +11,7 @@ import psycopg2.errors
 
 from agentpost.mail import keywords as kw
 from agentpost.model.errors import Conflict, InvalidRequest
+from agentpost.storage.blob_body import body_sql
 from agentpost.storage.database import Txn
 from agentpost.storage.mail import (
     folder_list_key,
@@ -27,6 +28,8 @@ SYSTEM_FLAGS = {"\\Seen": "seen", "\\Flagged": "flagged", "\\Answered": "answere
 #: ``labels``; their first-seen spellings are not read per row: they never change, and
 #: core.imap_spellings knows them, reading only those it has not seen yet).
 _META = "uid, modseq, seen, flagged, answered, draft, deleted, labels"
+#: The text body, wherever the row keeps it (storage.blob_body).
+_BODY = body_sql()
 #: Folders one inbox may hold (system folders included): without a cap one IMAP session
 #: could grow the table, and every LIST of the inbox, without end (as subscriptions).
 MAX_FOLDERS_PER_INBOX = 5000
@@ -325,16 +328,16 @@ async def copy_message(txn: Txn, org_id: str, message_id: str, new_id: str, fold
         "INSERT INTO messages (org_id, id, environment_id, inbox_id, thread_id, folder_id, uid, "
         "modseq, direction, message_id_header, in_reply_to, reference_ids, subject, "
         "from_address, to_addresses, cc_addresses, bcc_addresses, reply_to, sent_at, "
-        "received_at, headers, text_body, html_body, extracted_text, preview, size, "
-        "raw_blob_key, has_attachments, labels, seen, flagged, answered, draft, deleted, "
+        "received_at, headers, text_body, text_body_at, html_body, extracted_text, preview, "
+        "size, raw_blob_key, has_attachments, labels, seen, flagged, answered, draft, deleted, "
         "envelope_from, envelope_to, created_at, imap_envelope, imap_bodystructure, imap_body, "
         "imap_sections, internal_date_zone, " + _INDEX_COLUMNS + ") "
         "SELECT org_id, %s, environment_id, inbox_id, thread_id, %s, %s, %s, direction, "
         "message_id_header, in_reply_to, reference_ids, subject, from_address, to_addresses, "
         "cc_addresses, bcc_addresses, reply_to, sent_at, received_at, headers, text_body, "
-        "html_body, extracted_text, preview, size, raw_blob_key, has_attachments, labels, seen,"
-        " flagged, answered, draft, deleted, envelope_from, envelope_to, %s, imap_envelope, "
-        "imap_bodystructure, imap_body, imap_sections, internal_date_zone, "
+        "text_body_at, html_body, extracted_text, preview, size, raw_blob_key, has_attachments, "
+        "labels, seen, flagged, answered, draft, deleted, envelope_from, envelope_to, %s, "
+        "imap_envelope, imap_bodystructure, imap_body, imap_sections, internal_date_zone, "
         + _INDEX_COLUMNS + " FROM messages WHERE org_id = %s AND id = %s",
         (new_id, folder_id, uid, modseq, txn.now, org_id, message_id))
     await txn.execute(
@@ -523,10 +526,10 @@ def search_sql(key: tuple[Any, ...], params: list[Any]) -> str:
                 f"WHERE lower(h->>0) = %s AND {_UNFOLDED_VALUE} ILIKE %s)")
     if op == "body":
         params.extend([_like(key[1]), _like(key[1])])
-        return "(coalesce(text_body, '') ILIKE %s OR coalesce(html_body, '') ILIKE %s)"
+        return f"(coalesce({_BODY}, '') ILIKE %s OR coalesce(html_body, '') ILIKE %s)"
     if op == "text":
         params.extend([_like(key[1])] * 3)
-        return ("(coalesce(text_body, '') ILIKE %s OR coalesce(html_body, '') ILIKE %s "
+        return (f"(coalesce({_BODY}, '') ILIKE %s OR coalesce(html_body, '') ILIKE %s "
                 f"OR {_HEADER_LINE_MATCH})")
     if op in ("sentbefore", "senton", "sentsince"):
         # The Date field's own calendar date, its time and zone disregarded; a message

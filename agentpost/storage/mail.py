@@ -9,6 +9,7 @@ from typing import Any
 from psycopg2.extras import Json
 
 from agentpost.storage import usage
+from agentpost.storage.blob_body import body_sql
 
 # Writing a new message row lives in message_insert, its companion rows in copy_rows;
 # re-exported for their callers (and below).
@@ -244,9 +245,12 @@ async def blobs_unreferenced(txn: Txn, keys: list[str]) -> list[str]:
 #: A shorter body stores none either when its new text is the whole body (most mail:
 #: no quoted history), i.e. :func:`whole_body_text` of it; reads compute that again.
 EXTRACTED_MAX_CHARS = 64 * 1024
-_EXTRACTED = ("COALESCE(extracted_text, CASE WHEN length(text_body) <= "
-              f"{EXTRACTED_MAX_CHARS} THEN btrim(replace(text_body, E'\\r\\n', E'\\n'), "
+_EXTRACTED = ("COALESCE(extracted_text, CASE WHEN length(b.body) <= "
+              f"{EXTRACTED_MAX_CHARS} THEN btrim(replace(b.body, E'\\r\\n', E'\\n'), "
               "E' \\t\\r\\n') END) AS extracted_text")
+#: ``b.body``: the text body wherever the row keeps it (storage.blob_body), read once
+#: (OFFSET 0 keeps the planner from copying the expression into each use).
+_BODY_JOIN = f"CROSS JOIN LATERAL (SELECT {body_sql('messages.')} AS body OFFSET 0) AS b"
 
 
 def whole_body_text(text_body: str) -> str:
@@ -258,7 +262,7 @@ def whole_body_text(text_body: str) -> str:
 _MSG_COLS = ("id, org_id, environment_id, inbox_id, thread_id, folder_id, uid, modseq, "
              "direction, message_id_header, in_reply_to, reference_ids, subject, from_address, "
              "to_addresses, cc_addresses, bcc_addresses, reply_to, sent_at, received_at, "
-             f"text_body, html_body, {_EXTRACTED}, preview, size, raw_blob_key, "
+             f"b.body AS text_body, html_body, {_EXTRACTED}, preview, size, raw_blob_key, "
              "has_attachments, labels, seen, flagged, answered, draft, deleted, "
              # The folder it is in (one message, one folder), for the API's ``folder``:
              # primary-key probes, no join to rewrite in every query FROM messages.
@@ -266,7 +270,7 @@ _MSG_COLS = ("id, org_id, environment_id, inbox_id, thread_id, folder_id, uid, m
              " AND f.id = messages.folder_id) AS folder_name, "
              "(SELECT f.special_use FROM folders f WHERE f.org_id = messages.org_id "
              " AND f.id = messages.folder_id) AS folder_special_use")
-_MSG_LIST_COLS = _MSG_COLS.replace(f"text_body, html_body, {_EXTRACTED}, ", "")
+_MSG_LIST_COLS = _MSG_COLS.replace(f"b.body AS text_body, html_body, {_EXTRACTED}, ", "")
 
 
 _NOTIFY_FOLDER_SQL = "SELECT pg_notify(%s, %s)"
@@ -364,9 +368,10 @@ async def get_message(txn: Txn, org_id: str, env_ids: frozenset[str] | None,
                       message_id: str, *, for_update: bool = False) -> dict[str, Any] | None:
     """One message with bodies."""
     env_sql, env_params = env_clause(env_ids)
-    lock = " FOR UPDATE" if for_update else ""
+    lock = " FOR UPDATE OF messages" if for_update else ""
     return await txn.fetchone(
-        f"SELECT {_MSG_COLS} FROM messages WHERE org_id = %s AND id = %s{env_sql}{lock}",
+        f"SELECT {_MSG_COLS} FROM messages {_BODY_JOIN} "
+        f"WHERE org_id = %s AND id = %s{env_sql}{lock}",
         (org_id, message_id, *env_params))
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any
 
+from agentpost.storage.blob_body import split_body
 from agentpost.storage.long_text import BlobText, long_text
 
 try:
@@ -64,7 +65,7 @@ ROW_COLUMNS = (
     "from_text", "to_text", "cc_text", "bcc_text", "sent_date", "sort_subject",
     "sort_from", "sort_to", "sort_cc", "sort_display_from", "sort_display_to")
 _ROW_KEYS = frozenset(ROW_COLUMNS)
-_INSERTED = (*ROW_COLUMNS, "internal_date_zone")
+_INSERTED = (*ROW_COLUMNS, "internal_date_zone", "text_body_at")
 _ATT_COLUMNS = ("org_id", "id", "filename", "mime_type", "size", "content_id",
                 "disposition", "sha256", "blob_key", "part_index", "message_id")
 
@@ -80,14 +81,17 @@ _TEXT_TYPES = (str, BlobText)
 
 
 def _select(col: str) -> str:
-    """The INSERT's value for ``col``: from the JSON row, or from the bodies' array."""
+    """The INSERT's value for ``col``: from the JSON row, or from the bodies' arrays."""
     if col in TEXT_COLUMNS:
         return f"t.a[((c.ordinality - 1) * 3 + {TEXT_COLUMNS.index(col) + 1})::int]"
+    if col == "text_body_at":
+        return "t.b[c.ordinality::int]"
     return "c." + col
 
 
 #: Params: the rows (a JSON array, batch order, without the body columns), their bodies
-#: (TEXT_COLUMNS' values of each row in turn, a text[]), the attachment rows (a JSON
+#: (TEXT_COLUMNS' values of each row in turn, a text[]), their text_body_at (an int[],
+#: storage.blob_body), the attachment rows (a JSON
 #: array), the wake-up channel. ``c``: the rows whose inbox exists (those are charged, as
 #: usage.charge_cte_sql does with no quota); ``l`` locks their folders in (org, id)
 #: order -- the LockRows node runs above the sort -- before ``u`` moves each folder's
@@ -95,7 +99,7 @@ def _select(col: str) -> str:
 BATCH_INSERT_SQL = (
     "WITH d AS (SELECT * FROM jsonb_populate_recordset(NULL::messages, %s::jsonb) "
     "  WITH ORDINALITY AS d), "
-    "t AS (SELECT %s::text[] AS a), "
+    "t AS (SELECT %s::text[] AS a, %s::int[] AS b), "
     "c AS MATERIALIZED (SELECT d.*, row_number() OVER (PARTITION BY d.org_id, d.folder_id "
     "  ORDER BY d.ordinality) AS k FROM d WHERE EXISTS (SELECT 1 FROM inboxes i "
     "  WHERE i.org_id = d.org_id AND i.id = d.inbox_id)), "
@@ -135,6 +139,7 @@ def batch_insert_sql(copies: list[tuple[dict[str, Any], list[dict[str, Any]]]],
         return None
     rows: list[dict[str, Any]] = []
     texts: list[str | None] = []
+    ats: list[Any] = []
     atts: list[dict[str, Any]] = []
     for row, attachments in copies:
         if row.keys() != _ROW_KEYS:
@@ -142,6 +147,8 @@ def batch_insert_sql(copies: list[tuple[dict[str, Any], list[dict[str, Any]]]],
         bodies = [row[col] for col in TEXT_COLUMNS]
         if not all(body is None or type(body) in _TEXT_TYPES for body in bodies):
             return None  # a body sent ahead in pieces (storage.message_bodies)
+        bodies[0], at = split_body(bodies[0])  # TEXT_COLUMNS[0]: text_body
+        ats.append(at)
         texts += (long_text(body) for body in bodies)
         doc = {**row, "internal_date_zone": zone_minutes(row["received_at"])}
         for col in TEXT_COLUMNS:
@@ -151,7 +158,7 @@ def batch_insert_sql(copies: list[tuple[dict[str, Any], list[dict[str, Any]]]],
     docs = json_rows(rows), json_rows(atts)
     if docs[0] is None or docs[1] is None:
         return None  # a value JSON cannot carry: the per-copy statements
-    return BATCH_INSERT_SQL, [docs[0], texts, docs[1], channel]
+    return BATCH_INSERT_SQL, [docs[0], texts, ats, docs[1], channel]
 
 
 def json_rows(rows: list[dict[str, Any]]) -> str | None:

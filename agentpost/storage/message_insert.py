@@ -21,6 +21,7 @@ import psycopg2.errors
 
 from agentpost.model.errors import MailboxFull
 from agentpost.storage import copy_rows, message_bodies, usage
+from agentpost.storage.blob_body import split_row
 from agentpost.storage.copy_rows import CopyRows, Statements
 from agentpost.storage.database import Txn, json_param
 from agentpost.storage.long_text import inline_columns, long_text
@@ -360,7 +361,7 @@ _BODY_COLUMNS = frozenset(TEXT_COLUMNS)
 
 def _insert_message_sql(row: dict[str, Any], quota: int,
                         attachments: list[dict[str, Any]]) -> tuple[str, list[Any]]:
-    row = {**row, "internal_date_zone": zone_minutes(row.get("received_at"))}
+    row = split_row({**row, "internal_date_zone": zone_minutes(row.get("received_at"))})
     cols = list(row)
     values = [json_param(v) if isinstance(v, dict | list) and c not in _ARRAY_COLUMNS
               else long_text(v) if c in _BODY_COLUMNS else v for c, v in row.items()]
