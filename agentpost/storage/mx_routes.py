@@ -17,6 +17,9 @@ from agentpost.storage.database import Txn, text_array
 from agentpost.storage.mail import rules_sql
 from agentpost.storage.prepared import GENERIC_PLANS
 
+#: NOTIFYed by every change to what routing reads (migration 0041): core.route_cache.
+ROUTE_CHANNEL = "agentpost_route_changed"
+
 
 def _route_select(address: str, domain: str, with_usage: bool) -> str:
     """One address's routing row, with ``address`` and ``domain`` the SQL expressions

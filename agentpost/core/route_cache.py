@@ -1,0 +1,132 @@
+"""A per-process cache of the MX's routes to existing inboxes, emptied by any change.
+
+Why: every RCPT asked PostgreSQL where its address goes (storage.mx_routes), one round
+trip per message; for one sending session, which waits for each reply, that was about
+a tenth of its cycle (bench/README.md, fourteenth pass). Routes change rarely (an inbox
+created, deleted or readdressed, a domain verified or moved, a receive filter rule).
+
+The rules are those of auth.key_cache:
+
+- Every change that can alter a routing row NOTIFYs ``ROUTE_CHANNEL`` in the changing
+  transaction (triggers of migration 0041 on inboxes, domains, shared_domains and
+  filter_rules, so a manual UPDATE or a cascade notifies as the API does); any notice
+  empties the whole cache of every listening process at COMMIT.
+- The cache is used only while this process's LISTEN on that channel is confirmed
+  (a :class:`~agentpost.storage.notify.Notifier` on the process's shared LISTEN
+  connection); while the link is down every RCPT reads the database, and its return
+  empties the cache (notices may have been missed).
+- Before each hit the LISTEN socket is read without blocking, so a notice already
+  delivered to this process takes effect even if the reactor has not dispatched it.
+- A row read while a notice arrived is not stored (stores carry the generation seen
+  before the read); an entry is re-read after ``ttl_s`` regardless.
+
+Only routes to an inbox are kept. An unknown or unhosted address always reads the
+database, so an inbox is found by the first RCPT after its creation committed, in every
+process, with no window in which a stale "unknown" could bounce mail for good. A kept
+route can be stale only between a change's COMMIT and its notice reaching a process
+(milliseconds), the same kind of window as between any RCPT and its DATA; a delivery to
+an inbox deleted meanwhile is refused at DATA with a temporary error, never lost.
+Not used with an inbox quota: the use it answers with changes with every delivery.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+from agentpost.storage.mx_routes import ROUTE_CHANNEL
+from agentpost.storage.notify import Notifier, NotifyLink
+
+log = logging.getLogger(__name__)
+
+#: Entries kept per process; beyond this the cache starts over.
+MAX_ENTRIES = 20_000
+
+
+class _RouteListener(Notifier):
+    """LISTEN on ``ROUTE_CHANNEL``: any notice empties the cache; so do the link's
+    failure (the cache is off until it is back) and its return."""
+
+    def __init__(self, cache: RouteCache, dsn: str, *, reactor: Any, clock: IReactorTime,
+                 link: NotifyLink | None) -> None:
+        super().__init__(dsn, ROUTE_CHANNEL, reactor=reactor, clock=clock,
+                         application_name="agentpost-route-cache", link=link)
+        self._cache = cache
+
+    def _on_notify(self, notify: Any) -> None:
+        self._cache.invalidate()
+
+    def _link_up(self) -> None:
+        self._cache.invalidate()
+
+    def _link_down(self) -> None:
+        log.warning("route cache: LISTEN link down; RCPT reads the database until it is "
+                    "back")
+        self._cache.invalidate()
+
+
+class RouteCache:
+    """(address, domain) -> routing row of an inbox, while the LISTEN link holds."""
+
+    def __init__(self, dsn: str, *, reactor: Any, clock: IReactorTime, ttl_s: float = 60.0,
+                 link: NotifyLink | None = None) -> None:
+        self._clock = clock
+        self._ttl_s = ttl_s
+        self._entries: dict[tuple[str, str], tuple[dict[str, Any], float]] = {}
+        self._listener = _RouteListener(self, dsn, reactor=reactor, clock=clock, link=link)
+        self.generation = 0
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def usable(self) -> bool:
+        """Whether the LISTEN link is confirmed (otherwise every lookup is a miss)."""
+        return self._ttl_s > 0 and self._listener.connected
+
+    def invalidate(self) -> None:
+        """Forget everything; rows being read now will not be stored."""
+        self._entries.clear()
+        self.generation += 1
+
+    @staticmethod
+    def key(address: str, domain: str) -> tuple[str, str]:
+        """What an entry is found by: the strings as given. Routing compares them with
+        PostgreSQL's lower(), whose idea of case (non-ASCII letters, the database's
+        locale) Python's does not share, so case variants are entries of their own,
+        each answered by the database first."""
+        return address, domain
+
+    def get(self, key: tuple[str, str]) -> dict[str, Any] | None:
+        """A copy of the cached row, or None (then the caller reads the database)."""
+        if not self._entries or not self._listener.poll():
+            self.misses += 1
+            return None
+        entry = self._entries.get(key)
+        if entry is None or self._clock.seconds() - entry[1] >= self._ttl_s:
+            self._entries.pop(key, None)
+            self.misses += 1
+            return None
+        self.hits += 1
+        return dict(entry[0])
+
+    def put(self, key: tuple[str, str], row: dict[str, Any], generation: int) -> None:
+        """Keep a route to an inbox read from the database, unless a notice arrived
+        since ``generation`` (the read may predate a change) or the link is down."""
+        if (not row.get("hosted") or row.get("inbox_id") is None or self._ttl_s <= 0
+                or not self._listener.poll() or generation != self.generation):
+            return
+        if len(self._entries) >= MAX_ENTRIES:
+            self._entries.clear()
+        self._entries[key] = (dict(row), self._clock.seconds())
+
+    async def start(self) -> None:
+        """Begin listening (reconnecting in the background while the database is down)."""
+        if self._ttl_s > 0:
+            await self._listener.start()
+
+    def stop(self) -> None:
+        """Stop listening and forget everything."""
+        self._listener.stop()
+        self.invalidate()
