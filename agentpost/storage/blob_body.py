@@ -88,7 +88,9 @@ class _QuotedBodyAt(_Adapter):
 
     def getquoted(self) -> bytes:
         if not _utf8_server(self._conn):
-            return b"NULL"
+            # typed: in a batch's ARRAY[...] a bare NULL makes the array text[], which
+            # a prepared statement's integer[] parameter refuses (storage.prepared)
+            return b"NULL::integer"
         body = self._value.body
         return b"ap_blob_text_at('%s', %d, %d)" % (body.key.encode("ascii"), body.start,
                                                   body.octets)
