@@ -40,9 +40,28 @@ def _admin(dsn: str, *statements: str) -> None:
 
 
 def reset(conn: Any) -> None:
-    """Forget the counts so far (setup's statements are not the measured ones)."""
+    """Forget the counts so far (setup's statements are not the measured ones), the
+    WAL's and the buffer writers' included (:func:`io_report`)."""
     with conn.cursor() as cur:
-        cur.execute("SELECT pg_stat_statements_reset()")
+        cur.execute("SELECT pg_stat_statements_reset(), pg_stat_reset_shared('wal'), "
+                    "pg_stat_reset_shared('bgwriter')")
+
+
+def io_report(conn: Any, messages: int) -> str:
+    """What the server wrote since :func:`reset`, per message: WAL bytes and full-page
+    images, and the pages written out by backends, the background writer and the
+    checkpointer. Why: at 100 KiB most of PostgreSQL's CPU was copying bytes into the
+    page cache (perf, bench/README.md fourteenth pass), which the statements' timings
+    do not show."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT w.wal_bytes, w.wal_fpi, b.buffers_backend, b.buffers_clean, "
+                    "b.buffers_checkpoint FROM pg_stat_wal w, pg_stat_bgwriter b")
+        wal, fpi, backend, clean, checkpoint = cur.fetchone()
+    n = max(messages, 1)
+    return (f"pg writes per message ({messages} messages): WAL {int(wal) / n / 1024:.1f} KiB "
+            f"({fpi / n:.2f} full-page images), pages written {8 * backend / n:.1f} KiB by "
+            f"backends, {8 * clean / n:.1f} KiB by the bgwriter, "
+            f"{8 * checkpoint / n:.1f} KiB at checkpoints")
 
 
 def report(conn: Any, limit: int = 15, width: int = 150) -> str:

@@ -1003,6 +1003,8 @@ class SMTPBench:
                 if args.pg_stats:
                     log(pg_stats.report(self.h.db))
                 rows = self.h.count() - before
+                if args.pg_stats:
+                    log(pg_stats.io_report(self.h.db, rows))
                 totals["accepted"] += run.accepted_total
                 summary = summarize(run, rows, status.get("VmHWM"), status.get("VmRSS"), reset)
                 summary["pg_waits"] = waits
@@ -1210,7 +1212,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pg-stats", action="store_true",
                         help="load pg_stat_statements with track_planning and print, after "
                              "each scenario (warm-up included), plans, calls, planning and "
-                             "execution time per statement, top by planning time (stderr)")
+                             "execution time per statement, top by planning time, and the "
+                             "WAL and pages written per message (stderr)")
     parser.add_argument("--json", action="store_true",
                         help="print the results as JSON on stdout instead of the table")
     args = parser.parse_args(argv)

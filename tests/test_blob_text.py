@@ -175,59 +175,44 @@ async def test_imap_append_reads_the_body_from_the_bytes_too(server, db_dsn, sen
     assert any(_CALL_AT in m for m in sent)
 
 
-def test_the_function_refuses_what_is_not_there(db_dsn):
-    conn = psycopg2.connect(db_dsn)
-    insert = ("INSERT INTO blobs (key, size, refcount, created_at, data) "
-              "VALUES (%s, %s, 0, now(), %s)")
-    try:
-        cur = conn.cursor()
-        with pytest.raises(psycopg2.errors.RaiseException, match="holds no text"):
-            cur.execute("SELECT ap_blob_text('db/sha256/00/none', 0, 5)")
-        conn.rollback()
-        cur.execute(insert, ("db/sha256/bt/good", 10, b"head\r\n\r\nab"))
-        cur.execute(insert, ("db/sha256/bt/nul", 11, b"head\r\n\r\nab\x00"))
-        cur.execute("SELECT ap_blob_text('db/sha256/bt/good', 8, 2), "
-                    "ap_blob_text('db/sha256/bt/good', 10, 0)")
-        assert cur.fetchone() == ("ab", "")
-        for start, octets in [(8, 1), (7, 2), (0, 9), (-1, 11)]:  # never a part
-            cur.execute("SAVEPOINT s")
-            with pytest.raises(psycopg2.errors.RaiseException):
-                cur.execute("SELECT ap_blob_text('db/sha256/bt/good', %s, %s)",
-                            (start, octets))
-            cur.execute("ROLLBACK TO SAVEPOINT s")
-        with pytest.raises(psycopg2.errors.CharacterNotInRepertoire):
-            cur.execute("SELECT ap_blob_text('db/sha256/bt/nul', 8, 3)")  # NUL: refused
-    finally:
-        conn.rollback()
-        conn.close()
+_INSERT_BLOB = ("INSERT INTO blobs (key, size, refcount, created_at, data) "
+                "VALUES (%s, %s, 0, now(), %s)")
 
 
-def test_the_offset_check_refuses_what_is_not_there(db_dsn):
-    """ap_blob_text_at (0040) checks the length without reading the bytes: an offset
-    that would read back anything but the body the ingest compared is refused, and
-    ap_body_text reads exactly the tail."""
+def _refused(cur, sql: str, params: tuple = ()) -> None:
+    cur.execute("SAVEPOINT s")
+    with pytest.raises(psycopg2.errors.RaiseException, match="holds no text"):
+        cur.execute(sql, params)
+    cur.execute("ROLLBACK TO SAVEPOINT s")
+
+
+@pytest.mark.parametrize("fn", ["ap_blob_text", "ap_blob_text_at"])
+def test_the_checks_refuse_what_is_not_there(db_dsn, fn):
+    """ap_blob_text (0037) and ap_blob_text_at (0040, the length from the TOAST header,
+    no decompression) refuse a missing blob and any part that is not the whole tail:
+    never a silent NULL. ap_body_text reads exactly the tail."""
     conn = psycopg2.connect(db_dsn)
-    insert = ("INSERT INTO blobs (key, size, refcount, created_at, data) "
-              "VALUES (%s, %s, 0, now(), %s)")
     try:
         cur = conn.cursor()
-        with pytest.raises(psycopg2.errors.RaiseException, match="holds no text"):
-            cur.execute("SELECT ap_blob_text_at('db/sha256/00/none', 0, 5)")
-        conn.rollback()
-        cur.execute(insert, ("db/sha256/bt/good", 10, b"head\r\n\r\nab"))
-        cur.execute("SELECT ap_blob_text_at('db/sha256/bt/good', 8, 2), "
-                    "ap_blob_text_at('db/sha256/bt/good', 10, 0), "
-                    "ap_body_text('db/sha256/bt/good', 8), "
-                    "ap_body_text('db/sha256/bt/good', 10), "
-                    "ap_body_text('db/sha256/bt/good', NULL), "
-                    "ap_body_text('db/sha256/00/none', 0)")
-        assert cur.fetchone() == (8, 10, "ab", "", None, None)
-        for start, octets in [(8, 1), (7, 2), (0, 9), (-1, 11), (9, 2)]:
-            cur.execute("SAVEPOINT s")
-            with pytest.raises(psycopg2.errors.RaiseException):
-                cur.execute("SELECT ap_blob_text_at('db/sha256/bt/good', %s, %s)",
-                            (start, octets))
-            cur.execute("ROLLBACK TO SAVEPOINT s")
+        _refused(cur, f"SELECT {fn}('db/sha256/00/none', 0, 5)")
+        cur.execute(_INSERT_BLOB, ("db/sha256/bt/good", 10, b"head\r\n\r\nab"))
+        cur.execute(_INSERT_BLOB, ("db/sha256/bt/nul", 11, b"head\r\n\r\nab\x00"))
+        for start, octets in [(8, 1), (7, 2), (0, 9), (-1, 11), (9, 2)]:  # never a part
+            _refused(cur, f"SELECT {fn}('db/sha256/bt/good', %s, %s)", (start, octets))
+        cur.execute(f"SELECT {fn}('db/sha256/bt/good', 8, 2), "
+                    f"{fn}('db/sha256/bt/good', 10, 0)")
+        answers = cur.fetchone()
+        if fn == "ap_blob_text":
+            assert answers == ("ab", "")
+            with pytest.raises(psycopg2.errors.CharacterNotInRepertoire):
+                cur.execute("SELECT ap_blob_text('db/sha256/bt/nul', 8, 3)")  # NUL
+        else:
+            assert answers == (8, 10)
+            cur.execute("SELECT ap_body_text('db/sha256/bt/good', 8), "
+                        "ap_body_text('db/sha256/bt/good', 10), "
+                        "ap_body_text('db/sha256/bt/good', NULL), "
+                        "ap_body_text('db/sha256/00/none', 0)")
+            assert cur.fetchone() == ("ab", "", None, None)
     finally:
         conn.rollback()
         conn.close()

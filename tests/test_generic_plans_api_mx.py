@@ -130,5 +130,7 @@ async def test_mx_routing_goes_with_the_generic_plan(server, sent):
         with pytest.raises(RelayDenied):
             await server.core.router.resolve("someone@not-ours.example", "a@ok.example")
     routes = [m for m in sent if "AS hosted" in m]
-    assert len(routes) == REPEAT * 3
+    # unknown and unhosted addresses read every time; the inbox's route once at least
+    # (then, while the LISTEN link holds, from core.route_cache)
+    assert REPEAT * 2 + 1 <= len(routes) <= REPEAT * 3
     assert all(m.startswith(GENERIC_PLANS + "; ") for m in routes), routes

@@ -18,6 +18,7 @@ from twisted.internet import threads
 from tests.helpers import query
 from tests.mailfactory import make_message
 from tests.test_key_cache import _commit, _until
+from tests.test_mx import _inbox
 
 _FROM = "sender@example.org"
 
@@ -47,12 +48,6 @@ async def _cached(server, address: str, sender: str = _FROM) -> None:
 
 async def _noticed(cache, generation: int) -> bool:
     return await _until(lambda: cache._listener.poll() and cache.generation != generation)
-
-
-async def _inbox(server, key: str, name: str) -> dict:
-    made = await server.api.post("/api/v1/inboxes", {"username": name}, key=key)
-    assert made.status == 201, made
-    return made.json
 
 
 @pytest_twisted.ensureDeferred

@@ -18,21 +18,12 @@ from agentpost.storage.mail import whole_body_text
 from tests.helpers import query
 from tests.imap_client import new_inbox, session
 from tests.mailfactory import make_message
+from tests.test_blob_text import _expected
 
 
 def _body(marker: str, chars: int) -> str:
     line = f"{marker} line of plain text, with it's quote and a \\ backslash\n"
     return line * (chars // len(line) + 1)
-
-
-def _expected(raw: bytes) -> str:
-    from agentpost.core.ingest_analysis import analyse_indexed
-
-    parsed, _, _ = analyse_indexed(raw)
-    text = parsed.text_body
-    parsed.discard()
-    assert text is not None
-    return text
 
 
 def _rows(db_dsn: str, inbox_id: str) -> list[tuple]:

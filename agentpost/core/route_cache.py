@@ -24,8 +24,13 @@ Only routes to an inbox are kept. An unknown or unhosted address always reads th
 database, so an inbox is found by the first RCPT after its creation committed, in every
 process, with no window in which a stale "unknown" could bounce mail for good. A kept
 route can be stale only between a change's COMMIT and its notice reaching a process
-(milliseconds), the same kind of window as between any RCPT and its DATA; a delivery to
-an inbox deleted meanwhile is refused at DATA with a temporary error, never lost.
+(the listening backend's hop: milliseconds), the same kind of window as between any
+RCPT and its DATA. A delivery to an inbox deleted meanwhile is refused at DATA with a
+temporary error, never lost. A domain moved to another organization by plain SQL can
+in that window still be routed to its former holder, as a key revoked by plain SQL can
+still be accepted (auth.key_cache); through the API a name cannot change hands that
+fast (the new holder must verify it first). The lasting fix for both windows is a
+re-check of the route in the delivery transaction (tests/test_route_cache_attacks.py).
 Not used with an inbox quota: the use it answers with changes with every delivery.
 """
 
@@ -75,6 +80,10 @@ class RouteCache:
         self._clock = clock
         self._ttl_s = ttl_s
         self._entries: dict[tuple[str, str], tuple[dict[str, Any], float]] = {}
+        # One row per inbox, shared by all its keys (case variants): a row carries the
+        # inbox's receive rules, which no limit bounds, so a copy per key would let one
+        # tenant's case variants hold MAX_ENTRIES copies of a row of any size.
+        self._rows: dict[str, dict[str, Any]] = {}
         self._listener = _RouteListener(self, dsn, reactor=reactor, clock=clock, link=link)
         self.generation = 0
         self.hits = 0
@@ -88,6 +97,7 @@ class RouteCache:
     def invalidate(self) -> None:
         """Forget everything; rows being read now will not be stored."""
         self._entries.clear()
+        self._rows.clear()
         self.generation += 1
 
     @staticmethod
@@ -117,9 +127,13 @@ class RouteCache:
         if (not row.get("hosted") or row.get("inbox_id") is None or self._ttl_s <= 0
                 or not self._listener.poll() or generation != self.generation):
             return
-        if len(self._entries) >= MAX_ENTRIES:
+        if len(self._entries) >= MAX_ENTRIES or len(self._rows) >= MAX_ENTRIES:
             self._entries.clear()
-        self._entries[key] = (dict(row), self._clock.seconds())
+            self._rows.clear()
+        kept = self._rows.get(row["inbox_id"])
+        if kept is None or kept != row:  # equal unless read across a change
+            kept = self._rows[row["inbox_id"]] = dict(row)
+        self._entries[key] = (kept, self._clock.seconds())
 
     async def start(self) -> None:
         """Begin listening (reconnecting in the background while the database is down)."""
