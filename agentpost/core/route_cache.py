@@ -25,12 +25,12 @@ database, so an inbox is found by the first RCPT after its creation committed, i
 process, with no window in which a stale "unknown" could bounce mail for good. A kept
 route can be stale only between a change's COMMIT and its notice reaching a process
 (the listening backend's hop: milliseconds), the same kind of window as between any
-RCPT and its DATA. A delivery to an inbox deleted meanwhile is refused at DATA with a
-temporary error, never lost. A domain moved to another organization by plain SQL can
-in that window still be routed to its former holder, as a key revoked by plain SQL can
-still be accepted (auth.key_cache); through the API a name cannot change hands that
-fast (the new holder must verify it first). The lasting fix for both windows is a
-re-check of the route in the delivery transaction (tests/test_route_cache_attacks.py).
+RCPT and its DATA, and the delivery's transaction closes both: a copy for an inbox
+deleted meanwhile is not written, nor one for an inbox whose domain another
+organization now holds (storage.message_batch.NAME_KEPT_SQL), and the sender gets a
+temporary error at DATA; nothing reaches the name's former holder. (Not caught: an
+inbox readdressed by plain SQL and its old address created by another organization
+within that window; the API readdresses no inbox.)
 Not used with an inbox quota: the use it answers with changes with every delivery.
 """
 

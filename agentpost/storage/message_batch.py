@@ -80,6 +80,16 @@ TEXT_COLUMNS = ("text_body", "html_body", "extracted_text")
 _TEXT_TYPES = (str, BlobText)
 
 
+#: An inbox (``i``) may be written to while no other organization holds its domain as
+#: a verified name. A route read at RCPT -- or kept by core.route_cache until a change's
+#: notice arrives -- can name the former holder's inbox of a domain that has since
+#: changed hands; its copy is then not written (NotStored: a temporary failure the
+#: sender retries, and its next RCPT reads the new holder's answer), never stored with
+#: the organization that no longer holds the name.
+NAME_KEPT_SQL = ("NOT EXISTS (SELECT 1 FROM domains od WHERE od.name = lower(i.domain) "
+                 "AND od.org_id <> i.org_id AND od.verified_at IS NOT NULL)")
+
+
 def _select(col: str) -> str:
     """The INSERT's value for ``col``: from the JSON row, or from the bodies' arrays."""
     if col in TEXT_COLUMNS:
@@ -92,7 +102,8 @@ def _select(col: str) -> str:
 #: Params: the rows (a JSON array, batch order, without the body columns), their bodies
 #: (TEXT_COLUMNS' values of each row in turn, a text[]), their text_body_at (an int[],
 #: storage.blob_body), the attachment rows (a JSON
-#: array), the wake-up channel. ``c``: the rows whose inbox exists (those are charged, as
+#: array), the wake-up channel. ``c``: the rows whose inbox exists and keeps its name
+#: (NAME_KEPT_SQL; those are charged, as
 #: usage.charge_cte_sql does with no quota); ``l`` locks their folders in (org, id)
 #: order -- the LockRows node runs above the sort -- before ``u`` moves each folder's
 #: UIDNEXT and HIGHESTMODSEQ by its count; ``k`` numbers a folder's rows in batch order.
@@ -102,7 +113,7 @@ BATCH_INSERT_SQL = (
     "t AS (SELECT %s::text[] AS a, %s::int[] AS b), "
     "c AS MATERIALIZED (SELECT d.*, row_number() OVER (PARTITION BY d.org_id, d.folder_id "
     "  ORDER BY d.ordinality) AS k FROM d WHERE EXISTS (SELECT 1 FROM inboxes i "
-    "  WHERE i.org_id = d.org_id AND i.id = d.inbox_id)), "
+    f"  WHERE i.org_id = d.org_id AND i.id = d.inbox_id AND {NAME_KEPT_SQL})), "
     "q AS (INSERT INTO inbox_usage_deltas (org_id, inbox_id, bytes, created_at) "
     "  SELECT c.org_id, c.inbox_id, c.size, c.created_at FROM c ORDER BY c.ordinality), "
     "l AS (SELECT f.org_id, f.id FROM folders f "

@@ -27,6 +27,7 @@ from agentpost.storage.database import Txn, json_param
 from agentpost.storage.long_text import inline_columns, long_text
 from agentpost.storage.message_batch import (
     BATCH_MIN_COPIES,
+    NAME_KEPT_SQL,
     TEXT_COLUMNS,
     batch_insert_sql,
     zone_minutes,
@@ -74,7 +75,9 @@ async def insert_message(txn: Txn, row: dict[str, Any], *, quota: int = 0,
 #: not written, saying whether its folder is still there (else the quota refused it).
 _ONE_STORED_SQL = (
     "SELECT ('agentpost: not stored: ' || CASE WHEN EXISTS (SELECT 1 FROM folders "
-    "  WHERE org_id = %s AND id = %s) THEN 'quota' ELSE 'folder' END)::int "
+    "  WHERE org_id = %s AND id = %s) AND EXISTS (SELECT 1 FROM inboxes i "
+    f"  WHERE i.org_id = %s AND i.id = %s AND {NAME_KEPT_SQL}) "
+    "  THEN 'quota' ELSE 'folder' END)::int "
     "WHERE NOT EXISTS (SELECT 1 FROM messages WHERE org_id = %s AND id = %s)")
 _ONE_STORED_RESULT = ("SELECT json_build_array(uid, modseq) FROM messages "
                       "WHERE org_id = %s AND id = %s")
@@ -85,7 +88,7 @@ async def _insert_and_commit(txn: Txn, row: dict[str, Any], sql: str,
     org, folder, msg = row["org_id"], row["folder_id"], row["id"]
     try:
         found = await txn.commit_with(f"{sql}; {_ONE_STORED_SQL}",
-                                      [*params, org, folder, org, msg],
+                                      [*params, org, folder, org, row["inbox_id"], org, msg],
                                       _ONE_STORED_RESULT, [org, msg])
     except psycopg2.errors.InvalidTextRepresentation as exc:
         why = _NOT_STORED.search(str(exc))
@@ -370,7 +373,8 @@ def _insert_message_sql(row: dict[str, Any], quota: int,
         f"WITH q AS ({usage.charge_cte_sql()}), "
         "u AS (UPDATE folders SET uidnext = uidnext + 1, "
         "      highestmodseq = highestmodseq + 1 WHERE org_id = %s AND id = %s "
-        "      AND EXISTS (SELECT 1 FROM q) "
+        "      AND EXISTS (SELECT 1 FROM q) AND EXISTS (SELECT 1 FROM inboxes i "
+        f"      WHERE i.org_id = %s AND i.id = %s AND {NAME_KEPT_SQL}) "
         "      RETURNING uidnext - 1 AS uid, highestmodseq AS modseq), "
         f"m AS (INSERT INTO messages ({', '.join(cols)}, uid, modseq) "
         f"      SELECT {', '.join(['%s'] * len(cols))}, u.uid, u.modseq FROM u "
@@ -383,7 +387,8 @@ def _insert_message_sql(row: dict[str, Any], quota: int,
         "FROM (SELECT 1) AS one LEFT JOIN m ON true",
         [*usage.charge_params(row["org_id"], row["inbox_id"], row["size"], quota,
                               row["created_at"]),
-         row["org_id"], row["folder_id"], *values, row["org_id"], row["inbox_id"],
+         row["org_id"], row["folder_id"], row["org_id"], row["inbox_id"], *values,
+         row["org_id"], row["inbox_id"],
          message_refs(row), *att_params, MAIL_CHANNEL, str(row["folder_id"])])
 
 
