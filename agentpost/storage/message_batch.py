@@ -101,9 +101,8 @@ def _select(col: str) -> str:
 
 #: Params: the rows (a JSON array, batch order, without the body columns), their bodies
 #: (TEXT_COLUMNS' values of each row in turn, a text[]), their text_body_at (an int[],
-#: storage.blob_body), the attachment rows (a JSON
-#: array), the wake-up channel. ``c``: the rows whose inbox exists and keeps its name
-#: (NAME_KEPT_SQL; those are charged, as
+#: storage.blob_body), the attachment rows (a JSON array), the wake-up channel. ``c``:
+#: the rows whose inbox exists and keeps its name (NAME_KEPT_SQL; those are charged, as
 #: usage.charge_cte_sql does with no quota); ``l`` locks their folders in (org, id)
 #: order -- the LockRows node runs above the sort -- before ``u`` moves each folder's
 #: UIDNEXT and HIGHESTMODSEQ by its count; ``k`` numbers a folder's rows in batch order.
