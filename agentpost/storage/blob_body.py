@@ -39,6 +39,9 @@ class _BodyAt:
     """The ``text_body_at`` column's value for the same body."""
 
     __slots__ = ("body",)
+    #: What its SQL yields: storage.prepared then passes it to a prepared statement's
+    #: integer parameter (else the whole statement would be planned on every delivery).
+    pg_param_type = "integer"
 
     def __init__(self, body: BlobText) -> None:
         self.body = body

@@ -332,6 +332,11 @@ def _fits(value: Any, pgtype: str) -> bool:
         return pgtype == "bytea"
     if isinstance(value, uuid.UUID):
         return pgtype == "uuid"
+    # An adapter whose SQL is an expression of one known type (storage.blob_body's
+    # offset: a checked function call) is as good an EXECUTE argument as a literal.
+    declared = getattr(kind, "pg_param_type", None)
+    if declared is not None:
+        return bool(declared == pgtype)
     return False  # a tuple (IN %s), an adapter we do not know: as text
 
 
