@@ -46,16 +46,22 @@ async def _cached(server, address: str, sender: str = _FROM) -> None:
     assert cache.hits == hits + 1
 
 
+async def _cached_inbox(server, name: str) -> tuple[str, dict]:
+    """(key, inbox) of a new inbox in a new organization, its route cached already."""
+    _, key = await server.new_org()
+    inbox = await _inbox(server, key, name)
+    await _cached(server, inbox["email"])
+    return key, inbox
+
+
 async def _noticed(cache, generation: int) -> bool:
     return await _until(lambda: cache._listener.poll() and cache.generation != generation)
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_route_is_read_once_and_a_deleted_inbox_refused_next(server):
-    _, key = await server.new_org()
-    inbox = await _inbox(server, key, "rc-deleted")
+    key, inbox = await _cached_inbox(server, "rc-deleted")
     lookups = server.core.router._lookups
-    await _cached(server, inbox["email"])
     before = lookups.statements
     assert await _rcpt(server.mx_port, inbox["email"]) == 250
     assert lookups.statements == before  # no database read for it
@@ -72,9 +78,7 @@ async def test_a_route_is_read_once_and_a_deleted_inbox_refused_next(server):
 
 @pytest_twisted.ensureDeferred
 async def test_unknown_addresses_are_never_cached(server):
-    _, key = await server.new_org()
-    probe = await _inbox(server, key, "rc-probe")  # the cache is on and holds routes
-    await _cached(server, probe["email"])
+    key, probe = await _cached_inbox(server, "rc-probe")  # the cache is on, holds routes
     address = probe["email"].replace("rc-probe", "rc-later")
     lookups = server.core.router._lookups
     for _ in range(3):
@@ -89,10 +93,8 @@ async def test_unknown_addresses_are_never_cached(server):
 @pytest_twisted.ensureDeferred
 async def test_sql_changes_reach_the_cache_through_the_triggers(server, db_dsn):
     """A receive filter rule and a readdressed inbox, each by plain SQL."""
-    _, key = await server.new_org()
-    inbox = await _inbox(server, key, "rc-sql")
+    _, inbox = await _cached_inbox(server, "rc-sql")
     cache = server.core.route_cache
-    await _cached(server, inbox["email"])
     generation = cache.generation
     await _commit(db_dsn, "INSERT INTO filter_rules (org_id, id, environment_id, inbox_id, "
                   "direction, action, match_type, value, created_at) "
@@ -124,9 +126,7 @@ async def test_sql_changes_reach_the_cache_through_the_triggers(server, db_dsn):
 @pytest_twisted.ensureDeferred
 async def test_an_inbox_deleted_between_rcpt_and_data_is_a_temporary_failure(server,
                                                                               db_dsn):
-    _, key = await server.new_org()
-    inbox = await _inbox(server, key, "rc-race")
-    await _cached(server, inbox["email"])
+    key, inbox = await _cached_inbox(server, "rc-race")
     smtp = await threads.deferToThread(smtplib.SMTP, "127.0.0.1", server.mx_port,
                                        local_hostname="client.test", timeout=30)
     try:
@@ -178,10 +178,8 @@ async def test_a_second_process_follows_changes_made_in_the_first(server, db_dsn
 
 @pytest_twisted.ensureDeferred
 async def test_a_killed_listen_link_reads_the_database_until_it_is_back(server, db_dsn):
-    _, key = await server.new_org()
-    inbox = await _inbox(server, key, "rc-link")
+    key, inbox = await _cached_inbox(server, "rc-link")
     cache = server.core.route_cache
-    await _cached(server, inbox["email"])
     pids = [server.core.notify_link.backend_pid]
     await _commit(db_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                   "WHERE pid = ANY(%s)", (pids,))

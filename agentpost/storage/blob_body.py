@@ -21,7 +21,7 @@ from typing import Any
 
 from psycopg2.extensions import register_adapter
 
-from agentpost.storage.long_text import BlobText, LongText, _Adapter, _Quoted
+from agentpost.storage.long_text import BlobText, _Adapter, body_literal, utf8_server
 
 
 def body_sql(alias: str = "") -> str:
@@ -66,21 +66,15 @@ def split_row(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "text_body": text, "text_body_at": at}
 
 
-def _utf8_server(conn: Any) -> bool:
-    return conn is not None and conn.get_parameter_status("server_encoding") == "UTF8"
-
-
 class _QuotedInBlob(_Adapter):
     """NULL on a UTF-8 database; elsewhere the body itself, as a literal."""
 
     _value: _InBlob
 
     def getquoted(self) -> bytes:
-        if _utf8_server(self._conn):
+        if utf8_server(self._conn):
             return b"NULL"
-        literal = _Quoted(LongText(self._value))
-        literal.prepare(self._conn)
-        return literal.getquoted()
+        return body_literal(self._value, self._conn)
 
 
 class _QuotedBodyAt(_Adapter):
@@ -90,7 +84,7 @@ class _QuotedBodyAt(_Adapter):
     _value: _BodyAt
 
     def getquoted(self) -> bytes:
-        if not _utf8_server(self._conn):
+        if not utf8_server(self._conn):
             # typed: in a batch's ARRAY[...] a bare NULL makes the array text[], which
             # a prepared statement's integer[] parameter refuses (storage.prepared)
             return b"NULL::integer"

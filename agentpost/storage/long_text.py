@@ -213,13 +213,24 @@ class _QuotedBlobText(_Adapter):
 
     def getquoted(self) -> bytes:
         value = self._value
-        conn = self._conn
-        if conn is not None and conn.get_parameter_status("server_encoding") == "UTF8":
+        if utf8_server(self._conn):
             return b"ap_blob_text('%s', %d, %d)" % (value.key.encode("ascii"), value.start,
                                                    value.octets)
-        literal = _Quoted(LongText(value))
-        literal.prepare(conn)
-        return literal.getquoted()
+        return body_literal(value, self._conn)
+
+
+def utf8_server(conn: Any) -> bool:
+    """Whether ``conn``'s database is UTF-8: only there is ``convert_from(..., 'UTF8')``
+    of a message's bytes exactly the text the ingest compared them with."""
+    return conn is not None and conn.get_parameter_status("server_encoding") == "UTF8"
+
+
+def body_literal(text: str, conn: Any) -> bytes:
+    """``text`` as a quoted literal (:class:`_Quoted`): where a body read from its
+    message's bytes cannot be (:func:`utf8_server` false)."""
+    literal = _Quoted(LongText(text))
+    literal.prepare(conn)
+    return literal.getquoted()
 
 
 register_adapter(BlobText, _QuotedBlobText)
