@@ -114,13 +114,36 @@ async def test_sql_changes_reach_the_cache_through_the_triggers(server, db_dsn):
     assert await _rcpt(server.mx_port, inbox["email"], "ok@example.net") == 550
     assert await _rcpt(server.mx_port, moved, "ok@example.net") == 250
 
-    # An inbox's other columns change without emptying anybody's cache.
-    await _cached(server, moved, "ok@example.net")
-    generation = cache.generation
-    await _commit(db_dsn, "UPDATE inboxes SET display_name = 'Renamed' WHERE id = %s",
-                  (inbox["id"],))
-    await _commit(db_dsn, "SELECT 1")  # a later commit: a notice would be in by now
-    assert cache._listener.poll() and cache.generation == generation
+    # Columns routing does not read change without a notice: an inbox's display name,
+    # a domain's checker bookkeeping (0042). A sentinel NOTIFY sent after them arrives
+    # after any notice they caused (one session's notices keep their commit order).
+    await _commit(db_dsn, "INSERT INTO domains (org_id, id, environment_id, name, "
+                  "created_at) SELECT org_id, 'dom_rc_sql', environment_id, "
+                  "'rc-sql.example', now() FROM inboxes WHERE id = %s", (inbox["id"],))
+    payloads: list[str] = []
+    listener = cache._listener
+    original = listener._on_notify
+
+    def record(notify):
+        payloads.append(notify.payload)
+        original(notify)
+
+    listener._on_notify = record
+    try:
+        await _commit(db_dsn, "SELECT pg_notify('agentpost_route_changed', 'before')")
+        assert await _until(lambda: listener.poll() and "before" in payloads)
+        await _commit(db_dsn, "UPDATE inboxes SET display_name = 'Renamed' WHERE id = %s",
+                      (inbox["id"],))
+        await _commit(db_dsn, "UPDATE domains SET next_check_at = now(), check_count = 3 "
+                      "WHERE id = 'dom_rc_sql'")
+        await _commit(db_dsn, "SELECT pg_notify('agentpost_route_changed', 'sentinel')")
+        assert await _until(lambda: listener.poll() and "sentinel" in payloads)
+        assert payloads[payloads.index("before") + 1:] == ["sentinel"]
+        await _commit(db_dsn, "UPDATE domains SET verified_at = now() "
+                      "WHERE id = 'dom_rc_sql'")
+        assert await _until(lambda: listener.poll() and payloads[-1] == "")
+    finally:
+        del listener._on_notify
 
 
 @pytest_twisted.ensureDeferred
@@ -172,6 +195,20 @@ async def test_a_second_process_follows_changes_made_in_the_first(server, db_dsn
         assert code == 550
         assert await _rcpt(second.mx_port, address) == 550
         assert await _rcpt(second.mx_port, inbox["email"]) == 250
+        # That the other process answers from its cache at all, and that the notice is
+        # what empties it: readdress the inbox with the triggers off (no notice), and
+        # its old address still routes there; a bare NOTIFY then ends that.
+        moved = inbox["email"].replace("rc-two", "rc-two-moved")
+        await _commit(db_dsn, "SET LOCAL session_replication_role = replica; "
+                      "UPDATE inboxes SET email = %s WHERE id = %s", (moved, inbox["id"]))
+        assert await _rcpt(second.mx_port, inbox["email"]) == 250  # stale: cached there
+        await _commit(db_dsn, "SELECT pg_notify('agentpost_route_changed', '')")
+        for _ in range(100):
+            code = await _rcpt(second.mx_port, inbox["email"])
+            if code == 550:
+                break
+        assert code == 550
+        assert await _rcpt(second.mx_port, moved) == 250
     finally:
         second.stop()
 
