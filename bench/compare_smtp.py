@@ -26,8 +26,9 @@ Without Postfix installed (``apt-get install postfix``) the Postfix side is skip
 with a message and only AgentPost is measured. Timing never makes it fail: the exit
 status is 1 only for a setup failure or when stored counts differ from sent messages.
 
-Usage: ``.venv/bin/python bench/compare_smtp.py [--quick] [--workers N] [--json]``; needs root for
-Postfix (its daemons change to the ``postfix`` user).
+Usage: ``.venv/bin/python bench/compare_smtp.py [--quick] [--rounds N] [--workers N]
+[--json]``; needs root for Postfix (its daemons change to the ``postfix`` user). With
+``--rounds N`` each piece of work runs N times and its median ratio is printed too.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import pwd
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -372,24 +374,32 @@ class Compare:
             self.measure_postfix(small)
 
     def run(self) -> list[dict[str, Any]]:
+        """Every piece of work once per round; who goes first alternates from one piece
+        to the next and from one round to the next, so drift hits both sides alike."""
         self.warm()
         rows = []
-        for n, work in enumerate(plan(self.args.quick)):
-            log(f"{work.label}: {work.messages} messages")
-            sides = ["agentpost", "postfix"] if n % 2 == 0 else ["postfix", "agentpost"]
-            row: dict[str, Any] = {"work": work.label, "messages": work.messages}
-            for side in sides:
-                if side == "postfix" and self.postfix is None:
-                    continue
-                time.sleep(1.0)
-                result = (self.measure_agentpost(work) if side == "agentpost"
-                          else self.measure_postfix(work))
-                row[side] = result
-                log(f"  {side}: {result['msgs_per_s']:.1f} msgs/s, stored "
-                    f"{result['stored']}/{work.messages}, "
-                    f"{result['cpu_ms_per_msg']:.2f} ms CPU/msg")
-            rows.append(row)
+        works = plan(self.args.quick)
+        for rnd in range(self.args.rounds):
+            for n, work in enumerate(works):
+                rows.append(self.run_work(work, rnd, (n + rnd) % 2 == 0))
         return rows
+
+    def run_work(self, work: Work, rnd: int, agentpost_first: bool) -> dict[str, Any]:
+        log(f"{work.label}: {work.messages} messages (round {rnd + 1})")
+        sides = ["agentpost", "postfix"] if agentpost_first else ["postfix", "agentpost"]
+        row: dict[str, Any] = {"work": work.label, "messages": work.messages,
+                               "round": rnd + 1}
+        for side in sides:
+            if side == "postfix" and self.postfix is None:
+                continue
+            time.sleep(1.0)
+            result = (self.measure_agentpost(work) if side == "agentpost"
+                      else self.measure_postfix(work))
+            row[side] = result
+            log(f"  {side}: {result['msgs_per_s']:.1f} msgs/s, stored "
+                f"{result['stored']}/{work.messages}, "
+                f"{result['cpu_ms_per_msg']:.2f} ms CPU/msg")
+        return row
 
     def cleanup(self) -> None:
         if self.postfix is not None:
@@ -413,6 +423,7 @@ def print_table(rows: list[dict[str, Any]], skipped: str | None) -> None:
     print("| work | AgentPost msgs/s | Postfix msgs/s | ratio | AgentPost CPU ms/msg "
           "(app + PostgreSQL) | Postfix CPU ms/msg | stored (AgentPost / Postfix) |")
     print("|---|---|---|---|---|---|---|")
+    rounds = max((row.get("round", 1) for row in rows), default=1)
     for row in rows:
         ap: dict[str, Any] = row["agentpost"]
         pf: dict[str, Any] | None = row.get("postfix")
@@ -423,8 +434,37 @@ def print_table(rows: list[dict[str, Any]], skipped: str | None) -> None:
             ratio = f"{ap['msgs_per_s'] / pf['msgs_per_s']:.2f}x"
             pf_rate, pf_cpu = f"{pf['msgs_per_s']:.0f}", f"{pf['cpu_ms_per_msg']:.1f}"
             pf_stored = f"{pf['stored']}/{n}"
-        print(f"| {row['work']} | {ap['msgs_per_s']:.0f} | {pf_rate} | {ratio} | "
+        work = row["work"] if rounds == 1 else f"{row['work']} (round {row['round']})"
+        print(f"| {work} | {ap['msgs_per_s']:.0f} | {pf_rate} | {ratio} | "
               f"{ap['cpu_ms_per_msg']:.1f} | {pf_cpu} | {ap['stored']}/{n} / {pf_stored} |")
+    if rounds > 1:
+        print_medians(rows, rounds)
+
+
+def print_medians(rows: list[dict[str, Any]], rounds: int) -> None:
+    """Each piece of work's median over the rounds: a single pair can land on a slow
+    second of either server (Postfix's own rate moves by up to 2x between runs on a
+    shared 2-core machine), the median of paired ratios much less so."""
+    print(f"\nMedians over {rounds} rounds (ratios are paired: each round's two runs "
+          "back to back):")
+    print("| work | AgentPost msgs/s | Postfix msgs/s | ratio (median) | ratios per round "
+          "| AgentPost CPU ms/msg | Postfix CPU ms/msg |")
+    print("|---|---|---|---|---|---|---|")
+    for label in dict.fromkeys(row["work"] for row in rows):
+        mine = [row for row in rows if row["work"] == label]
+        ap_rate = statistics.median(row["agentpost"]["msgs_per_s"] for row in mine)
+        ap_cpu = statistics.median(row["agentpost"]["cpu_ms_per_msg"] for row in mine)
+        paired = [row for row in mine if row.get("postfix")]
+        if not paired:
+            print(f"| {label} | {ap_rate:.0f} | - | - | - | {ap_cpu:.1f} | - |")
+            continue
+        ratios = [row["agentpost"]["msgs_per_s"] / row["postfix"]["msgs_per_s"]
+                  for row in paired]
+        pf_rate = statistics.median(row["postfix"]["msgs_per_s"] for row in paired)
+        pf_cpu = statistics.median(row["postfix"]["cpu_ms_per_msg"] for row in paired)
+        each = ", ".join(f"{r:.2f}x" for r in ratios)
+        print(f"| {label} | {ap_rate:.0f} | {pf_rate:.0f} | "
+              f"{statistics.median(ratios):.2f}x | {each} | {ap_cpu:.1f} | {pf_cpu:.1f} |")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -434,6 +474,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-postfix", action="store_true", help="measure AgentPost only")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds allowed for one smtp-source run")
+    parser.add_argument("--rounds", type=int, default=1, metavar="N",
+                        help="run every piece of work N times (who goes first alternates) "
+                             "and also print each one's median ratio; default 1")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="AgentPost's server.workers (processes sharing the MX port; "
@@ -447,6 +490,9 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.rounds < 1:
+        log("--rounds must be 1 or more")
+        return 2
     if shutil.which("smtp-source") is None:
         log("smtp-source is not installed (it comes with Debian's postfix package): "
             "DEBIAN_FRONTEND=noninteractive apt-get install -y postfix")
