@@ -151,6 +151,13 @@ async def _inbox(server, key: str, name: str, **extra: Any) -> dict:
     return made.json
 
 
+async def _verified_domain(dsn: str, org: dict, domain_id: str, name: str) -> None:
+    """``name`` held verified by ``org``, written by SQL (the API verifies through DNS)."""
+    await _commit(dsn, "INSERT INTO domains (org_id, id, environment_id, name, created_at, "
+                  "verified_at) VALUES (%s, %s, %s, %s, now(), now())",
+                  (org["id"], domain_id, org["default_environment_id"], name))
+
+
 def _sql(dsn: str, sql: str, params: tuple = ()):
     async def do() -> None:
         await _commit(dsn, sql, params)
@@ -269,9 +276,7 @@ async def test_domain_changes_and_a_domain_changing_hands(server, db_dsn):
     owner, owner_key = await server.new_org("RC owner")
     other, other_key = await server.new_org("RC squatter")
     name = "rca-victim.test"
-    await _commit(db_dsn, "INSERT INTO domains (org_id, id, environment_id, name, "
-                  "created_at, verified_at) VALUES (%s, 'dom_rca_victim', %s, %s, now(), "
-                  "now())", (owner["id"], owner["default_environment_id"], name))
+    await _verified_domain(db_dsn, owner, "dom_rca_victim", name)
     boss = await _inbox(server, owner_key, "boss", domain=name)
     ceo = await _inbox(server, other_key, "rca-ceo")
     await _commit(db_dsn, "UPDATE inboxes SET domain = %s, email = %s WHERE id = %s",
@@ -354,10 +359,7 @@ async def test_reserved_names_and_the_operator_inbox(db_dsn, openapi_checker):
         _, ops_key = await server.new_org("RC operator")
         ops = await _inbox(server, ops_key, "rca-ops")
         tenant, tenant_key = await server.new_org("RC tenant")
-        await _commit(db_dsn, "INSERT INTO domains (org_id, id, environment_id, name, "
-                      "created_at, verified_at) VALUES (%s, 'dom_rca_own', %s, "
-                      "'rca-own.test', now(), now())",
-                      (tenant["id"], tenant["default_environment_id"]))
+        await _verified_domain(db_dsn, tenant, "dom_rca_own", "rca-own.test")
         addresses = ["postmaster", "Postmaster", "POSTMASTER@agents.test",
                      "abuse@agents.test", "admin+x@agents.test", "rca-ops@agents.test",
                      "RCA-OPS@agents.test", "postmaster@rca-own.test", "abuse@rca-own.test"]
@@ -523,9 +525,7 @@ async def test_changes_while_the_listen_link_is_down_are_honoured(server, db_dsn
     owner, key = await server.new_org("RC link")
     other, _ = await server.new_org("RC link other")
     name = "rca-link.test"
-    await _commit(db_dsn, "INSERT INTO domains (org_id, id, environment_id, name, "
-                  "created_at, verified_at) VALUES (%s, 'dom_rca_link', %s, %s, now(), "
-                  "now())", (owner["id"], owner["default_environment_id"], name))
+    await _verified_domain(db_dsn, owner, "dom_rca_link", name)
     inbox = await _inbox(server, key, "rca-link")
     own = await _inbox(server, key, "boss", domain=name)
     addresses = _variants(inbox["email"]) + _variants(own["email"])
@@ -563,9 +563,7 @@ async def test_a_second_process_follows_sql_changes(server, db_dsn, tmp_path):
         owner, key = await server.new_org("RC second")
         other, other_key = await server.new_org("RC second other")
         name = "rca-second.test"
-        await _commit(db_dsn, "INSERT INTO domains (org_id, id, environment_id, name, "
-                      "created_at, verified_at) VALUES (%s, 'dom_rca_second', %s, %s, "
-                      "now(), now())", (owner["id"], owner["default_environment_id"], name))
+        await _verified_domain(db_dsn, owner, "dom_rca_second", name)
         inbox = await _inbox(server, key, "rca-second")
         boss = await _inbox(server, key, "boss", domain=name)
         for _ in range(5):  # cached there
@@ -649,9 +647,7 @@ async def _race_after_move(server, db_dsn: str, *, cached: bool,
     second, second_key = await server.new_org("RC race B")
     orgs, keys = [first, second], [first_key, second_key]
     name = "rca-race.test"
-    await _commit(db_dsn, "INSERT INTO domains (org_id, id, environment_id, name, "
-                  "created_at, verified_at) VALUES (%s, 'dom_rca_race', %s, %s, now(), "
-                  "now())", (first["id"], first["default_environment_id"], name))
+    await _verified_domain(db_dsn, first, "dom_rca_race", name)
     boxes = []
     for n, key in enumerate(keys):
         made = await _inbox(server, key, f"rca-race{n}")  # with its folders
