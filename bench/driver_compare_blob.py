@@ -61,8 +61,11 @@ from types import FrameType
 from typing import Any, Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psycopg2
+from api_bench import percentile, process_cpu
+from smtp_bench import parse_size
 
 from agentpost.dev.embedded_pg import EmbeddedPostgres
 from agentpost.storage.long_text import inline_columns, utf8_text
@@ -77,7 +80,6 @@ DBNAME = "driverblob"
 SIZES = (4 * 1024, 100 * 1024)
 CONCURRENCY = (1, 8)
 VARIANTS = ("a-psycopg2", "b-pg3-pipeline", "c-pg3-nopipe")
-TICK_MS = 1000.0 / os.sysconf("SC_CLK_TCK")
 ORG = "org_01JBENCH000000000000000000"
 SAMPLE_ROWS = 20
 BLOB_SQL = ("INSERT INTO blobs (key, size, refcount, created_at, data, utf8) "
@@ -114,8 +116,7 @@ def make_message(size: int, seed: int = 12) -> bytes:
 
 def backend_cpu_ms(pid: int) -> float:
     """utime + stime of one PostgreSQL backend, in milliseconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * TICK_MS
+    return process_cpu(pid) * 1000.0
 
 
 # -- the clients: one per connection, ``deliver`` = one committed transaction --------------
@@ -209,12 +210,6 @@ class Result:
     rows: str
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
-
-
 def worker(client: Client, prefix: str, body: bytes, deadline: float, stop: threading.Event,
            latencies: list[float], errors: list[BaseException]) -> None:
     """Deliver until the deadline; each latency is one whole transaction, BEGIN to COMMIT."""
@@ -306,7 +301,7 @@ def one_run(dsn: str, admin: Any, args: argparse.Namespace, spec: tuple[int, str
     rows = verify_and_reset(admin, count, body)
     per = max(count, 1)
     return Result(rnd, variant, size, conc, count, round(wall, 3), count / wall,
-                  percentile(lats, 0.50) * 1000, percentile(lats, 0.99) * 1000,
+                  percentile(lats, 50) * 1000, percentile(lats, 99) * 1000,
                   pg_ms / per, client_ms / per, (wal1 - wal0) / 1024 / per, ckpt1 - ckpt0,
                   rows)
 
@@ -391,10 +386,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of every variant (default 2)")
     p.add_argument("--sizes", default=",".join(str(s) for s in SIZES),
-                   help="message sizes in bytes (default 4096,102400)")
+                   help="message sizes, e.g. 4k,100k (default 4096,102400 bytes)")
     p.add_argument("--concurrency", default="1,8", help="connections (default 1,8)")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+        args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    except ValueError as exc:
+        p.error(f"bad --sizes or --concurrency value: {exc}")
+    if not args.sizes or not args.concurrency or min(args.concurrency) < 1 \
+            or min(args.sizes) < 1024 or args.rounds < 1 or args.duration <= 0:
+        p.error("--sizes (>= 1k each), --concurrency (>= 1), --rounds (>= 1) and "
+                "--duration (> 0) need sensible values")
+    return args
 
 
 def plan(args: argparse.Namespace, variants: list[str]) -> list[tuple[int, str, int, int]]:
@@ -403,8 +408,8 @@ def plan(args: argparse.Namespace, variants: list[str]) -> list[tuple[int, str, 
     for rnd in range(1, args.rounds + 1):
         shift = (rnd - 1) % len(variants)
         order = variants[shift:] + variants[:shift]
-        for size in (int(s) for s in args.sizes.split(",")):
-            for conc in (int(c) for c in args.concurrency.split(",")):
+        for size in args.sizes:
+            for conc in args.concurrency:
                 specs.extend((rnd, v, size, conc) for v in order)
     return specs
 
