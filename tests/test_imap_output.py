@@ -1,4 +1,4 @@
-"""The IMAP output cork (agentpost.imap.output) on real sockets: a command's responses
+"""The IMAP output cork (agentpost.cork) on real sockets: a command's responses
 are collected and leave in one send, straight to the socket on plain TCP.
 
 What must not change with it: pipelined commands are answered in order and completely,

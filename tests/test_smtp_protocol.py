@@ -18,6 +18,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
+from agentpost import cork
 from agentpost.model import errors
 from agentpost.smtp import parser
 from agentpost.smtp.interfaces import Envelope, SessionInfo
@@ -88,9 +89,28 @@ class TLSCapableTransport(StringTransport):
 
     def startTLS(self, contextFactory: Any, normal: bool = True) -> None:
         self.tls_started_with = contextFactory
+        self.written_before_tls = self.value()
 
     def getHandle(self) -> Any:
         return FakeTLSConnection()
+
+
+class RecordingTransport(StringTransport):
+    """A StringTransport that keeps each write apart, and whether the connection was
+    already being closed when it came."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[tuple[bytes, bool]] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append((data, bool(self.disconnecting)))
+        super().write(data)
+
+    def take(self) -> list[bytes]:
+        """The writes since the last call."""
+        out, self.writes = [data for data, _ in self.writes], []
+        return out
 
 
 class FakeTLSConnection:
@@ -105,11 +125,11 @@ class Session:
     """One protocol instance on a string transport, with helpers to talk to it."""
 
     def __init__(self, agent: RecordingAgent | None = None, *, tls: bool = False,
-                 **kwargs: Any) -> None:
+                 transport: StringTransport | None = None, **kwargs: Any) -> None:
         self.agent = agent or RecordingAgent()
         self.clock = Clock()
         self.clock.advance(1_700_000_000)  # 2023-11-14T22:13:20Z
-        self.transport = TLSCapableTransport() if tls else StringTransport()
+        self.transport = transport or (TLSCapableTransport() if tls else StringTransport())
         if tls:
             kwargs.setdefault("tls_options", object())
         self.protocol = SMTPServerProtocol(self.agent, hostname="mx.test", clock=self.clock,
@@ -646,6 +666,74 @@ def test_pipelined_transaction_with_async_recipient_checks_replies_in_order():
     assert not s.closed
 
 
+def test_replies_to_one_packet_of_pipelined_commands_go_out_in_one_write():
+    """RFC 2920 section 3.1: the replies to a group of pipelined commands are sent as
+    a unit (one write, so one send and one wake-up of the client), in order."""
+    transport = RecordingTransport()
+    s = Session(transport=transport).greeted()
+    transport.take()
+    s.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<r1@mx.test>\r\nRCPT TO:<bad address>\r\n"
+           "DATA\r\n")
+    writes = transport.take()
+    assert len(writes) == 1
+    assert starts(s.codes(), "250 2.1.0", "250 2.1.5", "501", "354")
+    s.send("x\r\n.\r\nNOOP\r\nRSET\r\n")
+    assert len(transport.take()) == 1
+    assert starts(s.codes(), "250 2.0.0 OK", "250 2.0.0", "250 2.0.0")
+
+
+def test_a_reply_waiting_for_the_agent_goes_out_with_the_replies_after_it():
+    """What is answered before a pending check goes out when the protocol starts
+    waiting (never held for more input); the pending reply and those of the commands
+    pipelined behind it go out together once it is known."""
+    transport = RecordingTransport()
+    agent = RecordingAgent()
+    agent.hold_recipients = True
+    s = Session(agent, transport=transport).greeted()
+    transport.take()
+    s.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<r1@mx.test>\r\nRCPT TO:<r2@mx.test>\r\n"
+           "DATA\r\n")
+    assert transport.take() == [b"250 2.1.0 Sender OK\r\n"]
+    agent.release_recipients()
+    assert len(transport.take()) == 1  # the first RCPT's; the second is pending
+    agent.release_recipients()
+    writes = transport.take()
+    assert len(writes) == 1 and writes[0].startswith(b"250 2.1.5") and b"\r\n354 " in writes[0]
+    assert starts(s.codes(), "250 2.1.0", "250 2.1.5", "250 2.1.5", "354")
+
+
+def test_held_replies_go_out_in_bounded_writes_when_a_client_pipelines_thousands():
+    """A flood of pipelined commands does not pile its replies up unsent: past
+    cork.MAX_HELD_BYTES they go out, so the transport's flow control still works."""
+    transport = RecordingTransport()
+    s = Session(transport=transport).greeted()
+    transport.take()
+    s.send("NOOP\r\n" * 12000)
+    writes = transport.take()
+    reply = b"250 2.0.0 OK\r\n"
+    assert b"".join(writes) == reply * 12000
+    assert len(writes) >= 12000 * len(reply) // cork.MAX_HELD_BYTES
+    assert max(len(w) for w in writes) <= cork.MAX_HELD_BYTES + len(reply)
+
+
+def test_pipelined_quit_and_too_many_errors_send_their_last_replies_before_closing():
+    """The 221 (and the 421 after the error limit) leave before the close begins."""
+    transport = RecordingTransport()
+    s = Session(transport=transport).greeted()
+    transport.take()
+    s.send("NOOP\r\nQUIT\r\nNOOP\r\n")
+    assert transport.writes == [(b"250 2.0.0 OK\r\n221 2.0.0 mx.test closing connection\r\n",
+                                 False)]
+    assert s.closed
+    transport = RecordingTransport()
+    s = Session(transport=transport, limits=SMTPLimits(max_errors=3)).greeted()
+    transport.take()
+    s.send("BOGUS\r\n" * 5)
+    (data, closing), = transport.writes
+    assert not closing and data.count(b"500 5.5.2") == 3 and b"421 4.7.0" in data
+    assert s.closed
+
+
 def test_reply_to_data_waits_for_a_slow_deliver_and_later_commands_wait_too():
     """While deliver() is pending, pipelined commands after the body are held."""
     agent = RecordingAgent()
@@ -779,6 +867,7 @@ def test_starttls_discards_pipelined_plaintext_and_resets_state():
     s.send("STARTTLS\r\nRSET\r\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<v@mx.test>\r\n")
     assert s.lines() == ["220 2.0.0 Ready to start TLS"]
     assert s.transport.tls_started_with is s.protocol.tls_options
+    assert s.transport.written_before_tls.endswith(b"220 2.0.0 Ready to start TLS\r\n")
     assert s.agent.senders == ["a@example.org"]
     assert s.protocol.session.helo is None
     s.protocol.handshakeCompleted()

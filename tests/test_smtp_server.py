@@ -10,6 +10,7 @@ from __future__ import annotations
 import smtplib
 import socket
 import ssl
+import threading
 import time
 from typing import Any
 
@@ -288,6 +289,36 @@ async def test_pipelined_commands_on_a_real_socket_are_answered_in_order(serve):
     codes = [r[-1][:3] for r in replies]
     assert codes == ["250", "250", "501", "354", "250", "221"]
     assert server.agent.deliveries[0][1].endswith(b"pipelined body\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_thousands_of_pipelined_commands_are_all_answered_in_order(serve):
+    """A client that pipelines 20,000 commands before reading a reply (sent from its own
+    thread, so neither side waits on the other's buffer) gets every reply, in order:
+    replies held to go out together are never held back for good, whatever the
+    transport's flow control does meanwhile."""
+    server = await serve(starttls=False)
+    count = 20_000
+
+    def client() -> tuple[list[str], list[str]]:
+        c = RawClient(server.port)
+        try:
+            c.reply()
+            c.send(b"EHLO client.example\r\n")
+            c.reply()
+            flood = b"".join(b"NOOP\r\n" if i % 7 else b"RSET\r\n" for i in range(count))
+            sender = threading.Thread(target=c.send, args=(flood + b"QUIT\r\n",))
+            sender.start()
+            replies = [c.reply()[-1] for _ in range(count)]
+            last = c.reply()
+            sender.join(30)
+            return replies, last
+        finally:
+            c.close()
+
+    replies, last = await deferToThread(client)
+    assert replies == ["250 2.0.0 OK"] * count
+    assert last[0].startswith("221 2.0.0")
 
 
 @pytest_twisted.ensureDeferred

@@ -30,7 +30,7 @@ so that its defects cannot happen here:
 
 Where things live: this module is the connection (Twisted hooks, producer, timers,
 output, close/abort, the credential re-check) and the dispatcher; the output cork
-that sends a command's responses in one piece is :mod:`agentpost.imap.output`; the
+that sends a command's responses in one piece is :mod:`agentpost.cork`; the
 input half (the input loop, literal framing, spooling, inflating) is the
 :class:`CommandReader` mixin in :mod:`agentpost.imap.reader`.
 :mod:`agentpost.imap.commands.table` lists the commands, each handled in a module of
@@ -56,11 +56,11 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from agentpost.cork import Cork
 from agentpost.imap import rev2
 from agentpost.imap.commands.table import COMMANDS, CommandSpec
 from agentpost.imap.errors import Answered, IMAPError, bad, error_for, no, response_text
 from agentpost.imap.interfaces import IMAPAccount, IMAPBackend
-from agentpost.imap.output import Cork
 from agentpost.imap.parser import Command, ParseError
 from agentpost.imap.reader import INFLATE_STEP, MAX_LINE_BYTES, CommandReader
 from agentpost.imap.selected import SelectedMailbox
@@ -249,7 +249,7 @@ class IMAP4ServerProtocol(CommandReader, Protocol):
 
     def write(self, data: bytes) -> None:
         """Bytes to the client, after everything written before; held while a command
-        runs (:mod:`agentpost.imap.output`)."""
+        runs (:mod:`agentpost.cork`)."""
         if self._closed:
             return
         self._cork.write(data)

@@ -23,6 +23,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime, ITLSTransport
 
+from agentpost.cork import Cork
 from agentpost.smtp import replies
 from agentpost.smtp.interfaces import DeliveryAgent, Envelope, SessionInfo
 from agentpost.smtp.parser import (
@@ -96,6 +97,7 @@ class SMTPCommands:
     _txn: Transaction | None
     _decoder: DataDecoder | None
     _chunk: Chunk | None
+    _out: Cork
     _send: Callable[[Reply], None]
     _write: Callable[[Reply], None]
     _close: Callable[[], None]
@@ -421,5 +423,6 @@ class SMTPCommands:
         self.session.esmtp = False
         self.state = State.GREETING
         self.tls_active = True
+        self._out.flush()  # the 220 in the clear, before the handshake
         self.transport.startTLS(self.tls_options)
         return None  # _process resumes reading if it was paused: the buffer is empty

@@ -9,8 +9,9 @@ happen:
 
 - **One command at a time.**  Input is buffered; a command is parsed only when the
   previous one has been answered, however long the delivery agent takes.  Replies
-  therefore come out in order (RFC 2920), and bytes after ``DATA`` are read as
-  body only if ``DATA`` was actually accepted.  If the buffer grows past a bound
+  therefore come out in order (RFC 2920), those to a burst of pipelined commands
+  in one send (:mod:`agentpost.cork`), and bytes after ``DATA`` are read as body
+  only if ``DATA`` was actually accepted.  If the buffer grows past a bound
   while a command is in flight, the transport is paused.
 - **Bodies are consumed to their real end.**  DATA ends only at ``CRLF.CRLF``;
   BDAT consumes exactly its announced octets.  Over-size messages and over-long
@@ -52,6 +53,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from agentpost.cork import Cork
 from agentpost.listening import no_delay, send_direct
 from agentpost.model import errors
 from agentpost.smtp import replies
@@ -138,6 +140,7 @@ class SMTPServerProtocol(SMTPCommands, Protocol):
         self._deadlines = SessionDeadlines(self.limits, clock.seconds())
         self._txn: Transaction | None = None
         self._decoder: DataDecoder | None = None
+        self._out = Cork(self._emit)  # replies to pipelined commands leave together
         self._chunk: Chunk | None = None
         self._sasl: SASLExchange | None = None  # an AUTH exchange awaiting a response
         self._ending: str | None = None  # the key died while a command was in flight
@@ -171,6 +174,7 @@ class SMTPServerProtocol(SMTPCommands, Protocol):
             self._abort_timer.cancel()
         self._abort_timer = None
         self._buffer.clear()
+        self._out.discard()
         if self._txn is not None:
             self._txn.discard()
             self._txn = None
@@ -216,6 +220,17 @@ class SMTPServerProtocol(SMTPCommands, Protocol):
             return  # called from a reply fired synchronously inside the loop
         self._processing = True
         try:
+            with self._out.batch():
+                self._process_input()
+        finally:
+            self._processing = False
+        if not self._busy:
+            self._arm_timer()  # restart the clock for whatever we now wait for
+        self._update_flow_control()
+
+    def _process_input(self) -> None:
+        """The loop of :meth:`_process`, its replies held by the caller."""
+        try:
             while not self._busy and not self._output_blocked and self.state is not State.CLOSED:
                 if self.state is State.DATA:
                     if not self._buffer:
@@ -234,11 +249,6 @@ class SMTPServerProtocol(SMTPCommands, Protocol):
                       exc_info=(type(exc), exc, exc.__traceback__))
             self._send(replies.closing(self.hostname, "4.3.0",
                                        f"Internal error (ref {error_id}); closing connection"))
-        finally:
-            self._processing = False
-        if not self._busy:
-            self._arm_timer()  # restart the clock for whatever we now wait for
-        self._update_flow_control()
 
     def _consume_command_line(self) -> bool:
         """Run one complete command line; False when more input is needed."""
@@ -355,13 +365,14 @@ class SMTPServerProtocol(SMTPCommands, Protocol):
         self._busy = False
         if self.state is State.CLOSED:
             return
-        self._send(reply)
-        if self._ending is not None:
-            self._send(replies.closing(self.hostname, "4.7.0", self._ending))
-        # A deadline that passed while the agent worked ends the session now, before
-        # any pipelined command runs (each of which could keep us busy again).
-        self._arm_timer()
-        self._process()
+        with self._out.batch():  # with the replies of the commands pipelined after it
+            self._send(reply)
+            if self._ending is not None:
+                self._send(replies.closing(self.hostname, "4.7.0", self._ending))
+            # A deadline that passed while the agent worked ends the session now,
+            # before any pipelined command runs (each of which could keep us busy again).
+            self._arm_timer()
+            self._process()
 
     def _reply_failed(self, failure: Failure) -> None:
         log.error("smtp %s: failed to send a reply: %s", self.session_id, failure.getTraceback())
@@ -370,10 +381,13 @@ class SMTPServerProtocol(SMTPCommands, Protocol):
 
     # ------------------------------------------------------------------ output
 
+    def _emit(self, data: bytes) -> None:
+        send_direct(self.transport, data)
+
     def _write(self, reply: Reply) -> None:
         """Put a reply on the wire; the client's time for its next command starts now.
         Straight to the socket when nothing waits before it (listening.send_direct)."""
-        send_direct(self.transport, reply.render())
+        self._out.write(reply.render())
         self._deadlines.replied(self.clock.seconds())
 
     def _send(self, reply: Reply) -> None:
@@ -417,6 +431,7 @@ class SMTPServerProtocol(SMTPCommands, Protocol):
         if self._txn is not None:
             self._txn.discard()
             self._txn = None
+        self._out.flush()  # the last replies (221, 421) before the close
         # Unregister first: a paused streaming producer would keep Twisted from
         # completing loseConnection once the write buffer drains.
         self.transport.unregisterProducer()

@@ -1,11 +1,15 @@
-"""The IMAP session's output "cork": a command's responses leave in one send (issue 12).
+"""A session's output "cork": what one command or one burst of pipelined commands
+answers leaves in one send (issue 12). IMAP and SMTP sessions both use it.
 
-Why: a command's answer is several writes (untagged lines, then the tagged completion),
-and every ``transport.write`` costs a writability registration with epoll, a pass of the
-reactor and an unregistration; on a small VM those syscalls and wake-ups were a large
-part of the CPU per command. Collected, the answer leaves in one
-:func:`agentpost.listening.send_direct` (one ``send``, COMPRESS=DEFLATE compressing it
-once).
+Why: an answer is often several writes (IMAP: untagged lines, then the tagged
+completion; SMTP: one reply per pipelined MAIL, RCPT and DATA), and every
+``transport.write`` costs a writability registration with epoll, a pass of the reactor
+and an unregistration; sent one by one through :func:`agentpost.listening.send_direct`
+each is still a ``send`` and a wake-up of the client. On a small VM those syscalls and
+wake-ups were a large part of the CPU per command. Collected, the answer leaves in one
+send (an IMAP session under COMPRESS=DEFLATE compresses it once). RFC 2920 section 3.1
+asks an SMTP server for exactly this: keep the replies to a group of pipelined commands
+and send them as a unit, as Postfix's smtpd does.
 
 When bytes are held, and when they leave (the order of bytes never changes):
 
@@ -21,6 +25,10 @@ When bytes are held, and when they leave (the order of bytes never changes):
   before STARTTLS, COMPRESS, close.
 - **Past** :data:`MAX_HELD_BYTES` the held bytes leave through the normal path, so large
   FETCH streaming and the producer's flow control work as without the cork.
+
+An SMTP session uses batches only (its input loop, and the step after a reply the
+delivery agent computed): a reply never waits for the client's next bytes, and a
+session that starts waiting for the agent sends what it answered before.
 """
 
 from __future__ import annotations
