@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -532,29 +531,13 @@ class SMTPServerProtocol(SMTPCommands, Protocol):
 
     def _open_spool(self, txn: Transaction) -> None:
         """Start the spooled message with our Return-Path: and Received: headers."""
-        txn.queue_id = secrets.token_hex(8).upper()
-        spool = tempfile.SpooledTemporaryFile(  # closed by the transaction
-            max_size=self.limits.spool_memory_bytes, dir=self.spool_dir)
-        headers = self._trace_headers(txn)
-        spool.write(headers)
-        txn.spool = spool
-        txn.header_bytes = len(headers)
-        txn.body_bytes = 0
+        txn.queue_id = secrets.token_hex(8).upper()  # named in the Received: field
+        txn.open_spool(self._trace_headers(txn), self.limits.spool_memory_bytes,
+                       self.spool_dir)
 
     def _write_body(self, data: bytes) -> None:
-        """Count body octets against the limit; keep them only while under it."""
-        txn = self._txn
-        if txn is None:
-            return
-        txn.body_bytes += len(data)
-        if txn.too_large:
-            return
-        if txn.body_bytes > self.limits.max_message_size_bytes:
-            txn.too_large = True
-            txn.discard()  # free the memory/disk now; the rest is only counted
-            return
-        assert txn.spool is not None
-        txn.spool.write(data)
+        if self._txn is not None:
+            self._txn.add_body(data, self.limits.max_message_size_bytes)
 
     async def _deliver(self, txn: Transaction) -> Reply:
         """Hand the spooled message to the agent; 250 only once it has committed."""

@@ -7,6 +7,7 @@ Kept apart from :mod:`agentpost.smtp.server` (the I/O state machine) and
 from __future__ import annotations
 
 import enum
+import tempfile
 from dataclasses import dataclass
 from typing import IO
 
@@ -87,6 +88,29 @@ class Transaction:
     body_bytes: int = 0
     too_large: bool = False
     chunked: bool = False  # BDAT has been used: DATA is no longer allowed
+
+    def open_spool(self, headers: bytes, memory_bytes: int, spool_dir: str | None) -> None:
+        """Start the spooled message with our trace ``headers`` (memory up to
+        ``memory_bytes``, then a file in ``spool_dir``)."""
+        spool = tempfile.SpooledTemporaryFile(  # closed by discard, or by the delivery
+            max_size=memory_bytes, dir=spool_dir)
+        spool.write(headers)
+        self.spool = spool
+        self.header_bytes = len(headers)
+        self.body_bytes = 0
+
+    def add_body(self, data: bytes, max_bytes: int) -> None:
+        """Count body octets against ``max_bytes``; keep them only while under it (past
+        it the spool is freed at once, and the rest is only counted)."""
+        self.body_bytes += len(data)
+        if self.too_large:
+            return
+        if self.body_bytes > max_bytes:
+            self.too_large = True
+            self.discard()
+            return
+        assert self.spool is not None
+        self.spool.write(data)
 
     def discard(self) -> None:
         """Close (and so delete) the spooled body."""
