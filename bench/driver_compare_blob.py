@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A delivery's message bytes into ``blobs.data``: psycopg2 literal vs psycopg 3 binary (issue 12).
+"""A delivery's message bytes into ``blobs.data``: psycopg2 literal vs binary (issue 12).
 
 The question (issue 12): "if txpostgres/psycopg2 is the wall, show the profile and the
 alternative (e.g. psycopg 3 with pipeline mode) side by side before proposing a change
@@ -18,6 +18,11 @@ difference on the real ``blobs`` table (AgentPost's migrations: lz4, checks), no
   round trip), the body a binary parameter (``%b``), the INSERTs prepared.
 * ``c-pg3-nopipe``: as b without pipeline mode: one round trip per statement (what the
   pipeline buys).
+* ``d-psycopg2-ahead``: what AgentPost's MX does since the sixteenth pass for message
+  bytes from 16 KiB on (storage.blob_lead): psycopg2's connection, but ``BEGIN`` and the
+  blob row with its bytes as a binary parameter go first, through libpq's pipeline mode
+  (storage.libpq_pipeline, the product's own class; its prepared statement), then the
+  rest and ``COMMIT`` as one psycopg2 string: two round trips, no driver change.
 
 Each transaction is a synchronous commit (fsync on) of one blob row (a 4 KiB or 100 KiB
 ASCII mail: header block + CRLF lines of words) and one small row in a scratch table
@@ -47,6 +52,7 @@ import hashlib
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import sys
@@ -68,6 +74,8 @@ from api_bench import percentile, process_cpu
 from smtp_bench import parse_size
 
 from agentpost.dev.embedded_pg import EmbeddedPostgres
+from agentpost.storage import libpq_pipeline
+from agentpost.storage.libpq_pipeline import Pipeline, Statement, Wait
 from agentpost.storage.long_text import inline_columns, utf8_text
 from agentpost.storage.migrations import migrate
 
@@ -79,7 +87,7 @@ except ImportError:  # benchmark-only dependency
 DBNAME = "driverblob"
 SIZES = (4 * 1024, 100 * 1024)
 CONCURRENCY = (1, 8)
-VARIANTS = ("a-psycopg2", "b-pg3-pipeline", "c-pg3-nopipe")
+VARIANTS = ("a-psycopg2", "d-psycopg2-ahead", "b-pg3-pipeline", "c-pg3-nopipe")
 ORG = "org_01JBENCH000000000000000000"
 SAMPLE_ROWS = 20
 BLOB_SQL = ("INSERT INTO blobs (key, size, refcount, created_at, data, utf8) "
@@ -87,6 +95,9 @@ BLOB_SQL = ("INSERT INTO blobs (key, size, refcount, created_at, data, utf8) "
 DELIVERY_SQL = ("INSERT INTO bench_deliveries (org_id, blob_key, size, created_at) "
                 "VALUES (%s, %s, %s, %s)")
 BEGIN = "BEGIN ISOLATION LEVEL READ COMMITTED"
+#: variant d: the blob row ahead, its bytes binary (storage.blob_lead's shape, one row)
+AHEAD_SQL = ("INSERT INTO blobs (key, size, refcount, created_at, data, utf8) "
+             "VALUES ($1, $2::bigint, 1, $3::timestamptz, $4, $5::bool)")
 #: variant a: the whole transaction as ONE simple-query string, as storage.database sends it
 SIMPLE_SQL = f"{BEGIN}; {BLOB_SQL.format(data='%s')}; {DELIVERY_SQL}; COMMIT"
 SCRATCH_DDL = ("CREATE TABLE bench_deliveries (id bigserial PRIMARY KEY, org_id text NOT NULL, "
@@ -183,9 +194,37 @@ class Psycopg3Client:
         self.conn.close()
 
 
+class AheadClient(Psycopg2Client):
+    """d: psycopg2's connection; the blob row first, through a libpq pipeline."""
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__(dsn)
+        self.prepared = False
+
+    def deliver(self, key: str, body: bytes) -> None:
+        now = datetime.now(UTC)
+        row = Statement(AHEAD_SQL, [key.encode(), str(len(body)).encode(),
+                                    now.isoformat().encode(), body,
+                                    b"t" if utf8_text(body) else b"f"],
+                        [False, False, False, True, False], "bench_ahead", not self.prepared)
+        pipeline = Pipeline(self.conn, [Statement(BEGIN), row])
+        fd = self.conn.fileno()
+        while (wait := pipeline.step()) is not Wait.DONE:
+            if wait is Wait.WRITE:
+                select.select([fd], [fd], [])
+            else:
+                select.select([fd], [], [])
+        if pipeline.error is not None:
+            raise pipeline.error
+        self.prepared = True
+        self.cur.execute(f"{DELIVERY_SQL}; COMMIT", (ORG, key, len(body), now))
+
+
 def open_client(variant: str, dsn: str) -> Client:
     if variant == "a-psycopg2":
         return Psycopg2Client(dsn)
+    if variant == "d-psycopg2-ahead":
+        return AheadClient(dsn)
     return Psycopg3Client(dsn, pipeline=variant == "b-pg3-pipeline")
 
 
@@ -356,12 +395,12 @@ class Cluster:
 
 
 def print_table(results: list[Result]) -> None:
-    print(f"{'variant':<15}{'size':>6}{'conn':>5}{'rnd':>4}{'tx':>7}{'tx/s':>8}{'p50 ms':>8}"
+    print(f"{'variant':<17}{'size':>6}{'conn':>5}{'rnd':>4}{'tx':>7}{'tx/s':>8}{'p50 ms':>8}"
           f"{'p99 ms':>8}{'pg ms/tx':>9}{'cli ms/tx':>10}{'WAL KB/tx':>10}{'ckpt':>5}  rows")
     key: Callable[[Result], tuple[int, int, str, int]] = \
         lambda r: (r.size, r.concurrency, r.variant, r.round)  # noqa: E731
     for r in sorted(results, key=key):
-        print(f"{r.variant:<15}{r.size // 1024:>5}K{r.concurrency:>5}{r.round:>4}"
+        print(f"{r.variant:<17}{r.size // 1024:>5}K{r.concurrency:>5}{r.round:>4}"
               f"{r.transactions:>7}{r.tx_s:>8.0f}{r.p50_ms:>8.2f}{r.p99_ms:>8.2f}"
               f"{r.pg_cpu_ms_tx:>9.3f}{r.client_cpu_ms_tx:>10.3f}{r.wal_kb_tx:>10.1f}"
               f"{r.checkpoints:>5}  {r.rows}")
@@ -371,12 +410,12 @@ def print_means(results: list[Result]) -> None:
     groups: dict[tuple[int, int, str], list[Result]] = {}
     for r in results:
         groups.setdefault((r.size, r.concurrency, r.variant), []).append(r)
-    print(f"\nmean of rounds\n{'variant':<15}{'size':>6}{'conn':>5}{'tx/s':>8}{'p50 ms':>8}"
+    print(f"\nmean of rounds\n{'variant':<17}{'size':>6}{'conn':>5}{'tx/s':>8}{'p50 ms':>8}"
           f"{'p99 ms':>8}{'pg ms/tx':>9}{'cli ms/tx':>10}")
     for (size, conc, variant), rs in sorted(groups.items()):
         def mean(attr: str, rs: list[Result] = rs) -> float:
             return sum(float(getattr(r, attr)) for r in rs) / len(rs)
-        print(f"{variant:<15}{size // 1024:>5}K{conc:>5}{mean('tx_s'):>8.0f}"
+        print(f"{variant:<17}{size // 1024:>5}K{conc:>5}{mean('tx_s'):>8.0f}"
               f"{mean('p50_ms'):>8.2f}{mean('p99_ms'):>8.2f}{mean('pg_cpu_ms_tx'):>9.3f}"
               f"{mean('client_cpu_ms_tx'):>10.3f}")
 
@@ -439,8 +478,11 @@ def main(argv: list[str] | None = None) -> int:
     variants = list(VARIANTS)
     if psycopg is None:
         print("psycopg 3 not installed: .venv/bin/pip install 'psycopg[binary]' "
-              "(running variant a only)", file=sys.stderr)
-        variants = variants[:1]
+              "(running variants a and d only)", file=sys.stderr)
+        variants = variants[:2]
+    if not libpq_pipeline.available():
+        print("psycopg2's libpq has no pipeline mode: no variant d", file=sys.stderr)
+        variants.remove("d-psycopg2-ahead")
     signal.signal(signal.SIGTERM, _terminate)
     stop = threading.Event()
     cluster = Cluster()

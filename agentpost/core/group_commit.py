@@ -184,7 +184,7 @@ class GroupCommit:
         if all(guess is not None for guess in guesses):  # no staging round trip
             self.guessed += 1
             answers = [answer for guess in guesses if guess for answer in guess]
-            lead = mail_store.guessed_delivery_sql(
+            lead = await mail_store.guessed_delivery_sql(
                 txn, flat, [answer.folder for answer in answers if answer.folder])
         else:
             try:

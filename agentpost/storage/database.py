@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - ujson comes with autobahn
     ujson = None  # type: ignore[assignment]
 
 from agentpost.model.errors import AgentPostError, Conflict, InvalidRequest, TemporaryFailure
+from agentpost.storage import libpq_pipeline
 from agentpost.storage.pgconn import PgConnection
 from agentpost.storage.prepared import Preparer, Session, StatementCache, plan_invalidated
 
@@ -89,6 +90,42 @@ class Txn:
                 raise
             log.warning("refused parameters: %s", str(exc).strip())
             raise InvalidRequest(_UNSTORABLE) from exc
+
+    @property
+    def can_pipeline(self) -> bool:
+        """Whether :meth:`pipeline` can run here (libpq 14 or later, the pool's link)."""
+        return libpq_pipeline.available() and hasattr(self._cursor, "owner")
+
+    async def pipeline(self, sql: str, name: str, params: Sequence[bytes],
+                       binary: Sequence[bool]) -> None:
+        """Run ``sql`` with ``params`` sent as they are (``binary[i]``: in the type's
+        binary form; storage.libpq_pipeline), in one round trip with the BEGIN when it is
+        the transaction's first exchange. As the connection's prepared statement
+        ``name`` (prepared in the same round trip the first time), unless the connection
+        is about to forget its statements (storage.prepared)."""
+        statements: list[libpq_pipeline.Statement] = []
+        if self._begin is not None:
+            statements.append(libpq_pipeline.Statement(self._begin))
+            self._begin = None
+            self._in_txn = True
+        session = self._preparer.session if self._preparer is not None else None
+        if session is None or session.reset:
+            statements.append(libpq_pipeline.Statement(sql, params, binary))
+        else:
+            prepare = name not in session.prepared
+            statements.append(libpq_pipeline.Statement(sql, params, binary, name, prepare))
+        try:
+            await self._cursor.owner.run_pipeline(statements)
+        except Exception as exc:  # an error, a cancel, a lost link
+            if session is not None:  # whether the PREPARE ran is unknown: start afresh
+                session.reset = True
+            if getattr(exc, "pgcode", None) in ("42P05", "26000"):
+                self.replan = True  # the statement was there, or gone: run it again
+            raise
+        if session is not None and not session.reset:
+            if not session.prepared:
+                session.since = self._preparer.now if self._preparer else 0.0
+            session.prepared.add(name)
 
     async def execute(self, sql: str, params: Any = None) -> int:
         """Run a statement; return the affected row count."""

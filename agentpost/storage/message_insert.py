@@ -22,6 +22,7 @@ import psycopg2.errors
 from agentpost.model.errors import MailboxFull
 from agentpost.storage import copy_rows, message_bodies, usage
 from agentpost.storage.blob_body import split_row
+from agentpost.storage.blob_lead import write_ahead
 from agentpost.storage.copy_rows import CopyRows, Statements
 from agentpost.storage.database import Txn, json_param
 from agentpost.storage.long_text import inline_columns, long_text
@@ -220,13 +221,15 @@ _GUESSED_DELIVERY_SQL = (
     "    AND r.ref = x.msgid)")
 
 
-def guessed_delivery_sql(txn: Txn, probes: list[DeliveryProbe],
-                         folders: list[dict[str, Any]]) -> tuple[str, list[Any]]:
+async def guessed_delivery_sql(txn: Txn, probes: list[DeliveryProbe],
+                               folders: list[dict[str, Any]]) -> tuple[str, list[Any]]:
     """The ``lead`` of :func:`insert_messages` for a delivery staged without asking:
     each copy (``probes``, none naming a parent) goes to the folder the process
     remembers for it (``folders``, in the same order) and starts a new thread. Only for
     blobs kept in PostgreSQL (``probe.inline``): a blob in the store whose row is new
-    must be checked in the store first, which needs the staging's answer."""
+    must be checked in the store first, which needs the staging's answer. Large message
+    bytes are written before (storage.blob_lead), in the transaction's first round
+    trip."""
     counts: dict[str, int] = {}
     sizes: dict[str, int] = {}
     inline: dict[str, bytes] = {}
@@ -240,9 +243,10 @@ def guessed_delivery_sql(txn: Txn, probes: list[DeliveryProbe],
             sizes[key] = size
         inline.update(probe.inline)
     keys = sorted(counts)
+    data = await write_ahead(txn, keys, inline)
     return _GUESSED_DELIVERY_SQL, [
         keys, txn.now, keys, [sizes[k] for k in keys], [counts[k] for k in keys],
-        *inline_columns([inline[k] for k in keys]),
+        *inline_columns(data),
         [p.org_id for p in probes],
         [p.inbox_id for p in probes],
         [f["id"] for f in folders], [f["name"] for f in folders],
@@ -344,9 +348,10 @@ async def prepare_deliveries(txn: Txn, probes: list[DeliveryProbe]) -> list[Deli
             pairs[2].append(probe.inbox_id)
             pairs[3].append(ref)
     keys = sorted(counts)
+    data = await write_ahead(txn, keys, inline)
     rows = await txn.fetchall(_PREPARE_DELIVERIES_SQL, [
         keys, txn.now, keys, [sizes[k] for k in keys], [counts[k] for k in keys],
-        *inline_columns([inline.get(k) for k in keys]), *pairs,
+        *inline_columns(data), *pairs,
         [p.org_id for p in probes], [p.inbox_id for p in probes],
         [p.folder_name for p in probes], [p.message_id for p in probes]])
     new = set(rows[0]["new_blobs"] or ()) if rows else set()

@@ -22,12 +22,15 @@ reactor. Results are handed over at once (nothing of ours runs after the hand-ov
 the next statement may start from inside the callback).
 
 Scope: one statement at a time per connection (the pool lends a connection to one
-transaction) and no LISTEN (NOTIFY on these sessions is never asked for).
+transaction) and no LISTEN (NOTIFY on these sessions is never asked for). A statement
+is psycopg2's, or a libpq pipeline with binary parameters (:meth:`PgConnection.run_pipeline`,
+storage.libpq_pipeline), driven through the same socket and the same rules.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg2
@@ -36,6 +39,8 @@ from twisted.internet import defer, main
 from twisted.internet.interfaces import IReadWriteDescriptor
 from twisted.python import failure
 from zope.interface import implementer
+
+from agentpost.storage.libpq_pipeline import Pipeline, Statement, Wait
 
 _POLL_OK = psycopg2.extensions.POLL_OK
 _POLL_READ = psycopg2.extensions.POLL_READ
@@ -87,6 +92,7 @@ class PgConnection:
         self._cancelling = False
         self._waiter: defer.Deferred[Any] | None = None
         self._result: Any = None
+        self._pipeline: Pipeline | None = None  # a libpq pipeline in flight instead
 
     # -- the surface storage.database uses --------------------------------------
 
@@ -105,8 +111,27 @@ class PgConnection:
         cur.owner = self
         return cur
 
+    def run_pipeline(self, statements: Sequence[Statement]) -> defer.Deferred[None]:
+        """Send ``statements`` through libpq's pipeline mode (storage.libpq_pipeline: binary
+        parameters, one round trip); the Deferred fires once all were answered, or fails
+        with the first statement's error (in psycopg2's class)."""
+        if self._waiter is not None:
+            return defer.fail(RuntimeError("a statement is already in progress"))
+        try:
+            pipeline = Pipeline(self._connection, statements)
+        except Exception:
+            fault = failure.Failure()
+            if self._connection.closed:
+                self._unwatch()
+            return defer.fail(fault)
+        d: defer.Deferred[None] = defer.Deferred(self._cancel)
+        self._waiter, self._result, self._pipeline = d, None, pipeline
+        self._advance_pipeline()
+        return d
+
     def close(self) -> None:
         """Close the link (safe to call again); a statement still waiting fails."""
+        self._pipeline = None
         waiter, self._waiter = self._waiter, None
         self._unwatch()
         raw = self._connection
@@ -130,7 +155,9 @@ class PgConnection:
 
     def doRead(self) -> None:
         """A result arriving, or between statements a notice or the end of the link."""
-        if self._waiter is not None:
+        if self._pipeline is not None:
+            self._advance_pipeline()
+        elif self._waiter is not None:
             if self._connecting and not self._reading:
                 return  # a stale event (epoll reports IN to a writer too): libpq said wait
             self._advance()
@@ -139,7 +166,9 @@ class PgConnection:
 
     def doWrite(self) -> None:
         """The rest of a statement that did not fit into the socket at once."""
-        if self._waiter is not None:
+        if self._pipeline is not None:
+            self._advance_pipeline()
+        elif self._waiter is not None:
             self._advance()
         else:
             self._set_writing(False)
@@ -147,9 +176,10 @@ class PgConnection:
     def connectionLost(self, reason: failure.Failure) -> None:
         """The reactor dropped us (shutdown, or an error event): this link is done. A
         statement still waiting is polled once first, to report the driver's own error."""
-        if self._waiter is not None and self._connection is not None \
-                and not self._connection.closed:
+        if self._waiter is not None and self._pipeline is None \
+                and self._connection is not None and not self._connection.closed:
             self._advance()
+        self._pipeline = None
         waiter, self._waiter = self._waiter, None
         self._unwatch()
         if self._connection is not None and not self._connection.closed:
@@ -198,6 +228,37 @@ class PgConnection:
             if self._cancelling and fault.check(psycopg2.extensions.QueryCanceledError):
                 fault = failure.Failure(defer.CancelledError())
             self._fire(fault)
+
+    def _advance_pipeline(self) -> None:
+        """One step of a pipeline (run_pipeline): :meth:`_advance`'s rules, libpq's calls."""
+        pipeline = self._pipeline
+        assert pipeline is not None
+        try:
+            wait = pipeline.step()
+        except Exception:  # the link: it is closed and leaves the reactor
+            fault = failure.Failure()
+            self._pipeline = None
+            self._unwatch()
+            if not self._connection.closed:
+                self._connection.close()
+            self._fire(fault)
+            return
+        if wait is not Wait.DONE:
+            self._set_writing(wait is Wait.WRITE)
+            return
+        self._pipeline = None
+        self._set_writing(False)
+        error = pipeline.error
+        if error is None:
+            self._fire(None)
+            return
+        try:
+            raise error
+        except psycopg2.Error:
+            fault = failure.Failure()
+        if self._cancelling and fault.check(psycopg2.extensions.QueryCanceledError):
+            fault = failure.Failure(defer.CancelledError())
+        self._fire(fault)
 
     def _fire(self, result: Any) -> None:
         waiter, self._waiter, self._result = self._waiter, None, None
