@@ -23,7 +23,7 @@ from agentpost.storage.blobs import key_for_digest
 from agentpost.storage.database import Database
 from agentpost.storage.pgconn import PgConnection
 from tests.helpers import execute, query
-from tests.imap_client import new_inbox
+from tests.imap_client import new_inbox, session
 
 pytestmark = pytest.mark.skipif(not libpq_pipeline.available(),
                                 reason="psycopg2's libpq has no pipeline mode (before 14)")
@@ -277,3 +277,30 @@ async def test_a_release_waits_for_the_delivery_that_wrote_ahead(db_dsn):
         assert (refcount, bytes(stored)) == (1, data)
     finally:
         await db.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_one_copy_path_and_imap_append_write_ahead_too(server, pipelines):
+    """Outside the MX's group commit (storage.mail.prepare_delivery: one delivery in its
+    own transaction, IMAP APPEND): the same bytes ahead, stored and read back exactly."""
+    inbox, key = await new_inbox(server, "ahead-single")
+    delivered = _raw(inbox["email"], b"single")
+    [stored] = await server.deliver(delivered, [inbox["email"]])
+    assert pipelines, "the one-copy path sent the bytes as a literal"
+    got = await server.api.get(f"/api/v1/messages/{stored.message_id}/raw", key=key)
+    assert got.status == 200 and got.body == delivered
+    appended = _raw(inbox["email"], b"appended", kib=150)
+    before = len(pipelines)
+
+    def append_then_fetch(c):
+        c.append("INBOX", appended)
+        c.ok("SELECT INBOX")
+        return b"".join(c.ok("UID FETCH 1:* (BODY.PEEK[])"))
+
+    fetched = await session(server.imap_port, inbox["email"], key, append_then_fetch)
+    assert len(pipelines) > before
+    for raw in (appended, delivered):  # a NUL goes out as 0x80 in a literal (imap.wire)
+        assert b"{%d}\r\n" % len(raw) + raw.replace(b"\x00", b"\x80") in fetched
+    assert sorted(len(b) for b in await _stored(server, key, inbox["id"])) == \
+        sorted([len(delivered), len(appended)])
+    assert appended in await _stored(server, key, inbox["id"])  # byte-exact, NULs and all

@@ -10,6 +10,7 @@ from psycopg2.extras import Json
 
 from agentpost.storage import usage
 from agentpost.storage.blob_body import body_sql
+from agentpost.storage.blob_lead import write_ahead
 
 # Writing a new message row lives in message_insert, its companion rows in copy_rows;
 # re-exported for their callers (and below).
@@ -82,7 +83,8 @@ async def prepare_delivery(txn: Txn, *, org_id: str, inbox_id: str, folder_name:
     (the caller re-checks the store); ``folder`` (id, name, special_use, uidvalidity;
     None when missing) and ``thread_id`` from the ``thread`` scalar subquery
     (storage.threads.find_thread_sql). ``inline``: the bytes of the blobs kept in
-    PostgreSQL (storage.blobs.inline), written with their row."""
+    PostgreSQL (storage.blobs.inline), written with their row (large ones just before,
+    as a binary parameter: storage.blob_lead)."""
     inline = inline or {}
     counts: dict[str, int] = {}
     sizes: dict[str, int] = {}
@@ -90,6 +92,7 @@ async def prepare_delivery(txn: Txn, *, org_id: str, inbox_id: str, folder_name:
         counts[key] = counts.get(key, 0) + 1
         sizes[key] = size
     keys = sorted(counts)
+    data = await write_ahead(txn, keys, inline)  # large bytes first (storage.blob_lead)
     # One blob (a message without attachments, the common case) gets a one-row text:
     # fed a one-element array, the prepared statement's generic plan would assume an
     # unnest of 100 rows and PostgreSQL would keep planning it afresh (storage.prepared).
@@ -97,9 +100,9 @@ async def prepare_delivery(txn: Txn, *, org_id: str, inbox_id: str, folder_name:
         sql = "SELECT pg_advisory_xact_lock(hashtextextended(%s::text, 7)); "
         rows_sql = ("(VALUES (%s::text, %s::bigint, %s::int, %s::bytea, %s::bool)) "
                     "AS x(k, s, n, d, u)")
-        data, utf8 = inline_columns([inline.get(keys[0])])
+        one, utf8 = inline_columns(data)
         params: list[Any] = [keys[0], txn.now, keys[0], sizes[keys[0]], counts[keys[0]],
-                             data[0], utf8[0]]
+                             one[0], utf8[0]]
     else:
         sql, params = "", []
         if keys:
@@ -109,7 +112,7 @@ async def prepare_delivery(txn: Txn, *, org_id: str, inbox_id: str, folder_name:
         rows_sql = ("unnest(%s::text[], %s::bigint[], %s::int[], %s::bytea[], %s::bool[]) "
                     "AS x(k, s, n, d, u)")
         params += [txn.now, keys, [sizes[k] for k in keys], [counts[k] for k in keys],
-                   *inline_columns([inline.get(k) for k in keys])]
+                   *inline_columns(data)]
     row = await txn.fetchone_required(
         sql + "WITH b AS (INSERT INTO blobs (key, size, refcount, created_at, data, utf8) "
         f"  SELECT k, s, n, %s, d, u FROM {rows_sql} "
