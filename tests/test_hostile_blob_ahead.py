@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime
+from typing import Any
 
 import psycopg2
 import psycopg2.errors
@@ -59,6 +60,21 @@ def _txn(conn: PgConnection, session: Session) -> Txn:
                Preparer(StatementCache(), session, 0.0))
 
 
+def _holding_lock(dsn: str, key: str) -> Any:
+    """Another session holding the blob's advisory lock (a session lock, until
+    :func:`_release_locks`): a delivery's write-ahead then waits on it."""
+    holder = psycopg2.connect(dsn)
+    holder.autocommit = True
+    with holder.cursor() as cur:
+        cur.execute(LOCK, (key,))
+    return holder
+
+
+def _release_locks(holder: Any) -> None:
+    with holder.cursor() as cur:
+        cur.execute("SELECT pg_advisory_unlock_all()")
+
+
 def _waiting_on_advisory(dsn: str, pid: int) -> bool:
     return query(dsn, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s "
                       "AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
@@ -91,14 +107,11 @@ async def test_a_cancelled_write_ahead_does_not_break_the_next_one_on_its_connec
     (42P05 would fail the next delivery that reuses the pooled connection)."""
     data = b"\x01cancelled ahead\xff" * 6000
     key = _key(data)
-    holder = psycopg2.connect(db_dsn)
-    holder.autocommit = True
+    holder = _holding_lock(db_dsn, key)
     conn = await pgconn_tests._open(db_dsn)
     session = Session()
     try:
         pid = await pgconn_tests._backend_pid(conn)
-        with holder.cursor() as cur:
-            cur.execute(LOCK, (key,))
         txn = _txn(conn, session)
         pending = defer.ensureDeferred(blob_lead.write_ahead(txn, [key], {key: data}))
         await pgconn_tests._until(lambda: _waiting_on_advisory(db_dsn, pid), "lock wait")
@@ -106,8 +119,7 @@ async def test_a_cancelled_write_ahead_does_not_break_the_next_one_on_its_connec
             inner_pipelines[-1].cancel()
         with pytest.raises(defer.CancelledError):
             await pending
-        with holder.cursor() as cur:
-            cur.execute("SELECT pg_advisory_unlock_all()")
+        _release_locks(holder)
         await _fetch(conn, "ROLLBACK")
         assert await _fetch(conn, "SELECT name FROM pg_prepared_statements") \
             == [(blob_lead.AHEAD_NAME,)], "premise: the PREPARE ran before the cancel"
@@ -130,21 +142,17 @@ async def test_a_failed_write_ahead_resets_the_session_and_the_next_one_succeeds
     connection, reused, carries the next delivery."""
     data = b"lock timeout ahead " * 6000
     key = _key(data)
-    holder = psycopg2.connect(db_dsn)
-    holder.autocommit = True
+    holder = _holding_lock(db_dsn, key)
     conn = await pgconn_tests._open(db_dsn)
     session = Session()
     try:
         await _fetch(conn, "SET lock_timeout = '200ms'")
-        with holder.cursor() as cur:
-            cur.execute(LOCK, (key,))
         with pytest.raises(psycopg2.errors.LockNotAvailable) as caught:
             await blob_lead.write_ahead(_txn(conn, session), [key], {key: data})
         assert caught.value.pgcode == "55P03"
         assert session.reset
         await _fetch(conn, "ROLLBACK")
-        with holder.cursor() as cur:
-            cur.execute("SELECT pg_advisory_unlock_all()")
+        _release_locks(holder)
         txn = _txn(conn, session)
         assert await blob_lead.write_ahead(txn, [key], {key: data}) == [None]
         rows = await _fetch(conn, "SELECT refcount, data FROM blobs WHERE key = %s", (key,))
