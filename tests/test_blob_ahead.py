@@ -195,7 +195,8 @@ async def test_small_bytes_and_store_blobs_stay_with_the_statement(db_dsn):
 async def test_stored_content_is_left_alone_and_two_processes_count_it_twice(db_dsn):
     """A row already there keeps its bytes and count; two pools (two processes) writing
     the same new content at once, each then counting its reference as the delivery's
-    statement does, end with one row counted twice (the advisory locks order them)."""
+    statement does, end with one row counted twice. (The row's unique key alone would
+    order these two; the locks taken ahead are what the release test below needs.)"""
     data = "ünïcode, it's text\n".encode() * 6000
     key = _key(data)
     first, second = _db(db_dsn), _db(db_dsn)

@@ -108,7 +108,8 @@ class Txn:
             statements.append(libpq_pipeline.Statement(self._begin))
             self._begin = None
             self._in_txn = True
-        session = self._preparer.session if self._preparer is not None else None
+        preparer = self._preparer
+        session = preparer.session if preparer is not None else None
         if session is None or session.reset:
             statements.append(libpq_pipeline.Statement(sql, params, binary))
         else:
@@ -122,10 +123,8 @@ class Txn:
             if getattr(exc, "pgcode", None) in ("42P05", "26000"):
                 self.replan = True  # the statement was there, or gone: run it again
             raise
-        if session is not None and not session.reset:
-            if not session.prepared:
-                session.since = self._preparer.now if self._preparer else 0.0
-            session.prepared.add(name)
+        if preparer is not None and not preparer.session.reset:
+            preparer.session.remember(name, preparer.now)
 
     async def execute(self, sql: str, params: Any = None) -> int:
         """Run a statement; return the affected row count."""

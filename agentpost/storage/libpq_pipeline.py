@@ -43,8 +43,8 @@ from typing import Any
 import psycopg2
 import psycopg2.errors
 
-# libpq's ExecStatusType values used here (libpq-fe.h)
-_COMMAND_OK, _TUPLES_OK, _FATAL_ERROR, _PIPELINE_SYNC = 1, 2, 7, 10
+# libpq's ExecStatusType values read here (libpq-fe.h)
+_FATAL_ERROR, _PIPELINE_SYNC = 7, 10
 _DIAG_SQLSTATE = ord("C")
 _BYTEA_OID = 17
 

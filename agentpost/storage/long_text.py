@@ -125,9 +125,9 @@ class _QuotedBytes(_Adapter):
     of psycopg2's hex literal twice the size, which the server's lexer then reads and
     decodes (issue 12: that was most of what keeping a 100 KiB message in PostgreSQL
     cost it). Anything else (another encoding on either side, non-standard strings, a
-    NUL, bytes that are not UTF-8) keeps psycopg2's hex literal. An MX delivery's
-    bytes from 16 KiB on skip the literal altogether: storage.blob_lead writes them
-    first, as a binary parameter."""
+    NUL, bytes that are not UTF-8) keeps psycopg2's hex literal. A delivery's large
+    messages skip the literal altogether (storage.blob_lead writes them first, as a
+    binary parameter, when they add up to enough to be worth a round trip)."""
 
     _value: LongBytes
 

@@ -123,6 +123,12 @@ class Session:
     #: How many times the session forgot its statements (each lifetime doubles).
     generation: int = 0
 
+    def remember(self, name: str, now: float) -> None:
+        """``name`` is prepared on this connection from ``now`` (clock seconds)."""
+        if not self.prepared:
+            self.since = now
+        self.prepared.add(name)
+
     def expired(self, now: float, max_age: float) -> bool:
         """Whether the statements are old enough to be planned afresh."""
         if not self.prepared:
@@ -410,9 +416,7 @@ class Preparer:
                 part.refused = True
             return
         row = cursor.fetchone() if types_sql else None
-        if not session.prepared:
-            session.since = self.now
-        session.prepared.add(part.name)
+        session.remember(part.name, self.now)
         if row is not None and part.types is None:
             part.types = list(row[0])
 
