@@ -378,7 +378,8 @@ class Compare:
         to the next and from one round to the next, so drift hits both sides alike."""
         self.warm()
         rows = []
-        works = plan(self.args.quick)
+        works = [w for w in plan(self.args.quick)
+                 if self.args.sessions is None or w.sessions == self.args.sessions]
         for rnd in range(self.args.rounds):
             for n, work in enumerate(works):
                 rows.append(self.run_work(work, rnd, (n + rnd) % 2 == 0))
@@ -478,6 +479,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run every piece of work N times (who goes first alternates) "
                              "and also print each one's median ratio; default 1")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--sessions", type=int, default=None, metavar="N",
+                        help="only the pieces of work with N sessions (1 or 20)")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="AgentPost's server.workers (processes sharing the MX port; "
                              "its CPU is then the whole process tree's); default 1")

@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - ujson comes with autobahn
     ujson = None  # type: ignore[assignment]
 
 from agentpost.model.errors import AgentPostError, Conflict, InvalidRequest, TemporaryFailure
-from agentpost.storage import libpq_pipeline
+from agentpost.storage import libpq_pipeline, sql_literals
 from agentpost.storage.pgconn import PgConnection
 from agentpost.storage.prepared import Preparer, Session, StatementCache, plan_invalidated
 
@@ -75,7 +75,14 @@ class Txn:
             sql, self._begin = f"{self._begin}; {sql}", None
             self._in_txn = True
         try:
-            await self._cursor.execute(sql, params)
+            if type(params) in (list, tuple) and params \
+                    and sql_literals.usable(self._cursor.connection):
+                # our rendering, psycopg2's literals (storage.sql_literals); no params
+                # left, so psycopg2 sends the bytes as they are
+                await self._cursor.execute(sql_literals.render(sql, params,
+                                                               self._cursor.connection))
+            else:
+                await self._cursor.execute(sql, params)
         except psycopg2.Error as exc:
             if self._preparer is not None and plan_invalidated(exc) and "EXECUTE ap_" in sql:
                 self._preparer.session.reset = True
