@@ -20,13 +20,34 @@ from twisted.internet.threads import deferToThread
 
 from agentpost.storage import blob_lead, libpq_pipeline
 from agentpost.storage.blobs import key_for_digest
-from agentpost.storage.database import Database
+from agentpost.storage.database import Database, Txn
 from agentpost.storage.pgconn import PgConnection
 from tests.helpers import execute, query
 from tests.imap_client import new_inbox, session
 
 pytestmark = pytest.mark.skipif(not libpq_pipeline.available(),
                                 reason="psycopg2's libpq has no pipeline mode (before 14)")
+
+async def _ahead(txn, keys, inline):
+    """blob_lead.write_ahead, then its answer (it returns once sent: Txn.settle)."""
+    data = await blob_lead.write_ahead(txn, keys, inline)
+    await txn.settle()
+    return data
+
+
+
+@pytest.fixture
+def waits(monkeypatch):
+    """The ``wait`` of every Txn.pipeline call (the real ones: this only records)."""
+    seen: list[bool] = []
+    original = Txn.pipeline
+
+    async def recording(self, sql, name, params, binary, *, wait=True):
+        seen.append(wait)
+        return await original(self, sql, name, params, binary, wait=wait)
+
+    monkeypatch.setattr(Txn, "pipeline", recording)
+    return seen
 
 
 @pytest.fixture
@@ -67,9 +88,10 @@ async def _stored(server, key: str, inbox_id: str) -> list[bytes]:
 
 @pytest_twisted.ensureDeferred
 async def test_large_messages_over_the_mx_are_written_ahead_and_stored_exactly(
-        server, db_dsn, pipelines):
+        server, db_dsn, pipelines, waits):
     """One message to two inboxes and a UTF-8 one: byte-exact through the API, one row
-    per content counted once per copy, its UTF-8 flag right."""
+    per content counted once per copy, its UTF-8 flag right. Each came alone, so its
+    statement was built while its bytes were being written (not waited for)."""
     first, key_1 = await new_inbox(server, "ahead-one")
     second, key_2 = await new_inbox(server, "ahead-two")
     latin = _raw(first["email"], b"latin")
@@ -81,6 +103,7 @@ async def test_large_messages_over_the_mx_are_written_ahead_and_stored_exactly(
                                latin) == {}
     assert await deferToThread(_send, server.mx_port, [first["email"]], utf8) == {}
     assert pipelines, "the bytes went as a literal: the pipeline was never used"
+    assert False in waits, "a lone delivery waited for its write-ahead"
 
     got_1 = await _stored(server, key_1, first["id"])
     [got_2] = await _stored(server, key_2, second["id"])
@@ -134,7 +157,7 @@ async def test_rows_written_ahead_go_with_a_transaction_that_fails(db_dsn):
     seen = []
 
     async def fails(txn):
-        assert await blob_lead.write_ahead(txn, [key], {key: data}) == [None]
+        assert await _ahead(txn, [key], {key: data}) == [None]
         seen.append(await txn.fetchone("SELECT refcount, utf8, data FROM blobs WHERE key = %s",
                                        (key,)))
         raise RuntimeError("the delivery failed after its bytes were written")
@@ -161,14 +184,14 @@ async def test_small_bytes_and_store_blobs_stay_with_the_statement(db_dsn):
     huge = [b"z" * (blob_lead.LEAD_MIN_TOTAL // 2), b"w" * (blob_lead.LEAD_MIN_TOTAL // 2)]
 
     async def body(txn):
-        return await blob_lead.write_ahead(txn, ["db/small", "store/key"], {"db/small": small})
+        return await _ahead(txn, ["db/small", "store/key"], {"db/small": small})
 
     async def alone(txn):
-        return await blob_lead.write_ahead(txn, ["db/large"], {"db/large": large})
+        return await _ahead(txn, ["db/large"], {"db/large": large})
 
     async def together(txn):
         keys = ["db/small", "db/w", "db/z"]
-        out = await blob_lead.write_ahead(
+        out = await _ahead(
             txn, keys, {"db/small": small, "db/z": huge[0], "db/w": huge[1]})
         rows = await txn.fetchall("SELECT key, data FROM blobs WHERE key = ANY(%s) "
                                   "ORDER BY key", (keys,))
@@ -202,7 +225,7 @@ async def test_stored_content_is_left_alone_and_two_processes_count_it_twice(db_
     first, second = _db(db_dsn), _db(db_dsn)
 
     async def deliver(txn):
-        assert await blob_lead.write_ahead(txn, [key], {key: data}) == [None]
+        assert await _ahead(txn, [key], {key: data}) == [None]
         await txn.execute(
             "INSERT INTO blobs (key, size, refcount, created_at, data) "
             "VALUES (%s, %s, 1, %s, NULL) "
@@ -261,7 +284,7 @@ async def test_a_release_waits_for_the_delivery_that_wrote_ahead(db_dsn):
     releasing: list[defer.Deferred] = []
 
     async def deliver(txn):
-        assert await blob_lead.write_ahead(txn, [key], {key: data}) == [None]
+        assert await _ahead(txn, [key], {key: data}) == [None]
         releasing.append(deferToThread(_release, db_dsn, key))
         for _ in range(500):  # until the release waits on the lock (or, wrongly, is done)
             if releasing[0].called or _waiting_for_advisory_lock(db_dsn):

@@ -27,11 +27,12 @@ import psycopg2.errors
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from agentpost.storage import blob_lead, libpq_pipeline
 from agentpost.storage.blobs import key_for_digest
-from agentpost.storage.database import Txn
+from agentpost.storage.database import Database, Txn
 from agentpost.storage.libpq_pipeline import Statement
 from agentpost.storage.pgconn import CancelInProgress, PgConnection
 from agentpost.storage.prepared import Preparer, Session, StatementCache
@@ -42,6 +43,13 @@ pytestmark = pytest.mark.skipif(not libpq_pipeline.available(),
                                 reason="psycopg2's libpq has no pipeline mode (before 14)")
 
 LOCK = "SELECT pg_advisory_lock(hashtextextended(%s, 7))"
+
+
+async def _ahead(txn, keys, inline):
+    """blob_lead.write_ahead, then its answer (it returns once sent: Txn.settle)."""
+    data = await blob_lead.write_ahead(txn, keys, inline)
+    await txn.settle()
+    return data
 
 
 def _key(data: bytes) -> str:
@@ -113,7 +121,7 @@ async def test_a_cancelled_write_ahead_does_not_break_the_next_one_on_its_connec
     try:
         pid = await pgconn_tests._backend_pid(conn)
         txn = _txn(conn, session)
-        pending = defer.ensureDeferred(blob_lead.write_ahead(txn, [key], {key: data}))
+        pending = defer.ensureDeferred(_ahead(txn, [key], {key: data}))
         await pgconn_tests._until(lambda: _waiting_on_advisory(db_dsn, pid), "lock wait")
         with pytest.raises(CancelInProgress):
             inner_pipelines[-1].cancel()
@@ -126,7 +134,7 @@ async def test_a_cancelled_write_ahead_does_not_break_the_next_one_on_its_connec
 
         again = _txn(conn, session)  # the next delivery on the same pooled connection
         try:
-            assert await blob_lead.write_ahead(again, [key], {key: data}) == [None]
+            assert await _ahead(again, [key], {key: data}) == [None]
         except psycopg2.errors.DuplicatePreparedStatement as exc:
             pytest.fail(f"the next write-ahead on the connection failed: {exc}")
         await _fetch(conn, "ROLLBACK")
@@ -148,13 +156,13 @@ async def test_a_failed_write_ahead_resets_the_session_and_the_next_one_succeeds
     try:
         await _fetch(conn, "SET lock_timeout = '200ms'")
         with pytest.raises(psycopg2.errors.LockNotAvailable) as caught:
-            await blob_lead.write_ahead(_txn(conn, session), [key], {key: data})
+            await _ahead(_txn(conn, session), [key], {key: data})
         assert caught.value.pgcode == "55P03"
         assert session.reset
         await _fetch(conn, "ROLLBACK")
         _release_locks(holder)
         txn = _txn(conn, session)
-        assert await blob_lead.write_ahead(txn, [key], {key: data}) == [None]
+        assert await _ahead(txn, [key], {key: data}) == [None]
         rows = await _fetch(conn, "SELECT refcount, data FROM blobs WHERE key = %s", (key,))
         assert [(r, bytes(d)) for r, d in rows] == [(0, data)]
         await _fetch(conn, "ROLLBACK")
@@ -174,13 +182,13 @@ async def test_deallocate_all_of_the_statement_cache_then_the_write_ahead_prepar
     session = Session()
     try:
         txn = _txn(conn, session)
-        await blob_lead.write_ahead(txn, [key], {key: data})
+        await _ahead(txn, [key], {key: data})
         await _fetch(conn, "ROLLBACK")
         assert blob_lead.AHEAD_NAME in session.prepared
         await Preparer(StatementCache(), session, 0.0)._forget_all(conn.cursor())
         assert blob_lead.AHEAD_NAME not in session.prepared
         txn = _txn(conn, session)
-        assert await blob_lead.write_ahead(txn, [key], {key: data}) == [None]
+        assert await _ahead(txn, [key], {key: data}) == [None]
         await _fetch(conn, "ROLLBACK")
     finally:
         conn.close()
@@ -196,14 +204,14 @@ async def test_a_statement_dropped_server_side_fails_once_then_recovers(db_dsn):
     conn = await pgconn_tests._open(db_dsn)
     session = Session()
     try:
-        await blob_lead.write_ahead(_txn(conn, session), [key], {key: data})
+        await _ahead(_txn(conn, session), [key], {key: data})
         await _fetch(conn, "ROLLBACK")
         await _fetch(conn, f"DEALLOCATE {blob_lead.AHEAD_NAME}")
         with pytest.raises(psycopg2.errors.InvalidSqlStatementName):
-            await blob_lead.write_ahead(_txn(conn, session), [key], {key: data})
+            await _ahead(_txn(conn, session), [key], {key: data})
         await _fetch(conn, "ROLLBACK")
         assert session.reset
-        assert await blob_lead.write_ahead(_txn(conn, session), [key], {key: data}) == [None]
+        assert await _ahead(_txn(conn, session), [key], {key: data}) == [None]
         await _fetch(conn, "ROLLBACK")
     finally:
         conn.close()
@@ -314,7 +322,7 @@ async def test_bytes_at_and_around_the_threshold_are_stored_exactly(db_dsn):
     session = Session()
     try:
         txn = _txn(conn, session)
-        data = await blob_lead.write_ahead(txn, keys, inline)
+        data = await _ahead(txn, keys, inline)
         assert [d is None for d in data] == [k not in inline or len(inline[k]) >= 16384
                                             for k in keys]
         sizes = {k: len(v) for k, v in inline.items()} | {store_key: 9}
@@ -354,7 +362,7 @@ async def test_a_release_racing_the_write_ahead_statement_itself_leaves_the_byte
             cur.execute("UPDATE blobs SET refcount = refcount - 1 WHERE key = %s", (key,))
             cur.execute("DELETE FROM blobs WHERE key = %s AND refcount <= 0", (key,))
         txn = _txn(conn, session)
-        pending = defer.ensureDeferred(blob_lead.write_ahead(txn, [key], {key: data}))
+        pending = defer.ensureDeferred(_ahead(txn, [key], {key: data}))
         await pgconn_tests._until(lambda: _waiting_on_advisory(db_dsn, pid), "lock wait")
         await deferToThread(releaser.commit)
         assert await pending == [None]
@@ -442,7 +450,7 @@ async def test_megabytes_written_ahead_over_many_socket_writes_arrive_exactly(db
     conn = await pgconn_tests._open(db_dsn)
     try:
         txn = _txn(conn, Session())
-        assert await blob_lead.write_ahead(txn, keys, inline) == [None] * len(keys)
+        assert await _ahead(txn, keys, inline) == [None] * len(keys)
         rows = await _fetch(conn, "SELECT key, size, md5(data), utf8 FROM blobs "
                                   "WHERE key = ANY(%s)", (keys,))
         await _fetch(conn, "ROLLBACK")
@@ -469,7 +477,7 @@ async def test_a_backend_killed_during_the_write_ahead_is_retried_by_run_interac
 
     async def deliver(txn):
         attempts.append(1)
-        assert await blob_lead.write_ahead(txn, [key], {key: data}) == [None]
+        assert await _ahead(txn, [key], {key: data}) == [None]
         await txn.execute("INSERT INTO blobs (key, size, refcount, created_at, data) "
                           "VALUES (%s, %s, 1, now(), NULL) ON CONFLICT (key) DO UPDATE "
                           "SET refcount = blobs.refcount + EXCLUDED.refcount",
@@ -541,3 +549,91 @@ async def test_notices_raised_inside_a_pipeline_reach_psycopg2_safely(db_dsn):
         assert conn._connection.notices and "n1" in conn._connection.notices[-1]
     finally:
         conn.close()
+
+
+# -- the write-ahead is not waited for: the next exchange waits ------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_the_next_statement_waits_for_the_write_ahead_and_sees_its_rows(db_dsn):
+    """write_ahead returns while its statement still waits on a lock held elsewhere
+    (the caller builds its next statement meanwhile); the transaction's next statement
+    is sent only after the write-ahead's answer, and sees the row written."""
+    data = b"not waited for \x00\xff" * 6000
+    key = _key(data)
+    holder = _holding_lock(db_dsn, key)
+    conn = await pgconn_tests._open(db_dsn)
+    session = Session()
+    try:
+        pid = await pgconn_tests._backend_pid(conn)
+        txn = _txn(conn, session)
+        assert await blob_lead.write_ahead(txn, [key], {key: data}, wait=False) == [None]
+        await pgconn_tests._until(lambda: _waiting_on_advisory(db_dsn, pid), "lock wait")
+        following = defer.ensureDeferred(txn.fetchall(
+            "SELECT refcount, data FROM blobs WHERE key = %s", [key]))
+        await deferLater(reactor, 0.2, lambda: None)
+        assert not following.called, "sent while the write-ahead was still running"
+        _release_locks(holder)
+        rows = await following
+        assert [(r["refcount"], bytes(r["data"])) for r in rows] == [(0, data)]
+        await _fetch(conn, "ROLLBACK")
+        assert blob_lead.AHEAD_NAME in session.prepared
+    finally:
+        holder.close()
+        conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_write_aheads_error_is_raised_by_the_next_statement(db_dsn):
+    """A write-ahead that fails (a lock timeout) after write_ahead returned: the next
+    statement raises that error (psycopg2's class, its pgcode), the session is reset as
+    when it was waited for, and the link is idle for the ROLLBACK."""
+    data = b"late error " * 9000
+    key = _key(data)
+    holder = _holding_lock(db_dsn, key)
+    conn = await pgconn_tests._open(db_dsn)
+    session = Session()
+    try:
+        await _fetch(conn, "SET lock_timeout = '200ms'")
+        txn = _txn(conn, session)
+        assert await blob_lead.write_ahead(txn, [key], {key: data}, wait=False) == [None]
+        with pytest.raises(psycopg2.errors.LockNotAvailable) as caught:
+            await txn.execute("SELECT 1")
+        assert caught.value.pgcode == "55P03"
+        assert session.reset
+        await _fetch(conn, "ROLLBACK")
+        assert await _fetch(conn, "SELECT 2") == [(2,)]
+    finally:
+        holder.close()
+        conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_transaction_that_fails_with_a_write_ahead_in_flight_rolls_it_back(db_dsn):
+    """The body raises while its write-ahead is still in flight (waiting on a lock):
+    Database._run waits for it before the ROLLBACK, so the pool's connection is neither
+    closed nor confused; the rows written ahead are gone, and the same connection runs
+    the next transaction."""
+    data = b"body fails meanwhile " * 5000
+    key = _key(data)
+    holder = _holding_lock(db_dsn, key)
+    db = Database(db_dsn, clock=reactor, reactor=reactor, pool_size=1)
+    pids: list[int] = []
+
+    async def body(txn: Txn) -> None:
+        pids.append(await txn.fetchval("SELECT pg_backend_pid()"))
+        await blob_lead.write_ahead(txn, [key], {key: data}, wait=False)
+        deferLater(reactor, 0.3, _release_locks, holder)
+        raise RuntimeError("the delivery failed after its write-ahead was sent")
+
+    try:
+        with pytest.raises(RuntimeError, match="write-ahead was sent"):
+            await db.run_interaction("test.ahead_fails", body)
+        assert query(db_dsn, "SELECT count(*) FROM blobs WHERE key = %s", (key,)) == [(0,)]
+
+        async def again(txn: Txn) -> int:
+            return await txn.fetchval("SELECT pg_backend_pid()")
+
+        assert await db.run_interaction("test.after", again) == pids[0]
+    finally:
+        await db.close()
+        holder.close()

@@ -50,12 +50,13 @@ _AHEAD_SQL = (
 AHEAD_NAME = "ap_blob_ahead"
 
 
-async def write_ahead(txn: Txn, keys: list[str],
-                      inline: Mapping[str, bytes]) -> list[bytes | None]:
+async def write_ahead(txn: Txn, keys: list[str], inline: Mapping[str, bytes], *,
+                      wait: bool = True) -> list[bytes | None]:
     """The ``data`` values of ``keys``' blob rows for the delivery's statement (the
     bytes of ``inline``, by key; None for a blob in the store): None also for every
     large one, which this wrote first when they were worth it and it could (see the
-    module's docstring)."""
+    module's docstring). ``wait=False``: returns once they are sent, and the
+    transaction's next exchange waits for their answer (Txn.pipeline)."""
     large = [key for key in keys if len(inline.get(key) or b"") >= LEAD_MIN_BYTES]
     values = [inline[key] for key in large]
     if sum(map(len, values)) < LEAD_MIN_TOTAL or not txn.can_pipeline:
@@ -66,6 +67,6 @@ async def write_ahead(txn: Txn, keys: list[str],
               ("{" + ",".join(str(len(v)) for v in values) + "}").encode(),
               bytea_array(values), ("{" + ",".join(flags) + "}").encode()]
     await txn.pipeline(_AHEAD_SQL, AHEAD_NAME, params,
-                       binary=[False, False, False, False, True, False])
+                       binary=[False, False, False, False, True, False], wait=wait)
     ahead = set(large)
     return [None if key in ahead else inline.get(key) for key in keys]

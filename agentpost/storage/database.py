@@ -60,6 +60,8 @@ class Txn:
         self._begin = begin
         #: The transaction was committed by :meth:`commit_with` (nothing more to send).
         self.ended = False
+        #: A pipeline sent without waiting (:meth:`pipeline`), until its answer is in.
+        self._ahead: defer.Deferred[None] | None = None
 
     @property
     def started(self) -> bool:
@@ -67,6 +69,8 @@ class Txn:
         return self._begin is None
 
     async def _send(self, sql: str, params: Any) -> None:
+        if self._ahead is not None:
+            await self.settle()
         if self._preparer is not None:
             sql = await self._preparer.rewrite(self._cursor, sql, params, in_txn=self._in_txn)
         if self._begin is not None:
@@ -104,12 +108,17 @@ class Txn:
         return libpq_pipeline.available() and hasattr(self._cursor, "owner")
 
     async def pipeline(self, sql: str, name: str, params: Sequence[bytes],
-                       binary: Sequence[bool]) -> None:
+                       binary: Sequence[bool], *, wait: bool = True) -> None:
         """Run ``sql`` with ``params`` sent as they are (``binary[i]``: in the type's
         binary form; storage.libpq_pipeline), in one round trip with the BEGIN when it is
         the transaction's first exchange. As the connection's prepared statement
         ``name`` (prepared in the same round trip the first time), unless the connection
-        is about to forget its statements (storage.prepared)."""
+        is about to forget its statements (storage.prepared).
+
+        ``wait=False`` returns once it is sent: the caller goes on building its next
+        statement while PostgreSQL works on this one, and the transaction's next
+        exchange waits for this one's answer first (raising its error there)."""
+        await self.settle()
         statements: list[libpq_pipeline.Statement] = []
         if self._begin is not None:
             statements.append(libpq_pipeline.Statement(self._begin))
@@ -122,16 +131,38 @@ class Txn:
         else:
             prepare = name not in session.prepared
             statements.append(libpq_pipeline.Statement(sql, params, binary, name, prepare))
+        sent = self._cursor.owner.run_pipeline(statements)
+        self._ahead = defer.Deferred.fromCoroutine(self._pipeline_done(sent, name))
+        if wait:
+            await self.settle()
+
+    async def _pipeline_done(self, sent: defer.Deferred[None], name: str) -> None:
+        preparer = self._preparer
         try:
-            await self._cursor.owner.run_pipeline(statements)
+            await sent
         except Exception as exc:  # an error, a cancel, a lost link
-            if session is not None:  # whether the PREPARE ran is unknown: start afresh
-                session.reset = True
+            if preparer is not None:  # whether the PREPARE ran is unknown: start afresh
+                preparer.session.reset = True
             if getattr(exc, "pgcode", None) in ("42P05", "26000"):
                 self.replan = True  # the statement was there, or gone: run it again
             raise
         if preparer is not None and not preparer.session.reset:
             preparer.session.remember(name, preparer.now)
+
+    async def settle(self) -> None:
+        """Wait for a pipeline sent with ``wait=False`` (raising its error): the link
+        takes one exchange at a time."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            await ahead
+
+    async def settle_quietly(self) -> None:
+        """:meth:`settle`, its error dropped: the transaction failed already and is
+        rolled back next, which needs the link idle."""
+        try:
+            await self.settle()
+        except Exception:  # noqa: S110 - the error that ends the transaction is raised
+            pass
 
     async def execute(self, sql: str, params: Any = None) -> int:
         """Run a statement; return the affected row count."""
@@ -394,6 +425,7 @@ class Database:
                     await txn.execute(_UNLOCK_THEN_FLUSH if unlock_before_flush
                                       else "COMMIT")
             except BaseException as exc:
+                await txn.settle_quietly()
                 await self._rollback_quietly(conn)
                 self._release(conn)
                 committing = committing or txn.ended  # committed (or maybe): no retry

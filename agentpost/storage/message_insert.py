@@ -222,14 +222,16 @@ _GUESSED_DELIVERY_SQL = (
 
 
 async def guessed_delivery_sql(txn: Txn, probes: list[DeliveryProbe],
-                               folders: list[dict[str, Any]]) -> tuple[str, list[Any]]:
+                               folders: list[dict[str, Any]], *,
+                               overlap: bool = False) -> tuple[str, list[Any]]:
     """The ``lead`` of :func:`insert_messages` for a delivery staged without asking:
     each copy (``probes``, none naming a parent) goes to the folder the process
     remembers for it (``folders``, in the same order) and starts a new thread. Only for
     blobs kept in PostgreSQL (``probe.inline``): a blob in the store whose row is new
     must be checked in the store first, which needs the staging's answer. Large message
     bytes are written before (storage.blob_lead), in the transaction's first round
-    trip."""
+    trip; ``overlap``: without waiting for its answer (the caller builds the rest
+    meanwhile)."""
     counts: dict[str, int] = {}
     sizes: dict[str, int] = {}
     inline: dict[str, bytes] = {}
@@ -243,7 +245,7 @@ async def guessed_delivery_sql(txn: Txn, probes: list[DeliveryProbe],
             sizes[key] = size
         inline.update(probe.inline)
     keys = sorted(counts)
-    data = await write_ahead(txn, keys, inline)
+    data = await write_ahead(txn, keys, inline, wait=not overlap)
     return _GUESSED_DELIVERY_SQL, [
         keys, txn.now, keys, [sizes[k] for k in keys], [counts[k] for k in keys],
         *inline_columns(data),
