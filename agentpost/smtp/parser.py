@@ -353,12 +353,18 @@ def _a_line_too_long(region: bytes, start: int, end: int, limit: int) -> bool:
     longer than ``limit`` octets with its CRLF. Each step jumps to the last CRLF within
     ``limit`` octets: a few C-speed searches per KiB instead of a split into every line
     (which cost a tenth of the reactor's time receiving 100 KiB messages)."""
-    while start < end:
-        crlf = region.rfind(b"\r\n", start, min(start + limit, end))
+    while end - start > limit:  # (what is left after that: one window, ending in CRLF)
+        crlf = region.rfind(b"\r\n", start, start + limit)
         if crlf < 0:
             return True
         start = crlf + 2
     return False
+
+
+#: A line that starts with a dot (stuffed, or the terminator). A compiled search finds
+#: it at about twice the speed of ``bytes.find`` in text where every line ends in CRLF
+#: (it skips from CR to CR; find's skip table steps a few bytes at a time).
+_CRLF_DOT = re.compile(rb"\r\n\.")
 
 
 class DataDecoder:
@@ -405,9 +411,10 @@ class DataDecoder:
         # CRLF ends a line, so the terminator is the first CRLF "." CRLF. Most buffers
         # hold no line starting with a dot at all: one scan says so, and then there is
         # neither a terminator to find nor a stuffing dot to remove.
-        first_dot = buf.find(b"\r\n.")
-        if first_dot < 0:
+        found = _CRLF_DOT.search(buf)  # twice bytes.find's speed for this needle
+        if found is None:
             return self._plain(buf)
+        first_dot = found.start()
         rest: bytes | None = None
         stop = buf.find(b"\r\n.\r\n", first_dot)
         if stop >= 0:
@@ -428,6 +435,8 @@ class DataDecoder:
         if self._at_line_start and region[:1] == b".":
             region = region[1:]  # dot-stuffing: drop the first dot of every line
         self._at_line_start = region.endswith(b"\r\n")
+        if first_dot >= stop - 2:  # that CRLF "." is not all in the region: no stuffing
+            return region, rest
         return region.replace(b"\r\n.", b"\r\n"), rest
 
     def _plain(self, buf: bytes) -> tuple[bytes, None]:
