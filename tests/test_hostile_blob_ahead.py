@@ -83,6 +83,15 @@ def _release_locks(holder: Any) -> None:
         cur.execute("SELECT pg_advisory_unlock_all()")
 
 
+async def _behind_a_lock(dsn: str, data: bytes) -> tuple[str, Any, PgConnection, int]:
+    """``data``'s blob key, another session holding its lock, and a pool connection (with
+    its backend pid) whose write-ahead of ``data`` will wait on that lock."""
+    key = _key(data)
+    holder = _holding_lock(dsn, key)
+    conn = await pgconn_tests._open(dsn)
+    return key, holder, conn, await pgconn_tests._backend_pid(conn)
+
+
 def _waiting_on_advisory(dsn: str, pid: int) -> bool:
     return query(dsn, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s "
                       "AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
@@ -114,12 +123,9 @@ async def test_a_cancelled_write_ahead_does_not_break_the_next_one_on_its_connec
     the session's bookkeeping must not then PREPARE it again on the same connection
     (42P05 would fail the next delivery that reuses the pooled connection)."""
     data = b"\x01cancelled ahead\xff" * 6000
-    key = _key(data)
-    holder = _holding_lock(db_dsn, key)
-    conn = await pgconn_tests._open(db_dsn)
+    key, holder, conn, pid = await _behind_a_lock(db_dsn, data)
     session = Session()
     try:
-        pid = await pgconn_tests._backend_pid(conn)
         txn = _txn(conn, session)
         pending = defer.ensureDeferred(_ahead(txn, [key], {key: data}))
         await pgconn_tests._until(lambda: _waiting_on_advisory(db_dsn, pid), "lock wait")
@@ -149,9 +155,7 @@ async def test_a_failed_write_ahead_resets_the_session_and_the_next_one_succeeds
     afresh (unnamed statements until storage.prepared's DEALLOCATE ALL), so the pool's
     connection, reused, carries the next delivery."""
     data = b"lock timeout ahead " * 6000
-    key = _key(data)
-    holder = _holding_lock(db_dsn, key)
-    conn = await pgconn_tests._open(db_dsn)
+    key, holder, conn, _pid = await _behind_a_lock(db_dsn, data)
     session = Session()
     try:
         await _fetch(conn, "SET lock_timeout = '200ms'")
@@ -559,12 +563,9 @@ async def test_the_next_statement_waits_for_the_write_ahead_and_sees_its_rows(db
     (the caller builds its next statement meanwhile); the transaction's next statement
     is sent only after the write-ahead's answer, and sees the row written."""
     data = b"not waited for \x00\xff" * 6000
-    key = _key(data)
-    holder = _holding_lock(db_dsn, key)
-    conn = await pgconn_tests._open(db_dsn)
+    key, holder, conn, pid = await _behind_a_lock(db_dsn, data)
     session = Session()
     try:
-        pid = await pgconn_tests._backend_pid(conn)
         txn = _txn(conn, session)
         assert await blob_lead.write_ahead(txn, [key], {key: data}, wait=False) == [None]
         await pgconn_tests._until(lambda: _waiting_on_advisory(db_dsn, pid), "lock wait")
@@ -588,9 +589,7 @@ async def test_the_write_aheads_error_is_raised_by_the_next_statement(db_dsn):
     statement raises that error (psycopg2's class, its pgcode), the session is reset as
     when it was waited for, and the link is idle for the ROLLBACK."""
     data = b"late error " * 9000
-    key = _key(data)
-    holder = _holding_lock(db_dsn, key)
-    conn = await pgconn_tests._open(db_dsn)
+    key, holder, conn, _pid = await _behind_a_lock(db_dsn, data)
     session = Session()
     try:
         await _fetch(conn, "SET lock_timeout = '200ms'")
