@@ -220,6 +220,9 @@ class Txn:
                 f"SELECT set_config('{_RESULT_SETTING}', "
                 f"COALESCE(to_json(({result_sql}))::text, 'null'), false); "
                 f"{_FLUSH_ENDING}; SELECT current_setting('{_RESULT_SETTING}') AS r")
+        # A write-ahead still in flight answers first, outside the try: its lost link
+        # is one before the COMMIT was sent, which Database._run may run again.
+        await self.settle()
         try:
             value = await self.fetchval(full, [*params, *result_params])
         except _LINK_ERRORS as exc:
