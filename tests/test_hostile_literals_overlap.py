@@ -31,6 +31,7 @@ from agentpost.smtp.parser import DataDecoder
 from agentpost.storage import blob_lead, libpq_pipeline, sql_literals
 from agentpost.storage.database import Database
 from agentpost.storage.pgconn import PgConnection
+from tests.helpers import execute
 from tests.imap_client import new_inbox
 from tests.test_smtp_data_decoder import _Reference, _run
 
@@ -82,6 +83,8 @@ def conn(db_dsn):
         yield connection
     finally:
         connection.close()
+
+
 
 
 def _outcome(fn, *args) -> Any:
@@ -311,6 +314,33 @@ async def _until(predicate, what: str, seconds: float = 15.0) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+async def _lone_delivery_behind_a_lock(server: Any, dsn: str, monkeypatch: Any,
+                                       name: str) -> tuple[dict, str, Any]:
+    """A new inbox (its folder known after one small message, so the next delivery is
+    guessed and lone), and a session that takes the advisory lock of every blob key a
+    write-ahead is about to write, just before the pipeline goes: that write-ahead then
+    waits on it. Returns the inbox, its key and the locking session."""
+    inbox, key = await new_inbox(server, name)
+    warm = f"From: a@example.com\r\nTo: {inbox['email']}\r\nSubject: warm\r\n\r\nw\r\n"
+    assert await deferToThread(_send, server.mx_port, "a@example.com", [inbox["email"]],
+                               warm.encode()) == {}
+    holder = psycopg2.connect(dsn)
+    holder.autocommit = True
+    locked: list[str] = []
+    original = PgConnection.run_pipeline
+
+    def locking(self, statements):
+        for k in _ahead_keys(statements):
+            if k not in locked:
+                locked.append(k)
+                with holder.cursor() as cur:
+                    cur.execute("SELECT pg_advisory_lock(hashtextextended(%s, 7))", (k,))
+        return original(self, statements)
+
+    monkeypatch.setattr(PgConnection, "run_pipeline", locking)
+    return inbox, key, holder
+
+
 def _large(to: str, marker: str) -> bytes:
     head = (f"From: a@example.com\r\nTo: {to}\r\nSubject: {marker}\r\n\r\n").encode()
     line = f"large {marker} 'q' \\ %s\r\n".encode()
@@ -326,24 +356,8 @@ async def test_a_lone_large_delivery_whose_write_ahead_fails_is_never_acknowledg
     held by another session; its backend is cancelled / killed, again and again, for a
     second. Then the lock goes. The client hears 250 and finds the message once, or a
     4xx and finds nothing; the next delivery works and is stored exactly."""
-    inbox, key = await new_inbox(server, f"overlap-{blow}")
-    warm = f"From: a@example.com\r\nTo: {inbox['email']}\r\nSubject: warm\r\n\r\nw\r\n"
-    assert await deferToThread(_send, server.mx_port, "a@example.com", [inbox["email"]],
-                               warm.encode()) == {}
-    holder = psycopg2.connect(db_dsn)
-    holder.autocommit = True
-    locked: list[str] = []
-    original = PgConnection.run_pipeline
-
-    def locking(self, statements):
-        for k in _ahead_keys(statements):
-            if k not in locked:
-                locked.append(k)
-                with holder.cursor() as cur:
-                    cur.execute("SELECT pg_advisory_lock(hashtextextended(%s, 7))", (k,))
-        return original(self, statements)
-
-    monkeypatch.setattr(PgConnection, "run_pipeline", locking)
+    inbox, key, holder = await _lone_delivery_behind_a_lock(server, db_dsn, monkeypatch,
+                                                            f"overlap-{blow}")
     raw = _large(inbox["email"], f"victim {blow}")
     try:
         sending = deferToThread(_send, server.mx_port, "a@example.com", [inbox["email"]], raw)
@@ -371,7 +385,7 @@ async def test_a_lone_large_delivery_whose_write_ahead_fails_is_never_acknowledg
         else:
             assert isinstance(outcome, int) and 400 <= outcome < 500, outcome
             assert stored == []
-        monkeypatch.setattr(PgConnection, "run_pipeline", original)
+        monkeypatch.undo()  # the real run_pipeline again
         after = _large(inbox["email"], f"after {blow}")
         for _ in range(3):  # the pool's links all still work
             assert await deferToThread(_send, server.mx_port, "a@example.com",
@@ -421,11 +435,7 @@ async def test_two_pools_racing_on_the_same_large_content_count_it_once_per_copy
     finally:
         for db in dbs:
             await db.close()
-        conn = psycopg2.connect(db_dsn)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("DELETE FROM blobs WHERE key = %s", (blob,))
-        conn.close()
+        execute(db_dsn, "DELETE FROM blobs WHERE key = %s", (blob,))
 
 
 @pytest.mark.skipif(not libpq_pipeline.available(), reason="no libpq pipeline mode")
@@ -474,11 +484,7 @@ async def test_a_cancelled_transaction_with_its_write_ahead_in_flight_leaves_the
     finally:
         holder.close()
         await db.close()
-        conn = psycopg2.connect(db_dsn)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("DELETE FROM blobs WHERE key = %s", (blob,))
-        conn.close()
+        execute(db_dsn, "DELETE FROM blobs WHERE key = %s", (blob,))
 
 
 @pytest.mark.skipif(not libpq_pipeline.available(), reason="no libpq pipeline mode")
@@ -529,11 +535,7 @@ async def test_a_link_lost_in_the_unwaited_write_ahead_is_retried_not_taken_for_
     finally:
         holder.close()
         await db.close()
-        conn = psycopg2.connect(db_dsn)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("DELETE FROM blobs WHERE key = %s", (blob,))
-        conn.close()
+        execute(db_dsn, "DELETE FROM blobs WHERE key = %s", (blob,))
 
 
 @pytest.mark.skipif(not libpq_pipeline.available(), reason="no libpq pipeline mode")
@@ -546,24 +548,8 @@ async def test_over_the_mx_a_backend_killed_once_during_the_write_ahead_still_ge
     client hears 250, the message stored once, exactly (not a 451)."""
     from tests import test_pgconn as pgconn_tests
 
-    inbox, key = await new_inbox(server, "overlap-killed-once")
-    warm = f"From: a@example.com\r\nTo: {inbox['email']}\r\nSubject: warm\r\n\r\nw\r\n"
-    assert await deferToThread(_send, server.mx_port, "a@example.com", [inbox["email"]],
-                               warm.encode()) == {}
-    holder = psycopg2.connect(db_dsn)
-    holder.autocommit = True
-    locked: list[str] = []
-    original = PgConnection.run_pipeline
-
-    def locking(self, statements):
-        for k in _ahead_keys(statements):
-            if k not in locked:
-                locked.append(k)
-                with holder.cursor() as cur:
-                    cur.execute("SELECT pg_advisory_lock(hashtextextended(%s, 7))", (k,))
-        return original(self, statements)
-
-    monkeypatch.setattr(PgConnection, "run_pipeline", locking)
+    inbox, key, holder = await _lone_delivery_behind_a_lock(server, db_dsn, monkeypatch,
+                                                            "overlap-killed-once")
     raw = _large(inbox["email"], "killed once")
     try:
         sending = deferToThread(_send, server.mx_port, "a@example.com", [inbox["email"]], raw)
