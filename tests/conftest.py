@@ -84,6 +84,16 @@ def db_dsn(pg: Any) -> Any:
 
 
 @pytest.fixture
+def pg_conn(db_dsn: Any) -> Any:
+    """A plain (blocking) psycopg2 connection to the test's database."""
+    connection = psycopg2.connect(db_dsn)
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+@pytest.fixture
 def empty_dsn(pg: Any) -> Any:
     """An empty database (no migrations), for migration tests."""
     name = f"e_{os.getpid()}_{next(_counter)}"

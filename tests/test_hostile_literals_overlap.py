@@ -76,15 +76,6 @@ _OTHER = [True, False, None, _NOW, datetime(2000, 1, 1), datetime.max, datetime.
 _POOL = _STRINGS + _INTS + _OTHER
 
 
-@pytest.fixture
-def conn(db_dsn):
-    connection = psycopg2.connect(db_dsn)
-    try:
-        yield connection
-    finally:
-        connection.close()
-
-
 
 
 def _outcome(fn, *args) -> Any:
@@ -94,28 +85,28 @@ def _outcome(fn, *args) -> Any:
         return ("error", type(exc))
 
 
-def test_every_shape_renders_as_mogrify_or_fails_alike(conn):
+def test_every_shape_renders_as_mogrify_or_fails_alike(pg_conn):
     """Each value alone and random statements of them: sql_literals.render gives the
     very bytes of cursor.mogrify, or an error of the very same class."""
-    assert sql_literals.usable(conn)
-    cur = conn.cursor()
+    assert sql_literals.usable(pg_conn)
+    cur = pg_conn.cursor()
     for value in _POOL:
         for sql in ("SELECT %s", "SELECT 1-%s, '%%', %s"):
             params = [value] if sql.count("%s") == 1 else [value, value]
-            assert _outcome(sql_literals.render, sql, params, conn) == \
+            assert _outcome(sql_literals.render, sql, params, pg_conn) == \
                 _outcome(cur.mogrify, sql, params), (sql, value)
     rng = random.Random(4820)
     for _ in range(300):
         params = [rng.choice(_POOL) for _ in range(rng.randint(1, 40))]
         sql = "SELECT " + ", ".join(["%s"] * len(params)) + " -- 100%%"
-        assert _outcome(sql_literals.render, sql, params, conn) == \
+        assert _outcome(sql_literals.render, sql, params, pg_conn) == \
             _outcome(cur.mogrify, sql, params)
 
 
-def test_rendered_strings_read_back_as_sent(conn):
+def test_rendered_strings_read_back_as_sent(pg_conn):
     """PostgreSQL reads every string literal rendered here back as exactly that string
     (no injection through quotes or backslashes, nothing lost)."""
-    cur = conn.cursor()
+    cur = pg_conn.cursor()
     rng = random.Random(7)
     alphabet = ["'", "\\", "%", "s", "\u2028", "é", "\n", "E", "$", '"', ";", "-"]
     values = [s for s in _STRINGS if "\x00" not in s and "\ud800" not in s
@@ -123,7 +114,7 @@ def test_rendered_strings_read_back_as_sent(conn):
     values += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
                for _ in range(200)]
     cur.execute(sql_literals.render("SELECT ARRAY[" + ",".join(["%s::text"] * len(values))
-                                    + "], %s::text[]", [*values, values], conn))
+                                    + "], %s::text[]", [*values, values], pg_conn))
     assert cur.fetchone() == (values, values)
 
 

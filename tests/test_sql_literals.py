@@ -11,7 +11,6 @@ import smtplib
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 
-import psycopg2
 import pytest
 import pytest_twisted
 from psycopg2.extras import Json
@@ -25,15 +24,6 @@ from tests.imap_client import new_inbox
 NASTY = ["", "'", "''", "\\", "\\'", "'; DROP TABLE messages; --", "%s", "%%", "%(x)s",
          "é漢字🙂", "line\r\nbreak", "tab\tand\x7f", "$1", "$$", "E'\\x00'", "\u2028",
          "a" * 5000, "'" * 300, "\\" * 300, "ARRAY[1]", "NULL", "{}", "-1"]
-
-
-@pytest.fixture
-def conn(db_dsn):
-    connection = psycopg2.connect(db_dsn)
-    try:
-        yield connection
-    finally:
-        connection.close()
 
 
 def _values(rng: random.Random) -> list:
@@ -52,62 +42,62 @@ def _values(rng: random.Random) -> list:
     return [rng.choice(pool) for _ in range(rng.randint(1, 60))]
 
 
-def test_renders_exactly_what_psycopg2_renders(conn):
+def test_renders_exactly_what_psycopg2_renders(pg_conn):
     """Random statements mixing every shape, each compared byte for byte with mogrify;
     every single value too. (The connection is one :func:`usable` accepts.)"""
-    assert sql_literals.usable(conn)
-    cur = conn.cursor()
+    assert sql_literals.usable(pg_conn)
+    cur = pg_conn.cursor()
     rng = random.Random(12)
     for _ in range(300):
         values = _values(rng)
         sql = "SELECT " + ", ".join("%s" for _ in values) + " -- 100%% %%s"
-        assert sql_literals.render(sql, values, conn) == cur.mogrify(sql, values)
+        assert sql_literals.render(sql, values, pg_conn) == cur.mogrify(sql, values)
     for value in _values(random.Random(3)) + NASTY:
-        assert sql_literals.render("%s", [value], conn) == cur.mogrify("%s", [value])
+        assert sql_literals.render("%s", [value], pg_conn) == cur.mogrify("%s", [value])
 
 
-def test_postgresql_reads_each_literal_back_as_sent(conn):
+def test_postgresql_reads_each_literal_back_as_sent(pg_conn):
     """The rendering runs as SQL and returns the values themselves (strings with quotes,
     backslashes and percent signs, negative and huge numbers, arrays, timestamps)."""
     now = datetime.now(UTC)
     values = [*NASTY, -5, 2 ** 62, True, None, now, ["a'b", "c\\d", "%s"], [7, -8]]
     sql = "SELECT " + ", ".join("%s" for _ in values)
-    cur = conn.cursor()
-    cur.execute(sql_literals.render(sql, values, conn))
+    cur = pg_conn.cursor()
+    cur.execute(sql_literals.render(sql, values, pg_conn))
     row = cur.fetchone()
     assert list(row) == values
     assert "1-%s" % "" == "1-"  # noqa: UP031 - the shape below
-    cur.execute(sql_literals.render("SELECT 1-%s", [-1], conn))
+    cur.execute(sql_literals.render("SELECT 1-%s", [-1], pg_conn))
     assert cur.fetchone()[0] == 2  # not "1--1", a comment
 
 
-def test_errors_are_psycopg2s(conn):
+def test_errors_are_psycopg2s(pg_conn):
     """A NUL in a string (alone or in a list) and a lone surrogate fail as psycopg2
     fails: Txn._send turns those into the client's 400, so the type must not change."""
-    cur = conn.cursor()
+    cur = pg_conn.cursor()
     for bad in ("a\x00b", ["ok", "a\x00b"]):
         with pytest.raises(ValueError, match="NUL") as ours:
-            sql_literals.render("SELECT %s", [bad], conn)
+            sql_literals.render("SELECT %s", [bad], pg_conn)
         with pytest.raises(ValueError, match="NUL") as theirs:
             cur.mogrify("SELECT %s", [bad])
         assert str(ours.value) == str(theirs.value)
     with pytest.raises(UnicodeEncodeError):
-        sql_literals.render("SELECT %s", ["\ud800"], conn)
+        sql_literals.render("SELECT %s", ["\ud800"], pg_conn)
     with pytest.raises(UnicodeEncodeError):
         cur.mogrify("SELECT %s", ["\ud800"])
 
 
-def test_not_usable_where_doubling_quotes_is_not_enough(conn):
+def test_not_usable_where_doubling_quotes_is_not_enough(pg_conn):
     """With standard_conforming_strings off a backslash escapes: the fast path steps
     aside (Txn._send then leaves the statement to psycopg2)."""
-    conn.autocommit = True
-    cur = conn.cursor()
+    pg_conn.autocommit = True
+    cur = pg_conn.cursor()
     cur.execute("SET standard_conforming_strings TO off")
-    assert not sql_literals.usable(conn)
+    assert not sql_literals.usable(pg_conn)
     cur.execute("SET standard_conforming_strings TO on")
-    assert sql_literals.usable(conn)
+    assert sql_literals.usable(pg_conn)
     cur.execute("SET client_encoding TO 'LATIN1'")
-    assert not sql_literals.usable(conn)
+    assert not sql_literals.usable(pg_conn)
 
 
 def _send(port: int, rcpt: str, raw: bytes) -> dict:

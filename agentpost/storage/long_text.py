@@ -33,6 +33,7 @@ from typing import Any
 from psycopg2.extensions import Binary, QuotedString, register_adapter
 
 from agentpost.mail.utf8 import is_utf8
+from agentpost.storage import sql_literals
 
 #: Shorter strings keep psycopg2's own quoting (the saving is per byte).
 LONG_TEXT_MIN_CHARS = 4096
@@ -69,16 +70,11 @@ class _Quoted(_Adapter):
     _value: LongText
 
     def getquoted(self) -> bytes:
-        text = self._value  # str's own methods: no copy of the body made here
+        text = self._value
         conn = self._conn
-        # conn.encoding is psycopg2's (what it encodes with, kept from the connect);
-        # the parameter is libpq's and the server's, current after a SQL ``SET``.
-        if (conn is not None and conn.encoding == "UTF8"
-                and conn.get_parameter_status("client_encoding") == "UTF8"
-                and conn.get_parameter_status("standard_conforming_strings") == "on"
-                and "\x00" not in text):
+        if conn is not None and "\x00" not in text and sql_literals.usable(conn):
             try:
-                return b"'" + text.replace("'", "''").encode("utf-8") + b"'"
+                return sql_literals.quoted_text(text)
             except UnicodeEncodeError:
                 pass  # a lone surrogate: psycopg2 refuses it in its own words
         quoted = QuotedString(str(text))

@@ -63,10 +63,16 @@ def _psycopg2(value: Any, conn: Any) -> bytes:
     return quoted
 
 
+def quoted_text(value: str) -> bytes:
+    """``value`` as a string literal on a connection :func:`usable` accepts (a NUL is
+    the caller's to refuse; a lone surrogate raises UnicodeEncodeError, as psycopg2)."""
+    return ("'" + value.replace("'", "''") + "'").encode("utf-8")
+
+
 def _str(value: str, conn: Any, cache: dict[int, bytes]) -> bytes | None:
     if "\x00" in value:
         return None  # psycopg2's ValueError, word for word
-    return ("'" + value.replace("'", "''") + "'").encode("utf-8")
+    return quoted_text(value)
 
 
 def _int(value: int, conn: Any, cache: dict[int, bytes]) -> bytes:
