@@ -100,13 +100,27 @@ def test_not_usable_where_doubling_quotes_is_not_enough(pg_conn):
     assert not sql_literals.usable(pg_conn)
 
 
+@pytest.fixture
+def rendered(monkeypatch):
+    """How many statements sql_literals.render bound (the real one: this only counts)."""
+    calls: list[int] = []
+    original = sql_literals.render
+
+    def counting(sql, params, conn):
+        calls.append(len(params))
+        return original(sql, params, conn)
+
+    monkeypatch.setattr(sql_literals, "render", counting)
+    return calls
+
+
 def _send(port: int, rcpt: str, raw: bytes) -> dict:
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=60) as smtp:
         return smtp.sendmail("ob@example.com", [rcpt], raw)
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_message_full_of_sql_metacharacters_reads_back_exactly(server):
+async def test_a_message_full_of_sql_metacharacters_reads_back_exactly(server, rendered):
     """End to end through the MX and the API: the delivery's statement (rendered here)
     stores every header and the body exactly, and the raw message byte for byte."""
     inbox, key = await new_inbox(server, "literals")
@@ -126,3 +140,4 @@ async def test_a_message_full_of_sql_metacharacters_reads_back_exactly(server):
     assert message["text_body"].replace("\r\n", "\n") == body.replace("\r\n", "\n")
     stored = (await server.api.get(f"/api/v1/messages/{summary['id']}/raw", key=key)).body
     assert stored.endswith(raw)  # after the trace headers the MX prepends
+    assert max(rendered) >= 50, "the delivery's statement was not bound by sql_literals"
