@@ -146,6 +146,60 @@ async def test_sql_changes_reach_the_cache_through_the_triggers(server, db_dsn):
         del listener._on_notify
 
 
+async def _with_slow_notices(cache, change, delay_s: float = 0.3) -> int:
+    """Run ``change`` while every route notice reaches the cache ``delay_s`` late (a
+    busy machine's slow hop from COMMIT to this process); how many notices reached the
+    cache before ``change`` returned."""
+    from twisted.internet import reactor
+
+    listener = cache._listener
+    original = listener._on_notify
+    delivered: list[object] = []
+
+    def deliver(notify) -> None:
+        original(notify)
+        delivered.append(notify)
+
+    listener._on_notify = lambda notify: reactor.callLater(delay_s, deliver, notify)
+    try:
+        await change()
+        return len(delivered)
+    finally:
+        del listener._on_notify
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_api_rule_change_is_in_force_when_the_api_answers(server):
+    """Removing a block rule (or deleting an inbox) through the API answers only once the
+    change's notice has emptied this process's cache: the next RCPT, sent at once, sees
+    the change although the notice took 0.3 s to arrive. Without the wait the kept route,
+    block rule and all, refused the sender for good (550) in that window."""
+    key, inbox = await _cached_inbox(server, "rc-rule")
+    rule = await server.api.post("/api/v1/filter-rules", {
+        "direction": "receive", "action": "block", "match_type": "domain",
+        "value": "example.org", "inbox_id": inbox["id"]}, key=key)
+    assert rule.status == 201
+    assert await _rcpt(server.mx_port, inbox["email"]) == 550  # blocked at once
+    await _cached(server, inbox["email"], "ok@example.net")  # block rule and all
+
+    async def remove_rule():
+        response = await server.api.delete(f"/api/v1/filter-rules/{rule.json['id']}",
+                                           key=key)
+        assert response.status == 204
+
+    assert await _with_slow_notices(server.core.route_cache, remove_rule) >= 1
+    assert await _rcpt(server.mx_port, inbox["email"]) == 250
+
+    await _cached(server, inbox["email"])
+
+    async def delete_inbox():
+        response = await server.api.delete(f"/api/v1/inboxes/{inbox['id']}", key=key)
+        assert response.status in (200, 204)
+
+    assert await _with_slow_notices(server.core.route_cache, delete_inbox) >= 1
+    assert await _rcpt(server.mx_port, inbox["email"]) == 550
+
+
 @pytest_twisted.ensureDeferred
 async def test_an_inbox_deleted_between_rcpt_and_data_is_a_temporary_failure(server,
                                                                               db_dsn):

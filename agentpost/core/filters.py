@@ -9,6 +9,7 @@ import psycopg2.errors
 from agentpost.core.audit import AuditTrail
 from agentpost.core.context import RequestContext
 from agentpost.core.inboxes import resolve_environment
+from agentpost.core.route_cache import RouteCache
 from agentpost.mail.filters import normalize_value
 from agentpost.model.errors import Conflict, InvalidRequest, NotFound
 from agentpost.model.ids import new_id
@@ -20,9 +21,17 @@ from agentpost.storage.database import Database, Txn
 class FilterRules:
     """Create, list, read and delete rules."""
 
-    def __init__(self, db: Database, audit: AuditTrail) -> None:
+    def __init__(self, db: Database, audit: AuditTrail,
+                 routes: RouteCache | None = None) -> None:
+        """``routes``: the MX's route cache, which carries receive rules; a change is
+        answered once every process has dropped its copy (RouteCache.settle)."""
         self._db = db
         self._audit = audit
+        self._routes = routes
+
+    async def _settle_routes(self) -> None:
+        if self._routes is not None:
+            await self._routes.settle()
 
     async def create(self, ctx: RequestContext, *, direction: str, action: str,
                      match_type: str, value: str, environment_id: str | None,
@@ -58,7 +67,9 @@ class FilterRules:
             await self._audit.write_in(txn, ctx, 201)
             return rule
 
-        return await self._db.run_interaction("filters.create", txn_fn)
+        rule = await self._db.run_interaction("filters.create", txn_fn)
+        await self._settle_routes()
+        return rule
 
     async def list(self, ctx: RequestContext, after_id: str | None,
                    limit: int) -> list[dict[str, Any]]:
@@ -94,3 +105,4 @@ class FilterRules:
             await self._audit.write_in(txn, ctx, 204)
 
         await self._db.run_interaction("filters.delete", txn_fn)
+        await self._settle_routes()

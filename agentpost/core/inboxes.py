@@ -9,6 +9,7 @@ from typing import Any
 from agentpost.core.audit import AuditTrail
 from agentpost.core.context import RequestContext
 from agentpost.core.reserved import ReservedNames
+from agentpost.core.route_cache import RouteCache
 from agentpost.model.errors import InvalidRequest, NotFound, ReservedAddress
 from agentpost.model.ids import new_id
 from agentpost.model.principal import Principal
@@ -53,8 +54,11 @@ class Inboxes:
     """Create, list, read, update and delete inboxes."""
 
     def __init__(self, db: Database, audit: AuditTrail, shared_domain: str,
-                 collector: Any = None, reserved: ReservedNames | None = None) -> None:
+                 collector: Any = None, reserved: ReservedNames | None = None, *,
+                 routes: RouteCache | None = None) -> None:
+        """``routes``: the MX's route cache, settled after a deletion."""
         self._db = db
+        self._routes = routes
         self._audit = audit
         self._shared_domain = shared_domain.lower()
         self._collector = collector
@@ -182,6 +186,8 @@ class Inboxes:
             await self._audit.write_in(txn, ctx, 204)
 
         await self._db.run_interaction("inboxes.delete", txn_fn)
+        if self._routes is not None:  # RCPT refuses the name at once, in every process
+            await self._routes.settle()
         if self._collector is not None:
             await self._collector.collect(freed)
 

@@ -19,6 +19,9 @@ The rules are those of auth.key_cache:
   delivered to this process takes effect even if the reactor has not dispatched it.
 - A row read while a notice arrived is not stored (stores carry the generation seen
   before the read); an entry is re-read after ``ttl_s`` regardless.
+- A change made through this process's API waits, before it is answered, for its notice
+  to come back on this process's link (:meth:`RouteCache.settle`): a client that removes
+  a block rule and at once sends must not be refused for good by a kept copy of it.
 
 Only routes to an inbox are kept. An unknown or unhosted address always reads the
 database, so an inbox is found by the first RCPT after its creation committed, in every
@@ -39,8 +42,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 
+from agentpost.auth.key_cache import SIBLING_GRACE_S
 from agentpost.storage.mx_routes import ROUTE_CHANNEL
 from agentpost.storage.notify import Notifier, NotifyLink
 
@@ -61,7 +66,7 @@ class _RouteListener(Notifier):
         self._cache = cache
 
     def _on_notify(self, notify: Any) -> None:
-        self._cache.invalidate()
+        self._cache._noticed()
 
     def _link_up(self) -> None:
         self._cache.invalidate()
@@ -70,6 +75,7 @@ class _RouteListener(Notifier):
         log.warning("route cache: LISTEN link down; RCPT reads the database until it is "
                     "back")
         self._cache.invalidate()
+        self._cache._release_settling()
 
 
 class RouteCache:
@@ -86,6 +92,7 @@ class RouteCache:
         self._rows: dict[str, dict[str, Any]] = {}
         self._listener = _RouteListener(self, dsn, reactor=reactor, clock=clock, link=link)
         self.generation = 0
+        self._settling: list[defer.Deferred[None]] = []
         self.hits = 0
         self.misses = 0
 
@@ -99,6 +106,35 @@ class RouteCache:
         self._entries.clear()
         self._rows.clear()
         self.generation += 1
+
+    def _noticed(self) -> None:
+        self.invalidate()
+        self._release_settling()
+
+    def _release_settling(self) -> None:
+        waiting, self._settling = self._settling, []
+        for d in waiting:
+            if not d.called:
+                d.callback(None)
+
+    def settle(self, timeout_s: float = 5.0) -> defer.Deferred[None]:
+        """After committing a change to what routing reads: empty this process's cache
+        now, and fire once a route notice came back on this process's LISTEN link (at
+        most ``timeout_s``), then :data:`SIBLING_GRACE_S` later, as
+        :meth:`agentpost.auth.key_cache.KeyCache.settle` does for keys. Every listening
+        backend is signalled at the same COMMIT, so the other processes have dropped
+        their copies too by the time the API answers. Notices carry no payload: one
+        from an earlier COMMIT may release the wait first, and the grace covers ours,
+        which is right behind it on the same link."""
+        self.invalidate()
+        if not self.usable:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._settling.append(d)
+        self._listener.poll()
+        d.addTimeout(timeout_s, self._clock, onTimeoutCancel=lambda *_: None)
+        d.addCallback(lambda _: task.deferLater(self._clock, SIBLING_GRACE_S, lambda: None))
+        return d
 
     @staticmethod
     def key(address: str, domain: str) -> tuple[str, str]:
@@ -144,3 +180,4 @@ class RouteCache:
         """Stop listening and forget everything."""
         self._listener.stop()
         self.invalidate()
+        self._release_settling()
