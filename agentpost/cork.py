@@ -33,8 +33,8 @@ session that starts waiting for the agent sends what it answered before.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from types import TracebackType
 
 #: Held bytes beyond this leave at once (Twisted's write buffer is as large).
 MAX_HELD_BYTES = 64 * 1024
@@ -52,6 +52,7 @@ class Cork:
         self._size = 0
         self._batches = 0  # synchronous batches in progress (nested)
         self._commands = 0  # commands (or unsolicited work) in progress
+        self._batch = _Batch(self)
 
     def write(self, data: bytes) -> None:
         """``data`` after everything written before it: held or sent now."""
@@ -78,16 +79,10 @@ class Cork:
         self._held = []
         self._size = 0
 
-    @contextmanager
-    def batch(self) -> Iterator[None]:
-        """Hold writes made inside; the outermost batch flushes at its end."""
-        self._batches += 1
-        try:
-            yield
-        finally:
-            self._batches -= 1
-            if not self._batches:
-                self.flush()
+    def batch(self) -> _Batch:
+        """A context that holds writes made inside; the outermost batch flushes at its
+        end. Nested use is counted by the cork, so one context object serves all."""
+        return self._batch
 
     def begin_command(self) -> None:
         """A command (or unsolicited work) starts: hold its writes until it ends."""
@@ -98,3 +93,24 @@ class Cork:
         self._commands = max(0, self._commands - 1)
         if not self._batches:
             self.flush()
+
+
+class _Batch:
+    """:meth:`Cork.batch`'s context. A class rather than ``@contextmanager``: an SMTP
+    message runs through five batches, and a generator-based context cost ~2.5 us of
+    the reactor's time each, this one ~0.3 us."""
+
+    __slots__ = ("_cork",)
+
+    def __init__(self, cork: Cork) -> None:
+        self._cork = cork
+
+    def __enter__(self) -> None:
+        self._cork._batches += 1
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        cork = self._cork
+        cork._batches -= 1
+        if not cork._batches:
+            cork.flush()

@@ -182,6 +182,54 @@ def test_body_octets_earn_time_at_the_minimum_rate():
     assert deadlines.next(in_body=False).at == 340.0
 
 
+def _reference_next(d: SessionDeadlines, in_body: bool) -> tuple[float, str, str] | None:
+    """The earliest deadline as first written: every candidate made, then min() (the
+    first of equal ones wins). ``next`` now compares plain numbers; it must agree."""
+    limits = d.limits
+    candidates = []
+    if d.session_ends is not None:
+        candidates.append((d.session_ends, "session deadline",
+                           "Error: session time limit exceeded"))
+    if in_body:
+        started = d.body_started if d.body_started is not None else d.last_body_at
+        candidates.append((d.last_body_at + limits.data_block_timeout_s,
+                           "data block timeout", "Error: timeout exceeded"))
+        if limits.data_deadline_s:
+            candidates.append((started + limits.data_deadline_s, "data deadline",
+                               "Error: message transfer time limit exceeded"))
+        if limits.min_data_rate_bytes_per_s:
+            candidates.append((started + limits.min_data_rate_grace_s
+                               + d.body_bytes / limits.min_data_rate_bytes_per_s,
+                               "minimum data rate", "Error: data transfer too slow"))
+    else:
+        candidates.append((d.command_due, "command timeout", "Error: timeout exceeded"))
+    return min(candidates, key=lambda c: c[0]) if candidates else None
+
+
+def test_the_earliest_deadline_agrees_with_the_reference_on_random_sessions():
+    """Ties included: values are drawn from a few round numbers so they often meet."""
+    import random
+
+    rng = random.Random(12)
+    pick = [0, 0, 10, 60, 100, 300]
+    for _ in range(3000):
+        limits = SMTPLimits(session_deadline_s=rng.choice(pick),
+                            command_timeout_s=rng.choice(pick[2:]),
+                            data_block_timeout_s=rng.choice(pick[2:]),
+                            data_deadline_s=rng.choice(pick),
+                            min_data_rate_bytes_per_s=rng.choice([0, 1, 500]),
+                            min_data_rate_grace_s=rng.choice(pick))
+        d = SessionDeadlines(limits, now=float(rng.choice(pick)))
+        d.replied(float(rng.choice(pick)))
+        if rng.random() < 0.7:
+            d.body_begins(float(rng.choice(pick)))
+            d.body_received(rng.choice([0, 500, 5000, 30_000]), float(rng.choice(pick)))
+        for in_body in (False, True):
+            got = d.next(in_body)
+            expected = _reference_next(d, in_body)
+            assert (None if got is None else (got.at, got.reason, got.text)) == expected
+
+
 # --------------------------------------------------------------------------- real sockets
 
 

@@ -1062,6 +1062,52 @@ def test_reply_renders_multiline_and_strips_line_breaks_from_text():
     assert reply.render() == b"250-2.0.0 one\r\n250 2.0.0 two??250 forged\r\n"
 
 
+def test_a_reply_is_rendered_once_and_stays_a_plain_value():
+    """The wire form is kept on the reply (constant replies go with every message); the
+    kept bytes are no field: equality and hashing are those of a fresh reply."""
+    reply = Reply(250, "2.1.5", "Recipient OK")
+    wire = reply.render()
+    assert wire == b"250 2.1.5 Recipient OK\r\n"
+    assert reply.render() is wire
+    fresh = Reply(250, "2.1.5", "Recipient OK")
+    assert reply == fresh and hash(reply) == hash(fresh)
+    assert str(reply) == "250 2.1.5 Recipient OK"
+
+
+def test_a_cork_batch_holds_until_the_outermost_ends_even_on_an_error():
+    sent: list[bytes] = []
+    out = cork.Cork(sent.append)
+    with pytest.raises(RuntimeError):
+        with out.batch():
+            out.write(b"a")
+            with out.batch():
+                out.write(b"b")
+            assert sent == []  # the inner batch's end does not flush
+            raise RuntimeError("a bug in a command")
+    assert sent == [b"ab"]  # flushed on the way out, and the error went on
+    out.write(b"c")
+    assert sent == [b"ab", b"c"]  # no batch left open: at once
+
+
+def test_commands_answered_at_once_keep_the_session_timer():
+    """A MAIL and a RCPT whose checks answer synchronously (a cached route) are sent as
+    plain replies: the session's one timer is moved, never cancelled and replaced, and
+    the next command is due a command timeout after the last reply."""
+    s = Session().greeted()
+    timer = s.protocol._timer
+    assert timer is not None and timer.active()
+    s.clock.advance(5)
+    s.send("MAIL FROM:<a@example.org>\r\n")
+    s.clock.advance(5)
+    s.send("RCPT TO:<r1@mx.test>\r\n")
+    assert starts(s.codes(), "250 2.1.0", "250 2.1.5")
+    assert s.protocol._timer is timer and timer.active()
+    assert timer.getTime() == s.clock.seconds() + SMTPLimits().command_timeout_s
+    assert not s.protocol._busy
+    s.clock.advance(SMTPLimits().command_timeout_s)
+    assert starts(s.codes(), "421 4.4.2") and s.closed
+
+
 def test_reply_rejects_enhanced_code_class_mismatch():
     """A 5xx reply cannot carry a 2.x.x enhanced code."""
     with pytest.raises(ValueError, match="disagrees"):

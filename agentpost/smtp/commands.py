@@ -229,7 +229,7 @@ class SMTPCommands:
         )
         self._txn = Transaction(envelope=envelope, params=params)
         self.state = State.MAIL
-        return Reply(250, "2.1.0", "Sender OK")
+        return replies.SENDER_OK
 
     def _cmd_rcpt(self, args: str) -> Result:
         refusal = self._needs_greeting_or_tls()
@@ -258,7 +258,7 @@ class SMTPCommands:
             txn.envelope.recipients.append(token)
             txn.envelope.recipient_addresses.append(address)
             self.state = State.RCPT
-        return Reply(250, "2.1.5", "Recipient OK")
+        return replies.RECIPIENT_OK
 
     def _cmd_data(self, args: str) -> Result:
         refusal = self._needs_greeting_or_tls()
@@ -278,7 +278,7 @@ class SMTPCommands:
         self._open_spool(txn)
         self._decoder = DataDecoder(self.limits.max_data_line_bytes)
         self.state = State.DATA
-        return Reply(354, None, "End data with <CR><LF>.<CR><LF>")
+        return replies.START_DATA
 
     def _cmd_bdat(self, args: str) -> Result:
         size, last = parse_bdat(args)  # on a syntax error no octets can be consumed

@@ -30,6 +30,13 @@ class Expiry:
     text: str  # for the client
 
 
+_SESSION = ("session deadline", "Error: session time limit exceeded")
+_COMMAND = ("command timeout", "Error: timeout exceeded")
+_BLOCK = ("data block timeout", "Error: timeout exceeded")
+_DATA = ("data deadline", "Error: message transfer time limit exceeded")
+_RATE = ("minimum data rate", "Error: data transfer too slow")
+
+
 class SessionDeadlines:
     """The deadlines of one session, fed with clock readings by the protocol."""
 
@@ -65,28 +72,27 @@ class SessionDeadlines:
         self.body_bytes = 0
 
     def next(self, in_body: bool) -> Expiry | None:
-        """The earliest deadline of the current phase (None: no deadline at all)."""
-        candidates: list[Expiry] = []
-        if self.session_ends is not None:
-            candidates.append(Expiry(self.session_ends, "session deadline",
-                                     "Error: session time limit exceeded"))
+        """The earliest deadline of the current phase (None: no deadline at all). The
+        first of equal ones wins, in the order session, block, whole body, data rate
+        (or session, command). Plain comparisons: it runs after every reply and every
+        read of a body, and only the winner is made an :class:`Expiry`."""
+        at, which = self.session_ends, _SESSION
         if in_body:
-            candidates.extend(self._body_deadlines())
-        else:
-            candidates.append(Expiry(self.command_due, "command timeout",
-                                     "Error: timeout exceeded"))
-        return min(candidates, key=lambda e: e.at) if candidates else None
-
-    def _body_deadlines(self) -> list[Expiry]:
-        limits = self.limits
-        started = self.body_started if self.body_started is not None else self.last_body_at
-        out = [Expiry(self.last_body_at + limits.data_block_timeout_s, "data block timeout",
-                      "Error: timeout exceeded")]
-        if limits.data_deadline_s:
-            out.append(Expiry(started + limits.data_deadline_s, "data deadline",
-                              "Error: message transfer time limit exceeded"))
-        if limits.min_data_rate_bytes_per_s:
-            earned = self.body_bytes / limits.min_data_rate_bytes_per_s
-            out.append(Expiry(started + limits.min_data_rate_grace_s + earned,
-                              "minimum data rate", "Error: data transfer too slow"))
-        return out
+            limits = self.limits
+            started = self.body_started if self.body_started is not None \
+                else self.last_body_at
+            candidate = self.last_body_at + limits.data_block_timeout_s
+            if at is None or candidate < at:
+                at, which = candidate, _BLOCK
+            if limits.data_deadline_s:
+                candidate = started + limits.data_deadline_s
+                if candidate < at:
+                    at, which = candidate, _DATA
+            if limits.min_data_rate_bytes_per_s:
+                candidate = (started + limits.min_data_rate_grace_s
+                             + self.body_bytes / limits.min_data_rate_bytes_per_s)
+                if candidate < at:
+                    at, which = candidate, _RATE
+        elif at is None or self.command_due < at:
+            at, which = self.command_due, _COMMAND
+        return None if at is None else Expiry(at, *which)

@@ -67,8 +67,16 @@ class Reply:
         """The reply as it goes on the wire, every line CRLF-terminated.
 
         Text is sanitised to printable ASCII so no caller can inject a line break
-        (and with it a second, forged reply) into the stream.
+        (and with it a second, forged reply) into the stream. Kept once made: the
+        constant replies below are sent with every message.
         """
+        wire: bytes | None = self.__dict__.get("_wire")
+        if wire is None:
+            wire = self._render()
+            object.__setattr__(self, "_wire", wire)  # frozen: a cache, not a field
+        return wire
+
+    def _render(self) -> bytes:
         lines = self.lines
         out = []
         for index, line in enumerate(lines):
@@ -90,6 +98,9 @@ class Reply:
 # Replies used in more than one place, so their wording stays consistent.
 
 OK = Reply(250, "2.0.0", "OK")
+SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
+START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
 BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
 SEND_EHLO_FIRST = Reply(503, "5.5.1", "Send EHLO/HELO first")
 UNRECOGNIZED = Reply(500, "5.5.2", "Command not recognized")

@@ -346,6 +346,12 @@ class SMTPServerProtocol(SMTPCommands, Protocol):
         if isinstance(result, Reply):
             self._send(result)
             return
+        if result.called and not result.paused and isinstance(result.result, Reply):
+            # Answered already (a RCPT whose route was cached, a MAIL with nothing to
+            # look up): its reply goes out as a plain one would, without holding input,
+            # cancelling the command timer and arming it again (~10 us each).
+            self._send(result.result)
+            return
         self._busy = True
         self._cancel_timer()
         result.addErrback(self._reply_for_failure)
