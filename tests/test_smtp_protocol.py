@@ -734,6 +734,23 @@ def test_pipelined_quit_and_too_many_errors_send_their_last_replies_before_closi
     assert s.closed
 
 
+def test_a_spool_that_cannot_be_flushed_is_a_temporary_failure_of_that_message():
+    """A disk full under a spooled body: 451 for that message, the session goes on."""
+    s = Session().ready_for_data()
+    s.send("DATA\r\nSubject: spooled\r\n\r\nbody\r\n")
+    spool = s.protocol._txn.spool
+
+    def full(*_: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    spool.flush = full
+    s.send(".\r\n")
+    assert starts(s.codes(), "354", "451 4.3.0")
+    assert spool.closed and not s.closed and s.agent.deliveries == []
+    s.send("MAIL FROM:<a@example.org>\r\n")
+    assert starts(s.codes(), "250 2.1.0")
+
+
 def test_reply_to_data_waits_for_a_slow_deliver_and_later_commands_wait_too():
     """While deliver() is pending, pipelined commands after the body are held."""
     agent = RecordingAgent()

@@ -22,6 +22,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime, ITLSTransport
+from twisted.python.failure import Failure
 
 from agentpost.cork import Cork
 from agentpost.smtp import replies
@@ -213,12 +214,12 @@ class SMTPCommands:
             raw_params, max_size_bytes=self.limits.max_message_size_bytes, chunking=True)
         if not address.isascii() and not params.smtputf8:
             return replies.NON_ASCII_NEEDS_SMTPUTF8
-        return defer.Deferred.fromCoroutine(self._mail(address, raw_params, params))
+        checked = self._agent_call(self.agent.check_sender, self.session, address,
+                                   timeout_s=self.limits.check_timeout_s)
+        return _then(checked, self._mail_checked, address, raw_params, params)
 
-    async def _mail(self, address: str, raw_params: dict[str, str | None],
-                    params: MailParams) -> Reply:
-        await self._agent_call(self.agent.check_sender, self.session, address,
-                               timeout_s=self.limits.check_timeout_s)
+    def _mail_checked(self, _: object, address: str, raw_params: dict[str, str | None],
+                      params: MailParams) -> Reply:
         if self.state is not State.READY:  # the connection went away meanwhile
             return Reply(451, "4.3.0", "Session ended")
         envelope = Envelope(
@@ -248,12 +249,12 @@ class SMTPCommands:
             return Reply(250, "2.1.5", "Recipient OK (duplicate)")
         if len(txn.envelope.recipients) >= self.limits.max_recipients:
             return replies.TOO_MANY_RECIPIENTS
-        return defer.Deferred.fromCoroutine(self._rcpt(txn, address))
+        checked = self._agent_call(self.agent.check_recipient, self.session,
+                                   txn.envelope.mail_from, address,
+                                   timeout_s=self.limits.check_timeout_s)
+        return _then(checked, self._rcpt_checked, txn, address)
 
-    async def _rcpt(self, txn: Transaction, address: str) -> Reply:
-        token = await self._agent_call(self.agent.check_recipient, self.session,
-                                       txn.envelope.mail_from, address,
-                                       timeout_s=self.limits.check_timeout_s)
+    def _rcpt_checked(self, token: Any, txn: Transaction, address: str) -> Reply:
         if self._txn is txn:
             txn.envelope.recipients.append(token)
             txn.envelope.recipient_addresses.append(address)
@@ -426,3 +427,14 @@ class SMTPCommands:
         self._out.flush()  # the 220 in the clear, before the handshake
         self.transport.startTLS(self.tls_options)
         return None  # _process resumes reading if it was paused: the buffer is empty
+
+
+def _then(checked: defer.Deferred[Any], step: Callable[..., Reply], *args: Any) -> Result:
+    """``step(result, *args)`` once the agent's check has answered: at once when it has
+    already (a cached route, a sender nobody checks), so the reply is a plain one; else
+    as the Deferred's callback. A check that failed stays a failed Deferred, for the
+    protocol's one translation of errors into replies. (A coroutine per command cost
+    the reactor a Deferred and a resumption more, on every MAIL and RCPT.)"""
+    if checked.called and not checked.paused and not isinstance(checked.result, Failure):
+        return step(checked.result, *args)
+    return checked.addCallback(step, *args)

@@ -18,8 +18,9 @@ class InboundDelivery:
         self._router = router
         self._ingest = ingest
 
-    async def check_sender(self, session: SessionInfo, mail_from: str) -> None:
-        """Any sender may try; receive filters are applied per recipient."""
+    def check_sender(self, session: SessionInfo, mail_from: str) -> None:
+        """Any sender may try; receive filters are applied per recipient. (A plain
+        function: a coroutine with nothing to await cost a Deferred per MAIL.)"""
 
     async def check_recipient(self, session: SessionInfo, mail_from: str, rcpt: str) -> Target:
         """An inbox target, or a domain error the SMTP reply table translates."""

@@ -42,8 +42,10 @@ class Envelope:
 class DeliveryAgent(Protocol):
     """Implemented by the ingest side (agentpost.smtp.delivery)."""
 
-    async def check_sender(self, session: SessionInfo, mail_from: str) -> None:
-        """Raise a domain error to refuse MAIL FROM (rarely used on MX)."""
+    def check_sender(self, session: SessionInfo, mail_from: str) -> Any:
+        """Raise (or fail) with a domain error to refuse MAIL FROM (rarely used on MX).
+        A plain function, a coroutine function or one returning a Deferred: the
+        protocol takes all three, and one that answers at once costs it least."""
 
     async def check_recipient(self, session: SessionInfo, mail_from: str, rcpt: str) -> Any:
         """Return an opaque token for an acceptable recipient, or raise
