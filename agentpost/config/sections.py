@@ -177,8 +177,10 @@ class MailSection:
         "60s", "Each process keeps the MX's routes to existing inboxes in memory for at "
         "most this long, saving RCPT a database read. Any change to an inbox's address, a "
         "domain or a receive filter empties the cache of every process at once "
-        "(PostgreSQL LISTEN/NOTIFY); while that link is down, and with an inbox_quota, "
-        "RCPT reads the database. Unknown addresses are never cached. 0 turns it off.",
+        "(PostgreSQL LISTEN/NOTIFY); an API call that changes a filter rule or deletes an "
+        "inbox answers once that notice is back. While the link is down, and with an "
+        "inbox_quota, RCPT reads the database. Unknown addresses are never cached. 0 turns "
+        "it off.",
         "duration")
 
 
