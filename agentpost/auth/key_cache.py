@@ -36,18 +36,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from agentpost.storage.keys import KEY_CHANNEL
+from agentpost.storage.notice_wait import NoticeWaiters
 from agentpost.storage.notify import Notifier, NotifyLink
 
 log = logging.getLogger(__name__)
 
 #: Entries kept per process; beyond this the cache starts over (keys are few).
 MAX_ENTRIES = 10_000
-#: Seconds a settled change waits after its own notice came back (see KeyCache.settle).
-SIBLING_GRACE_S = 0.02
 
 
 class _KeyListener(Notifier):
@@ -71,7 +70,7 @@ class _KeyListener(Notifier):
         log.warning("key cache: LISTEN link down; reading keys from the database until "
                     "it is back")
         self._cache.invalidate()
-        self._cache._release_settling()
+        self._cache.waiters.release()
 
 
 class KeyCache:
@@ -88,7 +87,7 @@ class KeyCache:
         self._listener = _KeyListener(self, dsn, reactor=reactor, clock=clock,
                                       max_backoff_s=max_backoff_s, link=link)
         self.generation = 0
-        self._settling: dict[str, list[defer.Deferred[None]]] = {}
+        self.waiters = NoticeWaiters(clock)  # API calls waiting for their notice
         self.hits = 0
         self.misses = 0
 
@@ -109,29 +108,22 @@ class KeyCache:
 
     def _noticed(self, payload: str) -> None:
         self.invalidate()
-        for d in self._settling.pop(payload, ()):
-            if not d.called:
-                d.callback(None)
+        self.waiters.noticed()
 
-    def settle(self, key_id: str, timeout_s: float = 5.0) -> defer.Deferred[None]:
-        """After committing a change to ``key_id``: empty this process's cache now and
-        fire once the change's NOTIFY came back on this process's LISTEN link (at most
-        ``timeout_s``), then :data:`SIBLING_GRACE_S` later. PostgreSQL signals every
-        listening backend at the same COMMIT, so an API call that waits for this before
-        answering leaves its client no window in which another process still answers
-        from a stale entry: the grace covers the other listening backends being
-        scheduled after ours on a busy machine (each must run to write its notice; a
-        test caught the difference once under load). Revocations and membership changes
-        are rare; a few milliseconds on their answer buy the guarantee."""
+    def ticket(self) -> int:
+        """Take before committing a change to what keys may do; pass to :meth:`settle`."""
+        return self.waiters.ticket()
+
+    def settle(self, ticket: int, timeout_s: float = 5.0) -> defer.Deferred[None]:
+        """After committing a change to a key (``ticket`` taken before it): empty this
+        process's cache now, and fire once a key notice has come back on this process's
+        LISTEN link since the ticket, then a grace later (storage.notice_wait). An API
+        call that waits for this before answering leaves its client no window in which
+        another process still answers from a stale entry. Revocations and membership
+        changes are rare; a few milliseconds on their answer buy the guarantee."""
         self.invalidate()
-        if not self.usable:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self._settling.setdefault(key_id, []).append(d)
-        self._drain()
-        d.addTimeout(timeout_s, self._clock, onTimeoutCancel=lambda *_: None)
-        d.addCallback(lambda _: task.deferLater(self._clock, SIBLING_GRACE_S, lambda: None))
-        return d
+        return self.waiters.wait(ticket, listening=self.usable, poll=self._drain,
+                                 timeout_s=timeout_s)
 
     # -- lookups -------------------------------------------------------------------
     def get(self, digest: bytes) -> dict[str, Any] | None:
@@ -168,16 +160,8 @@ class KeyCache:
             return
         await self._listener.start()
 
-    def _release_settling(self) -> None:
-        """Nobody listens any more: nothing to wait for (the cache is off meanwhile)."""
-        waiting, self._settling = self._settling, {}
-        for ds in waiting.values():
-            for d in ds:
-                if not d.called:
-                    d.callback(None)
-
     def stop(self) -> None:
         """Stop listening and forget everything."""
         self._listener.stop()
         self.invalidate()
-        self._release_settling()
+        self.waiters.release()

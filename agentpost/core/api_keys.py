@@ -170,7 +170,8 @@ class APIKeys:
             assert revoked is not None  # read above; keys are revoked, never deleted
             return revoked
 
+        ticket = 0 if self._key_cache is None else self._key_cache.ticket()
         revoked = await self._db.run_interaction("api_keys.revoke", txn_fn)
         if self._key_cache is not None:  # answer once the revocation reached the listeners
-            await self._key_cache.settle(key_id)
+            await self._key_cache.settle(ticket)
         return revoked

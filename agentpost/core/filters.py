@@ -29,9 +29,12 @@ class FilterRules:
         self._audit = audit
         self._routes = routes
 
-    async def _settle_routes(self) -> None:
+    def _route_ticket(self) -> int:
+        return 0 if self._routes is None else self._routes.ticket()
+
+    async def _settle_routes(self, ticket: int) -> None:
         if self._routes is not None:
-            await self._routes.settle()
+            await self._routes.settle(ticket)
 
     async def create(self, ctx: RequestContext, *, direction: str, action: str,
                      match_type: str, value: str, environment_id: str | None,
@@ -67,8 +70,9 @@ class FilterRules:
             await self._audit.write_in(txn, ctx, 201)
             return rule
 
+        ticket = self._route_ticket()
         rule = await self._db.run_interaction("filters.create", txn_fn)
-        await self._settle_routes()
+        await self._settle_routes(ticket)
         return rule
 
     async def list(self, ctx: RequestContext, after_id: str | None,
@@ -104,5 +108,6 @@ class FilterRules:
             await rule_store.delete_rule(txn, p.org_id, rule_id)
             await self._audit.write_in(txn, ctx, 204)
 
+        ticket = self._route_ticket()
         await self._db.run_interaction("filters.delete", txn_fn)
-        await self._settle_routes()
+        await self._settle_routes(ticket)

@@ -185,9 +185,10 @@ class Inboxes:
             ctx.environment_id = inbox["environment_id"]
             await self._audit.write_in(txn, ctx, 204)
 
+        ticket = 0 if self._routes is None else self._routes.ticket()
         await self._db.run_interaction("inboxes.delete", txn_fn)
         if self._routes is not None:  # RCPT refuses the name at once, in every process
-            await self._routes.settle()
+            await self._routes.settle(ticket)
         if self._collector is not None:
             await self._collector.collect(freed)
 

@@ -24,13 +24,17 @@ class Members:
         self._audit = audit
         self._key_cache = key_cache  # auth.key_cache.KeyCache: answers wait for its NOTIFY
 
-    async def _settled(self, key_ids: builtins.list[str]) -> None:
+    def _ticket(self) -> int:
+        return 0 if self._key_cache is None else self._key_cache.ticket()
+
+    async def _settled(self, key_ids: builtins.list[str], ticket: int) -> None:
         """After a committed change to people's power: answer once its NOTIFY (sent by
         the trigger for every key of the person, all at the one COMMIT) is back on this
         process's LISTEN link, as revocation does (core.api_keys), so no other process
-        answers the client's next request from a key it cached before the change."""
+        answers the client's next request from a key it cached before the change.
+        ``ticket``: taken before the transaction (storage.notice_wait)."""
         if self._key_cache is not None and key_ids:
-            await self._key_cache.settle(key_ids[0])
+            await self._key_cache.settle(ticket)
 
     async def list(self, ctx: RequestContext, after_id: str | None,
                    limit: int) -> list[dict[str, Any]]:
@@ -109,8 +113,9 @@ class Members:
             held[:] = await key_store.live_keys_held_by(txn, p.org_id, user_id)
             return updated
 
+        ticket = self._ticket()
         updated = await self._db.run_interaction("members.update", txn_fn)
-        await self._settled(held)
+        await self._settled(held, ticket)
         return updated
 
     async def remove(self, ctx: RequestContext, user_id: str) -> None:
@@ -140,8 +145,9 @@ class Members:
                 await key_store.revoke_api_key(txn, p.org_id, key_id)
             await self._audit.write_in(txn, ctx, 204)
 
+        ticket = self._ticket()
         await self._db.run_interaction("members.remove", txn_fn)
-        await self._settled(held)
+        await self._settled(held, ticket)
 
 
 async def _change_role(txn: Txn, p: Principal, member: dict[str, Any], role: str) -> None:

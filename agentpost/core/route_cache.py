@@ -20,8 +20,9 @@ The rules are those of auth.key_cache:
 - A row read while a notice arrived is not stored (stores carry the generation seen
   before the read); an entry is re-read after ``ttl_s`` regardless.
 - A change made through this process's API waits, before it is answered, for its notice
-  to come back on this process's link (:meth:`RouteCache.settle`): a client that removes
-  a block rule and at once sends must not be refused for good by a kept copy of it.
+  to come back on this process's link (:meth:`RouteCache.settle`, storage.notice_wait):
+  a client that removes a block rule and at once sends must not be refused for good by
+  a kept copy of it.
 
 Only routes to an inbox are kept. An unknown or unhosted address always reads the
 database, so an inbox is found by the first RCPT after its creation committed, in every
@@ -42,11 +43,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
-from agentpost.auth.key_cache import SIBLING_GRACE_S
 from agentpost.storage.mx_routes import ROUTE_CHANNEL
+from agentpost.storage.notice_wait import NoticeWaiters
 from agentpost.storage.notify import Notifier, NotifyLink
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class _RouteListener(Notifier):
         log.warning("route cache: LISTEN link down; RCPT reads the database until it is "
                     "back")
         self._cache.invalidate()
-        self._cache._release_settling()
+        self._cache.waiters.release()
 
 
 class RouteCache:
@@ -92,7 +93,7 @@ class RouteCache:
         self._rows: dict[str, dict[str, Any]] = {}
         self._listener = _RouteListener(self, dsn, reactor=reactor, clock=clock, link=link)
         self.generation = 0
-        self._settling: list[defer.Deferred[None]] = []
+        self.waiters = NoticeWaiters(clock)  # API calls waiting for their notice
         self.hits = 0
         self.misses = 0
 
@@ -109,32 +110,22 @@ class RouteCache:
 
     def _noticed(self) -> None:
         self.invalidate()
-        self._release_settling()
+        self.waiters.noticed()
 
-    def _release_settling(self) -> None:
-        waiting, self._settling = self._settling, []
-        for d in waiting:
-            if not d.called:
-                d.callback(None)
+    def ticket(self) -> int:
+        """Take before committing a change to what routing reads; pass to :meth:`settle`."""
+        return self.waiters.ticket()
 
-    def settle(self, timeout_s: float = 5.0) -> defer.Deferred[None]:
-        """After committing a change to what routing reads: empty this process's cache
-        now, and fire once a route notice came back on this process's LISTEN link (at
-        most ``timeout_s``), then :data:`SIBLING_GRACE_S` later, as
-        :meth:`agentpost.auth.key_cache.KeyCache.settle` does for keys. Every listening
-        backend is signalled at the same COMMIT, so the other processes have dropped
-        their copies too by the time the API answers. Notices carry no payload: one
-        from an earlier COMMIT may release the wait first, and the grace covers ours,
-        which is right behind it on the same link."""
+    def settle(self, ticket: int, timeout_s: float = 5.0) -> defer.Deferred[None]:
+        """After committing such a change (``ticket`` taken before it): empty this
+        process's cache now, and fire once a route notice has come back on this
+        process's LISTEN link since the ticket, then a grace later, as
+        :meth:`agentpost.auth.key_cache.KeyCache.settle` does for keys
+        (storage.notice_wait). By then the other processes have dropped their copies
+        too."""
         self.invalidate()
-        if not self.usable:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self._settling.append(d)
-        self._listener.poll()
-        d.addTimeout(timeout_s, self._clock, onTimeoutCancel=lambda *_: None)
-        d.addCallback(lambda _: task.deferLater(self._clock, SIBLING_GRACE_S, lambda: None))
-        return d
+        return self.waiters.wait(ticket, listening=self.usable, poll=self._listener.poll,
+                                 timeout_s=timeout_s)
 
     @staticmethod
     def key(address: str, domain: str) -> tuple[str, str]:
@@ -180,4 +171,4 @@ class RouteCache:
         """Stop listening and forget everything."""
         self._listener.stop()
         self.invalidate()
-        self._release_settling()
+        self.waiters.release()

@@ -73,7 +73,8 @@ class Reply:
         wire: bytes | None = self.__dict__.get("_wire")
         if wire is None:
             wire = self._render()
-            object.__setattr__(self, "_wire", wire)  # frozen: a cache, not a field
+            if isinstance(self.text, str | tuple):  # a list could change after this
+                object.__setattr__(self, "_wire", wire)  # frozen: a cache, not a field
         return wire
 
     def _render(self) -> bytes:
