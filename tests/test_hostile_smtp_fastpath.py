@@ -13,19 +13,19 @@ came in before the API began to wait does not cost the client the whole timeout.
 from __future__ import annotations
 
 import os
-import smtplib
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, threads
-from twisted.internet.task import deferLater
+from twisted.internet import defer, threads
 
 from agentpost.cork import Cork
 from agentpost.model import errors
 from agentpost.smtp import replies
 from agentpost.smtp.replies import Reply
 from agentpost.smtp.server import SMTPLimits, State
+from tests.test_key_cache import _until
+from tests.test_route_cache import _rcpt
 from tests.test_smtp_protocol import RecordingAgent, Session, starts
 
 # --------------------------------------------------------------------------- helpers
@@ -469,31 +469,6 @@ def test_credential_ended_inside_a_synchronous_check_sends_nothing_after_421():
 
 
 # --------------------------------------------------------------------------- route settle
-
-_FROM = "sender@example.org"
-
-
-async def _rcpt(port: int, address: str, sender: str = _FROM) -> int:
-    def run() -> int:
-        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test",
-                          timeout=30) as smtp:
-            smtp.ehlo()
-            smtp.mail(sender)
-            code, _ = smtp.rcpt(address)
-            smtp.rset()
-            return code
-    return await threads.deferToThread(run)
-
-
-async def _until(predicate, timeout: float = 20.0) -> bool:
-    waited = 0.0
-    while not predicate():
-        if waited >= timeout:
-            return False
-        await deferLater(reactor, 0.02, lambda: None)
-        waited += 0.02
-    return True
-
 
 async def _org_inbox(server, name: str) -> tuple[str, dict]:
     _, key = await server.new_org(name)
