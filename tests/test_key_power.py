@@ -429,3 +429,25 @@ async def test_a_holders_role_change_notifies_every_process_about_their_keys(ser
         assert alices_keys <= await deferToThread(heard)
     finally:
         listener.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_member_update_that_changes_nothing_does_not_wait_for_a_notice(server):
+    """PATCH a person who holds keys with the role they have: no trigger NOTIFYs for a
+    change that is not one, and the answer waited for a notice that never came (the key
+    cache's 5 s timeout on every such call). The update notifies for the person's keys
+    itself now, so its wait ends by that notice."""
+    org = await _org_with_owner(server)
+    bob = await _add(server, org.owner_key, "bob@noop.test", "admin")
+    bob_key = await _hand_over(server, org, bob)  # alice, who holds owner_key: admin now
+    cache = server.core.key_cache
+    timeouts = cache.waiters.timeouts
+    same = await server.api.patch(f"/api/v1/members/{org.owner_id}", {"role": "admin"},
+                                  key=bob_key)
+    assert same.status == 200 and same.json["role"] == "admin"
+    assert cache.waiters.timeouts == timeouts
+    changed = await server.api.patch(f"/api/v1/members/{org.owner_id}", {"role": "member"},
+                                     key=bob_key)
+    assert changed.status == 200 and changed.json["role"] == "member"
+    assert cache.waiters.timeouts == timeouts  # a real change: ended by its notice
+    _forbidden(await server.api.get("/api/v1/audit-logs", key=org.owner_key))

@@ -111,6 +111,8 @@ class Members:
             updated = await org_store.get_member(txn, p.org_id, user_id)
             assert updated is not None  # locked FOR UPDATE above: still a member
             held[:] = await key_store.live_keys_held_by(txn, p.org_id, user_id)
+            if held:  # a notice for _settled to wait for, even when nothing changed
+                await key_store.notify_keys_held_by(txn, p.org_id, [user_id])
             return updated
 
         ticket = self._ticket()
