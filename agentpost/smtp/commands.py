@@ -22,7 +22,6 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime, ITLSTransport
-from twisted.python.failure import Failure
 
 from agentpost.cork import Cork
 from agentpost.smtp import replies
@@ -216,7 +215,10 @@ class SMTPCommands:
             return replies.NON_ASCII_NEEDS_SMTPUTF8
         checked = self._agent_call(self.agent.check_sender, self.session, address,
                                    timeout_s=self.limits.check_timeout_s)
-        return _then(checked, self._mail_checked, address, raw_params, params)
+        # A callback, not a coroutine (one Deferred and one resumption less per
+        # command); a check that answered at once has fired it already, and the
+        # protocol sends its reply as a plain one (server._handle_result).
+        return checked.addCallback(self._mail_checked, address, raw_params, params)
 
     def _mail_checked(self, _: object, address: str, raw_params: dict[str, str | None],
                       params: MailParams) -> Reply:
@@ -252,7 +254,7 @@ class SMTPCommands:
         checked = self._agent_call(self.agent.check_recipient, self.session,
                                    txn.envelope.mail_from, address,
                                    timeout_s=self.limits.check_timeout_s)
-        return _then(checked, self._rcpt_checked, txn, address)
+        return checked.addCallback(self._rcpt_checked, txn, address)
 
     def _rcpt_checked(self, token: Any, txn: Transaction, address: str) -> Reply:
         if self._txn is txn:
@@ -428,13 +430,3 @@ class SMTPCommands:
         self.transport.startTLS(self.tls_options)
         return None  # _process resumes reading if it was paused: the buffer is empty
 
-
-def _then(checked: defer.Deferred[Any], step: Callable[..., Reply], *args: Any) -> Result:
-    """``step(result, *args)`` once the agent's check has answered: at once when it has
-    already (a cached route, a sender nobody checks), so the reply is a plain one; else
-    as the Deferred's callback. A check that failed stays a failed Deferred, for the
-    protocol's one translation of errors into replies. (A coroutine per command cost
-    the reactor a Deferred and a resumption more, on every MAIL and RCPT.)"""
-    if checked.called and not checked.paused and not isinstance(checked.result, Failure):
-        return step(checked.result, *args)
-    return checked.addCallback(step, *args)

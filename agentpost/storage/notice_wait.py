@@ -68,11 +68,12 @@ class NoticeWaiters:
         counts."""
         if not listening:
             return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self._waiting.append(d)
         poll()
-        if self.count != since:
-            self.release()
-        d.addTimeout(timeout_s, self._clock, onTimeoutCancel=self._timed_out)
+        if self.count != since:  # counted since the ticket: nothing left to wait for
+            d: defer.Deferred[None] = defer.succeed(None)
+        else:
+            d = defer.Deferred()
+            self._waiting.append(d)
+            d.addTimeout(timeout_s, self._clock, onTimeoutCancel=self._timed_out)
         d.addCallback(lambda _: task.deferLater(self._clock, SIBLING_GRACE_S, lambda: None))
         return d
